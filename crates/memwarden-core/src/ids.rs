@@ -1,0 +1,150 @@
+//! Device ids (PyTorch style, with the seed clients' aliases) and memory kinds.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A device id as PyTorch spells it: `cpu`, `cuda:0`, `cuda:1`, …
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeviceId {
+    Cpu,
+    Cuda(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a device id (expected cpu or cuda:N; aliases gpu:N, gpu-N, gpu_N, cpu:0)")]
+pub struct DeviceIdError(pub String);
+
+impl FromStr for DeviceId {
+    type Err = DeviceIdError;
+
+    /// Accepts `cpu`, `cuda:N` and the seed's aliases `gpu:N`, `gpu-N`, `gpu_N`, `cpu:0`, `cpu-0`,
+    /// `cpu_0` (case-insensitive, surrounding whitespace ignored).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        let err = || DeviceIdError(s.to_string());
+        if lower == "cpu" {
+            return Ok(DeviceId::Cpu);
+        }
+        let (prefix, index) = lower
+            .split_once([':', '-', '_'])
+            .ok_or_else(err)?;
+        if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        let n: u32 = index.parse().map_err(|_| err())?;
+        match prefix {
+            "cpu" if n == 0 => Ok(DeviceId::Cpu),
+            "cuda" | "gpu" => Ok(DeviceId::Cuda(n)),
+            _ => Err(err()),
+        }
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceId::Cpu => f.write_str("cpu"),
+            DeviceId::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceId {
+    /// The memory kind an allocation gets when the request names none.
+    pub fn default_kind(self) -> MemoryKind {
+        match self {
+            DeviceId::Cpu => MemoryKind::Host,
+            DeviceId::Cuda(_) => MemoryKind::Device,
+        }
+    }
+}
+
+/// What an allocation holds. `Reservation` is budget only: an admission ticket with no memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MemoryKind {
+    Device,
+    Pinned,
+    Host,
+    Reservation,
+}
+
+impl MemoryKind {
+    pub const ALL: [MemoryKind; 4] = [
+        MemoryKind::Device,
+        MemoryKind::Pinned,
+        MemoryKind::Host,
+        MemoryKind::Reservation,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryKind::Device => "device",
+            MemoryKind::Pinned => "pinned",
+            MemoryKind::Host => "host",
+            MemoryKind::Reservation => "reservation",
+        }
+    }
+}
+
+impl fmt::Display for MemoryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a memory kind (expected device, pinned, host or reservation)")]
+pub struct MemoryKindError(pub String);
+
+impl FromStr for MemoryKind {
+    type Err = MemoryKindError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        MemoryKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == lower)
+            .ok_or_else(|| MemoryKindError(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_and_aliases_parse() {
+        for (text, want) in [
+            ("cpu", DeviceId::Cpu),
+            ("CPU", DeviceId::Cpu),
+            ("cpu:0", DeviceId::Cpu),
+            ("cpu-0", DeviceId::Cpu),
+            ("cpu_0", DeviceId::Cpu),
+            ("cuda:0", DeviceId::Cuda(0)),
+            ("cuda:12", DeviceId::Cuda(12)),
+            ("gpu:1", DeviceId::Cuda(1)),
+            ("gpu-2", DeviceId::Cuda(2)),
+            ("gpu_3", DeviceId::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<DeviceId>(), Ok(want), "{text}");
+        }
+        for bad in ["", "cpu:1", "cuda", "cuda:", "cuda:x", "tpu:0", "cuda:-1", "cuda:+1", "gpu:99999999999"] {
+            assert!(bad.parse::<DeviceId>().is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn device_ids_print_canonically() {
+        assert_eq!("gpu-4".parse::<DeviceId>().map(|d| d.to_string()), Ok("cuda:4".into()));
+        assert_eq!(DeviceId::Cpu.to_string(), "cpu");
+    }
+
+    #[test]
+    fn memory_kinds_round_trip() {
+        for k in MemoryKind::ALL {
+            assert_eq!(k.as_str().parse::<MemoryKind>(), Ok(k));
+        }
+        assert!("vram".parse::<MemoryKind>().is_err());
+        assert_eq!(DeviceId::Cpu.default_kind(), MemoryKind::Host);
+        assert_eq!(DeviceId::Cuda(0).default_kind(), MemoryKind::Device);
+    }
+}

@@ -1,0 +1,13 @@
+//! Pure memwarden logic: identifiers and units, the TLSF sub-allocator that works on offsets
+//! inside a block, and the block pool built on it. Nothing here touches the OS or a driver, so
+//! all of it is testable without hardware; backends only create and destroy blocks.
+#![deny(unsafe_code, clippy::unwrap_used)]
+
+pub mod ids;
+pub mod pool;
+pub mod tlsf;
+pub mod units;
+
+pub use ids::{DeviceId, DeviceIdError, MemoryKind};
+pub use pool::{BlockId, BlockRequest, Placement, Pool, PoolConfig, PoolError, PoolStats};
+pub use tlsf::{Tlsf, TlsfError, TlsfHandle, GRANULARITY_BYTES};
