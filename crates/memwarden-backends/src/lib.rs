@@ -1,1 +1,13 @@
-pub fn x(){}
+//! Backends create and destroy blocks of real memory and copy between them; everything else
+//! (which block, which offset, when to grow or shrink) is the one [`MemoryPool`] over the pure
+//! `memwarden_core::Pool`. The host backend is always present; CUDA and Vulkan come next.
+#![deny(clippy::unwrap_used)]
+
+mod backend;
+pub mod conformance;
+pub mod host;
+mod pool;
+
+pub use backend::{Backend, BackendError, BlockMemory, DeviceInfo, MemoryReading};
+pub use host::{HostBackend, HostStatusReader};
+pub use pool::{MemoryPool, PoolAllocation};

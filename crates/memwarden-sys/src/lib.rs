@@ -1,1 +1,320 @@
-pub fn x(){}
+//! The only memwarden crate that may use `unsafe`: raw OS (and, next, driver) calls wrapped in
+//! owning types whose safe methods check every bound. Everything above this crate is safe Rust.
+//!
+//! Host memory: [`HostMapping`] is an anonymous private mapping whose pages are committed when
+//! it is created (so the memory is really there, and an overcommitted machine fails now rather
+//! than at first touch), optionally locked with `mlock` (pinned memory), and unmapped on drop.
+
+use std::ptr::NonNull;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SysError {
+    #[error("mmap of {len_bytes} bytes failed: {message}")]
+    Map { len_bytes: u64, errno: i32, message: String },
+    #[error("committing {len_bytes} bytes failed: {message}")]
+    Commit { len_bytes: u64, errno: i32, message: String },
+    #[error(
+        "mlock of {len_bytes} bytes refused ({message}); RLIMIT_MEMLOCK is {}; raise it with `ulimit -l`, \
+         LimitMEMLOCK= in the systemd unit, or grant CAP_IPC_LOCK",
+        limit_text(*.limit_bytes)
+    )]
+    Lock { len_bytes: u64, errno: i32, message: String, limit_bytes: Option<u64> },
+    #[error("range {offset_bytes}+{len_bytes} is outside a mapping of {mapping_bytes} bytes")]
+    OutOfBounds { offset_bytes: u64, len_bytes: u64, mapping_bytes: u64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+}
+
+impl SysError {
+    /// The OS had no memory for the request (as opposed to a bad argument or a refused lock).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, SysError::Map { errno, .. } | SysError::Commit { errno, .. } if *errno == libc::ENOMEM)
+    }
+}
+
+fn limit_text(limit: Option<u64>) -> String {
+    match limit {
+        None => "unlimited".into(),
+        Some(b) => format!("{b} bytes"),
+    }
+}
+
+fn last_errno() -> (i32, String) {
+    let e = std::io::Error::last_os_error();
+    (e.raw_os_error().unwrap_or(0), e.to_string())
+}
+
+/// The soft `RLIMIT_MEMLOCK` of this process in bytes; `None` when unlimited.
+pub fn memlock_limit_bytes() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed struct.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        None
+    } else {
+        Some(lim.rlim_cur)
+    }
+}
+
+/// The system page size in bytes.
+pub fn page_size_bytes() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault in writable pages, failing with ENOMEM instead of
+/// waking the OOM killer later. Not in every libc crate version, hence the literal.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// An anonymous private mapping with committed pages, unmapped on drop.
+#[derive(Debug)]
+pub struct HostMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    locked: bool,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing in it is tied to a thread.
+// Concurrent writers are the owner's business: the pool hands out disjoint ranges.
+unsafe impl Send for HostMapping {}
+// SAFETY: as above; shared references only read the pointer and length, and the copy methods
+// touch only the bounds-checked ranges their callers own.
+unsafe impl Sync for HostMapping {}
+
+impl HostMapping {
+    /// Maps `len_bytes` (rounded up to whole pages) at an address aligned to `align_bytes`
+    /// (a power of two; at least the page size), commits every page and, with `lock`, locks
+    /// them in RAM (`mlock`).
+    pub fn new(len_bytes: u64, align_bytes: u64, lock: bool) -> Result<Self, SysError> {
+        let page = page_size_bytes();
+        if len_bytes == 0 {
+            return Err(SysError::InvalidArgument("mapping length must be greater than zero"));
+        }
+        if !align_bytes.is_power_of_two() {
+            return Err(SysError::InvalidArgument("mapping alignment must be a power of two"));
+        }
+        let align = align_bytes.max(page);
+        let len = len_bytes
+            .checked_next_multiple_of(page)
+            .filter(|l| l.checked_add(align).is_some_and(|t| t <= isize::MAX as u64))
+            .ok_or(SysError::InvalidArgument("mapping length too large"))?;
+        let total = (len + align - page) as usize;
+        // SAFETY: an anonymous mapping at an address the kernel picks; no existing memory is
+        // affected. The result is checked against MAP_FAILED.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            let (errno, message) = last_errno();
+            return Err(SysError::Map { len_bytes: len, errno, message });
+        }
+        let start = raw as usize;
+        let aligned = (start as u64).next_multiple_of(align) as usize;
+        let head = aligned - start;
+        let tail = total - head - len as usize;
+        // SAFETY: both trimmed ranges lie inside the mapping made above and are page-aligned
+        // (start, aligned and len are page multiples); nothing refers to them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len as usize) as *mut libc::c_void, tail);
+            }
+        }
+        let mapping = HostMapping {
+            // SAFETY: mmap never returns null on success for a non-fixed mapping.
+            ptr: unsafe { NonNull::new_unchecked(aligned as *mut u8) },
+            len: len as usize,
+            locked: false,
+        };
+        if lock {
+            mapping.lock()
+        } else {
+            mapping.commit()
+        }
+    }
+
+    fn lock(mut self) -> Result<Self, SysError> {
+        // SAFETY: the range is exactly this live mapping. mlock also faults every page in.
+        let rc = unsafe { libc::mlock(self.ptr.as_ptr() as *const libc::c_void, self.len) };
+        if rc != 0 {
+            let (errno, message) = last_errno();
+            return Err(SysError::Lock {
+                len_bytes: self.len as u64,
+                errno,
+                message,
+                limit_bytes: memlock_limit_bytes(),
+            });
+        }
+        self.locked = true;
+        Ok(self)
+    }
+
+    fn commit(self) -> Result<Self, SysError> {
+        // SAFETY: the range is exactly this live mapping; madvise does not invalidate it.
+        let rc = unsafe {
+            libc::madvise(self.ptr.as_ptr() as *mut libc::c_void, self.len, MADV_POPULATE_WRITE)
+        };
+        if rc == 0 {
+            return Ok(self);
+        }
+        let (errno, message) = last_errno();
+        if errno != libc::EINVAL {
+            // ENOMEM/EFAULT: the memory is not there. Dropping self unmaps what was faulted in.
+            return Err(SysError::Commit { len_bytes: self.len as u64, errno, message });
+        }
+        // Kernel older than 5.14: touch one byte per page instead.
+        let page = page_size_bytes() as usize;
+        for off in (0..self.len).step_by(page) {
+            // SAFETY: off < len, inside the mapping, which is writable and owned by self.
+            unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
+        }
+        Ok(self)
+    }
+
+    pub fn address(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    pub fn len_bytes(&self) -> u64 {
+        self.len as u64
+    }
+
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<usize, SysError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            _ => Err(SysError::OutOfBounds {
+                offset_bytes: offset,
+                len_bytes: len,
+                mapping_bytes: self.len as u64,
+            }),
+        }
+    }
+
+    /// Copies `len` bytes between two mappings (or within one; overlapping ranges are handled
+    /// like `memmove`). Both ranges are bounds-checked first.
+    pub fn copy(src: &HostMapping, src_offset: u64, dst: &HostMapping, dst_offset: u64, len: u64) -> Result<(), SysError> {
+        let s = src.check(src_offset, len)?;
+        let d = dst.check(dst_offset, len)?;
+        // SAFETY: both ranges were checked to lie inside live mappings; ptr::copy allows overlap.
+        // Callers own the destination range (the pool hands out disjoint ranges).
+        unsafe { std::ptr::copy(src.ptr.as_ptr().add(s), dst.ptr.as_ptr().add(d), len as usize) };
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), SysError> {
+        let o = self.check(offset, data.len() as u64)?;
+        // SAFETY: the range was bounds-checked; `data` cannot alias a mapping we own exclusively
+        // here only if the caller passed a slice of this very mapping, which safe code cannot
+        // obtain (no method returns a slice into the mapping).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(o), data.len()) };
+        Ok(())
+    }
+
+    /// Reads `out.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), SysError> {
+        let o = self.check(offset, out.len() as u64)?;
+        // SAFETY: the range was bounds-checked; `out` is a distinct exclusive borrow.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(o), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Sets `len` bytes at `offset` to `byte`.
+    pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<(), SysError> {
+        let o = self.check(offset, len)?;
+        // SAFETY: the range was bounds-checked.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(o), byte, len as usize) };
+        Ok(())
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly the live mapping this value owns; no reference into it
+        // outlives self (no method hands one out). munmap also drops any mlock.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+        line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).expect("kB") * 1024
+    }
+
+    #[test]
+    fn mapping_is_aligned_committed_and_released() {
+        let before = rss_bytes();
+        let m = HostMapping::new(64 << 20, 2 << 20, false).expect("map");
+        assert_eq!(m.address() % (2 << 20), 0);
+        assert_eq!(m.len_bytes(), 64 << 20);
+        let during = rss_bytes();
+        assert!(during >= before + (60 << 20), "pages committed: rss {before} -> {during}");
+        drop(m);
+        let after = rss_bytes();
+        assert!(after + (60 << 20) <= during, "pages released: rss {during} -> {after}");
+    }
+
+    #[test]
+    fn copy_read_write_fill_are_bounds_checked() {
+        let a = HostMapping::new(8192, 4096, false).expect("map");
+        let b = HostMapping::new(8192, 4096, false).expect("map");
+        a.write(100, b"memwarden").expect("write");
+        HostMapping::copy(&a, 100, &b, 8000, 9).expect("copy");
+        let mut out = [0u8; 9];
+        b.read(8000, &mut out).expect("read");
+        assert_eq!(&out, b"memwarden");
+        b.fill(8000, 4, b'x').expect("fill");
+        b.read(8000, &mut out).expect("read");
+        assert_eq!(&out, b"xxxxarden");
+        assert!(matches!(HostMapping::copy(&a, 8190, &b, 0, 9), Err(SysError::OutOfBounds { .. })));
+        assert!(matches!(b.write(u64::MAX, b"x"), Err(SysError::OutOfBounds { .. })));
+        assert!(matches!(b.read(8192, &mut out), Err(SysError::OutOfBounds { .. })));
+    }
+
+    #[test]
+    fn locked_mapping_or_clear_lock_error() {
+        match HostMapping::new(1 << 20, 4096, true) {
+            Ok(m) => assert!(m.is_locked()),
+            Err(e @ SysError::Lock { .. }) => assert!(e.to_string().contains("RLIMIT_MEMLOCK")),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn lock_error_names_the_limit() {
+        let e = SysError::Lock { len_bytes: 1 << 20, errno: 12, message: "Cannot allocate memory".into(), limit_bytes: Some(8 << 20) };
+        let text = e.to_string();
+        assert!(text.contains("RLIMIT_MEMLOCK is 8388608 bytes"), "{text}");
+        assert!(text.contains("ulimit -l"), "{text}");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(matches!(HostMapping::new(0, 4096, false), Err(SysError::InvalidArgument(_))));
+        assert!(matches!(HostMapping::new(4096, 3, false), Err(SysError::InvalidArgument(_))));
+        assert!(matches!(HostMapping::new(u64::MAX, 4096, false), Err(SysError::InvalidArgument(_))));
+    }
+}

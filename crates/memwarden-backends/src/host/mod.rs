@@ -1,0 +1,189 @@
+//! The host backend: `cpu`. Blocks are anonymous mappings with committed pages (`host`), also
+//! locked in RAM for `pinned`. On a machine with CUDA, pinned memory will come from the CUDA
+//! backend (`cuMemHostAlloc`) so copies run at pinned speed; this is the driver-less path.
+
+mod status;
+
+pub use status::{parse_meminfo, parse_proc_cgroup, CgroupMemory, CgroupPath, HostStatusReader, Meminfo};
+
+use crate::backend::{Backend, BackendError, BlockMemory, DeviceInfo, MemoryReading};
+use memwarden_core::{DeviceId, MemoryKind};
+use memwarden_sys::{HostMapping, SysError};
+use std::any::Any;
+
+/// Host block bases are aligned to 2 MiB: the largest alignment a host allocation may ask for,
+/// and the size of a transparent huge page.
+pub const HOST_BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
+
+#[derive(Debug)]
+pub struct HostBackend {
+    info: DeviceInfo,
+    reader: HostStatusReader,
+}
+
+#[derive(Debug)]
+struct HostBlock {
+    mapping: HostMapping,
+    kind: MemoryKind,
+}
+
+impl BlockMemory for HostBlock {
+    fn address(&self) -> u64 {
+        self.mapping.address()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.mapping.len_bytes()
+    }
+    fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn mapping(block: &dyn BlockMemory) -> Result<&HostMapping, BackendError> {
+    block
+        .as_any()
+        .downcast_ref::<HostBlock>()
+        .map(|b| &b.mapping)
+        .ok_or_else(|| BackendError::InvalidArgument("block does not belong to the host backend".into()))
+}
+
+fn sys_error(e: SysError, backend: &HostBackend, kind: MemoryKind) -> BackendError {
+    let available = || backend.read_status().map(|r| r.available_bytes).unwrap_or(0);
+    match e {
+        SysError::Map { len_bytes, .. } | SysError::Commit { len_bytes, .. } if e.is_out_of_memory() => {
+            BackendError::OutOfMemory {
+                requested_bytes: len_bytes,
+                available_bytes: available(),
+                detail: format!("the OS could not commit {kind} memory"),
+            }
+        }
+        SysError::Lock { len_bytes, limit_bytes, .. } => {
+            let detail = e.to_string();
+            BackendError::OutOfMemory {
+                requested_bytes: len_bytes,
+                available_bytes: limit_bytes.unwrap_or_else(available),
+                detail,
+            }
+        }
+        SysError::OutOfBounds { .. } | SysError::InvalidArgument(_) => BackendError::InvalidArgument(e.to_string()),
+        other => BackendError::Failed { operation: "host mapping", message: other.to_string() },
+    }
+}
+
+/// The CPU model from `/proc/cpuinfo`, for the device name.
+fn cpu_model() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+/// True when this process holds CAP_IPC_LOCK (then RLIMIT_MEMLOCK does not apply).
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find(|l| l.starts_with("CapEff:"))?.split_whitespace().nth(1)?.to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+impl HostBackend {
+    pub fn new(reader: HostStatusReader) -> Self {
+        let name = cpu_model().unwrap_or_else(|| "host memory".into());
+        HostBackend {
+            info: DeviceInfo { device_id: DeviceId::Cpu, device_type: "CPU", name, memory_type: "RAM" },
+            reader,
+        }
+    }
+}
+
+impl Backend for HostBackend {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn kinds(&self) -> &[MemoryKind] {
+        &[MemoryKind::Host, MemoryKind::Pinned]
+    }
+
+    fn read_status(&self) -> Result<MemoryReading, BackendError> {
+        self.reader
+            .read()
+            .map_err(|e| BackendError::Failed { operation: "reading host memory status", message: e.to_string() })
+    }
+
+    fn max_alignment_bytes(&self) -> u64 {
+        HOST_BLOCK_ALIGNMENT_BYTES
+    }
+
+    fn kind_limit_bytes(&self, kind: MemoryKind) -> Option<u64> {
+        match kind {
+            MemoryKind::Pinned if !has_cap_ipc_lock() => memwarden_sys::memlock_limit_bytes(),
+            _ => None,
+        }
+    }
+
+    fn create_block(&self, kind: MemoryKind, size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError> {
+        let lock = match kind {
+            MemoryKind::Host => false,
+            MemoryKind::Pinned => true,
+            _ => return Err(BackendError::UnsupportedKind { device: DeviceId::Cpu, kind }),
+        };
+        let mapping =
+            HostMapping::new(size_bytes, HOST_BLOCK_ALIGNMENT_BYTES, lock).map_err(|e| sys_error(e, self, kind))?;
+        Ok(Box::new(HostBlock { mapping, kind }))
+    }
+
+    fn copy(
+        &self,
+        src: &dyn BlockMemory,
+        src_offset: u64,
+        dst: &dyn BlockMemory,
+        dst_offset: u64,
+        len_bytes: u64,
+    ) -> Result<(), BackendError> {
+        HostMapping::copy(mapping(src)?, src_offset, mapping(dst)?, dst_offset, len_bytes)
+            .map_err(|e| BackendError::InvalidArgument(e.to_string()))
+    }
+
+    fn write(&self, block: &dyn BlockMemory, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        mapping(block)?.write(offset, data).map_err(|e| BackendError::InvalidArgument(e.to_string()))
+    }
+
+    fn read(&self, block: &dyn BlockMemory, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        mapping(block)?.read(offset, out).map_err(|e| BackendError::InvalidArgument(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn host_backend_passes_the_conformance_suite() {
+        crate::conformance::run(Arc::new(HostBackend::new(HostStatusReader::default())));
+    }
+
+    #[test]
+    fn lock_errors_become_insufficient_memory_with_the_limit() {
+        let b = HostBackend::new(HostStatusReader::default());
+        let e = sys_error(
+            SysError::Lock { len_bytes: 4096, errno: 1, message: "Operation not permitted".into(), limit_bytes: Some(65536) },
+            &b,
+            MemoryKind::Pinned,
+        );
+        match e {
+            BackendError::OutOfMemory { requested_bytes, available_bytes, detail } => {
+                assert_eq!((requested_bytes, available_bytes), (4096, 65536));
+                assert!(detail.contains("RLIMIT_MEMLOCK"), "{detail}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Host memory status from `/proc/meminfo`, bounded by the cgroup memory limit when one applies
+//! (v2 `memory.max`/`memory.current`, v1 `memory.limit_in_bytes`/`memory.usage_in_bytes`).
+//! Both roots are injectable so tests read fixture trees copied from real machines.
+
+use crate::backend::MemoryReading;
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Limits at or above this are "no limit" (v1 reports 2^63 rounded down to a page).
+const UNLIMITED_BYTES: u64 = 1 << 62;
+
+/// The `/proc/meminfo` fields memwarden uses, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Meminfo {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub available_bytes: u64,
+    pub buffers_bytes: u64,
+    pub cached_bytes: u64,
+}
+
+/// Parses `/proc/meminfo` text. `MemTotal` is required; a kernel without `MemAvailable`
+/// (before 3.14) gets free + buffers + cached instead.
+pub fn parse_meminfo(text: &str) -> io::Result<Meminfo> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let Some((key, rest)) = line.split_once(':') else { continue };
+        let mut parts = rest.split_whitespace();
+        let Some(value) = parts.next().and_then(|v| v.parse::<u64>().ok()) else { continue };
+        let scale = match parts.next() {
+            Some("kB") => 1024,
+            None => 1,
+            Some(_) => continue,
+        };
+        fields.insert(key.trim(), value * scale);
+    }
+    let get = |k: &str| fields.get(k).copied();
+    let total_bytes = get("MemTotal").ok_or_else(|| invalid("meminfo has no MemTotal"))?;
+    let free_bytes = get("MemFree").unwrap_or(0);
+    let buffers_bytes = get("Buffers").unwrap_or(0);
+    let cached_bytes = get("Cached").unwrap_or(0);
+    let available_bytes = get("MemAvailable")
+        .unwrap_or(free_bytes + buffers_bytes + cached_bytes)
+        .min(total_bytes);
+    Ok(Meminfo { total_bytes, free_bytes, available_bytes, buffers_bytes, cached_bytes })
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// The memory cgroup of this process, as named in `/proc/self/cgroup`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupPath {
+    V1(String),
+    V2(String),
+}
+
+/// Parses `/proc/self/cgroup`: a v1 line whose controllers include `memory` wins (hybrid
+/// machines keep memory on v1); otherwise the v2 line `0::/path`.
+pub fn parse_proc_cgroup(text: &str) -> Option<CgroupPath> {
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(hier), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some(CgroupPath::V1(path.to_string()));
+        }
+        if hier == "0" && controllers.is_empty() {
+            v2 = Some(CgroupPath::V2(path.to_string()));
+        }
+    }
+    v2
+}
+
+/// A cgroup memory limit and the usage charged against it, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupMemory {
+    pub limit_bytes: u64,
+    /// Usage minus inactive file cache (what the kernel can drop first): how `docker stats` and
+    /// the kubelet count working-set memory.
+    pub used_bytes: u64,
+    /// `cgroup-v1:/path` or `cgroup-v2:/path`.
+    pub source: String,
+}
+
+/// Reads host memory status from a `proc` root and a cgroup filesystem root.
+#[derive(Debug, Clone)]
+pub struct HostStatusReader {
+    proc_root: PathBuf,
+    cgroup_root: PathBuf,
+}
+
+impl Default for HostStatusReader {
+    fn default() -> Self {
+        HostStatusReader::new("/proc", "/sys/fs/cgroup")
+    }
+}
+
+impl HostStatusReader {
+    pub fn new(proc_root: impl Into<PathBuf>, cgroup_root: impl Into<PathBuf>) -> Self {
+        HostStatusReader { proc_root: proc_root.into(), cgroup_root: cgroup_root.into() }
+    }
+
+    /// A reader over a fixture folder holding `proc/` and `sys/fs/cgroup/`.
+    pub fn with_root(root: impl AsRef<Path>) -> Self {
+        let root = root.as_ref();
+        HostStatusReader::new(root.join("proc"), root.join("sys/fs/cgroup"))
+    }
+
+    pub fn meminfo(&self) -> io::Result<Meminfo> {
+        parse_meminfo(&std::fs::read_to_string(self.proc_root.join("meminfo"))?)
+    }
+
+    /// The limit of this process's memory cgroup, if one applies and is below physical memory.
+    /// Any file missing means "no cgroup limit here": not every machine has the controller.
+    pub fn cgroup_memory(&self, physical_total_bytes: u64) -> Option<CgroupMemory> {
+        let found = self.find_cgroup()?;
+        (found.limit_bytes < physical_total_bytes && found.limit_bytes < UNLIMITED_BYTES).then_some(found)
+    }
+
+    /// This process's memory cgroup, limited or not.
+    pub fn find_cgroup(&self) -> Option<CgroupMemory> {
+        let text = std::fs::read_to_string(self.proc_root.join("self/cgroup")).ok()?;
+        match parse_proc_cgroup(&text)? {
+            CgroupPath::V1(path) => self.cgroup_v1(&path),
+            CgroupPath::V2(path) => self.cgroup_v2(&path),
+        }
+    }
+
+    fn cgroup_v1(&self, path: &str) -> Option<CgroupMemory> {
+        let mount = self.cgroup_root.join("memory");
+        // Inside a cgroup namespace the path may not exist under the mount: the mount root is ours.
+        let dir = [mount.join(path.trim_start_matches('/')), mount.clone()].into_iter().find(|d| d.is_dir())?;
+        let stat = read_kv(&dir.join("memory.stat")).unwrap_or_default();
+        let limit_bytes = match stat.get("hierarchical_memory_limit") {
+            Some(&l) => l,
+            None => read_u64(&dir.join("memory.limit_in_bytes"))?,
+        };
+        let usage = read_u64(&dir.join("memory.usage_in_bytes"))?;
+        let inactive = stat.get("total_inactive_file").or(stat.get("inactive_file")).copied().unwrap_or(0);
+        Some(CgroupMemory {
+            limit_bytes,
+            used_bytes: usage.saturating_sub(inactive),
+            source: format!("cgroup-v1:{path}"),
+        })
+    }
+
+    fn cgroup_v2(&self, path: &str) -> Option<CgroupMemory> {
+        let leaf = [self.cgroup_root.join(path.trim_start_matches('/')), self.cgroup_root.clone()]
+            .into_iter()
+            .find(|d| d.join("memory.current").is_file())?;
+        // Limits nest: the effective one is the smallest memory.max from the leaf up to the root.
+        let mut limit_bytes = u64::MAX;
+        let mut dir = leaf.as_path();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(dir.join("memory.max")) {
+                if let Ok(v) = text.trim().parse::<u64>() {
+                    limit_bytes = limit_bytes.min(v);
+                }
+            }
+            if dir == self.cgroup_root {
+                break;
+            }
+            match dir.parent() {
+                Some(p) if p.starts_with(&self.cgroup_root) => dir = p,
+                _ => break,
+            }
+        }
+        let usage = read_u64(&leaf.join("memory.current"))?;
+        let stat = read_kv(&leaf.join("memory.stat")).unwrap_or_default();
+        let inactive = stat.get("inactive_file").copied().unwrap_or(0);
+        Some(CgroupMemory {
+            limit_bytes,
+            used_bytes: usage.saturating_sub(inactive),
+            source: format!("cgroup-v2:{path}"),
+        })
+    }
+
+    /// Host memory now: against the cgroup limit when one applies, else `/proc/meminfo`.
+    /// Used is total − available, as `free` (procps 4) reports it.
+    pub fn read(&self) -> io::Result<MemoryReading> {
+        let mi = self.meminfo()?;
+        Ok(match self.cgroup_memory(mi.total_bytes) {
+            Some(cg) => {
+                let available = cg.limit_bytes.saturating_sub(cg.used_bytes).min(mi.available_bytes);
+                MemoryReading {
+                    total_bytes: cg.limit_bytes,
+                    available_bytes: available,
+                    used_bytes: cg.limit_bytes - available,
+                    source: cg.source,
+                }
+            }
+            None => MemoryReading {
+                total_bytes: mi.total_bytes,
+                available_bytes: mi.available_bytes,
+                used_bytes: mi.total_bytes - mi.available_bytes,
+                source: "meminfo".into(),
+            },
+        })
+    }
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn read_kv(path: &Path) -> Option<HashMap<String, u64>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> HostStatusReader {
+        HostStatusReader::with_root(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host").join(name))
+    }
+
+    #[test]
+    fn meminfo_parses_real_text() {
+        let mi = fixture("no-cgroup").meminfo().expect("meminfo");
+        assert_eq!(mi.total_bytes, 24_684_084 * 1024);
+        assert!(mi.available_bytes > 0 && mi.available_bytes <= mi.total_bytes);
+    }
+
+    #[test]
+    fn meminfo_without_memavailable_falls_back() {
+        let mi = parse_meminfo("MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 10 kB\nCached: 50 kB\n").expect("parse");
+        assert_eq!(mi.available_bytes, 160 * 1024);
+        assert!(parse_meminfo("MemFree: 1 kB\n").is_err(), "MemTotal is required");
+    }
+
+    #[test]
+    fn no_cgroup_reports_meminfo() {
+        let r = fixture("no-cgroup").read().expect("read");
+        assert_eq!(r.source, "meminfo");
+        assert_eq!(r.total_bytes, 24_684_084 * 1024);
+        assert_eq!(r.used_bytes + r.available_bytes, r.total_bytes);
+    }
+
+    #[test]
+    fn v1_without_limit_reports_meminfo() {
+        let reader = fixture("cgroup-v1-unlimited");
+        let cg = reader.find_cgroup().expect("the cgroup is found");
+        assert_eq!(cg.source, "cgroup-v1:/process_api/5f76e0faa7d3b8e69e0288a4012f3678");
+        assert!(cg.limit_bytes >= UNLIMITED_BYTES);
+        assert!(reader.cgroup_memory(u64::MAX).is_none(), "an unlimited cgroup is no limit");
+        let r = reader.read().expect("read");
+        assert_eq!(r.source, "meminfo", "an unlimited cgroup does not bound the numbers");
+    }
+
+    #[test]
+    fn v1_limit_bounds_the_numbers() {
+        let r = fixture("cgroup-v1-limited").read().expect("read");
+        assert_eq!(r.source, "cgroup-v1:/memwarden-fixture");
+        assert_eq!(r.total_bytes, 2 << 30);
+        // usage_in_bytes 324591616 − total_inactive_file 159744
+        assert_eq!(r.used_bytes, 324_591_616 - 159_744);
+        assert_eq!(r.available_bytes, (2 << 30) - (324_591_616 - 159_744));
+    }
+
+    #[test]
+    fn v2_limit_is_the_smallest_up_the_tree() {
+        let r = fixture("cgroup-v2-limited").read().expect("read");
+        assert_eq!(r.source, "cgroup-v2:/system.slice/inference.service");
+        assert_eq!(r.total_bytes, 4 << 30);
+        assert_eq!(r.used_bytes, (1 << 30) - 104_857_600);
+        assert_eq!(r.available_bytes, (4 << 30) - r.used_bytes);
+    }
+
+    #[test]
+    fn proc_cgroup_lines() {
+        assert_eq!(parse_proc_cgroup("0::/a/b\n"), Some(CgroupPath::V2("/a/b".into())));
+        assert_eq!(
+            parse_proc_cgroup("4:memory:/x\n0::/\n"),
+            Some(CgroupPath::V1("/x".into())),
+            "v1 memory wins on hybrid machines"
+        );
+        assert_eq!(parse_proc_cgroup("3:cpu,cpuacct,memory:/y\n"), Some(CgroupPath::V1("/y".into())));
+        assert_eq!(parse_proc_cgroup("1:cpu:/\n"), None);
+        assert_eq!(parse_proc_cgroup("garbage"), None);
+    }
+
+    #[test]
+    fn missing_root_is_an_error_not_a_panic() {
+        assert!(HostStatusReader::with_root("/nonexistent/memwarden").read().is_err());
+    }
+
+    /// The live machine: numbers agree with `free -b` within 1% (when `free` is installed).
+    #[test]
+    fn live_status_agrees_with_free() {
+        let r = HostStatusReader::default().read().expect("read /proc");
+        assert!(r.total_bytes > 0 && r.available_bytes <= r.total_bytes);
+        let Ok(out) = std::process::Command::new("free").arg("-b").output() else { return };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mem: Vec<u64> = text
+            .lines()
+            .find(|l| l.starts_with("Mem:"))
+            .expect("Mem line")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if r.source != "meminfo" {
+            return; // free reports the machine, we report the cgroup limit
+        }
+        let (total, available) = (mem[0], mem[5]);
+        assert_eq!(r.total_bytes, total);
+        let diff = r.available_bytes.abs_diff(available) as f64;
+        assert!(diff / total as f64 <= 0.01, "available {} vs free {available}", r.available_bytes);
+    }
+}

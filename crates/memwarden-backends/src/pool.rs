@@ -1,0 +1,163 @@
+//! [`MemoryPool`]: the core block pool joined to real blocks from one backend. This is the only
+//! place that decides when blocks are created and released, for every backend.
+
+use crate::backend::{Backend, BackendError, BlockMemory};
+use memwarden_core::{BlockId, MemoryKind, Placement, Pool, PoolConfig, PoolError, PoolStats};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A live allocation in a [`MemoryPool`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolAllocation {
+    pub placement: Placement,
+    /// Block base address + offset.
+    pub address: u64,
+}
+
+/// One kind of memory on one device, pooled.
+pub struct MemoryPool {
+    backend: Arc<dyn Backend>,
+    kind: MemoryKind,
+    pool: Pool,
+    blocks: HashMap<BlockId, Box<dyn BlockMemory>>,
+}
+
+impl std::fmt::Debug for MemoryPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPool")
+            .field("device", &self.backend.info().device_id)
+            .field("kind", &self.kind)
+            .field("stats", &self.pool.stats())
+            .finish()
+    }
+}
+
+fn pool_error(e: PoolError) -> BackendError {
+    BackendError::InvalidArgument(e.to_string())
+}
+
+impl MemoryPool {
+    /// `config.max_alignment_bytes` is capped at the backend's block alignment.
+    pub fn new(backend: Arc<dyn Backend>, kind: MemoryKind, mut config: PoolConfig) -> Self {
+        config.max_alignment_bytes = config.max_alignment_bytes.min(backend.max_alignment_bytes());
+        MemoryPool { backend, kind, pool: Pool::new(config), blocks: HashMap::new() }
+    }
+
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Checks a request without allocating (for validation before a budget check).
+    pub fn check_request(&self, size_bytes: u64, align_bytes: u64) -> Result<(), BackendError> {
+        self.pool.check_request(size_bytes, align_bytes).map_err(pool_error)
+    }
+
+    /// Bytes a request would newly take from the OS or driver: 0 when it fits in a cached block.
+    pub fn new_block_bytes(&self, size_bytes: u64, align_bytes: u64) -> u64 {
+        self.pool.block_request(size_bytes, align_bytes).size_bytes
+    }
+
+    /// Allocates from a cached block, or creates a block with the backend. On any failure
+    /// nothing is left half-allocated.
+    pub fn allocate(&mut self, size_bytes: u64, align_bytes: u64) -> Result<PoolAllocation, BackendError> {
+        self.check_request(size_bytes, align_bytes)?;
+        let placement = match self.pool.try_allocate(size_bytes, align_bytes) {
+            Some(p) => p,
+            None => {
+                let request = self.pool.block_request(size_bytes, align_bytes);
+                let memory = self.backend.create_block(self.kind, request.size_bytes)?;
+                let id = self.pool.add_block(request);
+                self.blocks.insert(id, memory);
+                match self.pool.allocate_in(id, size_bytes, align_bytes) {
+                    Some(p) => p,
+                    None => {
+                        // Unreachable by construction (a fresh block holds its request); undo cleanly.
+                        self.release_block(id)?;
+                        return Err(BackendError::InvalidArgument(format!(
+                            "a new block of {} bytes could not hold {size_bytes} bytes aligned to {align_bytes}",
+                            request.size_bytes
+                        )));
+                    }
+                }
+            }
+        };
+        let base = self.blocks.get(&placement.block).map(|b| b.address()).unwrap_or(0);
+        Ok(PoolAllocation { placement, address: base + placement.offset_bytes })
+    }
+
+    /// Frees an allocation. A dedicated block goes back to the OS or driver at once; shared
+    /// blocks stay cached until [`MemoryPool::clear`]. Returns the bytes freed.
+    pub fn free(&mut self, placement: &Placement) -> Result<u64, BackendError> {
+        let out = self.pool.free(placement).map_err(pool_error)?;
+        if out.dedicated && out.block_empty {
+            self.release_block(placement.block)?;
+        }
+        Ok(out.freed_bytes)
+    }
+
+    /// Returns every empty block to the OS or driver. Returns the bytes released.
+    pub fn clear(&mut self) -> Result<u64, BackendError> {
+        let mut released = 0;
+        for id in self.pool.empty_blocks() {
+            released += self.release_block(id)?;
+        }
+        Ok(released)
+    }
+
+    fn release_block(&mut self, id: BlockId) -> Result<u64, BackendError> {
+        let size = self.pool.remove_block(id).map_err(pool_error)?;
+        if let Some(memory) = self.blocks.remove(&id) {
+            self.backend.destroy_block(memory)?;
+        }
+        Ok(size)
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// The block memory behind a placement, to read, write or copy it.
+    pub fn block(&self, id: BlockId) -> Option<&dyn BlockMemory> {
+        self.blocks.get(&id).map(|b| b.as_ref())
+    }
+
+    /// The pool's invariants plus: every pool block has memory of at least its size.
+    pub fn validate(&self) -> Result<(), String> {
+        self.pool.validate()?;
+        let views = self.pool.blocks();
+        if views.len() != self.blocks.len() {
+            return Err(format!("{} pool blocks but {} memory blocks", views.len(), self.blocks.len()));
+        }
+        for v in views {
+            let m = self.blocks.get(&v.id).ok_or_else(|| format!("block {:?} has no memory", v.id))?;
+            if m.size_bytes() < v.size_bytes {
+                return Err(format!("block {:?}: memory {} < pool {}", v.id, m.size_bytes(), v.size_bytes));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MemoryPool {
+    fn drop(&mut self) {
+        let stats = self.pool.stats();
+        if stats.allocation_count > 0 {
+            tracing::warn!(
+                device = %self.backend.info().device_id,
+                kind = %self.kind,
+                allocations = stats.allocation_count,
+                bytes = stats.allocated_bytes,
+                "pool dropped with live allocations; their memory is released now"
+            );
+        }
+        for (_, memory) in self.blocks.drain() {
+            if let Err(e) = self.backend.destroy_block(memory) {
+                tracing::warn!(error = %e, "releasing a block failed");
+            }
+        }
+    }
+}
