@@ -65,28 +65,33 @@ impl MemoryPool {
     /// nothing is left half-allocated.
     pub fn allocate(&mut self, size_bytes: u64, align_bytes: u64) -> Result<PoolAllocation, BackendError> {
         self.check_request(size_bytes, align_bytes)?;
-        let placement = match self.pool.try_allocate(size_bytes, align_bytes) {
-            Some(p) => p,
-            None => {
-                let request = self.pool.block_request(size_bytes, align_bytes);
-                let memory = self.backend.create_block(self.kind, request.size_bytes)?;
-                let id = self.pool.add_block(request);
-                self.blocks.insert(id, memory);
-                match self.pool.allocate_in(id, size_bytes, align_bytes) {
-                    Some(p) => p,
-                    None => {
-                        // Unreachable by construction (a fresh block holds its request); undo cleanly.
-                        self.release_block(id)?;
-                        return Err(BackendError::InvalidArgument(format!(
-                            "a new block of {} bytes could not hold {size_bytes} bytes aligned to {align_bytes}",
-                            request.size_bytes
-                        )));
-                    }
-                }
-            }
+        if let Some(hit) = self.try_allocate_cached(size_bytes, align_bytes) {
+            return Ok(hit);
+        }
+        let request = self.pool.block_request(size_bytes, align_bytes);
+        let memory = self.backend.create_block(self.kind, request.size_bytes)?;
+        let id = self.pool.add_block(request);
+        self.blocks.insert(id, memory);
+        let Some(placement) = self.pool.allocate_in(id, size_bytes, align_bytes) else {
+            // Unreachable by construction (a fresh block holds its request); undo cleanly.
+            self.release_block(id)?;
+            return Err(BackendError::InvalidArgument(format!(
+                "a new block of {} bytes could not hold {size_bytes} bytes aligned to {align_bytes}",
+                request.size_bytes
+            )));
         };
+        Ok(self.located(placement))
+    }
+
+    /// Allocates only from blocks already held (no new memory); `None` when none has room.
+    /// The request must have passed [`MemoryPool::check_request`].
+    pub fn try_allocate_cached(&mut self, size_bytes: u64, align_bytes: u64) -> Option<PoolAllocation> {
+        self.pool.try_allocate(size_bytes, align_bytes).map(|p| self.located(p))
+    }
+
+    fn located(&self, placement: Placement) -> PoolAllocation {
         let base = self.blocks.get(&placement.block).map(|b| b.address()).unwrap_or(0);
-        Ok(PoolAllocation { placement, address: base + placement.offset_bytes })
+        PoolAllocation { placement, address: base + placement.offset_bytes }
     }
 
     /// Frees an allocation. A dedicated block goes back to the OS or driver at once; shared

@@ -1,0 +1,265 @@
+//! The REST API: `router(state)` builds every route; handlers translate HTTP to service calls.
+
+pub mod dto;
+pub mod envelope;
+
+use crate::service::{AllocateRequest, Service, DEFAULT_ALIGNMENT_BYTES};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use dto::*;
+use envelope::{ApiError, ApiJson, ApiResponse, Data, ErrorBody, CORRELATION_ID};
+use memwarden_core::MemoryKind;
+use std::sync::Arc;
+use time::OffsetDateTime;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+    /// When set, `/api/` routes require `Authorization: Bearer <token>`.
+    pub auth_token: Option<Arc<str>>,
+}
+
+type ApiResult<T> = Result<Data<T>, ApiError>;
+
+/// Runs blocking service work (page commits, munmap) without stalling the async workers.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "memwarden", description = "Host, GPU and model memory daemon. Every /api/ response is an ApiResponse envelope."),
+    paths(
+        health, status_all, status_device, allocate, allocate_on_device, free, list_allocations,
+        list_device_allocations, get_allocation, clear_all, clear_device
+    ),
+    components(schemas(ErrorBody, AllocateBody))
+)]
+pub struct ApiDoc;
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/memory/status", get(status_all))
+        .route("/api/memory/status/{device_id}", get(status_device))
+        .route("/api/memory/allocations", get(list_allocations))
+        .route("/api/memory/allocations/allocate", post(allocate))
+        .route("/api/memory/allocations/allocate/{device_id}", post(allocate_on_device))
+        .route("/api/memory/allocations/device/{device_id}", get(list_device_allocations))
+        .route("/api/memory/allocations/{allocation_id}", delete(free))
+        .route("/api/memory/allocation/{allocation_id}", get(get_allocation))
+        .route("/api/memory/operations/clear", post(clear_all))
+        .route("/api/memory/operations/clear/{device_id}", post(clear_device))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .merge(SwaggerUi::new("/swagger-ui").url("/api/openapi.json", ApiDoc::openapi()))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(correlation))
+        .with_state(state)
+}
+
+/// Takes the caller's `X-Correlation-Id` (or makes one), scopes it to the request so every
+/// envelope carries it, and echoes it in the response header.
+async fn correlation(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut response = CORRELATION_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(CORRELATION_HEADER, v);
+    }
+    response
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.auth_token {
+        let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_ref()) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "missing or wrong bearer token").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn route_not_found(req: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "ROUTE_NOT_FOUND", format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Daemon health: its devices and which backends are available (and why not).
+#[utoipa::path(get, path = "/health", responses((status = 200, body = ApiResponse<HealthDto>)))]
+async fn health(State(state): State<AppState>) -> ApiResult<HealthDto> {
+    let s = &state.service;
+    let uptime = (OffsetDateTime::now_utc() - s.started_at()).whole_seconds().max(0) as u64;
+    Ok(Data(HealthDto {
+        status: "healthy".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: envelope::rfc3339(s.started_at()),
+        uptime_seconds: uptime,
+        devices: s.device_ids().iter().map(ToString::to_string).collect(),
+        backends: s.backends().iter().map(BackendDto::from).collect(),
+    }))
+}
+
+/// Memory status of every device, read from the OS or driver (sample at most 100 ms old).
+#[utoipa::path(get, path = "/api/memory/status", responses((status = 200, body = ApiResponse<StatusListDto>)))]
+async fn status_all(State(state): State<AppState>) -> ApiResult<StatusListDto> {
+    let list = state.service.status_all()?;
+    Ok(Data(StatusListDto { devices: list.iter().map(DeviceStatusDto::from).collect() }))
+}
+
+/// Memory status of one device (`cpu`, `cuda:N`, or an alias such as `gpu-0`).
+#[utoipa::path(
+    get, path = "/api/memory/status/{deviceId}",
+    params(("deviceId" = String, Path, description = "cpu, cuda:N, or an alias")),
+    responses((status = 200, body = ApiResponse<DeviceStatusDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+async fn status_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<DeviceStatusDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(DeviceStatusDto::from(&state.service.status(id)?)))
+}
+
+fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest, ApiError> {
+    let size = body.size_bytes.ok_or_else(|| ApiError::invalid("sizeBytes: required"))?;
+    if size <= 0 {
+        return Err(ApiError::invalid(format!("sizeBytes: must be greater than 0 (got {size})")));
+    }
+    let alignment = body.alignment.unwrap_or(DEFAULT_ALIGNMENT_BYTES as i64);
+    if alignment <= 0 || !(alignment as u64).is_power_of_two() {
+        return Err(ApiError::invalid(format!("alignment: must be a power of two (got {alignment})")));
+    }
+    let kind = match body.memory_type.as_deref() {
+        None => None,
+        Some(text) => Some(text.parse::<MemoryKind>().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))?),
+    };
+    Ok(AllocateRequest {
+        device,
+        size_bytes: size as u64,
+        kind,
+        alignment_bytes: alignment as u64,
+        purpose: body.purpose,
+        owner: body.owner,
+        persistent: body.persistent.unwrap_or(false),
+        movable: body.movable.unwrap_or(true),
+    })
+}
+
+fn do_allocate(state: &AppState, req: AllocateRequest) -> Result<(StatusCode, Data<AllocationDto>), ApiError> {
+    let record = blocking(|| state.service.allocate(req))?;
+    Ok((StatusCode::CREATED, Data(AllocationDto::from(&record))))
+}
+
+/// Allocates memory on the device named in the body (`deviceId`).
+#[utoipa::path(
+    post, path = "/api/memory/allocations/allocate", request_body = AllocateBody,
+    responses(
+        (status = 201, body = ApiResponse<AllocationDto>),
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND"),
+        (status = 507, description = "INSUFFICIENT_MEMORY, with requested and available bytes")
+    )
+)]
+async fn allocate(State(state): State<AppState>, ApiJson(body): ApiJson<AllocateBody>) -> Result<impl IntoResponse, ApiError> {
+    let device = body.device_id.clone().ok_or_else(|| ApiError::invalid("deviceId: required on this route"))?;
+    do_allocate(&state, parse_allocate(body, device)?)
+}
+
+/// Allocates memory on `deviceId`.
+#[utoipa::path(
+    post, path = "/api/memory/allocations/allocate/{deviceId}", request_body = AllocateBody,
+    params(("deviceId" = String, Path)),
+    responses(
+        (status = 201, body = ApiResponse<AllocationDto>),
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND"),
+        (status = 507, description = "INSUFFICIENT_MEMORY")
+    )
+)]
+async fn allocate_on_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    ApiJson(body): ApiJson<AllocateBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    if let Some(other) = &body.device_id {
+        let (a, b) = (state.service.resolve(&device_id)?, state.service.resolve(other)?);
+        if a != b {
+            return Err(ApiError::invalid(format!("deviceId: body names {b} but the route names {a}")));
+        }
+    }
+    do_allocate(&state, parse_allocate(body, device_id)?)
+}
+
+/// Frees an allocation; unknown or already-freed ids are 404.
+#[utoipa::path(
+    delete, path = "/api/memory/allocations/{allocationId}", params(("allocationId" = String, Path)),
+    responses((status = 200, body = ApiResponse<FreedDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"))
+)]
+async fn free(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<FreedDto> {
+    let r = blocking(|| state.service.free(&allocation_id))?;
+    Ok(Data(FreedDto {
+        allocation_id: r.id,
+        device_id: r.device.to_string(),
+        memory_type: r.kind.to_string(),
+        freed_bytes: r.allocated_bytes,
+    }))
+}
+
+/// Every live allocation, oldest first.
+#[utoipa::path(get, path = "/api/memory/allocations", responses((status = 200, body = ApiResponse<AllocationListDto>)))]
+async fn list_allocations(State(state): State<AppState>) -> ApiResult<AllocationListDto> {
+    Ok(Data(AllocationListDto::new(&state.service.allocations(None))))
+}
+
+/// Live allocations of one device.
+#[utoipa::path(
+    get, path = "/api/memory/allocations/device/{deviceId}", params(("deviceId" = String, Path)),
+    responses((status = 200, body = ApiResponse<AllocationListDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+async fn list_device_allocations(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<AllocationListDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(AllocationListDto::new(&state.service.allocations(Some(id)))))
+}
+
+/// One allocation.
+#[utoipa::path(
+    get, path = "/api/memory/allocation/{allocationId}", params(("allocationId" = String, Path)),
+    responses((status = 200, body = ApiResponse<AllocationDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"))
+)]
+async fn get_allocation(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<AllocationDto> {
+    Ok(Data(AllocationDto::from(&state.service.allocation(&allocation_id)?)))
+}
+
+/// Returns every cached empty pool block on every device to the OS or driver.
+#[utoipa::path(post, path = "/api/memory/operations/clear", responses((status = 200, body = ApiResponse<ClearDto>)))]
+async fn clear_all(State(state): State<AppState>) -> ApiResult<ClearDto> {
+    Ok(Data(ClearDto::new(&blocking(|| state.service.clear(None))?)))
+}
+
+/// Returns the cached empty pool blocks of one device to the OS or driver.
+#[utoipa::path(
+    post, path = "/api/memory/operations/clear/{deviceId}", params(("deviceId" = String, Path)),
+    responses((status = 200, body = ApiResponse<ClearDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+async fn clear_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<ClearDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(ClearDto::new(&blocking(|| state.service.clear(Some(id)))?)))
+}

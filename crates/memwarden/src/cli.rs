@@ -1,0 +1,260 @@
+//! The client commands: talk to a running daemon over its REST API and print tables (or the
+//! raw JSON envelope's `data` with `--json`). Failures print the server's code and message and
+//! exit non-zero.
+
+use memwarden_core::units::{format_bytes, parse_size};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+
+pub const DEFAULT_URL: &str = "http://127.0.0.1:5000";
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+/// A failed command: what to print on stderr.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Client { base: base.trim_end_matches('/').to_string(), token, agent }
+    }
+
+    /// Sends a request and returns the envelope's `data`, or the envelope's error as a CliError.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match (method, body) {
+            ("GET", _) => with_auth(self.agent.get(&url), &auth).call(),
+            ("DELETE", _) => with_auth(self.agent.delete(&url), &auth).call(),
+            ("POST", Some(b)) => with_auth(self.agent.post(&url), &auth).send_json(&b),
+            ("POST", None) => with_auth(self.agent.post(&url), &auth).send_empty(),
+            _ => return Err(CliError(format!("unsupported method {method}"))),
+        };
+        let mut response =
+            result.map_err(|e| CliError(format!("cannot reach memwarden at {}: {e} (is `memwarden serve` running?)", self.base)))?;
+        let status = response.status();
+        let envelope: Value = response
+            .body_mut()
+            .read_json()
+            .map_err(|e| CliError(format!("{url} answered {status} without a JSON envelope: {e}")))?;
+        if envelope["success"].as_bool() == Some(true) {
+            Ok(envelope["data"].clone())
+        } else {
+            let code = envelope["error"]["code"].as_str().unwrap_or("UNKNOWN");
+            let message = envelope["error"]["message"].as_str().unwrap_or("no message");
+            Err(CliError(format!("{code} ({}): {message}", status.as_u16())))
+        }
+    }
+}
+
+fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: &Option<String>) -> ureq::RequestBuilder<B> {
+    match auth {
+        Some(a) => req.header("Authorization", a),
+        None => req,
+    }
+}
+
+fn path_segment(s: &str) -> String {
+    // Device ids and allocation ids are [a-z0-9:_-]; escape anything else rather than trust it.
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+/// Formats rows as a left-aligned table with a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec(), &mut out);
+    for row in rows {
+        line(row.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn status(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
+    let data = match device {
+        Some(d) => client.call("GET", &format!("/api/memory/status/{}", path_segment(d)), None)?,
+        None => client.call("GET", "/api/memory/status", None)?,
+    };
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    let devices = match device {
+        Some(_) => vec![data],
+        None => data["devices"].as_array().cloned().unwrap_or_default(),
+    };
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|d| {
+            vec![
+                s(&d["deviceId"]).to_string(),
+                s(&d["memoryType"]).to_string(),
+                format_bytes(u(&d["totalMemory"])),
+                format_bytes(u(&d["usedMemory"])),
+                format_bytes(u(&d["availableMemory"])),
+                format!("{:.1}%", d["memoryUtilization"].as_f64().unwrap_or(0.0) * 100.0),
+                format_bytes(u(&d["reservedBytes"])),
+                format_bytes(u(&d["allocatedBytes"])),
+                s(&d["source"]).to_string(),
+            ]
+        })
+        .collect();
+    Ok(table(&["DEVICE", "MEMORY", "TOTAL", "USED", "AVAILABLE", "UTIL", "POOL HELD", "POOL ALLOCATED", "SOURCE"], &rows))
+}
+
+pub struct AllocArgs<'a> {
+    pub device: &'a str,
+    pub size: &'a str,
+    pub kind: Option<&'a str>,
+    pub purpose: Option<&'a str>,
+    pub owner: Option<&'a str>,
+    pub alignment: Option<&'a str>,
+    pub persistent: bool,
+    pub immovable: bool,
+}
+
+pub fn alloc(client: &Client, args: AllocArgs<'_>, as_json: bool) -> Result<String, CliError> {
+    let size = parse_size(args.size).map_err(|e| CliError(e.to_string()))?;
+    let mut body = json!({ "sizeBytes": size, "persistent": args.persistent, "movable": !args.immovable });
+    if let Some(k) = args.kind {
+        body["memoryType"] = json!(k);
+    }
+    if let Some(p) = args.purpose {
+        body["purpose"] = json!(p);
+    }
+    if let Some(o) = args.owner {
+        body["owner"] = json!(o);
+    }
+    if let Some(a) = args.alignment {
+        body["alignment"] = json!(parse_size(a).map_err(|e| CliError(format!("alignment: {e}")))?);
+    }
+    let data = client.call("POST", &format!("/api/memory/allocations/allocate/{}", path_segment(args.device)), Some(body))?;
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    Ok(format!(
+        "allocated {} ({}) of {} memory on {} at {}\n{}\n",
+        format_bytes(u(&data["sizeBytes"])),
+        u(&data["sizeBytes"]),
+        s(&data["memoryType"]),
+        s(&data["deviceId"]),
+        data["address"].as_str().unwrap_or("(no memory: reservation)"),
+        s(&data["allocationId"]),
+    ))
+}
+
+pub fn free(client: &Client, id: &str, as_json: bool) -> Result<String, CliError> {
+    let data = client.call("DELETE", &format!("/api/memory/allocations/{}", path_segment(id)), None)?;
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    Ok(format!("freed {} ({}) on {}\n", s(&data["allocationId"]), format_bytes(u(&data["freedBytes"])), s(&data["deviceId"])))
+}
+
+pub fn allocations(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
+    let data = match device {
+        Some(d) => client.call("GET", &format!("/api/memory/allocations/device/{}", path_segment(d)), None)?,
+        None => client.call("GET", "/api/memory/allocations", None)?,
+    };
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    let rows: Vec<Vec<String>> = data["allocations"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|a| {
+                    vec![
+                        s(&a["allocationId"]).to_string(),
+                        s(&a["deviceId"]).to_string(),
+                        s(&a["memoryType"]).to_string(),
+                        format_bytes(u(&a["sizeBytes"])),
+                        a["address"].as_str().unwrap_or("-").to_string(),
+                        a["purpose"].as_str().unwrap_or("-").to_string(),
+                        a["owner"].as_str().unwrap_or("-").to_string(),
+                        s(&a["allocatedAt"]).to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = table(&["ID", "DEVICE", "KIND", "SIZE", "ADDRESS", "PURPOSE", "OWNER", "ALLOCATED AT"], &rows);
+    let _ = writeln!(out, "{} allocation(s), {}", u(&data["count"]), format_bytes(u(&data["totalBytes"])));
+    Ok(out)
+}
+
+pub fn clear(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
+    let data = match device {
+        Some(d) => client.call("POST", &format!("/api/memory/operations/clear/{}", path_segment(d)), None)?,
+        None => client.call("POST", "/api/memory/operations/clear", None)?,
+    };
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    let mut out = String::new();
+    for d in data["devices"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{}: released {} to the OS; pools still hold {}",
+            s(&d["deviceId"]),
+            format_bytes(u(&d["clearedBytes"])),
+            format_bytes(u(&d["reservedBytes"]))
+        );
+    }
+    Ok(out)
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(path_segment("cuda:0"), "cuda:0");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
+}

@@ -1,0 +1,146 @@
+//! Daemon configuration: embedded defaults, optionally overridden by a TOML file. Every key is
+//! documented with its unit and default in docs/CONFIG.md; keep the two in step.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the REST API listens on.
+    pub listen: SocketAddr,
+    /// Bearer token required on `/api/` routes. Required when `listen` is not a loopback address.
+    pub auth_token: Option<String>,
+    pub pool: PoolSection,
+    pub host: HostSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolSection {
+    /// Size of a shared pool block, in bytes.
+    pub block_size_bytes: u64,
+    /// Requests of at least this many bytes get a dedicated block, released when freed.
+    pub dedicated_threshold_bytes: u64,
+    /// Bytes of each device's available memory that allocations never take.
+    pub headroom_bytes: u64,
+    /// Largest age of a memory status sample used for a budget check, in milliseconds. Creating
+    /// a new block always reads a fresh sample.
+    pub status_max_age_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostSection {
+    /// Root of the proc filesystem.
+    pub proc_root: PathBuf,
+    /// Root of the cgroup filesystem.
+    pub cgroup_root: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            auth_token: None,
+            pool: PoolSection::default(),
+            host: HostSection::default(),
+        }
+    }
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        PoolSection {
+            block_size_bytes: 64 << 20,
+            dedicated_threshold_bytes: 32 << 20,
+            headroom_bytes: 0,
+            status_max_age_ms: 100,
+        }
+    }
+}
+
+impl Default for HostSection {
+    fn default() -> Self {
+        HostSection { proc_root: "/proc".into(), cgroup_root: "/sys/fs/cgroup".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads a TOML file; keys it omits keep their defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && self.auth_token.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::Invalid(format!(
+                "listen address {} is not loopback: set auth_token so the API is not open to the network",
+                self.listen
+            )));
+        }
+        if self.pool.block_size_bytes < 1 << 20 {
+            return Err(ConfigError::Invalid("pool.block_size_bytes must be at least 1 MiB".into()));
+        }
+        if self.pool.dedicated_threshold_bytes == 0 || self.pool.dedicated_threshold_bytes > self.pool.block_size_bytes {
+            return Err(ConfigError::Invalid(
+                "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse(""), Ok(Config::default()));
+        assert_eq!(Config::default().listen.to_string(), "127.0.0.1:5000");
+    }
+
+    #[test]
+    fn keys_override_and_unknown_keys_are_refused() {
+        let c = parse("listen = \"127.0.0.1:6000\"\n[pool]\nblock_size_bytes = 134217728\n").expect("valid");
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.pool.block_size_bytes, 128 << 20);
+        assert_eq!(c.pool.dedicated_threshold_bytes, 32 << 20, "other keys keep defaults");
+        assert!(parse("lisen = \"127.0.0.1:1\"").is_err());
+        assert!(parse("[pool]\nblock_size = 1").is_err());
+    }
+
+    #[test]
+    fn non_loopback_needs_a_token() {
+        assert!(parse("listen = \"0.0.0.0:5000\"").expect_err("refused").contains("auth_token"));
+        assert!(parse("listen = \"0.0.0.0:5000\"\nauth_token = \"s3cret\"").is_ok());
+    }
+
+    #[test]
+    fn pool_sizes_are_checked() {
+        assert!(parse("[pool]\nblock_size_bytes = 1000").is_err());
+        assert!(parse("[pool]\ndedicated_threshold_bytes = 0").is_err());
+    }
+}

@@ -1,0 +1,130 @@
+use clap::{Parser, Subcommand};
+use memwarden::cli::{self, AllocArgs, Client, DEFAULT_URL};
+use memwarden::config::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// memwarden: host, GPU and model memory daemon, and its client.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Daemon to talk to (client commands).
+    #[arg(long, global = true, env = "MEMWARDEN_URL", default_value = DEFAULT_URL)]
+    url: String,
+    /// Bearer token, when the daemon requires one.
+    #[arg(long, global = true, env = "MEMWARDEN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the response data as JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Listen address (default 127.0.0.1:5000, or the config file's `listen`).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// TOML config file (see docs/CONFIG.md); embedded defaults without one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Memory status of every device, or of one.
+    Status { device: Option<String> },
+    /// Allocate memory: `alloc cpu 512MiB --kind pinned --purpose kv-cache`.
+    Alloc {
+        device: String,
+        /// Size, e.g. 4096, 512MiB, 2GiB.
+        size: String,
+        /// host | pinned | device | reservation.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        purpose: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
+        /// Power of two, e.g. 4096 or 2MiB (default 256).
+        #[arg(long)]
+        alignment: Option<String>,
+        #[arg(long)]
+        persistent: bool,
+        /// Never let defragmentation move it.
+        #[arg(long)]
+        immovable: bool,
+    },
+    /// Free an allocation by id.
+    Free { id: String },
+    /// List live allocations (of one device when given).
+    Allocations { device: Option<String> },
+    /// Return cached empty pool blocks to the OS/driver.
+    Clear { device: Option<String> },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Serve { listen, config } = cli.command {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        let mut cfg = match config {
+            Some(path) => match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => Config::default(),
+        };
+        if let Some(l) = listen {
+            cfg.listen = l;
+        }
+        return match memwarden::server::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let client = Client::new(&cli.url, cli.token);
+    let json = cli.json;
+    let result = match &cli.command {
+        Command::Serve { .. } => unreachable!("handled above"),
+        Command::Status { device } => cli::status(&client, device.as_deref(), json),
+        Command::Alloc { device, size, kind, purpose, owner, alignment, persistent, immovable } => cli::alloc(
+            &client,
+            AllocArgs {
+                device,
+                size,
+                kind: kind.as_deref(),
+                purpose: purpose.as_deref(),
+                owner: owner.as_deref(),
+                alignment: alignment.as_deref(),
+                persistent: *persistent,
+                immovable: *immovable,
+            },
+            json,
+        ),
+        Command::Free { id } => cli::free(&client, id, json),
+        Command::Allocations { device } => cli::allocations(&client, device.as_deref(), json),
+        Command::Clear { device } => cli::clear(&client, device.as_deref(), json),
+    };
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

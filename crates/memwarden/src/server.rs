@@ -1,0 +1,73 @@
+//! Running the daemon: bind, serve the router, shut down on SIGINT/SIGTERM.
+
+use crate::api::{router, AppState};
+use crate::config::Config;
+use crate::service::Service;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve_on(
+    listener: TcpListener,
+    service: Arc<Service>,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState { service, auth_token: config.auth_token.as_deref().map(Arc::from) };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// `memwarden serve`: bind the configured address, announce it on stdout, serve until a signal.
+pub fn run(config: Config) -> Result<(), String> {
+    config.validate().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let service = Arc::new(Service::from_config(&config));
+        for b in service.backends() {
+            match &b.reason {
+                None => tracing::info!(backend = b.name, devices = ?b.devices, "backend available"),
+                Some(r) => tracing::warn!(backend = b.name, "backend unavailable: {r}"),
+            }
+        }
+        // Tests and scripts read this line to find the port when listening on port 0.
+        println!("memwarden listening on http://{addr}");
+        tracing::info!(%addr, "serving the API; Swagger UI at /swagger-ui");
+        serve_on(listener, service.clone(), &config, shutdown_signal()).await.map_err(|e| e.to_string())?;
+        let live = service.allocations(None);
+        if !live.is_empty() {
+            tracing::warn!(count = live.len(), bytes = live.iter().map(|r| r.size_bytes).sum::<u64>(), "exiting with live allocations; their memory is released");
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,214 @@
+//! One device: its backend, its pools (one per memory kind), its reservations and its cached
+//! status sample, behind one lock.
+
+use memwarden_backends::{Backend, BackendError, MemoryPool, MemoryReading, PoolAllocation};
+use memwarden_core::{MemoryKind, Placement, PoolConfig, PoolStats};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+pub(crate) struct Device {
+    pub backend: Arc<dyn Backend>,
+    pub state: std::sync::Mutex<DeviceState>,
+}
+
+pub(crate) struct DeviceState {
+    pub pools: Vec<MemoryPool>,
+    /// Bytes promised to `reservation` allocations (budget without memory).
+    pub reservation_bytes: u64,
+    sample: Option<Sample>,
+    headroom_bytes: u64,
+    max_age: Duration,
+}
+
+#[derive(Clone)]
+pub(crate) struct Sample {
+    pub reading: MemoryReading,
+    pub taken: Instant,
+    pub taken_at: OffsetDateTime,
+}
+
+/// Why a request does not fit the budget.
+pub(crate) struct OverBudget {
+    pub requested_bytes: u64,
+    pub available_bytes: u64,
+    pub detail: String,
+}
+
+impl Device {
+    pub fn new(backend: Arc<dyn Backend>, pool: PoolConfig, headroom_bytes: u64, max_age: Duration) -> Self {
+        let pools = backend.kinds().iter().map(|&k| MemoryPool::new(backend.clone(), k, pool)).collect();
+        Device {
+            backend,
+            state: std::sync::Mutex::new(DeviceState { pools, reservation_bytes: 0, sample: None, headroom_bytes, max_age }),
+        }
+    }
+}
+
+impl DeviceState {
+    pub fn pool_mut(&mut self, kind: MemoryKind) -> Option<&mut MemoryPool> {
+        self.pools.iter_mut().find(|p| p.kind() == kind)
+    }
+
+    pub fn pool(&self, kind: MemoryKind) -> Option<&MemoryPool> {
+        self.pools.iter().find(|p| p.kind() == kind)
+    }
+
+    /// A status sample no older than `max_age` (zero: read now).
+    pub fn sample(&mut self, backend: &dyn Backend, max_age: Duration) -> Result<Sample, BackendError> {
+        match &self.sample {
+            Some(s) if s.taken.elapsed() <= max_age => Ok(s.clone()),
+            _ => {
+                let s = Sample { reading: backend.read_status()?, taken: Instant::now(), taken_at: OffsetDateTime::now_utc() };
+                self.sample = Some(s.clone());
+                Ok(s)
+            }
+        }
+    }
+
+    /// The configured largest age of a status sample.
+    pub fn max_age(&self) -> Duration {
+        self.max_age
+    }
+
+    /// Forgets the cached sample (after this daemon changed the device's memory).
+    pub fn invalidate_sample(&mut self) {
+        self.sample = None;
+    }
+
+    pub fn pool_totals(&self) -> PoolStats {
+        let mut t = PoolStats::default();
+        for p in &self.pools {
+            let s = p.stats();
+            t.reserved_bytes += s.reserved_bytes;
+            t.allocated_bytes += s.allocated_bytes;
+            t.free_in_pool_bytes += s.free_in_pool_bytes;
+            t.largest_free_block_bytes = t.largest_free_block_bytes.max(s.largest_free_block_bytes);
+            t.block_count += s.block_count;
+            t.allocation_count += s.allocation_count;
+            t.empty_block_bytes += s.empty_block_bytes;
+        }
+        t
+    }
+
+    /// What allocations may still take: available memory plus free space cached in the pools,
+    /// less outstanding reservations and the configured headroom; for a kind with its own limit
+    /// (pinned: RLIMIT_MEMLOCK) no more than that limit leaves.
+    fn budget_bytes(&self, backend: &dyn Backend, reading: &MemoryReading, kind: MemoryKind) -> u64 {
+        let pooled = self.pool_totals().free_in_pool_bytes;
+        let mut budget = (reading.available_bytes + pooled).saturating_sub(self.reservation_bytes + self.headroom_bytes);
+        if let Some(limit) = backend.kind_limit_bytes(kind) {
+            let held = self.pool(kind).map(|p| p.stats().reserved_bytes).unwrap_or(0);
+            budget = budget.min(limit.saturating_sub(held));
+        }
+        budget
+    }
+
+    /// Checks `size_bytes` (and a new block of `new_block_bytes`, if one is needed) against the
+    /// budget. New blocks are checked against a fresh reading; pool hits against the cached one.
+    fn admit(
+        &mut self,
+        backend: &dyn Backend,
+        kind: MemoryKind,
+        size_bytes: u64,
+        new_block_bytes: u64,
+    ) -> Result<Result<(), OverBudget>, BackendError> {
+        let age = if new_block_bytes > 0 { Duration::ZERO } else { self.max_age };
+        let reading = self.sample(backend, age)?.reading;
+        let budget = self.budget_bytes(backend, &reading, kind);
+        if size_bytes > budget {
+            return Ok(Err(OverBudget {
+                requested_bytes: size_bytes,
+                available_bytes: budget,
+                detail: format!("{} budget for {kind} memory", backend.info().device_id),
+            }));
+        }
+        if new_block_bytes > 0 {
+            // The block must come out of memory the OS or driver has, not out of cached pools.
+            let fresh = reading.available_bytes.saturating_sub(self.reservation_bytes + self.headroom_bytes);
+            let fresh = match backend.kind_limit_bytes(kind) {
+                Some(limit) => fresh.min(limit.saturating_sub(self.pool(kind).map(|p| p.stats().reserved_bytes).unwrap_or(0))),
+                None => fresh,
+            };
+            if new_block_bytes > fresh {
+                return Ok(Err(OverBudget {
+                    requested_bytes: size_bytes,
+                    available_bytes: fresh,
+                    detail: format!("a new pool block of {new_block_bytes} bytes is needed and does not fit"),
+                }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Takes budget for a reservation.
+    pub fn reserve(&mut self, backend: &dyn Backend, size_bytes: u64) -> Result<Result<(), OverBudget>, BackendError> {
+        let verdict = self.admit(backend, MemoryKind::Reservation, size_bytes, 0)?;
+        if verdict.is_ok() {
+            self.reservation_bytes += size_bytes;
+        }
+        Ok(verdict)
+    }
+
+    /// Allocates from the pool of `kind` after the budget check; nothing is changed on failure.
+    pub fn allocate(
+        &mut self,
+        backend: &dyn Backend,
+        kind: MemoryKind,
+        size_bytes: u64,
+        align_bytes: u64,
+    ) -> Result<Result<PoolAllocation, OverBudget>, BackendError> {
+        let pool = self.pool(kind).ok_or(BackendError::UnsupportedKind { device: backend.info().device_id, kind })?;
+        pool.check_request(size_bytes, align_bytes)?;
+        // Try the cached blocks first; a hit costs no new memory.
+        let pool = self.pool_mut(kind).ok_or(BackendError::UnsupportedKind { device: backend.info().device_id, kind })?;
+        if let Some(hit) = pool.try_allocate_cached(size_bytes, align_bytes) {
+            if let Err(over) = self.admit(backend, kind, size_bytes, 0)? {
+                if let Some(pool) = self.pool_mut(kind) {
+                    pool.free(&hit.placement)?;
+                }
+                return Ok(Err(over));
+            }
+            return Ok(Ok(hit));
+        }
+        let new_block = self.pool(kind).map(|p| p.new_block_bytes(size_bytes, align_bytes)).unwrap_or(0);
+        if let Err(over) = self.admit(backend, kind, size_bytes, new_block)? {
+            return Ok(Err(over));
+        }
+        let pool = self.pool_mut(kind).ok_or(BackendError::UnsupportedKind { device: backend.info().device_id, kind })?;
+        let allocation = pool.allocate(size_bytes, align_bytes);
+        self.invalidate_sample();
+        allocation.map(Ok)
+    }
+
+    pub fn free(&mut self, kind: MemoryKind, placement: Option<&Placement>, size_bytes: u64) -> Result<(), BackendError> {
+        match (kind, placement) {
+            (MemoryKind::Reservation, _) => {
+                self.reservation_bytes -= size_bytes.min(self.reservation_bytes);
+                Ok(())
+            }
+            (_, Some(p)) => {
+                let pool = self
+                    .pool_mut(kind)
+                    .ok_or_else(|| BackendError::InvalidArgument(format!("no {kind} pool on this device")))?;
+                let before = pool.stats().reserved_bytes;
+                pool.free(p)?;
+                if pool.stats().reserved_bytes != before {
+                    self.invalidate_sample();
+                }
+                Ok(())
+            }
+            (_, None) => Err(BackendError::InvalidArgument("allocation has no placement".into())),
+        }
+    }
+
+    /// Returns every empty block of every pool to the OS or driver; the bytes released.
+    pub fn clear(&mut self) -> Result<u64, BackendError> {
+        let mut cleared = 0;
+        for p in &mut self.pools {
+            cleared += p.clear()?;
+        }
+        self.invalidate_sample();
+        Ok(cleared)
+    }
+}

@@ -1,0 +1,395 @@
+//! The service layer: the device registry, the allocation ledger and every memory operation,
+//! independent of HTTP. The REST API and tests call it; it calls the backends.
+
+mod device;
+
+use device::Device;
+use memwarden_backends::{Backend, BackendError, HostBackend, HostStatusReader};
+use memwarden_core::{DeviceId, MemoryKind, Placement, PoolConfig, PoolStats};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+use crate::config::Config;
+
+pub const DEFAULT_ALIGNMENT_BYTES: u64 = 256;
+
+/// Errors of the service layer; each maps to one HTTP status and one stable code in the API.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("device '{requested}' not found; devices: {}", known.join(", "))]
+    DeviceNotFound { requested: String, known: Vec<String> },
+    #[error("allocation '{id}' not found (never allocated or already freed)")]
+    AllocationNotFound { id: String },
+    #[error("{field}: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    #[error("insufficient memory on {device}: requested {requested_bytes} bytes, available {available_bytes} bytes ({detail})")]
+    InsufficientMemory { device: String, requested_bytes: u64, available_bytes: u64, detail: String },
+    #[error("backend unavailable for {device}: {reason}")]
+    BackendUnavailable { device: String, reason: String },
+    #[error("{device}: {message}")]
+    BackendFailed { device: String, message: String },
+}
+
+impl ServiceError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        ServiceError::InvalidArgument { field, message: message.into() }
+    }
+
+    fn from_backend(device: DeviceId, e: BackendError) -> Self {
+        let device = device.to_string();
+        match e {
+            BackendError::OutOfMemory { requested_bytes, available_bytes, detail } => {
+                ServiceError::InsufficientMemory { device, requested_bytes, available_bytes, detail }
+            }
+            BackendError::Unavailable { reason } => ServiceError::BackendUnavailable { device, reason },
+            BackendError::UnsupportedKind { kind, .. } => {
+                ServiceError::invalid("memoryType", format!("{device} does not provide {kind} memory"))
+            }
+            BackendError::InvalidArgument(message) => ServiceError::InvalidArgument { field: "request", message },
+            BackendError::Failed { .. } => ServiceError::BackendFailed { device, message: e.to_string() },
+        }
+    }
+}
+
+/// An allocation request, validated by the API layer's parsing and again here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocateRequest {
+    pub device: String,
+    pub size_bytes: u64,
+    pub kind: Option<MemoryKind>,
+    pub alignment_bytes: u64,
+    pub purpose: Option<String>,
+    pub owner: Option<String>,
+    pub persistent: bool,
+    pub movable: bool,
+}
+
+/// One live allocation in the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocationRecord {
+    pub id: String,
+    pub device: DeviceId,
+    pub kind: MemoryKind,
+    /// Bytes requested.
+    pub size_bytes: u64,
+    /// Bytes it occupies in its pool (the request rounded up to the pool granularity).
+    pub allocated_bytes: u64,
+    pub alignment_bytes: u64,
+    /// `None` for reservations: they hold no memory.
+    pub address: Option<u64>,
+    pub placement: Option<Placement>,
+    pub purpose: Option<String>,
+    pub owner: Option<String>,
+    pub persistent: bool,
+    pub movable: bool,
+    pub generation: u64,
+    pub allocated_at: OffsetDateTime,
+}
+
+/// A device's memory now, as the OS or driver reports it, plus memwarden's own pools.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStatus {
+    pub device: DeviceId,
+    pub device_type: &'static str,
+    pub name: String,
+    pub memory_type: &'static str,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub source: String,
+    pub last_updated: OffsetDateTime,
+    pub pools: Vec<(MemoryKind, PoolStats)>,
+    pub reservation_bytes: u64,
+}
+
+impl DeviceStatus {
+    pub fn utilization(&self) -> f64 {
+        if self.total_bytes == 0 {
+            0.0
+        } else {
+            self.used_bytes as f64 / self.total_bytes as f64
+        }
+    }
+
+    pub fn pool_totals(&self) -> (u64, u64) {
+        self.pools.iter().fold((0, 0), |(r, a), (_, s)| (r + s.reserved_bytes, a + s.allocated_bytes))
+    }
+}
+
+/// What `clear` released on one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClearOutcome {
+    pub device: DeviceId,
+    pub cleared_bytes: u64,
+    pub reserved_bytes_after: u64,
+}
+
+/// A backend that could not be started, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendHealth {
+    pub name: &'static str,
+    pub available: bool,
+    pub devices: Vec<String>,
+    pub reason: Option<String>,
+}
+
+pub struct Service {
+    devices: Vec<(DeviceId, Device)>,
+    ledger: Mutex<HashMap<String, AllocationRecord>>,
+    backends: Vec<BackendHealth>,
+    started_at: OffsetDateTime,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves plain data behind (no half-applied invariant is
+    // possible across the calls made under these locks), so recover rather than poison the API.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Service {
+    /// The service with every backend this machine has.
+    pub fn from_config(config: &Config) -> Self {
+        let host = HostBackend::new(HostStatusReader::new(&config.host.proc_root, &config.host.cgroup_root));
+        let pool = PoolConfig {
+            block_size_bytes: config.pool.block_size_bytes,
+            dedicated_threshold_bytes: config.pool.dedicated_threshold_bytes,
+            ..PoolConfig::default()
+        };
+        let mut service = Service::with_backends(
+            vec![Arc::new(host)],
+            pool,
+            config.pool.headroom_bytes,
+            Duration::from_millis(config.pool.status_max_age_ms),
+        );
+        service.backends.push(BackendHealth {
+            name: "cuda",
+            available: false,
+            devices: vec![],
+            reason: Some("the CUDA backend is not part of this build yet".into()),
+        });
+        service
+    }
+
+    pub fn with_backends(backends: Vec<Arc<dyn Backend>>, pool: PoolConfig, headroom_bytes: u64, max_age: Duration) -> Self {
+        let health = vec![BackendHealth {
+            name: "host",
+            available: true,
+            devices: backends.iter().map(|b| b.info().device_id.to_string()).collect(),
+            reason: None,
+        }];
+        Service {
+            devices: backends
+                .into_iter()
+                .map(|b| (b.info().device_id, Device::new(b, pool, headroom_bytes, max_age)))
+                .collect(),
+            ledger: Mutex::new(HashMap::new()),
+            backends: health,
+            started_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    pub fn started_at(&self) -> OffsetDateTime {
+        self.started_at
+    }
+
+    pub fn backends(&self) -> &[BackendHealth] {
+        &self.backends
+    }
+
+    pub fn device_ids(&self) -> Vec<DeviceId> {
+        self.devices.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// Resolves a device id or alias to a device of this machine.
+    pub fn resolve(&self, text: &str) -> Result<DeviceId, ServiceError> {
+        let not_found = || ServiceError::DeviceNotFound {
+            requested: text.to_string(),
+            known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
+        };
+        let id: DeviceId = text.parse().map_err(|_| not_found())?;
+        self.device(id).map(|_| id).ok_or_else(not_found)
+    }
+
+    fn device(&self, id: DeviceId) -> Option<&Device> {
+        self.devices.iter().find(|(d, _)| *d == id).map(|(_, dev)| dev)
+    }
+
+    fn device_or_404(&self, id: DeviceId) -> Result<&Device, ServiceError> {
+        self.device(id).ok_or_else(|| ServiceError::DeviceNotFound {
+            requested: id.to_string(),
+            known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
+        })
+    }
+
+    /// Status of one device, from a sample no older than the configured maximum age.
+    pub fn status(&self, id: DeviceId) -> Result<DeviceStatus, ServiceError> {
+        let dev = self.device_or_404(id)?;
+        let mut st = lock(&dev.state);
+        let max_age = st.max_age();
+        let sample = st.sample(dev.backend.as_ref(), max_age).map_err(|e| ServiceError::from_backend(id, e))?;
+        let info = dev.backend.info();
+        Ok(DeviceStatus {
+            device: id,
+            device_type: info.device_type,
+            name: info.name.clone(),
+            memory_type: info.memory_type,
+            total_bytes: sample.reading.total_bytes,
+            available_bytes: sample.reading.available_bytes,
+            used_bytes: sample.reading.used_bytes,
+            source: sample.reading.source,
+            last_updated: sample.taken_at,
+            pools: st.pools.iter().map(|p| (p.kind(), p.stats())).collect(),
+            reservation_bytes: st.reservation_bytes,
+        })
+    }
+
+    pub fn status_all(&self) -> Result<Vec<DeviceStatus>, ServiceError> {
+        self.devices.iter().map(|(id, _)| self.status(*id)).collect()
+    }
+
+    pub fn allocate(&self, req: AllocateRequest) -> Result<AllocationRecord, ServiceError> {
+        let id = self.resolve(&req.device)?;
+        if req.size_bytes == 0 {
+            return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
+        }
+        if !req.alignment_bytes.is_power_of_two() {
+            return Err(ServiceError::invalid("alignment", format!("{} is not a power of two", req.alignment_bytes)));
+        }
+        let dev = self.device_or_404(id)?;
+        let backend = dev.backend.as_ref();
+        if req.alignment_bytes > backend.max_alignment_bytes() {
+            return Err(ServiceError::invalid(
+                "alignment",
+                format!("{} exceeds the largest alignment {} supports ({})", req.alignment_bytes, id, backend.max_alignment_bytes()),
+            ));
+        }
+        let kind = req.kind.unwrap_or(id.default_kind());
+        if kind != MemoryKind::Reservation && !backend.kinds().contains(&kind) {
+            let offered: Vec<&str> = backend.kinds().iter().map(|k| k.as_str()).chain(["reservation"]).collect();
+            return Err(ServiceError::invalid(
+                "memoryType",
+                format!("{id} does not provide {kind} memory (it offers {})", offered.join(", ")),
+            ));
+        }
+        let over = |o: device::OverBudget| ServiceError::InsufficientMemory {
+            device: id.to_string(),
+            requested_bytes: o.requested_bytes,
+            available_bytes: o.available_bytes,
+            detail: o.detail,
+        };
+        let (allocated_bytes, address, placement) = {
+            let mut st = lock(&dev.state);
+            if kind == MemoryKind::Reservation {
+                st.reserve(backend, req.size_bytes).map_err(|e| ServiceError::from_backend(id, e))?.map_err(over)?;
+                (req.size_bytes, None, None)
+            } else {
+                let a = st
+                    .allocate(backend, kind, req.size_bytes, req.alignment_bytes)
+                    .map_err(|e| ServiceError::from_backend(id, e))?
+                    .map_err(over)?;
+                (a.placement.size_bytes, Some(a.address), Some(a.placement))
+            }
+        };
+        let record = AllocationRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            device: id,
+            kind,
+            size_bytes: req.size_bytes,
+            allocated_bytes,
+            alignment_bytes: req.alignment_bytes,
+            address,
+            placement,
+            purpose: req.purpose,
+            owner: req.owner,
+            persistent: req.persistent,
+            movable: req.movable,
+            generation: 0,
+            allocated_at: OffsetDateTime::now_utc(),
+        };
+        lock(&self.ledger).insert(record.id.clone(), record.clone());
+        Ok(record)
+    }
+
+    /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.
+    pub fn free(&self, allocation_id: &str) -> Result<AllocationRecord, ServiceError> {
+        let record = lock(&self.ledger)
+            .remove(allocation_id)
+            .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
+        let dev = self.device_or_404(record.device)?;
+        let result = lock(&dev.state).free(record.kind, record.placement.as_ref(), record.size_bytes);
+        if let Err(e) = result {
+            // Keep the handle so the caller can retry; the pool did not change.
+            lock(&self.ledger).insert(record.id.clone(), record.clone());
+            return Err(ServiceError::from_backend(record.device, e));
+        }
+        Ok(record)
+    }
+
+    pub fn allocation(&self, allocation_id: &str) -> Result<AllocationRecord, ServiceError> {
+        lock(&self.ledger)
+            .get(allocation_id)
+            .cloned()
+            .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })
+    }
+
+    /// Live allocations, oldest first; only those of `device` when given.
+    pub fn allocations(&self, device: Option<DeviceId>) -> Vec<AllocationRecord> {
+        let mut list: Vec<_> =
+            lock(&self.ledger).values().filter(|r| device.is_none_or(|d| r.device == d)).cloned().collect();
+        list.sort_by(|a, b| a.allocated_at.cmp(&b.allocated_at).then_with(|| a.id.cmp(&b.id)));
+        list
+    }
+
+    /// Returns cached empty pool blocks to the OS or driver, on one device or all.
+    pub fn clear(&self, device: Option<DeviceId>) -> Result<Vec<ClearOutcome>, ServiceError> {
+        let ids = match device {
+            Some(d) => vec![d],
+            None => self.device_ids(),
+        };
+        ids.into_iter()
+            .map(|id| {
+                let dev = self.device_or_404(id)?;
+                let mut st = lock(&dev.state);
+                let cleared_bytes = st.clear().map_err(|e| ServiceError::from_backend(id, e))?;
+                Ok(ClearOutcome { device: id, cleared_bytes, reserved_bytes_after: st.pool_totals().reserved_bytes })
+            })
+            .collect()
+    }
+
+    /// Checks every pool's invariants and that the ledger matches the pools.
+    pub fn validate(&self) -> Result<(), String> {
+        let ledger = lock(&self.ledger);
+        for (id, dev) in &self.devices {
+            let st = lock(&dev.state);
+            for pool in &st.pools {
+                pool.validate().map_err(|e| format!("{id} {}: {e}", pool.kind()))?;
+                let in_ledger: u64 = ledger
+                    .values()
+                    .filter(|r| r.device == *id && r.kind == pool.kind())
+                    .map(|r| r.allocated_bytes)
+                    .sum();
+                if in_ledger != pool.stats().allocated_bytes {
+                    return Err(format!(
+                        "{id} {}: ledger holds {in_ledger} bytes, pool {}",
+                        pool.kind(),
+                        pool.stats().allocated_bytes
+                    ));
+                }
+            }
+            let reserved: u64 = ledger
+                .values()
+                .filter(|r| r.device == *id && r.kind == MemoryKind::Reservation)
+                .map(|r| r.size_bytes)
+                .sum();
+            if reserved != st.reservation_bytes {
+                return Err(format!("{id}: ledger reserves {reserved} bytes, device {}", st.reservation_bytes));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
