@@ -37,8 +37,6 @@ pub enum PoolError {
     AlignmentTooLarge { requested: u64, max: u64 },
     #[error("size must be greater than zero")]
     ZeroSize,
-    #[error("size {0} bytes is too large to represent")]
-    SizeOverflow(u64),
     #[error("block {0:?} does not exist")]
     UnknownBlock(BlockId),
     #[error("block {0:?} still holds allocations")]
@@ -147,10 +145,6 @@ impl Pool {
                 requested: align_bytes,
                 max: self.config.max_alignment_bytes,
             });
-        }
-        // Leave room for the block rounding below.
-        if size_bytes > u64::MAX / 4 {
-            return Err(PoolError::SizeOverflow(size_bytes));
         }
         Ok(())
     }

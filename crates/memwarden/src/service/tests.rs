@@ -1,0 +1,204 @@
+use super::*;
+use std::path::PathBuf;
+
+const MIB: u64 = 1 << 20;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host").join(name)
+}
+
+/// A service over the real host backend, reading status from `root` (a fixture) or the machine.
+fn service_with(root: Option<&str>, headroom_bytes: u64) -> Service {
+    let reader = match root {
+        Some(r) => HostStatusReader::with_root(fixture(r)),
+        None => HostStatusReader::default(),
+    };
+    let pool = PoolConfig { block_size_bytes: 8 * MIB, dedicated_threshold_bytes: 4 * MIB, ..PoolConfig::default() };
+    Service::with_backends(vec![Arc::new(HostBackend::new(reader))], pool, headroom_bytes, Duration::from_millis(100))
+}
+
+fn req(size_bytes: u64, kind: Option<MemoryKind>) -> AllocateRequest {
+    AllocateRequest {
+        device: "cpu".into(),
+        size_bytes,
+        kind,
+        alignment_bytes: DEFAULT_ALIGNMENT_BYTES,
+        purpose: Some("test".into()),
+        owner: Some("unit".into()),
+        persistent: false,
+        movable: true,
+    }
+}
+
+fn pool_reserved(s: &Service) -> u64 {
+    s.status(DeviceId::Cpu).expect("status").pool_totals().0
+}
+
+#[test]
+fn allocate_list_get_free() {
+    let s = service_with(None, 0);
+    let a = s.allocate(req(1000, None)).expect("allocate");
+    assert_eq!(a.kind, MemoryKind::Host, "host is the default kind on cpu");
+    assert_eq!(a.allocated_bytes, 1024);
+    assert!(a.address.is_some_and(|x| x % 256 == 0));
+    let b = s.allocate(req(5000, Some(MemoryKind::Pinned))).expect("pinned");
+    assert_eq!(s.allocations(None).len(), 2);
+    assert_eq!(s.allocations(Some(DeviceId::Cpu)).len(), 2);
+    assert_eq!(s.allocation(&a.id).expect("get").size_bytes, 1000);
+    s.validate().expect("ledger matches pools");
+    assert_eq!(s.free(&a.id).expect("free").id, a.id);
+    assert!(matches!(s.free(&a.id), Err(ServiceError::AllocationNotFound { .. })), "double free is 404");
+    assert!(matches!(s.allocation(&a.id), Err(ServiceError::AllocationNotFound { .. })));
+    assert!(matches!(s.free("no-such-id"), Err(ServiceError::AllocationNotFound { .. })));
+    s.free(&b.id).expect("free");
+    s.validate().expect("valid");
+}
+
+#[test]
+fn aliases_resolve_and_unknown_devices_name_the_known_ones() {
+    let s = service_with(None, 0);
+    for alias in ["cpu", "cpu:0", "cpu-0", "CPU_0"] {
+        assert_eq!(s.resolve(alias), Ok(DeviceId::Cpu));
+    }
+    match s.resolve("cuda:0") {
+        Err(ServiceError::DeviceNotFound { requested, known }) => {
+            assert_eq!(requested, "cuda:0");
+            assert_eq!(known, vec!["cpu".to_string()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(s.resolve("banana"), Err(ServiceError::DeviceNotFound { .. })));
+}
+
+#[test]
+fn bad_requests_are_refused_with_nothing_changed() {
+    let s = service_with(None, 0);
+    let cases = [
+        (req(0, None), "sizeBytes"),
+        (AllocateRequest { alignment_bytes: 3, ..req(10, None) }, "alignment"),
+        (AllocateRequest { alignment_bytes: 4 * MIB, ..req(10, None) }, "alignment"),
+        (req(10, Some(MemoryKind::Device)), "memoryType"),
+    ];
+    for (r, field) in cases {
+        match s.allocate(r) {
+            Err(ServiceError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    assert!(s.allocations(None).is_empty());
+    assert_eq!(pool_reserved(&s), 0);
+}
+
+#[test]
+fn large_alignment_is_honoured() {
+    let s = service_with(None, 0);
+    let _small = s.allocate(req(300, None)).expect("small");
+    let a = s.allocate(AllocateRequest { alignment_bytes: 2 * MIB, ..req(300, None) }).expect("aligned");
+    assert_eq!(a.address.expect("address") % (2 * MIB), 0);
+}
+
+/// The cgroup-v1 fixture: limit 2 GiB, 324431872 bytes used → 1823051776 available.
+const FIXTURE_AVAILABLE: u64 = (2 << 30) - (324_591_616 - 159_744);
+
+#[test]
+fn budget_is_checked_before_anything_is_allocated() {
+    let s = service_with(Some("cgroup-v1-limited"), 0);
+    match s.allocate(req(FIXTURE_AVAILABLE + 1, None)) {
+        Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
+            assert_eq!(requested_bytes, FIXTURE_AVAILABLE + 1);
+            assert_eq!(available_bytes, FIXTURE_AVAILABLE);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.allocations(None).is_empty(), "nothing half-allocated");
+    assert_eq!(pool_reserved(&s), 0);
+    s.validate().expect("valid");
+}
+
+#[test]
+fn reservations_take_budget_but_no_memory() {
+    let s = service_with(Some("cgroup-v1-limited"), 0);
+    let r = s.allocate(req(FIXTURE_AVAILABLE - 100 * MIB, Some(MemoryKind::Reservation))).expect("reserve");
+    assert_eq!(r.address, None);
+    assert_eq!(pool_reserved(&s), 0, "a reservation holds no memory");
+    assert_eq!(s.status(DeviceId::Cpu).expect("status").reservation_bytes, FIXTURE_AVAILABLE - 100 * MIB);
+    // 100 MiB of budget is left: 200 MiB does not fit, 50 MiB does.
+    match s.allocate(req(200 * MIB, None)) {
+        Err(ServiceError::InsufficientMemory { available_bytes, .. }) => assert_eq!(available_bytes, 100 * MIB),
+        other => panic!("{other:?}"),
+    }
+    let a = s.allocate(req(50 * MIB, None)).expect("fits the rest of the budget");
+    s.validate().expect("valid");
+    s.free(&r.id).expect("free the reservation");
+    assert_eq!(s.status(DeviceId::Cpu).expect("status").reservation_bytes, 0);
+    s.free(&a.id).expect("free");
+    s.validate().expect("valid");
+}
+
+#[test]
+fn headroom_is_kept_free() {
+    let s = service_with(Some("cgroup-v1-limited"), FIXTURE_AVAILABLE - 10 * MIB);
+    assert!(matches!(s.allocate(req(11 * MIB, Some(MemoryKind::Reservation))), Err(ServiceError::InsufficientMemory { .. })));
+    s.allocate(req(9 * MIB, Some(MemoryKind::Reservation))).expect("within headroom");
+}
+
+#[test]
+fn a_new_block_must_fit_what_the_os_has() {
+    // 100 MiB budget left; the request (1 MiB) fits, but it needs a new 8 MiB block: still fine.
+    // With only 4 MiB left the block does not fit and the 1 MiB request is refused.
+    let s = service_with(Some("cgroup-v1-limited"), FIXTURE_AVAILABLE - 4 * MIB);
+    match s.allocate(req(MIB, None)) {
+        Err(ServiceError::InsufficientMemory { detail, .. }) => assert!(detail.contains("new pool block"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(pool_reserved(&s), 0);
+}
+
+#[test]
+fn dedicated_blocks_go_back_at_once_shared_ones_on_clear() {
+    let s = service_with(None, 0);
+    let big = s.allocate(req(6 * MIB, None)).expect("dedicated");
+    assert_eq!(pool_reserved(&s), 6 * MIB);
+    s.free(&big.id).expect("free");
+    assert_eq!(pool_reserved(&s), 0, "dedicated block released on free");
+    let small = s.allocate(req(MIB, None)).expect("shared");
+    assert_eq!(pool_reserved(&s), 8 * MIB);
+    assert_eq!(s.clear(None).expect("clear")[0].cleared_bytes, 0, "a block in use stays");
+    s.free(&small.id).expect("free");
+    assert_eq!(pool_reserved(&s), 8 * MIB, "shared block cached after free");
+    let out = s.clear(Some(DeviceId::Cpu)).expect("clear");
+    assert_eq!(out, vec![ClearOutcome { device: DeviceId::Cpu, cleared_bytes: 8 * MIB, reserved_bytes_after: 0 }]);
+    s.validate().expect("valid");
+}
+
+#[test]
+fn concurrent_traffic_keeps_the_ledger_and_pools_consistent() {
+    let s = Arc::new(service_with(None, 0));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut live = Vec::new();
+                for i in 0..300u64 {
+                    let size = ((i * 7919 + t * 104729) % 300_000) + 1;
+                    let kind = if i % 5 == 0 { MemoryKind::Reservation } else { MemoryKind::Host };
+                    live.push(s.allocate(req(size, Some(kind))).expect("allocate").id);
+                    if i % 3 == 0 {
+                        let id = live.swap_remove((i as usize * 31) % live.len());
+                        s.free(&id).expect("free");
+                    }
+                }
+                live
+            })
+        })
+        .collect();
+    let live: Vec<String> = threads.into_iter().flat_map(|t| t.join().expect("thread")).collect();
+    s.validate().expect("consistent after concurrent traffic");
+    assert_eq!(s.allocations(None).len(), live.len());
+    for id in live {
+        s.free(&id).expect("free");
+    }
+    s.clear(None).expect("clear");
+    assert_eq!(pool_reserved(&s), 0);
+    s.validate().expect("valid");
+}

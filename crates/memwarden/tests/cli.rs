@@ -1,0 +1,185 @@
+//! The `memwarden` binary: `serve` as a real process, and the client commands against it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+struct Daemon {
+    child: Child,
+    url: String,
+}
+
+impl Daemon {
+    fn start(extra: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_memwarden"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn memwarden serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read announce line");
+        let url = line.trim().strip_prefix("memwarden listening on ").expect("announce line").to_string();
+        Daemon { child, url }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_memwarden")).arg("--url").arg(&self.url).args(args).output().expect("run cli")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).expect("json output")
+    }
+
+    fn rss(&self) -> u64 {
+        common::rss_bytes(self.child.id())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn status_table_and_json_agree_with_the_os() {
+    let d = Daemon::start(&[]);
+    let table = d.ok(&["status"]);
+    assert!(table.starts_with("DEVICE"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("cpu ") && l.contains("RAM")), "{table}");
+    let v = d.json(&["status", "cpu"]);
+    assert_eq!(v["deviceId"], "cpu");
+    assert!(v["totalMemory"].as_u64().expect("total") > 0);
+    // `free -b`, when installed, agrees within 1% (procps 4: available is column 6).
+    if v["source"] == "meminfo" {
+        if let Ok(out) = Command::new("free").arg("-b").output() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mem: Vec<u64> = text
+                .lines()
+                .find(|l| l.starts_with("Mem:"))
+                .expect("Mem:")
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            assert_eq!(v["totalMemory"].as_u64(), Some(mem[0]));
+            let avail = v["availableMemory"].as_u64().expect("available") as f64;
+            assert!((avail - mem[5] as f64).abs() / mem[0] as f64 <= 0.01, "available {avail} vs free {}", mem[5]);
+        }
+    }
+}
+
+#[test]
+fn alloc_list_free_clear_through_the_cli() {
+    let d = Daemon::start(&[]);
+    let out = d.ok(&["alloc", "cpu", "512KiB", "--purpose", "kv-cache", "--owner", "cli-test"]);
+    assert!(out.starts_with("allocated 512 KiB (524288) of host memory on cpu at 0x"), "{out}");
+    let id = out.lines().nth(1).expect("id line").trim().to_string();
+    let pinned = d.json(&["alloc", "cpu:0", "1MiB", "--kind", "pinned", "--alignment", "4096", "--immovable"]);
+    assert_eq!(pinned["memoryType"], "pinned");
+    assert_eq!(pinned["alignment"], 4096);
+    assert_eq!(pinned["movable"], false);
+    let reservation = d.json(&["alloc", "cpu", "2GiB", "--kind", "reservation"]);
+    assert!(reservation["address"].is_null());
+
+    let table = d.ok(&["allocations"]);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains(&id) && table.contains("kv-cache") && table.contains("cli-test"), "{table}");
+    assert!(table.trim_end().ends_with("3 allocation(s), 2.00 GiB"), "{table}");
+    let listed = d.json(&["allocations", "cpu"]);
+    assert_eq!(listed["count"], 3);
+
+    assert!(d.ok(&["free", &id]).starts_with(&format!("freed {id} (512 KiB) on cpu")));
+    d.ok(&["free", pinned["allocationId"].as_str().expect("id")]);
+    d.ok(&["free", reservation["allocationId"].as_str().expect("id")]);
+    let out = d.ok(&["clear"]);
+    assert!(out.starts_with("cpu: released 128 MiB to the OS; pools still hold 0 B"), "{out}");
+    assert_eq!(d.json(&["allocations"])["count"], 0);
+}
+
+#[test]
+fn failures_exit_non_zero_with_the_server_message() {
+    let d = Daemon::start(&[]);
+    let out = d.run(&["alloc", "cuda:0", "1MiB"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DEVICE_NOT_FOUND (404)") && err.contains("devices: cpu"), "{err}");
+    let out = d.run(&["free", "no-such-allocation"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ALLOCATION_NOT_FOUND"));
+    let out = d.run(&["alloc", "cpu", "12 parsecs"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
+    let out = d.run(&["alloc", "cpu", "1MiB", "--kind", "vram"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_ARGUMENT (400): memoryType"));
+    let out = d.run(&["alloc", "cpu", "1000000TiB"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INSUFFICIENT_MEMORY (507)"));
+    // No daemon at all: a clear message, non-zero exit.
+    let out = Command::new(env!("CARGO_BIN_EXE_memwarden"))
+        .args(["--url", "http://127.0.0.1:9", "status"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach memwarden"));
+}
+
+#[test]
+fn serve_refuses_bad_config() {
+    let dir = std::env::temp_dir().join(format!("memwarden-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "listen = \"0.0.0.0:0\"\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_memwarden")).args(["serve", "--config"]).arg(&bad).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth_token"));
+    std::fs::write(&bad, "[pool]\nblock_size = 5\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_memwarden")).args(["serve", "--config"]).arg(&bad).output().expect("run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The proof: 1 GiB of host memory raises the daemon's RSS by about 1 GiB; freeing and
+/// clearing brings it back. Also: shared blocks stay cached after free until `clear`.
+#[test]
+fn daemon_rss_follows_allocations() {
+    let d = Daemon::start(&[]);
+    let base = d.rss();
+    let a = d.json(&["alloc", "cpu", "1GiB", "--purpose", "rss-test"]);
+    let with = d.rss();
+    assert!(with >= base + GIB - 16 * MIB, "RSS {base} -> {with} after 1 GiB");
+    assert!(with <= base + GIB + 64 * MIB, "RSS {base} -> {with}: not much more than 1 GiB");
+    d.ok(&["free", a["allocationId"].as_str().expect("id")]);
+    d.ok(&["clear", "cpu"]);
+    let after = d.rss();
+    assert!(after <= base + 32 * MIB, "RSS back: {base} -> {with} -> {after}");
+
+    // Small allocations share a 64 MiB block, which stays cached after free until clear.
+    let ids: Vec<String> = (0..4)
+        .map(|_| d.json(&["alloc", "cpu", "8MiB"])["allocationId"].as_str().expect("id").to_string())
+        .collect();
+    let pooled = d.rss();
+    assert!(pooled >= after + 60 * MIB, "one 64 MiB block committed: {after} -> {pooled}");
+    for id in &ids {
+        d.ok(&["free", id]);
+    }
+    assert!(d.rss() >= after + 60 * MIB, "block cached after free");
+    let cleared = d.json(&["clear"]);
+    assert_eq!(cleared["clearedBytes"], 64 * MIB);
+    assert!(d.rss() <= after + 8 * MIB, "clear returned the block");
+}

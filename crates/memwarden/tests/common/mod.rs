@@ -1,0 +1,138 @@
+//! A daemon on a real loopback port, in-process, and a tiny JSON client for tests.
+#![allow(dead_code)]
+
+use memwarden::config::Config;
+use memwarden::service::Service;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub service: Arc<Service>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+impl TestServer {
+    pub fn start() -> Self {
+        Self::start_with(Config::default())
+    }
+
+    pub fn start_with(config: Config) -> Self {
+        let service = Arc::new(Service::from_config(&config));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let svc = service.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                memwarden::server::serve_on(listener, svc, &config, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("serve");
+            });
+        });
+        let addr = addr_rx.recv().expect("server address");
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        TestServer { addr, service, shutdown: Some(tx), thread: Some(thread), agent, token: None }
+    }
+
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends a request; returns the status and the parsed JSON body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.call_with(method, path, body, &[])
+    }
+
+    pub fn call_with(&self, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, Value) {
+        let url = self.url(path);
+        let mut hs: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if let Some(t) = &self.token {
+            hs.push(("authorization".into(), format!("Bearer {t}")));
+        }
+        let result = match method {
+            "GET" | "DELETE" => {
+                let mut r = if method == "GET" { self.agent.get(&url) } else { self.agent.delete(&url) };
+                for (k, v) in &hs {
+                    r = r.header(k, v);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = match method {
+                    "POST" => self.agent.post(&url),
+                    "PUT" => self.agent.put(&url),
+                    other => panic!("method {other}"),
+                };
+                for (k, v) in &hs {
+                    r = r.header(k, v);
+                }
+                match body {
+                    Some(b) => {
+                        if !hs.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+                            r = r.header("content-type", "application/json");
+                        }
+                        r.send(b)
+                    }
+                    None => r.send_empty(),
+                }
+            }
+        };
+        let mut resp = result.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().expect("body");
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+        (status, json)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Asserts the envelope of an error response: status, code, statusCode, and a message containing `needle`.
+pub fn assert_error(resp: &(u16, Value), status: u16, code: &str, needle: &str) {
+    let (s, v) = resp;
+    assert_eq!(*s, status, "status for {v}");
+    assert_eq!(v["success"], false, "{v}");
+    assert!(v["data"].is_null(), "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert_eq!(v["error"]["statusCode"], status, "{v}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains(needle), "message {message:?} lacks {needle:?}");
+    assert_envelope(v);
+}
+
+/// Every envelope has a timestamp (RFC 3339 UTC) and a correlation id.
+pub fn assert_envelope(v: &Value) {
+    let ts = v["timestamp"].as_str().expect("timestamp");
+    assert!(ts.ends_with('Z') && ts.contains('T'), "timestamp {ts}");
+    assert!(!v["correlationId"].as_str().expect("correlationId").is_empty());
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).expect("kB") * 1024
+}
