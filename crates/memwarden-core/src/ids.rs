@@ -25,9 +25,7 @@ impl FromStr for DeviceId {
         if lower == "cpu" {
             return Ok(DeviceId::Cpu);
         }
-        let (prefix, index) = lower
-            .split_once([':', '-', '_'])
-            .ok_or_else(err)?;
+        let (prefix, index) = lower.split_once([':', '-', '_']).ok_or_else(err)?;
         if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err());
         }
@@ -69,12 +67,8 @@ pub enum MemoryKind {
 }
 
 impl MemoryKind {
-    pub const ALL: [MemoryKind; 4] = [
-        MemoryKind::Device,
-        MemoryKind::Pinned,
-        MemoryKind::Host,
-        MemoryKind::Reservation,
-    ];
+    pub const ALL: [MemoryKind; 4] =
+        [MemoryKind::Device, MemoryKind::Pinned, MemoryKind::Host, MemoryKind::Reservation];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -100,10 +94,7 @@ impl FromStr for MemoryKind {
     type Err = MemoryKindError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.trim().to_ascii_lowercase();
-        MemoryKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == lower)
-            .ok_or_else(|| MemoryKindError(s.to_string()))
+        MemoryKind::ALL.into_iter().find(|k| k.as_str() == lower).ok_or_else(|| MemoryKindError(s.to_string()))
     }
 }
 

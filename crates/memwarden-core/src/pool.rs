@@ -21,11 +21,7 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig {
-            block_size_bytes: 64 << 20,
-            dedicated_threshold_bytes: 32 << 20,
-            max_alignment_bytes: 2 << 20,
-        }
+        PoolConfig { block_size_bytes: 64 << 20, dedicated_threshold_bytes: 32 << 20, max_alignment_bytes: 2 << 20 }
     }
 }
 
@@ -141,10 +137,7 @@ impl Pool {
             return Err(PoolError::AlignmentNotPowerOfTwo(align_bytes));
         }
         if align_bytes > self.config.max_alignment_bytes {
-            return Err(PoolError::AlignmentTooLarge {
-                requested: align_bytes,
-                max: self.config.max_alignment_bytes,
-            });
+            return Err(PoolError::AlignmentTooLarge { requested: align_bytes, max: self.config.max_alignment_bytes });
         }
         Ok(())
     }
@@ -173,19 +166,13 @@ impl Pool {
             BlockRequest { size_bytes: rounded, dedicated: true }
         } else {
             let needed = rounded.saturating_add(align_bytes.max(GRANULARITY_BYTES) - GRANULARITY_BYTES);
-            BlockRequest {
-                size_bytes: self.config.block_size_bytes.max(needed),
-                dedicated: false,
-            }
+            BlockRequest { size_bytes: self.config.block_size_bytes.max(needed), dedicated: false }
         }
     }
 
     /// Registers a block the caller created for a [`BlockRequest`].
     pub fn add_block(&mut self, request: BlockRequest) -> BlockId {
-        let block = PoolBlock {
-            tlsf: Tlsf::new(request.size_bytes),
-            dedicated: request.dedicated,
-        };
+        let block = PoolBlock { tlsf: Tlsf::new(request.size_bytes), dedicated: request.dedicated };
         self.reserved_bytes += block.tlsf.capacity_bytes();
         match self.free_slots.pop() {
             Some(slot) => {
@@ -221,11 +208,7 @@ impl Pool {
         let freed_bytes = b.tlsf.free(placement.handle).map_err(|_| PoolError::NotAllocated)?;
         self.allocated_bytes -= freed_bytes;
         self.allocation_count -= 1;
-        Ok(FreeOutcome {
-            freed_bytes,
-            block_empty: b.tlsf.is_empty(),
-            dedicated: b.dedicated,
-        })
+        Ok(FreeOutcome { freed_bytes, block_empty: b.tlsf.is_empty(), dedicated: b.dedicated })
     }
 
     /// Forgets an empty block; the caller then releases its memory. Returns its size.
@@ -246,10 +229,7 @@ impl Pool {
 
     /// Blocks that hold no allocation.
     pub fn empty_blocks(&self) -> Vec<BlockId> {
-        self.live_blocks()
-            .filter(|(_, b)| b.tlsf.is_empty())
-            .map(|(id, _)| id)
-            .collect()
+        self.live_blocks().filter(|(_, b)| b.tlsf.is_empty()).map(|(id, _)| id).collect()
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -316,10 +296,7 @@ impl Pool {
     }
 
     fn live_blocks(&self) -> impl Iterator<Item = (BlockId, &PoolBlock)> {
-        self.blocks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| b.as_ref().map(|b| (BlockId(i as u32), b)))
+        self.blocks.iter().enumerate().filter_map(|(i, b)| b.as_ref().map(|b| (BlockId(i as u32), b)))
     }
 }
 

@@ -248,8 +248,7 @@ impl Tlsf {
     /// Offset and size in bytes of a live allocation.
     pub fn range_of(&self, handle: TlsfHandle) -> Option<(u64, u64)> {
         let node = self.nodes.get(handle.0 as usize)?;
-        (node.state == NodeState::Used)
-            .then(|| (node.offset * GRANULARITY_BYTES, node.size * GRANULARITY_BYTES))
+        (node.state == NodeState::Used).then(|| (node.offset * GRANULARITY_BYTES, node.size * GRANULARITY_BYTES))
     }
 
     /// Every range of the block in address order, free and used.
@@ -360,15 +359,7 @@ impl Tlsf {
     }
 
     fn new_node(&mut self, offset: u64, size: u64, prev_phys: u32, next_phys: u32) -> u32 {
-        let node = Node {
-            offset,
-            size,
-            prev_phys,
-            next_phys,
-            prev_free: NIL,
-            next_free: NIL,
-            state: NodeState::Free,
-        };
+        let node = Node { offset, size, prev_phys, next_phys, prev_free: NIL, next_free: NIL, state: NodeState::Free };
         if let Some(n) = self.spare.pop() {
             self.nodes[n as usize] = node;
             n
@@ -407,10 +398,8 @@ impl Tlsf {
         }
         // 2. Room for the worst-case padding too: any node found fits (O(1)).
         if align > 1 {
-            if let Some(n) = size
-                .checked_add(align - 1)
-                .and_then(class_at_least)
-                .and_then(|(fl, sl)| self.find_free(fl, sl))
+            if let Some(n) =
+                size.checked_add(align - 1).and_then(class_at_least).and_then(|(fl, sl)| self.find_free(fl, sl))
             {
                 return Some(n);
             }

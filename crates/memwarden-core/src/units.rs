@@ -10,9 +10,7 @@ pub struct SizeError(pub String);
 pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let err = || SizeError(text.to_string());
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     let multiplier: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,

@@ -165,9 +165,7 @@ impl HostMapping {
 
     fn commit(self) -> Result<Self, SysError> {
         // SAFETY: the range is exactly this live mapping; madvise does not invalidate it.
-        let rc = unsafe {
-            libc::madvise(self.ptr.as_ptr() as *mut libc::c_void, self.len, MADV_POPULATE_WRITE)
-        };
+        let rc = unsafe { libc::madvise(self.ptr.as_ptr() as *mut libc::c_void, self.len, MADV_POPULATE_WRITE) };
         if rc == 0 {
             return Ok(self);
         }
@@ -200,17 +198,19 @@ impl HostMapping {
     fn check(&self, offset: u64, len: u64) -> Result<usize, SysError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len as u64 => Ok(offset as usize),
-            _ => Err(SysError::OutOfBounds {
-                offset_bytes: offset,
-                len_bytes: len,
-                mapping_bytes: self.len as u64,
-            }),
+            _ => Err(SysError::OutOfBounds { offset_bytes: offset, len_bytes: len, mapping_bytes: self.len as u64 }),
         }
     }
 
     /// Copies `len` bytes between two mappings (or within one; overlapping ranges are handled
     /// like `memmove`). Both ranges are bounds-checked first.
-    pub fn copy(src: &HostMapping, src_offset: u64, dst: &HostMapping, dst_offset: u64, len: u64) -> Result<(), SysError> {
+    pub fn copy(
+        src: &HostMapping,
+        src_offset: u64,
+        dst: &HostMapping,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<(), SysError> {
         let s = src.check(src_offset, len)?;
         let d = dst.check(dst_offset, len)?;
         // SAFETY: both ranges were checked to lie inside live mappings; ptr::copy allows overlap.
@@ -305,7 +305,12 @@ mod tests {
 
     #[test]
     fn lock_error_names_the_limit() {
-        let e = SysError::Lock { len_bytes: 1 << 20, errno: 12, message: "Cannot allocate memory".into(), limit_bytes: Some(8 << 20) };
+        let e = SysError::Lock {
+            len_bytes: 1 << 20,
+            errno: 12,
+            message: "Cannot allocate memory".into(),
+            limit_bytes: Some(8 << 20),
+        };
         let text = e.to_string();
         assert!(text.contains("RLIMIT_MEMLOCK is 8388608 bytes"), "{text}");
         assert!(text.contains("ulimit -l"), "{text}");

@@ -41,8 +41,9 @@ impl Client {
             ("POST", None) => with_auth(self.agent.post(&url), &auth).send_empty(),
             _ => return Err(CliError(format!("unsupported method {method}"))),
         };
-        let mut response =
-            result.map_err(|e| CliError(format!("cannot reach memwarden at {}: {e} (is `memwarden serve` running?)", self.base)))?;
+        let mut response = result.map_err(|e| {
+            CliError(format!("cannot reach memwarden at {}: {e} (is `memwarden serve` running?)", self.base))
+        })?;
         let status = response.status();
         let envelope: Value = response
             .body_mut()
@@ -131,7 +132,10 @@ pub fn status(client: &Client, device: Option<&str>, as_json: bool) -> Result<St
             ]
         })
         .collect();
-    Ok(table(&["DEVICE", "MEMORY", "TOTAL", "USED", "AVAILABLE", "UTIL", "POOL HELD", "POOL ALLOCATED", "SOURCE"], &rows))
+    Ok(table(
+        &["DEVICE", "MEMORY", "TOTAL", "USED", "AVAILABLE", "UTIL", "POOL HELD", "POOL ALLOCATED", "SOURCE"],
+        &rows,
+    ))
 }
 
 pub struct AllocArgs<'a> {
@@ -160,7 +164,8 @@ pub fn alloc(client: &Client, args: AllocArgs<'_>, as_json: bool) -> Result<Stri
     if let Some(a) = args.alignment {
         body["alignment"] = json!(parse_size(a).map_err(|e| CliError(format!("alignment: {e}")))?);
     }
-    let data = client.call("POST", &format!("/api/memory/allocations/allocate/{}", path_segment(args.device)), Some(body))?;
+    let data =
+        client.call("POST", &format!("/api/memory/allocations/allocate/{}", path_segment(args.device)), Some(body))?;
     if as_json {
         return Ok(pretty(&data));
     }
@@ -180,7 +185,12 @@ pub fn free(client: &Client, id: &str, as_json: bool) -> Result<String, CliError
     if as_json {
         return Ok(pretty(&data));
     }
-    Ok(format!("freed {} ({}) on {}\n", s(&data["allocationId"]), format_bytes(u(&data["freedBytes"])), s(&data["deviceId"])))
+    Ok(format!(
+        "freed {} ({}) on {}\n",
+        s(&data["allocationId"]),
+        format_bytes(u(&data["freedBytes"])),
+        s(&data["deviceId"])
+    ))
 }
 
 pub fn allocations(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {

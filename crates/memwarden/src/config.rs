@@ -97,7 +97,8 @@ impl Config {
         if self.pool.block_size_bytes < 1 << 20 {
             return Err(ConfigError::Invalid("pool.block_size_bytes must be at least 1 MiB".into()));
         }
-        if self.pool.dedicated_threshold_bytes == 0 || self.pool.dedicated_threshold_bytes > self.pool.block_size_bytes {
+        if self.pool.dedicated_threshold_bytes == 0 || self.pool.dedicated_threshold_bytes > self.pool.block_size_bytes
+        {
             return Err(ConfigError::Invalid(
                 "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
             ));

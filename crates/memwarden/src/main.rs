@@ -68,9 +68,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Serve { listen, config } = cli.command {
         tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-            )
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
             .with_writer(std::io::stderr)
             .init();
         let mut cfg = match config {

@@ -3,6 +3,7 @@
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::service::Service;
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -15,6 +16,12 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = AppState { service, auth_token: config.auth_token.as_deref().map(Arc::from) };
+    // Small request/response pairs: without TCP_NODELAY, Nagle delays the replies.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
@@ -49,9 +56,8 @@ pub fn run(config: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let listener =
+            TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let service = Arc::new(Service::from_config(&config));
         for b in service.backends() {
@@ -66,7 +72,11 @@ pub fn run(config: Config) -> Result<(), String> {
         serve_on(listener, service.clone(), &config, shutdown_signal()).await.map_err(|e| e.to_string())?;
         let live = service.allocations(None);
         if !live.is_empty() {
-            tracing::warn!(count = live.len(), bytes = live.iter().map(|r| r.size_bytes).sum::<u64>(), "exiting with live allocations; their memory is released");
+            tracing::warn!(
+                count = live.len(),
+                bytes = live.iter().map(|r| r.size_bytes).sum::<u64>(),
+                "exiting with live allocations; their memory is released"
+            );
         }
         Ok(())
     })

@@ -145,11 +145,13 @@ fn serve_refuses_bad_config() {
     std::fs::create_dir_all(&dir).expect("dir");
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "listen = \"0.0.0.0:0\"\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_memwarden")).args(["serve", "--config"]).arg(&bad).output().expect("run");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_memwarden")).args(["serve", "--config"]).arg(&bad).output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth_token"));
     std::fs::write(&bad, "[pool]\nblock_size = 5\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_memwarden")).args(["serve", "--config"]).arg(&bad).output().expect("run");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_memwarden")).args(["serve", "--config"]).arg(&bad).output().expect("run");
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -170,9 +172,8 @@ fn daemon_rss_follows_allocations() {
     assert!(after <= base + 32 * MIB, "RSS back: {base} -> {with} -> {after}");
 
     // Small allocations share a 64 MiB block, which stays cached after free until clear.
-    let ids: Vec<String> = (0..4)
-        .map(|_| d.json(&["alloc", "cpu", "8MiB"])["allocationId"].as_str().expect("id").to_string())
-        .collect();
+    let ids: Vec<String> =
+        (0..4).map(|_| d.json(&["alloc", "cpu", "8MiB"])["allocationId"].as_str().expect("id").to_string()).collect();
     let pooled = d.rss();
     assert!(pooled >= after + 60 * MIB, "one 64 MiB block committed: {after} -> {pooled}");
     for id in &ids {

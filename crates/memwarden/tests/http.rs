@@ -65,7 +65,11 @@ fn status_reports_real_host_memory() {
     if cpu["source"] == "meminfo" {
         let mi = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
         let kb = |key: &str| -> u64 {
-            mi.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|x| x.parse().ok()).expect(key)
+            mi.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|x| x.parse().ok())
+                .expect(key)
         };
         assert_eq!(total, kb("MemTotal:") * 1024);
         assert!((available as f64 - (kb("MemAvailable:") * 1024) as f64).abs() / (total as f64) < 0.01);
@@ -145,7 +149,12 @@ fn allocate_get_list_free_round_trip() {
     assert_eq!(freed["data"]["freedBytes"], 1024);
     assert_error(&s.call("DELETE", &format!("/api/memory/allocations/{id}"), None), 404, "ALLOCATION_NOT_FOUND", &id);
     assert_error(&s.call("GET", &format!("/api/memory/allocation/{id}"), None), 404, "ALLOCATION_NOT_FOUND", &id);
-    assert_error(&s.call("DELETE", "/api/memory/allocations/not-an-id", None), 404, "ALLOCATION_NOT_FOUND", "not-an-id");
+    assert_error(
+        &s.call("DELETE", "/api/memory/allocations/not-an-id", None),
+        404,
+        "ALLOCATION_NOT_FOUND",
+        "not-an-id",
+    );
     assert_eq!(live_count(&s), 2);
     s.service.validate().expect("ledger matches pools");
 }
@@ -172,7 +181,12 @@ fn bad_inputs_get_the_envelope_and_change_nothing() {
         (r#"{"sizeBytes": 10"#, 400, "INVALID_ARGUMENT", "not valid JSON"),
         (r#"not json at all"#, 400, "INVALID_ARGUMENT", "not valid JSON"),
         (r#"[1, 2]"#, 400, "INVALID_ARGUMENT", "invalid request body"),
-        (r#"{"sizeBytes": 9000000000000000000}"#, 507, "INSUFFICIENT_MEMORY", "requested 9000000000000000000 bytes, available"),
+        (
+            r#"{"sizeBytes": 9000000000000000000}"#,
+            507,
+            "INSUFFICIENT_MEMORY",
+            "requested 9000000000000000000 bytes, available",
+        ),
     ];
     for (body, status, code, needle) in cases {
         let resp = s.call("POST", path, Some(body));
@@ -192,8 +206,18 @@ fn bad_inputs_get_the_envelope_and_change_nothing() {
         "INVALID_ARGUMENT",
         "Content-Type",
     );
-    assert_error(&s.call("POST", "/api/memory/allocations/allocate", Some(r#"{"sizeBytes": 10}"#)), 400, "INVALID_ARGUMENT", "deviceId");
-    assert_error(&s.call("POST", "/api/memory/allocations/allocate/nowhere", Some(r#"{"sizeBytes": 10}"#)), 404, "DEVICE_NOT_FOUND", "cpu");
+    assert_error(
+        &s.call("POST", "/api/memory/allocations/allocate", Some(r#"{"sizeBytes": 10}"#)),
+        400,
+        "INVALID_ARGUMENT",
+        "deviceId",
+    );
+    assert_error(
+        &s.call("POST", "/api/memory/allocations/allocate/nowhere", Some(r#"{"sizeBytes": 10}"#)),
+        404,
+        "DEVICE_NOT_FOUND",
+        "cpu",
+    );
     // Nothing was allocated by any of them and the daemon still serves.
     let (_, list) = s.call("GET", "/api/memory/allocations", None);
     assert_eq!(list["data"]["count"], 1);

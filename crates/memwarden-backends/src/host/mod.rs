@@ -174,7 +174,12 @@ mod tests {
     fn lock_errors_become_insufficient_memory_with_the_limit() {
         let b = HostBackend::new(HostStatusReader::default());
         let e = sys_error(
-            SysError::Lock { len_bytes: 4096, errno: 1, message: "Operation not permitted".into(), limit_bytes: Some(65536) },
+            SysError::Lock {
+                len_bytes: 4096,
+                errno: 1,
+                message: "Operation not permitted".into(),
+                limit_bytes: Some(65536),
+            },
             &b,
             MemoryKind::Pinned,
         );

@@ -40,9 +40,7 @@ pub fn parse_meminfo(text: &str) -> io::Result<Meminfo> {
     let free_bytes = get("MemFree").unwrap_or(0);
     let buffers_bytes = get("Buffers").unwrap_or(0);
     let cached_bytes = get("Cached").unwrap_or(0);
-    let available_bytes = get("MemAvailable")
-        .unwrap_or(free_bytes + buffers_bytes + cached_bytes)
-        .min(total_bytes);
+    let available_bytes = get("MemAvailable").unwrap_or(free_bytes + buffers_bytes + cached_bytes).min(total_bytes);
     Ok(Meminfo { total_bytes, free_bytes, available_bytes, buffers_bytes, cached_bytes })
 }
 

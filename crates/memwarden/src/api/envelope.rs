@@ -138,7 +138,9 @@ fn json_rejection(r: JsonRejection) -> ApiError {
             format!("invalid request body: {detail}")
         }
         JsonRejection::JsonSyntaxError(_) => format!("request body is not valid JSON: {}", r.body_text()),
-        JsonRejection::MissingJsonContentType(_) => "request body must be JSON with Content-Type: application/json".into(),
+        JsonRejection::MissingJsonContentType(_) => {
+            "request body must be JSON with Content-Type: application/json".into()
+        }
         _ => format!("invalid request body: {}", r.body_text()),
     };
     ApiError::invalid(message)

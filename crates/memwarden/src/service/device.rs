@@ -28,11 +28,23 @@ pub(crate) struct Sample {
     pub taken_at: OffsetDateTime,
 }
 
-/// Why a request does not fit the budget.
-pub(crate) struct OverBudget {
-    pub requested_bytes: u64,
-    pub available_bytes: u64,
-    pub detail: String,
+/// Why an allocation did not happen; in every case nothing was changed.
+pub(crate) enum AllocFailure {
+    Backend(BackendError),
+    /// The request does not fit the budget.
+    OverBudget {
+        requested_bytes: u64,
+        available_bytes: u64,
+        detail: String,
+    },
+    /// It needs a new block and the caller asked not to wait for one.
+    WouldBlock,
+}
+
+impl From<BackendError> for AllocFailure {
+    fn from(e: BackendError) -> Self {
+        AllocFailure::Backend(e)
+    }
 }
 
 impl Device {
@@ -40,7 +52,13 @@ impl Device {
         let pools = backend.kinds().iter().map(|&k| MemoryPool::new(backend.clone(), k, pool)).collect();
         Device {
             backend,
-            state: std::sync::Mutex::new(DeviceState { pools, reservation_bytes: 0, sample: None, headroom_bytes, max_age }),
+            state: std::sync::Mutex::new(DeviceState {
+                pools,
+                reservation_bytes: 0,
+                sample: None,
+                headroom_bytes,
+                max_age,
+            }),
         }
     }
 }
@@ -59,7 +77,11 @@ impl DeviceState {
         match &self.sample {
             Some(s) if s.taken.elapsed() <= max_age => Ok(s.clone()),
             _ => {
-                let s = Sample { reading: backend.read_status()?, taken: Instant::now(), taken_at: OffsetDateTime::now_utc() };
+                let s = Sample {
+                    reading: backend.read_status()?,
+                    taken: Instant::now(),
+                    taken_at: OffsetDateTime::now_utc(),
+                };
                 self.sample = Some(s.clone());
                 Ok(s)
             }
@@ -96,7 +118,8 @@ impl DeviceState {
     /// (pinned: RLIMIT_MEMLOCK) no more than that limit leaves.
     fn budget_bytes(&self, backend: &dyn Backend, reading: &MemoryReading, kind: MemoryKind) -> u64 {
         let pooled = self.pool_totals().free_in_pool_bytes;
-        let mut budget = (reading.available_bytes + pooled).saturating_sub(self.reservation_bytes + self.headroom_bytes);
+        let mut budget =
+            (reading.available_bytes + pooled).saturating_sub(self.reservation_bytes + self.headroom_bytes);
         if let Some(limit) = backend.kind_limit_bytes(kind) {
             let held = self.pool(kind).map(|p| p.stats().reserved_bytes).unwrap_or(0);
             budget = budget.min(limit.saturating_sub(held));
@@ -112,76 +135,80 @@ impl DeviceState {
         kind: MemoryKind,
         size_bytes: u64,
         new_block_bytes: u64,
-    ) -> Result<Result<(), OverBudget>, BackendError> {
+    ) -> Result<(), AllocFailure> {
         let age = if new_block_bytes > 0 { Duration::ZERO } else { self.max_age };
         let reading = self.sample(backend, age)?.reading;
         let budget = self.budget_bytes(backend, &reading, kind);
         if size_bytes > budget {
-            return Ok(Err(OverBudget {
+            return Err(AllocFailure::OverBudget {
                 requested_bytes: size_bytes,
                 available_bytes: budget,
                 detail: format!("{} budget for {kind} memory", backend.info().device_id),
-            }));
+            });
         }
         if new_block_bytes > 0 {
             // The block must come out of memory the OS or driver has, not out of cached pools.
-            let fresh = reading.available_bytes.saturating_sub(self.reservation_bytes + self.headroom_bytes);
-            let fresh = match backend.kind_limit_bytes(kind) {
-                Some(limit) => fresh.min(limit.saturating_sub(self.pool(kind).map(|p| p.stats().reserved_bytes).unwrap_or(0))),
-                None => fresh,
-            };
+            let mut fresh = reading.available_bytes.saturating_sub(self.reservation_bytes + self.headroom_bytes);
+            if let Some(limit) = backend.kind_limit_bytes(kind) {
+                let held = self.pool(kind).map(|p| p.stats().reserved_bytes).unwrap_or(0);
+                fresh = fresh.min(limit.saturating_sub(held));
+            }
             if new_block_bytes > fresh {
-                return Ok(Err(OverBudget {
+                return Err(AllocFailure::OverBudget {
                     requested_bytes: size_bytes,
                     available_bytes: fresh,
                     detail: format!("a new pool block of {new_block_bytes} bytes is needed and does not fit"),
-                }));
+                });
             }
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// Takes budget for a reservation.
-    pub fn reserve(&mut self, backend: &dyn Backend, size_bytes: u64) -> Result<Result<(), OverBudget>, BackendError> {
-        let verdict = self.admit(backend, MemoryKind::Reservation, size_bytes, 0)?;
-        if verdict.is_ok() {
-            self.reservation_bytes += size_bytes;
-        }
-        Ok(verdict)
+    pub fn reserve(&mut self, backend: &dyn Backend, size_bytes: u64) -> Result<(), AllocFailure> {
+        self.admit(backend, MemoryKind::Reservation, size_bytes, 0)?;
+        self.reservation_bytes += size_bytes;
+        Ok(())
     }
 
     /// Allocates from the pool of `kind` after the budget check; nothing is changed on failure.
+    /// With `may_block` false, a request that needs a new block (an OS or driver call that can
+    /// take milliseconds) fails with `WouldBlock` instead.
     pub fn allocate(
         &mut self,
         backend: &dyn Backend,
         kind: MemoryKind,
         size_bytes: u64,
         align_bytes: u64,
-    ) -> Result<Result<PoolAllocation, OverBudget>, BackendError> {
-        let pool = self.pool(kind).ok_or(BackendError::UnsupportedKind { device: backend.info().device_id, kind })?;
+        may_block: bool,
+    ) -> Result<PoolAllocation, AllocFailure> {
+        let unsupported = || BackendError::UnsupportedKind { device: backend.info().device_id, kind };
+        let pool = self.pool_mut(kind).ok_or_else(unsupported)?;
         pool.check_request(size_bytes, align_bytes)?;
         // Try the cached blocks first; a hit costs no new memory.
-        let pool = self.pool_mut(kind).ok_or(BackendError::UnsupportedKind { device: backend.info().device_id, kind })?;
         if let Some(hit) = pool.try_allocate_cached(size_bytes, align_bytes) {
-            if let Err(over) = self.admit(backend, kind, size_bytes, 0)? {
-                if let Some(pool) = self.pool_mut(kind) {
-                    pool.free(&hit.placement)?;
-                }
-                return Ok(Err(over));
+            if let Err(over) = self.admit(backend, kind, size_bytes, 0) {
+                self.pool_mut(kind).ok_or_else(unsupported)?.free(&hit.placement)?;
+                return Err(over);
             }
-            return Ok(Ok(hit));
+            return Ok(hit);
+        }
+        if !may_block {
+            return Err(AllocFailure::WouldBlock);
         }
         let new_block = self.pool(kind).map(|p| p.new_block_bytes(size_bytes, align_bytes)).unwrap_or(0);
-        if let Err(over) = self.admit(backend, kind, size_bytes, new_block)? {
-            return Ok(Err(over));
-        }
-        let pool = self.pool_mut(kind).ok_or(BackendError::UnsupportedKind { device: backend.info().device_id, kind })?;
-        let allocation = pool.allocate(size_bytes, align_bytes);
+        self.admit(backend, kind, size_bytes, new_block)?;
+        let allocation = self.pool_mut(kind).ok_or_else(unsupported)?.allocate(size_bytes, align_bytes);
         self.invalidate_sample();
-        allocation.map(Ok)
+        Ok(allocation?)
     }
 
-    pub fn free(&mut self, kind: MemoryKind, placement: Option<&Placement>, size_bytes: u64) -> Result<(), BackendError> {
+    pub fn free(
+        &mut self,
+        kind: MemoryKind,
+        placement: Option<&Placement>,
+        size_bytes: u64,
+    ) -> Result<(), BackendError> {
         match (kind, placement) {
             (MemoryKind::Reservation, _) => {
                 self.reservation_bytes -= size_bytes.min(self.reservation_bytes);

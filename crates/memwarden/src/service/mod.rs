@@ -3,7 +3,7 @@
 
 mod device;
 
-use device::Device;
+use device::{AllocFailure, Device};
 use memwarden_backends::{Backend, BackendError, HostBackend, HostStatusReader};
 use memwarden_core::{DeviceId, MemoryKind, Placement, PoolConfig, PoolStats};
 use std::collections::HashMap;
@@ -139,6 +139,7 @@ pub struct Service {
     devices: Vec<(DeviceId, Device)>,
     ledger: Mutex<HashMap<String, AllocationRecord>>,
     backends: Vec<BackendHealth>,
+    pool_config: PoolConfig,
     started_at: OffsetDateTime,
 }
 
@@ -172,7 +173,12 @@ impl Service {
         service
     }
 
-    pub fn with_backends(backends: Vec<Arc<dyn Backend>>, pool: PoolConfig, headroom_bytes: u64, max_age: Duration) -> Self {
+    pub fn with_backends(
+        backends: Vec<Arc<dyn Backend>>,
+        pool: PoolConfig,
+        headroom_bytes: u64,
+        max_age: Duration,
+    ) -> Self {
         let health = vec![BackendHealth {
             name: "host",
             available: true,
@@ -186,6 +192,7 @@ impl Service {
                 .collect(),
             ledger: Mutex::new(HashMap::new()),
             backends: health,
+            pool_config: pool,
             started_at: OffsetDateTime::now_utc(),
         }
     }
@@ -249,7 +256,23 @@ impl Service {
         self.devices.iter().map(|(id, _)| self.status(*id)).collect()
     }
 
+    /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
     pub fn allocate(&self, req: AllocateRequest) -> Result<AllocationRecord, ServiceError> {
+        let device = req.device.clone();
+        self.allocate_inner(req, true)?.ok_or_else(|| ServiceError::BackendFailed {
+            device,
+            message: "allocation deferred although blocking was allowed".into(),
+        })
+    }
+
+    /// Allocates only if no OS or driver call is needed (a pool hit or a reservation):
+    /// `Ok(None)` when it would need a new block. Lets async callers skip a thread hand-off
+    /// on the microsecond path.
+    pub fn try_allocate_now(&self, req: AllocateRequest) -> Result<Option<AllocationRecord>, ServiceError> {
+        self.allocate_inner(req, false)
+    }
+
+    fn allocate_inner(&self, req: AllocateRequest, may_block: bool) -> Result<Option<AllocationRecord>, ServiceError> {
         let id = self.resolve(&req.device)?;
         if req.size_bytes == 0 {
             return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
@@ -262,7 +285,11 @@ impl Service {
         if req.alignment_bytes > backend.max_alignment_bytes() {
             return Err(ServiceError::invalid(
                 "alignment",
-                format!("{} exceeds the largest alignment {} supports ({})", req.alignment_bytes, id, backend.max_alignment_bytes()),
+                format!(
+                    "{} exceeds the largest alignment {id} supports ({})",
+                    req.alignment_bytes,
+                    backend.max_alignment_bytes()
+                ),
             ));
         }
         let kind = req.kind.unwrap_or(id.default_kind());
@@ -273,23 +300,26 @@ impl Service {
                 format!("{id} does not provide {kind} memory (it offers {})", offered.join(", ")),
             ));
         }
-        let over = |o: device::OverBudget| ServiceError::InsufficientMemory {
-            device: id.to_string(),
-            requested_bytes: o.requested_bytes,
-            available_bytes: o.available_bytes,
-            detail: o.detail,
-        };
-        let (allocated_bytes, address, placement) = {
+        let outcome = {
             let mut st = lock(&dev.state);
             if kind == MemoryKind::Reservation {
-                st.reserve(backend, req.size_bytes).map_err(|e| ServiceError::from_backend(id, e))?.map_err(over)?;
-                (req.size_bytes, None, None)
+                st.reserve(backend, req.size_bytes).map(|()| (req.size_bytes, None, None))
             } else {
-                let a = st
-                    .allocate(backend, kind, req.size_bytes, req.alignment_bytes)
-                    .map_err(|e| ServiceError::from_backend(id, e))?
-                    .map_err(over)?;
-                (a.placement.size_bytes, Some(a.address), Some(a.placement))
+                st.allocate(backend, kind, req.size_bytes, req.alignment_bytes, may_block)
+                    .map(|a| (a.placement.size_bytes, Some(a.address), Some(a.placement)))
+            }
+        };
+        let (allocated_bytes, address, placement) = match outcome {
+            Ok(placed) => placed,
+            Err(AllocFailure::WouldBlock) => return Ok(None),
+            Err(AllocFailure::Backend(e)) => return Err(ServiceError::from_backend(id, e)),
+            Err(AllocFailure::OverBudget { requested_bytes, available_bytes, detail }) => {
+                return Err(ServiceError::InsufficientMemory {
+                    device: id.to_string(),
+                    requested_bytes,
+                    available_bytes,
+                    detail,
+                })
             }
         };
         let record = AllocationRecord {
@@ -309,7 +339,15 @@ impl Service {
             allocated_at: OffsetDateTime::now_utc(),
         };
         lock(&self.ledger).insert(record.id.clone(), record.clone());
-        Ok(record)
+        Ok(Some(record))
+    }
+
+    /// True when freeing this allocation returns no memory to the OS or driver (it stays in a
+    /// shared block, or is a reservation), so it takes microseconds.
+    pub fn free_is_quick(&self, allocation_id: &str) -> bool {
+        lock(&self.ledger).get(allocation_id).is_none_or(|r| {
+            r.kind == MemoryKind::Reservation || r.allocated_bytes < self.pool_config.dedicated_threshold_bytes
+        })
     }
 
     /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.

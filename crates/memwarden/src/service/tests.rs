@@ -138,7 +138,10 @@ fn reservations_take_budget_but_no_memory() {
 #[test]
 fn headroom_is_kept_free() {
     let s = service_with(Some("cgroup-v1-limited"), FIXTURE_AVAILABLE - 10 * MIB);
-    assert!(matches!(s.allocate(req(11 * MIB, Some(MemoryKind::Reservation))), Err(ServiceError::InsufficientMemory { .. })));
+    assert!(matches!(
+        s.allocate(req(11 * MIB, Some(MemoryKind::Reservation))),
+        Err(ServiceError::InsufficientMemory { .. })
+    ));
     s.allocate(req(9 * MIB, Some(MemoryKind::Reservation))).expect("within headroom");
 }
 
@@ -200,5 +203,23 @@ fn concurrent_traffic_keeps_the_ledger_and_pools_consistent() {
     }
     s.clear(None).expect("clear");
     assert_eq!(pool_reserved(&s), 0);
+    s.validate().expect("valid");
+}
+
+#[test]
+fn the_nonblocking_path_defers_only_when_a_block_is_needed() {
+    let s = service_with(None, 0);
+    assert_eq!(s.try_allocate_now(req(MIB, None)), Ok(None), "empty pool: a block is needed");
+    assert_eq!(pool_reserved(&s), 0, "deferring changed nothing");
+    assert!(s.allocations(None).is_empty());
+    let warm = s.allocate(req(MIB, None)).expect("allocate");
+    let hit = s.try_allocate_now(req(MIB, None)).expect("ok").expect("pool hit is served now");
+    assert!(s.try_allocate_now(req(MIB, Some(MemoryKind::Reservation))).expect("ok").is_some(), "reservations never block");
+    assert!(s.free_is_quick(&hit.id), "a shared-block free releases nothing");
+    let big = s.allocate(req(5 * MIB, None)).expect("dedicated");
+    assert!(!s.free_is_quick(&big.id), "a dedicated free unmaps");
+    for id in [warm.id, hit.id, big.id] {
+        s.free(&id).expect("free");
+    }
     s.validate().expect("valid");
 }
