@@ -27,7 +27,7 @@ fn tlsf_pair(c: &mut Criterion) {
             i += 1;
         })
     });
-    c.bench_function("tlsf 64 allocations then 64 frees (per pair)", |b| {
+    c.bench_function("tlsf 64 allocations then 64 frees (whole batch)", |b| {
         b.iter_batched_ref(
             || Vec::with_capacity(64),
             |hs| {
