@@ -12,6 +12,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Bearer token required on `/api/` routes. Required when `listen` is not a loopback address.
     pub auth_token: Option<String>,
+    /// Threads serving the API; 0 means one per CPU. Handlers take microseconds, so a few
+    /// threads suffice, and fewer threads mean fewer cross-CPU wake-ups per request.
+    pub worker_threads: usize,
     pub pool: PoolSection,
     pub host: HostSection,
 }
@@ -44,6 +47,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             auth_token: None,
+            worker_threads: 2,
             pool: PoolSection::default(),
             host: HostSection::default(),
         }

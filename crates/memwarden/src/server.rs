@@ -51,7 +51,11 @@ pub async fn shutdown_signal() {
 /// `memwarden serve`: bind the configured address, announce it on stdout, serve until a signal.
 pub fn run(config: Config) -> Result<(), String> {
     config.validate().map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        builder.worker_threads(config.worker_threads);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
