@@ -55,10 +55,7 @@ pub fn run(config: Config) -> Result<(), String> {
     if config.worker_threads > 0 {
         builder.worker_threads(config.worker_threads);
     }
-    let runtime = builder
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let runtime = builder.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async move {
         let listener =
             TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

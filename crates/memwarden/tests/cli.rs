@@ -6,6 +6,14 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 
 const GIB: u64 = 1 << 30;
+
+/// Tests that compare the machine's memory with `free -b` must not run while another test
+/// commits a GiB.
+static MACHINE_MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn machine_memory() -> std::sync::MutexGuard<'static, ()> {
+    MACHINE_MEMORY.lock().unwrap_or_else(|e| e.into_inner())
+}
 const MIB: u64 = 1 << 20;
 
 struct Daemon {
@@ -59,6 +67,7 @@ impl Drop for Daemon {
 
 #[test]
 fn status_table_and_json_agree_with_the_os() {
+    let _quiet = machine_memory();
     let d = Daemon::start(&[]);
     let table = d.ok(&["status"]);
     assert!(table.starts_with("DEVICE"), "{table}");
@@ -160,6 +169,7 @@ fn serve_refuses_bad_config() {
 /// clearing brings it back. Also: shared blocks stay cached after free until `clear`.
 #[test]
 fn daemon_rss_follows_allocations() {
+    let _quiet = machine_memory();
     let d = Daemon::start(&[]);
     let base = d.rss();
     let a = d.json(&["alloc", "cpu", "1GiB", "--purpose", "rss-test"]);

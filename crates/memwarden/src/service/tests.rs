@@ -214,7 +214,10 @@ fn the_nonblocking_path_defers_only_when_a_block_is_needed() {
     assert!(s.allocations(None).is_empty());
     let warm = s.allocate(req(MIB, None)).expect("allocate");
     let hit = s.try_allocate_now(req(MIB, None)).expect("ok").expect("pool hit is served now");
-    assert!(s.try_allocate_now(req(MIB, Some(MemoryKind::Reservation))).expect("ok").is_some(), "reservations never block");
+    assert!(
+        s.try_allocate_now(req(MIB, Some(MemoryKind::Reservation))).expect("ok").is_some(),
+        "reservations never block"
+    );
     assert!(s.free_is_quick(&hit.id), "a shared-block free releases nothing");
     let big = s.allocate(req(5 * MIB, None)).expect("dedicated");
     assert!(!s.free_is_quick(&big.id), "a dedicated free unmaps");
