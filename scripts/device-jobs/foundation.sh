@@ -26,15 +26,21 @@ s.close(); p.join(); ts.sort()
 print(f"loopback echo round trip p50 {ts[10000]*1e6:.1f} us")
 PY
   echo "== memwarden"
-  bin/memwarden serve --listen 127.0.0.1:0 > /tmp/mw.out 2>/tmp/mw.err &
-  pid=$!
-  for _ in $(seq 50); do grep -q listening /tmp/mw.out && break; sleep 0.1; done
-  url=$(sed -n 's/^memwarden listening on //p' /tmp/mw.out)
-  bin/memwarden --url "$url" status
-  bin/memwarden --url "$url" --json status cpu
-  free -b
-  bin/http_load "$url" 20000 1 65536
-  bin/http_load "$url" 20000 1 65536
-  bin/http_load "$url" 20000 4 65536
-  kill $pid
+  for workers in 2 1 0; do
+    printf 'worker_threads = %s\n' "$workers" > /tmp/mw.toml
+    bin/memwarden serve --listen 127.0.0.1:0 --config /tmp/mw.toml > /tmp/mw.out 2>/tmp/mw.err &
+    pid=$!
+    for _ in $(seq 50); do grep -q listening /tmp/mw.out && break; sleep 0.1; done
+    url=$(sed -n 's/^memwarden listening on //p' /tmp/mw.out)
+    if [ "$workers" = 2 ]; then
+      bin/memwarden --url "$url" status
+      bin/memwarden --url "$url" --json status cpu
+      free -b
+    fi
+    echo "-- worker_threads = $workers"
+    bin/http_load "$url" 20000 1 65536
+    bin/http_load "$url" 20000 1 65536
+    bin/http_load "$url" 20000 4 65536
+    kill $pid; wait $pid 2>/dev/null
+  done
 } 2>&1 | tee "$OUT/foundation.txt"

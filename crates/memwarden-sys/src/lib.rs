@@ -222,9 +222,8 @@ impl HostMapping {
     /// Writes `data` at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), SysError> {
         let o = self.check(offset, data.len() as u64)?;
-        // SAFETY: the range was bounds-checked; `data` cannot alias a mapping we own exclusively
-        // here only if the caller passed a slice of this very mapping, which safe code cannot
-        // obtain (no method returns a slice into the mapping).
+        // SAFETY: the range was bounds-checked. `data` cannot overlap it: no method of this type
+        // hands out a slice into the mapping, so safe code cannot hold one.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(o), data.len()) };
         Ok(())
     }
