@@ -1,6 +1,8 @@
 use memwarden_core::{DeviceId, MemoryKind};
 use std::any::Any;
 use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A device's identity, fixed for the daemon's lifetime.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +13,45 @@ pub struct DeviceInfo {
     pub name: String,
     /// `RAM`, `VRAM`.
     pub memory_type: &'static str,
+    /// GPU details (None for the host).
+    pub gpu: Option<GpuInfo>,
+}
+
+/// What is fixed about a GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// `GPU-xxxxxxxx-…`, as nvidia-smi prints it.
+    pub uuid: String,
+    pub pci_bus_id: String,
+    /// `9.0` for Hopper.
+    pub compute_capability: String,
+    /// Peak memory bandwidth from NVML: bus width × memory clock × 2 (DDR), bytes/s.
+    pub memory_bandwidth_bytes_per_s: Option<u64>,
+}
+
+/// GPU memory one process holds, from NVML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessMemory {
+    pub pid: u32,
+    pub name: String,
+    /// None when the driver does not report it.
+    pub used_bytes: Option<u64>,
+}
+
+/// Where a block's bytes live, for choosing how to copy them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    Host,
+    Cuda(u32),
+}
+
+/// What another process needs to map a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockExport {
+    /// A file under /dev/shm (mode 0600) holding the block from offset 0.
+    Shm { path: PathBuf },
+    /// A CUDA IPC handle of the block's base allocation on GPU `ordinal`.
+    CudaIpc { ordinal: u32, handle: [u8; 64] },
 }
 
 /// Memory of a device as the OS or driver reports it right now.
@@ -21,6 +62,10 @@ pub struct MemoryReading {
     pub used_bytes: u64,
     /// Where the numbers came from, e.g. `meminfo`, `cgroup-v1:/docker/abc`, `cgroup-v2:/x.slice`.
     pub source: String,
+    /// Memory the driver reserves for itself (NVML), when known.
+    pub reserved_bytes: Option<u64>,
+    /// Per-process memory on a GPU (NVML); empty for the host.
+    pub processes: Vec<ProcessMemory>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,8 +90,18 @@ pub trait BlockMemory: Send + Sync + Debug {
     fn address(&self) -> u64;
     fn size_bytes(&self) -> u64;
     fn kind(&self) -> MemoryKind;
+    fn location(&self) -> Location;
     fn as_any(&self) -> &dyn Any;
+
+    /// What another process needs to map this block; an error says why it cannot be shared.
+    fn export(&self) -> Result<BlockExport, BackendError> {
+        Err(BackendError::InvalidArgument(format!("{} blocks of this backend cannot be shared", self.kind())))
+    }
 }
+
+/// A block shared between its pool and any copy in flight: the memory is released when the
+/// last holder lets go.
+pub type SharedBlock = Arc<dyn BlockMemory>;
 
 /// A memory backend: one device. Implementations only read status and create, destroy and copy
 /// blocks; pooling lives in [`crate::MemoryPool`].
@@ -72,8 +127,9 @@ pub trait Backend: Send + Sync {
     /// Creates a block of at least `size_bytes` of real, committed memory.
     fn create_block(&self, kind: MemoryKind, size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError>;
 
-    /// Releases a block. The default drops it, which releases the memory.
-    fn destroy_block(&self, block: Box<dyn BlockMemory>) -> Result<(), BackendError> {
+    /// Releases a block. The default drops it, which releases the memory once no copy in
+    /// flight holds it.
+    fn destroy_block(&self, block: SharedBlock) -> Result<(), BackendError> {
         drop(block);
         Ok(())
     }

@@ -43,7 +43,7 @@ fn blocks_hold_data(backend: &dyn Backend, kind: MemoryKind) {
     assert_eq!(back, data, "read returns what was written");
     assert!(backend.write(block.as_ref(), block.size_bytes() - 1, &[1, 2]).is_err(), "write past the end refused");
     assert!(backend.read(block.as_ref(), u64::MAX, &mut back).is_err(), "read at overflowing offset refused");
-    backend.destroy_block(block).expect("destroy");
+    backend.destroy_block(block.into()).expect("destroy");
 }
 
 fn copies_are_exact_and_bounded(backend: &dyn Backend, kind: MemoryKind) {
@@ -60,8 +60,8 @@ fn copies_are_exact_and_bounded(backend: &dyn Backend, kind: MemoryKind) {
     // A refused copy changed nothing.
     backend.read(b.as_ref(), MIB, &mut back).expect("read");
     assert!(back == data, "refused copy left the destination intact");
-    backend.destroy_block(a).expect("destroy");
-    backend.destroy_block(b).expect("destroy");
+    backend.destroy_block(a.into()).expect("destroy");
+    backend.destroy_block(b.into()).expect("destroy");
 }
 
 fn pool_round_trip(backend: Arc<dyn Backend>, kind: MemoryKind) {
@@ -74,12 +74,12 @@ fn pool_round_trip(backend: Arc<dyn Backend>, kind: MemoryKind) {
     for (i, a) in small.iter().enumerate() {
         assert_eq!(a.address % 4096, 0, "address honours alignment");
         let block = pool.block(a.placement.block).expect("block");
-        backend.write(block, a.placement.offset_bytes, &pattern(300 * 1024, i as u8)).expect("write");
+        backend.write(block.as_ref(), a.placement.offset_bytes, &pattern(300 * 1024, i as u8)).expect("write");
     }
     // Every allocation still holds its own data: no two overlap in real memory.
     for (i, a) in small.iter().enumerate() {
         let mut back = vec![0; 300 * 1024];
-        backend.read(pool.block(a.placement.block).expect("block"), a.placement.offset_bytes, &mut back).expect("read");
+        backend.read(pool.block(a.placement.block).expect("block").as_ref(), a.placement.offset_bytes, &mut back).expect("read");
         assert!(back == pattern(300 * 1024, i as u8), "allocation {i} kept its data");
     }
     let s = pool.stats();

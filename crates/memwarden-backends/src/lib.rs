@@ -5,9 +5,16 @@
 
 mod backend;
 pub mod conformance;
+pub mod copy;
+pub mod cuda;
 pub mod host;
 mod pool;
 
-pub use backend::{Backend, BackendError, BlockMemory, DeviceInfo, MemoryReading};
+pub use backend::{
+    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, Location, MemoryReading, ProcessMemory,
+    SharedBlock,
+};
+pub use copy::copy_between;
+pub use cuda::{CudaBackend, CudaSystem};
 pub use host::{HostBackend, HostStatusReader};
 pub use pool::{MemoryPool, PoolAllocation};

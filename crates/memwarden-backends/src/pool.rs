@@ -1,7 +1,7 @@
 //! [`MemoryPool`]: the core block pool joined to real blocks from one backend. This is the only
 //! place that decides when blocks are created and released, for every backend.
 
-use crate::backend::{Backend, BackendError, BlockMemory};
+use crate::backend::{Backend, BackendError, SharedBlock};
 use memwarden_core::{BlockId, MemoryKind, Placement, Pool, PoolConfig, PoolError, PoolStats};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ pub struct MemoryPool {
     backend: Arc<dyn Backend>,
     kind: MemoryKind,
     pool: Pool,
-    blocks: HashMap<BlockId, Box<dyn BlockMemory>>,
+    blocks: HashMap<BlockId, SharedBlock>,
 }
 
 impl std::fmt::Debug for MemoryPool {
@@ -69,7 +69,7 @@ impl MemoryPool {
             return Ok(hit);
         }
         let request = self.pool.block_request(size_bytes, align_bytes);
-        let memory = self.backend.create_block(self.kind, request.size_bytes)?;
+        let memory: SharedBlock = self.backend.create_block(self.kind, request.size_bytes)?.into();
         let id = self.pool.add_block(request);
         self.blocks.insert(id, memory);
         let Some(placement) = self.pool.allocate_in(id, size_bytes, align_bytes) else {
@@ -125,9 +125,10 @@ impl MemoryPool {
         self.pool.stats()
     }
 
-    /// The block memory behind a placement, to read, write or copy it.
-    pub fn block(&self, id: BlockId) -> Option<&dyn BlockMemory> {
-        self.blocks.get(&id).map(|b| b.as_ref())
+    /// The block memory behind a placement, to read, write, copy or export it. Holding the
+    /// clone keeps the memory mapped even if the pool releases the block meanwhile.
+    pub fn block(&self, id: BlockId) -> Option<SharedBlock> {
+        self.blocks.get(&id).cloned()
     }
 
     /// The pool's invariants plus: every pool block has memory of at least its size.

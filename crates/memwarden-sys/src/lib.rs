@@ -5,7 +5,13 @@
 //! it is created (so the memory is really there, and an overcommitted machine fails now rather
 //! than at first touch), optionally locked with `mlock` (pinned memory), and unmapped on drop.
 
+pub mod cuda;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SysError {
@@ -77,6 +83,61 @@ pub struct HostMapping {
     ptr: NonNull<u8>,
     len: usize,
     locked: bool,
+    shm: Option<ShmFile>,
+    registration: Option<cuda::HostRegistration>,
+}
+
+/// A file in a tmpfs backing a shared mapping; closed and unlinked on drop.
+#[derive(Debug)]
+struct ShmFile {
+    fd: libc::c_int,
+    path: PathBuf,
+}
+
+static SHM_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl ShmFile {
+    fn create(dir: &Path, len: u64) -> Result<Self, SysError> {
+        let n = SHM_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("memwarden-{}-{n}", std::process::id()));
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| SysError::InvalidArgument("shared memory path contains NUL"))?;
+        // SAFETY: c_path is a valid NUL-terminated string; O_EXCL never opens an existing file.
+        let fd = unsafe {
+            libc::open(c_path.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600 as libc::c_uint)
+        };
+        if fd < 0 {
+            let (errno, message) = last_errno();
+            return Err(SysError::Map { len_bytes: len, errno, message: format!("creating {}: {message}", path.display()) });
+        }
+        let file = ShmFile { fd, path };
+        // SAFETY: fd is the file just created; fallocate allocates its pages (ENOSPC when the
+        // tmpfs is full).
+        let rc = unsafe { libc::fallocate(fd, 0, 0, len as libc::off_t) };
+        if rc != 0 {
+            let (errno, message) = last_errno();
+            let errno = if errno == libc::ENOSPC { libc::ENOMEM } else { errno };
+            return Err(SysError::Commit {
+                len_bytes: len,
+                errno,
+                message: format!("allocating {}: {message}", file.path.display()),
+            });
+        }
+        Ok(file)
+    }
+}
+
+impl Drop for ShmFile {
+    fn drop(&mut self) {
+        if let Ok(c_path) = CString::new(self.path.as_os_str().as_bytes()) {
+            // SAFETY: unlinking our own file by its NUL-terminated path; closing our own fd.
+            unsafe {
+                libc::unlink(c_path.as_ptr());
+            }
+        }
+        // SAFETY: fd is owned by this value and closed once.
+        unsafe { libc::close(self.fd) };
+    }
 }
 
 // SAFETY: the mapping is plain memory owned by this value; nothing in it is tied to a thread.
@@ -87,10 +148,22 @@ unsafe impl Send for HostMapping {}
 unsafe impl Sync for HostMapping {}
 
 impl HostMapping {
-    /// Maps `len_bytes` (rounded up to whole pages) at an address aligned to `align_bytes`
-    /// (a power of two; at least the page size), commits every page and, with `lock`, locks
-    /// them in RAM (`mlock`).
+    /// Maps `len_bytes` (rounded up to whole pages) of anonymous memory at an address aligned
+    /// to `align_bytes` (a power of two; at least the page size), commits every page and, with
+    /// `lock`, locks them in RAM (`mlock`).
     pub fn new(len_bytes: u64, align_bytes: u64, lock: bool) -> Result<Self, SysError> {
+        Self::create(len_bytes, align_bytes, lock, None)
+    }
+
+    /// Like [`HostMapping::new`], but backed by a new file in `dir` (a tmpfs such as `/dev/shm`)
+    /// with mode 0600, so another process of the same user can map the same memory by path.
+    /// The file's pages are allocated up front (`fallocate`: a full tmpfs fails here, not at
+    /// first touch) and the file is unlinked when the mapping is dropped.
+    pub fn new_shared(len_bytes: u64, align_bytes: u64, lock: bool, dir: &Path) -> Result<Self, SysError> {
+        Self::create(len_bytes, align_bytes, lock, Some(dir))
+    }
+
+    fn create(len_bytes: u64, align_bytes: u64, lock: bool, dir: Option<&Path>) -> Result<Self, SysError> {
         let page = page_size_bytes();
         if len_bytes == 0 {
             return Err(SysError::InvalidArgument("mapping length must be greater than zero"));
@@ -103,7 +176,12 @@ impl HostMapping {
             .checked_next_multiple_of(page)
             .filter(|l| l.checked_add(align).is_some_and(|t| t <= isize::MAX as u64))
             .ok_or(SysError::InvalidArgument("mapping length too large"))?;
+        let shm = match dir {
+            Some(d) => Some(ShmFile::create(d, len)?),
+            None => None,
+        };
         let total = (len + align - page) as usize;
+        // Reserve an address range large enough to align within, then trim it.
         // SAFETY: an anonymous mapping at an address the kernel picks; no existing memory is
         // affected. The result is checked against MAP_FAILED.
         let raw = unsafe {
@@ -134,17 +212,59 @@ impl HostMapping {
                 libc::munmap((aligned + len as usize) as *mut libc::c_void, tail);
             }
         }
+        if let Some(f) = &shm {
+            // SAFETY: MAP_FIXED over [aligned, aligned+len), which is exactly the anonymous
+            // reservation made above and owned by nobody else; the file is len bytes long.
+            let mapped = unsafe {
+                libc::mmap(
+                    aligned as *mut libc::c_void,
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    f.fd,
+                    0,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                let (errno, message) = last_errno();
+                // SAFETY: the reservation is ours and unused.
+                unsafe { libc::munmap(aligned as *mut libc::c_void, len as usize) };
+                return Err(SysError::Map { len_bytes: len, errno, message });
+            }
+        }
         let mapping = HostMapping {
             // SAFETY: mmap never returns null on success for a non-fixed mapping.
             ptr: unsafe { NonNull::new_unchecked(aligned as *mut u8) },
             len: len as usize,
             locked: false,
+            shm,
+            registration: None,
         };
         if lock {
             mapping.lock()
         } else {
             mapping.commit()
         }
+    }
+
+    /// Page-locks the mapping and registers it with CUDA (portable) so GPU copies run at pinned
+    /// speed; unregistered before the mapping goes.
+    pub fn register_cuda(&mut self, ctx: &cuda::CudaContext) -> Result<(), cuda::CudaError> {
+        if self.registration.is_none() {
+            // SAFETY: the range is this live mapping, and the registration is stored in self
+            // and dropped in Drop before the munmap.
+            self.registration = Some(unsafe { cuda::HostRegistration::new(ctx, self.address(), self.len as u64)? });
+        }
+        Ok(())
+    }
+
+    pub fn is_cuda_registered(&self) -> bool {
+        self.registration.is_some()
+    }
+
+    /// The file that backs a shared mapping.
+    pub fn shared_path(&self) -> Option<&Path> {
+        self.shm.as_ref().map(|f| f.path.as_path())
     }
 
     fn lock(mut self) -> Result<Self, SysError> {
@@ -195,7 +315,7 @@ impl HostMapping {
         self.locked
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<usize, SysError> {
+    pub(crate) fn check(&self, offset: u64, len: u64) -> Result<usize, SysError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len as u64 => Ok(offset as usize),
             _ => Err(SysError::OutOfBounds { offset_bytes: offset, len_bytes: len, mapping_bytes: self.len as u64 }),
@@ -247,6 +367,7 @@ impl HostMapping {
 
 impl Drop for HostMapping {
     fn drop(&mut self) {
+        drop(self.registration.take());
         // SAFETY: ptr/len are exactly the live mapping this value owns; no reference into it
         // outlives self (no method hands one out). munmap also drops any mlock.
         unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
@@ -313,6 +434,23 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("RLIMIT_MEMLOCK is 8388608 bytes"), "{text}");
         assert!(text.contains("ulimit -l"), "{text}");
+    }
+
+    #[test]
+    fn shared_mapping_is_visible_by_path_and_removed_on_drop() {
+        let dir = std::env::temp_dir();
+        let m = HostMapping::new_shared(1 << 20, 2 << 20, false, &dir).expect("shared map");
+        assert_eq!(m.address() % (2 << 20), 0);
+        let path = m.shared_path().expect("path").to_path_buf();
+        m.write(4096, b"through the file").expect("write");
+        let bytes = std::fs::read(&path).expect("read the file");
+        assert_eq!(bytes.len(), 1 << 20);
+        assert_eq!(&bytes[4096..4096 + 16], b"through the file");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+        drop(m);
+        assert!(!path.exists(), "file unlinked on drop");
+        assert!(HostMapping::new_shared(4096, 4096, false, Path::new("/nonexistent/dir")).is_err());
     }
 
     #[test]

@@ -6,10 +6,13 @@ mod status;
 
 pub use status::{parse_meminfo, parse_proc_cgroup, CgroupMemory, CgroupPath, HostStatusReader, Meminfo};
 
-use crate::backend::{Backend, BackendError, BlockMemory, DeviceInfo, MemoryReading};
+use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, Location, MemoryReading};
 use memwarden_core::{DeviceId, MemoryKind};
+use memwarden_sys::cuda::{CudaContext, CudaError};
 use memwarden_sys::{HostMapping, SysError};
 use std::any::Any;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Host block bases are aligned to 2 MiB: the largest alignment a host allocation may ask for,
 /// and the size of a transparent huge page.
@@ -19,11 +22,13 @@ pub const HOST_BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
 pub struct HostBackend {
     info: DeviceInfo,
     reader: HostStatusReader,
+    shared_dir: Option<PathBuf>,
+    cuda: Option<Arc<CudaContext>>,
 }
 
 #[derive(Debug)]
-struct HostBlock {
-    mapping: HostMapping,
+pub(crate) struct HostBlock {
+    pub(crate) mapping: HostMapping,
     kind: MemoryKind,
 }
 
@@ -37,12 +42,24 @@ impl BlockMemory for HostBlock {
     fn kind(&self) -> MemoryKind {
         self.kind
     }
+    fn location(&self) -> Location {
+        Location::Host
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn export(&self) -> Result<BlockExport, BackendError> {
+        match self.mapping.shared_path() {
+            Some(p) => Ok(BlockExport::Shm { path: p.to_path_buf() }),
+            None => Err(BackendError::InvalidArgument(
+                "this host block is anonymous memory (host.shared_memory_dir is unset or was unusable), so it cannot be shared"
+                    .into(),
+            )),
+        }
+    }
 }
 
-fn mapping(block: &dyn BlockMemory) -> Result<&HostMapping, BackendError> {
+pub(crate) fn mapping(block: &dyn BlockMemory) -> Result<&HostMapping, BackendError> {
     block
         .as_any()
         .downcast_ref::<HostBlock>()
@@ -93,12 +110,41 @@ fn has_cap_ipc_lock() -> bool {
 }
 
 impl HostBackend {
+    /// Anonymous blocks, pinned with `mlock`.
     pub fn new(reader: HostStatusReader) -> Self {
         let name = cpu_model().unwrap_or_else(|| "host memory".into());
         HostBackend {
-            info: DeviceInfo { device_id: DeviceId::Cpu, device_type: "CPU", name, memory_type: "RAM" },
+            info: DeviceInfo { device_id: DeviceId::Cpu, device_type: "CPU", name, memory_type: "RAM", gpu: None },
             reader,
+            shared_dir: None,
+            cuda: None,
         }
+    }
+
+    /// Blocks backed by files in `dir` (a tmpfs such as /dev/shm), so allocations can be
+    /// exported to other processes by path. A block whose file cannot be made falls back to
+    /// anonymous memory (and cannot be exported).
+    pub fn with_shared_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.shared_dir = dir;
+        self
+    }
+
+    /// Pinned blocks are registered with CUDA (`cuMemHostRegister`, portable) instead of
+    /// `mlock`ed, so GPU copies from and to them run at pinned speed.
+    pub fn with_cuda(mut self, ctx: Option<Arc<CudaContext>>) -> Self {
+        self.cuda = ctx;
+        self
+    }
+
+    fn map(&self, size_bytes: u64, lock: bool) -> Result<HostMapping, SysError> {
+        if let Some(dir) = &self.shared_dir {
+            match HostMapping::new_shared(size_bytes, HOST_BLOCK_ALIGNMENT_BYTES, lock, dir) {
+                Ok(m) => return Ok(m),
+                Err(e) if e.is_out_of_memory() => return Err(e),
+                Err(e) => tracing::warn!(error = %e, dir = %dir.display(), "shared host block unavailable; using anonymous memory"),
+            }
+        }
+        HostMapping::new(size_bytes, HOST_BLOCK_ALIGNMENT_BYTES, lock)
     }
 }
 
@@ -129,13 +175,22 @@ impl Backend for HostBackend {
     }
 
     fn create_block(&self, kind: MemoryKind, size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError> {
-        let lock = match kind {
-            MemoryKind::Host => false,
-            MemoryKind::Pinned => true,
+        let (lock, register) = match kind {
+            MemoryKind::Host => (false, None),
+            MemoryKind::Pinned => (self.cuda.is_none(), self.cuda.as_ref()),
             _ => return Err(BackendError::UnsupportedKind { device: DeviceId::Cpu, kind }),
         };
-        let mapping =
-            HostMapping::new(size_bytes, HOST_BLOCK_ALIGNMENT_BYTES, lock).map_err(|e| sys_error(e, self, kind))?;
+        let mut mapping = self.map(size_bytes, lock).map_err(|e| sys_error(e, self, kind))?;
+        if let Some(ctx) = register {
+            mapping.register_cuda(ctx).map_err(|e| match e {
+                CudaError::OutOfMemory { bytes, .. } => BackendError::OutOfMemory {
+                    requested_bytes: bytes,
+                    available_bytes: self.read_status().map(|r| r.available_bytes).unwrap_or(0),
+                    detail: "cuMemHostRegister could not pin the memory".into(),
+                },
+                other => BackendError::Failed { operation: "cuMemHostRegister", message: other.to_string() },
+            })?;
+        }
         Ok(Box::new(HostBlock { mapping, kind }))
     }
 

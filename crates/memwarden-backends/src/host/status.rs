@@ -190,6 +190,8 @@ impl HostStatusReader {
                     available_bytes: available,
                     used_bytes: cg.limit_bytes - available,
                     source: cg.source,
+                    reserved_bytes: None,
+                    processes: vec![],
                 }
             }
             None => MemoryReading {
@@ -197,6 +199,8 @@ impl HostStatusReader {
                 available_bytes: mi.available_bytes,
                 used_bytes: mi.total_bytes - mi.available_bytes,
                 source: "meminfo".into(),
+                reserved_bytes: None,
+                processes: vec![],
             },
         })
     }

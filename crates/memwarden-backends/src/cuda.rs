@@ -1,0 +1,278 @@
+//! The CUDA backend: one [`CudaBackend`] per GPU (`cuda:N`). Blocks are `cuMemAlloc`
+//! allocations (not the virtual-memory route: cuMemAlloc blocks can be shared with
+//! `cuIpcGetMemHandle`, which torch and cupy open directly, while cuMemCreate memory needs a
+//! POSIX fd exchanged over a Unix socket). Status comes from `cuMemGetInfo` and NVML.
+
+use crate::backend::{
+    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, Location, MemoryReading, ProcessMemory,
+};
+use memwarden_core::{DeviceId, MemoryKind};
+use memwarden_sys::cuda::{self, CudaContext, CudaError, DeviceBuffer};
+use nvml_wrapper::enum_wrappers::device::Clock;
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::Nvml;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+/// Device blocks are aligned to 2 MiB (cuMemAlloc aligns large allocations so).
+pub const CUDA_BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
+
+/// The driver, its GPUs and NVML, found at start-up.
+pub struct CudaSystem {
+    pub contexts: Vec<Arc<CudaContext>>,
+    nvml: Option<Arc<Nvml>>,
+    /// `peer[i][j]`: GPU i can read and write GPU j's memory directly (access enabled).
+    pub peer: Vec<Vec<bool>>,
+}
+
+impl std::fmt::Debug for CudaSystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaSystem").field("gpus", &self.contexts.len()).field("peer", &self.peer).finish()
+    }
+}
+
+impl CudaSystem {
+    /// Initialises the driver and every GPU; `Err(reason)` when CUDA is unavailable here (no
+    /// library, no driver, no GPU). Never panics.
+    pub fn init() -> Result<CudaSystem, String> {
+        let count = cuda::init().map_err(|e| e.to_string())?;
+        if count == 0 {
+            return Err("the CUDA driver reports no GPU".into());
+        }
+        let contexts = (0..count)
+            .map(|i| CudaContext::new(i).map_err(|e| format!("cuda:{i}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nvml = match Nvml::init() {
+            Ok(n) => Some(Arc::new(n)),
+            Err(e) => {
+                tracing::warn!(error = %e, "NVML unavailable: GPU status without per-process memory and bandwidth");
+                None
+            }
+        };
+        let n = contexts.len();
+        let mut peer = vec![vec![false; n]; n];
+        for i in 0..n {
+            for j in 0..n {
+                if i != j && contexts[i].can_access_peer(&contexts[j]) {
+                    match contexts[i].enable_peer_access(&contexts[j]) {
+                        Ok(()) => peer[i][j] = true,
+                        Err(e) => tracing::warn!(from = i, to = j, error = %e, "peer access not enabled; copies are staged"),
+                    }
+                }
+            }
+        }
+        Ok(CudaSystem { contexts, nvml, peer })
+    }
+
+    /// One backend per GPU.
+    pub fn backends(&self) -> Vec<CudaBackend> {
+        self.contexts.iter().map(|ctx| CudaBackend::new(ctx.clone(), self.nvml.clone())).collect()
+    }
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    info: DeviceInfo,
+    nvml: Option<Arc<Nvml>>,
+    nvml_index: Option<u32>,
+    /// The last driver error other than lack of memory: the device is then unhealthy.
+    fault: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("info", &self.info).finish()
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct CudaBlock {
+    pub(crate) buffer: DeviceBuffer,
+}
+
+impl BlockMemory for CudaBlock {
+    fn address(&self) -> u64 {
+        self.buffer.address()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.buffer.len_bytes()
+    }
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::Device
+    }
+    fn location(&self) -> Location {
+        Location::Cuda(self.buffer.context().ordinal())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn export(&self) -> Result<BlockExport, BackendError> {
+        let handle = self.buffer.ipc_handle().map_err(|e| BackendError::Failed { operation: "cuIpcGetMemHandle", message: e.to_string() })?;
+        Ok(BlockExport::CudaIpc { ordinal: self.buffer.context().ordinal(), handle })
+    }
+}
+
+pub(crate) fn buffer(block: &dyn BlockMemory) -> Result<&DeviceBuffer, BackendError> {
+    block
+        .as_any()
+        .downcast_ref::<CudaBlock>()
+        .map(|b| &b.buffer)
+        .ok_or_else(|| BackendError::InvalidArgument("block does not belong to a CUDA backend".into()))
+}
+
+impl CudaBackend {
+    fn new(ctx: Arc<CudaContext>, nvml: Option<Arc<Nvml>>) -> Self {
+        let ordinal = ctx.ordinal();
+        let uuid = ctx.uuid().unwrap_or_default();
+        let nvml_index = nvml.as_ref().and_then(|n| n.device_by_uuid(uuid.as_str()).ok()).and_then(|d| d.index().ok());
+        let bandwidth = nvml.as_ref().zip(nvml_index).and_then(|(n, i)| {
+            let d = n.device_by_index(i).ok()?;
+            let bus_bits = d.memory_bus_width().ok()? as u64;
+            let clock_mhz = d.max_clock_info(Clock::Memory).ok()? as u64;
+            Some(bus_bits / 8 * clock_mhz * 1_000_000 * 2)
+        });
+        let cc = ctx.compute_capability().map(|(a, b)| format!("{a}.{b}")).unwrap_or_default();
+        let info = DeviceInfo {
+            device_id: DeviceId::Cuda(ordinal),
+            device_type: "GPU",
+            name: ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}")),
+            memory_type: "VRAM",
+            gpu: Some(GpuInfo {
+                uuid,
+                pci_bus_id: ctx.pci_bus_id().unwrap_or_default(),
+                compute_capability: cc,
+                memory_bandwidth_bytes_per_s: bandwidth,
+            }),
+        };
+        CudaBackend { ctx, info, nvml, nvml_index, fault: Mutex::new(None) }
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The last driver fault, if the device is unhealthy.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn error(&self, e: CudaError, requested_bytes: u64) -> BackendError {
+        match e {
+            CudaError::OutOfMemory { operation, bytes } => BackendError::OutOfMemory {
+                requested_bytes: bytes.max(requested_bytes),
+                available_bytes: self.ctx.mem_info().map(|(free, _)| free).unwrap_or(0),
+                detail: format!("{operation} on {} failed: out of device memory", self.info.device_id),
+            },
+            CudaError::Unavailable(reason) => BackendError::Unavailable { reason },
+            CudaError::Driver { operation: "bounds check", error } => BackendError::InvalidArgument(error),
+            other => {
+                let message = other.to_string();
+                *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+                BackendError::Failed { operation: "CUDA driver", message }
+            }
+        }
+    }
+
+    fn processes(&self) -> Vec<ProcessMemory> {
+        let Some((nvml, index)) = self.nvml.as_ref().zip(self.nvml_index) else { return vec![] };
+        let Ok(device) = nvml.device_by_index(index) else { return vec![] };
+        let mut list: Vec<ProcessMemory> = device
+            .running_compute_processes()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(device.running_graphics_processes().unwrap_or_default())
+            .map(|p| ProcessMemory {
+                pid: p.pid,
+                name: std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).map(|s| s.trim().to_string()).unwrap_or_default(),
+                used_bytes: match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => Some(b),
+                    UsedGpuMemory::Unavailable => None,
+                },
+            })
+            .collect();
+        list.sort_by_key(|p| p.pid);
+        list.dedup_by_key(|p| p.pid);
+        list
+    }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn kinds(&self) -> &[MemoryKind] {
+        &[MemoryKind::Device]
+    }
+
+    /// Total from NVML when present (what nvidia-smi shows), else from cuMemGetInfo; available
+    /// is cuMemGetInfo's free (what an allocation can get); used = total − available.
+    fn read_status(&self) -> Result<MemoryReading, BackendError> {
+        let (free, cuda_total) = self.ctx.mem_info().map_err(|e| self.error(e, 0))?;
+        let nvml_mem = self
+            .nvml
+            .as_ref()
+            .zip(self.nvml_index)
+            .and_then(|(n, i)| n.device_by_index(i).ok())
+            .and_then(|d| d.memory_info().ok());
+        let (total, reserved, source) = match &nvml_mem {
+            Some(m) => (m.total, Some(m.reserved), "cuMemGetInfo+nvml"),
+            None => (cuda_total, None, "cuMemGetInfo"),
+        };
+        let available = free.min(total);
+        Ok(MemoryReading {
+            total_bytes: total,
+            available_bytes: available,
+            used_bytes: total - available,
+            source: source.into(),
+            reserved_bytes: reserved,
+            processes: self.processes(),
+        })
+    }
+
+    fn max_alignment_bytes(&self) -> u64 {
+        CUDA_BLOCK_ALIGNMENT_BYTES
+    }
+
+    fn create_block(&self, kind: MemoryKind, size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError> {
+        if kind != MemoryKind::Device {
+            return Err(BackendError::UnsupportedKind { device: self.info.device_id, kind });
+        }
+        let buffer = self.ctx.alloc(size_bytes).map_err(|e| self.error(e, size_bytes))?;
+        Ok(Box::new(CudaBlock { buffer }))
+    }
+
+    fn copy(
+        &self,
+        src: &dyn BlockMemory,
+        src_offset: u64,
+        dst: &dyn BlockMemory,
+        dst_offset: u64,
+        len_bytes: u64,
+    ) -> Result<(), BackendError> {
+        cuda::copy_device_to_device(buffer(dst)?, dst_offset, buffer(src)?, src_offset, len_bytes)
+            .map_err(|e| self.error(e, len_bytes))
+    }
+
+    fn write(&self, block: &dyn BlockMemory, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        buffer(block)?.write(offset, data).map_err(|e| self.error(e, data.len() as u64))
+    }
+
+    fn read(&self, block: &dyn BlockMemory, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        buffer(block)?.read(offset, out).map_err(|e| self.error(e, out.len() as u64))
+    }
+}
+
+#[cfg(all(test, feature = "hw-tests"))]
+mod hw_tests {
+    //! Run on a machine with an NVIDIA GPU; they fail (not skip) without one.
+    use super::*;
+
+    #[test]
+    fn cuda_backend_passes_the_conformance_suite() {
+        let system = CudaSystem::init().expect("a CUDA GPU is required for hw-tests");
+        for b in system.backends() {
+            crate::conformance::run(Arc::new(b));
+        }
+    }
+}

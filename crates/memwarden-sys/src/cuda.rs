@@ -1,0 +1,340 @@
+//! The CUDA driver API through cudarc's raw bindings (loaded at run time): contexts, device
+//! buffers, host-memory registration, copies on a stream, peer access and IPC handles — the
+//! calls cudarc's safe layer does not expose. Every call first makes the right context current
+//! on the calling thread, because the daemon calls from whatever thread serves the request.
+
+use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::sys;
+use std::ffi::{c_void, CStr};
+use crate::HostMapping;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CudaError {
+    /// No driver library, no device, or cuInit failed: the backend is unavailable.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("CUDA out of memory: {operation} of {bytes} bytes")]
+    OutOfMemory { operation: &'static str, bytes: u64 },
+    #[error("{operation} failed: {error}")]
+    Driver { operation: &'static str, error: String },
+}
+
+impl CudaError {
+    fn from_driver(operation: &'static str, bytes: u64, e: DriverError) -> Self {
+        if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+            CudaError::OutOfMemory { operation, bytes }
+        } else {
+            CudaError::Driver { operation, error: describe(&e) }
+        }
+    }
+}
+
+fn describe(e: &DriverError) -> String {
+    let name = e.error_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    match e.error_string() {
+        Ok(s) => format!("{name}: {}", s.to_string_lossy()),
+        Err(_) => name,
+    }
+}
+
+fn check(operation: &'static str, bytes: u64, rc: sys::CUresult) -> Result<(), CudaError> {
+    rc.result().map_err(|e| CudaError::from_driver(operation, bytes, e))
+}
+
+/// Loads the driver library and initialises it. `Unavailable` (never a panic) when there is no
+/// library or no device. cudarc panics when the library is missing, so presence is checked
+/// first (see STYLE.md: the `dynamic-loading` trap).
+pub fn init() -> Result<u32, CudaError> {
+    // SAFETY: only tries to dlopen the library names; no other state.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(CudaError::Unavailable("the CUDA driver library (libcuda.so) was not found".into()));
+    }
+    result::init().map_err(|e| CudaError::Unavailable(format!("cuInit failed: {}", describe(&e))))?;
+    let n = result::device::get_count().map_err(|e| CudaError::Unavailable(format!("cuDeviceGetCount: {}", describe(&e))))?;
+    Ok(n.max(0) as u32)
+}
+
+/// One GPU's primary context and a copy stream on it.
+#[derive(Debug)]
+pub struct CudaContext {
+    ordinal: u32,
+    device: sys::CUdevice,
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+}
+
+// SAFETY: a CUDA context and stream may be used from any thread once made current there;
+// every method does so first (`bind`). The handles are plain driver tokens.
+unsafe impl Send for CudaContext {}
+// SAFETY: as above; driver calls on one stream from several threads are serialised by the
+// driver, and the daemon serialises its own use per device.
+unsafe impl Sync for CudaContext {}
+
+impl CudaContext {
+    /// Retains the primary context of GPU `ordinal` (after [`init`]).
+    pub fn new(ordinal: u32) -> Result<Arc<Self>, CudaError> {
+        let device = result::device::get(ordinal as i32).map_err(|e| CudaError::from_driver("cuDeviceGet", 0, e))?;
+        // SAFETY: `device` came from cuDeviceGet; the retained context is released in Drop.
+        let ctx = unsafe { result::primary_ctx::retain(device) }.map_err(|e| CudaError::from_driver("cuDevicePrimaryCtxRetain", 0, e))?;
+        // SAFETY: ctx is the live primary context retained above.
+        unsafe { result::ctx::set_current(ctx) }.map_err(|e| CudaError::from_driver("cuCtxSetCurrent", 0, e))?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(|e| CudaError::from_driver("cuStreamCreate", 0, e))?;
+        Ok(Arc::new(CudaContext { ordinal, device, ctx, stream }))
+    }
+
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    /// Makes this context current on the calling thread.
+    pub fn bind(&self) -> Result<(), CudaError> {
+        // SAFETY: self.ctx is retained for self's lifetime.
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| CudaError::from_driver("cuCtxSetCurrent", 0, e))
+    }
+
+    pub fn name(&self) -> Result<String, CudaError> {
+        result::device::get_name(self.device).map_err(|e| CudaError::from_driver("cuDeviceGetName", 0, e))
+    }
+
+    /// The device UUID as nvidia-smi prints it (`GPU-xxxxxxxx-xxxx-…`).
+    pub fn uuid(&self) -> Result<String, CudaError> {
+        let u = result::device::get_uuid(self.device).map_err(|e| CudaError::from_driver("cuDeviceGetUuid", 0, e))?;
+        let b: Vec<u8> = u.bytes.iter().map(|&c| c as u8).collect();
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        Ok(format!("GPU-{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]))
+    }
+
+    pub fn pci_bus_id(&self) -> Result<String, CudaError> {
+        let mut buf = [0 as std::ffi::c_char; 32];
+        // SAFETY: the buffer holds 32 bytes and its length is passed; device is valid.
+        check("cuDeviceGetPCIBusId", 0, unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), 32, self.device) })?;
+        // SAFETY: the driver wrote a NUL-terminated string into buf.
+        Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    }
+
+    pub fn compute_capability(&self) -> Result<(i32, i32), CudaError> {
+        let attr = |a| {
+            // SAFETY: device is valid; the attribute is a plain integer query.
+            unsafe { result::device::get_attribute(self.device, a) }.map_err(|e| CudaError::from_driver("cuDeviceGetAttribute", 0, e))
+        };
+        Ok((
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        ))
+    }
+
+    /// (free, total) bytes from `cuMemGetInfo`.
+    pub fn mem_info(&self) -> Result<(u64, u64), CudaError> {
+        self.bind()?;
+        let (free, total) = result::mem_get_info().map_err(|e| CudaError::from_driver("cuMemGetInfo", 0, e))?;
+        Ok((free as u64, total as u64))
+    }
+
+    /// Allocates device memory with `cuMemAlloc`.
+    pub fn alloc(self: &Arc<Self>, bytes: u64) -> Result<DeviceBuffer, CudaError> {
+        self.bind()?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: ptr is a valid out-pointer; the context is current.
+        check("cuMemAlloc", bytes, unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes as usize) })?;
+        Ok(DeviceBuffer { ctx: self.clone(), ptr, len: bytes })
+    }
+
+    /// Whether this GPU can map `peer`'s memory directly.
+    pub fn can_access_peer(&self, peer: &CudaContext) -> bool {
+        let mut can = 0;
+        // SAFETY: both devices are valid; `can` is a valid out-pointer.
+        let rc = unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.device, peer.device) };
+        rc.result().is_ok() && can == 1
+    }
+
+    /// Enables access from this context to `peer`'s memory (idempotent).
+    pub fn enable_peer_access(&self, peer: &CudaContext) -> Result<(), CudaError> {
+        self.bind()?;
+        // SAFETY: peer.ctx is a live context; flags must be 0.
+        let rc = unsafe { sys::cuCtxEnablePeerAccess(peer.ctx, 0) };
+        match rc.result() {
+            Ok(()) => Ok(()),
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+            Err(e) => Err(CudaError::from_driver("cuCtxEnablePeerAccess", 0, e)),
+        }
+    }
+
+    /// Copies `len` bytes between unified addresses (host or this device) on this context's
+    /// stream and waits for the copy to finish.
+    ///
+    /// # Safety
+    /// Both ranges must be live memory of `len` bytes (host memory of this process, or device
+    /// memory reachable from this context) that nothing else writes during the copy.
+    pub unsafe fn copy(&self, dst: u64, src: u64, len: u64) -> Result<(), CudaError> {
+        self.bind()?;
+        check("cuMemcpyAsync", len, sys::cuMemcpyAsync(dst, src, len as usize, self.stream))?;
+        check("cuStreamSynchronize", len, sys::cuStreamSynchronize(self.stream))
+    }
+
+    /// Copies between device memory of two GPUs (direct over NVLink/PCIe where peer access is
+    /// enabled, staged by the driver otherwise) and waits.
+    ///
+    /// # Safety
+    /// As for [`CudaContext::copy`]; `dst` belongs to `dst_ctx`, `src` to `self`.
+    pub unsafe fn copy_peer(&self, dst_ctx: &CudaContext, dst: u64, src: u64, len: u64) -> Result<(), CudaError> {
+        self.bind()?;
+        check("cuMemcpyPeerAsync", len, sys::cuMemcpyPeerAsync(dst, dst_ctx.ctx, src, self.ctx, len as usize, self.stream))?;
+        check("cuStreamSynchronize", len, sys::cuStreamSynchronize(self.stream))
+    }
+}
+
+impl Drop for CudaContext {
+    fn drop(&mut self) {
+        // SAFETY: stream and the primary-context reference were created in `new` and are
+        // released once here; errors cannot be returned from Drop and are ignored.
+        unsafe {
+            let _ = result::ctx::set_current(self.ctx);
+            let _ = result::stream::destroy(self.stream);
+            let _ = result::primary_ctx::release(self.device);
+        }
+    }
+}
+
+/// Device memory from `cuMemAlloc`, freed on drop.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    ctx: Arc<CudaContext>,
+    ptr: sys::CUdeviceptr,
+    len: u64,
+}
+
+impl DeviceBuffer {
+    pub fn address(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), CudaError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(CudaError::Driver {
+                operation: "bounds check",
+                error: format!("range {offset}+{len} is outside a buffer of {} bytes", self.len),
+            }),
+        }
+    }
+
+    /// Copies host bytes into the buffer.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), CudaError> {
+        self.check_range(offset, data.len() as u64)?;
+        // SAFETY: the destination range was bounds-checked inside this live buffer; `data` is
+        // a live host slice for the duration of the synchronous copy.
+        unsafe { self.ctx.copy(self.ptr + offset, data.as_ptr() as u64, data.len() as u64) }
+    }
+
+    /// Copies buffer bytes into `out`.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), CudaError> {
+        self.check_range(offset, out.len() as u64)?;
+        // SAFETY: as in `write`, with `out` exclusively borrowed.
+        unsafe { self.ctx.copy(out.as_mut_ptr() as u64, self.ptr + offset, out.len() as u64) }
+    }
+
+    /// A CUDA IPC handle (64 bytes) another process opens with `cuIpcOpenMemHandle` /
+    /// `cudaIpcOpenMemHandle`; it maps this whole buffer.
+    pub fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
+        self.ctx.bind()?;
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: ptr is the base of a live cuMemAlloc allocation; h is a valid out-pointer.
+        check("cuIpcGetMemHandle", self.len, unsafe { sys::cuIpcGetMemHandle(&mut h, self.ptr) })?;
+        Ok(h.reserved.map(|c| c as u8))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from cuMemAlloc in this context and is freed once here.
+        unsafe {
+            let _ = self.ctx.bind();
+            let _ = sys::cuMemFree_v2(self.ptr);
+        }
+    }
+}
+
+/// Host memory page-locked and registered with CUDA (`cuMemHostRegister`, portable, not
+/// write-combined), so GPU copies from and to it run at pinned speed. Unregistered on drop.
+#[derive(Debug)]
+pub struct HostRegistration {
+    ptr: u64,
+}
+
+// SAFETY: only the address is held, to unregister it.
+unsafe impl Send for HostRegistration {}
+// SAFETY: as above.
+unsafe impl Sync for HostRegistration {}
+
+impl HostRegistration {
+    /// Registers `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// The range must be a live mapping of this process that outlives the registration.
+    pub unsafe fn new(ctx: &CudaContext, ptr: u64, len: u64) -> Result<Self, CudaError> {
+        ctx.bind()?;
+        check(
+            "cuMemHostRegister",
+            len,
+            sys::cuMemHostRegister_v2(ptr as *mut c_void, len as usize, sys::CU_MEMHOSTREGISTER_PORTABLE),
+        )?;
+        Ok(HostRegistration { ptr })
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        // SAFETY: ptr was registered in `new`; unregistering needs no context of its own.
+        unsafe {
+            let _ = sys::cuMemHostUnregister(self.ptr as *mut c_void);
+        }
+    }
+}
+
+fn bounds(e: crate::SysError) -> CudaError {
+    CudaError::Driver { operation: "bounds check", error: e.to_string() }
+}
+
+/// Copies `len` bytes from host memory to device memory (pinned speed when the host range is
+/// registered), bounds-checked, waiting for completion.
+pub fn copy_host_to_device(dst: &DeviceBuffer, dst_offset: u64, src: &HostMapping, src_offset: u64, len: u64) -> Result<(), CudaError> {
+    dst.check_range(dst_offset, len)?;
+    let s = src.check(src_offset, len).map_err(bounds)?;
+    // SAFETY: both ranges were bounds-checked inside live memory owned by the arguments, which
+    // outlive this synchronous call.
+    unsafe { dst.ctx.copy(dst.ptr + dst_offset, src.address() + s as u64, len) }
+}
+
+/// Copies `len` bytes from device memory to host memory, bounds-checked, waiting for completion.
+pub fn copy_device_to_host(dst: &HostMapping, dst_offset: u64, src: &DeviceBuffer, src_offset: u64, len: u64) -> Result<(), CudaError> {
+    src.check_range(src_offset, len)?;
+    let d = dst.check(dst_offset, len).map_err(bounds)?;
+    // SAFETY: as in copy_host_to_device.
+    unsafe { src.ctx.copy(dst.address() + d as u64, src.ptr + src_offset, len) }
+}
+
+/// Copies `len` bytes between device buffers of the same GPU or of two GPUs (peer copy),
+/// bounds-checked, waiting for completion. Overlapping ranges in one buffer are the caller's
+/// to avoid (the pool never hands out overlapping allocations).
+pub fn copy_device_to_device(dst: &DeviceBuffer, dst_offset: u64, src: &DeviceBuffer, src_offset: u64, len: u64) -> Result<(), CudaError> {
+    dst.check_range(dst_offset, len)?;
+    src.check_range(src_offset, len)?;
+    // SAFETY: both ranges were bounds-checked inside live buffers that outlive this call.
+    unsafe {
+        if Arc::ptr_eq(&dst.ctx, &src.ctx) || dst.ctx.ordinal == src.ctx.ordinal {
+            src.ctx.copy(dst.ptr + dst_offset, src.ptr + src_offset, len)
+        } else {
+            src.ctx.copy_peer(&dst.ctx, dst.ptr + dst_offset, src.ptr + src_offset, len)
+        }
+    }
+}
