@@ -108,6 +108,11 @@ pub type SharedBlock = Arc<dyn BlockMemory>;
 pub trait Backend: Send + Sync {
     fn info(&self) -> &DeviceInfo;
 
+    /// The last driver error if the device is unhealthy (other devices keep working).
+    fn fault(&self) -> Option<String> {
+        None
+    }
+
     /// Memory kinds this backend can create blocks of (never `reservation`: that is budget only).
     fn kinds(&self) -> &[MemoryKind];
 

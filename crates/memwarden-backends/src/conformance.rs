@@ -79,7 +79,9 @@ fn pool_round_trip(backend: Arc<dyn Backend>, kind: MemoryKind) {
     // Every allocation still holds its own data: no two overlap in real memory.
     for (i, a) in small.iter().enumerate() {
         let mut back = vec![0; 300 * 1024];
-        backend.read(pool.block(a.placement.block).expect("block").as_ref(), a.placement.offset_bytes, &mut back).expect("read");
+        backend
+            .read(pool.block(a.placement.block).expect("block").as_ref(), a.placement.offset_bytes, &mut back)
+            .expect("read");
         assert!(back == pattern(300 * 1024, i as u8), "allocation {i} kept its data");
     }
     let s = pool.stats();

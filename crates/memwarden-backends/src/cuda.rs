@@ -56,7 +56,9 @@ impl CudaSystem {
                 if i != j && contexts[i].can_access_peer(&contexts[j]) {
                     match contexts[i].enable_peer_access(&contexts[j]) {
                         Ok(()) => peer[i][j] = true,
-                        Err(e) => tracing::warn!(from = i, to = j, error = %e, "peer access not enabled; copies are staged"),
+                        Err(e) => {
+                            tracing::warn!(from = i, to = j, error = %e, "peer access not enabled; copies are staged")
+                        }
                     }
                 }
             }
@@ -107,7 +109,10 @@ impl BlockMemory for CudaBlock {
         self
     }
     fn export(&self) -> Result<BlockExport, BackendError> {
-        let handle = self.buffer.ipc_handle().map_err(|e| BackendError::Failed { operation: "cuIpcGetMemHandle", message: e.to_string() })?;
+        let handle = self
+            .buffer
+            .ipc_handle()
+            .map_err(|e| BackendError::Failed { operation: "cuIpcGetMemHandle", message: e.to_string() })?;
         Ok(BlockExport::CudaIpc { ordinal: self.buffer.context().ordinal(), handle })
     }
 }
@@ -151,11 +156,6 @@ impl CudaBackend {
         &self.ctx
     }
 
-    /// The last driver fault, if the device is unhealthy.
-    pub fn fault(&self) -> Option<String> {
-        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     fn error(&self, e: CudaError, requested_bytes: u64) -> BackendError {
         match e {
             CudaError::OutOfMemory { operation, bytes } => BackendError::OutOfMemory {
@@ -183,7 +183,9 @@ impl CudaBackend {
             .chain(device.running_graphics_processes().unwrap_or_default())
             .map(|p| ProcessMemory {
                 pid: p.pid,
-                name: std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).map(|s| s.trim().to_string()).unwrap_or_default(),
+                name: std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default(),
                 used_bytes: match p.used_gpu_memory {
                     UsedGpuMemory::Used(b) => Some(b),
                     UsedGpuMemory::Unavailable => None,
@@ -203,6 +205,10 @@ impl Backend for CudaBackend {
 
     fn kinds(&self) -> &[MemoryKind] {
         &[MemoryKind::Device]
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Total from NVML when present (what nvidia-smi shows), else from cuMemGetInfo; available

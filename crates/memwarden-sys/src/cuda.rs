@@ -3,10 +3,10 @@
 //! calls cudarc's safe layer does not expose. Every call first makes the right context current
 //! on the calling thread, because the daemon calls from whatever thread serves the request.
 
+use crate::HostMapping;
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use std::ffi::{c_void, CStr};
-use crate::HostMapping;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +51,8 @@ pub fn init() -> Result<u32, CudaError> {
         return Err(CudaError::Unavailable("the CUDA driver library (libcuda.so) was not found".into()));
     }
     result::init().map_err(|e| CudaError::Unavailable(format!("cuInit failed: {}", describe(&e))))?;
-    let n = result::device::get_count().map_err(|e| CudaError::Unavailable(format!("cuDeviceGetCount: {}", describe(&e))))?;
+    let n = result::device::get_count()
+        .map_err(|e| CudaError::Unavailable(format!("cuDeviceGetCount: {}", describe(&e))))?;
     Ok(n.max(0) as u32)
 }
 
@@ -76,7 +77,8 @@ impl CudaContext {
     pub fn new(ordinal: u32) -> Result<Arc<Self>, CudaError> {
         let device = result::device::get(ordinal as i32).map_err(|e| CudaError::from_driver("cuDeviceGet", 0, e))?;
         // SAFETY: `device` came from cuDeviceGet; the retained context is released in Drop.
-        let ctx = unsafe { result::primary_ctx::retain(device) }.map_err(|e| CudaError::from_driver("cuDevicePrimaryCtxRetain", 0, e))?;
+        let ctx = unsafe { result::primary_ctx::retain(device) }
+            .map_err(|e| CudaError::from_driver("cuDevicePrimaryCtxRetain", 0, e))?;
         // SAFETY: ctx is the live primary context retained above.
         unsafe { result::ctx::set_current(ctx) }.map_err(|e| CudaError::from_driver("cuCtxSetCurrent", 0, e))?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
@@ -117,7 +119,8 @@ impl CudaContext {
     pub fn compute_capability(&self) -> Result<(i32, i32), CudaError> {
         let attr = |a| {
             // SAFETY: device is valid; the attribute is a plain integer query.
-            unsafe { result::device::get_attribute(self.device, a) }.map_err(|e| CudaError::from_driver("cuDeviceGetAttribute", 0, e))
+            unsafe { result::device::get_attribute(self.device, a) }
+                .map_err(|e| CudaError::from_driver("cuDeviceGetAttribute", 0, e))
         };
         Ok((
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
@@ -180,7 +183,11 @@ impl CudaContext {
     /// As for [`CudaContext::copy`]; `dst` belongs to `dst_ctx`, `src` to `self`.
     pub unsafe fn copy_peer(&self, dst_ctx: &CudaContext, dst: u64, src: u64, len: u64) -> Result<(), CudaError> {
         self.bind()?;
-        check("cuMemcpyPeerAsync", len, sys::cuMemcpyPeerAsync(dst, dst_ctx.ctx, src, self.ctx, len as usize, self.stream))?;
+        check(
+            "cuMemcpyPeerAsync",
+            len,
+            sys::cuMemcpyPeerAsync(dst, dst_ctx.ctx, src, self.ctx, len as usize, self.stream),
+        )?;
         check("cuStreamSynchronize", len, sys::cuStreamSynchronize(self.stream))
     }
 }
@@ -307,7 +314,13 @@ fn bounds(e: crate::SysError) -> CudaError {
 
 /// Copies `len` bytes from host memory to device memory (pinned speed when the host range is
 /// registered), bounds-checked, waiting for completion.
-pub fn copy_host_to_device(dst: &DeviceBuffer, dst_offset: u64, src: &HostMapping, src_offset: u64, len: u64) -> Result<(), CudaError> {
+pub fn copy_host_to_device(
+    dst: &DeviceBuffer,
+    dst_offset: u64,
+    src: &HostMapping,
+    src_offset: u64,
+    len: u64,
+) -> Result<(), CudaError> {
     dst.check_range(dst_offset, len)?;
     let s = src.check(src_offset, len).map_err(bounds)?;
     // SAFETY: both ranges were bounds-checked inside live memory owned by the arguments, which
@@ -316,7 +329,13 @@ pub fn copy_host_to_device(dst: &DeviceBuffer, dst_offset: u64, src: &HostMappin
 }
 
 /// Copies `len` bytes from device memory to host memory, bounds-checked, waiting for completion.
-pub fn copy_device_to_host(dst: &HostMapping, dst_offset: u64, src: &DeviceBuffer, src_offset: u64, len: u64) -> Result<(), CudaError> {
+pub fn copy_device_to_host(
+    dst: &HostMapping,
+    dst_offset: u64,
+    src: &DeviceBuffer,
+    src_offset: u64,
+    len: u64,
+) -> Result<(), CudaError> {
     src.check_range(src_offset, len)?;
     let d = dst.check(dst_offset, len).map_err(bounds)?;
     // SAFETY: as in copy_host_to_device.
@@ -326,7 +345,13 @@ pub fn copy_device_to_host(dst: &HostMapping, dst_offset: u64, src: &DeviceBuffe
 /// Copies `len` bytes between device buffers of the same GPU or of two GPUs (peer copy),
 /// bounds-checked, waiting for completion. Overlapping ranges in one buffer are the caller's
 /// to avoid (the pool never hands out overlapping allocations).
-pub fn copy_device_to_device(dst: &DeviceBuffer, dst_offset: u64, src: &DeviceBuffer, src_offset: u64, len: u64) -> Result<(), CudaError> {
+pub fn copy_device_to_device(
+    dst: &DeviceBuffer,
+    dst_offset: u64,
+    src: &DeviceBuffer,
+    src_offset: u64,
+    len: u64,
+) -> Result<(), CudaError> {
     dst.check_range(dst_offset, len)?;
     src.check_range(src_offset, len)?;
     // SAFETY: both ranges were bounds-checked inside live buffers that outlive this call.

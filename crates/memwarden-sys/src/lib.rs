@@ -104,11 +104,19 @@ impl ShmFile {
             .map_err(|_| SysError::InvalidArgument("shared memory path contains NUL"))?;
         // SAFETY: c_path is a valid NUL-terminated string; O_EXCL never opens an existing file.
         let fd = unsafe {
-            libc::open(c_path.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600 as libc::c_uint)
+            libc::open(
+                c_path.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
         };
         if fd < 0 {
             let (errno, message) = last_errno();
-            return Err(SysError::Map { len_bytes: len, errno, message: format!("creating {}: {message}", path.display()) });
+            return Err(SysError::Map {
+                len_bytes: len,
+                errno,
+                message: format!("creating {}: {message}", path.display()),
+            });
         }
         let file = ShmFile { fd, path };
         // SAFETY: fd is the file just created; fallocate allocates its pages (ENOSPC when the

@@ -17,6 +17,35 @@ pub struct Config {
     pub worker_threads: usize,
     pub pool: PoolSection,
     pub host: HostSection,
+    pub cuda: CudaSection,
+    pub transfer: TransferSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CudaSection {
+    /// Use NVIDIA GPUs when a driver is present.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferSection {
+    /// Transfers and copies up to this many bytes answer when done; larger ones return a
+    /// transferId at once and run in the background.
+    pub sync_max_bytes: u64,
+}
+
+impl Default for CudaSection {
+    fn default() -> Self {
+        CudaSection { enabled: true }
+    }
+}
+
+impl Default for TransferSection {
+    fn default() -> Self {
+        TransferSection { sync_max_bytes: 64 << 20 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -40,6 +69,9 @@ pub struct HostSection {
     pub proc_root: PathBuf,
     /// Root of the cgroup filesystem.
     pub cgroup_root: PathBuf,
+    /// Directory (a tmpfs) whose files back host blocks so allocations can be exported to other
+    /// processes; empty: anonymous memory, not exportable.
+    pub shared_memory_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -50,6 +82,8 @@ impl Default for Config {
             worker_threads: 2,
             pool: PoolSection::default(),
             host: HostSection::default(),
+            cuda: CudaSection::default(),
+            transfer: TransferSection::default(),
         }
     }
 }
@@ -67,7 +101,11 @@ impl Default for PoolSection {
 
 impl Default for HostSection {
     fn default() -> Self {
-        HostSection { proc_root: "/proc".into(), cgroup_root: "/sys/fs/cgroup".into() }
+        HostSection {
+            proc_root: "/proc".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            shared_memory_dir: "/dev/shm".into(),
+        }
     }
 }
 

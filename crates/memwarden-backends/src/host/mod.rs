@@ -90,6 +90,23 @@ fn sys_error(e: SysError, backend: &HostBackend, kind: MemoryKind) -> BackendErr
     }
 }
 
+/// Removes `memwarden-<pid>-<n>` files whose daemon is gone (killed without cleanup): their
+/// tmpfs pages would otherwise stay allocated until reboot. Returns how many were removed.
+pub fn remove_stale_shared_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("memwarden-")) else { continue };
+        let Some(pid) = rest.split_once('-').and_then(|(p, _)| p.parse::<u32>().ok()) else { continue };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// The CPU model from `/proc/cpuinfo`, for the device name.
 fn cpu_model() -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
@@ -125,6 +142,12 @@ impl HostBackend {
     /// exported to other processes by path. A block whose file cannot be made falls back to
     /// anonymous memory (and cannot be exported).
     pub fn with_shared_dir(mut self, dir: Option<PathBuf>) -> Self {
+        if let Some(d) = &dir {
+            let removed = remove_stale_shared_files(d);
+            if removed > 0 {
+                tracing::warn!(dir = %d.display(), files = removed, "removed shared blocks left by daemons that died");
+            }
+        }
         self.shared_dir = dir;
         self
     }
@@ -141,7 +164,9 @@ impl HostBackend {
             match HostMapping::new_shared(size_bytes, HOST_BLOCK_ALIGNMENT_BYTES, lock, dir) {
                 Ok(m) => return Ok(m),
                 Err(e) if e.is_out_of_memory() => return Err(e),
-                Err(e) => tracing::warn!(error = %e, dir = %dir.display(), "shared host block unavailable; using anonymous memory"),
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "shared host block unavailable; using anonymous memory")
+                }
             }
         }
         HostMapping::new(size_bytes, HOST_BLOCK_ALIGNMENT_BYTES, lock)
@@ -223,6 +248,21 @@ mod tests {
     #[test]
     fn host_backend_passes_the_conformance_suite() {
         crate::conformance::run(Arc::new(HostBackend::new(HostStatusReader::default())));
+    }
+
+    #[test]
+    fn stale_shared_files_of_dead_daemons_are_removed() {
+        let dir = std::env::temp_dir().join(format!("memwarden-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let dead = dir.join("memwarden-4194999-0"); // above PID_MAX_LIMIT (2^22): never alive
+        let mine = dir.join(format!("memwarden-{}-7", std::process::id()));
+        let other = dir.join("not-ours");
+        for f in [&dead, &mine, &other] {
+            std::fs::write(f, b"x").expect("write");
+        }
+        assert_eq!(remove_stale_shared_files(&dir), 1);
+        assert!(!dead.exists() && mine.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! their conversion from service types. Field names follow the seed's clients.
 
 use super::envelope::rfc3339;
-use crate::service::{AllocationRecord, BackendHealth, ClearOutcome, DeviceStatus};
+use crate::service::{AllocationRecord, BackendHealth, ClearOutcome, DeviceStatus, ExportInfo, TransferRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -46,6 +46,8 @@ pub struct AllocationDto {
     pub owner: Option<String>,
     pub persistent: bool,
     pub movable: bool,
+    /// Shared with another process: never moved.
+    pub exported: bool,
     pub generation: u64,
     pub allocated_at: String,
 }
@@ -65,6 +67,7 @@ impl From<&AllocationRecord> for AllocationDto {
             owner: r.owner.clone(),
             persistent: r.persistent,
             movable: r.movable,
+            exported: r.exported,
             generation: r.generation,
             allocated_at: rfc3339(r.allocated_at),
         }
@@ -139,6 +142,29 @@ pub struct DeviceStatusDto {
     /// Bytes promised to `reservation` allocations (budget, no memory).
     pub reservation_bytes: u64,
     pub pools: Vec<PoolStatusDto>,
+    /// GPUs: `GPU-…` as nvidia-smi prints it.
+    pub uuid: Option<String>,
+    pub pci_bus_id: Option<String>,
+    /// GPUs: e.g. `9.0`.
+    pub compute_capability: Option<String>,
+    /// GPUs: peak bytes/s (NVML bus width × memory clock × 2).
+    pub memory_bandwidth: Option<u64>,
+    /// GPUs: memory the driver reserves for itself (NVML).
+    pub reserved_memory: Option<u64>,
+    /// GPUs: memory per process, from NVML (other programs included).
+    pub processes: Vec<ProcessDto>,
+    /// False after a driver error (see `lastError`); other devices keep working.
+    pub healthy: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessDto {
+    pub pid: u32,
+    pub name: String,
+    /// Null when the driver does not report it.
+    pub used_memory: Option<u64>,
 }
 
 impl From<&DeviceStatus> for DeviceStatusDto {
@@ -171,6 +197,18 @@ impl From<&DeviceStatus> for DeviceStatusDto {
                     allocation_count: p.allocation_count,
                 })
                 .collect(),
+            uuid: s.gpu.as_ref().map(|g| g.uuid.clone()),
+            pci_bus_id: s.gpu.as_ref().map(|g| g.pci_bus_id.clone()),
+            compute_capability: s.gpu.as_ref().map(|g| g.compute_capability.clone()),
+            memory_bandwidth: s.gpu.as_ref().and_then(|g| g.memory_bandwidth_bytes_per_s),
+            reserved_memory: s.driver_reserved_bytes,
+            processes: s
+                .processes
+                .iter()
+                .map(|p| ProcessDto { pid: p.pid, name: p.name.clone(), used_memory: p.used_bytes })
+                .collect(),
+            healthy: s.fault.is_none(),
+            last_error: s.fault.clone(),
         }
     }
 }
@@ -245,4 +283,138 @@ pub struct HealthDto {
     pub uptime_seconds: u64,
     pub devices: Vec<String>,
     pub backends: Vec<BackendDto>,
+}
+
+/// Body of `POST /api/memory/transfer` and `POST /api/memory/copy`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferBody {
+    pub source_allocation_id: Option<String>,
+    /// Default 0.
+    pub source_offset: Option<i64>,
+    /// An existing destination; or give `targetDeviceId` for a new one.
+    pub destination_allocation_id: Option<String>,
+    /// Default 0.
+    pub destination_offset: Option<i64>,
+    /// Transfer into a new allocation on this device (transfer only).
+    pub target_device_id: Option<String>,
+    /// Memory kind of the new allocation; default the device's (`device` on GPUs, `host` on cpu).
+    pub target_memory_type: Option<String>,
+    /// Default: the rest of the source from `sourceOffset`.
+    pub size_bytes: Option<i64>,
+    /// `copy` (default) keeps the source, `move` frees it once the bytes have arrived.
+    pub transfer_type: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferDto {
+    pub transfer_id: String,
+    /// `running` | `completed` | `failed`.
+    pub status: String,
+    /// `copy` | `move`.
+    pub transfer_type: String,
+    pub source_allocation_id: String,
+    pub source_device_id: String,
+    pub source_offset: u64,
+    pub destination_allocation_id: String,
+    pub destination_device_id: String,
+    pub destination_offset: u64,
+    pub size_bytes: u64,
+    pub bytes_done: u64,
+    /// 0–1.
+    pub progress: f64,
+    /// Achieved so far.
+    pub bytes_per_second: f64,
+    pub duration_ms: f64,
+    pub started_at: String,
+    pub completed_at: Option<String>,
+    pub error: Option<String>,
+}
+
+impl From<&TransferRecord> for TransferDto {
+    fn from(t: &TransferRecord) -> Self {
+        TransferDto {
+            transfer_id: t.id.clone(),
+            status: t.status.as_str().into(),
+            transfer_type: if t.move_source { "move" } else { "copy" }.into(),
+            source_allocation_id: t.source_id.clone(),
+            source_device_id: t.source_device.to_string(),
+            source_offset: t.source_offset,
+            destination_allocation_id: t.destination_id.clone(),
+            destination_device_id: t.destination_device.to_string(),
+            destination_offset: t.destination_offset,
+            size_bytes: t.size_bytes,
+            bytes_done: t.bytes_done,
+            progress: if t.size_bytes == 0 { 1.0 } else { t.bytes_done as f64 / t.size_bytes as f64 },
+            bytes_per_second: t.bytes_per_second(),
+            duration_ms: t.duration_secs * 1e3,
+            started_at: rfc3339(t.started_at),
+            completed_at: t.finished_at.map(rfc3339),
+            error: t.error.clone(),
+        }
+    }
+}
+
+/// What another process needs to map an allocation.
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportDto {
+    pub allocation_id: String,
+    /// `cudaIpc` (device memory: open `ipcHandle` with cudaIpcOpenMemHandle, add `offset`) or
+    /// `shm` (host memory: map the file at `path`, add `offset`).
+    pub kind: String,
+    pub device_id: String,
+    /// 64 bytes, hex (cudaIpc).
+    pub ipc_handle: Option<String>,
+    /// File under /dev/shm, mode 0600 (shm).
+    pub path: Option<String>,
+    /// Offset of the allocation inside what the handle or file maps.
+    pub offset: u64,
+    pub size_bytes: u64,
+}
+
+impl ExportDto {
+    pub fn new(allocation_id: &str, e: &ExportInfo) -> Self {
+        match e {
+            ExportInfo::CudaIpc { device, handle, offset, size_bytes } => ExportDto {
+                allocation_id: allocation_id.into(),
+                kind: "cudaIpc".into(),
+                device_id: device.to_string(),
+                ipc_handle: Some(handle.iter().map(|b| format!("{b:02x}")).collect()),
+                path: None,
+                offset: *offset,
+                size_bytes: *size_bytes,
+            },
+            ExportInfo::Shm { path, offset, size_bytes } => ExportDto {
+                allocation_id: allocation_id.into(),
+                kind: "shm".into(),
+                device_id: "cpu".into(),
+                ipc_handle: None,
+                path: Some(path.clone()),
+                offset: *offset,
+                size_bytes: *size_bytes,
+            },
+        }
+    }
+}
+
+/// `GET /api/memory/allocations/{id}/data`: bytes of an allocation.
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataDto {
+    pub allocation_id: String,
+    pub offset: u64,
+    pub length: u64,
+    /// The bytes, base64 (standard alphabet, padded).
+    pub data_base64: String,
+}
+
+/// `PUT /api/memory/allocations/{id}/data`: what was written.
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WrittenDto {
+    pub allocation_id: String,
+    pub offset: u64,
+    pub bytes_written: u64,
 }

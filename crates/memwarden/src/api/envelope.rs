@@ -87,6 +87,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::AllocationNotFound { .. } => (StatusCode::NOT_FOUND, "ALLOCATION_NOT_FOUND"),
             ServiceError::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
             ServiceError::InsufficientMemory { .. } => (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY"),
+            ServiceError::InvalidOperation(_) => (StatusCode::CONFLICT, "INVALID_OPERATION"),
+            ServiceError::TransferNotFound { .. } => (StatusCode::NOT_FOUND, "TRANSFER_NOT_FOUND"),
+            ServiceError::TransferFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "TRANSFER_FAILED"),
             ServiceError::BackendUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "BACKEND_UNAVAILABLE"),
             ServiceError::BackendFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "BACKEND_ERROR"),
         };

@@ -3,22 +3,31 @@
 pub mod dto;
 pub mod envelope;
 
-use crate::service::{AllocateRequest, Service, DEFAULT_ALIGNMENT_BYTES};
-use axum::extract::{Path, Request, State};
+use crate::service::{
+    AllocateRequest, Service, TransferRequest, TransferStatus, TransferTarget, DEFAULT_ALIGNMENT_BYTES,
+};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
+use base64::Engine as _;
 use dto::*;
 use envelope::{ApiError, ApiJson, ApiResponse, Data, ErrorBody, CORRELATION_ID};
 use memwarden_core::MemoryKind;
+use std::collections::HashMap;
 use std::sync::Arc;
 use time::OffsetDateTime;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// Largest body of `PUT …/data` and largest `length` of `GET …/data`.
+pub const MAX_DATA_BYTES: usize = 64 << 20;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -69,6 +78,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/allocations/device/{device_id}", get(list_device_allocations))
         .route("/api/memory/allocations/{allocation_id}", delete(free))
         .route("/api/memory/allocation/{allocation_id}", get(get_allocation))
+        .route("/api/memory/allocations/{allocation_id}/export", post(export))
+        .route(
+            "/api/memory/allocations/{allocation_id}/data",
+            get(read_data).put(write_data).layer(DefaultBodyLimit::max(MAX_DATA_BYTES)),
+        )
+        .route("/api/memory/transfer", post(transfer))
+        .route("/api/memory/transfer/{transfer_id}", get(transfer_status))
+        .route("/api/memory/copy", post(copy))
         .route("/api/memory/operations/clear", post(clear_all))
         .route("/api/memory/operations/clear/{device_id}", post(clear_device))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -295,4 +312,175 @@ async fn clear_all(State(state): State<AppState>) -> ApiResult<ClearDto> {
 async fn clear_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<ClearDto> {
     let id = state.service.resolve(&device_id)?;
     Ok(Data(ClearDto::new(&blocking(|| state.service.clear(Some(id)))?)))
+}
+
+/// Shares an allocation with another process: a CUDA IPC handle for device memory, a file under
+/// /dev/shm for host memory. The allocation is never moved afterwards.
+#[utoipa::path(
+    post, path = "/api/memory/allocations/{allocationId}/export", params(("allocationId" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<ExportDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"),
+        (status = 400, description = "INVALID_ARGUMENT (a reservation)"), (status = 409, description = "INVALID_OPERATION (memory that cannot be shared)")
+    )
+)]
+async fn export(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<ExportDto> {
+    let info = state.service.export(&allocation_id)?;
+    Ok(Data(ExportDto::new(&allocation_id, &info)))
+}
+
+fn query_u64(q: &HashMap<String, String>, name: &'static str, default: Option<u64>) -> Result<u64, ApiError> {
+    match q.get(name) {
+        Some(v) => v.parse().map_err(|_| ApiError::invalid(format!("{name}: '{v}' is not a non-negative integer"))),
+        None => default.ok_or_else(|| ApiError::invalid(format!("{name}: required"))),
+    }
+}
+
+/// Reads bytes of an allocation (`offset`, `length` ≤ 64 MiB), base64 in the envelope.
+#[utoipa::path(
+    get, path = "/api/memory/allocations/{allocationId}/data",
+    params(("allocationId" = String, Path), ("offset" = Option<u64>, Query), ("length" = u64, Query)),
+    responses((status = 200, body = ApiResponse<DataDto>), (status = 400, description = "INVALID_ARGUMENT"))
+)]
+async fn read_data(
+    State(state): State<AppState>,
+    Path(allocation_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<DataDto> {
+    let offset = query_u64(&q, "offset", Some(0))?;
+    let length = query_u64(&q, "length", None)?;
+    if length > MAX_DATA_BYTES as u64 {
+        return Err(ApiError::invalid(format!("length: at most {MAX_DATA_BYTES} bytes per read")));
+    }
+    let bytes = blocking(|| state.service.read_bytes(&allocation_id, offset, length))?;
+    Ok(Data(DataDto {
+        allocation_id,
+        offset,
+        length,
+        data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+    }))
+}
+
+/// Writes the request body (application/octet-stream, ≤ 64 MiB) into an allocation at `offset`.
+#[utoipa::path(
+    put, path = "/api/memory/allocations/{allocationId}/data",
+    params(("allocationId" = String, Path), ("offset" = Option<u64>, Query)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = ApiResponse<WrittenDto>), (status = 400, description = "INVALID_ARGUMENT"))
+)]
+async fn write_data(
+    State(state): State<AppState>,
+    Path(allocation_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<WrittenDto> {
+    let body = body.map_err(|e| ApiError::invalid(format!("body: {}", e.body_text())))?;
+    let offset = query_u64(&q, "offset", Some(0))?;
+    blocking(|| state.service.write_bytes(&allocation_id, offset, &body))?;
+    Ok(Data(WrittenDto { allocation_id, offset, bytes_written: body.len() as u64 }))
+}
+
+fn non_negative(v: Option<i64>, field: &'static str) -> Result<Option<u64>, ApiError> {
+    match v {
+        Some(x) if x < 0 => Err(ApiError::invalid(format!("{field}: must not be negative (got {x})"))),
+        Some(x) => Ok(Some(x as u64)),
+        None => Ok(None),
+    }
+}
+
+fn parse_transfer(body: TransferBody, copy_only: bool) -> Result<TransferRequest, ApiError> {
+    let source_id = body.source_allocation_id.ok_or_else(|| ApiError::invalid("sourceAllocationId: required"))?;
+    let move_source = match body.transfer_type.as_deref() {
+        None | Some("copy") => false,
+        Some("move") if !copy_only => true,
+        Some("move") => {
+            return Err(ApiError::invalid(
+                "transferType: /api/memory/copy only copies; use /api/memory/transfer to move",
+            ))
+        }
+        Some(other) => return Err(ApiError::invalid(format!("transferType: '{other}' is not copy or move"))),
+    };
+    let size_bytes = non_negative(body.size_bytes, "sizeBytes")?;
+    if size_bytes == Some(0) {
+        return Err(ApiError::invalid("sizeBytes: must be greater than 0"));
+    }
+    let target = match (body.destination_allocation_id, body.target_device_id) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "targetDeviceId: give either destinationAllocationId or targetDeviceId, not both",
+            ))
+        }
+        (Some(id), None) => TransferTarget::Allocation {
+            id,
+            offset: non_negative(body.destination_offset, "destinationOffset")?.unwrap_or(0),
+        },
+        (None, Some(_)) if copy_only => {
+            return Err(ApiError::invalid(
+                "destinationAllocationId: required (copy works between existing allocations)",
+            ))
+        }
+        (None, Some(device)) => TransferTarget::NewOn {
+            device,
+            kind: match body.target_memory_type.as_deref() {
+                None => None,
+                Some(t) => Some(t.parse().map_err(|e| ApiError::invalid(format!("targetMemoryType: {e}")))?),
+            },
+        },
+        (None, None) => return Err(ApiError::invalid("destinationAllocationId: required (or targetDeviceId)")),
+    };
+    Ok(TransferRequest {
+        source_id,
+        source_offset: non_negative(body.source_offset, "sourceOffset")?.unwrap_or(0),
+        target,
+        size_bytes,
+        move_source,
+    })
+}
+
+fn transfer_response(state: &AppState, req: TransferRequest) -> Result<(StatusCode, Data<TransferDto>), ApiError> {
+    let service = state.service.clone();
+    let record = blocking(move || service.transfer(req))?;
+    let status = if record.status == TransferStatus::Running { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Data(TransferDto::from(&record))))
+}
+
+/// Copies or moves bytes from one allocation into another, or into a new allocation on
+/// `targetDeviceId`. Up to `transfer.sync_max_bytes` (64 MiB) it answers when done (200);
+/// larger transfers answer 202 with `status: running` and a `transferId` to poll.
+#[utoipa::path(
+    post, path = "/api/memory/transfer", request_body = TransferBody,
+    responses(
+        (status = 200, body = ApiResponse<TransferDto>), (status = 202, body = ApiResponse<TransferDto>),
+        (status = 400, description = "INVALID_ARGUMENT, naming the field"), (status = 404, description = "ALLOCATION_NOT_FOUND"),
+        (status = 500, description = "TRANSFER_FAILED"), (status = 507, description = "INSUFFICIENT_MEMORY for a new destination")
+    )
+)]
+async fn transfer(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<TransferBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    transfer_response(&state, parse_transfer(body, false)?)
+}
+
+/// A transfer's status, progress, bytes done and achieved bytes/s.
+#[utoipa::path(
+    get, path = "/api/memory/transfer/{transferId}", params(("transferId" = String, Path)),
+    responses((status = 200, body = ApiResponse<TransferDto>), (status = 404, description = "TRANSFER_NOT_FOUND"))
+)]
+async fn transfer_status(State(state): State<AppState>, Path(transfer_id): Path<String>) -> ApiResult<TransferDto> {
+    Ok(Data(TransferDto::from(&state.service.transfer_status(&transfer_id)?)))
+}
+
+/// Copies bytes between two existing allocations (same fields as a transfer).
+#[utoipa::path(
+    post, path = "/api/memory/copy", request_body = TransferBody,
+    responses(
+        (status = 200, body = ApiResponse<TransferDto>), (status = 202, body = ApiResponse<TransferDto>),
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "ALLOCATION_NOT_FOUND")
+    )
+)]
+async fn copy(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<TransferBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    transfer_response(&state, parse_transfer(body, true)?)
 }

@@ -2,9 +2,12 @@
 //! independent of HTTP. The REST API and tests call it; it calls the backends.
 
 mod device;
+mod transfer;
+
+pub use transfer::{ExportInfo, TransferRecord, TransferRequest, TransferStatus, TransferTarget};
 
 use device::{AllocFailure, Device};
-use memwarden_backends::{Backend, BackendError, HostBackend, HostStatusReader};
+use memwarden_backends::{Backend, BackendError, CudaSystem, GpuInfo, HostBackend, HostStatusReader, ProcessMemory};
 use memwarden_core::{DeviceId, MemoryKind, Placement, PoolConfig, PoolStats};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +29,12 @@ pub enum ServiceError {
     InvalidArgument { field: &'static str, message: String },
     #[error("insufficient memory on {device}: requested {requested_bytes} bytes, available {available_bytes} bytes ({detail})")]
     InsufficientMemory { device: String, requested_bytes: u64, available_bytes: u64, detail: String },
+    #[error("{0}")]
+    InvalidOperation(String),
+    #[error("transfer '{id}' not found")]
+    TransferNotFound { id: String },
+    #[error("transfer {transfer_id} failed: {message}")]
+    TransferFailed { transfer_id: String, message: String },
     #[error("backend unavailable for {device}: {reason}")]
     BackendUnavailable { device: String, reason: String },
     #[error("{device}: {message}")]
@@ -84,6 +93,8 @@ pub struct AllocationRecord {
     pub owner: Option<String>,
     pub persistent: bool,
     pub movable: bool,
+    /// Shared with another process (`export`): never moved.
+    pub exported: bool,
     pub generation: u64,
     pub allocated_at: OffsetDateTime,
 }
@@ -102,6 +113,12 @@ pub struct DeviceStatus {
     pub last_updated: OffsetDateTime,
     pub pools: Vec<(MemoryKind, PoolStats)>,
     pub reservation_bytes: u64,
+    pub gpu: Option<GpuInfo>,
+    /// Memory the driver reserves for itself (GPUs, from NVML).
+    pub driver_reserved_bytes: Option<u64>,
+    pub processes: Vec<ProcessMemory>,
+    /// The last driver error, when the device is unhealthy.
+    pub fault: Option<String>,
 }
 
 impl DeviceStatus {
@@ -137,10 +154,27 @@ pub struct BackendHealth {
 
 pub struct Service {
     devices: Vec<(DeviceId, Device)>,
-    ledger: Mutex<HashMap<String, AllocationRecord>>,
+    ledger: Mutex<Ledger>,
+    transfers: Mutex<transfer::Transfers>,
     backends: Vec<BackendHealth>,
+    peer: Vec<Vec<bool>>,
     pool_config: PoolConfig,
+    /// Transfers up to this size answer synchronously; larger ones run in the background.
+    sync_transfer_max_bytes: u64,
     started_at: OffsetDateTime,
+}
+
+/// Live allocations, and which of them a copy is using (those cannot be freed meanwhile).
+#[derive(Default)]
+struct Ledger {
+    records: HashMap<String, AllocationRecord>,
+    busy: HashMap<String, u32>,
+}
+
+impl Ledger {
+    fn get(&self, id: &str) -> Option<&AllocationRecord> {
+        self.records.get(id)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,29 +184,61 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Service {
-    /// The service with every backend this machine has.
+    /// The service with every backend this machine has: the host always, CUDA GPUs when a
+    /// driver and a GPU are present (otherwise listed as unavailable with the reason).
     pub fn from_config(config: &Config) -> Self {
-        let host = HostBackend::new(HostStatusReader::new(&config.host.proc_root, &config.host.cgroup_root));
         let pool = PoolConfig {
             block_size_bytes: config.pool.block_size_bytes,
             dedicated_threshold_bytes: config.pool.dedicated_threshold_bytes,
             ..PoolConfig::default()
         };
+        let cuda = if config.cuda.enabled {
+            CudaSystem::init()
+        } else {
+            Err("disabled in the configuration (cuda.enabled = false)".to_string())
+        };
+        let shared_dir =
+            (!config.host.shared_memory_dir.as_os_str().is_empty()).then(|| config.host.shared_memory_dir.clone());
+        let host = HostBackend::new(HostStatusReader::new(&config.host.proc_root, &config.host.cgroup_root))
+            .with_shared_dir(shared_dir)
+            .with_cuda(cuda.as_ref().ok().and_then(|c| c.contexts.first().cloned()));
+        let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(host)];
+        let mut health =
+            vec![BackendHealth { name: "host", available: true, devices: vec!["cpu".into()], reason: None }];
+        match &cuda {
+            Ok(system) => {
+                let gpus = system.backends();
+                health.push(BackendHealth {
+                    name: "cuda",
+                    available: true,
+                    devices: gpus.iter().map(|g| g.info().device_id.to_string()).collect(),
+                    reason: None,
+                });
+                backends.extend(gpus.into_iter().map(|g| Arc::new(g) as Arc<dyn Backend>));
+            }
+            Err(reason) => {
+                tracing::info!("CUDA backend unavailable: {reason}");
+                health.push(BackendHealth {
+                    name: "cuda",
+                    available: false,
+                    devices: vec![],
+                    reason: Some(reason.clone()),
+                });
+            }
+        }
         let mut service = Service::with_backends(
-            vec![Arc::new(host)],
+            backends,
             pool,
             config.pool.headroom_bytes,
             Duration::from_millis(config.pool.status_max_age_ms),
         );
-        service.backends.push(BackendHealth {
-            name: "cuda",
-            available: false,
-            devices: vec![],
-            reason: Some("the CUDA backend is not part of this build yet".into()),
-        });
+        service.backends = health;
+        service.peer = cuda.map(|c| c.peer).unwrap_or_default();
+        service.sync_transfer_max_bytes = config.transfer.sync_max_bytes;
         service
     }
 
+    /// A service over the given backends (tests and embedding).
     pub fn with_backends(
         backends: Vec<Arc<dyn Backend>>,
         pool: PoolConfig,
@@ -190,11 +256,19 @@ impl Service {
                 .into_iter()
                 .map(|b| (b.info().device_id, Device::new(b, pool, headroom_bytes, max_age)))
                 .collect(),
-            ledger: Mutex::new(HashMap::new()),
+            ledger: Mutex::new(Ledger::default()),
+            transfers: Mutex::new(transfer::Transfers::default()),
             backends: health,
+            peer: vec![],
             pool_config: pool,
+            sync_transfer_max_bytes: 64 << 20,
             started_at: OffsetDateTime::now_utc(),
         }
+    }
+
+    /// `peer[i][j]`: cuda:i reads and writes cuda:j's memory directly.
+    pub fn peer_access(&self) -> &[Vec<bool>] {
+        &self.peer
     }
 
     pub fn started_at(&self) -> OffsetDateTime {
@@ -249,6 +323,10 @@ impl Service {
             last_updated: sample.taken_at,
             pools: st.pools.iter().map(|p| (p.kind(), p.stats())).collect(),
             reservation_bytes: st.reservation_bytes,
+            gpu: info.gpu.clone(),
+            driver_reserved_bytes: sample.reading.reserved_bytes,
+            processes: sample.reading.processes,
+            fault: dev.backend.fault(),
         })
     }
 
@@ -335,10 +413,11 @@ impl Service {
             owner: req.owner,
             persistent: req.persistent,
             movable: req.movable,
+            exported: false,
             generation: 0,
             allocated_at: OffsetDateTime::now_utc(),
         };
-        lock(&self.ledger).insert(record.id.clone(), record.clone());
+        lock(&self.ledger).records.insert(record.id.clone(), record.clone());
         Ok(Some(record))
     }
 
@@ -352,14 +431,23 @@ impl Service {
 
     /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.
     pub fn free(&self, allocation_id: &str) -> Result<AllocationRecord, ServiceError> {
-        let record = lock(&self.ledger)
-            .remove(allocation_id)
-            .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
+        let record = {
+            let mut ledger = lock(&self.ledger);
+            if let Some(n) = ledger.busy.get(allocation_id) {
+                return Err(ServiceError::InvalidOperation(format!(
+                    "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
+                )));
+            }
+            ledger
+                .records
+                .remove(allocation_id)
+                .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?
+        };
         let dev = self.device_or_404(record.device)?;
         let result = lock(&dev.state).free(record.kind, record.placement.as_ref(), record.size_bytes);
         if let Err(e) = result {
             // Keep the handle so the caller can retry; the pool did not change.
-            lock(&self.ledger).insert(record.id.clone(), record.clone());
+            lock(&self.ledger).records.insert(record.id.clone(), record.clone());
             return Err(ServiceError::from_backend(record.device, e));
         }
         Ok(record)
@@ -375,7 +463,7 @@ impl Service {
     /// Live allocations, oldest first; only those of `device` when given.
     pub fn allocations(&self, device: Option<DeviceId>) -> Vec<AllocationRecord> {
         let mut list: Vec<_> =
-            lock(&self.ledger).values().filter(|r| device.is_none_or(|d| r.device == d)).cloned().collect();
+            lock(&self.ledger).records.values().filter(|r| device.is_none_or(|d| r.device == d)).cloned().collect();
         list.sort_by(|a, b| a.allocated_at.cmp(&b.allocated_at).then_with(|| a.id.cmp(&b.id)));
         list
     }
@@ -404,6 +492,7 @@ impl Service {
             for pool in &st.pools {
                 pool.validate().map_err(|e| format!("{id} {}: {e}", pool.kind()))?;
                 let in_ledger: u64 = ledger
+                    .records
                     .values()
                     .filter(|r| r.device == *id && r.kind == pool.kind())
                     .map(|r| r.allocated_bytes)
@@ -417,6 +506,7 @@ impl Service {
                 }
             }
             let reserved: u64 = ledger
+                .records
                 .values()
                 .filter(|r| r.device == *id && r.kind == MemoryKind::Reservation)
                 .map(|r| r.size_bytes)

@@ -1,0 +1,408 @@
+//! Transfers and copies between allocations (any devices), exports to other processes, and
+//! reading/writing an allocation's bytes.
+
+use super::{lock, AllocateRequest, AllocationRecord, Service, ServiceError};
+use memwarden_backends::{copy_between, BlockExport, SharedBlock};
+use memwarden_core::{DeviceId, MemoryKind};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use time::OffsetDateTime;
+
+/// Finished transfers kept for `GET /api/memory/transfer/{id}`.
+const FINISHED_KEPT: usize = 1024;
+/// Background transfers copy in chunks of this size, updating progress between chunks.
+const CHUNK_BYTES: u64 = 256 << 20;
+
+/// Where a transfer writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransferTarget {
+    /// An existing allocation, at an offset.
+    Allocation { id: String, offset: u64 },
+    /// A new allocation on a device (of its default kind unless given).
+    NewOn { device: String, kind: Option<MemoryKind> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRequest {
+    pub source_id: String,
+    pub source_offset: u64,
+    pub target: TransferTarget,
+    /// Default: the rest of the source from `source_offset`.
+    pub size_bytes: Option<u64>,
+    /// Free the source once the bytes have arrived.
+    pub move_source: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferStatus {
+    Running,
+    Completed,
+    Failed,
+}
+
+impl TransferStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferStatus::Running => "running",
+            TransferStatus::Completed => "completed",
+            TransferStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A transfer as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRecord {
+    pub id: String,
+    pub status: TransferStatus,
+    pub move_source: bool,
+    pub source_id: String,
+    pub source_device: DeviceId,
+    pub source_offset: u64,
+    pub destination_id: String,
+    pub destination_device: DeviceId,
+    pub destination_offset: u64,
+    pub size_bytes: u64,
+    pub bytes_done: u64,
+    pub started_at: OffsetDateTime,
+    pub finished_at: Option<OffsetDateTime>,
+    pub duration_secs: f64,
+    pub error: Option<String>,
+}
+
+impl TransferRecord {
+    /// Achieved bytes per second so far.
+    pub fn bytes_per_second(&self) -> f64 {
+        if self.duration_secs > 0.0 {
+            self.bytes_done as f64 / self.duration_secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A transfer in flight or finished, shared with the thread that runs it.
+struct TransferState {
+    record: Mutex<TransferRecord>,
+    bytes_done: AtomicU64,
+    started: Instant,
+}
+
+impl TransferState {
+    fn snapshot(&self) -> TransferRecord {
+        let mut r = lock(&self.record).clone();
+        r.bytes_done = self.bytes_done.load(Ordering::Relaxed);
+        if r.status == TransferStatus::Running {
+            r.duration_secs = self.started.elapsed().as_secs_f64();
+        }
+        r
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Transfers {
+    all: HashMap<String, Arc<TransferState>>,
+    finished: VecDeque<String>,
+}
+
+/// What another process needs to map an allocation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExportInfo {
+    CudaIpc { device: DeviceId, handle: [u8; 64], offset: u64, size_bytes: u64 },
+    Shm { path: String, offset: u64, size_bytes: u64 },
+}
+
+/// One side of a copy, resolved to memory.
+struct Side {
+    record: AllocationRecord,
+    block: SharedBlock,
+    /// Offset of the allocation inside its block.
+    base: u64,
+}
+
+impl Service {
+    /// The block memory behind an allocation (reservations have none).
+    fn side(&self, record: AllocationRecord, field: &'static str) -> Result<Side, ServiceError> {
+        let placement = record.placement.ok_or_else(|| {
+            ServiceError::invalid(field, format!("allocation '{}' is a reservation and holds no memory", record.id))
+        })?;
+        let dev = self.device_or_404(record.device)?;
+        let block = lock(&dev.state).pool(record.kind).and_then(|p| p.block(placement.block)).ok_or_else(|| {
+            ServiceError::BackendFailed {
+                device: record.device.to_string(),
+                message: format!("allocation '{}' names a block its pool does not hold", record.id),
+            }
+        })?;
+        Ok(Side { record, block, base: placement.offset_bytes })
+    }
+
+    /// Marks allocations as used by a copy (they cannot be freed meanwhile); fails if one of
+    /// them is gone.
+    fn acquire(&self, ids: &[&str]) -> Result<(), ServiceError> {
+        let mut ledger = lock(&self.ledger);
+        if let Some(missing) = ids.iter().find(|id| !ledger.records.contains_key(**id)) {
+            return Err(ServiceError::AllocationNotFound { id: missing.to_string() });
+        }
+        for id in ids {
+            *ledger.busy.entry(id.to_string()).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    fn release(&self, ids: &[&str]) {
+        let mut ledger = lock(&self.ledger);
+        for id in ids {
+            if let Some(n) = ledger.busy.get_mut(*id) {
+                *n -= 1;
+                if *n == 0 {
+                    ledger.busy.remove(*id);
+                }
+            }
+        }
+    }
+
+    /// Starts a transfer: checks every field, places a new destination if asked, marks both
+    /// allocations busy, and copies — synchronously up to the configured size, otherwise on a
+    /// background thread (`status: running`). A failed copy reports `failed` with the error;
+    /// a destination it created is freed again, and a `move` keeps its source.
+    pub fn transfer(self: &Arc<Self>, req: TransferRequest) -> Result<TransferRecord, ServiceError> {
+        let source = self
+            .allocation(&req.source_id)
+            .map_err(|_| ServiceError::AllocationNotFound { id: req.source_id.clone() })?;
+        if req.source_offset > source.size_bytes {
+            return Err(ServiceError::invalid(
+                "sourceOffset",
+                format!("{} is beyond the source's {} bytes", req.source_offset, source.size_bytes),
+            ));
+        }
+        let size = req.size_bytes.unwrap_or(source.size_bytes - req.source_offset);
+        if size == 0 {
+            return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
+        }
+        if req.source_offset.checked_add(size).is_none_or(|end| end > source.size_bytes) {
+            return Err(ServiceError::invalid(
+                "sizeBytes",
+                format!("{}+{size} exceeds the source's {} bytes", req.source_offset, source.size_bytes),
+            ));
+        }
+        let (destination, dst_offset, created) = match &req.target {
+            TransferTarget::Allocation { id, offset } => {
+                let d = self.allocation(id)?;
+                if offset.checked_add(size).is_none_or(|end| end > d.size_bytes) {
+                    return Err(ServiceError::invalid(
+                        "destinationOffset",
+                        format!("{offset}+{size} exceeds the destination's {} bytes", d.size_bytes),
+                    ));
+                }
+                if d.id == source.id {
+                    let (a, b) = (req.source_offset, *offset);
+                    if a < b + size && b < a + size {
+                        return Err(ServiceError::invalid(
+                            "destinationOffset",
+                            "source and destination ranges overlap",
+                        ));
+                    }
+                }
+                (d, *offset, false)
+            }
+            TransferTarget::NewOn { device, kind } => {
+                let d = self.allocate(AllocateRequest {
+                    device: device.clone(),
+                    size_bytes: size,
+                    kind: *kind,
+                    alignment_bytes: source.alignment_bytes,
+                    purpose: source.purpose.clone(),
+                    owner: source.owner.clone(),
+                    persistent: source.persistent,
+                    movable: source.movable,
+                })?;
+                (d, 0, true)
+            }
+        };
+        let sides = self.acquire(&[&source.id, &destination.id]).and_then(|()| {
+            let pair = self
+                .side(source.clone(), "sourceAllocationId")
+                .and_then(|s| Ok((s, self.side(destination.clone(), "destinationAllocationId")?)));
+            if pair.is_err() {
+                self.release(&[&source.id, &destination.id]);
+            }
+            pair
+        });
+        let (src, dst) = match sides {
+            Ok(pair) => pair,
+            Err(e) => {
+                if created {
+                    let _ = self.free(&destination.id);
+                }
+                return Err(e);
+            }
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let state = Arc::new(TransferState {
+            record: Mutex::new(TransferRecord {
+                id: id.clone(),
+                status: TransferStatus::Running,
+                move_source: req.move_source,
+                source_id: source.id.clone(),
+                source_device: source.device,
+                source_offset: req.source_offset,
+                destination_id: destination.id.clone(),
+                destination_device: destination.device,
+                destination_offset: dst_offset,
+                size_bytes: size,
+                bytes_done: 0,
+                started_at: OffsetDateTime::now_utc(),
+                finished_at: None,
+                duration_secs: 0.0,
+                error: None,
+            }),
+            bytes_done: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        {
+            let mut t = lock(&self.transfers);
+            t.all.insert(id.clone(), state.clone());
+        }
+        let job =
+            TransferJob { src, src_offset: req.source_offset, dst, dst_offset, size, created, state: state.clone() };
+        if size <= self.sync_transfer_max_bytes {
+            self.run_transfer(job);
+            let record = state.snapshot();
+            if let Some(error) = &record.error {
+                return Err(ServiceError::TransferFailed { transfer_id: record.id.clone(), message: error.clone() });
+            }
+            Ok(record)
+        } else {
+            let service = self.clone();
+            std::thread::Builder::new()
+                .name(format!("transfer-{}", &id[..8]))
+                .spawn(move || service.run_transfer(job))
+                .map_err(|e| ServiceError::BackendFailed {
+                    device: source.device.to_string(),
+                    message: e.to_string(),
+                })?;
+            Ok(state.snapshot())
+        }
+    }
+
+    fn run_transfer(&self, job: TransferJob) {
+        let TransferJob { src, src_offset, dst, dst_offset, size, created, state } = job;
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < size {
+            let n = CHUNK_BYTES.min(size - done);
+            result = copy_between(
+                src.block.as_ref(),
+                src.base + src_offset + done,
+                dst.block.as_ref(),
+                dst.base + dst_offset + done,
+                n,
+            );
+            if result.is_err() {
+                break;
+            }
+            done += n;
+            state.bytes_done.store(done, Ordering::Relaxed);
+        }
+        self.release(&[&src.record.id, &dst.record.id]);
+        let elapsed = state.started.elapsed().as_secs_f64();
+        let mut error = result.err().map(|e| e.to_string());
+        if error.is_some() && created {
+            let _ = self.free(&dst.record.id);
+        }
+        let move_source = lock(&state.record).move_source;
+        if error.is_none() && move_source {
+            if let Err(e) = self.free(&src.record.id) {
+                error = Some(format!("bytes copied, but freeing the source failed: {e}"));
+            }
+        }
+        {
+            let mut r = lock(&state.record);
+            r.status = if error.is_some() { TransferStatus::Failed } else { TransferStatus::Completed };
+            r.error = error;
+            r.duration_secs = elapsed;
+            r.finished_at = Some(OffsetDateTime::now_utc());
+        }
+        let mut t = lock(&self.transfers);
+        t.finished.push_back(lock(&state.record).id.clone());
+        while t.finished.len() > FINISHED_KEPT {
+            if let Some(old) = t.finished.pop_front() {
+                t.all.remove(&old);
+            }
+        }
+    }
+
+    /// A transfer by id (running, or among the last finished ones).
+    pub fn transfer_status(&self, id: &str) -> Result<TransferRecord, ServiceError> {
+        let state = lock(&self.transfers).all.get(id).cloned();
+        state.map(|s| s.snapshot()).ok_or_else(|| ServiceError::TransferNotFound { id: id.to_string() })
+    }
+
+    /// What another process needs to map an allocation. The allocation is marked exported and
+    /// will never be moved.
+    pub fn export(&self, allocation_id: &str) -> Result<ExportInfo, ServiceError> {
+        let record = self.allocation(allocation_id)?;
+        let side = self.side(record.clone(), "allocationId")?;
+        let export = side.block.export().map_err(|e| {
+            ServiceError::InvalidOperation(format!("allocation '{allocation_id}' cannot be exported: {e}"))
+        })?;
+        if let Some(r) = lock(&self.ledger).records.get_mut(allocation_id) {
+            r.exported = true;
+            r.movable = false;
+        }
+        Ok(match export {
+            BlockExport::CudaIpc { handle, .. } => {
+                ExportInfo::CudaIpc { device: record.device, handle, offset: side.base, size_bytes: record.size_bytes }
+            }
+            BlockExport::Shm { path } => {
+                ExportInfo::Shm { path: path.display().to_string(), offset: side.base, size_bytes: record.size_bytes }
+            }
+        })
+    }
+
+    /// Writes bytes into an allocation at `offset` (bounds-checked).
+    pub fn write_bytes(&self, allocation_id: &str, offset: u64, data: &[u8]) -> Result<(), ServiceError> {
+        let record = self.allocation(allocation_id)?;
+        check_range(&record, offset, data.len() as u64)?;
+        let side = self.side(record.clone(), "allocationId")?;
+        let dev = self.device_or_404(record.device)?;
+        dev.backend
+            .write(side.block.as_ref(), side.base + offset, data)
+            .map_err(|e| ServiceError::from_backend(record.device, e))
+    }
+
+    /// Reads `len` bytes of an allocation at `offset` (bounds-checked).
+    pub fn read_bytes(&self, allocation_id: &str, offset: u64, len: u64) -> Result<Vec<u8>, ServiceError> {
+        let record = self.allocation(allocation_id)?;
+        check_range(&record, offset, len)?;
+        let side = self.side(record.clone(), "allocationId")?;
+        let dev = self.device_or_404(record.device)?;
+        let mut out = vec![0u8; len as usize];
+        dev.backend
+            .read(side.block.as_ref(), side.base + offset, &mut out)
+            .map_err(|e| ServiceError::from_backend(record.device, e))?;
+        Ok(out)
+    }
+}
+
+fn check_range(record: &AllocationRecord, offset: u64, len: u64) -> Result<(), ServiceError> {
+    if offset.checked_add(len).is_none_or(|end| end > record.size_bytes) {
+        return Err(ServiceError::invalid(
+            "offset",
+            format!("{offset}+{len} is outside the allocation's {} bytes", record.size_bytes),
+        ));
+    }
+    Ok(())
+}
+
+struct TransferJob {
+    src: Side,
+    src_offset: u64,
+    dst: Side,
+    dst_offset: u64,
+    size: u64,
+    created: bool,
+    state: Arc<TransferState>,
+}
