@@ -226,3 +226,22 @@ fn the_nonblocking_path_defers_only_when_a_block_is_needed() {
     }
     s.validate().expect("valid");
 }
+
+#[test]
+fn allocations_in_use_by_a_copy_cannot_be_freed() {
+    let s = service_with(None, 0);
+    let a = s.allocate(req(4096, None)).expect("allocate");
+    s.acquire(&[&a.id]).expect("acquire");
+    match s.free(&a.id) {
+        Err(ServiceError::InvalidOperation(m)) => assert!(m.contains("in use by 1 transfer"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.allocation(&a.id).is_ok(), "still there");
+    s.release(&[&a.id]);
+    s.free(&a.id).expect("free after the copy");
+    assert!(
+        matches!(s.acquire(&[&a.id]), Err(ServiceError::AllocationNotFound { .. })),
+        "a freed allocation cannot be used"
+    );
+    s.validate().expect("valid");
+}

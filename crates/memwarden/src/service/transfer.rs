@@ -140,7 +140,7 @@ impl Service {
 
     /// Marks allocations as used by a copy (they cannot be freed meanwhile); fails if one of
     /// them is gone.
-    fn acquire(&self, ids: &[&str]) -> Result<(), ServiceError> {
+    pub(super) fn acquire(&self, ids: &[&str]) -> Result<(), ServiceError> {
         let mut ledger = lock(&self.ledger);
         if let Some(missing) = ids.iter().find(|id| !ledger.records.contains_key(**id)) {
             return Err(ServiceError::AllocationNotFound { id: missing.to_string() });
@@ -151,7 +151,7 @@ impl Service {
         Ok(())
     }
 
-    fn release(&self, ids: &[&str]) {
+    pub(super) fn release(&self, ids: &[&str]) {
         let mut ledger = lock(&self.ledger);
         for id in ids {
             if let Some(n) = ledger.busy.get_mut(*id) {
