@@ -3,6 +3,7 @@
 # allocate+free pair on the same host, plus the host status against `free -b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+[ -d bin ] || tar -xJf bin.tar.xz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
   echo "== machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; uname -r

@@ -1,7 +1,7 @@
 //! HTTP load: allocate + free pairs over loopback against a running daemon, one keep-alive
 //! connection per client thread. Prints latency percentiles of the pair and the throughput.
 //!
-//!   cargo run --release --example http_load -- [URL] [PAIRS] [THREADS] [SIZE_BYTES]
+//!   cargo run --release --example http_load -- [URL] [PAIRS] [THREADS] [SIZE_BYTES] [DEVICE]
 //!
 //! `scripts/bench-http` starts a release daemon on a free port and runs this against it.
 //!
@@ -61,20 +61,22 @@ fn main() {
     let pairs: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let threads: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(1);
     let size: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(65536);
+    let device = args.get(5).cloned().unwrap_or_else(|| "cpu".into());
     let host_port = url.trim_start_matches("http://").trim_end_matches('/').to_string();
-    let body = format!(r#"{{"sizeBytes": {size}, "memoryType": "host", "purpose": "http-load"}}"#);
+    let body = format!(r#"{{"sizeBytes": {size}, "purpose": "http-load"}}"#);
+    let alloc_path = format!("/api/memory/allocations/allocate/{device}");
 
     let started = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (host_port, body) = (host_port.clone(), body.clone());
+            let (host_port, body, alloc_path) = (host_port.clone(), body.clone(), alloc_path.clone());
             std::thread::spawn(move || {
                 let mut conn = Conn::open(&host_port);
                 let mut samples = Vec::with_capacity(pairs);
                 // The first 10% warm the connection and the pool.
                 for i in 0..pairs + pairs / 10 {
                     let t = Instant::now();
-                    let (status, text) = conn.request("POST", "/api/memory/allocations/allocate/cpu", &body);
+                    let (status, text) = conn.request("POST", &alloc_path, &body);
                     assert_eq!(status, 201, "allocate failed: {text}");
                     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
                     let id = v["data"]["allocationId"].as_str().expect("allocationId");
@@ -93,7 +95,7 @@ fn main() {
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
     println!(
-        "http allocate+free pair, {size} B host, {threads} thread(s), {} pairs: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, {:.0} pairs/s",
+        "http allocate+free pair, {size} B on {device}, {threads} thread(s), {} pairs: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, {:.0} pairs/s",
         all.len(),
         pct(0.50),
         pct(0.90),

@@ -265,9 +265,21 @@ impl Service {
             let mut t = lock(&self.transfers);
             t.all.insert(id.clone(), state.clone());
         }
-        let job =
-            TransferJob { src, src_offset: req.source_offset, dst, dst_offset, size, created, state: state.clone() };
-        if size <= self.sync_transfer_max_bytes {
+        let sync = size <= self.sync_transfer_max_bytes;
+        // Background transfers copy in chunks so progress can be reported; a synchronous one
+        // copies in one call (no per-chunk synchronisation to pay).
+        let chunk = if sync { size } else { CHUNK_BYTES };
+        let job = TransferJob {
+            src,
+            src_offset: req.source_offset,
+            dst,
+            dst_offset,
+            size,
+            chunk,
+            created,
+            state: state.clone(),
+        };
+        if sync {
             self.run_transfer(job);
             let record = state.snapshot();
             if let Some(error) = &record.error {
@@ -288,11 +300,11 @@ impl Service {
     }
 
     fn run_transfer(&self, job: TransferJob) {
-        let TransferJob { src, src_offset, dst, dst_offset, size, created, state } = job;
+        let TransferJob { src, src_offset, dst, dst_offset, size, chunk, created, state } = job;
         let mut done = 0;
         let mut result = Ok(());
         while done < size {
-            let n = CHUNK_BYTES.min(size - done);
+            let n = chunk.min(size - done);
             result = copy_between(
                 src.block.as_ref(),
                 src.base + src_offset + done,
@@ -403,6 +415,7 @@ struct TransferJob {
     dst: Side,
     dst_offset: u64,
     size: u64,
+    chunk: u64,
     created: bool,
     state: Arc<TransferState>,
 }

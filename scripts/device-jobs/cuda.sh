@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The CUDA backend on the GPU machine: hardware tests, then benchmarks beside the baselines.
+#   bash device-run/jobs/cuda.sh [multi]     # "multi": the 2-GPU run (peer tests and copies)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -d bin ] || tar -xJf bin.tar.xz
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1
+mode=${1:-single}
+{
+  echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version,pci.bus_id --format=csv,noheader; nproc
+  nvidia-smi topo -m 2>/dev/null | head -5
+  echo "== hardware tests"
+  bin/test-memwarden_backends-lib conformance --test-threads=1
+  if [ "$mode" = multi ]; then
+    bin/test-gpu-test --test-threads=1 multi_gpu
+  else
+    bin/test-gpu-test --test-threads=1 --skip multi_gpu
+    bin/test-transfer-test --test-threads=2
+    bin/test-http-test --test-threads=2
+  fi
+  echo "== baseline (tools/gpu_baseline.cu, tools/gpu_peers.py)"
+  nvcc -O2 -o /tmp/gpu_baseline tools/gpu_baseline.cu -lcuda -lnvidia-ml && /tmp/gpu_baseline
+  python3 tools/gpu_peers.py
+  echo "== memwarden Rust API (examples/gpu_bench)"
+  if [ "$mode" = multi ]; then bin/gpu_bench $((1<<30)); else bin/gpu_bench; fi
+  echo "== memwarden HTTP (examples/http_load)"
+  for workers in 2 1; do
+    printf 'worker_threads = %s\n' "$workers" > /tmp/mw.toml
+    bin/memwarden serve --listen 127.0.0.1:0 --config /tmp/mw.toml > /tmp/mw.out 2>/tmp/mw.err &
+    pid=$!
+    for _ in $(seq 100); do grep -q listening /tmp/mw.out && break; sleep 0.1; done
+    url=$(sed -n 's/^memwarden listening on //p' /tmp/mw.out)
+    if [ "$workers" = 2 ]; then
+      bin/memwarden --url "$url" status
+      nvidia-smi --query-gpu=memory.total,memory.used,memory.free --format=csv,nounits
+    fi
+    echo "-- worker_threads = $workers"
+    bin/http_load "$url" 20000 1 1048576 cuda:0
+    bin/http_load "$url" 20000 1 65536 cpu
+    kill $pid; wait $pid 2>/dev/null
+  done
+} 2>&1 | tee "$OUT/cuda-$mode.txt"
