@@ -13,15 +13,34 @@ mode=${1:-single}
   echo "== hardware tests"
   bin/test-memwarden_backends-lib conformance --test-threads=1
   if [ "$mode" = multi ]; then
-    bin/test-gpu-test --test-threads=1 multi_gpu
+    bin/test-gpu-test --test-threads=1
   else
     bin/test-gpu-test --test-threads=1 --skip multi_gpu
-    bin/test-transfer-test --test-threads=2
-    bin/test-http-test --test-threads=2
   fi
+  bin/test-transfer-test --test-threads=2
+  bin/test-http-test --test-threads=2
   echo "== baseline (tools/gpu_baseline.cu, tools/gpu_peers.py)"
   nvcc -O2 -o /tmp/gpu_baseline tools/gpu_baseline.cu -lcuda -lnvidia-ml && /tmp/gpu_baseline
   python3 tools/gpu_peers.py
+  echo "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+  if [ "$mode" = multi ]; then
+    echo "== peer baseline (torch copy_ between GPUs, 1 GiB)"
+    python3 - <<'PY'
+import torch
+n = 1 << 30
+a = torch.empty(n, dtype=torch.uint8, device="cuda:0"); b = torch.empty(n, dtype=torch.uint8, device="cuda:1")
+print("torch can_device_access_peer(0,1):", torch.cuda.can_device_access_peer(0, 1))
+for src, dst, name in ((a, b, "cuda:0 -> cuda:1"), (b, a, "cuda:1 -> cuda:0")):
+    for _ in range(3): dst.copy_(src)
+    torch.cuda.synchronize(0); torch.cuda.synchronize(1)
+    times = []
+    for _ in range(10):
+        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+        s.record(torch.cuda.current_stream(src.device)); dst.copy_(src); e.record(torch.cuda.current_stream(src.device))
+        torch.cuda.synchronize(0); torch.cuda.synchronize(1); times.append(s.elapsed_time(e) / 1e3)
+    times.sort(); print(f"torch peer copy {name} 1 GiB: median {n / times[5] / 1e9:.1f} GB/s")
+PY
+  fi
   echo "== memwarden Rust API (examples/gpu_bench)"
   if [ "$mode" = multi ]; then bin/gpu_bench $((1<<30)); else bin/gpu_bench; fi
   echo "== memwarden HTTP (examples/http_load)"

@@ -121,8 +121,19 @@ impl MemoryPool {
         Ok(size)
     }
 
+    /// Full statistics (walks every block for the largest free range).
     pub fn stats(&self) -> PoolStats {
         self.pool.stats()
+    }
+
+    /// Bytes held from the OS or driver (O(1)).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.pool.reserved_bytes()
+    }
+
+    /// Bytes held but not handed out (O(1)).
+    pub fn free_in_pool_bytes(&self) -> u64 {
+        self.pool.reserved_bytes() - self.pool.allocated_bytes()
     }
 
     /// The block memory behind a placement, to read, write, copy or export it. Holding the

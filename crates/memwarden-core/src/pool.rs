@@ -232,6 +232,16 @@ impl Pool {
         self.live_blocks().filter(|(_, b)| b.tlsf.is_empty()).map(|(id, _)| id).collect()
     }
 
+    /// Bytes held from the OS or driver (O(1)).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved_bytes
+    }
+
+    /// Bytes handed out (O(1)).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_bytes
+    }
+
     pub fn stats(&self) -> PoolStats {
         let mut largest = 0;
         let mut empty = 0;

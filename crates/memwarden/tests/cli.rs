@@ -125,7 +125,7 @@ fn alloc_list_free_clear_through_the_cli() {
 #[test]
 fn failures_exit_non_zero_with_the_server_message() {
     let d = Daemon::start(&[]);
-    let out = d.run(&["alloc", "cuda:0", "1MiB"]);
+    let out = d.run(&["alloc", "cuda:99", "1MiB"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("DEVICE_NOT_FOUND (404)") && err.contains("devices: cpu"), "{err}");

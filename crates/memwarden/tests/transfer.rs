@@ -220,7 +220,7 @@ fn transfer_inputs_are_checked() {
             "INVALID_ARGUMENT",
             "reservation",
         ),
-        (json!({"sourceAllocationId": a, "targetDeviceId": "cuda:5"}), 404, "DEVICE_NOT_FOUND", "cuda:5"),
+        (json!({"sourceAllocationId": a, "targetDeviceId": "cuda:99"}), 404, "DEVICE_NOT_FOUND", "cuda:99"),
         (
             json!({"sourceAllocationId": a, "targetDeviceId": "cpu", "targetMemoryType": "vram"}),
             400,

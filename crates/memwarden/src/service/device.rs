@@ -16,7 +16,7 @@ pub(crate) struct DeviceState {
     pub pools: Vec<MemoryPool>,
     /// Bytes promised to `reservation` allocations (budget without memory).
     pub reservation_bytes: u64,
-    sample: Option<Sample>,
+    sample: Option<Arc<Sample>>,
     headroom_bytes: u64,
     max_age: Duration,
 }
@@ -73,15 +73,16 @@ impl DeviceState {
     }
 
     /// A status sample no older than `max_age` (zero: read now).
-    pub fn sample(&mut self, backend: &dyn Backend, max_age: Duration) -> Result<Sample, BackendError> {
+    /// Shared, so the per-allocation budget check copies no strings or process lists.
+    pub fn sample(&mut self, backend: &dyn Backend, max_age: Duration) -> Result<Arc<Sample>, BackendError> {
         match &self.sample {
             Some(s) if s.taken.elapsed() <= max_age => Ok(s.clone()),
             _ => {
-                let s = Sample {
+                let s = Arc::new(Sample {
                     reading: backend.read_status()?,
                     taken: Instant::now(),
                     taken_at: OffsetDateTime::now_utc(),
-                };
+                });
                 self.sample = Some(s.clone());
                 Ok(s)
             }
@@ -117,11 +118,11 @@ impl DeviceState {
     /// less outstanding reservations and the configured headroom; for a kind with its own limit
     /// (pinned: RLIMIT_MEMLOCK) no more than that limit leaves.
     fn budget_bytes(&self, backend: &dyn Backend, reading: &MemoryReading, kind: MemoryKind) -> u64 {
-        let pooled = self.pool_totals().free_in_pool_bytes;
+        let pooled: u64 = self.pools.iter().map(|p| p.free_in_pool_bytes()).sum();
         let mut budget =
             (reading.available_bytes + pooled).saturating_sub(self.reservation_bytes + self.headroom_bytes);
         if let Some(limit) = backend.kind_limit_bytes(kind) {
-            let held = self.pool(kind).map(|p| p.stats().reserved_bytes).unwrap_or(0);
+            let held = self.pool(kind).map(|p| p.reserved_bytes()).unwrap_or(0);
             budget = budget.min(limit.saturating_sub(held));
         }
         budget
@@ -136,9 +137,17 @@ impl DeviceState {
         size_bytes: u64,
         new_block_bytes: u64,
     ) -> Result<(), AllocFailure> {
+        if new_block_bytes == 0 && kind != MemoryKind::Reservation && self.reservation_bytes + self.headroom_bytes == 0
+        {
+            // A pool hit takes no new memory, and with nothing reserved or held back the budget
+            // (available + cached free − 0) is at least the cached free space the hit came
+            // from: it fits by construction, so no status sample (and no clock read) is needed.
+            return Ok(());
+        }
         let age = if new_block_bytes > 0 { Duration::ZERO } else { self.max_age };
-        let reading = self.sample(backend, age)?.reading;
-        let budget = self.budget_bytes(backend, &reading, kind);
+        let sample = self.sample(backend, age)?;
+        let reading = &sample.reading;
+        let budget = self.budget_bytes(backend, reading, kind);
         if size_bytes > budget {
             return Err(AllocFailure::OverBudget {
                 requested_bytes: size_bytes,
@@ -150,7 +159,7 @@ impl DeviceState {
             // The block must come out of memory the OS or driver has, not out of cached pools.
             let mut fresh = reading.available_bytes.saturating_sub(self.reservation_bytes + self.headroom_bytes);
             if let Some(limit) = backend.kind_limit_bytes(kind) {
-                let held = self.pool(kind).map(|p| p.stats().reserved_bytes).unwrap_or(0);
+                let held = self.pool(kind).map(|p| p.reserved_bytes()).unwrap_or(0);
                 fresh = fresh.min(limit.saturating_sub(held));
             }
             if new_block_bytes > fresh {
@@ -218,9 +227,9 @@ impl DeviceState {
                 let pool = self
                     .pool_mut(kind)
                     .ok_or_else(|| BackendError::InvalidArgument(format!("no {kind} pool on this device")))?;
-                let before = pool.stats().reserved_bytes;
+                let before = pool.reserved_bytes();
                 pool.free(p)?;
-                if pool.stats().reserved_bytes != before {
+                if pool.reserved_bytes() != before {
                     self.invalidate_sample();
                 }
                 Ok(())

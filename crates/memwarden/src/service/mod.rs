@@ -319,13 +319,13 @@ impl Service {
             total_bytes: sample.reading.total_bytes,
             available_bytes: sample.reading.available_bytes,
             used_bytes: sample.reading.used_bytes,
-            source: sample.reading.source,
+            source: sample.reading.source.clone(),
             last_updated: sample.taken_at,
             pools: st.pools.iter().map(|p| (p.kind(), p.stats())).collect(),
             reservation_bytes: st.reservation_bytes,
             gpu: info.gpu.clone(),
             driver_reserved_bytes: sample.reading.reserved_bytes,
-            processes: sample.reading.processes,
+            processes: sample.reading.processes.clone(),
             fault: dev.backend.fault(),
         })
     }

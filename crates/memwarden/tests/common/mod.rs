@@ -94,7 +94,8 @@ impl TestServer {
         };
         let mut resp = result.expect("request");
         let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().expect("body");
+        // Data reads can be large (base64 of up to 64 MiB); lift ureq's 10 MiB default.
+        let text = resp.body_mut().with_config().limit(1 << 30).read_to_string().expect("body");
         let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
         (status, json)
     }
