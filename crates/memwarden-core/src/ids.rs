@@ -20,20 +20,23 @@ impl FromStr for DeviceId {
     /// Accepts `cpu`, `cuda:N` and the seed's aliases `gpu:N`, `gpu-N`, `gpu_N`, `cpu:0`, `cpu-0`,
     /// `cpu_0` (case-insensitive, surrounding whitespace ignored).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let lower = s.trim().to_ascii_lowercase();
+        // No allocation: this runs on every API call.
+        let t = s.trim();
         let err = || DeviceIdError(s.to_string());
-        if lower == "cpu" {
+        if t.eq_ignore_ascii_case("cpu") {
             return Ok(DeviceId::Cpu);
         }
-        let (prefix, index) = lower.split_once([':', '-', '_']).ok_or_else(err)?;
+        let (prefix, index) = t.split_once([':', '-', '_']).ok_or_else(err)?;
         if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err());
         }
         let n: u32 = index.parse().map_err(|_| err())?;
-        match prefix {
-            "cpu" if n == 0 => Ok(DeviceId::Cpu),
-            "cuda" | "gpu" => Ok(DeviceId::Cuda(n)),
-            _ => Err(err()),
+        if prefix.eq_ignore_ascii_case("cpu") && n == 0 {
+            Ok(DeviceId::Cpu)
+        } else if prefix.eq_ignore_ascii_case("cuda") || prefix.eq_ignore_ascii_case("gpu") {
+            Ok(DeviceId::Cuda(n))
+        } else {
+            Err(err())
         }
     }
 }

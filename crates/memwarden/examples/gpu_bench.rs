@@ -72,10 +72,10 @@ fn main() {
     }
     println!("service allocate+free 1 MiB on cuda:0 (pool hit): median {:.3} us per pair", median(batches) * 1e6);
 
-    let pinned = s.allocate(req("cpu", max, Some(MemoryKind::Pinned))).expect("pinned host").id;
-    let pageable = s.allocate(req("cpu", 1 << 30, Some(MemoryKind::Host))).expect("pageable host").id;
-    let a = s.allocate(req("cuda:0", max, None)).expect("device a").id;
-    let b = s.allocate(req("cuda:0", max, None)).expect("device b").id;
+    let pinned = s.allocate(req("cpu", max, Some(MemoryKind::Pinned))).expect("pinned host").id.clone();
+    let pageable = s.allocate(req("cpu", 1 << 30, Some(MemoryKind::Host))).expect("pageable host").id.clone();
+    let a = s.allocate(req("cuda:0", max, None)).expect("device a").id.clone();
+    let b = s.allocate(req("cuda:0", max, None)).expect("device b").id.clone();
     println!("{:>12} {:>14} {:>14} {:>14}", "size", "H2D GB/s", "D2H GB/s", "D2D GB/s");
     let mut size = 4096u64;
     while size <= max {
@@ -92,7 +92,7 @@ fn main() {
         g as f64 / time_copy(&s, &a, &pageable, g) / 1e9
     );
     if gpus.len() >= 2 {
-        let c = s.allocate(req("cuda:1", g, None)).expect("device on cuda:1").id;
+        let c = s.allocate(req("cuda:1", g, None)).expect("device on cuda:1").id.clone();
         println!(
             "1 GiB peer cuda:0 -> cuda:1 {:.1} GB/s, cuda:1 -> cuda:0 {:.1} GB/s (peer access: {:?})",
             g as f64 / time_copy(&s, &a, &c, g) / 1e9,

@@ -292,6 +292,11 @@ fn openapi_lists_every_route_and_swagger_is_served_offline() {
         "/api/memory/allocation/{allocationId}",
         "/api/memory/operations/clear",
         "/api/memory/operations/clear/{deviceId}",
+        "/api/memory/allocations/{allocationId}/export",
+        "/api/memory/allocations/{allocationId}/data",
+        "/api/memory/transfer",
+        "/api/memory/transfer/{transferId}",
+        "/api/memory/copy",
     ] {
         assert!(paths.contains_key(p), "openapi lacks {p}");
     }

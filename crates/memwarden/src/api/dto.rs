@@ -2,7 +2,9 @@
 //! their conversion from service types. Field names follow the seed's clients.
 
 use super::envelope::rfc3339;
-use crate::service::{AllocationRecord, BackendHealth, ClearOutcome, DeviceStatus, ExportInfo, TransferRecord};
+use crate::service::{
+    Allocation, AllocationRecord, BackendHealth, ClearOutcome, DeviceStatus, ExportInfo, TransferRecord,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -84,9 +86,9 @@ pub struct AllocationListDto {
 }
 
 impl AllocationListDto {
-    pub fn new(records: &[AllocationRecord]) -> Self {
+    pub fn new(records: &[Allocation]) -> Self {
         AllocationListDto {
-            allocations: records.iter().map(AllocationDto::from).collect(),
+            allocations: records.iter().map(|r| AllocationDto::from(&**r)).collect(),
             count: records.len(),
             total_bytes: records.iter().map(|r| r.size_bytes).sum(),
         }

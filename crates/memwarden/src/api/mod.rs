@@ -62,9 +62,15 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         list_device_allocations,
         get_allocation,
         clear_all,
-        clear_device
+        clear_device,
+        export,
+        read_data,
+        write_data,
+        transfer,
+        transfer_status,
+        copy
     ),
-    components(schemas(ErrorBody, AllocateBody))
+    components(schemas(ErrorBody, AllocateBody, TransferBody))
 )]
 pub struct ApiDoc;
 
@@ -207,7 +213,7 @@ fn do_allocate(state: &AppState, req: AllocateRequest) -> Result<(StatusCode, Da
         Some(record) => record,
         None => blocking(|| state.service.allocate(req))?,
     };
-    Ok((StatusCode::CREATED, Data(AllocationDto::from(&record))))
+    Ok((StatusCode::CREATED, Data(AllocationDto::from(&*record))))
 }
 
 /// Allocates memory on the device named in the body (`deviceId`).
@@ -263,7 +269,7 @@ async fn free(State(state): State<AppState>, Path(allocation_id): Path<String>) 
         blocking(|| state.service.free(&allocation_id))?
     };
     Ok(Data(FreedDto {
-        allocation_id: r.id,
+        allocation_id: r.id.clone(),
         device_id: r.device.to_string(),
         memory_type: r.kind.to_string(),
         freed_bytes: r.allocated_bytes,
@@ -295,7 +301,7 @@ async fn list_device_allocations(
     responses((status = 200, body = ApiResponse<AllocationDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"))
 )]
 async fn get_allocation(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<AllocationDto> {
-    Ok(Data(AllocationDto::from(&state.service.allocation(&allocation_id)?)))
+    Ok(Data(AllocationDto::from(&*state.service.allocation(&allocation_id)?)))
 }
 
 /// Returns every cached empty pool block on every device to the OS or driver.

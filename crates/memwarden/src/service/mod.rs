@@ -75,6 +75,9 @@ pub struct AllocateRequest {
     pub movable: bool,
 }
 
+/// A ledger entry, shared with callers without copying its strings.
+pub type Allocation = Arc<AllocationRecord>;
+
 /// One live allocation in the ledger.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllocationRecord {
@@ -167,12 +170,12 @@ pub struct Service {
 /// Live allocations, and which of them a copy is using (those cannot be freed meanwhile).
 #[derive(Default)]
 struct Ledger {
-    records: HashMap<String, AllocationRecord>,
+    records: HashMap<String, Allocation>,
     busy: HashMap<String, u32>,
 }
 
 impl Ledger {
-    fn get(&self, id: &str) -> Option<&AllocationRecord> {
+    fn get(&self, id: &str) -> Option<&Allocation> {
         self.records.get(id)
     }
 }
@@ -335,7 +338,7 @@ impl Service {
     }
 
     /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
-    pub fn allocate(&self, req: AllocateRequest) -> Result<AllocationRecord, ServiceError> {
+    pub fn allocate(&self, req: AllocateRequest) -> Result<Allocation, ServiceError> {
         let device = req.device.clone();
         self.allocate_inner(req, true)?.ok_or_else(|| ServiceError::BackendFailed {
             device,
@@ -346,11 +349,11 @@ impl Service {
     /// Allocates only if no OS or driver call is needed (a pool hit or a reservation):
     /// `Ok(None)` when it would need a new block. Lets async callers skip a thread hand-off
     /// on the microsecond path.
-    pub fn try_allocate_now(&self, req: AllocateRequest) -> Result<Option<AllocationRecord>, ServiceError> {
+    pub fn try_allocate_now(&self, req: AllocateRequest) -> Result<Option<Allocation>, ServiceError> {
         self.allocate_inner(req, false)
     }
 
-    fn allocate_inner(&self, req: AllocateRequest, may_block: bool) -> Result<Option<AllocationRecord>, ServiceError> {
+    fn allocate_inner(&self, req: AllocateRequest, may_block: bool) -> Result<Option<Allocation>, ServiceError> {
         let id = self.resolve(&req.device)?;
         if req.size_bytes == 0 {
             return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
@@ -400,7 +403,7 @@ impl Service {
                 })
             }
         };
-        let record = AllocationRecord {
+        let record = Arc::new(AllocationRecord {
             id: uuid::Uuid::new_v4().to_string(),
             device: id,
             kind,
@@ -416,7 +419,7 @@ impl Service {
             exported: false,
             generation: 0,
             allocated_at: OffsetDateTime::now_utc(),
-        };
+        });
         lock(&self.ledger).records.insert(record.id.clone(), record.clone());
         Ok(Some(record))
     }
@@ -430,10 +433,10 @@ impl Service {
     }
 
     /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.
-    pub fn free(&self, allocation_id: &str) -> Result<AllocationRecord, ServiceError> {
+    pub fn free(&self, allocation_id: &str) -> Result<Allocation, ServiceError> {
         let record = {
             let mut ledger = lock(&self.ledger);
-            if let Some(n) = ledger.busy.get(allocation_id) {
+            if let Some(n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
                 return Err(ServiceError::InvalidOperation(format!(
                     "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
                 )));
@@ -453,7 +456,7 @@ impl Service {
         Ok(record)
     }
 
-    pub fn allocation(&self, allocation_id: &str) -> Result<AllocationRecord, ServiceError> {
+    pub fn allocation(&self, allocation_id: &str) -> Result<Allocation, ServiceError> {
         lock(&self.ledger)
             .get(allocation_id)
             .cloned()
@@ -461,7 +464,7 @@ impl Service {
     }
 
     /// Live allocations, oldest first; only those of `device` when given.
-    pub fn allocations(&self, device: Option<DeviceId>) -> Vec<AllocationRecord> {
+    pub fn allocations(&self, device: Option<DeviceId>) -> Vec<Allocation> {
         let mut list: Vec<_> =
             lock(&self.ledger).records.values().filter(|r| device.is_none_or(|d| r.device == d)).cloned().collect();
         list.sort_by(|a, b| a.allocated_at.cmp(&b.allocated_at).then_with(|| a.id.cmp(&b.id)));

@@ -185,7 +185,7 @@ fn concurrent_traffic_keeps_the_ledger_and_pools_consistent() {
                 for i in 0..300u64 {
                     let size = ((i * 7919 + t * 104729) % 300_000) + 1;
                     let kind = if i % 5 == 0 { MemoryKind::Reservation } else { MemoryKind::Host };
-                    live.push(s.allocate(req(size, Some(kind))).expect("allocate").id);
+                    live.push(s.allocate(req(size, Some(kind))).expect("allocate").id.clone());
                     if i % 3 == 0 {
                         let id = live.swap_remove((i as usize * 31) % live.len());
                         s.free(&id).expect("free");
@@ -221,8 +221,8 @@ fn the_nonblocking_path_defers_only_when_a_block_is_needed() {
     assert!(s.free_is_quick(&hit.id), "a shared-block free releases nothing");
     let big = s.allocate(req(5 * MIB, None)).expect("dedicated");
     assert!(!s.free_is_quick(&big.id), "a dedicated free unmaps");
-    for id in [warm.id, hit.id, big.id] {
-        s.free(&id).expect("free");
+    for id in [&warm.id, &hit.id, &big.id] {
+        s.free(id).expect("free");
     }
     s.validate().expect("valid");
 }

@@ -1,7 +1,7 @@
 //! Transfers and copies between allocations (any devices), exports to other processes, and
 //! reading/writing an allocation's bytes.
 
-use super::{lock, AllocateRequest, AllocationRecord, Service, ServiceError};
+use super::{lock, AllocateRequest, Allocation, AllocationRecord, Service, ServiceError};
 use memwarden_backends::{copy_between, BlockExport, SharedBlock};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::{HashMap, VecDeque};
@@ -116,7 +116,7 @@ pub enum ExportInfo {
 
 /// One side of a copy, resolved to memory.
 struct Side {
-    record: AllocationRecord,
+    record: Allocation,
     block: SharedBlock,
     /// Offset of the allocation inside its block.
     base: u64,
@@ -124,7 +124,7 @@ struct Side {
 
 impl Service {
     /// The block memory behind an allocation (reservations have none).
-    fn side(&self, record: AllocationRecord, field: &'static str) -> Result<Side, ServiceError> {
+    fn side(&self, record: Allocation, field: &'static str) -> Result<Side, ServiceError> {
         let placement = record.placement.ok_or_else(|| {
             ServiceError::invalid(field, format!("allocation '{}' is a reservation and holds no memory", record.id))
         })?;
@@ -361,6 +361,7 @@ impl Service {
             ServiceError::InvalidOperation(format!("allocation '{allocation_id}' cannot be exported: {e}"))
         })?;
         if let Some(r) = lock(&self.ledger).records.get_mut(allocation_id) {
+            let r = Arc::make_mut(r);
             r.exported = true;
             r.movable = false;
         }
