@@ -69,6 +69,12 @@ fn status_reports_real_host_memory() {
     for field in ["reservedBytes", "allocatedBytes", "reservationBytes"] {
         assert!(cpu[field].is_u64(), "{field}");
     }
+    assert_eq!(cpu["healthy"], true);
+    assert!(cpu["lastError"].is_null());
+    for gpu_only in ["uuid", "pciBusId", "computeCapability", "memoryBandwidth", "reservedMemory"] {
+        assert!(cpu[gpu_only].is_null(), "{gpu_only} is for GPUs");
+    }
+    assert_eq!(cpu["processes"], serde_json::json!([]));
     // Against /proc/meminfo read now: within 1% of total.
     if cpu["source"] == "meminfo" {
         let mi = std::fs::read_to_string("/proc/meminfo").expect("meminfo");

@@ -245,3 +245,117 @@ fn allocations_in_use_by_a_copy_cannot_be_freed() {
     );
     s.validate().expect("valid");
 }
+
+/// A GPU-like device whose driver fails on demand (fault injection; no hardware).
+struct FlakyGpu {
+    info: memwarden_backends::DeviceInfo,
+    fail_with: BackendError,
+    fault: Mutex<Option<String>>,
+}
+
+impl FlakyGpu {
+    fn new(fail_with: BackendError) -> Self {
+        FlakyGpu {
+            info: memwarden_backends::DeviceInfo {
+                device_id: DeviceId::Cuda(0),
+                device_type: "GPU",
+                name: "flaky".into(),
+                memory_type: "VRAM",
+                gpu: None,
+            },
+            fail_with,
+            fault: Mutex::new(None),
+        }
+    }
+}
+
+impl Backend for FlakyGpu {
+    fn info(&self) -> &memwarden_backends::DeviceInfo {
+        &self.info
+    }
+    fn fault(&self) -> Option<String> {
+        lock(&self.fault).clone()
+    }
+    fn kinds(&self) -> &[MemoryKind] {
+        &[MemoryKind::Device]
+    }
+    fn read_status(&self) -> Result<memwarden_backends::MemoryReading, BackendError> {
+        Ok(memwarden_backends::MemoryReading {
+            total_bytes: 8 << 30,
+            available_bytes: 4 << 30,
+            used_bytes: 4 << 30,
+            source: "fake".into(),
+            reserved_bytes: None,
+            processes: vec![],
+        })
+    }
+    fn max_alignment_bytes(&self) -> u64 {
+        2 * MIB
+    }
+    fn create_block(&self, _: MemoryKind, _: u64) -> Result<Box<dyn memwarden_backends::BlockMemory>, BackendError> {
+        if let BackendError::Failed { message, .. } = &self.fail_with {
+            *lock(&self.fault) = Some(message.clone());
+        }
+        Err(self.fail_with.clone())
+    }
+    fn copy(
+        &self,
+        _: &dyn memwarden_backends::BlockMemory,
+        _: u64,
+        _: &dyn memwarden_backends::BlockMemory,
+        _: u64,
+        _: u64,
+    ) -> Result<(), BackendError> {
+        Err(self.fail_with.clone())
+    }
+    fn write(&self, _: &dyn memwarden_backends::BlockMemory, _: u64, _: &[u8]) -> Result<(), BackendError> {
+        Err(self.fail_with.clone())
+    }
+    fn read(&self, _: &dyn memwarden_backends::BlockMemory, _: u64, _: &mut [u8]) -> Result<(), BackendError> {
+        Err(self.fail_with.clone())
+    }
+}
+
+fn with_flaky_gpu(fail_with: BackendError) -> Service {
+    let pool = PoolConfig { block_size_bytes: 8 * MIB, dedicated_threshold_bytes: 4 * MIB, ..PoolConfig::default() };
+    Service::with_backends(
+        vec![Arc::new(HostBackend::new(HostStatusReader::default())), Arc::new(FlakyGpu::new(fail_with))],
+        pool,
+        0,
+        Duration::from_millis(100),
+    )
+}
+
+#[test]
+fn driver_out_of_memory_is_insufficient_memory_with_numbers() {
+    let s = with_flaky_gpu(BackendError::OutOfMemory {
+        requested_bytes: 1 << 30,
+        available_bytes: 123,
+        detail: "cuMemAlloc failed".into(),
+    });
+    let r = AllocateRequest { device: "cuda:0".into(), ..req(1 << 30, None) };
+    match s.allocate(r) {
+        Err(ServiceError::InsufficientMemory { device, requested_bytes, available_bytes, .. }) => {
+            assert_eq!((device.as_str(), requested_bytes, available_bytes), ("cuda:0", 1 << 30, 123));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.allocations(None).is_empty(), "nothing half-allocated");
+    assert!(s.status(DeviceId::Cuda(0)).expect("status").fault.is_none(), "running out of memory is not a fault");
+    s.validate().expect("valid");
+}
+
+#[test]
+fn a_driver_fault_marks_only_that_device_unhealthy() {
+    let s =
+        with_flaky_gpu(BackendError::Failed { operation: "CUDA driver", message: "CUDA_ERROR_ILLEGAL_ADDRESS".into() });
+    let r = AllocateRequest { device: "gpu:0".into(), ..req(MIB, None) };
+    assert!(matches!(s.allocate(r), Err(ServiceError::BackendFailed { .. })));
+    let st = s.status(DeviceId::Cuda(0)).expect("status still answers");
+    assert_eq!(st.fault.as_deref(), Some("CUDA_ERROR_ILLEGAL_ADDRESS"));
+    // The host keeps working.
+    let a = s.allocate(req(MIB, None)).expect("cpu unaffected");
+    assert!(s.status(DeviceId::Cpu).expect("status").fault.is_none());
+    s.free(&a.id).expect("free");
+    s.validate().expect("valid");
+}
