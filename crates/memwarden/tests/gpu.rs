@@ -5,8 +5,7 @@
 
 mod common;
 
-use base64::Engine as _;
-use common::{assert_error, TestServer};
+use common::{assert_error, random_bytes, TestServer};
 use memwarden::config::Config;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -39,37 +38,15 @@ fn smi(i: u32) -> (u64, u64, u64) {
 }
 
 fn alloc(s: &TestServer, device: &str, body: Value) -> String {
-    let (status, v) = s.call("POST", &format!("/api/memory/allocations/allocate/{device}"), Some(&body.to_string()));
-    assert_eq!(status, 201, "{v}");
-    v["data"]["allocationId"].as_str().expect("id").to_string()
+    s.alloc_on(device, body)
 }
 
 fn put(s: &TestServer, id: &str, data: &[u8]) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let mut resp = agent
-        .put(&s.url(&format!("/api/memory/allocations/{id}/data")))
-        .header("content-type", "application/octet-stream")
-        .send(data)
-        .expect("put");
-    assert_eq!(resp.status().as_u16(), 200, "{}", resp.body_mut().read_to_string().unwrap_or_default());
+    s.put_data(id, 0, data)
 }
 
 fn get(s: &TestServer, id: &str, offset: u64, len: u64) -> Vec<u8> {
-    let (status, v) = s.call("GET", &format!("/api/memory/allocations/{id}/data?offset={offset}&length={len}"), None);
-    assert_eq!(status, 200, "{v}");
-    base64::engine::general_purpose::STANDARD.decode(v["data"]["dataBase64"].as_str().expect("b64")).expect("decode")
-}
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    s.get_data(id, offset, len)
 }
 
 fn transfer(s: &TestServer, body: Value) -> Value {
@@ -158,7 +135,7 @@ fn ten_gib_on_the_gpu_lowers_driver_free_memory_and_comes_back() {
 fn host_to_gpu_to_gpu_to_host_round_trip_verifies() {
     let s = start();
     let size = 32 * MIB;
-    let data = random(size as usize, 7);
+    let data = random_bytes(size as usize, 7);
     let h = alloc(&s, "cpu", json!({"sizeBytes": size, "memoryType": "pinned"}));
     put(&s, &h, &data);
     let d1 = transfer(&s, json!({"sourceAllocationId": h, "targetDeviceId": "cuda:0"}))["destinationAllocationId"]
@@ -189,13 +166,8 @@ fn host_to_gpu_to_gpu_to_host_round_trip_verifies() {
 fn large_gpu_transfers_run_in_the_background() {
     let s = start();
     let h = alloc(&s, "cpu", json!({"sizeBytes": GIB, "memoryType": "pinned"}));
-    let tail = random(MIB as usize, 9);
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    agent
-        .put(&s.url(&format!("/api/memory/allocations/{h}/data?offset={}", GIB - MIB)))
-        .header("content-type", "application/octet-stream")
-        .send(&tail[..])
-        .expect("put");
+    let tail = random_bytes(MIB as usize, 9);
+    s.put_data(&h, GIB - MIB, &tail);
     let (status, t) = transfer_with_status(&s, json!({"sourceAllocationId": h, "targetDeviceId": "cuda:0"}));
     assert_eq!(status, 202, "1 GiB is above the synchronous limit");
     assert_eq!(t["bytesDone"], GIB);
@@ -208,7 +180,7 @@ fn large_gpu_transfers_run_in_the_background() {
 fn device_memory_export_is_shared_with_another_process() {
     let s = start();
     let id = alloc(&s, "cuda:0", json!({"sizeBytes": 4 * MIB}));
-    let data = random(4 * MIB as usize, 11);
+    let data = random_bytes(4 * MIB as usize, 11);
     put(&s, &id, &data);
     let (status, v) = s.call("POST", &format!("/api/memory/allocations/{id}/export"), None);
     assert_eq!(status, 200, "{v}");
@@ -246,7 +218,7 @@ fn multi_gpu_peer_copy_verifies() {
         .count();
     assert!(gpus >= 2, "this test needs two GPUs, found {gpus}");
     let size = 64 * MIB;
-    let data = random(size as usize, 13);
+    let data = random_bytes(size as usize, 13);
     let a = alloc(&s, "cuda:0", json!({"sizeBytes": size}));
     put(&s, &a, &data);
     let b = transfer(&s, json!({"sourceAllocationId": a, "targetDeviceId": "cuda:1"}));

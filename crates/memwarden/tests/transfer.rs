@@ -3,52 +3,27 @@
 
 mod common;
 
-use base64::Engine as _;
-use common::{assert_error, TestServer};
+use common::{assert_error, random_bytes, TestServer};
 use memwarden::config::Config;
 use serde_json::{json, Value};
 
 fn alloc(s: &TestServer, body: Value) -> String {
-    let (status, v) = s.call("POST", "/api/memory/allocations/allocate/cpu", Some(&body.to_string()));
-    assert_eq!(status, 201, "{v}");
-    v["data"]["allocationId"].as_str().expect("id").to_string()
+    s.alloc_on("cpu", body)
 }
 
 fn put(s: &TestServer, id: &str, offset: u64, data: &[u8]) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let mut resp = agent
-        .put(&s.url(&format!("/api/memory/allocations/{id}/data?offset={offset}")))
-        .header("content-type", "application/octet-stream")
-        .send(data)
-        .expect("put");
-    let v: Value = resp.body_mut().read_json().expect("json");
-    assert_eq!(v["data"]["bytesWritten"], data.len(), "{v}");
+    s.put_data(id, offset, data)
 }
 
 fn get(s: &TestServer, id: &str, offset: u64, len: u64) -> Vec<u8> {
-    let (status, v) = s.call("GET", &format!("/api/memory/allocations/{id}/data?offset={offset}&length={len}"), None);
-    assert_eq!(status, 200, "{v}");
-    base64::engine::general_purpose::STANDARD.decode(v["data"]["dataBase64"].as_str().expect("b64")).expect("decode")
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    // xorshift: data that a wrong offset or a partial copy cannot match by accident.
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    s.get_data(id, offset, len)
 }
 
 #[test]
 fn data_round_trips_and_is_bounds_checked() {
     let s = TestServer::start();
     let id = alloc(&s, json!({"sizeBytes": 10000}));
-    let data = pattern(4000, 1);
+    let data = random_bytes(4000, 1);
     put(&s, &id, 123, &data);
     assert_eq!(get(&s, &id, 123, 4000), data);
     assert_error(
@@ -83,7 +58,7 @@ fn copy_between_host_allocations_moves_the_right_bytes() {
     let s = TestServer::start();
     let a = alloc(&s, json!({"sizeBytes": 1 << 20}));
     let b = alloc(&s, json!({"sizeBytes": 1 << 20, "memoryType": "pinned"}));
-    let data = pattern(1 << 20, 2);
+    let data = random_bytes(1 << 20, 2);
     put(&s, &a, 0, &data);
     let body = json!({"sourceAllocationId": a, "sourceOffset": 1000, "destinationAllocationId": b,
                       "destinationOffset": 5000, "sizeBytes": 300000});
@@ -108,7 +83,7 @@ fn copy_between_host_allocations_moves_the_right_bytes() {
 fn transfer_to_a_new_allocation_and_move() {
     let s = TestServer::start();
     let a = alloc(&s, json!({"sizeBytes": 70000, "purpose": "weights"}));
-    let data = pattern(70000, 3);
+    let data = random_bytes(70000, 3);
     put(&s, &a, 0, &data);
     let (status, v) = s.call(
         "POST",
@@ -132,7 +107,7 @@ fn large_transfers_run_in_the_background() {
         Config { transfer: memwarden::config::TransferSection { sync_max_bytes: 1 << 20 }, ..Config::default() };
     let s = TestServer::start_with(config);
     let a = alloc(&s, json!({"sizeBytes": 48 << 20}));
-    let data = pattern(1 << 20, 4);
+    let data = random_bytes(1 << 20, 4);
     put(&s, &a, (47 << 20) as u64, &data);
     let (status, v) = s.call(
         "POST",
@@ -262,7 +237,7 @@ fn transfer_inputs_are_checked() {
 fn host_exports_map_the_same_memory_from_another_process() {
     let s = TestServer::start();
     let id = alloc(&s, json!({"sizeBytes": 8192, "alignment": 4096}));
-    let data = pattern(8192, 5);
+    let data = random_bytes(8192, 5);
     put(&s, &id, 0, &data);
     let (status, v) = s.call("POST", &format!("/api/memory/allocations/{id}/export"), None);
     assert_eq!(status, 200, "{v}");

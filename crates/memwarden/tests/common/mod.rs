@@ -138,3 +138,49 @@ pub fn rss_bytes(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
     line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).expect("kB") * 1024
 }
+
+impl TestServer {
+    /// Allocates on `device` with the JSON `body`; returns the allocation id.
+    pub fn alloc_on(&self, device: &str, body: serde_json::Value) -> String {
+        let (status, v) =
+            self.call("POST", &format!("/api/memory/allocations/allocate/{device}"), Some(&body.to_string()));
+        assert_eq!(status, 201, "{v}");
+        v["data"]["allocationId"].as_str().expect("id").to_string()
+    }
+
+    /// Writes `data` into an allocation at `offset`.
+    pub fn put_data(&self, id: &str, offset: u64, data: &[u8]) {
+        let mut resp = self
+            .agent
+            .put(&self.url(&format!("/api/memory/allocations/{id}/data?offset={offset}")))
+            .header("content-type", "application/octet-stream")
+            .send(data)
+            .expect("put");
+        let v: Value = resp.body_mut().read_json().expect("json");
+        assert_eq!(v["data"]["bytesWritten"], data.len(), "{v}");
+    }
+
+    /// Reads `len` bytes of an allocation at `offset`.
+    pub fn get_data(&self, id: &str, offset: u64, len: u64) -> Vec<u8> {
+        use base64::Engine as _;
+        let (status, v) =
+            self.call("GET", &format!("/api/memory/allocations/{id}/data?offset={offset}&length={len}"), None);
+        assert_eq!(status, 200, "{v}");
+        base64::engine::general_purpose::STANDARD
+            .decode(v["data"]["dataBase64"].as_str().expect("b64"))
+            .expect("decode")
+    }
+}
+
+/// Pseudo-random bytes (xorshift): data a wrong offset or a partial copy cannot match by accident.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
