@@ -3,6 +3,7 @@
 //! all of it is testable without hardware; backends only create and destroy blocks.
 #![deny(unsafe_code, clippy::unwrap_used)]
 
+pub mod defrag;
 pub mod ids;
 pub mod pool;
 pub mod tlsf;

@@ -75,9 +75,23 @@ pub struct PoolStats {
     pub allocation_count: usize,
     /// Bytes in blocks that hold no allocation (what `clear` would return).
     pub empty_block_bytes: u64,
+    /// Number of separate free ranges over all blocks.
+    pub free_range_count: usize,
 }
 
-#[derive(Debug)]
+impl PoolStats {
+    /// `1 − largest free range / free bytes`: 0 when free space is one range (or none), near 1
+    /// when it is scattered in small pieces.
+    pub fn fragmentation_index(&self) -> f64 {
+        if self.free_in_pool_bytes == 0 {
+            0.0
+        } else {
+            1.0 - self.largest_free_block_bytes as f64 / self.free_in_pool_bytes as f64
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 struct PoolBlock {
     tlsf: Tlsf,
     dedicated: bool,
@@ -92,7 +106,7 @@ pub struct BlockView {
     pub ranges: Vec<Range>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pool {
     config: PoolConfig,
     blocks: Vec<Option<PoolBlock>>,
@@ -196,6 +210,31 @@ impl Pool {
         Some(Placement { block, offset_bytes, size_bytes, handle })
     }
 
+    /// Places an allocation exactly at `offset_bytes` of `block`, if that range is free (the
+    /// defragmentation executor replays the planner's moves with it).
+    pub fn allocate_at(&mut self, block: BlockId, offset_bytes: u64, size_bytes: u64) -> Option<Placement> {
+        let b = self.blocks.get_mut(block.0 as usize)?.as_mut()?;
+        let handle = b.tlsf.allocate_at(offset_bytes, size_bytes)?;
+        let (offset_bytes, size_bytes) = b.tlsf.range_of(handle)?;
+        self.allocated_bytes += size_bytes;
+        self.allocation_count += 1;
+        Some(Placement { block, offset_bytes, size_bytes, handle })
+    }
+
+    /// The lowest offset in `block` where `size_bytes` aligned to `align_bytes` fits.
+    pub fn lowest_fit(&self, block: BlockId, size_bytes: u64, align_bytes: u64) -> Option<u64> {
+        self.blocks.get(block.0 as usize)?.as_ref()?.tlsf.lowest_fit(size_bytes, align_bytes)
+    }
+
+    /// The live placement at `offset_bytes` of `block`, if one starts there.
+    pub fn placement_at(&self, block: BlockId, offset_bytes: u64) -> Option<Placement> {
+        let b = self.blocks.get(block.0 as usize)?.as_ref()?;
+        b.tlsf.handle_at(offset_bytes).and_then(|handle| {
+            let (offset_bytes, size_bytes) = b.tlsf.range_of(handle)?;
+            Some(Placement { block, offset_bytes, size_bytes, handle })
+        })
+    }
+
     pub fn free(&mut self, placement: &Placement) -> Result<FreeOutcome, PoolError> {
         let b = self
             .blocks
@@ -246,8 +285,10 @@ impl Pool {
         let mut largest = 0;
         let mut empty = 0;
         let mut count = 0;
+        let mut free_ranges = 0;
         for (_, b) in self.live_blocks() {
             count += 1;
+            free_ranges += b.tlsf.free_range_count();
             largest = largest.max(b.tlsf.largest_free_bytes());
             if b.tlsf.is_empty() {
                 empty += b.tlsf.capacity_bytes();
@@ -261,6 +302,7 @@ impl Pool {
             block_count: count,
             allocation_count: self.allocation_count,
             empty_block_bytes: empty,
+            free_range_count: free_ranges,
         }
     }
 

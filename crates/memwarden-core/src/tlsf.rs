@@ -62,6 +62,7 @@ pub struct Range {
     pub free: bool,
 }
 
+#[derive(Clone)]
 pub struct Tlsf {
     capacity_units: u64,
     nodes: Vec<Node>,
@@ -72,6 +73,7 @@ pub struct Tlsf {
     sl_bitmap: [u32; FL_COUNT],
     heads: Box<[[u32; SL_COUNT]; FL_COUNT]>,
     free_units: u64,
+    free_count: usize,
     used_count: usize,
 }
 
@@ -122,6 +124,7 @@ impl Tlsf {
             sl_bitmap: [0; FL_COUNT],
             heads: Box::new([[NIL; SL_COUNT]; FL_COUNT]),
             free_units: 0,
+            free_count: 0,
             used_count: 0,
         };
         if capacity_units > 0 {
@@ -184,12 +187,37 @@ impl Tlsf {
             return None;
         }
         let n = self.find_fit(size, align)?;
-        self.remove_free(n);
+        let aligned = self.nodes[n as usize].offset.div_ceil(align) * align;
+        Some((aligned * GRANULARITY_BYTES, self.carve(n, aligned, size)))
+    }
 
-        // Cut the alignment padding off the front as a free range of its own.
+    /// Allocates exactly `[offset_bytes, offset_bytes + size_bytes)` (offset a multiple of the
+    /// granularity, size rounded up to it), if that range is free. O(ranges): for the
+    /// defragmentation planner and executor, which choose places themselves.
+    pub fn allocate_at(&mut self, offset_bytes: u64, size_bytes: u64) -> Option<TlsfHandle> {
+        if size_bytes == 0 || offset_bytes % GRANULARITY_BYTES != 0 {
+            return None;
+        }
+        let offset = offset_bytes / GRANULARITY_BYTES;
+        let size = size_bytes.div_ceil(GRANULARITY_BYTES);
+        let mut n = self.first;
+        while n != NIL {
+            let node = self.nodes[n as usize];
+            if offset < node.offset + node.size {
+                let fits = node.state == NodeState::Free && offset >= node.offset && offset + size <= node.offset + node.size;
+                return fits.then(|| self.carve(n, offset, size));
+            }
+            n = node.next_phys;
+        }
+        None
+    }
+
+    /// Turns `[offset, offset + size)` (units) of free node `n` into a used node, returning the
+    /// rest of `n` (before and after) to the free lists.
+    fn carve(&mut self, n: u32, offset: u64, size: u64) -> TlsfHandle {
+        self.remove_free(n);
         let node = self.nodes[n as usize];
-        let aligned = node.offset.div_ceil(align) * align;
-        let pad = aligned - node.offset;
+        let pad = offset - node.offset;
         if pad > 0 {
             let front = self.new_node(node.offset, pad, node.prev_phys, n);
             if node.prev_phys != NIL {
@@ -199,7 +227,7 @@ impl Tlsf {
             }
             let nd = &mut self.nodes[n as usize];
             nd.prev_phys = front;
-            nd.offset = aligned;
+            nd.offset = offset;
             nd.size -= pad;
             self.insert_free(front);
         }
@@ -217,7 +245,31 @@ impl Tlsf {
         }
         self.nodes[n as usize].state = NodeState::Used;
         self.used_count += 1;
-        Some((self.nodes[n as usize].offset * GRANULARITY_BYTES, TlsfHandle(n)))
+        TlsfHandle(n)
+    }
+
+    /// Number of free ranges (for the fragmentation metrics).
+    pub fn free_range_count(&self) -> usize {
+        self.free_count
+    }
+
+    /// The lowest free offset at which `size_bytes` aligned to `align_bytes` fits, scanning
+    /// ranges in address order (first fit). O(ranges); the planner uses it to pack downwards.
+    pub fn lowest_fit(&self, size_bytes: u64, align_bytes: u64) -> Option<u64> {
+        let size = size_bytes.div_ceil(GRANULARITY_BYTES);
+        let align = align_bytes.max(GRANULARITY_BYTES) / GRANULARITY_BYTES;
+        let mut n = self.first;
+        while n != NIL {
+            let node = &self.nodes[n as usize];
+            if node.state == NodeState::Free {
+                let aligned = node.offset.div_ceil(align) * align;
+                if aligned + size <= node.offset + node.size {
+                    return Some(aligned * GRANULARITY_BYTES);
+                }
+            }
+            n = node.next_phys;
+        }
+        None
     }
 
     /// Frees an allocation, merging it with free neighbours. Returns the bytes it held.
@@ -243,6 +295,19 @@ impl Tlsf {
         }
         self.insert_free(n);
         Ok(freed)
+    }
+
+    /// The live allocation that starts at `offset_bytes`, if any. O(ranges).
+    pub fn handle_at(&self, offset_bytes: u64) -> Option<TlsfHandle> {
+        let mut n = self.first;
+        while n != NIL {
+            let node = &self.nodes[n as usize];
+            if node.offset * GRANULARITY_BYTES == offset_bytes {
+                return (node.state == NodeState::Used).then_some(TlsfHandle(n));
+            }
+            n = node.next_phys;
+        }
+        None
     }
 
     /// Offset and size in bytes of a live allocation.
@@ -348,6 +413,9 @@ impl Tlsf {
                 }
             }
         }
+        if free_nodes != self.free_count {
+            return Err(format!("free counter {} != {free_nodes} free ranges", self.free_count));
+        }
         if listed != free_nodes {
             return Err(format!("{listed} nodes in free lists, {free_nodes} free in the chain"));
         }
@@ -450,6 +518,7 @@ impl Tlsf {
         self.sl_bitmap[fl] |= 1 << sl;
         self.fl_bitmap |= 1 << fl;
         self.free_units += self.nodes[n as usize].size;
+        self.free_count += 1;
     }
 
     fn remove_free(&mut self, n: u32) {
@@ -470,6 +539,7 @@ impl Tlsf {
             self.nodes[node.next_free as usize].prev_free = node.prev_free;
         }
         self.free_units -= node.size;
+        self.free_count -= 1;
     }
 }
 
@@ -543,6 +613,21 @@ mod tests {
     }
 
     #[test]
+    fn allocate_at_takes_exactly_the_range_asked() {
+        let mut t = Tlsf::new(16 * G);
+        let a = t.allocate_at(4 * G, 2 * G).expect("free range");
+        assert_eq!(t.range_of(a), Some((4 * G, 2 * G)));
+        assert!(t.allocate_at(5 * G, G).is_none(), "inside a used range");
+        assert!(t.allocate_at(15 * G, 2 * G).is_none(), "past the end");
+        assert!(t.allocate_at(100, G).is_none(), "not on the granularity");
+        assert_eq!(t.free_range_count(), 2);
+        assert_eq!(t.lowest_fit(4 * G, G), Some(0));
+        assert_eq!(t.lowest_fit(5 * G, G), Some(6 * G));
+        assert_eq!(t.lowest_fit(11 * G, G), None);
+        t.validate().expect("valid");
+    }
+
+    #[test]
     fn bad_requests_fail_cleanly() {
         let mut t = Tlsf::new(1 << 16);
         assert!(t.allocate(0, G).is_none());
@@ -586,6 +671,7 @@ mod tests {
                     prop_assert_eq!(t.free(h), Ok(s));
                 }
                 t.validate().map_err(TestCaseError::fail)?;
+                prop_assert_eq!(t.free_range_count(), t.ranges().filter(|r| r.free).count());
                 let used: u64 = live.iter().map(|l| l.2).sum();
                 prop_assert_eq!(t.used_bytes(), used);
                 prop_assert_eq!(t.allocation_count(), live.len());
