@@ -3,6 +3,7 @@
 
 use crate::backend::{Backend, BackendError};
 use crate::pool::MemoryPool;
+use memwarden_core::defrag::Move;
 use memwarden_core::{MemoryKind, PoolConfig};
 use std::sync::Arc;
 
@@ -84,6 +85,22 @@ fn pool_round_trip(backend: Arc<dyn Backend>, kind: MemoryKind) {
             .expect("read");
         assert!(back == pattern(300 * 1024, i as u8), "allocation {i} kept its data");
     }
+    // A move (what defragmentation does) carries the bytes to the new place.
+    let mut small = small;
+    let victim = small[0];
+    let to =
+        pool.core().lowest_fit(victim.placement.block, victim.placement.size_bytes, 4096).expect("room in the block");
+    assert!(to > victim.placement.offset_bytes, "the free space lies after the six allocations");
+    let moved = pool
+        .apply_move(&Move { from: victim.placement, to_block: victim.placement.block, to_offset_bytes: to })
+        .expect("move");
+    assert_eq!(moved.placement.offset_bytes, to);
+    let mut back = vec![0; 300 * 1024];
+    backend.read(pool.block(moved.placement.block).expect("block").as_ref(), to, &mut back).expect("read");
+    assert!(back == pattern(300 * 1024, 0), "moved allocation kept its data");
+    assert!(pool.free(&victim.placement).is_err(), "the old place is free already");
+    small[0] = moved;
+    pool.validate().expect("valid after a move");
     let s = pool.stats();
     assert_eq!(s.block_count, 2, "six small allocations share one block, the big one has its own");
     assert_eq!(s.reserved_bytes, 4 * MIB + 5 * MIB);
@@ -91,11 +108,11 @@ fn pool_round_trip(backend: Arc<dyn Backend>, kind: MemoryKind) {
     pool.free(&big.placement).expect("free big");
     assert_eq!(pool.stats().reserved_bytes, 4 * MIB);
     assert!(pool.free(&big.placement).is_err(), "double free refused");
-    assert_eq!(pool.clear().expect("clear"), 0, "a block in use is not cleared");
+    assert_eq!(pool.clear().expect("clear"), (0, 0), "a block in use is not cleared");
     for a in &small {
         pool.free(&a.placement).expect("free");
     }
-    assert_eq!(pool.clear().expect("clear"), 4 * MIB, "clear returns the empty block");
+    assert_eq!(pool.clear().expect("clear"), (1, 4 * MIB), "clear returns the empty block");
     assert_eq!(pool.stats().reserved_bytes, 0);
     pool.validate().expect("valid");
     // Bad requests are refused with nothing created.

@@ -2,6 +2,8 @@
 //! place that decides when blocks are created and released, for every backend.
 
 use crate::backend::{Backend, BackendError, SharedBlock};
+use crate::copy::copy_between;
+use memwarden_core::defrag::Move;
 use memwarden_core::{BlockId, MemoryKind, Placement, Pool, PoolConfig, PoolError, PoolStats};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -104,13 +106,43 @@ impl MemoryPool {
         Ok(out.freed_bytes)
     }
 
-    /// Returns every empty block to the OS or driver. Returns the bytes released.
-    pub fn clear(&mut self) -> Result<u64, BackendError> {
+    /// Returns every empty block to the OS or driver. Returns how many and the bytes released.
+    pub fn clear(&mut self) -> Result<(usize, u64), BackendError> {
         let mut released = 0;
-        for id in self.pool.empty_blocks() {
+        let empty = self.pool.empty_blocks();
+        for &id in &empty {
             released += self.release_block(id)?;
         }
-        Ok(released)
+        Ok((empty.len(), released))
+    }
+
+    /// The core pool, for planning (defragmentation) without touching memory.
+    pub fn core(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Carries out one planned move: takes the destination range, copies the bytes, frees the
+    /// source. On a failed copy the destination is given back and the allocation stays where
+    /// it was. Returns the new placement and address.
+    pub fn apply_move(&mut self, m: &Move) -> Result<PoolAllocation, BackendError> {
+        let to = self.pool.allocate_at(m.to_block, m.to_offset_bytes, m.from.size_bytes).ok_or_else(|| {
+            BackendError::InvalidArgument(format!(
+                "move destination {:?}+{} is not free",
+                m.to_block, m.to_offset_bytes
+            ))
+        })?;
+        let copied = match (self.blocks.get(&m.from.block), self.blocks.get(&to.block)) {
+            (Some(src), Some(dst)) => {
+                copy_between(src.as_ref(), m.from.offset_bytes, dst.as_ref(), to.offset_bytes, m.from.size_bytes)
+            }
+            _ => Err(BackendError::InvalidArgument("move names a block without memory".into())),
+        };
+        if let Err(e) = copied {
+            let _ = self.pool.free(&to);
+            return Err(e);
+        }
+        self.pool.free(&m.from).map_err(pool_error)?;
+        Ok(self.located(to))
     }
 
     fn release_block(&mut self, id: BlockId) -> Result<u64, BackendError> {

@@ -257,13 +257,19 @@ pub fn plan(pool: &Pool, movable: &[Movable], options: DefragOptions) -> DefragP
 mod tests {
     use super::*;
     use crate::pool::{BlockRequest, PoolConfig};
-    use proptest::prelude::{any, prop_assert, prop_assert_eq, prop_oneof, proptest, Just, ProptestConfig, TestCaseError};
+    use proptest::prelude::{
+        any, prop_assert, prop_assert_eq, prop_oneof, proptest, Just, ProptestConfig, TestCaseError,
+    };
 
     const KIB: u64 = 1024;
     const MIB: u64 = 1 << 20;
 
     fn pool_with_blocks(n: usize, block: u64) -> Pool {
-        let mut pool = Pool::new(PoolConfig { block_size_bytes: block, dedicated_threshold_bytes: block, max_alignment_bytes: 2 * MIB });
+        let mut pool = Pool::new(PoolConfig {
+            block_size_bytes: block,
+            dedicated_threshold_bytes: block,
+            max_alignment_bytes: 2 * MIB,
+        });
         for _ in 0..n {
             pool.add_block(BlockRequest { size_bytes: block, dedicated: false });
         }
@@ -282,7 +288,8 @@ mod tests {
             if m.to_offset_bytes % align.max(256) != 0 {
                 return Err("alignment lost".into());
             }
-            let to = pool.allocate_at(m.to_block, m.to_offset_bytes, m.from.size_bytes).ok_or("destination not free")?;
+            let to =
+                pool.allocate_at(m.to_block, m.to_offset_bytes, m.from.size_bytes).ok_or("destination not free")?;
             if to.block == m.from.block
                 && to.offset_bytes < m.from.offset_bytes + m.from.size_bytes
                 && m.from.offset_bytes < to.offset_bytes + to.size_bytes
@@ -299,11 +306,13 @@ mod tests {
     #[test]
     fn quick_empties_the_sparse_block() {
         let mut pool = pool_with_blocks(2, 4 * MIB);
-        let a: Vec<_> = (0..4).map(|i| pool.allocate_in(BlockId(0), MIB, 256).unwrap_or_else(|| panic!("a{i}"))).collect();
+        let a: Vec<_> =
+            (0..4).map(|i| pool.allocate_in(BlockId(0), MIB, 256).unwrap_or_else(|| panic!("a{i}"))).collect();
         pool.free(&a[1]).expect("free");
         pool.free(&a[3]).expect("free");
         let b = pool.allocate_in(BlockId(1), MIB, 256).expect("b");
-        let movable: Vec<Movable> = [a[0], a[2], b].iter().map(|&p| Movable { placement: p, align_bytes: 256 }).collect();
+        let movable: Vec<Movable> =
+            [a[0], a[2], b].iter().map(|&p| Movable { placement: p, align_bytes: 256 }).collect();
         let plan = plan(&pool, &movable, DefragOptions { strategy: Strategy::Quick, ..Default::default() });
         // Both blocks hold 2 MiB or 1 MiB: the sparser one (block 1) empties into block 0.
         assert_eq!(plan.moves.len(), 1);
@@ -335,10 +344,18 @@ mod tests {
             let p = pool.allocate_in(BlockId(b), 512 * KIB, 256).expect("p");
             movable.push(Movable { placement: p, align_bytes: 256 });
         }
-        let plan = plan(&pool, &movable, DefragOptions { strategy: Strategy::Quick, max_bytes_to_move: MIB, max_allocations_to_move: 10 });
+        let plan = plan(
+            &pool,
+            &movable,
+            DefragOptions { strategy: Strategy::Quick, max_bytes_to_move: MIB, max_allocations_to_move: 10 },
+        );
         assert!(plan.bytes_to_move <= MIB);
         assert_eq!(plan.moves.len(), 2);
-        let plan1 = super::plan(&pool, &movable, DefragOptions { strategy: Strategy::Quick, max_bytes_to_move: u64::MAX, max_allocations_to_move: 1 });
+        let plan1 = super::plan(
+            &pool,
+            &movable,
+            DefragOptions { strategy: Strategy::Quick, max_bytes_to_move: u64::MAX, max_allocations_to_move: 1 },
+        );
         assert_eq!(plan1.moves.len(), 1);
     }
 

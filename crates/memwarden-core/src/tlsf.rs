@@ -204,7 +204,8 @@ impl Tlsf {
         while n != NIL {
             let node = self.nodes[n as usize];
             if offset < node.offset + node.size {
-                let fits = node.state == NodeState::Free && offset >= node.offset && offset + size <= node.offset + node.size;
+                let fits =
+                    node.state == NodeState::Free && offset >= node.offset && offset + size <= node.offset + node.size;
                 return fits.then(|| self.carve(n, offset, size));
             }
             n = node.next_phys;

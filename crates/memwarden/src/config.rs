@@ -19,6 +19,41 @@ pub struct Config {
     pub host: HostSection,
     pub cuda: CudaSection,
     pub transfer: TransferSection,
+    pub defrag: DefragSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefragSection {
+    /// Run a bounded pass when an allocation does not fit on a device whose fragmentation index
+    /// is at least `fragmentation_threshold`, then retry it once.
+    pub auto: bool,
+    /// 0–1: `1 − largest free range / free bytes` of the device's pools.
+    pub fragmentation_threshold: f64,
+    /// Strategy of the automatic pass.
+    #[serde(deserialize_with = "strategy")]
+    pub strategy: memwarden_core::defrag::Strategy,
+    /// Time limit of the automatic pass, in milliseconds (checked between moves).
+    pub max_time_ms: u64,
+    /// Byte limit of the automatic pass.
+    pub max_bytes_to_move: u64,
+}
+
+fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<memwarden_core::defrag::Strategy, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+impl Default for DefragSection {
+    fn default() -> Self {
+        DefragSection {
+            auto: false,
+            fragmentation_threshold: 0.3,
+            strategy: memwarden_core::defrag::Strategy::Balanced,
+            max_time_ms: 100,
+            max_bytes_to_move: 1 << 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -60,6 +95,8 @@ pub struct PoolSection {
     /// Largest age of a memory status sample used for a budget check, in milliseconds. Creating
     /// a new block always reads a fresh sample.
     pub status_max_age_ms: u64,
+    /// Largest size of each pool (per device and memory kind), in bytes; 0: no cap.
+    pub max_pool_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -84,6 +121,7 @@ impl Default for Config {
             host: HostSection::default(),
             cuda: CudaSection::default(),
             transfer: TransferSection::default(),
+            defrag: DefragSection::default(),
         }
     }
 }
@@ -95,6 +133,7 @@ impl Default for PoolSection {
             dedicated_threshold_bytes: 32 << 20,
             headroom_bytes: 0,
             status_max_age_ms: 100,
+            max_pool_bytes: 0,
         }
     }
 }
@@ -144,6 +183,9 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
             ));
+        }
+        if !(0.0..=1.0).contains(&self.defrag.fragmentation_threshold) {
+            return Err(ConfigError::Invalid("defrag.fragmentation_threshold must be between 0 and 1".into()));
         }
         Ok(())
     }

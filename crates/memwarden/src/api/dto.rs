@@ -3,7 +3,8 @@
 
 use super::envelope::rfc3339;
 use crate::service::{
-    Allocation, AllocationRecord, BackendHealth, ClearOutcome, DeviceStatus, ExportInfo, TransferRecord,
+    Allocation, AllocationRecord, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo,
+    PoolDump, TransferRecord,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -117,6 +118,26 @@ pub struct PoolStatusDto {
     pub largest_free_block: u64,
     pub block_count: usize,
     pub allocation_count: usize,
+    /// Separate free ranges over all blocks.
+    pub free_range_count: usize,
+    /// `1 − largestFreeBlock / freeInPoolBytes`; 0 when nothing is free.
+    pub fragmentation: f64,
+}
+
+impl PoolStatusDto {
+    pub fn new(kind: memwarden_core::MemoryKind, p: &memwarden_core::PoolStats) -> Self {
+        PoolStatusDto {
+            memory_type: kind.to_string(),
+            reserved_bytes: p.reserved_bytes,
+            allocated_bytes: p.allocated_bytes,
+            free_in_pool_bytes: p.free_in_pool_bytes,
+            largest_free_block: p.largest_free_block_bytes,
+            block_count: p.block_count,
+            allocation_count: p.allocation_count,
+            free_range_count: p.free_range_count,
+            fragmentation: p.fragmentation_index(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -144,6 +165,11 @@ pub struct DeviceStatusDto {
     /// Bytes promised to `reservation` allocations (budget, no memory).
     pub reservation_bytes: u64,
     pub pools: Vec<PoolStatusDto>,
+    /// Fragmentation index of all the device's pools together (0–1).
+    pub fragmentation: f64,
+    /// The answer to `?canAllocate=N` (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub can_allocate: Option<CanAllocateDto>,
     /// GPUs: `GPU-…` as nvidia-smi prints it.
     pub uuid: Option<String>,
     pub pci_bus_id: Option<String>,
@@ -186,19 +212,9 @@ impl From<&DeviceStatus> for DeviceStatusDto {
             reserved_bytes,
             allocated_bytes,
             reservation_bytes: s.reservation_bytes,
-            pools: s
-                .pools
-                .iter()
-                .map(|(k, p)| PoolStatusDto {
-                    memory_type: k.to_string(),
-                    reserved_bytes: p.reserved_bytes,
-                    allocated_bytes: p.allocated_bytes,
-                    free_in_pool_bytes: p.free_in_pool_bytes,
-                    largest_free_block: p.largest_free_block_bytes,
-                    block_count: p.block_count,
-                    allocation_count: p.allocation_count,
-                })
-                .collect(),
+            pools: s.pools.iter().map(|(k, p)| PoolStatusDto::new(*k, p)).collect(),
+            fragmentation: s.fragmentation(),
+            can_allocate: None,
             uuid: s.gpu.as_ref().map(|g| g.uuid.clone()),
             pci_bus_id: s.gpu.as_ref().map(|g| g.pci_bus_id.clone()),
             compute_capability: s.gpu.as_ref().map(|g| g.compute_capability.clone()),
@@ -419,4 +435,164 @@ pub struct WrittenDto {
     pub allocation_id: String,
     pub offset: u64,
     pub bytes_written: u64,
+}
+
+/// Where N bytes would come from now (`?canAllocate=N`).
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanAllocateDto {
+    pub size_bytes: u64,
+    pub memory_type: String,
+    /// `pool` (free space memwarden holds), `newMemory` (a new block from the OS/driver),
+    /// `budget` (a reservation fits), or `no`.
+    pub fits: String,
+    /// Why not, with requested and available bytes.
+    pub reason: Option<String>,
+}
+
+impl From<&CanAllocate> for CanAllocateDto {
+    fn from(c: &CanAllocate) -> Self {
+        CanAllocateDto {
+            size_bytes: c.size_bytes,
+            memory_type: c.kind.to_string(),
+            fits: c.fit.as_str().into(),
+            reason: c.reason.clone(),
+        }
+    }
+}
+
+/// Body of `POST /api/memory/operations/defragment[/{deviceId}]` (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragBody {
+    /// `quick` | `balanced` (default) | `thorough`.
+    pub strategy: Option<String>,
+    pub max_bytes_to_move: Option<u64>,
+    pub max_allocations_to_move: Option<u64>,
+    /// Time limit, checked between moves.
+    pub max_time_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragDto {
+    pub device_id: String,
+    pub strategy: String,
+    pub fragmentation_before: f64,
+    pub fragmentation_after: f64,
+    pub bytes_moved: u64,
+    pub allocations_moved: usize,
+    pub blocks_released: usize,
+    pub bytes_released: u64,
+    pub largest_free_block_before: u64,
+    pub largest_free_block_after: u64,
+    pub duration_ms: f64,
+    pub passes: u32,
+    /// Planned moves not carried out (time limit, or a failed copy).
+    pub moves_skipped: usize,
+    pub error: Option<String>,
+}
+
+impl From<&DefragReport> for DefragDto {
+    fn from(r: &DefragReport) -> Self {
+        DefragDto {
+            device_id: r.device.to_string(),
+            strategy: r.strategy.as_str().into(),
+            fragmentation_before: r.fragmentation_before,
+            fragmentation_after: r.fragmentation_after,
+            bytes_moved: r.bytes_moved,
+            allocations_moved: r.allocations_moved,
+            blocks_released: r.blocks_released,
+            bytes_released: r.bytes_released,
+            largest_free_block_before: r.largest_free_block_before,
+            largest_free_block_after: r.largest_free_block_after,
+            duration_ms: r.duration.as_secs_f64() * 1e3,
+            passes: r.passes,
+            moves_skipped: r.moves_skipped,
+            error: r.error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragAllDto {
+    pub bytes_moved: u64,
+    pub bytes_released: u64,
+    pub devices: Vec<DefragDto>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RangeDto {
+    pub offset: u64,
+    pub size_bytes: u64,
+    pub free: bool,
+    pub allocation_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockDto {
+    pub block_id: u32,
+    pub size_bytes: u64,
+    /// Holds one large allocation; released when it is freed.
+    pub dedicated: bool,
+    pub address: String,
+    pub ranges: Vec<RangeDto>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolDumpDto {
+    #[serde(flatten)]
+    pub stats: PoolStatusDto,
+    pub blocks: Vec<BlockDto>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicePoolsDto {
+    pub device_id: String,
+    pub pools: Vec<PoolDumpDto>,
+}
+
+impl DevicePoolsDto {
+    pub fn new(device: memwarden_core::DeviceId, pools: &[PoolDump]) -> Self {
+        DevicePoolsDto {
+            device_id: device.to_string(),
+            pools: pools
+                .iter()
+                .map(|p| PoolDumpDto {
+                    stats: PoolStatusDto::new(p.kind, &p.stats),
+                    blocks: p
+                        .blocks
+                        .iter()
+                        .map(|b| BlockDto {
+                            block_id: b.id.0,
+                            size_bytes: b.size_bytes,
+                            dedicated: b.dedicated,
+                            address: format!("{:#x}", b.address),
+                            ranges: b
+                                .ranges
+                                .iter()
+                                .map(|r| RangeDto {
+                                    offset: r.offset_bytes,
+                                    size_bytes: r.size_bytes,
+                                    free: r.free,
+                                    allocation_id: r.allocation_id.clone(),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolsDto {
+    pub devices: Vec<DevicePoolsDto>,
 }

@@ -17,9 +17,11 @@ use axum::Router;
 use base64::Engine as _;
 use dto::*;
 use envelope::{ApiError, ApiJson, ApiResponse, Data, ErrorBody, CORRELATION_ID};
+use memwarden_core::defrag::{DefragOptions, Strategy};
 use memwarden_core::MemoryKind;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use time::OffsetDateTime;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
@@ -68,9 +70,13 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         write_data,
         transfer,
         transfer_status,
-        copy
+        copy,
+        defragment_all,
+        defragment_device,
+        pools_all,
+        pools_device
     ),
-    components(schemas(ErrorBody, AllocateBody, TransferBody))
+    components(schemas(ErrorBody, AllocateBody, TransferBody, DefragBody))
 )]
 pub struct ApiDoc;
 
@@ -92,6 +98,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/transfer", post(transfer))
         .route("/api/memory/transfer/{transfer_id}", get(transfer_status))
         .route("/api/memory/copy", post(copy))
+        .route("/api/memory/operations/defragment", post(defragment_all))
+        .route("/api/memory/operations/defragment/{device_id}", post(defragment_device))
+        .route("/api/memory/pools", get(pools_all))
+        .route("/api/memory/pools/{device_id}", get(pools_device))
         .route("/api/memory/operations/clear", post(clear_all))
         .route("/api/memory/operations/clear/{device_id}", post(clear_device))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -172,15 +182,34 @@ async fn status_all(State(state): State<AppState>) -> ApiResult<StatusListDto> {
     Ok(Data(StatusListDto { devices: list.iter().map(DeviceStatusDto::from).collect() }))
 }
 
-/// Memory status of one device (`cpu`, `cuda:N`, or an alias such as `gpu-0`).
+/// Memory status of one device (`cpu`, `cuda:N`, or an alias such as `gpu-0`). With
+/// `?canAllocate=N` (and optionally `&memoryType=K`) it also answers whether N bytes fit now:
+/// in the pool, in new memory from the OS or driver, or not at all.
 #[utoipa::path(
     get, path = "/api/memory/status/{deviceId}",
-    params(("deviceId" = String, Path, description = "cpu, cuda:N, or an alias")),
+    params(
+        ("deviceId" = String, Path, description = "cpu, cuda:N, or an alias"),
+        ("canAllocate" = Option<u64>, Query, description = "bytes to ask about"),
+        ("memoryType" = Option<String>, Query, description = "kind for canAllocate; default the device's")
+    ),
     responses((status = 200, body = ApiResponse<DeviceStatusDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
 )]
-async fn status_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<DeviceStatusDto> {
+async fn status_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<DeviceStatusDto> {
     let id = state.service.resolve(&device_id)?;
-    Ok(Data(DeviceStatusDto::from(&state.service.status(id)?)))
+    let mut dto = DeviceStatusDto::from(&state.service.status(id)?);
+    if q.contains_key("canAllocate") {
+        let size = query_u64(&q, "canAllocate", None)?;
+        let kind = match q.get("memoryType") {
+            None => None,
+            Some(t) => Some(t.parse().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))?),
+        };
+        dto.can_allocate = Some(CanAllocateDto::from(&state.service.can_allocate(id, size, kind)?));
+    }
+    Ok(Data(dto))
 }
 
 fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest, ApiError> {
@@ -489,4 +518,108 @@ async fn copy(
     ApiJson(body): ApiJson<TransferBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     transfer_response(&state, parse_transfer(body, true)?)
+}
+
+fn parse_defrag(body: &Bytes) -> Result<(DefragOptions, Option<Duration>), ApiError> {
+    let b: DefragBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DefragBody::default()
+    } else {
+        let v: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
+        let field_u64 = |name: &'static str| -> Result<Option<u64>, ApiError> {
+            match v.get(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| ApiError::invalid(format!("{name}: must be a non-negative integer"))),
+            }
+        };
+        DefragBody {
+            strategy: match v.get("strategy") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(x) => Some(x.as_str().ok_or_else(|| ApiError::invalid("strategy: must be a string"))?.to_string()),
+            },
+            max_bytes_to_move: field_u64("maxBytesToMove")?,
+            max_allocations_to_move: field_u64("maxAllocationsToMove")?,
+            max_time_ms: field_u64("maxTimeMs")?,
+        }
+    };
+    let strategy = match &b.strategy {
+        None => Strategy::Balanced,
+        Some(t) => t.parse().map_err(|e: String| ApiError::invalid(format!("strategy: {e}")))?,
+    };
+    Ok((
+        DefragOptions {
+            strategy,
+            max_bytes_to_move: b.max_bytes_to_move.unwrap_or(u64::MAX),
+            max_allocations_to_move: b.max_allocations_to_move.map(|n| n as usize).unwrap_or(usize::MAX),
+        },
+        b.max_time_ms.map(Duration::from_millis),
+    ))
+}
+
+/// Defragments every device: moves movable allocations (never exported or `movable: false`
+/// ones) to compact the pools, then returns emptied blocks to the OS or driver.
+#[utoipa::path(
+    post, path = "/api/memory/operations/defragment", request_body(content = Option<DefragBody>),
+    responses((status = 200, body = ApiResponse<DefragAllDto>), (status = 400, description = "INVALID_ARGUMENT"))
+)]
+async fn defragment_all(State(state): State<AppState>, body: Bytes) -> ApiResult<DefragAllDto> {
+    let (options, max_time) = parse_defrag(&body)?;
+    let reports = blocking(|| {
+        state
+            .service
+            .device_ids()
+            .into_iter()
+            .map(|d| state.service.defragment(d, options, max_time))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    Ok(Data(DefragAllDto {
+        bytes_moved: reports.iter().map(|r| r.bytes_moved).sum(),
+        bytes_released: reports.iter().map(|r| r.bytes_released).sum(),
+        devices: reports.iter().map(DefragDto::from).collect(),
+    }))
+}
+
+/// Defragments one device (fields as for all devices).
+#[utoipa::path(
+    post, path = "/api/memory/operations/defragment/{deviceId}", params(("deviceId" = String, Path)),
+    request_body(content = Option<DefragBody>),
+    responses(
+        (status = 200, body = ApiResponse<DefragDto>), (status = 400, description = "INVALID_ARGUMENT"),
+        (status = 404, description = "DEVICE_NOT_FOUND")
+    )
+)]
+async fn defragment_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    body: Bytes,
+) -> ApiResult<DefragDto> {
+    let id = state.service.resolve(&device_id)?;
+    let (options, max_time) = parse_defrag(&body)?;
+    let report = blocking(|| state.service.defragment(id, options, max_time))?;
+    Ok(Data(DefragDto::from(&report)))
+}
+
+/// Every pool block of every device with its used and free ranges (for drawing).
+#[utoipa::path(get, path = "/api/memory/pools", responses((status = 200, body = ApiResponse<PoolsDto>)))]
+async fn pools_all(State(state): State<AppState>) -> ApiResult<PoolsDto> {
+    let devices = state
+        .service
+        .device_ids()
+        .into_iter()
+        .map(|d| Ok(DevicePoolsDto::new(d, &state.service.pools(d)?)))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Data(PoolsDto { devices }))
+}
+
+/// The pool blocks of one device.
+#[utoipa::path(
+    get, path = "/api/memory/pools/{deviceId}", params(("deviceId" = String, Path)),
+    responses((status = 200, body = ApiResponse<DevicePoolsDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+async fn pools_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<DevicePoolsDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(DevicePoolsDto::new(id, &state.service.pools(id)?)))
 }

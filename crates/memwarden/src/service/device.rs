@@ -1,11 +1,29 @@
 //! One device: its backend, its pools (one per memory kind), its reservations and its cached
 //! status sample, behind one lock.
 
+use super::defrag::Fit;
 use memwarden_backends::{Backend, BackendError, MemoryPool, MemoryReading, PoolAllocation};
 use memwarden_core::{MemoryKind, Placement, PoolConfig, PoolStats};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
+
+/// Per-device limits from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Bytes of available memory allocations never take.
+    pub headroom_bytes: u64,
+    /// Largest size of each pool; 0: no cap.
+    pub pool_cap_bytes: u64,
+    /// Largest age of a status sample used for budgets and status.
+    pub max_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { headroom_bytes: 0, pool_cap_bytes: 0, max_age: Duration::from_millis(100) }
+    }
+}
 
 pub(crate) struct Device {
     pub backend: Arc<dyn Backend>,
@@ -18,6 +36,8 @@ pub(crate) struct DeviceState {
     pub reservation_bytes: u64,
     sample: Option<Arc<Sample>>,
     headroom_bytes: u64,
+    /// Largest size of each pool (bytes held from the OS or driver); 0: no cap.
+    pool_cap_bytes: u64,
     max_age: Duration,
 }
 
@@ -48,7 +68,7 @@ impl From<BackendError> for AllocFailure {
 }
 
 impl Device {
-    pub fn new(backend: Arc<dyn Backend>, pool: PoolConfig, headroom_bytes: u64, max_age: Duration) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, pool: PoolConfig, limits: Limits) -> Self {
         let pools = backend.kinds().iter().map(|&k| MemoryPool::new(backend.clone(), k, pool)).collect();
         Device {
             backend,
@@ -56,8 +76,9 @@ impl Device {
                 pools,
                 reservation_bytes: 0,
                 sample: None,
-                headroom_bytes,
-                max_age,
+                headroom_bytes: limits.headroom_bytes,
+                pool_cap_bytes: limits.pool_cap_bytes,
+                max_age: limits.max_age,
             }),
         }
     }
@@ -110,8 +131,39 @@ impl DeviceState {
             t.block_count += s.block_count;
             t.allocation_count += s.allocation_count;
             t.empty_block_bytes += s.empty_block_bytes;
+            t.free_range_count += s.free_range_count;
         }
         t
+    }
+
+    /// Where `size_bytes` of `kind` would come from now, without allocating anything (a pool
+    /// hit is tried and undone under the lock).
+    pub fn probe(&mut self, backend: &dyn Backend, kind: MemoryKind, size_bytes: u64) -> (Fit, Option<AllocFailure>) {
+        if kind == MemoryKind::Reservation {
+            return match self.admit(backend, kind, size_bytes, 0) {
+                Ok(()) => (Fit::Budget, None),
+                Err(f) => (Fit::No, Some(f)),
+            };
+        }
+        let Some(pool) = self.pool_mut(kind) else {
+            return (
+                Fit::No,
+                Some(AllocFailure::Backend(BackendError::UnsupportedKind { device: backend.info().device_id, kind })),
+            );
+        };
+        let align = crate::service::DEFAULT_ALIGNMENT_BYTES;
+        if let Some(hit) = pool.try_allocate_cached(size_bytes, align) {
+            let _ = pool.free(&hit.placement);
+            return match self.admit(backend, kind, size_bytes, 0) {
+                Ok(()) => (Fit::Pool, None),
+                Err(f) => (Fit::No, Some(f)),
+            };
+        }
+        let new_block = pool.new_block_bytes(size_bytes, align);
+        match self.admit(backend, kind, size_bytes, new_block) {
+            Ok(()) => (Fit::NewMemory, None),
+            Err(f) => (Fit::No, Some(f)),
+        }
     }
 
     /// What allocations may still take: available memory plus free space cached in the pools,
@@ -167,6 +219,18 @@ impl DeviceState {
                     requested_bytes: size_bytes,
                     available_bytes: fresh,
                     detail: format!("a new pool block of {new_block_bytes} bytes is needed and does not fit"),
+                });
+            }
+            let held = self.pool(kind).map(|p| p.reserved_bytes()).unwrap_or(0);
+            if self.pool_cap_bytes > 0 && held + new_block_bytes > self.pool_cap_bytes {
+                let free_in_pool = self.pool(kind).map(|p| p.free_in_pool_bytes()).unwrap_or(0);
+                return Err(AllocFailure::OverBudget {
+                    requested_bytes: size_bytes,
+                    available_bytes: free_in_pool,
+                    detail: format!(
+                        "the {kind} pool is capped at {} bytes (pool.max_pool_bytes) and holds {held}; no free range of it is large enough (defragmenting may help)",
+                        self.pool_cap_bytes
+                    ),
                 });
             }
         }
@@ -242,7 +306,7 @@ impl DeviceState {
     pub fn clear(&mut self) -> Result<u64, BackendError> {
         let mut cleared = 0;
         for p in &mut self.pools {
-            cleared += p.clear()?;
+            cleared += p.clear()?.1;
         }
         self.invalidate_sample();
         Ok(cleared)

@@ -1,11 +1,15 @@
 //! The service layer: the device registry, the allocation ledger and every memory operation,
 //! independent of HTTP. The REST API and tests call it; it calls the backends.
 
+mod defrag;
 mod device;
 mod transfer;
 
+pub use defrag::{BlockDump, CanAllocate, DefragReport, Fit, PoolDump, RangeView};
+
 pub use transfer::{ExportInfo, TransferRecord, TransferRequest, TransferStatus, TransferTarget};
 
+pub use device::Limits;
 use device::{AllocFailure, Device};
 use memwarden_backends::{Backend, BackendError, CudaSystem, GpuInfo, HostBackend, HostStatusReader, ProcessMemory};
 use memwarden_core::{DeviceId, MemoryKind, Placement, PoolConfig, PoolStats};
@@ -133,6 +137,17 @@ impl DeviceStatus {
         }
     }
 
+    /// Fragmentation index of all pools together.
+    pub fn fragmentation(&self) -> f64 {
+        let free: u64 = self.pools.iter().map(|(_, s)| s.free_in_pool_bytes).sum();
+        let largest = self.pools.iter().map(|(_, s)| s.largest_free_block_bytes).max().unwrap_or(0);
+        if free == 0 {
+            0.0
+        } else {
+            1.0 - largest as f64 / free as f64
+        }
+    }
+
     pub fn pool_totals(&self) -> (u64, u64) {
         self.pools.iter().fold((0, 0), |(r, a), (_, s)| (r + s.reserved_bytes, a + s.allocated_bytes))
     }
@@ -164,6 +179,8 @@ pub struct Service {
     pool_config: PoolConfig,
     /// Transfers up to this size answer synchronously; larger ones run in the background.
     sync_transfer_max_bytes: u64,
+    /// When set, an allocation that does not fit on a fragmented device triggers a bounded pass.
+    auto_defrag: Option<crate::config::DefragSection>,
     started_at: OffsetDateTime,
 }
 
@@ -229,12 +246,13 @@ impl Service {
                 });
             }
         }
-        let mut service = Service::with_backends(
-            backends,
-            pool,
-            config.pool.headroom_bytes,
-            Duration::from_millis(config.pool.status_max_age_ms),
-        );
+        let limits = Limits {
+            headroom_bytes: config.pool.headroom_bytes,
+            pool_cap_bytes: config.pool.max_pool_bytes,
+            max_age: Duration::from_millis(config.pool.status_max_age_ms),
+        };
+        let mut service = Service::with_backends(backends, pool, limits);
+        service.auto_defrag = config.defrag.auto.then_some(config.defrag.clone());
         service.backends = health;
         service.peer = cuda.map(|c| c.peer).unwrap_or_default();
         service.sync_transfer_max_bytes = config.transfer.sync_max_bytes;
@@ -242,12 +260,7 @@ impl Service {
     }
 
     /// A service over the given backends (tests and embedding).
-    pub fn with_backends(
-        backends: Vec<Arc<dyn Backend>>,
-        pool: PoolConfig,
-        headroom_bytes: u64,
-        max_age: Duration,
-    ) -> Self {
+    pub fn with_backends(backends: Vec<Arc<dyn Backend>>, pool: PoolConfig, limits: Limits) -> Self {
         let health = vec![BackendHealth {
             name: "host",
             available: true,
@@ -255,16 +268,14 @@ impl Service {
             reason: None,
         }];
         Service {
-            devices: backends
-                .into_iter()
-                .map(|b| (b.info().device_id, Device::new(b, pool, headroom_bytes, max_age)))
-                .collect(),
+            devices: backends.into_iter().map(|b| (b.info().device_id, Device::new(b, pool, limits))).collect(),
             ledger: Mutex::new(Ledger::default()),
             transfers: Mutex::new(transfer::Transfers::default()),
             backends: health,
             peer: vec![],
             pool_config: pool,
             sync_transfer_max_bytes: 64 << 20,
+            auto_defrag: None,
             started_at: OffsetDateTime::now_utc(),
         }
     }
@@ -340,7 +351,25 @@ impl Service {
     /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
     pub fn allocate(&self, req: AllocateRequest) -> Result<Allocation, ServiceError> {
         let device = req.device.clone();
-        self.allocate_inner(req, true)?.ok_or_else(|| ServiceError::BackendFailed {
+        let result = match (self.allocate_inner(req.clone(), true), &self.auto_defrag) {
+            (Err(e @ ServiceError::InsufficientMemory { .. }), Some(auto)) => {
+                // Fragmented and out of room: one bounded pass, then one more try.
+                let id = self.resolve(&req.device)?;
+                if self.fragmentation(id) < auto.fragmentation_threshold {
+                    return Err(e);
+                }
+                let options = memwarden_core::defrag::DefragOptions {
+                    strategy: auto.strategy,
+                    max_bytes_to_move: auto.max_bytes_to_move,
+                    max_allocations_to_move: usize::MAX,
+                };
+                let report = self.defragment(id, options, Some(Duration::from_millis(auto.max_time_ms)))?;
+                tracing::info!(device = %id, moved = report.bytes_moved, released = report.bytes_released, "automatic defragmentation after a failed allocation");
+                self.allocate_inner(req, true)
+            }
+            (r, _) => r,
+        };
+        result?.ok_or_else(|| ServiceError::BackendFailed {
             device,
             message: "allocation deferred although blocking was allowed".into(),
         })

@@ -14,7 +14,11 @@ fn service_with(root: Option<&str>, headroom_bytes: u64) -> Service {
         None => HostStatusReader::default(),
     };
     let pool = PoolConfig { block_size_bytes: 8 * MIB, dedicated_threshold_bytes: 4 * MIB, ..PoolConfig::default() };
-    Service::with_backends(vec![Arc::new(HostBackend::new(reader))], pool, headroom_bytes, Duration::from_millis(100))
+    Service::with_backends(
+        vec![Arc::new(HostBackend::new(reader))],
+        pool,
+        Limits { headroom_bytes, ..Limits::default() },
+    )
 }
 
 fn req(size_bytes: u64, kind: Option<MemoryKind>) -> AllocateRequest {
@@ -321,8 +325,7 @@ fn with_flaky_gpu(fail_with: BackendError) -> Service {
     Service::with_backends(
         vec![Arc::new(HostBackend::new(HostStatusReader::default())), Arc::new(FlakyGpu::new(fail_with))],
         pool,
-        0,
-        Duration::from_millis(100),
+        Limits::default(),
     )
 }
 
@@ -357,5 +360,139 @@ fn a_driver_fault_marks_only_that_device_unhealthy() {
     let a = s.allocate(req(MIB, None)).expect("cpu unaffected");
     assert!(s.status(DeviceId::Cpu).expect("status").fault.is_none());
     s.free(&a.id).expect("free");
+    s.validate().expect("valid");
+}
+
+fn capped_service() -> Service {
+    // 8 MiB blocks, nothing dedicated below 8 MiB, at most two blocks per pool.
+    let pool = PoolConfig { block_size_bytes: 8 * MIB, dedicated_threshold_bytes: 8 * MIB, ..PoolConfig::default() };
+    let limits = Limits { pool_cap_bytes: 16 * MIB, ..Limits::default() };
+    let host = HostBackend::new(HostStatusReader::default()).with_shared_dir(Some(std::env::temp_dir()));
+    Service::with_backends(vec![Arc::new(host)], pool, limits)
+}
+
+fn pattern_of(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|k| (k as u8).wrapping_mul(13).wrapping_add(i as u8).rotate_left((i % 7) as u32)).collect()
+}
+
+/// The scenario that matters: a capped pool is fragmented until a large allocation fails
+/// although enough bytes are free in total; after defragmentation it succeeds.
+#[test]
+fn defragmentation_makes_a_failing_allocation_fit() {
+    let s = capped_service();
+    let small: Vec<_> = (0..16).map(|_| s.allocate(req(MIB, None)).expect("1 MiB")).collect();
+    for a in small.iter().step_by(2) {
+        s.free(&a.id).expect("free every other");
+    }
+    let st = s.status(DeviceId::Cpu).expect("status");
+    let host = st.pools.iter().find(|(k, _)| *k == MemoryKind::Host).expect("host pool").1;
+    assert_eq!(host.free_in_pool_bytes, 8 * MIB, "8 MiB free in total");
+    assert_eq!(host.largest_free_block_bytes, MIB, "but only in 1 MiB pieces");
+    assert!((host.fragmentation_index() - 0.875).abs() < 1e-9);
+    assert_eq!(s.can_allocate(DeviceId::Cpu, 4 * MIB, None).expect("probe").fit, Fit::No);
+    match s.allocate(req(4 * MIB, None)) {
+        Err(ServiceError::InsufficientMemory { detail, .. }) => assert!(detail.contains("capped"), "{detail}"),
+        other => panic!("expected 507, got {other:?}"),
+    }
+    let opts = memwarden_core::defrag::DefragOptions::default();
+    let report = s.defragment(DeviceId::Cpu, opts, None).expect("defragment");
+    assert_eq!(report.allocations_moved, 4, "the sparser block's four allocations move");
+    assert_eq!(report.bytes_moved, 4 * MIB);
+    assert_eq!((report.blocks_released, report.bytes_released), (1, 8 * MIB));
+    assert!(report.fragmentation_before > 0.8 && report.fragmentation_after == 0.0, "{report:?}");
+    assert_eq!(s.can_allocate(DeviceId::Cpu, 4 * MIB, None).expect("probe").fit, Fit::NewMemory);
+    s.allocate(req(4 * MIB, None)).expect("the same allocation now fits");
+    s.validate().expect("valid");
+}
+
+/// Every byte of every allocation survives a thorough pass; immovable and exported ones stay
+/// put; moved ones get a new generation.
+#[test]
+fn defragmentation_keeps_every_byte() {
+    let s = capped_service();
+    let sizes = [300_000u64, 1 << 20, 70_000, 512 * 1024, 123_456, 2 << 20, 4096, 777_777];
+    let mut live = Vec::new();
+    for (i, &size) in sizes.iter().cycle().take(24).enumerate() {
+        let immovable = i % 5 == 0;
+        let a = s.allocate(AllocateRequest { movable: !immovable, ..req(size, None) }).expect("allocate");
+        s.write_bytes(&a.id, 0, &pattern_of(i, size as usize)).expect("fill");
+        live.push((i, a));
+    }
+    let mut kept = Vec::new();
+    for (i, a) in live {
+        if i % 3 == 1 {
+            s.free(&a.id).expect("free");
+        } else {
+            kept.push((i, a));
+        }
+    }
+    let exported = &kept[1].1;
+    s.export(&exported.id).expect("export pins it");
+    let before: Vec<_> = kept.iter().map(|(_, a)| s.allocation(&a.id).expect("live")).collect();
+    let opts = memwarden_core::defrag::DefragOptions {
+        strategy: memwarden_core::defrag::Strategy::Thorough,
+        ..Default::default()
+    };
+    let report = s.defragment(DeviceId::Cpu, opts, None).expect("defragment");
+    assert!(report.allocations_moved > 0, "{report:?}");
+    for ((i, a), old) in kept.iter().zip(&before) {
+        let now = s.allocation(&a.id).expect("still live");
+        let data = s.read_bytes(&a.id, 0, a.size_bytes).expect("read");
+        assert!(data == pattern_of(*i, a.size_bytes as usize), "allocation {i} lost bytes");
+        if !old.movable || old.exported {
+            assert_eq!(now.placement, old.placement, "allocation {i} must not move");
+            assert_eq!(now.generation, 0);
+        } else if now.placement != old.placement {
+            assert!(now.generation > old.generation, "a moved allocation's generation grows");
+            assert_ne!(now.address, old.address);
+        }
+    }
+    s.validate().expect("ledger matches pools after moves");
+}
+
+#[test]
+fn defragmentation_respects_time_and_move_limits() {
+    let s = capped_service();
+    let small: Vec<_> = (0..16).map(|_| s.allocate(req(MIB, None)).expect("1 MiB")).collect();
+    for a in small.iter().step_by(2) {
+        s.free(&a.id).expect("free");
+    }
+    let opts = memwarden_core::defrag::DefragOptions { max_allocations_to_move: 0, ..Default::default() };
+    let r = s.defragment(DeviceId::Cpu, opts, None).expect("defragment");
+    assert_eq!((r.allocations_moved, r.bytes_moved), (0, 0));
+    let r = s
+        .defragment(DeviceId::Cpu, memwarden_core::defrag::DefragOptions::default(), Some(Duration::ZERO))
+        .expect("defragment");
+    assert_eq!(r.allocations_moved, 0, "no time: nothing moves");
+    assert!(r.moves_skipped > 0);
+    s.validate().expect("valid");
+}
+
+#[test]
+fn allocations_in_use_are_not_moved() {
+    let s = capped_service();
+    let small: Vec<_> = (0..16).map(|_| s.allocate(req(MIB, None)).expect("1 MiB")).collect();
+    for a in small.iter().step_by(2) {
+        s.free(&a.id).expect("free");
+    }
+    let busy: Vec<&str> = small.iter().skip(1).step_by(2).map(|a| a.id.as_str()).collect();
+    s.acquire(&busy).expect("acquire");
+    let r = s.defragment(DeviceId::Cpu, memwarden_core::defrag::DefragOptions::default(), None).expect("defragment");
+    assert_eq!(r.allocations_moved, 0, "allocations a transfer uses stay put");
+    s.release(&busy);
+}
+
+#[test]
+fn automatic_defragmentation_retries_a_failed_allocation() {
+    let mut s = capped_service();
+    s.auto_defrag = Some(crate::config::DefragSection { auto: true, ..Default::default() });
+    let small: Vec<_> = (0..16).map(|_| s.allocate(req(MIB, None)).expect("1 MiB")).collect();
+    for a in small.iter().step_by(2) {
+        s.free(&a.id).expect("free");
+    }
+    let a = s.allocate(req(4 * MIB, None)).expect("fits after the automatic pass");
+    assert_eq!(a.size_bytes, 4 * MIB);
+    let moved = s.allocations(None).iter().filter(|r| r.generation > 0).count();
+    assert_eq!(moved, 4, "the pass moved the sparse block's allocations");
     s.validate().expect("valid");
 }
