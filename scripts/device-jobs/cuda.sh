@@ -19,6 +19,7 @@ mode=${1:-single}
   fi
   bin/test-transfer-test --test-threads=2
   bin/test-http-test --test-threads=2
+  bin/test-defrag-test --test-threads=2
   echo "== baseline (tools/gpu_baseline.cu, tools/gpu_peers.py)"
   nvcc -O2 -o /tmp/gpu_baseline tools/gpu_baseline.cu -lcuda -lnvidia-ml && /tmp/gpu_baseline
   python3 tools/gpu_peers.py
@@ -43,6 +44,10 @@ PY
   fi
   echo "== memwarden Rust API (examples/gpu_bench)"
   if [ "$mode" = multi ]; then bin/gpu_bench $((1<<30)); else bin/gpu_bench; fi
+  echo "== defragmentation throughput (examples/defrag_bench)"
+  bin/defrag_bench cuda:0 $((8<<30)) $((256<<20))
+  bin/defrag_bench cuda:0 $((1<<30)) $((64<<20))
+  bin/defrag_bench cpu $((1<<30)) $((64<<20))
   echo "== memwarden HTTP (examples/http_load)"
   for workers in 2 1; do
     printf 'worker_threads = %s\n' "$workers" > /tmp/mw.toml

@@ -195,7 +195,7 @@ impl Tlsf {
     /// granularity, size rounded up to it), if that range is free. O(ranges): for the
     /// defragmentation planner and executor, which choose places themselves.
     pub fn allocate_at(&mut self, offset_bytes: u64, size_bytes: u64) -> Option<TlsfHandle> {
-        if size_bytes == 0 || offset_bytes % GRANULARITY_BYTES != 0 {
+        if size_bytes == 0 || !offset_bytes.is_multiple_of(GRANULARITY_BYTES) {
             return None;
         }
         let offset = offset_bytes / GRANULARITY_BYTES;

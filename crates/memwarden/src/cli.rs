@@ -246,6 +246,119 @@ pub fn clear(client: &Client, device: Option<&str>, as_json: bool) -> Result<Str
     Ok(out)
 }
 
+/// Runs a defragmentation pass and prints what it did.
+pub fn defrag(
+    client: &Client,
+    device: Option<&str>,
+    strategy: Option<&str>,
+    as_json: bool,
+) -> Result<String, CliError> {
+    let body = match strategy {
+        Some(s) => json!({ "strategy": s }),
+        None => json!({}),
+    };
+    let data = match device {
+        Some(d) => {
+            client.call("POST", &format!("/api/memory/operations/defragment/{}", path_segment(d)), Some(body))?
+        }
+        None => client.call("POST", "/api/memory/operations/defragment", Some(body))?,
+    };
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    let reports = match device {
+        Some(_) => vec![data],
+        None => data["devices"].as_array().cloned().unwrap_or_default(),
+    };
+    let mut out = String::new();
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "{} ({}): moved {} allocation(s), {}; released {} block(s), {}; fragmentation {:.2} -> {:.2}; largest free {} -> {}; {:.1} ms",
+            s(&r["deviceId"]),
+            s(&r["strategy"]),
+            u(&r["allocationsMoved"]),
+            format_bytes(u(&r["bytesMoved"])),
+            u(&r["blocksReleased"]),
+            format_bytes(u(&r["bytesReleased"])),
+            r["fragmentationBefore"].as_f64().unwrap_or(0.0),
+            r["fragmentationAfter"].as_f64().unwrap_or(0.0),
+            format_bytes(u(&r["largestFreeBlockBefore"])),
+            format_bytes(u(&r["largestFreeBlockAfter"])),
+            r["durationMs"].as_f64().unwrap_or(0.0),
+        );
+        if let Some(e) = r["error"].as_str() {
+            let _ = writeln!(out, "  error: {e}");
+        }
+    }
+    Ok(out)
+}
+
+/// Width of a block's bar in `memwarden pools`.
+const BAR_CELLS: usize = 64;
+
+/// One block as a bar: each cell is `#` when at least half its bytes are used, `.` otherwise.
+pub fn block_bar(size_bytes: u64, ranges: &[Value]) -> String {
+    let cell = size_bytes.div_ceil(BAR_CELLS as u64).max(1);
+    let mut used = vec![0u64; BAR_CELLS];
+    for r in ranges.iter().filter(|r| r["free"] == false) {
+        let (start, end) = (u(&r["offset"]), u(&r["offset"]) + u(&r["sizeBytes"]));
+        for (i, slot) in used.iter_mut().enumerate() {
+            let (a, b) = (i as u64 * cell, (i as u64 + 1) * cell);
+            *slot += end.min(b).saturating_sub(start.max(a));
+        }
+    }
+    used.iter().map(|&b| if b * 2 >= cell { '#' } else { '.' }).collect()
+}
+
+/// Draws every pool block of every device (or one) as a bar of used and free ranges.
+pub fn pools(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
+    let data = match device {
+        Some(d) => client.call("GET", &format!("/api/memory/pools/{}", path_segment(d)), None)?,
+        None => client.call("GET", "/api/memory/pools", None)?,
+    };
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    let devices = match device {
+        Some(_) => vec![data],
+        None => data["devices"].as_array().cloned().unwrap_or_default(),
+    };
+    let mut out = String::new();
+    for d in devices {
+        for p in d["pools"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "{} {} pool: {} block(s), {} held, {} allocated, {} free in {} range(s), largest {}, fragmentation {:.2}",
+                s(&d["deviceId"]),
+                s(&p["memoryType"]),
+                u(&p["blockCount"]),
+                format_bytes(u(&p["reservedBytes"])),
+                format_bytes(u(&p["allocatedBytes"])),
+                format_bytes(u(&p["freeInPoolBytes"])),
+                u(&p["freeRangeCount"]),
+                format_bytes(u(&p["largestFreeBlock"])),
+                p["fragmentation"].as_f64().unwrap_or(0.0),
+            );
+            for b in p["blocks"].as_array().into_iter().flatten() {
+                let ranges = b["ranges"].as_array().cloned().unwrap_or_default();
+                let size = u(&b["sizeBytes"]);
+                let used: u64 = ranges.iter().filter(|r| r["free"] == false).map(|r| u(&r["sizeBytes"])).sum();
+                let _ = writeln!(
+                    out,
+                    "  block {:<4} {:>10} [{}] {:>3}% used{}",
+                    u(&b["blockId"]),
+                    format_bytes(size),
+                    block_bar(size, &ranges),
+                    used * 100 / size.max(1),
+                    if b["dedicated"] == true { ", dedicated" } else { "" },
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn pretty(v: &Value) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
     s.push('\n');
@@ -260,6 +373,20 @@ mod tests {
     fn tables_align() {
         let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+
+    #[test]
+    fn bars_show_used_and_free_cells() {
+        let ranges = vec![
+            json!({"offset": 0, "sizeBytes": 32, "free": false}),
+            json!({"offset": 32, "sizeBytes": 32, "free": true}),
+            json!({"offset": 64, "sizeBytes": 64, "free": false}),
+        ];
+        let bar = block_bar(128, &ranges);
+        assert_eq!(bar.len(), BAR_CELLS);
+        assert_eq!(&bar[..16], "################");
+        assert_eq!(&bar[16..32], "................");
+        assert_eq!(&bar[32..], "################################");
     }
 
     #[test]

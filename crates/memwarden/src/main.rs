@@ -62,6 +62,16 @@ enum Command {
     Allocations { device: Option<String> },
     /// Return cached empty pool blocks to the OS/driver.
     Clear { device: Option<String> },
+    /// Defragment one device's pools (or every device's): move movable allocations together and
+    /// return emptied blocks.
+    Defrag {
+        device: Option<String>,
+        /// quick | balanced (default) | thorough.
+        #[arg(long)]
+        strategy: Option<String>,
+    },
+    /// Draw every pool block as a bar of used (#) and free (.) ranges.
+    Pools { device: Option<String> },
 }
 
 fn main() -> ExitCode {
@@ -114,6 +124,8 @@ fn main() -> ExitCode {
         Command::Free { id } => cli::free(&client, id, json),
         Command::Allocations { device } => cli::allocations(&client, device.as_deref(), json),
         Command::Clear { device } => cli::clear(&client, device.as_deref(), json),
+        Command::Defrag { device, strategy } => cli::defrag(&client, device.as_deref(), strategy.as_deref(), json),
+        Command::Pools { device } => cli::pools(&client, device.as_deref(), json),
     };
     match result {
         Ok(out) => {

@@ -194,3 +194,26 @@ fn daemon_rss_follows_allocations() {
     assert_eq!(cleared["clearedBytes"], 64 * MIB);
     assert!(d.rss() <= after + 8 * MIB, "clear returned the block");
 }
+
+#[test]
+fn pools_and_defrag_through_the_cli() {
+    let d = Daemon::start(&[]);
+    let ids: Vec<String> =
+        (0..8).map(|_| d.json(&["alloc", "cpu", "4MiB"])["allocationId"].as_str().expect("id").to_string()).collect();
+    for id in ids.iter().step_by(2) {
+        d.ok(&["free", id]);
+    }
+    let out = d.ok(&["pools", "cpu"]);
+    assert!(out.starts_with("cpu host pool: 1 block(s), 64.0 MiB held, 16.0 MiB allocated"), "{out}");
+    let bar_line = out.lines().find(|l| l.trim_start().starts_with("block 0")).expect("block line");
+    assert!(bar_line.contains("[....####....####....####....####"), "{bar_line}");
+    assert!(bar_line.trim_end().ends_with("25% used"), "{bar_line}");
+    let out = d.ok(&["defrag", "cpu", "--strategy", "thorough"]);
+    assert!(out.starts_with("cpu (thorough): moved "), "{out}");
+    let out = d.ok(&["pools", "cpu"]);
+    let bar_line = out.lines().find(|l| l.trim_start().starts_with("block 0")).expect("block line");
+    assert!(bar_line.contains("[################......"), "compacted to the front: {bar_line}");
+    let bad = d.run(&["defrag", "cpu", "--strategy", "tidy"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT (400): strategy"));
+}

@@ -229,3 +229,44 @@ fn multi_gpu_peer_copy_verifies() {
     transfer(&s, json!({"sourceAllocationId": b, "destinationAllocationId": c}));
     assert!(get(&s, &c, 0, size) == data, "peer copy cuda:1 -> cuda:0 returned other bytes");
 }
+
+/// The fragmented-pool scenario on a GPU: a capped device pool fails a 32 MiB allocation with
+/// 64 MiB free in pieces; defragmentation moves the bytes (all verified), releases a block, the
+/// driver's free memory rises by `bytesReleased`, and the allocation then fits.
+#[test]
+fn gpu_defragmentation_releases_driver_memory() {
+    let mut config = Config::default();
+    config.pool.block_size_bytes = 64 * MIB;
+    config.pool.dedicated_threshold_bytes = 64 * MIB;
+    config.pool.max_pool_bytes = 128 * MIB;
+    let s = TestServer::start_with(config);
+    let ids: Vec<String> = (0..16).map(|_| alloc(&s, "cuda:0", json!({"sizeBytes": 8 * MIB}))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        put(&s, id, &random_bytes(8 * MIB as usize, 100 + i as u64));
+    }
+    for id in ids.iter().step_by(2) {
+        assert_eq!(s.call("DELETE", &format!("/api/memory/allocations/{id}"), None).0, 200);
+    }
+    assert_error(
+        &s.call("POST", "/api/memory/allocations/allocate/cuda:0", Some(&json!({"sizeBytes": 32 * MIB}).to_string())),
+        507,
+        "INSUFFICIENT_MEMORY",
+        "capped",
+    );
+    let (_, _, free_before) = smi(0);
+    let (status, r) = s.call("POST", "/api/memory/operations/defragment/cuda:0", Some(r#"{"strategy": "quick"}"#));
+    assert_eq!(status, 200, "{r}");
+    let r = &r["data"];
+    assert_eq!(r["allocationsMoved"], 4);
+    assert_eq!(r["bytesReleased"], 64 * MIB);
+    let (_, _, free_after) = smi(0);
+    let rose = free_after as i64 - free_before as i64;
+    assert!((rose - (64 * MIB) as i64).abs() <= (4 * MIB) as i64, "driver free memory rose by {rose} bytes");
+    for (i, id) in ids.iter().enumerate().skip(1).step_by(2) {
+        assert!(get(&s, id, 0, 8 * MIB) == random_bytes(8 * MIB as usize, 100 + i as u64), "allocation {i} changed");
+    }
+    let (status, v) =
+        s.call("POST", "/api/memory/allocations/allocate/cuda:0", Some(&json!({"sizeBytes": 32 * MIB}).to_string()));
+    assert_eq!(status, 201, "fits after defragmentation: {v}");
+    s.service.validate().expect("ledger matches pools");
+}

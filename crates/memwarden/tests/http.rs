@@ -303,6 +303,10 @@ fn openapi_lists_every_route_and_swagger_is_served_offline() {
         "/api/memory/transfer",
         "/api/memory/transfer/{transferId}",
         "/api/memory/copy",
+        "/api/memory/operations/defragment",
+        "/api/memory/operations/defragment/{deviceId}",
+        "/api/memory/pools",
+        "/api/memory/pools/{deviceId}",
     ] {
         assert!(paths.contains_key(p), "openapi lacks {p}");
     }

@@ -487,6 +487,8 @@ pub struct DefragDto {
     pub largest_free_block_before: u64,
     pub largest_free_block_after: u64,
     pub duration_ms: f64,
+    /// Time spent copying bytes; `bytesMoved / movingMs` is the move throughput.
+    pub moving_ms: f64,
     pub passes: u32,
     /// Planned moves not carried out (time limit, or a failed copy).
     pub moves_skipped: usize,
@@ -507,6 +509,7 @@ impl From<&DefragReport> for DefragDto {
             largest_free_block_before: r.largest_free_block_before,
             largest_free_block_after: r.largest_free_block_after,
             duration_ms: r.duration.as_secs_f64() * 1e3,
+            moving_ms: r.moving.as_secs_f64() * 1e3,
             passes: r.passes,
             moves_skipped: r.moves_skipped,
             error: r.error.clone(),

@@ -25,6 +25,8 @@ pub struct DefragReport {
     pub blocks_released: usize,
     pub bytes_released: u64,
     pub duration: Duration,
+    /// Time spent copying bytes (the moves alone).
+    pub moving: Duration,
     pub passes: u32,
     /// Moves planned but not carried out (time limit reached, or a copy failed).
     pub moves_skipped: usize,
@@ -119,6 +121,7 @@ impl Service {
             blocks_released: 0,
             bytes_released: 0,
             duration: Duration::ZERO,
+            moving: Duration::ZERO,
             passes: 1,
             moves_skipped: 0,
             error: None,
@@ -148,7 +151,10 @@ impl Service {
                     report.error = Some("the plan names an allocation the ledger does not hold".into());
                     break;
                 };
-                match pool.apply_move(m) {
+                let t = Instant::now();
+                let moved = pool.apply_move(m);
+                report.moving += t.elapsed();
+                match moved {
                     Ok(moved) => {
                         if let Some(rec) = ledger.records.get_mut(&id) {
                             let rec = Arc::make_mut(rec);
