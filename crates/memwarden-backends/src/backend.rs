@@ -149,6 +149,25 @@ pub trait Backend: Send + Sync {
         len_bytes: u64,
     ) -> Result<(), BackendError>;
 
+    /// Like [`Backend::copy`], but may return before the bytes have arrived: copies queued this
+    /// way run in order, and [`Backend::synchronize`] waits for all of them. The default copies
+    /// synchronously.
+    fn copy_queued(
+        &self,
+        src: &dyn BlockMemory,
+        src_offset: u64,
+        dst: &dyn BlockMemory,
+        dst_offset: u64,
+        len_bytes: u64,
+    ) -> Result<(), BackendError> {
+        self.copy(src, src_offset, dst, dst_offset, len_bytes)
+    }
+
+    /// Waits for every copy queued with [`Backend::copy_queued`].
+    fn synchronize(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Writes `data` into a block (tests, and later uploads). Bounds-checked.
     fn write(&self, block: &dyn BlockMemory, offset: u64, data: &[u8]) -> Result<(), BackendError>;
 

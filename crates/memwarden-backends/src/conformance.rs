@@ -94,6 +94,7 @@ fn pool_round_trip(backend: Arc<dyn Backend>, kind: MemoryKind) {
     let moved = pool
         .apply_move(&Move { from: victim.placement, to_block: victim.placement.block, to_offset_bytes: to })
         .expect("move");
+    pool.finish_moves().expect("moves arrive");
     assert_eq!(moved.placement.offset_bytes, to);
     let mut back = vec![0; 300 * 1024];
     backend.read(pool.block(moved.placement.block).expect("block").as_ref(), to, &mut back).expect("read");

@@ -260,6 +260,22 @@ impl Backend for CudaBackend {
             .map_err(|e| self.error(e, len_bytes))
     }
 
+    fn copy_queued(
+        &self,
+        src: &dyn BlockMemory,
+        src_offset: u64,
+        dst: &dyn BlockMemory,
+        dst_offset: u64,
+        len_bytes: u64,
+    ) -> Result<(), BackendError> {
+        cuda::queue_device_to_device(buffer(dst)?, dst_offset, buffer(src)?, src_offset, len_bytes)
+            .map_err(|e| self.error(e, len_bytes))
+    }
+
+    fn synchronize(&self) -> Result<(), BackendError> {
+        self.ctx.synchronize().map_err(|e| self.error(e, 0))
+    }
+
     fn write(&self, block: &dyn BlockMemory, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         buffer(block)?.write(offset, data).map_err(|e| self.error(e, data.len() as u64))
     }

@@ -2,7 +2,6 @@
 //! place that decides when blocks are created and released, for every backend.
 
 use crate::backend::{Backend, BackendError, SharedBlock};
-use crate::copy::copy_between;
 use memwarden_core::defrag::Move;
 use memwarden_core::{BlockId, MemoryKind, Placement, Pool, PoolConfig, PoolError, PoolStats};
 use std::collections::HashMap;
@@ -116,14 +115,20 @@ impl MemoryPool {
         Ok((empty.len(), released))
     }
 
+    /// Waits until every byte of the moves made so far has arrived.
+    pub fn finish_moves(&self) -> Result<(), BackendError> {
+        self.backend.synchronize()
+    }
+
     /// The core pool, for planning (defragmentation) without touching memory.
     pub fn core(&self) -> &Pool {
         &self.pool
     }
 
-    /// Carries out one planned move: takes the destination range, copies the bytes, frees the
-    /// source. On a failed copy the destination is given back and the allocation stays where
-    /// it was. Returns the new placement and address.
+    /// Carries out one planned move: takes the destination range, copies the bytes (queued on
+    /// GPUs: call [`MemoryPool::finish_moves`] before anyone reads them), frees the source. On a
+    /// failed copy the destination is given back and the allocation stays where it was.
+    /// Returns the new placement and address.
     pub fn apply_move(&mut self, m: &Move) -> Result<PoolAllocation, BackendError> {
         let to = self.pool.allocate_at(m.to_block, m.to_offset_bytes, m.from.size_bytes).ok_or_else(|| {
             BackendError::InvalidArgument(format!(
@@ -132,9 +137,13 @@ impl MemoryPool {
             ))
         })?;
         let copied = match (self.blocks.get(&m.from.block), self.blocks.get(&to.block)) {
-            (Some(src), Some(dst)) => {
-                copy_between(src.as_ref(), m.from.offset_bytes, dst.as_ref(), to.offset_bytes, m.from.size_bytes)
-            }
+            (Some(src), Some(dst)) => self.backend.copy_queued(
+                src.as_ref(),
+                m.from.offset_bytes,
+                dst.as_ref(),
+                to.offset_bytes,
+                m.from.size_bytes,
+            ),
             _ => Err(BackendError::InvalidArgument("move names a block without memory".into())),
         };
         if let Err(e) = copied {

@@ -176,6 +176,24 @@ impl CudaContext {
         check("cuStreamSynchronize", len, sys::cuStreamSynchronize(self.stream))
     }
 
+    /// Queues a copy between unified addresses on this context's stream without waiting
+    /// (copies on one stream run in the order they were queued); see [`CudaContext::synchronize`].
+    ///
+    /// # Safety
+    /// As for [`CudaContext::copy`], and the ranges must stay live until the stream is
+    /// synchronized.
+    pub unsafe fn copy_queued(&self, dst: u64, src: u64, len: u64) -> Result<(), CudaError> {
+        self.bind()?;
+        check("cuMemcpyAsync", len, sys::cuMemcpyAsync(dst, src, len as usize, self.stream))
+    }
+
+    /// Waits for every copy queued on this context's stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.bind()?;
+        // SAFETY: the stream is live for self's lifetime.
+        check("cuStreamSynchronize", 0, unsafe { sys::cuStreamSynchronize(self.stream) })
+    }
+
     /// Copies between device memory of two GPUs (direct over NVLink/PCIe where peer access is
     /// enabled, staged by the driver otherwise) and waits.
     ///
@@ -362,4 +380,24 @@ pub fn copy_device_to_device(
             src.ctx.copy_peer(&dst.ctx, dst.ptr + dst_offset, src.ptr + src_offset, len)
         }
     }
+}
+
+/// Queues a copy between two buffers of the same GPU on its stream (in order with earlier
+/// queued copies) without waiting; the caller synchronizes the context before anyone reads the
+/// destination. Bounds-checked; both buffers are kept alive by the caller (the pool holds them).
+pub fn queue_device_to_device(
+    dst: &DeviceBuffer,
+    dst_offset: u64,
+    src: &DeviceBuffer,
+    src_offset: u64,
+    len: u64,
+) -> Result<(), CudaError> {
+    dst.check_range(dst_offset, len)?;
+    src.check_range(src_offset, len)?;
+    if dst.ctx.ordinal != src.ctx.ordinal {
+        return copy_device_to_device(dst, dst_offset, src, src_offset, len);
+    }
+    // SAFETY: bounds-checked ranges of live buffers; the pool keeps both blocks (Arc) until the
+    // defragmentation pass synchronizes the stream.
+    unsafe { src.ctx.copy_queued(dst.ptr + dst_offset, src.ptr + src_offset, len) }
 }

@@ -59,16 +59,32 @@ fn main() {
     s.free(&b.id).expect("free");
     s.clear(Some(id)).expect("clear");
 
+    // Three rounds: fill two blocks, free every other allocation, defragment; median rate.
     let per_block = block / size;
-    let ids: Vec<_> = (0..2 * per_block).map(|_| s.allocate(req(&device, size)).expect("fill").id.clone()).collect();
-    for i in ids.iter().step_by(2) {
-        s.free(i).expect("free every other");
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let ids: Vec<_> =
+            (0..2 * per_block).map(|_| s.allocate(req(&device, size)).expect("fill").id.clone()).collect();
+        for i in ids.iter().step_by(2) {
+            s.free(i).expect("free every other");
+        }
+        let opts = DefragOptions { strategy: Strategy::Quick, ..Default::default() };
+        let r = s.defragment(id, opts, None).expect("defragment");
+        for r in s.allocations(Some(id)) {
+            s.free(&r.id).expect("free");
+        }
+        s.clear(Some(id)).expect("clear");
+        rounds.push(r);
     }
-    let opts = DefragOptions { strategy: Strategy::Quick, ..Default::default() };
-    let r = s.defragment(id, opts, None).expect("defragment");
+    rounds.sort_by(|a, b| {
+        let ra = a.bytes_moved as f64 / a.moving.as_secs_f64();
+        let rb = b.bytes_moved as f64 / b.moving.as_secs_f64();
+        ra.total_cmp(&rb)
+    });
+    let r = &rounds[1];
     let rate = r.bytes_moved as f64 / r.moving.as_secs_f64();
     println!(
-        "defragment {device}: moved {} allocations, {} MiB in {:.2} ms of copying ({:.1} GB/s); whole pass {:.2} ms incl. planning and releasing {} block(s) ({} MiB)",
+        "defragment {device}: moved {} allocations, {} MiB in {:.2} ms of copying ({:.1} GB/s, median of 3); whole pass {:.2} ms incl. planning and releasing {} block(s) ({} MiB)",
         r.allocations_moved,
         r.bytes_moved >> 20,
         r.moving.as_secs_f64() * 1e3,

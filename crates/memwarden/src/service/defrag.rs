@@ -173,6 +173,14 @@ impl Service {
                     }
                 }
             }
+            // Moves on a GPU are queued on one stream (in order); wait for them before anyone can
+            // look at the allocations again (the locks are still held).
+            let t = Instant::now();
+            if let Err(e) = pool.finish_moves() {
+                report.error =
+                    Some(format!("waiting for the moves failed; moved allocations may hold stale bytes: {e}"));
+            }
+            report.moving += t.elapsed();
             budget.max_bytes_to_move = budget.max_bytes_to_move.saturating_sub(plan.bytes_to_move);
             budget.max_allocations_to_move = budget.max_allocations_to_move.saturating_sub(plan.moves.len());
             if report.error.is_some() {
