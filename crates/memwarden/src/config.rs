@@ -224,6 +224,21 @@ mod tests {
     }
 
     #[test]
+    fn defrag_section_parses_and_is_checked() {
+        let c =
+            parse("[defrag]\nauto = true\nstrategy = \"thorough\"\nfragmentation_threshold = 0.5\n").expect("valid");
+        assert!(c.defrag.auto);
+        assert_eq!(c.defrag.strategy, memwarden_core::defrag::Strategy::Thorough);
+        assert!(parse("[defrag]\nstrategy = \"tidy\"").expect_err("refused").contains("strategy"));
+        assert!(parse("[defrag]\nfragmentation_threshold = 1.5").is_err());
+        let c = parse("[pool]\nmax_pool_bytes = 1073741824\n[host]\nshared_memory_dir = \"\"\n[cuda]\nenabled = false")
+            .expect("valid");
+        assert_eq!(c.pool.max_pool_bytes, 1 << 30);
+        assert!(c.host.shared_memory_dir.as_os_str().is_empty());
+        assert!(!c.cuda.enabled);
+    }
+
+    #[test]
     fn pool_sizes_are_checked() {
         assert!(parse("[pool]\nblock_size_bytes = 1000").is_err());
         assert!(parse("[pool]\ndedicated_threshold_bytes = 0").is_err());
