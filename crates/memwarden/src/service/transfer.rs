@@ -353,50 +353,82 @@ impl Service {
     }
 
     /// What another process needs to map an allocation. The allocation is marked exported and
-    /// will never be moved.
+    /// will never be moved (marked first, so a defragmentation pass cannot move it between
+    /// reading its place and handing the place out).
     pub fn export(&self, allocation_id: &str) -> Result<ExportInfo, ServiceError> {
-        let record = self.allocation(allocation_id)?;
-        let side = self.side(record.clone(), "allocationId")?;
-        let export = side.block.export().map_err(|e| {
-            ServiceError::InvalidOperation(format!("allocation '{allocation_id}' cannot be exported: {e}"))
-        })?;
-        if let Some(r) = lock(&self.ledger).records.get_mut(allocation_id) {
-            let r = Arc::make_mut(r);
-            r.exported = true;
-            r.movable = false;
-        }
+        let (record, was) = {
+            let mut ledger = lock(&self.ledger);
+            let r = ledger
+                .records
+                .get_mut(allocation_id)
+                .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
+            let was = (r.exported, r.movable);
+            let m = Arc::make_mut(r);
+            m.exported = true;
+            m.movable = false;
+            (r.clone(), was)
+        };
+        let exported = self.side(record.clone(), "allocationId").and_then(|side| {
+            let e = side.block.export().map_err(|e| {
+                ServiceError::InvalidOperation(format!("allocation '{allocation_id}' cannot be exported: {e}"))
+            })?;
+            Ok((side.base, e))
+        });
+        let (base, export) = match exported {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(r) = lock(&self.ledger).records.get_mut(allocation_id) {
+                    let m = Arc::make_mut(r);
+                    (m.exported, m.movable) = was;
+                }
+                return Err(e);
+            }
+        };
         Ok(match export {
             BlockExport::CudaIpc { handle, .. } => {
-                ExportInfo::CudaIpc { device: record.device, handle, offset: side.base, size_bytes: record.size_bytes }
+                ExportInfo::CudaIpc { device: record.device, handle, offset: base, size_bytes: record.size_bytes }
             }
             BlockExport::Shm { path } => {
-                ExportInfo::Shm { path: path.display().to_string(), offset: side.base, size_bytes: record.size_bytes }
+                ExportInfo::Shm { path: path.display().to_string(), offset: base, size_bytes: record.size_bytes }
             }
         })
     }
 
+    /// Runs `f` on an allocation's memory while it is marked in use, so that no defragmentation
+    /// pass moves it (and no free releases it) in between.
+    fn with_memory<T>(
+        &self,
+        allocation_id: &str,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&dyn memwarden_backends::Backend, &Side) -> Result<T, memwarden_backends::BackendError>,
+    ) -> Result<T, ServiceError> {
+        self.acquire(&[allocation_id])?;
+        let result = (|| {
+            let record = self.allocation(allocation_id)?;
+            check_range(&record, offset, len)?;
+            let side = self.side(record.clone(), "allocationId")?;
+            let dev = self.device_or_404(record.device)?;
+            f(dev.backend.as_ref(), &side).map_err(|e| ServiceError::from_backend(record.device, e))
+        })();
+        self.release(&[allocation_id]);
+        result
+    }
+
     /// Writes bytes into an allocation at `offset` (bounds-checked).
     pub fn write_bytes(&self, allocation_id: &str, offset: u64, data: &[u8]) -> Result<(), ServiceError> {
-        let record = self.allocation(allocation_id)?;
-        check_range(&record, offset, data.len() as u64)?;
-        let side = self.side(record.clone(), "allocationId")?;
-        let dev = self.device_or_404(record.device)?;
-        dev.backend
-            .write(side.block.as_ref(), side.base + offset, data)
-            .map_err(|e| ServiceError::from_backend(record.device, e))
+        self.with_memory(allocation_id, offset, data.len() as u64, |backend, side| {
+            backend.write(side.block.as_ref(), side.base + offset, data)
+        })
     }
 
     /// Reads `len` bytes of an allocation at `offset` (bounds-checked).
     pub fn read_bytes(&self, allocation_id: &str, offset: u64, len: u64) -> Result<Vec<u8>, ServiceError> {
-        let record = self.allocation(allocation_id)?;
-        check_range(&record, offset, len)?;
-        let side = self.side(record.clone(), "allocationId")?;
-        let dev = self.device_or_404(record.device)?;
-        let mut out = vec![0u8; len as usize];
-        dev.backend
-            .read(side.block.as_ref(), side.base + offset, &mut out)
-            .map_err(|e| ServiceError::from_backend(record.device, e))?;
-        Ok(out)
+        self.with_memory(allocation_id, offset, len, |backend, side| {
+            let mut out = vec![0u8; len as usize];
+            backend.read(side.block.as_ref(), side.base + offset, &mut out)?;
+            Ok(out)
+        })
     }
 }
 
