@@ -6,6 +6,7 @@
 pub mod defrag;
 pub mod ids;
 pub mod pool;
+pub mod pressure;
 pub mod tlsf;
 pub mod units;
 
