@@ -119,6 +119,17 @@ pub trait Backend: Send + Sync {
     /// Reads memory status from the OS or driver now.
     fn read_status(&self) -> Result<MemoryReading, BackendError>;
 
+    /// (total, available) bytes, as cheaply as the source allows: the pressure sampler calls
+    /// it every few milliseconds. The default reads the full status.
+    fn sample(&self) -> Result<(u64, u64), BackendError> {
+        self.read_status().map(|r| (r.total_bytes, r.available_bytes))
+    }
+
+    /// Memory stall information (PSI), where the OS has it.
+    fn pressure_stall(&self) -> Option<memwarden_core::pressure::PsiReading> {
+        None
+    }
+
     /// Every block base is aligned to this; the largest alignment an allocation may ask for.
     fn max_alignment_bytes(&self) -> u64;
 

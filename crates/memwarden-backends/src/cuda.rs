@@ -236,6 +236,12 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// `cuMemGetInfo` alone (≈ 5 µs): total and free as the driver sees them.
+    fn sample(&self) -> Result<(u64, u64), BackendError> {
+        let (free, total) = self.ctx.mem_info().map_err(|e| self.error(e, 0))?;
+        Ok((total, free))
+    }
+
     fn max_alignment_bytes(&self) -> u64 {
         CUDA_BLOCK_ALIGNMENT_BYTES
     }

@@ -59,6 +59,34 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Follows `/api/memory/events`, calling `on_event` with each event's JSON until it returns
+    /// false or the stream ends.
+    pub fn follow_events(&self, mut on_event: impl FnMut(&Value) -> bool) -> Result<(), CliError> {
+        use std::io::BufRead;
+        let url = format!("{}/api/memory/events", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let resp = with_auth(self.agent.get(&url), &auth)
+            .call()
+            .map_err(|e| CliError(format!("cannot reach memwarden at {}: {e}", self.base)))?;
+        if !resp.status().is_success() {
+            return Err(CliError(format!("{url} answered {}", resp.status())));
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|e| CliError(format!("event stream broke: {e}")))?;
+            if let Some(data) = line.strip_prefix("data:") {
+                if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
+                    if !on_event(&v) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: &Option<String>) -> ureq::RequestBuilder<B> {
     match auth {
         Some(a) => req.header("Authorization", a),
@@ -355,6 +383,66 @@ pub fn pools(client: &Client, device: Option<&str>, as_json: bool) -> Result<Str
                 );
             }
         }
+    }
+    Ok(out)
+}
+
+/// Pressure of every device (or one); with `watch`, then every level change as it happens.
+pub fn pressure(client: &Client, device: Option<&str>, watch: bool, as_json: bool) -> Result<String, CliError> {
+    let data = match device {
+        Some(d) => client.call("GET", &format!("/api/memory/pressure/{}", path_segment(d)), None)?,
+        None => client.call("GET", "/api/memory/pressure", None)?,
+    };
+    let mut out = if as_json {
+        pretty(&data)
+    } else {
+        let devices = match device {
+            Some(_) => vec![data],
+            None => data["devices"].as_array().cloned().unwrap_or_default(),
+        };
+        let rows: Vec<Vec<String>> = devices
+            .iter()
+            .map(|d| {
+                vec![
+                    s(&d["deviceId"]).to_string(),
+                    s(&d["pressureCategory"]).to_string(),
+                    u(&d["pressureLevel"]).to_string(),
+                    format!("{:.1}%", d["utilizationPercentage"].as_f64().unwrap_or(0.0)),
+                    format_bytes(u(&d["availableMemory"])),
+                    d["psiSome10"].as_f64().map(|p| format!("{p:.2}")).unwrap_or_else(|| "-".into()),
+                    d["timeToCritical"].as_f64().map(|t| format!("{t:.0} s")).unwrap_or_else(|| "-".into()),
+                    d["recommendedActions"].as_array().map(|a| a.len().to_string()).unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(&["DEVICE", "LEVEL", "PRESSURE", "USED", "AVAILABLE", "PSI SOME10", "TO CRITICAL", "ACTIONS"], &rows)
+    };
+    if watch {
+        print!("{out}");
+        out.clear();
+        let wanted = device.map(|d| d.to_string());
+        client.follow_events(|e| {
+            let dev = s(&e["deviceId"]);
+            if wanted
+                .as_deref()
+                .is_none_or(|w| w == dev || w.parse::<memwarden_core::DeviceId>().is_ok_and(|id| id.to_string() == dev))
+            {
+                if as_json {
+                    println!("{e}");
+                } else {
+                    println!(
+                        "{} {}: {} -> {} at {:.1}% used, {} available",
+                        s(&e["timestamp"]),
+                        dev,
+                        s(&e["oldLevel"]),
+                        s(&e["newLevel"]),
+                        e["utilizationPercentage"].as_f64().unwrap_or(0.0),
+                        format_bytes(u(&e["availableMemory"])),
+                    );
+                }
+            }
+            true
+        })?;
     }
     Ok(out)
 }

@@ -20,6 +20,49 @@ pub struct Config {
     pub cuda: CudaSection,
     pub transfer: TransferSection,
     pub defrag: DefragSection,
+    pub pressure: PressureSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PressureSection {
+    /// Run the pressure sampler.
+    pub enabled: bool,
+    /// Sampling interval of host memory (/proc/meminfo, cgroup, PSI), in milliseconds.
+    pub host_interval_ms: u64,
+    /// Sampling interval of each GPU (cuMemGetInfo), in milliseconds.
+    pub gpu_interval_ms: u64,
+    /// Utilization (0–1) at which the level becomes moderate.
+    pub moderate: f64,
+    /// … high.
+    pub high: f64,
+    /// … critical.
+    pub critical: f64,
+    /// A level is left only once utilization is this far (0–1) below its threshold.
+    pub hysteresis: f64,
+    /// PSI `some avg10` percentage that raises the host level by one.
+    pub psi_some_percent: f64,
+    /// PSI `full avg10` percentage that raises the host level by one.
+    pub psi_full_percent: f64,
+    /// Level changes kept for `GET /api/memory/pressure/history`.
+    pub history_size: usize,
+}
+
+impl Default for PressureSection {
+    fn default() -> Self {
+        PressureSection {
+            enabled: true,
+            host_interval_ms: 50,
+            gpu_interval_ms: 20,
+            moderate: 0.75,
+            high: 0.90,
+            critical: 0.95,
+            hysteresis: 0.05,
+            psi_some_percent: 10.0,
+            psi_full_percent: 5.0,
+            history_size: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -122,6 +165,7 @@ impl Default for Config {
             cuda: CudaSection::default(),
             transfer: TransferSection::default(),
             defrag: DefragSection::default(),
+            pressure: PressureSection::default(),
         }
     }
 }
@@ -184,6 +228,17 @@ impl Config {
                 "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
             ));
         }
+        let p = &self.pressure;
+        memwarden_core::pressure::Thresholds {
+            moderate: p.moderate,
+            high: p.high,
+            critical: p.critical,
+            hysteresis: p.hysteresis,
+            psi_some_percent: p.psi_some_percent,
+            psi_full_percent: p.psi_full_percent,
+        }
+        .validate()
+        .map_err(ConfigError::Invalid)?;
         if !(0.0..=1.0).contains(&self.defrag.fragmentation_threshold) {
             return Err(ConfigError::Invalid("defrag.fragmentation_threshold must be between 0 and 1".into()));
         }

@@ -72,6 +72,13 @@ enum Command {
     },
     /// Draw every pool block as a bar of used (#) and free (.) ranges.
     Pools { device: Option<String> },
+    /// Memory pressure of every device (or one).
+    Pressure {
+        device: Option<String>,
+        /// Then follow level changes as they happen (Ctrl-C to stop).
+        #[arg(long)]
+        watch: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -126,6 +133,7 @@ fn main() -> ExitCode {
         Command::Clear { device } => cli::clear(&client, device.as_deref(), json),
         Command::Defrag { device, strategy } => cli::defrag(&client, device.as_deref(), strategy.as_deref(), json),
         Command::Pools { device } => cli::pools(&client, device.as_deref(), json),
+        Command::Pressure { device, watch } => cli::pressure(&client, device.as_deref(), *watch, json),
     };
     match result {
         Ok(out) => {

@@ -15,14 +15,28 @@ pub async fn serve_on(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = AppState { service, auth_token: config.auth_token.as_deref().map(Arc::from) };
+    service.start_pressure_monitor();
+    // One shutdown signal for the server and every open event stream: graceful shutdown waits
+    // for open connections, and an event stream never ends on its own.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state =
+        AppState { service, auth_token: config.auth_token.as_deref().map(Arc::from), shutdown: stop_rx.clone() };
     // Small request/response pairs: without TCP_NODELAY, Nagle delays the replies.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stop = stop_rx;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|v| *v).await;
+        })
+        .await
 }
 
 /// Resolves on SIGINT or SIGTERM.

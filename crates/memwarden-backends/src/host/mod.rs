@@ -188,6 +188,10 @@ impl Backend for HostBackend {
             .map_err(|e| BackendError::Failed { operation: "reading host memory status", message: e.to_string() })
     }
 
+    fn pressure_stall(&self) -> Option<memwarden_core::pressure::PsiReading> {
+        self.reader.psi()
+    }
+
     fn max_alignment_bytes(&self) -> u64 {
         HOST_BLOCK_ALIGNMENT_BYTES
     }

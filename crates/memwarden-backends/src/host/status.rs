@@ -109,6 +109,11 @@ impl HostStatusReader {
         HostStatusReader::new(root.join("proc"), root.join("sys/fs/cgroup"))
     }
 
+    /// `/proc/pressure/memory`, when the kernel has PSI.
+    pub fn psi(&self) -> Option<memwarden_core::pressure::PsiReading> {
+        memwarden_core::pressure::parse_psi(&std::fs::read_to_string(self.proc_root.join("pressure/memory")).ok()?)
+    }
+
     pub fn meminfo(&self) -> io::Result<Meminfo> {
         parse_meminfo(&std::fs::read_to_string(self.proc_root.join("meminfo"))?)
     }
@@ -293,6 +298,14 @@ mod tests {
         assert_eq!(parse_proc_cgroup("3:cpu,cpuacct,memory:/y\n"), Some(CgroupPath::V1("/y".into())));
         assert_eq!(parse_proc_cgroup("1:cpu:/\n"), None);
         assert_eq!(parse_proc_cgroup("garbage"), None);
+    }
+
+    #[test]
+    fn psi_is_read_where_present() {
+        let r = fixture("no-cgroup").psi().expect("psi fixture");
+        assert_eq!((r.some_avg10, r.full_avg10), (12.5, 3.1));
+        assert_eq!(fixture("cgroup-v1-unlimited").psi().map(|r| r.some_total_us), Some(0));
+        assert!(fixture("cgroup-v1-limited").psi().is_none(), "no PSI file: none");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::envelope::rfc3339;
 use crate::service::{
     Allocation, AllocationRecord, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo,
-    PoolDump, TransferRecord,
+    PoolDump, PressureEvent, PressureReport, TransferRecord,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -598,4 +598,122 @@ impl DevicePoolsDto {
 #[serde(rename_all = "camelCase")]
 pub struct PoolsDto {
     pub devices: Vec<DevicePoolsDto>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ThresholdsDto {
+    /// Utilization (0–1) at which each level starts.
+    pub moderate: f64,
+    pub high: f64,
+    pub critical: f64,
+    /// A level is left only once utilization is this far below its threshold.
+    pub hysteresis: f64,
+    /// PSI avg10 percentages that raise the level by one.
+    pub psi_some_percent: f64,
+    pub psi_full_percent: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PressureDto {
+    pub device_id: String,
+    /// 0–100: utilization in percent, plus the PSI stall percentage while it escalates.
+    pub pressure_level: u8,
+    /// `low` | `moderate` | `high` | `critical`.
+    pub pressure_category: String,
+    pub available_memory: u64,
+    pub total_memory: u64,
+    pub utilization_percentage: f64,
+    pub thresholds: ThresholdsDto,
+    /// memwarden calls that would relieve the pressure, each with its evidence.
+    pub recommended_actions: Vec<String>,
+    /// Seconds until the critical threshold at the recent growth rate; null when not rising.
+    pub time_to_critical: Option<f64>,
+    /// Host only: PSI `some`/`full` avg10 (percent) and the `some` stall counter (µs).
+    pub psi_some10: Option<f64>,
+    pub psi_full10: Option<f64>,
+    pub psi_some_total: Option<u64>,
+    /// Allocations on this device that did not fit since start.
+    pub allocation_failures: u64,
+    pub sampled_at: Option<String>,
+}
+
+impl From<&PressureReport> for PressureDto {
+    fn from(r: &PressureReport) -> Self {
+        PressureDto {
+            device_id: r.device.to_string(),
+            pressure_level: r.pressure_level,
+            pressure_category: r.level.as_str().into(),
+            available_memory: r.available_bytes,
+            total_memory: r.total_bytes,
+            utilization_percentage: r.utilization * 100.0,
+            thresholds: ThresholdsDto {
+                moderate: r.thresholds.moderate,
+                high: r.thresholds.high,
+                critical: r.thresholds.critical,
+                hysteresis: r.thresholds.hysteresis,
+                psi_some_percent: r.thresholds.psi_some_percent,
+                psi_full_percent: r.thresholds.psi_full_percent,
+            },
+            recommended_actions: r.recommended_actions.clone(),
+            time_to_critical: r.time_to_critical_secs,
+            psi_some10: r.psi_some10,
+            psi_full10: r.psi_full10,
+            psi_some_total: r.psi_some_total_us,
+            allocation_failures: r.allocation_failures,
+            sampled_at: r.sampled_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PressureAllDto {
+    /// The highest of the devices'.
+    pub pressure_level: u8,
+    pub pressure_category: String,
+    pub devices: Vec<PressureDto>,
+}
+
+/// One level change (an `/api/memory/events` event of type `pressure`).
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct PressureEventDto {
+    /// `pressure`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub device_id: String,
+    pub old_level: String,
+    pub new_level: String,
+    /// The measurement that caused it.
+    pub utilization_percentage: f64,
+    pub available_memory: u64,
+    pub total_memory: u64,
+    pub psi_some10: Option<f64>,
+    pub psi_full10: Option<f64>,
+    pub timestamp: String,
+}
+
+impl From<&PressureEvent> for PressureEventDto {
+    fn from(e: &PressureEvent) -> Self {
+        PressureEventDto {
+            kind: "pressure".into(),
+            device_id: e.device.to_string(),
+            old_level: e.old.as_str().into(),
+            new_level: e.new.as_str().into(),
+            utilization_percentage: e.utilization * 100.0,
+            available_memory: e.available_bytes,
+            total_memory: e.total_bytes,
+            psi_some10: e.psi_some10,
+            psi_full10: e.psi_full10,
+            timestamp: rfc3339(e.at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PressureHistoryDto {
+    pub events: Vec<PressureEventDto>,
 }

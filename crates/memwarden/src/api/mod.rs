@@ -11,6 +11,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -20,6 +21,7 @@ use envelope::{ApiError, ApiJson, ApiResponse, Data, ErrorBody, CORRELATION_ID};
 use memwarden_core::defrag::{DefragOptions, Strategy};
 use memwarden_core::MemoryKind;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -36,6 +38,8 @@ pub struct AppState {
     pub service: Arc<Service>,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
     pub auth_token: Option<Arc<str>>,
+    /// Turns true when the daemon shuts down; open event streams end then.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 type ApiResult<T> = Result<Data<T>, ApiError>;
@@ -74,7 +78,11 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         defragment_all,
         defragment_device,
         pools_all,
-        pools_device
+        pools_device,
+        pressure_all,
+        pressure_device,
+        pressure_history,
+        events
     ),
     components(schemas(ErrorBody, AllocateBody, TransferBody, DefragBody))
 )]
@@ -102,6 +110,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/operations/defragment/{device_id}", post(defragment_device))
         .route("/api/memory/pools", get(pools_all))
         .route("/api/memory/pools/{device_id}", get(pools_device))
+        .route("/api/memory/pressure", get(pressure_all))
+        .route("/api/memory/pressure/history", get(pressure_history))
+        .route("/api/memory/pressure/{device_id}", get(pressure_device))
+        .route("/api/memory/events", get(events))
         .route("/api/memory/operations/clear", post(clear_all))
         .route("/api/memory/operations/clear/{device_id}", post(clear_device))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -622,4 +634,65 @@ async fn pools_all(State(state): State<AppState>) -> ApiResult<PoolsDto> {
 async fn pools_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<DevicePoolsDto> {
     let id = state.service.resolve(&device_id)?;
     Ok(Data(DevicePoolsDto::new(id, &state.service.pools(id)?)))
+}
+
+/// Memory pressure of every device and overall (the highest).
+#[utoipa::path(get, path = "/api/memory/pressure", responses((status = 200, body = ApiResponse<PressureAllDto>)))]
+async fn pressure_all(State(state): State<AppState>) -> ApiResult<PressureAllDto> {
+    let devices: Vec<PressureDto> = state
+        .service
+        .device_ids()
+        .into_iter()
+        .map(|d| state.service.pressure(d).map(|r| PressureDto::from(&r)))
+        .collect::<Result<_, _>>()?;
+    let top = devices.iter().max_by_key(|d| (level_rank(&d.pressure_category), d.pressure_level));
+    Ok(Data(PressureAllDto {
+        pressure_level: top.map(|d| d.pressure_level).unwrap_or(0),
+        pressure_category: top.map(|d| d.pressure_category.clone()).unwrap_or_else(|| "low".into()),
+        devices,
+    }))
+}
+
+fn level_rank(category: &str) -> u8 {
+    match category {
+        "critical" => 3,
+        "high" => 2,
+        "moderate" => 1,
+        _ => 0,
+    }
+}
+
+/// Memory pressure of one device: level, number, thresholds, raw signals, trend, actions.
+#[utoipa::path(
+    get, path = "/api/memory/pressure/{deviceId}", params(("deviceId" = String, Path)),
+    responses((status = 200, body = ApiResponse<PressureDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+async fn pressure_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<PressureDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(PressureDto::from(&state.service.pressure(id)?)))
+}
+
+/// The last level changes (bounded), oldest first.
+#[utoipa::path(get, path = "/api/memory/pressure/history", responses((status = 200, body = ApiResponse<PressureHistoryDto>)))]
+async fn pressure_history(State(state): State<AppState>) -> ApiResult<PressureHistoryDto> {
+    Ok(Data(PressureHistoryDto {
+        events: state.service.pressure_history().iter().map(PressureEventDto::from).collect(),
+    }))
+}
+
+/// Server-sent events: one `pressure` event (JSON `PressureEventDto`) per level change, pushed
+/// as the sampler sees it. Not an envelope: a stream of `event:`/`data:` lines.
+#[utoipa::path(get, path = "/api/memory/events", responses((status = 200, description = "text/event-stream of PressureEventDto", content_type = "text/event-stream")))]
+async fn events(State(state): State<AppState>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
+    use tokio_stream::StreamExt as _;
+    let stream = tokio_stream::wrappers::BroadcastStream::new(state.service.pressure_events()).filter_map(|e| {
+        let e = e.ok()?;
+        let json = serde_json::to_string(&PressureEventDto::from(&e)).ok()?;
+        Some(Ok(Event::default().event("pressure").data(json)))
+    });
+    let mut stop = state.shutdown.clone();
+    let stream = futures_util::StreamExt::take_until(stream, async move {
+        let _ = stop.wait_for(|v| *v).await;
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -3,7 +3,10 @@
 
 mod defrag;
 mod device;
+mod pressure;
 mod transfer;
+
+pub use pressure::{PressureEvent, PressureReport};
 
 pub use defrag::{BlockDump, CanAllocate, DefragReport, Fit, PoolDump, RangeView};
 
@@ -181,6 +184,7 @@ pub struct Service {
     sync_transfer_max_bytes: u64,
     /// When set, an allocation that does not fit on a fragmented device triggers a bounded pass.
     auto_defrag: Option<crate::config::DefragSection>,
+    pressure: pressure::PressureState,
     started_at: OffsetDateTime,
 }
 
@@ -253,6 +257,7 @@ impl Service {
         };
         let mut service = Service::with_backends(backends, pool, limits);
         service.auto_defrag = config.defrag.auto.then_some(config.defrag.clone());
+        service.pressure = pressure::PressureState::new(config.pressure.clone());
         service.backends = health;
         service.peer = cuda.map(|c| c.peer).unwrap_or_default();
         service.sync_transfer_max_bytes = config.transfer.sync_max_bytes;
@@ -276,6 +281,7 @@ impl Service {
             pool_config: pool,
             sync_transfer_max_bytes: 64 << 20,
             auto_defrag: None,
+            pressure: pressure::PressureState::new(crate::config::PressureSection::default()),
             started_at: OffsetDateTime::now_utc(),
         }
     }
@@ -351,7 +357,11 @@ impl Service {
     /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
     pub fn allocate(&self, req: AllocateRequest) -> Result<Allocation, ServiceError> {
         let device = req.device.clone();
-        let result = match (self.allocate_inner(req.clone(), true), &self.auto_defrag) {
+        let first = self.allocate_inner(req.clone(), true);
+        if let (Err(ServiceError::InsufficientMemory { .. }), Ok(id)) = (&first, self.resolve(&req.device)) {
+            self.note_allocation_failure(id);
+        }
+        let result = match (first, &self.auto_defrag) {
             (Err(e @ ServiceError::InsufficientMemory { .. }), Some(auto)) => {
                 // Fragmented and out of room: one bounded pass, then one more try.
                 let id = self.resolve(&req.device)?;
