@@ -20,6 +20,7 @@ mode=${1:-single}
   bin/test-transfer-test --test-threads=2
   bin/test-http-test --test-threads=2
   bin/test-defrag-test --test-threads=2
+  bin/test-pressure-test
   echo "== baseline (tools/gpu_baseline.cu, tools/gpu_peers.py)"
   nvcc -O2 -o /tmp/gpu_baseline tools/gpu_baseline.cu -lcuda -lnvidia-ml && /tmp/gpu_baseline
   python3 tools/gpu_peers.py
@@ -48,6 +49,9 @@ PY
   bin/defrag_bench cuda:0 $((8<<30)) $((256<<20))
   bin/defrag_bench cuda:0 $((1<<30)) $((64<<20))
   bin/defrag_bench cpu $((1<<30)) $((64<<20))
+  echo "== pressure detection latency and sampler CPU (scripts/pressure_latency.py)"
+  python3 scripts/pressure_latency.py bin/memwarden cuda:0 10
+  python3 scripts/pressure_latency.py bin/memwarden cpu 5
   echo "== memwarden HTTP (examples/http_load)"
   for workers in 2 1; do
     printf 'worker_threads = %s\n' "$workers" > /tmp/mw.toml

@@ -270,3 +270,61 @@ fn gpu_defragmentation_releases_driver_memory() {
     assert_eq!(status, 201, "fits after defragmentation: {v}");
     s.service.validate().expect("ledger matches pools");
 }
+
+/// Real GPU pressure: an outside process allocates with torch until `cuda:0` crosses a threshold
+/// set just above its utilization; the level change arrives on the event stream, and the level
+/// drops again once the process lets go.
+#[test]
+fn gpu_pressure_follows_an_outside_torch_process() {
+    use std::io::{BufRead, BufReader};
+    let probe = start();
+    let (_, st) = probe.call("GET", "/api/memory/pressure/cuda:0", None);
+    let total = st["data"]["totalMemory"].as_u64().expect("total");
+    let u0 = st["data"]["utilizationPercentage"].as_f64().expect("u") / 100.0;
+    drop(probe);
+    let mut config = Config::default();
+    config.pressure.moderate = u0 + 0.05;
+    config.pressure.high = (u0 + 0.5).min(0.99);
+    config.pressure.critical = (u0 + 0.55).min(0.995);
+    config.pressure.hysteresis = 0.02;
+    let s = TestServer::start_with(config);
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let url = s.url("/api/memory/events");
+    std::thread::spawn(move || {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(60))).build().into();
+        let Ok(resp) = agent.get(&url).call() else { return };
+        for line in BufReader::new(resp.into_body().into_reader()).lines().map_while(Result::ok) {
+            if let Some(d) = line.strip_prefix("data:") {
+                if tx.send(serde_json::from_str(d.trim()).expect("json")).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let take = (0.10 * total as f64) as u64;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sys, torch\nx = torch.empty({take}, dtype=torch.uint8, device='cuda:0')\ntorch.cuda.synchronize()\nprint('held', flush=True)\nsys.stdin.read()\n"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with torch");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("held");
+    assert_eq!(line.trim(), "held");
+    let wait = |level: &str| loop {
+        let e = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap_or_else(|_| panic!("no {level} event"));
+        if e["deviceId"] == "cuda:0" && e["newLevel"] == level {
+            return e;
+        }
+    };
+    let e = wait("moderate");
+    assert_eq!(e["oldLevel"], "low");
+    drop(child.stdin.take());
+    child.wait().expect("exit");
+    wait("low");
+}
