@@ -90,7 +90,14 @@ pub struct CgroupMemory {
 pub struct HostStatusReader {
     proc_root: PathBuf,
     cgroup_root: PathBuf,
+    /// Until when "no cgroup limit applies" may be assumed without looking again: the pressure
+    /// sampler reads status every few tens of milliseconds, and finding out that there is no
+    /// limit costs several file reads (memory.stat is long). Limits are rechecked every second.
+    no_limit_until: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How long "no cgroup limit" is trusted before the cgroup files are read again.
+const NO_LIMIT_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Default for HostStatusReader {
     fn default() -> Self {
@@ -100,7 +107,11 @@ impl Default for HostStatusReader {
 
 impl HostStatusReader {
     pub fn new(proc_root: impl Into<PathBuf>, cgroup_root: impl Into<PathBuf>) -> Self {
-        HostStatusReader { proc_root: proc_root.into(), cgroup_root: cgroup_root.into() }
+        HostStatusReader {
+            proc_root: proc_root.into(),
+            cgroup_root: cgroup_root.into(),
+            no_limit_until: Default::default(),
+        }
     }
 
     /// A reader over a fixture folder holding `proc/` and `sys/fs/cgroup/`.
@@ -187,7 +198,17 @@ impl HostStatusReader {
     /// Used is total − available, as `free` (procps 4) reports it.
     pub fn read(&self) -> io::Result<MemoryReading> {
         let mi = self.meminfo()?;
-        Ok(match self.cgroup_memory(mi.total_bytes) {
+        let now = std::time::Instant::now();
+        let mut skip = self.no_limit_until.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroup = if skip.is_some_and(|until| now < until) {
+            None
+        } else {
+            let found = self.cgroup_memory(mi.total_bytes);
+            *skip = found.is_none().then_some(now + NO_LIMIT_RECHECK);
+            found
+        };
+        drop(skip);
+        Ok(match cgroup {
             Some(cg) => {
                 let available = cg.limit_bytes.saturating_sub(cg.used_bytes).min(mi.available_bytes);
                 MemoryReading {

@@ -357,14 +357,15 @@ impl Service {
     /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
     pub fn allocate(&self, req: AllocateRequest) -> Result<Allocation, ServiceError> {
         let device = req.device.clone();
-        let first = self.allocate_inner(req.clone(), true);
-        if let (Err(ServiceError::InsufficientMemory { .. }), Ok(id)) = (&first, self.resolve(&req.device)) {
-            self.note_allocation_failure(id);
-        }
-        let result = match (first, &self.auto_defrag) {
-            (Err(e @ ServiceError::InsufficientMemory { .. }), Some(auto)) => {
+        // Keep a copy for the retry only when an automatic pass could retry it.
+        let retry = self.auto_defrag.as_ref().map(|auto| (auto.clone(), req.clone()));
+        let first = self.allocate_inner(req, true);
+        let result = match (first, retry) {
+            (Err(e @ ServiceError::InsufficientMemory { .. }), retry) => {
+                let id = self.resolve(&device)?;
+                self.note_allocation_failure(id);
+                let Some((auto, req)) = retry else { return Err(e) };
                 // Fragmented and out of room: one bounded pass, then one more try.
-                let id = self.resolve(&req.device)?;
                 if self.fragmentation(id) < auto.fragmentation_threshold {
                     return Err(e);
                 }
