@@ -116,7 +116,7 @@ def main():
     ms = sorted(x * 1e3 for x in latencies)
     print(f"pressure detection on {device}: {trials} trials, latency from the end of the crossing allocation "
           f"to the event: p50 {statistics.median(ms):.1f} ms, max {ms[-1]:.1f} ms "
-          f"(sampler interval: host 50 ms, GPU 20 ms)")
+          f"(default sampler intervals: host 60 ms, GPU 20 ms)")
     print(f"daemon CPU while idle with the sampler running: {cpu * 100:.3f}% of one core")
 
 

@@ -86,12 +86,14 @@ fn main() {
         size *= 4;
     }
     let g = 1u64 << 30;
-    println!(
-        "1 GiB pageable host: H2D {:.2} GB/s, D2H {:.2} GB/s",
-        g as f64 / time_copy(&s, &pageable, &a, g) / 1e9,
-        g as f64 / time_copy(&s, &a, &pageable, g) / 1e9
-    );
-    if gpus.len() >= 2 {
+    if max >= g {
+        println!(
+            "1 GiB pageable host: H2D {:.2} GB/s, D2H {:.2} GB/s",
+            g as f64 / time_copy(&s, &pageable, &a, g) / 1e9,
+            g as f64 / time_copy(&s, &a, &pageable, g) / 1e9
+        );
+    }
+    if gpus.len() >= 2 && max >= g {
         let c = s.allocate(req("cuda:1", g, None)).expect("device on cuda:1").id.clone();
         println!(
             "1 GiB peer cuda:0 -> cuda:1 {:.1} GB/s, cuda:1 -> cuda:0 {:.1} GB/s (peer access: {:?})",

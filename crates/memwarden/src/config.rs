@@ -28,7 +28,8 @@ pub struct Config {
 pub struct PressureSection {
     /// Run the pressure sampler.
     pub enabled: bool,
-    /// Sampling interval of host memory (/proc/meminfo, cgroup, PSI), in milliseconds.
+    /// Sampling interval of host memory (/proc/meminfo, cgroup, PSI), in milliseconds. A
+    /// multiple of `gpu_interval_ms` lets one wake-up serve both.
     pub host_interval_ms: u64,
     /// Sampling interval of each GPU (cuMemGetInfo), in milliseconds.
     pub gpu_interval_ms: u64,
@@ -52,7 +53,7 @@ impl Default for PressureSection {
     fn default() -> Self {
         PressureSection {
             enabled: true,
-            host_interval_ms: 50,
+            host_interval_ms: 60,
             gpu_interval_ms: 20,
             moderate: 0.75,
             high: 0.90,
