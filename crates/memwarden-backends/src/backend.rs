@@ -130,6 +130,14 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// A kernel trigger that fires on memory stall (`spec` as PSI writes it, e.g.
+    /// `some 150000 2000000`). `None`: this device has no such source; `Err`: why the kernel
+    /// refused.
+    fn stall_trigger(&self, spec: &str) -> Option<Result<memwarden_sys::PsiTrigger, String>> {
+        let _ = spec;
+        None
+    }
+
     /// Every block base is aligned to this; the largest alignment an allocation may ask for.
     fn max_alignment_bytes(&self) -> u64;
 

@@ -373,6 +373,71 @@ impl HostMapping {
     }
 }
 
+/// A PSI trigger (`/proc/pressure/memory`): the kernel wakes `wait` when tasks stalled on
+/// memory for `stall` within `window`. Needs Linux 5.2+; windows must be multiples of 2 s
+/// without CAP_SYS_RESOURCE. Closed on drop.
+#[derive(Debug)]
+pub struct PsiTrigger {
+    fd: libc::c_int,
+}
+
+impl PsiTrigger {
+    /// Registers `spec` (e.g. `some 150000 2000000`: 150 ms of stall in a 2 s window) on `path`.
+    pub fn new(path: &Path, spec: &str) -> Result<Self, SysError> {
+        let c_path =
+            CString::new(path.as_os_str().as_bytes()).map_err(|_| SysError::InvalidArgument("path contains NUL"))?;
+        let c_spec = CString::new(spec).map_err(|_| SysError::InvalidArgument("trigger contains NUL"))?;
+        // SAFETY: c_path is a valid NUL-terminated path.
+        let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if fd < 0 {
+            let (errno, message) = last_errno();
+            return Err(SysError::Map {
+                len_bytes: 0,
+                errno,
+                message: format!("opening {}: {message}", path.display()),
+            });
+        }
+        let trigger = PsiTrigger { fd };
+        let bytes = c_spec.as_bytes_with_nul();
+        // SAFETY: writes exactly the spec's bytes (with its NUL, as the kernel expects) to our fd.
+        let n = unsafe { libc::write(fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
+        if n < 0 {
+            let (errno, message) = last_errno();
+            return Err(SysError::Map {
+                len_bytes: 0,
+                errno,
+                message: format!("registering trigger '{spec}': {message}"),
+            });
+        }
+        Ok(trigger)
+    }
+
+    /// Waits up to `timeout_ms` for the trigger; true when it fired.
+    pub fn wait(&self, timeout_ms: i32) -> Result<bool, SysError> {
+        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLPRI, revents: 0 };
+        // SAFETY: one valid pollfd for our open fd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 {
+            let (errno, message) = last_errno();
+            if errno == libc::EINTR {
+                return Ok(false);
+            }
+            return Err(SysError::Map { len_bytes: 0, errno, message });
+        }
+        if pfd.revents & libc::POLLERR != 0 {
+            return Err(SysError::InvalidArgument("the PSI trigger was removed (POLLERR)"));
+        }
+        Ok(pfd.revents & libc::POLLPRI != 0)
+    }
+}
+
+impl Drop for PsiTrigger {
+    fn drop(&mut self) {
+        // SAFETY: fd is owned by this value and closed once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
 impl Drop for HostMapping {
     fn drop(&mut self) {
         drop(self.registration.take());
@@ -459,6 +524,21 @@ mod tests {
         drop(m);
         assert!(!path.exists(), "file unlinked on drop");
         assert!(HostMapping::new_shared(4096, 4096, false, Path::new("/nonexistent/dir")).is_err());
+    }
+
+    #[test]
+    fn psi_triggers_register_or_fail_clearly() {
+        let path = Path::new("/proc/pressure/memory");
+        if !path.exists() {
+            assert!(PsiTrigger::new(path, "some 150000 2000000").is_err());
+            return;
+        }
+        match PsiTrigger::new(path, "some 150000 2000000") {
+            Ok(t) => assert!(t.wait(10).is_ok(), "waiting on a registered trigger works"),
+            Err(e) => assert!(e.to_string().contains("trigger"), "{e}"),
+        }
+        assert!(PsiTrigger::new(path, "nonsense").is_err(), "the kernel refuses a malformed trigger");
+        assert!(PsiTrigger::new(Path::new("/nonexistent/pressure"), "some 1 2").is_err());
     }
 
     #[test]

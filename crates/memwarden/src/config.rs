@@ -47,6 +47,11 @@ pub struct PressureSection {
     pub psi_full_percent: f64,
     /// Level changes kept for `GET /api/memory/pressure/history`.
     pub history_size: usize,
+    /// PSI trigger on the host: wake the sampler at once when tasks stall on memory this many
+    /// milliseconds within `psi_trigger_window_ms`. 0: no trigger.
+    pub psi_trigger_stall_ms: u64,
+    /// Window of the PSI trigger, in milliseconds (a multiple of 2000 without CAP_SYS_RESOURCE).
+    pub psi_trigger_window_ms: u64,
 }
 
 impl Default for PressureSection {
@@ -62,6 +67,8 @@ impl Default for PressureSection {
             psi_some_percent: 10.0,
             psi_full_percent: 5.0,
             history_size: 1000,
+            psi_trigger_stall_ms: 150,
+            psi_trigger_window_ms: 2000,
         }
     }
 }

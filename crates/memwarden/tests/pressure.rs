@@ -68,6 +68,11 @@ fn host_pressure_follows_real_memory_with_hysteresis() {
     assert_eq!(p["data"]["pressureCategory"], "low", "{p}");
     assert!((p["data"]["thresholds"]["moderate"].as_f64().expect("t") - (u0 + margin)).abs() < 1e-9);
     assert!(p["data"]["psiSome10"].is_number() == std::path::Path::new("/proc/pressure/memory").exists());
+    let trigger = p["data"]["psiTrigger"].as_str().expect("host reports its PSI trigger");
+    assert!(trigger == "active" || trigger.starts_with("unavailable: "), "{trigger}");
+    if std::path::Path::new("/proc/pressure/memory").exists() && trigger == "active" {
+        assert!(p["data"]["psiTriggerFired"].is_u64());
+    }
 
     // 1. Memory taken through the daemon: two and a half margins' worth.
     let take = (2.5 * margin * total as f64) as u64;

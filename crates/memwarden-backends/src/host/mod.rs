@@ -192,6 +192,10 @@ impl Backend for HostBackend {
         self.reader.psi()
     }
 
+    fn stall_trigger(&self, spec: &str) -> Option<Result<memwarden_sys::PsiTrigger, String>> {
+        Some(self.reader.psi_trigger(spec).map_err(|e| e.to_string()))
+    }
+
     fn max_alignment_bytes(&self) -> u64 {
         HOST_BLOCK_ALIGNMENT_BYTES
     }

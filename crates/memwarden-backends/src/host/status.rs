@@ -125,6 +125,11 @@ impl HostStatusReader {
         memwarden_core::pressure::parse_psi(&std::fs::read_to_string(self.proc_root.join("pressure/memory")).ok()?)
     }
 
+    /// A PSI trigger on this root's `pressure/memory`.
+    pub fn psi_trigger(&self, spec: &str) -> Result<memwarden_sys::PsiTrigger, memwarden_sys::SysError> {
+        memwarden_sys::PsiTrigger::new(&self.proc_root.join("pressure/memory"), spec)
+    }
+
     pub fn meminfo(&self) -> io::Result<Meminfo> {
         parse_meminfo(&std::fs::read_to_string(self.proc_root.join("meminfo"))?)
     }

@@ -636,6 +636,11 @@ pub struct PressureDto {
     pub psi_some_total: Option<u64>,
     /// Allocations on this device that did not fit since start.
     pub allocation_failures: u64,
+    /// Host only: `active` (a PSI trigger wakes the sampler on stall) or
+    /// `unavailable: <reason>`.
+    pub psi_trigger: Option<String>,
+    /// Host only: times the PSI trigger fired.
+    pub psi_trigger_fired: Option<u64>,
     pub sampled_at: Option<String>,
 }
 
@@ -662,6 +667,11 @@ impl From<&PressureReport> for PressureDto {
             psi_full10: r.psi_full10,
             psi_some_total: r.psi_some_total_us,
             allocation_failures: r.allocation_failures,
+            psi_trigger: r.psi_trigger.as_ref().map(|t| match t {
+                Ok(_) => "active".to_string(),
+                Err(e) => format!("unavailable: {e}"),
+            }),
+            psi_trigger_fired: r.psi_trigger.as_ref().and_then(|t| t.as_ref().ok().copied()),
             sampled_at: r.sampled_at.map(rfc3339),
         }
     }

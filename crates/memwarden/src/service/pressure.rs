@@ -42,6 +42,8 @@ pub struct PressureReport {
     pub psi_full10: Option<f64>,
     pub psi_some_total_us: Option<u64>,
     pub allocation_failures: u64,
+    /// Host: the PSI trigger's state (`Ok(times fired)`, or why there is none).
+    pub psi_trigger: Option<Result<u64, String>>,
     pub sampled_at: Option<OffsetDateTime>,
     pub recommended_actions: Vec<String>,
 }
@@ -52,6 +54,9 @@ pub(crate) struct PressureState {
     events: broadcast::Sender<PressureEvent>,
     config: PressureSection,
     pub(crate) failures: Mutex<HashMap<DeviceId, Arc<AtomicU64>>>,
+    /// Host PSI trigger: `Ok(fired count)` while registered, `Err(reason)` when the kernel
+    /// refused or there is none.
+    trigger: Mutex<Result<Arc<AtomicU64>, String>>,
 }
 
 struct DeviceTracker {
@@ -68,6 +73,7 @@ impl PressureState {
             events: broadcast::channel(1024).0,
             config,
             failures: Mutex::new(HashMap::new()),
+            trigger: Mutex::new(Err("not started".into())),
         }
     }
 }
@@ -102,6 +108,56 @@ impl Service {
         });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "pressure sampler not started");
+        }
+        self.start_stall_trigger();
+    }
+
+    /// Registers the host PSI trigger and a thread that samples the host the moment it fires
+    /// (the sampler's interval is then no longer the bound on escalation by stall).
+    fn start_stall_trigger(self: &Arc<Self>) {
+        let c = &self.pressure.config;
+        if c.psi_trigger_stall_ms == 0 {
+            *lock(&self.pressure.trigger) = Err("disabled (pressure.psi_trigger_stall_ms = 0)".into());
+            return;
+        }
+        let spec = format!("some {} {}", c.psi_trigger_stall_ms * 1000, c.psi_trigger_window_ms * 1000);
+        let trigger = match self.device(DeviceId::Cpu).and_then(|d| d.backend.stall_trigger(&spec)) {
+            Some(Ok(t)) => t,
+            Some(Err(reason)) => {
+                tracing::info!("PSI trigger unavailable ({reason}); pressure relies on the sampler");
+                *lock(&self.pressure.trigger) = Err(reason);
+                return;
+            }
+            None => {
+                *lock(&self.pressure.trigger) = Err("no host PSI source".into());
+                return;
+            }
+        };
+        let fired = Arc::new(AtomicU64::new(0));
+        *lock(&self.pressure.trigger) = Ok(fired.clone());
+        let weak: Weak<Service> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("psi-trigger".into()).spawn(move || {
+            let epoch = Instant::now();
+            loop {
+                match trigger.wait(1000) {
+                    Ok(fired_now) => {
+                        let Some(service) = weak.upgrade() else { return };
+                        if fired_now {
+                            fired.fetch_add(1, Ordering::Relaxed);
+                            service.sample_pressure(DeviceId::Cpu, epoch);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(service) = weak.upgrade() {
+                            *lock(&service.pressure.trigger) = Err(e.to_string());
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            *lock(&self.pressure.trigger) = Err(e.to_string());
         }
     }
 
@@ -225,6 +281,10 @@ impl Service {
                 .get(&device)
                 .map(|c| c.load(Ordering::Relaxed))
                 .unwrap_or(0),
+            psi_trigger: (device == DeviceId::Cpu).then(|| match &*lock(&self.pressure.trigger) {
+                Ok(n) => Ok(n.load(Ordering::Relaxed)),
+                Err(e) => Err(e.clone()),
+            }),
             sampled_at: t.and_then(|t| t.sampled_at),
             recommended_actions: actions,
         })
