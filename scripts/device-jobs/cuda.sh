@@ -61,6 +61,8 @@ PY
     url=$(sed -n 's/^memwarden listening on //p' /tmp/mw.out)
     if [ "$workers" = 2 ]; then
       bin/memwarden --url "$url" status
+      bin/memwarden --url "$url" pressure
+      bin/memwarden --url "$url" --json pressure cpu | grep -E "psiTrigger|psiSome"
       nvidia-smi --query-gpu=memory.total,memory.used,memory.free --format=csv,nounits
     fi
     echo "-- worker_threads = $workers"
