@@ -104,6 +104,30 @@ fn path_segment(s: &str) -> String {
         .collect()
 }
 
+/// Calls `{route}/{device}` for one device or `{route}` for all; `route_one` overrides the
+/// per-device prefix where the API spells it differently.
+fn one_or_all(
+    client: &Client,
+    method: &str,
+    route: &str,
+    route_one: Option<&str>,
+    device: Option<&str>,
+    body: Option<Value>,
+) -> Result<Value, CliError> {
+    match device {
+        Some(d) => client.call(method, &format!("{}/{}", route_one.unwrap_or(route), path_segment(d)), body),
+        None => client.call(method, route, body),
+    }
+}
+
+/// The per-device objects of a one-or-all answer (all-device answers list them in `devices`).
+fn per_device(device: Option<&str>, data: Value) -> Vec<Value> {
+    match device {
+        Some(_) => vec![data],
+        None => data["devices"].as_array().cloned().unwrap_or_default(),
+    }
+}
+
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
@@ -133,17 +157,11 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub fn status(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
-    let data = match device {
-        Some(d) => client.call("GET", &format!("/api/memory/status/{}", path_segment(d)), None)?,
-        None => client.call("GET", "/api/memory/status", None)?,
-    };
+    let data = one_or_all(client, "GET", "/api/memory/status", None, device, None)?;
     if as_json {
         return Ok(pretty(&data));
     }
-    let devices = match device {
-        Some(_) => vec![data],
-        None => data["devices"].as_array().cloned().unwrap_or_default(),
-    };
+    let devices = per_device(device, data);
     let rows: Vec<Vec<String>> = devices
         .iter()
         .map(|d| {
@@ -222,10 +240,8 @@ pub fn free(client: &Client, id: &str, as_json: bool) -> Result<String, CliError
 }
 
 pub fn allocations(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
-    let data = match device {
-        Some(d) => client.call("GET", &format!("/api/memory/allocations/device/{}", path_segment(d)), None)?,
-        None => client.call("GET", "/api/memory/allocations", None)?,
-    };
+    let data =
+        one_or_all(client, "GET", "/api/memory/allocations", Some("/api/memory/allocations/device"), device, None)?;
     if as_json {
         return Ok(pretty(&data));
     }
@@ -254,10 +270,7 @@ pub fn allocations(client: &Client, device: Option<&str>, as_json: bool) -> Resu
 }
 
 pub fn clear(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
-    let data = match device {
-        Some(d) => client.call("POST", &format!("/api/memory/operations/clear/{}", path_segment(d)), None)?,
-        None => client.call("POST", "/api/memory/operations/clear", None)?,
-    };
+    let data = one_or_all(client, "POST", "/api/memory/operations/clear", None, device, None)?;
     if as_json {
         return Ok(pretty(&data));
     }
@@ -285,19 +298,11 @@ pub fn defrag(
         Some(s) => json!({ "strategy": s }),
         None => json!({}),
     };
-    let data = match device {
-        Some(d) => {
-            client.call("POST", &format!("/api/memory/operations/defragment/{}", path_segment(d)), Some(body))?
-        }
-        None => client.call("POST", "/api/memory/operations/defragment", Some(body))?,
-    };
+    let data = one_or_all(client, "POST", "/api/memory/operations/defragment", None, device, Some(body))?;
     if as_json {
         return Ok(pretty(&data));
     }
-    let reports = match device {
-        Some(_) => vec![data],
-        None => data["devices"].as_array().cloned().unwrap_or_default(),
-    };
+    let reports = per_device(device, data);
     let mut out = String::new();
     for r in reports {
         let _ = writeln!(
@@ -341,17 +346,11 @@ pub fn block_bar(size_bytes: u64, ranges: &[Value]) -> String {
 
 /// Draws every pool block of every device (or one) as a bar of used and free ranges.
 pub fn pools(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
-    let data = match device {
-        Some(d) => client.call("GET", &format!("/api/memory/pools/{}", path_segment(d)), None)?,
-        None => client.call("GET", "/api/memory/pools", None)?,
-    };
+    let data = one_or_all(client, "GET", "/api/memory/pools", None, device, None)?;
     if as_json {
         return Ok(pretty(&data));
     }
-    let devices = match device {
-        Some(_) => vec![data],
-        None => data["devices"].as_array().cloned().unwrap_or_default(),
-    };
+    let devices = per_device(device, data);
     let mut out = String::new();
     for d in devices {
         for p in d["pools"].as_array().into_iter().flatten() {
@@ -389,17 +388,11 @@ pub fn pools(client: &Client, device: Option<&str>, as_json: bool) -> Result<Str
 
 /// Pressure of every device (or one); with `watch`, then every level change as it happens.
 pub fn pressure(client: &Client, device: Option<&str>, watch: bool, as_json: bool) -> Result<String, CliError> {
-    let data = match device {
-        Some(d) => client.call("GET", &format!("/api/memory/pressure/{}", path_segment(d)), None)?,
-        None => client.call("GET", "/api/memory/pressure", None)?,
-    };
+    let data = one_or_all(client, "GET", "/api/memory/pressure", None, device, None)?;
     let mut out = if as_json {
         pretty(&data)
     } else {
-        let devices = match device {
-            Some(_) => vec![data],
-            None => data["devices"].as_array().cloned().unwrap_or_default(),
-        };
+        let devices = per_device(device, data);
         let rows: Vec<Vec<String>> = devices
             .iter()
             .map(|d| {
