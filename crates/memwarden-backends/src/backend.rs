@@ -130,6 +130,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// A counter that grows each time the device's memory limit is hit or the OOM killer acts
+    /// (the host's cgroup), when that applies.
+    fn limit_events(&self) -> Option<u64> {
+        None
+    }
+
     /// A kernel trigger that fires on memory stall (`spec` as PSI writes it, e.g.
     /// `some 150000 2000000`). `None`: this device has no such source; `Err`: why the kernel
     /// refused.

@@ -102,6 +102,8 @@ pub struct Sample {
     /// PSI `some avg10` / `full avg10` in percent, where the source has PSI (hosts).
     pub psi_some10: Option<f64>,
     pub psi_full10: Option<f64>,
+    /// A counter of memory-limit hits and OOM kills (the host's cgroup), where one applies.
+    pub limit_events: Option<u64>,
 }
 
 impl Sample {
@@ -129,6 +131,8 @@ pub struct Change {
 /// How far back the trend for time-to-critical looks.
 const TREND_WINDOW_SECS: f64 = 10.0;
 const TREND_MAX_SAMPLES: usize = 512;
+/// How long a memory-limit hit keeps the level raised.
+pub const LIMIT_EVENT_HOLD_SECS: f64 = 10.0;
 
 /// The level of one device, updated sample by sample.
 #[derive(Debug, Clone)]
@@ -138,6 +142,8 @@ pub struct Tracker {
     /// The utilization level (before any PSI escalation).
     base: Level,
     psi_escalated: bool,
+    /// When the limit-event counter last grew.
+    limit_event_at: Option<f64>,
     last: Option<Sample>,
     trend: VecDeque<(f64, f64)>,
 }
@@ -149,6 +155,7 @@ impl Tracker {
             level: Level::Low,
             base: Level::Low,
             psi_escalated: false,
+            limit_event_at: None,
             last: None,
             trend: VecDeque::new(),
         }
@@ -187,8 +194,15 @@ impl Tracker {
         let stalled = some >= t.psi_some_percent || full >= t.psi_full_percent;
         let calm = some < t.psi_some_percent / 2.0 && full < t.psi_full_percent / 2.0;
         self.psi_escalated = stalled || (self.psi_escalated && !calm);
+        // The cgroup hit its limit (or the OOM killer acted) since the last sample: the memory
+        // that is "available" is not, for this process; raise one level for a while.
+        let grew = matches!((self.last.and_then(|l| l.limit_events), s.limit_events), (Some(a), Some(b)) if b > a);
+        if grew {
+            self.limit_event_at = Some(s.at_secs);
+        }
+        let limit_pressed = self.limit_event_at.is_some_and(|t| s.at_secs - t < LIMIT_EVENT_HOLD_SECS);
         self.base = base;
-        let new = if self.psi_escalated { base.up() } else { base };
+        let new = if self.psi_escalated || limit_pressed { base.up() } else { base };
         self.last = Some(s);
         self.trend.push_back((s.at_secs, s.used_bytes() as f64));
         while self.trend.len() > TREND_MAX_SAMPLES
@@ -289,6 +303,7 @@ mod tests {
             available_bytes: total - (used_gib * GIB as f64) as u64,
             psi_some10: None,
             psi_full10: None,
+            limit_events: None,
         }
     }
 
@@ -346,6 +361,21 @@ mod tests {
         s.psi_full10 = Some(5.0);
         s.psi_some10 = Some(0.0);
         assert_eq!(tr.update(s).map(|c| c.new), Some(Level::Moderate), "full stall escalates too");
+    }
+
+    #[test]
+    fn cgroup_limit_hits_raise_the_level_for_a_while() {
+        let mut tr = Tracker::new(Thresholds::default());
+        let mut s = at(0.0, 50.0);
+        s.limit_events = Some(3);
+        assert!(tr.update(s).is_none(), "a counter's first value is no event");
+        s.at_secs = 1.0;
+        s.limit_events = Some(4);
+        assert_eq!(tr.update(s).map(|c| c.new), Some(Level::Moderate), "the limit was hit");
+        s.at_secs = 5.0;
+        assert!(tr.update(s).is_none(), "held for a while");
+        s.at_secs = 11.5;
+        assert_eq!(tr.update(s).map(|c| c.new), Some(Level::Low), "no new hits: back down");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 mod status;
 
-pub use status::{parse_meminfo, parse_proc_cgroup, CgroupMemory, CgroupPath, HostStatusReader, Meminfo};
+pub use status::{parse_meminfo, parse_proc_cgroup, CgroupEvents, CgroupMemory, CgroupPath, HostStatusReader, Meminfo};
 
 use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, Location, MemoryReading};
 use memwarden_core::{DeviceId, MemoryKind};
@@ -192,6 +192,14 @@ impl Backend for HostBackend {
         self.reader.psi()
     }
 
+    /// Limit hits + OOM kills of this process's cgroup, when a limit applies.
+    fn limit_events(&self) -> Option<u64> {
+        if !self.reader.limited() {
+            return None;
+        }
+        self.reader.cgroup_events().map(|e| e.limit_hits + e.oom_kills)
+    }
+
     fn stall_trigger(&self, spec: &str) -> Option<Result<memwarden_sys::PsiTrigger, String>> {
         Some(self.reader.psi_trigger(spec).map_err(|e| e.to_string()))
     }
@@ -256,6 +264,17 @@ mod tests {
     #[test]
     fn host_backend_passes_the_conformance_suite() {
         crate::conformance::run(Arc::new(HostBackend::new(HostStatusReader::default())));
+    }
+
+    #[test]
+    fn limit_events_count_only_under_a_limit() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host");
+        let limited = HostBackend::new(HostStatusReader::with_root(root.join("cgroup-v1-oom")));
+        limited.read_status().expect("status");
+        assert_eq!(limited.limit_events(), Some(66 + 1), "failcnt + oom_kill");
+        let free = HostBackend::new(HostStatusReader::with_root(root.join("cgroup-v1-unlimited")));
+        free.read_status().expect("status");
+        assert_eq!(free.limit_events(), None, "no limit: nothing to count");
     }
 
     #[test]

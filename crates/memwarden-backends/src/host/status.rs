@@ -85,6 +85,13 @@ pub struct CgroupMemory {
     pub source: String,
 }
 
+/// Memory-limit events of a cgroup, as counters since the cgroup was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CgroupEvents {
+    pub limit_hits: u64,
+    pub oom_kills: u64,
+}
+
 /// Reads host memory status from a `proc` root and a cgroup filesystem root.
 #[derive(Debug, Clone)]
 pub struct HostStatusReader {
@@ -139,6 +146,39 @@ impl HostStatusReader {
     pub fn cgroup_memory(&self, physical_total_bytes: u64) -> Option<CgroupMemory> {
         let found = self.find_cgroup()?;
         (found.limit_bytes < physical_total_bytes && found.limit_bytes < UNLIMITED_BYTES).then_some(found)
+    }
+
+    /// How often this cgroup hit its memory limit and how many tasks the OOM killer ended in it
+    /// (v2 `memory.events` `max` + `oom_kill`; v1 `memory.failcnt` + `memory.oom_control`
+    /// `oom_kill`). `None` without a memory cgroup.
+    pub fn cgroup_events(&self) -> Option<CgroupEvents> {
+        let text = std::fs::read_to_string(self.proc_root.join("self/cgroup")).ok()?;
+        match parse_proc_cgroup(&text)? {
+            CgroupPath::V1(path) => {
+                let mount = self.cgroup_root.join("memory");
+                let dir = [mount.join(path.trim_start_matches('/')), mount].into_iter().find(|d| d.is_dir())?;
+                let oom = read_kv(&dir.join("memory.oom_control")).unwrap_or_default();
+                Some(CgroupEvents {
+                    limit_hits: read_u64(&dir.join("memory.failcnt")).unwrap_or(0),
+                    oom_kills: oom.get("oom_kill").copied().unwrap_or(0),
+                })
+            }
+            CgroupPath::V2(path) => {
+                let leaf = [self.cgroup_root.join(path.trim_start_matches('/')), self.cgroup_root.clone()]
+                    .into_iter()
+                    .find(|d| d.join("memory.events").is_file())?;
+                let ev = read_kv(&leaf.join("memory.events"))?;
+                Some(CgroupEvents {
+                    limit_hits: ev.get("max").copied().unwrap_or(0),
+                    oom_kills: ev.get("oom_kill").copied().unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// Whether the last `read` found a cgroup limit (then limit events matter).
+    pub fn limited(&self) -> bool {
+        self.no_limit_until.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     /// This process's memory cgroup, limited or not.
@@ -332,6 +372,13 @@ mod tests {
         assert_eq!((r.some_avg10, r.full_avg10), (12.5, 3.1));
         assert_eq!(fixture("cgroup-v1-unlimited").psi().map(|r| r.some_total_us), Some(0));
         assert!(fixture("cgroup-v1-limited").psi().is_none(), "no PSI file: none");
+    }
+
+    #[test]
+    fn cgroup_limit_events_are_read() {
+        assert_eq!(fixture("cgroup-v1-oom").cgroup_events(), Some(CgroupEvents { limit_hits: 66, oom_kills: 1 }));
+        assert_eq!(fixture("cgroup-v2-limited").cgroup_events(), Some(CgroupEvents { limit_hits: 7, oom_kills: 1 }));
+        assert_eq!(fixture("no-cgroup").cgroup_events(), None);
     }
 
     #[test]

@@ -636,6 +636,10 @@ pub struct PressureDto {
     pub psi_some_total: Option<u64>,
     /// Allocations on this device that did not fit since start.
     pub allocation_failures: u64,
+    /// Host in a memory cgroup with a limit: times the limit was hit plus OOM kills (v2
+    /// `memory.events` max + oom_kill, v1 `memory.failcnt` + oom_kill). A rise raises the level
+    /// by one for 10 s.
+    pub cgroup_limit_events: Option<u64>,
     /// Host only: `active` (a PSI trigger wakes the sampler on stall) or
     /// `unavailable: <reason>`.
     pub psi_trigger: Option<String>,
@@ -667,6 +671,7 @@ impl From<&PressureReport> for PressureDto {
             psi_full10: r.psi_full10,
             psi_some_total: r.psi_some_total_us,
             allocation_failures: r.allocation_failures,
+            cgroup_limit_events: r.limit_events,
             psi_trigger: r.psi_trigger.as_ref().map(|t| match t {
                 Ok(_) => "active".to_string(),
                 Err(e) => format!("unavailable: {e}"),

@@ -42,6 +42,8 @@ pub struct PressureReport {
     pub psi_full10: Option<f64>,
     pub psi_some_total_us: Option<u64>,
     pub allocation_failures: u64,
+    /// Host in a memory cgroup with a limit: limit hits + OOM kills so far.
+    pub limit_events: Option<u64>,
     /// Host: the PSI trigger's state (`Ok(times fired)`, or why there is none).
     pub psi_trigger: Option<Result<u64, String>>,
     pub sampled_at: Option<OffsetDateTime>,
@@ -178,6 +180,7 @@ impl Service {
             available_bytes: available,
             psi_some10: psi.map(|p| p.some_avg10),
             psi_full10: psi.map(|p| p.full_avg10),
+            limit_events: dev.backend.limit_events(),
         };
         let change = {
             let mut trackers = lock(&self.pressure.trackers);
@@ -277,6 +280,7 @@ impl Service {
             psi_some10: last.and_then(|s| s.psi_some10),
             psi_full10: last.and_then(|s| s.psi_full10),
             psi_some_total_us: t.and_then(|t| t.psi_some_total_us),
+            limit_events: last.and_then(|s| s.limit_events),
             allocation_failures: lock(&self.pressure.failures)
                 .get(&device)
                 .map(|c| c.load(Ordering::Relaxed))
