@@ -161,6 +161,7 @@ pub fn status(client: &Client, device: Option<&str>, as_json: bool) -> Result<St
     if as_json {
         return Ok(pretty(&data));
     }
+    let data_backends = data["backends"].as_array().cloned().unwrap_or_default();
     let devices = per_device(device, data);
     let rows: Vec<Vec<String>> = devices
         .iter()
@@ -178,10 +179,15 @@ pub fn status(client: &Client, device: Option<&str>, as_json: bool) -> Result<St
             ]
         })
         .collect();
-    Ok(table(
+    let mut out = table(
         &["DEVICE", "MEMORY", "TOTAL", "USED", "AVAILABLE", "UTIL", "POOL HELD", "POOL ALLOCATED", "SOURCE"],
         &rows,
-    ))
+    );
+    // Backends that could not start, and why (only in the all-device answer).
+    for b in data_backends.iter().filter(|b| b["available"] == false) {
+        let _ = writeln!(out, "{}: {}", s(&b["name"]), s(&b["reason"]));
+    }
+    Ok(out)
 }
 
 pub struct AllocArgs<'a> {

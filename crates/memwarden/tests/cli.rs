@@ -72,6 +72,9 @@ fn status_table_and_json_agree_with_the_os() {
     let table = d.ok(&["status"]);
     assert!(table.starts_with("DEVICE"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("cpu ") && l.contains("RAM")), "{table}");
+    if !table.contains("cuda:0") {
+        assert!(table.contains("cuda: backend unavailable: "), "no GPU: the table says why: {table}");
+    }
     let v = d.json(&["status", "cpu"]);
     assert_eq!(v["deviceId"], "cpu");
     assert!(v["totalMemory"].as_u64().expect("total") > 0);

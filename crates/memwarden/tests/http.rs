@@ -52,6 +52,11 @@ fn status_reports_real_host_memory() {
     let (status, v) = s.call("GET", "/api/memory/status", None);
     assert_eq!(status, 200);
     let devices = v["data"]["devices"].as_array().expect("devices");
+    let backends = v["data"]["backends"].as_array().expect("backends listed in status too");
+    let cuda = backends.iter().find(|b| b["name"] == "cuda").expect("cuda backend");
+    assert!(
+        cuda["available"] == true || cuda["reason"].as_str().is_some_and(|r| r.starts_with("backend unavailable: "))
+    );
     let cpu = &devices[0];
     assert_eq!(cpu["deviceId"], "cpu");
     assert_eq!(cpu["deviceType"], "CPU");

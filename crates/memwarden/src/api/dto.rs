@@ -235,6 +235,8 @@ impl From<&DeviceStatus> for DeviceStatusDto {
 #[serde(rename_all = "camelCase")]
 pub struct StatusListDto {
     pub devices: Vec<DeviceStatusDto>,
+    /// Every backend, available or not (with the reason), as in `/health`.
+    pub backends: Vec<BackendDto>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]

@@ -191,7 +191,10 @@ async fn health(State(state): State<AppState>) -> ApiResult<HealthDto> {
 #[utoipa::path(get, path = "/api/memory/status", responses((status = 200, body = ApiResponse<StatusListDto>)))]
 async fn status_all(State(state): State<AppState>) -> ApiResult<StatusListDto> {
     let list = state.service.status_all()?;
-    Ok(Data(StatusListDto { devices: list.iter().map(DeviceStatusDto::from).collect() }))
+    Ok(Data(StatusListDto {
+        devices: list.iter().map(DeviceStatusDto::from).collect(),
+        backends: state.service.backends().iter().map(BackendDto::from).collect(),
+    }))
 }
 
 /// Memory status of one device (`cpu`, `cuda:N`, or an alias such as `gpu-0`). With
