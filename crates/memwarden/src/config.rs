@@ -54,6 +54,20 @@ pub struct PressureSection {
     pub psi_trigger_window_ms: u64,
 }
 
+impl PressureSection {
+    /// The level thresholds these settings describe.
+    pub fn thresholds(&self) -> memwarden_core::pressure::Thresholds {
+        memwarden_core::pressure::Thresholds {
+            moderate: self.moderate,
+            high: self.high,
+            critical: self.critical,
+            hysteresis: self.hysteresis,
+            psi_some_percent: self.psi_some_percent,
+            psi_full_percent: self.psi_full_percent,
+        }
+    }
+}
+
 impl Default for PressureSection {
     fn default() -> Self {
         PressureSection {
@@ -236,17 +250,7 @@ impl Config {
                 "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
             ));
         }
-        let p = &self.pressure;
-        memwarden_core::pressure::Thresholds {
-            moderate: p.moderate,
-            high: p.high,
-            critical: p.critical,
-            hysteresis: p.hysteresis,
-            psi_some_percent: p.psi_some_percent,
-            psi_full_percent: p.psi_full_percent,
-        }
-        .validate()
-        .map_err(ConfigError::Invalid)?;
+        self.pressure.thresholds().validate().map_err(ConfigError::Invalid)?;
         if !(0.0..=1.0).contains(&self.defrag.fragmentation_threshold) {
             return Err(ConfigError::Invalid("defrag.fragmentation_threshold must be between 0 and 1".into()));
         }

@@ -185,7 +185,7 @@ impl Service {
         let change = {
             let mut trackers = lock(&self.pressure.trackers);
             let t = trackers.entry(device).or_insert_with(|| DeviceTracker {
-                tracker: Tracker::new(self.pressure_thresholds(device)),
+                tracker: Tracker::new(self.pressure_thresholds()),
                 psi_some_total_us: None,
                 sampled_at: None,
             });
@@ -216,16 +216,8 @@ impl Service {
         Some(event)
     }
 
-    fn pressure_thresholds(&self, _device: DeviceId) -> Thresholds {
-        let c = &self.pressure.config;
-        Thresholds {
-            moderate: c.moderate,
-            high: c.high,
-            critical: c.critical,
-            hysteresis: c.hysteresis,
-            psi_some_percent: c.psi_some_percent,
-            psi_full_percent: c.psi_full_percent,
-        }
+    fn pressure_thresholds(&self) -> Thresholds {
+        self.pressure.config.thresholds()
     }
 
     /// Subscribes to level changes.
@@ -275,7 +267,7 @@ impl Service {
             utilization: last.map(|s| s.utilization()).unwrap_or_else(|| status.utilization()),
             available_bytes: last.map(|s| s.available_bytes).unwrap_or(status.available_bytes),
             total_bytes: last.map(|s| s.total_bytes).unwrap_or(status.total_bytes),
-            thresholds: self.pressure_thresholds(device),
+            thresholds: self.pressure_thresholds(),
             time_to_critical_secs: t.and_then(|t| t.tracker.time_to_critical()),
             psi_some10: last.and_then(|s| s.psi_some10),
             psi_full10: last.and_then(|s| s.psi_full10),
