@@ -1,0 +1,11 @@
+"""memwarden's Python side.
+
+- ``memwarden.worker``: the model worker the daemon starts and supervises
+  (``python -m memwarden.worker``).
+- ``memwarden.client``: what an existing inference process imports to register the models it
+  holds with the daemon and to answer its requests to free memory.
+- ``memwarden.protocol``: the JSON-lines codec both use (docs/PROTOCOL.md).
+"""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 1

@@ -1,0 +1,376 @@
+"""The models a worker holds, and the memory they really occupy.
+
+Backends, picked per load:
+- ``torch``: for ``cuda:N`` devices (and offloaded models on the CPU); tensors are torch tensors.
+- ``numpy``: for ``cpu`` when numpy is installed (with ``safetensors`` installed, its loader).
+- ``bytes``: for ``cpu`` with the standard library only: the data section in one anonymous
+  mapping, tensors as views into it; unloading unmaps it, so the RSS drops at once.
+
+A model's size is the sum of its tensors' bytes. Unloading drops every reference, runs
+``gc.collect()``, returns freed host heap to the OS (``malloc_trim``) and, for torch,
+``torch.cuda.empty_cache()`` so the bytes go back to the driver, where the daemon measures them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.util
+import itertools
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional
+
+from . import protocol as P
+from . import safetensors_io as st
+
+_ids = itertools.count(1)
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def module_version(name: str) -> Optional[str]:
+    if not has_module(name):
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "unknown"
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def malloc_trim() -> None:
+    """Returns free heap pages to the OS (glibc); small tensors live in the heap, not in mmaps."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class WorkerError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _torch():
+    import torch  # noqa: PLC0415 (imported only when a torch model is asked for)
+
+    return torch
+
+
+_TORCH_DTYPES = {
+    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
+_NUMPY_DTYPES = {
+    "F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8",
+    # numpy has no bfloat16 / float8: their bytes are kept as unsigned integers of that width.
+    "BF16": "<u2", "F8_E4M3": "u1", "F8_E5M2": "u1",
+}
+
+
+def cuda_devices() -> List[str]:
+    if not has_module("torch"):
+        return []
+    try:
+        torch = _torch()
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    except Exception:
+        return []
+
+
+class Model:
+    def __init__(self, model_id: str, name: str, path: Optional[str], device_id: str, priority: int, pinned: bool):
+        self.model_id = model_id
+        self.name = name
+        self.path = path
+        self.device_id = device_id
+        self.priority = priority
+        self.pinned = pinned
+        self.loaded_at = datetime.now(timezone.utc)
+        self.last_access = self.loaded_at
+        self.load_time_ms = 0.0
+        self.tensor_count = 0
+        self.size_bytes = 0
+        self.backend = "bytes"
+        self.holder: Any = None  # mmap (bytes) or {name: array/tensor}
+
+    def info(self) -> Dict[str, Any]:
+        return {
+            "modelId": self.model_id,
+            "modelName": self.name,
+            "deviceId": self.device_id,
+            "sizeBytes": self.size_bytes,
+            "bytesByDevice": {self.device_id: self.size_bytes},
+            "loadedAt": P.timestamp(self.loaded_at),
+            "lastAccess": P.timestamp(self.last_access),
+            "loadTimeMs": round(self.load_time_ms, 3),
+            "priority": self.priority,
+            "pinned": self.pinned,
+            "path": self.path,
+            "tensorCount": self.tensor_count,
+            "backend": self.backend,
+        }
+
+    def release(self) -> None:
+        holder, self.holder = self.holder, None
+        if hasattr(holder, "close"):
+            holder.close()
+        elif isinstance(holder, dict):
+            holder.clear()
+        del holder
+
+
+class ModelStore:
+    """Thread-safe: loads run outside the lock, so a long load does not block getModelInfo."""
+
+    def __init__(self, backend: str = "auto"):
+        if backend not in ("auto", "bytes", "numpy", "torch"):
+            raise ValueError(f"unknown backend {backend}")
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._models: Dict[str, Model] = {}
+
+    # ---- queries ----
+
+    def get(self, model_id: str) -> Model:
+        with self._lock:
+            m = self._models.get(model_id)
+        if m is None:
+            raise WorkerError(P.MODEL_NOT_FOUND, f"no model {model_id!r} is loaded here")
+        return m
+
+    def models(self, device_id: Optional[str] = None) -> List[Model]:
+        with self._lock:
+            ms = list(self._models.values())
+        return [m for m in ms if device_id is None or m.device_id == device_id]
+
+    def memory(self) -> Dict[str, Dict[str, int]]:
+        out: Dict[str, Dict[str, int]] = {}
+        for m in self.models():
+            d = out.setdefault(m.device_id, {"allocatedBytes": 0, "reservedBytes": 0})
+            d["allocatedBytes"] += m.size_bytes
+            d["reservedBytes"] += m.size_bytes
+        if "torch" in __import__("sys").modules:
+            torch = _torch()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                for i in range(torch.cuda.device_count()):
+                    out[f"cuda:{i}"] = {
+                        "allocatedBytes": int(torch.cuda.memory_allocated(i)),
+                        "reservedBytes": int(torch.cuda.memory_reserved(i)),
+                    }
+        return out
+
+    def report(self, device_id: Optional[str] = None) -> Dict[str, Any]:
+        return {
+            "models": [m.info() for m in self.models(device_id)],
+            "memory": self.memory(),
+            "rssBytes": rss_bytes(),
+        }
+
+    # ---- load ----
+
+    def _pick_backend(self, device_id: str) -> str:
+        if device_id.startswith("cuda"):
+            if self.backend not in ("auto", "torch"):
+                raise WorkerError(P.DEVICE_UNAVAILABLE, f"backend {self.backend} cannot place models on {device_id}")
+            if device_id not in cuda_devices():
+                raise WorkerError(P.DEVICE_UNAVAILABLE, f"{device_id} is not available to this worker (torch with CUDA is needed)")
+            return "torch"
+        if device_id != "cpu":
+            raise WorkerError(P.DEVICE_UNAVAILABLE, f"unknown device {device_id!r}")
+        if self.backend != "auto":
+            if self.backend == "numpy" and not has_module("numpy"):
+                raise WorkerError(P.DEVICE_UNAVAILABLE, "numpy is not installed")
+            return self.backend
+        return "numpy" if has_module("numpy") else "bytes"
+
+    def load(self, path: str, name: Optional[str] = None, device_id: str = "cpu", priority: int = 50,
+             pinned: bool = False, model_id: Optional[str] = None) -> Model:
+        if not 0 <= priority <= 100:
+            raise WorkerError(P.INVALID_DATA, f"priority {priority} is outside 0-100")
+        if not os.path.isfile(path):
+            raise WorkerError(P.FILE_NOT_FOUND, f"{path}: no such file")
+        model_id = model_id or f"{os.getpid()}-{next(_ids)}"
+        with self._lock:
+            if model_id in self._models:
+                raise WorkerError(P.INVALID_DATA, f"model id {model_id!r} is already loaded")
+        backend = self._pick_backend(device_id)
+        m = Model(model_id, name or os.path.basename(path).rsplit(".", 1)[0], path, device_id, priority, pinned)
+        m.backend = backend
+        t0 = time.perf_counter()
+        try:
+            header = st.read_header(path)
+            m.tensor_count = len(header.tensors)
+            if backend == "bytes":
+                m.holder = st.read_data(path, header)
+                m.size_bytes = header.tensor_bytes
+            elif backend == "numpy":
+                m.holder = self._load_numpy(path, header)
+                m.size_bytes = sum(int(a.nbytes) for a in m.holder.values())
+            else:
+                m.holder = self._load_torch(path, header, device_id)
+                m.size_bytes = sum(t.numel() * t.element_size() for t in m.holder.values())
+        except st.SafetensorsError as e:
+            raise WorkerError(P.LOAD_FAILED, str(e)) from None
+        except MemoryError as e:
+            raise WorkerError(P.LOAD_FAILED, f"out of memory loading {path}: {e}") from None
+        except WorkerError:
+            raise
+        except Exception as e:  # a framework's own failure (CUDA OOM, bad dtype): reported, not fatal
+            m.release()
+            raise WorkerError(P.LOAD_FAILED, f"{type(e).__name__}: {e}") from None
+        m.load_time_ms = (time.perf_counter() - t0) * 1000
+        with self._lock:
+            if model_id in self._models:
+                m.release()
+                raise WorkerError(P.INVALID_DATA, f"model id {model_id!r} is already loaded")
+            self._models[model_id] = m
+        return m
+
+    @staticmethod
+    def _load_numpy(path: str, header: st.Header) -> Dict[str, Any]:
+        if has_module("safetensors") and not any(t.dtype in ("BF16", "F8_E4M3", "F8_E5M2") for t in header.tensors):
+            from safetensors.numpy import load_file  # numpy has no bfloat16/float8: those use the reader below
+
+            return dict(load_file(path))
+        import numpy as np
+
+        out = {}
+        with open(path, "rb") as f:
+            for t in header.tensors:
+                count = t.nbytes // st.DTYPE_BYTES[t.dtype]
+                arr = np.empty(count, dtype=_NUMPY_DTYPES[t.dtype])
+                f.seek(header.data_start + t.begin)
+                if t.nbytes and f.readinto(memoryview(arr).cast("B")) != t.nbytes:
+                    raise st.SafetensorsError(f"{path}: short read in {t.name}")
+                out[t.name] = arr.reshape(t.shape)
+        return out
+
+    @staticmethod
+    def _load_torch(path: str, header: st.Header, device_id: str) -> Dict[str, Any]:
+        torch = _torch()
+        if has_module("safetensors"):
+            from safetensors.torch import load_file
+
+            return dict(load_file(path, device=device_id))
+        out = {}
+        buf = st.read_data(path, header)
+        try:
+            for t in header.tensors:
+                dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
+                if t.nbytes == 0:
+                    out[t.name] = torch.empty(t.shape, dtype=dtype, device=device_id)
+                    continue
+                src = torch.frombuffer(buf, dtype=dtype, count=t.nbytes // st.DTYPE_BYTES[t.dtype], offset=t.begin)
+                out[t.name] = src.reshape(t.shape).to(device_id, copy=True)
+                del src
+            if device_id.startswith("cuda"):
+                torch.cuda.synchronize(device_id)
+        finally:
+            gc.collect()
+            buf.close()
+        return out
+
+    # ---- release ----
+
+    def _after_release(self, device_id: str) -> None:
+        gc.collect()
+        if device_id.startswith("cuda") and "torch" in __import__("sys").modules:
+            torch = _torch()
+            torch.cuda.synchronize(device_id)
+            torch.cuda.empty_cache()
+        else:
+            malloc_trim()
+
+    def unload(self, model_id: str) -> Dict[str, Any]:
+        with self._lock:
+            m = self._models.pop(model_id, None)
+        if m is None:
+            raise WorkerError(P.MODEL_NOT_FOUND, f"no model {model_id!r} is loaded here")
+        freed, device = m.size_bytes, m.device_id
+        m.release()
+        del m
+        self._after_release(device)
+        return {"freedBytes": freed, "freedByDevice": {device: freed}, "actions": [f"unload:{model_id}"]}
+
+    def offload(self, model_id: str, target: str = "cpu") -> Dict[str, Any]:
+        m = self.get(model_id)
+        if target != "cpu":
+            raise WorkerError(P.NOT_SUPPORTED, f"offload target {target!r} is not supported (only cpu)")
+        if m.device_id == "cpu":
+            return {"freedBytes": 0, "freedByDevice": {}, "actions": [], "model": m.info()}
+        if m.backend != "torch":
+            raise WorkerError(P.NOT_SUPPORTED, f"model {model_id} ({m.backend}) cannot move")
+        source = m.device_id
+        m.holder = {k: v.to("cpu") for k, v in m.holder.items()}
+        m.device_id = "cpu"
+        m.last_access = datetime.now(timezone.utc)
+        self._after_release(source)
+        return {"freedBytes": m.size_bytes, "freedByDevice": {source: m.size_bytes},
+                "actions": [f"offload:{model_id}"], "model": m.info()}
+
+    def trim(self, device_id: Optional[str] = None) -> Dict[str, Any]:
+        before_rss = rss_bytes()
+        freed_by: Dict[str, int] = {}
+        gc.collect()
+        malloc_trim()
+        freed_by["cpu"] = max(0, before_rss - rss_bytes())
+        if "torch" in __import__("sys").modules:
+            torch = _torch()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                for i in range(torch.cuda.device_count()):
+                    dev = f"cuda:{i}"
+                    if device_id not in (None, dev):
+                        continue
+                    before = torch.cuda.memory_reserved(i)
+                    with torch.cuda.device(i):
+                        torch.cuda.empty_cache()
+                    freed_by[dev] = max(0, int(before - torch.cuda.memory_reserved(i)))
+        if device_id is not None:
+            freed_by = {k: v for k, v in freed_by.items() if k == device_id}
+        return {"freedBytes": sum(freed_by.values()), "freedByDevice": freed_by, "actions": ["trimCache"]}
+
+    def optimize(self, device_id: str, nbytes: int, deadline_ms: Optional[int] = None,
+                 exclude: Optional[List[str]] = None) -> Dict[str, Any]:
+        """Frees at least `nbytes` on `device_id`: trim caches, then unload the least valuable
+        models (lowest priority, then least recently used), never pinned or excluded ones."""
+        deadline = time.monotonic() + (deadline_ms / 1000 if deadline_ms else 3600)
+        out = self.trim(device_id)
+        freed = out["freedByDevice"].get(device_id, 0)
+        actions = list(out["actions"])
+        excluded = set(exclude or [])
+        victims = sorted(
+            (m for m in self.models(device_id) if not m.pinned and m.model_id not in excluded),
+            key=lambda m: (m.priority, m.last_access),
+        )
+        for m in victims:
+            if freed >= nbytes or time.monotonic() > deadline:
+                break
+            r = self.unload(m.model_id)
+            freed += r["freedBytes"]
+            actions += r["actions"]
+        return {"freedBytes": freed, "freedByDevice": {device_id: freed}, "actions": actions}
+
+    def touch(self, model_id: str) -> None:
+        self.get(model_id).last_access = datetime.now(timezone.utc)

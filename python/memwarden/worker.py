@@ -1,0 +1,95 @@
+"""The model worker: ``python -m memwarden.worker [--worker-id ID] [--devices cpu,cuda:0]``.
+
+The daemon starts it, reads protocol lines from its stdout and logs from its stderr, and writes
+requests to its stdin (docs/PROTOCOL.md). It loads ``.safetensors`` models, reports what each
+occupies, and frees memory on request. Anything a library prints to stdout is redirected to
+stderr, so it cannot corrupt the protocol stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import Any, Dict, List, Optional
+
+from . import protocol as P
+from .endpoint import Endpoint, log
+from .models import ModelStore, WorkerError, cuda_devices, module_version
+
+
+def frameworks() -> Dict[str, Optional[str]]:
+    return {
+        "python": platform.python_version(),
+        "numpy": module_version("numpy"),
+        "safetensors": module_version("safetensors"),
+        "torch": module_version("torch"),
+    }
+
+
+class Worker:
+    def __init__(self, store: ModelStore, devices: List[str]):
+        self.store = store
+        self.devices = devices
+
+    def _device(self, device_id: Optional[str]) -> None:
+        if device_id is not None and device_id not in self.devices:
+            raise WorkerError(P.DEVICE_UNAVAILABLE, f"{device_id} is not one of this worker's devices {self.devices}")
+
+    def handle(self, action: str, data: Dict[str, Any]) -> Any:
+        if action in P.ACTION_DATA:
+            P.check_data(P.ACTION_DATA[action], data)
+        if action == "ping":
+            return {"pong": True, "pid": os.getpid()}
+        if action == "getModelInfo":
+            return self.store.report(data.get("deviceId"))
+        if action == "loadModel":
+            device = data.get("deviceId") or "cpu"
+            self._device(device)
+            m = self.store.load(
+                data["path"], data.get("name"), device, data.get("priority", 50), bool(data.get("pinned")),
+                data.get("modelId"),
+            )
+            return m.info()
+        if action == "unloadModel":
+            return self.store.unload(data["modelId"])
+        if action == "offloadModel":
+            return self.store.offload(data["modelId"], data.get("target") or "cpu")
+        if action == "trimCache":
+            return self.store.trim(data.get("deviceId"))
+        if action == "optimizeMemory":
+            return self.store.optimize(data["deviceId"], data["bytes"], data.get("deadlineMs"), data.get("excludeModels"))
+        if action == "shutdown":
+            return {}
+        raise WorkerError(P.UNKNOWN_ACTION, f"unknown action `{action}`")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m memwarden.worker", description=__doc__)
+    ap.add_argument("--worker-id", default=os.environ.get("MEMWARDEN_WORKER_ID", f"worker-{os.getpid()}"))
+    ap.add_argument("--devices", default="", help="comma-separated devices to serve (default: cpu and every CUDA device torch sees)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "bytes", "numpy", "torch"])
+    args = ap.parse_args(argv)
+
+    protocol_out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # stray prints go to the log, never into the protocol stream
+
+    asked = [d for d in args.devices.split(",") if d]
+    # Importing torch to list GPUs takes seconds: only when a GPU is asked for, or nothing is named.
+    available = ["cpu"] + (cuda_devices() if not asked or any(d.startswith("cuda") for d in asked) else [])
+    devices = asked or available
+    missing = [d for d in devices if d not in available]
+    if missing:
+        log(f"devices {missing} are not available here (available: {available}); serving the rest")
+        devices = [d for d in devices if d in available]
+    worker = Worker(ModelStore(args.backend), devices)
+    ep = Endpoint(sys.stdin.buffer, protocol_out, worker.handle)
+    ep.send(P.hello(args.worker_id, os.getpid(), "worker", frameworks(), devices))
+    log(f"worker {args.worker_id} ready (pid {os.getpid()}, devices {devices})")
+    ep.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
