@@ -21,6 +21,75 @@ pub struct Config {
     pub transfer: TransferSection,
     pub defrag: DefragSection,
     pub pressure: PressureSection,
+    pub workers: WorkersSection,
+}
+
+/// The Python processes that hold models: supervised workers and attached clients.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Start workers. With no `[[workers.worker]]` entries, one default worker serving every
+    /// device is started when `python` is found.
+    pub enabled: bool,
+    /// The Python interpreter that runs `memwarden.worker`.
+    pub python: String,
+    /// Directory holding the `memwarden` package; empty: the copy embedded in this binary,
+    /// written to a private runtime directory at start (no install step).
+    pub python_path: PathBuf,
+    /// Unix socket attached clients connect to; empty: `$XDG_RUNTIME_DIR/memwarden.sock`, else
+    /// `/tmp/memwarden-<uid>/memwarden.sock`; `none`: no socket.
+    pub socket: String,
+    /// Timeout of one call to a worker, in milliseconds (idempotent calls are retried once).
+    pub call_timeout_ms: u64,
+    /// Timeout of `loadModel`, in milliseconds.
+    pub load_timeout_ms: u64,
+    /// Time a started worker has to send its `hello`, in milliseconds.
+    pub start_timeout_ms: u64,
+    /// Interval of health pings to each worker, in milliseconds; 0: none.
+    pub health_interval_ms: u64,
+    /// A worker that fails this many health pings in a row is killed and restarted.
+    pub unhealthy_restart_after: u32,
+    /// First wait before restarting a worker that exited, in milliseconds; doubles per
+    /// consecutive failure up to `restart_backoff_max_ms`, and resets after a minute of health.
+    pub restart_backoff_ms: u64,
+    pub restart_backoff_max_ms: u64,
+    /// Explicit workers; when present they replace the default one.
+    pub worker: Vec<WorkerSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSpec {
+    /// Unique id, used in the API and the logs.
+    pub id: String,
+    /// Devices it places models on (`cpu`, `cuda:0`, …); empty: every device.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Full command line instead of `<python> -m memwarden.worker …` (for wrappers and tests).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        WorkersSection {
+            enabled: true,
+            python: "python3".into(),
+            python_path: PathBuf::new(),
+            socket: String::new(),
+            call_timeout_ms: 10_000,
+            load_timeout_ms: 300_000,
+            start_timeout_ms: 60_000,
+            health_interval_ms: 5_000,
+            unhealthy_restart_after: 3,
+            restart_backoff_ms: 500,
+            restart_backoff_max_ms: 30_000,
+            worker: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -188,6 +257,7 @@ impl Default for Config {
             transfer: TransferSection::default(),
             defrag: DefragSection::default(),
             pressure: PressureSection::default(),
+            workers: WorkersSection::default(),
         }
     }
 }
@@ -251,6 +321,28 @@ impl Config {
             ));
         }
         self.pressure.thresholds().validate().map_err(ConfigError::Invalid)?;
+        let w = &self.workers;
+        if w.call_timeout_ms == 0 || w.load_timeout_ms == 0 || w.start_timeout_ms == 0 {
+            return Err(ConfigError::Invalid("workers: timeouts must be above 0".into()));
+        }
+        if w.restart_backoff_ms == 0 || w.restart_backoff_max_ms < w.restart_backoff_ms {
+            return Err(ConfigError::Invalid(
+                "workers.restart_backoff_ms must be above 0 and at most restart_backoff_max_ms".into(),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for spec in &w.worker {
+            if spec.id.is_empty() || spec.id.len() > 128 || !ids.insert(spec.id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "workers.worker id {:?} is empty, too long or repeated",
+                    spec.id
+                )));
+            }
+            for d in &spec.devices {
+                d.parse::<memwarden_core::DeviceId>()
+                    .map_err(|e| ConfigError::Invalid(format!("workers.worker {}: device {d}: {e}", spec.id)))?;
+            }
+        }
         if !(0.0..=1.0).contains(&self.defrag.fragmentation_threshold) {
             return Err(ConfigError::Invalid("defrag.fragmentation_threshold must be between 0 and 1".into()));
         }

@@ -7,3 +7,4 @@ pub mod cli;
 pub mod config;
 pub mod server;
 pub mod service;
+pub mod supervisor;

@@ -16,11 +16,21 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     service.start_pressure_monitor();
+    let supervisor = crate::supervisor::Supervisor::new(
+        config.workers.clone(),
+        service.device_ids().iter().map(|d| d.to_string()).collect(),
+        config.host.proc_root.clone(),
+    );
+    supervisor.start().await;
     // One shutdown signal for the server and every open event stream: graceful shutdown waits
     // for open connections, and an event stream never ends on its own.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let state =
-        AppState { service, auth_token: config.auth_token.as_deref().map(Arc::from), shutdown: stop_rx.clone() };
+    let state = AppState {
+        service,
+        supervisor: supervisor.clone(),
+        auth_token: config.auth_token.as_deref().map(Arc::from),
+        shutdown: stop_rx.clone(),
+    };
     // Small request/response pairs: without TCP_NODELAY, Nagle delays the replies.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -32,11 +42,13 @@ pub async fn serve_on(
         let _ = stop_tx.send(true);
     });
     let mut stop = stop_rx;
-    axum::serve(listener, router(state))
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|v| *v).await;
         })
-        .await
+        .await;
+    supervisor.shutdown().await;
+    served
 }
 
 /// Resolves on SIGINT or SIGTERM.

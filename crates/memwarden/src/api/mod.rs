@@ -2,6 +2,7 @@
 
 pub mod dto;
 pub mod envelope;
+pub mod models;
 
 use crate::service::{
     AllocateRequest, Service, TransferRequest, TransferStatus, TransferTarget, DEFAULT_ALIGNMENT_BYTES,
@@ -36,6 +37,8 @@ pub const MAX_DATA_BYTES: usize = 64 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub service: Arc<Service>,
+    /// The model workers and attached clients.
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
     pub auth_token: Option<Arc<str>>,
     /// Turns true when the daemon shuts down; open event streams end then.
@@ -82,9 +85,12 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         pressure_all,
         pressure_device,
         pressure_history,
-        events
+        events,
+        models::list_models,
+        models::load_model,
+        models::unload_model
     ),
-    components(schemas(ErrorBody, AllocateBody, TransferBody, DefragBody))
+    components(schemas(ErrorBody, AllocateBody, TransferBody, DefragBody, models::LoadBody))
 )]
 pub struct ApiDoc;
 
@@ -114,6 +120,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/pressure/history", get(pressure_history))
         .route("/api/memory/pressure/{device_id}", get(pressure_device))
         .route("/api/memory/events", get(events))
+        .route("/api/memory/models", get(models::list_models))
+        .route("/api/memory/models/load", post(models::load_model))
+        .route("/api/memory/models/{model_id}", delete(models::unload_model))
         .route("/api/memory/operations/clear", post(clear_all))
         .route("/api/memory/operations/clear/{device_id}", post(clear_device))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

@@ -21,7 +21,15 @@ impl TestServer {
         Self::start_with(Config::default())
     }
 
-    pub fn start_with(config: Config) -> Self {
+    /// A daemon without model workers or client socket (most tests are about memory alone).
+    pub fn start_with(mut config: Config) -> Self {
+        config.workers.enabled = false;
+        config.workers.socket = "none".into();
+        Self::start_with_workers(config)
+    }
+
+    /// A daemon with the workers and socket `config` names.
+    pub fn start_with_workers(config: Config) -> Self {
         let service = Arc::new(Service::from_config(&config));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();

@@ -1,0 +1,442 @@
+//! Model memory routes: what the Python processes that hold models report, next to what the OS
+//! and the driver say those processes hold.
+
+use super::envelope::{rfc3339, ApiError, ApiJson, ApiResponse, Data};
+use super::{blocking, ApiResult, AppState};
+use crate::service::DeviceStatus;
+use crate::supervisor::{Slot, SupervisorError, WorkerState};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use memwarden_protocol::{codes, LoadModel, ModelInfo, Role, DEFAULT_PRIORITY};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            SupervisorError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "WORKER_UNAVAILABLE"),
+            SupervisorError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "TIMEOUT"),
+            SupervisorError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "MODEL_NOT_FOUND"),
+            SupervisorError::Invalid(_) => (StatusCode::BAD_GATEWAY, "WORKER_ERROR"),
+            SupervisorError::Worker { code, message, .. } => match code.as_str() {
+                codes::FILE_NOT_FOUND => (StatusCode::NOT_FOUND, "FILE_NOT_FOUND"),
+                codes::MODEL_NOT_FOUND => (StatusCode::NOT_FOUND, "MODEL_NOT_FOUND"),
+                codes::INVALID_DATA => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+                codes::DEVICE_UNAVAILABLE => (StatusCode::CONFLICT, "DEVICE_UNAVAILABLE"),
+                codes::NOT_SUPPORTED => (StatusCode::CONFLICT, "NOT_SUPPORTED"),
+                codes::LOAD_FAILED if message.to_ascii_lowercase().contains("out of memory") => {
+                    (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY")
+                }
+                codes::LOAD_FAILED => (StatusCode::UNPROCESSABLE_ENTITY, "LOAD_FAILED"),
+                _ => (StatusCode::BAD_GATEWAY, "WORKER_ERROR"),
+            },
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelsQuery {
+    device_id: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadedModelDto {
+    model_id: String,
+    model_name: String,
+    worker_id: String,
+    pid: u32,
+    device_id: String,
+    size_bytes: u64,
+    bytes_by_device: BTreeMap<String, u64>,
+    loaded_at: String,
+    last_access: String,
+    load_time_ms: f64,
+    priority: u8,
+    pinned: bool,
+    path: Option<String>,
+    backend: Option<String>,
+}
+
+impl LoadedModelDto {
+    fn new(m: &ModelInfo, worker_id: &str, pid: u32) -> Self {
+        LoadedModelDto {
+            model_id: m.model_id.clone(),
+            model_name: m.model_name.clone(),
+            worker_id: worker_id.to_string(),
+            pid,
+            device_id: m.device_id.clone(),
+            size_bytes: m.size_bytes,
+            bytes_by_device: m.bytes_by_device.clone(),
+            loaded_at: rfc3339(m.loaded_at),
+            last_access: rfc3339(m.last_access),
+            load_time_ms: m.load_time_ms,
+            priority: m.priority,
+            pinned: m.pinned,
+            path: m.path.clone(),
+            backend: m.backend.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemMemoryDto {
+    total_bytes: u64,
+    available_bytes: u64,
+    used_bytes: u64,
+    source: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelMemoryDto {
+    loaded_models: Vec<LoadedModelDto>,
+    loaded_model_count: usize,
+    /// Sum of the models' reported bytes on this device.
+    total_model_memory: u64,
+    /// The device's available bytes less outstanding reservations: what a new model can use.
+    available_for_models: u64,
+    /// What the OS (RSS, for `cpu`) or NVML (per process, for GPUs) says the model processes
+    /// hold on this device; null where it cannot be measured.
+    process_bytes: Option<u64>,
+    /// `processBytes - totalModelMemory`: interpreter and CUDA-context overhead, caches, leaks.
+    unattributed_bytes: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceModelsDto {
+    device_id: String,
+    system_memory: SystemMemoryDto,
+    model_memory: ModelMemoryDto,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerDto {
+    worker_id: String,
+    /// `worker` (supervised) or `client` (attached through the socket).
+    role: String,
+    state: WorkerState,
+    since: String,
+    pid: Option<u32>,
+    last_error: Option<String>,
+    restarts: u32,
+    devices: Vec<String>,
+    frameworks: BTreeMap<String, Option<String>>,
+    model_count: usize,
+    /// Reported model bytes per device.
+    model_bytes: BTreeMap<String, u64>,
+    /// Measured: RSS (`cpu`) and NVML per-process bytes (GPUs).
+    process_bytes: BTreeMap<String, u64>,
+    /// Per device, measured minus reported.
+    unattributed_bytes: BTreeMap<String, i64>,
+    /// The worker's own allocator figures (torch `memory_allocated` / `memory_reserved`).
+    allocator: BTreeMap<String, AllocatorDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocatorDto {
+    allocated_bytes: u64,
+    reserved_bytes: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CoordinationDto {
+    /// Every connected worker answered this request's `getModelInfo`.
+    synchronized: bool,
+    last_sync: Option<String>,
+    socket: Option<String>,
+    workers: Vec<WorkerDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelsDto {
+    devices: Vec<DeviceModelsDto>,
+    coordination_status: CoordinationDto,
+}
+
+/// Resident set of a process, from `/proc/<pid>/status`.
+pub fn rss_bytes(proc_root: &std::path::Path, pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Measured bytes of `pid` per device: RSS for `cpu`, NVML's per-process figure for GPUs.
+fn process_bytes(proc_root: &std::path::Path, pid: u32, statuses: &[DeviceStatus]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for s in statuses {
+        let dev = s.device.to_string();
+        if s.gpu.is_none() {
+            if let Some(rss) = rss_bytes(proc_root, pid) {
+                out.insert(dev, rss);
+            }
+        } else if let Some(bytes) = s.processes.iter().find(|p| p.pid == pid).and_then(|p| p.used_bytes) {
+            out.insert(dev, bytes);
+        }
+    }
+    out
+}
+
+/// Every model held by every worker and attached client, per device, with each device's system
+/// status and, per worker, what the OS and NVML say it holds (`unattributedBytes` is the rest).
+#[utoipa::path(
+    get, path = "/api/memory/models", params(("deviceId" = Option<String>, Query, description = "only this device")),
+    responses(
+        (status = 200, body = ApiResponse<ModelsDto>),
+        (status = 503, description = "WORKER_UNAVAILABLE: no worker is ready, with the reason"),
+        (status = 504, description = "TIMEOUT: the workers did not answer in time")
+    )
+)]
+pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQuery>) -> ApiResult<ModelsDto> {
+    let device = q.device_id.as_deref().map(|d| state.service.resolve(d)).transpose()?;
+    let sup = &state.supervisor;
+    let results = sup.sync().await;
+    if results.is_empty() {
+        return Err(SupervisorError::Unavailable(sup.unavailable_reason()).into());
+    }
+    if results.iter().all(|(_, e)| e.is_some()) {
+        let timeout =
+            results.iter().find_map(|(_, e)| matches!(e, Some(SupervisorError::Timeout { .. })).then(|| e.clone()));
+        return Err(timeout.flatten().or_else(|| results[0].1.clone()).map(ApiError::from).unwrap_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "WORKER_UNAVAILABLE", sup.unavailable_reason())
+        }));
+    }
+    let statuses = match device {
+        Some(d) => vec![state.service.status(d)?],
+        None => state.service.status_all()?,
+    };
+    let all_statuses = if device.is_some() { state.service.status_all()? } else { statuses.clone() };
+    let slots = sup.slots();
+    // Per device: reported models (with owner), measured bytes of the processes holding them.
+    let mut workers = Vec::new();
+    let mut per_device_models: HashMap<String, Vec<LoadedModelDto>> = HashMap::new();
+    let mut per_device_measured: HashMap<String, u64> = HashMap::new();
+    let mut per_device_unmeasured: HashMap<String, bool> = HashMap::new();
+    for slot in &slots {
+        let (dto, models, measured) = worker_dto(slot, sup.proc_root(), &all_statuses);
+        for m in models {
+            per_device_models.entry(m.device_id.clone()).or_default().push(m);
+        }
+        for (dev, bytes) in measured {
+            match bytes {
+                Some(b) => *per_device_measured.entry(dev).or_default() += b,
+                None => {
+                    per_device_unmeasured.insert(dev, true);
+                }
+            }
+        }
+        workers.push(dto);
+    }
+    let devices = statuses
+        .iter()
+        .map(|s| {
+            let dev = s.device.to_string();
+            let mut loaded = per_device_models.remove(&dev).unwrap_or_default();
+            loaded.sort_by(|a, b| a.loaded_at.cmp(&b.loaded_at).then(a.model_id.cmp(&b.model_id)));
+            let total: u64 = loaded.iter().map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes)).sum();
+            let measured = if per_device_unmeasured.contains_key(&dev) {
+                None
+            } else {
+                Some(per_device_measured.get(&dev).copied().unwrap_or(0))
+            };
+            DeviceModelsDto {
+                device_id: dev,
+                system_memory: SystemMemoryDto {
+                    total_bytes: s.total_bytes,
+                    available_bytes: s.available_bytes,
+                    used_bytes: s.used_bytes,
+                    source: s.source.clone(),
+                },
+                model_memory: ModelMemoryDto {
+                    loaded_model_count: loaded.len(),
+                    loaded_models: loaded,
+                    total_model_memory: total,
+                    available_for_models: s.available_bytes.saturating_sub(s.reservation_bytes),
+                    process_bytes: measured,
+                    unattributed_bytes: measured.map(|m| m as i64 - total as i64),
+                },
+            }
+        })
+        .collect();
+    let synchronized = results.iter().all(|(_, e)| e.is_none());
+    Ok(Data(ModelsDto {
+        devices,
+        coordination_status: CoordinationDto {
+            synchronized,
+            last_sync: sup.last_sync().map(rfc3339),
+            socket: sup.socket_path().map(|p| p.display().to_string()),
+            workers,
+        },
+    }))
+}
+
+/// One worker's row, its models, and per device the measured bytes of its process (None where
+/// it holds models but no figure exists, e.g. NVML without per-process data in a container).
+type DeviceBytes = Vec<(String, Option<u64>)>;
+
+fn worker_dto(
+    slot: &Arc<Slot>,
+    proc_root: &std::path::Path,
+    statuses: &[DeviceStatus],
+) -> (WorkerDto, Vec<LoadedModelDto>, DeviceBytes) {
+    let st = slot.snapshot();
+    let conn = st.conn.clone().filter(|c| !c.is_closed());
+    let models = conn.as_ref().map(|c| c.model_list()).unwrap_or_default();
+    let pid = conn.as_ref().map(|c| c.pid).or(st.pid);
+    let mut model_bytes: BTreeMap<String, u64> = BTreeMap::new();
+    for m in &models {
+        if m.bytes_by_device.is_empty() {
+            *model_bytes.entry(m.device_id.clone()).or_default() += m.size_bytes;
+        } else {
+            for (d, b) in &m.bytes_by_device {
+                *model_bytes.entry(d.clone()).or_default() += b;
+            }
+        }
+    }
+    let mut dtos = Vec::new();
+    let mut device_bytes = Vec::new();
+    let mut measured = BTreeMap::new();
+    let mut unattributed = BTreeMap::new();
+    if let (Some(pid), Some(_)) = (pid, &conn) {
+        measured = process_bytes(proc_root, pid, statuses);
+        dtos = models.iter().map(|m| LoadedModelDto::new(m, &slot.id, pid)).collect();
+        for (dev, bytes) in &measured {
+            unattributed.insert(dev.clone(), *bytes as i64 - model_bytes.get(dev).copied().unwrap_or(0) as i64);
+            device_bytes.push((dev.clone(), Some(*bytes)));
+        }
+        for dev in model_bytes.keys().filter(|d| !measured.contains_key(*d)) {
+            device_bytes.push((dev.clone(), None));
+        }
+    }
+    let allocator = conn
+        .as_ref()
+        .map(|c| {
+            c.allocator_memory()
+                .into_iter()
+                .map(|(d, m)| {
+                    (d, AllocatorDto { allocated_bytes: m.allocated_bytes, reserved_bytes: m.reserved_bytes })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let dto = WorkerDto {
+        worker_id: slot.id.clone(),
+        role: if slot.role == Role::Client { "client".into() } else { "worker".into() },
+        state: st.state,
+        since: rfc3339(st.since),
+        pid,
+        last_error: st.last_error.clone(),
+        restarts: st.restarts,
+        devices: conn.as_ref().map(|c| c.devices.clone()).unwrap_or_default(),
+        frameworks: conn.as_ref().map(|c| c.frameworks.clone()).unwrap_or_default(),
+        model_count: models.len(),
+        model_bytes,
+        process_bytes: measured,
+        unattributed_bytes: unattributed,
+        allocator,
+    };
+    (dto, dtos, device_bytes)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBody {
+    /// Absolute path of a `.safetensors` file on this host.
+    path: String,
+    name: Option<String>,
+    /// `cpu` (default) or `cuda:N` (aliases accepted).
+    device_id: Option<String>,
+    /// 0 (first to go under pressure) … 100 (last); default 50.
+    priority: Option<u8>,
+    /// Never offloaded or unloaded by memwarden.
+    #[serde(default)]
+    pinned: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnloadedDto {
+    model_id: String,
+    worker_id: String,
+    device_id: String,
+    /// What the worker says it released.
+    freed_bytes: u64,
+    /// The worker process's measured bytes on the device before and after (RSS or NVML).
+    process_bytes_before: Option<u64>,
+    process_bytes_after: Option<u64>,
+}
+
+/// Loads a `.safetensors` model on the least loaded ready worker that serves the device.
+#[utoipa::path(
+    post, path = "/api/memory/models/load", request_body = LoadBody,
+    responses(
+        (status = 200, body = ApiResponse<LoadedModelDto>),
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "FILE_NOT_FOUND / DEVICE_NOT_FOUND"),
+        (status = 422, description = "LOAD_FAILED: not a valid safetensors file"),
+        (status = 503, description = "WORKER_UNAVAILABLE"), (status = 504, description = "TIMEOUT"),
+        (status = 507, description = "INSUFFICIENT_MEMORY")
+    )
+)]
+pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<LoadBody>) -> ApiResult<LoadedModelDto> {
+    if !std::path::Path::new(&body.path).is_absolute() {
+        return Err(ApiError::invalid(format!("path must be absolute, got {:?}", body.path)));
+    }
+    if body.priority.is_some_and(|p| p > 100) {
+        return Err(ApiError::invalid("priority must be 0-100"));
+    }
+    let device = state.service.resolve(body.device_id.as_deref().unwrap_or("cpu"))?;
+    let req = LoadModel {
+        path: body.path,
+        name: body.name,
+        device_id: device.to_string(),
+        priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
+        pinned: body.pinned,
+        model_id: None,
+    };
+    let (info, slot) = state.supervisor.load(req).await?;
+    let pid = slot.snapshot().pid.unwrap_or(0);
+    Ok(Data(LoadedModelDto::new(&info, &slot.id, pid)))
+}
+
+/// Unloads a model from the process that holds it (a worker, or a client through its callback).
+#[utoipa::path(
+    delete, path = "/api/memory/models/{modelId}", params(("modelId" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<UnloadedDto>), (status = 404, description = "MODEL_NOT_FOUND"),
+        (status = 409, description = "NOT_SUPPORTED: a client's pinned or callback-less model"),
+        (status = 503, description = "WORKER_UNAVAILABLE"), (status = 504, description = "TIMEOUT")
+    )
+)]
+pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<UnloadedDto> {
+    let (slot, info) = state.supervisor.find_model(&model_id).await?;
+    let pid = slot.snapshot().pid;
+    let measure = |state: &AppState| -> Option<u64> {
+        let pid = pid?;
+        let dev = state.service.resolve(&info.device_id).ok()?;
+        let status = blocking(|| state.service.status(dev)).ok()?;
+        process_bytes(state.supervisor.proc_root(), pid, std::slice::from_ref(&status)).remove(&info.device_id)
+    };
+    let before = measure(&state);
+    let (released, slot, info) = state.supervisor.unload(&model_id).await?;
+    let after = measure(&state);
+    Ok(Data(UnloadedDto {
+        model_id,
+        worker_id: slot.id.clone(),
+        device_id: info.device_id,
+        freed_bytes: released.freed_bytes,
+        process_bytes_before: before,
+        process_bytes_after: after,
+    }))
+}

@@ -1,0 +1,259 @@
+//! One live protocol connection (a worker's stdio or a client's socket): requests out, replies
+//! matched to them by id, notifications applied to the connection's model list.
+
+use futures_util::StreamExt;
+use memwarden_protocol::{
+    codes, decode, encode, Action, Event, Hello, MemoryReport, Message, ModelInfo, ModelUnloaded, Released, Reply,
+    Request, Role, MAX_LINE_BYTES,
+};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Lines of at most `MAX_LINE_BYTES`, not required to be UTF-8 (a bad line is answered, not
+/// fatal); tokio-util's `LinesCodec` would end the stream on invalid UTF-8.
+pub type LineReader<R> = FramedRead<R, AnyDelimiterCodec>;
+
+pub fn line_reader<R: AsyncRead>(r: R) -> LineReader<R> {
+    FramedRead::new(r, AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE_BYTES))
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallError {
+    Timeout,
+    /// The connection closed before the reply came.
+    Closed,
+    Io(String),
+}
+
+pub struct Conn {
+    pub worker_id: String,
+    pub role: Role,
+    pub pid: u32,
+    pub devices: Vec<String>,
+    pub frameworks: BTreeMap<String, Option<String>>,
+    pub connected_at: OffsetDateTime,
+    writer: tokio::sync::Mutex<Writer>,
+    pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    /// The models this peer holds, as it last reported them.
+    pub models: Mutex<BTreeMap<String, ModelInfo>>,
+    /// The peer's last `memory` figures (torch allocated/reserved per device).
+    pub memory: Mutex<MemoryReport>,
+}
+
+impl Conn {
+    pub fn new(hello: Hello, pid: u32, writer: Writer) -> Conn {
+        Conn {
+            worker_id: hello.worker_id,
+            role: hello.role,
+            pid,
+            devices: hello.devices,
+            frameworks: hello.frameworks,
+            connected_at: OffsetDateTime::now_utc(),
+            writer: tokio::sync::Mutex::new(writer),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            models: Mutex::new(BTreeMap::new()),
+            memory: Mutex::new(MemoryReport::default()),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub async fn send(&self, message: &Message) -> std::io::Result<()> {
+        let mut line = encode(message);
+        line.push('\n');
+        let mut w = self.writer.lock().await;
+        w.write_all(line.as_bytes()).await?;
+        w.flush().await
+    }
+
+    /// One request, one reply (no retry: the supervisor decides that).
+    pub async fn call(&self, action: Action, data: Value, timeout: Duration) -> Result<Reply, CallError> {
+        if self.is_closed() {
+            return Err(CallError::Closed);
+        }
+        let id = format!("d{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id.clone(), tx);
+        let request = Message::Request(Request { request_id: id.clone(), action, data });
+        let result = tokio::time::timeout(timeout, async {
+            self.send(&request).await.map_err(|e| CallError::Io(e.to_string()))?;
+            rx.await.map_err(|_| CallError::Closed)
+        })
+        .await;
+        lock(&self.pending).remove(&id);
+        match result {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    fn on_reply(&self, reply: Reply) {
+        match lock(&self.pending).remove(&reply.request_id) {
+            Some(tx) => {
+                let _ = tx.send(reply);
+            }
+            // A reply after its timeout: the caller has given up already.
+            None => tracing::debug!(worker = %self.worker_id, id = %reply.request_id, "reply to no pending request"),
+        }
+    }
+
+    /// Marks the connection closed; every pending call fails with `Closed`.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        lock(&self.pending).clear();
+    }
+
+    fn apply_notification(&self, event: Event, data: &Value) {
+        match event {
+            Event::ModelLoaded => match serde_json::from_value::<ModelInfo>(data.clone()) {
+                Ok(m) if m.validate().is_ok() => {
+                    lock(&self.models).insert(m.model_id.clone(), m);
+                }
+                Ok(m) => tracing::warn!(worker = %self.worker_id, "modelLoaded refused: {:?}", m.validate()),
+                Err(e) => tracing::warn!(worker = %self.worker_id, "modelLoaded refused: {e}"),
+            },
+            Event::ModelUnloaded => match serde_json::from_value::<ModelUnloaded>(data.clone()) {
+                Ok(u) => {
+                    lock(&self.models).remove(&u.model_id);
+                }
+                Err(e) => tracing::warn!(worker = %self.worker_id, "modelUnloaded refused: {e}"),
+            },
+            Event::MemoryReport => match serde_json::from_value::<MemoryReport>(data.clone()) {
+                Ok(r) => self.apply_report(r),
+                Err(e) => tracing::warn!(worker = %self.worker_id, "memoryReport refused: {e}"),
+            },
+        }
+    }
+
+    /// Replaces the model list with a full report.
+    pub fn apply_report(&self, report: MemoryReport) {
+        let models = report.models.iter().filter(|m| m.validate().is_ok()).map(|m| (m.model_id.clone(), m.clone()));
+        *lock(&self.models) = models.collect();
+        *lock(&self.memory) = MemoryReport { models: Vec::new(), ..report };
+    }
+
+    /// Keeps the model list in step with a successful reply.
+    pub fn apply_reply(&self, action: Action, request: &Value, reply: &Reply) {
+        if !reply.success {
+            return;
+        }
+        match action {
+            Action::GetModelInfo if request.get("deviceId").is_none_or(Value::is_null) => {
+                if let Ok(r) = reply.data_as::<MemoryReport>() {
+                    self.apply_report(r);
+                }
+            }
+            Action::LoadModel => {
+                if let Ok(m) = reply.data_as::<ModelInfo>() {
+                    lock(&self.models).insert(m.model_id.clone(), m);
+                }
+            }
+            Action::UnloadModel => {
+                if let Some(id) = request.get("modelId").and_then(Value::as_str) {
+                    lock(&self.models).remove(id);
+                }
+            }
+            Action::OffloadModel | Action::OptimizeMemory | Action::TrimCache => {
+                if let Ok(r) = reply.data_as::<Released>() {
+                    let mut models = lock(&self.models);
+                    for a in &r.actions {
+                        if let Some(id) = a.strip_prefix("unload:") {
+                            models.remove(id);
+                        }
+                    }
+                    if let Some(m) = r.model {
+                        models.insert(m.model_id.clone(), m);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The peer's own allocator figures per device, from its last report.
+    pub fn allocator_memory(&self) -> BTreeMap<String, memwarden_protocol::DeviceMemory> {
+        lock(&self.memory).memory.clone()
+    }
+
+    pub fn model_list(&self) -> Vec<ModelInfo> {
+        lock(&self.models).values().cloned().collect()
+    }
+}
+
+/// Reads the first line, which must be a `hello`.
+pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut LineReader<R>) -> Result<Hello, String> {
+    loop {
+        match reader.next().await {
+            None => return Err("closed before its hello".into()),
+            Some(Err(e)) => return Err(format!("reading its hello: {e}")),
+            Some(Ok(bytes)) => {
+                let line = String::from_utf8_lossy(&bytes);
+                if line.trim().is_empty() {
+                    continue;
+                }
+                return match decode(line.trim_end()) {
+                    Ok(Message::Hello(h)) => {
+                        memwarden_protocol::check_hello(&h).map_err(|e| format!("hello refused: {e}"))?;
+                        Ok(h)
+                    }
+                    Ok(other) => Err(format!("first line was not a hello: {}", encode(&other))),
+                    Err(e) => Err(format!("first line was not a hello: {e}")),
+                };
+            }
+        }
+    }
+}
+
+/// Serves the connection's input until it ends; returns why it ended.
+pub async fn read_loop<R: AsyncRead + Unpin>(conn: &Conn, reader: &mut LineReader<R>) -> String {
+    while let Some(item) = reader.next().await {
+        let bytes = match item {
+            Ok(b) => b,
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
+                tracing::warn!(worker = %conn.worker_id, "dropped a line longer than {MAX_LINE_BYTES} bytes");
+                continue;
+            }
+            Err(AnyDelimiterCodecError::Io(e)) => return format!("read error: {e}"),
+        };
+        let line = String::from_utf8_lossy(&bytes);
+        if line.trim().is_empty() {
+            continue;
+        }
+        match decode(line.trim_end()) {
+            Ok(Message::Reply(r)) => conn.on_reply(r),
+            Ok(Message::Notification(n)) => conn.apply_notification(n.event, &n.data),
+            Ok(Message::Request(r)) => {
+                let reply =
+                    Reply::err(r.request_id, codes::NOT_SUPPORTED, "the daemon takes no requests in protocol 1");
+                let _ = conn.send(&Message::Reply(reply)).await;
+            }
+            Ok(Message::Hello(_)) => tracing::warn!(worker = %conn.worker_id, "ignored a second hello"),
+            Err(e) => {
+                tracing::warn!(worker = %conn.worker_id, "bad line: {e}");
+                if let Some(reply) = e.reply() {
+                    let _ = conn.send(&Message::Reply(reply)).await;
+                }
+            }
+        }
+    }
+    "closed its output".into()
+}

@@ -1,0 +1,78 @@
+//! The `memwarden` Python package, embedded in the binary so `memwarden serve` starts workers on
+//! a fresh checkout or a bare host with no install step, always the version this daemon speaks.
+
+use std::path::{Path, PathBuf};
+
+const FILES: &[(&str, &str)] = &[
+    ("__init__.py", include_str!("../../../../python/memwarden/__init__.py")),
+    ("__main__.py", include_str!("../../../../python/memwarden/__main__.py")),
+    ("protocol.py", include_str!("../../../../python/memwarden/protocol.py")),
+    ("safetensors_io.py", include_str!("../../../../python/memwarden/safetensors_io.py")),
+    ("models.py", include_str!("../../../../python/memwarden/models.py")),
+    ("endpoint.py", include_str!("../../../../python/memwarden/endpoint.py")),
+    ("worker.py", include_str!("../../../../python/memwarden/worker.py")),
+    ("client.py", include_str!("../../../../python/memwarden/client.py")),
+];
+
+/// The embedded package written under `dir/memwarden/`; `dir` goes on `PYTHONPATH`.
+pub struct Extracted {
+    pub dir: PathBuf,
+}
+
+impl Extracted {
+    /// Writes into a fresh directory private to this user and process (removed on drop).
+    pub fn write(runtime_dir: &Path) -> std::io::Result<Extracted> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = runtime_dir.join(format!("memwarden-python-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir.join("memwarden"))?;
+        for (name, text) in FILES {
+            std::fs::write(dir.join("memwarden").join(name), text)?;
+        }
+        Ok(Extracted { dir })
+    }
+}
+
+impl Drop for Extracted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `$XDG_RUNTIME_DIR` when set, else `/tmp/memwarden-<uid>` (created 0700).
+pub fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(0);
+    PathBuf::from(format!("/tmp/memwarden-{uid}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_package_is_complete_and_written_privately() {
+        let root = std::env::temp_dir().join(format!("mw-embed-test-{}", std::process::id()));
+        let x = Extracted::write(&root).expect("write");
+        let on_disk: std::collections::BTreeSet<String> =
+            std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python/memwarden"))
+                .expect("python/memwarden")
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".py"))
+                .collect();
+        let embedded: std::collections::BTreeSet<String> = FILES.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(embedded, on_disk, "every module of python/memwarden must be embedded");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&x.dir).expect("dir").permissions());
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(x.dir.join("memwarden/worker.py").is_file());
+        let dir = x.dir.clone();
+        drop(x);
+        assert!(!dir.exists(), "removed on drop");
+        let _ = std::fs::remove_dir_all(root);
+    }
+}

@@ -1,0 +1,116 @@
+//! Attached clients: inference processes that connect to the daemon's Unix socket with
+//! `memwarden.client` and speak the same protocol. A client's slot lives as long as its
+//! connection; its pid comes from the kernel (SO_PEERCRED), not from its hello.
+
+use super::conn::{line_reader, lock, read_hello, read_loop, Conn};
+use super::{python, Slot, Supervisor, WorkerState};
+use memwarden_protocol::Role;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+
+fn socket_path(configured: &str) -> Option<PathBuf> {
+    match configured {
+        "none" => None,
+        "" => Some(python::runtime_dir().join("memwarden.sock")),
+        p => Some(PathBuf::from(p)),
+    }
+}
+
+pub(super) async fn start(sup: &Arc<Supervisor>) -> Result<(), String> {
+    let Some(path) = socket_path(&sup.config().socket) else { return Ok(()) };
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+    }
+    if path.exists() {
+        // A socket nobody answers on is left over from a daemon that died: replace it. One that
+        // answers belongs to a running daemon: leave it alone.
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(format!("{} is in use by another daemon", path.display()));
+        }
+        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Only this user may attach (the protocol can unload models).
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::info!(socket = %path.display(), "accepting attached clients");
+    *lock(&sup.socket_path) = Some(path);
+    let sup = sup.clone();
+    tokio::spawn(async move {
+        let stop = sup.stopping();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let sup = sup.clone();
+                        tokio::spawn(async move { serve_client(sup, stream).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept on the client socket failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = super::stopped(stop.clone()) => break,
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
+    let pid = stream.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
+    let (read, write) = stream.into_split();
+    let mut reader = line_reader(read);
+    let timeout = Duration::from_millis(sup.config().start_timeout_ms);
+    let hello = match tokio::time::timeout(timeout, read_hello(&mut reader)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::warn!(?pid, "client refused: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(?pid, "client sent no hello within {} ms", timeout.as_millis());
+            return;
+        }
+    };
+    // Ids are unique among slots: a second client with the same name gets a suffix.
+    let mut id = hello.worker_id.clone();
+    let taken: Vec<String> = sup.slots().iter().map(|s| s.id.clone()).collect();
+    let mut n = 2;
+    while taken.contains(&id) {
+        id = format!("{}#{n}", hello.worker_id);
+        n += 1;
+    }
+    let pid = pid.unwrap_or(hello.pid);
+    let mut conn = Conn::new(hello, pid, Box::new(write));
+    conn.worker_id = id.clone();
+    conn.role = Role::Client;
+    let conn = Arc::new(conn);
+    let slot = Arc::new(Slot::new(id.clone(), Role::Client, None));
+    {
+        let mut s = lock(&slot.state);
+        s.conn = Some(conn.clone());
+        s.pid = Some(pid);
+    }
+    slot.set_state(WorkerState::Ready);
+    sup.add_slot(slot.clone());
+    tracing::info!(client = %id, pid, "client attached");
+    let stop = sup.stopping();
+    let reason = tokio::select! {
+        r = read_loop(&conn, &mut reader) => r,
+        _ = super::stopped(stop.clone()) => "daemon stopping".into(),
+    };
+    conn.close();
+    sup.remove_slot(&slot);
+    tracing::info!(client = %id, pid, "client detached: {reason}");
+}
