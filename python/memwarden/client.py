@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import re
 import socket
 import threading
 import time
@@ -139,7 +140,9 @@ class Client:
         """Tells the daemon this process holds `model` on `device`; returns its model id."""
         if not 0 <= priority <= 100:
             raise ValueError("priority must be 0-100")
-        reg = Registration(f"{self.name}/{name}#{next(self._ids)}", name, model, device, priority, pinned, on_release)
+        # Ids go into URLs (DELETE /api/memory/models/{id}): letters, digits, '.', '_', '-' only.
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.name}.{name}")
+        reg = Registration(f"{safe}-{next(self._ids)}", name, model, device, priority, pinned, on_release)
         with self._lock:
             self._models[reg.model_id] = reg
         self._endpoint.send(P.notification("modelLoaded", reg.info()))

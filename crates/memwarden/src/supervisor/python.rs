@@ -23,7 +23,10 @@ impl Extracted {
     /// Writes into a fresh directory private to this user and process (removed on drop).
     pub fn write(runtime_dir: &Path) -> std::io::Result<Extracted> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = runtime_dir.join(format!("memwarden-python-{}", std::process::id()));
+        // One directory per supervisor (tests run several daemons in one process).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = runtime_dir.join(format!("memwarden-python-{}-{n}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }

