@@ -65,18 +65,6 @@ fn rss(pid: u64) -> u64 {
     kib * 1024
 }
 
-fn worker(s: &TestServer, id: &str) -> Value {
-    let (code, body) = s.call("GET", "/api/memory/models", None);
-    assert_eq!(code, 200, "{body}");
-    body["data"]["coordinationStatus"]["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .find(|w| w["workerId"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("no worker {id}: {body}"))
-}
-
 /// Waits until `GET /api/memory/models` answers 200 with `id` ready.
 fn wait_ready(s: &TestServer, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -194,6 +194,11 @@ impl Supervisor {
         lock(&self.slots).clone()
     }
 
+    /// Where the embedded `memwarden` package was written (on workers' `PYTHONPATH`).
+    pub fn python_dir(&self) -> Option<PathBuf> {
+        lock(&self.python).as_ref().map(|x| x.dir.clone())
+    }
+
     pub fn socket_path(&self) -> Option<PathBuf> {
         lock(&self.socket_path).clone()
     }
