@@ -13,6 +13,7 @@ A model's size is the sum of its tensors' bytes. Unloading drops every reference
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import importlib.util
@@ -114,6 +115,9 @@ class Model:
         self.size_bytes = 0
         self.backend = "bytes"
         self.holder: Any = None  # mmap (bytes) or {name: array/tensor}
+        # torch on a GPU: the model's own caching-allocator pool (torch.cuda.MemPool), so its
+        # segments are not shared with other models' tensors and unloading returns all of them.
+        self.pool: Any = None
 
     def info(self) -> Dict[str, Any]:
         return {
@@ -139,6 +143,8 @@ class Model:
         elif isinstance(holder, dict):
             holder.clear()
         del holder
+        gc.collect()
+        self.pool = None  # after the tensors: a pool is freed once nothing in it is alive
 
 
 class ModelStore:
@@ -229,7 +235,7 @@ class ModelStore:
                 m.holder = self._load_numpy(path, header)
                 m.size_bytes = sum(int(a.nbytes) for a in m.holder.values())
             else:
-                m.holder = self._load_torch(path, header, device_id)
+                m.holder, m.pool = self._load_torch(path, header, device_id)
                 m.size_bytes = sum(t.numel() * t.element_size() for t in m.holder.values())
         except st.SafetensorsError as e:
             raise WorkerError(P.LOAD_FAILED, str(e)) from None
@@ -268,8 +274,23 @@ class ModelStore:
         return out
 
     @staticmethod
-    def _load_torch(path: str, header: st.Header, device_id: str) -> Dict[str, Any]:
+    def _load_torch(path: str, header: st.Header, device_id: str):
+        """Returns (tensors, pool). On a GPU the tensors are allocated in a private
+        ``torch.cuda.MemPool`` when this torch has one (2.6+): PyTorch's caching allocator
+        otherwise packs tensors of different models into shared 20 MiB segments, and unloading
+        one model would return only the segments no other model touches."""
         torch = _torch()
+        pool = None
+        ctx = contextlib.nullcontext()
+        if device_id.startswith("cuda") and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
+            pool = torch.cuda.MemPool()
+            ctx = torch.cuda.use_mem_pool(pool, device=device_id)
+        with ctx:
+            tensors = ModelStore._load_torch_tensors(torch, path, header, device_id)
+        return tensors, pool
+
+    @staticmethod
+    def _load_torch_tensors(torch: Any, path: str, header: st.Header, device_id: str) -> Dict[str, Any]:
         if has_module("safetensors"):
             from safetensors.torch import load_file
 
@@ -324,6 +345,8 @@ class ModelStore:
             raise WorkerError(P.NOT_SUPPORTED, f"model {model_id} ({m.backend}) cannot move")
         source = m.device_id
         m.holder = {k: v.to("cpu") for k, v in m.holder.items()}
+        gc.collect()
+        m.pool = None
         m.device_id = "cpu"
         m.last_access = datetime.now(timezone.utc)
         self._after_release(source)

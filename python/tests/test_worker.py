@@ -154,3 +154,29 @@ def test_end_of_input_ends_the_worker():
     finally:
         w.p.stdin = open("/dev/null", "wb")
         w.close()
+
+
+def test_torch_reader_path_gives_the_same_tensors_as_the_file(model_factory):
+    """The torch backend without the `safetensors` package (torch.frombuffer over memwarden's
+    reader). Runs where torch is installed (the GPU machine's job runs it on cuda:0 too)."""
+    torch = pytest.importorskip("torch")
+    from memwarden import models as M
+    from memwarden import safetensors_io as st
+
+    path, size = model_factory("t", mib=3)
+    real_has = M.has_module
+    M.has_module = lambda n: n == "torch"
+    try:
+        store = M.ModelStore("torch")
+        m = store.load(str(path), device_id="cpu")
+    finally:
+        M.has_module = real_has
+    assert m.size_bytes == size and m.backend == "torch"
+    h = st.read_header(str(path))
+    buf = st.read_data(str(path), h)
+    try:
+        for t in h.tensors:
+            assert m.holder[t.name].view(torch.uint8).reshape(-1).numpy().tobytes() == bytes(buf[t.begin:t.end])
+    finally:
+        buf.close()
+    assert store.unload(m.model_id)["freedBytes"] == size

@@ -87,12 +87,13 @@ fn torch_worker_reports_match_torch_and_nvml_on_cuda0() {
         total += size;
         ids.push((body["data"]["modelId"].as_str().expect("id").to_string(), size));
         let after = worker_row(&s);
-        // torch.cuda.memory_allocated grew by the model's bytes (each tensor rounded up to 512 B).
+        // torch.cuda.memory_allocated grew by the model's bytes (each tensor rounded up to 512 B;
+        // the first CUDA use also allocates about 1 MiB of torch's own state).
         let alloc_delta = after["allocator"]["cuda:0"]["allocatedBytes"].as_i64().expect("torch allocated")
             - before["allocator"]["cuda:0"]["allocatedBytes"].as_i64().unwrap_or(0);
         let tensors = m["tensors"].as_i64().expect("tensors");
         assert!(
-            alloc_delta >= size && alloc_delta <= size + tensors * 512,
+            alloc_delta >= size && alloc_delta <= size + tensors * 512 + 2 * MIB,
             "allocated grew {alloc_delta}, model {size}"
         );
         // NVML's per-process figure covers every model, plus the context and the cache.
