@@ -100,6 +100,16 @@ def cuda_devices() -> List[str]:
         return []
 
 
+def pool_reserved_bytes(pool: Any) -> Optional[int]:
+    """Bytes of the segments a torch.cuda.MemPool holds (what unloading returns to the driver)."""
+    if pool is None or not hasattr(pool, "snapshot"):
+        return None
+    try:
+        return int(sum(seg["total_size"] for seg in pool.snapshot()))
+    except Exception:
+        return None
+
+
 class Model:
     def __init__(self, model_id: str, name: str, path: Optional[str], device_id: str, priority: int, pinned: bool):
         self.model_id = model_id
@@ -118,6 +128,7 @@ class Model:
         # torch on a GPU: the model's own caching-allocator pool (torch.cuda.MemPool), so its
         # segments are not shared with other models' tensors and unloading returns all of them.
         self.pool: Any = None
+        self.reserved_bytes: Optional[int] = None  # that pool's segments, when there is one
 
     def info(self) -> Dict[str, Any]:
         return {
@@ -134,6 +145,7 @@ class Model:
             "path": self.path,
             "tensorCount": self.tensor_count,
             "backend": self.backend,
+            "reservedBytes": self.reserved_bytes,
         }
 
     def release(self) -> None:
@@ -237,6 +249,7 @@ class ModelStore:
             else:
                 m.holder, m.pool = self._load_torch(path, header, device_id)
                 m.size_bytes = sum(t.numel() * t.element_size() for t in m.holder.values())
+                m.reserved_bytes = pool_reserved_bytes(m.pool)
         except st.SafetensorsError as e:
             raise WorkerError(P.LOAD_FAILED, str(e)) from None
         except MemoryError as e:
@@ -347,6 +360,7 @@ class ModelStore:
         m.holder = {k: v.to("cpu") for k, v in m.holder.items()}
         gc.collect()
         m.pool = None
+        m.reserved_bytes = None
         m.device_id = "cpu"
         m.last_access = datetime.now(timezone.utc)
         self._after_release(source)

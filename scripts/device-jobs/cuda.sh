@@ -3,7 +3,7 @@
 #   bash device-run/jobs/cuda.sh [multi]     # "multi": the 2-GPU run (peer tests and copies)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -d bin ] || tar -xJf bin.tar.xz
+rm -rf bin && tar -xJf bin.tar.xz  # always the carried binaries, never a warm machine's old ones
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1
 mode=${1:-single}

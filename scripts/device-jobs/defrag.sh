@@ -4,7 +4,7 @@
 # baseline in the same job.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -d bin ] || tar -xJf bin.tar.xz
+rm -rf bin && tar -xJf bin.tar.xz  # always the carried binaries, never a warm machine's old ones
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1
 {

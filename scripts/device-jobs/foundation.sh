@@ -3,7 +3,7 @@
 # allocate+free pair on the same host, plus the host status against `free -b`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -d bin ] || tar -xJf bin.tar.xz
+rm -rf bin && tar -xJf bin.tar.xz  # always the carried binaries, never a warm machine's old ones
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
   echo "== machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; uname -r

@@ -3,7 +3,7 @@
 # off, on (default intervals), and on without CUDA; then the Rust-API allocation pair again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -d bin ] || tar -xJf bin.tar.xz
+rm -rf bin && tar -xJf bin.tar.xz  # always the carried binaries, never a warm machine's old ones
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
   nvidia-smi --query-gpu=name --format=csv,noheader

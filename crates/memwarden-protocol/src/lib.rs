@@ -276,6 +276,10 @@ pub struct ModelInfo {
     /// How the tensors are held: `bytes` (pure Python), `numpy`, `torch`, or the client's own.
     #[serde(default)]
     pub backend: Option<String>,
+    /// Bytes of the model's own allocator pool (torch on a GPU: its `MemPool`'s segments, the
+    /// tensors plus the caching allocator's rounding): what unloading gives back to the driver.
+    #[serde(default)]
+    pub reserved_bytes: Option<u64>,
 }
 
 pub const DEFAULT_PRIORITY: u8 = 50;

@@ -148,6 +148,7 @@ fn model_info_validate_catches_inconsistent_sizes() {
         path: None,
         tensor_count: 1,
         backend: None,
+        reserved_bytes: None,
     };
     assert_eq!(m.validate(), Ok(()));
     m.size_bytes = 11;

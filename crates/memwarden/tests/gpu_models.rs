@@ -84,8 +84,12 @@ fn torch_worker_reports_match_torch_and_nvml_on_cuda0() {
         assert_eq!(size, m["bytes"].as_i64().expect("bytes"), "reported bytes = the file's tensor bytes");
         assert_eq!(body["data"]["backend"], "torch");
         assert_eq!(body["data"]["deviceId"], "cuda:0");
+        // Its own MemPool: at least the tensors, plus the allocator's rounding (small tensors
+        // share 2 MiB segments, large ones are rounded to 2 MiB / 20 MiB segments).
+        let reserved = body["data"]["reservedBytes"].as_i64().expect("reservedBytes of a torch GPU model");
+        assert!(reserved >= size && reserved <= size + size / 5 + 64 * MIB, "reserved {reserved}, model {size}");
         total += size;
-        ids.push((body["data"]["modelId"].as_str().expect("id").to_string(), size));
+        ids.push((body["data"]["modelId"].as_str().expect("id").to_string(), size, reserved));
         let after = worker_row(&s);
         // torch.cuda.memory_allocated grew by the model's bytes (each tensor rounded up to 512 B;
         // the first CUDA use also allocates about 1 MiB of torch's own state).
@@ -102,9 +106,10 @@ fn torch_worker_reports_match_torch_and_nvml_on_cuda0() {
         assert_eq!(nvml - total, unattributed);
         assert!(nvml >= total && unattributed < 2048 * MIB, "NVML {nvml}, models {total}");
         println!(
-            "{}: {} MiB in {:.0} ms ({} tensors; {}); torch allocated +{} MiB; NVML process {} MiB; unattributed {} MiB",
+            "{}: {} MiB (pool {} MiB) in {:.0} ms ({} tensors; {}); torch allocated +{} MiB; NVML process {} MiB; unattributed {} MiB",
             m["name"].as_str().unwrap_or(""),
             size / MIB,
+            reserved / MIB,
             t0.elapsed().as_secs_f64() * 1e3,
             tensors,
             m["source"].as_str().unwrap_or(""),
@@ -118,14 +123,21 @@ fn torch_worker_reports_match_torch_and_nvml_on_cuda0() {
     assert_eq!(mm["totalModelMemory"].as_i64(), Some(total), "{listing}");
     assert_eq!(mm["loadedModelCount"].as_u64(), Some(models.len() as u64));
     // Unloading gives the bytes back to the driver (the worker empties torch's cache).
-    for (id, size) in ids {
+    for (id, size, reserved) in ids {
         let (code, body) = s.call("DELETE", &format!("/api/memory/models/{id}"), None);
         assert_eq!(code, 200, "{body}");
         let before = body["data"]["processBytesBefore"].as_i64().expect("before");
         let after = body["data"]["processBytesAfter"].as_i64().expect("after");
         let dropped = before - after;
-        assert!((dropped - size).abs() <= size / 20 + 32 * MIB, "NVML dropped {dropped}, model {size}");
-        println!("unload {id}: NVML process {} → {} MiB (model {} MiB)", before / MIB, after / MIB, size / MIB);
+        // Exactly the model's pool comes back (NVML counts whole 2 MiB pages).
+        assert!((dropped - reserved).abs() <= 4 * MIB, "NVML dropped {dropped}, pool {reserved}, model {size}");
+        println!(
+            "unload {id}: NVML process {} → {} MiB (model {} MiB, its pool {} MiB)",
+            before / MIB,
+            after / MIB,
+            size / MIB,
+            reserved / MIB
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -61,6 +61,8 @@ pub struct LoadedModelDto {
     pinned: bool,
     path: Option<String>,
     backend: Option<String>,
+    /// The model's own allocator pool (torch on a GPU), when it has one.
+    reserved_bytes: Option<u64>,
 }
 
 impl LoadedModelDto {
@@ -80,6 +82,7 @@ impl LoadedModelDto {
             pinned: m.pinned,
             path: m.path.clone(),
             backend: m.backend.clone(),
+            reserved_bytes: m.reserved_bytes,
         }
     }
 }
