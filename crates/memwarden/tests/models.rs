@@ -24,7 +24,7 @@ fn write_model(dir: &Path, name: &str, mib: u64) -> (PathBuf, u64) {
         );
     }
     let mut h = Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
