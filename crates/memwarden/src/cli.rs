@@ -351,6 +351,138 @@ pub fn block_bar(size_bytes: u64, ranges: &[Value]) -> String {
 }
 
 /// Draws every pool block of every device (or one) as a bar of used and free ranges.
+/// `memwarden models`: per device the loaded models, then every worker with its state.
+pub fn models(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
+    let path = match device {
+        Some(d) => format!("/api/memory/models?deviceId={}", path_segment(d)),
+        None => "/api/memory/models".to_string(),
+    };
+    let data = client.call("GET", &path, None)?;
+    if as_json {
+        return Ok(pretty(&data));
+    }
+    let mut out = String::new();
+    for d in data["devices"].as_array().into_iter().flatten() {
+        let m = &d["modelMemory"];
+        let measured = match m["processBytes"].as_u64() {
+            Some(p) => format!(
+                ", processes hold {} ({} unattributed)",
+                format_bytes(p),
+                signed_bytes(m["unattributedBytes"].as_i64().unwrap_or(0))
+            ),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{}: {} model(s), {} reported{}; {} available for models of {}",
+            s(&d["deviceId"]),
+            u(&m["loadedModelCount"]),
+            format_bytes(u(&m["totalModelMemory"])),
+            measured,
+            format_bytes(u(&m["availableForModels"])),
+            format_bytes(u(&d["systemMemory"]["totalBytes"])),
+        );
+        let rows: Vec<Vec<String>> = m["loadedModels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| {
+                vec![
+                    s(&x["modelId"]).to_string(),
+                    s(&x["modelName"]).to_string(),
+                    format_bytes(u(&x["sizeBytes"])),
+                    u(&x["priority"]).to_string(),
+                    if x["pinned"] == true { "yes".into() } else { "no".into() },
+                    format!("{} ({})", s(&x["workerId"]), u(&x["pid"])),
+                    s(&x["lastAccess"]).to_string(),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            out.push_str(&indent(&table(
+                &["MODEL", "NAME", "SIZE", "PRIORITY", "PINNED", "WORKER (PID)", "LAST USE"],
+                &rows,
+            )));
+        }
+    }
+    let c = &data["coordinationStatus"];
+    let _ = writeln!(
+        out,
+        "workers ({}synchronized, socket {}):",
+        if c["synchronized"] == true { "" } else { "not " },
+        s(&c["socket"])
+    );
+    let rows: Vec<Vec<String>> = c["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            vec![
+                s(&w["workerId"]).to_string(),
+                s(&w["role"]).to_string(),
+                s(&w["state"]).to_string(),
+                w["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                u(&w["modelCount"]).to_string(),
+                u(&w["restarts"]).to_string(),
+                w["lastError"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&indent(&table(&["WORKER", "ROLE", "STATE", "PID", "MODELS", "RESTARTS", "LAST ERROR"], &rows)));
+    Ok(out)
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn signed_bytes(n: i64) -> String {
+    if n < 0 {
+        format!("-{}", format_bytes(n.unsigned_abs()))
+    } else {
+        format_bytes(n as u64)
+    }
+}
+
+/// `memwarden load PATH`.
+pub fn load(client: &Client, body: Value, as_json: bool) -> Result<String, CliError> {
+    let m = client.call("POST", "/api/memory/models/load", Some(body))?;
+    if as_json {
+        return Ok(pretty(&m));
+    }
+    Ok(format!(
+        "loaded {} ({}) on {}: {} in {:.0} ms, worker {} (pid {})\n",
+        s(&m["modelId"]),
+        s(&m["modelName"]),
+        s(&m["deviceId"]),
+        format_bytes(u(&m["sizeBytes"])),
+        m["loadTimeMs"].as_f64().unwrap_or(0.0),
+        s(&m["workerId"]),
+        u(&m["pid"]),
+    ))
+}
+
+/// `memwarden unload ID`.
+pub fn unload(client: &Client, id: &str, as_json: bool) -> Result<String, CliError> {
+    let r = client.call("DELETE", &format!("/api/memory/models/{}", path_segment(id)), None)?;
+    if as_json {
+        return Ok(pretty(&r));
+    }
+    let measured = match (r["processBytesBefore"].as_u64(), r["processBytesAfter"].as_u64()) {
+        (Some(b), Some(a)) => {
+            format!("; its process went from {} to {}", format_bytes(b), format_bytes(a))
+        }
+        _ => String::new(),
+    };
+    Ok(format!(
+        "unloaded {} from {} on {}: {} released (claimed){measured}\n",
+        s(&r["modelId"]),
+        s(&r["workerId"]),
+        s(&r["deviceId"]),
+        format_bytes(u(&r["freedBytes"])),
+    ))
+}
+
 pub fn pools(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
     let data = one_or_all(client, "GET", "/api/memory/pools", None, device, None)?;
     if as_json {

@@ -72,6 +72,25 @@ enum Command {
     },
     /// Draw every pool block as a bar of used (#) and free (.) ranges.
     Pools { device: Option<String> },
+    /// Models per device (with what their processes measurably hold), and the workers' states.
+    Models { device: Option<String> },
+    /// Load a .safetensors model on a worker: `load /models/unet.safetensors --device cuda:0`.
+    Load {
+        /// Absolute path (relative paths are made absolute here).
+        path: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// 0 (first to go under pressure) … 100 (last); default 50.
+        #[arg(long)]
+        priority: Option<u8>,
+        /// Never offloaded or unloaded by memwarden.
+        #[arg(long)]
+        pinned: bool,
+    },
+    /// Unload a model by id.
+    Unload { id: String },
     /// Memory pressure of every device (or one).
     Pressure {
         device: Option<String>,
@@ -133,6 +152,15 @@ fn main() -> ExitCode {
         Command::Clear { device } => cli::clear(&client, device.as_deref(), json),
         Command::Defrag { device, strategy } => cli::defrag(&client, device.as_deref(), strategy.as_deref(), json),
         Command::Pools { device } => cli::pools(&client, device.as_deref(), json),
+        Command::Models { device } => cli::models(&client, device.as_deref(), json),
+        Command::Load { path, device, name, priority, pinned } => {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let body = serde_json::json!({
+                "path": path, "deviceId": device, "name": name, "priority": priority, "pinned": pinned,
+            });
+            cli::load(&client, body, json)
+        }
+        Command::Unload { id } => cli::unload(&client, id, json),
         Command::Pressure { device, watch } => cli::pressure(&client, device.as_deref(), *watch, json),
     };
     match result {

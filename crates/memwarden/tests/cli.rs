@@ -220,3 +220,46 @@ fn pools_and_defrag_through_the_cli() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT (400): strategy"));
 }
+
+/// `memwarden serve` with no config starts the default model worker (the embedded package, no
+/// install step); `load`, `models` and `unload` drive it.
+#[test]
+fn default_daemon_runs_a_model_worker_and_the_cli_drives_it() {
+    let d = Daemon::start(&[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = d.run(&["models"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && text.contains("worker-0") && text.contains("ready") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ready worker: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A 2 MiB model of one F32 tensor.
+    let dir = std::env::temp_dir().join(format!("mw-cli-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let header = br#"{"w":{"dtype":"F32","shape":[524288],"data_offsets":[0,2097152]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.resize(bytes.len() + 2 * MIB as usize, 7);
+    let path = dir.join("tiny.safetensors");
+    std::fs::write(&path, bytes).expect("write");
+    let loaded = d.ok(&["load", path.to_str().expect("path"), "--name", "tiny", "--priority", "80"]);
+    assert!(loaded.starts_with("loaded m-1 (tiny) on cpu: 2.00 MiB"), "{loaded}");
+    let listing = d.ok(&["models", "cpu"]);
+    assert!(listing.contains("cpu: 1 model(s), 2.00 MiB reported, processes hold"), "{listing}");
+    assert!(listing.contains("m-1") && listing.contains("tiny") && listing.contains("80"), "{listing}");
+    let data = d.json(&["models"]);
+    assert_eq!(data["devices"][0]["modelMemory"]["totalModelMemory"], 2 * MIB);
+    let unloaded = d.ok(&["unload", "m-1"]);
+    assert!(unloaded.starts_with("unloaded m-1 from worker-0 on cpu: 2.00 MiB released"), "{unloaded}");
+    let out = d.run(&["unload", "m-1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MODEL_NOT_FOUND (404)"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
