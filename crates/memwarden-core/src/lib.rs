@@ -4,6 +4,7 @@
 #![deny(unsafe_code, clippy::unwrap_used)]
 
 pub mod defrag;
+pub mod eviction;
 pub mod ids;
 pub mod pool;
 pub mod pressure;
