@@ -69,7 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memwarden.worker", description=__doc__)
     ap.add_argument("--worker-id", default=os.environ.get("MEMWARDEN_WORKER_ID", f"worker-{os.getpid()}"))
     ap.add_argument("--devices", default="", help="comma-separated devices to serve (default: cpu and every CUDA device torch sees)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "bytes", "numpy", "torch"])
+    ap.add_argument("--backend", default=os.environ.get("MEMWARDEN_BACKEND", "auto"), choices=["auto", "bytes", "numpy", "torch"],
+                    help="how CPU models are held (default auto: numpy when installed; env MEMWARDEN_BACKEND)")
     args = ap.parse_args(argv)
 
     protocol_out = sys.stdout.buffer

@@ -252,17 +252,25 @@ mod tests {
         assert_eq!(plan(&ms, &[], 150 * MIB, Strategy::Balanced, u64::MAX, None).len(), 2);
         // Aggressive frees half again beyond the need.
         assert_eq!(Strategy::Aggressive.target_bytes(200 * MIB), 300 * MIB);
-        assert_eq!(plan(&ms, &[], Strategy::Aggressive.target_bytes(150 * MIB), Strategy::Aggressive, 0, None).len(), 3);
+        assert_eq!(
+            plan(&ms, &[], Strategy::Aggressive.target_bytes(150 * MIB), Strategy::Aggressive, 0, None).len(),
+            3
+        );
         // Offloadable models: balanced and conservative offload while the host has room, then
         // balanced unloads; aggressive always unloads.
         for m in &mut ms {
             m.offloadable = true;
         }
         let p = plan(&ms, &[], 250 * MIB, Strategy::Balanced, 150 * MIB, None);
-        assert_eq!(p.iter().map(|s| s.action).collect::<Vec<_>>(), [StepAction::Offload, StepAction::Unload, StepAction::Unload]);
+        assert_eq!(
+            p.iter().map(|s| s.action).collect::<Vec<_>>(),
+            [StepAction::Offload, StepAction::Unload, StepAction::Unload]
+        );
         let p = plan(&ms, &[], 250 * MIB, Strategy::Conservative, 150 * MIB, None);
         assert_eq!(p.iter().map(|s| s.action).collect::<Vec<_>>(), [StepAction::Offload]);
-        assert!(plan(&ms, &[], 250 * MIB, Strategy::Aggressive, u64::MAX, None).iter().all(|s| s.action == StepAction::Unload));
+        assert!(plan(&ms, &[], 250 * MIB, Strategy::Aggressive, u64::MAX, None)
+            .iter()
+            .all(|s| s.action == StepAction::Unload));
         // Smart offloads slow reloads, unloads fast ones.
         let mut slow = model("slow", 100, 10, 0.0);
         slow.offloadable = true;

@@ -79,7 +79,7 @@ impl Thresholds {
         Ok(())
     }
 
-    fn level_of(&self, utilization: f64) -> Level {
+    pub fn level_of(&self, utilization: f64) -> Level {
         if utilization >= self.critical {
             Level::Critical
         } else if utilization >= self.high {

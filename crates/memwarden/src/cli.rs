@@ -483,6 +483,65 @@ pub fn unload(client: &Client, id: &str, as_json: bool) -> Result<String, CliErr
     ))
 }
 
+/// `memwarden optimize DEVICE`: one ladder run, each step with its claimed and measured bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn optimize(
+    client: &Client,
+    device: &str,
+    strategy: Option<&str>,
+    min_free: Option<&str>,
+    target: Option<f64>,
+    force: bool,
+    exclude: &[String],
+    as_json: bool,
+) -> Result<String, CliError> {
+    let min = min_free.map(parse_size).transpose().map_err(|e| CliError(format!("--min-free: {e}")))?;
+    let body = json!({
+        "deviceId": device, "strategy": strategy, "minMemoryToFree": min, "targetPressureLevel": target,
+        "forceOptimization": force, "excludeModels": exclude,
+    });
+    let r = client.call("POST", "/api/memory/models/optimize", Some(body))?;
+    if as_json {
+        return Ok(pretty(&r));
+    }
+    let mut out = String::new();
+    if r["optimizationTriggered"] != true {
+        let _ = writeln!(out, "not triggered: {}", s(&r["message"]));
+        return Ok(out);
+    }
+    let rows: Vec<Vec<String>> = r["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| {
+            vec![
+                s(&st["action"]).to_string(),
+                s(&st["target"]).to_string(),
+                format_bytes(u(&st["claimedBytes"])),
+                signed_bytes(st["measuredBytes"].as_i64().unwrap_or(0)),
+                format!("{:.1} ms", st["durationMs"].as_f64().unwrap_or(0.0)),
+                if st["verified"] == true { "yes".into() } else { "NO".into() },
+                st["error"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["STEP", "TARGET", "CLAIMED", "MEASURED", "TIME", "VERIFIED", "ERROR"], &rows));
+    let _ = writeln!(
+        out,
+        "{} ({}): freed {} measured ({} claimed) of {} wanted in {:.0} ms; pressure {} → {} ({})",
+        s(&r["deviceId"]),
+        s(&r["optimizationStrategy"]),
+        signed_bytes(r["memoryFreed"].as_i64().unwrap_or(0)),
+        format_bytes(u(&r["memoryClaimed"])),
+        format_bytes(u(&r["targetBytes"])),
+        r["optimizationTimeMs"].as_f64().unwrap_or(0.0),
+        u(&r["previousPressureLevel"]),
+        u(&r["newPressureLevel"]),
+        s(&r["newPressureCategory"]),
+    );
+    Ok(out)
+}
+
 pub fn pools(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
     let data = one_or_all(client, "GET", "/api/memory/pools", None, device, None)?;
     if as_json {

@@ -22,6 +22,43 @@ pub struct Config {
     pub defrag: DefragSection,
     pub pressure: PressureSection,
     pub workers: WorkersSection,
+    pub optimizer: OptimizerSection,
+}
+
+/// Pressure-driven model memory optimization (the release ladder).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerSection {
+    /// Run the ladder on pressure events: `balanced` when a device reaches `high`,
+    /// `aggressive` at `critical`.
+    pub watchdog: bool,
+    /// Least time between two automatic runs on one device, in milliseconds.
+    pub cooldown_ms: u64,
+    /// Utilization (0–100) automatic runs bring a device down to.
+    pub target_pressure_level: f64,
+    /// Time limit of an automatic run, in milliseconds (checked between steps).
+    pub max_time_ms: u64,
+    /// How long a released model's bytes have to show up in the measurement, in milliseconds.
+    pub verify_ms: u64,
+    /// Restart a supervised worker whose claimed release did not show up (escalation).
+    pub restart_unverified: bool,
+    /// Before a model load, reserve its size; if it does not fit, run the ladder for the
+    /// difference; if it still does not fit, refuse the load with 507.
+    pub admission: bool,
+}
+
+impl Default for OptimizerSection {
+    fn default() -> Self {
+        OptimizerSection {
+            watchdog: true,
+            cooldown_ms: 10_000,
+            target_pressure_level: 70.0,
+            max_time_ms: 30_000,
+            verify_ms: 2_000,
+            restart_unverified: false,
+            admission: true,
+        }
+    }
 }
 
 /// The Python processes that hold models: supervised workers and attached clients.
@@ -258,6 +295,7 @@ impl Default for Config {
             defrag: DefragSection::default(),
             pressure: PressureSection::default(),
             workers: WorkersSection::default(),
+            optimizer: OptimizerSection::default(),
         }
     }
 }
@@ -321,6 +359,9 @@ impl Config {
             ));
         }
         self.pressure.thresholds().validate().map_err(ConfigError::Invalid)?;
+        if !(0.0..=100.0).contains(&self.optimizer.target_pressure_level) {
+            return Err(ConfigError::Invalid("optimizer.target_pressure_level must be between 0 and 100".into()));
+        }
         let w = &self.workers;
         if w.call_timeout_ms == 0 || w.load_timeout_ms == 0 || w.start_timeout_ms == 0 {
             return Err(ConfigError::Invalid("workers: timeouts must be above 0".into()));

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod optimizer;
 pub mod server;
 pub mod service;
 pub mod supervisor;

@@ -91,6 +91,25 @@ enum Command {
     },
     /// Unload a model by id.
     Unload { id: String },
+    /// Free model memory on a device: trim caches, offload, unload (cheapest first).
+    Optimize {
+        device: String,
+        /// conservative | balanced (default) | aggressive | smart.
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Free at least this much, e.g. 2GiB.
+        #[arg(long)]
+        min_free: Option<String>,
+        /// Utilization (0–100) to bring the device down to (default 50).
+        #[arg(long)]
+        target: Option<f64>,
+        /// Run even below the target.
+        #[arg(long)]
+        force: bool,
+        /// Model ids never touched (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
     /// Memory pressure of every device (or one).
     Pressure {
         device: Option<String>,
@@ -161,6 +180,9 @@ fn main() -> ExitCode {
             cli::load(&client, body, json)
         }
         Command::Unload { id } => cli::unload(&client, id, json),
+        Command::Optimize { device, strategy, min_free, target, force, exclude } => {
+            cli::optimize(&client, device, strategy.as_deref(), min_free.as_deref(), *target, *force, exclude, json)
+        }
         Command::Pressure { device, watch } => cli::pressure(&client, device.as_deref(), *watch, json),
     };
     match result {

@@ -22,12 +22,15 @@ pub async fn serve_on(
         config.host.proc_root.clone(),
     );
     supervisor.start().await;
+    let optimizer = crate::optimizer::Optimizer::new(service.clone(), supervisor.clone(), config.optimizer.clone());
+    optimizer.start_watchdog();
     // One shutdown signal for the server and every open event stream: graceful shutdown waits
     // for open connections, and an event stream never ends on its own.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = AppState {
         service,
         supervisor: supervisor.clone(),
+        optimizer,
         auth_token: config.auth_token.as_deref().map(Arc::from),
         shutdown: stop_rx.clone(),
     };

@@ -39,6 +39,8 @@ pub struct AppState {
     pub service: Arc<Service>,
     /// The model workers and attached clients.
     pub supervisor: Arc<crate::supervisor::Supervisor>,
+    /// The release ladder (manual, watchdog, admission).
+    pub optimizer: Arc<crate::optimizer::Optimizer>,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
     pub auth_token: Option<Arc<str>>,
     /// Turns true when the daemon shuts down; open event streams end then.
@@ -88,9 +90,11 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         events,
         models::list_models,
         models::load_model,
-        models::unload_model
+        models::unload_model,
+        models::optimize,
+        models::optimize_history
     ),
-    components(schemas(ErrorBody, AllocateBody, TransferBody, DefragBody, models::LoadBody))
+    components(schemas(ErrorBody, AllocateBody, TransferBody, DefragBody, models::LoadBody, models::OptimizeBody))
 )]
 pub struct ApiDoc;
 
@@ -122,6 +126,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/events", get(events))
         .route("/api/memory/models", get(models::list_models))
         .route("/api/memory/models/load", post(models::load_model))
+        .route("/api/memory/models/optimize", post(models::optimize))
+        .route("/api/memory/models/optimize/history", get(models::optimize_history))
         .route("/api/memory/models/{model_id}", delete(models::unload_model))
         .route("/api/memory/operations/clear", post(clear_all))
         .route("/api/memory/operations/clear/{device_id}", post(clear_device))
@@ -697,11 +703,18 @@ async fn pressure_history(State(state): State<AppState>) -> ApiResult<PressureHi
 #[utoipa::path(get, path = "/api/memory/events", responses((status = 200, description = "text/event-stream of PressureEventDto", content_type = "text/event-stream")))]
 async fn events(State(state): State<AppState>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
     use tokio_stream::StreamExt as _;
-    let stream = tokio_stream::wrappers::BroadcastStream::new(state.service.pressure_events()).filter_map(|e| {
+    let pressure = tokio_stream::wrappers::BroadcastStream::new(state.service.pressure_events()).filter_map(|e| {
         let e = e.ok()?;
         let json = serde_json::to_string(&PressureEventDto::from(&e)).ok()?;
         Some(Ok(Event::default().event("pressure").data(json)))
     });
+    // Optimizer runs that did something (watchdog, manual, admission) go out as `optimization`.
+    let optimization = tokio_stream::wrappers::BroadcastStream::new(state.optimizer.subscribe()).filter_map(|o| {
+        let o = o.ok().filter(|o| o.optimization_triggered)?;
+        let json = serde_json::to_string(&o).ok()?;
+        Some(Ok(Event::default().event("optimization").data(json)))
+    });
+    let stream = pressure.merge(optimization);
     let mut stop = state.shutdown.clone();
     let stream = futures_util::StreamExt::take_until(stream, async move {
         let _ = stop.wait_for(|v| *v).await;

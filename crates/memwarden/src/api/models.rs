@@ -3,14 +3,18 @@
 
 use super::envelope::{rfc3339, ApiError, ApiJson, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
-use crate::service::DeviceStatus;
+use crate::optimizer::{OptimizeOutcome, OptimizeRequest};
+use crate::service::{AllocateRequest, DeviceStatus, ServiceError};
 use crate::supervisor::{Slot, SupervisorError, WorkerState};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use memwarden_core::eviction::Strategy;
+use memwarden_core::DeviceId;
 use memwarden_protocol::{codes, LoadModel, ModelInfo, Role, DEFAULT_PRIORITY};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 use utoipa::ToSchema;
 
 impl From<SupervisorError> for ApiError {
@@ -140,6 +144,8 @@ pub struct WorkerDto {
     process_bytes: BTreeMap<String, u64>,
     /// Per device, measured minus reported.
     unattributed_bytes: BTreeMap<String, i64>,
+    /// Releases it claimed that the measurement did not confirm (see the optimizer).
+    unverified_releases: u32,
     /// The worker's own allocator figures (torch `memory_allocated` / `memory_reserved`).
     allocator: BTreeMap<String, AllocatorDto>,
 }
@@ -348,6 +354,7 @@ fn worker_dto(
         model_bytes,
         process_bytes: measured,
         unattributed_bytes: unattributed,
+        unverified_releases: st.unverified_releases,
         allocator,
     };
     (dto, dtos, device_bytes)
@@ -400,6 +407,130 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
         return Err(ApiError::invalid("priority must be 0-100"));
     }
     let device = state.service.resolve(body.device_id.as_deref().unwrap_or("cpu"))?;
+    if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
+        return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
+    }
+    let ticket = admit(&state, device, &body.path, body.name.as_deref()).await?;
+    let result = load_admitted(&state, device, body).await;
+    if let Some(id) = ticket {
+        let _ = state.service.free(&id);
+    }
+    result
+}
+
+/// Bytes a model will take once loaded: its tensors, plus 5 % for allocator rounding and, on a
+/// GPU, 64 MiB for a first model's allocator state (the CUDA context itself is not counted).
+/// `None` when the file cannot be read here (the worker then reports why).
+pub fn estimate_model_bytes(path: &str, device: DeviceId) -> Option<u64> {
+    let tensors = safetensors_tensor_bytes(std::path::Path::new(path)).ok()?;
+    let extra = if matches!(device, DeviceId::Cuda(_)) { 64 << 20 } else { 0 };
+    Some(tensors + tensors / 20 + extra)
+}
+
+/// Sum of the tensors' bytes named by a `.safetensors` header (8-byte length, JSON header).
+pub fn safetensors_tensor_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(bad(format!("header of {n} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let obj = v.as_object().ok_or_else(|| bad("header is not an object".into()))?;
+    Ok(obj
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(_, t)| {
+            let o = t["data_offsets"].as_array()?;
+            Some(o.get(1)?.as_u64()?.saturating_sub(o.first()?.as_u64()?))
+        })
+        .sum())
+}
+
+/// Admission: a `reservation` for the model's estimated size, held while it loads. If it does not
+/// fit, the ladder runs (balanced) for the difference; if it still does not fit, 507.
+async fn admit(state: &AppState, device: DeviceId, path: &str, name: Option<&str>) -> Result<Option<String>, ApiError> {
+    if !state.optimizer.config().admission {
+        return Ok(None);
+    }
+    let Some(estimate) = estimate_model_bytes(path, device) else { return Ok(None) };
+    let request = || AllocateRequest {
+        device: device.to_string(),
+        size_bytes: estimate.max(1),
+        kind: Some(memwarden_core::MemoryKind::Reservation),
+        alignment_bytes: crate::service::DEFAULT_ALIGNMENT_BYTES,
+        purpose: Some(format!("model load {}", name.unwrap_or(path))),
+        owner: Some("memwarden-admission".into()),
+        persistent: false,
+        movable: false,
+    };
+    // The budget must see models loaded a moment ago: read the device afresh.
+    let _ = state.service.measure_now(device);
+    let shortfall = match state.service.allocate(request()) {
+        Ok(ticket) => return Ok(Some(ticket.id.clone())),
+        Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
+            requested_bytes.saturating_sub(available_bytes)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // When even releasing everything allowed would not make room, touch nothing.
+    let releasable = state.optimizer.releasable_bytes(device);
+    if shortfall > releasable {
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "INSUFFICIENT_MEMORY",
+            format!(
+                "the model needs about {estimate} bytes on {device}, {shortfall} more than the budget allows, and \
+                 only {releasable} could be released (unpinned models and cached pool blocks); nothing was unloaded"
+            ),
+        ));
+    }
+    let outcome = state
+        .optimizer
+        .run(OptimizeRequest {
+            device,
+            target_pressure_level: 100.0,
+            strategy: Strategy::Balanced,
+            max_models: None,
+            min_memory_to_free: shortfall + (16 << 20),
+            force: true,
+            exclude: Vec::new(),
+            max_time: Duration::from_millis(state.optimizer.config().max_time_ms),
+            trigger: "admission",
+        })
+        .await;
+    // The OS's counters trail a release by up to a second (Linux folds per-CPU page counts into
+    // MemAvailable once a second): retry until the freed bytes show or `verify_ms` passes.
+    let deadline = std::time::Instant::now() + Duration::from_millis(state.optimizer.config().verify_ms);
+    loop {
+        let _ = state.service.measure_now(device);
+        match state.service.allocate(request()) {
+            Ok(ticket) => return Ok(Some(ticket.id.clone())),
+            Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(ApiError::new(
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        "INSUFFICIENT_MEMORY",
+                        format!(
+                            "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \
+                             after the optimizer freed {} ({})",
+                            outcome.memory_freed, outcome.message
+                        ),
+                    ));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn load_admitted(state: &AppState, device: DeviceId, body: LoadBody) -> ApiResult<LoadedModelDto> {
     let req = LoadModel {
         path: body.path,
         name: body.name,
@@ -409,6 +540,7 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
         model_id: None,
     };
     let (info, slot) = state.supervisor.load(req).await?;
+    let _ = device;
     let pid = slot.snapshot().pid.unwrap_or(0);
     Ok(Data(LoadedModelDto::new(&info, &slot.id, pid)))
 }
@@ -442,4 +574,91 @@ pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<St
         process_bytes_before: before,
         process_bytes_after: after,
     }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OptimizeBody {
+    /// `cpu` or `cuda:N` (aliases accepted).
+    device_id: String,
+    /// 0–100: utilization to bring the device down to (default 50).
+    target_pressure_level: Option<f64>,
+    /// `conservative` | `balanced` (default) | `aggressive` | `smart`.
+    strategy: Option<String>,
+    /// -1 (default): no limit.
+    max_models_to_unload: Option<i64>,
+    /// Bytes to free at least (default 0).
+    min_memory_to_free: Option<u64>,
+    /// Run even when the device is below the target.
+    #[serde(default)]
+    force_optimization: bool,
+    /// Model ids never touched.
+    #[serde(default)]
+    exclude_models: Vec<String>,
+    /// Time limit, checked between steps (default 30000).
+    max_optimization_time_ms: Option<u64>,
+}
+
+/// Frees model memory on a device, cheapest first: caches (memwarden's empty pool blocks, each
+/// worker's allocator caches), then offloads idle models to the CPU (when the host is not under
+/// pressure), then unloads models, ranked by idle time, priority, size and reload cost; pinned and
+/// excluded models are never touched. `memoryFreed` is measured (the driver's free memory for a
+/// GPU, the model processes' RSS for `cpu`), each step's claim beside its measured gain.
+#[utoipa::path(
+    post, path = "/api/memory/models/optimize", request_body = OptimizeBody,
+    responses(
+        (status = 200, body = ApiResponse<OptimizeOutcome>),
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND"),
+        (status = 503, description = "WORKER_UNAVAILABLE")
+    )
+)]
+pub async fn optimize(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<OptimizeBody>,
+) -> ApiResult<OptimizeOutcome> {
+    let device = state.service.resolve(&body.device_id)?;
+    let target = body.target_pressure_level.unwrap_or(50.0);
+    if !(0.0..=100.0).contains(&target) {
+        return Err(ApiError::invalid("targetPressureLevel must be between 0 and 100"));
+    }
+    let strategy: Strategy = body.strategy.as_deref().unwrap_or("balanced").parse().map_err(ApiError::invalid)?;
+    let max_models = match body.max_models_to_unload.unwrap_or(-1) {
+        -1 => None,
+        n if n >= 0 => Some(n as usize),
+        n => return Err(ApiError::invalid(format!("maxModelsToUnload must be -1 or more, got {n}"))),
+    };
+    let max_time = body.max_optimization_time_ms.unwrap_or(30_000);
+    if max_time == 0 || max_time > 600_000 {
+        return Err(ApiError::invalid("maxOptimizationTimeMs must be between 1 and 600000"));
+    }
+    if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
+        return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
+    }
+    let outcome = state
+        .optimizer
+        .run(OptimizeRequest {
+            device,
+            target_pressure_level: target,
+            strategy,
+            max_models,
+            min_memory_to_free: body.min_memory_to_free.unwrap_or(0),
+            force: body.force_optimization,
+            exclude: body.exclude_models,
+            max_time: Duration::from_millis(max_time),
+            trigger: "manual",
+        })
+        .await;
+    Ok(Data(outcome))
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OptimizeHistoryDto {
+    runs: Vec<OptimizeOutcome>,
+}
+
+/// The last 100 optimizer runs (manual, watchdog, admission), oldest first.
+#[utoipa::path(get, path = "/api/memory/models/optimize/history", responses((status = 200, body = ApiResponse<OptimizeHistoryDto>)))]
+pub async fn optimize_history(State(state): State<AppState>) -> ApiResult<OptimizeHistoryDto> {
+    Ok(Data(OptimizeHistoryDto { runs: state.optimizer.history() }))
 }

@@ -216,8 +216,17 @@ impl Service {
         Some(event)
     }
 
-    fn pressure_thresholds(&self) -> Thresholds {
+    pub fn pressure_thresholds(&self) -> Thresholds {
         self.pressure.config.thresholds()
+    }
+
+    /// `(total, available)` bytes of `device` read from the OS or driver now (no cached sample;
+    /// the status cache is dropped too, so the next status shows the change).
+    pub fn measure_now(&self, device: DeviceId) -> Result<(u64, u64), super::ServiceError> {
+        let dev = self.device_or_404(device)?;
+        let reading = dev.backend.sample().map_err(|e| super::ServiceError::from_backend(device, e))?;
+        lock(&dev.state).invalidate_sample();
+        Ok(reading)
     }
 
     /// Subscribes to level changes.

@@ -45,6 +45,8 @@ pub struct Slot {
     pub role: Role,
     pub spec: Option<WorkerSpec>,
     state: Mutex<SlotState>,
+    /// Kills the worker's process so the supervisor restarts it (optimizer escalation).
+    restart: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -56,6 +58,8 @@ pub struct SlotState {
     pub conn: Option<Arc<Conn>>,
     pub since: OffsetDateTime,
     pub failed_pings: u32,
+    /// Releases it claimed that the measurement did not confirm.
+    pub unverified_releases: u32,
 }
 
 impl Slot {
@@ -72,8 +76,22 @@ impl Slot {
                 conn: None,
                 since: OffsetDateTime::now_utc(),
                 failed_pings: 0,
+                unverified_releases: 0,
             }),
+            restart: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Records a release the measurement did not confirm.
+    pub fn note_unverified(&self, message: String) {
+        let mut s = lock(&self.state);
+        s.unverified_releases += 1;
+        s.last_error = Some(message);
+    }
+
+    /// Asks the supervisor to kill and restart this worker.
+    pub fn request_restart(&self) {
+        self.restart.notify_one();
     }
 
     pub fn snapshot(&self) -> SlotState {

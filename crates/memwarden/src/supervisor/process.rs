@@ -208,6 +208,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
     let reason = tokio::select! {
         r = read_loop(&conn, &mut reader) => r,
         r = health => r,
+        _ = slot.restart.notified() => "restarted by the optimizer: a claimed release did not show up".into(),
         _ = super::stopped(stop.clone()) => {
             // The supervisor's shutdown asked the worker to exit; give it a moment.
             let _ = tokio::time::timeout(Duration::from_secs(3), child.wait()).await;
