@@ -3,7 +3,7 @@
 [{"name", "path", "bytes", "tensors", "source"}]. The GPU model tests load these files through the
 daemon onto cuda:0.
 
-    python3 scripts/gpu/make_torch_models.py OUTDIR
+    python3 scripts/gpu/make_torch_models.py OUTDIR [large]
 """
 import json
 import os
@@ -16,6 +16,14 @@ from memwarden import safetensors_io as st  # noqa: E402
 
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
           torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+
+
+def large():
+    """A multi-GiB model for the optimizer's GPU test."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return [("gpt2-large", "transformers GPT2LMHeadModel(n_embd=1280, n_layer=36, n_head=20)",
+             lambda: GPT2LMHeadModel(GPT2Config(n_embd=1280, n_layer=36, n_head=20)))]
 
 
 def models():
@@ -43,10 +51,10 @@ def models():
     return out
 
 
-def main(outdir):
+def main(outdir, which="default"):
     os.makedirs(outdir, exist_ok=True)
     manifest = []
-    for name, source, build in models():
+    for name, source, build in (large() if which == "large" else models()):
         torch.manual_seed(0)
         model = build()
         tensors = {}
@@ -61,4 +69,4 @@ def main(outdir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "default")

@@ -90,7 +90,8 @@ pub struct Optimizer {
     running: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<OptimizeOutcome>>,
     events: tokio::sync::broadcast::Sender<OptimizeOutcome>,
-    last_auto: Mutex<HashMap<DeviceId, Instant>>,
+    /// Per device: when the watchdog last ran, and for which level.
+    last_auto: Mutex<HashMap<DeviceId, (Instant, Level)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -405,7 +406,8 @@ impl Optimizer {
     }
 
     /// The watchdog: on a device reaching `high` runs the balanced ladder, on `critical` the
-    /// aggressive one, at most once per `cooldown_ms` per device.
+    /// aggressive one, at most once per `cooldown_ms` per device and level (a rise to a higher
+    /// level runs at once).
     pub fn start_watchdog(self: &Arc<Self>) {
         if !self.config.watchdog {
             return;
@@ -424,13 +426,15 @@ impl Optimizer {
                 }
                 let strategy = if event.new >= Level::Critical { Strategy::Aggressive } else { Strategy::Balanced };
                 {
+                    // The cooldown keeps a device hovering at one level from thrashing; a rise to a
+                    // higher level than the last run's does not wait.
                     let mut last = lock(&me.last_auto);
                     let cooldown = Duration::from_millis(me.config.cooldown_ms);
-                    if last.get(&event.device).is_some_and(|t| t.elapsed() < cooldown) {
+                    if last.get(&event.device).is_some_and(|(t, l)| t.elapsed() < cooldown && event.new <= *l) {
                         tracing::info!(device = %event.device, "pressure {} but the optimizer is cooling down", event.new.as_str());
                         continue;
                     }
-                    last.insert(event.device, Instant::now());
+                    last.insert(event.device, (Instant::now(), event.new));
                 }
                 let me2 = me.clone();
                 tokio::spawn(async move {
