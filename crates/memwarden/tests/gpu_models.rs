@@ -377,7 +377,10 @@ fn admission_makes_room_on_the_gpu_or_refuses_without_unloading() {
         .and_then(|r| r.iter().find(|r| r["trigger"] == "admission"))
         .cloned()
         .expect("admission run");
-    assert_eq!(run["modelsUnloaded"], json!([a.0]), "{run}");
+    // Balanced: offloaded to the CPU (the host has room) or unloaded; either frees its pool.
+    let mut released: Vec<String> = serde_json::from_value(run["modelsUnloaded"].clone()).expect("list");
+    released.extend(serde_json::from_value::<Vec<String>>(run["modelsOffloaded"].clone()).expect("list"));
+    assert_eq!(released, [a.0.clone()], "{run}");
     let freed = run["memoryFreed"].as_i64().expect("freed");
     assert!((freed - a.2).abs() <= 4 * MIB, "measured {freed}, a's pool {}", a.2);
     let (_, listing) = s.call("GET", "/api/memory/models?deviceId=cuda:0", None);
@@ -395,7 +398,7 @@ fn admission_makes_room_on_the_gpu_or_refuses_without_unloading() {
     let used = free_before - gpu_free(&s);
     assert!((used - b.2 - c.2).abs() <= 64 * MIB, "driver shows {used} used, pools {} + {}", b.2, c.2);
     println!(
-        "admission: a unloaded to admit c in {:.0} ms: {}",
+        "admission: a released (offloaded or unloaded) to admit c in {:.0} ms: {}",
         run["optimizationTimeMs"].as_f64().unwrap_or(0.0),
         run["message"]
     );

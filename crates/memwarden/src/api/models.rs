@@ -560,6 +560,8 @@ pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<St
     let measure = |state: &AppState| -> Option<u64> {
         let pid = pid?;
         let dev = state.service.resolve(&info.device_id).ok()?;
+        // A fresh reading: the cached status sample may predate the unload.
+        let _ = state.service.measure_now(dev);
         let status = blocking(|| state.service.status(dev)).ok()?;
         process_bytes(state.supervisor.proc_root(), pid, std::slice::from_ref(&status)).remove(&info.device_id)
     };
