@@ -256,6 +256,13 @@ fn default_daemon_runs_a_model_worker_and_the_cli_drives_it() {
     assert!(listing.contains("m-1") && listing.contains("tiny") && listing.contains("80"), "{listing}");
     let data = d.json(&["models"]);
     assert_eq!(data["devices"][0]["modelMemory"]["totalModelMemory"], 2 * MIB);
+    // A second, less valuable model; a forced optimize releases it first and says what it did.
+    let spare = dir.join("spare.safetensors");
+    std::fs::copy(&path, &spare).expect("copy");
+    d.ok(&["load", spare.to_str().expect("path"), "--name", "spare", "--priority", "5"]);
+    let opt = d.ok(&["optimize", "cpu", "--force", "--min-free", "1MiB"]);
+    assert!(opt.contains("unload") && opt.contains("m-2") && opt.contains("cpu (balanced): freed"), "{opt}");
+    assert!(!opt.contains("m-1 "), "the valuable model stays: {opt}");
     let unloaded = d.ok(&["unload", "m-1"]);
     assert!(unloaded.starts_with("unloaded m-1 from worker-0 on cpu: 2.00 MiB released"), "{unloaded}");
     let out = d.run(&["unload", "m-1"]);

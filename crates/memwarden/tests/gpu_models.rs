@@ -380,7 +380,7 @@ fn admission_makes_room_on_the_gpu_or_refuses_without_unloading() {
     // Balanced: offloaded to the CPU (the host has room) or unloaded; either frees its pool.
     let mut released: Vec<String> = serde_json::from_value(run["modelsUnloaded"].clone()).expect("list");
     released.extend(serde_json::from_value::<Vec<String>>(run["modelsOffloaded"].clone()).expect("list"));
-    assert_eq!(released, [a.0.clone()], "{run}");
+    assert_eq!(released, std::slice::from_ref(&a.0), "{run}");
     let freed = run["memoryFreed"].as_i64().expect("freed");
     assert!((freed - a.2).abs() <= 4 * MIB, "measured {freed}, a's pool {}", a.2);
     let (_, listing) = s.call("GET", "/api/memory/models?deviceId=cuda:0", None);

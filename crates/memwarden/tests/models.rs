@@ -546,6 +546,28 @@ fn the_watchdog_frees_model_memory_when_an_outside_process_pushes_the_host_over_
     let low = load_named(&s, &dir, "low", 48, 10, false);
     let pinned = load_named(&s, &dir, "pinned", 48, 0, true);
     let mid = load_named(&s, &dir, "mid", 48, 40, false);
+    // Subscribers see the run on the event stream.
+    let events_url = s.url("/api/memory/events");
+    let sse = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
+        let resp = agent.get(&events_url).call().expect("events");
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        let mut event = String::new();
+        for line in reader.lines() {
+            let line = line.unwrap_or_default();
+            if let Some(name) = line.strip_prefix("event:") {
+                event = name.trim().to_string();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                if event == "optimization" {
+                    return serde_json::from_str::<Value>(data.trim()).ok();
+                }
+            }
+        }
+        None
+    });
+    std::thread::sleep(Duration::from_millis(200));
     let outside = KillOnDrop(Some(
         Command::new("python3")
             .args([
@@ -580,6 +602,9 @@ fn the_watchdog_frees_model_memory_when_an_outside_process_pushes_the_host_over_
     assert!((freed - expect).unsigned_abs() < 16 * MIB, "measured {freed}, unloaded {expect}: {run}");
     let (_, history) = s.call("GET", "/api/memory/pressure/history", None);
     assert!(history.to_string().contains("\"high\""), "{history}");
+    let pushed = sse.join().expect("sse thread").expect("an optimization event");
+    assert_eq!(pushed["trigger"], "watchdog");
+    assert_eq!(pushed["modelsUnloaded"], run["modelsUnloaded"], "{pushed}");
 }
 
 /// Admission on the host. Making room by unloading is proven on the GPU (tests/gpu_models.rs),
