@@ -1,6 +1,10 @@
 //! Model memory with real Python workers (`python3 -m memwarden.worker`, the embedded package)
 //! and real `.safetensors` files: loading grows the worker's RSS by the model, unloading gives it
 //! back, crashes restart, hangs time out, and the rest of the API keeps serving meanwhile.
+//!
+//! (Named `workers`, not `models`: cargo runs test binaries in name order, and these churn
+//! gigabytes that this VM's MemAvailable reports back only slowly, which the host pressure test
+//! after them would feel.)
 
 mod common;
 
@@ -44,16 +48,33 @@ fn write_model(dir: &Path, name: &str, mib: u64) -> (PathBuf, u64) {
     (path, mib * MIB)
 }
 
-fn tempdir(tag: &str) -> PathBuf {
+/// A scratch directory, removed with its model files when the test ends.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(tag: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("mw-models-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("tempdir");
-    d
+    TempDir(d)
 }
 
 fn config(tag: &str) -> Config {
     let mut c = Config::default();
-    c.workers.socket = tempdir(tag).join("mw.sock").display().to_string();
+    c.workers.socket =
+        std::env::temp_dir().join(format!("mw-test-{tag}-{}.sock", std::process::id())).display().to_string();
     c.workers.restart_backoff_ms = 1000;
     c.workers.health_interval_ms = 0;
     c.pressure.enabled = false;
@@ -572,7 +593,7 @@ fn the_watchdog_frees_model_memory_when_an_outside_process_pushes_the_host_over_
         Command::new("python3")
             .args([
                 "-c",
-                "import sys, time\nb = bytearray(int(sys.argv[1]))\nprint('held', flush=True)\ntime.sleep(60)",
+                "import sys, time\nb = b'\\x01' * int(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(60)",
                 &hog.to_string(),
             ])
             .stdout(std::process::Stdio::null())
@@ -615,8 +636,12 @@ fn admission_admits_what_fits_and_refuses_the_hopeless_without_unloading_anythin
     let _serial = serial();
     let dir = tempdir("admission");
     let (small, _) = write_model(&dir, "small", 32);
-    let (big, _) = write_model(&dir, "big", 1024);
-    let _ = Command::new("sync").status();
+    // Admission reads only the header: a file that declares 1 GiB of tensors is enough.
+    let big = dir.join("big.safetensors");
+    let header = br#"{"w":{"dtype":"F32","shape":[268435456],"data_offsets":[0,1073741824]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    std::fs::write(&big, bytes).expect("write");
     let mut c = config("admission-socket");
     c.optimizer.watchdog = false;
     let s = TestServer::start_with_workers(c);
