@@ -676,3 +676,66 @@ fn admission_admits_what_fits_and_refuses_the_hopeless_without_unloading_anythin
         .collect();
     assert_eq!(owners, ["test"], "{allocs}");
 }
+
+/// A worker that claims releases it does not make (it keeps the model's memory).
+const LIAR: &str = r#"
+import sys
+from memwarden import models as M, worker as W
+kept = []
+def unload(self, model_id):
+    with self._lock:
+        m = self._models.pop(model_id, None)
+    if m is None:
+        raise M.WorkerError("MODEL_NOT_FOUND", model_id)
+    kept.append(m)
+    return {"freedBytes": m.size_bytes, "freedByDevice": {m.device_id: m.size_bytes}, "actions": ["unload:" + model_id]}
+M.ModelStore.unload = unload
+sys.exit(W.main(["--worker-id", "liar", "--devices", "cpu", "--backend", "bytes"]))
+"#;
+
+#[test]
+fn a_release_that_does_not_show_up_is_reported_and_can_restart_the_worker() {
+    let _serial = serial();
+    let dir = tempdir("liar");
+    let mut c = config("liar");
+    high_now(&mut c);
+    c.optimizer.watchdog = false;
+    c.optimizer.verify_ms = 300;
+    c.optimizer.restart_unverified = true;
+    c.workers.worker = vec![WorkerSpec {
+        id: "liar".into(),
+        devices: vec!["cpu".into()],
+        command: vec!["python3".into(), "-c".into(), LIAR.into()],
+        env: Default::default(),
+    }];
+    let s = TestServer::start_with_workers(c);
+    let pid = wait_ready(&s, "liar")["pid"].as_u64().expect("pid");
+    let id = load_named(&s, &dir, "kept", 48, 10, false);
+    let (code, r) = optimize(&s, json!({"deviceId": "cpu", "minMemoryToFree": 10 * MIB, "targetPressureLevel": 100}));
+    assert_eq!(code, 200, "{r}");
+    let step = r["data"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|st| st["action"] == "unload")
+        .cloned()
+        .expect("unload step");
+    assert_eq!(step["target"], id.as_str());
+    assert_eq!(step["claimedBytes"], 48 * MIB);
+    assert_eq!(step["verified"], false, "{step}");
+    assert!(step["measuredBytes"].as_i64().expect("measured") < (8 * MIB) as i64, "{step}");
+    assert!(r["data"]["memoryFreed"].as_i64().expect("freed") < (8 * MIB) as i64, "measured, not claimed: {r}");
+    // Escalation (optimizer.restart_unverified): the worker is killed and comes back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = s.call("GET", "/api/memory/models", None);
+        let w = &body["data"]["coordinationStatus"]["workers"][0];
+        if code == 200 && w["state"] == "ready" && w["restarts"] == 1 {
+            assert_eq!(w["unverifiedReleases"], 1, "{w}");
+            assert_ne!(w["pid"].as_u64(), Some(pid), "a new process");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never restarted: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
