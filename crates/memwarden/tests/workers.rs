@@ -3,8 +3,7 @@
 //! back, crashes restart, hangs time out, and the rest of the API keeps serving meanwhile.
 //!
 //! (Named `workers`, not `models`: cargo runs test binaries in name order, and these churn
-//! gigabytes that this VM's MemAvailable reports back only slowly, which the host pressure test
-//! after them would feel.)
+//! gigabytes; the host pressure test runs before them.)
 
 mod common;
 
@@ -629,8 +628,9 @@ fn the_watchdog_frees_model_memory_when_an_outside_process_pushes_the_host_over_
 }
 
 /// Admission on the host. Making room by unloading is proven on the GPU (tests/gpu_models.rs),
-/// where the driver's free memory is exact: this VM's MemAvailable trails releases of a few
-/// hundred MiB by seconds (measured while writing this test), which no budget can outrun.
+/// where the driver's free memory is exact. (On the host, memory freed by a large release sat on
+/// the kernel's per-CPU free lists, invisible to MemAvailable, for seconds; the host status now
+/// counts those lists, but the make-room path is proven on the GPU.)
 #[test]
 fn admission_admits_what_fits_and_refuses_the_hopeless_without_unloading_anything() {
     let _serial = serial();

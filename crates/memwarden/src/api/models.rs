@@ -504,8 +504,8 @@ async fn admit(state: &AppState, device: DeviceId, path: &str, name: Option<&str
             trigger: "admission",
         })
         .await;
-    // The OS's counters trail a release by up to a second (Linux folds per-CPU page counts into
-    // MemAvailable once a second): retry until the freed bytes show or `verify_ms` passes.
+    // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a
+    // second): retry until the freed bytes show or `verify_ms` passes.
     let deadline = std::time::Instant::now() + Duration::from_millis(state.optimizer.config().verify_ms);
     loop {
         let _ = state.service.measure_now(device);
