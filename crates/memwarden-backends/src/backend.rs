@@ -125,6 +125,10 @@ pub trait Backend: Send + Sync {
         self.read_status().map(|r| (r.total_bytes, r.available_bytes))
     }
 
+    /// Forgets any cached part of the status (the host's per-CPU free-list total), so the next
+    /// read is entirely fresh: after this daemon changed memory and must see the change.
+    fn refresh(&self) {}
+
     /// Memory stall information (PSI), where the OS has it.
     fn pressure_stall(&self) -> Option<memwarden_core::pressure::PsiReading> {
         None

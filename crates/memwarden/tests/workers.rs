@@ -739,3 +739,51 @@ fn a_release_that_does_not_show_up_is_reported_and_can_restart_the_worker() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Admission on the host: with a reservation leaving room for two models, the third load makes
+/// room by releasing the least valuable one.
+#[test]
+fn admission_on_the_host_makes_room_by_unloading_the_least_valuable_model() {
+    let _serial = serial();
+    let dir = tempdir("admit-room");
+    let m = 128;
+    let paths: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| write_model(&dir, n, m).0).collect();
+    let mut c = config("admit-room-socket");
+    c.optimizer.watchdog = false;
+    c.workers.worker = vec![WorkerSpec {
+        id: "worker-0".into(),
+        devices: vec!["cpu".into()],
+        command: vec![],
+        env: [("MEMWARDEN_BACKEND".to_string(), "bytes".to_string())].into(),
+    }];
+    let s = TestServer::start_with_workers(c);
+    wait_ready(&s, "worker-0");
+    let warm = load_named(&s, &dir, "warm", 1, 50, false);
+    assert_eq!(s.call("DELETE", &format!("/api/memory/models/{warm}"), None).0, 200);
+    // 2.6 M of budget: two models (admitted at 1.05 M) fit, a third only once one is gone.
+    let (_, available) = host_status(&s);
+    let (code, r) = s.call(
+        "POST",
+        "/api/memory/allocations/allocate/cpu",
+        Some(&json!({"sizeBytes": available - (2.6 * (m * MIB) as f64) as u64, "memoryType": "reservation", "owner": "test"}).to_string()),
+    );
+    assert_eq!(code, 201, "{r}");
+    let load_path = |p: &PathBuf, name: &str, priority: u8| {
+        let (code, body) = load(&s, json!({"path": p, "name": name, "priority": priority}));
+        assert_eq!(code, 200, "{body}");
+        body["data"]["modelId"].as_str().expect("id").to_string()
+    };
+    let a = load_path(&paths[0], "a", 10);
+    let b = load_path(&paths[1], "b", 90);
+    let c_id = load_path(&paths[2], "c", 50);
+    let mut expect = vec![b, c_id];
+    expect.sort();
+    assert_eq!(loaded_ids(&s), expect, "a made room for c");
+    let (_, h) = s.call("GET", "/api/memory/models/optimize/history", None);
+    let run = h["data"]["runs"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["trigger"] == "admission"))
+        .cloned()
+        .expect("admission run");
+    assert_eq!(run["modelsUnloaded"], json!([a]), "{run}");
+}

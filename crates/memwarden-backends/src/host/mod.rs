@@ -192,6 +192,10 @@ impl Backend for HostBackend {
         self.reader.psi()
     }
 
+    fn refresh(&self) {
+        self.reader.forget_per_cpu_free();
+    }
+
     /// Limit hits + OOM kills of this process's cgroup, when a limit applies.
     fn limit_events(&self) -> Option<u64> {
         if !self.reader.limited() {

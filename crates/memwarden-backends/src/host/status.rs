@@ -140,6 +140,11 @@ impl HostStatusReader {
         }
     }
 
+    /// Drops the cached per-CPU free-list total: the next read takes it afresh.
+    pub fn forget_per_cpu_free(&self) {
+        *self.pcp.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Bytes on the per-CPU free lists (0 where `/proc/zoneinfo` cannot be read), at most
     /// [`PCP_MAX_AGE`] old.
     pub fn per_cpu_free_bytes(&self) -> u64 {

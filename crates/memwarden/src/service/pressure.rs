@@ -224,6 +224,7 @@ impl Service {
     /// the status cache is dropped too, so the next status shows the change).
     pub fn measure_now(&self, device: DeviceId) -> Result<(u64, u64), super::ServiceError> {
         let dev = self.device_or_404(device)?;
+        dev.backend.refresh();
         let reading = dev.backend.sample().map_err(|e| super::ServiceError::from_backend(device, e))?;
         lock(&dev.state).invalidate_sample();
         Ok(reading)
