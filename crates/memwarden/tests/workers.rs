@@ -627,10 +627,8 @@ fn the_watchdog_frees_model_memory_when_an_outside_process_pushes_the_host_over_
     assert_eq!(pushed["modelsUnloaded"], run["modelsUnloaded"], "{pushed}");
 }
 
-/// Admission on the host. Making room by unloading is proven on the GPU (tests/gpu_models.rs),
-/// where the driver's free memory is exact. (On the host, memory freed by a large release sat on
-/// the kernel's per-CPU free lists, invisible to MemAvailable, for seconds; the host status now
-/// counts those lists, but the make-room path is proven on the GPU.)
+/// Admission on the host: what fits is admitted, the hopeless refused at once. (Making room is
+/// the next test; on the GPU, tests/gpu_models.rs.)
 #[test]
 fn admission_admits_what_fits_and_refuses_the_hopeless_without_unloading_anything() {
     let _serial = serial();
