@@ -2,8 +2,8 @@
 
 The daemon starts it, reads protocol lines from its stdout and logs from its stderr, and writes
 requests to its stdin (docs/PROTOCOL.md). It loads ``.safetensors`` models, reports what each
-occupies, and frees memory on request. Anything a library prints to stdout is redirected to
-stderr, so it cannot corrupt the protocol stream.
+occupies, and frees memory on request. Anything printed to stdout, by Python code or by a C
+library writing to file descriptor 1, goes to stderr, so it cannot corrupt the protocol stream.
 """
 
 from __future__ import annotations
@@ -73,8 +73,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="how CPU models are held (default auto: numpy when installed; env MEMWARDEN_BACKEND)")
     args = ap.parse_args(argv)
 
-    protocol_out = sys.stdout.buffer
-    sys.stdout = sys.stderr  # stray prints go to the log, never into the protocol stream
+    # The protocol gets a private copy of fd 1; fd 1 itself (and sys.stdout) become stderr, so
+    # stray prints, even from C libraries writing to fd 1, go to the log, never into the stream.
+    sys.stdout.flush()
+    protocol_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
     asked = [d for d in args.devices.split(",") if d]
     # Importing torch to list GPUs takes seconds: only when a GPU is asked for, or nothing is named.

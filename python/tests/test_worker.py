@@ -180,3 +180,43 @@ def test_torch_reader_path_gives_the_same_tensors_as_the_file(model_factory):
     finally:
         buf.close()
     assert store.unload(m.model_id)["freedBytes"] == size
+
+
+def test_prints_from_python_and_c_code_never_reach_the_protocol_stream(tmp_path):
+    """A worker whose loading code prints (Python) and writes to fd 1 directly (as C libraries
+    do): the daemon's side still reads only protocol lines."""
+    import subprocess
+    import sys
+
+    from conftest import PY_ROOT
+
+    script = (
+        "import os, sys\n"
+        "from memwarden import models as M, worker as W\n"
+        "orig = M.ModelStore.load\n"
+        "def noisy(self, *a, **k):\n"
+        "    print('hello from python')\n"
+        "    os.write(1, b'hello from C\\n')\n"
+        "    return orig(self, *a, **k)\n"
+        "M.ModelStore.load = noisy\n"
+        "sys.exit(W.main(['--worker-id', 'noisy', '--devices', 'cpu']))\n"
+    )
+    from conftest import make_model
+
+    path = tmp_path / "m.safetensors"
+    make_model(path, 1)
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=dict(__import__("os").environ, PYTHONPATH=str(PY_ROOT)))
+    try:
+        assert P.decode(p.stdout.readline().decode()).kind == "hello"
+        p.stdin.write((P.encode(P.request("1", "loadModel", {"path": str(path)})) + "\n").encode())
+        p.stdin.flush()
+        reply = P.decode(p.stdout.readline().decode())
+        assert reply.kind == "reply" and reply.body["success"], reply.body
+        p.stdin.close()
+        assert p.wait(timeout=10) == 0
+        err = p.stderr.read().decode()
+        assert "hello from python" in err and "hello from C" in err
+    finally:
+        if p.poll() is None:
+            p.kill()
