@@ -151,32 +151,29 @@ impl Optimizer {
         }
     }
 
-    fn pressure_now(&self, device: DeviceId) -> (u8, Level) {
-        let thresholds = self.service.pressure_thresholds();
-        match self.service.measure_now(device) {
-            Ok((total, available)) if total > 0 => {
-                let u = 1.0 - available as f64 / total as f64;
-                ((u * 100.0).round().clamp(0.0, 100.0) as u8, thresholds.level_of(u))
-            }
-            _ => (0, Level::Low),
-        }
+    /// `(total, available)` of `device`, read afresh; `(0, 0)` when it cannot be read.
+    fn read(&self, device: DeviceId) -> (u64, u64) {
+        self.service.measure_now(device).unwrap_or((0, 0))
     }
 
-    fn host_room(&self) -> u64 {
-        let thresholds = self.service.pressure_thresholds();
-        match self.service.measure_now(DeviceId::Cpu) {
-            Ok((total, available)) if total > 0 => {
-                let u = 1.0 - available as f64 / total as f64;
-                if thresholds.level_of(u) >= Level::High {
-                    0
-                } else {
-                    // Offloads may use the host only up to its moderate threshold.
-                    let limit = (total as f64 * thresholds.moderate) as u64;
-                    limit.saturating_sub(total - available)
-                }
-            }
-            _ => 0,
+    /// Pressure (0–100) and level of a reading, by the configured thresholds.
+    fn level(&self, (total, available): (u64, u64)) -> (u8, Level) {
+        if total == 0 {
+            return (0, Level::Low);
         }
+        let u = 1.0 - available as f64 / total as f64;
+        ((u * 100.0).round().clamp(0.0, 100.0) as u8, self.service.pressure_thresholds().level_of(u))
+    }
+
+    /// Bytes the host can take for offloads: none while it is at `high` or above, else up to its
+    /// `moderate` threshold.
+    fn host_room(&self) -> u64 {
+        let (total, available) = self.read(DeviceId::Cpu);
+        if total == 0 || self.level((total, available)).1 >= Level::High {
+            return 0;
+        }
+        let limit = (total as f64 * self.service.pressure_thresholds().moderate) as u64;
+        limit.saturating_sub(total - available)
     }
 
     /// Models on `device` from every connected holder, as eviction candidates.
@@ -229,8 +226,8 @@ impl Optimizer {
         let deadline = started + req.max_time;
         let device = req.device;
         let dev = device.to_string();
-        let (level_before, category_before) = self.pressure_now(device);
-        let (total, available) = self.service.measure_now(device).unwrap_or((0, 0));
+        let (total, available) = self.read(device);
+        let (level_before, category_before) = self.level((total, available));
         let need = eviction::need_bytes(total, available, req.target_pressure_level, req.min_memory_to_free);
         let target = req.strategy.target_bytes(need);
         let mut out = OptimizeOutcome {
@@ -284,21 +281,9 @@ impl Optimizer {
             error: None,
         });
         for slot in self.supervisor.slots().into_iter().filter(|s| s.conn().is_some()) {
-            let t = Instant::now();
-            let before = self.measure(device);
-            let r = self.supervisor.call_ok(&slot, Action::TrimCache, serde_json::json!({ "deviceId": dev })).await;
-            let claimed = released(&r).freed_by_device.get(&dev).copied().unwrap_or(0);
-            let (gained, verified) = self.verify(device, before, claimed).await;
-            out.steps.push(StepRecord {
-                action: "trimCache".into(),
-                target: slot.id.clone(),
-                worker_id: Some(slot.id.clone()),
-                claimed_bytes: claimed,
-                measured_bytes: gained,
-                duration_ms: ms(t),
-                verified,
-                error: r.err().map(|e| e.to_string()),
-            });
+            let data = serde_json::json!({ "deviceId": dev });
+            let (step, _) = self.worker_step(device, &slot, Action::TrimCache, data, "trimCache", &slot.id).await;
+            out.steps.push(step);
         }
 
         // (2, 3) Offload and unload, ranked, until the target is met.
@@ -324,41 +309,28 @@ impl Optimizer {
                 break;
             }
             let Some((_, slot)) = candidates.iter().find(|(c, _)| c.model_id == p.model_id) else { continue };
-            let t = Instant::now();
-            let before = self.measure(device);
             let (action, name, data) = match p.action {
                 StepAction::Offload => {
                     (Action::OffloadModel, "offload", serde_json::json!({"modelId": p.model_id, "target": "cpu"}))
                 }
                 _ => (Action::UnloadModel, "unload", serde_json::json!({"modelId": p.model_id})),
             };
-            let r = self.supervisor.call_ok(slot, action, data).await;
-            let claimed = released(&r).freed_by_device.get(&dev).copied().unwrap_or(released(&r).freed_bytes);
-            let (gained, verified) = self.verify(device, before, claimed).await;
-            if r.is_ok() {
+            let (step, ok) = self.worker_step(device, slot, action, data, name, &p.model_id).await;
+            if ok {
                 if p.action == StepAction::Offload {
                     out.models_offloaded.push(p.model_id.clone());
                 } else {
                     out.models_unloaded.push(p.model_id.clone());
                 }
-                if !verified {
-                    self.unverified(slot, &p.model_id, claimed, gained);
+                if !step.verified {
+                    self.unverified(slot, &p.model_id, step.claimed_bytes, step.measured_bytes);
                 }
             }
-            out.steps.push(StepRecord {
-                action: name.into(),
-                target: p.model_id.clone(),
-                worker_id: Some(slot.id.clone()),
-                claimed_bytes: claimed,
-                measured_bytes: gained,
-                duration_ms: ms(t),
-                verified,
-                error: r.err().map(|e| e.to_string()),
-            });
+            out.steps.push(step);
         }
         out.memory_freed = self.measure(device) - base;
         out.memory_claimed = out.steps.iter().map(|s| s.claimed_bytes).sum();
-        let (level_after, category_after) = self.pressure_now(device);
+        let (level_after, category_after) = self.level(self.read(device));
         out.new_pressure_level = level_after;
         out.new_pressure_category = category_after.as_str().to_string();
         let touched = out.models_unloaded.len() + out.models_offloaded.len();
@@ -373,6 +345,36 @@ impl Optimizer {
             if out.memory_freed < target as i64 && touched == 0 { "; nothing left that may be released" } else { "" },
         );
         self.finish(out, started)
+    }
+
+    /// One call to a worker, with its claim re-measured on `device`; the bool says whether the
+    /// worker answered with success.
+    async fn worker_step(
+        &self,
+        device: DeviceId,
+        slot: &Slot,
+        action: Action,
+        data: serde_json::Value,
+        name: &str,
+        target: &str,
+    ) -> (StepRecord, bool) {
+        let t = Instant::now();
+        let before = self.measure(device);
+        let r = self.supervisor.call_ok(slot, action, data).await;
+        let released = released(&r);
+        let claimed = released.freed_by_device.get(&device.to_string()).copied().unwrap_or(released.freed_bytes);
+        let (gained, verified) = self.verify(device, before, claimed).await;
+        let step = StepRecord {
+            action: name.into(),
+            target: target.to_string(),
+            worker_id: Some(slot.id.clone()),
+            claimed_bytes: claimed,
+            measured_bytes: gained,
+            duration_ms: ms(t),
+            verified,
+            error: r.as_ref().err().map(|e| e.to_string()),
+        };
+        (step, r.is_ok())
     }
 
     /// A claim that did not show up: reported on the worker and, when configured, the worker is

@@ -282,7 +282,6 @@ fn a_killed_worker_restarts_and_model_routes_answer_503_meanwhile() {
     assert_eq!(w["restarts"], 1);
     assert_ne!(w["pid"].as_u64(), Some(pid));
     assert_eq!(w["modelCount"], 0);
-    assert!(w["lastError"].is_null() || w["lastError"].as_str().is_some());
 }
 
 #[test]

@@ -222,11 +222,10 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "WORKER_UNAVAILABLE", sup.unavailable_reason())
         }));
     }
-    let statuses = match device {
-        Some(d) => vec![state.service.status(d)?],
-        None => state.service.status_all()?,
-    };
-    let all_statuses = if device.is_some() { state.service.status_all()? } else { statuses.clone() };
+    // Every device's status (a worker's process is measured on all of them); the listing shows
+    // the one asked for.
+    let all_statuses = state.service.status_all()?;
+    let statuses: Vec<&DeviceStatus> = all_statuses.iter().filter(|s| device.is_none_or(|d| s.device == d)).collect();
     let slots = sup.slots();
     // Per device: reported models (with owner), measured bytes of the processes holding them.
     let mut workers = Vec::new();
@@ -540,7 +539,6 @@ async fn load_admitted(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
         model_id: None,
     };
     let (info, slot) = state.supervisor.load(req).await?;
-    let _ = device;
     let pid = slot.snapshot().pid.unwrap_or(0);
     Ok(Data(LoadedModelDto::new(&info, &slot.id, pid)))
 }
