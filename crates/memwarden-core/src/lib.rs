@@ -3,8 +3,10 @@
 //! all of it is testable without hardware; backends only create and destroy blocks.
 #![deny(unsafe_code, clippy::unwrap_used)]
 
+pub mod advice;
 pub mod defrag;
 pub mod eviction;
+pub mod history;
 pub mod ids;
 pub mod pool;
 pub mod pressure;

@@ -23,6 +23,91 @@ pub struct Config {
     pub pressure: PressureSection,
     pub workers: WorkersSection,
     pub optimizer: OptimizerSection,
+    pub analytics: AnalyticsSection,
+}
+
+/// Measured history, analytics, recommendations and `/metrics`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalyticsSection {
+    /// Record counters, peaks, the allocation event log and the history. Off: analytics and
+    /// `/metrics` report current state only (no rates, peaks or events).
+    pub enabled: bool,
+    /// Interval of fine history points, in milliseconds.
+    pub fine_interval_ms: u64,
+    /// Fine points kept per device (3600 at 1 s: an hour).
+    pub fine_points: usize,
+    /// Interval of coarse history points, in milliseconds (a multiple of `fine_interval_ms`).
+    pub coarse_interval_ms: u64,
+    /// Coarse points kept per device (1440 at 1 min: a day).
+    pub coarse_points: usize,
+    /// Entries of the allocation event log (allocated, freed, moved, exported).
+    pub event_log_size: usize,
+    /// Models whose memory is tracked over time (the longest gone are forgotten first).
+    pub max_tracked_models: usize,
+    /// A non-persistent allocation at least this old, in seconds, whose owner is gone or idle
+    /// is a leak suspect.
+    pub leak_min_age_secs: u64,
+    /// An owner with no allocation or free for this long, in seconds, counts as idle.
+    pub leak_owner_idle_secs: u64,
+    /// Recommendations: fragmentation index (0–1) that, with a recent failed allocation, calls
+    /// for a defragmentation.
+    pub fragmentation_threshold: f64,
+    /// Recommendations: how long a failed allocation counts as recent, in seconds.
+    pub failure_recent_secs: u64,
+    /// Recommendations: idle time after which a model counts as idle, in seconds.
+    pub model_idle_secs: u64,
+    /// Recommendations: cached empty pool bytes worth a clear (or 1 % of the device, if more).
+    pub min_clear_bytes: u64,
+    /// Recommendations: pinned host memory that counts as large, as a fraction (0–1) of the host.
+    pub pinned_fraction: f64,
+    /// Recommendations: utilization difference (0–1) between two GPUs of one kind that calls
+    /// for moving a model.
+    pub imbalance: f64,
+}
+
+impl Default for AnalyticsSection {
+    fn default() -> Self {
+        AnalyticsSection {
+            enabled: true,
+            fine_interval_ms: 1000,
+            fine_points: 3600,
+            coarse_interval_ms: 60_000,
+            coarse_points: 1440,
+            event_log_size: 10_000,
+            max_tracked_models: 256,
+            leak_min_age_secs: 600,
+            leak_owner_idle_secs: 600,
+            fragmentation_threshold: 0.3,
+            failure_recent_secs: 600,
+            model_idle_secs: 300,
+            min_clear_bytes: 64 << 20,
+            pinned_fraction: 0.1,
+            imbalance: 0.3,
+        }
+    }
+}
+
+impl AnalyticsSection {
+    pub fn resolution(&self) -> memwarden_core::history::Resolution {
+        memwarden_core::history::Resolution {
+            fine_ms: self.fine_interval_ms,
+            fine_points: self.fine_points,
+            coarse_ms: self.coarse_interval_ms,
+            coarse_points: self.coarse_points,
+        }
+    }
+
+    pub fn thresholds(&self) -> memwarden_core::advice::Thresholds {
+        memwarden_core::advice::Thresholds {
+            fragmentation: self.fragmentation_threshold,
+            failure_recent_secs: self.failure_recent_secs as f64,
+            model_idle_secs: self.model_idle_secs as f64,
+            min_clear_bytes: self.min_clear_bytes,
+            pinned_fraction: self.pinned_fraction,
+            imbalance: self.imbalance,
+        }
+    }
 }
 
 /// Pressure-driven model memory optimization (the release ladder).
@@ -296,6 +381,7 @@ impl Default for Config {
             pressure: PressureSection::default(),
             workers: WorkersSection::default(),
             optimizer: OptimizerSection::default(),
+            analytics: AnalyticsSection::default(),
         }
     }
 }
@@ -361,6 +447,29 @@ impl Config {
         self.pressure.thresholds().validate().map_err(ConfigError::Invalid)?;
         if !(0.0..=100.0).contains(&self.optimizer.target_pressure_level) {
             return Err(ConfigError::Invalid("optimizer.target_pressure_level must be between 0 and 100".into()));
+        }
+        let a = &self.analytics;
+        if a.fine_interval_ms == 0
+            || a.coarse_interval_ms < a.fine_interval_ms
+            || a.fine_points == 0
+            || a.coarse_points == 0
+        {
+            return Err(ConfigError::Invalid(
+                "analytics: intervals and point counts must be above 0, coarse_interval_ms at least fine_interval_ms"
+                    .into(),
+            ));
+        }
+        if a.event_log_size == 0 {
+            return Err(ConfigError::Invalid("analytics.event_log_size must be above 0".into()));
+        }
+        for (name, v) in [
+            ("fragmentation_threshold", a.fragmentation_threshold),
+            ("pinned_fraction", a.pinned_fraction),
+            ("imbalance", a.imbalance),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(ConfigError::Invalid(format!("analytics.{name} must be between 0 and 1")));
+            }
         }
         let w = &self.workers;
         if w.call_timeout_ms == 0 || w.load_timeout_ms == 0 || w.start_timeout_ms == 0 {

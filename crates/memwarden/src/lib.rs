@@ -2,6 +2,7 @@
 //! memory. `service` holds the logic, `api` the REST layer over it, `cli` the client commands,
 //! `config` the settings, `server` the process that ties them together.
 
+pub mod analytics;
 pub mod api;
 pub mod cli;
 pub mod config;

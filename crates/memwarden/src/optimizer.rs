@@ -32,6 +32,8 @@ pub struct OptimizeRequest {
     pub min_memory_to_free: u64,
     pub force: bool,
     pub exclude: Vec<String>,
+    /// When not empty, only these models may be offloaded or unloaded.
+    pub only: Vec<String>,
     pub max_time: Duration,
     /// `manual`, `watchdog` or `admission`.
     pub trigger: &'static str,
@@ -290,7 +292,11 @@ impl Optimizer {
         let freed_so_far = (self.measure(device) - base).max(0) as u64;
         let candidates = self.candidates(device);
         let host_room = if matches!(device, DeviceId::Cuda(_)) { self.host_room() } else { 0 };
-        let cands: Vec<Candidate> = candidates.iter().map(|(c, _)| c.clone()).collect();
+        let cands: Vec<Candidate> = candidates
+            .iter()
+            .map(|(c, _)| c.clone())
+            .filter(|c| req.only.is_empty() || req.only.contains(&c.model_id))
+            .collect();
         let planned = eviction::plan(
             &cands,
             &req.exclude,
@@ -448,6 +454,7 @@ impl Optimizer {
                         min_memory_to_free: 0,
                         force: true,
                         exclude: Vec::new(),
+                        only: Vec::new(),
                         max_time: Duration::from_millis(me2.config.max_time_ms),
                         trigger: "watchdog",
                     })

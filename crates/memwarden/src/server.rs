@@ -24,6 +24,8 @@ pub async fn serve_on(
     supervisor.start().await;
     let optimizer = crate::optimizer::Optimizer::new(service.clone(), supervisor.clone(), config.optimizer.clone());
     optimizer.start_watchdog();
+    let analytics = crate::analytics::Analytics::new(service.clone(), supervisor.clone(), config.analytics.clone());
+    analytics.start();
     // One shutdown signal for the server and every open event stream: graceful shutdown waits
     // for open connections, and an event stream never ends on its own.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -31,6 +33,8 @@ pub async fn serve_on(
         service,
         supervisor: supervisor.clone(),
         optimizer,
+        analytics,
+        http_metrics: Default::default(),
         auth_token: config.auth_token.as_deref().map(Arc::from),
         shutdown: stop_rx.clone(),
     };

@@ -1,5 +1,6 @@
 //! The REST API: `router(state)` builds every route; handlers translate HTTP to service calls.
 
+pub mod analytics;
 pub mod dto;
 pub mod envelope;
 pub mod models;
@@ -41,6 +42,10 @@ pub struct AppState {
     pub supervisor: Arc<crate::supervisor::Supervisor>,
     /// The release ladder (manual, watchdog, admission).
     pub optimizer: Arc<crate::optimizer::Optimizer>,
+    /// History, analytics, recommendations and `/metrics`.
+    pub analytics: Arc<crate::analytics::Analytics>,
+    /// Request latencies for `/metrics`.
+    pub http_metrics: crate::analytics::metrics::HttpMetrics,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
     pub auth_token: Option<Arc<str>>,
     /// Turns true when the daemon shuts down; open event streams end then.
@@ -92,9 +97,25 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         models::load_model,
         models::unload_model,
         models::optimize,
-        models::optimize_history
+        models::optimize_history,
+        models::move_model,
+        analytics::usage_all,
+        analytics::usage_device,
+        analytics::analytics,
+        analytics::reset_peaks,
+        analytics::events,
+        analytics::optimization,
+        analytics::metrics
     ),
-    components(schemas(ErrorBody, AllocateBody, TransferBody, DefragBody, models::LoadBody, models::OptimizeBody))
+    components(schemas(
+        ErrorBody,
+        AllocateBody,
+        TransferBody,
+        DefragBody,
+        models::LoadBody,
+        models::OptimizeBody,
+        models::MoveBody
+    ))
 )]
 pub struct ApiDoc;
 
@@ -129,6 +150,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/models/optimize", post(models::optimize))
         .route("/api/memory/models/optimize/history", get(models::optimize_history))
         .route("/api/memory/models/{model_id}", delete(models::unload_model))
+        .route("/api/memory/models/{model_id}/move", post(models::move_model))
+        .route("/api/memory/usage", get(analytics::usage_all))
+        .route("/api/memory/usage/{device_id}", get(analytics::usage_device))
+        .route("/api/memory/analytics", get(analytics::analytics))
+        .route("/api/memory/analytics/reset-peaks", post(analytics::reset_peaks))
+        .route("/api/memory/analytics/events", get(analytics::events))
+        .route("/api/memory/optimization", get(analytics::optimization))
+        .route("/metrics", get(analytics::metrics))
         .route("/api/memory/operations/clear", post(clear_all))
         .route("/api/memory/operations/clear/{device_id}", post(clear_device))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -138,6 +167,7 @@ pub fn router(state: AppState) -> Router {
         .merge(SwaggerUi::new("/swagger-ui").url("/api/openapi.json", ApiDoc::openapi()))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), analytics::track_latency))
         .layer(middleware::from_fn(correlation))
         .with_state(state)
 }

@@ -499,6 +499,7 @@ async fn admit(state: &AppState, device: DeviceId, path: &str, name: Option<&str
             min_memory_to_free: shortfall + (16 << 20),
             force: true,
             exclude: Vec::new(),
+            only: Vec::new(),
             max_time: Duration::from_millis(state.optimizer.config().max_time_ms),
             trigger: "admission",
         })
@@ -578,6 +579,78 @@ pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<St
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoveBody {
+    /// `cpu` or `cuda:N` (aliases accepted).
+    target_device_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MovedDto {
+    /// The model where it is now (a new model id, on the target device).
+    model: LoadedModelDto,
+    /// The model that was unloaded from the source device.
+    previous_model_id: String,
+    previous_device_id: String,
+    freed_bytes: u64,
+}
+
+/// Moves a model that a supervised worker loaded from a file to another device: loads it there
+/// first (through admission, like any load), then unloads it from where it was. If the load
+/// fails, the model stays where it was. The moved model gets a new id.
+#[utoipa::path(
+    post, path = "/api/memory/models/{modelId}/move", params(("modelId" = String, Path)), request_body = MoveBody,
+    responses(
+        (status = 200, body = ApiResponse<MovedDto>), (status = 400, description = "INVALID_ARGUMENT (already there)"),
+        (status = 404, description = "MODEL_NOT_FOUND / DEVICE_NOT_FOUND"),
+        (status = 409, description = "INVALID_OPERATION: not a worker's file-backed model"),
+        (status = 503, description = "WORKER_UNAVAILABLE"), (status = 507, description = "INSUFFICIENT_MEMORY")
+    )
+)]
+pub async fn move_model(
+    State(state): State<AppState>,
+    Path(model_id): Path<String>,
+    ApiJson(body): ApiJson<MoveBody>,
+) -> ApiResult<MovedDto> {
+    let target = state.service.resolve(&body.target_device_id)?;
+    let (slot, info) = state.supervisor.find_model(&model_id).await?;
+    let path = match (&info.path, slot.role) {
+        (Some(p), Role::Worker) => p.clone(),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "INVALID_OPERATION",
+                format!("model {model_id} is held by {} without a file to load it from elsewhere", slot.id),
+            ))
+        }
+    };
+    if info.device_id == target.to_string() {
+        return Err(ApiError::invalid(format!("targetDeviceId: model {model_id} is already on {target}")));
+    }
+    let load = LoadBody {
+        path: path.clone(),
+        name: Some(info.model_name.clone()),
+        device_id: Some(target.to_string()),
+        priority: Some(info.priority),
+        pinned: info.pinned,
+    };
+    let ticket = admit(&state, target, &path, Some(&info.model_name)).await?;
+    let loaded = load_admitted(&state, target, load).await;
+    if let Some(id) = ticket {
+        let _ = state.service.free(&id);
+    }
+    let Data(model) = loaded?;
+    let (released, _, _) = state.supervisor.unload(&model_id).await?;
+    Ok(Data(MovedDto {
+        model,
+        previous_model_id: model_id,
+        previous_device_id: info.device_id,
+        freed_bytes: released.freed_bytes,
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OptimizeBody {
     /// `cpu` or `cuda:N` (aliases accepted).
     device_id: String,
@@ -595,6 +668,9 @@ pub struct OptimizeBody {
     /// Model ids never touched.
     #[serde(default)]
     exclude_models: Vec<String>,
+    /// When given, only these model ids may be offloaded or unloaded (each must be on the device).
+    #[serde(default)]
+    models: Vec<String>,
     /// Time limit, checked between steps (default 30000).
     max_optimization_time_ms: Option<u64>,
 }
@@ -634,6 +710,17 @@ pub async fn optimize(
     if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
+    if !body.models.is_empty() {
+        let here: Vec<String> = crate::analytics::model_snapshot(&state.supervisor)
+            .into_iter()
+            .filter(|(m, _)| crate::analytics::model_bytes_on(m, &device.to_string()) > 0)
+            .map(|(m, _)| m.model_id)
+            .collect();
+        let missing: Vec<&str> = body.models.iter().filter(|m| !here.contains(m)).map(String::as_str).collect();
+        if !missing.is_empty() {
+            return Err(ApiError::invalid(format!("models: not loaded on {device}: {}", missing.join(", "))));
+        }
+    }
     let outcome = state
         .optimizer
         .run(OptimizeRequest {
@@ -644,6 +731,7 @@ pub async fn optimize(
             min_memory_to_free: body.min_memory_to_free.unwrap_or(0),
             force: body.force_optimization,
             exclude: body.exclude_models,
+            only: body.models,
             max_time: Duration::from_millis(max_time),
             trigger: "manual",
         })

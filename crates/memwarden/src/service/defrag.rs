@@ -162,6 +162,9 @@ impl Service {
                             rec.address = Some(moved.address);
                             rec.generation += 1;
                         }
+                        if let Some(rec) = ledger.records.get(&id).cloned() {
+                            ledger.recorder.moved(&rec);
+                        }
                         at.insert((moved.placement.block, moved.placement.offset_bytes), id);
                         report.bytes_moved += m.from.size_bytes;
                         report.allocations_moved += 1;
@@ -202,6 +205,7 @@ impl Service {
         report.fragmentation_after = index(&after);
         report.largest_free_block_after = after.largest_free_block_bytes;
         report.duration = started.elapsed();
+        lock(&self.ledger).recorder.defragmented(device, report.bytes_moved, report.bytes_released);
         if report.allocations_moved > 0 || report.blocks_released > 0 {
             tracing::info!(
                 device = %device,

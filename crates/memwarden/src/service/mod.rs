@@ -4,9 +4,12 @@
 mod defrag;
 mod device;
 mod pressure;
+mod record;
 mod transfer;
 
 pub use pressure::{PressureEvent, PressureReport};
+
+pub use record::{AllocationEvent, DeviceRecord, EventKind};
 
 pub use defrag::{BlockDump, CanAllocate, DefragReport, Fit, PoolDump, RangeView};
 
@@ -188,11 +191,12 @@ pub struct Service {
     started_at: OffsetDateTime,
 }
 
-/// Live allocations, and which of them a copy is using (those cannot be freed meanwhile).
-#[derive(Default)]
+/// Live allocations, which of them a copy is using (those cannot be freed meanwhile), and what
+/// the service records about them.
 struct Ledger {
     records: HashMap<String, Allocation>,
     busy: HashMap<String, u32>,
+    recorder: record::Recorder,
 }
 
 impl Ledger {
@@ -256,6 +260,7 @@ impl Service {
             max_age: Duration::from_millis(config.pool.status_max_age_ms),
         };
         let mut service = Service::with_backends(backends, pool, limits);
+        service.set_recording(config.analytics.enabled, config.analytics.event_log_size);
         service.auto_defrag = config.defrag.auto.then_some(config.defrag.clone());
         service.pressure = pressure::PressureState::new(config.pressure.clone());
         service.backends = health;
@@ -274,7 +279,11 @@ impl Service {
         }];
         Service {
             devices: backends.into_iter().map(|b| (b.info().device_id, Device::new(b, pool, limits))).collect(),
-            ledger: Mutex::new(Ledger::default()),
+            ledger: Mutex::new(Ledger {
+                records: HashMap::new(),
+                busy: HashMap::new(),
+                recorder: record::Recorder::new(true, 10_000),
+            }),
             transfers: Mutex::new(transfer::Transfers::default()),
             backends: health,
             peer: vec![],
@@ -284,6 +293,12 @@ impl Service {
             pressure: pressure::PressureState::new(crate::config::PressureSection::default()),
             started_at: OffsetDateTime::now_utc(),
         }
+    }
+
+    /// Turns recording (counters, peaks, the event log of `log_size` entries) on or off; what
+    /// was recorded is dropped.
+    pub fn set_recording(&mut self, enabled: bool, log_size: usize) {
+        lock(&self.ledger).recorder = record::Recorder::new(enabled, log_size);
     }
 
     /// `peer[i][j]`: cuda:i reads and writes cuda:j's memory directly.
@@ -357,6 +372,7 @@ impl Service {
     /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
     pub fn allocate(&self, req: AllocateRequest) -> Result<Allocation, ServiceError> {
         let device = req.device.clone();
+        let is_reservation = req.kind == Some(MemoryKind::Reservation);
         // Keep a copy for the retry only when an automatic pass could retry it.
         let retry = self.auto_defrag.as_ref().map(|auto| (auto.clone(), req.clone()));
         let first = self.allocate_inner(req, true);
@@ -364,6 +380,10 @@ impl Service {
             (Err(e @ ServiceError::InsufficientMemory { .. }), retry) => {
                 let id = self.resolve(&device)?;
                 self.note_allocation_failure(id);
+                // A reservation that does not fit is a budget answer, not a placement failure.
+                if let (ServiceError::InsufficientMemory { requested_bytes, .. }, false) = (&e, is_reservation) {
+                    lock(&self.ledger).recorder.failed(id, *requested_bytes);
+                }
                 let Some((auto, req)) = retry else { return Err(e) };
                 // Fragmented and out of room: one bounded pass, then one more try.
                 if self.fragmentation(id) < auto.fragmentation_threshold {
@@ -460,7 +480,11 @@ impl Service {
             generation: 0,
             allocated_at: OffsetDateTime::now_utc(),
         });
-        lock(&self.ledger).records.insert(record.id.clone(), record.clone());
+        {
+            let mut ledger = lock(&self.ledger);
+            ledger.recorder.allocated(&record);
+            ledger.records.insert(record.id.clone(), record.clone());
+        }
         Ok(Some(record))
     }
 
@@ -481,16 +505,20 @@ impl Service {
                     "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
                 )));
             }
-            ledger
+            let record = ledger
                 .records
                 .remove(allocation_id)
-                .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?
+                .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
+            ledger.recorder.freed(&record);
+            record
         };
         let dev = self.device_or_404(record.device)?;
         let result = lock(&dev.state).free(record.kind, record.placement.as_ref(), record.size_bytes);
         if let Err(e) = result {
             // Keep the handle so the caller can retry; the pool did not change.
-            lock(&self.ledger).records.insert(record.id.clone(), record.clone());
+            let mut ledger = lock(&self.ledger);
+            ledger.recorder.unfreed(&record);
+            ledger.records.insert(record.id.clone(), record.clone());
             return Err(ServiceError::from_backend(record.device, e));
         }
         Ok(record)

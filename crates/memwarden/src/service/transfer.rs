@@ -324,6 +324,9 @@ impl Service {
         if error.is_some() && created {
             let _ = self.free(&dst.record.id);
         }
+        if done > 0 {
+            lock(&self.ledger).recorder.transferred(src.record.device, dst.record.device, done);
+        }
         let move_source = lock(&state.record).move_source;
         if error.is_none() && move_source {
             if let Err(e) = self.free(&src.record.id) {
@@ -366,7 +369,11 @@ impl Service {
             let m = Arc::make_mut(r);
             m.exported = true;
             m.movable = false;
-            (r.clone(), was)
+            let record = r.clone();
+            if !was.0 {
+                ledger.recorder.exported(&record);
+            }
+            (record, was)
         };
         let exported = self.side(record.clone(), "allocationId").and_then(|side| {
             let e = side.block.export().map_err(|e| {
