@@ -255,13 +255,15 @@ impl Series {
     }
 
     /// The points ending in `(now_ms - window_ms, now_ms]`, at the finest resolution that
-    /// covers the window, and that resolution. Fine points serve windows up to the fine span;
+    /// covers the window, and that resolution. Fine points serve windows they reach back over;
     /// longer windows get coarse points (plus the one being built).
     pub fn window(&self, window_ms: u64, now_ms: i64) -> (u64, Vec<Point>) {
         let start = now_ms - window_ms as i64;
-        let fine_reaches = self.fine.first().is_some_and(|p| p.at_ms - p.span_ms as i64 <= start)
-            || self.fine.len() < self.fine.capacity();
-        if window_ms <= self.resolution.fine_span_ms() && fine_reaches {
+        // Fine points serve while they hold the whole history (the ring never dropped one), or
+        // when they reach back to the window's start.
+        let holds_all = self.fine.len() < self.fine.capacity();
+        let reaches = self.fine.first().is_some_and(|p| p.at_ms - p.span_ms as i64 <= start);
+        if holds_all || (window_ms <= self.resolution.fine_span_ms() && reaches) {
             let pts = self.fine.iter().filter(|p| p.at_ms > start && p.at_ms <= now_ms).copied().collect();
             return (self.resolution.fine_ms, pts);
         }

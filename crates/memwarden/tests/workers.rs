@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{tempdir, write_model, TestServer};
 use memwarden::config::{Config, WorkerSpec};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -21,53 +21,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A safetensors file of `mib` F32 tensors of 1 MiB each (written here: the format is an 8-byte
-/// header length, a JSON header, then the bytes).
-fn write_model(dir: &Path, name: &str, mib: u64) -> (PathBuf, u64) {
-    let mut header = serde_json::Map::new();
-    for i in 0..mib {
-        header.insert(
-            format!("layer{i}.weight"),
-            json!({"dtype": "F32", "shape": [512, 512], "data_offsets": [i * MIB, (i + 1) * MIB]}),
-        );
-    }
-    let mut h = Value::Object(header).to_string().into_bytes();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&h);
-    for i in 0..mib {
-        bytes.extend(std::iter::repeat_n((i % 251) as u8 + 1, MIB as usize));
-    }
-    let path = dir.join(format!("{name}.safetensors"));
-    std::fs::write(&path, bytes).expect("write model");
-    (path, mib * MIB)
-}
-
-/// A scratch directory, removed with its model files when the test ends.
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir(tag: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("mw-models-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("tempdir");
-    TempDir(d)
 }
 
 fn config(tag: &str) -> Config {

@@ -574,7 +574,12 @@ impl Analytics {
             pool_reserved_bytes: reserved,
             pool_allocated_bytes: allocated,
             reservation_bytes: st.reservation_bytes,
-            model_bytes: pts.last().map(|p| p.model_bytes).unwrap_or(0),
+            model_bytes: lock(&self.state)
+                .series
+                .get(&id)
+                .and_then(|se| se.latest())
+                .map(|p| p.model_bytes)
+                .unwrap_or(0),
             fragmentation: st.fragmentation(),
             pressure_level: pressure.level.as_str().to_string(),
             peak_used: peak(used_peak),

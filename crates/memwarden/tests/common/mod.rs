@@ -3,7 +3,10 @@
 
 use memwarden::config::Config;
 use memwarden::service::Service;
-use serde_json::Value;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+const MIB_BYTES: u64 = 1 << 20;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -191,4 +194,51 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A safetensors file of `mib` F32 tensors of 1 MiB each (written here: the format is an 8-byte
+/// header length, a JSON header, then the bytes).
+pub fn write_model(dir: &Path, name: &str, mib: u64) -> (PathBuf, u64) {
+    let mut header = serde_json::Map::new();
+    for i in 0..mib {
+        header.insert(
+            format!("layer{i}.weight"),
+            json!({"dtype": "F32", "shape": [512, 512], "data_offsets": [i * MIB_BYTES, (i + 1) * MIB_BYTES]}),
+        );
+    }
+    let mut h = Value::Object(header).to_string().into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    for i in 0..mib {
+        bytes.extend(std::iter::repeat_n((i % 251) as u8 + 1, MIB_BYTES as usize));
+    }
+    let path = dir.join(format!("{name}.safetensors"));
+    std::fs::write(&path, bytes).expect("write model");
+    (path, mib * MIB_BYTES)
+}
+
+/// A scratch directory, removed with its model files when the test ends.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir(tag: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("mw-models-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tempdir");
+    TempDir(d)
 }
