@@ -19,6 +19,7 @@ impl<T> Ring<T> {
     }
 
     /// Appends `item`; returns the dropped oldest item when the ring was full.
+    #[inline]
     pub fn push(&mut self, item: T) -> Option<T> {
         let dropped = if self.items.len() == self.capacity { self.items.pop_front() } else { None };
         self.items.push_back(item);

@@ -30,6 +30,27 @@ fn service_pair(c: &mut Criterion) {
             service.free(&r.id).expect("free");
         })
     });
+    // The same pair with recording off (analytics.enabled = false): what counters, peaks, owner
+    // activity and the event log cost on the hot path.
+    let mut config = Config::default();
+    config.analytics.enabled = false;
+    let quiet = Service::from_config(&config);
+    let warm = quiet.allocate(request(1 << 20, MemoryKind::Host)).expect("warm");
+    quiet.free(&warm.id).expect("free");
+    c.bench_function("service allocate+free 64 KiB host (pool hit), recording off", |b| {
+        b.iter(|| {
+            let r = quiet.allocate(black_box(request(65536, MemoryKind::Host))).expect("allocate");
+            quiet.free(&r.id).expect("free");
+        })
+    });
+    c.bench_function("service allocate+free 64 KiB host (pool hit), recording on, owner set", |b| {
+        let mut req = request(65536, MemoryKind::Host);
+        req.owner = Some("bench-owner".into());
+        b.iter(|| {
+            let r = service.allocate(black_box(req.clone())).expect("allocate");
+            service.free(&r.id).expect("free");
+        })
+    });
     c.bench_function("service allocate+free reservation", |b| {
         b.iter(|| {
             let r = service.allocate(black_box(request(1 << 30, MemoryKind::Reservation))).expect("reserve");

@@ -542,6 +542,194 @@ pub fn optimize(
     Ok(out)
 }
 
+fn pct(v: &Value) -> String {
+    format!("{:.1} %", v.as_f64().unwrap_or(0.0) * 100.0)
+}
+
+/// `memwarden analytics`: per device, then the top holders and leak suspects.
+pub fn analytics(client: &Client, window: &str, as_json: bool) -> Result<String, CliError> {
+    let a = client.call("GET", &format!("/api/memory/analytics?window={}", path_segment(window)), None)?;
+    if as_json {
+        return Ok(pretty(&a));
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "window {} ({} → {})", s(&a["window"]), s(&a["windowStart"]), s(&a["windowEnd"]));
+    if a["recording"] != true {
+        let _ = writeln!(out, "recording is off (analytics.enabled = false): current figures only");
+    }
+    for d in a["devices"].as_array().into_iter().flatten() {
+        let act = &d["activity"];
+        let p = &d["usagePercentiles"];
+        let t = &d["pressureTime"];
+        let _ = writeln!(
+            out,
+            "\n{}: used {} of {} ({} samples at {} ms), pressure {}",
+            s(&d["deviceId"]),
+            format_bytes(u(&d["usedBytes"])),
+            format_bytes(u(&d["totalBytes"])),
+            u(&d["samples"]),
+            u(&d["resolutionMs"]),
+            s(&d["pressureLevel"]),
+        );
+        let _ = writeln!(
+            out,
+            "  peak used {} at {} (window peak {}); peak allocated {} at {}",
+            format_bytes(u(&d["peakUsed"]["valueBytes"])),
+            s(&d["peakUsed"]["at"]),
+            format_bytes(u(&d["windowPeakUsedBytes"])),
+            format_bytes(u(&d["peakAllocated"]["valueBytes"])),
+            s(&d["peakAllocated"]["at"]),
+        );
+        if !p.is_null() {
+            let _ = writeln!(
+                out,
+                "  used p50 {}  p90 {}  p99 {}  max {}",
+                format_bytes(u(&p["p50Bytes"])),
+                format_bytes(u(&p["p90Bytes"])),
+                format_bytes(u(&p["p99Bytes"])),
+                format_bytes(u(&p["maxBytes"])),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {} allocations ({}, {:.2}/s, average {}), {} frees, {} failed, {} moved, {} exported",
+            u(&act["allocations"]),
+            format_bytes(u(&act["allocatedBytes"])),
+            act["allocationsPerSecond"].as_f64().unwrap_or(0.0),
+            format_bytes(u(&act["averageAllocationSizeBytes"])),
+            u(&act["frees"]),
+            u(&act["failedAllocations"]),
+            u(&act["moves"]),
+            u(&act["exports"]),
+        );
+        let _ = writeln!(
+            out,
+            "  pools {} reserved, {} allocated; fragmentation {} ({}); models {}",
+            format_bytes(u(&d["poolReservedBytes"])),
+            format_bytes(u(&d["poolAllocatedBytes"])),
+            pct(&d["fragmentation"]),
+            s(&d["fragmentationTrend"]["trend"]),
+            format_bytes(u(&d["modelBytes"])),
+        );
+        let _ = writeln!(
+            out,
+            "  transfers {} out, {} in; defragmentation {} runs, {} moved, {} released",
+            format_bytes(u(&d["transfers"]["outBytes"])),
+            format_bytes(u(&d["transfers"]["inBytes"])),
+            u(&d["defragmentation"]["runs"]),
+            format_bytes(u(&d["defragmentation"]["movedBytes"])),
+            format_bytes(u(&d["defragmentation"]["releasedBytes"])),
+        );
+        let secs = |k: &str| t[k].as_f64().unwrap_or(0.0);
+        let _ = writeln!(
+            out,
+            "  time at pressure: low {:.0} s, moderate {:.0} s, high {:.0} s, critical {:.0} s",
+            secs("lowSeconds"),
+            secs("moderateSeconds"),
+            secs("highSeconds"),
+            secs("criticalSeconds"),
+        );
+    }
+    let holders = |v: &Value| -> Vec<Vec<String>> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| {
+                vec![
+                    s(&h["name"]).to_string(),
+                    format_bytes(u(&h["liveBytes"])),
+                    u(&h["liveCount"]).to_string(),
+                    format_bytes(u(&h["allocatedBytesInWindow"])),
+                    u(&h["allocationsInWindow"]).to_string(),
+                ]
+            })
+            .collect()
+    };
+    for (title, key) in [("owners", "topOwners"), ("purposes", "topPurposes")] {
+        let rows = holders(&a[key]);
+        if !rows.is_empty() {
+            let _ = writeln!(out, "\ntop {title}");
+            out.push_str(&table(&["NAME", "LIVE", "COUNT", "ALLOCATED IN WINDOW", "ALLOCATIONS"], &rows));
+        }
+    }
+    let models: Vec<Vec<String>> = a["topModels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            vec![
+                s(&m["modelName"]).to_string(),
+                s(&m["modelId"]).to_string(),
+                s(&m["deviceId"]).to_string(),
+                format_bytes(u(&m["currentBytes"])),
+                format_bytes(u(&m["peakBytesInWindow"])),
+                if m["loaded"] == true { "loaded".into() } else { "gone".into() },
+            ]
+        })
+        .collect();
+    if !models.is_empty() {
+        let _ = writeln!(out, "\ntop models");
+        out.push_str(&table(&["NAME", "ID", "DEVICE", "NOW", "PEAK", "STATE"], &models));
+    }
+    let leaks: Vec<Vec<String>> = a["leakSuspects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            vec![
+                s(&l["allocationId"]).to_string(),
+                s(&l["deviceId"]).to_string(),
+                format_bytes(u(&l["sizeBytes"])),
+                l["owner"].as_str().unwrap_or("(none)").to_string(),
+                format!("{:.0} s", l["ageSeconds"].as_f64().unwrap_or(0.0)),
+                s(&l["reason"]).to_string(),
+            ]
+        })
+        .collect();
+    if !leaks.is_empty() {
+        let _ = writeln!(out, "\nleak suspects");
+        out.push_str(&table(&["ALLOCATION", "DEVICE", "SIZE", "OWNER", "AGE", "REASON"], &leaks));
+    }
+    if a["eventLog"]["coversWindow"] != true {
+        let _ = writeln!(out, "\n(the event log no longer reaches the window's start: histograms are partial)");
+    }
+    Ok(out)
+}
+
+/// `memwarden recommend`: each recommendation with its evidence and the request that applies it.
+pub fn recommend(client: &Client, as_json: bool) -> Result<String, CliError> {
+    let r = client.call("GET", "/api/memory/optimization", None)?;
+    if as_json {
+        return Ok(pretty(&r));
+    }
+    let recs = r["recommendations"].as_array().cloned().unwrap_or_default();
+    if recs.is_empty() {
+        return Ok("no recommendations: no rule found its evidence in the measured state\n".into());
+    }
+    let mut out = String::new();
+    for (i, rec) in recs.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{}. [{}] {} on {}: saves about {}",
+            i + 1,
+            s(&rec["priority"]),
+            s(&rec["type"]),
+            s(&rec["deviceId"]),
+            format_bytes(u(&rec["estimatedSavingsBytes"])),
+        );
+        let _ = writeln!(out, "   {}", s(&rec["message"]));
+        if let Some(ev) = rec["evidence"].as_object() {
+            let parts: Vec<String> = ev.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(out, "   evidence: {}", parts.join(", "));
+        }
+        let a = &rec["action"];
+        let body = if a["body"].is_null() { String::new() } else { format!(" {}", a["body"]) };
+        let _ = writeln!(out, "   apply: {} {}{}", s(&a["method"]), s(&a["path"]), body);
+    }
+    let _ = writeln!(out, "total estimated savings: {}", format_bytes(u(&r["totalEstimatedSavingsBytes"])));
+    Ok(out)
+}
+
 pub fn pools(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
     let data = one_or_all(client, "GET", "/api/memory/pools", None, device, None)?;
     if as_json {

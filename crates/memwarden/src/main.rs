@@ -117,6 +117,14 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Analytics over a window: peaks, percentiles, activity, top owners and models, leak suspects
+    Analytics {
+        /// e.g. 30s, 15m, 1h (default), 1d.
+        #[arg(long, default_value = "1h")]
+        window: String,
+    },
+    /// Recommendations from the measured state, with their evidence and the request that applies each
+    Recommend,
 }
 
 fn main() -> ExitCode {
@@ -184,6 +192,8 @@ fn main() -> ExitCode {
             cli::optimize(&client, device, strategy.as_deref(), min_free.as_deref(), *target, *force, exclude, json)
         }
         Command::Pressure { device, watch } => cli::pressure(&client, device.as_deref(), *watch, json),
+        Command::Analytics { window } => cli::analytics(&client, window, json),
+        Command::Recommend => cli::recommend(&client, json),
     };
     match result {
         Ok(out) => {

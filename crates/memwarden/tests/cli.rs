@@ -276,3 +276,38 @@ fn default_daemon_runs_a_model_worker_and_the_cli_drives_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("MODEL_NOT_FOUND (404)"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `memwarden analytics` and `memwarden recommend` print the numbers behind each line.
+#[test]
+fn analytics_and_recommend_through_the_cli() {
+    let dir = std::env::temp_dir().join(format!("mw-cli-an-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("capped.toml");
+    std::fs::write(
+        &config,
+        "[pool]\nblock_size_bytes = 8388608\ndedicated_threshold_bytes = 8388608\nmax_pool_bytes = 16777216\n\
+         [workers]\nenabled = false\nsocket = \"none\"\n",
+    )
+    .expect("config");
+    let d = Daemon::start(&["--config", config.to_str().expect("path")]);
+    let out = d.ok(&["recommend"]);
+    assert!(out.starts_with("no recommendations"), "{out}");
+    let ids: Vec<String> =
+        (0..16).map(|_| d.json(&["alloc", "cpu", "1MiB"])["allocationId"].as_str().expect("id").to_string()).collect();
+    for id in ids.iter().step_by(2) {
+        d.ok(&["free", id]);
+    }
+    assert!(!d.run(&["alloc", "cpu", "4MiB"]).status.success());
+    let out = d.ok(&["analytics", "--window", "5m"]);
+    assert!(out.contains("16 allocations (16.0 MiB"), "{out}");
+    assert!(out.contains("8 frees, 1 failed"), "{out}");
+    assert!(out.contains("peak allocated 16.0 MiB"), "{out}");
+    let out = d.ok(&["recommend"]);
+    assert!(out.contains("defragment on cpu"), "{out}");
+    assert!(out.contains("failedAllocationBytes=4194304"), "{out}");
+    assert!(out.contains("apply: POST /api/memory/operations/defragment/cpu {\"strategy\":\"thorough\"}"), "{out}");
+    let bad = d.run(&["analytics", "--window", "forever"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT (400): window"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -663,8 +663,9 @@ impl Analytics {
             })
             .collect();
         let proc_root = self.supervisor.proc_root().to_path_buf();
+        let last_active = self.service.owner_activity();
         let activity = |owner: &str| OwnerActivity {
-            idle_secs: self.service.owner_last_active(owner).map(|t| (now - t).as_seconds_f64()),
+            idle_secs: last_active.get(owner).map(|t| (now - *t).as_seconds_f64()),
             gone: owner_pid(owner).is_some_and(|pid| !proc_root.join(pid.to_string()).exists()),
         };
         leak_suspects(&items, &activity, self.config.leak_min_age_secs as f64, self.config.leak_owner_idle_secs as f64)
@@ -693,7 +694,7 @@ impl Analytics {
                 .into_iter()
                 .skip(skip)
                 .map(|e| EventDto {
-                    at: rfc3339(e.at),
+                    at: rfc3339(e.at()),
                     event: e.kind.as_str().into(),
                     allocation_id: e.record.id.clone(),
                     device_id: e.record.device.to_string(),

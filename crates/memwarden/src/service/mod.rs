@@ -463,6 +463,9 @@ impl Service {
                 })
             }
         };
+        // One clock read serves the record and the event log.
+        let now = std::time::SystemTime::now();
+        let now_ns = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         let record = Arc::new(AllocationRecord {
             id: uuid::Uuid::new_v4().to_string(),
             device: id,
@@ -478,11 +481,11 @@ impl Service {
             movable: req.movable,
             exported: false,
             generation: 0,
-            allocated_at: OffsetDateTime::now_utc(),
+            allocated_at: OffsetDateTime::from(now),
         });
         {
             let mut ledger = lock(&self.ledger);
-            ledger.recorder.allocated(&record);
+            ledger.recorder.allocated(&record, now_ns);
             ledger.records.insert(record.id.clone(), record.clone());
         }
         Ok(Some(record))

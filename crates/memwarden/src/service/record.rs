@@ -1,17 +1,16 @@
 //! What the service records as it works: per-device counters (allocations, frees, failures,
-//! moves, exports, transfers, defragmentation), the live bytes and their resettable peak, each
-//! owner's last activity, and a bounded allocation event log. It lives inside the ledger, so
-//! the hot path takes no extra lock: an allocation or a free updates it under the ledger lock
-//! it already holds. With recording off (`analytics.enabled = false`) only the lock is paid.
+//! moves, exports, transfers, defragmentation), the live bytes and their resettable peak, and a
+//! bounded allocation event log. It lives inside the ledger, so the hot path takes no extra
+//! lock: an allocation or a free updates it under the ledger lock it already holds. Events are
+//! stamped with the coarse wall clock (a few ns, 1–4 ms resolution) and share the ledger's
+//! record (no copy); owners' last activity is derived from the log when asked, not kept on the
+//! hot path. Benchmarked in `benches/service.rs` against recording off.
 
 use super::{lock, Allocation, Service};
 use memwarden_core::history::{Counters, Peak, Ring};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::HashMap;
 use time::OffsetDateTime;
-
-/// Largest number of owners whose last activity is remembered (the oldest is forgotten first).
-const OWNERS_KEPT: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -37,9 +36,16 @@ impl EventKind {
 /// its strings); for `moved` it is the record after the move.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllocationEvent {
-    pub at: OffsetDateTime,
+    /// When, in Unix nanoseconds (coarse clock).
+    pub at_unix_ns: i64,
     pub kind: EventKind,
     pub record: Allocation,
+}
+
+impl AllocationEvent {
+    pub fn at(&self) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp_nanos(self.at_unix_ns as i128).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
 }
 
 /// A device's counters, live bytes and peak.
@@ -53,13 +59,17 @@ pub struct DeviceRecord {
     pub last_failure: Option<(OffsetDateTime, u64)>,
 }
 
+fn now_ns() -> i64 {
+    memwarden_sys::coarse_unix_nanos()
+}
+
 pub(crate) struct Recorder {
     enabled: bool,
     log: Ring<AllocationEvent>,
-    /// Time of the newest event the full log dropped (a window reaching before it is incomplete).
-    dropped_at: Option<OffsetDateTime>,
+    /// Time of the newest event the full log dropped (Unix ns; a window reaching before it is
+    /// incomplete).
+    dropped_at_ns: Option<i64>,
     devices: Vec<(DeviceId, DeviceRecord)>,
-    owners: HashMap<String, OffsetDateTime>,
 }
 
 fn ms(t: OffsetDateTime) -> i64 {
@@ -76,7 +86,7 @@ fn held_bytes(r: &Allocation) -> u64 {
 
 impl Recorder {
     pub(crate) fn new(enabled: bool, log_size: usize) -> Self {
-        Recorder { enabled, log: Ring::new(log_size), dropped_at: None, devices: Vec::new(), owners: HashMap::new() }
+        Recorder { enabled, log: Ring::new(log_size), dropped_at_ns: None, devices: Vec::new() }
     }
 
     fn device(&mut self, id: DeviceId) -> &mut DeviceRecord {
@@ -91,31 +101,17 @@ impl Recorder {
         &mut self.devices[i].1
     }
 
-    fn touch_owner(&mut self, owner: Option<&String>, at: OffsetDateTime) {
-        let Some(owner) = owner else { return };
-        if let Some(t) = self.owners.get_mut(owner) {
-            *t = at;
-            return;
-        }
-        if self.owners.len() >= OWNERS_KEPT {
-            if let Some(oldest) = self.owners.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
-                self.owners.remove(&oldest);
-            }
-        }
-        self.owners.insert(owner.clone(), at);
-    }
-
     fn log(&mut self, e: AllocationEvent) {
         if let Some(old) = self.log.push(e) {
-            self.dropped_at = Some(old.at);
+            self.dropped_at_ns = Some(old.at_unix_ns);
         }
     }
 
-    pub(crate) fn allocated(&mut self, r: &Allocation) {
+    /// `at`: the allocation's time, Unix nanoseconds.
+    pub(crate) fn allocated(&mut self, r: &Allocation, at: i64) {
         if !self.enabled {
             return;
         }
-        let at = r.allocated_at;
         let bytes = held_bytes(r);
         let d = self.device(r.device);
         d.counters.allocations += 1;
@@ -123,24 +119,21 @@ impl Recorder {
         d.live_bytes += bytes;
         if d.live_bytes > d.peak_live.value {
             d.peak_live.value = d.live_bytes;
-            d.peak_live.at_ms = ms(at);
+            d.peak_live.at_ms = at / 1_000_000;
         }
-        self.touch_owner(r.owner.as_ref(), at);
-        self.log(AllocationEvent { at, kind: EventKind::Allocated, record: r.clone() });
+        self.log(AllocationEvent { at_unix_ns: at, kind: EventKind::Allocated, record: r.clone() });
     }
 
     pub(crate) fn freed(&mut self, r: &Allocation) {
         if !self.enabled {
             return;
         }
-        let at = OffsetDateTime::now_utc();
         let bytes = held_bytes(r);
         let d = self.device(r.device);
         d.counters.frees += 1;
         d.counters.freed_bytes += bytes;
         d.live_bytes = d.live_bytes.saturating_sub(bytes);
-        self.touch_owner(r.owner.as_ref(), at);
-        self.log(AllocationEvent { at, kind: EventKind::Freed, record: r.clone() });
+        self.log(AllocationEvent { at_unix_ns: now_ns(), kind: EventKind::Freed, record: r.clone() });
     }
 
     /// Takes back a `freed` whose free failed (the allocation is live again).
@@ -161,7 +154,7 @@ impl Recorder {
             return;
         }
         self.device(r.device).counters.moves += 1;
-        self.log(AllocationEvent { at: OffsetDateTime::now_utc(), kind: EventKind::Moved, record: r.clone() });
+        self.log(AllocationEvent { at_unix_ns: now_ns(), kind: EventKind::Moved, record: r.clone() });
     }
 
     pub(crate) fn exported(&mut self, r: &Allocation) {
@@ -169,7 +162,7 @@ impl Recorder {
             return;
         }
         self.device(r.device).counters.exports += 1;
-        self.log(AllocationEvent { at: OffsetDateTime::now_utc(), kind: EventKind::Exported, record: r.clone() });
+        self.log(AllocationEvent { at_unix_ns: now_ns(), kind: EventKind::Exported, record: r.clone() });
     }
 
     pub(crate) fn failed(&mut self, device: DeviceId, requested_bytes: u64) {
@@ -221,7 +214,7 @@ impl Service {
             .recorder
             .log
             .iter()
-            .filter(|e| device.is_none_or(|d| e.record.device == d) && since.is_none_or(|s| e.at >= s))
+            .filter(|e| device.is_none_or(|d| e.record.device == d) && since.is_none_or(|s| e.at() >= s))
             .cloned()
             .collect()
     }
@@ -231,12 +224,23 @@ impl Service {
     pub fn event_log_extent(&self) -> (usize, Option<OffsetDateTime>, Option<OffsetDateTime>) {
         let ledger = lock(&self.ledger);
         let r = &ledger.recorder;
-        (r.log.capacity(), r.log.first().map(|e| e.at), r.dropped_at)
+        let at = |ns: i64| OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok();
+        (r.log.capacity(), r.log.first().and_then(|e| at(e.at_unix_ns)), r.dropped_at_ns.and_then(at))
     }
 
-    /// When `owner` last allocated or freed, if remembered.
-    pub fn owner_last_active(&self, owner: &str) -> Option<OffsetDateTime> {
-        lock(&self.ledger).recorder.owners.get(owner).copied()
+    /// When each owner last allocated or freed, as far as the event log reaches back.
+    pub fn owner_activity(&self) -> HashMap<String, OffsetDateTime> {
+        let ledger = lock(&self.ledger);
+        let mut out: HashMap<String, i64> = HashMap::new();
+        for e in ledger.recorder.log.iter() {
+            if let (Some(o), EventKind::Allocated | EventKind::Freed) = (&e.record.owner, e.kind) {
+                let t = out.entry(o.clone()).or_default();
+                *t = (*t).max(e.at_unix_ns);
+            }
+        }
+        out.into_iter()
+            .filter_map(|(o, ns)| Some((o, OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok()?)))
+            .collect()
     }
 
     /// Starts every device's live-bytes peak over from its current value.
