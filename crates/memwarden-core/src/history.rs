@@ -399,12 +399,12 @@ impl LeakReason {
 
 /// Leak suspects: non-persistent allocations at least `min_age_secs` old whose owner is gone,
 /// idle for `idle_secs`, or unnamed. Oldest first.
-pub fn leak_suspects<'a>(
-    live: &'a [LiveAllocation],
+pub fn leak_suspects(
+    live: &[LiveAllocation],
     activity: impl Fn(&str) -> OwnerActivity,
     min_age_secs: f64,
     idle_secs: f64,
-) -> Vec<(&'a LiveAllocation, LeakReason)> {
+) -> Vec<(&LiveAllocation, LeakReason)> {
     let mut v: Vec<_> = live
         .iter()
         .filter(|a| !a.persistent && a.age_secs >= min_age_secs)

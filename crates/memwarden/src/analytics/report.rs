@@ -668,7 +668,7 @@ impl Analytics {
             idle_secs: last_active.get(owner).map(|t| (now - *t).as_seconds_f64()),
             gone: owner_pid(owner).is_some_and(|pid| !proc_root.join(pid.to_string()).exists()),
         };
-        leak_suspects(&items, &activity, self.config.leak_min_age_secs as f64, self.config.leak_owner_idle_secs as f64)
+        leak_suspects(&items, activity, self.config.leak_min_age_secs as f64, self.config.leak_owner_idle_secs as f64)
             .into_iter()
             .take(SUSPECTS)
             .map(|(a, reason)| LeakSuspectDto {
