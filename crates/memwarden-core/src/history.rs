@@ -5,25 +5,45 @@
 
 use std::collections::VecDeque;
 
-/// A ring buffer of at most `capacity` items: pushing onto a full one drops the oldest.
-/// (A `VecDeque` with a bound; the bound is the whole point, so it lives in one place.)
+/// A ring buffer of at most `capacity` items: pushing onto a full one replaces the oldest in
+/// place and returns it. (Written out rather than a `VecDeque`: once full, a push is one slot
+/// overwrite, which matters on the allocation path that feeds the event log.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ring<T> {
-    items: VecDeque<T>,
+    items: Vec<T>,
+    /// Index of the oldest item once full (0 until then).
+    head: usize,
     capacity: usize,
 }
 
 impl<T> Ring<T> {
     pub fn new(capacity: usize) -> Self {
-        Ring { items: VecDeque::with_capacity(capacity.min(4096)), capacity: capacity.max(1) }
+        Ring { items: Vec::new(), head: 0, capacity: capacity.max(1) }
     }
 
     /// Appends `item`; returns the dropped oldest item when the ring was full.
     #[inline]
     pub fn push(&mut self, item: T) -> Option<T> {
-        let dropped = if self.items.len() == self.capacity { self.items.pop_front() } else { None };
-        self.items.push_back(item);
-        dropped
+        if self.items.len() < self.capacity {
+            self.items.push(item);
+            return None;
+        }
+        let old = std::mem::replace(&mut self.items[self.head], item);
+        self.head = if self.head + 1 == self.capacity { 0 } else { self.head + 1 };
+        Some(old)
+    }
+
+    /// Appends `item`; when the ring is full, first shows the oldest to `evicted`, then
+    /// overwrites it in place (no copy of it leaves the ring).
+    #[inline]
+    pub fn push_with(&mut self, item: T, evicted: impl FnOnce(&T)) {
+        if self.items.len() < self.capacity {
+            self.items.push(item);
+            return;
+        }
+        evicted(&self.items[self.head]);
+        self.items[self.head] = item;
+        self.head = if self.head + 1 == self.capacity { 0 } else { self.head + 1 };
     }
 
     pub fn len(&self) -> usize {
@@ -38,22 +58,30 @@ impl<T> Ring<T> {
         self.capacity
     }
 
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &T> + ExactSizeIterator {
-        self.items.iter()
+    /// Oldest first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &T> {
+        let (newer, older) = self.items.split_at(self.head);
+        older.iter().chain(newer.iter())
     }
 
     pub fn last(&self) -> Option<&T> {
-        self.items.back()
+        self.iter().next_back()
     }
 
     pub fn first(&self) -> Option<&T> {
-        self.items.front()
+        self.iter().next()
     }
 
     /// Removes the newest item for which `f` holds (searching from the back).
     pub fn remove_last_where(&mut self, f: impl Fn(&T) -> bool) -> Option<T> {
-        let i = self.items.iter().rposition(f)?;
-        self.items.remove(i)
+        let n = self.items.len();
+        let pos = n - 1 - self.iter().rev().position(f)?;
+        // Back to insertion order, remove, and start over with the oldest at index 0.
+        self.items.rotate_left(self.head);
+        self.head = 0;
+        let removed = self.items.remove(pos);
+        debug_assert_eq!(self.items.len(), n - 1);
+        Some(removed)
     }
 }
 
@@ -481,8 +509,14 @@ mod tests {
         r.push(3);
         assert_eq!(r.push(4), Some(1));
         assert_eq!(r.iter().copied().collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!((r.first(), r.last()), (Some(&2), Some(&4)));
         assert_eq!(r.remove_last_where(|x| *x == 3), Some(3));
         assert_eq!(r.iter().copied().collect::<Vec<_>>(), vec![2, 4]);
+        // Not full any more: the next push appends without dropping.
+        assert_eq!(r.push(5), None);
+        assert_eq!(r.push(6), Some(2));
+        assert_eq!(r.iter().copied().collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(r.len(), 3);
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub struct AnalyticsSection {
     pub coarse_interval_ms: u64,
     /// Coarse points kept per device (1440 at 1 min: a day).
     pub coarse_points: usize,
-    /// Entries of the allocation event log (allocated, freed, moved, exported).
+    /// Entries of the allocation event log (allocated, freed, moved, exported); 0: no log
+    /// (counters and peaks are still kept).
     pub event_log_size: usize,
     /// Models whose memory is tracked over time (the longest gone are forgotten first).
     pub max_tracked_models: usize,
@@ -458,9 +459,6 @@ impl Config {
                 "analytics: intervals and point counts must be above 0, coarse_interval_ms at least fine_interval_ms"
                     .into(),
             ));
-        }
-        if a.event_log_size == 0 {
-            return Err(ConfigError::Invalid("analytics.event_log_size must be above 0".into()));
         }
         for (name, v) in [
             ("fragmentation_threshold", a.fragmentation_threshold),

@@ -358,10 +358,10 @@ async fn free(State(state): State<AppState>, Path(allocation_id): Path<String>) 
         blocking(|| state.service.free(&allocation_id))?
     };
     Ok(Data(FreedDto {
-        allocation_id: r.id.clone(),
         device_id: r.device.to_string(),
         memory_type: r.kind.to_string(),
         freed_bytes: r.allocated_bytes,
+        allocation_id,
     }))
 }
 

@@ -112,6 +112,17 @@ pub struct AllocationRecord {
     pub allocated_at: OffsetDateTime,
 }
 
+/// What a free released (the record itself went to the event log, or was dropped).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FreedAllocation {
+    pub device: DeviceId,
+    pub kind: MemoryKind,
+    pub placement: Option<Placement>,
+    pub size_bytes: u64,
+    /// Bytes it occupied in its pool.
+    pub allocated_bytes: u64,
+}
+
 /// A device's memory now, as the OS or driver reports it, plus memwarden's own pools.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceStatus {
@@ -466,8 +477,9 @@ impl Service {
         // One clock read serves the record and the event log.
         let now = std::time::SystemTime::now();
         let now_ns = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let uuid = uuid::Uuid::new_v4();
         let record = Arc::new(AllocationRecord {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid.to_string(),
             device: id,
             kind,
             size_bytes: req.size_bytes,
@@ -485,7 +497,7 @@ impl Service {
         });
         {
             let mut ledger = lock(&self.ledger);
-            ledger.recorder.allocated(&record, now_ns);
+            ledger.recorder.allocated(&record, uuid.as_u128(), now_ns);
             ledger.records.insert(record.id.clone(), record.clone());
         }
         Ok(Some(record))
@@ -500,8 +512,8 @@ impl Service {
     }
 
     /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.
-    pub fn free(&self, allocation_id: &str) -> Result<Allocation, ServiceError> {
-        let record = {
+    pub fn free(&self, allocation_id: &str) -> Result<FreedAllocation, ServiceError> {
+        let (freed, kept) = {
             let mut ledger = lock(&self.ledger);
             if let Some(n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
                 return Err(ServiceError::InvalidOperation(format!(
@@ -512,19 +524,28 @@ impl Service {
                 .records
                 .remove(allocation_id)
                 .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
-            ledger.recorder.freed(&record);
-            record
+            let freed = FreedAllocation {
+                device: record.device,
+                kind: record.kind,
+                placement: record.placement,
+                size_bytes: record.size_bytes,
+                allocated_bytes: record.allocated_bytes,
+            };
+            // The ledger's record moves into the event log (no copy); it comes back when
+            // recording is off.
+            (freed, ledger.recorder.freed(record))
         };
-        let dev = self.device_or_404(record.device)?;
-        let result = lock(&dev.state).free(record.kind, record.placement.as_ref(), record.size_bytes);
+        let dev = self.device_or_404(freed.device)?;
+        let result = lock(&dev.state).free(freed.kind, freed.placement.as_ref(), freed.size_bytes);
         if let Err(e) = result {
             // Keep the handle so the caller can retry; the pool did not change.
             let mut ledger = lock(&self.ledger);
-            ledger.recorder.unfreed(&record);
-            ledger.records.insert(record.id.clone(), record.clone());
-            return Err(ServiceError::from_backend(record.device, e));
+            if let Some(record) = ledger.recorder.unfreed(allocation_id, kept) {
+                ledger.records.insert(record.id.clone(), record);
+            }
+            return Err(ServiceError::from_backend(freed.device, e));
         }
-        Ok(record)
+        Ok(freed)
     }
 
     pub fn allocation(&self, allocation_id: &str) -> Result<Allocation, ServiceError> {

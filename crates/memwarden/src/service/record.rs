@@ -1,15 +1,22 @@
 //! What the service records as it works: per-device counters (allocations, frees, failures,
 //! moves, exports, transfers, defragmentation), the live bytes and their resettable peak, and a
 //! bounded allocation event log. It lives inside the ledger, so the hot path takes no extra
-//! lock: an allocation or a free updates it under the ledger lock it already holds. Events are
-//! stamped with the coarse wall clock (a few ns, 1–4 ms resolution) and share the ledger's
-//! record (no copy); owners' last activity is derived from the log when asked, not kept on the
-//! hot path. Benchmarked in `benches/service.rs` against recording off.
+//! lock: an allocation or a free updates it under the ledger lock it already holds.
+//!
+//! The log is built to cost the allocation path almost nothing (`benches/service.rs` compares
+//! recording on and off): an `allocated` entry is a small copy (id bytes, sizes, device; no
+//! reference count touched), and a `freed` entry takes the record the ledger gives up, so no
+//! record is copied or shared more than without recording. Who allocated and why is resolved
+//! when the log is read: from the ledger while the allocation lives, from its `freed` entry
+//! after (always newer, so always still in the log). Frees are stamped with the coarse wall
+//! clock (a few ns, 1–4 ms resolution). Owners' last activity is derived from the log when
+//! asked.
 
-use super::{lock, Allocation, Service};
+use super::{lock, Allocation, AllocationRecord, Service};
 use memwarden_core::history::{Counters, Peak, Ring};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::HashMap;
+use std::sync::Arc;
 use time::OffsetDateTime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +70,51 @@ fn now_ns() -> i64 {
     memwarden_sys::coarse_unix_nanos()
 }
 
+/// One entry as stored.
+enum Stored {
+    Allocated {
+        at_ns: i64,
+        /// The id's UUID (ids are hyphenated UUIDs): 16 bytes instead of a string, as two
+        /// words so the entry stays 8-aligned (48 bytes in all).
+        uuid: [u64; 2],
+        device: DeviceId,
+        kind: MemoryKind,
+        size_bytes: u64,
+    },
+    Record {
+        at_ns: i64,
+        kind: EventKind,
+        record: Allocation,
+    },
+}
+
+const _: () = assert!(std::mem::size_of::<Stored>() <= 48, "an event log entry fits in 48 bytes");
+
+impl Stored {
+    fn at_ns(&self) -> i64 {
+        match self {
+            Stored::Allocated { at_ns, .. } | Stored::Record { at_ns, .. } => *at_ns,
+        }
+    }
+
+    fn device(&self) -> DeviceId {
+        match self {
+            Stored::Allocated { device, .. } => *device,
+            Stored::Record { record, .. } => record.device,
+        }
+    }
+}
+
+/// The UUID an id spells, or 0 for an id that is not one.
+fn uuid_of(id: &str) -> u128 {
+    uuid::Uuid::try_parse(id).map(|u| u.as_u128()).unwrap_or(0)
+}
+
 pub(crate) struct Recorder {
     enabled: bool,
-    log: Ring<AllocationEvent>,
+    /// The event log is kept (`analytics.event_log_size` > 0).
+    logging: bool,
+    log: Ring<Stored>,
     /// Time of the newest event the full log dropped (Unix ns; a window reaching before it is
     /// incomplete).
     dropped_at_ns: Option<i64>,
@@ -86,7 +135,7 @@ fn held_bytes(r: &Allocation) -> u64 {
 
 impl Recorder {
     pub(crate) fn new(enabled: bool, log_size: usize) -> Self {
-        Recorder { enabled, log: Ring::new(log_size), dropped_at_ns: None, devices: Vec::new() }
+        Recorder { enabled, logging: log_size > 0, log: Ring::new(log_size), dropped_at_ns: None, devices: Vec::new() }
     }
 
     fn device(&mut self, id: DeviceId) -> &mut DeviceRecord {
@@ -101,14 +150,17 @@ impl Recorder {
         &mut self.devices[i].1
     }
 
-    fn log(&mut self, e: AllocationEvent) {
-        if let Some(old) = self.log.push(e) {
-            self.dropped_at_ns = Some(old.at_unix_ns);
+    #[inline]
+    fn log(&mut self, e: Stored) {
+        if !self.logging {
+            return;
         }
+        let dropped = &mut self.dropped_at_ns;
+        self.log.push_with(e, |old| *dropped = Some(old.at_ns()));
     }
 
-    /// `at`: the allocation's time, Unix nanoseconds.
-    pub(crate) fn allocated(&mut self, r: &Allocation, at: i64) {
+    /// `at`: the allocation's time, Unix nanoseconds; `uuid`: the UUID its id spells.
+    pub(crate) fn allocated(&mut self, r: &Allocation, uuid: u128, at: i64) {
         if !self.enabled {
             return;
         }
@@ -121,32 +173,52 @@ impl Recorder {
             d.peak_live.value = d.live_bytes;
             d.peak_live.at_ms = at / 1_000_000;
         }
-        self.log(AllocationEvent { at_unix_ns: at, kind: EventKind::Allocated, record: r.clone() });
+        self.log(Stored::Allocated {
+            at_ns: at,
+            uuid: [(uuid >> 64) as u64, uuid as u64],
+            device: r.device,
+            kind: r.kind,
+            size_bytes: r.size_bytes,
+        });
     }
 
-    pub(crate) fn freed(&mut self, r: &Allocation) {
+    /// Takes the record the ledger gave up into the log; gives it back when not recording.
+    pub(crate) fn freed(&mut self, r: Allocation) -> Option<Allocation> {
         if !self.enabled {
-            return;
+            return Some(r);
         }
-        let bytes = held_bytes(r);
+        let bytes = held_bytes(&r);
         let d = self.device(r.device);
         d.counters.frees += 1;
         d.counters.freed_bytes += bytes;
         d.live_bytes = d.live_bytes.saturating_sub(bytes);
-        self.log(AllocationEvent { at_unix_ns: now_ns(), kind: EventKind::Freed, record: r.clone() });
+        if !self.logging {
+            return Some(r);
+        }
+        self.log(Stored::Record { at_ns: now_ns(), kind: EventKind::Freed, record: r });
+        None
     }
 
-    /// Takes back a `freed` whose free failed (the allocation is live again).
-    pub(crate) fn unfreed(&mut self, r: &Allocation) {
-        if !self.enabled {
-            return;
+    /// Takes back the `freed` of a free that failed (the allocation is live again): the record,
+    /// from the log or from `kept` (what `freed` gave back).
+    pub(crate) fn unfreed(&mut self, id: &str, kept: Option<Allocation>) -> Option<Allocation> {
+        let record = match kept {
+            Some(r) => r,
+            None => match self.log.remove_last_where(
+                |e| matches!(e, Stored::Record { kind: EventKind::Freed, record, .. } if record.id == id),
+            )? {
+                Stored::Record { record, .. } => record,
+                Stored::Allocated { .. } => return None,
+            },
+        };
+        if self.enabled {
+            let bytes = held_bytes(&record);
+            let d = self.device(record.device);
+            d.counters.frees = d.counters.frees.saturating_sub(1);
+            d.counters.freed_bytes = d.counters.freed_bytes.saturating_sub(bytes);
+            d.live_bytes += bytes;
         }
-        let bytes = held_bytes(r);
-        let d = self.device(r.device);
-        d.counters.frees = d.counters.frees.saturating_sub(1);
-        d.counters.freed_bytes = d.counters.freed_bytes.saturating_sub(bytes);
-        d.live_bytes += bytes;
-        self.log.remove_last_where(|e| e.kind == EventKind::Freed && e.record.id == r.id);
+        Some(record)
     }
 
     pub(crate) fn moved(&mut self, r: &Allocation) {
@@ -154,7 +226,7 @@ impl Recorder {
             return;
         }
         self.device(r.device).counters.moves += 1;
-        self.log(AllocationEvent { at_unix_ns: now_ns(), kind: EventKind::Moved, record: r.clone() });
+        self.log(Stored::Record { at_ns: now_ns(), kind: EventKind::Moved, record: r.clone() });
     }
 
     pub(crate) fn exported(&mut self, r: &Allocation) {
@@ -162,7 +234,7 @@ impl Recorder {
             return;
         }
         self.device(r.device).counters.exports += 1;
-        self.log(AllocationEvent { at_unix_ns: now_ns(), kind: EventKind::Exported, record: r.clone() });
+        self.log(Stored::Record { at_ns: now_ns(), kind: EventKind::Exported, record: r.clone() });
     }
 
     pub(crate) fn failed(&mut self, device: DeviceId, requested_bytes: u64) {
@@ -208,14 +280,52 @@ impl Service {
     }
 
     /// The event log, oldest first: only `device`'s when given, only events at or after `since`.
+    /// `allocated` entries get their record from the ledger (live) or their `freed` entry.
     pub fn allocation_events(&self, device: Option<DeviceId>, since: Option<OffsetDateTime>) -> Vec<AllocationEvent> {
+        let since_ns = since.map(|s| (s.unix_timestamp_nanos()) as i64);
         let ledger = lock(&self.ledger);
-        ledger
-            .recorder
-            .log
+        let log = &ledger.recorder.log;
+        let freed: HashMap<u128, &Allocation> = log
             .iter()
-            .filter(|e| device.is_none_or(|d| e.record.device == d) && since.is_none_or(|s| e.at() >= s))
-            .cloned()
+            .filter_map(|e| match e {
+                Stored::Record { kind: EventKind::Freed, record, .. } => Some((uuid_of(&record.id), record)),
+                _ => None,
+            })
+            .collect();
+        log.iter()
+            .filter(|e| device.is_none_or(|d| e.device() == d) && since_ns.is_none_or(|s| e.at_ns() >= s))
+            .map(|e| match e {
+                Stored::Record { at_ns, kind, record } => {
+                    AllocationEvent { at_unix_ns: *at_ns, kind: *kind, record: record.clone() }
+                }
+                Stored::Allocated { at_ns, uuid, device, kind, size_bytes } => {
+                    let bits = (u128::from(uuid[0]) << 64) | u128::from(uuid[1]);
+                    let id = uuid::Uuid::from_u128(bits).to_string();
+                    let record =
+                        ledger.records.get(&id).or_else(|| freed.get(&bits).copied()).cloned().unwrap_or_else(|| {
+                            // Not reachable while frees are logged after their allocation; kept
+                            // total rather than trusted.
+                            Arc::new(AllocationRecord {
+                                id,
+                                device: *device,
+                                kind: *kind,
+                                size_bytes: *size_bytes,
+                                allocated_bytes: *size_bytes,
+                                alignment_bytes: 0,
+                                address: None,
+                                placement: None,
+                                purpose: None,
+                                owner: None,
+                                persistent: false,
+                                movable: false,
+                                exported: false,
+                                generation: 0,
+                                allocated_at: OffsetDateTime::UNIX_EPOCH,
+                            })
+                        });
+                    AllocationEvent { at_unix_ns: *at_ns, kind: EventKind::Allocated, record }
+                }
+            })
             .collect()
     }
 
@@ -225,14 +335,13 @@ impl Service {
         let ledger = lock(&self.ledger);
         let r = &ledger.recorder;
         let at = |ns: i64| OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok();
-        (r.log.capacity(), r.log.first().and_then(|e| at(e.at_unix_ns)), r.dropped_at_ns.and_then(at))
+        (r.log.capacity(), r.log.first().and_then(|e| at(e.at_ns())), r.dropped_at_ns.and_then(at))
     }
 
     /// When each owner last allocated or freed, as far as the event log reaches back.
     pub fn owner_activity(&self) -> HashMap<String, OffsetDateTime> {
-        let ledger = lock(&self.ledger);
         let mut out: HashMap<String, i64> = HashMap::new();
-        for e in ledger.recorder.log.iter() {
+        for e in self.allocation_events(None, None) {
             if let (Some(o), EventKind::Allocated | EventKind::Freed) = (&e.record.owner, e.kind) {
                 let t = out.entry(o.clone()).or_default();
                 *t = (*t).max(e.at_unix_ns);
