@@ -43,14 +43,6 @@ fn service_pair(c: &mut Criterion) {
             quiet.free(&r.id).expect("free");
         })
     });
-    c.bench_function("service allocate+free 64 KiB host (pool hit), recording on, owner set", |b| {
-        let mut req = request(65536, MemoryKind::Host);
-        req.owner = Some("bench-owner".into());
-        b.iter(|| {
-            let r = service.allocate(black_box(req.clone())).expect("allocate");
-            service.free(&r.id).expect("free");
-        })
-    });
     c.bench_function("service allocate+free reservation", |b| {
         b.iter(|| {
             let r = service.allocate(black_box(request(1 << 30, MemoryKind::Reservation))).expect("reserve");
