@@ -3,7 +3,6 @@
 //! pressure level, rates, leak suspects). Pure: the daemon feeds it samples and events it
 //! measured; nothing here reads a clock or the OS.
 
-
 /// A ring buffer of at most `capacity` items: pushing onto a full one replaces the oldest in
 /// place and returns it. (Written out rather than a `VecDeque`: once full, a push is one slot
 /// overwrite, which matters on the allocation path that feeds the event log.)
