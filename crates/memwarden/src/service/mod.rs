@@ -418,10 +418,14 @@ impl Service {
     }
 
     /// Allocates only if no OS or driver call is needed (a pool hit or a reservation):
-    /// `Ok(None)` when it would need a new block. Lets async callers skip a thread hand-off
-    /// on the microsecond path.
+    /// `Ok(None)` when it would need a new block, or does not fit (then `allocate` records the
+    /// failure and may defragment). Lets async callers skip a thread hand-off on the
+    /// microsecond path.
     pub fn try_allocate_now(&self, req: AllocateRequest) -> Result<Option<Allocation>, ServiceError> {
-        self.allocate_inner(req, false)
+        match self.allocate_inner(req, false) {
+            Err(ServiceError::InsufficientMemory { .. }) => Ok(None),
+            other => other,
+        }
     }
 
     fn allocate_inner(&self, req: AllocateRequest, may_block: bool) -> Result<Option<Allocation>, ServiceError> {

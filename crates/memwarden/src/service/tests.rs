@@ -496,3 +496,65 @@ fn automatic_defragmentation_retries_a_failed_allocation() {
     assert_eq!(moved, 4, "the pass moved the sparse block's allocations");
     s.validate().expect("valid");
 }
+
+#[test]
+fn recording_counts_the_allocation_path_and_the_log_resolves_owners() {
+    let s = service_with(None, 0);
+    let a = s.allocate(req(MIB, None)).expect("a");
+    let b = s.allocate(req(2 * MIB, Some(MemoryKind::Reservation))).expect("b");
+    s.free(&a.id).expect("free a");
+    let r = s.device_record(DeviceId::Cpu);
+    assert_eq!((r.counters.allocations, r.counters.frees), (2, 1));
+    assert_eq!(r.counters.allocated_bytes, 3 * MIB);
+    assert_eq!(r.live_bytes, 2 * MIB, "the reservation holds its size");
+    assert_eq!(r.peak_live.value, 3 * MIB);
+    // Both allocations' entries resolve to their records: a's through its freed entry, b's
+    // through the ledger.
+    let ev = s.allocation_events(Some(DeviceId::Cpu), None);
+    let got: Vec<(EventKind, &str, Option<&str>)> =
+        ev.iter().map(|e| (e.kind, e.record.id.as_str(), e.record.owner.as_deref())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (EventKind::Allocated, a.id.as_str(), Some("unit")),
+            (EventKind::Allocated, b.id.as_str(), Some("unit")),
+            (EventKind::Freed, a.id.as_str(), Some("unit")),
+        ]
+    );
+    assert!(s.owner_activity().contains_key("unit"));
+    // A request that does not fit, even through the non-blocking path, is recorded as a
+    // failure with its size; a reservation that does not fit is not.
+    let too_big = 1u64 << 50;
+    assert_eq!(s.try_allocate_now(req(too_big, None)), Ok(None), "the blocking path decides");
+    assert!(matches!(s.allocate(req(too_big, None)), Err(ServiceError::InsufficientMemory { .. })));
+    assert!(s.allocate(req(too_big, Some(MemoryKind::Reservation))).is_err());
+    let r = s.device_record(DeviceId::Cpu);
+    assert_eq!(r.counters.failed_allocations, 1);
+    assert_eq!(r.last_failure.map(|(_, bytes)| bytes), Some(too_big));
+    s.free(&b.id).expect("free b");
+    s.validate().expect("valid");
+}
+
+#[test]
+fn a_full_event_log_drops_the_oldest_and_says_so() {
+    let mut s = service_with(None, 0);
+    s.set_recording(true, 4);
+    for _ in 0..3 {
+        let a = s.allocate(req(4096, None)).expect("a");
+        s.free(&a.id).expect("free");
+    }
+    let ev = s.allocation_events(None, None);
+    let kinds: Vec<EventKind> = ev.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Allocated, EventKind::Freed, EventKind::Allocated, EventKind::Freed]);
+    assert_eq!(ev[0].record.id, ev[1].record.id, "the first pair's two entries were dropped");
+    let (capacity, oldest, dropped) = s.event_log_extent();
+    assert_eq!(capacity, 4);
+    assert!(dropped.is_some_and(|d| oldest.is_some_and(|o| d <= o)));
+    assert_eq!(s.device_record(DeviceId::Cpu).counters.allocations, 3, "counters are exact regardless");
+    // Recording off: nothing is counted or logged, and frees still work.
+    s.set_recording(false, 4);
+    let a = s.allocate(req(4096, None)).expect("a");
+    s.free(&a.id).expect("free");
+    assert!(s.allocation_events(None, None).is_empty());
+    assert_eq!(s.device_record(DeviceId::Cpu).counters.allocations, 0);
+}
