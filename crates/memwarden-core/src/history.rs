@@ -639,6 +639,12 @@ mod tests {
     }
 
     #[test]
+    fn a_point_stays_small() {
+        // The documented footprint (docs/API.md): 3600 + 1440 points per device at the defaults.
+        assert!(std::mem::size_of::<Point>() <= 240, "{}", std::mem::size_of::<Point>());
+    }
+
+    #[test]
     fn counters_subtract_saturating() {
         let a = Counters { allocations: 5, allocated_bytes: 500, ..Counters::default() };
         let b = Counters { allocations: 8, allocated_bytes: 900, frees: 2, ..Counters::default() };

@@ -45,6 +45,11 @@ impl Default for HttpMetrics {
 
 impl HttpMetrics {
     pub fn observe(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        // Label values from bounded sets: a client may send any method name.
+        let method = match method {
+            "GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS" => method,
+            _ => "other",
+        };
         let labels =
             HttpLabels { method: method.to_string(), route: route.to_string(), status: format!("{}xx", status / 100) };
         self.latency.get_or_create(&labels).observe(seconds);
