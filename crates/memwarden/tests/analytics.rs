@@ -423,6 +423,7 @@ fn metrics_parse_with_the_prometheus_parser_and_agree_with_status() {
     let available = get("memwarden_device_available_bytes", &[("device", "cpu")]);
     assert_eq!(used + available, st["totalMemory"].as_f64().expect("total"));
     assert!((used - st["usedMemory"].as_f64().expect("used")).abs() < 4096.0 * MIB as f64, "{used} vs {st}");
+    assert_eq!(get("memwarden_device_healthy", &[("device", "cpu")]), 1.0);
     assert_eq!(get("memwarden_allocations_total", &[("device", "cpu")]), 2.0);
     assert_eq!(get("memwarden_frees_total", &[("device", "cpu")]), 1.0);
     assert_eq!(get("memwarden_allocated_bytes_total", &[("device", "cpu")]), (4 * MIB) as f64);

@@ -173,6 +173,12 @@ impl Analytics {
             "1 for the device's current pressure level, 0 for the others",
             None,
         );
+        let healthy: Family<Dev, GaugeU> = family(
+            &mut r,
+            "memwarden_device_healthy",
+            "1 when the device's status reads without a driver fault, 0 otherwise",
+            None,
+        );
         let utilization: Family<Dev, GaugeF> =
             family(&mut r, "memwarden_device_utilization_ratio", "Used over total memory (0-1)", None);
         let allocs: Family<Dev, Counter> =
@@ -224,7 +230,11 @@ impl Analytics {
         for id in self.service.device_ids() {
             let device = id.to_string();
             let d = Dev { device: device.clone() };
-            let Ok(st) = self.service.status(id) else { continue };
+            let Ok(st) = self.service.status(id) else {
+                healthy.get_or_create(&d).set(0);
+                continue;
+            };
+            healthy.get_or_create(&d).set(u64::from(st.fault.is_none()));
             total.get_or_create(&d).set(st.total_bytes);
             used.get_or_create(&d).set(st.used_bytes);
             available.get_or_create(&d).set(st.available_bytes);
