@@ -186,8 +186,7 @@ impl Optimizer {
         for slot in self.supervisor.slots() {
             let Some(conn) = slot.conn() else { continue };
             for m in conn.model_list() {
-                let on_device =
-                    m.bytes_by_device.get(&dev).copied().unwrap_or(if m.device_id == dev { m.size_bytes } else { 0 });
+                let on_device = crate::analytics::model_bytes_on(&m, &dev);
                 if on_device == 0 {
                     continue;
                 }

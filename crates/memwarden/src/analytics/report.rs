@@ -356,15 +356,6 @@ fn per_second(n: u64, ms: u64) -> f64 {
     }
 }
 
-pub fn level_name(n: u8) -> &'static str {
-    match n {
-        0 => "low",
-        1 => "moderate",
-        2 => "high",
-        _ => "critical",
-    }
-}
-
 /// A window's bounds: `(start ms, end ms, length actually covered ms)`. The covered length is
 /// shorter than asked while the daemon has not run that long.
 struct Window {
@@ -844,12 +835,5 @@ mod tests {
         assert_eq!((t.first, t.last, t.max), (0.1, 0.6, 0.6));
         assert!(fragmentation_trend(&[]).is_none());
         assert_eq!(fragmentation_trend(&[p(0.4), p(0.1)]).map(|t| t.trend), Some("falling".into()));
-    }
-
-    #[test]
-    fn level_names_match_the_pressure_levels() {
-        for l in [Level::Low, Level::Moderate, Level::High, Level::Critical] {
-            assert_eq!(level_name(l as u8), l.as_str());
-        }
     }
 }
