@@ -208,7 +208,7 @@ fn idle_models_on_a_pressured_device_are_recommended_for_release_and_the_action_
     c.pressure.critical = 1.0;
     c.pressure.hysteresis = 0.0;
     c.analytics.model_idle_secs = 0;
-    c.analytics.pinned_fraction = 0.000_01;
+    c.analytics.pinned_fraction = 0.0;
     c.workers.worker = vec![memwarden::config::WorkerSpec {
         id: "w".into(),
         devices: vec![],
