@@ -280,4 +280,14 @@ fn anonymous_host_memory_cannot_be_exported() {
         "INVALID_OPERATION",
         "cannot be shared",
     );
+    // Nothing of the failed export is left: not the mark, not the event, not the count.
+    let (_, rec) = s.call("GET", &format!("/api/memory/allocation/{id}"), None);
+    assert_eq!((rec["data"]["exported"].as_bool(), rec["data"]["movable"].as_bool()), (Some(false), Some(true)));
+    let (_, ev) = s.call("GET", "/api/memory/analytics/events", None);
+    let kinds: Vec<&str> =
+        ev["data"]["events"].as_array().expect("events").iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds, ["allocated"]);
+    let (_, a) = s.call("GET", "/api/memory/analytics?window=1m", None);
+    let cpu = a["data"]["devices"].as_array().expect("devices").iter().find(|d| d["deviceId"] == "cpu").cloned();
+    assert_eq!(cpu.expect("cpu")["activity"]["exports"], 0);
 }

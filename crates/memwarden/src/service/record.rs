@@ -237,6 +237,18 @@ impl Recorder {
         self.log(Stored::Record { at_ns: now_ns(), kind: EventKind::Exported, record: r.clone() });
     }
 
+    /// Takes back an `exported` whose export failed.
+    pub(crate) fn unexported(&mut self, device: DeviceId, id: &str) {
+        if !self.enabled {
+            return;
+        }
+        let c = &mut self.device(device).counters;
+        c.exports = c.exports.saturating_sub(1);
+        self.log.remove_last_where(
+            |e| matches!(e, Stored::Record { kind: EventKind::Exported, record, .. } if record.id == id),
+        );
+    }
+
     pub(crate) fn failed(&mut self, device: DeviceId, requested_bytes: u64) {
         if !self.enabled {
             return;

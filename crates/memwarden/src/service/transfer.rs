@@ -384,9 +384,13 @@ impl Service {
         let (base, export) = match exported {
             Ok(x) => x,
             Err(e) => {
-                if let Some(r) = lock(&self.ledger).records.get_mut(allocation_id) {
+                let mut ledger = lock(&self.ledger);
+                if let Some(r) = ledger.records.get_mut(allocation_id) {
                     let m = Arc::make_mut(r);
                     (m.exported, m.movable) = was;
+                }
+                if !was.0 {
+                    ledger.recorder.unexported(record.device, allocation_id);
                 }
                 return Err(e);
             }
