@@ -30,6 +30,16 @@ fn config(tag: &str) -> Config {
     c
 }
 
+/// One supervised worker, `w`, holding models in plain bytes (no numpy or torch needed).
+fn bytes_worker() -> memwarden::config::WorkerSpec {
+    memwarden::config::WorkerSpec {
+        id: "w".into(),
+        devices: vec![],
+        command: vec![],
+        env: [("MEMWARDEN_BACKEND".to_string(), "bytes".to_string())].into(),
+    }
+}
+
 fn cpu(list: &Value) -> Value {
     list.as_array().expect("devices").iter().find(|d| d["deviceId"] == "cpu").expect("cpu").clone()
 }
@@ -61,12 +71,7 @@ fn wait_worker(s: &TestServer) {
 fn a_scripted_workload_shows_in_analytics_and_its_defragment_recommendation_applies() {
     let dir = tempdir("analytics");
     let mut c = config("script");
-    c.workers.worker = vec![memwarden::config::WorkerSpec {
-        id: "w".into(),
-        devices: vec![],
-        command: vec![],
-        env: [("MEMWARDEN_BACKEND".to_string(), "bytes".to_string())].into(),
-    }];
+    c.workers.worker = vec![bytes_worker()];
     let s = TestServer::start_with_workers(c);
     wait_worker(&s);
 
@@ -209,12 +214,7 @@ fn idle_models_on_a_pressured_device_are_recommended_for_release_and_the_action_
     c.pressure.hysteresis = 0.0;
     c.analytics.model_idle_secs = 0;
     c.analytics.pinned_fraction = 0.0;
-    c.workers.worker = vec![memwarden::config::WorkerSpec {
-        id: "w".into(),
-        devices: vec![],
-        command: vec![],
-        env: [("MEMWARDEN_BACKEND".to_string(), "bytes".to_string())].into(),
-    }];
+    c.workers.worker = vec![bytes_worker()];
     let s = TestServer::start_with_workers(c);
     wait_worker(&s);
     let mut ids = Vec::new();

@@ -371,12 +371,7 @@ fn admission_makes_room_on_the_gpu_or_refuses_without_unloading() {
     let a = load_gpu(&s, &medium, "a", 10, false);
     let b = load_gpu(&s, &medium, "b", 90, false);
     let c = load_gpu(&s, &medium, "c", 50, false);
-    let (_, h) = s.call("GET", "/api/memory/models/optimize/history", None);
-    let run = h["data"]["runs"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["trigger"] == "admission"))
-        .cloned()
-        .expect("admission run");
+    let run = s.admission_run();
     // Balanced: offloaded to the CPU (the host has room) or unloaded; either frees its pool.
     let mut released: Vec<String> = serde_json::from_value(run["modelsUnloaded"].clone()).expect("list");
     released.extend(serde_json::from_value::<Vec<String>>(run["modelsOffloaded"].clone()).expect("list"));

@@ -729,11 +729,6 @@ fn admission_on_the_host_makes_room_by_unloading_the_least_valuable_model() {
     let mut expect = vec![b, c_id];
     expect.sort();
     assert_eq!(loaded_ids(&s), expect, "a made room for c");
-    let (_, h) = s.call("GET", "/api/memory/models/optimize/history", None);
-    let run = h["data"]["runs"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["trigger"] == "admission"))
-        .cloned()
-        .expect("admission run");
+    let run = s.admission_run();
     assert_eq!(run["modelsUnloaded"], json!([a]), "{run}");
 }

@@ -409,8 +409,13 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
     if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
-    let ticket = admit(&state, device, &body.path, body.name.as_deref()).await?;
-    let result = load_admitted(&state, device, body).await;
+    load_with_admission(&state, device, body).await
+}
+
+/// A load through admission: the ticket is held while the worker loads, then given back.
+async fn load_with_admission(state: &AppState, device: DeviceId, body: LoadBody) -> ApiResult<LoadedModelDto> {
+    let ticket = admit(state, device, &body.path, body.name.as_deref()).await?;
+    let result = load_admitted(state, device, body).await;
     if let Some(id) = ticket {
         let _ = state.service.free(&id);
     }
@@ -628,18 +633,13 @@ pub async fn move_model(
         return Err(ApiError::invalid(format!("targetDeviceId: model {model_id} is already on {target}")));
     }
     let load = LoadBody {
-        path: path.clone(),
+        path,
         name: Some(info.model_name.clone()),
         device_id: Some(target.to_string()),
         priority: Some(info.priority),
         pinned: info.pinned,
     };
-    let ticket = admit(&state, target, &path, Some(&info.model_name)).await?;
-    let loaded = load_admitted(&state, target, load).await;
-    if let Some(id) = ticket {
-        let _ = state.service.free(&id);
-    }
-    let Data(model) = loaded?;
+    let Data(model) = load_with_admission(&state, target, load).await?;
     let (released, _, _) = state.supervisor.unload(&model_id).await?;
     Ok(Data(MovedDto {
         model,

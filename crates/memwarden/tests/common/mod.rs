@@ -242,3 +242,15 @@ pub fn tempdir(tag: &str) -> TempDir {
     std::fs::create_dir_all(&d).expect("tempdir");
     TempDir(d)
 }
+
+impl TestServer {
+    /// The first optimizer run that admission triggered (the history is oldest first).
+    pub fn admission_run(&self) -> Value {
+        let (_, h) = self.call("GET", "/api/memory/models/optimize/history", None);
+        h["data"]["runs"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["trigger"] == "admission"))
+            .cloned()
+            .expect("admission run")
+    }
+}
