@@ -15,6 +15,9 @@ pub struct DeviceInfo {
     pub memory_type: &'static str,
     /// GPU details (None for the host).
     pub gpu: Option<GpuInfo>,
+    /// The extension point for a backend's own fields beyond the common ones (e.g. another
+    /// GPU API's vendor and driver), shown in the device status under these names.
+    pub extra: std::collections::BTreeMap<String, String>,
 }
 
 /// What is fixed about a GPU.

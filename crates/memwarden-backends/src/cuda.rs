@@ -66,9 +66,22 @@ impl CudaSystem {
         Ok(CudaSystem { contexts, nvml, peer })
     }
 
-    /// One backend per GPU.
+    /// One backend per GPU. Each lists, as its status field `peerAccess`, the GPUs it reads
+    /// and writes directly.
     pub fn backends(&self) -> Vec<CudaBackend> {
-        self.contexts.iter().map(|ctx| CudaBackend::new(ctx.clone(), self.nvml.clone())).collect()
+        self.contexts
+            .iter()
+            .enumerate()
+            .map(|(i, ctx)| {
+                let mut b = CudaBackend::new(ctx.clone(), self.nvml.clone());
+                let peers: Vec<String> = (0..self.contexts.len())
+                    .filter(|j| self.peer[i][*j])
+                    .map(|j| DeviceId::cuda(j as u32).to_string())
+                    .collect();
+                b.info.extra.insert("peerAccess".into(), peers.join(","));
+                b
+            })
+            .collect()
     }
 }
 
@@ -138,7 +151,7 @@ impl CudaBackend {
         });
         let cc = ctx.compute_capability().map(|(a, b)| format!("{a}.{b}")).unwrap_or_default();
         let info = DeviceInfo {
-            device_id: DeviceId::Cuda(ordinal),
+            device_id: DeviceId::cuda(ordinal),
             device_type: "GPU",
             name: ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}")),
             memory_type: "VRAM",
@@ -148,6 +161,7 @@ impl CudaBackend {
                 compute_capability: cc,
                 memory_bandwidth_bytes_per_s: bandwidth,
             }),
+            extra: Default::default(),
         };
         CudaBackend { ctx, info, nvml, nvml_index, fault: Mutex::new(None) }
     }

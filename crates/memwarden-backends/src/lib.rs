@@ -7,6 +7,7 @@ mod backend;
 pub mod conformance;
 pub mod copy;
 pub mod cuda;
+mod discover;
 pub mod host;
 mod pool;
 
@@ -16,5 +17,6 @@ pub use backend::{
 };
 pub use copy::copy_between;
 pub use cuda::{CudaBackend, CudaSystem};
+pub use discover::{discover, BackendHealth, DiscoverConfig, Discovered, Found, GPU_APIS};
 pub use host::{HostBackend, HostStatusReader};
 pub use pool::{MemoryPool, PoolAllocation};

@@ -4,6 +4,7 @@
 //! that applies it; a rule without its evidence emits nothing. Pure: the API renders an
 //! [`Action`] as the memwarden request that carries it out.
 
+use crate::eviction::{self, Candidate};
 use crate::pressure::Level;
 
 /// What the rules look at, per device.
@@ -29,7 +30,8 @@ pub struct DeviceFacts {
     /// move (`id`, bytes).
     pub pinned_bytes: u64,
     pub largest_movable_pinned: Option<(String, u64)>,
-    pub models: Vec<ModelFacts>,
+    /// The models on this device (their `sizeBytes` is what they hold here).
+    pub models: Vec<Candidate>,
 }
 
 impl DeviceFacts {
@@ -40,18 +42,6 @@ impl DeviceFacts {
             self.used_bytes as f64 / self.total_bytes as f64
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ModelFacts {
-    pub model_id: String,
-    /// Bytes it holds on this device.
-    pub bytes: u64,
-    pub idle_secs: f64,
-    pub pinned: bool,
-    pub priority: u8,
-    /// It was loaded from a file by a supervised worker, so it can be loaded elsewhere.
-    pub reloadable: bool,
 }
 
 /// Where the rules draw their lines.
@@ -178,13 +168,17 @@ pub fn idle_models(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
     if !pressured(d.level) {
         return None;
     }
-    let mut idle: Vec<&ModelFacts> =
-        d.models.iter().filter(|m| !m.pinned && m.bytes > 0 && m.idle_secs >= t.model_idle_secs).collect();
+    // The eviction ranking (pinned models left out), narrowed to the idle ones: the same order
+    // the optimizer would release them in.
+    let idle: Vec<&Candidate> = eviction::rank(&d.models, &[])
+        .into_iter()
+        .filter(|m| m.size_bytes > 0 && m.idle_secs >= t.model_idle_secs)
+        .collect();
     if idle.is_empty() {
         return None;
     }
-    idle.sort_by(|a, b| b.idle_secs.total_cmp(&a.idle_secs).then_with(|| a.model_id.cmp(&b.model_id)));
-    let bytes: u64 = idle.iter().map(|m| m.bytes).sum();
+    let longest_idle = idle.iter().map(|m| m.idle_secs).fold(0.0, f64::max);
+    let bytes: u64 = idle.iter().map(|m| m.size_bytes).sum();
     let models: Vec<String> = idle.iter().map(|m| m.model_id.clone()).collect();
     Some(Recommendation {
         kind: "unloadIdleModels",
@@ -203,7 +197,7 @@ pub fn idle_models(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
             ("utilization", Evidence::Ratio(d.utilization())),
             ("idleModels", Evidence::Text(models.join(","))),
             ("idleModelBytes", Evidence::Bytes(bytes)),
-            ("longestIdleSeconds", Evidence::Seconds(idle[0].idle_secs)),
+            ("longestIdleSeconds", Evidence::Seconds(longest_idle)),
         ],
         estimated_savings_bytes: bytes,
         action: Action::Optimize { device: d.device.clone(), models, min_memory_to_free: bytes },
@@ -295,8 +289,8 @@ pub fn rebalance(devices: &[DeviceFacts], t: &Thresholds) -> Vec<Recommendation>
         let Some(m) = full
             .models
             .iter()
-            .filter(|m| m.reloadable && !m.pinned && m.bytes > 0 && m.bytes < room && m.bytes <= most)
-            .max_by(|a, b| a.bytes.cmp(&b.bytes).then_with(|| b.model_id.cmp(&a.model_id)))
+            .filter(|m| m.reloadable && !m.pinned && m.size_bytes > 0 && m.size_bytes < room && m.size_bytes <= most)
+            .max_by(|a, b| a.size_bytes.cmp(&b.size_bytes).then_with(|| b.model_id.cmp(&a.model_id)))
         else {
             continue;
         };
@@ -312,16 +306,16 @@ pub fn rebalance(devices: &[DeviceFacts], t: &Thresholds) -> Vec<Recommendation>
                 empty.name,
                 empty.utilization() * 100.0,
                 m.model_id,
-                m.bytes
+                m.size_bytes
             ),
             evidence: vec![
                 ("utilization", Evidence::Ratio(full.utilization())),
                 ("targetUtilization", Evidence::Ratio(empty.utilization())),
                 ("targetDevice", Evidence::Text(empty.device.clone())),
                 ("targetAvailableBytes", Evidence::Bytes(room)),
-                ("modelBytes", Evidence::Bytes(m.bytes)),
+                ("modelBytes", Evidence::Bytes(m.size_bytes)),
             ],
-            estimated_savings_bytes: m.bytes,
+            estimated_savings_bytes: m.size_bytes,
             action: Action::MoveModel { model_id: m.model_id.clone(), target_device: empty.device.clone() },
         });
     }
@@ -363,8 +357,15 @@ mod tests {
         }
     }
 
-    fn model(id: &str, bytes: u64, idle: f64) -> ModelFacts {
-        ModelFacts { model_id: id.into(), bytes, idle_secs: idle, reloadable: true, ..ModelFacts::default() }
+    fn model(id: &str, bytes: u64, idle: f64) -> Candidate {
+        Candidate {
+            model_id: id.into(),
+            size_bytes: bytes,
+            idle_secs: idle,
+            reloadable: true,
+            priority: 50,
+            ..Candidate::default()
+        }
     }
 
     fn t() -> Thresholds {
@@ -397,7 +398,7 @@ mod tests {
             model("old", 4 * GIB, 900.0),
             model("older", 2 * GIB, 1800.0),
             model("busy", 8 * GIB, 3.0),
-            ModelFacts { pinned: true, ..model("pinned", 8 * GIB, 5000.0) },
+            Candidate { pinned: true, ..model("pinned", 8 * GIB, 5000.0) },
         ];
         let r = idle_models(&d, &t()).expect("fires");
         assert_eq!(

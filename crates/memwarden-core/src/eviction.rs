@@ -8,8 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One model that could be released.
-#[derive(Debug, Clone, PartialEq)]
+/// One model on a device: what the ladder ranks and the advice rules look at.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Candidate {
     pub model_id: String,
     pub worker_id: String,
@@ -24,6 +24,8 @@ pub struct Candidate {
     pub load_time_ms: f64,
     /// Whether its holder can move it to the CPU (torch models on a GPU).
     pub offloadable: bool,
+    /// It was loaded from a file by a supervised worker, so it can be loaded elsewhere.
+    pub reloadable: bool,
 }
 
 /// Reload speed, in bytes per second: a model that reloads fast is cheap to drop.
@@ -190,6 +192,7 @@ mod tests {
             idle_secs,
             load_time_ms: 500.0,
             offloadable: false,
+            reloadable: false,
         }
     }
 

@@ -3,22 +3,45 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A device id as PyTorch spells it: `cpu`, `cuda:0`, `cuda:1`, …
+/// The GPU APIs a device can be reached through; each has its own id prefix. Adding one is a
+/// variant and its prefix here; every other part of memwarden goes through [`DeviceId`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GpuApi {
+    /// NVIDIA GPUs through the CUDA driver: `cuda:N`.
+    Cuda,
+    /// Any vendor's GPU through Vulkan: `vulkan:N`.
+    Vulkan,
+}
+
+impl GpuApi {
+    pub const ALL: [GpuApi; 2] = [GpuApi::Cuda, GpuApi::Vulkan];
+
+    /// The id prefix, which is also the backend's name (`cuda`, `vulkan`).
+    pub const fn prefix(self) -> &'static str {
+        match self {
+            GpuApi::Cuda => "cuda",
+            GpuApi::Vulkan => "vulkan",
+        }
+    }
+}
+
+/// A device id as PyTorch spells it: `cpu`, `cuda:0`, `cuda:1`, …, and `vulkan:N` for GPUs
+/// reached through another API. `Copy`, and parsed without allocating.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceId {
     Cpu,
-    Cuda(u32),
+    Gpu(GpuApi, u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{0}' is not a device id (expected cpu or cuda:N; aliases gpu:N, gpu-N, gpu_N, cpu:0)")]
+#[error("'{0}' is not a device id (expected cpu, cuda:N or vulkan:N; aliases gpu:N, gpu-N, gpu_N, cpu:0)")]
 pub struct DeviceIdError(pub String);
 
 impl FromStr for DeviceId {
     type Err = DeviceIdError;
 
-    /// Accepts `cpu`, `cuda:N` and the seed's aliases `gpu:N`, `gpu-N`, `gpu_N`, `cpu:0`, `cpu-0`,
-    /// `cpu_0` (case-insensitive, surrounding whitespace ignored).
+    /// Accepts `cpu`, `cuda:N`, `vulkan:N` and the seed's aliases `gpu:N`, `gpu-N`, `gpu_N`
+    /// (CUDA), `cpu:0`, `cpu-0`, `cpu_0` (case-insensitive, surrounding whitespace ignored).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // No allocation: this runs on every API call.
         let t = s.trim();
@@ -32,12 +55,16 @@ impl FromStr for DeviceId {
         }
         let n: u32 = index.parse().map_err(|_| err())?;
         if prefix.eq_ignore_ascii_case("cpu") && n == 0 {
-            Ok(DeviceId::Cpu)
-        } else if prefix.eq_ignore_ascii_case("cuda") || prefix.eq_ignore_ascii_case("gpu") {
-            Ok(DeviceId::Cuda(n))
-        } else {
-            Err(err())
+            return Ok(DeviceId::Cpu);
         }
+        if prefix.eq_ignore_ascii_case("gpu") {
+            return Ok(DeviceId::cuda(n));
+        }
+        GpuApi::ALL
+            .into_iter()
+            .find(|api| prefix.eq_ignore_ascii_case(api.prefix()))
+            .map(|api| DeviceId::Gpu(api, n))
+            .ok_or_else(err)
     }
 }
 
@@ -45,17 +72,34 @@ impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceId::Cpu => f.write_str("cpu"),
-            DeviceId::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceId::Gpu(api, n) => write!(f, "{}:{n}", api.prefix()),
         }
     }
 }
 
 impl DeviceId {
+    /// `cuda:n`.
+    pub const fn cuda(n: u32) -> DeviceId {
+        DeviceId::Gpu(GpuApi::Cuda, n)
+    }
+
+    pub const fn is_gpu(self) -> bool {
+        matches!(self, DeviceId::Gpu(..))
+    }
+
+    /// The GPU API and index, for GPUs.
+    pub const fn gpu(self) -> Option<(GpuApi, u32)> {
+        match self {
+            DeviceId::Cpu => None,
+            DeviceId::Gpu(api, n) => Some((api, n)),
+        }
+    }
+
     /// The memory kind an allocation gets when the request names none.
     pub fn default_kind(self) -> MemoryKind {
         match self {
             DeviceId::Cpu => MemoryKind::Host,
-            DeviceId::Cuda(_) => MemoryKind::Device,
+            DeviceId::Gpu(..) => MemoryKind::Device,
         }
     }
 }
@@ -113,15 +157,18 @@ mod tests {
             ("cpu:0", DeviceId::Cpu),
             ("cpu-0", DeviceId::Cpu),
             ("cpu_0", DeviceId::Cpu),
-            ("cuda:0", DeviceId::Cuda(0)),
-            ("cuda:12", DeviceId::Cuda(12)),
-            ("gpu:1", DeviceId::Cuda(1)),
-            ("gpu-2", DeviceId::Cuda(2)),
-            ("gpu_3", DeviceId::Cuda(3)),
+            ("cuda:0", DeviceId::cuda(0)),
+            ("cuda:12", DeviceId::cuda(12)),
+            ("gpu:1", DeviceId::cuda(1)),
+            ("gpu-2", DeviceId::cuda(2)),
+            ("gpu_3", DeviceId::cuda(3)),
         ] {
             assert_eq!(text.parse::<DeviceId>(), Ok(want), "{text}");
         }
-        for bad in ["", "cpu:1", "cuda", "cuda:", "cuda:x", "tpu:0", "cuda:-1", "cuda:+1", "gpu:99999999999"] {
+        assert_eq!("vulkan:1".parse::<DeviceId>(), Ok(DeviceId::Gpu(GpuApi::Vulkan, 1)));
+        assert_eq!("Vulkan_0".parse::<DeviceId>().map(|d| d.to_string()), Ok("vulkan:0".into()));
+        for bad in ["", "cpu:1", "cuda", "cuda:", "cuda:x", "tpu:0", "cuda:-1", "cuda:+1", "gpu:99999999999", "vulkan"]
+        {
             assert!(bad.parse::<DeviceId>().is_err(), "{bad} should not parse");
         }
     }
@@ -139,6 +186,6 @@ mod tests {
         }
         assert!("vram".parse::<MemoryKind>().is_err());
         assert_eq!(DeviceId::Cpu.default_kind(), MemoryKind::Host);
-        assert_eq!(DeviceId::Cuda(0).default_kind(), MemoryKind::Device);
+        assert_eq!(DeviceId::cuda(0).default_kind(), MemoryKind::Device);
     }
 }

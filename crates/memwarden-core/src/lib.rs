@@ -13,6 +13,6 @@ pub mod pressure;
 pub mod tlsf;
 pub mod units;
 
-pub use ids::{DeviceId, DeviceIdError, MemoryKind};
+pub use ids::{DeviceId, DeviceIdError, GpuApi, MemoryKind};
 pub use pool::{BlockId, BlockRequest, Placement, Pool, PoolConfig, PoolError, PoolStats};
 pub use tlsf::{Tlsf, TlsfError, TlsfHandle, GRANULARITY_BYTES};

@@ -17,6 +17,9 @@ use std::fmt;
 use std::io::{self, BufRead, Write};
 use time::OffsetDateTime;
 
+mod typed;
+pub use typed::ActionData;
+
 /// The protocol version this crate speaks. A peer whose `hello` names another is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
 

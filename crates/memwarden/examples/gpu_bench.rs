@@ -55,7 +55,7 @@ fn main() {
     let s = Arc::new(Service::from_config(&config));
     let gpus: Vec<String> = s.device_ids().iter().map(|d| d.to_string()).filter(|d| d.starts_with("cuda:")).collect();
     assert!(!gpus.is_empty(), "no GPU: {:?}", s.backends());
-    let st = s.status(memwarden_core::DeviceId::Cuda(0)).expect("status");
+    let st = s.status(memwarden_core::DeviceId::cuda(0)).expect("status");
     println!("device cuda:0 {} ({} GPU(s))", st.name, gpus.len());
 
     // Pool allocate + free pair through the service (validation, budget, pool, ledger, id).
@@ -99,7 +99,7 @@ fn main() {
             "1 GiB peer cuda:0 -> cuda:1 {:.1} GB/s, cuda:1 -> cuda:0 {:.1} GB/s (peer access: {:?})",
             g as f64 / time_copy(&s, &a, &c, g) / 1e9,
             g as f64 / time_copy(&s, &c, &a, g) / 1e9,
-            s.peer_access()
+            s.status(memwarden_core::DeviceId::cuda(0)).map(|st| st.extra).unwrap_or_default()
         );
     }
 }

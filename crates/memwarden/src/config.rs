@@ -51,9 +51,10 @@ pub struct AnalyticsSection {
     pub leak_min_age_secs: u64,
     /// An owner with no allocation or free for this long, in seconds, counts as idle.
     pub leak_owner_idle_secs: u64,
-    /// Recommendations: fragmentation index (0–1) that, with a recent failed allocation, calls
-    /// for a defragmentation.
-    pub fragmentation_threshold: f64,
+    /// Replaced by `defrag.fragmentation_threshold` (one threshold for the automatic pass and
+    /// the recommendations); setting it is an error that says so.
+    #[doc(hidden)]
+    pub fragmentation_threshold: Option<f64>,
     /// Recommendations: how long a failed allocation counts as recent, in seconds.
     pub failure_recent_secs: u64,
     /// Recommendations: idle time after which a model counts as idle, in seconds.
@@ -79,7 +80,7 @@ impl Default for AnalyticsSection {
             max_tracked_models: 256,
             leak_min_age_secs: 600,
             leak_owner_idle_secs: 600,
-            fragmentation_threshold: 0.3,
+            fragmentation_threshold: None,
             failure_recent_secs: 600,
             model_idle_secs: 300,
             min_clear_bytes: 64 << 20,
@@ -98,15 +99,20 @@ impl AnalyticsSection {
             coarse_points: self.coarse_points,
         }
     }
+}
 
-    pub fn thresholds(&self) -> memwarden_core::advice::Thresholds {
+impl Config {
+    /// Where the recommendation rules draw their lines: the analytics section's, with the
+    /// fragmentation threshold of the defragmentation section.
+    pub fn advice_thresholds(&self) -> memwarden_core::advice::Thresholds {
+        let a = &self.analytics;
         memwarden_core::advice::Thresholds {
-            fragmentation: self.fragmentation_threshold,
-            failure_recent_secs: self.failure_recent_secs as f64,
-            model_idle_secs: self.model_idle_secs as f64,
-            min_clear_bytes: self.min_clear_bytes,
-            pinned_fraction: self.pinned_fraction,
-            imbalance: self.imbalance,
+            fragmentation: self.defrag.fragmentation_threshold,
+            failure_recent_secs: a.failure_recent_secs as f64,
+            model_idle_secs: a.model_idle_secs as f64,
+            min_clear_bytes: a.min_clear_bytes,
+            pinned_fraction: a.pinned_fraction,
+            imbalance: a.imbalance,
         }
     }
 }
@@ -246,16 +252,27 @@ pub struct PressureSection {
     pub psi_trigger_window_ms: u64,
 }
 
-impl PressureSection {
-    /// The level thresholds these settings describe.
-    pub fn thresholds(&self) -> memwarden_core::pressure::Thresholds {
+impl From<&PressureSection> for memwarden_core::pressure::Thresholds {
+    fn from(c: &PressureSection) -> Self {
         memwarden_core::pressure::Thresholds {
-            moderate: self.moderate,
-            high: self.high,
-            critical: self.critical,
-            hysteresis: self.hysteresis,
-            psi_some_percent: self.psi_some_percent,
-            psi_full_percent: self.psi_full_percent,
+            moderate: c.moderate,
+            high: c.high,
+            critical: c.critical,
+            hysteresis: c.hysteresis,
+            psi_some_percent: c.psi_some_percent,
+            psi_full_percent: c.psi_full_percent,
+        }
+    }
+}
+
+impl From<&Config> for memwarden_backends::DiscoverConfig {
+    fn from(c: &Config) -> Self {
+        memwarden_backends::DiscoverConfig {
+            proc_root: c.host.proc_root.clone(),
+            cgroup_root: c.host.cgroup_root.clone(),
+            shared_memory_dir: (!c.host.shared_memory_dir.as_os_str().is_empty())
+                .then(|| c.host.shared_memory_dir.clone()),
+            cuda: c.cuda.enabled,
         }
     }
 }
@@ -445,7 +462,7 @@ impl Config {
                 "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
             ));
         }
-        self.pressure.thresholds().validate().map_err(ConfigError::Invalid)?;
+        memwarden_core::pressure::Thresholds::from(&self.pressure).validate().map_err(ConfigError::Invalid)?;
         if !(0.0..=100.0).contains(&self.optimizer.target_pressure_level) {
             return Err(ConfigError::Invalid("optimizer.target_pressure_level must be between 0 and 100".into()));
         }
@@ -460,11 +477,14 @@ impl Config {
                     .into(),
             ));
         }
-        for (name, v) in [
-            ("fragmentation_threshold", a.fragmentation_threshold),
-            ("pinned_fraction", a.pinned_fraction),
-            ("imbalance", a.imbalance),
-        ] {
+        if a.fragmentation_threshold.is_some() {
+            return Err(ConfigError::Invalid(
+                "analytics.fragmentation_threshold was replaced by defrag.fragmentation_threshold (one threshold for \
+                 the automatic pass and the recommendations); set that instead"
+                    .into(),
+            ));
+        }
+        for (name, v) in [("pinned_fraction", a.pinned_fraction), ("imbalance", a.imbalance)] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(ConfigError::Invalid(format!("analytics.{name} must be between 0 and 1")));
             }
@@ -522,6 +542,14 @@ mod tests {
         assert_eq!(c.pool.dedicated_threshold_bytes, 32 << 20, "other keys keep defaults");
         assert!(parse("lisen = \"127.0.0.1:1\"").is_err());
         assert!(parse("[pool]\nblock_size = 1").is_err());
+    }
+
+    #[test]
+    fn the_replaced_fragmentation_key_names_its_replacement_and_one_threshold_serves_both() {
+        let e = parse("[analytics]\nfragmentation_threshold = 0.4\n").expect_err("refused");
+        assert!(e.contains("replaced by defrag.fragmentation_threshold"), "{e}");
+        let c = parse("[defrag]\nfragmentation_threshold = 0.45\n").expect("valid");
+        assert_eq!(c.advice_thresholds().fragmentation, 0.45);
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! memwarden: one daemon per ML inference host that owns the truth about host, GPU and model
-//! memory. `service` holds the logic, `api` the REST layer over it, `cli` the client commands,
-//! `config` the settings, `server` the process that ties them together.
+//! memory. The rooms, from the bottom up: `config` (settings), `service` (devices, pools,
+//! ledger, transfers, defragmentation), `supervisor` (the Python processes that hold models),
+//! `models` (one view of the models they hold), `pressure` (the monitor), `optimizer` (the
+//! release ladder, watchdog and admission), `analytics` (history, reports, recommendations,
+//! metrics), `api` (REST handlers and response types), `server` (the process that ties them
+//! together) and `cli` (the client commands).
 
 pub mod analytics;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod models;
 pub mod optimizer;
+pub mod pressure;
 pub mod server;
 pub mod service;
 pub mod supervisor;
+pub mod util;

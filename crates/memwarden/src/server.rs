@@ -15,16 +15,28 @@ pub async fn serve_on(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    service.start_pressure_monitor();
+    let pressure = crate::pressure::PressureMonitor::new(service.clone(), config.pressure.clone());
+    pressure.start();
     let supervisor = crate::supervisor::Supervisor::new(
         config.workers.clone(),
         service.device_ids().iter().map(|d| d.to_string()).collect(),
         config.host.proc_root.clone(),
     );
     supervisor.start().await;
-    let optimizer = crate::optimizer::Optimizer::new(service.clone(), supervisor.clone(), config.optimizer.clone());
-    optimizer.start_watchdog();
-    let analytics = crate::analytics::Analytics::new(service.clone(), supervisor.clone(), config.analytics.clone());
+    let optimizer = crate::optimizer::Optimizer::new(
+        service.clone(),
+        supervisor.clone(),
+        config.optimizer.clone(),
+        pressure.thresholds(),
+    );
+    optimizer.start_watchdog(pressure.subscribe());
+    let analytics = crate::analytics::Analytics::new(
+        service.clone(),
+        supervisor.clone(),
+        pressure.clone(),
+        config.analytics.clone(),
+        config.advice_thresholds(),
+    );
     analytics.start();
     // One shutdown signal for the server and every open event stream: graceful shutdown waits
     // for open connections, and an event stream never ends on its own.
@@ -32,6 +44,7 @@ pub async fn serve_on(
     let state = AppState {
         service,
         supervisor: supervisor.clone(),
+        pressure,
         optimizer,
         analytics,
         http_metrics: Default::default(),

@@ -131,7 +131,14 @@ impl HostBackend {
     pub fn new(reader: HostStatusReader) -> Self {
         let name = cpu_model().unwrap_or_else(|| "host memory".into());
         HostBackend {
-            info: DeviceInfo { device_id: DeviceId::Cpu, device_type: "CPU", name, memory_type: "RAM", gpu: None },
+            info: DeviceInfo {
+                device_id: DeviceId::Cpu,
+                device_type: "CPU",
+                name,
+                memory_type: "RAM",
+                gpu: None,
+                extra: Default::default(),
+            },
             reader,
             shared_dir: None,
             cuda: None,

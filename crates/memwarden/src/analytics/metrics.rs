@@ -5,7 +5,8 @@
 //! fills. Names carry base units (`_bytes`, `_seconds`, `_total`); label values come from
 //! bounded sets (devices, memory kinds, route templates, worker ids and states, loaded models).
 
-use super::{model_bytes_on, model_snapshot, Analytics};
+use super::Analytics;
+use crate::models::{bytes_on, ModelView};
 use crate::supervisor::WorkerState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -226,7 +227,9 @@ impl Analytics {
         build.get_or_create(&version).set(1);
         start.get_or_create(&version).set(self.started_ms as f64 / 1000.0);
 
-        let models = model_snapshot(&self.supervisor);
+        let view = ModelView::snapshot(&self.supervisor);
+        let models: Vec<(&memwarden_protocol::ModelInfo, &String)> =
+            view.callable_models().map(|(m, h)| (m, &h.slot.id)).collect();
         for id in self.service.device_ids() {
             let device = id.to_string();
             let d = Dev { device: device.clone() };
@@ -246,7 +249,7 @@ impl Analytics {
                 reserved.get_or_create(&k).set(p.reserved_bytes);
                 allocated.get_or_create(&k).set(p.allocated_bytes);
             }
-            if let Ok(p) = self.service.pressure(id) {
+            if let Ok(p) = self.pressure.report(id) {
                 pressure.get_or_create(&d).set(p.level as u64);
                 for l in ["low", "moderate", "high", "critical"] {
                     let labels = Level { device: device.clone(), level: l.into() };
@@ -268,7 +271,7 @@ impl Analytics {
             defrag_runs.get_or_create(&d).inc_by(c.defrag_runs);
             defrag_moved.get_or_create(&d).inc_by(c.defrag_moved_bytes);
             defrag_released.get_or_create(&d).inc_by(c.defrag_released_bytes);
-            device_models.get_or_create(&d).set(models.iter().map(|(m, _)| model_bytes_on(m, &device)).sum());
+            device_models.get_or_create(&d).set(models.iter().map(|(m, _)| bytes_on(m, &device)).sum());
         }
         for (m, worker) in &models {
             let devices: Vec<(String, u64)> = if m.bytes_by_device.is_empty() {
@@ -277,7 +280,7 @@ impl Analytics {
                 m.bytes_by_device.iter().map(|(d, b)| (d.clone(), *b)).collect()
             };
             for (device, bytes) in devices {
-                let l = ModelLabels { model: m.model_id.clone(), device, worker: worker.clone() };
+                let l = ModelLabels { model: m.model_id.clone(), device, worker: worker.to_string() };
                 model_bytes.get_or_create(&l).set(bytes);
             }
             model_info
@@ -285,7 +288,7 @@ impl Analytics {
                     model: m.model_id.clone(),
                     name: m.model_name.clone(),
                     device: m.device_id.clone(),
-                    worker: worker.clone(),
+                    worker: worker.to_string(),
                     backend: m.backend.clone().unwrap_or_default(),
                     pinned: m.pinned.to_string(),
                 })

@@ -9,22 +9,21 @@ pub mod metrics;
 pub mod report;
 
 use crate::config::AnalyticsSection;
+use crate::models::ModelView;
+use crate::pressure::PressureMonitor;
 use crate::service::Service;
 use crate::supervisor::Supervisor;
+use crate::util::lock;
+use memwarden_core::advice;
 use memwarden_core::history::{Peak, Point, Ring, Series, LEVELS};
 use memwarden_core::DeviceId;
-use memwarden_protocol::ModelInfo;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use time::OffsetDateTime;
 
 /// Changes of one model's bytes kept per model (a sample is stored only when the bytes change).
 const MODEL_SAMPLES_KEPT: usize = 512;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 pub fn unix_ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
@@ -74,32 +73,28 @@ pub(crate) struct State {
 pub struct Analytics {
     pub(crate) service: Arc<Service>,
     pub(crate) supervisor: Arc<Supervisor>,
+    pub(crate) pressure: Arc<PressureMonitor>,
     pub(crate) config: AnalyticsSection,
+    /// Where the recommendation rules draw their lines.
+    pub(crate) advice: advice::Thresholds,
     pub(crate) state: Mutex<State>,
     pub(crate) started_ms: i64,
 }
 
-/// The models every connected holder reports now, with the holder's id.
-pub fn model_snapshot(supervisor: &Supervisor) -> Vec<(ModelInfo, String)> {
-    let mut out = Vec::new();
-    for slot in supervisor.slots() {
-        let Some(conn) = slot.conn() else { continue };
-        out.extend(conn.model_list().into_iter().map(|m| (m, slot.id.clone())));
-    }
-    out
-}
-
-/// Bytes a model holds on `device` (split models report per device).
-pub fn model_bytes_on(m: &ModelInfo, device: &str) -> u64 {
-    m.bytes_by_device.get(device).copied().unwrap_or(if m.device_id == device { m.size_bytes } else { 0 })
-}
-
 impl Analytics {
-    pub fn new(service: Arc<Service>, supervisor: Arc<Supervisor>, config: AnalyticsSection) -> Arc<Analytics> {
+    pub fn new(
+        service: Arc<Service>,
+        supervisor: Arc<Supervisor>,
+        pressure: Arc<PressureMonitor>,
+        config: AnalyticsSection,
+        advice: advice::Thresholds,
+    ) -> Arc<Analytics> {
         Arc::new(Analytics {
             service,
             supervisor,
+            pressure,
             config,
+            advice,
             state: Mutex::new(State {
                 series: BTreeMap::new(),
                 used_peaks: BTreeMap::new(),
@@ -138,11 +133,11 @@ impl Analytics {
     /// may call it to take a point at once).
     pub fn sample_now(&self, now: OffsetDateTime) {
         let now_ms = unix_ms(now);
-        let models = model_snapshot(&self.supervisor);
+        let view = ModelView::snapshot(&self.supervisor);
         let mut points = Vec::new();
         for id in self.service.device_ids() {
             let Ok(st) = self.service.status(id) else { continue };
-            let level = self.service.pressure(id).map(|p| p.level as u8).unwrap_or(0);
+            let level = self.pressure.report(id).map(|p| p.level as u8).unwrap_or(0);
             let rec = self.service.device_record(id);
             let (reserved, allocated) = st.pool_totals();
             let dev = id.to_string();
@@ -158,7 +153,7 @@ impl Analytics {
                     pool_reserved_bytes: reserved,
                     pool_allocated_bytes: allocated,
                     reservation_bytes: st.reservation_bytes,
-                    model_bytes: models.iter().map(|(m, _)| model_bytes_on(m, &dev)).sum(),
+                    model_bytes: view.callable_models().map(|(m, _)| crate::models::bytes_on(m, &dev)).sum(),
                     fragmentation: st.fragmentation(),
                     level,
                     level_ms: [0; LEVELS],
@@ -178,14 +173,15 @@ impl Analytics {
             peak.observe(p.used_bytes, now_ms);
             s.series.entry(id).or_insert_with(|| Series::new(resolution)).record(p);
         }
-        self.track_models(&mut s, &models, now_ms);
+        self.track_models(&mut s, &view, now_ms);
     }
 
-    fn track_models(&self, s: &mut State, models: &[(ModelInfo, String)], now_ms: i64) {
+    fn track_models(&self, s: &mut State, view: &ModelView, now_ms: i64) {
         for track in s.models.values_mut() {
             track.loaded = false;
         }
-        for (m, worker) in models {
+        for (m, holder) in view.callable_models() {
+            let worker = &holder.slot.id;
             let bytes = m.size_bytes;
             let track = s.models.entry(m.model_id.clone()).or_insert_with(|| ModelTrack {
                 model_id: m.model_id.clone(),

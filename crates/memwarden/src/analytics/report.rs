@@ -1,10 +1,12 @@
 //! The reports: usage and analytics over a window, the allocation event log, and the
 //! recommendations, each computed from the recorded history and the measured state.
 
-use super::{from_unix_ms, lock, model_bytes_on, model_snapshot, unix_ms, Analytics};
+use super::{from_unix_ms, unix_ms, Analytics};
 use crate::api::envelope::rfc3339;
+use crate::models::ModelView;
 use crate::service::{EventKind, ServiceError};
-use memwarden_core::advice::{self, Action, DeviceFacts, Evidence, ModelFacts};
+use crate::util::lock;
+use memwarden_core::advice::{self, Action, DeviceFacts, Evidence};
 use memwarden_core::history::{
     self, leak_suspects, owner_pid, percentile, size_histogram, time_per_level, top_by_bytes, Counters, LiveAllocation,
     OwnerActivity, Point,
@@ -522,7 +524,7 @@ impl Analytics {
         events: &[crate::service::AllocationEvent],
     ) -> Result<DeviceAnalyticsDto, ServiceError> {
         let st = self.service.status(id)?;
-        let pressure = self.service.pressure(id)?;
+        let pressure = self.pressure.report(id)?;
         let rec = self.service.device_record(id);
         let d = rec.counters.since(&self.baseline(id, w));
         let (resolution_ms, pts) = self.points(id, w);
@@ -702,12 +704,12 @@ impl Analytics {
     /// The facts the recommendation rules look at, measured now.
     pub fn facts(&self) -> Result<Vec<DeviceFacts>, ServiceError> {
         let now = OffsetDateTime::now_utc();
-        let models = model_snapshot(&self.supervisor);
+        let view = ModelView::snapshot(&self.supervisor);
         let live = self.service.allocations(None);
         let mut out = Vec::new();
         for id in self.service.device_ids() {
             let st = self.service.status(id)?;
-            let level = self.service.pressure(id).map(|p| p.level).unwrap_or(Level::Low);
+            let level = self.pressure.report(id).map(|p| p.level).unwrap_or(Level::Low);
             let rec = self.service.device_record(id);
             let pools: Vec<_> = st.pools.iter().map(|(_, s)| *s).collect();
             let dev = id.to_string();
@@ -715,7 +717,7 @@ impl Analytics {
             out.push(DeviceFacts {
                 device: dev.clone(),
                 name: st.name.clone(),
-                is_gpu: matches!(id, DeviceId::Cuda(_)),
+                is_gpu: id.is_gpu(),
                 total_bytes: st.total_bytes,
                 used_bytes: st.used_bytes,
                 level,
@@ -730,33 +732,16 @@ impl Analytics {
                     .filter(|r| r.movable && !r.exported)
                     .max_by_key(|r| r.allocated_bytes)
                     .map(|r| (r.id.clone(), r.allocated_bytes)),
-                models: models
-                    .iter()
-                    .filter_map(|(m, worker)| {
-                        let bytes = model_bytes_on(m, &dev);
-                        (bytes > 0).then(|| ModelFacts {
-                            model_id: m.model_id.clone(),
-                            bytes,
-                            idle_secs: (now - m.last_access).as_seconds_f64(),
-                            pinned: m.pinned,
-                            priority: m.priority,
-                            reloadable: m.path.is_some() && self.is_worker(worker),
-                        })
-                    })
-                    .collect(),
+                models: view.facts(id),
             });
         }
         Ok(out)
     }
 
-    fn is_worker(&self, slot_id: &str) -> bool {
-        self.supervisor.slots().iter().any(|s| s.id == slot_id && s.role == memwarden_protocol::Role::Worker)
-    }
-
     /// `GET /api/memory/optimization`.
     pub fn recommendations(&self) -> Result<RecommendationsDto, ServiceError> {
         let facts = self.facts()?;
-        let recs = advice::recommend(&facts, &self.config.thresholds());
+        let recs = advice::recommend(&facts, &self.advice);
         Ok(RecommendationsDto {
             generated_at: rfc3339(OffsetDateTime::now_utc()),
             total_estimated_savings_bytes: recs.iter().map(|r| r.estimated_savings_bytes).sum(),
@@ -773,6 +758,26 @@ impl Analytics {
                 })
                 .collect(),
         })
+    }
+}
+
+impl Analytics {
+    /// The recommendations for one device, as the pressure report lists them (`kind: message
+    /// (METHOD path)`); only at `high` or above, as the rules' evidence allows.
+    pub fn pressure_actions(&self, device: DeviceId, level: Level) -> Vec<String> {
+        if level < Level::High {
+            return Vec::new();
+        }
+        let Ok(facts) = self.facts() else { return Vec::new() };
+        let dev = device.to_string();
+        advice::recommend(&facts, &self.advice)
+            .iter()
+            .filter(|r| r.device == dev)
+            .map(|r| {
+                let a = render_action(&r.action);
+                format!("{}: {} ({} {})", r.kind, r.message, a.method, a.path)
+            })
+            .collect()
     }
 }
 

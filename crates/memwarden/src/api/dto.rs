@@ -2,9 +2,10 @@
 //! their conversion from service types. Field names follow the seed's clients.
 
 use super::envelope::rfc3339;
+use crate::pressure::{PressureEvent, PressureReport};
 use crate::service::{
     Allocation, AllocationRecord, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo,
-    PoolDump, PressureEvent, PressureReport, TransferRecord,
+    PoolDump, TransferRecord,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -667,7 +668,7 @@ impl From<&PressureReport> for PressureDto {
                 psi_some_percent: r.thresholds.psi_some_percent,
                 psi_full_percent: r.thresholds.psi_full_percent,
             },
-            recommended_actions: r.recommended_actions.clone(),
+            recommended_actions: Vec::new(),
             time_to_critical: r.time_to_critical_secs,
             psi_some10: r.psi_some10,
             psi_full10: r.psi_full10,

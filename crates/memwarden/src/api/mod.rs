@@ -40,6 +40,8 @@ pub struct AppState {
     pub service: Arc<Service>,
     /// The model workers and attached clients.
     pub supervisor: Arc<crate::supervisor::Supervisor>,
+    /// Pressure levels, their history and the change stream.
+    pub pressure: Arc<crate::pressure::PressureMonitor>,
     /// The release ladder (manual, watchdog, admission).
     pub optimizer: Arc<crate::optimizer::Optimizer>,
     /// History, analytics, recommendations and `/metrics`.
@@ -687,27 +689,22 @@ async fn pools_device(State(state): State<AppState>, Path(device_id): Path<Strin
 /// Memory pressure of every device and overall (the highest).
 #[utoipa::path(get, path = "/api/memory/pressure", responses((status = 200, body = ApiResponse<PressureAllDto>)))]
 async fn pressure_all(State(state): State<AppState>) -> ApiResult<PressureAllDto> {
-    let devices: Vec<PressureDto> = state
-        .service
-        .device_ids()
-        .into_iter()
-        .map(|d| state.service.pressure(d).map(|r| PressureDto::from(&r)))
-        .collect::<Result<_, _>>()?;
-    let top = devices.iter().max_by_key(|d| (level_rank(&d.pressure_category), d.pressure_level));
+    let reports: Vec<_> =
+        state.service.device_ids().into_iter().map(|d| state.pressure.report(d)).collect::<Result<_, _>>()?;
+    let top = reports.iter().max_by_key(|r| (r.level, r.pressure_level));
     Ok(Data(PressureAllDto {
-        pressure_level: top.map(|d| d.pressure_level).unwrap_or(0),
-        pressure_category: top.map(|d| d.pressure_category.clone()).unwrap_or_else(|| "low".into()),
-        devices,
+        pressure_level: top.map(|r| r.pressure_level).unwrap_or(0),
+        pressure_category: top.map(|r| r.level).unwrap_or_default().as_str().into(),
+        devices: reports.iter().map(|r| pressure_dto(&state, r)).collect(),
     }))
 }
 
-fn level_rank(category: &str) -> u8 {
-    match category {
-        "critical" => 3,
-        "high" => 2,
-        "moderate" => 1,
-        _ => 0,
-    }
+/// A pressure report with the recommendations for its device (the advice rules, at `high` or
+/// above).
+fn pressure_dto(state: &AppState, report: &crate::pressure::PressureReport) -> PressureDto {
+    let mut dto = PressureDto::from(report);
+    dto.recommended_actions = state.analytics.pressure_actions(report.device, report.level);
+    dto
 }
 
 /// Memory pressure of one device: level, number, thresholds, raw signals, trend, actions.
@@ -717,15 +714,13 @@ fn level_rank(category: &str) -> u8 {
 )]
 async fn pressure_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<PressureDto> {
     let id = state.service.resolve(&device_id)?;
-    Ok(Data(PressureDto::from(&state.service.pressure(id)?)))
+    Ok(Data(pressure_dto(&state, &state.pressure.report(id)?)))
 }
 
 /// The last level changes (bounded), oldest first.
 #[utoipa::path(get, path = "/api/memory/pressure/history", responses((status = 200, body = ApiResponse<PressureHistoryDto>)))]
 async fn pressure_history(State(state): State<AppState>) -> ApiResult<PressureHistoryDto> {
-    Ok(Data(PressureHistoryDto {
-        events: state.service.pressure_history().iter().map(PressureEventDto::from).collect(),
-    }))
+    Ok(Data(PressureHistoryDto { events: state.pressure.history().iter().map(PressureEventDto::from).collect() }))
 }
 
 /// Server-sent events: one `pressure` event (JSON `PressureEventDto`) per level change, pushed
@@ -733,7 +728,7 @@ async fn pressure_history(State(state): State<AppState>) -> ApiResult<PressureHi
 #[utoipa::path(get, path = "/api/memory/events", responses((status = 200, description = "text/event-stream of PressureEventDto", content_type = "text/event-stream")))]
 async fn events(State(state): State<AppState>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
     use tokio_stream::StreamExt as _;
-    let pressure = tokio_stream::wrappers::BroadcastStream::new(state.service.pressure_events()).filter_map(|e| {
+    let pressure = tokio_stream::wrappers::BroadcastStream::new(state.pressure.subscribe()).filter_map(|e| {
         let e = e.ok()?;
         let json = serde_json::to_string(&PressureEventDto::from(&e)).ok()?;
         Some(Ok(Event::default().event("pressure").data(json)))

@@ -3,9 +3,12 @@
 
 use super::envelope::{rfc3339, ApiError, ApiJson, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
+use crate::models::process::process_bytes;
+use crate::models::{Holder, ModelView};
+use crate::optimizer::admission::AdmissionError;
 use crate::optimizer::{OptimizeOutcome, OptimizeRequest};
-use crate::service::{AllocateRequest, DeviceStatus, ServiceError};
-use crate::supervisor::{Slot, SupervisorError, WorkerState};
+use crate::service::DeviceStatus;
+use crate::supervisor::{SupervisorError, WorkerState};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use memwarden_core::eviction::Strategy;
@@ -13,7 +16,6 @@ use memwarden_core::DeviceId;
 use memwarden_protocol::{codes, LoadModel, ModelInfo, Role, DEFAULT_PRIORITY};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 use utoipa::ToSchema;
 
@@ -174,30 +176,6 @@ pub struct ModelsDto {
     coordination_status: CoordinationDto,
 }
 
-/// Resident set of a process, from `/proc/<pid>/status`.
-pub fn rss_bytes(proc_root: &std::path::Path, pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Measured bytes of `pid` per device: RSS for `cpu`, NVML's per-process figure for GPUs.
-fn process_bytes(proc_root: &std::path::Path, pid: u32, statuses: &[DeviceStatus]) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for s in statuses {
-        let dev = s.device.to_string();
-        if s.gpu.is_none() {
-            if let Some(rss) = rss_bytes(proc_root, pid) {
-                out.insert(dev, rss);
-            }
-        } else if let Some(bytes) = s.processes.iter().find(|p| p.pid == pid).and_then(|p| p.used_bytes) {
-            out.insert(dev, bytes);
-        }
-    }
-    out
-}
-
 /// Every model held by every worker and attached client, per device, with each device's system
 /// status and, per worker, what the OS and NVML say it holds (`unattributedBytes` is the rest).
 #[utoipa::path(
@@ -226,14 +204,14 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
     // the one asked for.
     let all_statuses = state.service.status_all()?;
     let statuses: Vec<&DeviceStatus> = all_statuses.iter().filter(|s| device.is_none_or(|d| s.device == d)).collect();
-    let slots = sup.slots();
+    let view = ModelView::snapshot(sup);
     // Per device: reported models (with owner), measured bytes of the processes holding them.
     let mut workers = Vec::new();
     let mut per_device_models: HashMap<String, Vec<LoadedModelDto>> = HashMap::new();
     let mut per_device_measured: HashMap<String, u64> = HashMap::new();
     let mut per_device_unmeasured: HashMap<String, bool> = HashMap::new();
-    for slot in &slots {
-        let (dto, models, measured) = worker_dto(slot, sup.proc_root(), &all_statuses);
+    for holder in &view.holders {
+        let (dto, models, measured) = worker_dto(holder, sup.proc_root(), &all_statuses);
         for m in models {
             per_device_models.entry(m.device_id.clone()).or_default().push(m);
         }
@@ -253,7 +231,7 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
             let dev = s.device.to_string();
             let mut loaded = per_device_models.remove(&dev).unwrap_or_default();
             loaded.sort_by(|a, b| a.loaded_at.cmp(&b.loaded_at).then(a.model_id.cmp(&b.model_id)));
-            let total: u64 = loaded.iter().map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes)).sum();
+            let total = view.bytes_on(&dev);
             let measured = if per_device_unmeasured.contains_key(&dev) {
                 None
             } else {
@@ -295,31 +273,19 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
 type DeviceBytes = Vec<(String, Option<u64>)>;
 
 fn worker_dto(
-    slot: &Arc<Slot>,
+    holder: &Holder,
     proc_root: &std::path::Path,
     statuses: &[DeviceStatus],
 ) -> (WorkerDto, Vec<LoadedModelDto>, DeviceBytes) {
-    let st = slot.snapshot();
-    let conn = st.conn.clone().filter(|c| !c.is_closed());
-    let models = conn.as_ref().map(|c| c.model_list()).unwrap_or_default();
-    let pid = conn.as_ref().map(|c| c.pid).or(st.pid);
-    let mut model_bytes: BTreeMap<String, u64> = BTreeMap::new();
-    for m in &models {
-        if m.bytes_by_device.is_empty() {
-            *model_bytes.entry(m.device_id.clone()).or_default() += m.size_bytes;
-        } else {
-            for (d, b) in &m.bytes_by_device {
-                *model_bytes.entry(d.clone()).or_default() += b;
-            }
-        }
-    }
+    let (st, conn, pid, models) = (&holder.state, &holder.conn, holder.pid, &holder.models);
+    let model_bytes = holder.model_bytes();
     let mut dtos = Vec::new();
     let mut device_bytes = Vec::new();
     let mut measured = BTreeMap::new();
     let mut unattributed = BTreeMap::new();
-    if let (Some(pid), Some(_)) = (pid, &conn) {
+    if let (Some(pid), Some(_)) = (pid, conn) {
         measured = process_bytes(proc_root, pid, statuses);
-        dtos = models.iter().map(|m| LoadedModelDto::new(m, &slot.id, pid)).collect();
+        dtos = models.iter().map(|m| LoadedModelDto::new(m, holder.id(), pid)).collect();
         for (dev, bytes) in &measured {
             unattributed.insert(dev.clone(), *bytes as i64 - model_bytes.get(dev).copied().unwrap_or(0) as i64);
             device_bytes.push((dev.clone(), Some(*bytes)));
@@ -340,8 +306,8 @@ fn worker_dto(
         })
         .unwrap_or_default();
     let dto = WorkerDto {
-        worker_id: slot.id.clone(),
-        role: if slot.role == Role::Client { "client".into() } else { "worker".into() },
+        worker_id: holder.id().to_string(),
+        role: if holder.slot.role == Role::Client { "client".into() } else { "worker".into() },
         state: st.state,
         since: rfc3339(st.since),
         pid,
@@ -414,124 +380,20 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
 
 /// A load through admission: the ticket is held while the worker loads, then given back.
 async fn load_with_admission(state: &AppState, device: DeviceId, body: LoadBody) -> ApiResult<LoadedModelDto> {
-    let ticket = admit(state, device, &body.path, body.name.as_deref()).await?;
+    let ticket = state.optimizer.admit(device, &body.path, body.name.as_deref()).await?;
     let result = load_admitted(state, device, body).await;
-    if let Some(id) = ticket {
-        let _ = state.service.free(&id);
-    }
+    state.optimizer.release_ticket(ticket);
     result
 }
 
-/// Bytes a model will take once loaded: its tensors, plus 5 % for allocator rounding and, on a
-/// GPU, 64 MiB for a first model's allocator state (the CUDA context itself is not counted).
-/// `None` when the file cannot be read here (the worker then reports why).
-pub fn estimate_model_bytes(path: &str, device: DeviceId) -> Option<u64> {
-    let tensors = safetensors_tensor_bytes(std::path::Path::new(path)).ok()?;
-    let extra = if matches!(device, DeviceId::Cuda(_)) { 64 << 20 } else { 0 };
-    Some(tensors + tensors / 20 + extra)
-}
-
-/// Sum of the tensors' bytes named by a `.safetensors` header (8-byte length, JSON header).
-pub fn safetensors_tensor_bytes(path: &std::path::Path) -> std::io::Result<u64> {
-    use std::io::Read;
-    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-    let mut f = std::fs::File::open(path)?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(bad(format!("header of {n} bytes")));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-    let obj = v.as_object().ok_or_else(|| bad("header is not an object".into()))?;
-    Ok(obj
-        .iter()
-        .filter(|(k, _)| k.as_str() != "__metadata__")
-        .filter_map(|(_, t)| {
-            let o = t["data_offsets"].as_array()?;
-            Some(o.get(1)?.as_u64()?.saturating_sub(o.first()?.as_u64()?))
-        })
-        .sum())
-}
-
-/// Admission: a `reservation` for the model's estimated size, held while it loads. If it does not
-/// fit, the ladder runs (balanced) for the difference; if it still does not fit, 507.
-async fn admit(state: &AppState, device: DeviceId, path: &str, name: Option<&str>) -> Result<Option<String>, ApiError> {
-    if !state.optimizer.config().admission {
-        return Ok(None);
-    }
-    let Some(estimate) = estimate_model_bytes(path, device) else { return Ok(None) };
-    let request = || AllocateRequest {
-        device: device.to_string(),
-        size_bytes: estimate.max(1),
-        kind: Some(memwarden_core::MemoryKind::Reservation),
-        alignment_bytes: crate::service::DEFAULT_ALIGNMENT_BYTES,
-        purpose: Some(format!("model load {}", name.unwrap_or(path))),
-        owner: Some("memwarden-admission".into()),
-        persistent: false,
-        movable: false,
-    };
-    // The budget must see models loaded a moment ago: read the device afresh.
-    let _ = state.service.measure_now(device);
-    let shortfall = match state.service.allocate(request()) {
-        Ok(ticket) => return Ok(Some(ticket.id.clone())),
-        Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
-            requested_bytes.saturating_sub(available_bytes)
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // When even releasing everything allowed would not make room, touch nothing.
-    let releasable = state.optimizer.releasable_bytes(device);
-    if shortfall > releasable {
-        return Err(ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "INSUFFICIENT_MEMORY",
-            format!(
-                "the model needs about {estimate} bytes on {device}, {shortfall} more than the budget allows, and \
-                 only {releasable} could be released (unpinned models and cached pool blocks); nothing was unloaded"
-            ),
-        ));
-    }
-    let outcome = state
-        .optimizer
-        .run(OptimizeRequest {
-            device,
-            target_pressure_level: 100.0,
-            strategy: Strategy::Balanced,
-            max_models: None,
-            min_memory_to_free: shortfall + (16 << 20),
-            force: true,
-            exclude: Vec::new(),
-            only: Vec::new(),
-            max_time: Duration::from_millis(state.optimizer.config().max_time_ms),
-            trigger: "admission",
-        })
-        .await;
-    // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a
-    // second): retry until the freed bytes show or `verify_ms` passes.
-    let deadline = std::time::Instant::now() + Duration::from_millis(state.optimizer.config().verify_ms);
-    loop {
-        let _ = state.service.measure_now(device);
-        match state.service.allocate(request()) {
-            Ok(ticket) => return Ok(Some(ticket.id.clone())),
-            Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
-                if std::time::Instant::now() >= deadline {
-                    return Err(ApiError::new(
-                        StatusCode::INSUFFICIENT_STORAGE,
-                        "INSUFFICIENT_MEMORY",
-                        format!(
-                            "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \
-                             after the optimizer freed {} ({})",
-                            outcome.memory_freed, outcome.message
-                        ),
-                    ));
-                }
+impl From<AdmissionError> for ApiError {
+    fn from(e: AdmissionError) -> Self {
+        match e {
+            AdmissionError::InsufficientMemory(message) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY", message)
             }
-            Err(e) => return Err(e.into()),
+            AdmissionError::Service(e) => e.into(),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -711,32 +573,24 @@ pub async fn optimize(
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
     if !body.models.is_empty() {
-        let here: Vec<String> = crate::analytics::model_snapshot(&state.supervisor)
-            .into_iter()
-            .filter(|(m, _)| crate::analytics::model_bytes_on(m, &device.to_string()) > 0)
-            .map(|(m, _)| m.model_id)
-            .collect();
+        let here: Vec<String> =
+            ModelView::snapshot(&state.supervisor).facts(device).into_iter().map(|m| m.model_id).collect();
         let missing: Vec<&str> = body.models.iter().filter(|m| !here.contains(m)).map(String::as_str).collect();
         if !missing.is_empty() {
             return Err(ApiError::invalid(format!("models: not loaded on {device}: {}", missing.join(", "))));
         }
     }
-    let outcome = state
-        .optimizer
-        .run(OptimizeRequest {
-            device,
-            target_pressure_level: target,
-            strategy,
-            max_models,
-            min_memory_to_free: body.min_memory_to_free.unwrap_or(0),
-            force: body.force_optimization,
-            exclude: body.exclude_models,
-            only: body.models,
-            max_time: Duration::from_millis(max_time),
-            trigger: "manual",
-        })
-        .await;
-    Ok(Data(outcome))
+    let request = OptimizeRequest {
+        target_pressure_level: target,
+        max_models,
+        min_memory_to_free: body.min_memory_to_free.unwrap_or(0),
+        force: body.force_optimization,
+        exclude: body.exclude_models,
+        only: body.models,
+        max_time: Duration::from_millis(max_time),
+        ..OptimizeRequest::new(device, strategy, "manual", state.optimizer.config())
+    };
+    Ok(Data(state.optimizer.run(request).await))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -4,7 +4,8 @@
 //! ("can N bytes be allocated now?").
 
 use super::device::AllocFailure;
-use super::{lock, Service, ServiceError};
+use super::{Service, ServiceError};
+use crate::util::lock;
 use memwarden_core::defrag::{self, DefragOptions, Movable};
 use memwarden_core::{BlockId, DeviceId, MemoryKind, PoolStats};
 use std::collections::HashMap;

@@ -19,6 +19,16 @@ pub struct Limits {
     pub max_age: Duration,
 }
 
+impl From<&crate::config::PoolSection> for Limits {
+    fn from(c: &crate::config::PoolSection) -> Self {
+        Limits {
+            headroom_bytes: c.headroom_bytes,
+            pool_cap_bytes: c.max_pool_bytes,
+            max_age: Duration::from_millis(c.status_max_age_ms),
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits { headroom_bytes: 0, pool_cap_bytes: 0, max_age: Duration::from_millis(100) }

@@ -3,11 +3,9 @@
 
 mod defrag;
 mod device;
-mod pressure;
 mod record;
 mod transfer;
-
-pub use pressure::{PressureEvent, PressureReport};
+mod types;
 
 pub use record::{AllocationEvent, DeviceRecord, EventKind};
 
@@ -17,188 +15,33 @@ pub use transfer::{ExportInfo, TransferRecord, TransferRequest, TransferStatus, 
 
 pub use device::Limits;
 use device::{AllocFailure, Device};
-use memwarden_backends::{Backend, BackendError, CudaSystem, GpuInfo, HostBackend, HostStatusReader, ProcessMemory};
-use memwarden_core::{DeviceId, MemoryKind, Placement, PoolConfig, PoolStats};
+use memwarden_backends::Backend;
+pub use memwarden_backends::BackendHealth;
+use memwarden_core::{DeviceId, MemoryKind, PoolConfig};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
+pub use types::{
+    AllocateRequest, Allocation, AllocationRecord, ClearOutcome, DeviceStatus, FreedAllocation, ServiceError,
+    DEFAULT_ALIGNMENT_BYTES,
+};
 
 use crate::config::Config;
-
-pub const DEFAULT_ALIGNMENT_BYTES: u64 = 256;
-
-/// Errors of the service layer; each maps to one HTTP status and one stable code in the API.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ServiceError {
-    #[error("device '{requested}' not found; devices: {}", known.join(", "))]
-    DeviceNotFound { requested: String, known: Vec<String> },
-    #[error("allocation '{id}' not found (never allocated or already freed)")]
-    AllocationNotFound { id: String },
-    #[error("{field}: {message}")]
-    InvalidArgument { field: &'static str, message: String },
-    #[error("insufficient memory on {device}: requested {requested_bytes} bytes, available {available_bytes} bytes ({detail})")]
-    InsufficientMemory { device: String, requested_bytes: u64, available_bytes: u64, detail: String },
-    #[error("{0}")]
-    InvalidOperation(String),
-    #[error("transfer '{id}' not found")]
-    TransferNotFound { id: String },
-    #[error("transfer {transfer_id} failed: {message}")]
-    TransferFailed { transfer_id: String, message: String },
-    #[error("backend unavailable for {device}: {reason}")]
-    BackendUnavailable { device: String, reason: String },
-    #[error("{device}: {message}")]
-    BackendFailed { device: String, message: String },
-}
-
-impl ServiceError {
-    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        ServiceError::InvalidArgument { field, message: message.into() }
-    }
-
-    fn from_backend(device: DeviceId, e: BackendError) -> Self {
-        let device = device.to_string();
-        match e {
-            BackendError::OutOfMemory { requested_bytes, available_bytes, detail } => {
-                ServiceError::InsufficientMemory { device, requested_bytes, available_bytes, detail }
-            }
-            BackendError::Unavailable { reason } => ServiceError::BackendUnavailable { device, reason },
-            BackendError::UnsupportedKind { kind, .. } => {
-                ServiceError::invalid("memoryType", format!("{device} does not provide {kind} memory"))
-            }
-            BackendError::InvalidArgument(message) => ServiceError::InvalidArgument { field: "request", message },
-            BackendError::Failed { .. } => ServiceError::BackendFailed { device, message: e.to_string() },
-        }
-    }
-}
-
-/// An allocation request, validated by the API layer's parsing and again here.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AllocateRequest {
-    pub device: String,
-    pub size_bytes: u64,
-    pub kind: Option<MemoryKind>,
-    pub alignment_bytes: u64,
-    pub purpose: Option<String>,
-    pub owner: Option<String>,
-    pub persistent: bool,
-    pub movable: bool,
-}
-
-/// A ledger entry, shared with callers without copying its strings.
-pub type Allocation = Arc<AllocationRecord>;
-
-/// One live allocation in the ledger.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AllocationRecord {
-    pub id: String,
-    pub device: DeviceId,
-    pub kind: MemoryKind,
-    /// Bytes requested.
-    pub size_bytes: u64,
-    /// Bytes it occupies in its pool (the request rounded up to the pool granularity).
-    pub allocated_bytes: u64,
-    pub alignment_bytes: u64,
-    /// `None` for reservations: they hold no memory.
-    pub address: Option<u64>,
-    pub placement: Option<Placement>,
-    pub purpose: Option<String>,
-    pub owner: Option<String>,
-    pub persistent: bool,
-    pub movable: bool,
-    /// Shared with another process (`export`): never moved.
-    pub exported: bool,
-    pub generation: u64,
-    pub allocated_at: OffsetDateTime,
-}
-
-/// What a free released (the record itself went to the event log, or was dropped).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FreedAllocation {
-    pub device: DeviceId,
-    pub kind: MemoryKind,
-    pub placement: Option<Placement>,
-    pub size_bytes: u64,
-    /// Bytes it occupied in its pool.
-    pub allocated_bytes: u64,
-}
-
-/// A device's memory now, as the OS or driver reports it, plus memwarden's own pools.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeviceStatus {
-    pub device: DeviceId,
-    pub device_type: &'static str,
-    pub name: String,
-    pub memory_type: &'static str,
-    pub total_bytes: u64,
-    pub available_bytes: u64,
-    pub used_bytes: u64,
-    pub source: String,
-    pub last_updated: OffsetDateTime,
-    pub pools: Vec<(MemoryKind, PoolStats)>,
-    pub reservation_bytes: u64,
-    pub gpu: Option<GpuInfo>,
-    /// Memory the driver reserves for itself (GPUs, from NVML).
-    pub driver_reserved_bytes: Option<u64>,
-    pub processes: Vec<ProcessMemory>,
-    /// The last driver error, when the device is unhealthy.
-    pub fault: Option<String>,
-}
-
-impl DeviceStatus {
-    pub fn utilization(&self) -> f64 {
-        if self.total_bytes == 0 {
-            0.0
-        } else {
-            self.used_bytes as f64 / self.total_bytes as f64
-        }
-    }
-
-    /// Fragmentation index of all pools together.
-    pub fn fragmentation(&self) -> f64 {
-        let free: u64 = self.pools.iter().map(|(_, s)| s.free_in_pool_bytes).sum();
-        let largest = self.pools.iter().map(|(_, s)| s.largest_free_block_bytes).max().unwrap_or(0);
-        if free == 0 {
-            0.0
-        } else {
-            1.0 - largest as f64 / free as f64
-        }
-    }
-
-    pub fn pool_totals(&self) -> (u64, u64) {
-        self.pools.iter().fold((0, 0), |(r, a), (_, s)| (r + s.reserved_bytes, a + s.allocated_bytes))
-    }
-}
-
-/// What `clear` released on one device.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClearOutcome {
-    pub device: DeviceId,
-    pub cleared_bytes: u64,
-    pub reserved_bytes_after: u64,
-}
-
-/// A backend that could not be started, and why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BackendHealth {
-    pub name: &'static str,
-    pub available: bool,
-    pub devices: Vec<String>,
-    pub reason: Option<String>,
-}
+use crate::util::lock;
 
 pub struct Service {
     devices: Vec<(DeviceId, Device)>,
     ledger: Mutex<Ledger>,
     transfers: Mutex<transfer::Transfers>,
     backends: Vec<BackendHealth>,
-    peer: Vec<Vec<bool>>,
     pool_config: PoolConfig,
     /// Transfers up to this size answer synchronously; larger ones run in the background.
     sync_transfer_max_bytes: u64,
     /// When set, an allocation that does not fit on a fragmented device triggers a bounded pass.
     auto_defrag: Option<crate::config::DefragSection>,
-    pressure: pressure::PressureState,
+    /// Per device: allocations that did not fit (a pressure signal of their own).
+    failures: Mutex<HashMap<DeviceId, u64>>,
     started_at: OffsetDateTime,
 }
 
@@ -216,66 +59,20 @@ impl Ledger {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a lock leaves plain data behind (no half-applied invariant is
-    // possible across the calls made under these locks), so recover rather than poison the API.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Service {
-    /// The service with every backend this machine has: the host always, CUDA GPUs when a
-    /// driver and a GPU are present (otherwise listed as unavailable with the reason).
+    /// The service with every backend this machine has: the host always, each GPU API's
+    /// devices when it finds them (otherwise listed as unavailable with the reason).
     pub fn from_config(config: &Config) -> Self {
         let pool = PoolConfig {
             block_size_bytes: config.pool.block_size_bytes,
             dedicated_threshold_bytes: config.pool.dedicated_threshold_bytes,
             ..PoolConfig::default()
         };
-        let cuda = if config.cuda.enabled {
-            CudaSystem::init()
-        } else {
-            Err("disabled in the configuration (cuda.enabled = false)".to_string())
-        };
-        let shared_dir =
-            (!config.host.shared_memory_dir.as_os_str().is_empty()).then(|| config.host.shared_memory_dir.clone());
-        let host = HostBackend::new(HostStatusReader::new(&config.host.proc_root, &config.host.cgroup_root))
-            .with_shared_dir(shared_dir)
-            .with_cuda(cuda.as_ref().ok().and_then(|c| c.contexts.first().cloned()));
-        let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(host)];
-        let mut health =
-            vec![BackendHealth { name: "host", available: true, devices: vec!["cpu".into()], reason: None }];
-        match &cuda {
-            Ok(system) => {
-                let gpus = system.backends();
-                health.push(BackendHealth {
-                    name: "cuda",
-                    available: true,
-                    devices: gpus.iter().map(|g| g.info().device_id.to_string()).collect(),
-                    reason: None,
-                });
-                backends.extend(gpus.into_iter().map(|g| Arc::new(g) as Arc<dyn Backend>));
-            }
-            Err(reason) => {
-                tracing::info!("CUDA backend unavailable: {reason}");
-                health.push(BackendHealth {
-                    name: "cuda",
-                    available: false,
-                    devices: vec![],
-                    reason: Some(reason.clone()),
-                });
-            }
-        }
-        let limits = Limits {
-            headroom_bytes: config.pool.headroom_bytes,
-            pool_cap_bytes: config.pool.max_pool_bytes,
-            max_age: Duration::from_millis(config.pool.status_max_age_ms),
-        };
-        let mut service = Service::with_backends(backends, pool, limits);
+        let found = memwarden_backends::discover(&config.into());
+        let mut service = Service::with_backends(found.backends, pool, Limits::from(&config.pool));
         service.set_recording(config.analytics.enabled, config.analytics.event_log_size);
         service.auto_defrag = config.defrag.auto.then_some(config.defrag.clone());
-        service.pressure = pressure::PressureState::new(config.pressure.clone());
-        service.backends = health;
-        service.peer = cuda.map(|c| c.peer).unwrap_or_default();
+        service.backends = found.health;
         service.sync_transfer_max_bytes = config.transfer.sync_max_bytes;
         service
     }
@@ -297,11 +94,10 @@ impl Service {
             }),
             transfers: Mutex::new(transfer::Transfers::default()),
             backends: health,
-            peer: vec![],
             pool_config: pool,
             sync_transfer_max_bytes: 64 << 20,
             auto_defrag: None,
-            pressure: pressure::PressureState::new(crate::config::PressureSection::default()),
+            failures: Mutex::new(HashMap::new()),
             started_at: OffsetDateTime::now_utc(),
         }
     }
@@ -310,11 +106,6 @@ impl Service {
     /// was recorded is dropped.
     pub fn set_recording(&mut self, enabled: bool, log_size: usize) {
         lock(&self.ledger).recorder = record::Recorder::new(enabled, log_size);
-    }
-
-    /// `peer[i][j]`: cuda:i reads and writes cuda:j's memory directly.
-    pub fn peer_access(&self) -> &[Vec<bool>] {
-        &self.peer
     }
 
     pub fn started_at(&self) -> OffsetDateTime {
@@ -337,6 +128,30 @@ impl Service {
         };
         let id: DeviceId = text.parse().map_err(|_| not_found())?;
         self.device(id).map(|_| id).ok_or_else(not_found)
+    }
+
+    /// The backend of a device (the pressure monitor samples through it).
+    pub fn backend(&self, id: DeviceId) -> Option<&Arc<dyn Backend>> {
+        self.device(id).map(|d| &d.backend)
+    }
+
+    /// `(total, available)` bytes of `device` read from the OS or driver now (no cached sample;
+    /// the status cache is dropped too, so the next status shows the change).
+    pub fn measure_now(&self, device: DeviceId) -> Result<(u64, u64), ServiceError> {
+        let dev = self.device_or_404(device)?;
+        dev.backend.refresh();
+        let reading = dev.backend.sample().map_err(|e| ServiceError::from_backend(device, e))?;
+        lock(&dev.state).invalidate_sample();
+        Ok(reading)
+    }
+
+    /// Allocations on `device` that did not fit, since start.
+    pub fn allocation_failures(&self, device: DeviceId) -> u64 {
+        lock(&self.failures).get(&device).copied().unwrap_or(0)
+    }
+
+    fn note_allocation_failure(&self, device: DeviceId) {
+        *lock(&self.failures).entry(device).or_default() += 1;
     }
 
     fn device(&self, id: DeviceId) -> Option<&Device> {
@@ -370,6 +185,7 @@ impl Service {
             pools: st.pools.iter().map(|p| (p.kind(), p.stats())).collect(),
             reservation_bytes: st.reservation_bytes,
             gpu: info.gpu.clone(),
+            extra: info.extra.clone(),
             driver_reserved_bytes: sample.reading.reserved_bytes,
             processes: sample.reading.processes.clone(),
             fault: dev.backend.fault(),

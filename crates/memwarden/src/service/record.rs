@@ -12,7 +12,8 @@
 //! clock (a few ns, 1–4 ms resolution). Owners' last activity is derived from the log when
 //! asked.
 
-use super::{lock, Allocation, AllocationRecord, Service};
+use super::{Allocation, AllocationRecord, Service};
+use crate::util::lock;
 use memwarden_core::history::{Counters, Peak, Ring};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::HashMap;

@@ -1,4 +1,5 @@
 use super::*;
+use memwarden_backends::{BackendError, HostBackend, HostStatusReader};
 use std::path::PathBuf;
 
 const MIB: u64 = 1 << 20;
@@ -261,11 +262,12 @@ impl FlakyGpu {
     fn new(fail_with: BackendError) -> Self {
         FlakyGpu {
             info: memwarden_backends::DeviceInfo {
-                device_id: DeviceId::Cuda(0),
+                device_id: DeviceId::cuda(0),
                 device_type: "GPU",
                 name: "flaky".into(),
                 memory_type: "VRAM",
                 gpu: None,
+                extra: Default::default(),
             },
             fail_with,
             fault: Mutex::new(None),
@@ -344,7 +346,7 @@ fn driver_out_of_memory_is_insufficient_memory_with_numbers() {
         other => panic!("{other:?}"),
     }
     assert!(s.allocations(None).is_empty(), "nothing half-allocated");
-    assert!(s.status(DeviceId::Cuda(0)).expect("status").fault.is_none(), "running out of memory is not a fault");
+    assert!(s.status(DeviceId::cuda(0)).expect("status").fault.is_none(), "running out of memory is not a fault");
     s.validate().expect("valid");
 }
 
@@ -354,7 +356,7 @@ fn a_driver_fault_marks_only_that_device_unhealthy() {
         with_flaky_gpu(BackendError::Failed { operation: "CUDA driver", message: "CUDA_ERROR_ILLEGAL_ADDRESS".into() });
     let r = AllocateRequest { device: "gpu:0".into(), ..req(MIB, None) };
     assert!(matches!(s.allocate(r), Err(ServiceError::BackendFailed { .. })));
-    let st = s.status(DeviceId::Cuda(0)).expect("status still answers");
+    let st = s.status(DeviceId::cuda(0)).expect("status still answers");
     assert_eq!(st.fault.as_deref(), Some("CUDA_ERROR_ILLEGAL_ADDRESS"));
     // The host keeps working.
     let a = s.allocate(req(MIB, None)).expect("cpu unaffected");

@@ -1,7 +1,8 @@
 //! Transfers and copies between allocations (any devices), exports to other processes, and
 //! reading/writing an allocation's bytes.
 
-use super::{lock, AllocateRequest, Allocation, AllocationRecord, Service, ServiceError};
+use super::{AllocateRequest, Allocation, AllocationRecord, Service, ServiceError};
+use crate::util::lock;
 use memwarden_backends::{copy_between, BlockExport, SharedBlock};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::{HashMap, VecDeque};

@@ -1,6 +1,7 @@
 //! One live protocol connection (a worker's stdio or a client's socket): requests out, replies
 //! matched to them by id, notifications applied to the connection's model list.
 
+use crate::util::lock;
 use futures_util::StreamExt;
 use memwarden_protocol::{
     codes, decode, encode, Action, Event, Hello, MemoryReport, Message, ModelInfo, ModelUnloaded, Released, Reply,
@@ -9,7 +10,7 @@ use memwarden_protocol::{
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -24,10 +25,6 @@ pub type LineReader<R> = FramedRead<R, AnyDelimiterCodec>;
 
 pub fn line_reader<R: AsyncRead>(r: R) -> LineReader<R> {
     FramedRead::new(r, AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE_BYTES))
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug, Clone, PartialEq)]

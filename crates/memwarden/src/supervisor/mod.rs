@@ -8,7 +8,7 @@ mod process;
 pub mod python;
 mod socket;
 
-use conn::lock;
+use crate::util::lock;
 pub use conn::{CallError, Conn};
 use memwarden_protocol::{codes, Action, LoadModel, ModelInfo, Released, Reply, Role};
 use serde::Serialize;
@@ -318,6 +318,17 @@ impl Supervisor {
             message: "failed without an error".into(),
         });
         Err(SupervisorError::Worker { worker: slot.id.clone(), code: e.code, message: e.message })
+    }
+
+    /// A typed request: its action comes with its data.
+    pub async fn request<R: memwarden_protocol::ActionData>(
+        &self,
+        slot: &Slot,
+        data: &R,
+    ) -> Result<Value, SupervisorError> {
+        let data = serde_json::to_value(data)
+            .map_err(|e| SupervisorError::Invalid(format!("{} request not serializable: {e}", R::ACTION)))?;
+        self.call_ok(slot, R::ACTION, data).await
     }
 
     /// Asks every connected slot for its models (in parallel). Returns per slot the error, if

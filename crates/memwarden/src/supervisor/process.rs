@@ -1,9 +1,10 @@
 //! Supervised workers: spawn, handshake, serve stdout as protocol and stderr as logs, health
 //! pings, restart with backoff.
 
-use super::conn::{line_reader, lock, read_hello, read_loop, Conn};
+use super::conn::{line_reader, read_hello, read_loop, Conn};
 use super::{python, Slot, Supervisor, WorkerState};
 use crate::config::WorkerSpec;
+use crate::util::lock;
 use memwarden_protocol::{Action, Role};
 use std::collections::VecDeque;
 use std::process::Stdio;

@@ -2,8 +2,9 @@
 //! `memwarden.client` and speak the same protocol. A client's slot lives as long as its
 //! connection; its pid comes from the kernel (SO_PEERCRED), not from its hello.
 
-use super::conn::{line_reader, lock, read_hello, read_loop, Conn};
+use super::conn::{line_reader, read_hello, read_loop, Conn};
 use super::{python, Slot, Supervisor, WorkerState};
+use crate::util::lock;
 use memwarden_protocol::Role;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;

@@ -1,19 +1,24 @@
 //! Pressure-driven model memory optimization: the release ladder executed against the workers,
 //! every step re-measured against the OS or driver, the manual trigger, the watchdog that runs it
-//! on pressure events, and admission before a model load.
+//! on pressure events ([`watchdog`]), and admission before a model load ([`admission`]).
 //!
 //! Measurement: for a GPU, the driver's free memory (`cuMemGetInfo`, read fresh after each
 //! step); for `cpu`, the summed RSS of the processes holding models (the machine's MemAvailable
 //! moves with everything else running). `memoryFreed` is that change, not the workers' claims.
 
-use crate::api::models::rss_bytes;
+pub mod admission;
+mod watchdog;
+
 use crate::config::OptimizerSection;
+use crate::models::process::holders_rss_bytes;
+use crate::models::ModelView;
 use crate::service::Service;
 use crate::supervisor::{Slot, Supervisor, SupervisorError};
+use crate::util::lock;
 use memwarden_core::eviction::{self, Candidate, StepAction, Strategy};
-use memwarden_core::pressure::Level;
+use memwarden_core::pressure::{Level, Thresholds};
 use memwarden_core::DeviceId;
-use memwarden_protocol::{Action, Released, Role};
+use memwarden_protocol::{ActionData, OffloadModel, Released, Role, TrimCache, UnloadModel};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -37,6 +42,25 @@ pub struct OptimizeRequest {
     pub max_time: Duration,
     /// `manual`, `watchdog` or `admission`.
     pub trigger: &'static str,
+}
+
+impl OptimizeRequest {
+    /// A run on `device` with no limits beyond the configured time: no target above 100 %, no
+    /// minimum, not forced, no model excluded.
+    pub fn new(device: DeviceId, strategy: Strategy, trigger: &'static str, config: &OptimizerSection) -> Self {
+        OptimizeRequest {
+            device,
+            target_pressure_level: 100.0,
+            strategy,
+            max_models: None,
+            min_memory_to_free: 0,
+            force: false,
+            exclude: Vec::new(),
+            only: Vec::new(),
+            max_time: Duration::from_millis(config.max_time_ms),
+            trigger,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -88,6 +112,8 @@ pub struct Optimizer {
     service: Arc<Service>,
     supervisor: Arc<Supervisor>,
     config: OptimizerSection,
+    /// Levels, for the before/after figures of a run (the pressure monitor's thresholds).
+    thresholds: Thresholds,
     /// One run at a time: runs measure the device, and two at once would count each other.
     running: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<OptimizeOutcome>>,
@@ -96,18 +122,20 @@ pub struct Optimizer {
     last_auto: Mutex<HashMap<DeviceId, (Instant, Level)>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 const HISTORY: usize = 100;
 
 impl Optimizer {
-    pub fn new(service: Arc<Service>, supervisor: Arc<Supervisor>, config: OptimizerSection) -> Arc<Optimizer> {
+    pub fn new(
+        service: Arc<Service>,
+        supervisor: Arc<Supervisor>,
+        config: OptimizerSection,
+        thresholds: Thresholds,
+    ) -> Arc<Optimizer> {
         Arc::new(Optimizer {
             service,
             supervisor,
             config,
+            thresholds,
             running: tokio::sync::Mutex::new(()),
             history: Mutex::new(VecDeque::new()),
             events: tokio::sync::broadcast::channel(64).0,
@@ -129,12 +157,10 @@ impl Optimizer {
 
     /// The device's "free" figure for step measurements (see the module doc).
     fn measure(&self, device: DeviceId) -> i64 {
-        match device {
-            DeviceId::Cuda(_) => self.service.measure_now(device).map(|(_, a)| a as i64).unwrap_or(0),
-            DeviceId::Cpu => {
-                let pids: Vec<u32> = self.supervisor.slots().iter().filter_map(|s| s.conn().map(|c| c.pid)).collect();
-                -(pids.iter().filter_map(|p| rss_bytes(self.supervisor.proc_root(), *p)).sum::<u64>() as i64)
-            }
+        if device.is_gpu() {
+            self.service.measure_now(device).map(|(_, a)| a as i64).unwrap_or(0)
+        } else {
+            -(holders_rss_bytes(&self.supervisor) as i64)
         }
     }
 
@@ -164,7 +190,7 @@ impl Optimizer {
             return (0, Level::Low);
         }
         let u = 1.0 - available as f64 / total as f64;
-        ((u * 100.0).round().clamp(0.0, 100.0) as u8, self.service.pressure_thresholds().level_of(u))
+        ((u * 100.0).round().clamp(0.0, 100.0) as u8, self.thresholds.level_of(u))
     }
 
     /// Bytes the host can take for offloads: none while it is at `high` or above, else up to its
@@ -174,40 +200,13 @@ impl Optimizer {
         if total == 0 || self.level((total, available)).1 >= Level::High {
             return 0;
         }
-        let limit = (total as f64 * self.service.pressure_thresholds().moderate) as u64;
+        let limit = (total as f64 * self.thresholds.moderate) as u64;
         limit.saturating_sub(total - available)
     }
 
     /// Models on `device` from every connected holder, as eviction candidates.
     fn candidates(&self, device: DeviceId) -> Vec<(Candidate, Arc<Slot>)> {
-        let dev = device.to_string();
-        let now = OffsetDateTime::now_utc();
-        let mut out = Vec::new();
-        for slot in self.supervisor.slots() {
-            let Some(conn) = slot.conn() else { continue };
-            for m in conn.model_list() {
-                let on_device = crate::analytics::model_bytes_on(&m, &dev);
-                if on_device == 0 {
-                    continue;
-                }
-                let offloadable = matches!(device, DeviceId::Cuda(_))
-                    && (m.backend.as_deref() == Some("torch") || slot.role == Role::Client);
-                out.push((
-                    Candidate {
-                        model_id: m.model_id.clone(),
-                        worker_id: slot.id.clone(),
-                        size_bytes: m.reserved_bytes.unwrap_or(on_device).max(on_device),
-                        priority: m.priority,
-                        pinned: m.pinned,
-                        idle_secs: (now - m.last_access).as_seconds_f64(),
-                        load_time_ms: m.load_time_ms,
-                        offloadable,
-                    },
-                    slot.clone(),
-                ));
-            }
-        }
-        out
+        ModelView::snapshot(&self.supervisor).candidates(device)
     }
 
     /// Bytes the ladder could release on `device` at most: every unpinned model there that is
@@ -223,7 +222,7 @@ impl Optimizer {
     pub async fn run(&self, req: OptimizeRequest) -> OptimizeOutcome {
         let _guard = self.running.lock().await;
         let started = Instant::now();
-        let started_at = crate::api::envelope::rfc3339(OffsetDateTime::now_utc());
+        let started_at = crate::util::rfc3339(OffsetDateTime::now_utc());
         let deadline = started + req.max_time;
         let device = req.device;
         let dev = device.to_string();
@@ -282,15 +281,15 @@ impl Optimizer {
             error: None,
         });
         for slot in self.supervisor.slots().into_iter().filter(|s| s.conn().is_some()) {
-            let data = serde_json::json!({ "deviceId": dev });
-            let (step, _) = self.worker_step(device, &slot, Action::TrimCache, data, "trimCache", &slot.id).await;
+            let trim = TrimCache { device_id: Some(dev.clone()) };
+            let (step, _) = self.worker_step(device, &slot, &trim, "trimCache", &slot.id).await;
             out.steps.push(step);
         }
 
         // (2, 3) Offload and unload, ranked, until the target is met.
         let freed_so_far = (self.measure(device) - base).max(0) as u64;
         let candidates = self.candidates(device);
-        let host_room = if matches!(device, DeviceId::Cuda(_)) { self.host_room() } else { 0 };
+        let host_room = if device.is_gpu() { self.host_room() } else { 0 };
         let cands: Vec<Candidate> = candidates
             .iter()
             .map(|(c, _)| c.clone())
@@ -314,13 +313,16 @@ impl Optimizer {
                 break;
             }
             let Some((_, slot)) = candidates.iter().find(|(c, _)| c.model_id == p.model_id) else { continue };
-            let (action, name, data) = match p.action {
+            let (step, ok) = match p.action {
                 StepAction::Offload => {
-                    (Action::OffloadModel, "offload", serde_json::json!({"modelId": p.model_id, "target": "cpu"}))
+                    let offload = OffloadModel { model_id: p.model_id.clone(), target: DeviceId::Cpu.to_string() };
+                    self.worker_step(device, slot, &offload, "offload", &p.model_id).await
                 }
-                _ => (Action::UnloadModel, "unload", serde_json::json!({"modelId": p.model_id})),
+                _ => {
+                    let unload = UnloadModel { model_id: p.model_id.clone() };
+                    self.worker_step(device, slot, &unload, "unload", &p.model_id).await
+                }
             };
-            let (step, ok) = self.worker_step(device, slot, action, data, name, &p.model_id).await;
             if ok {
                 if p.action == StepAction::Offload {
                     out.models_offloaded.push(p.model_id.clone());
@@ -354,18 +356,17 @@ impl Optimizer {
 
     /// One call to a worker, with its claim re-measured on `device`; the bool says whether the
     /// worker answered with success.
-    async fn worker_step(
+    async fn worker_step<R: ActionData>(
         &self,
         device: DeviceId,
         slot: &Slot,
-        action: Action,
-        data: serde_json::Value,
+        request: &R,
         name: &str,
         target: &str,
     ) -> (StepRecord, bool) {
         let t = Instant::now();
         let before = self.measure(device);
-        let r = self.supervisor.call_ok(slot, action, data).await;
+        let r = self.supervisor.request(slot, request).await;
         let released = released(&r);
         let claimed = released.freed_by_device.get(&device.to_string()).copied().unwrap_or(released.freed_bytes);
         let (gained, verified) = self.verify(device, before, claimed).await;
@@ -410,57 +411,6 @@ impl Optimizer {
         }
         let _ = self.events.send(out.clone());
         out
-    }
-
-    /// The watchdog: on a device reaching `high` runs the balanced ladder, on `critical` the
-    /// aggressive one, at most once per `cooldown_ms` per device and level (a rise to a higher
-    /// level runs at once).
-    pub fn start_watchdog(self: &Arc<Self>) {
-        if !self.config.watchdog {
-            return;
-        }
-        let me = self.clone();
-        let mut rx = self.service.pressure_events();
-        tokio::spawn(async move {
-            loop {
-                let event = match rx.recv().await {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => break,
-                };
-                if event.new < Level::High || event.new <= event.old {
-                    continue;
-                }
-                let strategy = if event.new >= Level::Critical { Strategy::Aggressive } else { Strategy::Balanced };
-                {
-                    // The cooldown keeps a device hovering at one level from thrashing; a rise to a
-                    // higher level than the last run's does not wait.
-                    let mut last = lock(&me.last_auto);
-                    let cooldown = Duration::from_millis(me.config.cooldown_ms);
-                    if last.get(&event.device).is_some_and(|(t, l)| t.elapsed() < cooldown && event.new <= *l) {
-                        tracing::info!(device = %event.device, "pressure {} but the optimizer is cooling down", event.new.as_str());
-                        continue;
-                    }
-                    last.insert(event.device, (Instant::now(), event.new));
-                }
-                let me2 = me.clone();
-                tokio::spawn(async move {
-                    me2.run(OptimizeRequest {
-                        device: event.device,
-                        target_pressure_level: me2.config.target_pressure_level,
-                        strategy,
-                        max_models: None,
-                        min_memory_to_free: 0,
-                        force: true,
-                        exclude: Vec::new(),
-                        only: Vec::new(),
-                        max_time: Duration::from_millis(me2.config.max_time_ms),
-                        trigger: "watchdog",
-                    })
-                    .await;
-                });
-            }
-        });
     }
 }
 

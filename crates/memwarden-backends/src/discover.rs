@@ -1,0 +1,128 @@
+//! Which backends this machine has. The host backend is always there; each GPU API registers
+//! one discovery function in [`GPU_APIS`], which finds its devices or says why it cannot.
+//! Adding a GPU API is its sys module, its backend module, its line in [`GPU_APIS`], its
+//! config section and its status fields ([`crate::DeviceInfo::extra`]).
+
+use crate::backend::Backend;
+use crate::cuda::CudaSystem;
+use crate::host::{HostBackend, HostStatusReader};
+use memwarden_sys::cuda::CudaContext;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What discovery reads from the daemon's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoverConfig {
+    /// Root of the proc filesystem and of the cgroup tree (tests point them at fixtures).
+    pub proc_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    /// Host blocks are files here (a tmpfs) so they can be exported; `None`: anonymous memory.
+    pub shared_memory_dir: Option<PathBuf>,
+    /// Use NVIDIA GPUs when a driver is present.
+    pub cuda: bool,
+}
+
+impl Default for DiscoverConfig {
+    fn default() -> Self {
+        DiscoverConfig {
+            proc_root: "/proc".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            shared_memory_dir: None,
+            cuda: true,
+        }
+    }
+}
+
+/// One backend's state at start-up, as `/health` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendHealth {
+    pub name: &'static str,
+    pub available: bool,
+    pub devices: Vec<String>,
+    pub reason: Option<String>,
+}
+
+/// What a GPU API found.
+pub struct Found {
+    pub name: &'static str,
+    /// Its devices, or why it has none here.
+    pub devices: Result<Vec<Arc<dyn Backend>>, String>,
+    /// A context the host backend registers pinned memory with (CUDA's first GPU).
+    pub pinning: Option<Arc<CudaContext>>,
+}
+
+/// Every GPU API, in the order their devices are listed.
+pub const GPU_APIS: &[fn(&DiscoverConfig) -> Found] = &[discover_cuda];
+
+/// Every backend of this machine, and the health of each API.
+pub struct Discovered {
+    pub backends: Vec<Arc<dyn Backend>>,
+    pub health: Vec<BackendHealth>,
+}
+
+/// Builds every available backend. Never fails: an API that cannot start is listed as
+/// unavailable with its reason.
+pub fn discover(config: &DiscoverConfig) -> Discovered {
+    let found: Vec<Found> = GPU_APIS.iter().map(|f| f(config)).collect();
+    let pinning = found.iter().find_map(|f| f.pinning.clone());
+    let host = HostBackend::new(HostStatusReader::new(&config.proc_root, &config.cgroup_root))
+        .with_shared_dir(config.shared_memory_dir.clone())
+        .with_cuda(pinning);
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(host)];
+    let mut health = vec![BackendHealth { name: "host", available: true, devices: vec!["cpu".into()], reason: None }];
+    for f in found {
+        match f.devices {
+            Ok(devices) => {
+                health.push(BackendHealth {
+                    name: f.name,
+                    available: true,
+                    devices: devices.iter().map(|d| d.info().device_id.to_string()).collect(),
+                    reason: None,
+                });
+                backends.extend(devices);
+            }
+            Err(reason) => {
+                tracing::info!("{} backend unavailable: {reason}", f.name);
+                health.push(BackendHealth { name: f.name, available: false, devices: vec![], reason: Some(reason) });
+            }
+        }
+    }
+    Discovered { backends, health }
+}
+
+fn discover_cuda(config: &DiscoverConfig) -> Found {
+    let system = if config.cuda {
+        CudaSystem::init()
+    } else {
+        Err("disabled in the configuration (cuda.enabled = false)".to_string())
+    };
+    match system {
+        Ok(system) => Found {
+            name: "cuda",
+            pinning: system.contexts.first().cloned(),
+            devices: Ok(system.backends().into_iter().map(|b| Arc::new(b) as Arc<dyn Backend>).collect()),
+        },
+        Err(reason) => Found { name: "cuda", devices: Err(reason), pinning: None },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_is_always_found_and_a_disabled_api_says_why() {
+        let d = discover(&DiscoverConfig { cuda: false, ..DiscoverConfig::default() });
+        assert_eq!(d.backends.len(), 1);
+        assert_eq!(d.backends[0].info().device_id, memwarden_core::DeviceId::Cpu);
+        assert_eq!(
+            d.health[0],
+            BackendHealth { name: "host", available: true, devices: vec!["cpu".into()], reason: None }
+        );
+        let cuda = d.health.iter().find(|h| h.name == "cuda").expect("cuda listed");
+        assert!(
+            !cuda.available && cuda.reason.as_deref().is_some_and(|r| r.contains("cuda.enabled = false")),
+            "{cuda:?}"
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! What a model file will take once loaded, from its `.safetensors` header alone (the header is
+//! parsed by Hugging Face's `safetensors` crate; only its first 8 + N bytes are read).
+
+use memwarden_core::DeviceId;
+use std::io::Read;
+use std::path::Path;
+
+/// Headers above this are refused before they are read (the `safetensors` crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Bytes a model will take once loaded: its tensors, plus 5 % for allocator rounding and, on a
+/// GPU, 64 MiB for a first model's allocator state (the CUDA context itself is not counted).
+/// `None` when the file cannot be read here (the worker then reports why).
+pub fn model_bytes(path: &Path, device: DeviceId) -> Option<u64> {
+    let tensors = tensor_bytes(path).ok()?;
+    let extra = if device.is_gpu() { 64 << 20 } else { 0 };
+    Some(tensors + tensors / 20 + extra)
+}
+
+/// Sum of the tensors' bytes a `.safetensors` header names.
+pub fn tensor_bytes(path: &Path) -> std::io::Result<u64> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_BYTES {
+        return Err(bad(format!("header of {n} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    // `SafeTensors::read_metadata` wants the whole file in memory; the header alone
+    // deserializes into the same `Metadata`, which checks offsets and dtypes.
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    Ok(metadata.tensors().values().map(|t| (t.data_offsets.1 - t.data_offsets.0) as u64).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, header: &str, data_len: usize) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("mw-est-{}-{name}.safetensors", std::process::id()));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    }
+
+    #[test]
+    fn tensor_bytes_sum_the_header_offsets_and_the_estimate_adds_rounding_and_gpu_state() {
+        let path = file(
+            "ok",
+            r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"b":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]}}"#,
+            32,
+        );
+        assert_eq!(tensor_bytes(&path).expect("parsed"), 32);
+        assert_eq!(model_bytes(&path, DeviceId::Cpu), Some(32 + 1));
+        assert_eq!(model_bytes(&path, DeviceId::cuda(0)), Some(32 + 1 + (64 << 20)));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn broken_headers_are_invalid_data_and_missing_files_give_no_estimate() {
+        let path = file("bad", r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,5]}}"#, 8);
+        assert_eq!(tensor_bytes(&path).map_err(|e| e.kind()), Err(std::io::ErrorKind::InvalidData));
+        let _ = std::fs::remove_file(path);
+        assert_eq!(model_bytes(Path::new("/nonexistent/x.safetensors"), DeviceId::Cpu), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! Model memory: the models every Python process holds (supervised workers and attached
+//! clients), as one view taken at one moment. The listing (`GET /api/memory/models`), the
+//! optimizer's eviction candidates, the advice's facts, the history and `/metrics` are all
+//! derived from a [`ModelView`], with one rule for a model's bytes on a device
+//! ([`bytes_on`]). Also here: what the OS says a model process holds ([`process`]) and what a
+//! model file will take once loaded ([`estimate`]).
+
+pub mod estimate;
+pub mod process;
+
+use crate::supervisor::{Conn, Slot, SlotState, Supervisor};
+use memwarden_core::eviction::Candidate;
+use memwarden_core::DeviceId;
+use memwarden_protocol::{ModelInfo, Role};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+/// The one rule for a model's size on a device: the bytes it reports there (split models
+/// report per device; otherwise all of it is on its `deviceId`).
+pub fn bytes_on(m: &ModelInfo, device: &str) -> u64 {
+    m.bytes_by_device.get(device).copied().unwrap_or(if m.device_id == device { m.size_bytes } else { 0 })
+}
+
+/// One worker or client, as seen when the view was taken.
+pub struct Holder {
+    pub slot: Arc<Slot>,
+    pub state: SlotState,
+    /// Its connection while open.
+    pub conn: Option<Arc<Conn>>,
+    /// Whether it takes calls now (`ready` or `unhealthy`): only then are its models candidates.
+    pub callable: bool,
+    pub pid: Option<u32>,
+    pub models: Vec<ModelInfo>,
+}
+
+impl Holder {
+    fn of(slot: &Arc<Slot>) -> Holder {
+        let state = slot.snapshot();
+        let conn = state.conn.clone().filter(|c| !c.is_closed());
+        let models = conn.as_ref().map(|c| c.model_list()).unwrap_or_default();
+        let pid = conn.as_ref().map(|c| c.pid).or(state.pid);
+        Holder { callable: slot.conn().is_some(), slot: slot.clone(), state, conn, pid, models }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.slot.id
+    }
+
+    /// Reported model bytes per device.
+    pub fn model_bytes(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for m in &self.models {
+            if m.bytes_by_device.is_empty() {
+                *out.entry(m.device_id.clone()).or_default() += m.size_bytes;
+            } else {
+                for (d, b) in &m.bytes_by_device {
+                    *out.entry(d.clone()).or_default() += b;
+                }
+            }
+        }
+        out
+    }
+
+    /// Its model was loaded from a file by a supervised worker, so it can be loaded elsewhere.
+    pub fn can_reload(&self, m: &ModelInfo) -> bool {
+        m.path.is_some() && self.slot.role == Role::Worker
+    }
+
+    /// Its holder can move it to the CPU: torch models, or a client's (through its callback),
+    /// from a GPU.
+    pub fn can_offload(&self, m: &ModelInfo, device: DeviceId) -> bool {
+        device.is_gpu() && (m.backend.as_deref() == Some("torch") || self.slot.role == Role::Client)
+    }
+}
+
+/// Every holder and its models at one moment.
+pub struct ModelView {
+    pub holders: Vec<Holder>,
+    pub taken_at: OffsetDateTime,
+}
+
+impl ModelView {
+    pub fn snapshot(supervisor: &Supervisor) -> ModelView {
+        ModelView { holders: supervisor.slots().iter().map(Holder::of).collect(), taken_at: OffsetDateTime::now_utc() }
+    }
+
+    /// Every model with its holder.
+    pub fn models(&self) -> impl Iterator<Item = (&ModelInfo, &Holder)> {
+        self.holders.iter().flat_map(|h| h.models.iter().map(move |m| (m, h)))
+    }
+
+    /// Models of holders that take calls: those memwarden can act on.
+    pub fn callable_models(&self) -> impl Iterator<Item = (&ModelInfo, &Holder)> {
+        self.models().filter(|(_, h)| h.callable)
+    }
+
+    /// Bytes of every model on `device`.
+    pub fn bytes_on(&self, device: &str) -> u64 {
+        self.models().map(|(m, _)| bytes_on(m, device)).sum()
+    }
+
+    /// Models on `device` that memwarden can release, as eviction candidates, with their holder.
+    pub fn candidates(&self, device: DeviceId) -> Vec<(Candidate, Arc<Slot>)> {
+        let dev = device.to_string();
+        self.callable_models()
+            .filter_map(|(m, h)| {
+                let bytes = bytes_on(m, &dev);
+                (bytes > 0).then(|| (self.candidate(m, h, device, bytes), h.slot.clone()))
+            })
+            .collect()
+    }
+
+    fn candidate(&self, m: &ModelInfo, h: &Holder, device: DeviceId, size_bytes: u64) -> Candidate {
+        Candidate {
+            model_id: m.model_id.clone(),
+            worker_id: h.slot.id.clone(),
+            size_bytes,
+            priority: m.priority,
+            pinned: m.pinned,
+            idle_secs: (self.taken_at - m.last_access).as_seconds_f64(),
+            load_time_ms: m.load_time_ms,
+            offloadable: h.can_offload(m, device),
+            reloadable: h.can_reload(m),
+        }
+    }
+
+    /// Every model on `device` of a holder that takes calls, pinned ones included, as the
+    /// advice rules see them.
+    pub fn facts(&self, device: DeviceId) -> Vec<Candidate> {
+        let dev = device.to_string();
+        self.callable_models()
+            .filter_map(|(m, h)| {
+                let bytes = bytes_on(m, &dev);
+                (bytes > 0).then(|| self.candidate(m, h, device, bytes))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,91 @@
+//! Admission before a model load: a `reservation` for the model's estimated size, held while it
+//! loads. If it does not fit, the ladder runs (balanced) for the difference; if it still does
+//! not fit, the load is refused.
+
+use super::{OptimizeRequest, Optimizer};
+use crate::models::estimate;
+use crate::service::{AllocateRequest, ServiceError};
+use memwarden_core::eviction::Strategy;
+use memwarden_core::{DeviceId, MemoryKind};
+use std::time::{Duration, Instant};
+
+/// Why a load was not admitted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AdmissionError {
+    /// The model does not fit, even after (or without) releasing what may be released.
+    #[error("{0}")]
+    InsufficientMemory(String),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+/// A ticket held while a model loads; give it back with [`Optimizer::release_ticket`].
+#[derive(Debug)]
+pub struct Ticket(Option<String>);
+
+impl Optimizer {
+    /// Admits a load of the model file at `path` onto `device`: `Ok` with the ticket once its
+    /// estimated bytes fit the budget (releasing models and caches when they do not).
+    pub async fn admit(&self, device: DeviceId, path: &str, name: Option<&str>) -> Result<Ticket, AdmissionError> {
+        if !self.config.admission {
+            return Ok(Ticket(None));
+        }
+        let Some(estimate) = estimate::model_bytes(std::path::Path::new(path), device) else {
+            return Ok(Ticket(None));
+        };
+        let request = AllocateRequest {
+            kind: Some(MemoryKind::Reservation),
+            purpose: Some(format!("model load {}", name.unwrap_or(path))),
+            owner: Some("memwarden-admission".into()),
+            ..AllocateRequest::new(device, estimate.max(1))
+        };
+        // The budget must see models loaded a moment ago: read the device afresh.
+        let _ = self.service.measure_now(device);
+        let shortfall = match self.service.allocate(request.clone()) {
+            Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
+            Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
+                requested_bytes.saturating_sub(available_bytes)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // When even releasing everything allowed would not make room, touch nothing.
+        let releasable = self.releasable_bytes(device);
+        if shortfall > releasable {
+            return Err(AdmissionError::InsufficientMemory(format!(
+                "the model needs about {estimate} bytes on {device}, {shortfall} more than the budget allows, and \
+                 only {releasable} could be released (unpinned models and cached pool blocks); nothing was unloaded"
+            )));
+        }
+        let mut run = OptimizeRequest::new(device, Strategy::Balanced, "admission", &self.config);
+        run.min_memory_to_free = shortfall + (16 << 20);
+        run.force = true;
+        let outcome = self.run(run).await;
+        // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a
+        // second): retry until the freed bytes show or `verify_ms` passes.
+        let deadline = Instant::now() + Duration::from_millis(self.config.verify_ms);
+        loop {
+            let _ = self.service.measure_now(device);
+            match self.service.allocate(request.clone()) {
+                Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
+                Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
+                    if Instant::now() >= deadline {
+                        return Err(AdmissionError::InsufficientMemory(format!(
+                            "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \
+                             after the optimizer freed {} ({})",
+                            outcome.memory_freed, outcome.message
+                        )));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Gives an admission ticket back (the load finished, or failed).
+    pub fn release_ticket(&self, ticket: Ticket) {
+        if let Some(id) = ticket.0 {
+            let _ = self.service.free(&id);
+        }
+    }
+}

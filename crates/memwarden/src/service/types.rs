@@ -1,0 +1,178 @@
+//! The service's vocabulary: its errors, requests and the records it hands out.
+
+use memwarden_backends::{BackendError, GpuInfo, ProcessMemory};
+use memwarden_core::{DeviceId, MemoryKind, Placement, PoolStats};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+pub const DEFAULT_ALIGNMENT_BYTES: u64 = 256;
+
+/// Errors of the service layer; each maps to one HTTP status and one stable code in the API.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("device '{requested}' not found; devices: {}", known.join(", "))]
+    DeviceNotFound { requested: String, known: Vec<String> },
+    #[error("allocation '{id}' not found (never allocated or already freed)")]
+    AllocationNotFound { id: String },
+    #[error("{field}: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    #[error("insufficient memory on {device}: requested {requested_bytes} bytes, available {available_bytes} bytes ({detail})")]
+    InsufficientMemory { device: String, requested_bytes: u64, available_bytes: u64, detail: String },
+    #[error("{0}")]
+    InvalidOperation(String),
+    #[error("transfer '{id}' not found")]
+    TransferNotFound { id: String },
+    #[error("transfer {transfer_id} failed: {message}")]
+    TransferFailed { transfer_id: String, message: String },
+    #[error("backend unavailable for {device}: {reason}")]
+    BackendUnavailable { device: String, reason: String },
+    #[error("{device}: {message}")]
+    BackendFailed { device: String, message: String },
+}
+
+impl ServiceError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        ServiceError::InvalidArgument { field, message: message.into() }
+    }
+
+    pub(super) fn from_backend(device: DeviceId, e: BackendError) -> Self {
+        let device = device.to_string();
+        match e {
+            BackendError::OutOfMemory { requested_bytes, available_bytes, detail } => {
+                ServiceError::InsufficientMemory { device, requested_bytes, available_bytes, detail }
+            }
+            BackendError::Unavailable { reason } => ServiceError::BackendUnavailable { device, reason },
+            BackendError::UnsupportedKind { kind, .. } => {
+                ServiceError::invalid("memoryType", format!("{device} does not provide {kind} memory"))
+            }
+            BackendError::InvalidArgument(message) => ServiceError::InvalidArgument { field: "request", message },
+            BackendError::Failed { .. } => ServiceError::BackendFailed { device, message: e.to_string() },
+        }
+    }
+}
+
+/// An allocation request, validated by the API layer's parsing and again here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocateRequest {
+    pub device: String,
+    pub size_bytes: u64,
+    pub kind: Option<MemoryKind>,
+    pub alignment_bytes: u64,
+    pub purpose: Option<String>,
+    pub owner: Option<String>,
+    pub persistent: bool,
+    pub movable: bool,
+}
+
+impl AllocateRequest {
+    /// `size_bytes` on `device` (an id or alias) with every option at its default: the
+    /// device's default kind, 256-byte alignment, no purpose or owner, not persistent, fixed.
+    pub fn new(device: impl std::fmt::Display, size_bytes: u64) -> Self {
+        AllocateRequest {
+            device: device.to_string(),
+            size_bytes,
+            kind: None,
+            alignment_bytes: DEFAULT_ALIGNMENT_BYTES,
+            purpose: None,
+            owner: None,
+            persistent: false,
+            movable: false,
+        }
+    }
+}
+
+/// A ledger entry, shared with callers without copying its strings.
+pub type Allocation = Arc<AllocationRecord>;
+
+/// One live allocation in the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocationRecord {
+    pub id: String,
+    pub device: DeviceId,
+    pub kind: MemoryKind,
+    /// Bytes requested.
+    pub size_bytes: u64,
+    /// Bytes it occupies in its pool (the request rounded up to the pool granularity).
+    pub allocated_bytes: u64,
+    pub alignment_bytes: u64,
+    /// `None` for reservations: they hold no memory.
+    pub address: Option<u64>,
+    pub placement: Option<Placement>,
+    pub purpose: Option<String>,
+    pub owner: Option<String>,
+    pub persistent: bool,
+    pub movable: bool,
+    /// Shared with another process (`export`): never moved.
+    pub exported: bool,
+    pub generation: u64,
+    pub allocated_at: OffsetDateTime,
+}
+
+/// What a free released (the record itself went to the event log, or was dropped).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FreedAllocation {
+    pub device: DeviceId,
+    pub kind: MemoryKind,
+    pub placement: Option<Placement>,
+    pub size_bytes: u64,
+    /// Bytes it occupied in its pool.
+    pub allocated_bytes: u64,
+}
+
+/// A device's memory now, as the OS or driver reports it, plus memwarden's own pools.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStatus {
+    pub device: DeviceId,
+    pub device_type: &'static str,
+    pub name: String,
+    pub memory_type: &'static str,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub source: String,
+    pub last_updated: OffsetDateTime,
+    pub pools: Vec<(MemoryKind, PoolStats)>,
+    pub reservation_bytes: u64,
+    pub gpu: Option<GpuInfo>,
+    /// The backend's own fields (see `DeviceInfo::extra`).
+    pub extra: BTreeMap<String, String>,
+    /// Memory the driver reserves for itself (GPUs, from NVML).
+    pub driver_reserved_bytes: Option<u64>,
+    pub processes: Vec<ProcessMemory>,
+    /// The last driver error, when the device is unhealthy.
+    pub fault: Option<String>,
+}
+
+impl DeviceStatus {
+    pub fn utilization(&self) -> f64 {
+        if self.total_bytes == 0 {
+            0.0
+        } else {
+            self.used_bytes as f64 / self.total_bytes as f64
+        }
+    }
+
+    /// Fragmentation index of all pools together.
+    pub fn fragmentation(&self) -> f64 {
+        let free: u64 = self.pools.iter().map(|(_, s)| s.free_in_pool_bytes).sum();
+        let largest = self.pools.iter().map(|(_, s)| s.largest_free_block_bytes).max().unwrap_or(0);
+        if free == 0 {
+            0.0
+        } else {
+            1.0 - largest as f64 / free as f64
+        }
+    }
+
+    pub fn pool_totals(&self) -> (u64, u64) {
+        self.pools.iter().fold((0, 0), |(r, a), (_, s)| (r + s.reserved_bytes, a + s.allocated_bytes))
+    }
+}
+
+/// What `clear` released on one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClearOutcome {
+    pub device: DeviceId,
+    pub cleared_bytes: u64,
+    pub reserved_bytes_after: u64,
+}
