@@ -233,6 +233,19 @@ fn idle_models_on_a_pressured_device_are_recommended_for_release_and_the_action_
     assert_eq!(rec["evidence"]["pressureLevel"], "high");
     assert_eq!(rec["estimatedSavingsBytes"], 8 * MIB, "the pinned model is not offered: {rec}");
     assert_eq!(rec["action"]["body"]["models"], json!([ids[0]]));
+    // The pressure report recommends what the advice rules do, with the same thresholds: the
+    // idle model's release, and no defragmentation (no allocation failed here).
+    let (_, p) = s.call("GET", "/api/memory/pressure/cpu", None);
+    assert_eq!(p["data"]["pressureCategory"], "high", "{p}");
+    let actions: Vec<&str> =
+        p["data"]["recommendedActions"].as_array().expect("actions").iter().filter_map(|a| a.as_str()).collect();
+    assert!(
+        actions
+            .iter()
+            .any(|a| a.starts_with("unloadIdleModels: ") && a.ends_with("(POST /api/memory/models/optimize)")),
+        "{actions:?}"
+    );
+    assert!(actions.iter().all(|a| !a.starts_with("defragment")), "{actions:?}");
     let action = &rec["action"];
     let (code, out) = s.call("POST", action["path"].as_str().expect("path"), Some(&action["body"].to_string()));
     assert_eq!(code, 200, "{out}");
