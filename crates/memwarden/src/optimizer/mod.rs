@@ -265,28 +265,63 @@ impl Optimizer {
         self.supervisor.sync().await;
         let base = self.measure(device);
 
-        // (1) Caches: memwarden's own empty pool blocks, then each holder's allocator caches.
+        self.trim_caches(device, &mut out).await;
+        let stopped_by_time = self.release_models(&req, target, base, deadline, &mut out).await;
+        out.memory_freed = self.measure(device) - base;
+        out.memory_claimed = out.steps.iter().map(|s| s.claimed_bytes).sum();
+        let (level_after, category_after) = self.level(self.read(device));
+        out.new_pressure_level = level_after;
+        out.new_pressure_category = category_after.as_str().to_string();
+        let touched = out.models_unloaded.len() + out.models_offloaded.len();
+        out.message = format!(
+            "freed {} of {} wanted ({} claimed) on {dev}: {} unloaded, {} offloaded{}{}",
+            out.memory_freed,
+            target,
+            out.memory_claimed,
+            out.models_unloaded.len(),
+            out.models_offloaded.len(),
+            if stopped_by_time { "; stopped at the time limit" } else { "" },
+            if out.memory_freed < target as i64 && touched == 0 { "; nothing left that may be released" } else { "" },
+        );
+        self.finish(out, started)
+    }
+
+    /// (1) Caches: memwarden's own empty pool blocks, then each holder's allocator caches.
+    async fn trim_caches(&self, device: DeviceId, out: &mut OptimizeOutcome) {
         let t = Instant::now();
         let before = self.measure(device);
         let cleared = self.service.clear(Some(device)).map(|v| v.iter().map(|c| c.cleared_bytes).sum()).unwrap_or(0u64);
-        let (gained, verified) = self.verify(device, before, if device == DeviceId::Cpu { 0 } else { cleared }).await;
+        // The host's RSS measure does not see memwarden's own blocks go: no claim to verify there.
+        let on_gpu = device.is_gpu();
+        let (gained, verified) = self.verify(device, before, if on_gpu { cleared } else { 0 }).await;
         out.steps.push(StepRecord {
             action: "clear".into(),
             target: "memwarden".into(),
             worker_id: None,
             claimed_bytes: cleared,
-            measured_bytes: if device == DeviceId::Cpu { 0 } else { gained },
+            measured_bytes: if on_gpu { gained } else { 0 },
             duration_ms: ms(t),
             verified,
             error: None,
         });
         for slot in self.supervisor.slots().into_iter().filter(|s| s.conn().is_some()) {
-            let trim = TrimCache { device_id: Some(dev.clone()) };
+            let trim = TrimCache { device_id: Some(device.to_string()) };
             let (step, _) = self.worker_step(device, &slot, &trim, "trimCache", &slot.id).await;
             out.steps.push(step);
         }
+    }
 
-        // (2, 3) Offload and unload, ranked, until the target is met.
+    /// (2, 3) Offload and unload, ranked, until `target` bytes are measurably free since
+    /// `base`. Returns whether the time limit stopped it.
+    async fn release_models(
+        &self,
+        req: &OptimizeRequest,
+        target: u64,
+        base: i64,
+        deadline: Instant,
+        out: &mut OptimizeOutcome,
+    ) -> bool {
+        let device = req.device;
         let freed_so_far = (self.measure(device) - base).max(0) as u64;
         let candidates = self.candidates(device);
         let host_room = if device.is_gpu() { self.host_room() } else { 0 };
@@ -303,14 +338,12 @@ impl Optimizer {
             host_room,
             req.max_models,
         );
-        let mut stopped_by_time = false;
         for p in planned {
             if (self.measure(device) - base).max(0) as u64 >= target {
                 break;
             }
             if Instant::now() >= deadline {
-                stopped_by_time = true;
-                break;
+                return true;
             }
             let Some((_, slot)) = candidates.iter().find(|(c, _)| c.model_id == p.model_id) else { continue };
             let (step, ok) = match p.action {
@@ -335,23 +368,7 @@ impl Optimizer {
             }
             out.steps.push(step);
         }
-        out.memory_freed = self.measure(device) - base;
-        out.memory_claimed = out.steps.iter().map(|s| s.claimed_bytes).sum();
-        let (level_after, category_after) = self.level(self.read(device));
-        out.new_pressure_level = level_after;
-        out.new_pressure_category = category_after.as_str().to_string();
-        let touched = out.models_unloaded.len() + out.models_offloaded.len();
-        out.message = format!(
-            "freed {} of {} wanted ({} claimed) on {dev}: {} unloaded, {} offloaded{}{}",
-            out.memory_freed,
-            target,
-            out.memory_claimed,
-            out.models_unloaded.len(),
-            out.models_offloaded.len(),
-            if stopped_by_time { "; stopped at the time limit" } else { "" },
-            if out.memory_freed < target as i64 && touched == 0 { "; nothing left that may be released" } else { "" },
-        );
-        self.finish(out, started)
+        false
     }
 
     /// One call to a worker, with its claim re-measured on `device`; the bool says whether the
