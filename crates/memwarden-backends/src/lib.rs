@@ -17,4 +17,4 @@ pub use backend::{
 pub use copy::copy_between;
 pub use cuda::{CudaBackend, CudaSystem};
 pub use host::{HostBackend, HostStatusReader};
-pub use pool::{MemoryPool, PoolAllocation};
+pub use pool::{LedgerError, MemoryPool, MemoryPoolInvariantError, PoolAllocation};

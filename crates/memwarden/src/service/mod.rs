@@ -584,12 +584,13 @@ impl Service {
     }
 
     /// Checks every pool's invariants and that the ledger matches the pools.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), memwarden_backends::LedgerError> {
+        use memwarden_backends::LedgerError;
         let ledger = lock(&self.ledger);
         for (id, dev) in &self.devices {
             let st = lock(&dev.state);
             for pool in &st.pools {
-                pool.validate().map_err(|e| format!("{id} {}: {e}", pool.kind()))?;
+                pool.validate().map_err(|source| LedgerError::Pool { device: *id, kind: pool.kind(), source })?;
                 let in_ledger: u64 = ledger
                     .records
                     .values()
@@ -597,11 +598,12 @@ impl Service {
                     .map(|r| r.allocated_bytes)
                     .sum();
                 if in_ledger != pool.stats().allocated_bytes {
-                    return Err(format!(
-                        "{id} {}: ledger holds {in_ledger} bytes, pool {}",
-                        pool.kind(),
-                        pool.stats().allocated_bytes
-                    ));
+                    return Err(LedgerError::Allocated {
+                        device: *id,
+                        kind: pool.kind(),
+                        ledger_bytes: in_ledger,
+                        pool_bytes: pool.stats().allocated_bytes,
+                    });
                 }
             }
             let reserved: u64 = ledger
@@ -611,7 +613,11 @@ impl Service {
                 .map(|r| r.size_bytes)
                 .sum();
             if reserved != st.reservation_bytes {
-                return Err(format!("{id}: ledger reserves {reserved} bytes, device {}", st.reservation_bytes));
+                return Err(LedgerError::Reserved {
+                    device: *id,
+                    ledger_bytes: reserved,
+                    device_bytes: st.reservation_bytes,
+                });
             }
         }
         Ok(())
