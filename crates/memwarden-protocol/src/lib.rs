@@ -17,6 +17,9 @@ use std::fmt;
 use std::io::{self, BufRead, Write};
 use time::OffsetDateTime;
 
+mod validation;
+pub use validation::ModelInfoError;
+
 /// The protocol version this crate speaks. A peer whose `hello` names another is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -290,17 +293,21 @@ fn default_priority() -> u8 {
 
 impl ModelInfo {
     /// Invariants a well-behaved peer keeps.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ModelInfoError> {
         if self.model_id.is_empty() {
-            return Err("modelId is empty".into());
+            return Err(ModelInfoError::EmptyModelId);
         }
         if self.priority > 100 {
-            return Err(format!("priority {} is above 100", self.priority));
+            return Err(ModelInfoError::PriorityAbove100 { model_id: self.model_id.clone(), priority: self.priority });
         }
         if !self.bytes_by_device.is_empty() {
             let sum: u64 = self.bytes_by_device.values().sum();
             if sum != self.size_bytes {
-                return Err(format!("bytesByDevice sums to {sum}, sizeBytes is {}", self.size_bytes));
+                return Err(ModelInfoError::BytesByDeviceSum {
+                    model_id: self.model_id.clone(),
+                    sum_bytes: sum,
+                    size_bytes: self.size_bytes,
+                });
             }
         }
         Ok(())
