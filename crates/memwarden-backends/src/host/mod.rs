@@ -86,7 +86,10 @@ fn sys_error(e: SysError, backend: &HostBackend, kind: MemoryKind) -> BackendErr
             }
         }
         SysError::OutOfBounds { .. } | SysError::InvalidArgument(_) => BackendError::InvalidArgument(e.to_string()),
-        other => BackendError::Failed { operation: "host mapping", message: other.to_string() },
+        SysError::Map { .. } | SysError::Commit { .. } => {
+            BackendError::Failed { operation: "host mapping", message: e.to_string() }
+        }
+        SysError::Psi { .. } => BackendError::Failed { operation: "PSI trigger", message: e.to_string() },
     }
 }
 
