@@ -1,11 +1,11 @@
-//! Copies between any two blocks, whatever backends they came from: host↔host with `memcpy`,
-//! anything involving a GPU through the CUDA driver on unified addresses (peer copies between
-//! GPUs). Bounds are checked before any byte moves.
+//! Copies between any two blocks, whatever backends they came from, through the sys crate's one
+//! copy (`memwarden_sys::cuda::copy`): host↔host with `memmove`, anything involving a GPU through
+//! the CUDA driver on unified addresses (peer copies between GPUs). Bounds are checked before any
+//! byte moves.
 
 use crate::backend::{BackendError, BlockMemory, Location};
 use crate::{cuda, host};
-use memwarden_sys::cuda::{self as sys_cuda, CudaError};
-use memwarden_sys::HostMapping;
+use memwarden_sys::cuda::{self as sys_cuda, Completion, CudaError, Region};
 
 fn cuda_error(e: CudaError) -> BackendError {
     match e {
@@ -29,22 +29,13 @@ pub fn copy_between(
     dst_offset: u64,
     len: u64,
 ) -> Result<(), BackendError> {
-    match (src.location(), dst.location()) {
-        (Location::Host, Location::Host) => {
-            HostMapping::copy(host::mapping(src)?, src_offset, host::mapping(dst)?, dst_offset, len)
-                .map_err(|e| BackendError::InvalidArgument(e.to_string()))
-        }
-        (Location::Host, Location::Cuda(_)) => {
-            sys_cuda::copy_host_to_device(cuda::buffer(dst)?, dst_offset, host::mapping(src)?, src_offset, len)
-                .map_err(cuda_error)
-        }
-        (Location::Cuda(_), Location::Host) => {
-            sys_cuda::copy_device_to_host(host::mapping(dst)?, dst_offset, cuda::buffer(src)?, src_offset, len)
-                .map_err(cuda_error)
-        }
-        (Location::Cuda(_), Location::Cuda(_)) => {
-            sys_cuda::copy_device_to_device(cuda::buffer(dst)?, dst_offset, cuda::buffer(src)?, src_offset, len)
-                .map_err(cuda_error)
-        }
-    }
+    sys_cuda::copy(region(dst, dst_offset)?, region(src, src_offset)?, len, Completion::Wait).map_err(cuda_error)
+}
+
+/// The sys crate's view of a block at an offset, by where the block lives.
+fn region(block: &dyn BlockMemory, offset: u64) -> Result<Region<'_>, BackendError> {
+    Ok(match block.location() {
+        Location::Host => Region::Host(host::mapping(block)?, offset),
+        Location::Cuda(_) => Region::Device(cuda::buffer(block)?, offset),
+    })
 }

@@ -7,7 +7,7 @@ use crate::backend::{
     Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, Location, MemoryReading, ProcessMemory,
 };
 use memwarden_core::{DeviceId, MemoryKind};
-use memwarden_sys::cuda::{self, CudaContext, CudaError, DeviceBuffer};
+use memwarden_sys::cuda::{self, Completion, CudaContext, CudaError, DeviceBuffer, Region};
 use nvml_wrapper::enum_wrappers::device::Clock;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
@@ -262,8 +262,8 @@ impl Backend for CudaBackend {
         dst_offset: u64,
         len_bytes: u64,
     ) -> Result<(), BackendError> {
-        cuda::copy_device_to_device(buffer(dst)?, dst_offset, buffer(src)?, src_offset, len_bytes)
-            .map_err(|e| self.error(e, len_bytes))
+        let (dst, src) = (Region::Device(buffer(dst)?, dst_offset), Region::Device(buffer(src)?, src_offset));
+        cuda::copy(dst, src, len_bytes, Completion::Wait).map_err(|e| self.error(e, len_bytes))
     }
 
     fn copy_queued(
@@ -274,8 +274,8 @@ impl Backend for CudaBackend {
         dst_offset: u64,
         len_bytes: u64,
     ) -> Result<(), BackendError> {
-        cuda::queue_device_to_device(buffer(dst)?, dst_offset, buffer(src)?, src_offset, len_bytes)
-            .map_err(|e| self.error(e, len_bytes))
+        let (dst, src) = (Region::Device(buffer(dst)?, dst_offset), Region::Device(buffer(src)?, src_offset));
+        cuda::copy(dst, src, len_bytes, Completion::Queue).map_err(|e| self.error(e, len_bytes))
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
