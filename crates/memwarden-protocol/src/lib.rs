@@ -17,8 +17,8 @@ use std::fmt;
 use std::io::{self, BufRead, Write};
 use time::OffsetDateTime;
 
-mod validation;
-pub use validation::ModelInfoError;
+/// `ModelInfo::validate` and the [`ModelInfoError`](validation::ModelInfoError) it returns.
+pub mod validation;
 
 /// The protocol version this crate speaks. A peer whose `hello` names another is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -289,29 +289,6 @@ pub const DEFAULT_PRIORITY: u8 = 50;
 
 fn default_priority() -> u8 {
     DEFAULT_PRIORITY
-}
-
-impl ModelInfo {
-    /// Invariants a well-behaved peer keeps.
-    pub fn validate(&self) -> Result<(), ModelInfoError> {
-        if self.model_id.is_empty() {
-            return Err(ModelInfoError::EmptyModelId);
-        }
-        if self.priority > 100 {
-            return Err(ModelInfoError::PriorityAbove100 { model_id: self.model_id.clone(), priority: self.priority });
-        }
-        if !self.bytes_by_device.is_empty() {
-            let sum: u64 = self.bytes_by_device.values().sum();
-            if sum != self.size_bytes {
-                return Err(ModelInfoError::BytesByDeviceSum {
-                    model_id: self.model_id.clone(),
-                    sum_bytes: sum,
-                    size_bytes: self.size_bytes,
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 /// `getModelInfo` data.

@@ -1,4 +1,5 @@
 use super::*;
+use crate::validation::ModelInfoError;
 use std::path::PathBuf;
 
 fn cases() -> Vec<Value> {
