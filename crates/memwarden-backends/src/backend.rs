@@ -41,13 +41,6 @@ pub struct ProcessMemory {
     pub used_bytes: Option<u64>,
 }
 
-/// Where a block's bytes live, for choosing how to copy them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Location {
-    Host,
-    Cuda(u32),
-}
-
 /// What another process needs to map a block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockExport {
@@ -93,8 +86,16 @@ pub trait BlockMemory: Send + Sync + Debug {
     fn address(&self) -> u64;
     fn size_bytes(&self) -> u64;
     fn kind(&self) -> MemoryKind;
-    fn location(&self) -> Location;
+    /// The device whose memory holds it: copies pick their path by it.
+    fn location(&self) -> DeviceId;
     fn as_any(&self) -> &dyn Any;
+
+    /// Reads bytes at `offset` into host memory, bounds-checked. Every block can: copies
+    /// between blocks with no fast path between them are staged through host memory.
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError>;
+
+    /// Writes host bytes at `offset`, bounds-checked.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
 
     /// What another process needs to map this block; an error says why it cannot be shared.
     fn export(&self) -> Result<BlockExport, BackendError> {

@@ -4,10 +4,10 @@
 //! POSIX fd exchanged over a Unix socket). Status comes from `cuMemGetInfo` and NVML.
 
 use crate::backend::{
-    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, Location, MemoryReading, ProcessMemory,
+    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, MemoryReading, ProcessMemory,
 };
 use memwarden_core::{DeviceId, MemoryKind};
-use memwarden_sys::cuda::{self, CudaContext, CudaError, DeviceBuffer};
+use memwarden_sys::cuda::{self, Completion, CudaContext, CudaError, DeviceBuffer, Region};
 use nvml_wrapper::enum_wrappers::device::Clock;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
@@ -115,8 +115,14 @@ impl BlockMemory for CudaBlock {
     fn kind(&self) -> MemoryKind {
         MemoryKind::Device
     }
-    fn location(&self) -> Location {
-        Location::Cuda(self.buffer.context().ordinal())
+    fn location(&self) -> DeviceId {
+        DeviceId::cuda(self.buffer.context().ordinal())
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        self.buffer.read(offset, out).map_err(crate::copy::cuda_error)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.buffer.write(offset, data).map_err(crate::copy::cuda_error)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -276,8 +282,8 @@ impl Backend for CudaBackend {
         dst_offset: u64,
         len_bytes: u64,
     ) -> Result<(), BackendError> {
-        cuda::copy_device_to_device(buffer(dst)?, dst_offset, buffer(src)?, src_offset, len_bytes)
-            .map_err(|e| self.error(e, len_bytes))
+        let (dst, src) = (Region::Device(buffer(dst)?, dst_offset), Region::Device(buffer(src)?, src_offset));
+        cuda::copy(dst, src, len_bytes, Completion::Wait).map_err(|e| self.error(e, len_bytes))
     }
 
     fn copy_queued(
@@ -288,8 +294,8 @@ impl Backend for CudaBackend {
         dst_offset: u64,
         len_bytes: u64,
     ) -> Result<(), BackendError> {
-        cuda::queue_device_to_device(buffer(dst)?, dst_offset, buffer(src)?, src_offset, len_bytes)
-            .map_err(|e| self.error(e, len_bytes))
+        let (dst, src) = (Region::Device(buffer(dst)?, dst_offset), Region::Device(buffer(src)?, src_offset));
+        cuda::copy(dst, src, len_bytes, Completion::Queue).map_err(|e| self.error(e, len_bytes))
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {

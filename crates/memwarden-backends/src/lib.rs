@@ -12,11 +12,10 @@ pub mod host;
 mod pool;
 
 pub use backend::{
-    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, Location, MemoryReading, ProcessMemory,
-    SharedBlock,
+    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, MemoryReading, ProcessMemory, SharedBlock,
 };
 pub use copy::copy_between;
 pub use cuda::{CudaBackend, CudaSystem};
 pub use discover::{discover, BackendHealth, DiscoverConfig, Discovered, Found, GPU_APIS};
 pub use host::{HostBackend, HostStatusReader};
-pub use pool::{MemoryPool, PoolAllocation};
+pub use pool::{MemoryPool, MemoryPoolInvariantError, PoolAllocation};

@@ -3,7 +3,7 @@
 
 use crate::backend::{Backend, BackendError, SharedBlock};
 use memwarden_core::defrag::Move;
-use memwarden_core::{BlockId, MemoryKind, Placement, Pool, PoolConfig, PoolError, PoolStats};
+use memwarden_core::{BlockId, MemoryKind, Placement, Pool, PoolConfig, PoolError, PoolInvariantError, PoolStats};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -13,6 +13,20 @@ pub struct PoolAllocation {
     pub placement: Placement,
     /// Block base address + offset.
     pub address: u64,
+}
+
+/// The first broken invariant [`MemoryPool::validate`] finds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryPoolInvariantError {
+    /// The core pool's own bookkeeping is broken.
+    #[error(transparent)]
+    Pool(#[from] PoolInvariantError),
+    #[error("{pool_blocks} pool blocks but {memory_blocks} memory blocks")]
+    BlockCount { pool_blocks: usize, memory_blocks: usize },
+    #[error("block {block:?} has no memory")]
+    NoMemory { block: BlockId },
+    #[error("block {block:?}: memory {memory_bytes} < pool {pool_bytes}")]
+    MemoryTooSmall { block: BlockId, memory_bytes: u64, pool_bytes: u64 },
 }
 
 /// One kind of memory on one device, pooled.
@@ -184,16 +198,23 @@ impl MemoryPool {
     }
 
     /// The pool's invariants plus: every pool block has memory of at least its size.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), MemoryPoolInvariantError> {
         self.pool.validate()?;
         let views = self.pool.blocks();
         if views.len() != self.blocks.len() {
-            return Err(format!("{} pool blocks but {} memory blocks", views.len(), self.blocks.len()));
+            return Err(MemoryPoolInvariantError::BlockCount {
+                pool_blocks: views.len(),
+                memory_blocks: self.blocks.len(),
+            });
         }
         for v in views {
-            let m = self.blocks.get(&v.id).ok_or_else(|| format!("block {:?} has no memory", v.id))?;
+            let m = self.blocks.get(&v.id).ok_or(MemoryPoolInvariantError::NoMemory { block: v.id })?;
             if m.size_bytes() < v.size_bytes {
-                return Err(format!("block {:?}: memory {} < pool {}", v.id, m.size_bytes(), v.size_bytes));
+                return Err(MemoryPoolInvariantError::MemoryTooSmall {
+                    block: v.id,
+                    memory_bytes: m.size_bytes(),
+                    pool_bytes: v.size_bytes,
+                });
             }
         }
         Ok(())

@@ -298,7 +298,7 @@ mod tests {
             }
             pool.free(&m.from).map_err(|e| e.to_string())?;
             allowed.insert((to.block, to.offset_bytes), align);
-            pool.validate()?;
+            pool.validate().map_err(|e| e.to_string())?;
         }
         Ok(())
     }

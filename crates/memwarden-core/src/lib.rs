@@ -14,5 +14,5 @@ pub mod tlsf;
 pub mod units;
 
 pub use ids::{DeviceId, DeviceIdError, GpuApi, MemoryKind};
-pub use pool::{BlockId, BlockRequest, Placement, Pool, PoolConfig, PoolError, PoolStats};
-pub use tlsf::{Tlsf, TlsfError, TlsfHandle, GRANULARITY_BYTES};
+pub use pool::{BlockId, BlockRequest, Placement, Pool, PoolConfig, PoolError, PoolInvariantError, PoolStats};
+pub use tlsf::{Tlsf, TlsfError, TlsfHandle, TlsfInvariantError, GRANULARITY_BYTES};

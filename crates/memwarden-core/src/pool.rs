@@ -5,7 +5,7 @@
 //! crate's `MemoryPool`) asks for a [`BlockRequest`], creates the block with its backend and
 //! hands it over with [`Pool::add_block`]. Tests drive it with no memory behind it at all.
 
-use crate::tlsf::{Range, Tlsf, TlsfHandle, GRANULARITY_BYTES};
+use crate::tlsf::{Range, Tlsf, TlsfHandle, TlsfInvariantError, GRANULARITY_BYTES};
 use crate::units::align_up;
 
 /// Pool tuning. Sizes in bytes.
@@ -39,6 +39,23 @@ pub enum PoolError {
     BlockNotEmpty(BlockId),
     #[error("placement does not name a live allocation")]
     NotAllocated,
+}
+
+/// The first broken invariant [`Pool::validate`] finds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolInvariantError {
+    #[error("block {}: {source}", block.0)]
+    Block { block: BlockId, source: TlsfInvariantError },
+    #[error("dedicated block {} holds {allocations} allocations", block.0)]
+    SharedDedicated { block: BlockId, allocations: usize },
+    #[error("reserved counter {counter} != {in_blocks} bytes in blocks")]
+    ReservedBytes { counter: u64, in_blocks: u64 },
+    #[error("allocated counter {counter} != {in_blocks} bytes in blocks")]
+    AllocatedBytes { counter: u64, in_blocks: u64 },
+    #[error("allocation counter {counter} != {in_blocks} allocations in blocks")]
+    AllocationCount { counter: usize, in_blocks: usize },
+    #[error("free slot {slot} is not an empty slot")]
+    FreeSlot { slot: u32 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -319,29 +336,29 @@ impl Pool {
     }
 
     /// Checks the pool's invariants and every block's.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PoolInvariantError> {
         let (mut reserved, mut allocated, mut count) = (0, 0, 0);
         for (id, b) in self.live_blocks() {
-            b.tlsf.validate().map_err(|e| format!("block {}: {e}", id.0))?;
+            b.tlsf.validate().map_err(|source| PoolInvariantError::Block { block: id, source })?;
             reserved += b.tlsf.capacity_bytes();
             allocated += b.tlsf.used_bytes();
             count += b.tlsf.allocation_count();
             if b.dedicated && b.tlsf.allocation_count() > 1 {
-                return Err(format!("dedicated block {} holds {} allocations", id.0, b.tlsf.allocation_count()));
+                return Err(PoolInvariantError::SharedDedicated { block: id, allocations: b.tlsf.allocation_count() });
             }
         }
         if reserved != self.reserved_bytes {
-            return Err(format!("reserved counter {} != {reserved} in blocks", self.reserved_bytes));
+            return Err(PoolInvariantError::ReservedBytes { counter: self.reserved_bytes, in_blocks: reserved });
         }
         if allocated != self.allocated_bytes {
-            return Err(format!("allocated counter {} != {allocated} in blocks", self.allocated_bytes));
+            return Err(PoolInvariantError::AllocatedBytes { counter: self.allocated_bytes, in_blocks: allocated });
         }
         if count != self.allocation_count {
-            return Err(format!("allocation counter {} != {count} in blocks", self.allocation_count));
+            return Err(PoolInvariantError::AllocationCount { counter: self.allocation_count, in_blocks: count });
         }
         for &slot in &self.free_slots {
             if self.blocks.get(slot as usize).is_none_or(Option::is_some) {
-                return Err(format!("free slot {slot} is not an empty slot"));
+                return Err(PoolInvariantError::FreeSlot { slot });
             }
         }
         Ok(())
@@ -375,6 +392,18 @@ mod tests {
         let req = pool.block_request(size, align);
         let id = pool.add_block(req);
         pool.allocate_in(id, size, align).expect("a fresh block fits its request")
+    }
+
+    #[test]
+    fn validate_names_the_block_and_the_broken_invariant() {
+        let mut pool = small_pool();
+        let a = alloc(&mut pool, MIB, 256);
+        pool.allocated_bytes += 1;
+        assert_eq!(
+            pool.validate(),
+            Err(PoolInvariantError::AllocatedBytes { counter: MIB + 1, in_blocks: MIB }),
+            "{a:?}"
+        );
     }
 
     #[test]
@@ -465,7 +494,7 @@ mod tests {
                         pool.remove_block(p.block).expect("dedicated block released");
                     }
                 }
-                pool.validate().map_err(TestCaseError::fail)?;
+                pool.validate().map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(pool.stats().allocated_bytes, live.iter().map(|p| p.size_bytes).sum::<u64>());
             }
             for p in live.drain(..) {
@@ -475,7 +504,7 @@ mod tests {
                 pool.remove_block(id).expect("remove");
             }
             prop_assert_eq!(pool.stats(), PoolStats::default());
-            pool.validate().map_err(TestCaseError::fail)?;
+            pool.validate().map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
     }
 }

@@ -67,15 +67,31 @@ impl Default for Thresholds {
     }
 }
 
+/// Why [`Thresholds::validate`] refused a set of thresholds.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ThresholdsError {
+    #[error(
+        "pressure thresholds must satisfy 0 ≤ moderate ≤ high ≤ critical ≤ 1 \
+         (moderate {moderate}, high {high}, critical {critical})"
+    )]
+    Unordered { moderate: f64, high: f64, critical: f64 },
+    #[error("pressure hysteresis must be in [0, 0.5), not {hysteresis}")]
+    Hysteresis { hysteresis: f64 },
+}
+
 impl Thresholds {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ThresholdsError> {
         let ordered =
             0.0 <= self.moderate && self.moderate <= self.high && self.high <= self.critical && self.critical <= 1.0;
         if !ordered {
-            return Err("pressure thresholds must satisfy 0 ≤ moderate ≤ high ≤ critical ≤ 1".into());
+            return Err(ThresholdsError::Unordered {
+                moderate: self.moderate,
+                high: self.high,
+                critical: self.critical,
+            });
         }
         if !(0.0..0.5).contains(&self.hysteresis) {
-            return Err("pressure hysteresis must be in [0, 0.5)".into());
+            return Err(ThresholdsError::Hysteresis { hysteresis: self.hysteresis });
         }
         Ok(())
     }
@@ -397,8 +413,13 @@ mod tests {
     #[test]
     fn thresholds_are_checked() {
         assert!(Thresholds::default().validate().is_ok());
-        assert!(Thresholds { high: 0.7, ..Default::default() }.validate().is_err());
-        assert!(Thresholds { hysteresis: 0.6, ..Default::default() }.validate().is_err());
+        assert_eq!(
+            Thresholds { high: 0.7, ..Default::default() }.validate(),
+            Err(ThresholdsError::Unordered { moderate: 0.75, high: 0.7, critical: 0.95 })
+        );
+        let e = Thresholds { hysteresis: 0.6, ..Default::default() }.validate();
+        assert_eq!(e, Err(ThresholdsError::Hysteresis { hysteresis: 0.6 }));
+        assert!(e.is_err_and(|e| e.to_string().contains("[0, 0.5)")));
     }
 
     #[test]

@@ -14,6 +14,9 @@
 
 use std::fmt;
 
+mod invariant;
+pub use invariant::TlsfInvariantError;
+
 /// Every offset and size handed out is a multiple of this (also the default alignment).
 pub const GRANULARITY_BYTES: u64 = 256;
 
@@ -335,7 +338,7 @@ impl Tlsf {
     }
 
     /// Checks every invariant; returns the first one broken. Tests call it after each step.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TlsfInvariantError> {
         // Physical chain: contiguous, covers the capacity, no two free neighbours.
         let mut expect_offset = 0;
         let mut prev = NIL;
@@ -344,70 +347,81 @@ impl Tlsf {
         while n != NIL {
             steps += 1;
             if steps > self.nodes.len() {
-                return Err("physical chain has a cycle".into());
+                return Err(TlsfInvariantError::PhysicalCycle { nodes: self.nodes.len() });
             }
             let node = &self.nodes[n as usize];
             if node.prev_phys != prev {
-                return Err(format!("node {n}: prev_phys {} != {prev}", node.prev_phys));
+                return Err(TlsfInvariantError::PrevPhys { node: n, prev_phys: node.prev_phys, expected: prev });
             }
             if node.offset != expect_offset {
-                return Err(format!("node {n}: offset {} != {expect_offset} (gap or overlap)", node.offset));
+                return Err(TlsfInvariantError::Offset {
+                    node: n,
+                    offset_units: node.offset,
+                    expected_units: expect_offset,
+                });
             }
             if node.size == 0 {
-                return Err(format!("node {n}: empty range"));
+                return Err(TlsfInvariantError::EmptyRange { node: n });
             }
             match node.state {
                 NodeState::Free => {
                     free_units += node.size;
                     free_nodes += 1;
                     if prev != NIL && self.nodes[prev as usize].state == NodeState::Free {
-                        return Err(format!("nodes {prev} and {n}: adjacent free ranges not merged"));
+                        return Err(TlsfInvariantError::UnmergedFree { first: prev, second: n });
                     }
                 }
                 NodeState::Used => used += 1,
-                NodeState::Dead => return Err(format!("node {n}: dead node in the chain")),
+                NodeState::Dead => return Err(TlsfInvariantError::DeadInChain { node: n }),
             }
             expect_offset += node.size;
             prev = n;
             n = node.next_phys;
         }
         if expect_offset != self.capacity_units {
-            return Err(format!("ranges cover {expect_offset} units of {}", self.capacity_units));
+            return Err(TlsfInvariantError::Coverage {
+                covered_units: expect_offset,
+                capacity_units: self.capacity_units,
+            });
         }
         if free_units != self.free_units {
-            return Err(format!("free counter {} != {free_units} in the chain", self.free_units));
+            return Err(TlsfInvariantError::FreeUnits { counter: self.free_units, in_chain: free_units });
         }
         if used != self.used_count {
-            return Err(format!("used counter {} != {used} in the chain", self.used_count));
+            return Err(TlsfInvariantError::UsedCount { counter: self.used_count, in_chain: used });
         }
         // Free lists: each node in the list of its class, links consistent, bitmaps exact.
         let mut listed = 0;
         for fl in 0..FL_COUNT {
             let fl_bit = self.fl_bitmap & (1 << fl) != 0;
             if fl_bit != (self.sl_bitmap[fl] != 0) {
-                return Err(format!("fl bitmap bit {fl} disagrees with its sl bitmap"));
+                return Err(TlsfInvariantError::FlBitmap { fl, fl_bit, sl_bitmap: self.sl_bitmap[fl] });
             }
             for sl in 0..SL_COUNT {
                 let head = self.heads[fl][sl];
                 if (self.sl_bitmap[fl] & (1 << sl) != 0) != (head != NIL) {
-                    return Err(format!("sl bitmap ({fl},{sl}) disagrees with its list"));
+                    return Err(TlsfInvariantError::SlBitmap { fl, sl, head_is_nil: head == NIL });
                 }
                 let mut prev = NIL;
                 let mut n = head;
                 while n != NIL {
                     listed += 1;
                     if listed > self.nodes.len() {
-                        return Err("free list has a cycle".into());
+                        return Err(TlsfInvariantError::FreeListCycle { nodes: self.nodes.len() });
                     }
                     let node = &self.nodes[n as usize];
                     if node.state != NodeState::Free {
-                        return Err(format!("node {n} in a free list but not free"));
+                        return Err(TlsfInvariantError::ListedNotFree { node: n, fl, sl });
                     }
                     if class_of(node.size) != (fl, sl) {
-                        return Err(format!("node {n} of {} units in wrong class ({fl},{sl})", node.size));
+                        return Err(TlsfInvariantError::WrongClass { node: n, size_units: node.size, fl, sl });
                     }
                     if node.prev_free != prev {
-                        return Err(format!("node {n}: prev_free {} != {prev}", node.prev_free));
+                        return Err(TlsfInvariantError::PrevFree {
+                            node: n,
+                            prev_free: node.prev_free,
+                            expected: prev,
+                        });
                     }
                     prev = n;
                     n = node.next_free;
@@ -415,14 +429,14 @@ impl Tlsf {
             }
         }
         if free_nodes != self.free_count {
-            return Err(format!("free counter {} != {free_nodes} free ranges", self.free_count));
+            return Err(TlsfInvariantError::FreeCount { counter: self.free_count, in_chain: free_nodes });
         }
         if listed != free_nodes {
-            return Err(format!("{listed} nodes in free lists, {free_nodes} free in the chain"));
+            return Err(TlsfInvariantError::FreeListMismatch { listed, free_in_chain: free_nodes });
         }
         let dead = self.nodes.iter().filter(|n| n.state == NodeState::Dead).count();
         if dead != self.spare.len() {
-            return Err(format!("{dead} dead nodes but {} spare slots", self.spare.len()));
+            return Err(TlsfInvariantError::SpareSlots { dead, spare: self.spare.len() });
         }
         Ok(())
     }
@@ -583,6 +597,16 @@ mod tests {
     }
 
     #[test]
+    fn validate_names_the_broken_invariant() {
+        let mut t = Tlsf::new(1 << 20);
+        t.allocate(4 * G, G).expect("fits");
+        t.free_units += 1;
+        let e = t.validate().expect_err("counter off by one");
+        assert_eq!(e, TlsfInvariantError::FreeUnits { counter: t.free_units, in_chain: t.free_units - 1 });
+        assert!(e.to_string().starts_with("free counter"), "{e}");
+    }
+
+    #[test]
     fn sizes_round_to_granularity_and_offsets_align() {
         let mut t = Tlsf::new(1 << 20);
         let (a, ha) = t.allocate(1, G).expect("a");
@@ -671,7 +695,7 @@ mod tests {
                     let (h, _, s) = live.swap_remove(pick.index(live.len()));
                     prop_assert_eq!(t.free(h), Ok(s));
                 }
-                t.validate().map_err(TestCaseError::fail)?;
+                t.validate().map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(t.free_range_count(), t.ranges().filter(|r| r.free).count());
                 let used: u64 = live.iter().map(|l| l.2).sum();
                 prop_assert_eq!(t.used_bytes(), used);
@@ -682,7 +706,7 @@ mod tests {
             }
             prop_assert_eq!(t.free_bytes(), capacity);
             prop_assert_eq!(t.largest_free_bytes(), capacity);
-            t.validate().map_err(TestCaseError::fail)?;
+            t.validate().map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
 
         /// A request that asks for no more than the largest free range minus worst-case padding

@@ -19,6 +19,8 @@ use time::OffsetDateTime;
 
 mod typed;
 pub use typed::ActionData;
+/// `ModelInfo::validate` and the [`ModelInfoError`](validation::ModelInfoError) it returns.
+pub mod validation;
 
 /// The protocol version this crate speaks. A peer whose `hello` names another is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -289,25 +291,6 @@ pub const DEFAULT_PRIORITY: u8 = 50;
 
 fn default_priority() -> u8 {
     DEFAULT_PRIORITY
-}
-
-impl ModelInfo {
-    /// Invariants a well-behaved peer keeps.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.model_id.is_empty() {
-            return Err("modelId is empty".into());
-        }
-        if self.priority > 100 {
-            return Err(format!("priority {} is above 100", self.priority));
-        }
-        if !self.bytes_by_device.is_empty() {
-            let sum: u64 = self.bytes_by_device.values().sum();
-            if sum != self.size_bytes {
-                return Err(format!("bytesByDevice sums to {sum}, sizeBytes is {}", self.size_bytes));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// `getModelInfo` data.

@@ -1,4 +1,5 @@
 use super::*;
+use crate::validation::ModelInfoError;
 use std::path::PathBuf;
 
 fn cases() -> Vec<Value> {
@@ -152,8 +153,12 @@ fn model_info_validate_catches_inconsistent_sizes() {
     };
     assert_eq!(m.validate(), Ok(()));
     m.size_bytes = 11;
-    assert!(m.validate().is_err());
+    let e = m.validate().expect_err("sum differs from size");
+    assert_eq!(e, ModelInfoError::BytesByDeviceSum { model_id: m.model_id.clone(), sum_bytes: 10, size_bytes: 11 });
+    assert!(e.to_string().contains("bytesByDevice sums to 10, sizeBytes is 11"), "{e}");
     m.size_bytes = 10;
     m.priority = 101;
-    assert!(m.validate().is_err());
+    assert_eq!(m.validate(), Err(ModelInfoError::PriorityAbove100 { model_id: m.model_id.clone(), priority: 101 }));
+    m.model_id.clear();
+    assert_eq!(m.validate(), Err(ModelInfoError::EmptyModelId));
 }

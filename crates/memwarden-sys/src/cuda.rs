@@ -164,29 +164,6 @@ impl CudaContext {
         }
     }
 
-    /// Copies `len` bytes between unified addresses (host or this device) on this context's
-    /// stream and waits for the copy to finish.
-    ///
-    /// # Safety
-    /// Both ranges must be live memory of `len` bytes (host memory of this process, or device
-    /// memory reachable from this context) that nothing else writes during the copy.
-    pub unsafe fn copy(&self, dst: u64, src: u64, len: u64) -> Result<(), CudaError> {
-        self.bind()?;
-        check("cuMemcpyAsync", len, sys::cuMemcpyAsync(dst, src, len as usize, self.stream))?;
-        check("cuStreamSynchronize", len, sys::cuStreamSynchronize(self.stream))
-    }
-
-    /// Queues a copy between unified addresses on this context's stream without waiting
-    /// (copies on one stream run in the order they were queued); see [`CudaContext::synchronize`].
-    ///
-    /// # Safety
-    /// As for [`CudaContext::copy`], and the ranges must stay live until the stream is
-    /// synchronized.
-    pub unsafe fn copy_queued(&self, dst: u64, src: u64, len: u64) -> Result<(), CudaError> {
-        self.bind()?;
-        check("cuMemcpyAsync", len, sys::cuMemcpyAsync(dst, src, len as usize, self.stream))
-    }
-
     /// Waits for every copy queued on this context's stream.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.bind()?;
@@ -194,19 +171,39 @@ impl CudaContext {
         check("cuStreamSynchronize", 0, unsafe { sys::cuStreamSynchronize(self.stream) })
     }
 
-    /// Copies between device memory of two GPUs (direct over NVLink/PCIe where peer access is
-    /// enabled, staged by the driver otherwise) and waits.
+    /// The one driver copy: `len` bytes from `src` to `dst` on this context's stream, waiting
+    /// for the copy unless `completion` is [`Completion::Queue`]. With `peer`, `dst` belongs to
+    /// that other GPU's context and `src` to this one (`cuMemcpyPeerAsync`: direct over
+    /// NVLink/PCIe where peer access is enabled, staged by the driver otherwise); without, both
+    /// are unified addresses reachable from this context (`cuMemcpyAsync`).
     ///
     /// # Safety
-    /// As for [`CudaContext::copy`]; `dst` belongs to `dst_ctx`, `src` to `self`.
-    pub unsafe fn copy_peer(&self, dst_ctx: &CudaContext, dst: u64, src: u64, len: u64) -> Result<(), CudaError> {
+    /// Both ranges must be live memory of `len` bytes (host memory of this process, or device
+    /// memory of the stated contexts) that nothing else writes during the copy; when queued,
+    /// they must stay live until the stream is synchronized.
+    unsafe fn memcpy(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        peer: Option<&CudaContext>,
+        completion: Completion,
+    ) -> Result<(), CudaError> {
         self.bind()?;
-        check(
-            "cuMemcpyPeerAsync",
-            len,
-            sys::cuMemcpyPeerAsync(dst, dst_ctx.ctx, src, self.ctx, len as usize, self.stream),
-        )?;
-        check("cuStreamSynchronize", len, sys::cuStreamSynchronize(self.stream))
+        // SAFETY: the caller guarantees both ranges are live and unshared for the copy (see
+        // above); the stream is live for self's lifetime and this context is now current.
+        let rc = unsafe {
+            match peer {
+                None => sys::cuMemcpyAsync(dst, src, len as usize, self.stream),
+                Some(dst_ctx) => sys::cuMemcpyPeerAsync(dst, dst_ctx.ctx, src, self.ctx, len as usize, self.stream),
+            }
+        };
+        check(if peer.is_some() { "cuMemcpyPeerAsync" } else { "cuMemcpyAsync" }, len, rc)?;
+        match completion {
+            // SAFETY: the stream is live for self's lifetime.
+            Completion::Wait => check("cuStreamSynchronize", len, unsafe { sys::cuStreamSynchronize(self.stream) }),
+            Completion::Queue => Ok(()),
+        }
     }
 }
 
@@ -258,14 +255,14 @@ impl DeviceBuffer {
         self.check_range(offset, data.len() as u64)?;
         // SAFETY: the destination range was bounds-checked inside this live buffer; `data` is
         // a live host slice for the duration of the synchronous copy.
-        unsafe { self.ctx.copy(self.ptr + offset, data.as_ptr() as u64, data.len() as u64) }
+        unsafe { self.ctx.memcpy(self.ptr + offset, data.as_ptr() as u64, data.len() as u64, None, Completion::Wait) }
     }
 
     /// Copies buffer bytes into `out`.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), CudaError> {
         self.check_range(offset, out.len() as u64)?;
         // SAFETY: as in `write`, with `out` exclusively borrowed.
-        unsafe { self.ctx.copy(out.as_mut_ptr() as u64, self.ptr + offset, out.len() as u64) }
+        unsafe { self.ctx.memcpy(out.as_mut_ptr() as u64, self.ptr + offset, out.len() as u64, None, Completion::Wait) }
     }
 
     /// A CUDA IPC handle (64 bytes) another process opens with `cuIpcOpenMemHandle` /
@@ -330,74 +327,65 @@ fn bounds(e: crate::SysError) -> CudaError {
     CudaError::Driver { operation: "bounds check", error: e.to_string() }
 }
 
-/// Copies `len` bytes from host memory to device memory (pinned speed when the host range is
-/// registered), bounds-checked, waiting for completion.
-pub fn copy_host_to_device(
-    dst: &DeviceBuffer,
-    dst_offset: u64,
-    src: &HostMapping,
-    src_offset: u64,
-    len: u64,
-) -> Result<(), CudaError> {
-    dst.check_range(dst_offset, len)?;
-    let s = src.check(src_offset, len).map_err(bounds)?;
-    // SAFETY: both ranges were bounds-checked inside live memory owned by the arguments, which
-    // outlive this synchronous call.
-    unsafe { dst.ctx.copy(dst.ptr + dst_offset, src.address() + s as u64, len) }
+/// Where one side of a [`copy`] starts: an offset into a host mapping or a device buffer. The
+/// copy's length gives the range.
+#[derive(Debug, Clone, Copy)]
+pub enum Region<'a> {
+    Host(&'a HostMapping, u64),
+    Device(&'a DeviceBuffer, u64),
 }
 
-/// Copies `len` bytes from device memory to host memory, bounds-checked, waiting for completion.
-pub fn copy_device_to_host(
-    dst: &HostMapping,
-    dst_offset: u64,
-    src: &DeviceBuffer,
-    src_offset: u64,
-    len: u64,
-) -> Result<(), CudaError> {
-    src.check_range(src_offset, len)?;
-    let d = dst.check(dst_offset, len).map_err(bounds)?;
-    // SAFETY: as in copy_host_to_device.
-    unsafe { src.ctx.copy(dst.address() + d as u64, src.ptr + src_offset, len) }
-}
-
-/// Copies `len` bytes between device buffers of the same GPU or of two GPUs (peer copy),
-/// bounds-checked, waiting for completion. Overlapping ranges in one buffer are the caller's
-/// to avoid (the pool never hands out overlapping allocations).
-pub fn copy_device_to_device(
-    dst: &DeviceBuffer,
-    dst_offset: u64,
-    src: &DeviceBuffer,
-    src_offset: u64,
-    len: u64,
-) -> Result<(), CudaError> {
-    dst.check_range(dst_offset, len)?;
-    src.check_range(src_offset, len)?;
-    // SAFETY: both ranges were bounds-checked inside live buffers that outlive this call.
-    unsafe {
-        if Arc::ptr_eq(&dst.ctx, &src.ctx) || dst.ctx.ordinal == src.ctx.ordinal {
-            src.ctx.copy(dst.ptr + dst_offset, src.ptr + src_offset, len)
-        } else {
-            src.ctx.copy_peer(&dst.ctx, dst.ptr + dst_offset, src.ptr + src_offset, len)
+impl Region<'_> {
+    /// The unified address of `len` bytes at this region, once they are checked to lie inside it.
+    fn checked_address(self, len: u64) -> Result<u64, CudaError> {
+        match self {
+            Region::Host(m, offset) => m.check(offset, len).map(|o| m.address() + o as u64).map_err(bounds),
+            Region::Device(b, offset) => b.check_range(offset, len).map(|()| b.ptr + offset),
         }
     }
 }
 
-/// Queues a copy between two buffers of the same GPU on its stream (in order with earlier
-/// queued copies) without waiting; the caller synchronizes the context before anyone reads the
-/// destination. Bounds-checked; both buffers are kept alive by the caller (the pool holds them).
-pub fn queue_device_to_device(
-    dst: &DeviceBuffer,
-    dst_offset: u64,
-    src: &DeviceBuffer,
-    src_offset: u64,
-    len: u64,
-) -> Result<(), CudaError> {
-    dst.check_range(dst_offset, len)?;
-    src.check_range(src_offset, len)?;
-    if dst.ctx.ordinal != src.ctx.ordinal {
-        return copy_device_to_device(dst, dst_offset, src, src_offset, len);
-    }
-    // SAFETY: bounds-checked ranges of live buffers; the pool keeps both blocks (Arc) until the
-    // defragmentation pass synchronizes the stream.
-    unsafe { src.ctx.copy_queued(dst.ptr + dst_offset, src.ptr + src_offset, len) }
+/// Whether a [`copy`] returns once the bytes have arrived or as soon as the copy is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Return once the bytes have arrived.
+    Wait,
+    /// A copy between two buffers of one GPU is queued on its stream (in order with earlier
+    /// queued copies) and may still run after the call; the caller synchronizes the context
+    /// ([`CudaContext::synchronize`]) before anyone reads the destination, and keeps both
+    /// buffers alive until then (the pool holds them). Every other copy waits as with `Wait`.
+    Queue,
+}
+
+/// Copies `len` bytes from `src` to `dst`: host to device (pinned speed when the host range is
+/// registered), device to host, or between device buffers of one GPU or of two (peer copy).
+/// Both ranges are bounds-checked before any byte moves. Host to host needs no driver and is
+/// [`HostMapping::copy`]'s (`memmove`); it is done that way here too. Overlapping ranges in one
+/// device buffer are the caller's to avoid (the pool never hands out overlapping allocations).
+pub fn copy(dst: Region<'_>, src: Region<'_>, len: u64, completion: Completion) -> Result<(), CudaError> {
+    // The copy runs on the source GPU's context, or the destination's when the source is host
+    // memory; a copy between two GPUs is a peer copy, and only one within a GPU may be queued.
+    let (ctx, peer, completion) = match (src, dst) {
+        (Region::Host(s, s_off), Region::Host(d, d_off)) => {
+            return HostMapping::copy(s, s_off, d, d_off, len).map_err(bounds);
+        }
+        (Region::Device(s, _), Region::Device(d, _)) if d.ctx.ordinal != s.ctx.ordinal => {
+            (&s.ctx, Some(&*d.ctx), Completion::Wait)
+        }
+        (Region::Device(s, _), Region::Device(..)) => (&s.ctx, None, completion),
+        (Region::Device(s, _), Region::Host(..)) => (&s.ctx, None, Completion::Wait),
+        (Region::Host(..), Region::Device(d, _)) => (&d.ctx, None, Completion::Wait),
+    };
+    // Device ranges are checked before host ranges, the destination's first.
+    let (dst_addr, src_addr) = if let Region::Host(..) = dst {
+        let src_addr = src.checked_address(len)?;
+        (dst.checked_address(len)?, src_addr)
+    } else {
+        (dst.checked_address(len)?, src.checked_address(len)?)
+    };
+    // SAFETY: both ranges were bounds-checked inside live memory that `dst` and `src` borrow
+    // for this call; the device ranges belong to `ctx` (and, for a peer copy, `peer`). Only a
+    // copy between two buffers of one GPU may outlive the call (`Completion::Queue`), and its
+    // caller keeps both buffers alive until it synchronizes the stream, as documented there.
+    unsafe { ctx.memcpy(dst_addr, src_addr, len, peer, completion) }
 }

@@ -29,10 +29,14 @@ pub enum SysError {
     OutOfBounds { offset_bytes: u64, len_bytes: u64, mapping_bytes: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// A PSI trigger (`/proc/pressure/memory`) could not be opened, registered or waited on.
+    #[error("PSI trigger on {}: {message}", path.display())]
+    Psi { path: PathBuf, errno: i32, message: String },
 }
 
 impl SysError {
     /// The OS had no memory for the request (as opposed to a bad argument or a refused lock).
+    /// A PSI failure never is: no memory was requested.
     pub fn is_out_of_memory(&self) -> bool {
         matches!(self, SysError::Map { errno, .. } | SysError::Commit { errno, .. } if *errno == libc::ENOMEM)
     }
@@ -392,6 +396,7 @@ impl HostMapping {
 #[derive(Debug)]
 pub struct PsiTrigger {
     fd: libc::c_int,
+    path: PathBuf,
 }
 
 impl PsiTrigger {
@@ -404,23 +409,15 @@ impl PsiTrigger {
         let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
         if fd < 0 {
             let (errno, message) = last_errno();
-            return Err(SysError::Map {
-                len_bytes: 0,
-                errno,
-                message: format!("opening {}: {message}", path.display()),
-            });
+            return Err(SysError::Psi { path: path.into(), errno, message: format!("opening: {message}") });
         }
-        let trigger = PsiTrigger { fd };
+        let trigger = PsiTrigger { fd, path: path.into() };
         let bytes = c_spec.as_bytes_with_nul();
         // SAFETY: writes exactly the spec's bytes (with its NUL, as the kernel expects) to our fd.
         let n = unsafe { libc::write(fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
         if n < 0 {
             let (errno, message) = last_errno();
-            return Err(SysError::Map {
-                len_bytes: 0,
-                errno,
-                message: format!("registering trigger '{spec}': {message}"),
-            });
+            return Err(trigger.error(errno, format!("registering trigger '{spec}': {message}")));
         }
         Ok(trigger)
     }
@@ -435,12 +432,16 @@ impl PsiTrigger {
             if errno == libc::EINTR {
                 return Ok(false);
             }
-            return Err(SysError::Map { len_bytes: 0, errno, message });
+            return Err(self.error(errno, format!("polling: {message}")));
         }
         if pfd.revents & libc::POLLERR != 0 {
-            return Err(SysError::InvalidArgument("the PSI trigger was removed (POLLERR)"));
+            return Err(self.error(0, "the trigger was removed (POLLERR)".into()));
         }
         Ok(pfd.revents & libc::POLLPRI != 0)
+    }
+
+    fn error(&self, errno: i32, message: String) -> SysError {
+        SysError::Psi { path: self.path.clone(), errno, message }
     }
 }
 
@@ -561,7 +562,21 @@ mod tests {
             Err(e) => assert!(e.to_string().contains("trigger"), "{e}"),
         }
         assert!(PsiTrigger::new(path, "nonsense").is_err(), "the kernel refuses a malformed trigger");
-        assert!(PsiTrigger::new(Path::new("/nonexistent/pressure"), "some 1 2").is_err());
+        match PsiTrigger::new(Path::new("/nonexistent/pressure"), "some 1 2") {
+            Err(e @ SysError::Psi { errno: libc::ENOENT, .. }) => {
+                assert!(!e.is_out_of_memory());
+                assert!(e.to_string().contains("/nonexistent/pressure: opening"), "{e}");
+            }
+            other => panic!("expected a PSI error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn psi_errors_are_never_out_of_memory() {
+        let psi = SysError::Psi { path: "/proc/pressure/memory".into(), errno: libc::ENOMEM, message: "x".into() };
+        assert!(!psi.is_out_of_memory());
+        let map = SysError::Map { len_bytes: 1, errno: libc::ENOMEM, message: "x".into() };
+        assert!(map.is_out_of_memory());
     }
 
     #[test]

@@ -462,7 +462,9 @@ impl Config {
                 "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
             ));
         }
-        memwarden_core::pressure::Thresholds::from(&self.pressure).validate().map_err(ConfigError::Invalid)?;
+        memwarden_core::pressure::Thresholds::from(&self.pressure)
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !(0.0..=100.0).contains(&self.optimizer.target_pressure_level) {
             return Err(ConfigError::Invalid("optimizer.target_pressure_level must be between 0 and 100".into()));
         }

@@ -6,7 +6,7 @@ mod status;
 
 pub use status::{parse_meminfo, parse_proc_cgroup, CgroupEvents, CgroupMemory, CgroupPath, HostStatusReader, Meminfo};
 
-use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, Location, MemoryReading};
+use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, MemoryReading};
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_sys::cuda::{CudaContext, CudaError};
 use memwarden_sys::{HostMapping, SysError};
@@ -42,11 +42,17 @@ impl BlockMemory for HostBlock {
     fn kind(&self) -> MemoryKind {
         self.kind
     }
-    fn location(&self) -> Location {
-        Location::Host
+    fn location(&self) -> DeviceId {
+        DeviceId::Cpu
     }
     fn as_any(&self) -> &dyn Any {
         self
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        self.mapping.read(offset, out).map_err(|e| BackendError::InvalidArgument(e.to_string()))
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.mapping.write(offset, data).map_err(|e| BackendError::InvalidArgument(e.to_string()))
     }
     fn export(&self) -> Result<BlockExport, BackendError> {
         match self.mapping.shared_path() {
@@ -86,7 +92,10 @@ fn sys_error(e: SysError, backend: &HostBackend, kind: MemoryKind) -> BackendErr
             }
         }
         SysError::OutOfBounds { .. } | SysError::InvalidArgument(_) => BackendError::InvalidArgument(e.to_string()),
-        other => BackendError::Failed { operation: "host mapping", message: other.to_string() },
+        SysError::Map { .. } | SysError::Commit { .. } => {
+            BackendError::Failed { operation: "host mapping", message: e.to_string() }
+        }
+        SysError::Psi { .. } => BackendError::Failed { operation: "PSI trigger", message: e.to_string() },
     }
 }
 
@@ -259,11 +268,13 @@ impl Backend for HostBackend {
     }
 
     fn write(&self, block: &dyn BlockMemory, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        mapping(block)?.write(offset, data).map_err(|e| BackendError::InvalidArgument(e.to_string()))
+        mapping(block)?;
+        block.write(offset, data)
     }
 
     fn read(&self, block: &dyn BlockMemory, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
-        mapping(block)?.read(offset, out).map_err(|e| BackendError::InvalidArgument(e.to_string()))
+        mapping(block)?;
+        block.read(offset, out)
     }
 }
 

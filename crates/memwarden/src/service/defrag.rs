@@ -3,7 +3,7 @@
 //! return emptied blocks to the OS or driver. Also the pool dump and the admission question
 //! ("can N bytes be allocated now?").
 
-use super::device::AllocFailure;
+use super::device::{AllocFailure, Fit};
 use super::{Service, ServiceError};
 use crate::util::lock;
 use memwarden_core::defrag::{self, DefragOptions, Movable};
@@ -57,29 +57,6 @@ pub struct PoolDump {
     pub kind: MemoryKind,
     pub stats: PoolStats,
     pub blocks: Vec<BlockDump>,
-}
-
-/// Where N bytes would come from now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fit {
-    /// Free space the pool already holds.
-    Pool,
-    /// A new block from the OS or driver.
-    NewMemory,
-    /// Budget only (a reservation).
-    Budget,
-    No,
-}
-
-impl Fit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Fit::Pool => "pool",
-            Fit::NewMemory => "newMemory",
-            Fit::Budget => "budget",
-            Fit::No => "no",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

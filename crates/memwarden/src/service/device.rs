@@ -1,7 +1,6 @@
 //! One device: its backend, its pools (one per memory kind), its reservations and its cached
 //! status sample, behind one lock.
 
-use super::defrag::Fit;
 use memwarden_backends::{Backend, BackendError, MemoryPool, MemoryReading, PoolAllocation};
 use memwarden_core::{MemoryKind, Placement, PoolConfig, PoolStats};
 use std::sync::Arc;
@@ -56,6 +55,29 @@ pub(crate) struct Sample {
     pub reading: MemoryReading,
     pub taken: Instant,
     pub taken_at: OffsetDateTime,
+}
+
+/// Where N bytes would come from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Free space the pool already holds.
+    Pool,
+    /// A new block from the OS or driver.
+    NewMemory,
+    /// Budget only (a reservation).
+    Budget,
+    No,
+}
+
+impl Fit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fit::Pool => "pool",
+            Fit::NewMemory => "newMemory",
+            Fit::Budget => "budget",
+            Fit::No => "no",
+        }
+    }
 }
 
 /// Why an allocation did not happen; in every case nothing was changed.

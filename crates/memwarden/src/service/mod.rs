@@ -9,7 +9,8 @@ mod types;
 
 pub use record::{AllocationEvent, DeviceRecord, EventKind};
 
-pub use defrag::{BlockDump, CanAllocate, DefragReport, Fit, PoolDump, RangeView};
+pub use defrag::{BlockDump, CanAllocate, DefragReport, PoolDump, RangeView};
+pub use device::Fit;
 
 pub use transfer::{ExportInfo, TransferRecord, TransferRequest, TransferStatus, TransferTarget};
 
@@ -23,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 pub use types::{
-    AllocateRequest, Allocation, AllocationRecord, ClearOutcome, DeviceStatus, FreedAllocation, ServiceError,
-    DEFAULT_ALIGNMENT_BYTES,
+    AllocateRequest, Allocation, AllocationRecord, ClearOutcome, DeviceStatus, FreedAllocation, LedgerError,
+    ServiceError, DEFAULT_ALIGNMENT_BYTES,
 };
 
 use crate::config::Config;
@@ -400,12 +401,12 @@ impl Service {
     }
 
     /// Checks every pool's invariants and that the ledger matches the pools.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LedgerError> {
         let ledger = lock(&self.ledger);
         for (id, dev) in &self.devices {
             let st = lock(&dev.state);
             for pool in &st.pools {
-                pool.validate().map_err(|e| format!("{id} {}: {e}", pool.kind()))?;
+                pool.validate().map_err(|source| LedgerError::Pool { device: *id, kind: pool.kind(), source })?;
                 let in_ledger: u64 = ledger
                     .records
                     .values()
@@ -413,11 +414,12 @@ impl Service {
                     .map(|r| r.allocated_bytes)
                     .sum();
                 if in_ledger != pool.stats().allocated_bytes {
-                    return Err(format!(
-                        "{id} {}: ledger holds {in_ledger} bytes, pool {}",
-                        pool.kind(),
-                        pool.stats().allocated_bytes
-                    ));
+                    return Err(LedgerError::Allocated {
+                        device: *id,
+                        kind: pool.kind(),
+                        ledger_bytes: in_ledger,
+                        pool_bytes: pool.stats().allocated_bytes,
+                    });
                 }
             }
             let reserved: u64 = ledger
@@ -427,7 +429,11 @@ impl Service {
                 .map(|r| r.size_bytes)
                 .sum();
             if reserved != st.reservation_bytes {
-                return Err(format!("{id}: ledger reserves {reserved} bytes, device {}", st.reservation_bytes));
+                return Err(LedgerError::Reserved {
+                    device: *id,
+                    ledger_bytes: reserved,
+                    device_bytes: st.reservation_bytes,
+                });
             }
         }
         Ok(())

@@ -1,6 +1,6 @@
 //! The service's vocabulary: its errors, requests and the records it hands out.
 
-use memwarden_backends::{BackendError, GpuInfo, ProcessMemory};
+use memwarden_backends::{BackendError, GpuInfo, MemoryPoolInvariantError, ProcessMemory};
 use memwarden_core::{DeviceId, MemoryKind, Placement, PoolStats};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -175,4 +175,19 @@ pub struct ClearOutcome {
     pub device: DeviceId,
     pub cleared_bytes: u64,
     pub reserved_bytes_after: u64,
+}
+
+/// A device's pools checked against the books a caller keeps over them (the
+/// allocation ledger): the first disagreement `Service::validate` finds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// A pool is inconsistent in itself.
+    #[error("{device} {kind}: {source}")]
+    Pool { device: DeviceId, kind: MemoryKind, source: MemoryPoolInvariantError },
+    /// The ledger's allocations of one kind do not add up to the pool's allocated bytes.
+    #[error("{device} {kind}: ledger holds {ledger_bytes} bytes, pool {pool_bytes}")]
+    Allocated { device: DeviceId, kind: MemoryKind, ledger_bytes: u64, pool_bytes: u64 },
+    /// The ledger's reservations do not add up to the device's reserved bytes.
+    #[error("{device}: ledger reserves {ledger_bytes} bytes, device {device_bytes}")]
+    Reserved { device: DeviceId, ledger_bytes: u64, device_bytes: u64 },
 }

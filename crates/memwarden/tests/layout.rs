@@ -1,0 +1,541 @@
+//! Layout rules for every crate under `crates/`, checked on the source text (syn, no compiler):
+//!
+//! - no import cycle between the source files of a crate: a file imports another when it names
+//!   an item of the other's module through a path starting with `crate::`, `super::` or
+//!   `self::`, in a `use` item or an inline path (also inside macro calls). A parent's `mod x;`
+//!   declaration is not an import; a child naming its parent's items (`super::Service`) is.
+//! - no source file over [`MAX_LINES`] lines, not counting its `#[cfg(test)]` module.
+//!
+//! `#[cfg(test)]` modules (inline or in their own file) and `tests/`, `examples/`, `benches/`
+//! are left out of both.
+
+use proc_macro2::{TokenStream, TokenTree};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use syn::visit::Visit;
+
+/// Import cycles in the tree today, each as the files of one strongly connected component of
+/// the import graph (sorted).
+/// The architecture step empties this list; an entry that no longer is a cycle fails the test
+/// (remove it), so the list only shrinks.
+const KNOWN_CYCLES: &[&[&str]] = &[];
+
+/// Files over [`MAX_LINES`] today. The architecture step empties this list; an entry that is no
+/// longer too long fails the test (remove it), so the list only shrinks.
+const KNOWN_LONG_FILES: &[&str] = &[
+    "crates/memwarden/src/analytics/report.rs",
+    "crates/memwarden/src/api/dto.rs",
+    "crates/memwarden/src/api/mod.rs",
+    "crates/memwarden/src/api/models.rs",
+    "crates/memwarden/src/cli.rs",
+];
+
+/// The most lines a source file may have, its `#[cfg(test)]` module not counted.
+const MAX_LINES: usize = 600;
+
+/// One crate's sources: path relative to its `src/` (`service/mod.rs`) → text.
+type Sources = BTreeMap<String, String>;
+
+/// File → the files it imports, within one crate (paths relative to `src/`).
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
+/// A module: its path from the crate root and the file that holds it.
+#[derive(Debug)]
+struct Module {
+    path: Vec<String>,
+    file: String,
+}
+
+fn is_test_cfg(attrs: &[syn::Attribute]) -> bool {
+    attrs.iter().any(|a| {
+        a.path().is_ident("cfg") && {
+            let tokens = a.meta.require_list().map(|l| l.tokens.to_string()).unwrap_or_default();
+            let words: Vec<&str> = tokens.split(|c: char| !c.is_alphanumeric() && c != '_').collect();
+            words.contains(&"test") && !words.contains(&"not")
+        }
+    })
+}
+
+/// The file of child module `name` declared (`mod name;`) in `file`.
+fn child_file(file: &str, name: &str, sources: &Sources) -> Option<String> {
+    let dir = match file.rsplit_once('/') {
+        _ if matches!(file, "lib.rs" | "main.rs") => String::new(),
+        Some((dir, "mod.rs")) => format!("{dir}/"),
+        None if file == "mod.rs" => String::new(),
+        // `a/b.rs` (or a `bin/x.rs` root): children live in `a/b/`.
+        _ => format!("{}/", file.trim_end_matches(".rs")),
+    };
+    [format!("{dir}{name}.rs"), format!("{dir}{name}/mod.rs")].into_iter().find(|f| sources.contains_key(f))
+}
+
+/// Every module of the crate reachable from its roots through non-test `mod` items (inline
+/// modules map to the file that holds them), and the files of `#[cfg(test)] mod x;` modules.
+fn modules(sources: &Sources, asts: &BTreeMap<String, syn::File>) -> (Vec<Module>, BTreeSet<String>) {
+    fn walk(
+        items: &[syn::Item],
+        path: &[String],
+        file: &str,
+        sources: &Sources,
+        asts: &BTreeMap<String, syn::File>,
+        out: &mut (Vec<Module>, BTreeSet<String>),
+    ) {
+        for item in items {
+            let syn::Item::Mod(m) = item else { continue };
+            let name = m.ident.to_string();
+            let mut child = path.to_vec();
+            child.push(name.clone());
+            match &m.content {
+                Some(_) if is_test_cfg(&m.attrs) => {}
+                Some((_, inner)) => {
+                    out.0.push(Module { path: child.clone(), file: file.to_string() });
+                    walk(inner, &child, file, sources, asts, out);
+                }
+                None => {
+                    let Some(f) = child_file(file, &name, sources) else { continue };
+                    if is_test_cfg(&m.attrs) {
+                        out.1.insert(f);
+                        continue;
+                    }
+                    out.0.push(Module { path: child.clone(), file: f.clone() });
+                    if let Some(ast) = asts.get(&f) {
+                        walk(&ast.items, &child, &f, sources, asts, out);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = (Vec::new(), BTreeSet::new());
+    // The library root; a binary root's own modules would need a tree of their own, and the
+    // crates here have none (main.rs only uses the library by name).
+    if let Some(ast) = asts.get("lib.rs") {
+        out.0.push(Module { path: Vec::new(), file: "lib.rs".into() });
+        walk(&ast.items, &[], "lib.rs", sources, asts, &mut out);
+    }
+    out
+}
+
+/// Collects the module-relative paths a file names, with the module they are named from.
+struct PathCollector {
+    /// The module the visitor is in (changes inside inline modules).
+    module: Vec<String>,
+    /// (module the path is written in, its segments).
+    paths: Vec<(Vec<String>, Vec<String>)>,
+}
+
+impl PathCollector {
+    /// Keeps a path if it starts with `crate`, `super` or `self`. A path through a child module's
+    /// bare name (`device::Fit` in `service/mod.rs`) is the parent using what it declared, like
+    /// its `mod device;`, and is no edge: counted, every parent that uses a child would form a
+    /// cycle with each child that uses `super::`.
+    fn record(&mut self, segments: Vec<String>) {
+        let Some(first) = segments.first() else { return };
+        let relative = matches!(first.as_str(), "crate" | "super" | "self");
+        // A lone `self` is a method receiver or `use x::{self}`, handled by its use tree.
+        if relative && !(segments.len() == 1 && first == "self") {
+            self.paths.push((self.module.clone(), segments));
+        }
+    }
+
+    fn use_tree(&mut self, prefix: &mut Vec<String>, tree: &syn::UseTree) {
+        match tree {
+            syn::UseTree::Path(p) => {
+                prefix.push(p.ident.to_string());
+                self.use_tree(prefix, &p.tree);
+                prefix.pop();
+            }
+            syn::UseTree::Name(n) if n.ident == "self" => self.record(prefix.clone()),
+            syn::UseTree::Name(syn::UseName { ident }) | syn::UseTree::Rename(syn::UseRename { ident, .. }) => {
+                let mut full = prefix.clone();
+                full.push(ident.to_string());
+                self.record(full);
+            }
+            syn::UseTree::Glob(_) => self.record(prefix.clone()),
+            syn::UseTree::Group(g) => g.items.iter().for_each(|t| self.use_tree(prefix, t)),
+        }
+    }
+
+    /// Paths inside macro calls (`format!("{}", crate::x::y())`): runs of `ident :: ident …`.
+    fn tokens(&mut self, tokens: TokenStream) {
+        let trees: Vec<TokenTree> = tokens.into_iter().collect();
+        let mut i = 0;
+        while i < trees.len() {
+            match &trees[i] {
+                TokenTree::Group(g) => self.tokens(g.stream()),
+                TokenTree::Ident(id) => {
+                    let mut segments = vec![id.to_string()];
+                    let mut j = i + 1;
+                    while let (Some(TokenTree::Punct(a)), Some(TokenTree::Punct(b)), Some(TokenTree::Ident(next))) =
+                        (trees.get(j), trees.get(j + 1), trees.get(j + 2))
+                    {
+                        if a.as_char() != ':' || b.as_char() != ':' {
+                            break;
+                        }
+                        segments.push(next.to_string());
+                        j += 3;
+                    }
+                    let after_path_sep = i >= 1 && matches!(&trees[i - 1], TokenTree::Punct(p) if p.as_char() == ':');
+                    if segments.len() > 1 && !after_path_sep {
+                        self.record(segments);
+                    }
+                    i = j.max(i + 1);
+                    continue;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for PathCollector {
+    fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
+        if is_test_cfg(&m.attrs) {
+            return;
+        }
+        if let Some((_, items)) = &m.content {
+            self.module.push(m.ident.to_string());
+            items.iter().for_each(|i| self.visit_item(i));
+            self.module.pop();
+        }
+    }
+
+    fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+        self.use_tree(&mut Vec::new(), &u.tree);
+    }
+
+    fn visit_path(&mut self, p: &'ast syn::Path) {
+        self.record(p.segments.iter().map(|s| s.ident.to_string()).collect());
+        syn::visit::visit_path(self, p);
+    }
+
+    fn visit_macro(&mut self, m: &'ast syn::Macro) {
+        self.tokens(m.tokens.clone());
+        syn::visit::visit_macro(self, m);
+    }
+
+    // `pub(crate)`, `pub(super)`, `pub(in crate::x)` say who may see an item, not what it uses.
+    fn visit_visibility(&mut self, _: &'ast syn::Visibility) {}
+}
+
+/// The file that defines the item a path names, written in module `from`: the longest prefix
+/// of the absolute path that is a module (`crate::service::Service` → `service/mod.rs`,
+/// `crate::service::device::Fit` → `service/device.rs`).
+fn resolve<'m>(from: &[String], segments: &[String], modules: &'m [Module]) -> Option<&'m str> {
+    let mut abs = from.to_vec();
+    let mut rest = segments;
+    match segments.first().map(String::as_str) {
+        Some("crate") => {
+            abs.clear();
+            rest = &segments[1..];
+        }
+        Some("self") => rest = &segments[1..],
+        _ => {}
+    }
+    while rest.first().map(String::as_str) == Some("super") {
+        abs.pop()?;
+        rest = &rest[1..];
+    }
+    abs.extend(rest.iter().cloned());
+    (0..=abs.len()).rev().find_map(|n| modules.iter().find(|m| m.path == abs[..n]).map(|m| m.file.as_str()))
+}
+
+/// The import graph of one crate, its files parsed once.
+fn import_graph(sources: &Sources) -> Result<Graph, String> {
+    let asts = parse_all(sources)?;
+    let (modules, _) = modules(sources, &asts);
+    let mut graph = Graph::new();
+    for m in &modules {
+        if graph.contains_key(&m.file) {
+            continue; // inline modules share their file's entry, visited with it.
+        }
+        let mut c = PathCollector { module: m.path.clone(), paths: Vec::new() };
+        c.visit_file(&asts[&m.file]);
+        let edges = graph.entry(m.file.clone()).or_default();
+        for (from, segments) in c.paths {
+            if let Some(to) = resolve(&from, &segments, &modules) {
+                if to != m.file {
+                    edges.insert(to.to_string());
+                }
+            }
+        }
+    }
+    Ok(graph)
+}
+
+fn parse_all(sources: &Sources) -> Result<BTreeMap<String, syn::File>, String> {
+    sources
+        .iter()
+        .map(|(f, text)| syn::parse_file(text).map(|ast| (f.clone(), ast)).map_err(|e| format!("{f}: {e}")))
+        .collect()
+}
+
+/// The strongly connected components of more than one file (Tarjan), each sorted.
+fn cycles(graph: &Graph) -> Vec<Vec<String>> {
+    struct Tarjan<'g> {
+        graph: &'g Graph,
+        index: BTreeMap<&'g str, usize>,
+        low: BTreeMap<&'g str, usize>,
+        stack: Vec<&'g str>,
+        on_stack: BTreeSet<&'g str>,
+        out: Vec<Vec<String>>,
+    }
+    impl<'g> Tarjan<'g> {
+        fn visit(&mut self, v: &'g str) {
+            let i = self.index.len();
+            self.index.insert(v, i);
+            self.low.insert(v, i);
+            self.stack.push(v);
+            self.on_stack.insert(v);
+            for w in self.graph.get(v).into_iter().flatten() {
+                let w = w.as_str();
+                if !self.index.contains_key(w) {
+                    self.visit(w);
+                    let lw = self.low[w];
+                    let lv = self.low.get_mut(v).expect("visited");
+                    *lv = (*lv).min(lw);
+                } else if self.on_stack.contains(w) {
+                    let iw = self.index[w];
+                    let lv = self.low.get_mut(v).expect("visited");
+                    *lv = (*lv).min(iw);
+                }
+            }
+            if self.low[v] == self.index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = self.stack.pop() {
+                    self.on_stack.remove(w);
+                    component.push(w.to_string());
+                    if w == v {
+                        break;
+                    }
+                }
+                if component.len() > 1 {
+                    component.sort();
+                    self.out.push(component);
+                }
+            }
+        }
+    }
+    let mut t = Tarjan {
+        graph,
+        index: BTreeMap::new(),
+        low: BTreeMap::new(),
+        stack: Vec::new(),
+        on_stack: BTreeSet::new(),
+        out: Vec::new(),
+    };
+    for v in graph.keys() {
+        if !t.index.contains_key(v.as_str()) {
+            t.visit(v);
+        }
+    }
+    t.out.sort();
+    t.out
+}
+
+/// Lines of a file without its `#[cfg(test)]` modules (attribute to closing brace).
+fn counted_lines(text: &str, ast: &syn::File) -> usize {
+    let total = text.lines().count();
+    let test_lines: usize = ast
+        .items
+        .iter()
+        .filter_map(|item| match item {
+            syn::Item::Mod(m) if is_test_cfg(&m.attrs) => {
+                let first = m.attrs.iter().map(|a| a.pound_token.span.start().line).min().unwrap_or(0);
+                let last = match &m.content {
+                    Some((brace, _)) => brace.span.close().end().line,
+                    None => m.semi.as_ref().map_or(first, |s| s.span.end().line),
+                };
+                Some(last + 1 - first)
+            }
+            _ => None,
+        })
+        .sum();
+    total - test_lines
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Each crate's name and its `src/` sources.
+fn crates() -> Vec<(String, Sources)> {
+    fn collect(dir: &Path, base: &Path, out: &mut Sources) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).expect("read src dir").flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                collect(&p, base, out);
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                let rel = p.strip_prefix(base).expect("under src").to_string_lossy().replace('\\', "/");
+                out.insert(rel, std::fs::read_to_string(&p).expect("read source"));
+            }
+        }
+    }
+    let mut dirs: Vec<_> =
+        std::fs::read_dir(workspace_root().join("crates")).expect("crates/").flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    dirs.into_iter()
+        .filter(|d| d.join("src").is_dir())
+        .map(|d| {
+            let mut sources = Sources::new();
+            collect(&d.join("src"), &d.join("src"), &mut sources);
+            (d.file_name().expect("name").to_string_lossy().into_owned(), sources)
+        })
+        .collect()
+}
+
+#[test]
+fn no_import_cycles_and_no_long_files() {
+    let mut found_cycles: Vec<Vec<String>> = Vec::new();
+    let mut long_files: Vec<(String, usize)> = Vec::new();
+    let mut all_edges: Vec<(String, String)> = Vec::new();
+    for (name, sources) in crates() {
+        let prefix = |f: &str| format!("crates/{name}/src/{f}");
+        let graph = import_graph(&sources).unwrap_or_else(|e| panic!("crate {name}: {e}"));
+        found_cycles.extend(cycles(&graph).into_iter().map(|c| c.iter().map(|f| prefix(f)).collect()));
+        all_edges.extend(graph.iter().flat_map(|(f, to)| to.iter().map(move |t| (prefix(f), prefix(t)))));
+        let asts = parse_all(&sources).expect("parsed above");
+        let (_, test_files) = modules(&sources, &asts);
+        for (f, text) in &sources {
+            let lines = counted_lines(text, &asts[f]);
+            if !test_files.contains(f) && lines > MAX_LINES {
+                long_files.push((prefix(f), lines));
+            }
+        }
+    }
+    for c in &found_cycles {
+        eprintln!("import cycle among: {}", c.join(", "));
+    }
+    for (f, n) in &long_files {
+        eprintln!("{n} lines (> {MAX_LINES}): {f}");
+    }
+
+    let known_cycles: BTreeSet<Vec<String>> = KNOWN_CYCLES
+        .iter()
+        .map(|c| c.iter().map(|f| f.to_string()).collect::<BTreeSet<_>>().into_iter().collect())
+        .collect();
+    let new_cycles: Vec<_> = found_cycles.iter().filter(|c| !known_cycles.contains(*c)).collect();
+    let fixed_cycles: Vec<_> = known_cycles.iter().filter(|c| !found_cycles.contains(c)).collect();
+    let known_long: BTreeSet<&str> = KNOWN_LONG_FILES.iter().copied().collect();
+    let new_long: Vec<_> = long_files.iter().filter(|(f, _)| !known_long.contains(f.as_str())).collect();
+    let fixed_long: Vec<_> = known_long.iter().filter(|f| !long_files.iter().any(|(l, _)| l == *f)).collect();
+
+    let mut problems = Vec::new();
+    for c in &new_cycles {
+        let within: Vec<String> = c
+            .iter()
+            .flat_map(|from| {
+                all_edges.iter().filter(move |(f, t)| f == from && c.contains(t)).map(|(f, t)| format!("{f} -> {t}"))
+            })
+            .collect();
+        problems.push(format!("import cycle among files: {} (imports: {})", c.join(", "), within.join("; ")));
+    }
+    for (f, n) in &new_long {
+        problems.push(format!("{f} has {n} lines outside its test module (at most {MAX_LINES})"));
+    }
+    for c in &fixed_cycles {
+        problems.push(format!("no longer a cycle, remove it from KNOWN_CYCLES: {}", c.join(", ")));
+    }
+    for f in &fixed_long {
+        problems.push(format!("no longer over {MAX_LINES} lines, remove it from KNOWN_LONG_FILES: {f}"));
+    }
+    assert!(problems.is_empty(), "layout rules broken:\n  {}", problems.join("\n  "));
+}
+
+#[cfg(test)]
+mod resolver {
+    use super::*;
+
+    fn sources(files: &[(&str, &str)]) -> Sources {
+        files.iter().map(|(f, t)| (f.to_string(), t.to_string())).collect()
+    }
+
+    fn edges(graph: &Graph, file: &str) -> Vec<String> {
+        graph.get(file).map(|e| e.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_two_file_cycle_is_found() {
+        let s = sources(&[
+            ("lib.rs", "mod a;\nmod b;\n"),
+            ("a.rs", "use crate::b::B;\npub struct A;\n"),
+            ("b.rs", "pub struct B;\npub fn f() -> usize { std::mem::size_of::<crate::a::A>() }\n"),
+        ]);
+        let g = import_graph(&s).expect("parses");
+        assert_eq!(edges(&g, "a.rs"), ["b.rs"]);
+        assert_eq!(edges(&g, "b.rs"), ["a.rs"]);
+        assert_eq!(cycles(&g), [vec!["a.rs".to_string(), "b.rs".to_string()]]);
+    }
+
+    #[test]
+    fn a_mod_declaration_is_not_an_edge() {
+        let s = sources(&[
+            ("lib.rs", "pub mod service;\n"),
+            ("service/mod.rs", "mod device;\npub struct Service;\n"),
+            ("service/device.rs", "use super::Service;\n"),
+        ]);
+        let g = import_graph(&s).expect("parses");
+        assert!(edges(&g, "lib.rs").is_empty(), "{g:?}");
+        assert!(edges(&g, "service/mod.rs").is_empty(), "{g:?}");
+        assert_eq!(edges(&g, "service/device.rs"), ["service/mod.rs"], "a child using its parent is an edge");
+        assert!(cycles(&g).is_empty());
+    }
+
+    #[test]
+    fn paths_resolve_to_the_file_of_the_longest_module_prefix() {
+        let s = sources(&[
+            ("lib.rs", "pub mod service;\npub mod api;\npub mod analytics;\n"),
+            ("service/mod.rs", "pub mod device;\npub struct Service;\n"),
+            ("service/device.rs", "pub enum Fit {}\n"),
+            ("api/mod.rs", "pub mod envelope;\npub mod models;\n"),
+            ("api/envelope.rs", "pub fn rfc3339() {}\n"),
+            (
+                "api/models.rs",
+                "use crate::service::Service;\nfn f() { super::envelope::rfc3339(); \
+                 let _ = format!(\"{}\", crate::analytics::model_bytes_on(1)); }\n",
+            ),
+            ("analytics.rs", "use crate::service::device::Fit;\npub fn model_bytes_on(_: u8) -> u8 { 0 }\n"),
+        ]);
+        let g = import_graph(&s).expect("parses");
+        assert_eq!(edges(&g, "api/models.rs"), ["analytics.rs", "api/envelope.rs", "service/mod.rs"]);
+        assert_eq!(edges(&g, "analytics.rs"), ["service/device.rs"]);
+    }
+
+    #[test]
+    fn test_modules_are_ignored_for_imports_and_lines() {
+        let s = sources(&[
+            ("lib.rs", "mod a;\nmod b;\n"),
+            ("a.rs", "pub struct A;\n#[cfg(test)]\nmod tests {\n    use crate::b::B;\n}\n"),
+            ("b.rs", "use crate::a::A;\npub struct B;\n#[cfg(test)]\nmod tests;\n"),
+            ("b/tests.rs", "use crate::a::A;\n"),
+        ]);
+        let g = import_graph(&s).expect("parses");
+        assert!(edges(&g, "a.rs").is_empty(), "{g:?}");
+        assert!(!g.contains_key("b/tests.rs"), "{g:?}");
+        let asts = parse_all(&s).expect("parses");
+        assert_eq!(counted_lines(&s["a.rs"], &asts["a.rs"]), 1);
+        assert_eq!(counted_lines(&s["b.rs"], &asts["b.rs"]), 2);
+        assert_eq!(modules(&s, &asts).1, BTreeSet::from(["b/tests.rs".to_string()]));
+    }
+
+    #[test]
+    fn a_bare_child_module_path_is_not_an_edge() {
+        let s = sources(&[
+            (
+                "lib.rs",
+                "mod metrics;
+pub use self::metrics::G;
+pub fn f() { metrics::g(); }
+",
+            ),
+            (
+                "metrics.rs",
+                "pub struct G;
+pub fn g() {}
+",
+            ),
+        ]);
+        let g = import_graph(&s).expect("parses");
+        assert_eq!(edges(&g, "lib.rs"), ["metrics.rs"], "only the `self::` path is an edge");
+    }
+}
