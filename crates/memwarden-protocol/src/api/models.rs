@@ -95,6 +95,19 @@ pub enum WorkerState {
     Stopped,
 }
 
+impl WorkerState {
+    /// The name as the JSON spells it (`starting`, `ready`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Unhealthy => "unhealthy",
+            WorkerState::Restarting => "restarting",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerDto {
