@@ -32,3 +32,6 @@ use time::OffsetDateTime;
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;
