@@ -10,6 +10,8 @@
 //! one protocol version); unknown actions and events are errors with stable codes.
 #![deny(unsafe_code, clippy::unwrap_used)]
 
+pub mod api;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;

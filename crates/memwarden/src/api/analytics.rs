@@ -3,15 +3,15 @@
 
 use super::envelope::{ApiError, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
-use crate::analytics::report::{AnalyticsDto, EventListDto, RecommendationsDto, UsageDto, UsageListDto};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use memwarden_protocol::api::analytics::{
+    AnalyticsDto, EventListDto, RecommendationsDto, ResetDto, UsageDto, UsageListDto,
+};
 use std::collections::HashMap;
 use std::time::Instant;
-use utoipa::ToSchema;
 
 const DEFAULT_WINDOW: &str = "1h";
 const DEFAULT_EVENTS: usize = 100;
@@ -70,13 +70,6 @@ pub async fn analytics(
 ) -> ApiResult<AnalyticsDto> {
     let (ms, text) = window(&state, &q)?;
     Ok(Data(blocking(|| state.analytics.analytics(ms, &text))?))
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ResetDto {
-    /// When the new peaks start.
-    since: String,
 }
 
 /// Starts every peak over from its current value (used bytes, memwarden's allocated bytes,

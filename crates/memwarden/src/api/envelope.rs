@@ -1,5 +1,6 @@
-//! The response envelope every `/api/` route uses, the one error type with its HTTP mapping, and
-//! a JSON extractor that gives malformed bodies the same envelope.
+//! The response envelope every `/api/` route uses (its type is `memwarden_protocol::api::ApiResponse`),
+//! the one error type with its HTTP mapping, and a JSON extractor that gives malformed bodies the
+//! same envelope.
 
 use crate::service::ServiceError;
 use axum::extract::rejection::JsonRejection;
@@ -8,9 +9,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use utoipa::ToSchema;
+
+pub use memwarden_protocol::api::{rfc3339, ApiResponse, ErrorBody};
 
 tokio::task_local! {
     /// The correlation id of the request being served (set by the middleware in `api::mod`).
@@ -19,31 +20,6 @@ tokio::task_local! {
 
 pub fn correlation_id() -> String {
     CORRELATION_ID.try_with(Clone::clone).unwrap_or_default()
-}
-
-pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
-/// `{"success", "data", "error", "timestamp", "correlationId"}`.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ApiResponse<T> {
-    pub success: bool,
-    pub data: Option<T>,
-    pub error: Option<ErrorBody>,
-    /// RFC 3339 UTC.
-    pub timestamp: String,
-    pub correlation_id: String,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ErrorBody {
-    /// Stable UPPER_SNAKE code, e.g. `INSUFFICIENT_MEMORY`.
-    pub code: String,
-    pub message: String,
-    pub status_code: u16,
 }
 
 /// A successful response: `Data(data)` in the envelope.

@@ -114,9 +114,9 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         AllocateBody,
         TransferBody,
         DefragBody,
-        models::LoadBody,
-        models::OptimizeBody,
-        models::MoveBody
+        memwarden_protocol::api::LoadBody,
+        memwarden_protocol::api::OptimizeBody,
+        memwarden_protocol::api::MoveBody
     ))
 )]
 pub struct ApiDoc;
@@ -230,7 +230,7 @@ async fn health(State(state): State<AppState>) -> ApiResult<HealthDto> {
         started_at: envelope::rfc3339(s.started_at()),
         uptime_seconds: uptime,
         devices: s.device_ids().iter().map(ToString::to_string).collect(),
-        backends: s.backends().iter().map(BackendDto::from).collect(),
+        backends: s.backends().iter().map(backend_dto).collect(),
     }))
 }
 
@@ -240,7 +240,7 @@ async fn status_all(State(state): State<AppState>) -> ApiResult<StatusListDto> {
     let list = state.service.status_all()?;
     Ok(Data(StatusListDto {
         devices: list.iter().map(DeviceStatusDto::from).collect(),
-        backends: state.service.backends().iter().map(BackendDto::from).collect(),
+        backends: state.service.backends().iter().map(backend_dto).collect(),
     }))
 }
 
@@ -370,7 +370,7 @@ async fn free(State(state): State<AppState>, Path(allocation_id): Path<String>) 
 /// Every live allocation, oldest first.
 #[utoipa::path(get, path = "/api/memory/allocations", responses((status = 200, body = ApiResponse<AllocationListDto>)))]
 async fn list_allocations(State(state): State<AppState>) -> ApiResult<AllocationListDto> {
-    Ok(Data(AllocationListDto::new(&state.service.allocations(None))))
+    Ok(Data(allocation_list(&state.service.allocations(None))))
 }
 
 /// Live allocations of one device.
@@ -383,7 +383,7 @@ async fn list_device_allocations(
     Path(device_id): Path<String>,
 ) -> ApiResult<AllocationListDto> {
     let id = state.service.resolve(&device_id)?;
-    Ok(Data(AllocationListDto::new(&state.service.allocations(Some(id)))))
+    Ok(Data(allocation_list(&state.service.allocations(Some(id)))))
 }
 
 /// One allocation.
@@ -398,7 +398,7 @@ async fn get_allocation(State(state): State<AppState>, Path(allocation_id): Path
 /// Returns every cached empty pool block on every device to the OS or driver.
 #[utoipa::path(post, path = "/api/memory/operations/clear", responses((status = 200, body = ApiResponse<ClearDto>)))]
 async fn clear_all(State(state): State<AppState>) -> ApiResult<ClearDto> {
-    Ok(Data(ClearDto::new(&blocking(|| state.service.clear(None))?)))
+    Ok(Data(clear_dto(&blocking(|| state.service.clear(None))?)))
 }
 
 /// Returns the cached empty pool blocks of one device to the OS or driver.
@@ -408,7 +408,7 @@ async fn clear_all(State(state): State<AppState>) -> ApiResult<ClearDto> {
 )]
 async fn clear_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<ClearDto> {
     let id = state.service.resolve(&device_id)?;
-    Ok(Data(ClearDto::new(&blocking(|| state.service.clear(Some(id)))?)))
+    Ok(Data(clear_dto(&blocking(|| state.service.clear(Some(id)))?)))
 }
 
 /// Shares an allocation with another process: a CUDA IPC handle for device memory, a file under
@@ -422,7 +422,7 @@ async fn clear_device(State(state): State<AppState>, Path(device_id): Path<Strin
 )]
 async fn export(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<ExportDto> {
     let info = state.service.export(&allocation_id)?;
-    Ok(Data(ExportDto::new(&allocation_id, &info)))
+    Ok(Data(export_dto(&allocation_id, &info)))
 }
 
 fn query_u64(q: &HashMap<String, String>, name: &'static str, default: Option<u64>) -> Result<u64, ApiError> {
@@ -671,7 +671,7 @@ async fn pools_all(State(state): State<AppState>) -> ApiResult<PoolsDto> {
         .service
         .device_ids()
         .into_iter()
-        .map(|d| Ok(DevicePoolsDto::new(d, &state.service.pools(d)?)))
+        .map(|d| Ok(device_pools(d, &state.service.pools(d)?)))
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Data(PoolsDto { devices }))
 }
@@ -683,7 +683,7 @@ async fn pools_all(State(state): State<AppState>) -> ApiResult<PoolsDto> {
 )]
 async fn pools_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<DevicePoolsDto> {
     let id = state.service.resolve(&device_id)?;
-    Ok(Data(DevicePoolsDto::new(id, &state.service.pools(id)?)))
+    Ok(Data(device_pools(id, &state.service.pools(id)?)))
 }
 
 /// Memory pressure of every device and overall (the highest).

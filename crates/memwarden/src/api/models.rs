@@ -6,18 +6,21 @@ use super::{blocking, ApiResult, AppState};
 use crate::models::process::process_bytes;
 use crate::models::{Holder, ModelView};
 use crate::optimizer::admission::AdmissionError;
-use crate::optimizer::{OptimizeOutcome, OptimizeRequest};
+use crate::optimizer::OptimizeRequest;
 use crate::service::DeviceStatus;
-use crate::supervisor::{SupervisorError, WorkerState};
+use crate::supervisor::SupervisorError;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use memwarden_core::eviction::Strategy;
 use memwarden_core::DeviceId;
-use memwarden_protocol::{codes, LoadModel, ModelInfo, Role, DEFAULT_PRIORITY};
-use serde::{Deserialize, Serialize};
+use memwarden_protocol::api::{
+    AllocatorDto, CoordinationDto, DeviceModelsDto, LoadBody, LoadedModelDto, ModelMemoryDto, ModelsDto, MoveBody,
+    MovedDto, OptimizeBody, OptimizeHistoryDto, OptimizeOutcome, SystemMemoryDto, UnloadedDto, WorkerDto,
+};
+use memwarden_protocol::{codes, LoadModel, Role, DEFAULT_PRIORITY};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
-use utoipa::ToSchema;
 
 impl From<SupervisorError> for ApiError {
     fn from(e: SupervisorError) -> Self {
@@ -48,132 +51,6 @@ impl From<SupervisorError> for ApiError {
 #[serde(rename_all = "camelCase")]
 pub struct ModelsQuery {
     device_id: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LoadedModelDto {
-    model_id: String,
-    model_name: String,
-    worker_id: String,
-    pid: u32,
-    device_id: String,
-    size_bytes: u64,
-    bytes_by_device: BTreeMap<String, u64>,
-    loaded_at: String,
-    last_access: String,
-    load_time_ms: f64,
-    priority: u8,
-    pinned: bool,
-    path: Option<String>,
-    backend: Option<String>,
-    /// The model's own allocator pool (torch on a GPU), when it has one.
-    reserved_bytes: Option<u64>,
-}
-
-impl LoadedModelDto {
-    fn new(m: &ModelInfo, worker_id: &str, pid: u32) -> Self {
-        LoadedModelDto {
-            model_id: m.model_id.clone(),
-            model_name: m.model_name.clone(),
-            worker_id: worker_id.to_string(),
-            pid,
-            device_id: m.device_id.clone(),
-            size_bytes: m.size_bytes,
-            bytes_by_device: m.bytes_by_device.clone(),
-            loaded_at: rfc3339(m.loaded_at),
-            last_access: rfc3339(m.last_access),
-            load_time_ms: m.load_time_ms,
-            priority: m.priority,
-            pinned: m.pinned,
-            path: m.path.clone(),
-            backend: m.backend.clone(),
-            reserved_bytes: m.reserved_bytes,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SystemMemoryDto {
-    total_bytes: u64,
-    available_bytes: u64,
-    used_bytes: u64,
-    source: String,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelMemoryDto {
-    loaded_models: Vec<LoadedModelDto>,
-    loaded_model_count: usize,
-    /// Sum of the models' reported bytes on this device.
-    total_model_memory: u64,
-    /// The device's available bytes less outstanding reservations: what a new model can use.
-    available_for_models: u64,
-    /// What the OS (RSS, for `cpu`) or NVML (per process, for GPUs) says the model processes
-    /// hold on this device; null where it cannot be measured.
-    process_bytes: Option<u64>,
-    /// `processBytes - totalModelMemory`: interpreter and CUDA-context overhead, caches, leaks.
-    unattributed_bytes: Option<i64>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceModelsDto {
-    device_id: String,
-    system_memory: SystemMemoryDto,
-    model_memory: ModelMemoryDto,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkerDto {
-    worker_id: String,
-    /// `worker` (supervised) or `client` (attached through the socket).
-    role: String,
-    state: WorkerState,
-    since: String,
-    pid: Option<u32>,
-    last_error: Option<String>,
-    restarts: u32,
-    devices: Vec<String>,
-    frameworks: BTreeMap<String, Option<String>>,
-    model_count: usize,
-    /// Reported model bytes per device.
-    model_bytes: BTreeMap<String, u64>,
-    /// Measured: RSS (`cpu`) and NVML per-process bytes (GPUs).
-    process_bytes: BTreeMap<String, u64>,
-    /// Per device, measured minus reported.
-    unattributed_bytes: BTreeMap<String, i64>,
-    /// Releases it claimed that the measurement did not confirm (see the optimizer).
-    unverified_releases: u32,
-    /// The worker's own allocator figures (torch `memory_allocated` / `memory_reserved`).
-    allocator: BTreeMap<String, AllocatorDto>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AllocatorDto {
-    allocated_bytes: u64,
-    reserved_bytes: u64,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct CoordinationDto {
-    /// Every connected worker answered this request's `getModelInfo`.
-    synchronized: bool,
-    last_sync: Option<String>,
-    socket: Option<String>,
-    workers: Vec<WorkerDto>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelsDto {
-    devices: Vec<DeviceModelsDto>,
-    coordination_status: CoordinationDto,
 }
 
 /// Every model held by every worker and attached client, per device, with each device's system
@@ -325,34 +202,6 @@ fn worker_dto(
     (dto, dtos, device_bytes)
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LoadBody {
-    /// Absolute path of a `.safetensors` file on this host.
-    path: String,
-    name: Option<String>,
-    /// `cpu` (default) or `cuda:N` (aliases accepted).
-    device_id: Option<String>,
-    /// 0 (first to go under pressure) … 100 (last); default 50.
-    priority: Option<u8>,
-    /// Never offloaded or unloaded by memwarden.
-    #[serde(default)]
-    pinned: bool,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct UnloadedDto {
-    model_id: String,
-    worker_id: String,
-    device_id: String,
-    /// What the worker says it released.
-    freed_bytes: u64,
-    /// The worker process's measured bytes on the device before and after (RSS or NVML).
-    process_bytes_before: Option<u64>,
-    process_bytes_after: Option<u64>,
-}
-
 /// Loads a `.safetensors` model on the least loaded ready worker that serves the device.
 #[utoipa::path(
     post, path = "/api/memory/models/load", request_body = LoadBody,
@@ -444,24 +293,6 @@ pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<St
     }))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MoveBody {
-    /// `cpu` or `cuda:N` (aliases accepted).
-    target_device_id: String,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MovedDto {
-    /// The model where it is now (a new model id, on the target device).
-    model: LoadedModelDto,
-    /// The model that was unloaded from the source device.
-    previous_model_id: String,
-    previous_device_id: String,
-    freed_bytes: u64,
-}
-
 /// Moves a model that a supervised worker loaded from a file to another device: loads it there
 /// first (through admission, like any load), then unloads it from where it was. If the load
 /// fails, the model stays where it was. The moved model gets a new id.
@@ -509,32 +340,6 @@ pub async fn move_model(
         previous_device_id: info.device_id,
         freed_bytes: released.freed_bytes,
     }))
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct OptimizeBody {
-    /// `cpu` or `cuda:N` (aliases accepted).
-    device_id: String,
-    /// 0–100: utilization to bring the device down to (default 50).
-    target_pressure_level: Option<f64>,
-    /// `conservative` | `balanced` (default) | `aggressive` | `smart`.
-    strategy: Option<String>,
-    /// -1 (default): no limit.
-    max_models_to_unload: Option<i64>,
-    /// Bytes to free at least (default 0).
-    min_memory_to_free: Option<u64>,
-    /// Run even when the device is below the target.
-    #[serde(default)]
-    force_optimization: bool,
-    /// Model ids never touched.
-    #[serde(default)]
-    exclude_models: Vec<String>,
-    /// When given, only these model ids may be offloaded or unloaded (each must be on the device).
-    #[serde(default)]
-    models: Vec<String>,
-    /// Time limit, checked between steps (default 30000).
-    max_optimization_time_ms: Option<u64>,
 }
 
 /// Frees model memory on a device, cheapest first: caches (memwarden's empty pool blocks, each
@@ -591,12 +396,6 @@ pub async fn optimize(
         ..OptimizeRequest::new(device, strategy, "manual", state.optimizer.config())
     };
     Ok(Data(state.optimizer.run(request).await))
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OptimizeHistoryDto {
-    runs: Vec<OptimizeOutcome>,
 }
 
 /// The last 100 optimizer runs (manual, watchdog, admission), oldest first.

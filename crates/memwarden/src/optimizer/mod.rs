@@ -18,8 +18,8 @@ use crate::util::lock;
 use memwarden_core::eviction::{self, Candidate, StepAction, Strategy};
 use memwarden_core::pressure::{Level, Thresholds};
 use memwarden_core::DeviceId;
+use memwarden_protocol::api::{OptimizeOutcome, StepRecord};
 use memwarden_protocol::{ActionData, OffloadModel, Released, Role, TrimCache, UnloadModel};
-use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,51 +61,6 @@ impl OptimizeRequest {
             trigger,
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct StepRecord {
-    /// `trimCache`, `clear`, `offload` or `unload`.
-    pub action: String,
-    /// The model id, or the worker / `memwarden` for cache steps.
-    pub target: String,
-    pub worker_id: Option<String>,
-    /// What the holder said it released.
-    pub claimed_bytes: u64,
-    /// What the device measurably gained.
-    pub measured_bytes: i64,
-    pub duration_ms: f64,
-    /// The measured gain reached at least half the claim within `optimizer.verify_ms` (always
-    /// true for claims of 0).
-    pub verified: bool,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OptimizeOutcome {
-    pub device_id: String,
-    pub trigger: String,
-    pub optimization_triggered: bool,
-    pub optimization_strategy: String,
-    /// Bytes freed on the device, measured (see the module doc); negative if usage grew meanwhile.
-    pub memory_freed: i64,
-    /// What the holders claimed, summed.
-    pub memory_claimed: u64,
-    /// What the run set out to free (`max(minMemoryToFree, down to the target)`, times 1.5 for
-    /// aggressive).
-    pub target_bytes: u64,
-    pub models_unloaded: Vec<String>,
-    pub models_offloaded: Vec<String>,
-    pub steps: Vec<StepRecord>,
-    /// 0–100 and the level, measured after the run.
-    pub new_pressure_level: u8,
-    pub new_pressure_category: String,
-    pub previous_pressure_level: u8,
-    pub optimization_time_ms: f64,
-    pub message: String,
-    pub started_at: String,
 }
 
 pub struct Optimizer {

@@ -10,8 +10,8 @@ mod socket;
 
 use crate::util::lock;
 pub use conn::{CallError, Conn};
+pub use memwarden_protocol::api::WorkerState;
 use memwarden_protocol::{codes, Action, LoadModel, ModelInfo, Released, Reply, Role};
-use serde::Serialize;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,19 +24,6 @@ use crate::config::{WorkerSpec, WorkersSection};
 /// Resolves when the supervisor stops (the watch guard never lives across an await).
 async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum WorkerState {
-    /// Spawned; its `hello` has not come yet.
-    Starting,
-    Ready,
-    /// Connected, but its last call or health ping failed.
-    Unhealthy,
-    /// Exited; waiting out the backoff before the next start.
-    Restarting,
-    Stopped,
 }
 
 /// A worker slot: one configured worker (across its restarts) or one attached client.

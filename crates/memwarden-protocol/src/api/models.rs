@@ -1,0 +1,205 @@
+//! Model memory: `/api/memory/models` (list, load, unload, move) and the workers' states.
+
+use super::rfc3339;
+use crate::ModelInfo;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadedModelDto {
+    pub model_id: String,
+    pub model_name: String,
+    pub worker_id: String,
+    pub pid: u32,
+    pub device_id: String,
+    pub size_bytes: u64,
+    pub bytes_by_device: BTreeMap<String, u64>,
+    pub loaded_at: String,
+    pub last_access: String,
+    pub load_time_ms: f64,
+    pub priority: u8,
+    pub pinned: bool,
+    pub path: Option<String>,
+    pub backend: Option<String>,
+    /// The model's own allocator pool (torch on a GPU), when it has one.
+    pub reserved_bytes: Option<u64>,
+}
+
+impl LoadedModelDto {
+    pub fn new(m: &ModelInfo, worker_id: &str, pid: u32) -> Self {
+        LoadedModelDto {
+            model_id: m.model_id.clone(),
+            model_name: m.model_name.clone(),
+            worker_id: worker_id.to_string(),
+            pid,
+            device_id: m.device_id.clone(),
+            size_bytes: m.size_bytes,
+            bytes_by_device: m.bytes_by_device.clone(),
+            loaded_at: rfc3339(m.loaded_at),
+            last_access: rfc3339(m.last_access),
+            load_time_ms: m.load_time_ms,
+            priority: m.priority,
+            pinned: m.pinned,
+            path: m.path.clone(),
+            backend: m.backend.clone(),
+            reserved_bytes: m.reserved_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemMemoryDto {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelMemoryDto {
+    pub loaded_models: Vec<LoadedModelDto>,
+    pub loaded_model_count: usize,
+    /// Sum of the models' reported bytes on this device.
+    pub total_model_memory: u64,
+    /// The device's available bytes less outstanding reservations: what a new model can use.
+    pub available_for_models: u64,
+    /// What the OS (RSS, for `cpu`) or NVML (per process, for GPUs) says the model processes
+    /// hold on this device; null where it cannot be measured.
+    pub process_bytes: Option<u64>,
+    /// `processBytes - totalModelMemory`: interpreter and CUDA-context overhead, caches, leaks.
+    pub unattributed_bytes: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceModelsDto {
+    pub device_id: String,
+    pub system_memory: SystemMemoryDto,
+    pub model_memory: ModelMemoryDto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum WorkerState {
+    /// Spawned; its `hello` has not come yet.
+    Starting,
+    Ready,
+    /// Connected, but its last call or health ping failed.
+    Unhealthy,
+    /// Exited; waiting out the backoff before the next start.
+    Restarting,
+    Stopped,
+}
+
+impl WorkerState {
+    /// The name as the JSON spells it (`starting`, `ready`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Unhealthy => "unhealthy",
+            WorkerState::Restarting => "restarting",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerDto {
+    pub worker_id: String,
+    /// `worker` (supervised) or `client` (attached through the socket).
+    pub role: String,
+    pub state: WorkerState,
+    pub since: String,
+    pub pid: Option<u32>,
+    pub last_error: Option<String>,
+    pub restarts: u32,
+    pub devices: Vec<String>,
+    pub frameworks: BTreeMap<String, Option<String>>,
+    pub model_count: usize,
+    /// Reported model bytes per device.
+    pub model_bytes: BTreeMap<String, u64>,
+    /// Measured: RSS (`cpu`) and NVML per-process bytes (GPUs).
+    pub process_bytes: BTreeMap<String, u64>,
+    /// Per device, measured minus reported.
+    pub unattributed_bytes: BTreeMap<String, i64>,
+    /// Releases it claimed that the measurement did not confirm (see the optimizer).
+    pub unverified_releases: u32,
+    /// The worker's own allocator figures (torch `memory_allocated` / `memory_reserved`).
+    pub allocator: BTreeMap<String, AllocatorDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocatorDto {
+    pub allocated_bytes: u64,
+    pub reserved_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CoordinationDto {
+    /// Every connected worker answered this request's `getModelInfo`.
+    pub synchronized: bool,
+    pub last_sync: Option<String>,
+    pub socket: Option<String>,
+    pub workers: Vec<WorkerDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelsDto {
+    pub devices: Vec<DeviceModelsDto>,
+    pub coordination_status: CoordinationDto,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBody {
+    /// Absolute path of a `.safetensors` file on this host.
+    pub path: String,
+    pub name: Option<String>,
+    /// `cpu` (default) or `cuda:N` (aliases accepted).
+    pub device_id: Option<String>,
+    /// 0 (first to go under pressure) … 100 (last); default 50.
+    pub priority: Option<u8>,
+    /// Never offloaded or unloaded by memwarden.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnloadedDto {
+    pub model_id: String,
+    pub worker_id: String,
+    pub device_id: String,
+    /// What the worker says it released.
+    pub freed_bytes: u64,
+    /// The worker process's measured bytes on the device before and after (RSS or NVML).
+    pub process_bytes_before: Option<u64>,
+    pub process_bytes_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoveBody {
+    /// `cpu` or `cuda:N` (aliases accepted).
+    pub target_device_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MovedDto {
+    /// The model where it is now (a new model id, on the target device).
+    pub model: LoadedModelDto,
+    /// The model that was unloaded from the source device.
+    pub previous_model_id: String,
+    pub previous_device_id: String,
+    pub freed_bytes: u64,
+}

@@ -1,0 +1,71 @@
+use super::analytics::{ActionDto, RecommendationsDto};
+use super::*;
+use serde_json::{json, Value};
+
+/// Deserializes `v` as `T` and serializes it back: the API's JSON survives the CLI's reading.
+fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned>(v: Value) -> Value {
+    let typed: T = serde_json::from_value(v).expect("deserializes");
+    serde_json::to_value(&typed).expect("serializes")
+}
+
+#[test]
+fn worker_state_names_match_the_json() {
+    for s in [
+        WorkerState::Starting,
+        WorkerState::Ready,
+        WorkerState::Unhealthy,
+        WorkerState::Restarting,
+        WorkerState::Stopped,
+    ] {
+        assert_eq!(serde_json::to_value(s).expect("json"), json!(s.as_str()));
+    }
+}
+
+#[test]
+fn envelopes_round_trip() {
+    let ok = json!({"success": true, "data": {"allocationId": "a", "deviceId": "cpu", "memoryType": "host",
+        "freedBytes": 256}, "error": null, "timestamp": "t", "correlationId": "c"});
+    assert_eq!(round_trip::<ApiResponse<FreedDto>>(ok.clone()), ok);
+    let err = json!({"success": false, "data": null, "error": {"code": "DEVICE_NOT_FOUND", "message": "m",
+        "statusCode": 404}, "timestamp": "t", "correlationId": "c"});
+    assert_eq!(round_trip::<ApiResponse<FreedDto>>(err.clone()), err);
+}
+
+#[test]
+fn flattened_pools_and_absent_can_allocate_round_trip() {
+    let pool = json!({"memoryType": "host", "reservedBytes": 1, "allocatedBytes": 1, "freeInPoolBytes": 0,
+        "largestFreeBlock": 0, "blockCount": 1, "allocationCount": 1, "freeRangeCount": 0, "fragmentation": 0.0,
+        "blocks": [{"blockId": 0, "sizeBytes": 1, "dedicated": false, "address": "0x1",
+            "ranges": [{"offset": 0, "sizeBytes": 1, "free": false, "allocationId": "a"}]}]});
+    assert_eq!(round_trip::<PoolDumpDto>(pool.clone()), pool);
+    let dumped: PoolDumpDto = serde_json::from_value(pool).expect("pool");
+    assert_eq!(dumped.stats.block_count, 1);
+}
+
+#[test]
+fn recommendations_keep_their_evidence_and_bodies() {
+    let r = json!({"generatedAt": "t", "totalEstimatedSavingsBytes": 5, "recommendations": [{
+        "type": "defragment", "priority": "high", "deviceId": "cpu", "message": "m",
+        "evidence": {"failedAllocationBytes": 4194304, "fragmentation": 0.5},
+        "estimatedSavingsBytes": 5,
+        "action": {"method": "POST", "path": "/api/memory/operations/defragment/cpu", "body": {"strategy": "thorough"}}
+    }]});
+    assert_eq!(round_trip::<RecommendationsDto>(r.clone()), r);
+    let clear = json!({"method": "POST", "path": "/api/memory/operations/clear/cpu", "body": null});
+    assert_eq!(round_trip::<ActionDto>(clear.clone()), clear);
+}
+
+#[test]
+fn request_bodies_are_what_the_daemon_reads() {
+    let body = LoadBody {
+        path: "/m.safetensors".into(),
+        name: None,
+        device_id: Some("cpu".into()),
+        priority: None,
+        pinned: false,
+    };
+    let v = serde_json::to_value(&body).expect("json");
+    assert_eq!(v["deviceId"], "cpu");
+    assert_eq!(serde_json::from_value::<LoadBody>(v).expect("back"), body);
+    assert!(serde_json::from_value::<LoadBody>(json!({"path": "/m", "extra": 1})).is_err(), "unknown fields refused");
+}

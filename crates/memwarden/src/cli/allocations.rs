@@ -1,0 +1,90 @@
+//! `alloc`, `free`, `allocations`.
+
+use super::http::{one_or_all, path_segment, CliError, Client};
+use super::render::{pretty, table};
+use memwarden_core::units::{format_bytes, parse_size};
+use memwarden_protocol::api::{AllocationDto, AllocationListDto, FreedDto};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+
+pub struct AllocArgs<'a> {
+    pub device: &'a str,
+    pub size: &'a str,
+    pub kind: Option<&'a str>,
+    pub purpose: Option<&'a str>,
+    pub owner: Option<&'a str>,
+    pub alignment: Option<&'a str>,
+    pub persistent: bool,
+    pub immovable: bool,
+}
+
+pub fn alloc(client: &Client, args: AllocArgs<'_>, as_json: bool) -> Result<String, CliError> {
+    let size = parse_size(args.size).map_err(|e| CliError(e.to_string()))?;
+    // Untyped: `AllocateBody` takes signed sizes (so that the daemon can name a negative one),
+    // and a size past i64 must reach the daemon as it was given.
+    let mut body = json!({ "sizeBytes": size, "persistent": args.persistent, "movable": !args.immovable });
+    if let Some(k) = args.kind {
+        body["memoryType"] = json!(k);
+    }
+    if let Some(p) = args.purpose {
+        body["purpose"] = json!(p);
+    }
+    if let Some(o) = args.owner {
+        body["owner"] = json!(o);
+    }
+    if let Some(a) = args.alignment {
+        body["alignment"] = json!(parse_size(a).map_err(|e| CliError(format!("alignment: {e}")))?);
+    }
+    let path = format!("/api/memory/allocations/allocate/{}", path_segment(args.device));
+    let a = client.call::<AllocationDto, Value>("POST", &path, Some(&body))?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let d = a.data;
+    Ok(format!(
+        "allocated {} ({}) of {} memory on {} at {}\n{}\n",
+        format_bytes(d.size_bytes),
+        d.size_bytes,
+        d.memory_type,
+        d.device_id,
+        d.address.as_deref().unwrap_or("(no memory: reservation)"),
+        d.allocation_id,
+    ))
+}
+
+pub fn free(client: &Client, id: &str, as_json: bool) -> Result<String, CliError> {
+    let a = client.call::<FreedDto, ()>("DELETE", &format!("/api/memory/allocations/{}", path_segment(id)), None)?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let d = a.data;
+    Ok(format!("freed {} ({}) on {}\n", d.allocation_id, format_bytes(d.freed_bytes), d.device_id))
+}
+
+pub fn allocations(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
+    let path = one_or_all("/api/memory/allocations", Some("/api/memory/allocations/device"), device);
+    let a = client.get::<AllocationListDto>(&path)?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let list = a.data;
+    let rows: Vec<Vec<String>> = list
+        .allocations
+        .iter()
+        .map(|a| {
+            vec![
+                a.allocation_id.clone(),
+                a.device_id.clone(),
+                a.memory_type.clone(),
+                format_bytes(a.size_bytes),
+                a.address.as_deref().unwrap_or("-").to_string(),
+                a.purpose.as_deref().unwrap_or("-").to_string(),
+                a.owner.as_deref().unwrap_or("-").to_string(),
+                a.allocated_at.clone(),
+            ]
+        })
+        .collect();
+    let mut out = table(&["ID", "DEVICE", "KIND", "SIZE", "ADDRESS", "PURPOSE", "OWNER", "ALLOCATED AT"], &rows);
+    let _ = writeln!(out, "{} allocation(s), {}", list.count, format_bytes(list.total_bytes));
+    Ok(out)
+}

@@ -1,0 +1,193 @@
+//! Model commands: `models`, `load`, `unload`, `optimize`.
+
+use super::http::{path_segment, CliError, Client};
+use super::render::{indent, or_dash, pretty, signed_bytes, table};
+use memwarden_core::units::{format_bytes, parse_size};
+use memwarden_protocol::api::{LoadBody, LoadedModelDto, ModelsDto, OptimizeBody, OptimizeOutcome, UnloadedDto};
+use std::fmt::Write as _;
+
+/// `memwarden models`: per device the loaded models, then every worker with its state.
+pub fn models(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
+    let path = match device {
+        Some(d) => format!("/api/memory/models?deviceId={}", path_segment(d)),
+        None => "/api/memory/models".to_string(),
+    };
+    let a = client.get::<ModelsDto>(&path)?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let mut out = String::new();
+    for d in &a.data.devices {
+        let m = &d.model_memory;
+        let measured = match m.process_bytes {
+            Some(p) => format!(
+                ", processes hold {} ({} unattributed)",
+                format_bytes(p),
+                signed_bytes(m.unattributed_bytes.unwrap_or(0))
+            ),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{}: {} model(s), {} reported{}; {} available for models of {}",
+            d.device_id,
+            m.loaded_model_count,
+            format_bytes(m.total_model_memory),
+            measured,
+            format_bytes(m.available_for_models),
+            format_bytes(d.system_memory.total_bytes),
+        );
+        let rows: Vec<Vec<String>> = m
+            .loaded_models
+            .iter()
+            .map(|x| {
+                vec![
+                    x.model_id.clone(),
+                    x.model_name.clone(),
+                    format_bytes(x.size_bytes),
+                    x.priority.to_string(),
+                    if x.pinned { "yes".into() } else { "no".into() },
+                    format!("{} ({})", x.worker_id, x.pid),
+                    x.last_access.clone(),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            out.push_str(&indent(&table(
+                &["MODEL", "NAME", "SIZE", "PRIORITY", "PINNED", "WORKER (PID)", "LAST USE"],
+                &rows,
+            )));
+        }
+    }
+    let c = &a.data.coordination_status;
+    let _ = writeln!(
+        out,
+        "workers ({}synchronized, socket {}):",
+        if c.synchronized { "" } else { "not " },
+        or_dash(&c.socket)
+    );
+    let rows: Vec<Vec<String>> = c
+        .workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.worker_id.clone(),
+                w.role.clone(),
+                w.state.as_str().to_string(),
+                w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                w.model_count.to_string(),
+                w.restarts.to_string(),
+                w.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    out.push_str(&indent(&table(&["WORKER", "ROLE", "STATE", "PID", "MODELS", "RESTARTS", "LAST ERROR"], &rows)));
+    Ok(out)
+}
+
+/// `memwarden load PATH`.
+pub fn load(client: &Client, body: &LoadBody, as_json: bool) -> Result<String, CliError> {
+    let a = client.call::<LoadedModelDto, _>("POST", "/api/memory/models/load", Some(body))?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let m = a.data;
+    Ok(format!(
+        "loaded {} ({}) on {}: {} in {:.0} ms, worker {} (pid {})\n",
+        m.model_id,
+        m.model_name,
+        m.device_id,
+        format_bytes(m.size_bytes),
+        m.load_time_ms,
+        m.worker_id,
+        m.pid,
+    ))
+}
+
+/// `memwarden unload ID`.
+pub fn unload(client: &Client, id: &str, as_json: bool) -> Result<String, CliError> {
+    let a = client.call::<UnloadedDto, ()>("DELETE", &format!("/api/memory/models/{}", path_segment(id)), None)?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let r = a.data;
+    let measured = match (r.process_bytes_before, r.process_bytes_after) {
+        (Some(b), Some(a)) => {
+            format!("; its process went from {} to {}", format_bytes(b), format_bytes(a))
+        }
+        _ => String::new(),
+    };
+    Ok(format!(
+        "unloaded {} from {} on {}: {} released (claimed){measured}\n",
+        r.model_id,
+        r.worker_id,
+        r.device_id,
+        format_bytes(r.freed_bytes),
+    ))
+}
+
+/// What `memwarden optimize` asks for.
+pub struct OptimizeArgs<'a> {
+    pub device: &'a str,
+    pub strategy: Option<&'a str>,
+    pub min_free: Option<&'a str>,
+    pub target: Option<f64>,
+    pub force: bool,
+    pub exclude: &'a [String],
+}
+
+/// `memwarden optimize DEVICE`: one ladder run, each step with its claimed and measured bytes.
+pub fn optimize(client: &Client, args: OptimizeArgs<'_>, as_json: bool) -> Result<String, CliError> {
+    let min = args.min_free.map(parse_size).transpose().map_err(|e| CliError(format!("--min-free: {e}")))?;
+    let body = OptimizeBody {
+        device_id: args.device.to_string(),
+        target_pressure_level: args.target,
+        strategy: args.strategy.map(str::to_string),
+        max_models_to_unload: None,
+        min_memory_to_free: min,
+        force_optimization: args.force,
+        exclude_models: args.exclude.to_vec(),
+        models: Vec::new(),
+        max_optimization_time_ms: None,
+    };
+    let a = client.call::<OptimizeOutcome, _>("POST", "/api/memory/models/optimize", Some(&body))?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let r = a.data;
+    let mut out = String::new();
+    if !r.optimization_triggered {
+        let _ = writeln!(out, "not triggered: {}", r.message);
+        return Ok(out);
+    }
+    let rows: Vec<Vec<String>> = r
+        .steps
+        .iter()
+        .map(|st| {
+            vec![
+                st.action.clone(),
+                st.target.clone(),
+                format_bytes(st.claimed_bytes),
+                signed_bytes(st.measured_bytes),
+                format!("{:.1} ms", st.duration_ms),
+                if st.verified { "yes".into() } else { "NO".into() },
+                st.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["STEP", "TARGET", "CLAIMED", "MEASURED", "TIME", "VERIFIED", "ERROR"], &rows));
+    let _ = writeln!(
+        out,
+        "{} ({}): freed {} measured ({} claimed) of {} wanted in {:.0} ms; pressure {} → {} ({})",
+        r.device_id,
+        r.optimization_strategy,
+        signed_bytes(r.memory_freed),
+        format_bytes(r.memory_claimed),
+        format_bytes(r.target_bytes),
+        r.optimization_time_ms,
+        r.previous_pressure_level,
+        r.new_pressure_level,
+        r.new_pressure_category,
+    );
+    Ok(out)
+}
