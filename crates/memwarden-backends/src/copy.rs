@@ -6,25 +6,13 @@
 //! where it has one. Bounds are checked before any byte moves.
 
 use crate::backend::{BackendError, BlockMemory};
+use crate::cuda::cuda_error;
 use crate::{cuda, host};
 use memwarden_core::{DeviceId, GpuApi};
-use memwarden_sys::cuda::{self as sys_cuda, Completion, CudaError, Region};
+use memwarden_sys::cuda::{self as sys_cuda, Completion, Region};
 
 /// Bytes staged through host memory per step of a copy with no fast path.
 pub const STAGING_CHUNK_BYTES: u64 = 8 << 20;
-
-pub(crate) fn cuda_error(e: CudaError) -> BackendError {
-    match e {
-        CudaError::Driver { operation: "bounds check", error } => BackendError::InvalidArgument(error),
-        CudaError::OutOfMemory { bytes, operation } => BackendError::OutOfMemory {
-            requested_bytes: bytes,
-            available_bytes: 0,
-            detail: format!("{operation}: out of memory during a copy"),
-        },
-        CudaError::Unavailable(reason) => BackendError::Unavailable { reason },
-        CudaError::Driver { operation, error } => BackendError::Failed { operation, message: error },
-    }
-}
 
 /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` and waits until the
 /// bytes have arrived.

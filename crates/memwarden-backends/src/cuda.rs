@@ -119,10 +119,10 @@ impl BlockMemory for CudaBlock {
         DeviceId::cuda(self.buffer.context().ordinal())
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
-        self.buffer.read(offset, out).map_err(crate::copy::cuda_error)
+        self.buffer.read(offset, out).map_err(cuda_error)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.buffer.write(offset, data).map_err(crate::copy::cuda_error)
+        self.buffer.write(offset, data).map_err(cuda_error)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -133,6 +133,21 @@ impl BlockMemory for CudaBlock {
             .ipc_handle()
             .map_err(|e| BackendError::Failed { operation: "cuIpcGetMemHandle", message: e.to_string() })?;
         Ok(BlockExport::CudaIpc { ordinal: self.buffer.context().ordinal(), handle })
+    }
+}
+
+/// A driver error as a backend error (copies and block reads/writes; the backend itself also
+/// records faults, see `CudaBackend::error`).
+pub(crate) fn cuda_error(e: CudaError) -> BackendError {
+    match e {
+        CudaError::Driver { operation: "bounds check", error } => BackendError::InvalidArgument(error),
+        CudaError::OutOfMemory { bytes, operation } => BackendError::OutOfMemory {
+            requested_bytes: bytes,
+            available_bytes: 0,
+            detail: format!("{operation}: out of memory during a copy"),
+        },
+        CudaError::Unavailable(reason) => BackendError::Unavailable { reason },
+        CudaError::Driver { operation, error } => BackendError::Failed { operation, message: error },
     }
 }
 

@@ -1,0 +1,213 @@
+//! Allocation routes: allocate, free, list, one allocation, clear, export, and reading and
+//! writing an allocation's bytes.
+
+use super::dto::*;
+use super::envelope::{ApiError, ApiJson, ApiResponse, Data};
+use super::{blocking, query_u64, ApiResult, AppState, MAX_DATA_BYTES};
+use crate::service::{AllocateRequest, DEFAULT_ALIGNMENT_BYTES};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use base64::Engine as _;
+use memwarden_core::MemoryKind;
+use std::collections::HashMap;
+
+fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest, ApiError> {
+    let size = body.size_bytes.ok_or_else(|| ApiError::invalid("sizeBytes: required"))?;
+    if size <= 0 {
+        return Err(ApiError::invalid(format!("sizeBytes: must be greater than 0 (got {size})")));
+    }
+    let alignment = body.alignment.unwrap_or(DEFAULT_ALIGNMENT_BYTES as i64);
+    if alignment <= 0 || !(alignment as u64).is_power_of_two() {
+        return Err(ApiError::invalid(format!("alignment: must be a power of two (got {alignment})")));
+    }
+    let kind = match body.memory_type.as_deref() {
+        None => None,
+        Some(text) => Some(text.parse::<MemoryKind>().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))?),
+    };
+    Ok(AllocateRequest {
+        device,
+        size_bytes: size as u64,
+        kind,
+        alignment_bytes: alignment as u64,
+        purpose: body.purpose,
+        owner: body.owner,
+        persistent: body.persistent.unwrap_or(false),
+        movable: body.movable.unwrap_or(true),
+    })
+}
+
+fn do_allocate(state: &AppState, req: AllocateRequest) -> Result<(StatusCode, Data<AllocationDto>), ApiError> {
+    let record = match state.service.try_allocate_now(req.clone())? {
+        Some(record) => record,
+        None => blocking(|| state.service.allocate(req))?,
+    };
+    Ok((StatusCode::CREATED, Data(AllocationDto::from(&*record))))
+}
+
+/// Allocates memory on the device named in the body (`deviceId`).
+#[utoipa::path(
+    post, path = "/api/memory/allocations/allocate", request_body = AllocateBody,
+    responses(
+        (status = 201, body = ApiResponse<AllocationDto>),
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND"),
+        (status = 507, description = "INSUFFICIENT_MEMORY, with requested and available bytes")
+    )
+)]
+pub async fn allocate(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<AllocateBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let device = body.device_id.clone().ok_or_else(|| ApiError::invalid("deviceId: required on this route"))?;
+    do_allocate(&state, parse_allocate(body, device)?)
+}
+
+/// Allocates memory on `deviceId`.
+#[utoipa::path(
+    post, path = "/api/memory/allocations/allocate/{deviceId}", request_body = AllocateBody,
+    params(("deviceId" = String, Path)),
+    responses(
+        (status = 201, body = ApiResponse<AllocationDto>),
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND"),
+        (status = 507, description = "INSUFFICIENT_MEMORY")
+    )
+)]
+pub async fn allocate_on_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    ApiJson(body): ApiJson<AllocateBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    if let Some(other) = &body.device_id {
+        let (a, b) = (state.service.resolve(&device_id)?, state.service.resolve(other)?);
+        if a != b {
+            return Err(ApiError::invalid(format!("deviceId: body names {b} but the route names {a}")));
+        }
+    }
+    do_allocate(&state, parse_allocate(body, device_id)?)
+}
+
+/// Frees an allocation; unknown or already-freed ids are 404.
+#[utoipa::path(
+    delete, path = "/api/memory/allocations/{allocationId}", params(("allocationId" = String, Path)),
+    responses((status = 200, body = ApiResponse<FreedDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"))
+)]
+pub async fn free(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<FreedDto> {
+    let r = if state.service.free_is_quick(&allocation_id) {
+        state.service.free(&allocation_id)?
+    } else {
+        blocking(|| state.service.free(&allocation_id))?
+    };
+    Ok(Data(FreedDto {
+        device_id: r.device.to_string(),
+        memory_type: r.kind.to_string(),
+        freed_bytes: r.allocated_bytes,
+        allocation_id,
+    }))
+}
+
+/// Every live allocation, oldest first.
+#[utoipa::path(get, path = "/api/memory/allocations", responses((status = 200, body = ApiResponse<AllocationListDto>)))]
+pub async fn list_allocations(State(state): State<AppState>) -> ApiResult<AllocationListDto> {
+    Ok(Data(allocation_list(&state.service.allocations(None))))
+}
+
+/// Live allocations of one device.
+#[utoipa::path(
+    get, path = "/api/memory/allocations/device/{deviceId}", params(("deviceId" = String, Path)),
+    responses((status = 200, body = ApiResponse<AllocationListDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+pub async fn list_device_allocations(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+) -> ApiResult<AllocationListDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(allocation_list(&state.service.allocations(Some(id)))))
+}
+
+/// One allocation.
+#[utoipa::path(
+    get, path = "/api/memory/allocation/{allocationId}", params(("allocationId" = String, Path)),
+    responses((status = 200, body = ApiResponse<AllocationDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"))
+)]
+pub async fn get_allocation(
+    State(state): State<AppState>,
+    Path(allocation_id): Path<String>,
+) -> ApiResult<AllocationDto> {
+    Ok(Data(AllocationDto::from(&*state.service.allocation(&allocation_id)?)))
+}
+
+/// Returns every cached empty pool block on every device to the OS or driver.
+#[utoipa::path(post, path = "/api/memory/operations/clear", responses((status = 200, body = ApiResponse<ClearDto>)))]
+pub async fn clear_all(State(state): State<AppState>) -> ApiResult<ClearDto> {
+    Ok(Data(clear_dto(&blocking(|| state.service.clear(None))?)))
+}
+
+/// Returns the cached empty pool blocks of one device to the OS or driver.
+#[utoipa::path(
+    post, path = "/api/memory/operations/clear/{deviceId}", params(("deviceId" = String, Path)),
+    responses((status = 200, body = ApiResponse<ClearDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+pub async fn clear_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<ClearDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(clear_dto(&blocking(|| state.service.clear(Some(id)))?)))
+}
+
+/// Shares an allocation with another process: a CUDA IPC handle for device memory, a file under
+/// /dev/shm for host memory. The allocation is never moved afterwards.
+#[utoipa::path(
+    post, path = "/api/memory/allocations/{allocationId}/export", params(("allocationId" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<ExportDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"),
+        (status = 400, description = "INVALID_ARGUMENT (a reservation)"), (status = 409, description = "INVALID_OPERATION (memory that cannot be shared)")
+    )
+)]
+pub async fn export(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<ExportDto> {
+    let info = state.service.export(&allocation_id)?;
+    Ok(Data(export_dto(&allocation_id, &info)))
+}
+
+/// Reads bytes of an allocation (`offset`, `length` ≤ 64 MiB), base64 in the envelope.
+#[utoipa::path(
+    get, path = "/api/memory/allocations/{allocationId}/data",
+    params(("allocationId" = String, Path), ("offset" = Option<u64>, Query), ("length" = u64, Query)),
+    responses((status = 200, body = ApiResponse<DataDto>), (status = 400, description = "INVALID_ARGUMENT"))
+)]
+pub async fn read_data(
+    State(state): State<AppState>,
+    Path(allocation_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<DataDto> {
+    let offset = query_u64(&q, "offset", Some(0))?;
+    let length = query_u64(&q, "length", None)?;
+    if length > MAX_DATA_BYTES as u64 {
+        return Err(ApiError::invalid(format!("length: at most {MAX_DATA_BYTES} bytes per read")));
+    }
+    let bytes = blocking(|| state.service.read_bytes(&allocation_id, offset, length))?;
+    Ok(Data(DataDto {
+        allocation_id,
+        offset,
+        length,
+        data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+    }))
+}
+
+/// Writes the request body (application/octet-stream, ≤ 64 MiB) into an allocation at `offset`.
+#[utoipa::path(
+    put, path = "/api/memory/allocations/{allocationId}/data",
+    params(("allocationId" = String, Path), ("offset" = Option<u64>, Query)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = ApiResponse<WrittenDto>), (status = 400, description = "INVALID_ARGUMENT"))
+)]
+pub async fn write_data(
+    State(state): State<AppState>,
+    Path(allocation_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<WrittenDto> {
+    let body = body.map_err(|e| ApiError::invalid(format!("body: {}", e.body_text())))?;
+    let offset = query_u64(&q, "offset", Some(0))?;
+    blocking(|| state.service.write_bytes(&allocation_id, offset, &body))?;
+    Ok(Data(WrittenDto { allocation_id, offset, bytes_written: body.len() as u64 }))
+}

@@ -1,0 +1,103 @@
+//! Defragmentation and pool routes.
+
+use super::dto::*;
+use super::envelope::{ApiError, ApiResponse, Data};
+use super::{blocking, ApiResult, AppState};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use memwarden_core::defrag::{DefragOptions, Strategy};
+use std::time::Duration;
+
+fn parse_defrag(body: &Bytes) -> Result<(DefragOptions, Option<Duration>), ApiError> {
+    // The body is optional, with or without a content type: parsed here rather than by the
+    // JSON extractor, which requires both. serde_path_to_error names the field that is wrong.
+    let b: DefragBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DefragBody::default()
+    } else {
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)).map_err(|e| {
+            let inner = e.inner();
+            if inner.is_syntax() || inner.is_eof() {
+                ApiError::invalid(format!("request body is not valid JSON: {inner}"))
+            } else {
+                ApiError::invalid(format!("{}: {inner}", e.path()))
+            }
+        })?
+    };
+    let strategy = match &b.strategy {
+        None => Strategy::Balanced,
+        Some(t) => t.parse().map_err(|e: String| ApiError::invalid(format!("strategy: {e}")))?,
+    };
+    Ok((
+        DefragOptions {
+            strategy,
+            max_bytes_to_move: b.max_bytes_to_move.unwrap_or(u64::MAX),
+            max_allocations_to_move: b.max_allocations_to_move.map(|n| n as usize).unwrap_or(usize::MAX),
+        },
+        b.max_time_ms.map(Duration::from_millis),
+    ))
+}
+
+/// Defragments every device: moves movable allocations (never exported or `movable: false`
+/// ones) to compact the pools, then returns emptied blocks to the OS or driver.
+#[utoipa::path(
+    post, path = "/api/memory/operations/defragment", request_body(content = Option<DefragBody>),
+    responses((status = 200, body = ApiResponse<DefragAllDto>), (status = 400, description = "INVALID_ARGUMENT"))
+)]
+pub async fn defragment_all(State(state): State<AppState>, body: Bytes) -> ApiResult<DefragAllDto> {
+    let (options, max_time) = parse_defrag(&body)?;
+    let reports = blocking(|| {
+        state
+            .service
+            .device_ids()
+            .into_iter()
+            .map(|d| state.service.defragment(d, options, max_time))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    Ok(Data(DefragAllDto {
+        bytes_moved: reports.iter().map(|r| r.bytes_moved).sum(),
+        bytes_released: reports.iter().map(|r| r.bytes_released).sum(),
+        devices: reports.iter().map(DefragDto::from).collect(),
+    }))
+}
+
+/// Defragments one device (fields as for all devices).
+#[utoipa::path(
+    post, path = "/api/memory/operations/defragment/{deviceId}", params(("deviceId" = String, Path)),
+    request_body(content = Option<DefragBody>),
+    responses(
+        (status = 200, body = ApiResponse<DefragDto>), (status = 400, description = "INVALID_ARGUMENT"),
+        (status = 404, description = "DEVICE_NOT_FOUND")
+    )
+)]
+pub async fn defragment_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    body: Bytes,
+) -> ApiResult<DefragDto> {
+    let id = state.service.resolve(&device_id)?;
+    let (options, max_time) = parse_defrag(&body)?;
+    let report = blocking(|| state.service.defragment(id, options, max_time))?;
+    Ok(Data(DefragDto::from(&report)))
+}
+
+/// Every pool block of every device with its used and free ranges (for drawing).
+#[utoipa::path(get, path = "/api/memory/pools", responses((status = 200, body = ApiResponse<PoolsDto>)))]
+pub async fn pools_all(State(state): State<AppState>) -> ApiResult<PoolsDto> {
+    let devices = state
+        .service
+        .device_ids()
+        .into_iter()
+        .map(|d| Ok(device_pools(d, &state.service.pools(d)?)))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Data(PoolsDto { devices }))
+}
+
+/// The pool blocks of one device.
+#[utoipa::path(
+    get, path = "/api/memory/pools/{deviceId}", params(("deviceId" = String, Path)),
+    responses((status = 200, body = ApiResponse<DevicePoolsDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+)]
+pub async fn pools_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<DevicePoolsDto> {
+    let id = state.service.resolve(&device_id)?;
+    Ok(Data(device_pools(id, &state.service.pools(id)?)))
+}
