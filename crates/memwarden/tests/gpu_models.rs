@@ -223,9 +223,15 @@ fn watchdog_frees_torch_models_so_an_outside_allocation_succeeds() {
         [&large.1, &medium.1, &pinned.1].iter().map(|w| w.as_str()).collect();
     assert_eq!(workers.len(), 2, "models spread over both workers");
     let extra: i64 = 4 << 30;
+    // Fill until 2 GiB are left, whatever the card's size (past `critical` on an 80 GiB H100
+    // and a 141 GiB H200 alike), so the extra 4 GiB cannot fit until the watchdog frees models.
+    let (_, st) = s.call("GET", "/api/memory/status/cuda:0", None);
+    let total = st["data"]["totalMemory"].as_f64().expect("total");
+    let fill_to = 1.0 - (2u64 << 30) as f64 / total;
+    assert!(fill_to > 0.95, "the fill must pass critical: {fill_to}");
     let mut hog = Command::new("python3")
         .arg(format!("{}/gpu/gpu_hog.py", scripts()))
-        .args(["0.965", &extra.to_string()])
+        .args([&format!("{fill_to:.5}"), &extra.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
