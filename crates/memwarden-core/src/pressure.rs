@@ -276,6 +276,8 @@ impl Tracker {
 }
 
 /// Parses `/proc/pressure/memory`: (some avg10, full avg10, some total µs, full total µs).
+/// Written here rather than taken from procfs, whose `PressureRecord` holds the averages as
+/// `f32`: the kernel's `0.10` would reach the API as `0.10000000149011612`.
 pub fn parse_psi(text: &str) -> Option<PsiReading> {
     let mut r = PsiReading::default();
     for line in text.lines() {
