@@ -109,6 +109,8 @@ fn status_by_device_accepts_aliases_and_names_known_devices() {
     assert_error(&s.call("GET", "/api/memory/status/cuda:77", None), 404, "DEVICE_NOT_FOUND", "devices: cpu");
     assert_error(&s.call("GET", "/api/memory/status/gpu-99", None), 404, "DEVICE_NOT_FOUND", "'gpu-99'");
     assert_error(&s.call("GET", "/api/memory/status/nonsense", None), 404, "DEVICE_NOT_FOUND", "cpu");
+    // Another GPU API's id parses, and names no device on this host.
+    assert_error(&s.call("GET", "/api/memory/status/vulkan:0", None), 404, "DEVICE_NOT_FOUND", "'vulkan:0'");
 }
 
 #[test]

@@ -17,6 +17,19 @@ pub struct ThresholdsDto {
     pub psi_full_percent: f64,
 }
 
+impl From<&memwarden_core::pressure::Thresholds> for ThresholdsDto {
+    fn from(t: &memwarden_core::pressure::Thresholds) -> Self {
+        ThresholdsDto {
+            moderate: t.moderate,
+            high: t.high,
+            critical: t.critical,
+            hysteresis: t.hysteresis,
+            psi_some_percent: t.psi_some_percent,
+            psi_full_percent: t.psi_full_percent,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PressureDto {

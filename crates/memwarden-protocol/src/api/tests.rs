@@ -32,6 +32,20 @@ fn envelopes_round_trip() {
 }
 
 #[test]
+fn a_backends_own_status_fields_sit_beside_the_common_ones_and_come_back() {
+    let mut status = json!({"deviceId": "cuda:0", "deviceType": "GPU", "name": "H200", "memoryType": "VRAM",
+        "totalMemory": 8, "availableMemory": 4, "usedMemory": 4, "memoryUtilization": 0.5, "source": "s",
+        "lastUpdated": "t", "reservedBytes": 0, "allocatedBytes": 0, "reservationBytes": 0, "pools": [],
+        "fragmentation": 0.0, "uuid": "GPU-1", "pciBusId": "0", "computeCapability": "9.0",
+        "memoryBandwidth": null, "reservedMemory": null, "processes": [], "healthy": true, "lastError": null});
+    status["peerAccess"] = json!("cuda:1");
+    let typed: DeviceStatusDto = serde_json::from_value(status.clone()).expect("deserializes");
+    assert_eq!(typed.extra.get("peerAccess").map(String::as_str), Some("cuda:1"));
+    assert_eq!(typed.uuid.as_deref(), Some("GPU-1"), "a common field stays typed");
+    assert_eq!(serde_json::to_value(&typed).expect("serializes"), status);
+}
+
+#[test]
 fn flattened_pools_and_absent_can_allocate_round_trip() {
     let pool = json!({"memoryType": "host", "reservedBytes": 1, "allocatedBytes": 1, "freeInPoolBytes": 0,
         "largestFreeBlock": 0, "blockCount": 1, "allocationCount": 1, "freeRangeCount": 0, "fragmentation": 0.0,
