@@ -728,7 +728,7 @@ fn admission_on_the_host_makes_room_by_unloading_the_least_valuable_model() {
     let c_id = load_path(&paths[2], "c", 50);
     let mut expect = vec![b, c_id];
     expect.sort();
-    assert_eq!(loaded_ids(&s), expect, "a made room for c");
     let run = s.admission_run();
+    assert_eq!(loaded_ids(&s), expect, "a made room for c: {run}");
     assert_eq!(run["modelsUnloaded"], json!([a]), "{run}");
 }

@@ -66,9 +66,10 @@ pub struct DeviceStatusDto {
     pub healthy: bool,
     pub last_error: Option<String>,
     /// The backend's own fields, beside the common ones (e.g. CUDA's `peerAccess`: the GPUs
-    /// this one reads and writes directly). The extension point a new backend fills.
+    /// this one reads and writes directly). The extension point a new backend fills; read as
+    /// any JSON, so a client takes fields of a newer daemon's backends as they come.
     #[serde(flatten)]
-    pub extra: std::collections::BTreeMap<String, String>,
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

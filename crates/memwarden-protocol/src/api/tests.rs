@@ -40,7 +40,7 @@ fn a_backends_own_status_fields_sit_beside_the_common_ones_and_come_back() {
         "memoryBandwidth": null, "reservedMemory": null, "processes": [], "healthy": true, "lastError": null});
     status["peerAccess"] = json!("cuda:1");
     let typed: DeviceStatusDto = serde_json::from_value(status.clone()).expect("deserializes");
-    assert_eq!(typed.extra.get("peerAccess").map(String::as_str), Some("cuda:1"));
+    assert_eq!(typed.extra.get("peerAccess"), Some(&json!("cuda:1")));
     assert_eq!(typed.uuid.as_deref(), Some("GPU-1"), "a common field stays typed");
     assert_eq!(serde_json::to_value(&typed).expect("serializes"), status);
 }

@@ -4,6 +4,7 @@
 use super::{from_unix_ms, unix_ms, Analytics};
 use crate::api::envelope::rfc3339;
 use crate::models::ModelView;
+use crate::pressure::PressureReport;
 use crate::service::{EventKind, ServiceError};
 use crate::util::lock;
 use memwarden_core::advice::{self, Action, DeviceFacts, Evidence};
@@ -484,20 +485,30 @@ impl Analytics {
 }
 
 impl Analytics {
-    /// The recommendations for one device, as the pressure report lists them (`kind: message
-    /// (METHOD path)`); only at `high` or above, as the rules' evidence allows.
-    pub fn pressure_actions(&self, device: DeviceId, level: Level) -> Vec<String> {
-        if level < Level::High {
-            return Vec::new();
-        }
-        let Ok(facts) = self.facts() else { return Vec::new() };
-        let dev = device.to_string();
-        advice::recommend(&facts, &self.advice)
+    /// The recommendations for each of `reports`' devices, as the pressure report lists them
+    /// (`kind: message (METHOD path)`): only at `high` or above, as far as the rules' evidence
+    /// goes. The facts are measured once for all of them.
+    pub fn pressure_actions(&self, reports: &[&PressureReport]) -> Vec<Vec<String>> {
+        let wanted = |r: &PressureReport| r.level >= Level::High;
+        let recs = match reports.iter().any(|r| wanted(r)).then(|| self.facts()) {
+            Some(Ok(facts)) => advice::recommend(&facts, &self.advice),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "no recommendations for the pressure report");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        reports
             .iter()
-            .filter(|r| r.device == dev)
             .map(|r| {
-                let a = render_action(&r.action);
-                format!("{}: {} ({} {})", r.kind, r.message, a.method, a.path)
+                let dev = r.device.to_string();
+                recs.iter()
+                    .filter(|rec| wanted(r) && rec.device == dev)
+                    .map(|rec| {
+                        let a = render_action(&rec.action);
+                        format!("{}: {} ({} {})", rec.kind, rec.message, a.method, a.path)
+                    })
+                    .collect()
             })
             .collect()
     }

@@ -88,7 +88,7 @@ impl From<&DeviceStatus> for DeviceStatusDto {
                 .collect(),
             healthy: s.fault.is_none(),
             last_error: s.fault.clone(),
-            extra: s.extra.clone(),
+            extra: s.extra.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
         }
     }
 }

@@ -108,7 +108,8 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
             let dev = s.device.to_string();
             let mut loaded = per_device_models.remove(&dev).unwrap_or_default();
             loaded.sort_by(|a, b| a.loaded_at.cmp(&b.loaded_at).then(a.model_id.cmp(&b.model_id)));
-            let total = view.bytes_on(&dev);
+            // The models listed here (those whose `deviceId` is this device), by what they report.
+            let total: u64 = loaded.iter().map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes)).sum();
             let measured = if per_device_unmeasured.contains_key(&dev) {
                 None
             } else {

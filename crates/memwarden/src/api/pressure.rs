@@ -3,6 +3,7 @@
 use super::dto::*;
 use super::envelope::{ApiResponse, Data};
 use super::{ApiResult, AppState};
+use crate::pressure::PressureReport;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use std::convert::Infallible;
@@ -16,16 +17,19 @@ pub async fn pressure_all(State(state): State<AppState>) -> ApiResult<PressureAl
     Ok(Data(PressureAllDto {
         pressure_level: top.map(|r| r.pressure_level).unwrap_or(0),
         pressure_category: top.map(|r| r.level).unwrap_or_default().as_str().into(),
-        devices: reports.iter().map(|r| pressure_dto(&state, r)).collect(),
+        devices: pressure_dtos(&state, &reports.iter().collect::<Vec<_>>()),
     }))
 }
 
-/// A pressure report with the recommendations for its device (the advice rules, at `high` or
+/// Pressure reports with the recommendations for their devices (the advice rules, at `high` or
 /// above).
-fn pressure_dto(state: &AppState, report: &crate::pressure::PressureReport) -> PressureDto {
-    let mut dto = PressureDto::from(report);
-    dto.recommended_actions = state.analytics.pressure_actions(report.device, report.level);
-    dto
+fn pressure_dtos(state: &AppState, reports: &[&PressureReport]) -> Vec<PressureDto> {
+    let actions = state.analytics.pressure_actions(reports);
+    reports
+        .iter()
+        .zip(actions)
+        .map(|(r, actions)| PressureDto { recommended_actions: actions, ..PressureDto::from(*r) })
+        .collect()
 }
 
 /// Memory pressure of one device: level, number, thresholds, raw signals, trend, actions.
@@ -35,7 +39,8 @@ fn pressure_dto(state: &AppState, report: &crate::pressure::PressureReport) -> P
 )]
 pub async fn pressure_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<PressureDto> {
     let id = state.service.resolve(&device_id)?;
-    Ok(Data(pressure_dto(&state, &state.pressure.report(id)?)))
+    let report = state.pressure.report(id)?;
+    Ok(Data(pressure_dtos(&state, &[&report]).remove(0)))
 }
 
 /// The last level changes (bounded), oldest first.

@@ -10,11 +10,12 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Bytes a model will take once loaded: its tensors, plus 5 % for allocator rounding and, on a
 /// GPU, 64 MiB for a first model's allocator state (the CUDA context itself is not counted).
-/// `None` when the file cannot be read here (the worker then reports why).
-pub fn model_bytes(path: &Path, device: DeviceId) -> Option<u64> {
-    let tensors = tensor_bytes(path).ok()?;
+/// An error when the file or its header cannot be read here (the worker then reports why, or,
+/// being more lenient about headers, loads it anyway).
+pub fn model_bytes(path: &Path, device: DeviceId) -> std::io::Result<u64> {
+    let tensors = tensor_bytes(path)?;
     let extra = if device.is_gpu() { 64 << 20 } else { 0 };
-    Some(tensors + tensors / 20 + extra)
+    Ok(tensors + tensors / 20 + extra)
 }
 
 /// Sum of the tensors' bytes a `.safetensors` header names.
@@ -56,8 +57,8 @@ mod tests {
             32,
         );
         assert_eq!(tensor_bytes(&path).expect("parsed"), 32);
-        assert_eq!(model_bytes(&path, DeviceId::Cpu), Some(32 + 1));
-        assert_eq!(model_bytes(&path, DeviceId::cuda(0)), Some(32 + 1 + (64 << 20)));
+        assert_eq!(model_bytes(&path, DeviceId::Cpu).ok(), Some(32 + 1));
+        assert_eq!(model_bytes(&path, DeviceId::cuda(0)).ok(), Some(32 + 1 + (64 << 20)));
         let _ = std::fs::remove_file(path);
     }
 
@@ -66,6 +67,6 @@ mod tests {
         let path = file("bad", r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,5]}}"#, 8);
         assert_eq!(tensor_bytes(&path).map_err(|e| e.kind()), Err(std::io::ErrorKind::InvalidData));
         let _ = std::fs::remove_file(path);
-        assert_eq!(model_bytes(Path::new("/nonexistent/x.safetensors"), DeviceId::Cpu), None);
+        assert!(model_bytes(Path::new("/nonexistent/x.safetensors"), DeviceId::Cpu).is_err());
     }
 }

@@ -1,8 +1,9 @@
 //! Model memory: the models every Python process holds (supervised workers and attached
 //! clients), as one view taken at one moment. The listing (`GET /api/memory/models`), the
 //! optimizer's eviction candidates, the advice's facts, the history and `/metrics` are all
-//! derived from a [`ModelView`], with one rule for a model's bytes on a device
-//! ([`bytes_on`]). Also here: what the OS says a model process holds ([`process`]) and what a
+//! derived from a [`ModelView`], with one rule for what a model holds on a device: the bytes it
+//! reports ([`bytes_on`], what the listing and metrics show), and what releasing it gives back
+//! ([`footprint_on`], what eviction, admission and the advice rules count). Also here: what the OS says a model process holds ([`process`]) and what a
 //! model file will take once loaded ([`estimate`]).
 
 pub mod estimate;
@@ -20,6 +21,16 @@ use time::OffsetDateTime;
 /// report per device; otherwise all of it is on its `deviceId`).
 pub fn bytes_on(m: &ModelInfo, device: &str) -> u64 {
     m.bytes_by_device.get(device).copied().unwrap_or(if m.device_id == device { m.size_bytes } else { 0 })
+}
+
+/// What releasing a model gives back on `device`: its reported bytes there, or its own allocator
+/// pool when it has one and that is larger (torch rounds every tensor up into its pool).
+pub fn footprint_on(m: &ModelInfo, device: &str) -> u64 {
+    let on = bytes_on(m, device);
+    if on == 0 {
+        return 0;
+    }
+    m.reserved_bytes.unwrap_or(on).max(on)
 }
 
 /// One worker or client, as seen when the view was taken.
@@ -95,17 +106,13 @@ impl ModelView {
         self.models().filter(|(_, h)| h.callable)
     }
 
-    /// Bytes of every model on `device`.
-    pub fn bytes_on(&self, device: &str) -> u64 {
-        self.models().map(|(m, _)| bytes_on(m, device)).sum()
-    }
-
-    /// Models on `device` that memwarden can release, as eviction candidates, with their holder.
+    /// Models on `device` that memwarden can release, as eviction candidates (their size is
+    /// [`footprint_on`]), with their holder.
     pub fn candidates(&self, device: DeviceId) -> Vec<(Candidate, Arc<Slot>)> {
         let dev = device.to_string();
         self.callable_models()
             .filter_map(|(m, h)| {
-                let bytes = bytes_on(m, &dev);
+                let bytes = footprint_on(m, &dev);
                 (bytes > 0).then(|| (self.candidate(m, h, device, bytes), h.slot.clone()))
             })
             .collect()
@@ -126,14 +133,50 @@ impl ModelView {
     }
 
     /// Every model on `device` of a holder that takes calls, pinned ones included, as the
-    /// advice rules see them.
+    /// advice rules see them (sized like the candidates, by [`footprint_on`]).
     pub fn facts(&self, device: DeviceId) -> Vec<Candidate> {
         let dev = device.to_string();
         self.callable_models()
             .filter_map(|(m, h)| {
-                let bytes = bytes_on(m, &dev);
+                let bytes = footprint_on(m, &dev);
                 (bytes > 0).then(|| self.candidate(m, h, device, bytes))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(device: &str, size: u64, by_device: &[(&str, u64)], reserved: Option<u64>) -> ModelInfo {
+        ModelInfo {
+            model_id: "m".into(),
+            model_name: "m".into(),
+            device_id: device.into(),
+            size_bytes: size,
+            bytes_by_device: by_device.iter().map(|(d, b)| (d.to_string(), *b)).collect(),
+            loaded_at: OffsetDateTime::UNIX_EPOCH,
+            last_access: OffsetDateTime::UNIX_EPOCH,
+            load_time_ms: 0.0,
+            priority: 50,
+            pinned: false,
+            path: None,
+            tensor_count: 0,
+            backend: None,
+            reserved_bytes: reserved,
+        }
+    }
+
+    #[test]
+    fn a_models_bytes_are_what_it_reports_and_its_footprint_counts_its_own_pool() {
+        let plain = model("cpu", 100, &[], None);
+        assert_eq!((bytes_on(&plain, "cpu"), bytes_on(&plain, "cuda:0")), (100, 0));
+        assert_eq!(footprint_on(&plain, "cpu"), 100);
+        let torch = model("cuda:0", 100, &[], Some(128));
+        assert_eq!((bytes_on(&torch, "cuda:0"), footprint_on(&torch, "cuda:0")), (100, 128));
+        assert_eq!(footprint_on(&torch, "cpu"), 0, "nothing on a device it is not on");
+        let split = model("cuda:0", 100, &[("cuda:0", 60), ("cuda:1", 40)], None);
+        assert_eq!((bytes_on(&split, "cuda:0"), bytes_on(&split, "cuda:1")), (60, 40));
     }
 }

@@ -30,8 +30,14 @@ impl Optimizer {
         if !self.config.admission {
             return Ok(Ticket(None));
         }
-        let Some(estimate) = estimate::model_bytes(std::path::Path::new(path), device) else {
-            return Ok(Ticket(None));
+        let estimate = match estimate::model_bytes(std::path::Path::new(path), device) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // The worker decides: it reports a missing or broken file, and loads headers the
+                // reference parser refuses (gaps between tensors, non-string metadata).
+                tracing::warn!(path, error = %e, "admission skipped: the model's size cannot be estimated here");
+                return Ok(Ticket(None));
+            }
         };
         let request = AllocateRequest {
             kind: Some(MemoryKind::Reservation),
