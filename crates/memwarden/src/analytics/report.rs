@@ -2,7 +2,6 @@
 //! recommendations, each computed from the recorded history and the measured state.
 
 use super::{from_unix_ms, unix_ms, Analytics};
-use crate::api::envelope::rfc3339;
 use crate::models::ModelView;
 use crate::pressure::PressureReport;
 use crate::service::{EventKind, ServiceError};
@@ -19,6 +18,7 @@ use memwarden_protocol::api::analytics::{
     EventLogInfoDto, FragmentationTrendDto, HolderDto, LeakSuspectDto, ModelUsageDto, PeakDto, PercentilesDto,
     PressureTimeDto, RecommendationDto, RecommendationsDto, TransfersDto, TrendPointDto, UsageDto,
 };
+use memwarden_protocol::api::rfc3339;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
 

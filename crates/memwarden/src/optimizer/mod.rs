@@ -177,7 +177,7 @@ impl Optimizer {
     pub async fn run(&self, req: OptimizeRequest) -> OptimizeOutcome {
         let _guard = self.running.lock().await;
         let started = Instant::now();
-        let started_at = crate::util::rfc3339(OffsetDateTime::now_utc());
+        let started_at = memwarden_protocol::api::rfc3339(OffsetDateTime::now_utc());
         let deadline = started + req.max_time;
         let device = req.device;
         let dev = device.to_string();
