@@ -172,56 +172,8 @@ impl Service {
         let source = self
             .allocation(&req.source_id)
             .map_err(|_| ServiceError::AllocationNotFound { id: req.source_id.clone() })?;
-        if req.source_offset > source.size_bytes {
-            return Err(ServiceError::invalid(
-                "sourceOffset",
-                format!("{} is beyond the source's {} bytes", req.source_offset, source.size_bytes),
-            ));
-        }
-        let size = req.size_bytes.unwrap_or(source.size_bytes - req.source_offset);
-        if size == 0 {
-            return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
-        }
-        if req.source_offset.checked_add(size).is_none_or(|end| end > source.size_bytes) {
-            return Err(ServiceError::invalid(
-                "sizeBytes",
-                format!("{}+{size} exceeds the source's {} bytes", req.source_offset, source.size_bytes),
-            ));
-        }
-        let (destination, dst_offset, created) = match &req.target {
-            TransferTarget::Allocation { id, offset } => {
-                let d = self.allocation(id)?;
-                if offset.checked_add(size).is_none_or(|end| end > d.size_bytes) {
-                    return Err(ServiceError::invalid(
-                        "destinationOffset",
-                        format!("{offset}+{size} exceeds the destination's {} bytes", d.size_bytes),
-                    ));
-                }
-                if d.id == source.id {
-                    let (a, b) = (req.source_offset, *offset);
-                    if a < b + size && b < a + size {
-                        return Err(ServiceError::invalid(
-                            "destinationOffset",
-                            "source and destination ranges overlap",
-                        ));
-                    }
-                }
-                (d, *offset, false)
-            }
-            TransferTarget::NewOn { device, kind } => {
-                let d = self.allocate(AllocateRequest {
-                    device: device.clone(),
-                    size_bytes: size,
-                    kind: *kind,
-                    alignment_bytes: source.alignment_bytes,
-                    purpose: source.purpose.clone(),
-                    owner: source.owner.clone(),
-                    persistent: source.persistent,
-                    movable: source.movable,
-                })?;
-                (d, 0, true)
-            }
-        };
+        let size = transfer_size(&source, &req)?;
+        let (destination, dst_offset, created) = self.destination(&source, &req, size)?;
         let sides = self.acquire(&[&source.id, &destination.id]).and_then(|()| {
             let pair = self
                 .side(source.clone(), "sourceAllocationId")
@@ -297,6 +249,51 @@ impl Service {
                     message: e.to_string(),
                 })?;
             Ok(state.snapshot())
+        }
+    }
+
+    /// Where a transfer's bytes go: an existing allocation at an offset (checked against it and
+    /// against the source's range), or a new allocation made like the source. The bool says
+    /// whether it was made here (freed again if the transfer fails).
+    fn destination(
+        &self,
+        source: &AllocationRecord,
+        req: &TransferRequest,
+        size: u64,
+    ) -> Result<(Allocation, u64, bool), ServiceError> {
+        match &req.target {
+            TransferTarget::Allocation { id, offset } => {
+                let d = self.allocation(id)?;
+                if offset.checked_add(size).is_none_or(|end| end > d.size_bytes) {
+                    return Err(ServiceError::invalid(
+                        "destinationOffset",
+                        format!("{offset}+{size} exceeds the destination's {} bytes", d.size_bytes),
+                    ));
+                }
+                if d.id == source.id {
+                    let (a, b) = (req.source_offset, *offset);
+                    if a < b + size && b < a + size {
+                        return Err(ServiceError::invalid(
+                            "destinationOffset",
+                            "source and destination ranges overlap",
+                        ));
+                    }
+                }
+                Ok((d, *offset, false))
+            }
+            TransferTarget::NewOn { device, kind } => {
+                let d = self.allocate(AllocateRequest {
+                    device: device.clone(),
+                    size_bytes: size,
+                    kind: *kind,
+                    alignment_bytes: source.alignment_bytes,
+                    purpose: source.purpose.clone(),
+                    owner: source.owner.clone(),
+                    persistent: source.persistent,
+                    movable: source.movable,
+                })?;
+                Ok((d, 0, true))
+            }
         }
     }
 
@@ -463,4 +460,26 @@ struct TransferJob {
     chunk: u64,
     created: bool,
     state: Arc<TransferState>,
+}
+
+/// The bytes a transfer copies: the request's size, or the rest of the source past its offset;
+/// checked against the source.
+fn transfer_size(source: &AllocationRecord, req: &TransferRequest) -> Result<u64, ServiceError> {
+    if req.source_offset > source.size_bytes {
+        return Err(ServiceError::invalid(
+            "sourceOffset",
+            format!("{} is beyond the source's {} bytes", req.source_offset, source.size_bytes),
+        ));
+    }
+    let size = req.size_bytes.unwrap_or(source.size_bytes - req.source_offset);
+    if size == 0 {
+        return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
+    }
+    if req.source_offset.checked_add(size).is_none_or(|end| end > source.size_bytes) {
+        return Err(ServiceError::invalid(
+            "sizeBytes",
+            format!("{}+{size} exceeds the source's {} bytes", req.source_offset, source.size_bytes),
+        ));
+    }
+    Ok(size)
 }
