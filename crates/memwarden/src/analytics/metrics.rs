@@ -6,7 +6,7 @@
 //! bounded sets (devices, memory kinds, route templates, worker ids and states, loaded models).
 
 use super::Analytics;
-use crate::models::{bytes_on, ModelView};
+use crate::models::{bytes_on, placements, ModelView};
 use crate::supervisor::WorkerState;
 use memwarden_core::DeviceId;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -331,13 +331,8 @@ impl HolderGauges {
     fn fill(&self, a: &Analytics, view: &ModelView) {
         for (m, holder) in view.callable_models() {
             let worker = holder.id().to_string();
-            let devices: Vec<(String, u64)> = if m.bytes_by_device.is_empty() {
-                vec![(m.device_id.clone(), m.size_bytes)]
-            } else {
-                m.bytes_by_device.iter().map(|(d, b)| (d.clone(), *b)).collect()
-            };
-            for (device, bytes) in devices {
-                let l = ModelLabels { model: m.model_id.clone(), device, worker: worker.clone() };
+            for (device, bytes) in placements(m) {
+                let l = ModelLabels { model: m.model_id.clone(), device: device.to_string(), worker: worker.clone() };
                 self.model_bytes.get_or_create(&l).set(bytes);
             }
             self.model_info

@@ -23,6 +23,16 @@ pub fn bytes_on(m: &ModelInfo, device: &str) -> u64 {
     m.bytes_by_device.get(device).copied().unwrap_or(if m.device_id == device { m.size_bytes } else { 0 })
 }
 
+/// Every device a model holds bytes on, with those bytes (split models report per device;
+/// otherwise all of it is on its `deviceId`).
+pub fn placements(m: &ModelInfo) -> Vec<(&str, u64)> {
+    if m.bytes_by_device.is_empty() {
+        vec![(m.device_id.as_str(), m.size_bytes)]
+    } else {
+        m.bytes_by_device.iter().map(|(d, b)| (d.as_str(), *b)).collect()
+    }
+}
+
 /// What releasing a model gives back on `device`: its reported bytes there, or its own allocator
 /// pool when it has one and that is larger (torch rounds every tensor up into its pool).
 pub fn footprint_on(m: &ModelInfo, device: &str) -> u64 {
@@ -61,14 +71,8 @@ impl Holder {
     /// Reported model bytes per device.
     pub fn model_bytes(&self) -> BTreeMap<String, u64> {
         let mut out: BTreeMap<String, u64> = BTreeMap::new();
-        for m in &self.models {
-            if m.bytes_by_device.is_empty() {
-                *out.entry(m.device_id.clone()).or_default() += m.size_bytes;
-            } else {
-                for (d, b) in &m.bytes_by_device {
-                    *out.entry(d.clone()).or_default() += b;
-                }
-            }
+        for (d, b) in self.models.iter().flat_map(placements) {
+            *out.entry(d.to_string()).or_default() += b;
         }
         out
     }
@@ -178,5 +182,7 @@ mod tests {
         assert_eq!(footprint_on(&torch, "cpu"), 0, "nothing on a device it is not on");
         let split = model("cuda:0", 100, &[("cuda:0", 60), ("cuda:1", 40)], None);
         assert_eq!((bytes_on(&split, "cuda:0"), bytes_on(&split, "cuda:1")), (60, 40));
+        assert_eq!(placements(&split), [("cuda:0", 60), ("cuda:1", 40)]);
+        assert_eq!(placements(&plain), [("cpu", 100)]);
     }
 }
