@@ -152,6 +152,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// The CUDA context behind this device, for the parts of the daemon that talk to the driver
+    /// themselves (the weights store's VMM allocations). `None` for every other backend.
+    fn cuda_context(&self) -> Option<&std::sync::Arc<memwarden_sys::cuda::CudaContext>> {
+        None
+    }
+
     /// Every block base is aligned to this; the largest alignment an allocation may ask for.
     fn max_alignment_bytes(&self) -> u64;
 

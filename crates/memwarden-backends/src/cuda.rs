@@ -234,6 +234,10 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
+    fn cuda_context(&self) -> Option<&Arc<CudaContext>> {
+        Some(&self.ctx)
+    }
+
     fn info(&self) -> &DeviceInfo {
         &self.info
     }

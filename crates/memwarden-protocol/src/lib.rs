@@ -25,7 +25,14 @@ pub use typed::ActionData;
 pub mod validation;
 
 /// The protocol version this crate speaks. A peer whose `hello` names another is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The versions a peer may name in its hello: version 1 peers keep working, without the
+/// requests and descriptors of version 2.
+pub const SUPPORTED_VERSIONS: [u32; 2] = [1, 2];
+
+/// Most descriptors one line may carry.
+pub const MAX_FDS_PER_LINE: u32 = 16;
 
 /// Longest accepted line (a `getModelInfo` reply of thousands of models fits easily).
 pub const MAX_LINE_BYTES: usize = 4 << 20;
@@ -47,6 +54,13 @@ pub mod codes {
     pub const NOT_SUPPORTED: &str = "NOT_SUPPORTED";
     pub const TIMEOUT: &str = "TIMEOUT";
     pub const INTERNAL: &str = "INTERNAL";
+    /// A holder's `use()` stayed open past the bound: nothing was unmapped.
+    pub const IN_USE: &str = "IN_USE";
+    /// A truncated or lying safetensors header: nothing was allocated.
+    pub const INVALID_MODEL_FILE: &str = "INVALID_MODEL_FILE";
+    /// The file's size, mtime or content hash differs from what was loaded.
+    pub const FILE_CHANGED: &str = "FILE_CHANGED";
+    pub const INSUFFICIENT_MEMORY: &str = "INSUFFICIENT_MEMORY";
 }
 
 /// One protocol line.
@@ -97,10 +111,18 @@ pub enum Action {
     TrimCache,
     OptimizeMemory,
     Shutdown,
+    // Version 2, peer → daemon.
+    Register,
+    LoadWeights,
+    ReleaseWeights,
+    ResumeWeights,
+    // Version 2, daemon → peer.
+    UnmapWeights,
+    RemapWeights,
 }
 
 impl Action {
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 14] = [
         Action::Ping,
         Action::GetModelInfo,
         Action::LoadModel,
@@ -109,6 +131,12 @@ impl Action {
         Action::TrimCache,
         Action::OptimizeMemory,
         Action::Shutdown,
+        Action::Register,
+        Action::LoadWeights,
+        Action::ReleaseWeights,
+        Action::ResumeWeights,
+        Action::UnmapWeights,
+        Action::RemapWeights,
     ];
 
     pub fn name(self) -> &'static str {
@@ -121,6 +149,12 @@ impl Action {
             Action::TrimCache => "trimCache",
             Action::OptimizeMemory => "optimizeMemory",
             Action::Shutdown => "shutdown",
+            Action::Register => "register",
+            Action::LoadWeights => "loadWeights",
+            Action::ReleaseWeights => "releaseWeights",
+            Action::ResumeWeights => "resumeWeights",
+            Action::UnmapWeights => "unmapWeights",
+            Action::RemapWeights => "remapWeights",
         }
     }
 
@@ -146,6 +180,8 @@ pub struct Request {
     pub action: Action,
     /// The action's arguments; [`Request::data_as`] checks them against the typed structs below.
     pub data: Value,
+    /// File descriptors that travel with this line (version 2, Unix sockets only).
+    pub fds: u32,
 }
 
 impl Request {
@@ -154,6 +190,7 @@ impl Request {
             request_id: request_id.into(),
             action,
             data: serde_json::to_value(data).unwrap_or(Value::Object(Map::new())),
+            fds: 0,
         }
     }
 
@@ -178,6 +215,8 @@ pub struct Reply {
     pub success: bool,
     pub data: Value,
     pub error: Option<ErrorInfo>,
+    /// File descriptors that travel with this line (version 2, Unix sockets only).
+    pub fds: u32,
 }
 
 impl Reply {
@@ -187,6 +226,7 @@ impl Reply {
             success: true,
             data: serde_json::to_value(data).unwrap_or(Value::Null),
             error: None,
+            fds: 0,
         }
     }
 
@@ -196,6 +236,7 @@ impl Reply {
             success: false,
             data: Value::Null,
             error: Some(ErrorInfo { code: code.to_string(), message: message.into() }),
+            fds: 0,
         }
     }
 
@@ -218,6 +259,8 @@ pub enum Event {
     ModelUnloaded,
     /// `data` is a [`MemoryReport`].
     MemoryReport,
+    /// `data` is a [`ModelRef`]: a holder's `use()` of daemon-held weights ended (version 2).
+    WeightsUsed,
 }
 
 impl Event {
@@ -226,11 +269,14 @@ impl Event {
             Event::ModelLoaded => "modelLoaded",
             Event::ModelUnloaded => "modelUnloaded",
             Event::MemoryReport => "memoryReport",
+            Event::WeightsUsed => "weightsUsed",
         }
     }
 
     fn from_name(name: &str) -> Option<Event> {
-        [Event::ModelLoaded, Event::ModelUnloaded, Event::MemoryReport].into_iter().find(|e| e.name() == name)
+        [Event::ModelLoaded, Event::ModelUnloaded, Event::MemoryReport, Event::WeightsUsed]
+            .into_iter()
+            .find(|e| e.name() == name)
     }
 }
 
@@ -411,6 +457,92 @@ pub struct ModelUnloaded {
     pub freed_bytes: u64,
 }
 
+// ---- version 2: daemon-held weights ----
+
+/// `loadWeights` data: put a safetensors file's tensors into memwarden memory and map them here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadWeights {
+    pub path: String,
+    #[serde(default = "default_device")]
+    pub device_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub priority: Option<u8>,
+    #[serde(default)]
+    pub pinned: Option<bool>,
+    /// Idle time after which the weights are parked (default: `weights.keep_alive_ms`).
+    #[serde(default)]
+    pub keep_alive_ms: Option<u64>,
+}
+
+/// One tensor inside a weights mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TensorEntry {
+    pub name: String,
+    /// The safetensors dtype name (`F32`, `BF16`, …).
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    /// From the start of the mapping.
+    pub offset: u64,
+    pub nbytes: u64,
+}
+
+/// How a holder maps the descriptor of a [`WeightsGrant`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HandleKind {
+    /// A CUDA VMM allocation exported as a POSIX file descriptor.
+    CudaVmm,
+    /// A file in a tmpfs.
+    Shm,
+}
+
+/// `loadWeights` reply and `remapWeights` data; one descriptor rides with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightsGrant {
+    pub model_id: String,
+    pub name: String,
+    pub device_id: String,
+    pub handle: HandleKind,
+    pub allocation_bytes: u64,
+    pub data_bytes: u64,
+    pub tensors: Vec<TensorEntry>,
+    /// The file's content hash (hex; docs/PROTOCOL.md says how it is computed).
+    pub hash: String,
+    /// Another holder maps the same bytes.
+    #[serde(default)]
+    pub shared: bool,
+    /// `readwrite`: holders share one writable copy.
+    #[serde(default = "default_access")]
+    pub access: String,
+}
+
+fn default_access() -> String {
+    "readwrite".to_string()
+}
+
+/// `releaseWeights` / `resumeWeights` data and `weightsUsed` event data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRef {
+    pub model_id: String,
+}
+
+/// `unmapWeights` data: unmap once no `use()` is open, waiting at most `timeoutMs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnmapWeights {
+    pub model_id: String,
+    pub timeout_ms: u64,
+    /// The model is being unloaded: release the address reservation too.
+    #[serde(default)]
+    pub r#final: bool,
+}
+
 // ---- the codec ----
 
 /// A line that could not be understood. `request_id` is set when the line was a request whose
@@ -439,6 +571,16 @@ fn take_string(obj: &Map<String, Value>, key: &str) -> Result<String, DecodeErro
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(DecodeError::new(codes::INVALID_DATA, format!("`{key}` must be a string, got {other}"))),
         None => Err(DecodeError::new(codes::INVALID_DATA, format!("`{key}` is missing"))),
+    }
+}
+
+/// `fds`: how many descriptors ride with the line (absent: none).
+fn take_fds(obj: &Map<String, Value>) -> Result<u32, DecodeError> {
+    match obj.get("fds") {
+        None | Some(Value::Null) => Ok(0),
+        Some(v) => v.as_u64().filter(|n| *n <= MAX_FDS_PER_LINE as u64).map(|n| n as u32).ok_or_else(|| {
+            DecodeError::new(codes::INVALID_DATA, format!("`fds` must be 0-{MAX_FDS_PER_LINE}, got {v}"))
+        }),
     }
 }
 
@@ -489,7 +631,8 @@ pub fn decode(line: &str) -> Result<Message, DecodeError> {
         if !data.is_object() {
             return Err(with_id(DecodeError::new(codes::INVALID_DATA, "`data` must be an object")));
         }
-        return Ok(Message::Request(Request { request_id, action, data }));
+        let fds = take_fds(&obj).map_err(with_id)?;
+        return Ok(Message::Request(Request { request_id, action, data, fds }));
     }
     if let Some(success) = obj.get("success") {
         let request_id = take_string(&obj, "requestId")?;
@@ -507,7 +650,8 @@ pub fn decode(line: &str) -> Result<Message, DecodeError> {
             return Err(DecodeError::new(codes::INVALID_DATA, "a failed reply must carry `error`"));
         }
         let data = obj.get("data").cloned().unwrap_or(Value::Null);
-        return Ok(Message::Reply(Reply { request_id, success, data, error }));
+        let fds = take_fds(&obj)?;
+        return Ok(Message::Reply(Reply { request_id, success, data, error, fds }));
     }
     Err(DecodeError::new(codes::MALFORMED_MESSAGE, "a message needs `type: hello`, `event`, `action` or `success`"))
 }
@@ -522,16 +666,26 @@ pub fn encode(message: &Message) -> String {
             }
             v
         }
-        Message::Request(r) => serde_json::json!({
-            "requestId": r.request_id, "action": r.action.name(), "data": r.data,
-        }),
-        Message::Reply(r) => serde_json::json!({
-            "requestId": r.request_id, "success": r.success, "data": r.data, "error": r.error,
-        }),
+        Message::Request(r) => {
+            with_fds(serde_json::json!({ "requestId": r.request_id, "action": r.action.name(), "data": r.data }), r.fds)
+        }
+        Message::Reply(r) => with_fds(
+            serde_json::json!({ "requestId": r.request_id, "success": r.success, "data": r.data, "error": r.error }),
+            r.fds,
+        ),
         Message::Notification(n) => serde_json::json!({ "event": n.event.name(), "data": n.data }),
     };
     // serde_json escapes control characters inside strings, so the output is one line.
     value.to_string()
+}
+
+fn with_fds(mut v: Value, fds: u32) -> Value {
+    if fds > 0 {
+        if let Value::Object(obj) = &mut v {
+            obj.insert("fds".into(), fds.into());
+        }
+    }
+    v
 }
 
 /// Reads the next message. `Ok(None)` at end of input; an undecodable line is
@@ -561,11 +715,11 @@ pub fn write_message(writer: &mut impl Write, message: &Message) -> io::Result<(
 
 /// The handshake's checks on a peer's `hello`.
 pub fn check_hello(hello: &Hello) -> Result<(), DecodeError> {
-    if hello.protocol_version != PROTOCOL_VERSION {
+    if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
         return Err(DecodeError::new(
             codes::UNSUPPORTED_VERSION,
             format!(
-                "protocol version {} is not supported (this daemon speaks {PROTOCOL_VERSION})",
+                "protocol version {} is not supported (this daemon speaks {SUPPORTED_VERSIONS:?})",
                 hello.protocol_version
             ),
         ));

@@ -24,6 +24,10 @@ fn typed_ok(data_type: &str, data: &Value) -> Result<(), String> {
         "ModelInfo" => serde_json::from_value::<ModelInfo>(d).map(|m| assert_eq!(m.validate(), Ok(()))),
         "ModelUnloaded" => serde_json::from_value::<ModelUnloaded>(d).map(|_| ()),
         "MemoryReport" => serde_json::from_value::<MemoryReport>(d).map(|_| ()),
+        "LoadWeights" => serde_json::from_value::<LoadWeights>(d).map(|_| ()),
+        "WeightsGrant" => serde_json::from_value::<WeightsGrant>(d).map(|_| ()),
+        "ModelRef" => serde_json::from_value::<ModelRef>(d).map(|_| ()),
+        "UnmapWeights" => serde_json::from_value::<UnmapWeights>(d).map(|_| ()),
         other => panic!("unknown dataType {other} in cases.json"),
     };
     r.map_err(|e| e.to_string())

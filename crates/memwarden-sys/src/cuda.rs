@@ -9,6 +9,9 @@ use cudarc::driver::sys;
 use std::ffi::{c_void, CStr};
 use std::sync::Arc;
 
+mod vmm;
+pub use vmm::{granularity_bytes, CudaStream, Staging, UploadPipeline, VmmAllocation};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CudaError {
     /// No driver library, no device, or cuInit failed: the backend is unavailable.

@@ -287,6 +287,24 @@ impl HostMapping {
         self.registration.is_some()
     }
 
+    /// The whole mapping as a slice. Exclusive: `&mut self` means no other method of this
+    /// mapping can run meanwhile.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is live, `len` bytes long and writable, and `&mut self` excludes
+        // every other access through this value for the slice's lifetime.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// A new descriptor of the file behind a shared mapping, for another process to map.
+    pub fn share_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::BorrowedFd;
+        let Some(f) = &self.shm else {
+            return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "the mapping is not shared"));
+        };
+        // SAFETY: the descriptor is owned by `f` and open for as long as self lives.
+        unsafe { BorrowedFd::borrow_raw(f.fd) }.try_clone_to_owned()
+    }
+
     /// The file that backs a shared mapping.
     pub fn shared_path(&self) -> Option<&Path> {
         self.shm.as_ref().map(|f| f.path.as_path())
@@ -387,6 +405,51 @@ impl HostMapping {
         // SAFETY: the range was bounds-checked.
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(o), byte, len as usize) };
         Ok(())
+    }
+}
+
+/// Sends `data` on a (non-blocking) Unix stream socket with `fds` as one `SCM_RIGHTS` control
+/// message; returns how many bytes went (the rest is sent without descriptors). `WouldBlock`
+/// when the socket is full, so an async caller retries when it is writable. Hand-written: the
+/// standard library's `send_vectored_with_ancillary` is unstable, and this is one `sendmsg`.
+pub fn send_with_fds(
+    socket: std::os::fd::BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    if data.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "descriptors need at least one byte"));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)]; // u64: aligned for cmsghdr
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: zeroed msghdr is a valid empty header; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer holds CMSG_SPACE(payload) bytes, so the first header and
+        // its data fit; the descriptors are copied into it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+            std::ptr::copy_nonoverlapping(raw.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), payload);
+        }
+    }
+    // SAFETY: msg points at live buffers; MSG_NOSIGNAL turns a closed peer into EPIPE.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 

@@ -24,6 +24,43 @@ pub struct Config {
     pub workers: WorkersSection,
     pub optimizer: OptimizerSection,
     pub analytics: AnalyticsSection,
+    pub weights: WeightsSection,
+}
+
+/// Model weights held by memwarden (docs/API.md): loading, parking, keep-alive and orphans.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WeightsSection {
+    /// Reader threads per load; 0 means one per CPU, at most 16.
+    pub load_threads: usize,
+    /// Idle time after which a resident model is parked (on cpu: dropped), in milliseconds;
+    /// 0 means never. A load may set its own (`keepAliveMs`).
+    pub keep_alive_ms: u64,
+    /// Time a parked model keeps its pinned copy before it is dropped, in milliseconds; 0 means
+    /// never.
+    pub drop_after_ms: u64,
+    /// How long the weights of a holder that died stay resident for a restarted process to
+    /// re-attach, in milliseconds; then they are parked (on cpu: dropped).
+    pub orphan_grace_ms: u64,
+    /// How long a park waits for holders to leave `use()`, in milliseconds; past it the park
+    /// is refused (`IN_USE`) and the optimizer moves on to the next model.
+    pub use_bound_ms: u64,
+    /// Pinned host memory registered ahead of time for parking, in bytes (grown back to this
+    /// size in the background after a park takes from it).
+    pub park_pool_bytes: u64,
+}
+
+impl Default for WeightsSection {
+    fn default() -> Self {
+        WeightsSection {
+            load_threads: 0,
+            keep_alive_ms: 300_000,
+            drop_after_ms: 3_600_000,
+            orphan_grace_ms: 60_000,
+            use_bound_ms: 2_000,
+            park_pool_bytes: 0,
+        }
+    }
 }
 
 /// Measured history, analytics, recommendations and `/metrics`.
@@ -400,6 +437,7 @@ impl Default for Config {
             workers: WorkersSection::default(),
             optimizer: OptimizerSection::default(),
             analytics: AnalyticsSection::default(),
+            weights: WeightsSection::default(),
         }
     }
 }

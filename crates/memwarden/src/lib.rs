@@ -17,3 +17,4 @@ pub mod server;
 pub mod service;
 pub mod supervisor;
 pub mod util;
+pub mod weights;

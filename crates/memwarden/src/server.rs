@@ -22,6 +22,9 @@ pub async fn serve_on(
         service.device_ids().iter().map(|d| d.to_string()).collect(),
         config.host.proc_root.clone(),
     );
+    let weights = crate::weights::WeightStore::for_service(&service, config);
+    supervisor.set_peer_requests(Arc::new(crate::weights::peer::WeightsPeer(weights.clone())));
+    weights.start_policy();
     supervisor.start().await;
     let optimizer = crate::optimizer::Optimizer::new(
         service.clone(),
@@ -29,6 +32,7 @@ pub async fn serve_on(
         config.optimizer.clone(),
         pressure.thresholds(),
     );
+    optimizer.set_weights(weights.clone());
     optimizer.start_watchdog(pressure.subscribe());
     let analytics = crate::analytics::Analytics::new(
         service.clone(),
@@ -47,6 +51,7 @@ pub async fn serve_on(
         pressure,
         optimizer,
         analytics,
+        weights,
         http_metrics: Default::default(),
         auth_token: config.auth_token.as_deref().map(Arc::from),
         shutdown: stop_rx.clone(),

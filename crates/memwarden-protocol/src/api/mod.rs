@@ -15,6 +15,7 @@ pub mod pools;
 pub mod pressure;
 pub mod status;
 pub mod transfer;
+pub mod weights;
 
 pub use allocations::*;
 pub use envelope::*;
@@ -24,6 +25,7 @@ pub use pools::*;
 pub use pressure::*;
 pub use status::*;
 pub use transfer::*;
+pub use weights::*;
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

@@ -156,6 +156,9 @@ pub struct CoordinationDto {
 pub struct ModelsDto {
     pub devices: Vec<DeviceModelsDto>,
     pub coordination_status: CoordinationDto,
+    /// Models whose weights memwarden holds (docs/API.md), whoever maps them.
+    #[serde(default)]
+    pub weights: Vec<super::HeldModelDto>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -171,6 +174,21 @@ pub struct LoadBody {
     /// Never offloaded or unloaded by memwarden.
     #[serde(default)]
     pub pinned: bool,
+    /// `memwarden` (default): the daemon holds the weights in its own memory and processes map
+    /// them. `worker`: a supervised worker loads them into its own framework (the path for
+    /// models a worker must hold itself).
+    pub held_by: Option<String>,
+    /// Idle time after which memwarden-held weights are parked (default `weights.keep_alive_ms`).
+    pub keep_alive_ms: Option<u64>,
+}
+
+/// The reply to a load: a model memwarden holds (the default), or one a worker loaded into its
+/// own framework (`heldBy: worker`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum LoadedDto {
+    Held(super::HeldModelDto),
+    Worker(LoadedModelDto),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -8,6 +8,7 @@ pub mod models;
 pub mod pools;
 pub mod pressure;
 pub mod transfers;
+pub mod weights;
 
 use crate::service::Service;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub optimizer: Arc<crate::optimizer::Optimizer>,
     /// History, analytics, recommendations and `/metrics`.
     pub analytics: Arc<crate::analytics::Analytics>,
+    /// Model weights memwarden holds.
+    pub weights: Arc<crate::weights::WeightStore>,
     /// Request latencies for `/metrics`.
     pub http_metrics: crate::analytics::metrics::HttpMetrics,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
@@ -95,6 +98,9 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         models::optimize,
         models::optimize_history,
         models::move_model,
+        weights::park,
+        weights::resume,
+        weights::drop_copy,
         analytics::usage_all,
         analytics::usage_device,
         analytics::analytics,
@@ -110,7 +116,9 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         DefragBody,
         memwarden_protocol::api::LoadBody,
         memwarden_protocol::api::OptimizeBody,
-        memwarden_protocol::api::MoveBody
+        memwarden_protocol::api::MoveBody,
+        memwarden_protocol::api::ResumeBody,
+        memwarden_protocol::api::LoadedDto
     ))
 )]
 pub struct ApiDoc;
@@ -147,6 +155,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/models/optimize/history", get(models::optimize_history))
         .route("/api/memory/models/{model_id}", delete(models::unload_model))
         .route("/api/memory/models/{model_id}/move", post(models::move_model))
+        .route("/api/memory/models/{model_id}/park", post(weights::park))
+        .route("/api/memory/models/{model_id}/resume", post(weights::resume))
+        .route("/api/memory/models/{model_id}/drop", post(weights::drop_copy))
         .route("/api/memory/usage", get(analytics::usage_all))
         .route("/api/memory/usage/{device_id}", get(analytics::usage_device))
         .route("/api/memory/analytics", get(analytics::analytics))

@@ -14,8 +14,8 @@ use axum::http::StatusCode;
 use memwarden_core::eviction::Strategy;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{
-    AllocatorDto, CoordinationDto, DeviceModelsDto, LoadBody, LoadedModelDto, ModelMemoryDto, ModelsDto, MoveBody,
-    MovedDto, OptimizeBody, OptimizeHistoryDto, OptimizeOutcome, SystemMemoryDto, UnloadedDto, WorkerDto,
+    AllocatorDto, CoordinationDto, DeviceModelsDto, LoadBody, LoadedDto, LoadedModelDto, ModelMemoryDto, ModelsDto,
+    MoveBody, MovedDto, OptimizeBody, OptimizeHistoryDto, OptimizeOutcome, SystemMemoryDto, UnloadedDto, WorkerDto,
 };
 use memwarden_protocol::{codes, LoadModel, Role, DEFAULT_PRIORITY};
 use serde::Deserialize;
@@ -67,10 +67,12 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
     let device = q.device_id.as_deref().map(|d| state.service.resolve(d)).transpose()?;
     let sup = &state.supervisor;
     let results = sup.sync().await;
-    if results.is_empty() {
+    let weights = state.weights.list();
+    let weights: Vec<_> = weights.into_iter().filter(|w| device.is_none_or(|d| w.device_id == d.to_string())).collect();
+    if results.is_empty() && weights.is_empty() {
         return Err(SupervisorError::Unavailable(sup.unavailable_reason()).into());
     }
-    if results.iter().all(|(_, e)| e.is_some()) {
+    if !results.is_empty() && results.iter().all(|(_, e)| e.is_some()) {
         let timeout =
             results.iter().find_map(|(_, e)| matches!(e, Some(SupervisorError::Timeout { .. })).then(|| e.clone()));
         return Err(timeout.flatten().or_else(|| results[0].1.clone()).map(ApiError::from).unwrap_or_else(|| {
@@ -143,6 +145,7 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
             socket: sup.socket_path().map(|p| p.display().to_string()),
             workers,
         },
+        weights,
     }))
 }
 
@@ -203,18 +206,20 @@ fn worker_dto(
     (dto, dtos, device_bytes)
 }
 
-/// Loads a `.safetensors` model on the least loaded ready worker that serves the device.
+/// Loads a `.safetensors` model. By default memwarden holds the weights in its own memory
+/// (processes map them with `memwarden.client`); with `heldBy: worker`, on the least loaded ready
+/// worker that serves the device.
 #[utoipa::path(
     post, path = "/api/memory/models/load", request_body = LoadBody,
     responses(
-        (status = 200, body = ApiResponse<LoadedModelDto>),
+        (status = 200, body = ApiResponse<LoadedDto>),
         (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "FILE_NOT_FOUND / DEVICE_NOT_FOUND"),
-        (status = 422, description = "LOAD_FAILED: not a valid safetensors file"),
+        (status = 422, description = "LOAD_FAILED / INVALID_MODEL_FILE: not a valid safetensors file (nothing allocated)"),
         (status = 503, description = "WORKER_UNAVAILABLE"), (status = 504, description = "TIMEOUT"),
         (status = 507, description = "INSUFFICIENT_MEMORY")
     )
 )]
-pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<LoadBody>) -> ApiResult<LoadedModelDto> {
+pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<LoadBody>) -> ApiResult<LoadedDto> {
     if !std::path::Path::new(&body.path).is_absolute() {
         return Err(ApiError::invalid(format!("path must be absolute, got {:?}", body.path)));
     }
@@ -222,10 +227,26 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
         return Err(ApiError::invalid("priority must be 0-100"));
     }
     let device = state.service.resolve(body.device_id.as_deref().unwrap_or("cpu"))?;
+    match body.held_by.as_deref() {
+        None | Some("memwarden") if state.weights.holds_device(device) => {
+            let Data(m) = super::weights::load_held(&state, device, body).await?;
+            return Ok(Data(LoadedDto::Held(m)));
+        }
+        Some("memwarden") => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "DEVICE_UNAVAILABLE",
+                format!("memwarden cannot hold weights on {device}; use heldBy: worker"),
+            ))
+        }
+        None | Some("worker") => {}
+        Some(other) => return Err(ApiError::invalid(format!("heldBy must be memwarden or worker, got {other:?}"))),
+    }
     if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
-    load_with_admission(&state, device, body).await
+    let Data(m) = load_with_admission(&state, device, body).await?;
+    Ok(Data(LoadedDto::Worker(m)))
 }
 
 /// A load through admission: the ticket is held while the worker loads, then given back.
@@ -271,6 +292,17 @@ async fn load_admitted(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
     )
 )]
 pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<UnloadedDto> {
+    if state.weights.contains(&model_id) {
+        let (model, freed) = state.weights.unload(&model_id).await?;
+        return Ok(Data(UnloadedDto {
+            model_id,
+            worker_id: "memwarden".into(),
+            device_id: model.device().to_string(),
+            freed_bytes: freed,
+            process_bytes_before: None,
+            process_bytes_after: None,
+        }));
+    }
     let (slot, info) = state.supervisor.find_model(&model_id).await?;
     let pid = slot.snapshot().pid;
     let measure = |state: &AppState| -> Option<u64> {
@@ -312,6 +344,22 @@ pub async fn move_model(
     ApiJson(body): ApiJson<MoveBody>,
 ) -> ApiResult<MovedDto> {
     let target = state.service.resolve(&body.target_device_id)?;
+    if let Ok(held) = state.weights.get(&model_id) {
+        // Memwarden's own weights move by park and resume: the id stays.
+        let from = held.device();
+        if from == target {
+            return Err(ApiError::invalid(format!("targetDeviceId: model {model_id} is already on {target}")));
+        }
+        let freed = state.weights.park(&model_id).await?.freed_bytes;
+        state.weights.resume(&model_id, Some(target)).await?;
+        let dto = state.weights.dto(&held);
+        return Ok(Data(MovedDto {
+            model: super::weights::as_loaded(&held, &dto),
+            previous_model_id: model_id,
+            previous_device_id: from.to_string(),
+            freed_bytes: freed,
+        }));
+    }
     let (slot, info) = state.supervisor.find_model(&model_id).await?;
     let path = match (&info.path, slot.role) {
         (Some(p), Role::Worker) => p.clone(),
@@ -332,6 +380,8 @@ pub async fn move_model(
         device_id: Some(target.to_string()),
         priority: Some(info.priority),
         pinned: info.pinned,
+        held_by: Some("worker".into()),
+        keep_alive_ms: None,
     };
     let Data(model) = load_with_admission(&state, target, load).await?;
     let (released, _, _) = state.supervisor.unload(&model_id).await?;

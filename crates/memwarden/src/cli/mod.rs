@@ -179,6 +179,8 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
                 device_id: device.clone(),
                 priority: *priority,
                 pinned: *pinned,
+                held_by: None,
+                keep_alive_ms: None,
             };
             models::load(client, &body, json)
         }

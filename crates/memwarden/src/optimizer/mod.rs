@@ -7,6 +7,7 @@
 //! moves with everything else running). `memoryFreed` is that change, not the workers' claims.
 
 pub mod admission;
+mod held;
 mod watchdog;
 
 use crate::config::OptimizerSection;
@@ -75,6 +76,8 @@ pub struct Optimizer {
     events: tokio::sync::broadcast::Sender<OptimizeOutcome>,
     /// Per device: when the watchdog last ran, and for which level.
     last_auto: Mutex<HashMap<DeviceId, (Instant, Level)>>,
+    /// Model weights memwarden holds: parked (or dropped) before any worker model is touched.
+    weights: std::sync::OnceLock<Arc<crate::weights::WeightStore>>,
 }
 
 const HISTORY: usize = 100;
@@ -95,7 +98,13 @@ impl Optimizer {
             history: Mutex::new(VecDeque::new()),
             events: tokio::sync::broadcast::channel(64).0,
             last_auto: Mutex::new(HashMap::new()),
+            weights: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the ladder the weights store (set once at start).
+    pub fn set_weights(&self, weights: Arc<crate::weights::WeightStore>) {
+        let _ = self.weights.set(weights);
     }
 
     pub fn config(&self) -> &OptimizerSection {
@@ -221,7 +230,10 @@ impl Optimizer {
         let base = self.measure(device);
 
         self.trim_caches(device, &mut out).await;
-        let stopped_by_time = self.release_models(&req, target, base, deadline, &mut out).await;
+        let mut stopped_by_time = self.release_held(&req, target, base, deadline, &mut out).await;
+        if !stopped_by_time {
+            stopped_by_time = self.release_models(&req, target, base, deadline, &mut out).await;
+        }
         out.memory_freed = self.measure(device) - base;
         out.memory_claimed = out.steps.iter().map(|s| s.claimed_bytes).sum();
         let (level_after, category_after) = self.level(self.read(device));

@@ -2,6 +2,7 @@
 //! matched to them by id, notifications applied to the connection's model list.
 
 use crate::util::lock;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use memwarden_protocol::{
     codes, decode, encode, Action, Event, Hello, MemoryReport, Message, ModelInfo, ModelUnloaded, Released, Reply,
@@ -9,15 +10,67 @@ use memwarden_protocol::{
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 
-pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+/// Where a connection's lines go: a worker's stdin (a pipe: no descriptors can travel) or a
+/// Unix socket (version 2 lines may carry descriptors, `SCM_RIGHTS`).
+pub enum Writer {
+    Pipe(Box<dyn AsyncWrite + Send + Unpin>),
+    Socket(tokio::net::unix::OwnedWriteHalf),
+}
+
+impl Writer {
+    /// Writes `line`; with descriptors, they ride on the `sendmsg` of its first byte.
+    async fn write_line(&mut self, line: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+        match self {
+            Writer::Pipe(w) if fds.is_empty() => {
+                w.write_all(line).await?;
+                w.flush().await
+            }
+            Writer::Pipe(_) => {
+                Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "file descriptors cannot travel over a pipe"))
+            }
+            Writer::Socket(w) if fds.is_empty() => {
+                w.write_all(line).await?;
+                w.flush().await
+            }
+            Writer::Socket(w) => {
+                let sock = w.as_ref();
+                let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                let sent = loop {
+                    sock.writable().await?;
+                    match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                        memwarden_sys::send_with_fds(sock.as_fd(), line, &borrowed)
+                    }) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                };
+                w.write_all(&line[sent..]).await?;
+                w.flush().await
+            }
+        }
+    }
+}
+
+/// Requests a peer sends the daemon (protocol version 2), served outside the supervisor: the
+/// weights store answers `loadWeights` and its kin. Registered once at start.
+pub trait PeerRequests: Send + Sync {
+    /// Answers one request; the reply may carry descriptors.
+    fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)>;
+    /// A notification this module does not apply itself (`weightsUsed`).
+    fn notify(&self, conn: &Arc<Conn>, event: Event, data: &Value);
+    /// The connection closed.
+    fn closed(&self, conn: &Arc<Conn>);
+}
 
 /// Lines of at most `MAX_LINE_BYTES`, not required to be UTF-8 (a bad line is answered, not
 /// fatal); tokio-util's `LinesCodec` would end the stream on invalid UTF-8.
@@ -39,6 +92,7 @@ pub struct Conn {
     pub worker_id: String,
     pub role: Role,
     pub pid: u32,
+    pub protocol_version: u32,
     pub devices: Vec<String>,
     pub frameworks: BTreeMap<String, Option<String>>,
     pub connected_at: OffsetDateTime,
@@ -57,6 +111,7 @@ impl Conn {
         Conn {
             worker_id: hello.worker_id,
             role: hello.role,
+            protocol_version: hello.protocol_version,
             pid,
             devices: hello.devices,
             frameworks: hello.frameworks,
@@ -75,24 +130,38 @@ impl Conn {
     }
 
     pub async fn send(&self, message: &Message) -> std::io::Result<()> {
+        self.send_with_fds(message, &[]).await
+    }
+
+    /// Sends a line with descriptors (its `fds` must say how many).
+    pub async fn send_with_fds(&self, message: &Message, fds: &[OwnedFd]) -> std::io::Result<()> {
         let mut line = encode(message);
         line.push('\n');
-        let mut w = self.writer.lock().await;
-        w.write_all(line.as_bytes()).await?;
-        w.flush().await
+        self.writer.lock().await.write_line(line.as_bytes(), fds).await
     }
 
     /// One request, one reply (no retry: the supervisor decides that).
     pub async fn call(&self, action: Action, data: Value, timeout: Duration) -> Result<Reply, CallError> {
+        self.call_with_fds(action, data, Vec::new(), timeout).await
+    }
+
+    /// A request that carries descriptors (version 2 peers on a socket only).
+    pub async fn call_with_fds(
+        &self,
+        action: Action,
+        data: Value,
+        fds: Vec<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
         if self.is_closed() {
             return Err(CallError::Closed);
         }
         let id = format!("d{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id.clone(), tx);
-        let request = Message::Request(Request { request_id: id.clone(), action, data });
+        let request = Message::Request(Request { request_id: id.clone(), action, data, fds: fds.len() as u32 });
         let result = tokio::time::timeout(timeout, async {
-            self.send(&request).await.map_err(|e| CallError::Io(e.to_string()))?;
+            self.send_with_fds(&request, &fds).await.map_err(|e| CallError::Io(e.to_string()))?;
             rx.await.map_err(|_| CallError::Closed)
         })
         .await;
@@ -138,6 +207,8 @@ impl Conn {
                 Ok(r) => self.apply_report(r),
                 Err(e) => tracing::warn!(worker = %self.worker_id, "memoryReport refused: {e}"),
             },
+            // Applied by the weights store (read_loop hands it over); nothing to keep here.
+            Event::WeightsUsed => {}
         }
     }
 
@@ -196,6 +267,53 @@ impl Conn {
     }
 }
 
+/// Answers one request from the peer on its own task: `ping` and `register` here, the rest by
+/// `peer`; a version 1 peer gets `NOT_SUPPORTED`.
+fn serve_request(conn: &Arc<Conn>, r: Request, peer: Option<Arc<dyn PeerRequests>>) {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let (reply, fds) = match (r.action, peer) {
+            _ if conn.protocol_version < 2 => (
+                Reply::err(r.request_id, codes::NOT_SUPPORTED, "the daemon takes requests from protocol 2 peers only"),
+                Vec::new(),
+            ),
+            _ if r.fds > 0 => {
+                (Reply::err(r.request_id, codes::INVALID_DATA, "the daemon takes no descriptors"), Vec::new())
+            }
+            (Action::Ping, _) => (Reply::ok(r.request_id, serde_json::json!({"pong": true})), Vec::new()),
+            (Action::Register, _) => (conn.register(&r), Vec::new()),
+            (Action::LoadWeights | Action::ReleaseWeights | Action::ResumeWeights, Some(p)) => {
+                p.handle(conn.clone(), r).await
+            }
+            (action, _) => (
+                Reply::err(r.request_id, codes::NOT_SUPPORTED, format!("the daemon does not serve `{action}`")),
+                Vec::new(),
+            ),
+        };
+        let reply = Reply { fds: fds.len() as u32, ..reply };
+        if let Err(e) = conn.send_with_fds(&Message::Reply(reply), &fds).await {
+            tracing::warn!(worker = %conn.worker_id, "reply not sent: {e}");
+        }
+    });
+}
+
+impl Conn {
+    /// `register`: a model the peer holds in its own framework.
+    fn register(&self, r: &Request) -> Reply {
+        match r.data_as::<ModelInfo>() {
+            Ok(m) => match m.validate() {
+                Ok(()) => {
+                    let id = m.model_id.clone();
+                    lock(&self.models).insert(id.clone(), m);
+                    Reply::ok(r.request_id.clone(), serde_json::json!({ "modelId": id }))
+                }
+                Err(e) => Reply::err(r.request_id.clone(), codes::INVALID_DATA, format!("register: {e}")),
+            },
+            Err(e) => Reply::err(r.request_id.clone(), e.code, e.message),
+        }
+    }
+}
+
 /// Reads the first line, which must be a `hello`.
 pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut LineReader<R>) -> Result<Hello, String> {
     loop {
@@ -220,8 +338,13 @@ pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut LineReader<R>) -> Res
     }
 }
 
-/// Serves the connection's input until it ends; returns why it ended.
-pub async fn read_loop<R: AsyncRead + Unpin>(conn: &Conn, reader: &mut LineReader<R>) -> String {
+/// Serves the connection's input until it ends; returns why it ended. Requests from the peer go
+/// to `peer` (each on its own task, so a slow one never holds up replies to the daemon's calls).
+pub async fn read_loop<R: AsyncRead + Unpin>(
+    conn: &Arc<Conn>,
+    reader: &mut LineReader<R>,
+    peer: Option<Arc<dyn PeerRequests>>,
+) -> String {
     while let Some(item) = reader.next().await {
         let bytes = match item {
             Ok(b) => b,
@@ -237,12 +360,11 @@ pub async fn read_loop<R: AsyncRead + Unpin>(conn: &Conn, reader: &mut LineReade
         }
         match decode(line.trim_end()) {
             Ok(Message::Reply(r)) => conn.on_reply(r),
-            Ok(Message::Notification(n)) => conn.apply_notification(n.event, &n.data),
-            Ok(Message::Request(r)) => {
-                let reply =
-                    Reply::err(r.request_id, codes::NOT_SUPPORTED, "the daemon takes no requests in protocol 1");
-                let _ = conn.send(&Message::Reply(reply)).await;
-            }
+            Ok(Message::Notification(n)) => match (n.event, &peer) {
+                (Event::WeightsUsed, Some(p)) => p.notify(conn, n.event, &n.data),
+                _ => conn.apply_notification(n.event, &n.data),
+            },
+            Ok(Message::Request(r)) => serve_request(conn, r, peer.clone()),
             Ok(Message::Hello(_)) => tracing::warn!(worker = %conn.worker_id, "ignored a second hello"),
             Err(e) => {
                 tracing::warn!(worker = %conn.worker_id, "bad line: {e}");

@@ -9,7 +9,7 @@ pub mod python;
 mod socket;
 
 use crate::util::lock;
-pub use conn::{CallError, Conn};
+pub use conn::{CallError, Conn, PeerRequests, Writer};
 pub use memwarden_protocol::api::WorkerState;
 use memwarden_protocol::{codes, Action, LoadModel, ModelInfo, Released, Reply, Role};
 use serde_json::Value;
@@ -143,6 +143,8 @@ pub struct Supervisor {
     python: Mutex<Option<python::Extracted>>,
     model_counter: AtomicU64,
     proc_root: PathBuf,
+    /// Who answers the peers' own requests (the weights store), once the daemon has one.
+    peer: std::sync::OnceLock<Arc<dyn PeerRequests>>,
 }
 
 impl Supervisor {
@@ -158,7 +160,17 @@ impl Supervisor {
             python: Mutex::new(None),
             model_counter: AtomicU64::new(1),
             proc_root,
+            peer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Registers who answers peers' requests (protocol 2); set once, before workers start.
+    pub fn set_peer_requests(&self, peer: Arc<dyn PeerRequests>) {
+        let _ = self.peer.set(peer);
+    }
+
+    pub(crate) fn peer_requests(&self) -> Option<Arc<dyn PeerRequests>> {
+        self.peer.get().cloned()
     }
 
     pub fn config(&self) -> &WorkersSection {

@@ -1,7 +1,7 @@
 //! Supervised workers: spawn, handshake, serve stdout as protocol and stderr as logs, health
 //! pings, restart with backoff.
 
-use super::conn::{line_reader, read_hello, read_loop, Conn};
+use super::conn::{line_reader, read_hello, read_loop, Conn, Writer};
 use super::{python, Slot, Supervisor, WorkerState};
 use crate::config::WorkerSpec;
 use crate::util::lock;
@@ -197,7 +197,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
             return format!("no hello within {} ms", cfg.start_timeout_ms);
         }
     };
-    let conn = Arc::new(Conn::new(hello, pid, Box::new(stdin)));
+    let conn = Arc::new(Conn::new(hello, pid, Writer::Pipe(Box::new(stdin))));
     {
         let mut s = lock(&slot.state);
         s.conn = Some(conn.clone());
@@ -207,7 +207,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
     slot.set_state(WorkerState::Ready);
     let health = health_pings(sup.clone(), slot.clone(), conn.clone());
     let reason = tokio::select! {
-        r = read_loop(&conn, &mut reader) => r,
+        r = read_loop(&conn, &mut reader, sup.peer_requests()) => r,
         r = health => r,
         _ = slot.restart.notified() => "restarted by the optimizer: a claimed release did not show up".into(),
         _ = super::stopped(stop.clone()) => {
@@ -217,6 +217,9 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
         }
     };
     conn.close();
+    if let Some(p) = sup.peer_requests() {
+        p.closed(&conn);
+    }
     let _ = child.start_kill();
     let status = match child.wait().await {
         Ok(s) => s.to_string(),

@@ -2,7 +2,7 @@
 //! `memwarden.client` and speak the same protocol. A client's slot lives as long as its
 //! connection; its pid comes from the kernel (SO_PEERCRED), not from its hello.
 
-use super::conn::{line_reader, read_hello, read_loop, Conn};
+use super::conn::{line_reader, read_hello, read_loop, Conn, Writer};
 use super::{python, Slot, Supervisor, WorkerState};
 use crate::util::lock;
 use memwarden_protocol::Role;
@@ -93,7 +93,7 @@ async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
         n += 1;
     }
     let pid = pid.unwrap_or(hello.pid);
-    let mut conn = Conn::new(hello, pid, Box::new(write));
+    let mut conn = Conn::new(hello, pid, Writer::Socket(write));
     conn.worker_id = id.clone();
     conn.role = Role::Client;
     let conn = Arc::new(conn);
@@ -108,10 +108,13 @@ async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
     tracing::info!(client = %id, pid, "client attached");
     let stop = sup.stopping();
     let reason = tokio::select! {
-        r = read_loop(&conn, &mut reader) => r,
+        r = read_loop(&conn, &mut reader, sup.peer_requests()) => r,
         _ = super::stopped(stop.clone()) => "daemon stopping".into(),
     };
     conn.close();
+    if let Some(p) = sup.peer_requests() {
+        p.closed(&conn);
+    }
     sup.remove_slot(&slot);
     tracing::info!(client = %id, pid, "client detached: {reason}");
 }

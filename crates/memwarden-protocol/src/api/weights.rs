@@ -1,0 +1,96 @@
+//! Model weights held by memwarden: `/api/memory/models/load` (default), `…/{id}/park`,
+//! `…/{id}/resume`, and the `weights` part of the model listing.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Where a held model's weights are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum WeightState {
+    /// In memwarden memory on its device; holders may map it.
+    Resident,
+    /// Copied to memwarden's pinned host memory; the device memory went back to the driver.
+    Parked,
+    /// Only the file is kept; a resume reads it again (and checks it did not change).
+    Dropped,
+    /// Resident, but every holder died; kept for `weights.orphan_grace_ms` so a restarted
+    /// process re-attaches it without reading the file.
+    Orphaned,
+}
+
+impl WeightState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightState::Resident => "resident",
+            WeightState::Parked => "parked",
+            WeightState::Dropped => "dropped",
+            WeightState::Orphaned => "orphaned",
+        }
+    }
+}
+
+/// One measured move of a model's bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateDto {
+    pub at: String,
+    pub bytes: u64,
+    pub ms: f64,
+    pub gb_per_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldModelDto {
+    pub model_id: String,
+    pub name: String,
+    pub path: String,
+    /// The device it lives on when resident (and returns to on a plain resume).
+    pub device_id: String,
+    pub state: WeightState,
+    /// The tensors' bytes (the file's data section).
+    pub size_bytes: u64,
+    /// Device (or, on cpu, shared host) memory held now.
+    pub resident_bytes: u64,
+    /// Pinned host memory held for the parked copy now.
+    pub parked_bytes: u64,
+    pub tensor_count: u64,
+    /// BLAKE3 content hash of the file as loaded (docs/PROTOCOL.md).
+    pub hash: String,
+    /// Processes mapping it now (worker or client ids); the bytes are counted once.
+    pub holders: Vec<String>,
+    pub priority: u8,
+    pub pinned: bool,
+    /// Idle time after which it is parked (cpu: dropped); `null`: never.
+    pub keep_alive_ms: Option<u64>,
+    pub loaded_at: String,
+    pub last_used: String,
+    pub load: Option<RateDto>,
+    pub last_park: Option<RateDto>,
+    pub last_resume: Option<RateDto>,
+    /// Set while orphaned: when the grace period ends.
+    pub orphaned_until: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResumeBody {
+    /// Another GPU to resume on (default: the model's own device).
+    pub target_device_id: Option<String>,
+}
+
+/// The reply to park, resume and drop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightsActionDto {
+    /// `park`, `resume`, `drop`, or `none` when the model was already in the asked state.
+    pub action: String,
+    pub model: HeldModelDto,
+    /// Device bytes given back to the driver (park, drop of a resident model).
+    pub freed_bytes: u64,
+    /// The copy's own time and rate (`null` for `none`).
+    pub rate: Option<RateDto>,
+    /// Time for the whole request, including the holders' unmap and remap.
+    pub total_ms: f64,
+}

@@ -1,0 +1,360 @@
+//! CUDA virtual memory management (VMM) for model weights: one physical allocation per model
+//! (`cuMemCreate`) that other processes import through a POSIX file descriptor
+//! (`cuMemExportToShareableHandle`) and map at addresses they reserve themselves, so a holder
+//! can unmap it while the weights are parked and map the next allocation at the same address.
+//! The daemon maps each allocation in its own address space too, to copy into and out of it.
+
+use super::{check, CudaContext, CudaError};
+use crate::HostMapping;
+use cudarc::driver::sys;
+use std::ffi::c_void;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+fn prop(ordinal: u32) -> sys::CUmemAllocationProp {
+    sys::CUmemAllocationProp {
+        type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+        location: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: ordinal as i32 },
+        win32HandleMetaData: std::ptr::null_mut(),
+        allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    }
+}
+
+/// The size VMM allocations on this GPU are rounded up to (the driver's recommended
+/// granularity, 2 MiB on current GPUs).
+pub fn granularity_bytes(ctx: &CudaContext) -> Result<u64, CudaError> {
+    ctx.bind()?;
+    let p = prop(ctx.ordinal);
+    let mut g: usize = 0;
+    // SAFETY: `p` is a fully initialised property struct and `g` a valid out-pointer.
+    check("cuMemGetAllocationGranularity", 0, unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut g,
+            &p,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+        )
+    })?;
+    Ok(g.max(1) as u64)
+}
+
+/// One exportable device allocation, mapped read-write in this process. Unmapped, its address
+/// range freed and its handle released on drop; the memory goes back to the driver once no
+/// other process maps it either.
+#[derive(Debug)]
+pub struct VmmAllocation {
+    ctx: Arc<CudaContext>,
+    handle: sys::CUmemGenericAllocationHandle,
+    ptr: sys::CUdeviceptr,
+    size: u64,
+}
+
+// SAFETY: the handle and address are plain driver tokens; every call binds the context first.
+unsafe impl Send for VmmAllocation {}
+// SAFETY: as above; copies into disjoint ranges from several threads are the caller's to keep
+// disjoint (the weights loader hands each thread its own ranges).
+unsafe impl Sync for VmmAllocation {}
+
+impl VmmAllocation {
+    /// Creates at least `bytes` (rounded up to the granularity) on `ctx`'s GPU and maps them.
+    pub fn new(ctx: &Arc<CudaContext>, bytes: u64) -> Result<Self, CudaError> {
+        let g = granularity_bytes(ctx)?;
+        let size = bytes.max(1).div_ceil(g) * g;
+        let p = prop(ctx.ordinal);
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid out-pointer and property struct; the context is current.
+        check("cuMemCreate", size, unsafe { sys::cuMemCreate(&mut handle, size as usize, &p, 0) })?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; a fresh reservation anywhere, aligned to the granularity.
+        let rc = unsafe { sys::cuMemAddressReserve(&mut ptr, size as usize, g as usize, 0, 0) };
+        if let Err(e) = check("cuMemAddressReserve", size, rc) {
+            // SAFETY: the handle was created above and is released once.
+            unsafe { sys::cuMemRelease(handle) };
+            return Err(e);
+        }
+        let alloc = VmmAllocation { ctx: ctx.clone(), handle, ptr, size };
+        // SAFETY: the reservation and the handle are both `size` bytes and owned by `alloc`,
+        // whose Drop unmaps before freeing either.
+        check("cuMemMap", size, unsafe { sys::cuMemMap(ptr, size as usize, 0, handle, 0) })?;
+        let access = sys::CUmemAccessDesc {
+            location: p.location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range was just mapped; one access descriptor is passed.
+        check("cuMemSetAccess", size, unsafe { sys::cuMemSetAccess(ptr, size as usize, &access, 1) })?;
+        Ok(alloc)
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The address in this process (for copies; other processes map their own).
+    pub fn address(&self) -> u64 {
+        self.ptr
+    }
+
+    /// A new file descriptor another process imports with `cuMemImportFromShareableHandle`.
+    pub fn export_fd(&self) -> Result<OwnedFd, CudaError> {
+        self.ctx.bind()?;
+        let mut fd: libc::c_int = -1;
+        // SAFETY: for POSIX file descriptors the out-parameter is an int; the handle is live.
+        check("cuMemExportToShareableHandle", self.size, unsafe {
+            sys::cuMemExportToShareableHandle(
+                &mut fd as *mut libc::c_int as *mut c_void,
+                self.handle,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        })?;
+        // SAFETY: the driver returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<u64, CudaError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(self.ptr + offset),
+            _ => Err(CudaError::Driver {
+                operation: "bounds check",
+                error: format!("range {offset}+{len} is outside an allocation of {} bytes", self.size),
+            }),
+        }
+    }
+
+    /// Copies every piece (`(device offset, host mapping, host offset, len)`) device → host on
+    /// `stream`, all queued, and returns once they have arrived.
+    pub fn copy_to_host(&self, stream: &CudaStream, pieces: &[(u64, &HostMapping, u64, u64)]) -> Result<(), CudaError> {
+        self.copy_pieces(stream, pieces, true)
+    }
+
+    /// Copies every piece host → device, like [`VmmAllocation::copy_to_host`].
+    pub fn copy_from_host(
+        &self,
+        stream: &CudaStream,
+        pieces: &[(u64, &HostMapping, u64, u64)],
+    ) -> Result<(), CudaError> {
+        self.copy_pieces(stream, pieces, false)
+    }
+
+    fn copy_pieces(
+        &self,
+        stream: &CudaStream,
+        pieces: &[(u64, &HostMapping, u64, u64)],
+        to_host: bool,
+    ) -> Result<(), CudaError> {
+        let mut checked = Vec::with_capacity(pieces.len());
+        for &(dev_off, host, host_off, len) in pieces {
+            let dev = self.check_range(dev_off, len)?;
+            let h = host.check(host_off, len).map_err(super::bounds)? as u64 + host.address();
+            checked.push((dev, h, len));
+        }
+        self.ctx.bind()?;
+        for (dev, host, len) in checked {
+            // SAFETY: both ranges were bounds-checked inside live memory borrowed for this call,
+            // and the stream is synchronized below before the borrows end.
+            let rc = unsafe {
+                if to_host {
+                    sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, dev, len as usize, stream.stream)
+                } else {
+                    sys::cuMemcpyHtoDAsync_v2(dev, host as *const c_void, len as usize, stream.stream)
+                }
+            };
+            if let Err(e) = check(if to_host { "cuMemcpyDtoHAsync" } else { "cuMemcpyHtoDAsync" }, len, rc) {
+                let _ = stream.synchronize();
+                return Err(e);
+            }
+        }
+        stream.synchronize()
+    }
+}
+
+impl Drop for VmmAllocation {
+    fn drop(&mut self) {
+        // SAFETY: the mapping, reservation and handle were made in `new` and are undone once,
+        // in reverse order; errors cannot be returned from Drop.
+        unsafe {
+            let _ = self.ctx.bind();
+            let _ = sys::cuMemUnmap(self.ptr, self.size as usize);
+            let _ = sys::cuMemAddressFree(self.ptr, self.size as usize);
+            let _ = sys::cuMemRelease(self.handle);
+        }
+    }
+}
+
+/// A non-blocking stream of its own, so several threads copy without queueing behind each other.
+#[derive(Debug)]
+pub struct CudaStream {
+    ctx: Arc<CudaContext>,
+    stream: sys::CUstream,
+}
+
+// SAFETY: a stream handle may be used from any thread with its context current (bound first).
+unsafe impl Send for CudaStream {}
+// SAFETY: as above.
+unsafe impl Sync for CudaStream {}
+
+impl CudaStream {
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {
+        ctx.bind()?;
+        let mut stream: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current.
+        check("cuStreamCreate", 0, unsafe {
+            sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+        })?;
+        Ok(CudaStream { ctx: ctx.clone(), stream })
+    }
+
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.ctx.bind()?;
+        // SAFETY: the stream is live for self's lifetime.
+        check("cuStreamSynchronize", 0, unsafe { sys::cuStreamSynchronize(self.stream) })
+    }
+}
+
+impl Drop for CudaStream {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once; pending work completes first (the driver
+        // defers the destruction until the stream is idle).
+        unsafe {
+            let _ = self.ctx.bind();
+            let _ = sys::cuStreamDestroy_v2(self.stream);
+        }
+    }
+}
+
+/// A ring of pinned staging buffers with a stream of their own, kept between loads (registering
+/// host memory costs about a millisecond per 8 MiB, too much to pay on every load).
+#[derive(Debug)]
+pub struct Staging {
+    stream: CudaStream,
+    slots: Vec<(HostMapping, EventHandle)>,
+    next: usize,
+}
+
+#[derive(Debug)]
+struct EventHandle(sys::CUevent);
+
+// SAFETY: an event handle is a plain driver token, used with its context bound.
+unsafe impl Send for EventHandle {}
+// SAFETY: as above.
+unsafe impl Sync for EventHandle {}
+
+impl Drop for EventHandle {
+    fn drop(&mut self) {
+        // SAFETY: created in `Staging::new` and destroyed once; Staging's owner synchronized the
+        // stream (UploadPipeline's Drop) before the staging buffers can go.
+        unsafe {
+            let _ = sys::cuEventDestroy_v2(self.0);
+        }
+    }
+}
+
+impl Staging {
+    /// `depth` staging buffers of `chunk_bytes` each on `ctx`'s GPU, registered with CUDA.
+    pub fn new(ctx: &Arc<CudaContext>, chunk_bytes: u64, depth: usize) -> Result<Self, CudaError> {
+        let stream = CudaStream::new(ctx)?;
+        let mut slots = Vec::with_capacity(depth.max(1));
+        for _ in 0..depth.max(1) {
+            let mut m = HostMapping::new(chunk_bytes, crate::page_size_bytes(), false)
+                .map_err(|e| CudaError::Driver { operation: "staging buffer", error: e.to_string() })?;
+            m.register_cuda(ctx)?;
+            let mut ev: sys::CUevent = std::ptr::null_mut();
+            // SAFETY: valid out-pointer; the context is current (bound by register_cuda).
+            check("cuEventCreate", 0, unsafe {
+                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            })?;
+            slots.push((m, EventHandle(ev)));
+        }
+        Ok(Staging { stream, slots, next: 0 })
+    }
+
+    pub fn chunk_bytes(&self) -> u64 {
+        self.slots[0].0.len_bytes()
+    }
+
+    pub fn ordinal(&self) -> u32 {
+        self.stream.ctx.ordinal
+    }
+}
+
+/// Fills a VMM allocation from host bytes through a [`Staging`] ring: while the copy engine
+/// moves one buffer, the caller fills the next. Waits for every copy before it gives the
+/// staging back (or on drop), so neither the allocation nor the staging buffers can go while a
+/// copy is in flight.
+pub struct UploadPipeline<'a> {
+    dst: &'a VmmAllocation,
+    staging: Option<Staging>,
+}
+
+impl<'a> UploadPipeline<'a> {
+    pub fn new(dst: &'a VmmAllocation, staging: Staging) -> Result<Self, (CudaError, Staging)> {
+        if staging.stream.ctx.ordinal != dst.ctx.ordinal {
+            let e = CudaError::Driver {
+                operation: "upload",
+                error: format!("staging of GPU {} cannot fill GPU {}", staging.stream.ctx.ordinal, dst.ctx.ordinal),
+            };
+            return Err((e, staging));
+        }
+        Ok(UploadPipeline { dst, staging: Some(staging) })
+    }
+
+    /// Waits until the next staging buffer is free, lets `fill` write up to a chunk into it
+    /// (it returns how many bytes it wrote), and queues their copy to `dst_offset`.
+    pub fn push<E: From<CudaError>>(
+        &mut self,
+        dst_offset: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<(), E> {
+        let Some(st) = self.staging.as_mut() else { return Ok(()) };
+        let i = st.next;
+        st.next = (st.next + 1) % st.slots.len();
+        let (mapping, ev) = &mut st.slots[i];
+        // SAFETY: the event is live; it was recorded after this slot's previous copy (or never,
+        // which counts as complete).
+        check("cuEventSynchronize", 0, unsafe { sys::cuEventSynchronize(ev.0) })?;
+        let n = fill(mapping.as_mut_slice())? as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = self.dst.check_range(dst_offset, n)?;
+        self.dst.ctx.bind()?;
+        // SAFETY: the device range was bounds-checked; the staging buffer is not written again
+        // before its event (recorded next) completes, and the stream is synchronized before the
+        // staging is given back or dropped and before the borrow of the allocation ends.
+        unsafe {
+            check(
+                "cuMemcpyHtoDAsync",
+                n,
+                sys::cuMemcpyHtoDAsync_v2(dev, mapping.address() as *const c_void, n as usize, st.stream.stream),
+            )?;
+            check("cuEventRecord", 0, sys::cuEventRecord(ev.0, st.stream.stream))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every queued copy and gives the staging back for the next load.
+    pub fn finish(mut self) -> Result<Staging, CudaError> {
+        let Some(st) = self.staging.take() else {
+            return Err(CudaError::Driver { operation: "upload", error: "no staging".into() });
+        };
+        st.stream.synchronize()?;
+        Ok(st)
+    }
+}
+
+impl Drop for UploadPipeline<'_> {
+    fn drop(&mut self) {
+        if let Some(st) = &self.staging {
+            let _ = st.stream.synchronize();
+        }
+    }
+}

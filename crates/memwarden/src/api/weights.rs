@@ -1,0 +1,180 @@
+//! Routes for model weights held by memwarden: load (the default of `/models/load`), park,
+//! resume, drop, unload and move keep one model id throughout.
+
+use super::envelope::{ApiError, ApiResponse, Data};
+use super::{ApiResult, AppState};
+use crate::weights::{ActionOutcome, HeldModel, LoadRequest, WeightsError};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use memwarden_core::DeviceId;
+use memwarden_protocol::api::{HeldModelDto, LoadBody, LoadedModelDto, ResumeBody, WeightsActionDto};
+use memwarden_protocol::{codes, DEFAULT_PRIORITY};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl From<WeightsError> for ApiError {
+    fn from(e: WeightsError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            WeightsError::FileNotFound(_) => (StatusCode::NOT_FOUND, "FILE_NOT_FOUND"),
+            WeightsError::InvalidFile(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::INVALID_MODEL_FILE),
+            WeightsError::FileChanged(_) => (StatusCode::CONFLICT, codes::FILE_CHANGED),
+            WeightsError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "MODEL_NOT_FOUND"),
+            WeightsError::NotSupported(_) => (StatusCode::CONFLICT, "NOT_SUPPORTED"),
+            WeightsError::InUse(_) => (StatusCode::CONFLICT, codes::IN_USE),
+            WeightsError::InsufficientMemory { .. } => (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY"),
+            WeightsError::DeviceUnavailable(_) => (StatusCode::CONFLICT, "DEVICE_UNAVAILABLE"),
+            WeightsError::LoadFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "LOAD_FAILED"),
+            WeightsError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+/// Loads through admission (the ladder makes room first; 507 when it cannot) into memwarden's
+/// own memory. A second load of the same file on the same device returns the model already
+/// held.
+pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> ApiResult<HeldModelDto> {
+    let ticket = state.optimizer.admit(device, &body.path, body.name.as_deref()).await?;
+    let req = LoadRequest {
+        path: body.path.into(),
+        device,
+        name: body.name,
+        priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
+        pinned: body.pinned,
+        keep_alive_ms: body.keep_alive_ms,
+    };
+    let result = state.weights.load(req, None).await;
+    state.optimizer.release_ticket(ticket);
+    let attached = result?;
+    Ok(Data(state.weights.dto(&attached.model)))
+}
+
+fn outcome(state: &AppState, model: &HeldModel, o: ActionOutcome, started: Instant) -> WeightsActionDto {
+    WeightsActionDto {
+        action: o.action.to_string(),
+        model: state.weights.dto(model),
+        freed_bytes: o.freed_bytes,
+        rate: o.rate.as_ref().map(|r| r.dto()),
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+/// Parks a model: its holders unmap (waiting for their `use()`s), its bytes go to pinned host
+/// memory, its device memory back to the driver.
+#[utoipa::path(
+    post, path = "/api/memory/models/{modelId}/park", params(("modelId" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<WeightsActionDto>), (status = 404, description = "MODEL_NOT_FOUND"),
+        (status = 409, description = "NOT_SUPPORTED (cpu, pinned) / IN_USE (a holder's use() outlasted weights.use_bound_ms)")
+    )
+)]
+pub async fn park(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<WeightsActionDto> {
+    let started = Instant::now();
+    let model = state.weights.get(&model_id)?;
+    let o = state.weights.park(&model_id).await?;
+    Ok(Data(outcome(&state, &model, o, started)))
+}
+
+/// Brings a parked or dropped model back (to `targetDeviceId`, another GPU, when given); its
+/// holders map it again, at their old addresses on the same device.
+#[utoipa::path(
+    post, path = "/api/memory/models/{modelId}/resume", params(("modelId" = String, Path)),
+    request_body(content = Option<ResumeBody>, description = "optional"),
+    responses(
+        (status = 200, body = ApiResponse<WeightsActionDto>), (status = 404, description = "MODEL_NOT_FOUND"),
+        (status = 409, description = "FILE_CHANGED: the file changed since it was loaded; nothing stale is loaded"),
+        (status = 507, description = "INSUFFICIENT_MEMORY, after the ladder ran")
+    )
+)]
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(model_id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<WeightsActionDto> {
+    let started = Instant::now();
+    // The body is optional: empty means "back to its own device".
+    let body: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ResumeBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("body: {e}")))?
+    };
+    let target = match body.target_device_id {
+        Some(t) => Some(state.service.resolve(&t)?),
+        None => None,
+    };
+    let model = state.weights.get(&model_id)?;
+    let device = target.unwrap_or_else(|| model.device());
+    let o = match state.weights.resume(&model_id, target).await {
+        Err(WeightsError::InsufficientMemory { .. }) => {
+            make_room(&state, device, model.file.data_bytes, &model_id).await?;
+            state.weights.resume(&model_id, target).await?
+        }
+        other => other?,
+    };
+    Ok(Data(outcome(&state, &model, o, started)))
+}
+
+/// Runs the ladder for `bytes` on `device` (never touching `exclude`); 507 with both numbers
+/// when it could not free them.
+async fn make_room(state: &AppState, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), ApiError> {
+    let mut req = crate::optimizer::OptimizeRequest::new(
+        device,
+        memwarden_core::eviction::Strategy::Balanced,
+        "admission",
+        state.optimizer.config(),
+    );
+    req.min_memory_to_free = bytes;
+    req.exclude = vec![exclude.to_string()];
+    let report = state.optimizer.run(req).await;
+    let available = state.service.measure_now(device).map(|(_, avail)| avail).unwrap_or(0);
+    if available < bytes {
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "INSUFFICIENT_MEMORY",
+            format!(
+                "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes",
+                report.memory_freed.max(0)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Keeps only the file: the parked copy (or, after the holders unmapped, the resident memory)
+/// is freed; a resume reads the file again and checks it did not change.
+#[utoipa::path(
+    post, path = "/api/memory/models/{modelId}/drop", params(("modelId" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<WeightsActionDto>), (status = 404, description = "MODEL_NOT_FOUND"),
+        (status = 409, description = "NOT_SUPPORTED (pinned) / IN_USE")
+    )
+)]
+pub async fn drop_copy(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<WeightsActionDto> {
+    let started = Instant::now();
+    let model = state.weights.get(&model_id)?;
+    let o = state.weights.drop_copy(&model_id).await?;
+    Ok(Data(outcome(&state, &model, o, started)))
+}
+
+/// A held model in the worker listing's shape (for `move`, whose reply predates held weights).
+pub fn as_loaded(m: &Arc<HeldModel>, dto: &HeldModelDto) -> LoadedModelDto {
+    LoadedModelDto {
+        model_id: dto.model_id.clone(),
+        model_name: dto.name.clone(),
+        worker_id: "memwarden".into(),
+        pid: std::process::id(),
+        device_id: dto.device_id.clone(),
+        size_bytes: dto.size_bytes,
+        bytes_by_device: BTreeMap::from([(dto.device_id.clone(), dto.size_bytes)]),
+        loaded_at: dto.loaded_at.clone(),
+        last_access: dto.last_used.clone(),
+        load_time_ms: dto.load.as_ref().map(|r| r.ms).unwrap_or(0.0),
+        priority: m.priority,
+        pinned: m.pinned,
+        path: Some(dto.path.clone()),
+        backend: Some("memwarden".into()),
+        reserved_bytes: Some(dto.resident_bytes),
+    }
+}

@@ -1,0 +1,65 @@
+//! The ladder's rung for weights memwarden holds, after the caches and before any worker model
+//! is offloaded or unloaded: on a GPU, park resident models (least valuable first), or, while the
+//! host is at `high` or above, drop them instead (a parked copy would add to the host's
+//! pressure); on the host, drop parked copies.
+
+use super::{ms, OptimizeRequest, Optimizer};
+use memwarden_core::pressure::Level;
+use memwarden_core::DeviceId;
+use memwarden_protocol::api::{OptimizeOutcome, StepRecord};
+use std::time::Instant;
+
+impl Optimizer {
+    /// Returns whether the time limit stopped it.
+    pub(super) async fn release_held(
+        &self,
+        req: &OptimizeRequest,
+        target: u64,
+        base: i64,
+        deadline: Instant,
+        out: &mut OptimizeOutcome,
+    ) -> bool {
+        let Some(store) = self.weights.get() else { return false };
+        let device = req.device;
+        let host_high = self.level(self.read(DeviceId::Cpu)).1 >= Level::High;
+        let (models, action) = if device.is_gpu() {
+            (store.park_candidates(device), if host_high { "drop" } else { "park" })
+        } else {
+            (store.drop_candidates(), "drop")
+        };
+        for m in models {
+            if (self.measure(device) - base).max(0) as u64 >= target {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            if req.exclude.contains(&m.id) || (!req.only.is_empty() && !req.only.contains(&m.id)) {
+                continue;
+            }
+            let t = Instant::now();
+            let before = self.measure(device);
+            let result = if action == "park" { store.park(&m.id).await } else { store.drop_copy(&m.id).await };
+            let (claimed, error) = match result {
+                Ok(o) => (o.freed_bytes, None),
+                // Skipped with the reason (e.g. a holder still inside `use()`); the ladder goes on.
+                Err(e) => (0, Some(e.to_string())),
+            };
+            let (gained, verified) = self.verify(device, before, if device.is_gpu() { claimed } else { 0 }).await;
+            if error.is_none() {
+                out.models_offloaded.push(m.id.clone());
+            }
+            out.steps.push(StepRecord {
+                action: action.into(),
+                target: m.id.clone(),
+                worker_id: Some("memwarden".into()),
+                claimed_bytes: claimed,
+                measured_bytes: gained,
+                duration_ms: ms(t),
+                verified,
+                error,
+            });
+        }
+        false
+    }
+}

@@ -1,0 +1,202 @@
+//! A model file as the weights store sees it: its identity (path, size, mtime), its tensors
+//! (from the safetensors header, checked against the file's real size before anything is
+//! allocated), and its content hash.
+
+use super::WeightsError;
+use memwarden_protocol::TensorEntry;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+/// Headers above this are refused before they are read (the `safetensors` crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The content hash covers the file in chunks of this size: each chunk's BLAKE3 is computed by
+/// whichever loader thread read it, and the file's hash is the BLAKE3 of the chunk hashes in
+/// order (plus the length), so hashing runs on every loader thread at once.
+pub const HASH_CHUNK_BYTES: u64 = 8 << 20;
+
+/// What makes two loads "the same file": path, size and modification time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> Result<FileIdentity, WeightsError> {
+        let meta = std::fs::metadata(path).map_err(|e| WeightsError::file(path, e))?;
+        if !meta.is_file() {
+            return Err(WeightsError::InvalidFile(format!("{} is not a regular file", path.display())));
+        }
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Ok(FileIdentity { path: path.to_path_buf(), size_bytes: meta.len(), mtime_ns })
+    }
+}
+
+/// A parsed, checked safetensors file: where its data starts and its tensors, with offsets
+/// from the start of the data (which is where the weights mapping starts).
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    pub identity: FileIdentity,
+    pub data_start: u64,
+    pub data_bytes: u64,
+    pub tensors: Vec<TensorEntry>,
+}
+
+impl ModelFile {
+    /// Reads and checks the header. A header that is not JSON, names an unknown dtype, whose
+    /// shapes disagree with its offsets, or whose data runs past the end of the file is
+    /// `InvalidFile`: nothing has been allocated yet.
+    pub fn open(path: &Path) -> Result<ModelFile, WeightsError> {
+        let path = std::fs::canonicalize(path).map_err(|e| WeightsError::file(path, e))?;
+        let identity = FileIdentity::of(&path)?;
+        let bad = |m: String| WeightsError::InvalidFile(format!("{}: {m}", path.display()));
+        let mut f = std::fs::File::open(&path).map_err(|e| WeightsError::file(&path, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|_| bad("shorter than a safetensors header".into()))?;
+        let n = u64::from_le_bytes(len);
+        if n > MAX_HEADER_BYTES || 8 + n > identity.size_bytes {
+            return Err(bad(format!("header length {n} does not fit a file of {} bytes", identity.size_bytes)));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|e| bad(format!("reading the header: {e}")))?;
+        // `Metadata`'s deserializer checks that offsets are contiguous and match each shape.
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let data_start = 8 + n;
+        let mut tensors: Vec<TensorEntry> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| TensorEntry {
+                name,
+                dtype: format!("{:?}", t.dtype),
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
+                offset: t.data_offsets.0 as u64,
+                nbytes: (t.data_offsets.1 - t.data_offsets.0) as u64,
+            })
+            .collect();
+        tensors.sort_by_key(|t| t.offset);
+        let data_bytes = tensors.iter().map(|t| t.offset + t.nbytes).max().unwrap_or(0);
+        if data_start + data_bytes > identity.size_bytes {
+            return Err(bad(format!(
+                "the header names {data_bytes} bytes of tensors, but only {} follow it (truncated?)",
+                identity.size_bytes - data_start
+            )));
+        }
+        Ok(ModelFile { identity, data_start, data_bytes, tensors })
+    }
+
+    /// Whether the file on disk still has this identity (size and mtime).
+    pub fn unchanged_on_disk(&self) -> Result<(), WeightsError> {
+        let now = FileIdentity::of(&self.identity.path)?;
+        if now != self.identity {
+            return Err(WeightsError::FileChanged(format!(
+                "{} changed on disk since it was loaded ({} → {} bytes, mtime {} → {} ns)",
+                self.identity.path.display(),
+                self.identity.size_bytes,
+                now.size_bytes,
+                self.identity.mtime_ns,
+                now.mtime_ns
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The file hash from its chunk hashes (see [`HASH_CHUNK_BYTES`]).
+pub fn combine_hashes(chunks: &[[u8; 32]], data_bytes: u64) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&data_bytes.to_le_bytes());
+    for c in chunks {
+        h.update(c);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn write_file(name: &str, header: &str, data: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("mw-wfile-{}-{name}.safetensors", std::process::id()));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_file_is_parsed_into_tensors_with_offsets_from_the_data_start() {
+        let p = write_file(
+            "ok",
+            r#"{"b":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]},"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#,
+            &[7u8; 32],
+        );
+        let f = ModelFile::open(&p).expect("parsed");
+        assert_eq!(f.data_bytes, 32);
+        assert_eq!(
+            f.tensors.iter().map(|t| (t.name.as_str(), t.dtype.as_str(), t.offset)).collect::<Vec<_>>(),
+            vec![("a", "F32", 0), ("b", "BF16", 24)]
+        );
+        assert_eq!(f.tensors[0].shape, vec![2, 3]);
+        assert_eq!(f.data_start, 8 + std::fs::metadata(&p).expect("meta").len() - 8 - 32);
+        assert!(f.unchanged_on_disk().is_ok());
+    }
+
+    #[test]
+    fn truncated_and_lying_headers_are_invalid_files() {
+        let header = r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#;
+        let cases = [
+            ("truncated", write_file("trunc", header, &[0u8; 10]), "truncated"),
+            (
+                "lying shape",
+                write_file("shape", r#"{"a":{"dtype":"F32","shape":[9],"data_offsets":[0,24]}}"#, &[0; 24]),
+                "header",
+            ),
+            ("not json", write_file("json", "{nope", &[0; 4]), "header"),
+            (
+                "unknown dtype",
+                write_file("dtype", r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, &[0; 1]),
+                "header",
+            ),
+        ];
+        for (what, path, needle) in cases {
+            match ModelFile::open(&path) {
+                Err(WeightsError::InvalidFile(m)) => assert!(m.contains(needle), "{what}: {m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        let p = std::env::temp_dir().join(format!("mw-wfile-{}-huge.safetensors", std::process::id()));
+        std::fs::write(&p, huge).expect("write");
+        assert!(matches!(ModelFile::open(&p), Err(WeightsError::InvalidFile(_))));
+        assert!(matches!(ModelFile::open(Path::new("/nonexistent/x.safetensors")), Err(WeightsError::FileNotFound(_))));
+    }
+
+    #[test]
+    fn a_changed_file_is_detected_by_size_or_mtime() {
+        let header = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+        let p = write_file("changed", header, &[1, 2, 3, 4]);
+        let f = ModelFile::open(&p).expect("parsed");
+        std::fs::write(&p, b"something else entirely").expect("rewrite");
+        assert!(matches!(f.unchanged_on_disk(), Err(WeightsError::FileChanged(_))));
+    }
+
+    #[test]
+    fn the_hash_depends_on_every_chunk_and_the_length() {
+        let a = [[1u8; 32], [2u8; 32]];
+        let b = [[1u8; 32], [3u8; 32]];
+        assert_ne!(combine_hashes(&a, 10), combine_hashes(&b, 10));
+        assert_ne!(combine_hashes(&a, 10), combine_hashes(&a, 11));
+        assert_eq!(combine_hashes(&a, 10), combine_hashes(&a, 10));
+    }
+}

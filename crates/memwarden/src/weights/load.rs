@@ -1,0 +1,75 @@
+//! The loader: several threads read a model file's data section in chunks and put each chunk
+//! into the model's block (for a GPU, through each thread's pinned staging ring, so the copies
+//! overlap the reads), hashing every chunk as it passes.
+
+use super::file::{combine_hashes, ModelFile, HASH_CHUNK_BYTES};
+use super::memory::Block;
+use super::WeightsError;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::util::lock;
+
+/// What a load measured.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub hash: String,
+    pub elapsed: Duration,
+}
+
+/// Threads to use: `configured`, or one per CPU up to 16 when 0; never more than chunks.
+pub fn thread_count(configured: usize, data_bytes: u64) -> usize {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
+    let want = if configured == 0 { cpus.min(16) } else { configured };
+    want.clamp(1, data_bytes.div_ceil(HASH_CHUNK_BYTES).max(1) as usize)
+}
+
+/// Fills `block` with the file's data section. The first error stops every thread; the block
+/// is then the caller's to drop.
+pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize) -> Result<Loaded, WeightsError> {
+    let started = Instant::now();
+    let chunks = file.data_bytes.div_ceil(HASH_CHUNK_BYTES);
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let hashes = Mutex::new(vec![[0u8; 32]; chunks as usize]);
+    let first_error: Mutex<Option<WeightsError>> = Mutex::new(None);
+    let path = &file.identity.path;
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                let result = (|| -> Result<(), WeightsError> {
+                    let f = std::fs::File::open(path).map_err(|e| WeightsError::file(path, e))?;
+                    let mut writer = block.writer(HASH_CHUNK_BYTES)?;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= chunks || failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let offset = i * HASH_CHUNK_BYTES;
+                        let len = HASH_CHUNK_BYTES.min(file.data_bytes - offset) as usize;
+                        writer.put(offset, &mut |buf: &mut [u8]| {
+                            let buf = &mut buf[..len];
+                            f.read_exact_at(buf, file.data_start + offset).map_err(|e| {
+                                WeightsError::LoadFailed(format!("reading {} at {offset}: {e}", path.display()))
+                            })?;
+                            lock(&hashes)[i as usize] = *blake3::hash(buf).as_bytes();
+                            Ok(len)
+                        })?;
+                    }
+                    writer.finish()
+                })();
+                if let Err(e) = result {
+                    failed.store(true, Ordering::Relaxed);
+                    lock(&first_error).get_or_insert(e);
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let hashes = hashes.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok(Loaded { hash: combine_hashes(&hashes, file.data_bytes), elapsed: started.elapsed() })
+}

@@ -1,0 +1,416 @@
+//! Model weights held by memwarden: a model's tensors live in the daemon's own memory (one
+//! block per model on its device) and every process that uses them maps that block through a
+//! file descriptor, so a load runs at storage speed, a park or resume at copy-engine speed,
+//! several processes share one copy, and the weights outlive a holder that dies.
+//!
+//! States (docs/API.md): `resident` ⇄ `parked` (GPU only: the bytes wait in pinned host
+//! memory, the device memory goes back to the driver) → `dropped` (only the file is kept);
+//! `orphaned` is resident with every holder gone, kept for a grace period. Operations on one
+//! model are serialized by its `op` lock; holders are asked to unmap before any memory is
+//! taken from under them.
+
+pub mod file;
+pub mod holder;
+pub mod load;
+pub mod memory;
+mod ops;
+pub mod peer;
+pub mod policy;
+
+use crate::config::WeightsSection;
+use crate::util::lock;
+use file::ModelFile;
+use memory::{Arena, Block, ParkBuffer, ParkPool};
+use memwarden_core::DeviceId;
+use memwarden_protocol::api::{rfc3339, HeldModelDto, RateDto, WeightState};
+use memwarden_protocol::{codes, UnmapWeights, WeightsGrant};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+pub use holder::{HolderError, WeightHolder};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{0}")]
+    FileNotFound(String),
+    #[error("{0}")]
+    InvalidFile(String),
+    #[error("{0}")]
+    FileChanged(String),
+    #[error("no model {0:?} is held by memwarden")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotSupported(String),
+    #[error("{0}")]
+    InUse(String),
+    #[error("{message}")]
+    InsufficientMemory { device: String, needed_bytes: u64, message: String },
+    #[error("{0}")]
+    DeviceUnavailable(String),
+    #[error("{0}")]
+    LoadFailed(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl WeightsError {
+    pub fn file(path: &Path, e: std::io::Error) -> WeightsError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            WeightsError::FileNotFound(format!("{}: no such file", path.display()))
+        } else {
+            WeightsError::LoadFailed(format!("{}: {e}", path.display()))
+        }
+    }
+
+    pub fn from_sys(what: &str, bytes: u64, e: memwarden_sys::SysError) -> WeightsError {
+        if e.is_out_of_memory() {
+            WeightsError::InsufficientMemory {
+                device: "cpu".into(),
+                needed_bytes: bytes,
+                message: format!("{what}: {bytes} bytes do not fit: {e}"),
+            }
+        } else {
+            WeightsError::Internal(format!("{what}: {e}"))
+        }
+    }
+
+    pub fn from_cuda(what: &str, e: memwarden_sys::cuda::CudaError) -> WeightsError {
+        match e {
+            memwarden_sys::cuda::CudaError::OutOfMemory { bytes, .. } => WeightsError::InsufficientMemory {
+                device: "gpu".into(),
+                needed_bytes: bytes,
+                message: format!("{what}: {e}"),
+            },
+            other => WeightsError::Internal(format!("{what}: {other}")),
+        }
+    }
+
+    /// The protocol's code for this error (the HTTP layer maps codes to statuses).
+    pub fn code(&self) -> &'static str {
+        match self {
+            WeightsError::FileNotFound(_) => codes::FILE_NOT_FOUND,
+            WeightsError::InvalidFile(_) => codes::INVALID_MODEL_FILE,
+            WeightsError::FileChanged(_) => codes::FILE_CHANGED,
+            WeightsError::ModelNotFound(_) => codes::MODEL_NOT_FOUND,
+            WeightsError::NotSupported(_) => codes::NOT_SUPPORTED,
+            WeightsError::InUse(_) => codes::IN_USE,
+            WeightsError::InsufficientMemory { .. } => codes::INSUFFICIENT_MEMORY,
+            WeightsError::DeviceUnavailable(_) => codes::DEVICE_UNAVAILABLE,
+            WeightsError::LoadFailed(_) => codes::LOAD_FAILED,
+            WeightsError::Internal(_) => codes::INTERNAL,
+        }
+    }
+}
+
+/// One measured move of a model's bytes.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    pub at: OffsetDateTime,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Rate {
+    fn now(bytes: u64, elapsed: Duration) -> Rate {
+        Rate { at: OffsetDateTime::now_utc(), bytes, elapsed }
+    }
+
+    pub fn gb_per_s(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / 1e9
+    }
+
+    pub fn dto(&self) -> RateDto {
+        RateDto {
+            at: rfc3339(self.at),
+            bytes: self.bytes,
+            ms: self.elapsed.as_secs_f64() * 1e3,
+            gb_per_s: (self.gb_per_s() * 100.0).round() / 100.0,
+        }
+    }
+}
+
+/// A process that maps a model, and whether it marks its work with `use()` (only then may
+/// keep-alive park the model under it).
+#[derive(Clone)]
+pub struct HolderEntry {
+    pub holder: Arc<dyn WeightHolder>,
+    pub marks_use: bool,
+}
+
+/// What changes as a model moves between states.
+pub struct Held {
+    pub state: WeightState,
+    pub device: DeviceId,
+    pub block: Option<Box<dyn Block>>,
+    pub parked: Option<ParkBuffer>,
+    pub holders: BTreeMap<String, HolderEntry>,
+    pub last_used: Instant,
+    pub last_used_at: OffsetDateTime,
+    pub state_since: Instant,
+    pub orphaned_since: Option<Instant>,
+    pub hash: String,
+    pub load: Option<Rate>,
+    pub park: Option<Rate>,
+    pub resume: Option<Rate>,
+}
+
+impl Held {
+    fn set_state(&mut self, state: WeightState) {
+        if self.state != state {
+            self.state = state;
+            self.state_since = Instant::now();
+        }
+        if state != WeightState::Orphaned {
+            self.orphaned_since = None;
+        }
+    }
+
+    fn touch(&mut self) {
+        self.last_used = Instant::now();
+        self.last_used_at = OffsetDateTime::now_utc();
+    }
+}
+
+pub struct HeldModel {
+    pub id: String,
+    pub name: String,
+    pub file: ModelFile,
+    pub priority: u8,
+    pub pinned: bool,
+    pub keep_alive_ms: Option<u64>,
+    pub loaded_at: OffsetDateTime,
+    /// Serializes park, resume, drop and unload of this model.
+    op: tokio::sync::Mutex<()>,
+    held: Mutex<Held>,
+}
+
+impl HeldModel {
+    pub fn state(&self) -> WeightState {
+        lock(&self.held).state
+    }
+
+    pub fn device(&self) -> DeviceId {
+        lock(&self.held).device
+    }
+
+    pub fn with_held<R>(&self, f: impl FnOnce(&Held) -> R) -> R {
+        f(&lock(&self.held))
+    }
+
+    fn dto(&self, orphan_grace: Duration) -> HeldModelDto {
+        let h = lock(&self.held);
+        HeldModelDto {
+            model_id: self.id.clone(),
+            name: self.name.clone(),
+            path: self.file.identity.path.display().to_string(),
+            device_id: h.device.to_string(),
+            state: h.state,
+            size_bytes: self.file.data_bytes,
+            resident_bytes: h.block.as_ref().map(|b| b.size_bytes()).unwrap_or(0),
+            parked_bytes: h.parked.as_ref().map(|p| p.bytes()).unwrap_or(0),
+            tensor_count: self.file.tensors.len() as u64,
+            hash: h.hash.clone(),
+            holders: h.holders.keys().cloned().collect(),
+            priority: self.priority,
+            pinned: self.pinned,
+            keep_alive_ms: self.keep_alive_ms,
+            loaded_at: rfc3339(self.loaded_at),
+            last_used: rfc3339(h.last_used_at),
+            load: h.load.as_ref().map(Rate::dto),
+            last_park: h.park.as_ref().map(Rate::dto),
+            last_resume: h.resume.as_ref().map(Rate::dto),
+            orphaned_until: h.orphaned_since.map(|since| {
+                let left = orphan_grace.saturating_sub(since.elapsed());
+                rfc3339(OffsetDateTime::now_utc() + left)
+            }),
+        }
+    }
+
+    /// The grant a holder maps, with a new descriptor of the resident block.
+    fn grant(&self, handle: memwarden_protocol::HandleKind) -> Result<(WeightsGrant, OwnedFd), WeightsError> {
+        let h = lock(&self.held);
+        let Some(block) = h.block.as_ref() else {
+            return Err(WeightsError::Internal(format!("model {} has no resident memory", self.id)));
+        };
+        let fd = block.export()?;
+        let grant = WeightsGrant {
+            model_id: self.id.clone(),
+            name: self.name.clone(),
+            device_id: h.device.to_string(),
+            handle,
+            allocation_bytes: block.size_bytes(),
+            data_bytes: self.file.data_bytes,
+            tensors: self.file.tensors.clone(),
+            hash: h.hash.clone(),
+            shared: !h.holders.is_empty(),
+            access: "readwrite".into(),
+        };
+        Ok((grant, fd))
+    }
+}
+
+/// What a load asks for.
+#[derive(Debug, Clone)]
+pub struct LoadRequest {
+    pub path: PathBuf,
+    pub device: DeviceId,
+    pub name: Option<String>,
+    pub priority: u8,
+    pub pinned: bool,
+    pub keep_alive_ms: Option<u64>,
+}
+
+/// The outcome of park, resume and drop.
+#[derive(Debug, Clone)]
+pub struct ActionOutcome {
+    pub action: &'static str,
+    pub freed_bytes: u64,
+    pub rate: Option<Rate>,
+}
+
+/// Every held model, the arenas they live in, and the pinned chunks parked ones wait in.
+pub struct WeightStore {
+    arenas: BTreeMap<DeviceId, Arc<dyn Arena>>,
+    park_pool: Arc<ParkPool>,
+    models: Mutex<BTreeMap<String, Arc<HeldModel>>>,
+    /// One load decides "share or load" at a time, so two loads of one file make one copy.
+    loading: tokio::sync::Mutex<()>,
+    config: WeightsSection,
+    next_id: AtomicU64,
+}
+
+impl WeightStore {
+    pub fn new(arenas: Vec<Arc<dyn Arena>>, park_pool: Arc<ParkPool>, config: WeightsSection) -> Arc<WeightStore> {
+        park_pool.refill_in_background();
+        Arc::new(WeightStore {
+            arenas: arenas.into_iter().map(|a| (a.device(), a)).collect(),
+            park_pool,
+            models: Mutex::new(BTreeMap::new()),
+            loading: tokio::sync::Mutex::new(()),
+            config,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The store for this daemon: cpu weights in `host.shared_memory_dir` (when set), GPU
+    /// weights on every CUDA device, park chunks registered with the first GPU's context.
+    pub fn for_service(service: &crate::service::Service, config: &crate::config::Config) -> Arc<WeightStore> {
+        let mut arenas: Vec<Arc<dyn Arena>> = Vec::new();
+        let dir = &config.host.shared_memory_dir;
+        if !dir.as_os_str().is_empty() {
+            arenas.push(Arc::new(memory::HostArena { device: DeviceId::Cpu, dir: dir.clone(), parkable: false }));
+        }
+        let mut first_ctx = None;
+        for device in service.device_ids() {
+            if let Some(ctx) = service.backend(device).and_then(|b| b.cuda_context()) {
+                first_ctx.get_or_insert_with(|| ctx.clone());
+                arenas.push(Arc::new(Arc::new(memory::CudaArena::new(device, ctx.clone()))));
+            }
+        }
+        let pool = ParkPool::new(config.weights.park_pool_bytes, first_ctx);
+        WeightStore::new(arenas, pool, config.weights.clone())
+    }
+
+    pub fn config(&self) -> &WeightsSection {
+        &self.config
+    }
+
+    pub fn devices(&self) -> Vec<DeviceId> {
+        self.arenas.keys().copied().collect()
+    }
+
+    pub fn holds_device(&self, device: DeviceId) -> bool {
+        self.arenas.contains_key(&device)
+    }
+
+    fn arena(&self, device: DeviceId) -> Result<Arc<dyn Arena>, WeightsError> {
+        self.arenas.get(&device).cloned().ok_or_else(|| {
+            WeightsError::DeviceUnavailable(format!(
+                "memwarden cannot hold weights on {device} (it holds them on: {})",
+                self.devices().iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<HeldModel>, WeightsError> {
+        lock(&self.models).get(id).cloned().ok_or_else(|| WeightsError::ModelNotFound(id.to_string()))
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        lock(&self.models).contains_key(id)
+    }
+
+    pub fn models(&self) -> Vec<Arc<HeldModel>> {
+        lock(&self.models).values().cloned().collect()
+    }
+
+    pub fn list(&self) -> Vec<HeldModelDto> {
+        let grace = Duration::from_millis(self.config.orphan_grace_ms);
+        self.models().iter().map(|m| m.dto(grace)).collect()
+    }
+
+    pub fn dto(&self, m: &HeldModel) -> HeldModelDto {
+        m.dto(Duration::from_millis(self.config.orphan_grace_ms))
+    }
+
+    /// Bytes held on `device` now (resident blocks) and parked on the host.
+    pub fn bytes_on(&self, device: DeviceId) -> u64 {
+        self.models()
+            .iter()
+            .map(|m| {
+                m.with_held(|h| {
+                    let resident =
+                        if h.device == device { h.block.as_ref().map(|b| b.size_bytes()).unwrap_or(0) } else { 0 };
+                    let parked =
+                        if device == DeviceId::Cpu { h.parked.as_ref().map(|p| p.bytes()).unwrap_or(0) } else { 0 };
+                    resident + parked
+                })
+            })
+            .sum()
+    }
+
+    /// A holder's `use()` ended: the model counts as used now.
+    pub fn touch(&self, id: &str, holder_id: &str) {
+        if let Ok(m) = self.get(id) {
+            let mut h = lock(&m.held);
+            h.touch();
+            if let Some(e) = h.holders.get_mut(holder_id) {
+                e.marks_use = true;
+            }
+        }
+    }
+
+    /// A holder no longer maps `id` (its weights stay in memwarden).
+    pub fn release(&self, id: &str, holder_id: &str) -> Result<Arc<HeldModel>, WeightsError> {
+        let m = self.get(id)?;
+        let removed = lock(&m.held).holders.remove(holder_id);
+        if removed.is_none() {
+            return Err(WeightsError::NotSupported(format!("{holder_id} does not hold model {id}")));
+        }
+        Ok(m)
+    }
+
+    /// A holder's connection closed: its models that nobody else maps become orphans.
+    pub fn holder_gone(&self, holder_id: &str) {
+        for m in self.models() {
+            let mut h = lock(&m.held);
+            if h.holders.remove(holder_id).is_some() && h.holders.is_empty() && h.state == WeightState::Resident {
+                h.set_state(WeightState::Orphaned);
+                h.orphaned_since = Some(Instant::now());
+                tracing::info!(model = %m.id, holder = holder_id, "weights orphaned: their last holder is gone");
+            }
+        }
+    }
+
+    fn unmap_request(&self, id: &str, r#final: bool) -> UnmapWeights {
+        UnmapWeights { model_id: id.to_string(), timeout_ms: self.config.use_bound_ms, r#final }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,361 @@
+//! The store's operations: load (or share), park, resume, drop and unload. Each takes the
+//! model's `op` lock, so two operations on one model never interleave; copies and file reads
+//! run on blocking threads.
+
+use super::file::ModelFile;
+use super::load;
+use super::{ActionOutcome, Held, HeldModel, HolderEntry, LoadRequest, Rate, WeightHolder, WeightStore, WeightsError};
+use crate::util::lock;
+use memwarden_core::DeviceId;
+use memwarden_protocol::api::WeightState;
+use memwarden_protocol::WeightsGrant;
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use time::OffsetDateTime;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WeightsError> + Send + 'static,
+) -> Result<T, WeightsError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| WeightsError::Internal(format!("worker thread: {e}")))?
+}
+
+/// A grant for one holder, and the model it maps.
+pub struct Attached {
+    pub model: Arc<HeldModel>,
+    pub grant: Option<(WeightsGrant, OwnedFd)>,
+    /// The bytes were already in memwarden (shared or re-attached): the file was not read.
+    pub reused: bool,
+}
+
+impl WeightStore {
+    /// Loads a file's tensors into memwarden memory on `req.device`, or, when the same file
+    /// (path, size, mtime) is already held there, attaches to that copy (resuming it first if it
+    /// was parked or dropped). With a holder, returns the grant it maps.
+    pub async fn load(
+        self: &Arc<Self>,
+        req: LoadRequest,
+        holder: Option<Arc<dyn WeightHolder>>,
+    ) -> Result<Attached, WeightsError> {
+        let arena = self.arena(req.device)?;
+        let path = req.path.clone();
+        let file = blocking(move || ModelFile::open(&path)).await?;
+        let _loading = self.loading.lock().await;
+        let existing = self.models().into_iter().find(|m| m.file.identity == file.identity && m.device() == req.device);
+        if let Some(model) = existing {
+            let _op = model.op.lock().await;
+            if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
+                self.resume_locked(&model, None).await?;
+            }
+            let grant = self.attach(&model, holder, arena.handle())?;
+            tracing::info!(model = %model.id, "weights shared: the same file is already held on {}", req.device);
+            return Ok(Attached { model: model.clone(), grant, reused: true });
+        }
+        let threads = load::thread_count(self.config.load_threads, file.data_bytes);
+        let f = file.clone();
+        let a = arena.clone();
+        let (block, loaded) = blocking(move || {
+            let block = a.alloc(f.data_bytes)?;
+            let loaded = load::fill(&*block, &f, threads)?;
+            Ok((block, loaded))
+        })
+        .await?;
+        let id = format!("w-{}", self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let name = req.name.clone().unwrap_or_else(|| {
+            file.identity.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| id.clone())
+        });
+        tracing::info!(
+            model = %id, bytes = file.data_bytes, ms = loaded.elapsed.as_secs_f64() * 1e3, threads,
+            "weights loaded into memwarden memory on {}", req.device
+        );
+        let model = Arc::new(HeldModel {
+            id: id.clone(),
+            name,
+            priority: req.priority,
+            pinned: req.pinned,
+            keep_alive_ms: req.keep_alive_ms.or(Some(self.config.keep_alive_ms)).filter(|&ms| ms > 0),
+            loaded_at: OffsetDateTime::now_utc(),
+            op: tokio::sync::Mutex::new(()),
+            held: Mutex::new(Held {
+                state: WeightState::Resident,
+                device: req.device,
+                block: Some(block),
+                parked: None,
+                holders: BTreeMap::new(),
+                last_used: Instant::now(),
+                last_used_at: OffsetDateTime::now_utc(),
+                state_since: Instant::now(),
+                orphaned_since: None,
+                hash: loaded.hash,
+                load: Some(Rate::now(file.data_bytes, loaded.elapsed)),
+                park: None,
+                resume: None,
+            }),
+            file,
+        });
+        let grant = self.attach(&model, holder, arena.handle())?;
+        lock(&self.models).insert(id, model.clone());
+        Ok(Attached { model, grant, reused: false })
+    }
+
+    fn attach(
+        &self,
+        model: &HeldModel,
+        holder: Option<Arc<dyn WeightHolder>>,
+        handle: memwarden_protocol::HandleKind,
+    ) -> Result<Option<(WeightsGrant, OwnedFd)>, WeightsError> {
+        let Some(holder) = holder else { return Ok(None) };
+        let grant = model.grant(handle)?;
+        let mut h = lock(&model.held);
+        h.holders.insert(holder.holder_id(), HolderEntry { holder, marks_use: false });
+        h.set_state(WeightState::Resident);
+        h.touch();
+        Ok(Some(grant))
+    }
+
+    /// Asks every holder to unmap; on a refusal, maps the ones that already did back again.
+    async fn unmap_holders(&self, model: &HeldModel, r#final: bool) -> Result<(), WeightsError> {
+        let holders: Vec<HolderEntry> = lock(&model.held).holders.values().cloned().collect();
+        let mut done: Vec<&HolderEntry> = Vec::new();
+        for entry in &holders {
+            match entry.holder.unmap(self.unmap_request(&model.id, r#final)).await {
+                Ok(()) => done.push(entry),
+                Err(e) => {
+                    self.remap_holders(model, done.iter().map(|e| e.holder.clone()).collect()).await;
+                    return Err(match e {
+                        super::HolderError::InUse(m) => WeightsError::InUse(format!(
+                            "model {} is in use past {} ms ({m}); nothing was unmapped",
+                            model.id, self.config.use_bound_ms
+                        )),
+                        super::HolderError::Failed(m) => {
+                            WeightsError::Internal(format!("model {}: a holder could not unmap: {m}", model.id))
+                        }
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each holder a grant of the model's resident memory; a holder that fails is dropped.
+    async fn remap_holders(&self, model: &HeldModel, holders: Vec<Arc<dyn WeightHolder>>) {
+        let handle = match self.arena(model.device()) {
+            Ok(a) => a.handle(),
+            Err(_) => return,
+        };
+        for holder in holders {
+            let result = match model.grant(handle) {
+                Ok((grant, fd)) => holder.remap(grant, fd).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(model = %model.id, holder = %holder.holder_id(), "remap failed, holder dropped: {e}");
+                lock(&model.held).holders.remove(&holder.holder_id());
+            }
+        }
+    }
+
+    pub async fn park(self: &Arc<Self>, id: &str) -> Result<ActionOutcome, WeightsError> {
+        let model = self.get(id)?;
+        let _op = model.op.lock().await;
+        self.park_locked(&model).await
+    }
+
+    async fn park_locked(&self, model: &Arc<HeldModel>) -> Result<ActionOutcome, WeightsError> {
+        let (state, device) = model.with_held(|h| (h.state, h.device));
+        if matches!(state, WeightState::Parked | WeightState::Dropped) {
+            return Ok(ActionOutcome { action: "none", freed_bytes: 0, rate: None });
+        }
+        if !self.arena(device)?.can_park() {
+            return Err(WeightsError::NotSupported(format!(
+                "model {} is on {device}, where a model is resident or dropped; drop or unload it instead",
+                model.id
+            )));
+        }
+        if model.pinned {
+            return Err(WeightsError::NotSupported(format!("model {} is pinned", model.id)));
+        }
+        self.unmap_holders(model, false).await?;
+        let pool = self.park_pool.clone();
+        let m = model.clone();
+        let result = blocking(move || {
+            let block = lock(&m.held).block.take();
+            let Some(block) = block else { return Err(WeightsError::Internal("no resident memory".into())) };
+            let started = Instant::now();
+            let saved = pool.take(m.file.data_bytes).and_then(|buf| block.save(&buf, m.file.data_bytes).map(|()| buf));
+            match saved {
+                Ok(buf) => {
+                    let elapsed = started.elapsed();
+                    let freed = block.size_bytes();
+                    drop(block);
+                    let mut h = lock(&m.held);
+                    h.parked = Some(buf);
+                    h.set_state(WeightState::Parked);
+                    h.park = Some(Rate::now(m.file.data_bytes, elapsed));
+                    Ok((freed, h.park.clone()))
+                }
+                Err(e) => {
+                    lock(&m.held).block = Some(block);
+                    Err(e)
+                }
+            }
+        })
+        .await;
+        match result {
+            Ok((freed_bytes, rate)) => Ok(ActionOutcome { action: "park", freed_bytes, rate }),
+            Err(e) => {
+                let holders = model.with_held(|h| h.holders.values().map(|e| e.holder.clone()).collect());
+                self.remap_holders(model, holders).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Brings a parked or dropped model back to its device (or to `target`, another GPU).
+    pub async fn resume(self: &Arc<Self>, id: &str, target: Option<DeviceId>) -> Result<ActionOutcome, WeightsError> {
+        let model = self.get(id)?;
+        let _op = model.op.lock().await;
+        self.resume_locked(&model, target).await
+    }
+
+    async fn resume_locked(
+        &self,
+        model: &Arc<HeldModel>,
+        target: Option<DeviceId>,
+    ) -> Result<ActionOutcome, WeightsError> {
+        let (state, device) = model.with_held(|h| (h.state, h.device));
+        let target = target.unwrap_or(device);
+        let arena = self.arena(target)?;
+        if target != device && !(arena.can_park() && self.arena(device)?.can_park()) {
+            return Err(WeightsError::NotSupported(format!(
+                "model {} moves only between GPUs (it is on {device})",
+                model.id
+            )));
+        }
+        if matches!(state, WeightState::Resident | WeightState::Orphaned) {
+            if target == device {
+                return Ok(ActionOutcome { action: "none", freed_bytes: 0, rate: None });
+            }
+            self.park_locked(model).await?;
+        }
+        let m = model.clone();
+        let pool = self.park_pool.clone();
+        let threads = load::thread_count(self.config.load_threads, model.file.data_bytes);
+        let rate = blocking(move || {
+            let parked = lock(&m.held).parked.take();
+            let started = Instant::now();
+            let restored = (|| {
+                let block = arena.alloc(m.file.data_bytes)?;
+                match &parked {
+                    Some(buf) => block.restore(buf, m.file.data_bytes)?,
+                    None => {
+                        m.file.unchanged_on_disk()?;
+                        let loaded = load::fill(&*block, &m.file, threads)?;
+                        let expected = lock(&m.held).hash.clone();
+                        if loaded.hash != expected {
+                            return Err(WeightsError::FileChanged(format!(
+                                "{} changed in place since it was loaded (hash {} → {}); nothing stale was loaded",
+                                m.file.identity.path.display(),
+                                expected,
+                                loaded.hash
+                            )));
+                        }
+                    }
+                }
+                Ok(block)
+            })();
+            match restored {
+                Ok(block) => {
+                    let rate = Rate::now(m.file.data_bytes, started.elapsed());
+                    if let Some(buf) = parked {
+                        pool.give_back(buf);
+                    }
+                    let mut h = lock(&m.held);
+                    h.block = Some(block);
+                    h.device = target;
+                    h.set_state(WeightState::Resident);
+                    h.resume = Some(rate.clone());
+                    h.touch();
+                    Ok(rate)
+                }
+                Err(e) => {
+                    lock(&m.held).parked = parked;
+                    Err(e)
+                }
+            }
+        })
+        .await?;
+        let holders = model.with_held(|h| h.holders.values().map(|e| e.holder.clone()).collect());
+        self.remap_holders(model, holders).await;
+        Ok(ActionOutcome { action: "resume", freed_bytes: 0, rate: Some(rate) })
+    }
+
+    /// Keeps only the file: frees the parked copy, or (after the holders unmapped) the
+    /// resident memory.
+    pub async fn drop_copy(self: &Arc<Self>, id: &str) -> Result<ActionOutcome, WeightsError> {
+        let model = self.get(id)?;
+        let _op = model.op.lock().await;
+        self.drop_locked(&model).await
+    }
+
+    async fn drop_locked(&self, model: &Arc<HeldModel>) -> Result<ActionOutcome, WeightsError> {
+        if model.state() == WeightState::Dropped {
+            return Ok(ActionOutcome { action: "none", freed_bytes: 0, rate: None });
+        }
+        if model.pinned {
+            return Err(WeightsError::NotSupported(format!("model {} is pinned", model.id)));
+        }
+        if model.with_held(|h| h.block.is_some()) {
+            self.unmap_holders(model, false).await?;
+        }
+        let (block, parked) = {
+            let mut h = lock(&model.held);
+            h.set_state(WeightState::Dropped);
+            (h.block.take(), h.parked.take())
+        };
+        let freed_bytes = block.as_ref().map(|b| b.size_bytes()).unwrap_or(0);
+        let pool = self.park_pool.clone();
+        blocking(move || {
+            drop(block);
+            if let Some(buf) = parked {
+                pool.give_back(buf);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(ActionOutcome { action: "drop", freed_bytes, rate: None })
+    }
+
+    /// Forgets the model: holders unmap for good, then every byte goes back.
+    pub async fn unload(self: &Arc<Self>, id: &str) -> Result<(Arc<HeldModel>, u64), WeightsError> {
+        let model = self.get(id)?;
+        let _op = model.op.lock().await;
+        if model.with_held(|h| h.block.is_some()) {
+            self.unmap_holders(&model, true).await?;
+        }
+        lock(&self.models).remove(id);
+        let (block, parked) = {
+            let mut h = lock(&model.held);
+            h.holders.clear();
+            h.set_state(WeightState::Dropped);
+            (h.block.take(), h.parked.take())
+        };
+        let freed = block.as_ref().map(|b| b.size_bytes()).unwrap_or(0);
+        let pool = self.park_pool.clone();
+        blocking(move || {
+            drop(block);
+            if let Some(buf) = parked {
+                pool.give_back(buf);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok((model.clone(), freed))
+    }
+
+    /// Makes the model resident for a holder that wants to use it (`resumeWeights`).
+    pub async fn ensure_resident(self: &Arc<Self>, id: &str) -> Result<ActionOutcome, WeightsError> {
+        self.resume(id, None).await
+    }
+}

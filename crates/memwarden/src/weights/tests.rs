@@ -1,0 +1,299 @@
+//! The store's state machine on cpu and on a simulated GPU (a parkable host arena named
+//! `cuda:0`), with real bytes: every check reads the memory a holder would map.
+
+use super::memory::{Arena, HostArena, ParkPool};
+use super::*;
+use crate::config::WeightsSection;
+use futures_util::future::BoxFuture;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const GPU: DeviceId = DeviceId::Gpu(memwarden_core::GpuApi::Cuda, 0);
+
+fn shm_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mw-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("dir");
+    d
+}
+
+fn store(config: WeightsSection) -> Arc<WeightStore> {
+    let arenas: Vec<Arc<dyn Arena>> = vec![
+        Arc::new(HostArena { device: DeviceId::Cpu, dir: shm_dir(), parkable: false }),
+        Arc::new(HostArena { device: GPU, dir: shm_dir(), parkable: true }),
+    ];
+    WeightStore::new(arenas, ParkPool::new(0, None), config)
+}
+
+/// A model file of `n` tensors of 3 MiB + 1 byte each (chunks straddle tensor ends), bytes from
+/// `seed`.
+fn model_file(name: &str, seed: u8) -> (PathBuf, Vec<u8>) {
+    let n = 4usize;
+    let each = (3 << 20) + 1;
+    let mut header = String::from("{");
+    for i in 0..n {
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            r#""t{i}":{{"dtype":"U8","shape":[{each}],"data_offsets":[{},{}]}}"#,
+            i * each,
+            (i + 1) * each
+        ));
+    }
+    header.push('}');
+    let data: Vec<u8> = (0..n * each).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let path = shm_dir().join(format!("{name}.safetensors"));
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&data);
+    std::fs::write(&path, bytes).expect("write model");
+    (path, data)
+}
+
+fn req(path: &std::path::Path, device: DeviceId) -> LoadRequest {
+    LoadRequest { path: path.into(), device, name: None, priority: 50, pinned: false, keep_alive_ms: None }
+}
+
+/// What a holder sees through its descriptor.
+fn mapped_bytes(fd: OwnedFd, len: usize) -> Vec<u8> {
+    let f = std::fs::File::from(fd);
+    let mut out = vec![0u8; len];
+    f.read_exact_at(&mut out, 0).expect("read the mapping");
+    out
+}
+
+#[derive(Default)]
+struct FakeHolder {
+    id: String,
+    in_use: std::sync::atomic::AtomicBool,
+    unmaps: AtomicUsize,
+    remaps: Mutex<Vec<(WeightsGrant, Vec<u8>)>>,
+}
+
+impl WeightHolder for Arc<FakeHolder> {
+    fn holder_id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn unmap(&self, _req: UnmapWeights) -> BoxFuture<'static, Result<(), HolderError>> {
+        let me = self.clone();
+        Box::pin(async move {
+            if me.in_use.load(Ordering::SeqCst) {
+                return Err(HolderError::InUse("a use() is open".into()));
+            }
+            me.unmaps.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+
+    fn remap(&self, grant: WeightsGrant, fd: OwnedFd) -> BoxFuture<'static, Result<(), HolderError>> {
+        let me = self.clone();
+        Box::pin(async move {
+            let bytes = mapped_bytes(fd, grant.data_bytes as usize);
+            lock(&me.remaps).push((grant, bytes));
+            Ok(())
+        })
+    }
+}
+
+fn holder(id: &str) -> Arc<FakeHolder> {
+    Arc::new(FakeHolder { id: id.into(), ..Default::default() })
+}
+
+#[tokio::test]
+async fn a_load_puts_the_files_bytes_in_shared_memory_and_a_second_load_shares_them() {
+    let s = store(WeightsSection { load_threads: 3, ..Default::default() });
+    let (path, data) = model_file("share", 7);
+    let a = s.load(req(&path, DeviceId::Cpu), Some(Arc::new(holder("p1")))).await.expect("load");
+    assert!(!a.reused);
+    let (grant, fd) = a.grant.expect("grant");
+    assert_eq!(grant.handle, memwarden_protocol::HandleKind::Shm);
+    assert_eq!(grant.tensors.len(), 4);
+    assert!(!grant.shared);
+    assert_eq!(mapped_bytes(fd, data.len()), data, "the mapping holds the file's data section");
+    let b = s.load(req(&path, DeviceId::Cpu), Some(Arc::new(holder("p2")))).await.expect("second load");
+    assert!(b.reused, "the same file on the same device is not loaded twice");
+    assert_eq!(b.model.id, a.model.id);
+    let (g2, fd2) = b.grant.expect("grant");
+    assert!(g2.shared);
+    assert_eq!(g2.hash, grant.hash);
+    assert_eq!(mapped_bytes(fd2, data.len()), data);
+    let listed = s.list();
+    assert_eq!(listed.len(), 1, "the bytes are counted once");
+    assert_eq!(listed[0].holders, vec!["p1".to_string(), "p2".to_string()]);
+    assert_eq!(s.bytes_on(DeviceId::Cpu), listed[0].resident_bytes);
+}
+
+#[tokio::test]
+async fn park_and_resume_on_a_gpu_keep_the_id_and_the_bytes_and_remap_every_holder() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("park", 3);
+    let h = holder("w0");
+    let a = s.load(req(&path, GPU), Some(Arc::new(h.clone()))).await.expect("load");
+    let id = a.model.id.clone();
+    let parked = s.park(&id).await.expect("park");
+    assert_eq!(parked.action, "park");
+    assert!(parked.freed_bytes >= data.len() as u64);
+    assert_eq!(h.unmaps.load(Ordering::SeqCst), 1, "the holder unmapped before the memory went");
+    let dto = &s.list()[0];
+    assert_eq!((dto.state, dto.resident_bytes), (WeightState::Parked, 0));
+    assert!(dto.parked_bytes >= data.len() as u64);
+    assert!(dto.last_park.is_some());
+    assert_eq!(s.park(&id).await.expect("again").action, "none", "parking a parked model changes nothing");
+    let resumed = s.resume(&id, None).await.expect("resume");
+    assert_eq!(resumed.action, "resume");
+    let remaps = lock(&h.remaps);
+    assert_eq!(remaps.len(), 1);
+    assert_eq!(remaps[0].0.model_id, id, "the id stays across park and resume");
+    assert_eq!(remaps[0].1, data, "the resumed memory holds the same bytes");
+    let dto = &s.list()[0];
+    assert_eq!((dto.state, dto.parked_bytes), (WeightState::Resident, 0));
+}
+
+#[tokio::test]
+async fn a_holder_inside_use_past_the_bound_stops_the_park_and_nothing_moves() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("busy", 5);
+    let free = holder("a");
+    let busy = holder("b");
+    busy.in_use.store(true, Ordering::SeqCst);
+    let m = s.load(req(&path, GPU), Some(Arc::new(free.clone()))).await.expect("load").model;
+    s.load(req(&path, GPU), Some(Arc::new(busy.clone()))).await.expect("share");
+    match s.park(&m.id).await {
+        Err(WeightsError::InUse(msg)) => assert!(msg.contains("in use"), "{msg}"),
+        other => panic!("expected IN_USE, got {:?}", other.map(|o| o.action)),
+    }
+    assert_eq!(m.state(), WeightState::Resident);
+    // The holder that had already unmapped got the same memory back.
+    let remaps = lock(&free.remaps);
+    assert_eq!(remaps.len(), 1);
+    assert_eq!(remaps[0].1, data);
+}
+
+#[tokio::test]
+async fn cpu_and_pinned_models_are_not_parked() {
+    let s = store(WeightsSection::default());
+    let (path, _) = model_file("cpu", 1);
+    let m = s.load(req(&path, DeviceId::Cpu), None).await.expect("load").model;
+    assert!(matches!(s.park(&m.id).await, Err(WeightsError::NotSupported(msg)) if msg.contains("resident or dropped")));
+    let (path2, _) = model_file("pinned", 2);
+    let p = s.load(LoadRequest { pinned: true, ..req(&path2, GPU) }, None).await.expect("load").model;
+    assert!(matches!(s.park(&p.id).await, Err(WeightsError::NotSupported(msg)) if msg.contains("pinned")));
+    assert!(matches!(s.park("w-999").await, Err(WeightsError::ModelNotFound(_))));
+}
+
+#[tokio::test]
+async fn drop_keeps_only_the_file_and_a_resume_reloads_it_unless_it_changed() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("drop", 9);
+    let h = holder("w");
+    let m = s.load(req(&path, DeviceId::Cpu), Some(Arc::new(h.clone()))).await.expect("load").model;
+    let d = s.drop_copy(&m.id).await.expect("drop");
+    assert_eq!(d.action, "drop");
+    assert_eq!(m.state(), WeightState::Dropped);
+    assert_eq!(s.bytes_on(DeviceId::Cpu), 0);
+    s.resume(&m.id, None).await.expect("reload");
+    assert_eq!(lock(&h.remaps)[0].1, data, "reloaded from the file");
+    // Changed on disk while dropped: detected, and nothing stale is loaded.
+    s.drop_copy(&m.id).await.expect("drop again");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    model_file("drop", 10);
+    assert!(matches!(s.resume(&m.id, None).await, Err(WeightsError::FileChanged(_))));
+    assert_eq!(m.state(), WeightState::Dropped);
+}
+
+#[tokio::test]
+async fn a_truncated_file_allocates_nothing_and_a_missing_one_is_not_found() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("trunc", 1);
+    let len = std::fs::metadata(&path).expect("meta").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(len - data.len() as u64 / 2)
+        .expect("cut");
+    assert!(matches!(s.load(req(&path, GPU), None).await, Err(WeightsError::InvalidFile(_))));
+    assert!(s.models().is_empty());
+    assert!(matches!(
+        s.load(req(std::path::Path::new("/nonexistent/m.safetensors"), GPU), None).await,
+        Err(WeightsError::FileNotFound(_))
+    ));
+    let vk = DeviceId::Gpu(memwarden_core::GpuApi::Vulkan, 0);
+    assert!(matches!(s.load(req(&path, vk), None).await, Err(WeightsError::DeviceUnavailable(_))));
+}
+
+#[tokio::test]
+async fn a_dead_holders_weights_are_orphaned_then_reattached_without_reading_the_file() {
+    let s = store(WeightsSection { orphan_grace_ms: 60_000, ..Default::default() });
+    let (path, data) = model_file("orphan", 4);
+    let m = s.load(req(&path, GPU), Some(Arc::new(holder("w0")))).await.expect("load").model;
+    s.holder_gone("w0");
+    assert_eq!(m.state(), WeightState::Orphaned);
+    assert!(s.list()[0].orphaned_until.is_some());
+    // The restarted worker loads the same file: it gets the same bytes without a second read
+    // (`reused`; the load measurement is still the first one's).
+    let first_load = s.list()[0].load.clone();
+    let again = s.load(req(&path, GPU), Some(Arc::new(holder("w0-restarted")))).await;
+    let a = again.expect("re-attach");
+    assert!(a.reused);
+    assert_eq!(a.model.id, m.id);
+    assert_eq!(m.state(), WeightState::Resident);
+    assert_eq!(s.list()[0].load, first_load);
+    let (_, fd) = a.grant.expect("grant");
+    assert_eq!(mapped_bytes(fd, data.len()), data);
+}
+
+#[tokio::test]
+async fn policy_parks_idle_and_orphaned_models_and_drops_old_parked_copies() {
+    let s = store(WeightsSection { keep_alive_ms: 1, orphan_grace_ms: 1, drop_after_ms: 1, ..Default::default() });
+    let (path, _) = model_file("policy", 6);
+    let idle = s.load(req(&path, GPU), None).await.expect("load").model;
+    let (path2, _) = model_file("policy-cpu", 6);
+    let cpu = s.load(req(&path2, DeviceId::Cpu), None).await.expect("load").model;
+    let (path3, _) = model_file("policy-watched", 6);
+    let watched = s.load(req(&path3, GPU), Some(Arc::new(holder("h")))).await.expect("load").model;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    s.policy_tick().await;
+    assert_eq!(idle.state(), WeightState::Parked, "idle past keepAlive on a GPU: parked");
+    assert_eq!(cpu.state(), WeightState::Dropped, "idle past keepAlive on cpu: dropped");
+    assert_eq!(watched.state(), WeightState::Resident, "a holder that never marks use() is not parked by keep-alive");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    s.policy_tick().await;
+    assert_eq!(idle.state(), WeightState::Dropped, "parked past drop_after_ms: dropped");
+    s.touch(&watched.id, "h");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    s.policy_tick().await;
+    assert_eq!(watched.state(), WeightState::Parked, "once its holder marks use(), keep-alive applies");
+}
+
+#[tokio::test]
+async fn concurrent_park_resume_and_unload_of_one_model_are_serialized() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("race", 8);
+    let h = holder("w");
+    let m = s.load(req(&path, GPU), Some(Arc::new(h.clone()))).await.expect("load").model;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let s = s.clone();
+        let id = m.id.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                s.park(&id).await.map(|o| o.action)
+            } else {
+                s.resume(&id, None).await.map(|o| o.action)
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("every operation succeeds in turn");
+    }
+    s.resume(&m.id, None).await.expect("resume");
+    for (_, bytes) in lock(&h.remaps).iter() {
+        assert_eq!(bytes, &data, "every remap saw whole, correct bytes");
+    }
+    let (_, freed) = s.unload(&m.id).await.expect("unload");
+    assert!(freed >= data.len() as u64);
+    assert!(s.models().is_empty());
+    assert!(matches!(s.park(&m.id).await, Err(WeightsError::ModelNotFound(_))));
+}
