@@ -4,8 +4,10 @@
   (``python -m memwarden.worker``).
 - ``memwarden.client``: what an existing inference process imports to register the models it
   holds with the daemon and to answer its requests to free memory.
+- ``memwarden.weights``: model weights held by the daemon, mapped into this process zero-copy.
 - ``memwarden.protocol``: the JSON-lines codec both use (docs/PROTOCOL.md).
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # the versions a hello may carry

@@ -8,6 +8,12 @@
     ...
     client.touch(handle)          # on each use: least recently used models go first
     client.unregister(handle)     # when the process frees the model itself
+
+    weights = client.load_weights("/models/unet.safetensors", device="cuda:0")   # held by memwarden
+    unet.load_state_dict(weights, assign=True)    # or weights.bind(unet): re-assigned after a move
+    with weights.use():                           # not parked meanwhile; resumed if it was
+        image = pipe(prompt)
+    client.release_weights(weights)
     client.close()
 
 The daemon sees the registered models in ``GET /api/memory/models`` and, under pressure, asks this
@@ -16,6 +22,12 @@ callback), ``offloadModel`` / ``unloadModel`` (the model's ``on_release(model_id
 callback; the model is forgotten after an unload), ``optimizeMemory`` (trim, then release the
 least valuable unpinned models until enough is freed). Requests are answered on a background
 thread; callbacks must be thread-safe. Sizes are the sum of the model's tensors' bytes, per device.
+
+Weights loaded with ``load_weights`` stay in memwarden's memory and are mapped here without a copy
+(``memwarden.weights``); the daemon unmaps them (``unmapWeights``, once no ``use()`` is open) and
+remaps them (``remapWeights``) as memory pressure comes and goes. A failed request raises
+``DaemonError`` with the daemon's error code. Closing the connection unmaps nothing: the daemon
+counts this process as a holder no more.
 """
 
 from __future__ import annotations
@@ -28,12 +40,15 @@ import socket
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from . import protocol as P
-from .endpoint import Endpoint
+from .endpoint import DaemonError, Endpoint, SocketTransport, close_fds
 from .models import WorkerError, malloc_trim, rss_bytes
+from .weights import Weights
 from .worker import frameworks
+
+__all__ = ["Client", "DaemonError", "Weights", "connect", "default_socket_path", "tensor_bytes"]
 
 ReleaseCallback = Callable[[str, str], Any]
 
@@ -122,12 +137,11 @@ class Client:
         self.name = name
         self.on_trim = on_trim
         self._sock = sock
-        self._rfile = sock.makefile("rb")
-        self._wfile = sock.makefile("wb")
         self._models: Dict[str, Registration] = {}
+        self._weights: Dict[str, Weights] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._endpoint = Endpoint(self._rfile, self._wfile, self._handle)
+        self._endpoint = Endpoint(SocketTransport(sock), self._handle)
         devices = ["cpu"]
         self._endpoint.send(P.hello(name, os.getpid(), "client", frameworks(), devices))
         self._thread = threading.Thread(target=self._endpoint.serve, name="memwarden-client", daemon=True)
@@ -136,16 +150,19 @@ class Client:
     # ---- the application's side ----
 
     def register(self, name: str, model: Any, device: str = "cpu", priority: int = 50, pinned: bool = False,
-                 on_release: Optional[ReleaseCallback] = None) -> str:
-        """Tells the daemon this process holds `model` on `device`; returns its model id."""
+                 on_release: Optional[ReleaseCallback] = None, timeout_s: float = 10.0) -> str:
+        """Tells the daemon this process holds `model` on `device` (a `register` request); returns
+        the model id the daemon answers with. Raises DaemonError when the daemon refuses."""
         if not 0 <= priority <= 100:
             raise ValueError("priority must be 0-100")
         # Ids go into URLs (DELETE /api/memory/models/{id}): letters, digits, '.', '_', '-' only.
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.name}.{name}")
         reg = Registration(f"{safe}-{next(self._ids)}", name, model, device, priority, pinned, on_release)
+        reply, fds = self._endpoint.call("register", reg.info(), timeout_s)
+        close_fds(fds)
+        reg.model_id = reply.get("modelId") or reg.model_id
         with self._lock:
             self._models[reg.model_id] = reg
-        self._endpoint.send(P.notification("modelLoaded", reg.info()))
         return reg.model_id
 
     def touch(self, model_id: str) -> None:
@@ -159,6 +176,56 @@ class Client:
             reg = self._models.pop(model_id, None)
         if reg is not None:
             self._endpoint.send(P.notification("modelUnloaded", {"modelId": model_id, "freedBytes": sum(reg.by_device.values())}))
+
+    def load_weights(self, path: str, device: str = "cpu", name: Optional[str] = None, priority: int = 50,
+                     pinned: bool = False, keep_alive_ms: Optional[int] = None, timeout_s: float = 600) -> Weights:
+        """Has the daemon load `path` (a .safetensors file) onto `device`, or share what it already
+        holds of it, and maps its memory here: returns the tensors as ``Weights``. One process
+        holds a model once: loading it again returns the same ``Weights``. Raises DaemonError
+        (FILE_NOT_FOUND, INVALID_MODEL_FILE, INSUFFICIENT_MEMORY, …)."""
+        data: Dict[str, Any] = {"path": os.path.abspath(path), "deviceId": device, "priority": priority, "pinned": pinned}
+        if name is not None:
+            data["name"] = name
+        if keep_alive_ms is not None:
+            data["keepAliveMs"] = keep_alive_ms
+        grant, fds = self._endpoint.call("loadWeights", data, timeout_s)
+        if len(fds) != 1:
+            close_fds(fds)
+            raise P.ProtocolError(P.MALFORMED_MESSAGE, f"a loadWeights reply must carry 1 descriptor, it carried {len(fds)}")
+        with self._lock:
+            held = self._weights.get(grant.get("modelId")) if isinstance(grant, dict) else None
+        if held is not None:
+            close_fds(fds)
+            return held
+        try:
+            weights = Weights(grant, fds[0], peer=self._endpoint)
+        except Exception:
+            self._tell_released(grant.get("modelId") if isinstance(grant, dict) else None)
+            raise
+        with self._lock:
+            self._weights[weights.model_id] = weights
+        return weights
+
+    def release_weights(self, weights: Weights, timeout_s: float = 10.0) -> Dict[str, Any]:
+        """Unmaps `weights` here (after any open use(), waiting at most `timeout_s`: IN_USE after)
+        and tells the daemon (`releaseWeights`); the weights stay in memwarden for other holders or
+        until evicted. Returns the daemon's ``{"modelId", "state", "holders"}``."""
+        if not weights.wait_unused(timeout_s):
+            raise WorkerError(P.IN_USE, f"a use() of {weights.model_id} stayed open past {timeout_s:g} s")
+        with self._lock:
+            self._weights.pop(weights.model_id, None)
+        weights.unmap(final=True)
+        reply, fds = self._endpoint.call("releaseWeights", {"modelId": weights.model_id})
+        close_fds(fds)
+        return reply
+
+    def _tell_released(self, model_id: Optional[str]) -> None:
+        """After a grant could not be mapped: the daemon must not count this process as a holder."""
+        if model_id:
+            try:
+                self._endpoint.call("releaseWeights", {"modelId": model_id})
+            except (DaemonError, OSError):
+                pass
 
     def close(self) -> None:
         self._endpoint.stopping.set()
@@ -225,9 +292,38 @@ class Client:
         freed = max(0, before - rss_bytes())
         return {"freedBytes": freed, "freedByDevice": {"cpu": freed}, "actions": ["trimCache"]}
 
-    def _handle(self, action: str, data: Dict[str, Any]) -> Any:
+    def _held(self, model_id: str) -> Weights:
+        with self._lock:
+            weights = self._weights.get(model_id)
+        if weights is None:
+            raise WorkerError(P.MODEL_NOT_FOUND, f"weights {model_id!r} are not mapped here")
+        return weights
+
+    def _unmap_weights(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        weights = self._held(data["modelId"])
+        if not weights.wait_unused(data["timeoutMs"] / 1000):
+            raise WorkerError(P.IN_USE, f"a use() of {weights.model_id} stayed open past {data['timeoutMs']} ms")
+        if data.get("final"):
+            with self._lock:
+                self._weights.pop(weights.model_id, None)
+        weights.unmap(final=bool(data.get("final")))
+        return {"unmapped": True}
+
+    def _remap_weights(self, data: Dict[str, Any], fds: List[int]) -> Dict[str, Any]:
+        if len(fds) != 1:
+            raise WorkerError(P.INVALID_DATA, f"remapWeights must carry 1 descriptor, it carried {len(fds)}")
+        weights = self._held(data["modelId"])
+        return {"sameAddress": weights.remap(data, fds.pop())}
+
+    def _handle(self, action: str, data: Dict[str, Any], fds: List[int]) -> Any:
         if action in P.ACTION_DATA:
             P.check_data(P.ACTION_DATA[action], data)
+        if action in P.PEER_ACTIONS:
+            raise WorkerError(P.NOT_SUPPORTED, f"`{action}` is a request to the daemon")
+        if action == "unmapWeights":
+            return self._unmap_weights(data)
+        if action == "remapWeights":
+            return self._remap_weights(data, fds)
         if action == "ping":
             return {"pong": True, "pid": os.getpid()}
         if action == "getModelInfo":

@@ -2,8 +2,10 @@
 
 The kind of a line is decided by its keys, in this order: ``"type": "hello"`` → hello;
 ``"event"`` → notification; ``"action"`` → request; ``"success"`` → reply. Unknown fields are
-ignored; unknown actions and events are errors with stable codes. This mirrors
-``crates/memwarden-protocol`` exactly; both are tested against ``fixtures/protocol/cases.json``.
+ignored; unknown actions and events are errors with stable codes. A request or reply may say it
+carries file descriptors with a top-level ``"fds": n`` (version 2; the transport passes them, see
+``memwarden.endpoint``). This mirrors ``crates/memwarden-protocol`` exactly; both are tested
+against ``fixtures/protocol/cases.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
-from . import PROTOCOL_VERSION
+from . import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from .safetensors_io import DTYPE_BYTES
 
 MAX_LINE_BYTES = 4 << 20
 
@@ -30,8 +33,14 @@ DEVICE_UNAVAILABLE = "DEVICE_UNAVAILABLE"
 NOT_SUPPORTED = "NOT_SUPPORTED"
 TIMEOUT = "TIMEOUT"
 INTERNAL = "INTERNAL"
+# Added in version 2.
+IN_USE = "IN_USE"
+INVALID_MODEL_FILE = "INVALID_MODEL_FILE"
+FILE_CHANGED = "FILE_CHANGED"
+INSUFFICIENT_MEMORY = "INSUFFICIENT_MEMORY"
 
-ACTIONS = (
+# Requests the daemon sends to a worker or client.
+DAEMON_ACTIONS = (
     "ping",
     "getModelInfo",
     "loadModel",
@@ -40,8 +49,13 @@ ACTIONS = (
     "trimCache",
     "optimizeMemory",
     "shutdown",
+    "unmapWeights",
+    "remapWeights",
 )
-EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport")
+# Requests a worker or client sends to the daemon (version 2); a peer answers them NOT_SUPPORTED.
+PEER_ACTIONS = ("register", "loadWeights", "releaseWeights", "resumeWeights")
+ACTIONS = DAEMON_ACTIONS + PEER_ACTIONS
+EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport", "weightsUsed")
 
 
 class ProtocolError(Exception):
@@ -76,6 +90,11 @@ class Message:
     def data(self) -> Any:
         return self.body.get("data")
 
+    @property
+    def fds(self) -> int:
+        """How many file descriptors the line says it carries (0 when it does not say)."""
+        return self.body.get("fds", 0)
+
 
 def _string(obj: dict, key: str, request_id: Optional[str] = None) -> str:
     if key not in obj:
@@ -93,6 +112,12 @@ def _data(obj: dict) -> Any:
 
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fds(obj: dict, request_id: Optional[str]) -> None:
+    n = obj.get("fds", 0)
+    if not (_int(n) and n >= 0):
+        raise ProtocolError(INVALID_DATA, f"`fds` must be a non-negative integer, got {json.dumps(n)}", request_id)
 
 
 def decode(line: str) -> Message:
@@ -129,9 +154,11 @@ def decode(line: str) -> Message:
         data = _data(obj)
         if not isinstance(data, dict):
             raise ProtocolError(INVALID_DATA, "`data` must be an object", rid)
+        _check_fds(obj, rid)
         return Message("request", dict(obj, data=data))
     if "success" in obj:
         _string(obj, "requestId")
+        _check_fds(obj, None)
         if not isinstance(obj["success"], bool):
             raise ProtocolError(INVALID_DATA, "`success` must be true or false")
         err = obj.get("error")
@@ -146,10 +173,11 @@ def decode(line: str) -> Message:
 
 
 def check_hello(msg: Message) -> None:
-    if msg.body.get("protocolVersion") != PROTOCOL_VERSION:
+    """Accepts a hello of any supported version (1 and 2) with a sane worker id."""
+    if msg.body.get("protocolVersion") not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             UNSUPPORTED_VERSION,
-            f"protocol version {msg.body.get('protocolVersion')} is not supported (this speaks {PROTOCOL_VERSION})",
+            f"protocol version {msg.body.get('protocolVersion')} is not supported (this speaks {list(SUPPORTED_VERSIONS)})",
         )
     wid = msg.body.get("workerId", "")
     if not 0 < len(wid) <= 128:
@@ -173,12 +201,19 @@ def hello(worker_id: str, pid: int, role: str, frameworks: Dict[str, Optional[st
     }
 
 
-def request(request_id: str, action: str, data: Optional[dict] = None) -> dict:
-    return {"requestId": request_id, "action": action, "data": data or {}}
+def _with_fds(body: dict, fds: int) -> dict:
+    """`"fds"` is written only when the line carries descriptors (absent means 0)."""
+    if fds:
+        body["fds"] = fds
+    return body
 
 
-def ok(request_id: str, data: Any) -> dict:
-    return {"requestId": request_id, "success": True, "data": data, "error": None}
+def request(request_id: str, action: str, data: Optional[dict] = None, fds: int = 0) -> dict:
+    return _with_fds({"requestId": request_id, "action": action, "data": data or {}}, fds)
+
+
+def ok(request_id: str, data: Any, fds: int = 0) -> dict:
+    return _with_fds({"requestId": request_id, "success": True, "data": data, "error": None}, fds)
 
 
 def error(request_id: str, code: str, message: str) -> dict:
@@ -227,6 +262,28 @@ _FIELDS = {
         "excludeModels": (False, list),
     },
     "ModelUnloaded": {"modelId": (True, str), "freedBytes": (False, "u64")},
+    "LoadWeights": {
+        "path": (True, str),
+        "deviceId": (False, str),
+        "name": (False, str),
+        "priority": (False, "percent"),
+        "pinned": (False, bool),
+        "keepAliveMs": (False, "u64"),
+    },
+    "ModelRef": {"modelId": (True, str)},
+    "UnmapWeights": {"modelId": (True, str), "timeoutMs": (True, "u64"), "final": (False, bool)},
+    "WeightsGrant": {
+        "modelId": (True, str),
+        "name": (True, str),
+        "deviceId": (True, str),
+        "handle": (True, "handle"),
+        "allocationBytes": (True, "u64"),
+        "dataBytes": (True, "u64"),
+        "tensors": (True, "tensors"),
+        "hash": (True, str),
+        "shared": (True, bool),
+        "access": (True, str),
+    },
 }
 
 ACTION_DATA = {
@@ -236,7 +293,28 @@ ACTION_DATA = {
     "offloadModel": "OffloadModel",
     "trimCache": "TrimCache",
     "optimizeMemory": "OptimizeMemory",
+    "register": "ModelInfo",
+    "loadWeights": "LoadWeights",
+    "releaseWeights": "ModelRef",
+    "resumeWeights": "ModelRef",
+    "unmapWeights": "UnmapWeights",
+    "remapWeights": "WeightsGrant",
 }
+
+HANDLES = ("cudaVmm", "shm")  # how a WeightsGrant's descriptor is mapped
+
+
+def _tensor_entry(t: Any) -> bool:
+    """One entry of a WeightsGrant's `tensors`: {name, dtype, shape, offset, nbytes}."""
+    return (
+        isinstance(t, dict)
+        and isinstance(t.get("name"), str)
+        and t.get("dtype") in DTYPE_BYTES
+        and isinstance(t.get("shape"), list)
+        and all(_int(d) and d >= 0 for d in t["shape"])
+        and _check(t.get("offset"), "u64") and t.get("offset") is not None
+        and _check(t.get("nbytes"), "u64") and t.get("nbytes") is not None
+    )
 
 
 def _check(v: Any, check: Any) -> bool:
@@ -246,6 +324,12 @@ def _check(v: Any, check: Any) -> bool:
         return _int(v) and 0 <= v <= 255
     if check == "u64":
         return _int(v) and v >= 0
+    if check == "percent":
+        return _int(v) and 0 <= v <= 100
+    if check == "handle":
+        return v in HANDLES
+    if check == "tensors":
+        return isinstance(v, list) and all(_tensor_entry(t) for t in v)
     if check is str:
         return isinstance(v, str)
     return isinstance(v, check)

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from . import protocol as P
-from .endpoint import Endpoint, log
+from .endpoint import Endpoint, PipeTransport, log
 from .models import ModelStore, WorkerError, cuda_devices, module_version
 
 
@@ -37,9 +37,13 @@ class Worker:
         if device_id is not None and device_id not in self.devices:
             raise WorkerError(P.DEVICE_UNAVAILABLE, f"{device_id} is not one of this worker's devices {self.devices}")
 
-    def handle(self, action: str, data: Dict[str, Any]) -> Any:
+    def handle(self, action: str, data: Dict[str, Any], fds: List[int]) -> Any:
+        """Answers one request from the daemon. Descriptors never reach a worker (it speaks over
+        pipes), so `fds` is always empty."""
         if action in P.ACTION_DATA:
             P.check_data(P.ACTION_DATA[action], data)
+        if action in P.PEER_ACTIONS:
+            raise WorkerError(P.NOT_SUPPORTED, f"`{action}` is a request to the daemon")
         if action == "ping":
             return {"pong": True, "pid": os.getpid()}
         if action == "getModelInfo":
@@ -62,6 +66,8 @@ class Worker:
             return self.store.optimize(data["deviceId"], data["bytes"], data.get("deadlineMs"), data.get("excludeModels"))
         if action == "shutdown":
             return {}
+        if action in ("unmapWeights", "remapWeights"):
+            raise WorkerError(P.MODEL_NOT_FOUND, "a supervised worker maps no weights held by the daemon")
         raise WorkerError(P.UNKNOWN_ACTION, f"unknown action `{action}`")
 
 
@@ -89,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"devices {missing} are not available here (available: {available}); serving the rest")
         devices = [d for d in devices if d in available]
     worker = Worker(ModelStore(args.backend), devices)
-    ep = Endpoint(sys.stdin.buffer, protocol_out, worker.handle)
+    ep = Endpoint(PipeTransport(sys.stdin.buffer, protocol_out), worker.handle)
     ep.send(P.hello(args.worker_id, os.getpid(), "worker", frameworks(), devices))
     log(f"worker {args.worker_id} ready (pid {os.getpid()}, devices {devices})")
     ep.serve()

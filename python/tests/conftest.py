@@ -102,3 +102,97 @@ def worker():
     w = WorkerProc()
     yield w
     w.close()
+
+
+class FakeDaemon:
+    """The daemon's side of one client connection, driven by the test: reads the client's lines
+    (with the descriptors they declare, passed with SCM_RIGHTS) and writes lines with descriptors
+    attached to the sendmsg that carries each line's first byte, as docs/PROTOCOL.md says.
+    Notifications met while waiting for something else are kept in `events`."""
+
+    def __init__(self, conn):
+        from memwarden import protocol as P
+
+        self.P = P
+        self.conn = conn
+        self.conn.settimeout(10)
+        self.buf = b""
+        self.fds = []  # received, not yet claimed by a line
+        self.events = []
+        self.n = 0
+
+    def read_any(self):
+        """The next message and the descriptors it declared."""
+        import socket
+
+        while b"\n" not in self.buf:
+            data, fds, _, _ = socket.recv_fds(self.conn, 1 << 16, 16)
+            self.fds += fds
+            if not data:
+                raise EOFError("the client closed the connection")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        msg = self.P.decode(line.decode())
+        n = msg.fds
+        assert len(self.fds) >= n, f"{msg.body} declares {n} descriptors, {len(self.fds)} arrived"
+        taken, self.fds = self.fds[:n], self.fds[n:]
+        return msg, taken
+
+    def read(self, kind=None):
+        """The next message (of `kind`, keeping notifications met before it in `events`)."""
+        while True:
+            msg, fds = self.read_any()
+            assert not fds, msg.body
+            if kind is None or msg.kind == kind:
+                return msg
+            assert msg.kind == "notification", msg.body
+            self.events.append(msg)
+
+    def send_line(self, line, fds=()):
+        import socket
+
+        data = line.encode() + b"\n"
+        sent = socket.send_fds(self.conn, [data], list(fds)) if fds else 0
+        self.conn.sendall(data[sent:])
+
+    def send(self, body, fds=()):
+        if fds:
+            body = dict(body, fds=len(fds))
+        self.send_line(self.P.encode(body), fds)
+
+    def answer(self, action, data=None, fds=()):
+        """Reads the client's next request, checks its action and replies ok with `data`."""
+        req = self.read("request")
+        assert req.action == action, req.body
+        self.send(self.P.ok(req.request_id, data or {}), fds)
+        return req
+
+    def call(self, action, data=None, fds=()):
+        """Sends a request and returns the reply's body."""
+        self.n += 1
+        rid = f"d{self.n}"
+        self.send(self.P.request(rid, action, data), fds)
+        msg = self.read("reply")
+        assert msg.request_id == rid, msg.body
+        return msg.body
+
+    def close(self):
+        import os
+
+        for fd in self.fds:
+            os.close(fd)
+        self.conn.close()
+
+
+def attached_pair(name="app"):
+    """A client and the fake daemon on the two ends of a socketpair, the hello already read."""
+    import socket
+
+    from memwarden import client as C
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = C.Client(theirs, name)
+    daemon = FakeDaemon(ours)
+    hello = daemon.read()
+    assert hello.kind == "hello" and hello.body["protocolVersion"] == 2
+    return client, daemon

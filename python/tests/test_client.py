@@ -1,74 +1,66 @@
 import os
 import socket
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import FakeDaemon
 
 from memwarden import client as C
 from memwarden import protocol as P
 
 
-class FakeDaemon:
-    """The daemon's side of the socket, driven by the test."""
+class Listener:
+    """A listening socket where the daemon would be; `attach` connects a client to it."""
 
     def __init__(self, path):
+        self.path = path
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
         self.server.listen(1)
-        self.conn = None
-        self.rfile = None
-        self.n = 0
-
-    def accept(self):
-        self.conn, _ = self.server.accept()
-        self.conn.settimeout(10)
-        self.rfile = self.conn.makefile("rb")
-
-    def read(self):
-        return P.decode(self.rfile.readline().decode())
-
-    def call(self, action, data=None):
-        self.n += 1
-        rid = f"d{self.n}"
-        self.conn.sendall((P.encode(P.request(rid, action, data)) + "\n").encode())
-        msg = self.read()
-        assert msg.kind == "reply" and msg.request_id == rid, msg
-        return msg.body
+        self.daemon = None
 
     def close(self):
-        if self.conn:
-            self.conn.close()
+        if self.daemon:
+            self.daemon.close()
         self.server.close()
 
 
 @pytest.fixture
-def daemon(tmp_path):
-    d = FakeDaemon(str(tmp_path / "mw.sock"))
-    d.path = str(tmp_path / "mw.sock")
-    yield d
-    d.close()
+def listener(tmp_path):
+    lst = Listener(str(tmp_path / "mw.sock"))
+    yield lst
+    lst.close()
 
 
-def attach(daemon, **kw):
-    t = threading.Thread(target=daemon.accept)
-    t.start()
-    c = C.connect(daemon.path, name="sd-server", **kw)
-    t.join()
-    hello = daemon.read()
+def attach(listener, **kw):
+    c = C.connect(listener.path, name="sd-server", **kw)
+    conn, _ = listener.server.accept()
+    listener.daemon = FakeDaemon(conn)
+    hello = listener.daemon.read()
     assert hello.kind == "hello"
     P.check_hello(hello)
     assert hello.body["role"] == "client" and hello.body["pid"] == os.getpid()
-    return c
+    return c, listener.daemon
 
 
-def test_register_reports_tensor_bytes_and_unregister_tells_the_daemon(daemon):
-    c = attach(daemon)
+def register(c, daemon, *args, **kw):
+    """Registers a model while the fake daemon answers the `register` request with its id."""
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.register, *args, **kw)
+        req = daemon.read("request")
+        assert req.action == "register"
+        info = P.check_data("ModelInfo", req.data)
+        daemon.send(P.ok(req.request_id, {"modelId": info["modelId"]}))
+        assert fut.result(timeout=10) == info["modelId"]
+    return info
+
+
+def test_register_reports_tensor_bytes_and_unregister_tells_the_daemon(listener):
+    c, daemon = attach(listener)
     weights = {"w1": bytearray(3 << 20), "w2": b"\0" * 1000}
-    mid = c.register("unet", weights, device="cpu", priority=70)
-    note = daemon.read()
-    assert note.kind == "notification" and note.event == "modelLoaded"
-    info = P.check_model_info(note.data)
-    assert info["modelId"] == mid and info["modelName"] == "unet"
+    info = register(c, daemon, "unet", weights, device="cpu", priority=70)
+    mid = info["modelId"]
+    assert info["modelName"] == "unet" and info["backend"] == "client"
     assert info["sizeBytes"] == (3 << 20) + 1000 and info["priority"] == 70
     models = daemon.call("getModelInfo")["data"]["models"]
     assert [m["modelId"] for m in models] == [mid]
@@ -78,12 +70,42 @@ def test_register_reports_tensor_bytes_and_unregister_tells_the_daemon(daemon):
     c.close()
 
 
-def test_unload_request_runs_the_callback_and_forgets_the_model(daemon):
-    c = attach(daemon)
+def test_register_takes_the_id_the_daemon_answers():
+    from conftest import attached_pair
+
+    c, daemon = attached_pair()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.register, "vae", b"\0" * 10, on_release=lambda *a: None)
+        daemon.answer("register", {"modelId": "m-42"})
+        assert fut.result(timeout=10) == "m-42"
+    assert [m["modelId"] for m in daemon.call("getModelInfo")["data"]["models"]] == ["m-42"]
+    assert daemon.call("unloadModel", {"modelId": "m-42"})["success"]
+    c.close()
+    daemon.close()
+
+
+def test_a_refused_register_raises_daemon_error():
+    from conftest import attached_pair
+
+    c, daemon = attached_pair()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.register, "vae", b"\0" * 10)
+        req = daemon.read("request")
+        daemon.send(P.error(req.request_id, P.INVALID_DATA, "model info: sizeBytes is wrong"))
+        with pytest.raises(C.DaemonError) as e:
+            fut.result(timeout=10)
+    assert e.value.code == P.INVALID_DATA and "sizeBytes" in e.value.message
+    assert daemon.call("getModelInfo")["data"]["models"] == []  # nothing was kept
+    c.close()
+    daemon.close()
+
+
+def test_unload_request_runs_the_callback_and_forgets_the_model(listener):
+    c, daemon = attach(listener)
     released = []
     holder = {"weights": bytearray(1 << 20)}
-    mid = c.register("vae", holder["weights"], on_release=lambda m, action: (released.append((m, action)), holder.clear()))
-    daemon.read()
+    mid = register(c, daemon, "vae", holder["weights"],
+                   on_release=lambda m, action: (released.append((m, action)), holder.clear()))["modelId"]
     r = daemon.call("unloadModel", {"modelId": mid})
     assert r["success"] and r["data"]["freedBytes"] == 1 << 20
     assert released == [(mid, "unload")] and holder == {}
@@ -92,36 +114,34 @@ def test_unload_request_runs_the_callback_and_forgets_the_model(daemon):
     c.close()
 
 
-def test_pinned_or_callbackless_models_are_not_released(daemon):
-    c = attach(daemon)
-    pinned = c.register("p", b"\0" * 10, pinned=True, on_release=lambda *a: None)
-    plain = c.register("q", b"\0" * 10)
-    daemon.read(), daemon.read()
+def test_pinned_or_callbackless_models_are_not_released(listener):
+    c, daemon = attach(listener)
+    pinned = register(c, daemon, "p", b"\0" * 10, pinned=True, on_release=lambda *a: None)["modelId"]
+    plain = register(c, daemon, "q", b"\0" * 10)["modelId"]
     assert daemon.call("unloadModel", {"modelId": pinned})["error"]["code"] == P.NOT_SUPPORTED
     assert daemon.call("unloadModel", {"modelId": plain})["error"]["code"] == P.NOT_SUPPORTED
     assert len(daemon.call("getModelInfo")["data"]["models"]) == 2
     c.close()
 
 
-def test_optimize_releases_least_valuable_first(daemon):
-    c = attach(daemon)
+def test_optimize_releases_least_valuable_first(listener):
+    c, daemon = attach(listener)
     calls = []
     cb = lambda m, a: calls.append(m)  # noqa: E731
-    a = c.register("a", bytearray(4 << 20), priority=10, on_release=cb)
-    b = c.register("b", bytearray(4 << 20), priority=90, on_release=cb)
-    e = c.register("e", bytearray(4 << 20), priority=0, on_release=cb)
-    for _ in range(3):
-        daemon.read()
+    a = register(c, daemon, "a", bytearray(4 << 20), priority=10, on_release=cb)["modelId"]
+    b = register(c, daemon, "b", bytearray(4 << 20), priority=90, on_release=cb)["modelId"]
+    e = register(c, daemon, "e", bytearray(4 << 20), priority=0, on_release=cb)["modelId"]
     r = daemon.call("optimizeMemory", {"deviceId": "cpu", "bytes": 3 << 20, "excludeModels": [e]})
     assert r["success"] and calls == [a], r
     assert {m["modelId"] for m in daemon.call("getModelInfo")["data"]["models"]} == {b, e}
     c.close()
 
 
-def test_client_refuses_load_and_shutdown_and_unknown_lines(daemon):
-    c = attach(daemon)
+def test_client_refuses_load_and_shutdown_and_unknown_lines(listener):
+    c, daemon = attach(listener)
     assert daemon.call("loadModel", {"path": "/x"})["error"]["code"] == P.NOT_SUPPORTED
     assert daemon.call("shutdown")["error"]["code"] == P.NOT_SUPPORTED
+    assert daemon.call("loadWeights", {"path": "/x"})["error"]["code"] == P.NOT_SUPPORTED
     daemon.conn.sendall(b'{"requestId":"zz","action":"explode"}\n')
     assert daemon.read().body["error"]["code"] == P.UNKNOWN_ACTION
     assert daemon.call("ping")["data"]["pong"] is True

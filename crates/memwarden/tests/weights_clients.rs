@@ -1,0 +1,95 @@
+//! Processes mapping memwarden-held weights on cpu (no GPU needed), through the real socket and
+//! protocol version 2 (`scripts/cpu/weights_holder.py`): two processes map one copy (their
+//! proportional share of the shared memory shows it), and after a SIGKILL the weights are
+//! orphaned and re-attached by the next process with the same bytes, without a second load.
+
+mod common;
+
+use common::{tempdir, write_model, TestServer};
+use memwarden::config::Config;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+const MIB: u64 = 1 << 20;
+
+fn holder(socket: &std::path::Path, model: &std::path::Path, name: &str) -> (Child, Value) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/cpu/weights_holder.py");
+    let mut child = Command::new("python3")
+        .args([script, &socket.display().to_string(), &model.display().to_string(), name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{name} printed {line:?}: {e}"));
+    (child, v)
+}
+
+fn weights(s: &TestServer) -> Vec<Value> {
+    let (code, body) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(code, 200, "{body}");
+    body["data"]["weights"].as_array().expect("weights").clone()
+}
+
+fn server(dir: &std::path::Path) -> (TestServer, std::path::PathBuf) {
+    let socket = dir.join("mw.sock");
+    let mut config = Config::default();
+    config.workers.enabled = false;
+    config.workers.socket = socket.display().to_string();
+    config.weights.orphan_grace_ms = 60_000;
+    (TestServer::start_with_workers(config), socket)
+}
+
+#[test]
+fn two_processes_map_one_copy_of_the_weights() {
+    let dir = tempdir("weights-share");
+    let (s, socket) = server(&dir);
+    let (path, bytes) = write_model(&dir, "shared", 64);
+    let (mut a, va) = holder(&socket, &path, "a");
+    let (mut b, vb) = holder(&socket, &path, "b");
+    assert_eq!(va["modelId"], vb["modelId"], "one model");
+    assert_eq!(va["shared"], false);
+    assert_eq!(vb["shared"], true);
+    assert_eq!(va["digest"], vb["digest"], "both see the same bytes");
+    assert!(va["bytes"].as_u64().expect("bytes") >= bytes);
+    // Three processes map the file (the daemon and two holders): each is charged about a third.
+    for v in [&va, &vb] {
+        let pss = v["pssShmem"].as_u64().expect("Pss_Shmem");
+        assert!(pss < bytes * 6 / 10, "a holder is charged {pss} of {bytes}: not a shared copy");
+    }
+    let w = weights(&s);
+    assert_eq!(w.len(), 1, "listed once");
+    assert_eq!(w[0]["holders"].as_array().expect("holders").len(), 2);
+    drop(a.stdin.take());
+    drop(b.stdin.take());
+    a.wait().expect("a");
+    b.wait().expect("b");
+}
+
+#[test]
+fn a_killed_holders_weights_are_orphaned_and_reattached_with_the_same_bytes() {
+    let dir = tempdir("weights-orphan");
+    let (s, socket) = server(&dir);
+    let (path, _) = write_model(&dir, "orphan", 16);
+    let (mut doomed, first) = holder(&socket, &path, "doomed");
+    let load = weights(&s)[0]["load"].clone();
+    doomed.kill().expect("SIGKILL");
+    doomed.wait().expect("reaped");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while weights(&s)[0]["state"] != "orphaned" {
+        assert!(std::time::Instant::now() < deadline, "not orphaned: {:?}", weights(&s));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(weights(&s)[0]["orphanedUntil"].is_string());
+    let (mut again, second) = holder(&socket, &path, "restarted");
+    assert_eq!(second["modelId"], first["modelId"]);
+    assert_eq!(second["digest"], first["digest"], "the bytes survived the holder");
+    let w = weights(&s);
+    assert_eq!(w[0]["state"], "resident");
+    assert_eq!(w[0]["load"], load, "re-attached without reading the file again");
+    drop(again.stdin.take());
+    again.wait().expect("exit");
+    let _ = MIB;
+}
