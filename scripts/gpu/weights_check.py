@@ -129,7 +129,8 @@ def main():
     used_parked = nvml_used(h)
     print(f"park: {parked['rate']}, total {parked['totalMs']:.1f} ms; NVML used {used_before} -> {used_parked} "
           f"(dropped {used_before - used_parked}, model {parked['model']['sizeBytes']})")
-    assert used_before - used_parked >= parked["model"]["sizeBytes"], "NVML dropped by at least the model's bytes"
+    # NVML counts whole pages and trails by a few; the goal's tolerance is 1 %.
+    assert used_before - used_parked >= 0.99 * parked["model"]["sizeBytes"], "NVML dropped by the model's bytes"
     t = time.perf_counter()
     with w.use():  # resumes on entry (resumeWeights), mapped at the old addresses
         resume_ms = (time.perf_counter() - t) * 1e3
@@ -138,16 +139,26 @@ def main():
     assert torch.equal(y0, y1), "outputs before park and after resume are bit-identical"
     print(f"resume through use(): {resume_ms:.1f} ms; outputs identical: {digest(y1)[:16]}")
 
-    # 2. a second process shares the copy
+    # 2. a second process shares the copy. What a bare torch process costs on the GPU (its CUDA
+    # context) is measured first: the sharer may add that, not a second copy.
+    bare = subprocess.Popen([sys.executable, "-c", "import torch,sys; torch.empty(1, device='cuda:0'); "
+                             "torch.cuda.synchronize(); print('ready', flush=True); sys.stdin.read()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    bare.stdout.readline()
+    context = nvml_process_bytes(h, bare.pid)
+    bare.stdin.close(); bare.wait()
+    time.sleep(0.5)
     used_one = nvml_used(h)
     p2, info = spawn(path, "second", 5)
     used_two = nvml_used(h)
     own = nvml_process_bytes(h, info["pid"])
     print(f"second process: attach {info['attachMs']:.1f} ms, usable {info['usableMs']:.1f} ms, shared={info['shared']}, "
-          f"same model id: {info['modelId'] == w.model_id}; NVML used +{used_two - used_one}, its own figure {own}")
+          f"same model id: {info['modelId'] == w.model_id}; NVML used +{used_two - used_one}, its own figure {own}, "
+          f"a bare torch process {context}")
     assert info["modelId"] == w.model_id and info["shared"], "the second process mapped the same copy"
     assert info["digest"] == digest(y0), "the second process computes the same outputs"
-    assert used_two - used_one < size, "no second copy: NVML grew by less than the model"
+    # Its growth is its context plus what its forward pass loads (cuBLAS), less than a second copy.
+    assert used_two - used_one < context + size, "no second copy: NVML grew by less than a context plus the model"
     listing = api("GET", "/api/memory/models")
     held = [m for m in listing["weights"] if m["modelId"] == w.model_id][0]
     print(f"listing: holders {held['holders']}, residentBytes {held['residentBytes']}")

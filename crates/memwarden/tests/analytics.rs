@@ -92,7 +92,7 @@ fn a_scripted_workload_shows_in_analytics_and_its_defragment_recommendation_appl
         "",
     );
     let (path, model_bytes) = write_model(&dir, "tiny", 16);
-    let (code, loaded) = post(&s, "/api/memory/models/load", json!({"path": path, "name": "tiny"}));
+    let (code, loaded) = post(&s, "/api/memory/models/load", json!({"path": path, "name": "tiny", "heldBy": "worker"}));
     assert_eq!(code, 200, "{loaded}");
     let model_id = loaded["data"]["modelId"].as_str().expect("id").to_string();
 
@@ -220,7 +220,11 @@ fn idle_models_on_a_pressured_device_are_recommended_for_release_and_the_action_
     let mut ids = Vec::new();
     for (name, pinned) in [("idle-a", false), ("keep", true)] {
         let (path, _) = write_model(&dir, name, 8);
-        let (code, m) = post(&s, "/api/memory/models/load", json!({"path": path, "name": name, "pinned": pinned}));
+        let (code, m) = post(
+            &s,
+            "/api/memory/models/load",
+            json!({"path": path, "name": name, "pinned": pinned, "heldBy": "worker"}),
+        );
         assert_eq!(code, 200, "{m}");
         ids.push(m["data"]["modelId"].as_str().expect("id").to_string());
     }

@@ -74,7 +74,7 @@ fn load_gpu(s: &TestServer, path: &Value, name: &str, priority: u8, pinned: bool
         "POST",
         "/api/memory/models/load",
         Some(
-            &json!({"path": path, "name": name, "deviceId": "cuda:0", "priority": priority, "pinned": pinned})
+            &json!({"path": path, "name": name, "deviceId": "cuda:0", "priority": priority, "pinned": pinned, "heldBy": "worker"})
                 .to_string(),
         ),
     );
@@ -137,7 +137,7 @@ fn torch_worker_reports_match_torch_and_nvml_on_cuda0() {
         let (code, body) = s.call(
             "POST",
             "/api/memory/models/load",
-            Some(&json!({"path": m["path"], "name": m["name"], "deviceId": "cuda:0"}).to_string()),
+            Some(&json!({"path": m["path"], "name": m["name"], "deviceId": "cuda:0", "heldBy": "worker"}).to_string()),
         );
         assert_eq!(code, 200, "{body}");
         let size = body["data"]["sizeBytes"].as_i64().expect("size");
@@ -365,8 +365,11 @@ fn admission_makes_room_on_the_gpu_or_refuses_without_unloading() {
         r["data"]["allocationId"].as_str().expect("id").to_string()
     };
     let r1 = hold(gpu_free(&s) - 100 * MIB);
-    let (code, body) =
-        s.call("POST", "/api/memory/models/load", Some(&json!({"path": medium, "deviceId": "cuda:0"}).to_string()));
+    let (code, body) = s.call(
+        "POST",
+        "/api/memory/models/load",
+        Some(&json!({"path": medium, "deviceId": "cuda:0", "heldBy": "worker"}).to_string()),
+    );
     assert_eq!((code, body["error"]["code"].as_str()), (507, Some("INSUFFICIENT_MEMORY")), "{body}");
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("nothing was unloaded"), "{body}");
     assert_eq!(s.call("DELETE", &format!("/api/memory/allocations/{r1}"), None).0, 200);

@@ -69,7 +69,11 @@ fn cpu_models(body: &Value) -> Value {
         .clone()
 }
 
-fn load(s: &TestServer, body: Value) -> (u16, Value) {
+/// A load by a supervised worker (`heldBy: worker`; memwarden-held weights are tests/weights.rs).
+fn load(s: &TestServer, mut body: Value) -> (u16, Value) {
+    if body.get("heldBy").is_none() {
+        body["heldBy"] = "worker".into();
+    }
     s.call("POST", "/api/memory/models/load", Some(&body.to_string()))
 }
 

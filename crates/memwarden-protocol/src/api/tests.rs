@@ -77,8 +77,11 @@ fn request_bodies_are_what_the_daemon_reads() {
         device_id: Some("cpu".into()),
         priority: None,
         pinned: false,
+        held_by: Some("worker".into()),
+        keep_alive_ms: Some(0),
     };
     let v = serde_json::to_value(&body).expect("json");
+    assert_eq!(v["heldBy"], "worker");
     assert_eq!(v["deviceId"], "cpu");
     assert_eq!(serde_json::from_value::<LoadBody>(v).expect("back"), body);
     assert!(serde_json::from_value::<LoadBody>(json!({"path": "/m", "extra": 1})).is_err(), "unknown fields refused");

@@ -109,6 +109,16 @@ pub enum Command {
     },
     /// Unload a model by id.
     Unload { id: String },
+    /// Park a model memwarden holds: its bytes to pinned host memory, its GPU memory freed.
+    Park { id: String },
+    /// Bring a parked or dropped model back (to --device, another GPU, when given).
+    Resume {
+        id: String,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Keep only a held model's file (a resume reads it again).
+    Drop { id: String },
     /// Free model memory on a device: trim caches, offload, unload (cheapest first).
     Optimize {
         device: String,
@@ -185,6 +195,9 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
             models::load(client, &body, json)
         }
         Command::Unload { id } => models::unload(client, id, json),
+        Command::Park { id } => models::weights_action(client, id, "park", None, json),
+        Command::Resume { id, device } => models::weights_action(client, id, "resume", device.as_deref(), json),
+        Command::Drop { id } => models::weights_action(client, id, "drop", None, json),
         Command::Optimize { device, strategy, min_free, target, force, exclude } => models::optimize(
             client,
             OptimizeArgs {

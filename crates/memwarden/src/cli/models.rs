@@ -3,7 +3,10 @@
 use super::http::{path_segment, CliError, Client};
 use super::render::{indent, or_dash, pretty, signed_bytes, table};
 use memwarden_core::units::{format_bytes, parse_size};
-use memwarden_protocol::api::{LoadBody, LoadedModelDto, ModelsDto, OptimizeBody, OptimizeOutcome, UnloadedDto};
+use memwarden_protocol::api::{
+    HeldModelDto, LoadBody, LoadedDto, ModelsDto, OptimizeBody, OptimizeOutcome, RateDto, ResumeBody, UnloadedDto,
+    WeightsActionDto,
+};
 use std::fmt::Write as _;
 
 /// `memwarden models`: per device the loaded models, then every worker with its state.
@@ -87,11 +90,14 @@ pub fn models(client: &Client, device: Option<&str>, as_json: bool) -> Result<St
 
 /// `memwarden load PATH`.
 pub fn load(client: &Client, body: &LoadBody, as_json: bool) -> Result<String, CliError> {
-    let a = client.call::<LoadedModelDto, _>("POST", "/api/memory/models/load", Some(body))?;
+    let a = client.call::<LoadedDto, _>("POST", "/api/memory/models/load", Some(body))?;
     if as_json {
         return Ok(pretty(&a.raw));
     }
-    let m = a.data;
+    let m = match a.data {
+        LoadedDto::Held(h) => return Ok(held_line("loaded", &h, h.load.as_ref())),
+        LoadedDto::Worker(m) => m,
+    };
     Ok(format!(
         "loaded {} ({}) on {}: {} in {:.0} ms, worker {} (pid {})\n",
         m.model_id,
@@ -102,6 +108,45 @@ pub fn load(client: &Client, body: &LoadBody, as_json: bool) -> Result<String, C
         m.worker_id,
         m.pid,
     ))
+}
+
+fn held_line(what: &str, h: &HeldModelDto, rate: Option<&RateDto>) -> String {
+    let rate = rate.map(|r| format!(" in {:.0} ms ({:.1} GB/s)", r.ms, r.gb_per_s)).unwrap_or_default();
+    format!(
+        "{what} {} ({}) on {}: {}{rate}, held by memwarden, now {}; holders: {}\n",
+        h.model_id,
+        h.name,
+        h.device_id,
+        format_bytes(h.size_bytes),
+        h.state.as_str(),
+        if h.holders.is_empty() { "none".to_string() } else { h.holders.join(", ") },
+    )
+}
+
+/// `memwarden park ID`, `memwarden resume ID [--device D]`, `memwarden drop ID`.
+pub fn weights_action(
+    client: &Client,
+    id: &str,
+    action: &str,
+    target: Option<&str>,
+    as_json: bool,
+) -> Result<String, CliError> {
+    let body = target.map(|t| ResumeBody { target_device_id: Some(t.to_string()) });
+    let path = format!("/api/memory/models/{}/{action}", path_segment(id));
+    let a = client.call::<WeightsActionDto, _>("POST", &path, body.as_ref())?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let o = a.data;
+    if o.action == "none" {
+        return Ok(format!("{} is already {}\n", o.model.model_id, o.model.state.as_str()));
+    }
+    let done = match o.action.as_str() {
+        "park" => "parked",
+        "resume" => "resumed",
+        _ => "dropped",
+    };
+    Ok(held_line(done, &o.model, o.rate.as_ref()))
 }
 
 /// `memwarden unload ID`.
