@@ -12,6 +12,7 @@ const FILES: &[(&str, &str)] = &[
     ("endpoint.py", include_str!("../../../../python/memwarden/endpoint.py")),
     ("worker.py", include_str!("../../../../python/memwarden/worker.py")),
     ("client.py", include_str!("../../../../python/memwarden/client.py")),
+    ("weights.py", include_str!("../../../../python/memwarden/weights.py")),
 ];
 
 /// The embedded package written under `dir/memwarden/`; `dir` goes on `PYTHONPATH`.
