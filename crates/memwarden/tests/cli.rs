@@ -255,7 +255,8 @@ fn default_daemon_runs_a_model_worker_and_the_cli_drives_it() {
     bytes.resize(bytes.len() + 2 * MIB as usize, 7);
     let path = dir.join("tiny.safetensors");
     std::fs::write(&path, bytes).expect("write");
-    let loaded = d.ok(&["load", path.to_str().expect("path"), "--name", "tiny", "--priority", "80"]);
+    let loaded =
+        d.ok(&["load", path.to_str().expect("path"), "--name", "tiny", "--priority", "80", "--held-by", "worker"]);
     assert!(loaded.starts_with("loaded m-1 (tiny) on cpu: 2.00 MiB"), "{loaded}");
     let listing = d.ok(&["models", "cpu"]);
     assert!(listing.contains("cpu: 1 model(s), 2.00 MiB reported, processes hold"), "{listing}");
@@ -265,7 +266,7 @@ fn default_daemon_runs_a_model_worker_and_the_cli_drives_it() {
     // A second, less valuable model; a forced optimize releases it first and says what it did.
     let spare = dir.join("spare.safetensors");
     std::fs::copy(&path, &spare).expect("copy");
-    d.ok(&["load", spare.to_str().expect("path"), "--name", "spare", "--priority", "5"]);
+    d.ok(&["load", spare.to_str().expect("path"), "--name", "spare", "--priority", "5", "--held-by", "worker"]);
     let opt = d.ok(&["optimize", "cpu", "--force", "--min-free", "1MiB"]);
     assert!(opt.contains("unload") && opt.contains("m-2") && opt.contains("cpu (balanced): freed"), "{opt}");
     assert!(!opt.contains("m-1 "), "the valuable model stays: {opt}");

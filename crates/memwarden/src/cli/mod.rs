@@ -106,6 +106,9 @@ pub enum Command {
         /// Never offloaded or unloaded by memwarden.
         #[arg(long)]
         pinned: bool,
+        /// `memwarden` (default: the daemon holds the weights) or `worker`.
+        #[arg(long)]
+        held_by: Option<String>,
     },
     /// Unload a model by id.
     Unload { id: String },
@@ -180,7 +183,7 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
         Command::Defrag { device, strategy } => devices::defrag(client, device.as_deref(), strategy.as_deref(), json),
         Command::Pools { device } => devices::pools(client, device.as_deref(), json),
         Command::Models { device } => models::models(client, device.as_deref(), json),
-        Command::Load { path, device, name, priority, pinned } => {
+        Command::Load { path, device, name, priority, pinned, held_by } => {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
             let path = path.to_str().ok_or_else(|| CliError(format!("path {} is not UTF-8", path.display())))?;
             let body = LoadBody {
@@ -189,7 +192,7 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
                 device_id: device.clone(),
                 priority: *priority,
                 pinned: *pinned,
-                held_by: None,
+                held_by: held_by.clone(),
                 keep_alive_ms: None,
             };
             models::load(client, &body, json)
