@@ -337,6 +337,26 @@ class ModelStore:
         else:
             malloc_trim()
 
+    def adopt(self, model_id: str, name: str, path: Optional[str], device_id: str, priority: int, pinned: bool,
+              weights: Any) -> Model:
+        """Holds a model whose weights the daemon holds (``weights``: a mapped ``memwarden.weights.
+        Weights``): no bytes are loaded here, the tensors are the mapping."""
+        m = Model(model_id, name, path, device_id, priority, pinned)
+        m.backend = "memwarden"
+        m.holder = weights
+        m.tensor_count = len(weights)
+        m.size_bytes = int(weights.grant["dataBytes"])
+        with self._lock:
+            if model_id in self._models:
+                raise WorkerError(P.INVALID_DATA, f"model id {model_id!r} is already loaded")
+            self._models[model_id] = m
+        return m
+
+    def forget(self, model_id: str) -> Optional[Model]:
+        """Drops a model from the listing without releasing anything (its owner did)."""
+        with self._lock:
+            return self._models.pop(model_id, None)
+
     def unload(self, model_id: str) -> Dict[str, Any]:
         with self._lock:
             m = self._models.pop(model_id, None)

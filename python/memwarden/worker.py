@@ -1,7 +1,9 @@
 """The model worker: ``python -m memwarden.worker [--worker-id ID] [--devices cpu,cuda:0]``.
 
 The daemon starts it, reads protocol lines from its stdout and logs from its stderr, and writes
-requests to its stdin (docs/PROTOCOL.md). It loads ``.safetensors`` models, reports what each
+requests to its stdin (docs/PROTOCOL.md). When stdin is a Unix socket (the daemon's end of a
+socketpair), requests may carry file descriptors: the worker then maps weights the daemon holds
+(``loadModel`` with ``weights``) and follows their ``unmapWeights`` / ``remapWeights``. It loads ``.safetensors`` models, reports what each
 occupies, and frees memory on request. Anything printed to stdout, by Python code or by a C
 library writing to file descriptor 1, goes to stderr, so it cannot corrupt the protocol stream.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
+import stat
 import sys
 from typing import Any, Dict, List, Optional
 
 from . import protocol as P
-from .endpoint import Endpoint, PipeTransport, log
+from .endpoint import Endpoint, PipeTransport, SocketTransport, log
 from .models import ModelStore, WorkerError, cuda_devices, module_version
 
 
@@ -38,8 +42,7 @@ class Worker:
             raise WorkerError(P.DEVICE_UNAVAILABLE, f"{device_id} is not one of this worker's devices {self.devices}")
 
     def handle(self, action: str, data: Dict[str, Any], fds: List[int]) -> Any:
-        """Answers one request from the daemon. Descriptors never reach a worker (it speaks over
-        pipes), so `fds` is always empty."""
+        """Answers one request from the daemon; `fds` (a socket stdin only) carry weights."""
         if action in P.ACTION_DATA:
             P.check_data(P.ACTION_DATA[action], data)
         if action in P.PEER_ACTIONS:
@@ -48,6 +51,8 @@ class Worker:
             return {"pong": True, "pid": os.getpid()}
         if action == "getModelInfo":
             return self.store.report(data.get("deviceId"))
+        if action == "loadModel" and data.get("weights") is not None:
+            return self._adopt(data, fds)
         if action == "loadModel":
             device = data.get("deviceId") or "cpu"
             self._device(device)
@@ -66,9 +71,67 @@ class Worker:
             return self.store.optimize(data["deviceId"], data["bytes"], data.get("deadlineMs"), data.get("excludeModels"))
         if action == "shutdown":
             return {}
-        if action in ("unmapWeights", "remapWeights"):
-            raise WorkerError(P.MODEL_NOT_FOUND, "a supervised worker maps no weights held by the daemon")
+        if action == "unmapWeights":
+            return self._unmap(data)
+        if action == "remapWeights":
+            w = self._weights(data["modelId"])
+            fd = fds.pop(0) if fds else None
+            if fd is None:
+                raise WorkerError(P.INVALID_DATA, "remapWeights needs one descriptor")
+            return {"sameAddress": w.remap(data, fd)}
         raise WorkerError(P.UNKNOWN_ACTION, f"unknown action `{action}`")
+
+    def _weights(self, model_id: str) -> Any:
+        m = self.store.get(model_id)
+        if m.backend != "memwarden":
+            raise WorkerError(P.MODEL_NOT_FOUND, f"model {model_id!r} is not held by the daemon")
+        return m.holder
+
+    def _adopt(self, data: Dict[str, Any], fds: List[int]) -> Dict[str, Any]:
+        """`loadModel` of weights the daemon holds: map them (no file is read here)."""
+        from .weights import Weights  # noqa: PLC0415 (imports ctypes/mmap only when used)
+
+        device = data.get("deviceId") or "cpu"
+        self._device(device)
+        if not fds:
+            raise WorkerError(P.INVALID_DATA, "loadModel with weights needs one descriptor")
+        grant = data["weights"]
+        P.check_data("WeightsGrant", grant)
+        w = Weights(grant, fds.pop(0))
+        m = self.store.adopt(grant["modelId"], data.get("name") or grant["name"], data.get("path"), device,
+                             data.get("priority", 50), bool(data.get("pinned")), w)
+        return m.info()
+
+    def _unmap(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        w = self._weights(data["modelId"])
+        if not w.wait_unused(data["timeoutMs"] / 1000):
+            raise WorkerError(P.IN_USE, f"model {data['modelId']} is still in use after {data['timeoutMs']} ms")
+        w.unmap(final=bool(data.get("final")))
+        if data.get("final"):
+            self.store.forget(data["modelId"])
+        return {"unmapped": True}
+
+
+class StdinSocketTransport(SocketTransport):
+    """Requests and their descriptors arrive on stdin, a Unix socket; replies go to stdout, as
+    over pipes (the daemon reads them there)."""
+
+    def __init__(self, sock: socket.socket, wfile: Any):
+        super().__init__(sock)
+        self.wfile = wfile
+
+    def write(self, data: bytes, fds: Any = ()) -> None:
+        if fds:
+            raise ValueError("a worker sends no descriptors")
+        self.wfile.write(data)
+        self.wfile.flush()
+
+
+def transport(protocol_out: Any) -> Any:
+    """A socket stdin carries descriptors; a pipe does not."""
+    if stat.S_ISSOCK(os.fstat(0).st_mode):
+        return StdinSocketTransport(socket.socket(fileno=os.dup(0)), protocol_out)
+    return PipeTransport(sys.stdin.buffer, protocol_out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -95,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"devices {missing} are not available here (available: {available}); serving the rest")
         devices = [d for d in devices if d in available]
     worker = Worker(ModelStore(args.backend), devices)
-    ep = Endpoint(PipeTransport(sys.stdin.buffer, protocol_out), worker.handle)
+    ep = Endpoint(transport(protocol_out), worker.handle)
     ep.send(P.hello(args.worker_id, os.getpid(), "worker", frameworks(), devices))
     log(f"worker {args.worker_id} ready (pid {os.getpid()}, devices {devices})")
     ep.serve()

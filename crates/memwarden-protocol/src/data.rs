@@ -95,6 +95,10 @@ pub struct LoadModel {
     /// Chosen by the daemon so ids are unique across workers; a worker makes one when absent.
     #[serde(default)]
     pub model_id: Option<String>,
+    /// Version 2, on a socket: the daemon holds the weights; the worker maps this grant (its
+    /// descriptor rides with the line) instead of reading the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<crate::WeightsGrant>,
 }
 
 fn default_device() -> String {

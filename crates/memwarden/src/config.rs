@@ -45,9 +45,11 @@ pub struct WeightsSection {
     /// How long a park waits for holders to leave `use()`, in milliseconds; past it the park
     /// is refused (`IN_USE`) and the optimizer moves on to the next model.
     pub use_bound_ms: u64,
-    /// Pinned host memory registered ahead of time for parking, in bytes (grown back to this
-    /// size in the background after a park takes from it).
+    /// Pinned host memory registered ahead of time for parking, in bytes.
     pub park_pool_bytes: u64,
+    /// Hash every chunk while loading (BLAKE3; detects a file changed in place on reload). Off:
+    /// a reload checks size and mtime only.
+    pub hash_on_load: bool,
 }
 
 impl Default for WeightsSection {
@@ -59,6 +61,7 @@ impl Default for WeightsSection {
             orphan_grace_ms: 60_000,
             use_bound_ms: 2_000,
             park_pool_bytes: 0,
+            hash_on_load: true,
         }
     }
 }

@@ -78,6 +78,7 @@ fn an_8_gib_model_loads_parks_and_resumes_at_copy_engine_speed_and_the_driver_se
         assert_eq!(r["model"]["hash"], m["hash"]);
         let free3 = available(&s);
         assert!(free3 + bytes * 99 / 100 <= free2, "round {round}: resume took the memory again: {free2} → {free3}");
+        println!("round {round}: park phases {} | resume phases {}", p["phasesMs"], r["phasesMs"]);
         println!(
             "round {round}: park copy {:.2} GB/s ({:.1} ms), request {:.1} ms | resume copy {:.2} GB/s ({:.1} ms), request {:.1} ms",
             p["rate"]["gbPerS"], p["rate"]["ms"], p_wall * 1e3, r["rate"]["gbPerS"], r["rate"]["ms"], r_wall * 1e3
@@ -98,4 +99,26 @@ fn an_8_gib_model_loads_parks_and_resumes_at_copy_engine_speed_and_the_driver_se
     assert_eq!(code, 200, "{body}");
     let free4 = available(&s);
     assert!(free4 + GIB / 4 >= free0, "unload returned the memory: {free0} → {free4}");
+    drop(s);
+    // The same load without hashing, and with 8 threads: where the load's time goes.
+    for (threads, hash) in [(16, false), (8, true), (8, false)] {
+        let mut config = Config::default();
+        config.weights.hash_on_load = hash;
+        config.weights.load_threads = threads;
+        let s = TestServer::start_with(config);
+        let t = Instant::now();
+        let (code, body) = s.call(
+            "POST",
+            "/api/memory/models/load",
+            Some(&json!({"path": path, "deviceId": "cuda:0", "keepAliveMs": 0}).to_string()),
+        );
+        assert_eq!(code, 200, "{body}");
+        println!(
+            "load {gib} GiB, {threads} threads, hash {hash}: copy {:.2} GB/s, request {:.0} ms",
+            body["data"]["load"]["gbPerS"],
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        let id = body["data"]["modelId"].as_str().expect("id").to_string();
+        assert_eq!(s.call("DELETE", &format!("/api/memory/models/{id}"), None).0, 200);
+    }
 }

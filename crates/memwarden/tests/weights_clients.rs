@@ -93,3 +93,61 @@ fn a_killed_holders_weights_are_orphaned_and_reattached_with_the_same_bytes() {
     again.wait().expect("exit");
     let _ = MIB;
 }
+
+fn ready_worker(s: &TestServer, not_pid: Option<u64>) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (code, body) = s.call("GET", "/api/memory/models", None);
+        if code == 200 {
+            let w = &body["data"]["coordinationStatus"]["workers"][0];
+            if w["state"] == "ready" && w["pid"].as_u64().is_some() && w["pid"].as_u64() != not_pid {
+                return w["pid"].as_u64().expect("pid");
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "worker not ready: {body}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_supervised_worker_maps_held_weights_and_after_sigkill_its_restart_reattaches_them() {
+    let dir = tempdir("weights-worker");
+    let mut config = Config::default();
+    config.workers.socket = "none".into();
+    config.workers.restart_backoff_ms = 200;
+    config.workers.health_interval_ms = 0;
+    config.pressure.enabled = false;
+    let s = TestServer::start_with_workers(config);
+    let pid = ready_worker(&s, None);
+    let (path, bytes) = write_model(&dir, "worker-held", 8);
+    let (code, body) = s.call("POST", "/api/memory/models/load", Some(&serde_json::json!({"path": path}).to_string()));
+    assert_eq!(code, 200, "{body}");
+    let id = body["data"]["modelId"].as_str().expect("id").to_string();
+    assert_eq!(body["data"]["holders"], serde_json::json!(["worker-0"]), "the worker maps it: {body}");
+    let (_, list) = s.call("GET", "/api/memory/models", None);
+    let mine = list["data"]["devices"][0]["modelMemory"]["loadedModels"].as_array().expect("models").clone();
+    let m = mine.iter().find(|m| m["modelId"] == id.as_str()).expect("the worker lists it");
+    assert_eq!(m["backend"], "memwarden");
+    assert_eq!(m["sizeBytes"], bytes);
+    let load = weights(&s)[0]["load"].clone();
+    // SIGKILL: the weights stay, orphaned; the restarted worker (same id) maps them again.
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let new_pid = ready_worker(&s, Some(pid));
+    assert_ne!(new_pid, pid);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let w = weights(&s);
+        if w[0]["state"] == "resident" && w[0]["holders"] == serde_json::json!(["worker-0"]) {
+            assert_eq!(w[0]["load"], load, "re-attached without reading the file");
+            assert_eq!(w[0]["modelId"], id.as_str());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not re-attached: {w:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Unload tells the worker to unmap for good; it forgets the model.
+    let (code, body) = s.call("DELETE", &format!("/api/memory/models/{id}"), None);
+    assert_eq!(code, 200, "{body}");
+    let (_, list) = s.call("GET", "/api/memory/models", None);
+    assert!(list["data"]["weights"].as_array().expect("weights").is_empty());
+}

@@ -291,7 +291,7 @@ fn a_worker_speaking_another_protocol_version_is_refused_and_retried() {
         command: vec![
             "python3".into(),
             "-c".into(),
-            r#"import os,time; print('{"type":"hello","protocolVersion":2,"workerId":"future","pid":%d}' % os.getpid(), flush=True); time.sleep(30)"#.into(),
+            r#"import os,time; print('{"type":"hello","protocolVersion":3,"workerId":"future","pid":%d}' % os.getpid(), flush=True); time.sleep(30)"#.into(),
         ],
         env: Default::default(),
     }];

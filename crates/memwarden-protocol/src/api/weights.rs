@@ -93,4 +93,14 @@ pub struct WeightsActionDto {
     pub rate: Option<RateDto>,
     /// Time for the whole request, including the holders' unmap and remap.
     pub total_ms: f64,
+    /// Where the time went, in order: e.g. `unmapHolders`, `takePinned`, `copy`, `freeDevice`
+    /// (park); `allocDevice`, `copy`, `releasePinned`, `remapHolders` (resume).
+    pub phases_ms: Vec<PhaseDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseDto {
+    pub phase: String,
+    pub ms: f64,
 }

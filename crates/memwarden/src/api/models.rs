@@ -276,6 +276,7 @@ async fn load_admitted(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
         priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
         pinned: body.pinned,
         model_id: None,
+        weights: None,
     };
     let (info, slot) = state.supervisor.load(req).await?;
     let pid = slot.snapshot().pid.unwrap_or(0);

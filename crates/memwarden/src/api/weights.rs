@@ -7,7 +7,7 @@ use crate::weights::{ActionOutcome, HeldModel, LoadRequest, WeightsError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{HeldModelDto, LoadBody, LoadedModelDto, ResumeBody, WeightsActionDto};
+use memwarden_protocol::api::{HeldModelDto, LoadBody, LoadedModelDto, PhaseDto, ResumeBody, WeightsActionDto};
 use memwarden_protocol::{codes, DEFAULT_PRIORITY};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,6 +48,9 @@ pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
     let result = state.weights.load(req, None).await;
     state.optimizer.release_ticket(ticket);
     let attached = result?;
+    if !attached.reused {
+        crate::weights::peer::hand_to_worker(&state.weights, &state.supervisor, &attached.model).await;
+    }
     Ok(Data(state.weights.dto(&attached.model)))
 }
 
@@ -58,6 +61,7 @@ fn outcome(state: &AppState, model: &HeldModel, o: ActionOutcome, started: Insta
         freed_bytes: o.freed_bytes,
         rate: o.rate.as_ref().map(|r| r.dto()),
         total_ms: started.elapsed().as_secs_f64() * 1e3,
+        phases_ms: o.phases.iter().map(|(p, ms)| PhaseDto { phase: p.to_string(), ms: *ms }).collect(),
     }
 }
 

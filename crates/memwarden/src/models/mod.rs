@@ -115,6 +115,8 @@ impl ModelView {
     pub fn candidates(&self, device: DeviceId) -> Vec<(Candidate, Arc<Slot>)> {
         let dev = device.to_string();
         self.callable_models()
+            // Weights memwarden holds are released by the ladder's own rung (park, drop).
+            .filter(|(m, _)| m.backend.as_deref() != Some("memwarden"))
             .filter_map(|(m, h)| {
                 let bytes = footprint_on(m, &dev);
                 (bytes > 0).then(|| (self.candidate(m, h, device, bytes), h.slot.clone()))
@@ -141,6 +143,8 @@ impl ModelView {
     pub fn facts(&self, device: DeviceId) -> Vec<Candidate> {
         let dev = device.to_string();
         self.callable_models()
+            // Weights memwarden holds are released by the ladder's own rung (park, drop).
+            .filter(|(m, _)| m.backend.as_deref() != Some("memwarden"))
             .filter_map(|(m, h)| {
                 let bytes = footprint_on(m, &dev);
                 (bytes > 0).then(|| self.candidate(m, h, device, bytes))

@@ -70,6 +70,8 @@ pub trait PeerRequests: Send + Sync {
     fn notify(&self, conn: &Arc<Conn>, event: Event, data: &Value);
     /// The connection closed.
     fn closed(&self, conn: &Arc<Conn>);
+    /// A supervised worker said hello (after a restart, it re-attaches what it held).
+    fn attached(&self, conn: &Arc<Conn>);
 }
 
 /// Lines of at most `MAX_LINE_BYTES`, not required to be UTF-8 (a bad line is answered, not
@@ -93,6 +95,8 @@ pub struct Conn {
     pub role: Role,
     pub pid: u32,
     pub protocol_version: u32,
+    /// Lines to this peer can carry descriptors (a version 2 peer on a socket).
+    pub carries_fds: bool,
     pub devices: Vec<String>,
     pub frameworks: BTreeMap<String, Option<String>>,
     pub connected_at: OffsetDateTime,
@@ -112,6 +116,7 @@ impl Conn {
             worker_id: hello.worker_id,
             role: hello.role,
             protocol_version: hello.protocol_version,
+            carries_fds: hello.protocol_version >= 2 && matches!(writer, Writer::Socket(_)),
             pid,
             devices: hello.devices,
             frameworks: hello.frameworks,

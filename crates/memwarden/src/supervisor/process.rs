@@ -149,14 +149,30 @@ fn command(sup: &Supervisor, spec: &WorkerSpec, python_path: Option<&std::path::
 async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&std::path::Path>) -> String {
     let cfg = sup.config().clone();
     let Some(spec) = slot.spec.clone() else { return "a client slot has no process".into() };
-    let mut child = match command(sup, &spec, python_path).spawn() {
+    // The worker's stdin is our end of a socketpair, so requests can carry descriptors (weights
+    // the daemon holds); its replies still come on stdout.
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => return format!("cannot create the worker's socket: {e}"),
+    };
+    let mut cmd = command(sup, &spec, python_path);
+    cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
+    let spawned = cmd.spawn();
+    drop(cmd); // closes our copy of the worker's end
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return format!("cannot start the worker: {e}"),
     };
+    let stdin = match ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours)) {
+        Ok(s) => s.into_split().1,
+        Err(e) => {
+            let _ = child.start_kill();
+            return format!("cannot use the worker's socket: {e}");
+        }
+    };
     let pid = child.id().unwrap_or(0);
     lock(&slot.state).pid = Some(pid);
-    let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         let _ = child.start_kill();
         return "the worker's pipes were not opened".into();
     };
@@ -197,7 +213,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
             return format!("no hello within {} ms", cfg.start_timeout_ms);
         }
     };
-    let conn = Arc::new(Conn::new(hello, pid, Writer::Pipe(Box::new(stdin))));
+    let conn = Arc::new(Conn::new(hello, pid, Writer::Socket(stdin)));
     {
         let mut s = lock(&slot.state);
         s.conn = Some(conn.clone());
@@ -205,6 +221,9 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
         s.last_error = None;
     }
     slot.set_state(WorkerState::Ready);
+    if let Some(p) = sup.peer_requests() {
+        p.attached(&conn);
+    }
     let health = health_pings(sup.clone(), slot.clone(), conn.clone());
     let reason = tokio::select! {
         r = read_loop(&conn, &mut reader, sup.peer_requests()) => r,

@@ -28,7 +28,7 @@ pub fn thread_count(configured: usize, data_bytes: u64) -> usize {
 
 /// Fills `block` with the file's data section. The first error stops every thread; the block
 /// is then the caller's to drop.
-pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize) -> Result<Loaded, WeightsError> {
+pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize, hash: bool) -> Result<Loaded, WeightsError> {
     let started = Instant::now();
     let chunks = file.data_bytes.div_ceil(HASH_CHUNK_BYTES);
     let next = AtomicU64::new(0);
@@ -54,7 +54,9 @@ pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize) -> Result<Loade
                             f.read_exact_at(buf, file.data_start + offset).map_err(|e| {
                                 WeightsError::LoadFailed(format!("reading {} at {offset}: {e}", path.display()))
                             })?;
-                            lock(&hashes)[i as usize] = *blake3::hash(buf).as_bytes();
+                            if hash {
+                                lock(&hashes)[i as usize] = *blake3::hash(buf).as_bytes();
+                            }
                             Ok(len)
                         })?;
                     }
@@ -71,5 +73,6 @@ pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize) -> Result<Loade
         return Err(e);
     }
     let hashes = hashes.into_inner().unwrap_or_else(|p| p.into_inner());
-    Ok(Loaded { hash: combine_hashes(&hashes, file.data_bytes), elapsed: started.elapsed() })
+    let hash = if hash { combine_hashes(&hashes, file.data_bytes) } else { String::new() };
+    Ok(Loaded { hash, elapsed: started.elapsed() })
 }

@@ -47,10 +47,11 @@ pub trait Arena: Send + Sync {
     fn alloc(&self, bytes: u64) -> Result<Box<dyn Block>, WeightsError>;
 }
 
-/// A run of park chunks holding one model's bytes.
+/// A run of park chunks holding one model's bytes; they go back to the pool when it is dropped.
 pub struct ParkBuffer {
     chunks: Vec<HostMapping>,
     chunk_bytes: u64,
+    pool: Arc<ParkPool>,
 }
 
 impl ParkBuffer {
@@ -74,14 +75,24 @@ impl ParkBuffer {
     }
 }
 
-/// Pinned host chunks for parking, registered with CUDA ahead of time (registering costs about
-/// a millisecond per 8 MiB, which a park must not pay), kept at `target_bytes` free by a
-/// background refill after a park takes from it.
+impl Drop for ParkBuffer {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.chunks));
+    }
+}
+
+/// Pinned host chunks for parking, registered with CUDA ahead of time up to `target_bytes`
+/// (registering costs about a millisecond per 8 MiB, which a park must not pay). Parks take
+/// chunks and give them back; a park beyond the target registers the rest on its path (logged),
+/// and chunks beyond the target are released on a background thread once given back, so
+/// neither a park nor a resume waits for page-locking or unlocking.
 pub struct ParkPool {
     chunk_bytes: u64,
     target_bytes: u64,
     cuda: Option<Arc<CudaContext>>,
     free: Mutex<Vec<HostMapping>>,
+    /// Chunks alive (free or parked).
+    chunks: std::sync::atomic::AtomicU64,
     refilling: std::sync::atomic::AtomicBool,
 }
 
@@ -94,16 +105,19 @@ impl ParkPool {
             target_bytes,
             cuda,
             free: Mutex::new(Vec::new()),
+            chunks: 0.into(),
             refilling: false.into(),
         })
     }
 
     fn new_chunk(&self) -> Result<HostMapping, WeightsError> {
+        use std::sync::atomic::Ordering;
         let mut m = HostMapping::new(self.chunk_bytes, memwarden_sys::page_size_bytes(), self.cuda.is_none())
             .map_err(|e| WeightsError::from_sys("park chunk", self.chunk_bytes, e))?;
         if let Some(ctx) = &self.cuda {
             m.register_cuda(ctx).map_err(|e| WeightsError::from_cuda("registering a park chunk", e))?;
         }
+        self.chunks.fetch_add(1, Ordering::AcqRel);
         Ok(m)
     }
 
@@ -112,46 +126,57 @@ impl ParkPool {
         lock(&self.free).len() as u64 * self.chunk_bytes
     }
 
+    /// Pinned bytes the pool holds (free and parked).
+    pub fn registered_bytes(&self) -> u64 {
+        self.chunks.load(std::sync::atomic::Ordering::Acquire) * self.chunk_bytes
+    }
+
     /// Chunks for `bytes`: ready ones first, new ones for the rest (logged: the pool was short).
     pub fn take(self: &Arc<Self>, bytes: u64) -> Result<ParkBuffer, WeightsError> {
         let n = bytes.div_ceil(self.chunk_bytes).max(1) as usize;
-        let mut chunks = {
+        let chunks = {
             let mut free = lock(&self.free);
             let k = free.len().saturating_sub(n);
             free.split_off(k)
         };
-        if chunks.len() < n {
+        let mut buffer = ParkBuffer { chunks, chunk_bytes: self.chunk_bytes, pool: self.clone() };
+        if buffer.chunks.len() < n {
             tracing::info!(
-                short_bytes = (n - chunks.len()) as u64 * self.chunk_bytes,
+                short_bytes = (n - buffer.chunks.len()) as u64 * self.chunk_bytes,
                 "park pool short: registering pinned memory on the park path (raise weights.park_pool_bytes)"
             );
         }
-        while chunks.len() < n {
-            chunks.push(self.new_chunk()?);
+        while buffer.chunks.len() < n {
+            buffer.chunks.push(self.new_chunk()?);
         }
-        self.refill_in_background();
-        Ok(ParkBuffer { chunks, chunk_bytes: self.chunk_bytes })
+        Ok(buffer)
     }
 
-    /// Returns a parked model's chunks; beyond the target they go back to the OS.
-    pub fn give_back(&self, buffer: ParkBuffer) {
-        let mut free = lock(&self.free);
-        for c in buffer.chunks {
-            if (free.len() as u64) * self.chunk_bytes < self.target_bytes {
-                free.push(c);
-            }
+    /// Takes chunks back; those beyond the target go back to the OS on a background thread.
+    fn give_back(self: &Arc<Self>, chunks: Vec<HostMapping>) {
+        use std::sync::atomic::Ordering;
+        let excess = {
+            let mut free = lock(&self.free);
+            free.extend(chunks);
+            let over = self.registered_bytes().saturating_sub(self.target_bytes) / self.chunk_bytes;
+            let k = free.len().saturating_sub(over as usize);
+            free.split_off(k)
+        };
+        if !excess.is_empty() {
+            self.chunks.fetch_sub(excess.len() as u64, Ordering::AcqRel);
+            std::thread::spawn(move || drop(excess));
         }
     }
 
-    /// Grows the free chunks to the target on a background thread (one at a time).
+    /// Registers chunks up to the target on a background thread (one refill at a time).
     pub fn refill_in_background(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
-        if self.free_bytes() >= self.target_bytes || self.refilling.swap(true, Ordering::AcqRel) {
+        if self.registered_bytes() >= self.target_bytes || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
         let pool = self.clone();
         std::thread::spawn(move || {
-            while pool.free_bytes() < pool.target_bytes {
+            while pool.registered_bytes() < pool.target_bytes {
                 match pool.new_chunk() {
                     Ok(c) => lock(&pool.free).push(c),
                     Err(e) => {

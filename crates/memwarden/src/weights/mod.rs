@@ -153,6 +153,8 @@ pub struct Held {
     pub last_used_at: OffsetDateTime,
     pub state_since: Instant,
     pub orphaned_since: Option<Instant>,
+    /// The holder whose death orphaned it: a restarted worker of that id re-attaches it.
+    pub orphaned_by: Option<String>,
     pub hash: String,
     pub load: Option<Rate>,
     pub park: Option<Rate>,
@@ -167,6 +169,7 @@ impl Held {
         }
         if state != WeightState::Orphaned {
             self.orphaned_since = None;
+            self.orphaned_by = None;
         }
     }
 
@@ -271,6 +274,15 @@ pub struct ActionOutcome {
     pub action: &'static str,
     pub freed_bytes: u64,
     pub rate: Option<Rate>,
+    /// Where the time went, in order (milliseconds).
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+impl ActionOutcome {
+    /// The model was already in the asked state.
+    pub fn none() -> ActionOutcome {
+        ActionOutcome { action: "none", freed_bytes: 0, rate: None, phases: Vec::new() }
+    }
 }
 
 /// Every held model, the arenas they live in, and the pinned chunks parked ones wait in.
@@ -395,6 +407,16 @@ impl WeightStore {
         Ok(m)
     }
 
+    /// Orphans whose last holder had this id (a worker restarted under the same id).
+    pub fn orphans_of(&self, holder_id: &str) -> Vec<Arc<HeldModel>> {
+        self.models()
+            .into_iter()
+            .filter(|m| {
+                m.with_held(|h| h.state == WeightState::Orphaned && h.orphaned_by.as_deref() == Some(holder_id))
+            })
+            .collect()
+    }
+
     /// A holder's connection closed: its models that nobody else maps become orphans.
     pub fn holder_gone(&self, holder_id: &str) {
         for m in self.models() {
@@ -402,6 +424,7 @@ impl WeightStore {
             if h.holders.remove(holder_id).is_some() && h.holders.is_empty() && h.state == WeightState::Resident {
                 h.set_state(WeightState::Orphaned);
                 h.orphaned_since = Some(Instant::now());
+                h.orphaned_by = Some(holder_id.to_string());
                 tracing::info!(model = %m.id, holder = holder_id, "weights orphaned: their last holder is gone");
             }
         }

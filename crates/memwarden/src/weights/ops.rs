@@ -15,6 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use time::OffsetDateTime;
 
+fn ms(t: Instant) -> f64 {
+    ms_of(t.elapsed())
+}
+
+fn ms_of(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WeightsError> + Send + 'static,
 ) -> Result<T, WeightsError> {
@@ -53,11 +61,12 @@ impl WeightStore {
             return Ok(Attached { model: model.clone(), grant, reused: true });
         }
         let threads = load::thread_count(self.config.load_threads, file.data_bytes);
+        let hash_on_load = self.config.hash_on_load;
         let f = file.clone();
         let a = arena.clone();
         let (block, loaded) = blocking(move || {
             let block = a.alloc(f.data_bytes)?;
-            let loaded = load::fill(&*block, &f, threads)?;
+            let loaded = load::fill(&*block, &f, threads, hash_on_load)?;
             Ok((block, loaded))
         })
         .await?;
@@ -87,6 +96,7 @@ impl WeightStore {
                 last_used_at: OffsetDateTime::now_utc(),
                 state_since: Instant::now(),
                 orphaned_since: None,
+                orphaned_by: None,
                 hash: loaded.hash,
                 load: Some(Rate::now(file.data_bytes, loaded.elapsed)),
                 park: None,
@@ -97,6 +107,26 @@ impl WeightStore {
         let grant = self.attach(&model, holder, arena.handle())?;
         lock(&self.models).insert(id, model.clone());
         Ok(Attached { model, grant, reused: false })
+    }
+
+    /// Adds a holder to a held model (resuming it first when parked or dropped); returns the
+    /// grant it maps.
+    pub async fn attach_holder(
+        self: &Arc<Self>,
+        model: &Arc<HeldModel>,
+        holder: Arc<dyn WeightHolder>,
+    ) -> Result<(WeightsGrant, OwnedFd), WeightsError> {
+        let _op = model.op.lock().await;
+        if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
+            self.resume_locked(model, None).await?;
+        }
+        let handle = self.arena(model.device())?.handle();
+        self.attach(model, Some(holder), handle)?.ok_or_else(|| WeightsError::Internal("no grant".into()))
+    }
+
+    /// Removes a holder that could not map the model (it never held it).
+    pub fn detach(&self, model: &HeldModel, holder_id: &str) {
+        lock(&model.held).holders.remove(holder_id);
     }
 
     fn attach(
@@ -165,7 +195,7 @@ impl WeightStore {
     async fn park_locked(&self, model: &Arc<HeldModel>) -> Result<ActionOutcome, WeightsError> {
         let (state, device) = model.with_held(|h| (h.state, h.device));
         if matches!(state, WeightState::Parked | WeightState::Dropped) {
-            return Ok(ActionOutcome { action: "none", freed_bytes: 0, rate: None });
+            return Ok(ActionOutcome::none());
         }
         if !self.arena(device)?.can_park() {
             return Err(WeightsError::NotSupported(format!(
@@ -176,24 +206,32 @@ impl WeightStore {
         if model.pinned {
             return Err(WeightsError::NotSupported(format!("model {} is pinned", model.id)));
         }
+        let unmap_started = Instant::now();
         self.unmap_holders(model, false).await?;
+        let unmap_ms = ms(unmap_started);
         let pool = self.park_pool.clone();
         let m = model.clone();
         let result = blocking(move || {
             let block = lock(&m.held).block.take();
             let Some(block) = block else { return Err(WeightsError::Internal("no resident memory".into())) };
             let started = Instant::now();
-            let saved = pool.take(m.file.data_bytes).and_then(|buf| block.save(&buf, m.file.data_bytes).map(|()| buf));
+            let taken = pool.take(m.file.data_bytes);
+            let take_ms = ms(started);
+            let copy_started = Instant::now();
+            let saved = taken.and_then(|buf| block.save(&buf, m.file.data_bytes).map(|()| buf));
             match saved {
                 Ok(buf) => {
-                    let elapsed = started.elapsed();
+                    let elapsed = copy_started.elapsed();
                     let freed = block.size_bytes();
+                    let free_started = Instant::now();
                     drop(block);
+                    let phases =
+                        vec![("takePinned", take_ms), ("copy", ms_of(elapsed)), ("freeDevice", ms(free_started))];
                     let mut h = lock(&m.held);
                     h.parked = Some(buf);
                     h.set_state(WeightState::Parked);
                     h.park = Some(Rate::now(m.file.data_bytes, elapsed));
-                    Ok((freed, h.park.clone()))
+                    Ok((freed, h.park.clone(), phases))
                 }
                 Err(e) => {
                     lock(&m.held).block = Some(block);
@@ -203,7 +241,10 @@ impl WeightStore {
         })
         .await;
         match result {
-            Ok((freed_bytes, rate)) => Ok(ActionOutcome { action: "park", freed_bytes, rate }),
+            Ok((freed_bytes, rate, mut phases)) => {
+                phases.insert(0, ("unmapHolders", unmap_ms));
+                Ok(ActionOutcome { action: "park", freed_bytes, rate, phases })
+            }
             Err(e) => {
                 let holders = model.with_held(|h| h.holders.values().map(|e| e.holder.clone()).collect());
                 self.remap_holders(model, holders).await;
@@ -235,23 +276,27 @@ impl WeightStore {
         }
         if matches!(state, WeightState::Resident | WeightState::Orphaned) {
             if target == device {
-                return Ok(ActionOutcome { action: "none", freed_bytes: 0, rate: None });
+                return Ok(ActionOutcome::none());
             }
             self.park_locked(model).await?;
         }
         let m = model.clone();
-        let pool = self.park_pool.clone();
         let threads = load::thread_count(self.config.load_threads, model.file.data_bytes);
-        let rate = blocking(move || {
+        let hash_on_load = self.config.hash_on_load;
+        let (rate, mut phases) = blocking(move || {
             let parked = lock(&m.held).parked.take();
-            let started = Instant::now();
+            let mut phases = Vec::new();
+            let mut copy_started = Instant::now();
             let restored = (|| {
+                let t = Instant::now();
                 let block = arena.alloc(m.file.data_bytes)?;
+                phases.push(("allocDevice", ms(t)));
+                copy_started = Instant::now();
                 match &parked {
                     Some(buf) => block.restore(buf, m.file.data_bytes)?,
                     None => {
                         m.file.unchanged_on_disk()?;
-                        let loaded = load::fill(&*block, &m.file, threads)?;
+                        let loaded = load::fill(&*block, &m.file, threads, hash_on_load)?;
                         let expected = lock(&m.held).hash.clone();
                         if loaded.hash != expected {
                             return Err(WeightsError::FileChanged(format!(
@@ -267,17 +312,18 @@ impl WeightStore {
             })();
             match restored {
                 Ok(block) => {
-                    let rate = Rate::now(m.file.data_bytes, started.elapsed());
-                    if let Some(buf) = parked {
-                        pool.give_back(buf);
-                    }
+                    let rate = Rate::now(m.file.data_bytes, copy_started.elapsed());
+                    phases.push(("copy", ms(copy_started)));
+                    let t = Instant::now();
+                    drop(parked);
+                    phases.push(("releasePinned", ms(t)));
                     let mut h = lock(&m.held);
                     h.block = Some(block);
                     h.device = target;
                     h.set_state(WeightState::Resident);
                     h.resume = Some(rate.clone());
                     h.touch();
-                    Ok(rate)
+                    Ok((rate, phases))
                 }
                 Err(e) => {
                     lock(&m.held).parked = parked;
@@ -287,8 +333,10 @@ impl WeightStore {
         })
         .await?;
         let holders = model.with_held(|h| h.holders.values().map(|e| e.holder.clone()).collect());
+        let t = Instant::now();
         self.remap_holders(model, holders).await;
-        Ok(ActionOutcome { action: "resume", freed_bytes: 0, rate: Some(rate) })
+        phases.push(("remapHolders", ms(t)));
+        Ok(ActionOutcome { action: "resume", freed_bytes: 0, rate: Some(rate), phases })
     }
 
     /// Keeps only the file: frees the parked copy, or (after the holders unmapped) the
@@ -301,7 +349,7 @@ impl WeightStore {
 
     async fn drop_locked(&self, model: &Arc<HeldModel>) -> Result<ActionOutcome, WeightsError> {
         if model.state() == WeightState::Dropped {
-            return Ok(ActionOutcome { action: "none", freed_bytes: 0, rate: None });
+            return Ok(ActionOutcome::none());
         }
         if model.pinned {
             return Err(WeightsError::NotSupported(format!("model {} is pinned", model.id)));
@@ -315,16 +363,13 @@ impl WeightStore {
             (h.block.take(), h.parked.take())
         };
         let freed_bytes = block.as_ref().map(|b| b.size_bytes()).unwrap_or(0);
-        let pool = self.park_pool.clone();
         blocking(move || {
             drop(block);
-            if let Some(buf) = parked {
-                pool.give_back(buf);
-            }
+            drop(parked);
             Ok(())
         })
         .await?;
-        Ok(ActionOutcome { action: "drop", freed_bytes, rate: None })
+        Ok(ActionOutcome { action: "drop", freed_bytes, rate: None, phases: Vec::new() })
     }
 
     /// Forgets the model: holders unmap for good, then every byte goes back.
@@ -342,12 +387,9 @@ impl WeightStore {
             (h.block.take(), h.parked.take())
         };
         let freed = block.as_ref().map(|b| b.size_bytes()).unwrap_or(0);
-        let pool = self.park_pool.clone();
         blocking(move || {
             drop(block);
-            if let Some(buf) = parked {
-                pool.give_back(buf);
-            }
+            drop(parked);
             Ok(())
         })
         .await?;
