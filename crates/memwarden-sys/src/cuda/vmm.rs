@@ -264,7 +264,7 @@ impl Staging {
         let stream = CudaStream::new(ctx)?;
         let mut slots = Vec::with_capacity(depth.max(1));
         for _ in 0..depth.max(1) {
-            let mut m = HostMapping::new(chunk_bytes, crate::page_size_bytes(), false)
+            let mut m = HostMapping::new_huge(chunk_bytes, false)
                 .map_err(|e| CudaError::Driver { operation: "staging buffer", error: e.to_string() })?;
             m.register_cuda(ctx)?;
             let mut ev: sys::CUevent = std::ptr::null_mut();

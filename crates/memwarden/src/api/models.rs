@@ -295,6 +295,7 @@ async fn load_admitted(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
 pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<UnloadedDto> {
     if state.weights.contains(&model_id) {
         let (model, freed) = state.weights.unload(&model_id).await?;
+        super::weights::refresh(&state, model.device());
         return Ok(Data(UnloadedDto {
             model_id,
             worker_id: "memwarden".into(),

@@ -47,6 +47,7 @@ pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
     };
     let result = state.weights.load(req, None).await;
     state.optimizer.release_ticket(ticket);
+    refresh(state, device);
     let attached = result?;
     if !attached.reused {
         crate::weights::peer::hand_to_worker(&state.weights, &state.supervisor, &attached.model).await;
@@ -54,7 +55,15 @@ pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
     Ok(Data(state.weights.dto(&attached.model)))
 }
 
+/// Takes fresh readings of the devices a weights operation changed, so the status that follows
+/// shows the change rather than a sample from before it.
+pub fn refresh(state: &AppState, device: DeviceId) {
+    let _ = state.service.measure_now(device);
+    let _ = state.service.measure_now(DeviceId::Cpu);
+}
+
 fn outcome(state: &AppState, model: &HeldModel, o: ActionOutcome, started: Instant) -> WeightsActionDto {
+    refresh(state, model.device());
     WeightsActionDto {
         action: o.action.to_string(),
         model: state.weights.dto(model),

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::util::lock;
 
+/// Bytes read (and hashed) at a time within a chunk.
+const PIECE_BYTES: usize = 512 << 10;
+
 /// What a load measured.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -50,12 +53,21 @@ pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize, hash: bool) -> 
                         let offset = i * HASH_CHUNK_BYTES;
                         let len = HASH_CHUNK_BYTES.min(file.data_bytes - offset) as usize;
                         writer.put(offset, &mut |buf: &mut [u8]| {
-                            let buf = &mut buf[..len];
-                            f.read_exact_at(buf, file.data_start + offset).map_err(|e| {
-                                WeightsError::LoadFailed(format!("reading {} at {offset}: {e}", path.display()))
-                            })?;
-                            if hash {
-                                lock(&hashes)[i as usize] = *blake3::hash(buf).as_bytes();
+                            // Read in pieces small enough to stay in the core's L2 cache and hash
+                            // each one while it is there: the hash then costs no second pass over
+                            // memory (the same hash as of the whole chunk at once).
+                            let mut hasher = hash.then(blake3::Hasher::new);
+                            for (k, piece) in buf[..len].chunks_mut(PIECE_BYTES).enumerate() {
+                                let at = file.data_start + offset + (k * PIECE_BYTES) as u64;
+                                f.read_exact_at(piece, at).map_err(|e| {
+                                    WeightsError::LoadFailed(format!("reading {} at {at}: {e}", path.display()))
+                                })?;
+                                if let Some(h) = hasher.as_mut() {
+                                    h.update(piece);
+                                }
+                            }
+                            if let Some(h) = hasher {
+                                lock(&hashes)[i as usize] = *h.finalize().as_bytes();
                             }
                             Ok(len)
                         })?;

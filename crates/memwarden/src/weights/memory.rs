@@ -112,7 +112,7 @@ impl ParkPool {
 
     fn new_chunk(&self) -> Result<HostMapping, WeightsError> {
         use std::sync::atomic::Ordering;
-        let mut m = HostMapping::new(self.chunk_bytes, memwarden_sys::page_size_bytes(), self.cuda.is_none())
+        let mut m = HostMapping::new_huge(self.chunk_bytes, self.cuda.is_none())
             .map_err(|e| WeightsError::from_sys("park chunk", self.chunk_bytes, e))?;
         if let Some(ctx) = &self.cuda {
             m.register_cuda(ctx).map_err(|e| WeightsError::from_cuda("registering a park chunk", e))?;
