@@ -191,3 +191,84 @@ fn a_killed_worker_holding_8_gib_maps_them_again_within_a_second_of_its_hello() 
     );
     assert!(after_hello < Duration::from_secs(1), "{gib} GiB usable in the restarted worker within 1 s of its hello");
 }
+
+/// The watchdog with park available: an outside process fills cuda:0 past `critical` while an
+/// 8 GiB held model is resident; the ladder parks it (its first rung after the caches) and the
+/// outside process's next allocation, which did not fit, succeeds. Prints the time from the
+/// first pressure event to the memory being back (goal: 200 ms).
+#[test]
+fn the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
+    let gib: u64 = std::env::var("MEMWARDEN_WEIGHTS_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let dir = tempdir("gpu-weights-watchdog");
+    let (path, bytes) = write_model(&dir, "parkme", gib * 1024);
+    let mut config = Config::default();
+    config.weights.park_pool_bytes = bytes + GIB / 2;
+    let s = TestServer::start_with(config);
+    std::thread::sleep(Duration::from_secs(8)); // the park pool registers in the background
+    let (code, body) = s.call(
+        "POST",
+        "/api/memory/models/load",
+        Some(&json!({"path": path, "deviceId": "cuda:0", "keepAliveMs": 0}).to_string()),
+    );
+    assert_eq!(code, 200, "{body}");
+    let id = body["data"]["modelId"].as_str().expect("id").to_string();
+    let extra: u64 = 4 << 30;
+    let (_, st) = s.call("GET", "/api/memory/status/cuda:0", None);
+    let total = st["data"]["totalMemory"].as_f64().expect("total");
+    let fill_to = 1.0 - (2u64 << 30) as f64 / total;
+    let scripts = std::env::var("MEMWARDEN_SCRIPTS").expect("MEMWARDEN_SCRIPTS (device-run/scripts)");
+    let mut hog = std::process::Command::new("python3")
+        .arg(format!("{scripts}/gpu/gpu_hog.py"))
+        .args([&format!("{fill_to:.5}"), &extra.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hog");
+    let mut out = std::io::BufReader::new(hog.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("filled");
+    let filled: Value = serde_json::from_str(&line).expect("json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let (_, h) = s.call("GET", "/api/memory/models/optimize/history", None);
+        let parked = h["data"]["runs"].as_array().and_then(|rs| {
+            rs.iter().find(|r| r["trigger"] == "watchdog" && r["modelsOffloaded"].to_string().contains(&id)).cloned()
+        });
+        if let Some(r) = parked {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the watchdog did not park the model: {h}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdin = hog.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"go\n").expect("go");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("extra");
+    let after: Value = serde_json::from_str(&line).expect("json");
+    let _ = std::io::Write::write_all(&mut stdin, b"done\n");
+    let _ = hog.wait();
+    assert_eq!(after["extraAllocated"], true, "the outside allocation still failed: {after}; run {run}");
+    let step = run["steps"].as_array().and_then(|ss| ss.iter().find(|st| st["action"] == "park").cloned());
+    let step = step.expect("a park step");
+    let (_, history) = s.call("GET", "/api/memory/pressure/history", None);
+    let first = history["data"]["events"]
+        .as_array()
+        .and_then(|es| es.iter().find(|e| e["deviceId"] == "cuda:0" && e["newLevel"] != "low").cloned())
+        .unwrap_or(Value::Null);
+    let parse = |v: &Value| {
+        time::OffsetDateTime::parse(v.as_str().unwrap_or(""), &time::format_description::well_known::Rfc3339).ok()
+    };
+    let event_to_freed = match (parse(&first["timestamp"]), parse(&run["startedAt"])) {
+        (Some(e), Some(r)) => (r - e).as_seconds_f64() * 1e3 + run["optimizationTimeMs"].as_f64().unwrap_or(0.0),
+        _ => f64::NAN,
+    };
+    println!(
+        "watchdog with park: first event ({}) → run done {event_to_freed:.0} ms; run {:.0} ms; park step {:.0} ms, {} MiB measured; outside {} GiB fit (free before {} MiB)",
+        first["newLevel"].as_str().unwrap_or(""),
+        run["optimizationTimeMs"].as_f64().unwrap_or(0.0),
+        step["durationMs"].as_f64().unwrap_or(0.0),
+        step["measuredBytes"].as_i64().unwrap_or(0) >> 20,
+        extra >> 30,
+        filled["freeBytes"].as_i64().unwrap_or(0) >> 20,
+    );
+}
