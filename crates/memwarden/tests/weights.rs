@@ -35,6 +35,15 @@ fn a_model_loads_into_memwarden_memory_and_a_second_load_of_the_file_shares_it()
     let weights = list["data"]["weights"].as_array().expect("weights");
     assert_eq!(weights.len(), 1);
     assert_eq!(weights[0]["modelId"], id.as_str());
+    // /metrics shows the held bytes and the holders.
+    let metrics = ureq::get(&s.url("/metrics")).call().expect("metrics").into_body().read_to_string().expect("text");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("memwarden_weights_bytes{") && l.contains(&id) && l.contains("memory=\"resident\""))
+        .unwrap_or_else(|| panic!("no resident weights line in {metrics}"));
+    let value: u64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("value");
+    assert!(value >= bytes, "{line}");
+    assert!(metrics.contains(&format!("memwarden_weights_holders{{model=\"{id}\"}} 0")), "{metrics}");
     // On cpu a model is resident or dropped: no park.
     let (code, body) = s.call("POST", &format!("/api/memory/models/{id}/park"), None);
     assert_error(&(code, body), 409, "NOT_SUPPORTED", "resident or dropped");

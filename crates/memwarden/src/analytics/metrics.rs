@@ -363,13 +363,69 @@ impl HolderGauges {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WeightLabels {
+    model: String,
+    device: String,
+    state: String,
+    /// `resident` (device or shared host memory) or `parked` (pinned host memory).
+    memory: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HeldModel {
+    model: String,
+}
+
+/// Model weights memwarden holds.
+struct WeightGauges {
+    bytes: Family<WeightLabels, GaugeU>,
+    holders: Family<HeldModel, GaugeU>,
+}
+
+impl WeightGauges {
+    fn register(r: &mut Registry) -> Self {
+        WeightGauges {
+            bytes: family(
+                r,
+                "memwarden_weights",
+                "Memory held for a model's weights by memwarden, resident or parked",
+                Some(Unit::Bytes),
+            ),
+            holders: family(r, "memwarden_weights_holders", "Processes mapping a held model's weights", None),
+        }
+    }
+
+    fn fill(&self, weights: &[memwarden_protocol::api::HeldModelDto]) {
+        for w in weights {
+            for (memory, bytes, device) in
+                [("resident", w.resident_bytes, w.device_id.as_str()), ("parked", w.parked_bytes, "cpu")]
+            {
+                let l = WeightLabels {
+                    model: w.model_id.clone(),
+                    device: device.to_string(),
+                    state: w.state.as_str().to_string(),
+                    memory: memory.to_string(),
+                };
+                self.bytes.get_or_create(&l).set(bytes);
+            }
+            self.holders.get_or_create(&HeldModel { model: w.model_id.clone() }).set(w.holders.len() as u64);
+        }
+    }
+}
+
 impl Analytics {
-    /// The whole exposition, measured now.
-    pub fn render_metrics(&self, http: &HttpMetrics) -> Result<String, std::fmt::Error> {
+    /// The whole exposition, measured now; `weights`: the models memwarden holds.
+    pub fn render_metrics(
+        &self,
+        http: &HttpMetrics,
+        weights: &[memwarden_protocol::api::HeldModelDto],
+    ) -> Result<String, std::fmt::Error> {
         let mut r = Registry::default();
         let gauges = DeviceGauges::register(&mut r);
         let counters = DeviceCounters::register(&mut r);
         let holders = HolderGauges::register(&mut r);
+        let held = WeightGauges::register(&mut r);
         let build: Family<Build, GaugeU> = family(&mut r, "memwarden_build_info", "The daemon's version", None);
         let start: Family<Build, GaugeF> =
             family(&mut r, "memwarden_start_time_seconds", "When the daemon started, Unix seconds", None);
@@ -385,6 +441,7 @@ impl Analytics {
             counters.fill(self, id);
         }
         holders.fill(self, &view);
+        held.fill(weights);
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &r)?;
         Ok(out)

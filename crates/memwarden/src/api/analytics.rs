@@ -105,7 +105,8 @@ pub async fn optimization(State(state): State<AppState>) -> ApiResult<Recommenda
 /// Prometheus metrics, text format 0.0.4 (requires the bearer token when one is configured).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    match blocking(|| state.analytics.render_metrics(&state.http_metrics)) {
+    let weights = state.weights.list();
+    match blocking(|| state.analytics.render_metrics(&state.http_metrics, &weights)) {
         Ok(text) => {
             let mut r = text.into_response();
             r.headers_mut()
