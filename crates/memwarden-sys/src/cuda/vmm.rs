@@ -325,6 +325,13 @@ impl<'a> UploadPipeline<'a> {
         if n == 0 {
             return Ok(());
         }
+        if n > mapping.len_bytes() {
+            return Err(CudaError::Driver {
+                operation: "upload",
+                error: format!("{n} bytes claimed from a staging buffer of {}", mapping.len_bytes()),
+            }
+            .into());
+        }
         let dev = self.dst.check_range(dst_offset, n)?;
         self.dst.ctx.bind()?;
         // SAFETY: the device range was bounds-checked; the staging buffer is not written again

@@ -294,7 +294,8 @@ async fn load_admitted(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
 )]
 pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<UnloadedDto> {
     if state.weights.contains(&model_id) {
-        let (model, freed) = state.weights.unload(&model_id).await?;
+        let (store, id) = (state.weights.clone(), model_id.clone());
+        let (model, freed) = super::weights::detached(async move { store.unload(&id).await }).await?;
         super::weights::refresh(&state, model.device());
         return Ok(Data(UnloadedDto {
             model_id,

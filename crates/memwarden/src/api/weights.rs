@@ -55,6 +55,17 @@ pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
     Ok(Data(state.weights.dto(&attached.model)))
 }
 
+/// Runs a weights operation on its own task, so a client that hangs up cannot cancel it half-way
+/// (holders unmapped, nothing parked).
+pub async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, WeightsError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(op).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", e.to_string())),
+    }
+}
+
 /// Takes fresh readings of the devices a weights operation changed, so the status that follows
 /// shows the change rather than a sample from before it.
 pub fn refresh(state: &AppState, device: DeviceId) {
@@ -86,7 +97,8 @@ fn outcome(state: &AppState, model: &HeldModel, o: ActionOutcome, started: Insta
 pub async fn park(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
     let model = state.weights.get(&model_id)?;
-    let o = state.weights.park(&model_id).await?;
+    let (store, id) = (state.weights.clone(), model_id.clone());
+    let o = detached(async move { store.park(&id).await }).await?;
     Ok(Data(outcome(&state, &model, o, started)))
 }
 
@@ -119,10 +131,14 @@ pub async fn resume(
     };
     let model = state.weights.get(&model_id)?;
     let device = target.unwrap_or_else(|| model.device());
-    let o = match state.weights.resume(&model_id, target).await {
-        Err(WeightsError::InsufficientMemory { .. }) => {
+    let resume = || {
+        let (store, id) = (state.weights.clone(), model_id.clone());
+        detached(async move { store.resume(&id, target).await })
+    };
+    let o = match resume().await {
+        Err(e) if e.code == "INSUFFICIENT_MEMORY" => {
             make_room(&state, device, model.file.data_bytes, &model_id).await?;
-            state.weights.resume(&model_id, target).await?
+            resume().await?
         }
         other => other?,
     };
@@ -167,7 +183,8 @@ async fn make_room(state: &AppState, device: DeviceId, bytes: u64, exclude: &str
 pub async fn drop_copy(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
     let model = state.weights.get(&model_id)?;
-    let o = state.weights.drop_copy(&model_id).await?;
+    let (store, id) = (state.weights.clone(), model_id.clone());
+    let o = detached(async move { store.drop_copy(&id).await }).await?;
     Ok(Data(outcome(&state, &model, o, started)))
 }
 

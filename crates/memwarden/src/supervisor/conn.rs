@@ -165,11 +165,13 @@ impl Conn {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id.clone(), tx);
         let request = Message::Request(Request { request_id: id.clone(), action, data, fds: fds.len() as u32 });
-        let result = tokio::time::timeout(timeout, async {
-            self.send_with_fds(&request, &fds).await.map_err(|e| CallError::Io(e.to_string()))?;
-            rx.await.map_err(|_| CallError::Closed)
-        })
-        .await;
+        // The line goes out whole, outside the timeout: a write cut off half-way would glue the
+        // next line (and its descriptors) onto this one.
+        if let Err(e) = self.send_with_fds(&request, &fds).await {
+            lock(&self.pending).remove(&id);
+            return Err(CallError::Io(e.to_string()));
+        }
+        let result = tokio::time::timeout(timeout, async { rx.await.map_err(|_| CallError::Closed) }).await;
         lock(&self.pending).remove(&id);
         match result {
             Ok(r) => r,

@@ -16,10 +16,18 @@ pub enum HolderError {
     InUse(String),
     #[error("{0}")]
     Failed(String),
+    /// The holder is gone (its connection closed) or no longer maps the model: nothing of it
+    /// is left to unmap.
+    #[error("{0}")]
+    Gone(String),
 }
 
 pub trait WeightHolder: Send + Sync {
     fn holder_id(&self) -> String;
+    /// Whether the holder can still be reached (a closed connection cannot).
+    fn alive(&self) -> bool {
+        true
+    }
     /// Unmap the model once no `use()` is open (waiting at most `req.timeout_ms`).
     fn unmap(&self, req: UnmapWeights) -> BoxFuture<'static, Result<(), HolderError>>;
     /// Map new memory for the model (same device: at the old address).
@@ -41,8 +49,13 @@ fn holder_error(worker: &str, r: Result<memwarden_protocol::Reply, CallError>) -
                 message: "failed without a reason".into(),
             });
             let message = format!("{worker}: {}: {}", e.code, e.message);
-            Err(if e.code == codes::IN_USE { HolderError::InUse(message) } else { HolderError::Failed(message) })
+            Err(match e.code.as_str() {
+                codes::IN_USE => HolderError::InUse(message),
+                codes::MODEL_NOT_FOUND => HolderError::Gone(message),
+                _ => HolderError::Failed(message),
+            })
         }
+        Err(CallError::Closed) => Err(HolderError::Gone(format!("{worker}: its connection closed"))),
         Err(e) => Err(HolderError::Failed(format!("{worker}: {e:?}"))),
     }
 }
@@ -50,6 +63,10 @@ fn holder_error(worker: &str, r: Result<memwarden_protocol::Reply, CallError>) -
 impl WeightHolder for ConnHolder {
     fn holder_id(&self) -> String {
         self.0.worker_id.clone()
+    }
+
+    fn alive(&self) -> bool {
+        !self.0.is_closed()
     }
 
     fn unmap(&self, req: UnmapWeights) -> BoxFuture<'static, Result<(), HolderError>> {

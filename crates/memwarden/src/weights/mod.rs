@@ -169,7 +169,6 @@ impl Held {
         }
         if state != WeightState::Orphaned {
             self.orphaned_since = None;
-            self.orphaned_by = None;
         }
     }
 
@@ -407,13 +406,12 @@ impl WeightStore {
         Ok(m)
     }
 
-    /// Orphans whose last holder had this id (a worker restarted under the same id).
+    /// Models whose last holder had this id and that nobody holds since (a worker restarted
+    /// under the same id), whatever their state: a parked one is resumed when re-attached.
     pub fn orphans_of(&self, holder_id: &str) -> Vec<Arc<HeldModel>> {
         self.models()
             .into_iter()
-            .filter(|m| {
-                m.with_held(|h| h.state == WeightState::Orphaned && h.orphaned_by.as_deref() == Some(holder_id))
-            })
+            .filter(|m| m.with_held(|h| h.holders.is_empty() && h.orphaned_by.as_deref() == Some(holder_id)))
             .collect()
     }
 
@@ -421,10 +419,14 @@ impl WeightStore {
     pub fn holder_gone(&self, holder_id: &str) {
         for m in self.models() {
             let mut h = lock(&m.held);
-            if h.holders.remove(holder_id).is_some() && h.holders.is_empty() && h.state == WeightState::Resident {
+            if h.holders.remove(holder_id).is_none() || !h.holders.is_empty() {
+                continue;
+            }
+            // Kept in every state until someone attaches: a parked orphan is re-attached too.
+            h.orphaned_by = Some(holder_id.to_string());
+            if h.state == WeightState::Resident {
                 h.set_state(WeightState::Orphaned);
                 h.orphaned_since = Some(Instant::now());
-                h.orphaned_by = Some(holder_id.to_string());
                 tracing::info!(model = %m.id, holder = holder_id, "weights orphaned: their last holder is gone");
             }
         }

@@ -53,6 +53,7 @@ impl WeightStore {
         let existing = self.models().into_iter().find(|m| m.file.identity == file.identity && m.device() == req.device);
         if let Some(model) = existing {
             let _op = model.op.lock().await;
+            self.still_held(&model)?;
             if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
                 self.resume_locked(&model, None).await?;
             }
@@ -117,6 +118,7 @@ impl WeightStore {
         holder: Arc<dyn WeightHolder>,
     ) -> Result<(WeightsGrant, OwnedFd), WeightsError> {
         let _op = model.op.lock().await;
+        self.still_held(model)?;
         if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
             self.resume_locked(model, None).await?;
         }
@@ -138,7 +140,11 @@ impl WeightStore {
         let Some(holder) = holder else { return Ok(None) };
         let grant = model.grant(handle)?;
         let mut h = lock(&model.held);
-        h.holders.insert(holder.holder_id(), HolderEntry { holder, marks_use: false });
+        // A holder whose connection closed while the load ran would never answer an unmap.
+        if holder.alive() {
+            h.holders.insert(holder.holder_id(), HolderEntry { holder, marks_use: false });
+            h.orphaned_by = None;
+        }
         h.set_state(WeightState::Resident);
         h.touch();
         Ok(Some(grant))
@@ -151,6 +157,10 @@ impl WeightStore {
         for entry in &holders {
             match entry.holder.unmap(self.unmap_request(&model.id, r#final)).await {
                 Ok(()) => done.push(entry),
+                Err(super::HolderError::Gone(why)) => {
+                    tracing::info!(model = %model.id, "a holder is gone and no longer counts: {why}");
+                    lock(&model.held).holders.remove(&entry.holder.holder_id());
+                }
                 Err(e) => {
                     self.remap_holders(model, done.iter().map(|e| e.holder.clone()).collect()).await;
                     return Err(match e {
@@ -158,7 +168,7 @@ impl WeightStore {
                             "model {} is in use past {} ms ({m}); nothing was unmapped",
                             model.id, self.config.use_bound_ms
                         )),
-                        super::HolderError::Failed(m) => {
+                        super::HolderError::Failed(m) | super::HolderError::Gone(m) => {
                             WeightsError::Internal(format!("model {}: a holder could not unmap: {m}", model.id))
                         }
                     });
@@ -186,9 +196,18 @@ impl WeightStore {
         }
     }
 
+    /// After waiting for a model's `op` lock: an unload may have removed it meanwhile.
+    fn still_held(&self, model: &Arc<HeldModel>) -> Result<(), WeightsError> {
+        match lock(&self.models).get(&model.id) {
+            Some(m) if Arc::ptr_eq(m, model) => Ok(()),
+            _ => Err(WeightsError::ModelNotFound(model.id.clone())),
+        }
+    }
+
     pub async fn park(self: &Arc<Self>, id: &str) -> Result<ActionOutcome, WeightsError> {
         let model = self.get(id)?;
         let _op = model.op.lock().await;
+        self.still_held(&model)?;
         self.park_locked(&model).await
     }
 
@@ -257,6 +276,7 @@ impl WeightStore {
     pub async fn resume(self: &Arc<Self>, id: &str, target: Option<DeviceId>) -> Result<ActionOutcome, WeightsError> {
         let model = self.get(id)?;
         let _op = model.op.lock().await;
+        self.still_held(&model)?;
         self.resume_locked(&model, target).await
     }
 
@@ -344,6 +364,7 @@ impl WeightStore {
     pub async fn drop_copy(self: &Arc<Self>, id: &str) -> Result<ActionOutcome, WeightsError> {
         let model = self.get(id)?;
         let _op = model.op.lock().await;
+        self.still_held(&model)?;
         self.drop_locked(&model).await
     }
 
@@ -376,9 +397,9 @@ impl WeightStore {
     pub async fn unload(self: &Arc<Self>, id: &str) -> Result<(Arc<HeldModel>, u64), WeightsError> {
         let model = self.get(id)?;
         let _op = model.op.lock().await;
-        if model.with_held(|h| h.block.is_some()) {
-            self.unmap_holders(&model, true).await?;
-        }
+        self.still_held(&model)?;
+        // Every holder lets go for good, parked or not (it keeps an address reservation).
+        self.unmap_holders(&model, true).await?;
         lock(&self.models).remove(id);
         let (block, parked) = {
             let mut h = lock(&model.held);
@@ -396,8 +417,27 @@ impl WeightStore {
         Ok((model.clone(), freed))
     }
 
-    /// Makes the model resident for a holder that wants to use it (`resumeWeights`).
-    pub async fn ensure_resident(self: &Arc<Self>, id: &str) -> Result<ActionOutcome, WeightsError> {
-        self.resume(id, None).await
+    /// Makes the model resident for a holder that wants to use it (`resumeWeights`). When it
+    /// already was (the holder had unmapped alone, e.g. after a park it gave up on), the holder
+    /// is sent the memory again and counted as a holder again.
+    pub async fn ensure_resident(
+        self: &Arc<Self>,
+        id: &str,
+        holder: Arc<dyn WeightHolder>,
+    ) -> Result<ActionOutcome, WeightsError> {
+        let outcome = self.resume(id, None).await?;
+        let model = self.get(id)?;
+        let remapped = outcome.action == "resume" && model.with_held(|h| h.holders.contains_key(&holder.holder_id()));
+        if !remapped {
+            let _op = model.op.lock().await;
+            self.still_held(&model)?;
+            let handle = self.arena(model.device())?.handle();
+            if let Some((grant, fd)) = self.attach(&model, Some(holder.clone()), handle)? {
+                if let Err(e) = holder.remap(grant, fd).await {
+                    tracing::info!(model = %id, "the holder that asked to resume did not remap: {e}");
+                }
+            }
+        }
+        Ok(outcome)
     }
 }

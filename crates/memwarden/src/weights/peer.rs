@@ -59,7 +59,7 @@ impl WeightsPeer {
                 let result = if r.action == Action::ReleaseWeights {
                     store.release(&m.model_id, &conn.worker_id).map(|_| ())
                 } else {
-                    store.ensure_resident(&m.model_id).await.map(|_| ())
+                    store.ensure_resident(&m.model_id, Arc::new(ConnHolder(conn.clone()))).await.map(|_| ())
                 };
                 match result.and_then(|()| store.get(&m.model_id)) {
                     Ok(model) => {

@@ -66,6 +66,8 @@ fn mapped_bytes(fd: OwnedFd, len: usize) -> Vec<u8> {
 struct FakeHolder {
     id: String,
     in_use: std::sync::atomic::AtomicBool,
+    /// Its connection closed: every call answers `Gone`.
+    gone: std::sync::atomic::AtomicBool,
     unmaps: AtomicUsize,
     remaps: Mutex<Vec<(WeightsGrant, Vec<u8>)>>,
 }
@@ -78,6 +80,9 @@ impl WeightHolder for Arc<FakeHolder> {
     fn unmap(&self, _req: UnmapWeights) -> BoxFuture<'static, Result<(), HolderError>> {
         let me = self.clone();
         Box::pin(async move {
+            if me.gone.load(Ordering::SeqCst) {
+                return Err(HolderError::Gone("connection closed".into()));
+            }
             if me.in_use.load(Ordering::SeqCst) {
                 return Err(HolderError::InUse("a use() is open".into()));
             }
@@ -296,4 +301,62 @@ async fn concurrent_park_resume_and_unload_of_one_model_are_serialized() {
     assert!(freed >= data.len() as u64);
     assert!(s.models().is_empty());
     assert!(matches!(s.park(&m.id).await, Err(WeightsError::ModelNotFound(_))));
+}
+
+#[tokio::test]
+async fn a_holder_that_is_gone_does_not_block_a_park_and_stops_counting() {
+    let s = store(WeightsSection::default());
+    let (path, _) = model_file("gone", 2);
+    let dead = holder("dead");
+    let m = s.load(req(&path, GPU), Some(Arc::new(dead.clone()))).await.expect("load").model;
+    dead.gone.store(true, Ordering::SeqCst);
+    assert_eq!(s.park(&m.id).await.expect("park").action, "park");
+    assert!(s.list()[0].holders.is_empty(), "the dead holder no longer counts");
+}
+
+#[tokio::test]
+async fn a_holder_asking_to_resume_a_resident_model_gets_the_memory_again() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("ask", 3);
+    let h = holder("h");
+    let m = s.load(req(&path, GPU), Some(Arc::new(h.clone()))).await.expect("load").model;
+    // The holder unmapped on its own (it gave up on a park the daemon then rolled back).
+    let o = s.ensure_resident(&m.id, Arc::new(h.clone())).await.expect("resume");
+    assert_eq!(o.action, "none");
+    let remaps = lock(&h.remaps);
+    assert_eq!(remaps.len(), 1, "the asking holder was sent the memory again");
+    assert_eq!(remaps[0].1, data);
+}
+
+#[tokio::test]
+async fn an_orphan_parked_by_the_ladder_is_still_reattached_by_its_restarted_holder() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("parked-orphan", 4);
+    let m = s.load(req(&path, GPU), Some(Arc::new(holder("w0")))).await.expect("load").model;
+    s.holder_gone("w0");
+    s.park(&m.id).await.expect("the ladder parks the orphan");
+    let orphans = s.orphans_of("w0");
+    assert_eq!(orphans.len(), 1, "still known as w0's");
+    let (grant, fd) = s.attach_holder(&orphans[0], Arc::new(holder("w0"))).await.expect("re-attach");
+    assert_eq!(m.state(), WeightState::Resident, "resumed for the re-attach");
+    assert_eq!(mapped_bytes(fd, data.len()), data);
+    assert_eq!(grant.model_id, m.id);
+    assert!(s.orphans_of("w0").is_empty(), "attached again: no longer an orphan");
+}
+
+#[tokio::test]
+async fn an_operation_waiting_on_a_model_that_was_unloaded_meanwhile_finds_it_gone() {
+    let s = store(WeightsSection::default());
+    let (path, _) = model_file("race-unload", 5);
+    let m = s.load(req(&path, GPU), None).await.expect("load").model;
+    let guard = m.op.lock().await; // an operation in progress
+    let resume = tokio::spawn({
+        let s = s.clone();
+        let id = m.id.clone();
+        async move { s.resume(&id, None).await }
+    });
+    tokio::task::yield_now().await;
+    lock(&s.models).remove(&m.id); // what unload does under the lock
+    drop(guard);
+    assert!(matches!(resume.await.expect("task"), Err(WeightsError::ModelNotFound(_))));
 }
