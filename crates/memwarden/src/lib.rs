@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod models;
 pub mod optimizer;
+pub mod peers;
 pub mod pressure;
 pub mod server;
 pub mod service;

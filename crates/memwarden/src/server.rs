@@ -22,16 +22,16 @@ pub async fn serve_on(
         service.device_ids().iter().map(|d| d.to_string()).collect(),
         config.host.proc_root.clone(),
     );
-    let weights = crate::weights::WeightStore::for_service(&service, config);
-    supervisor.set_peer_requests(Arc::new(crate::weights::peer::WeightsPeer(weights.clone())));
-    weights.start_policy();
-    supervisor.start().await;
     let optimizer = crate::optimizer::Optimizer::new(
         service.clone(),
         supervisor.clone(),
         config.optimizer.clone(),
         pressure.thresholds(),
     );
+    let weights = crate::weights::WeightStore::for_service(&service, config);
+    supervisor.set_peer_requests(Arc::new(crate::peers::WeightsPeer(weights.clone(), optimizer.clone())));
+    weights.start_policy();
+    supervisor.start().await;
     optimizer.set_weights(weights.clone());
     optimizer.start_watchdog(pressure.subscribe());
     let analytics = crate::analytics::Analytics::new(

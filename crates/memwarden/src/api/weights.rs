@@ -50,7 +50,7 @@ pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
     refresh(state, device);
     let attached = result?;
     if !attached.reused {
-        crate::weights::peer::hand_to_worker(&state.weights, &state.supervisor, &attached.model).await;
+        crate::peers::hand_to_worker(&state.weights, &state.supervisor, &attached.model).await;
     }
     Ok(Data(state.weights.dto(&attached.model)))
 }
@@ -148,27 +148,11 @@ pub async fn resume(
 /// Runs the ladder for `bytes` on `device` (never touching `exclude`); 507 with both numbers
 /// when it could not free them.
 async fn make_room(state: &AppState, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), ApiError> {
-    let mut req = crate::optimizer::OptimizeRequest::new(
-        device,
-        memwarden_core::eviction::Strategy::Balanced,
-        "admission",
-        state.optimizer.config(),
-    );
-    req.min_memory_to_free = bytes;
-    req.exclude = vec![exclude.to_string()];
-    let report = state.optimizer.run(req).await;
-    let available = state.service.measure_now(device).map(|(_, avail)| avail).unwrap_or(0);
-    if available < bytes {
-        return Err(ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "INSUFFICIENT_MEMORY",
-            format!(
-                "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes",
-                report.memory_freed.max(0)
-            ),
-        ));
-    }
-    Ok(())
+    state
+        .optimizer
+        .make_room(device, bytes, exclude)
+        .await
+        .map_err(|message| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY", message))
 }
 
 /// Keeps only the file: the parked copy (or, after the holders unmapped, the resident memory)

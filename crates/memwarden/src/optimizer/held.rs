@@ -10,6 +10,24 @@ use memwarden_protocol::api::{OptimizeOutcome, StepRecord};
 use std::time::Instant;
 
 impl Optimizer {
+    /// Runs the ladder for `bytes` on `device`, never touching `exclude` (the model that needs
+    /// the room); `Err` names the bytes needed and available after it ran.
+    pub async fn make_room(&self, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
+        let mut req =
+            OptimizeRequest::new(device, memwarden_core::eviction::Strategy::Balanced, "admission", &self.config);
+        req.min_memory_to_free = bytes;
+        req.exclude = vec![exclude.to_string()];
+        let report = self.run(req).await;
+        let available = self.read(device).1;
+        if available < bytes {
+            return Err(format!(
+                "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes",
+                report.memory_freed.max(0)
+            ));
+        }
+        Ok(())
+    }
+
     /// Returns whether the time limit stopped it.
     pub(super) async fn release_held(
         &self,

@@ -14,7 +14,6 @@ pub mod holder;
 pub mod load;
 pub mod memory;
 mod ops;
-pub mod peer;
 pub mod policy;
 
 use crate::config::WeightsSection;

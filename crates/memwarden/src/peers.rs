@@ -1,10 +1,11 @@
-//! The weights store as the protocol's peers see it: `loadWeights`, `releaseWeights` and
+//! The weights store as the protocol's peers see it (glue between the supervisor, the store
+//! and the optimizer, so neither of those imports the other): `loadWeights`, `releaseWeights` and
 //! `resumeWeights` requests, `weightsUsed` events, and a closed connection orphaning what it
 //! held.
 
-use super::holder::ConnHolder;
-use super::{HeldModel, LoadRequest, WeightStore, WeightsError};
 use crate::supervisor::{Conn, PeerRequests};
+use crate::weights::holder::ConnHolder;
+use crate::weights::{HeldModel, LoadRequest, WeightStore, WeightsError};
 use futures_util::future::BoxFuture;
 use memwarden_core::DeviceId;
 use memwarden_protocol::{codes, Action, Event, LoadWeights, ModelRef, Reply, Request, DEFAULT_PRIORITY};
@@ -12,15 +13,21 @@ use serde_json::{json, Value};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-/// Registered with the supervisor by the server.
-pub struct WeightsPeer(pub Arc<WeightStore>);
+/// Registered with the supervisor by the server: the store, and the optimizer whose admission
+/// and ladder a peer's loads and resumes go through, as the HTTP routes' do.
+pub struct WeightsPeer(pub Arc<WeightStore>, pub Arc<crate::optimizer::Optimizer>);
 
 fn err(id: String, e: &WeightsError) -> (Reply, Vec<OwnedFd>) {
     (Reply::err(id, e.code(), e.to_string()), Vec::new())
 }
 
 impl WeightsPeer {
-    async fn serve(store: Arc<WeightStore>, conn: Arc<Conn>, r: Request) -> (Reply, Vec<OwnedFd>) {
+    async fn serve(
+        store: Arc<WeightStore>,
+        optimizer: Arc<crate::optimizer::Optimizer>,
+        conn: Arc<Conn>,
+        r: Request,
+    ) -> (Reply, Vec<OwnedFd>) {
         let id = r.request_id.clone();
         match r.action {
             Action::LoadWeights => {
@@ -43,7 +50,13 @@ impl WeightsPeer {
                     pinned: body.pinned.unwrap_or(false),
                     keep_alive_ms: body.keep_alive_ms,
                 };
-                match store.load(req, Some(Arc::new(ConnHolder(conn)))).await {
+                let ticket = match optimizer.admit(device, &body_path(&req), req.name.as_deref()).await {
+                    Ok(t) => t,
+                    Err(e) => return (Reply::err(id, codes::INSUFFICIENT_MEMORY, e.to_string()), Vec::new()),
+                };
+                let loaded = store.load(req, Some(Arc::new(ConnHolder(conn)))).await;
+                optimizer.release_ticket(ticket);
+                match loaded {
                     Ok(a) => match a.grant {
                         Some((grant, fd)) => (Reply::ok(id, grant), vec![fd]),
                         None => err(id, &WeightsError::Internal("no grant".into())),
@@ -59,7 +72,7 @@ impl WeightsPeer {
                 let result = if r.action == Action::ReleaseWeights {
                     store.release(&m.model_id, &conn.worker_id).map(|_| ())
                 } else {
-                    store.ensure_resident(&m.model_id, Arc::new(ConnHolder(conn.clone()))).await.map(|_| ())
+                    resume_for(&store, &optimizer, &m.model_id, &conn).await
                 };
                 match result.and_then(|()| store.get(&m.model_id)) {
                     Ok(model) => {
@@ -76,7 +89,7 @@ impl WeightsPeer {
 
 impl PeerRequests for WeightsPeer {
     fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)> {
-        Box::pin(Self::serve(self.0.clone(), conn, request))
+        Box::pin(Self::serve(self.0.clone(), self.1.clone(), conn, request))
     }
 
     fn notify(&self, conn: &Arc<Conn>, event: Event, data: &Value) {
@@ -107,6 +120,34 @@ impl PeerRequests for WeightsPeer {
                 }
             }
         });
+    }
+}
+
+fn body_path(req: &LoadRequest) -> String {
+    req.path.display().to_string()
+}
+
+/// A holder's `resumeWeights`: without room, the ladder runs first (this model excluded).
+async fn resume_for(
+    store: &Arc<WeightStore>,
+    optimizer: &crate::optimizer::Optimizer,
+    id: &str,
+    conn: &Arc<Conn>,
+) -> Result<(), WeightsError> {
+    let holder = || Arc::new(ConnHolder(conn.clone()));
+    match store.ensure_resident(id, holder()).await {
+        Err(WeightsError::InsufficientMemory { .. }) => {
+            let model = store.get(id)?;
+            optimizer.make_room(model.device(), model.file.data_bytes, id).await.map_err(|message| {
+                WeightsError::InsufficientMemory {
+                    device: model.device().to_string(),
+                    needed_bytes: model.file.data_bytes,
+                    message,
+                }
+            })?;
+            store.ensure_resident(id, holder()).await.map(|_| ())
+        }
+        other => other.map(|_| ()),
     }
 }
 
