@@ -186,13 +186,7 @@ pub async fn hand_to(store: &Arc<WeightStore>, conn: &Arc<Conn>, model: &Arc<Hel
 /// can take descriptors; none: the model stays held by memwarden alone (for clients to map).
 pub async fn hand_to_worker(store: &Arc<WeightStore>, sup: &crate::supervisor::Supervisor, model: &Arc<HeldModel>) {
     let device = model.device().to_string();
-    let conn = sup
-        .slots()
-        .into_iter()
-        .filter(|s| s.role == memwarden_protocol::Role::Worker && s.serves(&device))
-        .filter_map(|s| s.conn())
-        .filter(|c| c.carries_fds)
-        .min_by_key(|c| c.model_list().iter().map(|m| m.size_bytes).sum::<u64>());
+    let conn = sup.least_loaded_worker(&device, |c| c.carries_fds).and_then(|s| s.conn());
     if let Some(conn) = conn {
         if let Err(e) = hand_to(store, &conn, model).await {
             tracing::warn!(model = %model.id, worker = %conn.worker_id, "the worker did not map the weights: {e}");

@@ -229,17 +229,8 @@ fn watchdog_frees_torch_models_so_an_outside_allocation_succeeds() {
     let total = st["data"]["totalMemory"].as_f64().expect("total");
     let fill_to = 1.0 - (2u64 << 30) as f64 / total;
     assert!(fill_to > 0.95, "the fill must pass critical: {fill_to}");
-    let mut hog = Command::new("python3")
-        .arg(format!("{}/gpu/gpu_hog.py", scripts()))
-        .args([&format!("{fill_to:.5}"), &extra.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("hog");
-    let mut out = std::io::BufReader::new(hog.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).expect("filled");
-    let filled: Value = serde_json::from_str(&line).expect("json");
+    let hog = common::Hog::fill(fill_to, extra as u64);
+    let filled = hog.filled.clone();
     assert!(filled["freeBytes"].as_i64().expect("free") < extra, "the extra allocation must not fit yet: {filled}");
     // Wait for the watchdog's runs to finish (one at `high`, maybe one more at `critical`).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -262,13 +253,7 @@ fn watchdog_frees_torch_models_so_an_outside_allocation_succeeds() {
         }
         assert!(Instant::now() < deadline, "the watchdog never ran: {h}");
     };
-    let mut stdin = hog.stdin.take().expect("stdin");
-    std::io::Write::write_all(&mut stdin, b"go\n").expect("go");
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).expect("extra");
-    let after: Value = serde_json::from_str(&line).expect("json");
-    let _ = std::io::Write::write_all(&mut stdin, b"done\n");
-    let _ = hog.wait();
+    let after = hog.try_extra();
     assert_eq!(after["extraAllocated"], true, "outside allocation still failed: {after}; runs {runs:?}");
     let released: Vec<String> = runs
         .iter()

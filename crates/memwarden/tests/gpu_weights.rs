@@ -216,18 +216,8 @@ fn the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
     let (_, st) = s.call("GET", "/api/memory/status/cuda:0", None);
     let total = st["data"]["totalMemory"].as_f64().expect("total");
     let fill_to = 1.0 - (2u64 << 30) as f64 / total;
-    let scripts = std::env::var("MEMWARDEN_SCRIPTS").expect("MEMWARDEN_SCRIPTS (device-run/scripts)");
-    let mut hog = std::process::Command::new("python3")
-        .arg(format!("{scripts}/gpu/gpu_hog.py"))
-        .args([&format!("{fill_to:.5}"), &extra.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("hog");
-    let mut out = std::io::BufReader::new(hog.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).expect("filled");
-    let filled: Value = serde_json::from_str(&line).expect("json");
+    let hog = common::Hog::fill(fill_to, extra);
+    let filled = hog.filled.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     let run = loop {
         let (_, h) = s.call("GET", "/api/memory/models/optimize/history", None);
@@ -240,13 +230,7 @@ fn the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
         assert!(Instant::now() < deadline, "the watchdog did not park the model: {h}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut stdin = hog.stdin.take().expect("stdin");
-    std::io::Write::write_all(&mut stdin, b"go\n").expect("go");
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).expect("extra");
-    let after: Value = serde_json::from_str(&line).expect("json");
-    let _ = std::io::Write::write_all(&mut stdin, b"done\n");
-    let _ = hog.wait();
+    let after = hog.try_extra();
     assert_eq!(after["extraAllocated"], true, "the outside allocation still failed: {after}; run {run}");
     let step = run["steps"].as_array().and_then(|ss| ss.iter().find(|st| st["action"] == "park").cloned());
     let step = step.expect("a park step");

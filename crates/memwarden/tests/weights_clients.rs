@@ -11,8 +11,6 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-const MIB: u64 = 1 << 20;
-
 fn holder(socket: &std::path::Path, model: &std::path::Path, name: &str) -> (Child, Value) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/cpu/weights_holder.py");
     let mut child = Command::new("python3")
@@ -91,7 +89,6 @@ fn a_killed_holders_weights_are_orphaned_and_reattached_with_the_same_bytes() {
     assert_eq!(w[0]["load"], load, "re-attached without reading the file again");
     drop(again.stdin.take());
     again.wait().expect("exit");
-    let _ = MIB;
 }
 
 fn ready_worker(s: &TestServer, not_pid: Option<u64>) -> u64 {

@@ -1,12 +1,8 @@
-//! What a model file will take once loaded, from its `.safetensors` header alone (the header is
-//! parsed by Hugging Face's `safetensors` crate; only its first 8 + N bytes are read).
+//! What a model file will take once loaded, from its `.safetensors` header alone (parsed by
+//! `weights::file`, with Hugging Face's `safetensors` crate; only its first 8 + N bytes are read).
 
 use memwarden_core::DeviceId;
-use std::io::Read;
 use std::path::Path;
-
-/// Headers above this are refused before they are read (the `safetensors` crate's own limit).
-const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Bytes a model will take once loaded: its tensors, plus 5 % for allocator rounding and, on a
 /// GPU, 64 MiB for a first model's allocator state (the CUDA context itself is not counted).
@@ -18,22 +14,14 @@ pub fn model_bytes(path: &Path, device: DeviceId) -> std::io::Result<u64> {
     Ok(tensors + tensors / 20 + extra)
 }
 
-/// Sum of the tensors' bytes a `.safetensors` header names.
+/// Sum of the tensors' bytes a `.safetensors` header names (the weights store's parser, reading
+/// the header alone).
 pub fn tensor_bytes(path: &Path) -> std::io::Result<u64> {
-    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-    let mut f = std::fs::File::open(path)?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)?;
-    let n = u64::from_le_bytes(len);
-    if n > MAX_HEADER_BYTES {
-        return Err(bad(format!("header of {n} bytes")));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)?;
-    // `SafeTensors::read_metadata` wants the whole file in memory; the header alone
-    // deserializes into the same `Metadata`, which checks offsets and dtypes.
-    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-    Ok(metadata.tensors().values().map(|t| (t.data_offsets.1 - t.data_offsets.0) as u64).sum())
+    use crate::weights::{file::ModelFile, WeightsError};
+    ModelFile::declared(path).map(|f| f.data_bytes).map_err(|e| match e {
+        WeightsError::FileNotFound(m) => std::io::Error::new(std::io::ErrorKind::NotFound, m),
+        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+    })
 }
 
 #[cfg(test)]

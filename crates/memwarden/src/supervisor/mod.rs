@@ -345,12 +345,7 @@ impl Supervisor {
 
     /// Loads a model on the least loaded worker that serves `device_id`.
     pub async fn load(&self, mut req: LoadModel) -> Result<(ModelInfo, Arc<Slot>), SupervisorError> {
-        let candidates: Vec<Arc<Slot>> =
-            self.slots().into_iter().filter(|s| s.role == Role::Worker && s.serves(&req.device_id)).collect();
-        let Some(slot) = candidates
-            .into_iter()
-            .min_by_key(|s| s.conn().map(|c| c.model_list().iter().map(|m| m.size_bytes).sum::<u64>()).unwrap_or(0))
-        else {
+        let Some(slot) = self.least_loaded_worker(&req.device_id, |_| true) else {
             let any_worker = self.slots().iter().any(|s| s.role == Role::Worker && s.conn().is_some());
             return Err(SupervisorError::Unavailable(if any_worker {
                 format!("no ready model worker serves {}", req.device_id)
@@ -366,6 +361,17 @@ impl Supervisor {
         let info: ModelInfo = serde_json::from_value(value)
             .map_err(|e| SupervisorError::Invalid(format!("worker {} sent a bad model info: {e}", slot.id)))?;
         Ok((info, slot))
+    }
+
+    /// The ready supervised worker serving `device` (and passing `usable`) whose models take
+    /// the fewest bytes: where a new model goes.
+    pub fn least_loaded_worker(&self, device: &str, usable: impl Fn(&Conn) -> bool) -> Option<Arc<Slot>> {
+        self.slots()
+            .into_iter()
+            .filter(|s| s.role == Role::Worker && s.serves(device))
+            .filter_map(|s| s.conn().filter(|c| usable(c)).map(|c| (s, c)))
+            .min_by_key(|(_, c)| c.model_list().iter().map(|m| m.size_bytes).sum::<u64>())
+            .map(|(s, _)| s)
     }
 
     /// The slot holding `model_id` (from the last reports; a sync runs first when unknown).

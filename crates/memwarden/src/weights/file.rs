@@ -55,6 +55,21 @@ impl ModelFile {
     /// shapes disagree with its offsets, or whose data runs past the end of the file is
     /// `InvalidFile`: nothing has been allocated yet.
     pub fn open(path: &Path) -> Result<ModelFile, WeightsError> {
+        let f = Self::declared(path)?;
+        if f.data_start + f.data_bytes > f.identity.size_bytes {
+            return Err(WeightsError::InvalidFile(format!(
+                "{}: the header names {} bytes of tensors, but only {} follow it (truncated?)",
+                f.identity.path.display(),
+                f.data_bytes,
+                f.identity.size_bytes - f.data_start
+            )));
+        }
+        Ok(f)
+    }
+
+    /// What the header declares, read from its first 8 + N bytes alone, without checking that
+    /// the data is there (admission estimates a load from this).
+    pub fn declared(path: &Path) -> Result<ModelFile, WeightsError> {
         let path = std::fs::canonicalize(path).map_err(|e| WeightsError::file(path, e))?;
         let identity = FileIdentity::of(&path)?;
         let bad = |m: String| WeightsError::InvalidFile(format!("{}: {m}", path.display()));
@@ -70,7 +85,6 @@ impl ModelFile {
         // `Metadata`'s deserializer checks that offsets are contiguous and match each shape.
         let metadata: safetensors::tensor::Metadata =
             serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-        let data_start = 8 + n;
         let mut tensors: Vec<TensorEntry> = metadata
             .tensors()
             .into_iter()
@@ -84,13 +98,7 @@ impl ModelFile {
             .collect();
         tensors.sort_by_key(|t| t.offset);
         let data_bytes = tensors.iter().map(|t| t.offset + t.nbytes).max().unwrap_or(0);
-        if data_start + data_bytes > identity.size_bytes {
-            return Err(bad(format!(
-                "the header names {data_bytes} bytes of tensors, but only {} follow it (truncated?)",
-                identity.size_bytes - data_start
-            )));
-        }
-        Ok(ModelFile { identity, data_start, data_bytes, tensors })
+        Ok(ModelFile { identity, data_start: 8 + n, data_bytes, tensors })
     }
 
     /// Whether the file on disk still has this identity (size and mtime).

@@ -121,11 +121,6 @@ impl ParkPool {
         Ok(m)
     }
 
-    /// Free chunks held ready now, in bytes.
-    pub fn free_bytes(&self) -> u64 {
-        lock(&self.free).len() as u64 * self.chunk_bytes
-    }
-
     /// Pinned bytes the pool holds (free and parked).
     pub fn registered_bytes(&self) -> u64 {
         self.chunks.load(std::sync::atomic::Ordering::Acquire) * self.chunk_bytes

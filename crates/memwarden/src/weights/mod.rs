@@ -368,22 +368,6 @@ impl WeightStore {
         m.dto(Duration::from_millis(self.config.orphan_grace_ms))
     }
 
-    /// Bytes held on `device` now (resident blocks) and parked on the host.
-    pub fn bytes_on(&self, device: DeviceId) -> u64 {
-        self.models()
-            .iter()
-            .map(|m| {
-                m.with_held(|h| {
-                    let resident =
-                        if h.device == device { h.block.as_ref().map(|b| b.size_bytes()).unwrap_or(0) } else { 0 };
-                    let parked =
-                        if device == DeviceId::Cpu { h.parked.as_ref().map(|p| p.bytes()).unwrap_or(0) } else { 0 };
-                    resident + parked
-                })
-            })
-            .sum()
-    }
-
     /// A holder's `use()` ended: the model counts as used now.
     pub fn touch(&self, id: &str, holder_id: &str) {
         if let Ok(m) = self.get(id) {

@@ -126,7 +126,7 @@ async fn a_load_puts_the_files_bytes_in_shared_memory_and_a_second_load_shares_t
     let listed = s.list();
     assert_eq!(listed.len(), 1, "the bytes are counted once");
     assert_eq!(listed[0].holders, vec!["p1".to_string(), "p2".to_string()]);
-    assert_eq!(s.bytes_on(DeviceId::Cpu), listed[0].resident_bytes);
+    assert!(listed[0].resident_bytes >= data.len() as u64);
 }
 
 #[tokio::test]
@@ -196,7 +196,7 @@ async fn drop_keeps_only_the_file_and_a_resume_reloads_it_unless_it_changed() {
     let d = s.drop_copy(&m.id).await.expect("drop");
     assert_eq!(d.action, "drop");
     assert_eq!(m.state(), WeightState::Dropped);
-    assert_eq!(s.bytes_on(DeviceId::Cpu), 0);
+    assert_eq!((s.list()[0].resident_bytes, s.list()[0].parked_bytes), (0, 0));
     s.resume(&m.id, None).await.expect("reload");
     assert_eq!(lock(&h.remaps)[0].1, data, "reloaded from the file");
     // Changed on disk while dropped: detected, and nothing stale is loaded.

@@ -254,3 +254,45 @@ impl TestServer {
             .expect("admission run")
     }
 }
+
+/// `scripts/gpu/gpu_hog.py`: an outside torch process that fills cuda:0 to `fill_to` (0–1) of
+/// its memory, then, on `try_extra`, tries one more allocation of `extra_bytes`.
+pub struct Hog {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    /// Its report once filled: `freeBytes`, `totalBytes`, `heldBytes`.
+    pub filled: Value,
+}
+
+impl Hog {
+    pub fn fill(fill_to: f64, extra_bytes: u64) -> Hog {
+        let scripts = std::env::var("MEMWARDEN_SCRIPTS")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts").into());
+        let mut child = std::process::Command::new("python3")
+            .arg(format!("{scripts}/gpu/gpu_hog.py"))
+            .args([&format!("{fill_to:.5}"), &extra_bytes.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("hog");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let filled = Self::line(&mut out);
+        Hog { child, out, filled }
+    }
+
+    fn line(out: &mut std::io::BufReader<std::process::ChildStdout>) -> Value {
+        let mut line = String::new();
+        std::io::BufRead::read_line(out, &mut line).expect("hog output");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("hog printed {line:?}: {e}"))
+    }
+
+    /// Tries the extra allocation; its report (`extraAllocated`, `freeBytes`). The hog exits.
+    pub fn try_extra(mut self) -> Value {
+        let mut stdin = self.child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, b"go\n").expect("go");
+        let after = Self::line(&mut self.out);
+        let _ = std::io::Write::write_all(&mut stdin, b"done\n");
+        let _ = self.child.wait();
+        after
+    }
+}
