@@ -152,7 +152,10 @@ class Client:
     def register(self, name: str, model: Any, device: str = "cpu", priority: int = 50, pinned: bool = False,
                  on_release: Optional[ReleaseCallback] = None, timeout_s: float = 10.0) -> str:
         """Tells the daemon this process holds `model` on `device` (a `register` request); returns
-        the model id the daemon answers with. Raises DaemonError when the daemon refuses."""
+        the model id the daemon answers with. The daemon's canonical device id (``gpu-0`` →
+        ``cuda:0``) replaces `device`. Raises DaemonError when the daemon refuses, e.g.
+        ``DEVICE_NOT_FOUND`` (``tpu:7``) or ``BACKEND_UNAVAILABLE`` (``cuda:0`` on a host without
+        a GPU): nothing is registered then."""
         if not 0 <= priority <= 100:
             raise ValueError("priority must be 0-100")
         # Ids go into URLs (DELETE /api/memory/models/{id}): letters, digits, '.', '_', '-' only.
@@ -161,6 +164,7 @@ class Client:
         reply, fds = self._endpoint.call("register", reg.info(), timeout_s)
         close_fds(fds)
         reg.model_id = reply.get("modelId") or reg.model_id
+        reg.device = reply.get("deviceId") or reg.device
         with self._lock:
             self._models[reg.model_id] = reg
         return reg.model_id

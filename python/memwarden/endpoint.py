@@ -8,7 +8,9 @@
   reply with that id, which the reading thread hands over.
 
 Writes are serialized by a lock, one line each. A line that cannot be understood gets an error
-reply when it named a request, and is logged (to stderr) otherwise; it never ends the loop.
+reply when it named a request, and is logged (to stderr) otherwise; it never ends the loop. An
+``error`` notification from the daemon (a notification of this side's was refused, e.g. a model on
+a device the daemon's host lacks) is kept and raised as ``DaemonError`` by the next ``call()``.
 
 File descriptors travel only over a socket (``SocketTransport``): a line that carries ``n`` says
 ``"fds": n`` and its descriptors ride, as one ``SCM_RIGHTS`` message, on the ``sendmsg`` whose data
@@ -185,6 +187,7 @@ class Endpoint:
         self._ids = itertools.count(1)
         self._pending: Dict[str, _Pending] = {}
         self._pending_lock = threading.Lock()
+        self._notice: Optional[DaemonError] = None  # the daemon's last `error` notification, not yet raised
         self.stopping = threading.Event()
 
     # ---- sending ----
@@ -205,10 +208,14 @@ class Endpoint:
         """Sends a request to the daemon and waits for its reply: returns the reply's data and the
         descriptors it carried (the caller owns them). Raises DaemonError on a failed reply,
         TimeoutError when none comes in `timeout_s` (a late reply is dropped), ConnectionError when
-        the connection closes first."""
+        the connection closes first. An ``error`` notification that came since the last call is
+        raised first, as DaemonError, and the request is not sent."""
         rid = f"c{next(self._ids)}"
         pending = _Pending()
         with self._pending_lock:
+            notice, self._notice = self._notice, None
+            if notice is not None:
+                raise notice
             if self.stopping.is_set():
                 raise ConnectionError("the connection to the daemon is closed")
             self._pending[rid] = pending
@@ -294,6 +301,13 @@ class Endpoint:
             return
         if msg.kind == "reply":
             self._deliver(msg.request_id, msg.body, fds)
+        elif msg.kind == "notification" and msg.event == "error":
+            close_fds(fds)
+            data = msg.data if isinstance(msg.data, dict) else {}
+            notice = DaemonError(str(data.get("code") or P.INTERNAL), str(data.get("message") or ""))
+            log(f"the daemon refused a notification: {notice}")
+            with self._pending_lock:
+                self._notice = notice
         elif msg.kind != "request":
             close_fds(fds)
             log(f"ignored a {msg.kind} line (only requests and replies are expected)")

@@ -38,6 +38,9 @@ IN_USE = "IN_USE"
 INVALID_MODEL_FILE = "INVALID_MODEL_FILE"
 FILE_CHANGED = "FILE_CHANGED"
 INSUFFICIENT_MEMORY = "INSUFFICIENT_MEMORY"
+# A device id that names no device of the daemon's host, or one whose backend is not available there.
+DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"
+BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
 
 # Requests the daemon sends to a worker or client.
 DAEMON_ACTIONS = (
@@ -55,7 +58,8 @@ DAEMON_ACTIONS = (
 # Requests a worker or client sends to the daemon (version 2); a peer answers them NOT_SUPPORTED.
 PEER_ACTIONS = ("register", "loadWeights", "releaseWeights", "resumeWeights")
 ACTIONS = DAEMON_ACTIONS + PEER_ACTIONS
-EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport", "weightsUsed")
+# `error` goes daemon → peer: a notification of the peer's was refused (data: code, message, modelId?).
+EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport", "weightsUsed", "error")
 
 
 class ProtocolError(Exception):

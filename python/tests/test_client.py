@@ -100,6 +100,62 @@ def test_a_refused_register_raises_daemon_error():
     daemon.close()
 
 
+@pytest.mark.parametrize("device, code", [("tpu:7", P.DEVICE_NOT_FOUND), ("gpu-0", P.BACKEND_UNAVAILABLE)])
+def test_register_on_a_device_the_daemon_lacks_raises_with_its_code(device, code):
+    from conftest import attached_pair
+
+    c, daemon = attached_pair()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.register, "ghost", b"\0" * 10, device=device)
+        req = daemon.read("request")
+        assert req.action == "register" and req.data["deviceId"] == device
+        daemon.send(P.error(req.request_id, code, f"register: device '{device}' not found"))
+        with pytest.raises(C.DaemonError) as e:
+            fut.result(timeout=10)
+    assert e.value.code == code
+    assert daemon.call("getModelInfo")["data"]["models"] == []
+    c.close()
+    daemon.close()
+
+
+def test_register_adopts_the_daemons_canonical_device():
+    from conftest import attached_pair
+
+    c, daemon = attached_pair()
+    released = []
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.register, "unet", bytearray(1 << 20), device="gpu-0",
+                          on_release=lambda m, a: released.append(m))
+        daemon.answer("register", {"modelId": "m-1", "deviceId": "cuda:0"})
+        assert fut.result(timeout=10) == "m-1"
+    # Reported, filtered and released under the id the daemon uses.
+    assert [m["deviceId"] for m in daemon.call("getModelInfo")["data"]["models"]] == ["cuda:0"]
+    assert len(daemon.call("getModelInfo", {"deviceId": "cuda:0"})["data"]["models"]) == 1
+    r = daemon.call("optimizeMemory", {"deviceId": "cuda:0", "bytes": 1})
+    assert r["success"] and released == ["m-1"], r
+    c.close()
+    daemon.close()
+
+
+def test_an_error_notice_from_the_daemon_raises_on_the_next_call():
+    from conftest import attached_pair
+
+    c, daemon = attached_pair()
+    daemon.send(P.notification("error", {"code": P.DEVICE_NOT_FOUND, "message": "device 'tpu:7' not found",
+                                         "modelId": "ghost-1"}))
+    assert daemon.call("ping")["success"]  # read in order: the notice has arrived
+    with pytest.raises(C.DaemonError) as e:
+        c.register("vae", b"\0" * 10, timeout_s=1)
+    assert e.value.code == P.DEVICE_NOT_FOUND and "tpu:7" in e.value.message
+    # Raised once: the next call goes out.
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.register, "vae", b"\0" * 10)
+        daemon.answer("register", {"modelId": "m-2"})
+        assert fut.result(timeout=10) == "m-2"
+    c.close()
+    daemon.close()
+
+
 def test_unload_request_runs_the_callback_and_forgets_the_model(listener):
     c, daemon = attach(listener)
     released = []

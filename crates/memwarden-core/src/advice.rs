@@ -17,11 +17,15 @@ pub struct DeviceFacts {
     pub total_bytes: u64,
     pub used_bytes: u64,
     pub level: Level,
-    /// Fragmentation index of memwarden's pools (0 – 1).
+    /// Fragmentation index of memwarden's pools (0 – 1): the free-bytes-weighted mean of each
+    /// pool's index (pools are separate address spaces).
     pub fragmentation: f64,
     /// Free bytes inside memwarden's pools, and the largest free range among them.
     pub free_in_pool_bytes: u64,
     pub largest_free_block_bytes: u64,
+    /// Free bytes outside each pool's largest free range, summed over the pools: what
+    /// compacting every pool makes contiguous.
+    pub scattered_free_bytes: u64,
     /// Bytes in pool blocks that hold no allocation (what `clear` returns).
     pub empty_block_bytes: u64,
     /// The newest failed allocation: seconds ago, and the bytes it asked for.
@@ -132,14 +136,18 @@ fn pressured(level: Level) -> bool {
     level >= Level::High
 }
 
-/// Fragmented pools and a recent allocation that did not fit → defragment. A failure bigger
-/// than the whole free space of the pools is not fragmentation's fault, and emits nothing.
+/// Fragmented pools and a recent allocation that did not fit → defragment. A failed request
+/// larger than the whole device could never have fitted, compacted or not: it is no evidence,
+/// and emits nothing. One larger than the pools' free space is weaker evidence (medium).
 pub fn defragment(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
     let (ago, requested) = d.last_failure?;
     if ago > t.failure_recent_secs || d.fragmentation < t.fragmentation || d.free_in_pool_bytes == 0 {
         return None;
     }
-    let scattered = d.free_in_pool_bytes - d.largest_free_block_bytes.min(d.free_in_pool_bytes);
+    if d.total_bytes > 0 && requested > d.total_bytes {
+        return None;
+    }
+    let scattered = d.scattered_free_bytes.min(d.free_in_pool_bytes);
     let strategy = if d.fragmentation >= 0.6 { "thorough" } else { "balanced" };
     Some(Recommendation {
         kind: "defragment",
@@ -378,6 +386,7 @@ mod tests {
         d.fragmentation = 0.7;
         d.free_in_pool_bytes = 300 * MIB;
         d.largest_free_block_bytes = 90 * MIB;
+        d.scattered_free_bytes = 210 * MIB;
         d.last_failure = Some((12.0, 200 * MIB));
         let r = defragment(&d, &t()).expect("fires");
         assert_eq!(r.action, Action::Defragment { device: "cuda:0".into(), strategy: "thorough" });
@@ -388,6 +397,21 @@ mod tests {
         assert!(defragment(&DeviceFacts { last_failure: Some((601.0, 1)), ..d.clone() }, &t()).is_none());
         assert!(defragment(&DeviceFacts { fragmentation: 0.1, ..d.clone() }, &t()).is_none());
         assert!(defragment(&DeviceFacts { free_in_pool_bytes: 0, ..d }, &t()).is_none());
+    }
+
+    #[test]
+    fn a_failure_larger_than_the_device_is_no_evidence_of_fragmentation() {
+        let mut d = gpu("cuda:0", 10 * GIB);
+        d.fragmentation = 0.7;
+        d.free_in_pool_bytes = 300 * MIB;
+        d.largest_free_block_bytes = 90 * MIB;
+        d.scattered_free_bytes = 210 * MIB;
+        d.last_failure = Some((5.0, 1 << 40));
+        assert!(defragment(&d, &t()).is_none(), "1 TiB on an 80 GiB device: no compaction makes it fit");
+        assert!(recommend(&[d.clone()], &t()).iter().all(|r| r.kind != "defragment"));
+        // Within the device but beyond the pools' free space: still a (weaker) case.
+        d.last_failure = Some((5.0, GIB));
+        assert_eq!(defragment(&d, &t()).map(|r| r.priority), Some(Priority::Medium));
     }
 
     #[test]

@@ -122,7 +122,11 @@ pub struct Point {
 /// give the activity between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counters {
+    /// Allocations made, reservations included.
     pub allocations: u64,
+    /// Of `allocations`, the reservations: budget only, no memory committed.
+    pub reservations: u64,
+    /// Bytes committed by allocations (reservations commit none).
     pub allocated_bytes: u64,
     pub frees: u64,
     pub freed_bytes: u64,
@@ -139,11 +143,17 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Mean bytes of the allocations that commit memory (reservations left out); 0 without any.
+    pub fn average_allocation_bytes(&self) -> u64 {
+        self.allocated_bytes.checked_div(self.allocations.saturating_sub(self.reservations)).unwrap_or(0)
+    }
+
     /// Activity between `earlier` and `self` (saturating, so a reset never goes negative).
     pub fn since(&self, earlier: &Counters) -> Counters {
         let d = |a: u64, b: u64| a.saturating_sub(b);
         Counters {
             allocations: d(self.allocations, earlier.allocations),
+            reservations: d(self.reservations, earlier.reservations),
             allocated_bytes: d(self.allocated_bytes, earlier.allocated_bytes),
             frees: d(self.frees, earlier.frees),
             freed_bytes: d(self.freed_bytes, earlier.freed_bytes),
@@ -650,6 +660,9 @@ mod tests {
         let b = Counters { allocations: 8, allocated_bytes: 900, frees: 2, ..Counters::default() };
         let d = b.since(&a);
         assert_eq!((d.allocations, d.allocated_bytes, d.frees), (3, 400, 2));
+        let c = Counters { allocations: 5, reservations: 1, allocated_bytes: 400, ..Counters::default() };
+        assert_eq!(c.average_allocation_bytes(), 100, "the reservation neither counts nor weighs");
+        assert_eq!(Counters { allocations: 2, reservations: 2, ..Counters::default() }.average_allocation_bytes(), 0);
         assert_eq!(a.since(&b).allocations, 0);
     }
 }

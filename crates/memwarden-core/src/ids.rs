@@ -117,6 +117,16 @@ impl MemoryKind {
     pub const ALL: [MemoryKind; 4] =
         [MemoryKind::Device, MemoryKind::Pinned, MemoryKind::Host, MemoryKind::Reservation];
 
+    /// The seed's clients' names for memory kinds (its `MemoryType` enum), each with the kind
+    /// memwarden gives it: GPU memory is `device`, system memory is `host`.
+    pub const SEED_ALIASES: [(&'static str, MemoryKind); 5] = [
+        ("gpu", MemoryKind::Device),
+        ("vram", MemoryKind::Device),
+        ("ram", MemoryKind::Host),
+        ("cpu", MemoryKind::Host),
+        ("system", MemoryKind::Host),
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             MemoryKind::Device => "device",
@@ -134,14 +144,18 @@ impl fmt::Display for MemoryKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{0}' is not a memory kind (expected device, pinned, host or reservation)")]
+#[error("'{0}' is not a memory kind (expected device, pinned, host or reservation; the seed's GPU, VRAM, RAM, CPU and System are taken too)")]
 pub struct MemoryKindError(pub String);
 
 impl FromStr for MemoryKind {
     type Err = MemoryKindError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.trim().to_ascii_lowercase();
-        MemoryKind::ALL.into_iter().find(|k| k.as_str() == lower).ok_or_else(|| MemoryKindError(s.to_string()))
+        MemoryKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == lower)
+            .or_else(|| MemoryKind::SEED_ALIASES.iter().find(|(a, _)| *a == lower).map(|(_, k)| *k))
+            .ok_or_else(|| MemoryKindError(s.to_string()))
     }
 }
 
@@ -184,7 +198,13 @@ mod tests {
         for k in MemoryKind::ALL {
             assert_eq!(k.as_str().parse::<MemoryKind>(), Ok(k));
         }
-        assert!("vram".parse::<MemoryKind>().is_err());
+        for (seed, kind) in [("GPU", MemoryKind::Device), ("VRAM", MemoryKind::Device), ("RAM", MemoryKind::Host)] {
+            assert_eq!(seed.parse::<MemoryKind>(), Ok(kind));
+        }
+        for (seed, kind) in [("CPU", MemoryKind::Host), ("System", MemoryKind::Host), (" system ", MemoryKind::Host)] {
+            assert_eq!(seed.parse::<MemoryKind>(), Ok(kind));
+        }
+        assert!("swap".parse::<MemoryKind>().is_err());
         assert_eq!(DeviceId::Cpu.default_kind(), MemoryKind::Host);
         assert_eq!(DeviceId::cuda(0).default_kind(), MemoryKind::Device);
     }

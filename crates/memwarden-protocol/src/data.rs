@@ -158,6 +158,17 @@ pub struct Released {
     pub model: Option<ModelInfo>,
 }
 
+/// `error` event data (daemon → peer): why a notification of the peer's was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorNotice {
+    pub code: String,
+    pub message: String,
+    /// The model the refused notification was about, when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+}
+
 /// `modelUnloaded` event data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -65,6 +65,10 @@ pub mod codes {
     /// The file's size, mtime or content hash differs from what was loaded.
     pub const FILE_CHANGED: &str = "FILE_CHANGED";
     pub const INSUFFICIENT_MEMORY: &str = "INSUFFICIENT_MEMORY";
+    /// A device id that names no device of this host (`tpu:7`, `cuda:5` on a host with one GPU).
+    pub const DEVICE_NOT_FOUND: &str = "DEVICE_NOT_FOUND";
+    /// A device id whose backend is not available on this host (`cuda:0` without a GPU).
+    pub const BACKEND_UNAVAILABLE: &str = "BACKEND_UNAVAILABLE";
 }
 
 /// One protocol line.
@@ -253,7 +257,7 @@ impl Reply {
     }
 }
 
-/// Worker → daemon, unsolicited.
+/// Unsolicited lines: worker → daemon, except `error` (daemon → peer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Event {
@@ -265,6 +269,9 @@ pub enum Event {
     MemoryReport,
     /// `data` is a [`ModelRef`]: a holder's `use()` of daemon-held weights ended (version 2).
     WeightsUsed,
+    /// Daemon → peer: `data` is an [`ErrorNotice`]: a notification of the peer's was refused
+    /// (a version 1 peer's `modelLoaded` on an unknown device). It has no reply to carry the error.
+    Error,
 }
 
 impl Event {
@@ -274,11 +281,12 @@ impl Event {
             Event::ModelUnloaded => "modelUnloaded",
             Event::MemoryReport => "memoryReport",
             Event::WeightsUsed => "weightsUsed",
+            Event::Error => "error",
         }
     }
 
     fn from_name(name: &str) -> Option<Event> {
-        [Event::ModelLoaded, Event::ModelUnloaded, Event::MemoryReport, Event::WeightsUsed]
+        [Event::ModelLoaded, Event::ModelUnloaded, Event::MemoryReport, Event::WeightsUsed, Event::Error]
             .into_iter()
             .find(|e| e.name() == name)
     }

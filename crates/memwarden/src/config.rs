@@ -15,6 +15,7 @@ pub struct Config {
     /// Threads serving the API; 0 means one per CPU. Handlers take microseconds, so a few
     /// threads suffice, and fewer threads mean fewer cross-CPU wake-ups per request.
     pub worker_threads: usize,
+    pub api: ApiSection,
     pub pool: PoolSection,
     pub host: HostSection,
     pub cuda: CudaSection,
@@ -214,6 +215,9 @@ pub struct WorkersSection {
     pub load_timeout_ms: u64,
     /// Time a started worker has to send its `hello`, in milliseconds.
     pub start_timeout_ms: u64,
+    /// How long a load, or the model listing, waits for a worker that is still `starting` (right
+    /// after the daemon's start or a restart) before answering without it, in milliseconds.
+    pub ready_wait_ms: u64,
     /// Interval of health pings to each worker, in milliseconds; 0: none.
     pub health_interval_ms: u64,
     /// A worker that fails this many health pings in a row is killed and restarted.
@@ -252,6 +256,7 @@ impl Default for WorkersSection {
             call_timeout_ms: 10_000,
             load_timeout_ms: 300_000,
             start_timeout_ms: 60_000,
+            ready_wait_ms: 5_000,
             health_interval_ms: 5_000,
             unhealthy_restart_after: 3,
             restart_backoff_ms: 500,
@@ -370,6 +375,21 @@ impl Default for DefragSection {
     }
 }
 
+/// The REST API's limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    /// Largest JSON request body in bytes; a larger one is answered 413 `PAYLOAD_TOO_LARGE`.
+    /// `PUT …/data` has its own limit of 64 MiB.
+    pub max_body_bytes: u64,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection { max_body_bytes: 1 << 20 }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CudaSection {
@@ -431,6 +451,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             auth_token: None,
             worker_threads: 2,
+            api: ApiSection::default(),
             pool: PoolSection::default(),
             host: HostSection::default(),
             cuda: CudaSection::default(),
@@ -493,6 +514,9 @@ impl Config {
                 "listen address {} is not loopback: set auth_token so the API is not open to the network",
                 self.listen
             )));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid("api.max_body_bytes must be at least 1024".into()));
         }
         if self.pool.block_size_bytes < 1 << 20 {
             return Err(ConfigError::Invalid("pool.block_size_bytes must be at least 1 MiB".into()));

@@ -54,6 +54,7 @@ pub async fn serve_on(
         weights,
         http_metrics: Default::default(),
         auth_token: config.auth_token.as_deref().map(Arc::from),
+        max_body_bytes: config.api.max_body_bytes,
         shutdown: stop_rx.clone(),
     };
     // Small request/response pairs: without TCP_NODELAY, Nagle delays the replies.
@@ -130,6 +131,11 @@ pub fn run(config: Config) -> Result<(), String> {
                 "exiting with live allocations; their memory is released"
             );
         }
+        // The pools' tmpfs files would outlive the process (the service is still shared with
+        // background tasks, so its blocks are not dropped): unlink them; the mappings go at exit.
+        let removed =
+            memwarden_backends::host::remove_shared_files_of(&config.host.shared_memory_dir, std::process::id());
+        tracing::info!(removed, "shared memory files removed");
         Ok(())
     })
 }

@@ -117,8 +117,8 @@ fn defragment_every_device_and_bad_inputs() {
     ] {
         assert_error(&s.call("POST", path, Some(body)), 400, "INVALID_ARGUMENT", needle);
     }
-    assert_error(&s.call("POST", "/api/memory/operations/defragment/cuda:99", None), 404, "DEVICE_NOT_FOUND", "cpu");
-    assert_error(&s.call("GET", "/api/memory/pools/cuda:99", None), 404, "DEVICE_NOT_FOUND", "cpu");
+    assert_error(&s.call("POST", "/api/memory/operations/defragment/tpu:99", None), 404, "DEVICE_NOT_FOUND", "cpu");
+    assert_error(&s.call("GET", "/api/memory/pools/tpu:99", None), 404, "DEVICE_NOT_FOUND", "cpu");
     assert_error(
         &s.call("GET", "/api/memory/status/cpu?canAllocate=lots", None),
         400,

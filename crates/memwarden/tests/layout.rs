@@ -450,6 +450,61 @@ fn no_import_cycles_no_upward_imports_and_no_long_files() {
     assert!(problems.is_empty(), "layout rules broken:\n  {}", problems.join("\n  "));
 }
 
+/// The types that derive `ToSchema` in `asts`, with their files: a type's name is its schema's
+/// name in the OpenAPI document, where a second type of the same name silently replaces the
+/// first (as analytics' `DefragDto` once replaced the defragmentation run's).
+fn schema_types(asts: &BTreeMap<String, syn::File>) -> Vec<(String, String)> {
+    struct Finder<'f> {
+        file: &'f str,
+        out: Vec<(String, String)>,
+    }
+    impl<'ast> Visit<'ast> for Finder<'_> {
+        fn visit_item_struct(&mut self, s: &'ast syn::ItemStruct) {
+            self.check(&s.attrs, &s.ident);
+        }
+        fn visit_item_enum(&mut self, e: &'ast syn::ItemEnum) {
+            self.check(&e.attrs, &e.ident);
+        }
+    }
+    impl Finder<'_> {
+        fn check(&mut self, attrs: &[syn::Attribute], ident: &syn::Ident) {
+            let derives_schema = attrs.iter().filter(|a| a.path().is_ident("derive")).any(|a| {
+                a.meta
+                    .require_list()
+                    .is_ok_and(|l| l.tokens.to_string().split(',').any(|t| t.trim().ends_with("ToSchema")))
+            });
+            if derives_schema {
+                self.out.push((ident.to_string(), self.file.to_string()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (file, ast) in asts {
+        let mut f = Finder { file, out: Vec::new() };
+        f.visit_file(ast);
+        out.extend(f.out);
+    }
+    out
+}
+
+#[test]
+fn every_schema_type_has_its_own_name() {
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, sources) in crates() {
+        let asts = parse_all(&sources).expect("parse");
+        for (ty, file) in schema_types(&asts) {
+            seen.entry(ty).or_default().push(format!("crates/{name}/src/{file}"));
+        }
+    }
+    assert!(seen.len() > 50, "the API's types were not found: {seen:?}");
+    let shared: Vec<String> = seen
+        .iter()
+        .filter(|(_, files)| files.len() > 1)
+        .map(|(ty, files)| format!("{ty}: {}", files.join(", ")))
+        .collect();
+    assert!(shared.is_empty(), "schema names used by more than one type:\n  {}", shared.join("\n  "));
+}
+
 #[cfg(test)]
 mod resolver {
     use super::*;

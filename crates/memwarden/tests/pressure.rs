@@ -128,5 +128,5 @@ fn host_pressure_follows_real_memory_with_hysteresis() {
     assert_eq!(levels, vec!["moderate", "low", "moderate", "low"]);
     let (_, all) = s.call("GET", "/api/memory/pressure", None);
     assert_eq!(all["data"]["devices"][0]["deviceId"], "cpu");
-    assert_error(&s.call("GET", "/api/memory/pressure/cuda:99", None), 404, "DEVICE_NOT_FOUND", "cpu");
+    assert_error(&s.call("GET", "/api/memory/pressure/tpu:99", None), 404, "DEVICE_NOT_FOUND", "cpu");
 }

@@ -195,9 +195,9 @@ fn transfer_inputs_are_checked() {
             "INVALID_ARGUMENT",
             "reservation",
         ),
-        (json!({"sourceAllocationId": a, "targetDeviceId": "cuda:99"}), 404, "DEVICE_NOT_FOUND", "cuda:99"),
+        (json!({"sourceAllocationId": a, "targetDeviceId": "tpu:99"}), 404, "DEVICE_NOT_FOUND", "tpu:99"),
         (
-            json!({"sourceAllocationId": a, "targetDeviceId": "cpu", "targetMemoryType": "vram"}),
+            json!({"sourceAllocationId": a, "targetDeviceId": "cpu", "targetMemoryType": "swap"}),
             400,
             "INVALID_ARGUMENT",
             "targetMemoryType",

@@ -58,7 +58,7 @@ fn a_model_loads_into_memwarden_memory_and_a_second_load_of_the_file_shares_it()
     assert_eq!(body["data"]["model"]["state"], "resident");
     assert_eq!(body["data"]["model"]["hash"], m["hash"]);
     let (code, body) = s.call("POST", &format!("/api/memory/models/{id}/resume"), Some("{\"targetDeviceId\": 7}"));
-    assert_error(&(code, body), 400, "INVALID_ARGUMENT", "body");
+    assert_error(&(code, body), 400, "INVALID_ARGUMENT", "targetDeviceId");
     // Unload frees it; the id is gone.
     let (code, body) = s.call("DELETE", &format!("/api/memory/models/{id}"), None);
     assert_eq!(code, 200, "{body}");
@@ -88,9 +88,11 @@ fn bad_files_and_arguments_get_stable_codes_and_allocate_nothing() {
     assert_error(&load(&s, json!({"path": "rel.safetensors"})), 400, "INVALID_ARGUMENT", "absolute");
     let (good, _) = write_model(&dir, "good", 1);
     assert_error(&load(&s, json!({"path": good, "heldBy": "gpu-fairy"})), 400, "INVALID_ARGUMENT", "heldBy");
-    assert_error(&load(&s, json!({"path": good, "deviceId": "cuda:0"})), 404, "DEVICE_NOT_FOUND", "cuda:0");
+    assert_error(&load(&s, json!({"path": good, "deviceId": "cuda:0"})), 503, "BACKEND_UNAVAILABLE", "cuda:0");
     let (code, list) = s.call("GET", "/api/memory/models", None);
-    assert_eq!(code, 503, "nothing was loaded and no worker runs: {list}");
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(list["data"]["coordinationStatus"]["mode"], "fallback", "no worker runs: {list}");
+    assert_eq!(list["data"]["weights"], json!([]), "nothing was loaded: {list}");
     assert_error(&s.call("POST", "/api/memory/models/w-77/park", None), 404, "MODEL_NOT_FOUND", "w-77");
     assert_error(&s.call("POST", "/api/memory/models/w-77/drop", None), 404, "MODEL_NOT_FOUND", "w-77");
 }

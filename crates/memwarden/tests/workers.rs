@@ -187,7 +187,7 @@ fn bad_loads_get_clear_errors_and_change_nothing() {
         (json!({"path": dir.join("missing.safetensors")}), 404, "FILE_NOT_FOUND"),
         (json!({"path": corrupt}), 422, "LOAD_FAILED"),
         (json!({"path": good, "deviceId": "tpu:7"}), 404, "DEVICE_NOT_FOUND"),
-        (json!({"path": good, "deviceId": "cuda:99"}), 404, "DEVICE_NOT_FOUND"),
+        (json!({"path": good, "deviceId": "cuda:99"}), 503, "BACKEND_UNAVAILABLE"),
         (json!({"path": good, "priority": 101}), 400, "INVALID_ARGUMENT"),
         (json!({"path": good, "colour": "blue"}), 400, "INVALID_ARGUMENT"),
         (json!({"name": "no path"}), 400, "INVALID_ARGUMENT"),
@@ -213,19 +213,21 @@ fn a_killed_worker_restarts_and_model_routes_answer_503_meanwhile() {
     let (path, _) = write_model(&dir, "m", 4);
     assert_eq!(load(&s, json!({"path": path})).0, 200);
     assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill").success());
-    // During the 1 s backoff: model routes 503 with the reason; the rest of the API serves.
+    // During the 1 s backoff: the listing falls back with the reason, the routes that need a
+    // worker answer 503; the rest of the API serves.
     let deadline = Instant::now() + Duration::from_secs(10);
-    // (Right after the kill a call may fail on the broken pipe, also a 503; wait for the state.)
     let body = loop {
         let (code, body) = s.call("GET", "/api/memory/models", None);
-        if code == 503 && body["error"]["message"].as_str().is_some_and(|m| m.contains("is restarting")) {
+        let reason = body["data"]["coordinationStatus"]["reason"].as_str();
+        if code == 200 && reason.is_some_and(|m| m.contains("is restarting")) {
             break body;
         }
-        assert!(Instant::now() < deadline, "never saw 503 after the kill: {code} {body}");
+        assert!(Instant::now() < deadline, "never saw the fallback after the kill: {code} {body}");
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert_eq!(body["error"]["code"], "WORKER_UNAVAILABLE");
-    let message = body["error"]["message"].as_str().expect("message");
+    assert_eq!(body["data"]["coordinationStatus"]["mode"], "fallback");
+    assert_eq!(cpu_models(&body)["loadedModelCount"], 0, "{body}");
+    let message = body["data"]["coordinationStatus"]["reason"].as_str().expect("reason");
     assert!(message.contains("worker-0 is restarting") && message.contains("signal: 9"), "{message}");
     let (code, _) = load(&s, json!({"path": path}));
     assert_eq!(code, 503);
@@ -271,12 +273,27 @@ fn without_workers_model_routes_say_why_and_nothing_else_breaks() {
     no_python.workers.python = "/nonexistent/python3".into();
     for (c, why) in [(disabled, "disabled"), (no_python, "not found")] {
         let s = TestServer::start_with_workers(c);
+        // The listing falls back to system memory, saying why (the seed's Phase 3.5 fallback).
         let (code, body) = s.call("GET", "/api/memory/models", None);
+        assert_eq!(code, 200, "{body}");
+        let coordination = &body["data"]["coordinationStatus"];
+        assert_eq!(coordination["mode"], "fallback", "{body}");
+        assert!(coordination["reason"].as_str().expect("reason").contains(why), "{body}");
+        assert_eq!(coordination["synchronized"], false);
+        let cpu =
+            &body["data"]["devices"].as_array().expect("devices").iter().find(|d| d["deviceId"] == "cpu").expect("cpu");
+        assert!(cpu["systemMemory"]["totalBytes"].as_u64().expect("total") > 0, "{body}");
+        assert!(cpu["modelMemory"]["availableForModels"].as_u64().expect("available") > 0, "{body}");
+        assert_eq!(
+            (cpu["modelMemory"]["loadedModelCount"].as_u64(), cpu["modelMemory"]["processBytes"].as_u64()),
+            (Some(0), None)
+        );
+        // The routes that need a worker still say why.
+        let (code, body) = load(&s, json!({"path": "/x.safetensors"}));
         assert_eq!((code, body["error"]["code"].as_str()), (503, Some("WORKER_UNAVAILABLE")), "{body}");
         assert!(body["error"]["message"].as_str().expect("message").contains(why), "{body}");
-        let (code, _) = load(&s, json!({"path": "/x.safetensors"}));
-        assert_eq!(code, 503);
         assert_eq!(s.call("DELETE", "/api/memory/models/m-1", None).0, 503);
+        assert_eq!(s.call("POST", "/api/memory/models/optimize", Some(r#"{"deviceId": "cpu"}"#)).0, 503);
         assert_eq!(s.call("GET", "/api/memory/status", None).0, 200);
     }
 }
@@ -299,8 +316,8 @@ fn a_worker_speaking_another_protocol_version_is_refused_and_retried() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (code, body) = s.call("GET", "/api/memory/models", None);
-        assert_eq!(code, 503, "{body}");
-        let m = body["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert_eq!((code, &body["data"]["coordinationStatus"]["mode"]), (200, &json!("fallback")), "{body}");
+        let m = body["data"]["coordinationStatus"]["reason"].as_str().unwrap_or_default().to_string();
         if m.contains("UNSUPPORTED_VERSION") {
             assert!(m.contains("future is restarting") || m.contains("future is starting"), "{m}");
             break;
@@ -381,12 +398,135 @@ fn an_attached_client_shows_up_and_releases_on_request() {
     let out = child.0.take().expect("child").wait_with_output().expect("client exit");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("released {id} unload")), "{text}");
-    // Detached: its slot is gone, so no worker is left.
+    // Detached: its slot is gone, so no worker is left and the listing falls back.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while s.call("GET", "/api/memory/models", None).0 != 503 {
+    while s.call("GET", "/api/memory/models", None).1["data"]["coordinationStatus"]["mode"] != "fallback" {
         assert!(Instant::now() < deadline, "client slot not removed");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_load_and_the_listing_right_after_start_wait_for_the_starting_worker() {
+    let _serial = serial();
+    let dir = tempdir("startwait");
+    let (path, size) = write_model(&dir, "m", 1);
+    // Without the wait, worker-0 is still `starting` (its hello takes a moment): 503.
+    let mut c = config("nowait");
+    c.workers.ready_wait_ms = 0;
+    let s = TestServer::start_with_workers(c);
+    let (code, body) = load(&s, json!({"path": path}));
+    assert_eq!((code, body["error"]["code"].as_str()), (503, Some("WORKER_UNAVAILABLE")), "{body}");
+    assert!(body["error"]["message"].as_str().expect("message").contains("worker-0 is starting"), "{body}");
+    drop(s);
+    // With the default wait, the first load and the first listing are served.
+    let s = TestServer::start_with_workers(config("startwait"));
+    let (code, body) = load(&s, json!({"path": path}));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["sizeBytes"], size);
+    drop(s);
+    let s = TestServer::start_with_workers(config("startwait2"));
+    let (code, body) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(code, 200, "{body}");
+    let coordination = &body["data"]["coordinationStatus"];
+    assert_eq!((coordination["mode"].as_str(), coordination["reason"].as_str()), (Some("coordinated"), None), "{body}");
+    assert_eq!(coordination["workers"][0]["state"], "ready", "{body}");
+}
+
+/// Registers a model on each device named after the socket and package path, printing what the
+/// daemon said; then holds the connection until stdin closes.
+const GHOSTS: &str = r#"
+import sys
+sys.path.insert(0, sys.argv[2])
+import memwarden.client as C
+c = C.connect(sys.argv[1], name="ghosts")
+for dev in sys.argv[3:]:
+    try:
+        print("ok", dev, c.register("ghost", bytearray(1 << 20), device=dev), flush=True)
+    except C.DaemonError as e:
+        print("refused", dev, e.code, flush=True)
+print("done", flush=True)
+sys.stdin.read()
+c.close()
+"#;
+
+#[test]
+fn a_client_model_on_a_device_this_host_lacks_is_refused_and_counted_nowhere() {
+    use std::io::{BufRead, Write};
+    let _serial = serial();
+    let mut c = config("ghost");
+    c.workers.enabled = false;
+    let socket = c.workers.socket.clone();
+    let s = TestServer::start_with_workers(c);
+    let has_gpu = s.service.device_ids().iter().any(|d| d.to_string() == "cuda:0");
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let mut child = KillOnDrop(Some(
+        Command::new("python3")
+            .args(["-c", GHOSTS, &socket, &py.display().to_string(), "tpu:7", "gpu-0", "CPU:0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("client"),
+    ));
+    let out = child.0.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
+    let lines: Vec<String> =
+        std::io::BufReader::new(out).lines().map(|l| l.expect("line")).take_while(|l| l != "done").collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0], "refused tpu:7 DEVICE_NOT_FOUND");
+    if has_gpu {
+        assert!(lines[1].starts_with("ok gpu-0 "), "{lines:?}");
+    } else {
+        assert_eq!(lines[1], "refused gpu-0 BACKEND_UNAVAILABLE", "no GPU here");
+    }
+    assert!(lines[2].starts_with("ok CPU:0 "), "{lines:?}");
+    let cpu_id = lines[2].rsplit(' ').next().expect("id");
+
+    // A version 1 peer registers with a notification: it gets an `error` notification.
+    let mut v1 = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let ghost = json!({"modelId": "v1-ghost", "modelName": "ghost", "deviceId": "tpu:7", "sizeBytes": 4096,
+        "loadedAt": "2026-11-26T12:00:00Z", "lastAccess": "2026-11-26T12:00:00Z"});
+    let hello = json!({"type": "hello", "protocolVersion": 1, "workerId": "v1peer", "pid": 1, "role": "client"});
+    writeln!(v1, "{hello}\n{}", json!({"event": "modelLoaded", "data": ghost})).expect("write");
+    v1.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut line = String::new();
+    std::io::BufReader::new(&v1).read_line(&mut line).expect("the daemon's notice");
+    let notice: Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(notice["event"], "error", "{line}");
+    assert_eq!(
+        (notice["data"]["code"].as_str(), notice["data"]["modelId"].as_str()),
+        (Some("DEVICE_NOT_FOUND"), Some("v1-ghost"))
+    );
+
+    // Counted nowhere: only the cpu model, under its canonical id, in the listing and /metrics.
+    let (code, body) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(code, 200, "{body}");
+    let workers = body["data"]["coordinationStatus"]["workers"].as_array().expect("workers");
+    let ghosts = workers.iter().find(|w| w["workerId"] == "ghosts").expect("ghosts");
+    let v1peer = workers.iter().find(|w| w["workerId"] == "v1peer").expect("v1peer");
+    let expected_models = if has_gpu { 2 } else { 1 };
+    assert_eq!(ghosts["modelCount"], expected_models, "{body}");
+    assert_eq!(v1peer["modelCount"], 0, "{body}");
+    for (dev, _) in ghosts["modelBytes"].as_object().expect("modelBytes") {
+        assert!(dev == "cpu" || (has_gpu && dev == "cuda:0"), "{dev}: {body}");
+    }
+    let listed: usize = body["data"]["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["modelMemory"]["loadedModelCount"].as_u64().unwrap_or(0) as usize)
+        .sum();
+    assert_eq!(listed, expected_models, "every counted model is listed: {body}");
+    assert_eq!(cpu_models(&body)["loadedModels"][0]["modelId"], cpu_id, "{body}");
+    assert_eq!(cpu_models(&body)["loadedModels"][0]["deviceId"], "cpu");
+    let metrics = ureq::get(&s.url("/metrics")).call().expect("metrics").body_mut().read_to_string().expect("text");
+    for alias in ["tpu:7", "gpu-0", "CPU:0", "v1-ghost"] {
+        assert!(!metrics.contains(alias), "{alias} in /metrics");
+    }
+    assert!(metrics.contains(cpu_id), "the cpu model is in /metrics");
+    drop(child.0.take().map(|mut c| {
+        drop(c.stdin.take());
+        c.wait()
+    }));
 }
 
 fn optimize(s: &TestServer, body: Value) -> (u16, Value) {
@@ -483,12 +623,139 @@ fn optimize_below_the_threshold_is_not_triggered_and_bad_requests_are_refused() 
         (json!({"deviceId": "cpu", "maxModelsToUnload": -2}), 400, "INVALID_ARGUMENT"),
         (json!({"deviceId": "cpu", "maxOptimizationTimeMs": 0}), 400, "INVALID_ARGUMENT"),
         (json!({"deviceId": "cpu", "frobnicate": true}), 400, "INVALID_ARGUMENT"),
-        (json!({"deviceId": "cuda:42"}), 404, "DEVICE_NOT_FOUND"),
-        (json!({}), 400, "INVALID_ARGUMENT"),
+        (json!({"deviceId": "tpu:42"}), 404, "DEVICE_NOT_FOUND"),
+        (json!({"models": ["m-1"]}), 400, "INVALID_ARGUMENT"),
     ] {
         let (got, reply) = optimize(&s, body.clone());
         assert_eq!((got, reply["error"]["code"].as_str()), (status, Some(code)), "{body} → {reply}");
     }
+}
+
+/// Issue 15: `forceOptimization` below the target runs: the caches and the single least
+/// valuable unpinned model; with `minMemoryToFree` it climbs until that much is back.
+#[test]
+fn a_forced_optimization_below_the_target_runs_and_reports_what_it_freed() {
+    let _serial = serial();
+    let dir = tempdir("opt-force");
+    let mut c = config("opt-force");
+    c.optimizer.watchdog = false;
+    c.optimizer.admission = false;
+    let s = TestServer::start_with_workers(c);
+    wait_ready(&s, "worker-0");
+    let low = load_named(&s, &dir, "low", 48, 10, false);
+    let pinned = load_named(&s, &dir, "pinned", 48, 0, true);
+    let mid = load_named(&s, &dir, "mid", 48, 30, false);
+    let high = load_named(&s, &dir, "high", 48, 90, false);
+    // Default thresholds: this machine is far below high and the target of 99.
+    let (code, r) = optimize(&s, json!({"deviceId": "cpu", "targetPressureLevel": 99, "forceOptimization": true}));
+    assert_eq!(code, 200, "{r}");
+    let r = &r["data"];
+    assert_eq!(r["optimizationTriggered"], true, "{r}");
+    assert_eq!(r["modelsUnloaded"], json!([low]), "{r}");
+    let actions: Vec<&str> =
+        r["steps"].as_array().expect("steps").iter().map(|x| x["action"].as_str().unwrap_or("")).collect();
+    assert_eq!(actions, ["clear", "trimCache", "unload"], "{r}");
+    let freed = r["memoryFreed"].as_u64().expect("freed");
+    assert!((freed as i64 - (48 * MIB) as i64).unsigned_abs() < 16 * MIB, "measured {freed}: {r}");
+    assert_eq!(r["memoryMeasured"].as_i64(), Some(freed as i64), "a gain: the figures agree");
+    assert!(r["message"].as_str().expect("message").contains("forced below the target"), "{r}");
+
+    // With bytes asked for, it climbs until they are back: two more models.
+    let (code, r) = optimize(
+        &s,
+        json!({"deviceId": "cpu", "targetPressureLevel": 99, "forceOptimization": true, "minMemoryToFree": 60 * MIB}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["data"]["modelsUnloaded"], json!([mid, high]), "{r}");
+    assert!(r["data"]["memoryFreed"].as_u64().expect("freed") > 80 * MIB, "{r}");
+    assert_eq!(loaded_ids(&s), vec![pinned], "the pinned model stays");
+
+    // Forced again with only the pinned model left: it runs, frees no model, and says why.
+    let (_, r) = optimize(&s, json!({"deviceId": "cpu", "targetPressureLevel": 99, "forceOptimization": true}));
+    assert_eq!(r["data"]["optimizationTriggered"], true, "{r}");
+    assert_eq!(r["data"]["modelsUnloaded"], json!([]), "{r}");
+    let msg = r["data"]["message"].as_str().expect("message");
+    assert!(msg.contains("1 model(s) still loaded, none of them releasable (1 pinned"), "{msg}");
+}
+
+/// A worker whose `trimCache` grows its own memory by 24 MiB and then fails.
+const GROWER: &str = r#"
+import sys
+from memwarden import models as M, worker as W
+grown = []
+def trim(self, device_id=None):
+    grown.append(b"\x01" * (24 << 20))
+    raise M.WorkerError("TRIM_FAILED", "the cache would not let go")
+M.ModelStore.trim = trim
+sys.exit(W.main(["--worker-id", "grower", "--devices", "cpu", "--backend", "bytes"]))
+"#;
+
+/// Issue 15: a failed step is never `verified`; a measured change that is no gain is
+/// `memoryFreed: 0` with the signed figure in `memoryMeasured`; and a run limited by
+/// `maxModelsToUnload` says so instead of "nothing left that may be released".
+#[test]
+fn a_failed_step_is_unverified_a_loss_frees_zero_and_the_limit_is_named() {
+    let _serial = serial();
+    let dir = tempdir("grower");
+    let mut c = config("grower");
+    c.optimizer.watchdog = false;
+    c.optimizer.admission = false;
+    c.optimizer.verify_ms = 200;
+    c.workers.worker = vec![WorkerSpec {
+        id: "grower".into(),
+        devices: vec!["cpu".into()],
+        command: vec!["python3".into(), "-c".into(), GROWER.into()],
+        env: Default::default(),
+    }];
+    let s = TestServer::start_with_workers(c);
+    wait_ready(&s, "grower");
+    load_named(&s, &dir, "a", 16, 10, false);
+    load_named(&s, &dir, "b", 16, 20, false);
+    let (code, r) = optimize(
+        &s,
+        json!({"deviceId": "cpu", "minMemoryToFree": 8 * MIB, "targetPressureLevel": 100, "maxModelsToUnload": 0}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let r = &r["data"];
+    assert_eq!(r["optimizationTriggered"], true, "{r}");
+    assert_eq!(r["modelsUnloaded"], json!([]), "{r}");
+    let trim = r["steps"].as_array().expect("steps").iter().find(|st| st["action"] == "trimCache").expect("trim");
+    assert!(trim["error"].as_str().expect("error").contains("would not let go"), "{trim}");
+    assert_eq!(trim["verified"], false, "a failed step is not verified: {trim}");
+    assert_eq!(r["memoryFreed"].as_u64(), Some(0), "never negative: {r}");
+    let measured = r["memoryMeasured"].as_i64().expect("measured");
+    assert!(measured < -((8 * MIB) as i64), "the growth is shown: {r}");
+    let msg = r["message"].as_str().expect("message");
+    assert!(msg.contains("maxModelsToUnload (0) reached; 2 model(s) still loaded"), "{msg}");
+    assert!(!msg.contains("nothing left"), "{msg}");
+}
+
+/// Issue 15: the seed's clients send no `deviceId`; the devices above the target are optimized,
+/// most pressured first, and the answer lists each run with the totals.
+#[test]
+fn optimize_without_a_device_runs_on_the_devices_above_the_target() {
+    let _serial = serial();
+    let mut c = config("opt-any");
+    c.optimizer.watchdog = false;
+    let s = TestServer::start_with_workers(c);
+    wait_ready(&s, "worker-0");
+    // The seed's own body: no device; whatever this machine's pressure, the answer is the list.
+    let (code, r) = optimize(&s, json!({}));
+    assert_eq!(code, 200, "{r}");
+    assert!(r["data"]["runs"].is_array() && r["data"]["optimizationTriggered"].is_boolean(), "{r}");
+    // No device above 99 %: nothing runs, and the message says so.
+    let (code, r) = optimize(&s, json!({"targetPressureLevel": 99}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!((r["data"]["runs"].clone(), r["data"]["optimizationTriggered"].clone()), (json!([]), json!(false)));
+    assert!(r["data"]["message"].as_str().expect("message").contains("no device is above"), "{r}");
+    // Every device is above 0 %: cpu runs (the only device here).
+    let (code, r) = optimize(&s, json!({"targetPressureLevel": 0, "maxModelsToUnload": 0}));
+    assert_eq!(code, 200, "{r}");
+    let runs = r["data"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "{r}");
+    assert_eq!((runs[0]["deviceId"].as_str(), runs[0]["optimizationTriggered"].as_bool()), (Some("cpu"), Some(true)));
+    assert_eq!(r["data"]["optimizationTriggered"], true);
+    assert_eq!(r["data"]["memoryFreed"], runs[0]["memoryFreed"]);
 }
 
 fn host_status(s: &TestServer) -> (u64, u64) {

@@ -102,18 +102,36 @@ fn sys_error(e: SysError, backend: &HostBackend, kind: MemoryKind) -> BackendErr
 /// Removes `memwarden-<pid>-<n>` files whose daemon is gone (killed without cleanup): their
 /// tmpfs pages would otherwise stay allocated until reboot. Returns how many were removed.
 pub fn remove_stale_shared_files(dir: &std::path::Path) -> usize {
+    remove_shared_files_where(dir, |pid| !process_alive(pid))
+}
+
+/// Removes the `memwarden-<pid>-<n>` files of daemon `pid` (this one, as it exits).
+pub fn remove_shared_files_of(dir: &std::path::Path, pid: u32) -> usize {
+    remove_shared_files_where(dir, |p| p == pid)
+}
+
+fn remove_shared_files_where(dir: &std::path::Path, remove: impl Fn(u32) -> bool) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("memwarden-")) else { continue };
         let Some(pid) = rest.split_once('-').and_then(|(p, _)| p.parse::<u32>().ok()) else { continue };
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+        if remove(pid) && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
     removed
+}
+
+/// A process that exists and has not exited: a zombie (exited, not yet reaped by its parent)
+/// holds no mappings, so its files are stale too.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
 }
 
 /// The CPU model from `/proc/cpuinfo`, for the device name.
@@ -311,6 +329,21 @@ mod tests {
         }
         assert_eq!(remove_stale_shared_files(&dir), 1);
         assert!(!dead.exists() && mine.exists() && other.exists());
+        // A daemon that exited but was not reaped yet (a zombie) holds nothing either.
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let zombie = dir.join(format!("memwarden-{}-0", child.id()));
+        std::fs::write(&zombie, b"x").expect("write");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "the child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(remove_stale_shared_files(&dir), 1, "the zombie's file");
+        assert!(!zombie.exists());
+        child.wait().expect("reap");
+        // An exiting daemon removes its own files, and only those.
+        assert_eq!(remove_shared_files_of(&dir, std::process::id()), 1);
+        assert!(!mine.exists() && other.exists());
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 

@@ -20,7 +20,8 @@ pub struct AllocateBody {
     pub persistent: Option<bool>,
     /// Default true: defragmentation may move it (its `generation` then grows).
     pub movable: Option<bool>,
-    /// Required on the route without a device id.
+    /// The device, on the route without one in the path; when absent there, the device with the
+    /// most available memory of `memoryType` (each device's default kind without one).
     pub device_id: Option<String>,
 }
 

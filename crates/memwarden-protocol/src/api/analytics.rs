@@ -114,9 +114,11 @@ pub struct TransfersDto {
     pub peak_bytes_per_second: f64,
 }
 
+/// A window's defragmentation figures (`analytics`'s `defragmentation`); `pools::DefragDto` is
+/// one run's report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct DefragDto {
+pub struct DefragWindowDto {
     pub runs: u64,
     pub moved_bytes: u64,
     pub released_bytes: u64,
@@ -159,7 +161,7 @@ pub struct DeviceAnalyticsDto {
     pub size_histogram: Vec<BucketDto>,
     pub fragmentation_trend: Option<FragmentationTrendDto>,
     pub transfers: TransfersDto,
-    pub defragmentation: DefragDto,
+    pub defragmentation: DefragWindowDto,
     pub pressure_time: PressureTimeDto,
 }
 

@@ -141,9 +141,27 @@ pub struct AllocatorDto {
     pub reserved_bytes: u64,
 }
 
+/// Whether the model listing comes from the workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CoordinationMode {
+    /// At least one worker or client was asked for its models.
+    #[default]
+    Coordinated,
+    /// No worker or client could be asked (none configured, attached or ready): system memory
+    /// only, no worker's models; `reason` says why.
+    Fallback,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CoordinationDto {
+    #[serde(default)]
+    pub mode: CoordinationMode,
+    /// Why the listing is `fallback` (each worker's state and last error, or why none runs);
+    /// null when `coordinated`.
+    #[serde(default)]
+    pub reason: Option<String>,
     /// Every connected worker answered this request's `getModelInfo`.
     pub synchronized: bool,
     pub last_sync: Option<String>,

@@ -109,6 +109,34 @@ pub struct HealthDto {
     pub uptime_seconds: u64,
     pub devices: Vec<String>,
     pub backends: Vec<BackendDto>,
+    /// The model workers and attached clients: model routes need one that is `ready`.
+    pub workers: HealthWorkersDto,
+}
+
+/// `/health`'s word on the model workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthWorkersDto {
+    /// `workers.enabled` in the config.
+    pub enabled: bool,
+    /// Workers and clients that can take calls now.
+    pub ready: usize,
+    /// Why none is ready (python missing, a worker failing to start, …); null when one is.
+    pub reason: Option<String>,
+    pub workers: Vec<HealthWorkerDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthWorkerDto {
+    pub worker_id: String,
+    /// `worker` (supervised) or `client` (attached).
+    pub role: String,
+    /// `starting`, `ready`, `unhealthy`, `restarting`, `failed`, …
+    pub state: String,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub last_error: Option<String>,
 }
 
 /// Where N bytes would come from now (`?canAllocate=N`).

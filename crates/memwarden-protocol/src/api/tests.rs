@@ -23,12 +23,18 @@ fn worker_state_names_match_the_json() {
 
 #[test]
 fn envelopes_round_trip() {
-    let ok = json!({"success": true, "data": {"allocationId": "a", "deviceId": "cpu", "memoryType": "host",
-        "freedBytes": 256}, "error": null, "timestamp": "t", "correlationId": "c"});
+    let ok = json!({"success": true, "isSuccess": true, "data": {"allocationId": "a", "deviceId": "cpu",
+        "memoryType": "host", "freedBytes": 256}, "error": null, "message": null, "timestamp": "t",
+        "correlationId": "c"});
     assert_eq!(round_trip::<ApiResponse<FreedDto>>(ok.clone()), ok);
-    let err = json!({"success": false, "data": null, "error": {"code": "DEVICE_NOT_FOUND", "message": "m",
-        "statusCode": 404}, "timestamp": "t", "correlationId": "c"});
+    let error = json!({"code": "DEVICE_NOT_FOUND", "message": "m", "statusCode": 404});
+    let err = json!({"success": false, "isSuccess": false, "data": null, "error": error, "message": "m",
+        "timestamp": "t", "correlationId": "c"});
     assert_eq!(round_trip::<ApiResponse<FreedDto>>(err.clone()), err);
+    assert_eq!(round_trip::<ErrorResponse>(err.clone()), err);
+    let built = ErrorResponse::new(serde_json::from_value(error).expect("error"), "t".into(), "c".into());
+    assert_eq!(serde_json::to_value(built).expect("json"), err, "message repeats the error's");
+    assert_eq!(serde_json::to_value(ApiResponse::ok(1, "t".into(), "c".into())).expect("json")["isSuccess"], true);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use memwarden_core::history::{
 use memwarden_core::pressure::Level;
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_protocol::api::analytics::{
-    ActionDto, ActivityDto, AnalyticsDto, BucketDto, DefragDto, DeviceAnalyticsDto, EventDto, EventListDto,
+    ActionDto, ActivityDto, AnalyticsDto, BucketDto, DefragWindowDto, DeviceAnalyticsDto, EventDto, EventListDto,
     EventLogInfoDto, FragmentationTrendDto, HolderDto, LeakSuspectDto, ModelUsageDto, PeakDto, PercentilesDto,
     PressureTimeDto, RecommendationDto, RecommendationsDto, TransfersDto, TrendPointDto, UsageDto,
 };
@@ -70,6 +70,16 @@ fn evidence_json(e: &Evidence) -> serde_json::Value {
         Evidence::Ratio(r) => ((r * 10_000.0).round() / 10_000.0).into(),
         Evidence::Seconds(s) => ((s * 10.0).round() / 10.0).into(),
         Evidence::Text(t) => t.clone().into(),
+    }
+}
+
+/// Bytes an allocation commits: reservations are budget only and commit none, so no bytes
+/// figure of the analytics counts them (`reservationBytes` shows them).
+fn committed_bytes(r: &crate::service::AllocationRecord) -> u64 {
+    if r.kind == MemoryKind::Reservation {
+        0
+    } else {
+        r.allocated_bytes
     }
 }
 
@@ -155,7 +165,7 @@ impl Analytics {
                     frees_in_window: d.frees,
                     allocations_per_second: per_second(d.allocations, w.covered_ms),
                     frees_per_second: per_second(d.frees, w.covered_ms),
-                    average_allocation_size_bytes: d.allocated_bytes.checked_div(d.allocations).unwrap_or(0),
+                    average_allocation_size_bytes: d.average_allocation_bytes(),
                     window_start: rfc3339(from_unix_ms(w.start_ms)),
                     window_end: rfc3339(from_unix_ms(w.end_ms)),
                 })
@@ -178,7 +188,7 @@ impl Analytics {
         let holders = |key: fn(&crate::service::AllocationRecord) -> Option<&String>| -> Vec<HolderDto> {
             let name = |r: &crate::service::AllocationRecord| key(r).cloned().unwrap_or_else(|| "(none)".into());
             let live_top: BTreeMap<String, (u64, u64)> =
-                top_by_bytes(live.iter().map(|r| (name(r), r.allocated_bytes)), usize::MAX)
+                top_by_bytes(live.iter().map(|r| (name(r), committed_bytes(r))), usize::MAX)
                     .into_iter()
                     .map(|(k, b, c)| (k, (b, c)))
                     .collect();
@@ -186,7 +196,7 @@ impl Analytics {
                 events
                     .iter()
                     .filter(|e| e.kind == EventKind::Allocated)
-                    .map(|e| (name(&e.record), e.record.allocated_bytes)),
+                    .map(|e| (name(&e.record), committed_bytes(&e.record))),
                 usize::MAX,
             )
             .into_iter()
@@ -270,7 +280,9 @@ impl Analytics {
         };
         let sizes = events
             .iter()
-            .filter(|e| e.kind == EventKind::Allocated && e.record.device == id)
+            .filter(|e| {
+                e.kind == EventKind::Allocated && e.record.device == id && e.record.kind != MemoryKind::Reservation
+            })
             .map(|e| e.record.size_bytes);
         let trend = fragmentation_trend(&pts);
         let mut peak_rate = 0.0f64;
@@ -312,7 +324,7 @@ impl Analytics {
                 exports: d.exports,
                 allocations_per_second: per_second(d.allocations, w.covered_ms),
                 frees_per_second: per_second(d.frees, w.covered_ms),
-                average_allocation_size_bytes: d.allocated_bytes.checked_div(d.allocations).unwrap_or(0),
+                average_allocation_size_bytes: d.average_allocation_bytes(),
             },
             size_histogram: size_histogram(sizes)
                 .into_iter()
@@ -327,7 +339,7 @@ impl Analytics {
                 in_bytes_per_second: per_second(d.transfer_in_bytes, w.covered_ms),
                 peak_bytes_per_second: peak_rate,
             },
-            defragmentation: DefragDto {
+            defragmentation: DefragWindowDto {
                 runs: d.defrag_runs,
                 moved_bytes: d.defrag_moved_bytes,
                 released_bytes: d.defrag_released_bytes,
@@ -447,6 +459,10 @@ impl Analytics {
                 fragmentation: st.fragmentation(),
                 free_in_pool_bytes: pools.iter().map(|p| p.free_in_pool_bytes).sum(),
                 largest_free_block_bytes: pools.iter().map(|p| p.largest_free_block_bytes).max().unwrap_or(0),
+                scattered_free_bytes: pools
+                    .iter()
+                    .map(|p| p.free_in_pool_bytes - p.largest_free_block_bytes.min(p.free_in_pool_bytes))
+                    .sum(),
                 empty_block_bytes: pools.iter().map(|p| p.empty_block_bytes).sum(),
                 last_failure: rec.last_failure.map(|(at, bytes)| ((now - at).as_seconds_f64(), bytes)),
                 pinned_bytes: pinned.iter().map(|r| r.allocated_bytes).sum(),

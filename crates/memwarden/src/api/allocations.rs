@@ -2,7 +2,7 @@
 //! writing an allocation's bytes.
 
 use super::dto::*;
-use super::envelope::{ApiError, ApiJson, ApiResponse, Data};
+use super::envelope::{ApiError, ApiJson, ApiResponse, Data, NoBody};
 use super::{blocking, query_u64, ApiResult, AppState, MAX_DATA_BYTES};
 use crate::service::{AllocateRequest, DEFAULT_ALIGNMENT_BYTES};
 use axum::body::Bytes;
@@ -23,10 +23,7 @@ fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest,
     if alignment <= 0 || !(alignment as u64).is_power_of_two() {
         return Err(ApiError::invalid(format!("alignment: must be a power of two (got {alignment})")));
     }
-    let kind = match body.memory_type.as_deref() {
-        None => None,
-        Some(text) => Some(text.parse::<MemoryKind>().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))?),
-    };
+    let kind = parse_kind(body.memory_type.as_deref())?;
     Ok(AllocateRequest {
         device,
         size_bytes: size as u64,
@@ -39,6 +36,10 @@ fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest,
     })
 }
 
+fn parse_kind(text: Option<&str>) -> Result<Option<MemoryKind>, ApiError> {
+    text.map(|t| t.parse::<MemoryKind>().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))).transpose()
+}
+
 fn do_allocate(state: &AppState, req: AllocateRequest) -> Result<(StatusCode, Data<AllocationDto>), ApiError> {
     let record = match state.service.try_allocate_now(req.clone())? {
         Some(record) => record,
@@ -47,7 +48,9 @@ fn do_allocate(state: &AppState, req: AllocateRequest) -> Result<(StatusCode, Da
     Ok((StatusCode::CREATED, Data(AllocationDto::from(&*record))))
 }
 
-/// Allocates memory on the device named in the body (`deviceId`).
+/// Allocates memory on the device named in the body (`deviceId`). Without one, memwarden picks
+/// the device with the most available memory of the requested kind (`memoryType`; without it,
+/// each device's default kind).
 #[utoipa::path(
     post, path = "/api/memory/allocations/allocate", request_body = AllocateBody,
     responses(
@@ -60,7 +63,13 @@ pub async fn allocate(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<AllocateBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let device = body.device_id.clone().ok_or_else(|| ApiError::invalid("deviceId: required on this route"))?;
+    let device = match &body.device_id {
+        Some(d) => d.clone(),
+        None => {
+            let kind = parse_kind(body.memory_type.as_deref())?;
+            state.service.roomiest_device(kind)?.to_string()
+        }
+    };
     do_allocate(&state, parse_allocate(body, device)?)
 }
 
@@ -140,7 +149,7 @@ pub async fn get_allocation(
 
 /// Returns every cached empty pool block on every device to the OS or driver.
 #[utoipa::path(post, path = "/api/memory/operations/clear", responses((status = 200, body = ApiResponse<ClearDto>)))]
-pub async fn clear_all(State(state): State<AppState>) -> ApiResult<ClearDto> {
+pub async fn clear_all(State(state): State<AppState>, _: NoBody) -> ApiResult<ClearDto> {
     Ok(Data(clear_dto(&blocking(|| state.service.clear(None))?)))
 }
 
@@ -149,7 +158,11 @@ pub async fn clear_all(State(state): State<AppState>) -> ApiResult<ClearDto> {
     post, path = "/api/memory/operations/clear/{deviceId}", params(("deviceId" = String, Path)),
     responses((status = 200, body = ApiResponse<ClearDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
 )]
-pub async fn clear_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<ClearDto> {
+pub async fn clear_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    _: NoBody,
+) -> ApiResult<ClearDto> {
     let id = state.service.resolve(&device_id)?;
     Ok(Data(clear_dto(&blocking(|| state.service.clear(Some(id)))?)))
 }
@@ -163,7 +176,11 @@ pub async fn clear_device(State(state): State<AppState>, Path(device_id): Path<S
         (status = 400, description = "INVALID_ARGUMENT (a reservation)"), (status = 409, description = "INVALID_OPERATION (memory that cannot be shared)")
     )
 )]
-pub async fn export(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<ExportDto> {
+pub async fn export(
+    State(state): State<AppState>,
+    Path(allocation_id): Path<String>,
+    _: NoBody,
+) -> ApiResult<ExportDto> {
     let info = state.service.export(&allocation_id)?;
     Ok(Data(export_dto(&allocation_id, &info)))
 }
@@ -206,7 +223,10 @@ pub async fn write_data(
     Query(q): Query<HashMap<String, String>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<WrittenDto> {
-    let body = body.map_err(|e| ApiError::invalid(format!("body: {}", e.body_text())))?;
+    let body = body.map_err(|e| match e.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(super::MAX_DATA_BYTES as u64),
+        _ => ApiError::invalid(format!("body: {}", e.body_text())),
+    })?;
     let offset = query_u64(&q, "offset", Some(0))?;
     blocking(|| state.service.write_bytes(&allocation_id, offset, &body))?;
     Ok(Data(WrittenDto { allocation_id, offset, bytes_written: body.len() as u64 }))

@@ -75,7 +75,7 @@ pub async fn analytics(
 /// Starts every peak over from its current value (used bytes, memwarden's allocated bytes,
 /// each model's bytes).
 #[utoipa::path(post, path = "/api/memory/analytics/reset-peaks", responses((status = 200, body = ApiResponse<ResetDto>)))]
-pub async fn reset_peaks(State(state): State<AppState>) -> ApiResult<ResetDto> {
+pub async fn reset_peaks(State(state): State<AppState>, _: super::envelope::NoBody) -> ApiResult<ResetDto> {
     Ok(Data(ResetDto { since: super::envelope::rfc3339(state.analytics.reset_peaks()) }))
 }
 

@@ -5,6 +5,7 @@ pub mod analytics;
 pub mod dto;
 pub mod envelope;
 pub mod models;
+pub mod openapi;
 pub mod pools;
 pub mod pressure;
 pub mod transfers;
@@ -18,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use dto::*;
-use envelope::{ApiError, ApiResponse, Data, ErrorBody, CORRELATION_ID};
+use envelope::{ApiError, ApiResponse, Data, CORRELATION_ID};
 use std::collections::HashMap;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub http_metrics: crate::analytics::metrics::HttpMetrics,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
     pub auth_token: Option<Arc<str>>,
+    /// Largest JSON request body (`api.max_body_bytes`).
+    pub max_body_bytes: u64,
     /// Turns true when the daemon shuts down; open event streams end then.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -60,69 +63,6 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "memwarden",
-        description = "Host, GPU and model memory daemon. Every /api/ response is an ApiResponse envelope."
-    ),
-    paths(
-        health,
-        status_all,
-        status_device,
-        allocations::allocate,
-        allocations::allocate_on_device,
-        allocations::free,
-        allocations::list_allocations,
-        allocations::list_device_allocations,
-        allocations::get_allocation,
-        allocations::clear_all,
-        allocations::clear_device,
-        allocations::export,
-        allocations::read_data,
-        allocations::write_data,
-        transfers::transfer,
-        transfers::transfer_status,
-        transfers::copy,
-        pools::defragment_all,
-        pools::defragment_device,
-        pools::pools_all,
-        pools::pools_device,
-        pressure::pressure_all,
-        pressure::pressure_device,
-        pressure::pressure_history,
-        pressure::events,
-        models::list_models,
-        models::load_model,
-        models::unload_model,
-        models::optimize,
-        models::optimize_history,
-        models::move_model,
-        weights::park,
-        weights::resume,
-        weights::drop_copy,
-        analytics::usage_all,
-        analytics::usage_device,
-        analytics::analytics,
-        analytics::reset_peaks,
-        analytics::events,
-        analytics::optimization,
-        analytics::metrics
-    ),
-    components(schemas(
-        ErrorBody,
-        AllocateBody,
-        TransferBody,
-        DefragBody,
-        memwarden_protocol::api::LoadBody,
-        memwarden_protocol::api::OptimizeBody,
-        memwarden_protocol::api::MoveBody,
-        memwarden_protocol::api::ResumeBody,
-        memwarden_protocol::api::LoadedDto
-    ))
-)]
-pub struct ApiDoc;
-
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/memory/status", get(status_all))
@@ -134,10 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/allocations/{allocation_id}", delete(allocations::free))
         .route("/api/memory/allocation/{allocation_id}", get(allocations::get_allocation))
         .route("/api/memory/allocations/{allocation_id}/export", post(allocations::export))
-        .route(
-            "/api/memory/allocations/{allocation_id}/data",
-            get(allocations::read_data).put(allocations::write_data).layer(DefaultBodyLimit::max(MAX_DATA_BYTES)),
-        )
+        .route("/api/memory/allocations/{allocation_id}/data", get(allocations::read_data).put(allocations::write_data))
         .route("/api/memory/transfer", post(transfers::transfer))
         .route("/api/memory/transfer/{transfer_id}", get(transfers::transfer_status))
         .route("/api/memory/copy", post(transfers::copy))
@@ -167,11 +104,13 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(analytics::metrics))
         .route("/api/memory/operations/clear", post(allocations::clear_all))
         .route("/api/memory/operations/clear/{device_id}", post(allocations::clear_device))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(state.clone(), limit_body))
+        .layer(DefaultBodyLimit::disable());
     Router::new()
         .merge(api)
         .route("/health", get(health))
-        .merge(SwaggerUi::new("/swagger-ui").url("/api/openapi.json", ApiDoc::openapi()))
+        .merge(SwaggerUi::new("/swagger-ui").url("/api/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), analytics::track_latency))
@@ -194,6 +133,25 @@ async fn correlation(req: Request, next: Next) -> Response {
         response.headers_mut().insert(CORRELATION_HEADER, v);
     }
     response
+}
+
+/// Refuses a body over the route's limit with 413 `PAYLOAD_TOO_LARGE` before reading it (by its
+/// `Content-Length`), and caps a streamed body at the same limit (the extractors answer 413 when
+/// it is cut). `PUT …/data` takes up to [`MAX_DATA_BYTES`]; every other route `api.max_body_bytes`.
+async fn limit_body(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let limit = if req.uri().path().ends_with("/data") { MAX_DATA_BYTES as u64 } else { state.max_body_bytes };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return ApiError::too_large(limit).into_response();
+    }
+    req.extensions_mut().insert(envelope::BodyLimit(limit));
+    let (parts, body) = req.into_parts();
+    let body = axum::body::Body::new(http_body_util::Limited::new(body, limit as usize));
+    next.run(Request::from_parts(parts, body)).await
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -236,7 +194,36 @@ async fn health(State(state): State<AppState>) -> ApiResult<HealthDto> {
         uptime_seconds: uptime,
         devices: s.device_ids().iter().map(ToString::to_string).collect(),
         backends: s.backends().iter().map(backend_dto).collect(),
+        workers: health_workers(&state.supervisor),
     }))
+}
+
+fn health_workers(supervisor: &crate::supervisor::Supervisor) -> HealthWorkersDto {
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+    };
+    let workers: Vec<HealthWorkerDto> = supervisor
+        .slots()
+        .iter()
+        .map(|slot| {
+            let st = slot.snapshot();
+            HealthWorkerDto {
+                worker_id: slot.id.clone(),
+                role: name(serde_json::to_value(slot.role)),
+                state: name(serde_json::to_value(st.state)),
+                pid: st.pid,
+                restarts: st.restarts,
+                last_error: st.last_error,
+            }
+        })
+        .collect();
+    let ready = supervisor.slots().iter().filter(|s| s.conn().is_some()).count();
+    HealthWorkersDto {
+        enabled: supervisor.config().enabled,
+        ready,
+        reason: (ready == 0).then(|| supervisor.unavailable_reason()),
+        workers,
+    }
 }
 
 /// Memory status of every device, read from the OS or driver (sample at most 100 ms old).
@@ -267,13 +254,13 @@ async fn status_device(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<DeviceStatusDto> {
     let id = state.service.resolve(&device_id)?;
+    let kind = match q.get("memoryType") {
+        None => None,
+        Some(t) => Some(t.parse().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))?),
+    };
     let mut dto = DeviceStatusDto::from(&state.service.status(id)?);
     if q.contains_key("canAllocate") {
         let size = query_u64(&q, "canAllocate", None)?;
-        let kind = match q.get("memoryType") {
-            None => None,
-            Some(t) => Some(t.parse().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))?),
-        };
         dto.can_allocate = Some(CanAllocateDto::from(&state.service.can_allocate(id, size, kind)?));
     }
     Ok(Data(dto))
@@ -284,8 +271,14 @@ pub(crate) fn query_u64(
     name: &'static str,
     default: Option<u64>,
 ) -> Result<u64, ApiError> {
+    // The document gives these as int64 (JSON Schema has no unsigned 64-bit format): the range
+    // taken is its non-negative half.
     match q.get(name) {
-        Some(v) => v.parse().map_err(|_| ApiError::invalid(format!("{name}: '{v}' is not a non-negative integer"))),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n <= i64::MAX as u64)
+            .ok_or_else(|| ApiError::invalid(format!("{name}: '{v}' is not an integer from 0 to {}", i64::MAX))),
         None => default.ok_or_else(|| ApiError::invalid(format!("{name}: required"))),
     }
 }

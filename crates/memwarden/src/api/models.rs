@@ -1,7 +1,7 @@
 //! Model memory routes: what the Python processes that hold models report, next to what the OS
 //! and the driver say those processes hold.
 
-use super::envelope::{rfc3339, ApiError, ApiJson, ApiResponse, Data};
+use super::envelope::{rfc3339, ApiError, ApiJson, ApiQuery, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
 use crate::models::process::process_bytes;
 use crate::models::{Holder, ModelView};
@@ -9,13 +9,14 @@ use crate::optimizer::admission::AdmissionError;
 use crate::optimizer::OptimizeRequest;
 use crate::service::DeviceStatus;
 use crate::supervisor::SupervisorError;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use memwarden_core::eviction::Strategy;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{
-    AllocatorDto, CoordinationDto, DeviceModelsDto, LoadBody, LoadedDto, LoadedModelDto, ModelMemoryDto, ModelsDto,
-    MoveBody, MovedDto, OptimizeBody, OptimizeHistoryDto, OptimizeOutcome, SystemMemoryDto, UnloadedDto, WorkerDto,
+    AllocatorDto, CoordinationDto, CoordinationMode, DeviceModelsDto, LoadBody, LoadedDto, LoadedModelDto,
+    ModelMemoryDto, ModelsDto, MoveBody, MovedDto, OptimizeBody, OptimizeHistoryDto, OptimizeReply, OptimizeRunsDto,
+    SystemMemoryDto, UnloadedDto, WorkerDto,
 };
 use memwarden_protocol::{codes, LoadModel, Role, DEFAULT_PRIORITY};
 use serde::Deserialize;
@@ -55,30 +56,38 @@ pub struct ModelsQuery {
 
 /// Every model held by every worker and attached client, per device, with each device's system
 /// status and, per worker, what the OS and NVML say it holds (`unattributedBytes` is the rest).
+/// With no worker or client to ask (none configured, attached or ready), the listing still
+/// answers: system memory only, `coordinationStatus.mode` `fallback` with the reason. A worker
+/// still `starting` is waited for, at most `workers.ready_wait_ms`.
 #[utoipa::path(
     get, path = "/api/memory/models", params(("deviceId" = Option<String>, Query, description = "only this device")),
     responses(
-        (status = 200, body = ApiResponse<ModelsDto>),
-        (status = 503, description = "WORKER_UNAVAILABLE: no worker is ready, with the reason"),
-        (status = 504, description = "TIMEOUT: the workers did not answer in time")
+        (status = 200, body = ApiResponse<ModelsDto>,
+            description = "the models; `coordinationStatus.mode` `fallback` (system memory only, with the reason) when no worker can be asked"),
+        (status = 404, description = "DEVICE_NOT_FOUND: `deviceId` names no device of this host"),
+        (status = 502, description = "WORKER_ERROR: every connected worker answered with an error"),
+        (status = 503, description = "BACKEND_UNAVAILABLE: `deviceId` names a device whose backend is not available here"),
+        (status = 504, description = "TIMEOUT: the connected workers did not answer in time")
     )
 )]
-pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQuery>) -> ApiResult<ModelsDto> {
+pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<ModelsQuery>) -> ApiResult<ModelsDto> {
     let device = q.device_id.as_deref().map(|d| state.service.resolve(d)).transpose()?;
     let sup = &state.supervisor;
+    sup.wait_while_starting(|_| true).await;
     let results = sup.sync().await;
     let weights = state.weights.list();
     let weights: Vec<_> = weights.into_iter().filter(|w| device.is_none_or(|d| w.device_id == d.to_string())).collect();
-    if results.is_empty() && weights.is_empty() {
-        return Err(SupervisorError::Unavailable(sup.unavailable_reason()).into());
-    }
     if !results.is_empty() && results.iter().all(|(_, e)| e.is_some()) {
-        let timeout =
-            results.iter().find_map(|(_, e)| matches!(e, Some(SupervisorError::Timeout { .. })).then(|| e.clone()));
-        return Err(timeout.flatten().or_else(|| results[0].1.clone()).map(ApiError::from).unwrap_or_else(|| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "WORKER_UNAVAILABLE", sup.unavailable_reason())
-        }));
+        let errors = || results.iter().filter_map(|(_, e)| e.as_ref());
+        // A hung worker is a timeout, a broken one its error; workers that all went away
+        // during the call leave nobody to ask: the fallback below.
+        let timeout = errors().find(|e| matches!(e, SupervisorError::Timeout { .. }));
+        if let Some(e) = timeout.or_else(|| errors().find(|e| !matches!(e, SupervisorError::Unavailable(_)))) {
+            return Err(e.clone().into());
+        }
     }
+    // Nobody to ask: the seed's fallback, system memory only (never WORKER_UNAVAILABLE here).
+    let fallback = results.iter().all(|(_, e)| e.is_some()).then(|| sup.unavailable_reason());
     // Every device's status (a worker's process is measured on all of them); the listing shows
     // the one asked for.
     let all_statuses = state.service.status_all()?;
@@ -112,7 +121,7 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
             loaded.sort_by(|a, b| a.loaded_at.cmp(&b.loaded_at).then(a.model_id.cmp(&b.model_id)));
             // The models listed here (those whose `deviceId` is this device), by what they report.
             let total: u64 = loaded.iter().map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes)).sum();
-            let measured = if per_device_unmeasured.contains_key(&dev) {
+            let measured = if fallback.is_some() || per_device_unmeasured.contains_key(&dev) {
                 None
             } else {
                 Some(per_device_measured.get(&dev).copied().unwrap_or(0))
@@ -136,10 +145,12 @@ pub async fn list_models(State(state): State<AppState>, Query(q): Query<ModelsQu
             }
         })
         .collect();
-    let synchronized = results.iter().all(|(_, e)| e.is_none());
+    let synchronized = fallback.is_none() && results.iter().all(|(_, e)| e.is_none());
     Ok(Data(ModelsDto {
         devices,
         coordination_status: CoordinationDto {
+            mode: if fallback.is_some() { CoordinationMode::Fallback } else { CoordinationMode::Coordinated },
+            reason: fallback,
             synchronized,
             last_sync: sup.last_sync().map(rfc3339),
             socket: sup.socket_path().map(|p| p.display().to_string()),
@@ -208,15 +219,15 @@ fn worker_dto(
 
 /// Loads a `.safetensors` model. By default memwarden holds the weights in its own memory
 /// (processes map them with `memwarden.client`); with `heldBy: worker`, on the least loaded ready
-/// worker that serves the device.
+/// worker that serves the device, waiting for a `starting` one at most `workers.ready_wait_ms`.
 #[utoipa::path(
     post, path = "/api/memory/models/load", request_body = LoadBody,
     responses(
         (status = 200, body = ApiResponse<LoadedDto>),
         (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "FILE_NOT_FOUND / DEVICE_NOT_FOUND"),
         (status = 422, description = "LOAD_FAILED / INVALID_MODEL_FILE: not a valid safetensors file (nothing allocated)"),
-        (status = 503, description = "WORKER_UNAVAILABLE"), (status = 504, description = "TIMEOUT"),
-        (status = 507, description = "INSUFFICIENT_MEMORY")
+        (status = 503, description = "WORKER_UNAVAILABLE: `heldBy: worker` and no worker is ready (after waiting for a starting one)"),
+        (status = 504, description = "TIMEOUT"), (status = 507, description = "INSUFFICIENT_MEMORY")
     )
 )]
 pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<LoadBody>) -> ApiResult<LoadedDto> {
@@ -242,6 +253,8 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
         None | Some("worker") => {}
         Some(other) => return Err(ApiError::invalid(format!("heldBy must be memwarden or worker, got {other:?}"))),
     }
+    let dev = device.to_string();
+    state.supervisor.wait_while_starting(|s| s.role == Role::Worker && s.serves(&dev)).await;
     if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
@@ -400,20 +413,25 @@ pub async fn move_model(
 /// worker's allocator caches), then offloads idle models to the CPU (when the host is not under
 /// pressure), then unloads models, ranked by idle time, priority, size and reload cost; pinned and
 /// excluded models are never touched. `memoryFreed` is measured (the driver's free memory for a
-/// GPU, the model processes' RSS for `cpu`), each step's claim beside its measured gain.
+/// GPU, the model processes' RSS for `cpu`), never negative (`memoryMeasured` is the signed
+/// change), each step's claim beside its measured gain. `forceOptimization` below the target
+/// runs the caches and releases the least valuable unpinned model.
+///
+/// With `deviceId`, `data` is that device's run. Without it, every device above the target (or
+/// at `high` or above) is optimized, most pressured first, under one time limit (when none is
+/// and the request is forced or names `minMemoryToFree`, the most pressured device), and `data`
+/// is `{optimizationTriggered, memoryFreed, modelsUnloaded, modelsOffloaded, message, runs}`.
 #[utoipa::path(
     post, path = "/api/memory/models/optimize", request_body = OptimizeBody,
     responses(
-        (status = 200, body = ApiResponse<OptimizeOutcome>),
+        (status = 200, body = ApiResponse<OptimizeReply>,
+            description = "one `OptimizeOutcome` with `deviceId`; `OptimizeRunsDto` (the runs, most pressured device first) without"),
         (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND"),
         (status = 503, description = "WORKER_UNAVAILABLE")
     )
 )]
-pub async fn optimize(
-    State(state): State<AppState>,
-    ApiJson(body): ApiJson<OptimizeBody>,
-) -> ApiResult<OptimizeOutcome> {
-    let device = state.service.resolve(&body.device_id)?;
+pub async fn optimize(State(state): State<AppState>, ApiJson(body): ApiJson<OptimizeBody>) -> ApiResult<OptimizeReply> {
+    let device = body.device_id.as_deref().map(|d| state.service.resolve(d)).transpose()?;
     let target = body.target_pressure_level.unwrap_or(50.0);
     if !(0.0..=100.0).contains(&target) {
         return Err(ApiError::invalid("targetPressureLevel must be between 0 and 100"));
@@ -432,6 +450,9 @@ pub async fn optimize(
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
     if !body.models.is_empty() {
+        let Some(device) = device else {
+            return Err(ApiError::invalid("models: name the device they are on (deviceId)"));
+        };
         let here: Vec<String> =
             ModelView::snapshot(&state.supervisor).facts(device).into_iter().map(|m| m.model_id).collect();
         let missing: Vec<&str> = body.models.iter().filter(|m| !here.contains(m)).map(String::as_str).collect();
@@ -439,17 +460,45 @@ pub async fn optimize(
             return Err(ApiError::invalid(format!("models: not loaded on {device}: {}", missing.join(", "))));
         }
     }
-    let request = OptimizeRequest {
+    let min_memory_to_free = body.min_memory_to_free.unwrap_or(0);
+    let request = |device: DeviceId, max_time: Duration| OptimizeRequest {
         target_pressure_level: target,
         max_models,
-        min_memory_to_free: body.min_memory_to_free.unwrap_or(0),
+        min_memory_to_free,
         force: body.force_optimization,
-        exclude: body.exclude_models,
-        only: body.models,
-        max_time: Duration::from_millis(max_time),
+        exclude: body.exclude_models.clone(),
+        only: body.models.clone(),
+        max_time,
         ..OptimizeRequest::new(device, strategy, "manual", state.optimizer.config())
     };
-    Ok(Data(state.optimizer.run(request).await))
+    let max_time = Duration::from_millis(max_time);
+    if let Some(device) = device {
+        return Ok(Data(OptimizeReply::Device(state.optimizer.run(request(device, max_time)).await)));
+    }
+    let devices = state.optimizer.pressured_devices(target, body.force_optimization || min_memory_to_free > 0);
+    let deadline = std::time::Instant::now() + max_time;
+    let mut runs = Vec::new();
+    for d in &devices {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        runs.push(state.optimizer.run(request(*d, left)).await);
+    }
+    let names: Vec<String> = runs.iter().map(|r| r.device_id.clone()).collect();
+    let message = if runs.is_empty() {
+        format!("no device is above the target {target} or at high; not forced")
+    } else {
+        format!("optimized {}, most pressured first", names.join(", "))
+    };
+    Ok(Data(OptimizeReply::Devices(OptimizeRunsDto {
+        optimization_triggered: runs.iter().any(|r| r.optimization_triggered),
+        memory_freed: runs.iter().map(|r| r.memory_freed).sum(),
+        models_unloaded: runs.iter().flat_map(|r| r.models_unloaded.iter().cloned()).collect(),
+        models_offloaded: runs.iter().flat_map(|r| r.models_offloaded.iter().cloned()).collect(),
+        message,
+        runs,
+    })))
 }
 
 /// The last 100 optimizer runs (manual, watchdog, admission), oldest first.

@@ -1,28 +1,13 @@
 //! Defragmentation and pool routes.
 
 use super::dto::*;
-use super::envelope::{ApiError, ApiResponse, Data};
+use super::envelope::{ApiError, ApiResponse, Data, OptionalJson};
 use super::{blocking, ApiResult, AppState};
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use memwarden_core::defrag::{DefragOptions, Strategy};
 use std::time::Duration;
 
-fn parse_defrag(body: &Bytes) -> Result<(DefragOptions, Option<Duration>), ApiError> {
-    // The body is optional, with or without a content type: parsed here rather than by the
-    // JSON extractor, which requires both. serde_path_to_error names the field that is wrong.
-    let b: DefragBody = if body.iter().all(u8::is_ascii_whitespace) {
-        DefragBody::default()
-    } else {
-        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)).map_err(|e| {
-            let inner = e.inner();
-            if inner.is_syntax() || inner.is_eof() {
-                ApiError::invalid(format!("request body is not valid JSON: {inner}"))
-            } else {
-                ApiError::invalid(format!("{}: {inner}", e.path()))
-            }
-        })?
-    };
+fn parse_defrag(b: DefragBody) -> Result<(DefragOptions, Option<Duration>), ApiError> {
     let strategy = match &b.strategy {
         None => Strategy::Balanced,
         Some(t) => t.parse().map_err(|e: String| ApiError::invalid(format!("strategy: {e}")))?,
@@ -43,8 +28,11 @@ fn parse_defrag(body: &Bytes) -> Result<(DefragOptions, Option<Duration>), ApiEr
     post, path = "/api/memory/operations/defragment", request_body(content = Option<DefragBody>),
     responses((status = 200, body = ApiResponse<DefragAllDto>), (status = 400, description = "INVALID_ARGUMENT"))
 )]
-pub async fn defragment_all(State(state): State<AppState>, body: Bytes) -> ApiResult<DefragAllDto> {
-    let (options, max_time) = parse_defrag(&body)?;
+pub async fn defragment_all(
+    State(state): State<AppState>,
+    OptionalJson(body): OptionalJson<DefragBody>,
+) -> ApiResult<DefragAllDto> {
+    let (options, max_time) = parse_defrag(body)?;
     let reports = blocking(|| {
         state
             .service
@@ -72,10 +60,10 @@ pub async fn defragment_all(State(state): State<AppState>, body: Bytes) -> ApiRe
 pub async fn defragment_device(
     State(state): State<AppState>,
     Path(device_id): Path<String>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<DefragBody>,
 ) -> ApiResult<DefragDto> {
     let id = state.service.resolve(&device_id)?;
-    let (options, max_time) = parse_defrag(&body)?;
+    let (options, max_time) = parse_defrag(body)?;
     let report = blocking(|| state.service.defragment(id, options, max_time))?;
     Ok(Data(DefragDto::from(&report)))
 }

@@ -1,7 +1,7 @@
 //! Routes for model weights held by memwarden: load (the default of `/models/load`), park,
 //! resume, drop, unload and move keep one model id throughout.
 
-use super::envelope::{ApiError, ApiResponse, Data};
+use super::envelope::{ApiError, ApiResponse, Data, NoBody, OptionalJson};
 use super::{ApiResult, AppState};
 use crate::weights::{ActionOutcome, HeldModel, LoadRequest, WeightsError};
 use axum::extract::{Path, State};
@@ -94,7 +94,11 @@ fn outcome(state: &AppState, model: &HeldModel, o: ActionOutcome, started: Insta
         (status = 409, description = "NOT_SUPPORTED (cpu, pinned) / IN_USE (a holder's use() outlasted weights.use_bound_ms)")
     )
 )]
-pub async fn park(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<WeightsActionDto> {
+pub async fn park(
+    State(state): State<AppState>,
+    Path(model_id): Path<String>,
+    _: NoBody,
+) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
     let model = state.weights.get(&model_id)?;
     let (store, id) = (state.weights.clone(), model_id.clone());
@@ -116,15 +120,10 @@ pub async fn park(State(state): State<AppState>, Path(model_id): Path<String>) -
 pub async fn resume(
     State(state): State<AppState>,
     Path(model_id): Path<String>,
-    body: axum::body::Bytes,
+    // The body is optional: empty means "back to its own device".
+    OptionalJson(body): OptionalJson<ResumeBody>,
 ) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
-    // The body is optional: empty means "back to its own device".
-    let body: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) {
-        ResumeBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("body: {e}")))?
-    };
     let target = match body.target_device_id {
         Some(t) => Some(state.service.resolve(&t)?),
         None => None,
@@ -164,7 +163,11 @@ async fn make_room(state: &AppState, device: DeviceId, bytes: u64, exclude: &str
         (status = 409, description = "NOT_SUPPORTED (pinned) / IN_USE")
     )
 )]
-pub async fn drop_copy(State(state): State<AppState>, Path(model_id): Path<String>) -> ApiResult<WeightsActionDto> {
+pub async fn drop_copy(
+    State(state): State<AppState>,
+    Path(model_id): Path<String>,
+    _: NoBody,
+) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
     let model = state.weights.get(&model_id)?;
     let (store, id) = (state.weights.clone(), model_id.clone());

@@ -40,9 +40,23 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `serve --help`: its own flags, without the client flags clap propagates to every command.
+const SERVE_HELP: &str = "\
+{about-with-newline}
+Usage: memwarden serve [--listen <LISTEN>] [--config <CONFIG>]
+
+Options:
+      --listen <LISTEN>  Listen address (default 127.0.0.1:5000, or the config file's `listen`)
+      --config <CONFIG>  TOML config file (see docs/CONFIG.md); embedded defaults without one
+  -h, --help             Print help
+";
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon.
+    // The client flags are global (they go before or after any client command), so clap would
+    // list them under `serve` too, where they do nothing: its help names its own flags only.
+    #[command(help_template = SERVE_HELP)]
     Serve {
         /// Listen address (default 127.0.0.1:5000, or the config file's `listen`).
         #[arg(long)]

@@ -185,7 +185,7 @@ pub struct OptimizeArgs<'a> {
 pub fn optimize(client: &Client, args: OptimizeArgs<'_>, as_json: bool) -> Result<String, CliError> {
     let min = args.min_free.map(parse_size).transpose().map_err(|e| CliError(format!("--min-free: {e}")))?;
     let body = OptimizeBody {
-        device_id: args.device.to_string(),
+        device_id: Some(args.device.to_string()),
         target_pressure_level: args.target,
         strategy: args.strategy.map(str::to_string),
         max_models_to_unload: None,
@@ -221,12 +221,18 @@ pub fn optimize(client: &Client, args: OptimizeArgs<'_>, as_json: bool) -> Resul
         })
         .collect();
     out.push_str(&table(&["STEP", "TARGET", "CLAIMED", "MEASURED", "TIME", "VERIFIED", "ERROR"], &rows));
+    // A change that is no gain shows as freed 0, with the signed measurement beside it.
+    let measured = if r.memory_measured == r.memory_freed as i64 {
+        String::new()
+    } else {
+        format!(" (measured {})", signed_bytes(r.memory_measured))
+    };
     let _ = writeln!(
         out,
-        "{} ({}): freed {} measured ({} claimed) of {} wanted in {:.0} ms; pressure {} → {} ({})",
+        "{} ({}): freed {}{measured} ({} claimed) of {} wanted in {:.0} ms; pressure {} → {} ({})",
         r.device_id,
         r.optimization_strategy,
-        signed_bytes(r.memory_freed),
+        format_bytes(r.memory_freed),
         format_bytes(r.memory_claimed),
         format_bytes(r.target_bytes),
         r.optimization_time_ms,

@@ -22,7 +22,7 @@ impl Optimizer {
         if available < bytes {
             return Err(format!(
                 "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes",
-                report.memory_freed.max(0)
+                report.memory_freed
             ));
         }
         Ok(())
@@ -52,6 +52,9 @@ impl Optimizer {
             if Instant::now() >= deadline {
                 return true;
             }
+            if req.max_models.is_some_and(|max| out.models_offloaded.len() + out.models_unloaded.len() >= max) {
+                break;
+            }
             if req.exclude.contains(&m.id) || (!req.only.is_empty() && !req.only.contains(&m.id)) {
                 continue;
             }
@@ -74,7 +77,7 @@ impl Optimizer {
                 claimed_bytes: claimed,
                 measured_bytes: gained,
                 duration_ms: ms(t),
-                verified,
+                verified: verified && error.is_none(),
                 error,
             });
         }

@@ -4,7 +4,8 @@
 //!
 //! Measurement: for a GPU, the driver's free memory (`cuMemGetInfo`, read fresh after each
 //! step); for `cpu`, the summed RSS of the processes holding models (the machine's MemAvailable
-//! moves with everything else running). `memoryFreed` is that change, not the workers' claims.
+//! moves with everything else running). `memoryFreed` is that change, not the workers' claims
+//! (0 when the change is no gain; `memoryMeasured` keeps the signed figure).
 
 pub mod admission;
 mod held;
@@ -182,7 +183,37 @@ impl Optimizer {
         models + cached
     }
 
+    /// Devices an optimize request without a device applies to: those above
+    /// `target_percent` or at `high` or above, most pressured first (level, then utilization).
+    /// When none is and the request must run anyway (`forced`, or bytes asked for), the most
+    /// pressured device alone.
+    pub fn pressured_devices(&self, target_percent: f64, forced: bool) -> Vec<DeviceId> {
+        let mut all: Vec<(DeviceId, u8, Level)> = self
+            .service
+            .device_ids()
+            .into_iter()
+            .map(|d| {
+                let (percent, level) = self.level(self.read(d));
+                (d, percent, level)
+            })
+            .collect();
+        all.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then_with(|| a.0.to_string().cmp(&b.0.to_string())));
+        let above: Vec<DeviceId> = all
+            .iter()
+            .filter(|(_, percent, level)| f64::from(*percent) > target_percent || *level >= Level::High)
+            .map(|(d, _, _)| *d)
+            .collect();
+        if above.is_empty() && forced {
+            return all.first().map(|(d, _, _)| vec![*d]).unwrap_or_default();
+        }
+        above
+    }
+
     /// Runs the ladder once. Never fails: what went wrong is in the steps and the message.
+    ///
+    /// A forced run always climbs: until `target` bytes are measurably back when there is
+    /// something to free (`minMemoryToFree`, or down to the target); otherwise, below the
+    /// target, through the cache rungs and then the single least valuable unpinned model.
     pub async fn run(&self, req: OptimizeRequest) -> OptimizeOutcome {
         let _guard = self.running.lock().await;
         let started = Instant::now();
@@ -200,6 +231,7 @@ impl Optimizer {
             optimization_triggered: false,
             optimization_strategy: req.strategy.name().to_string(),
             memory_freed: 0,
+            memory_measured: 0,
             memory_claimed: 0,
             target_bytes: target,
             models_unloaded: Vec::new(),
@@ -221,43 +253,102 @@ impl Optimizer {
             );
             return self.finish(out, started);
         }
-        if target == 0 {
+        // Forced with nothing to free: the caches, then one model (the least valuable).
+        let one_model = req.force && target == 0;
+        if target == 0 && !one_model {
             out.message = format!("{dev} needs nothing freed to reach {}", req.target_pressure_level);
             return self.finish(out, started);
         }
+        let mut req = req;
+        let climb_to = if one_model {
+            req.max_models = Some(req.max_models.map_or(1, |m| m.min(1)));
+            u64::MAX
+        } else {
+            target
+        };
         out.optimization_triggered = true;
         self.supervisor.sync().await;
         let base = self.measure(device);
 
         self.trim_caches(device, &mut out).await;
-        let mut stopped_by_time = self.release_held(&req, target, base, deadline, &mut out).await;
+        let mut stopped_by_time = self.release_held(&req, climb_to, base, deadline, &mut out).await;
         if !stopped_by_time {
-            stopped_by_time = self.release_models(&req, target, base, deadline, &mut out).await;
+            stopped_by_time = self.release_models(&req, climb_to, base, deadline, &mut out).await;
         }
-        out.memory_freed = self.measure(device) - base;
+        out.memory_measured = self.measure(device) - base;
+        out.memory_freed = out.memory_measured.max(0) as u64;
         out.memory_claimed = out.steps.iter().map(|s| s.claimed_bytes).sum();
         let (level_after, category_after) = self.level(self.read(device));
         out.new_pressure_level = level_after;
         out.new_pressure_category = category_after.as_str().to_string();
         let touched = out.models_unloaded.len() + out.models_offloaded.len();
-        out.message = format!(
-            "freed {} of {} wanted ({} claimed) on {dev}: {} unloaded, {} offloaded{}{}",
-            out.memory_freed,
-            target,
-            out.memory_claimed,
-            out.models_unloaded.len(),
-            out.models_offloaded.len(),
-            if stopped_by_time { "; stopped at the time limit" } else { "" },
-            if out.memory_freed < target as i64 && touched == 0 { "; nothing left that may be released" } else { "" },
-        );
+        let short = if one_model { touched == 0 } else { out.memory_freed < target };
+        let limit = if stopped_by_time {
+            "; stopped at the time limit".to_string()
+        } else if short {
+            format!("; {}", self.shortfall(&req, touched))
+        } else {
+            String::new()
+        };
+        let (unloaded, offloaded) = (out.models_unloaded.len(), out.models_offloaded.len());
+        out.message = if one_model {
+            format!(
+                "forced below the target: the caches and the least valuable model freed {} ({} claimed) on {dev}: \
+                 {unloaded} unloaded, {offloaded} offloaded{limit}",
+                out.memory_freed, out.memory_claimed,
+            )
+        } else {
+            format!(
+                "freed {} of {target} wanted ({} claimed) on {dev}: {unloaded} unloaded, {offloaded} offloaded{limit}",
+                out.memory_freed, out.memory_claimed,
+            )
+        };
         self.finish(out, started)
+    }
+
+    /// What limited a run that released less than it set out to, in words: the model limit,
+    /// the strategy, or the models that are left and why none of them may go.
+    fn shortfall(&self, req: &OptimizeRequest, touched: usize) -> String {
+        let left: Vec<Candidate> = self.candidates(req.device).into_iter().map(|(c, _)| c).collect();
+        let loaded = left.len();
+        if let Some(max) = req.max_models.filter(|m| touched >= *m && loaded > 0) {
+            return format!("maxModelsToUnload ({max}) reached; {loaded} model(s) still loaded");
+        }
+        if loaded == 0 {
+            return "no model is loaded here, nothing left that may be released".into();
+        }
+        let pinned = left.iter().filter(|c| c.pinned).count();
+        let excluded = left.iter().filter(|c| !c.pinned && req.exclude.contains(&c.model_id)).count();
+        let not_listed = left
+            .iter()
+            .filter(|c| !c.pinned && !req.exclude.contains(&c.model_id))
+            .filter(|c| !req.only.is_empty() && !req.only.contains(&c.model_id))
+            .count();
+        let releasable = loaded - pinned - excluded - not_listed;
+        if releasable == 0 {
+            return format!(
+                "{loaded} model(s) still loaded, none of them releasable ({pinned} pinned, {excluded} excluded, \
+                 {not_listed} not in models)"
+            );
+        }
+        if !req.strategy.may_unload() {
+            return format!(
+                "{releasable} releasable model(s) still loaded; the {} strategy only offloads, and the host has no \
+                 room for them",
+                req.strategy.name()
+            );
+        }
+        format!("{releasable} releasable model(s) still loaded; releasing them failed (see the steps)")
     }
 
     /// (1) Caches: memwarden's own empty pool blocks, then each holder's allocator caches.
     async fn trim_caches(&self, device: DeviceId, out: &mut OptimizeOutcome) {
         let t = Instant::now();
         let before = self.measure(device);
-        let cleared = self.service.clear(Some(device)).map(|v| v.iter().map(|c| c.cleared_bytes).sum()).unwrap_or(0u64);
+        let (cleared, error) = match self.service.clear(Some(device)) {
+            Ok(v) => (v.iter().map(|c| c.cleared_bytes).sum(), None),
+            Err(e) => (0, Some(e.to_string())),
+        };
         // The host's RSS measure does not see memwarden's own blocks go: no claim to verify there.
         let on_gpu = device.is_gpu();
         let (gained, verified) = self.verify(device, before, if on_gpu { cleared } else { 0 }).await;
@@ -268,8 +359,8 @@ impl Optimizer {
             claimed_bytes: cleared,
             measured_bytes: if on_gpu { gained } else { 0 },
             duration_ms: ms(t),
-            verified,
-            error: None,
+            verified: verified && error.is_none(),
+            error,
         });
         for slot in self.supervisor.slots().into_iter().filter(|s| s.conn().is_some()) {
             let trim = TrimCache { device_id: Some(device.to_string()) };
@@ -279,7 +370,8 @@ impl Optimizer {
     }
 
     /// (2, 3) Offload and unload, ranked, until `target` bytes are measurably free since
-    /// `base`. Returns whether the time limit stopped it.
+    /// `base`, touching at most what is left of `max_models`. Returns whether the time limit
+    /// stopped it.
     async fn release_models(
         &self,
         req: &OptimizeRequest,
@@ -297,13 +389,14 @@ impl Optimizer {
             .map(|(c, _)| c.clone())
             .filter(|c| req.only.is_empty() || req.only.contains(&c.model_id))
             .collect();
+        let touched = out.models_unloaded.len() + out.models_offloaded.len();
         let planned = eviction::plan(
             &cands,
             &req.exclude,
             target.saturating_sub(freed_so_far),
             req.strategy,
             host_room,
-            req.max_models,
+            req.max_models.map(|m| m.saturating_sub(touched)),
         );
         for p in planned {
             if (self.measure(device) - base).max(0) as u64 >= target {
@@ -361,7 +454,8 @@ impl Optimizer {
             claimed_bytes: claimed,
             measured_bytes: gained,
             duration_ms: ms(t),
-            verified,
+            // A failed call claims nothing, which "verifies" trivially: it is not verified.
+            verified: verified && r.is_ok(),
             error: r.as_ref().err().map(|e| e.to_string()),
         };
         (step, r.is_ok())

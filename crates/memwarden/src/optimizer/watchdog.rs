@@ -36,8 +36,9 @@ impl Optimizer {
                 let me2 = me.clone();
                 tokio::spawn(async move {
                     let mut req = OptimizeRequest::new(event.device, strategy, "watchdog", &me2.config);
+                    // Not forced: a level that fell back before the run needs nothing freed
+                    // (a forced run below the target would still release a model).
                     req.target_pressure_level = me2.config.target_pressure_level;
-                    req.force = true;
                     me2.run(req).await;
                 });
             }

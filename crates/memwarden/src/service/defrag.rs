@@ -3,7 +3,8 @@
 //! return emptied blocks to the OS or driver. Also the pool dump and the admission question
 //! ("can N bytes be allocated now?").
 
-use super::device::{AllocFailure, Fit};
+use super::device::{AllocFailure, DeviceState, Fit};
+use super::types::device_fragmentation;
 use super::{Service, ServiceError};
 use crate::util::lock;
 use memwarden_core::defrag::{self, DefragOptions, Movable};
@@ -67,8 +68,9 @@ pub struct CanAllocate {
     pub reason: Option<String>,
 }
 
-fn index(s: &PoolStats) -> f64 {
-    s.fragmentation_index()
+/// The device's fragmentation index, by the one formula status, `/metrics` and the advice use.
+fn index(st: &DeviceState) -> f64 {
+    device_fragmentation(st.pools.iter().map(|p| p.stats()))
 }
 
 impl Service {
@@ -90,7 +92,7 @@ impl Service {
         let mut report = DefragReport {
             device,
             strategy: options.strategy,
-            fragmentation_before: index(&before),
+            fragmentation_before: index(&st),
             fragmentation_after: 0.0,
             largest_free_block_before: before.largest_free_block_bytes,
             largest_free_block_after: 0,
@@ -180,7 +182,7 @@ impl Service {
         }
         st.invalidate_sample();
         let after = st.pool_totals();
-        report.fragmentation_after = index(&after);
+        report.fragmentation_after = index(&st);
         report.largest_free_block_after = after.largest_free_block_bytes;
         report.duration = started.elapsed();
         lock(&self.ledger).recorder.defragmented(device, report.bytes_moved, report.bytes_released);
@@ -273,8 +275,8 @@ impl Service {
         })
     }
 
-    /// Fragmentation index of a device's pools together (for the automatic pass).
+    /// A device's fragmentation index (for the automatic pass): see [`device_fragmentation`].
     pub(super) fn fragmentation(&self, device: DeviceId) -> f64 {
-        self.device(device).map(|d| index(&lock(&d.state).pool_totals())).unwrap_or(0.0)
+        self.device(device).map(|d| index(&lock(&d.state))).unwrap_or(0.0)
     }
 }

@@ -31,6 +31,10 @@ pub use types::{
 use crate::config::Config;
 use crate::util::lock;
 
+/// Longest free-text field (`purpose`, `owner`) an allocation takes, in characters: they go
+/// into the event log and every listing.
+pub const MAX_TEXT_CHARS: usize = 256;
+
 pub struct Service {
     devices: Vec<(DeviceId, Device)>,
     ledger: Mutex<Ledger>,
@@ -128,7 +132,51 @@ impl Service {
             known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
         };
         let id: DeviceId = text.parse().map_err(|_| not_found())?;
-        self.device(id).map(|_| id).ok_or_else(not_found)
+        if self.device(id).is_some() {
+            return Ok(id);
+        }
+        // A GPU id whose backend is known here but not available (no driver, no device): say so,
+        // with the canonical id and the backend's reason, rather than "not found".
+        if let DeviceId::Gpu(api, _) = id {
+            let down = self.backends.iter().find(|b| b.name == api.prefix() && !b.available);
+            if let Some(b) = down {
+                return Err(ServiceError::BackendUnavailable {
+                    device: id.to_string(),
+                    reason: format!(
+                        "the {} backend is not available: {}",
+                        b.name,
+                        b.reason.as_deref().unwrap_or("no reason given")
+                    ),
+                });
+            }
+        }
+        Err(ServiceError::DeviceNotFound {
+            requested: id.to_string(),
+            known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
+        })
+    }
+
+    /// The device an allocation that names none goes to (the seed leaves this open): of the
+    /// devices that provide `kind` (each device's own default kind when `None`; a reservation
+    /// fits any), the one with the most available memory now. Ties go to the first listed.
+    pub fn roomiest_device(&self, kind: Option<MemoryKind>) -> Result<DeviceId, ServiceError> {
+        let mut best: Option<(DeviceId, u64)> = None;
+        for (id, dev) in &self.devices {
+            let k = kind.unwrap_or(id.default_kind());
+            if k != MemoryKind::Reservation && !dev.backend.kinds().contains(&k) {
+                continue;
+            }
+            let Ok(status) = self.status(*id) else { continue };
+            if best.is_none_or(|(_, b)| status.available_bytes > b) {
+                best = Some((*id, status.available_bytes));
+            }
+        }
+        best.map(|(id, _)| id).ok_or_else(|| {
+            ServiceError::invalid(
+                "memoryType",
+                format!("no device here provides {} memory", kind.unwrap_or(MemoryKind::Host)),
+            )
+        })
     }
 
     /// The backend of a device (the pressure monitor samples through it).
@@ -247,6 +295,14 @@ impl Service {
 
     fn allocate_inner(&self, req: AllocateRequest, may_block: bool) -> Result<Option<Allocation>, ServiceError> {
         let id = self.resolve(&req.device)?;
+        for (field, text) in [("purpose", &req.purpose), ("owner", &req.owner)] {
+            if let Some(t) = text.as_deref().filter(|t| t.chars().count() > MAX_TEXT_CHARS) {
+                return Err(ServiceError::invalid(
+                    field,
+                    format!("{} characters, more than the {MAX_TEXT_CHARS} allowed", t.chars().count()),
+                ));
+            }
+        }
         if req.size_bytes == 0 {
             return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
         }

@@ -60,7 +60,7 @@ impl AllocationEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct DeviceRecord {
     pub counters: Counters,
-    /// Bytes of live memwarden allocations (pool bytes; reservations by their size).
+    /// Bytes of live memwarden allocations (pool bytes; reservations commit none and count 0).
     pub live_bytes: u64,
     pub peak_live: Peak,
     /// The newest failed allocation: when, and the bytes it asked for.
@@ -126,9 +126,11 @@ fn ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// Bytes an allocation commits: its pool bytes. A reservation is budget only (the device's
+/// `reservation_bytes` holds it) and commits none.
 fn held_bytes(r: &Allocation) -> u64 {
     if r.kind == MemoryKind::Reservation {
-        r.size_bytes
+        0
     } else {
         r.allocated_bytes
     }
@@ -168,6 +170,7 @@ impl Recorder {
         let bytes = held_bytes(r);
         let d = self.device(r.device);
         d.counters.allocations += 1;
+        d.counters.reservations += u64::from(r.kind == MemoryKind::Reservation);
         d.counters.allocated_bytes += bytes;
         d.live_bytes += bytes;
         if d.live_bytes > d.peak_live.value {

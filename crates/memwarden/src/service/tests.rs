@@ -506,10 +506,12 @@ fn recording_counts_the_allocation_path_and_the_log_resolves_owners() {
     let b = s.allocate(req(2 * MIB, Some(MemoryKind::Reservation))).expect("b");
     s.free(&a.id).expect("free a");
     let r = s.device_record(DeviceId::Cpu);
-    assert_eq!((r.counters.allocations, r.counters.frees), (2, 1));
-    assert_eq!(r.counters.allocated_bytes, 3 * MIB);
-    assert_eq!(r.live_bytes, 2 * MIB, "the reservation holds its size");
-    assert_eq!(r.peak_live.value, 3 * MIB);
+    assert_eq!((r.counters.allocations, r.counters.reservations, r.counters.frees), (2, 1, 1));
+    // A reservation commits no memory: no allocated or live bytes (issue 15).
+    assert_eq!(r.counters.allocated_bytes, MIB);
+    assert_eq!(r.live_bytes, 0, "only the reservation is live, and it holds no memory");
+    assert_eq!(r.peak_live.value, MIB);
+    assert_eq!(r.counters.average_allocation_bytes(), MIB);
     // Both allocations' entries resolve to their records: a's through its freed entry, b's
     // through the ledger.
     let ev = s.allocation_events(Some(DeviceId::Cpu), None);

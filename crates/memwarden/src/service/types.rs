@@ -153,19 +153,30 @@ impl DeviceStatus {
         }
     }
 
-    /// Fragmentation index of all pools together.
+    /// The device's fragmentation index ([`device_fragmentation`] of its pools).
     pub fn fragmentation(&self) -> f64 {
-        let free: u64 = self.pools.iter().map(|(_, s)| s.free_in_pool_bytes).sum();
-        let largest = self.pools.iter().map(|(_, s)| s.largest_free_block_bytes).max().unwrap_or(0);
-        if free == 0 {
-            0.0
-        } else {
-            1.0 - largest as f64 / free as f64
-        }
+        device_fragmentation(self.pools.iter().map(|(_, s)| *s))
     }
 
     pub fn pool_totals(&self) -> (u64, u64) {
         self.pools.iter().fold((0, 0), |(r, a), (_, s)| (r + s.reserved_bytes, a + s.allocated_bytes))
+    }
+}
+
+/// A device's fragmentation index: the mean of its pools' indexes weighted by their free bytes
+/// (a pool with nothing free weighs nothing; no pools: 0). Each pool is its own address space
+/// (host and pinned blocks never merge), so one pool's free range cannot make up for another's:
+/// the figure is `Σ (free − largest free range) / Σ free`, the share of free bytes that
+/// compaction would make contiguous.
+pub fn device_fragmentation(pools: impl IntoIterator<Item = PoolStats>) -> f64 {
+    let (scattered, free) = pools.into_iter().fold((0u64, 0u64), |(scattered, free), p| {
+        let largest = p.largest_free_block_bytes.min(p.free_in_pool_bytes);
+        (scattered + (p.free_in_pool_bytes - largest), free + p.free_in_pool_bytes)
+    });
+    if free == 0 {
+        0.0
+    } else {
+        scattered as f64 / free as f64
     }
 }
 
@@ -190,4 +201,34 @@ pub enum LedgerError {
     /// The ledger's reservations do not add up to the device's reserved bytes.
     #[error("{device}: ledger reserves {ledger_bytes} bytes, device {device_bytes}")]
     Reserved { device: DeviceId, ledger_bytes: u64, device_bytes: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn pool(free: u64, largest: u64) -> PoolStats {
+        PoolStats { free_in_pool_bytes: free, largest_free_block_bytes: largest, ..PoolStats::default() }
+    }
+
+    #[test]
+    fn unfragmented_pools_make_an_unfragmented_device() {
+        // Host and pinned, each with its free space in one range: the old "all pools as one
+        // free space" figure said 1 − 5/8 = 0.375 here.
+        assert_eq!(device_fragmentation([pool(5 * MIB, 5 * MIB), pool(3 * MIB, 3 * MIB)]), 0.0);
+        assert_eq!(device_fragmentation([]), 0.0);
+        assert_eq!(device_fragmentation([pool(0, 0), pool(0, 0)]), 0.0);
+    }
+
+    #[test]
+    fn the_device_figure_is_the_free_bytes_weighted_mean_of_its_pools() {
+        // 0.875 over 8 MiB free and 0.0 over 8 MiB free: 0.4375; a pool with nothing free
+        // weighs nothing.
+        let f = device_fragmentation([pool(8 * MIB, MIB), pool(8 * MIB, 8 * MIB), pool(0, 0)]);
+        assert!((f - 0.4375).abs() < 1e-12, "{f}");
+        let one = pool(8 * MIB, MIB);
+        assert!((device_fragmentation([one]) - one.fragmentation_index()).abs() < 1e-12);
+    }
 }

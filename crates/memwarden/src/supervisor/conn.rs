@@ -1,12 +1,13 @@
 //! One live protocol connection (a worker's stdio or a client's socket): requests out, replies
 //! matched to them by id, notifications applied to the connection's model list.
 
+use super::devices::DeviceCatalog;
 use crate::util::lock;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use memwarden_protocol::{
-    codes, decode, encode, Action, Event, Hello, MemoryReport, Message, ModelInfo, ModelUnloaded, Released, Reply,
-    Request, Role, MAX_LINE_BYTES,
+    codes, decode, encode, Action, ErrorNotice, Event, Hello, MemoryReport, Message, ModelInfo, ModelUnloaded,
+    Notification, Released, Reply, Request, Role, MAX_LINE_BYTES,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -108,10 +109,12 @@ pub struct Conn {
     pub models: Mutex<BTreeMap<String, ModelInfo>>,
     /// The peer's last `memory` figures (torch allocated/reserved per device).
     pub memory: Mutex<MemoryReport>,
+    /// The daemon's devices: every model the peer reports is kept under their canonical ids.
+    catalog: Arc<DeviceCatalog>,
 }
 
 impl Conn {
-    pub fn new(hello: Hello, pid: u32, writer: Writer) -> Conn {
+    pub fn new(hello: Hello, pid: u32, writer: Writer, catalog: Arc<DeviceCatalog>) -> Conn {
         Conn {
             worker_id: hello.worker_id,
             role: hello.role,
@@ -127,6 +130,7 @@ impl Conn {
             closed: AtomicBool::new(false),
             models: Mutex::new(BTreeMap::new()),
             memory: Mutex::new(MemoryReport::default()),
+            catalog,
         }
     }
 
@@ -195,14 +199,26 @@ impl Conn {
         lock(&self.pending).clear();
     }
 
-    fn apply_notification(&self, event: Event, data: &Value) {
+    /// Applies a peer's notification; a refused `modelLoaded` returns the notice that tells the
+    /// peer why (it has no reply to carry the error).
+    fn apply_notification(&self, event: Event, data: &Value) -> Option<ErrorNotice> {
         match event {
             Event::ModelLoaded => match serde_json::from_value::<ModelInfo>(data.clone()) {
-                Ok(m) if m.validate().is_ok() => {
-                    lock(&self.models).insert(m.model_id.clone(), m);
+                Ok(m) => match self.accept_model(m) {
+                    Ok(m) => {
+                        lock(&self.models).insert(m.model_id.clone(), m);
+                    }
+                    Err(notice) => {
+                        tracing::warn!(worker = %self.worker_id, "modelLoaded refused: {}", notice.message);
+                        return Some(notice);
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(worker = %self.worker_id, "modelLoaded refused: {e}");
+                    let model_id = data.get("modelId").and_then(Value::as_str).map(String::from);
+                    let message = format!("modelLoaded: {e}");
+                    return Some(ErrorNotice { code: codes::INVALID_DATA.into(), message, model_id });
                 }
-                Ok(m) => tracing::warn!(worker = %self.worker_id, "modelLoaded refused: {:?}", m.validate()),
-                Err(e) => tracing::warn!(worker = %self.worker_id, "modelLoaded refused: {e}"),
             },
             Event::ModelUnloaded => match serde_json::from_value::<ModelUnloaded>(data.clone()) {
                 Ok(u) => {
@@ -216,11 +232,31 @@ impl Conn {
             },
             // Applied by the weights store (read_loop hands it over); nothing to keep here.
             Event::WeightsUsed => {}
+            Event::Error => match serde_json::from_value::<ErrorNotice>(data.clone()) {
+                Ok(n) => tracing::warn!(worker = %self.worker_id, code = %n.code, "peer's error notice: {}", n.message),
+                Err(e) => tracing::warn!(worker = %self.worker_id, "error notice unreadable: {e}"),
+            },
         }
+        None
     }
 
-    /// Replaces the model list with a full report.
+    /// A model the peer says it holds, as the daemon keeps it: valid, on devices of this host,
+    /// under their canonical ids. Refused: the notice (or reply) that says why.
+    fn accept_model(&self, m: ModelInfo) -> Result<ModelInfo, ErrorNotice> {
+        let model_id = Some(m.model_id.clone());
+        if let Err(e) = m.validate() {
+            return Err(ErrorNotice { code: codes::INVALID_DATA.into(), message: e.to_string(), model_id });
+        }
+        self.catalog.model(m).map_err(|e| ErrorNotice {
+            code: e.code().into(),
+            message: format!("model {}: {e}", model_id.as_deref().unwrap_or_default()),
+            model_id,
+        })
+    }
+
+    /// Replaces the model list with a full report (models on devices this host lacks left out).
     pub fn apply_report(&self, report: MemoryReport) {
+        let report = self.catalog.report(&self.worker_id, report);
         let models = report.models.iter().filter(|m| m.validate().is_ok()).map(|m| (m.model_id.clone(), m.clone()));
         *lock(&self.models) = models.collect();
         *lock(&self.memory) = MemoryReport { models: Vec::new(), ..report };
@@ -239,7 +275,12 @@ impl Conn {
             }
             Action::LoadModel => {
                 if let Ok(m) = reply.data_as::<ModelInfo>() {
-                    lock(&self.models).insert(m.model_id.clone(), m);
+                    match self.accept_model(m) {
+                        Ok(m) => {
+                            lock(&self.models).insert(m.model_id.clone(), m);
+                        }
+                        Err(n) => tracing::warn!(worker = %self.worker_id, "loaded model left out: {}", n.message),
+                    }
                 }
             }
             Action::UnloadModel => {
@@ -256,7 +297,14 @@ impl Conn {
                         }
                     }
                     if let Some(m) = r.model {
-                        models.insert(m.model_id.clone(), m);
+                        match self.accept_model(m) {
+                            Ok(m) => {
+                                models.insert(m.model_id.clone(), m);
+                            }
+                            Err(n) => {
+                                tracing::warn!(worker = %self.worker_id, "released model left out: {}", n.message)
+                            }
+                        }
                     }
                 }
             }
@@ -305,19 +353,34 @@ fn serve_request(conn: &Arc<Conn>, r: Request, peer: Option<Arc<dyn PeerRequests
 }
 
 impl Conn {
-    /// `register`: a model the peer holds in its own framework.
+    /// `register`: a model the peer holds in its own framework. The reply names its canonical
+    /// device (`gpu-0` → `cuda:0`), which the peer uses from then on; a device this host lacks
+    /// is `DEVICE_NOT_FOUND` or `BACKEND_UNAVAILABLE`, and nothing is counted.
     fn register(&self, r: &Request) -> Reply {
-        match r.data_as::<ModelInfo>() {
-            Ok(m) => match m.validate() {
-                Ok(()) => {
-                    let id = m.model_id.clone();
-                    lock(&self.models).insert(id.clone(), m);
-                    Reply::ok(r.request_id.clone(), serde_json::json!({ "modelId": id }))
-                }
-                Err(e) => Reply::err(r.request_id.clone(), codes::INVALID_DATA, format!("register: {e}")),
-            },
-            Err(e) => Reply::err(r.request_id.clone(), e.code, e.message),
+        let m = match r.data_as::<ModelInfo>() {
+            Ok(m) => m,
+            Err(e) => return Reply::err(r.request_id.clone(), e.code, e.message),
+        };
+        match self.accept_model(m) {
+            Ok(m) => {
+                let data = serde_json::json!({ "modelId": m.model_id, "deviceId": m.device_id });
+                lock(&self.models).insert(m.model_id.clone(), m);
+                Reply::ok(r.request_id.clone(), data)
+            }
+            Err(n) => Reply::err(r.request_id.clone(), &n.code, format!("register: {}", n.message)),
         }
+    }
+}
+
+/// Tells the peer that a notification of its was refused (an `error` event): a peer that knows
+/// it raises the error on its next call, one that does not logs the line.
+async fn send_notice(conn: &Conn, notice: ErrorNotice) {
+    let data = match serde_json::to_value(&notice) {
+        Ok(d) => d,
+        Err(e) => return tracing::warn!(worker = %conn.worker_id, "error notice not serializable: {e}"),
+    };
+    if let Err(e) = conn.send(&Message::Notification(Notification { event: Event::Error, data })).await {
+        tracing::warn!(worker = %conn.worker_id, "error notice not sent: {e}");
     }
 }
 
@@ -369,7 +432,11 @@ pub async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Message::Reply(r)) => conn.on_reply(r),
             Ok(Message::Notification(n)) => match (n.event, &peer) {
                 (Event::WeightsUsed, Some(p)) => p.notify(conn, n.event, &n.data),
-                _ => conn.apply_notification(n.event, &n.data),
+                _ => {
+                    if let Some(notice) = conn.apply_notification(n.event, &n.data) {
+                        send_notice(conn, notice).await;
+                    }
+                }
             },
             Ok(Message::Request(r)) => serve_request(conn, r, peer.clone()),
             Ok(Message::Hello(_)) => tracing::warn!(worker = %conn.worker_id, "ignored a second hello"),

@@ -4,19 +4,21 @@
 //! `restarting`, `stopped`) with the last error. The protocol itself is `memwarden-protocol`.
 
 mod conn;
+mod devices;
 mod process;
 pub mod python;
 mod socket;
 
 use crate::util::lock;
 pub use conn::{CallError, Conn, PeerRequests, Writer};
+pub use devices::{DeviceCatalog, DeviceError};
 pub use memwarden_protocol::api::WorkerState;
 use memwarden_protocol::{codes, Action, LoadModel, ModelInfo, Released, Reply, Role};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 use crate::config::{WorkerSpec, WorkersSection};
@@ -134,6 +136,8 @@ pub struct Supervisor {
     cfg: WorkersSection,
     /// Every device the daemon has (`cpu`, `cuda:0`, …): the default worker serves them all.
     devices: Vec<String>,
+    /// The same devices, for canonicalizing the ids peers report.
+    catalog: Arc<DeviceCatalog>,
     slots: Mutex<Vec<Arc<Slot>>>,
     /// Why no worker runs at all (no python, workers disabled), for the 503 message.
     no_workers_reason: Mutex<Option<String>>,
@@ -151,6 +155,7 @@ impl Supervisor {
     pub fn new(cfg: WorkersSection, devices: Vec<String>, proc_root: PathBuf) -> Arc<Supervisor> {
         Arc::new(Supervisor {
             cfg,
+            catalog: Arc::new(DeviceCatalog::new(&devices)),
             devices,
             slots: Mutex::new(Vec::new()),
             no_workers_reason: Mutex::new(None),
@@ -179,6 +184,29 @@ impl Supervisor {
 
     pub fn proc_root(&self) -> &std::path::Path {
         &self.proc_root
+    }
+
+    pub fn catalog(&self) -> &Arc<DeviceCatalog> {
+        &self.catalog
+    }
+
+    /// Waits, at most `workers.ready_wait_ms`, while some supervised worker is `starting` and
+    /// no slot that `usable` accepts can take calls: a request right after start (or a restart)
+    /// waits for the worker's hello instead of answering 503. Returns at once when none is
+    /// starting (`restarting` and the rest are not waited for).
+    pub async fn wait_while_starting(&self, usable: impl Fn(&Slot) -> bool) {
+        // State changes are few and the wait is short: polling needs no wake-up plumbing
+        // through the slots.
+        const POLL: Duration = Duration::from_millis(10);
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.ready_wait_ms);
+        loop {
+            let slots = self.slots();
+            let starting = slots.iter().any(|s| s.role == Role::Worker && s.snapshot().state == WorkerState::Starting);
+            if !starting || slots.iter().any(|s| s.conn().is_some() && usable(s)) || Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// Starts the workers and the client socket. Never fails: what cannot start is reported in
@@ -343,8 +371,10 @@ impl Supervisor {
         out
     }
 
-    /// Loads a model on the least loaded worker that serves `device_id`.
+    /// Loads a model on the least loaded worker that serves `device_id` (waiting for a
+    /// `starting` one, see [`Supervisor::wait_while_starting`]).
     pub async fn load(&self, mut req: LoadModel) -> Result<(ModelInfo, Arc<Slot>), SupervisorError> {
+        self.wait_while_starting(|s| s.role == Role::Worker && s.serves(&req.device_id)).await;
         let Some(slot) = self.least_loaded_worker(&req.device_id, |_| true) else {
             let any_worker = self.slots().iter().any(|s| s.role == Role::Worker && s.conn().is_some());
             return Err(SupervisorError::Unavailable(if any_worker {

@@ -213,7 +213,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
             return format!("no hello within {} ms", cfg.start_timeout_ms);
         }
     };
-    let conn = Arc::new(Conn::new(hello, pid, Writer::Socket(stdin)));
+    let conn = Arc::new(Conn::new(hello, pid, Writer::Socket(stdin), sup.catalog().clone()));
     {
         let mut s = lock(&slot.state);
         s.conn = Some(conn.clone());

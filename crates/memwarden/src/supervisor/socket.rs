@@ -93,7 +93,7 @@ async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
         n += 1;
     }
     let pid = pid.unwrap_or(hello.pid);
-    let mut conn = Conn::new(hello, pid, Writer::Socket(write));
+    let mut conn = Conn::new(hello, pid, Writer::Socket(write), sup.catalog().clone());
     conn.worker_id = id.clone();
     conn.role = Role::Client;
     let conn = Arc::new(conn);

@@ -136,8 +136,15 @@ pub fn assert_error(resp: &(u16, Value), status: u16, code: &str, needle: &str) 
     assert_envelope(v);
 }
 
-/// Every envelope has a timestamp (RFC 3339 UTC) and a correlation id.
+/// Every envelope has a timestamp (RFC 3339 UTC) and a correlation id, and the seed's
+/// `isSuccess` (= `success`) and `message` (the error's, or null).
 pub fn assert_envelope(v: &Value) {
+    assert_eq!(v["isSuccess"], v["success"], "{v}");
+    if v["success"] == true {
+        assert!(v["message"].is_null() && v["error"].is_null(), "{v}");
+    } else {
+        assert_eq!(v["message"], v["error"]["message"], "{v}");
+    }
     let ts = v["timestamp"].as_str().expect("timestamp");
     assert!(ts.ends_with('Z') && ts.contains('T'), "timestamp {ts}");
     assert!(!v["correlationId"].as_str().expect("correlationId").is_empty());
