@@ -130,6 +130,9 @@ pub struct Counters {
     pub allocated_bytes: u64,
     pub frees: u64,
     pub freed_bytes: u64,
+    /// Of `frees`, those of allocations whose owner process exited, and their bytes.
+    pub reclaims: u64,
+    pub reclaimed_bytes: u64,
     pub failed_allocations: u64,
     pub moves: u64,
     pub exports: u64,
@@ -157,6 +160,8 @@ impl Counters {
             allocated_bytes: d(self.allocated_bytes, earlier.allocated_bytes),
             frees: d(self.frees, earlier.frees),
             freed_bytes: d(self.freed_bytes, earlier.freed_bytes),
+            reclaims: d(self.reclaims, earlier.reclaims),
+            reclaimed_bytes: d(self.reclaimed_bytes, earlier.reclaimed_bytes),
             failed_allocations: d(self.failed_allocations, earlier.failed_allocations),
             moves: d(self.moves, earlier.moves),
             exports: d(self.exports, earlier.exports),

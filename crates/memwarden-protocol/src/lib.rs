@@ -60,6 +60,8 @@ pub mod codes {
     pub const INTERNAL: &str = "INTERNAL";
     /// A holder's `use()` stayed open past the bound: nothing was unmapped.
     pub const IN_USE: &str = "IN_USE";
+    /// The peer's user and group (SO_PEERCRED) are not on the socket's allow-list.
+    pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
     /// A truncated or lying safetensors header: nothing was allocated.
     pub const INVALID_MODEL_FILE: &str = "INVALID_MODEL_FILE";
     /// The file's size, mtime or content hash differs from what was loaded.

@@ -14,6 +14,7 @@ fn request(size_bytes: u64, kind: MemoryKind) -> AllocateRequest {
         alignment_bytes: 256,
         purpose: Some("bench".into()),
         owner: None,
+        owner_pid: None,
         persistent: false,
         movable: true,
     }

@@ -19,6 +19,7 @@ fn req(device: &str, size_bytes: u64, kind: Option<MemoryKind>) -> AllocateReque
         alignment_bytes: 256,
         purpose: Some("gpu-bench".into()),
         owner: None,
+        owner_pid: None,
         persistent: false,
         movable: true,
     }

@@ -18,6 +18,7 @@ fn request(owner: bool) -> AllocateRequest {
         alignment_bytes: 256,
         purpose: Some("bench".into()),
         owner: owner.then(|| "bench-owner".to_string()),
+        owner_pid: None,
         persistent: false,
         movable: true,
     }

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+pub mod quotas;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -26,6 +27,8 @@ pub struct Config {
     pub optimizer: OptimizerSection,
     pub analytics: AnalyticsSection,
     pub weights: WeightsSection,
+    /// `[[quotas]]`: per-owner byte limits per device and memory kind (none by default).
+    pub quotas: Vec<quotas::QuotaEntry>,
 }
 
 /// Model weights held by memwarden (docs/API.md): loading, parking, keep-alive and orphans.
@@ -228,6 +231,12 @@ pub struct WorkersSection {
     pub restart_backoff_max_ms: u64,
     /// Explicit workers; when present they replace the default one.
     pub worker: Vec<WorkerSpec>,
+    /// Users (uids) besides the daemon's own that may attach through the socket. Checked on each
+    /// connection with SO_PEERCRED; with either list non-empty the socket is made connectable by
+    /// everyone (mode 0666) and this check decides.
+    pub allowed_uids: Vec<u32>,
+    /// Groups (the peer's primary gid) whose members may attach, as `allowed_uids`.
+    pub allowed_gids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -262,6 +271,8 @@ impl Default for WorkersSection {
             restart_backoff_ms: 500,
             restart_backoff_max_ms: 30_000,
             worker: Vec::new(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }
@@ -462,6 +473,7 @@ impl Default for Config {
             optimizer: OptimizerSection::default(),
             analytics: AnalyticsSection::default(),
             weights: WeightsSection::default(),
+            quotas: Vec::new(),
         }
     }
 }
@@ -581,6 +593,7 @@ impl Config {
         if !(0.0..=1.0).contains(&self.defrag.fragmentation_threshold) {
             return Err(ConfigError::Invalid("defrag.fragmentation_threshold must be between 0 and 1".into()));
         }
+        quotas::rules(&self.quotas).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

@@ -32,6 +32,7 @@ pub async fn serve_on(
     supervisor.set_peer_requests(Arc::new(crate::peers::WeightsPeer(weights.clone(), optimizer.clone())));
     weights.start_policy();
     supervisor.start().await;
+    start_reaper(service.clone());
     optimizer.set_weights(weights.clone());
     optimizer.start_watchdog(pressure.subscribe());
     let analytics = crate::analytics::Analytics::new(
@@ -77,6 +78,21 @@ pub async fn serve_on(
     served
 }
 
+/// Frees, every [`Service::REAP_INTERVAL`], what owner processes that exited held (`ownerPid`).
+/// Frees can unmap memory (milliseconds per GiB), so a round runs off the async threads.
+fn start_reaper(service: Arc<Service>) {
+    let weak = Arc::downgrade(&service);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Service::REAP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(service) = weak.upgrade() else { return };
+            let _ = tokio::task::spawn_blocking(move || service.reap_dead_owners()).await;
+        }
+    });
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -103,6 +119,7 @@ pub async fn shutdown_signal() {
 /// `memwarden serve`: bind the configured address, announce it on stdout, serve until a signal.
 pub fn run(config: Config) -> Result<(), String> {
     config.validate().map_err(|e| e.to_string())?;
+    memwarden_sys::tune_heap();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         builder.worker_threads(config.worker_threads);

@@ -221,3 +221,153 @@ fn health_tells_about_the_workers() {
     assert!(w["reason"].as_str().is_some_and(|r| !r.is_empty()), "{h}");
     assert_eq!(w["workers"], json!([]));
 }
+
+/// Item 3: a dead client's memory comes back. Allocations that name their process (`ownerPid`)
+/// are freed, exports included, within a second of its exit and logged as `reclaimed`; the
+/// others stay.
+#[test]
+fn a_dead_owners_allocations_come_back_within_a_second() {
+    let s = TestServer::start();
+    let mut client = std::process::Command::new("sleep").arg("60").spawn().expect("spawn a client");
+    let pid = client.id();
+    let owned = s.alloc_on("cpu", json!({"sizeBytes": 1 << 20, "ownerPid": pid, "owner": "client"}));
+    let exported = s.alloc_on("cpu", json!({"sizeBytes": 4096, "ownerPid": pid}));
+    assert_eq!(s.call("POST", &format!("/api/memory/allocations/{exported}/export"), None).0, 200);
+    let kept = s.alloc_on("cpu", json!({"sizeBytes": 4096, "owner": "client"}));
+    let (_, one) = s.call("GET", &format!("/api/memory/allocation/{owned}"), None);
+    assert_eq!(one["data"]["ownerPid"], pid, "{one}");
+    // A copy into a new allocation belongs to the same process.
+    let (code, t) = s.call(
+        "POST",
+        "/api/memory/transfer",
+        Some(&json!({"sourceAllocationId": owned, "targetDeviceId": "cpu"}).to_string()),
+    );
+    assert_eq!(code, 200, "{t}");
+    let copy = t["data"]["destinationAllocationId"].as_str().expect("copy").to_string();
+    client.kill().expect("kill");
+    let killed = std::time::Instant::now();
+    client.wait().expect("reap");
+    let live = || -> Vec<String> {
+        let (_, l) = s.call("GET", "/api/memory/allocations", None);
+        l["data"]["allocations"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|a| a["allocationId"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    while live().len() > 1 {
+        assert!(killed.elapsed() < std::time::Duration::from_secs(1), "not reclaimed within 1 s: {:?}", live());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(live(), vec![kept], "only the allocation without an owner process stays");
+    // Logged and counted.
+    let (_, events) = s.call("GET", "/api/memory/analytics/events?limit=50", None);
+    let reclaimed: Vec<&Value> =
+        events["data"]["events"].as_array().expect("events").iter().filter(|e| e["event"] == "reclaimed").collect();
+    let ids: std::collections::BTreeSet<&str> = reclaimed.iter().filter_map(|e| e["allocationId"].as_str()).collect();
+    assert_eq!(ids, [owned.as_str(), exported.as_str(), copy.as_str()].into_iter().collect(), "{events}");
+    let (_, a) = s.call("GET", "/api/memory/analytics", None);
+    let cpu = a["data"]["devices"].as_array().expect("devices").iter().find(|d| d["deviceId"] == "cpu").expect("cpu");
+    assert_eq!(cpu["activity"]["reclaims"], 3, "{cpu}");
+    assert_eq!(cpu["activity"]["reclaimedBytes"], (1u64 << 20) * 2 + 4096, "{cpu}");
+    // A process that is not running cannot own memory.
+    assert_error(
+        &s.call(
+            "POST",
+            "/api/memory/allocations/allocate/cpu",
+            Some(&json!({"sizeBytes": 4096, "ownerPid": pid}).to_string()),
+        ),
+        400,
+        "INVALID_ARGUMENT",
+        "ownerPid",
+    );
+}
+
+/// A raw client: connects to the socket, says hello, prints the first line it gets (or EOF),
+/// then stays until its stdin closes.
+const RAW_CLIENT: &str = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+hello = {"type": "hello", "protocolVersion": 2, "workerId": "outsider", "pid": os.getpid(),
+         "role": "client", "frameworks": {}, "devices": ["cpu"]}
+s.sendall((json.dumps(hello) + "\n").encode())
+s.settimeout(2.0)
+try:
+    line = s.makefile().readline()
+    print(line.strip() or "EOF", flush=True)
+except socket.timeout:
+    print("SILENT", flush=True)
+sys.stdin.read()
+"#;
+
+/// Item 9: the socket checks its peers' credentials (SO_PEERCRED) against the allow-list: the
+/// daemon's own user, `workers.allowed_uids`, `workers.allowed_gids`. Needs root to run a peer
+/// as another user (CI runs as root).
+#[test]
+fn the_socket_serves_the_users_its_allow_list_names_and_refuses_the_others() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    assert_eq!(rustix_uid(), 0, "this test runs a client as another user, which takes root");
+    let dir = std::env::temp_dir().join(format!("mw-peercred-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let run_as_nobody = |socket: &str| {
+        let mut child = std::process::Command::new(python)
+            .args(["-c", RAW_CLIENT, socket])
+            .uid(65534)
+            .gid(65534)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("client");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+        (child, line)
+    };
+    for (allowed_uids, allowed_gids, admitted) in [(vec![], vec![4242], false), (vec![65534], vec![], true)] {
+        let socket = dir.join(format!("s-{admitted}.sock")).display().to_string();
+        let mut c = Config::default();
+        c.workers.enabled = false;
+        c.workers.socket = socket.clone();
+        c.workers.allowed_uids = allowed_uids;
+        c.workers.allowed_gids = allowed_gids;
+        let s = TestServer::start_with_workers(c);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::path::Path::new(&socket).exists() {
+            assert!(std::time::Instant::now() < deadline, "the socket never appeared");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mode =
+            std::fs::metadata(&socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+        assert_eq!(mode.ok(), Some(0o666), "others can reach it; the credentials decide");
+        let (mut child, line) = run_as_nobody(&socket);
+        let (_, h) = s.call("GET", "/health", None);
+        let clients = h["data"]["workers"]["workers"].as_array().map(Vec::len).unwrap_or(0);
+        if admitted {
+            assert_eq!(line.trim(), "SILENT", "no refusal: {line}");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while s.call("GET", "/health", None).1["data"]["workers"]["ready"] != 1 {
+                assert!(std::time::Instant::now() < deadline, "the allowed user never attached");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        } else {
+            assert!(line.contains("PERMISSION_DENIED") && line.contains("uid 65534"), "{line}");
+            assert_eq!(clients, 0, "nothing attached: {h}");
+        }
+        drop(child.stdin.take());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn rustix_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .expect("uid")
+}

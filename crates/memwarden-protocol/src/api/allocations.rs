@@ -20,6 +20,10 @@ pub struct AllocateBody {
     pub persistent: Option<bool>,
     /// Default true: defragmentation may move it (its `generation` then grows).
     pub movable: Option<bool>,
+    /// The process that owns it (alive when allocating): when it exits, the allocation and its
+    /// export are freed within a second and logged as `reclaimed`. Without one, the allocation
+    /// stays until freed.
+    pub owner_pid: Option<u32>,
     /// The device, on the route without one in the path; when absent there, the device with the
     /// most available memory of `memoryType` (each device's default kind without one).
     pub device_id: Option<String>,
@@ -42,6 +46,9 @@ pub struct AllocationDto {
     pub offset: Option<u64>,
     pub purpose: Option<String>,
     pub owner: Option<String>,
+    /// Freed when this process exits; null: kept until freed.
+    #[serde(default)]
+    pub owner_pid: Option<u32>,
     pub persistent: bool,
     pub movable: bool,
     /// Shared with another process: never moved.

@@ -64,6 +64,11 @@ pub struct ActivityDto {
     pub allocated_bytes: u64,
     pub frees: u64,
     pub freed_bytes: u64,
+    /// Of `frees`, those reclaimed because their owner process (`ownerPid`) exited.
+    #[serde(default)]
+    pub reclaims: u64,
+    #[serde(default)]
+    pub reclaimed_bytes: u64,
     pub failed_allocations: u64,
     pub moves: u64,
     pub exports: u64,

@@ -319,6 +319,8 @@ impl Analytics {
                 allocated_bytes: d.allocated_bytes,
                 frees: d.frees,
                 freed_bytes: d.freed_bytes,
+                reclaims: d.reclaims,
+                reclaimed_bytes: d.reclaimed_bytes,
                 failed_allocations: d.failed_allocations,
                 moves: d.moves,
                 exports: d.exports,

@@ -31,6 +31,7 @@ fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest,
         alignment_bytes: alignment as u64,
         purpose: body.purpose,
         owner: body.owner,
+        owner_pid: body.owner_pid,
         persistent: body.persistent.unwrap_or(false),
         movable: body.movable.unwrap_or(true),
     })

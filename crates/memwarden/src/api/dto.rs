@@ -23,6 +23,7 @@ impl From<&AllocationRecord> for AllocationDto {
             offset: r.placement.map(|p| p.offset_bytes),
             purpose: r.purpose.clone(),
             owner: r.owner.clone(),
+            owner_pid: r.owner_pid,
             persistent: r.persistent,
             movable: r.movable,
             exported: r.exported,

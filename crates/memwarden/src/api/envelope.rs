@@ -57,6 +57,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::AllocationNotFound { .. } => (StatusCode::NOT_FOUND, "ALLOCATION_NOT_FOUND"),
             ServiceError::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
             ServiceError::InsufficientMemory { .. } => (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY"),
+            ServiceError::QuotaExceeded { .. } => (StatusCode::INSUFFICIENT_STORAGE, "QUOTA_EXCEEDED"),
             ServiceError::InvalidOperation(_) => (StatusCode::CONFLICT, "INVALID_OPERATION"),
             ServiceError::TransferNotFound { .. } => (StatusCode::NOT_FOUND, "TRANSFER_NOT_FOUND"),
             ServiceError::TransferFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "TRANSFER_FAILED"),

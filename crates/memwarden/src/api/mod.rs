@@ -6,6 +6,7 @@ pub mod dto;
 pub mod envelope;
 pub mod models;
 pub mod openapi;
+pub mod owners;
 pub mod pools;
 pub mod pressure;
 pub mod transfers;
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/allocations/allocate", post(allocations::allocate))
         .route("/api/memory/allocations/allocate/{device_id}", post(allocations::allocate_on_device))
         .route("/api/memory/allocations/device/{device_id}", get(allocations::list_device_allocations))
+        .route("/api/memory/owners", get(owners::list_owners))
         .route("/api/memory/allocations/{allocation_id}", delete(allocations::free))
         .route("/api/memory/allocation/{allocation_id}", get(allocations::get_allocation))
         .route("/api/memory/allocations/{allocation_id}/export", post(allocations::export))
@@ -158,12 +160,19 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
     if let Some(token) = &state.auth_token {
         let given =
             req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_ref()) {
+        if !given.is_some_and(|g| token_matches(g, token)) {
             return ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "missing or wrong bearer token")
                 .into_response();
         }
     }
     next.run(req).await
+}
+
+/// Compares the given token with the configured one in time that does not depend on where they
+/// differ (only on their lengths), so response times do not leak the token byte by byte.
+fn token_matches(given: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
 async fn route_not_found(req: Request) -> ApiError {
@@ -280,5 +289,16 @@ pub(crate) fn query_u64(
             .filter(|n| *n <= i64::MAX as u64)
             .ok_or_else(|| ApiError::invalid(format!("{name}: '{v}' is not an integer from 0 to {}", i64::MAX))),
         None => default.ok_or_else(|| ApiError::invalid(format!("{name}: required"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_token_matches_only_itself() {
+        assert!(super::token_matches("s3cret", "s3cret"));
+        for wrong in ["", "s3cre", "s3cret!", "S3cret", "x3cret"] {
+            assert!(!super::token_matches(wrong, "s3cret"), "{wrong}");
+        }
     }
 }

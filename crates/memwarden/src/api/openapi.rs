@@ -32,6 +32,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         super::allocations::export,
         super::allocations::read_data,
         super::allocations::write_data,
+        super::owners::list_owners,
         super::transfers::transfer,
         super::transfers::transfer_status,
         super::transfers::copy,

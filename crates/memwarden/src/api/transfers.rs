@@ -80,7 +80,7 @@ fn transfer_response(state: &AppState, req: TransferRequest) -> Result<(StatusCo
     responses(
         (status = 200, body = ApiResponse<TransferDto>), (status = 202, body = ApiResponse<TransferDto>),
         (status = 400, description = "INVALID_ARGUMENT, naming the field"), (status = 404, description = "ALLOCATION_NOT_FOUND"),
-        (status = 500, description = "TRANSFER_FAILED"), (status = 507, description = "INSUFFICIENT_MEMORY for a new destination")
+        (status = 500, description = "TRANSFER_FAILED"), (status = 507, description = "INSUFFICIENT_MEMORY, or QUOTA_EXCEEDED (the source's owner), for a new destination")
     )
 )]
 pub async fn transfer(

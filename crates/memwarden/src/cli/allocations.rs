@@ -1,9 +1,9 @@
-//! `alloc`, `free`, `allocations`.
+//! `alloc`, `free`, `allocations`, `owners`.
 
 use super::http::{one_or_all, path_segment, CliError, Client};
 use super::render::{pretty, table};
 use memwarden_core::units::{format_bytes, parse_size};
-use memwarden_protocol::api::{AllocationDto, AllocationListDto, FreedDto};
+use memwarden_protocol::api::{AllocationDto, AllocationListDto, FreedDto, OwnersDto};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
@@ -86,5 +86,55 @@ pub fn allocations(client: &Client, device: Option<&str>, as_json: bool) -> Resu
         .collect();
     let mut out = table(&["ID", "DEVICE", "KIND", "SIZE", "ADDRESS", "PURPOSE", "OWNER", "ALLOCATED AT"], &rows);
     let _ = writeln!(out, "{} allocation(s), {}", list.count, format_bytes(list.total_bytes));
+    Ok(out)
+}
+
+pub fn owners(client: &Client, as_json: bool) -> Result<String, CliError> {
+    let a = client.get::<OwnersDto>("/api/memory/owners")?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let scope = |device: &str, kind: &str| format!("{device} {kind}");
+    let rows: Vec<Vec<String>> = a
+        .data
+        .owners
+        .iter()
+        .map(|o| {
+            vec![
+                o.owner.as_deref().unwrap_or("(none)").to_string(),
+                o.device_id.clone(),
+                o.memory_type.clone(),
+                format_bytes(o.allocated_bytes),
+                o.allocation_count.to_string(),
+                o.quota.as_ref().map_or("-".into(), |q| {
+                    format!(
+                        "{} of {} ({})",
+                        format_bytes(q.used_bytes),
+                        format_bytes(q.max_bytes),
+                        scope(&q.device_id, &q.memory_type)
+                    )
+                }),
+            ]
+        })
+        .collect();
+    let mut out = table(&["OWNER", "DEVICE", "KIND", "ALLOCATED", "COUNT", "QUOTA"], &rows);
+    if !a.data.quotas.is_empty() {
+        let quotas: Vec<Vec<String>> = a
+            .data
+            .quotas
+            .iter()
+            .map(|q| {
+                vec![
+                    q.owner.clone(),
+                    scope(&q.device_id, &q.memory_type),
+                    format_bytes(q.max_bytes),
+                    format_bytes(q.used_bytes),
+                    format_bytes(q.remaining_bytes),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(&["QUOTA OWNER", "COVERS", "MAX", "USED", "REMAINING"], &quotas));
+    }
     Ok(out)
 }

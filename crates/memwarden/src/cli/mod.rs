@@ -92,6 +92,8 @@ pub enum Command {
     Free { id: String },
     /// List live allocations (of one device when given).
     Allocations { device: Option<String> },
+    /// Per owner, device and memory type: bytes held, allocations and the quota; then the quotas.
+    Owners,
     /// Return cached empty pool blocks to the OS/driver.
     Clear { device: Option<String> },
     /// Defragment one device's pools (or every device's): move movable allocations together and
@@ -193,6 +195,7 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
         ),
         Command::Free { id } => allocations::free(client, id, json),
         Command::Allocations { device } => allocations::allocations(client, device.as_deref(), json),
+        Command::Owners => allocations::owners(client, json),
         Command::Clear { device } => devices::clear(client, device.as_deref(), json),
         Command::Defrag { device, strategy } => devices::defrag(client, device.as_deref(), strategy.as_deref(), json),
         Command::Pools { device } => devices::pools(client, device.as_deref(), json),

@@ -3,6 +3,8 @@
 
 mod defrag;
 mod device;
+mod owners;
+mod quota;
 mod record;
 mod transfer;
 mod types;
@@ -11,6 +13,7 @@ pub use record::{AllocationEvent, DeviceRecord, EventKind};
 
 pub use defrag::{BlockDump, CanAllocate, DefragReport, PoolDump, RangeView};
 pub use device::Fit;
+pub use quota::{OwnerUsage, OwnersReport, QuotaUse};
 
 pub use transfer::{ExportInfo, TransferRecord, TransferRequest, TransferStatus, TransferTarget};
 
@@ -47,6 +50,10 @@ pub struct Service {
     auto_defrag: Option<crate::config::DefragSection>,
     /// Per device: allocations that did not fit (a pressure signal of their own).
     failures: Mutex<HashMap<DeviceId, u64>>,
+    /// `[[quotas]]`, fixed at start (what owners hold under them is in the ledger).
+    quotas: quota::QuotaRules,
+    /// The processes that own allocations (`ownerPid`), watched so their memory comes back.
+    owners: owners::OwnerWatch,
     started_at: OffsetDateTime,
 }
 
@@ -56,6 +63,7 @@ struct Ledger {
     records: HashMap<String, Allocation>,
     busy: HashMap<String, u32>,
     recorder: record::Recorder,
+    quota: quota::QuotaBooks,
 }
 
 impl Ledger {
@@ -79,6 +87,9 @@ impl Service {
         service.auto_defrag = config.defrag.auto.then_some(config.defrag.clone());
         service.backends = found.health;
         service.sync_transfer_max_bytes = config.transfer.sync_max_bytes;
+        if let Err(e) = service.set_quotas(&config.quotas) {
+            tracing::error!(error = %e, "no quota is enforced: [[quotas]] is invalid");
+        }
         service
     }
 
@@ -96,6 +107,7 @@ impl Service {
                 records: HashMap::new(),
                 busy: HashMap::new(),
                 recorder: record::Recorder::new(true, 10_000),
+                quota: quota::QuotaBooks::default(),
             }),
             transfers: Mutex::new(transfer::Transfers::default()),
             backends: health,
@@ -103,6 +115,8 @@ impl Service {
             sync_transfer_max_bytes: 64 << 20,
             auto_defrag: None,
             failures: Mutex::new(HashMap::new()),
+            quotas: quota::QuotaRules::default(),
+            owners: owners::OwnerWatch::default(),
             started_at: OffsetDateTime::now_utc(),
         }
     }
@@ -306,6 +320,9 @@ impl Service {
         if req.size_bytes == 0 {
             return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
         }
+        if let Some(pid) = req.owner_pid {
+            self.owners.watch(pid)?;
+        }
         if !req.alignment_bytes.is_power_of_two() {
             return Err(ServiceError::invalid("alignment", format!("{} is not a power of two", req.alignment_bytes)));
         }
@@ -329,6 +346,8 @@ impl Service {
                 format!("{id} does not provide {kind} memory (it offers {})", offered.join(", ")),
             ));
         }
+        // Charged before the pool is asked, so concurrent requests cannot overshoot together.
+        let charge = self.charge_quota(req.owner.as_deref(), id, kind, req.size_bytes)?;
         let outcome = {
             let mut st = lock(&dev.state);
             if kind == MemoryKind::Reservation {
@@ -337,6 +356,13 @@ impl Service {
                 st.allocate(backend, kind, req.size_bytes, req.alignment_bytes, may_block)
                     .map(|a| (a.placement.size_bytes, Some(a.address), Some(a.placement)))
             }
+        };
+        let charge = match (&outcome, charge) {
+            (Err(_), Some(c)) => {
+                lock(&self.ledger).quota.abandon(c);
+                None
+            }
+            (_, c) => c,
         };
         let (allocated_bytes, address, placement) = match outcome {
             Ok(placed) => placed,
@@ -366,6 +392,7 @@ impl Service {
             placement,
             purpose: req.purpose,
             owner: req.owner,
+            owner_pid: req.owner_pid,
             persistent: req.persistent,
             movable: req.movable,
             exported: false,
@@ -375,6 +402,9 @@ impl Service {
         {
             let mut ledger = lock(&self.ledger);
             ledger.recorder.allocated(&record, uuid.as_u128(), now_ns);
+            if let Some(c) = charge {
+                ledger.quota.settle(c, allocated_bytes);
+            }
             ledger.records.insert(record.id.clone(), record.clone());
         }
         Ok(Some(record))
@@ -390,6 +420,47 @@ impl Service {
 
     /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.
     pub fn free(&self, allocation_id: &str) -> Result<FreedAllocation, ServiceError> {
+        self.free_as(allocation_id, false)
+    }
+
+    /// Frees what owner processes that exited held (`ownerPid`), each logged as `reclaimed`:
+    /// per process, its pid, the allocations freed and their bytes. The server calls this every
+    /// [`owners::REAP_INTERVAL`].
+    pub fn reap_dead_owners(&self) -> Vec<(u32, usize, u64)> {
+        let mut out = Vec::new();
+        for pid in self.owners.take_exited() {
+            let ids: Vec<String> = lock(&self.ledger)
+                .records
+                .values()
+                .filter(|r| r.owner_pid == Some(pid))
+                .map(|r| r.id.clone())
+                .collect();
+            let (mut count, mut bytes) = (0, 0);
+            for id in ids {
+                match self.free_as(&id, true) {
+                    Ok(f) => {
+                        count += 1;
+                        bytes += f.allocated_bytes;
+                    }
+                    // A copy is using it: the next round tries again.
+                    Err(ServiceError::InvalidOperation(_)) => self.owners.retry_later(pid),
+                    Err(e) => {
+                        tracing::warn!(pid, allocation = %id, error = %e, "a dead owner's allocation was not reclaimed")
+                    }
+                }
+            }
+            if count > 0 {
+                tracing::info!(pid, count, bytes, "reclaimed the memory of an owner process that exited");
+            }
+            out.push((pid, count, bytes));
+        }
+        out
+    }
+
+    /// Where the owner pid watch starts: how often to call [`Service::reap_dead_owners`].
+    pub const REAP_INTERVAL: Duration = owners::REAP_INTERVAL;
+
+    fn free_as(&self, allocation_id: &str, reclaimed: bool) -> Result<FreedAllocation, ServiceError> {
         let (freed, kept) = {
             let mut ledger = lock(&self.ledger);
             if let Some(n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
@@ -408,9 +479,10 @@ impl Service {
                 size_bytes: record.size_bytes,
                 allocated_bytes: record.allocated_bytes,
             };
+            ledger.quota.give_back(&self.quotas, &record);
             // The ledger's record moves into the event log (no copy); it comes back when
             // recording is off.
-            (freed, ledger.recorder.freed(record))
+            (freed, ledger.recorder.freed(record, reclaimed))
         };
         let dev = self.device_or_404(freed.device)?;
         let result = lock(&dev.state).free(freed.kind, freed.placement.as_ref(), freed.size_bytes);
@@ -418,6 +490,7 @@ impl Service {
             // Keep the handle so the caller can retry; the pool did not change.
             let mut ledger = lock(&self.ledger);
             if let Some(record) = ledger.recorder.unfreed(allocation_id, kept) {
+                ledger.quota.take_back(&self.quotas, &record);
                 ledger.records.insert(record.id.clone(), record);
             }
             return Err(ServiceError::from_backend(freed.device, e));
@@ -446,19 +519,26 @@ impl Service {
             Some(d) => vec![d],
             None => self.device_ids(),
         };
-        ids.into_iter()
+        let outcomes = ids
+            .into_iter()
             .map(|id| {
                 let dev = self.device_or_404(id)?;
                 let mut st = lock(&dev.state);
                 let cleared_bytes = st.clear().map_err(|e| ServiceError::from_backend(id, e))?;
                 Ok(ClearOutcome { device: id, cleared_bytes, reserved_bytes_after: st.pool_totals().reserved_bytes })
             })
-            .collect()
+            .collect();
+        // The daemon's own heap too: what request and answer buffers left free in it.
+        if device.is_none_or(|d| d == DeviceId::Cpu) {
+            memwarden_sys::release_free_heap();
+        }
+        outcomes
     }
 
     /// Checks every pool's invariants and that the ledger matches the pools.
     pub fn validate(&self) -> Result<(), LedgerError> {
         let ledger = lock(&self.ledger);
+        ledger.quota.check(&self.quotas, ledger.records.values())?;
         for (id, dev) in &self.devices {
             let st = lock(&dev.state);
             for pool in &st.pools {

@@ -27,6 +27,8 @@ pub enum EventKind {
     /// Moved by defragmentation (new address, same id).
     Moved,
     Exported,
+    /// Freed because its owner process (`ownerPid`) exited.
+    Reclaimed,
 }
 
 impl EventKind {
@@ -36,6 +38,7 @@ impl EventKind {
             EventKind::Freed => "freed",
             EventKind::Moved => "moved",
             EventKind::Exported => "exported",
+            EventKind::Reclaimed => "reclaimed",
         }
     }
 }
@@ -187,7 +190,8 @@ impl Recorder {
     }
 
     /// Takes the record the ledger gave up into the log; gives it back when not recording.
-    pub(crate) fn freed(&mut self, r: Allocation) -> Option<Allocation> {
+    /// `reclaimed`: freed because its owner process exited (counted as a free too).
+    pub(crate) fn freed(&mut self, r: Allocation, reclaimed: bool) -> Option<Allocation> {
         if !self.enabled {
             return Some(r);
         }
@@ -195,11 +199,16 @@ impl Recorder {
         let d = self.device(r.device);
         d.counters.frees += 1;
         d.counters.freed_bytes += bytes;
+        if reclaimed {
+            d.counters.reclaims += 1;
+            d.counters.reclaimed_bytes += bytes;
+        }
         d.live_bytes = d.live_bytes.saturating_sub(bytes);
         if !self.logging {
             return Some(r);
         }
-        self.log(Stored::Record { at_ns: now_ns(), kind: EventKind::Freed, record: r });
+        let kind = if reclaimed { EventKind::Reclaimed } else { EventKind::Freed };
+        self.log(Stored::Record { at_ns: now_ns(), kind, record: r });
         None
     }
 
@@ -332,6 +341,7 @@ impl Service {
                                 placement: None,
                                 purpose: None,
                                 owner: None,
+                                owner_pid: None,
                                 persistent: false,
                                 movable: false,
                                 exported: false,

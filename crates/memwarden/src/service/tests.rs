@@ -30,6 +30,7 @@ fn req(size_bytes: u64, kind: Option<MemoryKind>) -> AllocateRequest {
         alignment_bytes: DEFAULT_ALIGNMENT_BYTES,
         purpose: Some("test".into()),
         owner: Some("unit".into()),
+        owner_pid: None,
         persistent: false,
         movable: true,
     }

@@ -289,6 +289,8 @@ impl Service {
                     alignment_bytes: source.alignment_bytes,
                     purpose: source.purpose.clone(),
                     owner: source.owner.clone(),
+                    // The copy belongs to the same process: it goes when that process does.
+                    owner_pid: source.owner_pid,
                     persistent: source.persistent,
                     movable: source.movable,
                 })?;

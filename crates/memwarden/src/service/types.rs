@@ -19,6 +19,17 @@ pub enum ServiceError {
     InvalidArgument { field: &'static str, message: String },
     #[error("insufficient memory on {device}: requested {requested_bytes} bytes, available {available_bytes} bytes ({detail})")]
     InsufficientMemory { device: String, requested_bytes: u64, available_bytes: u64, detail: String },
+    /// The owner's `[[quotas]]` entry for `device` and `kind` (`None`: `*`) has no room for the
+    /// request's `requested_bytes` (as its pool counts them) beside the `used_bytes` it holds.
+    #[error("quota exceeded: owner '{owner}' may hold {limit_bytes} bytes of {} and holds {used_bytes}; this request would add {requested_bytes} (nothing was allocated)", crate::config::quotas::Scope(*device, *kind))]
+    QuotaExceeded {
+        owner: String,
+        device: Option<DeviceId>,
+        kind: Option<MemoryKind>,
+        limit_bytes: u64,
+        used_bytes: u64,
+        requested_bytes: u64,
+    },
     #[error("{0}")]
     InvalidOperation(String),
     #[error("transfer '{id}' not found")]
@@ -61,6 +72,8 @@ pub struct AllocateRequest {
     pub alignment_bytes: u64,
     pub purpose: Option<String>,
     pub owner: Option<String>,
+    /// The process that owns it: when that process exits, the allocation is freed (`reclaimed`).
+    pub owner_pid: Option<u32>,
     pub persistent: bool,
     pub movable: bool,
 }
@@ -76,6 +89,7 @@ impl AllocateRequest {
             alignment_bytes: DEFAULT_ALIGNMENT_BYTES,
             purpose: None,
             owner: None,
+            owner_pid: None,
             persistent: false,
             movable: false,
         }
@@ -101,6 +115,8 @@ pub struct AllocationRecord {
     pub placement: Option<Placement>,
     pub purpose: Option<String>,
     pub owner: Option<String>,
+    /// Freed when this process exits (`reclaimed`); `None`: kept until freed.
+    pub owner_pid: Option<u32>,
     pub persistent: bool,
     pub movable: bool,
     /// Shared with another process (`export`): never moved.
@@ -201,6 +217,9 @@ pub enum LedgerError {
     /// The ledger's reservations do not add up to the device's reserved bytes.
     #[error("{device}: ledger reserves {ledger_bytes} bytes, device {device_bytes}")]
     Reserved { device: DeviceId, ledger_bytes: u64, device_bytes: u64 },
+    /// An owner's quota books disagree with its allocations in the ledger.
+    #[error("owner '{owner}' on {device} {kind}: quota books hold {books_bytes} bytes, ledger {ledger_bytes}")]
+    Quota { owner: String, device: DeviceId, kind: MemoryKind, books_bytes: u64, ledger_bytes: u64 },
 }
 
 #[cfg(test)]

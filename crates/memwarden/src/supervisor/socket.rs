@@ -41,9 +41,17 @@ pub(super) async fn start(sup: &Arc<Supervisor>) -> Result<(), String> {
         std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // Only this user may attach (the protocol can unload models).
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+    // Only this user may attach (the protocol can unload models), unless the allow-list names
+    // others: then anyone may connect and each peer's credentials decide (`peer_allowed`).
+    let others = !sup.config().allowed_uids.is_empty() || !sup.config().allowed_gids.is_empty();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(if others { 0o666 } else { 0o600 }))
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if others {
+        // Our own directory (made 0700 above) must let the others reach the socket.
+        if let Some(dir) = path.parent().filter(|d| d.starts_with(python::runtime_dir())) {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
+        }
+    }
     tracing::info!(socket = %path.display(), "accepting attached clients");
     *lock(&sup.socket_path) = Some(path);
     let sup = sup.clone();
@@ -68,8 +76,46 @@ pub(super) async fn start(sup: &Arc<Supervisor>) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a peer may attach: the daemon's own user, or a user or primary group on the
+/// allow-list (`workers.allowed_uids`, `workers.allowed_gids`).
+fn peer_allowed(cfg: &crate::config::WorkersSection, own_uid: u32, uid: u32, gid: u32) -> bool {
+    uid == own_uid || cfg.allowed_uids.contains(&uid) || cfg.allowed_gids.contains(&gid)
+}
+
+/// Tells a refused peer why (an `error` notice) and closes its connection.
+async fn refuse(mut stream: UnixStream, code: &str, message: String) {
+    use tokio::io::AsyncWriteExt;
+    let notice = memwarden_protocol::ErrorNotice { code: code.into(), message, model_id: None };
+    let data = serde_json::to_value(&notice).unwrap_or_default();
+    let line =
+        memwarden_protocol::encode(&memwarden_protocol::Message::Notification(memwarden_protocol::Notification {
+            event: memwarden_protocol::Event::Error,
+            data,
+        }));
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line.as_bytes())).await;
+}
+
 async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
-    let pid = stream.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
+    let cred = stream.peer_cred().ok();
+    let own_uid = rustix::process::getuid().as_raw();
+    let (uid, gid) = cred.map(|c| (c.uid(), c.gid())).unwrap_or((u32::MAX, u32::MAX));
+    if !peer_allowed(sup.config(), own_uid, uid, gid) {
+        tracing::warn!(uid, gid, pid = ?cred.and_then(|c| c.pid()), "client refused: not on the socket's allow-list");
+        let message = format!(
+            "uid {uid} (gid {gid}) may not attach: only the daemon's user and workers.allowed_uids / allowed_gids may"
+        );
+        // Its hello is read first (bounded), so the refusal is what it reads next rather than a
+        // broken pipe under its hello.
+        let (read, write) = stream.into_split();
+        let mut reader = line_reader(read);
+        let _ = tokio::time::timeout(Duration::from_secs(2), read_hello(&mut reader)).await;
+        let stream = reader.into_inner().reunite(write);
+        if let Ok(stream) = stream {
+            refuse(stream, memwarden_protocol::codes::PERMISSION_DENIED, message).await;
+        }
+        return;
+    }
+    let pid = cred.and_then(|c| c.pid()).map(|p| p as u32);
     let (read, write) = stream.into_split();
     let mut reader = line_reader(read);
     let timeout = Duration::from_millis(sup.config().start_timeout_ms);

@@ -1,0 +1,115 @@
+//! Owner processes of allocations (`ownerPid`): each is watched through a pidfd from the moment
+//! it owns its first allocation, so its exit is seen even after its pid is reused. The server
+//! asks [`Service::reap_dead_owners`](super::Service::reap_dead_owners) every
+//! [`REAP_INTERVAL`]; what the dead owned is freed and logged as `reclaimed`.
+
+use super::ServiceError;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{pidfd_open, Pid, PidfdFlags};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How often the server looks for owners that exited: memory comes back within this much (plus
+/// the frees' own time), well inside the 1 s promised.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The pidfds of the processes that own allocations.
+#[derive(Default)]
+pub struct OwnerWatch {
+    pidfds: Mutex<HashMap<u32, OwnedFd>>,
+    /// Exited owners whose memory could not all be freed yet (a copy was using some).
+    retry: Mutex<Vec<u32>>,
+}
+
+impl OwnerWatch {
+    /// Starts watching `pid` (once per process). A process that does not exist is refused:
+    /// its memory would be reclaimed at once.
+    pub fn watch(&self, pid: u32) -> Result<(), ServiceError> {
+        let mut fds = crate::util::lock(&self.pidfds);
+        if fds.contains_key(&pid) {
+            return Ok(());
+        }
+        let no_such =
+            || ServiceError::invalid("ownerPid", format!("no process {pid} (it must be alive to own memory)"));
+        let p = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or_else(no_such)?;
+        let fd = pidfd_open(p, PidfdFlags::empty()).map_err(|e| match e {
+            rustix::io::Errno::SRCH => no_such(),
+            e => ServiceError::invalid("ownerPid", format!("process {pid} cannot be watched: {e}")),
+        })?;
+        // A process that already exited (a zombie) has a readable pidfd: it owns nothing.
+        if exited(&fd) {
+            return Err(no_such());
+        }
+        fds.insert(pid, fd);
+        Ok(())
+    }
+
+    /// The watched processes that exited since the last call (they are no longer watched), and
+    /// those handed to [`OwnerWatch::retry_later`].
+    pub fn take_exited(&self) -> Vec<u32> {
+        let mut gone = std::mem::take(&mut *crate::util::lock(&self.retry));
+        let mut fds = crate::util::lock(&self.pidfds);
+        let exited_now: Vec<u32> = fds.iter().filter(|(_, fd)| exited(fd)).map(|(pid, _)| *pid).collect();
+        for pid in exited_now {
+            fds.remove(&pid);
+            gone.push(pid);
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        gone
+    }
+
+    /// Hands an exited owner back to the next [`OwnerWatch::take_exited`].
+    pub fn retry_later(&self, pid: u32) {
+        crate::util::lock(&self.retry).push(pid);
+    }
+
+    /// Processes being watched.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        crate::util::lock(&self.pidfds).len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A pidfd turns readable when its process exits.
+fn exited(fd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_is_seen_to_exit_and_a_missing_one_is_refused() {
+        let w = OwnerWatch::default();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn");
+        w.watch(child.id()).expect("alive");
+        w.watch(child.id()).expect("twice is once");
+        assert_eq!(w.len(), 1);
+        assert!(w.take_exited().is_empty());
+        child.kill().expect("kill");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let gone = loop {
+            let gone = w.take_exited();
+            if !gone.is_empty() || std::time::Instant::now() > deadline {
+                break gone;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(gone, vec![child.id()], "seen before it was reaped");
+        child.wait().expect("reap");
+        assert!(w.is_empty());
+        assert!(matches!(w.watch(4_194_999), Err(ServiceError::InvalidArgument { field: "ownerPid", .. })));
+        assert!(matches!(w.watch(child.id()), Err(ServiceError::InvalidArgument { .. })), "reaped: gone");
+    }
+}
