@@ -18,6 +18,8 @@ pub struct DiscoverConfig {
     pub cgroup_root: PathBuf,
     /// Host blocks are files here (a tmpfs) so they can be exported; `None`: anonymous memory.
     pub shared_memory_dir: Option<PathBuf>,
+    /// Group (gid) given the shared files, mode 0660; `None`: the daemon's user only, 0600.
+    pub shared_memory_group: Option<u32>,
     /// Use NVIDIA GPUs when a driver is present.
     pub cuda: bool,
 }
@@ -28,6 +30,7 @@ impl Default for DiscoverConfig {
             proc_root: "/proc".into(),
             cgroup_root: "/sys/fs/cgroup".into(),
             shared_memory_dir: None,
+            shared_memory_group: None,
             cuda: true,
         }
     }
@@ -67,6 +70,7 @@ pub fn discover(config: &DiscoverConfig) -> Discovered {
     let pinning = found.iter().find_map(|f| f.pinning.clone());
     let host = HostBackend::new(HostStatusReader::new(&config.proc_root, &config.cgroup_root))
         .with_shared_dir(config.shared_memory_dir.clone())
+        .with_shared_group(config.shared_memory_group)
         .with_cuda(pinning);
     let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(host)];
     let mut health = vec![BackendHealth { name: "host", available: true, devices: vec!["cpu".into()], reason: None }];

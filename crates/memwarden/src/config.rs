@@ -250,6 +250,7 @@ impl From<&Config> for memwarden_backends::DiscoverConfig {
             cgroup_root: c.host.cgroup_root.clone(),
             shared_memory_dir: (!c.host.shared_memory_dir.as_os_str().is_empty())
                 .then(|| c.host.shared_memory_dir.clone()),
+            shared_memory_group: c.host.shared_memory_group,
             cuda: c.cuda.enabled,
         }
     }
@@ -376,6 +377,9 @@ pub struct HostSection {
     /// Directory (a tmpfs) whose files back host blocks so allocations can be exported to other
     /// processes; empty: anonymous memory, not exportable.
     pub shared_memory_dir: PathBuf,
+    /// A group (gid) that may map exported host memory: the files get it, mode 0660. None:
+    /// only the daemon's user (mode 0600).
+    pub shared_memory_group: Option<u32>,
 }
 
 impl Default for Config {
@@ -418,6 +422,7 @@ impl Default for HostSection {
             proc_root: "/proc".into(),
             cgroup_root: "/sys/fs/cgroup".into(),
             shared_memory_dir: "/dev/shm".into(),
+            shared_memory_group: None,
         }
     }
 }

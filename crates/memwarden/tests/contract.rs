@@ -371,3 +371,21 @@ fn rustix_uid() -> u32 {
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .expect("uid")
 }
+
+/// Item 9: with a token, exports and `/metrics` follow the token rule; `/health` and the
+/// document stay open (docs/API.md says why).
+#[test]
+fn with_a_token_exports_need_it_and_the_document_stays_open() {
+    let mut c = Config::default();
+    c.auth_token = Some("s3cret".into());
+    let open = TestServer::start_with(c);
+    for path in ["/api/memory/allocations/x/export", "/api/memory/operations/clear"] {
+        assert_error(&open.call("POST", path, None), 401, "UNAUTHORIZED", "token");
+    }
+    let wrong = open.call_with("GET", "/api/memory/status", None, &[("authorization", "Bearer s3cre")]);
+    assert_error(&wrong, 401, "UNAUTHORIZED", "token");
+    assert_eq!(open.call("GET", "/health", None).0, 200);
+    assert_eq!(open.call("GET", "/api/openapi.json", None).0, 200);
+    let right = open.call_with("GET", "/api/memory/status", None, &[("authorization", "Bearer s3cret")]);
+    assert_eq!(right.0, 200);
+}

@@ -23,6 +23,8 @@ pub struct HostBackend {
     info: DeviceInfo,
     reader: HostStatusReader,
     shared_dir: Option<PathBuf>,
+    /// Group given the shared files (mode 0660 then, else 0600).
+    shared_group: Option<u32>,
     cuda: Option<Arc<CudaContext>>,
 }
 
@@ -168,6 +170,7 @@ impl HostBackend {
             },
             reader,
             shared_dir: None,
+            shared_group: None,
             cuda: None,
         }
     }
@@ -175,6 +178,13 @@ impl HostBackend {
     /// Blocks backed by files in `dir` (a tmpfs such as /dev/shm), so allocations can be
     /// exported to other processes by path. A block whose file cannot be made falls back to
     /// anonymous memory (and cannot be exported).
+    /// Exported host memory readable and writable by `gid` too: each shared file gets that group
+    /// and mode 0660 (the daemon's user only, 0600, without one).
+    pub fn with_shared_group(mut self, gid: Option<u32>) -> Self {
+        self.shared_group = gid;
+        self
+    }
+
     pub fn with_shared_dir(mut self, dir: Option<PathBuf>) -> Self {
         if let Some(d) = &dir {
             let removed = remove_stale_shared_files(d);
@@ -260,6 +270,15 @@ impl Backend for HostBackend {
             _ => return Err(BackendError::UnsupportedKind { device: DeviceId::Cpu, kind }),
         };
         let mut mapping = self.map(size_bytes, lock).map_err(|e| sys_error(e, self, kind))?;
+        if let (Some(gid), Some(path)) = (self.shared_group, mapping.shared_path()) {
+            use std::os::unix::fs::PermissionsExt;
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)))
+                .map_err(|e| BackendError::Failed {
+                    operation: "giving a shared block its group",
+                    message: format!("{} to gid {gid}: {e}", path.display()),
+                })?;
+        }
         if let Some(ctx) = register {
             mapping.register_cuda(ctx).map_err(|e| match e {
                 CudaError::OutOfMemory { bytes, .. } => BackendError::OutOfMemory {
@@ -315,6 +334,28 @@ mod tests {
         let free = HostBackend::new(HostStatusReader::with_root(root.join("cgroup-v1-unlimited")));
         free.read_status().expect("status");
         assert_eq!(free.limit_events(), None, "no limit: nothing to count");
+    }
+
+    #[test]
+    fn shared_files_are_the_daemons_alone_unless_a_group_is_configured() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("memwarden-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let gid = std::fs::metadata(&dir).expect("dir").gid(); // ours: chown to it needs no privilege
+        let file_of = |group: Option<u32>| {
+            let b = HostBackend::new(HostStatusReader::default())
+                .with_shared_dir(Some(dir.clone()))
+                .with_shared_group(group);
+            let block = b.create_block(MemoryKind::Host, 2 << 20).expect("block");
+            let entry = std::fs::read_dir(&dir).expect("read").flatten().next().expect("a shared file");
+            let meta = entry.metadata().expect("meta");
+            drop(block);
+            (meta.permissions().mode() & 0o777, meta.gid())
+        };
+        assert_eq!(file_of(None).0, 0o600);
+        assert_eq!(file_of(Some(gid)), (0o660, gid));
+        assert_eq!(std::fs::read_dir(&dir).expect("read").count(), 0, "files go with their blocks");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
