@@ -376,9 +376,7 @@ fn rustix_uid() -> u32 {
 /// document stay open (docs/API.md says why).
 #[test]
 fn with_a_token_exports_need_it_and_the_document_stays_open() {
-    let mut c = Config::default();
-    c.auth_token = Some("s3cret".into());
-    let open = TestServer::start_with(c);
+    let open = TestServer::start_with(Config { auth_token: Some("s3cret".into()), ..Config::default() });
     for path in ["/api/memory/allocations/x/export", "/api/memory/operations/clear"] {
         assert_error(&open.call("POST", path, None), 401, "UNAUTHORIZED", "token");
     }
