@@ -168,6 +168,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// The name of [`Backend::kind_limit_bytes`]'s limit, for the message of a refusal.
+    fn kind_limit_name(&self, kind: MemoryKind) -> &'static str {
+        let _ = kind;
+        "the backend's limit"
+    }
+
     /// Creates a block of at least `size_bytes` of real, committed memory.
     fn create_block(&self, kind: MemoryKind, size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError>;
 

@@ -32,7 +32,7 @@ pub async fn serve_on(
     supervisor.set_peer_requests(Arc::new(crate::peers::WeightsPeer(weights.clone(), optimizer.clone())));
     weights.start_policy();
     supervisor.start().await;
-    start_reaper(service.clone());
+    start_reaper(&service);
     optimizer.set_weights(weights.clone());
     optimizer.start_watchdog(pressure.subscribe());
     let analytics = crate::analytics::Analytics::new(
@@ -78,19 +78,22 @@ pub async fn serve_on(
     served
 }
 
-/// Frees, every [`Service::REAP_INTERVAL`], what owner processes that exited held (`ownerPid`).
-/// Frees can unmap memory (milliseconds per GiB), so a round runs off the async threads.
-fn start_reaper(service: Arc<Service>) {
-    let weak = Arc::downgrade(&service);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Service::REAP_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(service) = weak.upgrade() else { return };
-            let _ = tokio::task::spawn_blocking(move || service.reap_dead_owners()).await;
-        }
+/// Frees, every [`Service::REAP_INTERVAL`], what owner processes that exited held (`ownerPid`),
+/// on a thread of its own: frees can unmap memory (milliseconds per GiB). Not `spawn_blocking`
+/// per round: that wakes tokio's idle blocking threads in turn (a condvar wakes its oldest
+/// waiter), so none of them ever stayed idle for the 10 s after which it exits, and every thread
+/// that `block_in_place` or a burst of blocking work started stayed for the daemon's lifetime.
+/// It ends with the service.
+fn start_reaper(service: &Arc<Service>) {
+    let weak = Arc::downgrade(service);
+    let spawned = std::thread::Builder::new().name("owner-reaper".into()).spawn(move || loop {
+        std::thread::sleep(Service::REAP_INTERVAL);
+        let Some(service) = weak.upgrade() else { return };
+        service.reap_dead_owners();
     });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "no owner reaper: the memory of owner processes that exit is not reclaimed");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -82,7 +82,8 @@ fn sys_error(e: SysError, backend: &HostBackend, kind: MemoryKind) -> BackendErr
             BackendError::OutOfMemory {
                 requested_bytes: len_bytes,
                 available_bytes: available(),
-                detail: format!("the OS could not commit {kind} memory"),
+                // The OS's words name the file when a tmpfs (host.shared_memory_dir) is full.
+                detail: format!("the OS could not commit {kind} memory: {e}"),
             }
         }
         SysError::Lock { len_bytes, limit_bytes, .. } => {
@@ -128,7 +129,7 @@ fn remove_shared_files_where(dir: &std::path::Path, remove: impl Fn(u32) -> bool
 
 /// A process that exists and has not exited: a zombie (exited, not yet reaped by its parent)
 /// holds no mappings, so its files are stale too.
-fn process_alive(pid: u32) -> bool {
+pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and may hold spaces.
         Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
@@ -261,6 +262,10 @@ impl Backend for HostBackend {
             MemoryKind::Pinned if !has_cap_ipc_lock() => memwarden_sys::memlock_limit_bytes(),
             _ => None,
         }
+    }
+
+    fn kind_limit_name(&self, _: MemoryKind) -> &'static str {
+        "RLIMIT_MEMLOCK"
     }
 
     fn create_block(&self, kind: MemoryKind, size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError> {

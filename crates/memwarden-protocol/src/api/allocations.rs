@@ -57,13 +57,18 @@ pub struct AllocationDto {
     pub allocated_at: String,
 }
 
+/// One page of `GET /api/memory/allocations[/device/{deviceId}]`, oldest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AllocationListDto {
+    /// This page: at most `limit` of the matching allocations, after the cursor's.
     pub allocations: Vec<AllocationDto>,
+    /// Every live allocation that matches the filters, on this page and the others.
     pub count: usize,
-    /// Sum of `sizeBytes`.
+    /// Sum of `sizeBytes` of every live allocation that matches the filters.
     pub total_bytes: u64,
+    /// Pass as `cursor` (with the same filters) for the next page; null on the last page.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -4,14 +4,14 @@
 use super::dto::*;
 use super::envelope::{ApiError, ApiJson, ApiResponse, Data, NoBody};
 use super::{blocking, query_u64, ApiResult, AppState, MAX_DATA_BYTES};
-use crate::service::{AllocateRequest, DEFAULT_ALIGNMENT_BYTES};
+use crate::service::{AllocateRequest, AllocationFilter, ListPosition, DEFAULT_ALIGNMENT_BYTES};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use base64::Engine as _;
-use memwarden_core::MemoryKind;
+use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::HashMap;
 
 fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest, ApiError> {
@@ -117,23 +117,128 @@ pub async fn free(State(state): State<AppState>, Path(allocation_id): Path<Strin
     }))
 }
 
-/// Every live allocation, oldest first.
-#[utoipa::path(get, path = "/api/memory/allocations", responses((status = 200, body = ApiResponse<AllocationListDto>)))]
-pub async fn list_allocations(State(state): State<AppState>) -> ApiResult<AllocationListDto> {
-    Ok(Data(allocation_list(&state.service.allocations(None))))
+/// Most allocations one listing page holds without `limit`.
+pub const DEFAULT_PAGE_LIMIT: usize = 1000;
+/// Most allocations one listing page may hold.
+pub const MAX_PAGE_LIMIT: usize = 10_000;
+
+/// A listing's query: the filters, where the page starts and how long it is. On the per-device
+/// route the path names the device and a `deviceId` in the query is not read.
+fn list_query(
+    state: &AppState,
+    q: &HashMap<String, String>,
+    device: Option<DeviceId>,
+) -> Result<(AllocationFilter, Option<ListPosition>, usize), ApiError> {
+    let limit = match q.get("limit") {
+        None => DEFAULT_PAGE_LIMIT,
+        Some(v) => page_limit(v)?,
+    };
+    let device = match (device, q.get("deviceId")) {
+        (Some(d), _) => Some(d),
+        (None, Some(text)) => Some(state.service.resolve(text)?),
+        (None, None) => None,
+    };
+    let filter = AllocationFilter {
+        device,
+        kind: parse_kind(q.get("memoryType").map(String::as_str))?,
+        owner: q.get("owner").cloned(),
+        purpose: q.get("purpose").cloned(),
+    };
+    let after = q.get("cursor").map(|c| decode_cursor(state, c)).transpose()?;
+    Ok((filter, after, limit))
 }
 
-/// Live allocations of one device.
+fn page_limit(v: &str) -> Result<usize, ApiError> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
+        .ok_or_else(|| ApiError::invalid(format!("limit: '{v}' is not an integer from 1 to {MAX_PAGE_LIMIT}")))
+}
+
+/// A cursor is `{run}.{allocatedAtNs}.{id}` in URL-safe base64: the position of the page's last
+/// allocation, and the daemon run (its start, Unix ns) that gave it. The position stays valid
+/// when that allocation is freed; a cursor of another run is refused, since the allocations it
+/// paged through are gone.
+fn encode_cursor(state: &AppState, p: &ListPosition) -> String {
+    let run = state.service.started_at().unix_timestamp_nanos();
+    let text = format!("{run}.{}.{}", p.allocated_at.unix_timestamp_nanos(), p.id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+fn decode_cursor(state: &AppState, cursor: &str) -> Result<ListPosition, ApiError> {
+    let garbage = || {
+        ApiError::invalid(format!(
+            "cursor: '{cursor}' is not a cursor this daemon gave (pass nextCursor back unchanged)"
+        ))
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| garbage())?;
+    let text = String::from_utf8(bytes).map_err(|_| garbage())?;
+    let mut parts = text.splitn(3, '.');
+    let mut number = || parts.next().and_then(|n| n.parse::<i128>().ok()).ok_or_else(garbage);
+    let (run, at) = (number()?, number()?);
+    let id = parts.next().filter(|id| !id.is_empty()).ok_or_else(garbage)?;
+    let allocated_at = time::OffsetDateTime::from_unix_timestamp_nanos(at).map_err(|_| garbage())?;
+    if run != state.service.started_at().unix_timestamp_nanos() {
+        return Err(ApiError::invalid(
+            "cursor: given by another run of the daemon (its allocations are gone); list again without a cursor",
+        ));
+    }
+    Ok(ListPosition { allocated_at, id: id.to_string() })
+}
+
+fn list_page(state: &AppState, q: &HashMap<String, String>, device: Option<DeviceId>) -> ApiResult<AllocationListDto> {
+    let (filter, after, limit) = list_query(state, q, device)?;
+    let page = state.service.allocation_page(&filter, after.as_ref(), limit);
+    let next_cursor = page.next.as_ref().map(|p| encode_cursor(state, p));
+    Ok(Data(allocation_list(&page, next_cursor)))
+}
+
+/// Live allocations, oldest first (`allocatedAt`, then id), a page at a time: `limit` of them
+/// after `cursor`, with the filters' matches counted in full (`count`, `totalBytes`). Paging
+/// on with `nextCursor` never repeats or skips an allocation that lives throughout, whatever
+/// else is allocated or freed meanwhile.
 #[utoipa::path(
-    get, path = "/api/memory/allocations/device/{deviceId}", params(("deviceId" = String, Path)),
-    responses((status = 200, body = ApiResponse<AllocationListDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
+    get, path = "/api/memory/allocations",
+    params(
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "allocations per page, 1 to 10000; default 1000"),
+        ("cursor" = Option<String>, Query, description = "the previous page's nextCursor; without it, the first page"),
+        ("deviceId" = Option<String>, Query, description = "only this device's (cpu, cuda:N, or an alias)"),
+        ("memoryType" = Option<String>, Query, description = "only this kind's (host, pinned, device, reservation, or a seed alias)"),
+        ("owner" = Option<String>, Query, description = "only this owner's (exact match)"),
+        ("purpose" = Option<String>, Query, description = "only those with this purpose (exact match)")
+    ),
+    responses((status = 200, body = ApiResponse<AllocationListDto>), (status = 400, description = "INVALID_ARGUMENT: limit, cursor or memoryType"))
+)]
+pub async fn list_allocations(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<AllocationListDto> {
+    list_page(&state, &q, None)
+}
+
+/// Live allocations of one device, paged and filtered as `GET /api/memory/allocations`.
+#[utoipa::path(
+    get, path = "/api/memory/allocations/device/{deviceId}",
+    params(
+        ("deviceId" = String, Path, description = "cpu, cuda:N, or an alias"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "allocations per page, 1 to 10000; default 1000"),
+        ("cursor" = Option<String>, Query, description = "the previous page's nextCursor; without it, the first page"),
+        ("memoryType" = Option<String>, Query, description = "only this kind's (host, pinned, device, reservation, or a seed alias)"),
+        ("owner" = Option<String>, Query, description = "only this owner's (exact match)"),
+        ("purpose" = Option<String>, Query, description = "only those with this purpose (exact match)")
+    ),
+    responses(
+        (status = 200, body = ApiResponse<AllocationListDto>), (status = 400, description = "INVALID_ARGUMENT: limit, cursor or memoryType"),
+        (status = 404, description = "DEVICE_NOT_FOUND")
+    )
 )]
 pub async fn list_device_allocations(
     State(state): State<AppState>,
     Path(device_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<AllocationListDto> {
     let id = state.service.resolve(&device_id)?;
-    Ok(Data(allocation_list(&state.service.allocations(Some(id)))))
+    list_page(&state, &q, Some(id))
 }
 
 /// One allocation.

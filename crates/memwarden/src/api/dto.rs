@@ -5,7 +5,7 @@
 use super::envelope::rfc3339;
 use crate::pressure::{PressureEvent, PressureReport};
 use crate::service::{
-    Allocation, AllocationRecord, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo,
+    AllocationPage, AllocationRecord, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo,
     PoolDump, TransferRecord,
 };
 pub use memwarden_protocol::api::{allocations::*, pools::*, pressure::*, status::*, transfer::*};
@@ -33,12 +33,13 @@ impl From<&AllocationRecord> for AllocationDto {
     }
 }
 
-/// The listing of `records`, with their count and total bytes.
-pub fn allocation_list(records: &[Allocation]) -> AllocationListDto {
+/// One page of a listing; `next_cursor` is the API's spelling of `page.next`.
+pub fn allocation_list(page: &AllocationPage, next_cursor: Option<String>) -> AllocationListDto {
     AllocationListDto {
-        allocations: records.iter().map(|r| AllocationDto::from(&**r)).collect(),
-        count: records.len(),
-        total_bytes: records.iter().map(|r| r.size_bytes).sum(),
+        allocations: page.allocations.iter().map(|r| AllocationDto::from(&**r)).collect(),
+        count: page.count,
+        total_bytes: page.total_bytes,
+        next_cursor,
     }
 }
 

@@ -61,13 +61,56 @@ pub fn free(client: &Client, id: &str, as_json: bool) -> Result<String, CliError
     Ok(format!("freed {} ({}) on {}\n", d.allocation_id, format_bytes(d.freed_bytes), d.device_id))
 }
 
-pub fn allocations(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
-    let path = one_or_all("/api/memory/allocations", Some("/api/memory/allocations/device"), device);
-    let a = client.get::<AllocationListDto>(&path)?;
-    if as_json {
-        return Ok(pretty(&a.raw));
+/// The filters of `allocations`.
+pub struct ListFilter<'a> {
+    pub owner: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub purpose: Option<&'a str>,
+}
+
+/// Every matching allocation: the listing's pages one after another, following `nextCursor`
+/// (the daemon answers at most 1000 a page by default). With `--json`, one listing of them all,
+/// shaped as a page (`nextCursor` null).
+pub fn allocations(
+    client: &Client,
+    device: Option<&str>,
+    filter: ListFilter<'_>,
+    as_json: bool,
+) -> Result<String, CliError> {
+    let route = one_or_all("/api/memory/allocations", Some("/api/memory/allocations/device"), device);
+    let filters: Vec<(&str, &str)> =
+        [("owner", filter.owner), ("memoryType", filter.kind), ("purpose", filter.purpose)]
+            .into_iter()
+            .filter_map(|(name, value)| value.map(|v| (name, v)))
+            .collect();
+    let page = |cursor: Option<&str>| {
+        let query: Vec<String> = filters
+            .iter()
+            .copied()
+            .chain(cursor.map(|c| ("cursor", c)))
+            .map(|(name, value)| format!("{name}={}", path_segment(value)))
+            .collect();
+        let path = if query.is_empty() { route.clone() } else { format!("{route}?{}", query.join("&")) };
+        client.get::<AllocationListDto>(&path)
+    };
+    // The pages joined into one; its figures are the newest page's (allocations may come and go
+    // between pages, and the daemon counts them as they are when it answers).
+    let first = page(None)?;
+    let (mut list, mut raw) = (first.data, first.raw);
+    while let Some(cursor) = list.next_cursor.take() {
+        let mut next = page(Some(&cursor))?;
+        list.allocations.append(&mut next.data.allocations);
+        (list.count, list.total_bytes, list.next_cursor) =
+            (next.data.count, next.data.total_bytes, next.data.next_cursor);
+        if let (Some(all), Value::Array(more)) = (raw["allocations"].as_array_mut(), next.raw["allocations"].take()) {
+            all.extend(more);
+        }
+        (raw["count"], raw["totalBytes"]) = (next.raw["count"].take(), next.raw["totalBytes"].take());
     }
-    let list = a.data;
+    raw["nextCursor"] = Value::Null;
+    if as_json {
+        return Ok(pretty(&raw));
+    }
     let rows: Vec<Vec<String>> = list
         .allocations
         .iter()

@@ -90,8 +90,19 @@ pub enum Command {
     },
     /// Free an allocation by id.
     Free { id: String },
-    /// List live allocations (of one device when given).
-    Allocations { device: Option<String> },
+    /// List every live allocation (of one device when given), oldest first.
+    Allocations {
+        device: Option<String>,
+        /// Only this owner's (exact match).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Only this kind's: host | pinned | device | reservation.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only those with this purpose (exact match).
+        #[arg(long)]
+        purpose: Option<String>,
+    },
     /// Per owner, device and memory type: bytes held, allocations and the quota; then the quotas.
     Owners,
     /// Return cached empty pool blocks to the OS/driver.
@@ -194,7 +205,11 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
             json,
         ),
         Command::Free { id } => allocations::free(client, id, json),
-        Command::Allocations { device } => allocations::allocations(client, device.as_deref(), json),
+        Command::Allocations { device, owner, kind, purpose } => {
+            let filter =
+                allocations::ListFilter { owner: owner.as_deref(), kind: kind.as_deref(), purpose: purpose.as_deref() };
+            allocations::allocations(client, device.as_deref(), filter, json)
+        }
         Command::Owners => allocations::owners(client, json),
         Command::Clear { device } => devices::clear(client, device.as_deref(), json),
         Command::Defrag { device, strategy } => devices::defrag(client, device.as_deref(), strategy.as_deref(), json),

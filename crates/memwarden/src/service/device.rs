@@ -236,7 +236,11 @@ impl DeviceState {
             return Err(AllocFailure::OverBudget {
                 requested_bytes: size_bytes,
                 available_bytes: budget,
-                detail: format!("{} budget for {kind} memory", backend.info().device_id),
+                detail: format!(
+                    "{} budget for {kind} memory{}",
+                    backend.info().device_id,
+                    self.limit_note(backend, kind)
+                ),
             });
         }
         if new_block_bytes > 0 {
@@ -250,7 +254,10 @@ impl DeviceState {
                 return Err(AllocFailure::OverBudget {
                     requested_bytes: size_bytes,
                     available_bytes: fresh,
-                    detail: format!("a new pool block of {new_block_bytes} bytes is needed and does not fit"),
+                    detail: format!(
+                        "a new pool block of {new_block_bytes} bytes is needed and does not fit{}",
+                        self.limit_note(backend, kind)
+                    ),
                 });
             }
             let held = self.pool(kind).map(|p| p.reserved_bytes()).unwrap_or(0);
@@ -267,6 +274,13 @@ impl DeviceState {
             }
         }
         Ok(())
+    }
+
+    /// Names a kind's own limit (pinned: RLIMIT_MEMLOCK) in a refusal; empty for kinds without one.
+    fn limit_note(&self, backend: &dyn Backend, kind: MemoryKind) -> String {
+        let Some(limit) = backend.kind_limit_bytes(kind) else { return String::new() };
+        let held = self.pool(kind).map(|p| p.reserved_bytes()).unwrap_or(0);
+        format!("; {} allows {limit} bytes of {kind} memory, {held} of them held", backend.kind_limit_name(kind))
     }
 
     /// Takes budget for a reservation.

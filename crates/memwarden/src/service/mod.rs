@@ -3,6 +3,7 @@
 
 mod defrag;
 mod device;
+mod listing;
 mod owners;
 mod quota;
 mod record;
@@ -10,6 +11,8 @@ mod transfer;
 mod types;
 
 pub use record::{AllocationEvent, DeviceRecord, EventKind};
+
+pub use listing::{AllocationFilter, AllocationPage, ListPosition};
 
 pub use defrag::{BlockDump, CanAllocate, DefragReport, PoolDump, RangeView};
 pub use device::Fit;

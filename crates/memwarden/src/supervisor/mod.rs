@@ -218,7 +218,8 @@ impl Supervisor {
         }
     }
 
-    /// Asks each worker to shut down (2 s), then kills what is left; removes the socket.
+    /// Asks each worker to shut down (2 s), then kills what is left; removes the socket and the
+    /// embedded package's directory.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let calls = self.slots().into_iter().filter(|s| s.role == Role::Worker).filter_map(|s| s.conn());
@@ -229,6 +230,9 @@ impl Supervisor {
         if let Some(p) = lock(&self.socket_path).take() {
             let _ = std::fs::remove_file(p);
         }
+        // Background tasks keep the supervisor alive until the process exits, so the package
+        // would never be dropped (and its directory never removed) otherwise.
+        drop(lock(&self.python).take());
     }
 
     fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {

@@ -28,6 +28,10 @@ impl Extracted {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = runtime_dir.join(format!("memwarden-python-{}-{n}", std::process::id()));
+        let removed = remove_stale(runtime_dir);
+        if removed > 0 {
+            tracing::warn!(dir = %runtime_dir.display(), removed, "removed worker packages left by daemons that died");
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
@@ -43,6 +47,22 @@ impl Drop for Extracted {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Removes the `memwarden-python-<pid>-<n>` directories of daemons that are gone (killed before
+/// they could remove their own); returns how many. Those of live daemons stay.
+pub fn remove_stale(runtime_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("memwarden-python-")) else { continue };
+        let Some(pid) = rest.split_once('-').and_then(|(p, _)| p.parse::<u32>().ok()) else { continue };
+        if !memwarden_backends::host::process_alive(pid) && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// `$XDG_RUNTIME_DIR` when set, else `/tmp/memwarden-<uid>` (created 0700).
@@ -77,6 +97,22 @@ mod tests {
         let dir = x.dir.clone();
         drop(x);
         assert!(!dir.exists(), "removed on drop");
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn packages_of_daemons_that_died_are_removed_and_live_ones_kept() {
+        let root = std::env::temp_dir().join(format!("mw-embed-stale-{}", std::process::id()));
+        let dead = root.join("memwarden-python-4194999-0"); // above PID_MAX_LIMIT (2^22): never alive
+        let mine = root.join(format!("memwarden-python-{}-7", std::process::id()));
+        let other = root.join("memwarden-python-junk");
+        for d in [&dead, &mine, &other] {
+            std::fs::create_dir_all(d.join("memwarden")).expect("mkdir");
+        }
+        let x = Extracted::write(&root).expect("write");
+        assert!(!dead.exists() && mine.exists() && other.exists() && x.dir.exists());
+        assert_eq!(remove_stale(&root), 0, "nothing else is stale");
+        drop(x);
         let _ = std::fs::remove_dir_all(root);
     }
 }
