@@ -161,7 +161,8 @@ pub enum Command {
         /// Utilization (0–100) to bring the device down to (default 50).
         #[arg(long)]
         target: Option<f64>,
-        /// Run even below the target.
+        /// Run even below the target: free --min-free, or else trim the caches and release the
+        /// single least valuable unpinned model.
         #[arg(long)]
         force: bool,
         /// Model ids never touched (repeatable).
