@@ -184,14 +184,19 @@ impl Analytics {
         for id in self.service.device_ids() {
             devices.push(self.device_analytics(id, &w, &events)?);
         }
-        let live = self.service.allocations(None);
-        let holders = |key: fn(&crate::service::AllocationRecord) -> Option<&String>| -> Vec<HolderDto> {
+        // One pass over the live allocations, without copying them (the events are bounded by
+        // the log's size, the live allocations by nothing).
+        let min_age = time::Duration::seconds(self.config.leak_min_age_secs as i64);
+        let live = self.service.live_digest(now - min_age);
+        let holders = |key: fn(&crate::service::AllocationRecord) -> Option<&String>,
+                       live: &[(Option<String>, u64, u64)]|
+         -> Vec<HolderDto> {
             let name = |r: &crate::service::AllocationRecord| key(r).cloned().unwrap_or_else(|| "(none)".into());
-            let live_top: BTreeMap<String, (u64, u64)> =
-                top_by_bytes(live.iter().map(|r| (name(r), committed_bytes(r))), usize::MAX)
-                    .into_iter()
-                    .map(|(k, b, c)| (k, (b, c)))
-                    .collect();
+            let mut live_top: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for (k, b, c) in live {
+                let e = live_top.entry(k.clone().unwrap_or_else(|| "(none)".into())).or_default();
+                *e = (e.0 + b, e.1 + c);
+            }
             let window_top: BTreeMap<String, (u64, u64)> = top_by_bytes(
                 events
                     .iter()
@@ -228,10 +233,10 @@ impl Analytics {
             v.truncate(TOP);
             v
         };
-        let top_owners = holders(|r| r.owner.as_ref());
-        let top_purposes = holders(|r| r.purpose.as_ref());
+        let top_owners = holders(|r| r.owner.as_ref(), &live.owners);
+        let top_purposes = holders(|r| r.purpose.as_ref(), &live.purposes);
         let top_models = self.top_models(&w);
-        let leak_suspects = self.leak_suspects(&live, now);
+        let leak_suspects = self.leak_suspects(&live.old, now);
         Ok(AnalyticsDto {
             window: window_text.to_string(),
             window_start: rfc3339(since),

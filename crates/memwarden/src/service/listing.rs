@@ -142,6 +142,45 @@ impl Service {
     }
 }
 
+/// What analytics needs of the live allocations, gathered in one pass under the ledger lock
+/// without copying a record or a string per allocation: bytes and count per owner and per
+/// purpose (`None`: not named), and the non-persistent allocations old enough to be leak
+/// suspects. Analytics at 100,000 live allocations took 71 ms when it cloned, sorted and
+/// re-keyed the whole listing for each of these (`examples/scale_bench.rs`).
+#[derive(Debug, Default)]
+pub struct LiveDigest {
+    /// `(owner, committed bytes, count)`; reservations commit no bytes but are counted.
+    pub owners: Vec<(Option<String>, u64, u64)>,
+    pub purposes: Vec<(Option<String>, u64, u64)>,
+    /// Not persistent and allocated before `older_than`.
+    pub old: Vec<Allocation>,
+}
+
+impl Service {
+    pub fn live_digest(&self, older_than: OffsetDateTime) -> LiveDigest {
+        use std::collections::HashMap;
+        let ledger = lock(&self.ledger);
+        let mut owners: HashMap<Option<&str>, (u64, u64)> = HashMap::new();
+        let mut purposes: HashMap<Option<&str>, (u64, u64)> = HashMap::new();
+        let mut old = Vec::new();
+        for r in ledger.records.values() {
+            let bytes = if r.kind == MemoryKind::Reservation { 0 } else { r.allocated_bytes };
+            for (map, key) in [(&mut owners, r.owner.as_deref()), (&mut purposes, r.purpose.as_deref())] {
+                let e = map.entry(key).or_default();
+                e.0 += bytes;
+                e.1 += 1;
+            }
+            if !r.persistent && r.allocated_at < older_than {
+                old.push(r.clone());
+            }
+        }
+        let owned = |m: HashMap<Option<&str>, (u64, u64)>| -> Vec<(Option<String>, u64, u64)> {
+            m.into_iter().map(|(k, (b, c))| (k.map(str::to_string), b, c)).collect()
+        };
+        LiveDigest { owners: owned(owners), purposes: owned(purposes), old }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ mod types;
 
 pub use record::{AllocationEvent, DeviceRecord, EventKind};
 
-pub use listing::{AllocationFilter, AllocationPage, ListPosition};
+pub use listing::{AllocationFilter, AllocationPage, ListPosition, LiveDigest};
 
 pub use defrag::{BlockDump, CanAllocate, DefragReport, PoolDump, RangeView};
 pub use device::Fit;
