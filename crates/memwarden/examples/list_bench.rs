@@ -6,48 +6,19 @@
 //!   cargo run --release --example list_bench -- [LIVE] [ROUNDS]      # defaults 50000, 30
 //!
 //! Prints the median and p90 of each request and the answer's size.
-use memwarden::config::Config;
-use memwarden::service::{AllocateRequest, AllocationFilter, ListPosition, Service};
-use memwarden_core::MemoryKind;
+mod support;
+
+use memwarden::service::{AllocationFilter, ListPosition, Service};
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("a number")).collect();
     let live = args.first().copied().unwrap_or(50_000);
     let rounds = args.get(1).copied().unwrap_or(30);
-    let mut config = Config::default();
-    config.workers.enabled = false;
-    config.workers.socket = "none".into();
-    let service = Arc::new(Service::from_config(&config));
-    for i in 0..live {
-        service
-            .allocate(AllocateRequest {
-                device: "cpu".into(),
-                size_bytes: 4096,
-                kind: Some(MemoryKind::Host),
-                alignment_bytes: 256,
-                purpose: Some(format!("purpose-{}", i % 10)),
-                owner: Some(format!("owner-{}", i % 50)),
-                owner_pid: None,
-                persistent: false,
-                movable: true,
-            })
-            .expect("allocate");
-    }
+    let (config, service) = support::filled_service(live);
     service_pages(&service, rounds);
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let svc = service.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
-            memwarden::server::serve_on(listener, svc, &config, std::future::pending()).await.expect("serve");
-        });
-    });
-    let base = format!("http://{}", addr_rx.recv().expect("address"));
+    let (base, _stop) = support::serve(config, service.clone());
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let get = |path: &str| -> (Duration, usize, Value) {
         let start = Instant::now();

@@ -6,10 +6,8 @@
 //!   cargo run --release --example scale_bench -- [LIVE...]      # default 1000 10000 100000
 //!
 //! Prints the median and p90 of each, over 30 rounds.
-use memwarden::config::Config;
-use memwarden::service::{AllocateRequest, Service};
-use memwarden_core::MemoryKind;
-use std::sync::Arc;
+mod support;
+
 use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 30;
@@ -23,36 +21,8 @@ fn main() {
 }
 
 fn run(live: usize) {
-    let mut config = Config::default();
-    config.workers.enabled = false;
-    config.workers.socket = "none".into();
-    let service = Arc::new(Service::from_config(&config));
-    for i in 0..live {
-        service
-            .allocate(AllocateRequest {
-                purpose: Some(format!("purpose-{}", i % 10)),
-                owner: Some(format!("owner-{}", i % 50)),
-                kind: Some(MemoryKind::Host),
-                ..AllocateRequest::new("cpu", 4096)
-            })
-            .expect("allocate");
-    }
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let svc = service.clone();
-    let server = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
-            memwarden::server::serve_on(listener, svc, &config, async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .expect("serve");
-        });
-    });
-    let base = format!("http://{}", addr_rx.recv().expect("address"));
+    let (config, service) = support::filled_service(live);
+    let (base, stop) = support::serve(config, service);
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let request = |method: &str, path: &str| -> (u16, String) {
         let url = format!("{base}{path}");
@@ -94,6 +64,5 @@ fn run(live: usize) {
         let id = v["data"]["allocationId"].as_str().expect("id").to_string();
         assert_eq!(request("DELETE", &format!("/api/memory/allocations/{id}")).0, 200);
     });
-    let _ = stop_tx.send(());
-    let _ = server.join();
+    stop();
 }

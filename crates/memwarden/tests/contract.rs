@@ -179,12 +179,14 @@ fn seed_clients_are_served_with_their_own_spellings() {
         let (code, r) = s.call("POST", "/api/memory/allocations/allocate/cpu", Some(&body));
         assert_eq!((code, r["data"]["memoryType"].as_str()), (201, Some(kind)), "{seed}: {r}");
     }
-    // GPU memory on a host without a GPU names what is missing.
+    // `VRAM` is GPU memory: it goes to a GPU, and a host without one says what is missing.
     let body = json!({"sizeBytes": 4096, "memoryType": "VRAM"}).to_string();
-    let (code, r) = s.call("POST", "/api/memory/allocations/allocate", Some(&body));
-    assert!(code == 400 || code == 201, "{r}");
-    if code == 400 {
-        assert!(r["error"]["message"].as_str().unwrap_or_default().contains("device memory"), "{r}");
+    let r = s.call("POST", "/api/memory/allocations/allocate", Some(&body));
+    if s.service.device_ids().iter().any(|d| d.is_gpu()) {
+        assert_eq!((r.0, r.1["data"]["memoryType"].as_str()), (201, Some("device")), "{r:?}");
+        assert!(r.1["data"]["deviceId"].as_str().is_some_and(|d| d != "cpu"), "{r:?}");
+    } else {
+        assert_error(&r, 400, "INVALID_ARGUMENT", "no device here provides device memory");
     }
     // Errors carry the seed's fields too.
     let (code, r) = s.call("DELETE", "/api/memory/allocations/nope", None);
@@ -309,7 +311,7 @@ sys.stdin.read()
 fn the_socket_serves_the_users_its_allow_list_names_and_refuses_the_others() {
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::CommandExt;
-    assert_eq!(rustix_uid(), 0, "this test runs a client as another user, which takes root");
+    assert_eq!(rustix::process::getuid().as_raw(), 0, "this test runs a client as another user, which takes root");
     let dir = std::env::temp_dir().join(format!("mw-peercred-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -363,13 +365,6 @@ fn the_socket_serves_the_users_its_allow_list_names_and_refuses_the_others() {
         let _ = child.wait();
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn rustix_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .expect("uid")
 }
 
 /// Item 9: with a token, exports and `/metrics` follow the token rule; `/health` and the

@@ -460,7 +460,7 @@ impl Service {
         out
     }
 
-    /// Where the owner pid watch starts: how often to call [`Service::reap_dead_owners`].
+    /// How often to call [`Service::reap_dead_owners`].
     pub const REAP_INTERVAL: Duration = owners::REAP_INTERVAL;
 
     fn free_as(&self, allocation_id: &str, reclaimed: bool) -> Result<FreedAllocation, ServiceError> {
