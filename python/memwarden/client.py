@@ -181,6 +181,31 @@ class Client:
         if reg is not None:
             self._endpoint.send(P.notification("modelUnloaded", {"modelId": model_id, "freedBytes": sum(reg.by_device.values())}))
 
+    def allocate(self, size_bytes: int, device: str = "cpu", memory_type: Optional[str] = None,
+                 purpose: Optional[str] = None, owner: Optional[str] = None, alignment: Optional[int] = None,
+                 movable: bool = False, timeout_s: float = 60) -> Dict[str, Any]:
+        """Allocates memory owned by this connection: the daemon frees it (``reclaimed``) when the
+        connection closes, whether by ``close()`` or because this process died. ``memory_type`` is
+        ``host``, ``pinned``, ``device`` or ``reservation`` (the device's default when None); the
+        quota owner is ``owner`` or this client's name. Returns the REST API's allocation object
+        (``allocationId``, ``address``, ``ownerClient``, ...). Raises DaemonError
+        (INSUFFICIENT_MEMORY, QUOTA_EXCEEDED, DEVICE_NOT_FOUND, INVALID_ARGUMENT, ...)."""
+        data: Dict[str, Any] = {"sizeBytes": size_bytes, "deviceId": device, "movable": movable}
+        for key, value in (("memoryType", memory_type), ("purpose", purpose), ("owner", owner),
+                           ("alignment", alignment)):
+            if value is not None:
+                data[key] = value
+        reply, fds = self._endpoint.call("allocate", data, timeout_s)
+        close_fds(fds)
+        return reply
+
+    def free(self, allocation_id: str, timeout_s: float = 60) -> Dict[str, Any]:
+        """Frees an allocation this connection made with ``allocate``: ``{allocationId, freedBytes}``.
+        Raises DaemonError (ALLOCATION_NOT_FOUND; PERMISSION_DENIED for another's allocation)."""
+        reply, fds = self._endpoint.call("free", {"allocationId": allocation_id}, timeout_s)
+        close_fds(fds)
+        return reply
+
     def load_weights(self, path: str, device: str = "cpu", name: Optional[str] = None, priority: int = 50,
                      pinned: bool = False, keep_alive_ms: Optional[int] = None, timeout_s: float = 600) -> Weights:
         """Has the daemon load `path` (a .safetensors file) onto `device`, or share what it already

@@ -56,7 +56,7 @@ DAEMON_ACTIONS = (
     "remapWeights",
 )
 # Requests a worker or client sends to the daemon (version 2); a peer answers them NOT_SUPPORTED.
-PEER_ACTIONS = ("register", "loadWeights", "releaseWeights", "resumeWeights")
+PEER_ACTIONS = ("register", "loadWeights", "releaseWeights", "resumeWeights", "allocate", "free")
 ACTIONS = DAEMON_ACTIONS + PEER_ACTIONS
 # `error` goes daemon → peer: a notification of the peer's was refused (data: code, message, modelId?).
 EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport", "weightsUsed", "error")
@@ -275,6 +275,16 @@ _FIELDS = {
         "keepAliveMs": (False, "u64"),
     },
     "ModelRef": {"modelId": (True, str)},
+    "PeerAllocate": {
+        "sizeBytes": (True, "u64"),
+        "deviceId": (False, str),
+        "memoryType": (False, str),
+        "alignment": (False, "u64"),
+        "purpose": (False, str),
+        "owner": (False, str),
+        "movable": (False, bool),
+    },
+    "PeerFree": {"allocationId": (True, str)},
     "UnmapWeights": {"modelId": (True, str), "timeoutMs": (True, "u64"), "final": (False, bool)},
     "WeightsGrant": {
         "modelId": (True, str),
@@ -301,6 +311,8 @@ ACTION_DATA = {
     "loadWeights": "LoadWeights",
     "releaseWeights": "ModelRef",
     "resumeWeights": "ModelRef",
+    "allocate": "PeerAllocate",
+    "free": "PeerFree",
     "unmapWeights": "UnmapWeights",
     "remapWeights": "WeightsGrant",
 }

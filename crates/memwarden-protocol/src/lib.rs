@@ -22,6 +22,8 @@ use time::OffsetDateTime;
 mod typed;
 mod weights;
 pub use weights::*;
+mod memory;
+pub use memory::*;
 mod data;
 pub use data::*;
 pub use typed::ActionData;
@@ -126,13 +128,16 @@ pub enum Action {
     LoadWeights,
     ReleaseWeights,
     ResumeWeights,
+    /// Memory owned by the peer's connection: freed when it closes.
+    Allocate,
+    Free,
     // Version 2, daemon → peer.
     UnmapWeights,
     RemapWeights,
 }
 
 impl Action {
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 16] = [
         Action::Ping,
         Action::GetModelInfo,
         Action::LoadModel,
@@ -145,6 +150,8 @@ impl Action {
         Action::LoadWeights,
         Action::ReleaseWeights,
         Action::ResumeWeights,
+        Action::Allocate,
+        Action::Free,
         Action::UnmapWeights,
         Action::RemapWeights,
     ];
@@ -163,6 +170,8 @@ impl Action {
             Action::LoadWeights => "loadWeights",
             Action::ReleaseWeights => "releaseWeights",
             Action::ResumeWeights => "resumeWeights",
+            Action::Allocate => "allocate",
+            Action::Free => "free",
             Action::UnmapWeights => "unmapWeights",
             Action::RemapWeights => "remapWeights",
         }

@@ -28,6 +28,8 @@ fn typed_ok(data_type: &str, data: &Value) -> Result<(), String> {
         "WeightsGrant" => serde_json::from_value::<WeightsGrant>(d).map(|_| ()),
         "ModelRef" => serde_json::from_value::<ModelRef>(d).map(|_| ()),
         "UnmapWeights" => serde_json::from_value::<UnmapWeights>(d).map(|_| ()),
+        "PeerAllocate" => serde_json::from_value::<PeerAllocate>(d).map(|_| ()),
+        "PeerFree" => serde_json::from_value::<PeerFree>(d).map(|_| ()),
         other => panic!("unknown dataType {other} in cases.json"),
     };
     r.map_err(|e| e.to_string())

@@ -15,6 +15,7 @@ fn request(size_bytes: u64, kind: MemoryKind) -> AllocateRequest {
         purpose: Some("bench".into()),
         owner: None,
         owner_pid: None,
+        owner_client: None,
         persistent: false,
         movable: true,
     }

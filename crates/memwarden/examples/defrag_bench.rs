@@ -20,6 +20,7 @@ fn req(device: &str, size_bytes: u64) -> AllocateRequest {
         purpose: Some("defrag-bench".into()),
         owner: None,
         owner_pid: None,
+        owner_client: None,
         persistent: false,
         movable: true,
     }

@@ -20,6 +20,7 @@ fn req(device: &str, size_bytes: u64, kind: Option<MemoryKind>) -> AllocateReque
         purpose: Some("gpu-bench".into()),
         owner: None,
         owner_pid: None,
+        owner_client: None,
         persistent: false,
         movable: true,
     }

@@ -19,6 +19,7 @@ fn request(owner: bool) -> AllocateRequest {
         purpose: Some("bench".into()),
         owner: owner.then(|| "bench-owner".to_string()),
         owner_pid: None,
+        owner_client: None,
         persistent: false,
         movable: true,
     }

@@ -15,6 +15,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Bearer token required on `/api/` routes. Required when `listen` is not a loopback address.
     pub auth_token: Option<String>,
+    /// A file holding the token instead (a Kubernetes Secret, a systemd credential), read by
+    /// [`Config::load`] into `auth_token`; surrounding whitespace is trimmed.
+    pub auth_token_file: Option<PathBuf>,
     /// Threads serving the API; 0 means one per CPU. Handlers take microseconds, so a few
     /// threads suffice, and fewer threads mean fewer cross-CPU wake-ups per request.
     pub worker_threads: usize,
@@ -387,6 +390,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             auth_token: None,
+            auth_token_file: None,
             worker_threads: 2,
             api: ApiSection::default(),
             pool: PoolSection::default(),
@@ -438,19 +442,38 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Loads a TOML file; keys it omits keep their defaults.
+    /// Loads a TOML file; keys it omits keep their defaults. Reads `auth_token_file`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        config.read_token_file()?;
         config.validate()?;
         Ok(config)
     }
 
+    /// Sets `auth_token` from `auth_token_file`, when one is configured.
+    fn read_token_file(&mut self) -> Result<(), ConfigError> {
+        let Some(file) = &self.auth_token_file else { return Ok(()) };
+        if self.auth_token.is_some() {
+            return Err(ConfigError::Invalid("set auth_token or auth_token_file, not both".into()));
+        }
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::Invalid(format!("auth_token_file {}: {e}", file.display())))?;
+        if text.trim().is_empty() {
+            return Err(ConfigError::Invalid(format!("auth_token_file {} is empty", file.display())));
+        }
+        self.auth_token = Some(text.trim().to_string());
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.listen.ip().is_loopback() && self.auth_token.as_deref().is_none_or(str::is_empty) {
+        // A token file not read yet (a config checked without its secrets) will give one.
+        let token = self.auth_token.as_deref().is_some_and(|t| !t.is_empty()) || self.auth_token_file.is_some();
+        if !self.listen.ip().is_loopback() && !token {
             return Err(ConfigError::Invalid(format!(
-                "listen address {} is not loopback: set auth_token so the API is not open to the network",
+                "listen address {} is not loopback: set auth_token (or auth_token_file) so the API is not open to \
+                 the network",
                 self.listen
             )));
         }
@@ -563,6 +586,25 @@ mod tests {
     fn non_loopback_needs_a_token() {
         assert!(parse("listen = \"0.0.0.0:5000\"").expect_err("refused").contains("auth_token"));
         assert!(parse("listen = \"0.0.0.0:5000\"\nauth_token = \"s3cret\"").is_ok());
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("mw-token-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (token, config) = (dir.join("token"), dir.join("memwarden.toml"));
+        std::fs::write(&token, "s3cret\n").expect("token");
+        let listen = "listen = \"0.0.0.0:5000\"\n";
+        std::fs::write(&config, format!("{listen}auth_token_file = \"{}\"\n", token.display())).expect("config");
+        assert_eq!(Config::load(&config).expect("valid").auth_token.as_deref(), Some("s3cret"), "trimmed");
+        std::fs::write(&token, " \n").expect("token");
+        assert!(Config::load(&config).expect_err("refused").to_string().contains("is empty"));
+        std::fs::remove_file(&token).expect("rm");
+        assert!(Config::load(&config).expect_err("refused").to_string().contains("auth_token_file"));
+        let both = format!("{listen}auth_token = \"a\"\nauth_token_file = \"{}\"\n", token.display());
+        std::fs::write(&config, both).expect("config");
+        assert!(Config::load(&config).expect_err("refused").to_string().contains("not both"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

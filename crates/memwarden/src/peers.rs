@@ -1,21 +1,31 @@
-//! The weights store as the protocol's peers see it (glue between the supervisor, the store
-//! and the optimizer, so neither of those imports the other): `loadWeights`, `releaseWeights` and
-//! `resumeWeights` requests, `weightsUsed` events, and a closed connection orphaning what it
-//! held.
+//! What the protocol's peers ask of the daemon (glue between the supervisor, the weights store,
+//! the optimizer and the service, so none of those imports another): `loadWeights`,
+//! `releaseWeights` and `resumeWeights`; `allocate` and `free` of memory the connection owns;
+//! `weightsUsed` events; and a closed connection orphaning the weights it held and giving back
+//! the memory it owned.
 
+use crate::service::{AllocateRequest, Service, ServiceError};
 use crate::supervisor::{Conn, PeerRequests};
 use crate::weights::holder::ConnHolder;
 use crate::weights::{HeldModel, LoadRequest, WeightStore, WeightsError};
 use futures_util::future::BoxFuture;
 use memwarden_core::DeviceId;
-use memwarden_protocol::{codes, Action, Event, LoadWeights, ModelRef, Reply, Request, DEFAULT_PRIORITY};
+use memwarden_protocol::{
+    codes, Action, Event, LoadWeights, ModelRef, PeerAllocate, PeerFree, Reply, Request, DEFAULT_PRIORITY,
+};
 use serde_json::{json, Value};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-/// Registered with the supervisor by the server: the store, and the optimizer whose admission
-/// and ladder a peer's loads and resumes go through, as the HTTP routes' do.
-pub struct WeightsPeer(pub Arc<WeightStore>, pub Arc<crate::optimizer::Optimizer>);
+/// Registered with the supervisor by the server: the store, the optimizer whose admission and
+/// ladder a peer's loads and resumes go through (as the HTTP routes' do), and the service that
+/// holds the memory peers allocate.
+pub struct WeightsPeer(pub Arc<WeightStore>, pub Arc<crate::optimizer::Optimizer>, pub Arc<Service>);
+
+/// How often memory a closed connection owned is tried again while a copy still uses it, and
+/// for how long.
+const RECLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const RECLAIM_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn err(id: String, e: &WeightsError) -> (Reply, Vec<OwnedFd>) {
     (Reply::err(id, e.code(), e.to_string()), Vec::new())
@@ -25,6 +35,7 @@ impl WeightsPeer {
     async fn serve(
         store: Arc<WeightStore>,
         optimizer: Arc<crate::optimizer::Optimizer>,
+        service: Arc<Service>,
         conn: Arc<Conn>,
         r: Request,
     ) -> (Reply, Vec<OwnedFd>) {
@@ -82,14 +93,92 @@ impl WeightsPeer {
                     Err(e) => err(id, &e),
                 }
             }
-            other => (Reply::err(id, codes::NOT_SUPPORTED, format!("`{other}` is not a weights request")), Vec::new()),
+            Action::Allocate | Action::Free => {
+                let service = service.clone();
+                let action = r.action;
+                // A new block can take milliseconds per GiB, and a free may wait for a move.
+                let answer = tokio::task::spawn_blocking(move || match action {
+                    Action::Allocate => allocate_for(&service, &conn, &r),
+                    _ => free_for(&service, &conn, &r),
+                })
+                .await;
+                match answer {
+                    Ok(Ok(data)) => (Reply::ok(id, data), Vec::new()),
+                    Ok(Err((code, message))) => (Reply::err(id, code, message), Vec::new()),
+                    Err(e) => (Reply::err(id, codes::INTERNAL, e.to_string()), Vec::new()),
+                }
+            }
+            other => (Reply::err(id, codes::NOT_SUPPORTED, format!("`{other}` is not a peer request")), Vec::new()),
         }
     }
 }
 
+type PeerResult = Result<Value, (&'static str, String)>;
+
+fn service_error(e: ServiceError) -> (&'static str, String) {
+    (e.code(), e.to_string())
+}
+
+/// `allocate`: memory owned by this connection (`ownerClient`), charged to `owner` or else the
+/// peer's name. Answers the REST API's allocation object.
+fn allocate_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
+    let body: PeerAllocate = r.data_as().map_err(|e| (e.code, e.message))?;
+    let kind = body
+        .memory_type
+        .as_deref()
+        .map(str::parse::<memwarden_core::MemoryKind>)
+        .transpose()
+        .map_err(|e| (codes::INVALID_DATA, format!("memoryType: {e}")))?;
+    let request = AllocateRequest {
+        kind,
+        alignment_bytes: body.alignment.unwrap_or(crate::service::DEFAULT_ALIGNMENT_BYTES),
+        purpose: body.purpose,
+        owner: Some(body.owner.unwrap_or_else(|| conn.worker_id.clone())),
+        owner_client: Some(conn.worker_id.clone()),
+        movable: body.movable.unwrap_or(false),
+        ..AllocateRequest::new(&body.device_id, body.size_bytes)
+    };
+    let record = service.allocate(request).map_err(service_error)?;
+    serde_json::to_value(memwarden_protocol::api::allocations::AllocationDto::from(&*record))
+        .map_err(|e| (codes::INTERNAL, e.to_string()))
+}
+
+/// `free`: only what this connection allocated.
+fn free_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
+    let body: PeerFree = r.data_as().map_err(|e| (e.code, e.message))?;
+    let owned = service.allocation(&body.allocation_id).map_err(service_error)?;
+    if owned.owner_client.as_deref() != Some(conn.worker_id.as_str()) {
+        return Err((
+            codes::PERMISSION_DENIED,
+            format!("allocation '{}' was not allocated by this connection", body.allocation_id),
+        ));
+    }
+    let freed = service.free(&body.allocation_id).map_err(service_error)?;
+    Ok(json!({"allocationId": body.allocation_id, "freedBytes": freed.allocated_bytes}))
+}
+
+/// Gives back what a closed connection owned; what a copy still uses is tried again until the
+/// copy is done.
+fn reclaim_for(service: Arc<Service>, client: String) {
+    tokio::task::spawn_blocking(move || {
+        let (count, bytes, mut busy) = service.reclaim_client(&client);
+        let given_up = std::time::Instant::now() + RECLAIM_GIVE_UP;
+        while !busy.is_empty() && std::time::Instant::now() < given_up {
+            std::thread::sleep(RECLAIM_RETRY);
+            busy = service.reclaim(&busy).2;
+        }
+        if count > 0 {
+            tracing::info!(client = %client, count, bytes, "reclaimed the memory of a closed connection");
+        }
+        if !busy.is_empty() {
+            tracing::warn!(client = %client, left = busy.len(), "memory of a closed connection still in use by copies");
+        }
+    });
+}
+
 impl PeerRequests for WeightsPeer {
     fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)> {
-        Box::pin(Self::serve(self.0.clone(), self.1.clone(), conn, request))
+        Box::pin(Self::serve(self.0.clone(), self.1.clone(), self.2.clone(), conn, request))
     }
 
     fn notify(&self, conn: &Arc<Conn>, event: Event, data: &Value) {
@@ -102,6 +191,7 @@ impl PeerRequests for WeightsPeer {
 
     fn closed(&self, conn: &Arc<Conn>) {
         self.0.holder_gone(&conn.worker_id);
+        reclaim_for(self.2.clone(), conn.worker_id.clone());
     }
 
     fn attached(&self, conn: &Arc<Conn>) {

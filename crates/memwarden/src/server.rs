@@ -29,7 +29,11 @@ pub async fn serve_on(
         pressure.thresholds(),
     );
     let weights = crate::weights::WeightStore::for_service(&service, config);
-    supervisor.set_peer_requests(Arc::new(crate::peers::WeightsPeer(weights.clone(), optimizer.clone())));
+    supervisor.set_peer_requests(Arc::new(crate::peers::WeightsPeer(
+        weights.clone(),
+        optimizer.clone(),
+        service.clone(),
+    )));
     weights.start_policy();
     supervisor.start().await;
     start_reaper(&service);

@@ -1,9 +1,11 @@
 //! The `memwarden` binary: `serve` as a real process, and the client commands against it.
 
-mod common;
+mod cli_support;
 
+use cli_support::{in_terminal, tiny_model, Daemon, Scratch, MIB};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const GIB: u64 = 1 << 30;
 
@@ -14,64 +16,16 @@ static MACHINE_MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn machine_memory() -> std::sync::MutexGuard<'static, ()> {
     MACHINE_MEMORY.lock().unwrap_or_else(|e| e.into_inner())
 }
-const MIB: u64 = 1 << 20;
-
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memwarden"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn memwarden serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read announce line");
-        let url = line.trim().strip_prefix("memwarden listening on ").expect("announce line").to_string();
-        Daemon { child, url }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_memwarden")).arg("--url").arg(&self.url).args(args).output().expect("run cli")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf8")
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).expect("json output")
-    }
-
-    fn rss(&self) -> u64 {
-        common::rss_bytes(self.child.id())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn status_table_and_json_agree_with_the_os() {
     let _quiet = machine_memory();
     let d = Daemon::start(&[]);
     let table = d.ok(&["status"]);
-    assert!(table.starts_with("DEVICE"), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("cpu ") && l.contains("RAM")), "{table}");
+    assert!(table.starts_with("memwarden "), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("DEVICE") && l.contains("USAGE") && l.contains("PRESSURE")), "{table}");
+    let levels = ["low (", "moderate (", "high (", "critical ("];
+    assert!(table.lines().any(|l| l.starts_with("cpu ") && levels.iter().any(|x| l.contains(x))), "{table}");
     if !table.contains("cuda:0") {
         assert!(table.contains("cuda: backend unavailable: "), "no GPU: the table says why: {table}");
     }
@@ -334,4 +288,174 @@ fn analytics_and_recommend_through_the_cli() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT (400): window"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `memwarden status` shaped like nvidia-smi: the daemon's line, a device row with name, sizes,
+/// a usage bar, pressure and fragmentation, and a process table whose first row is memwarden's
+/// own share (its pools and the weights it holds) under the daemon's pid, with its model count.
+#[test]
+fn status_shows_devices_and_a_process_table_like_nvidia_smi() {
+    let dir = Scratch::new("status");
+    let d = Daemon::with_config("");
+    d.json(&["alloc", "cpu", "8MiB", "--owner", "status-test"]);
+    let model = tiny_model(&dir.0, "tiny");
+    d.ok(&["load", model.to_str().expect("path"), "--name", "tiny"]);
+    let out = d.ok(&["status"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("memwarden {} at {}, pid {}, up ", env!("CARGO_PKG_VERSION"), d.url, d.pid())),
+        "{out}"
+    );
+    let st = d.api("/api/memory/status/cpu");
+    let cpu = lines.iter().find(|l| l.starts_with("cpu ")).unwrap_or_else(|| panic!("no cpu row: {out}"));
+    let name = st["name"].as_str().expect("name");
+    assert!(cpu.contains(name), "the CPU's name {name}: {cpu}");
+    let total = memwarden_core::units::format_bytes(st["totalMemory"].as_u64().expect("total"));
+    assert!(cpu.contains(&total), "total {total}: {cpu}");
+    // The usage bar has 20 cells, as many # as the utilization's share of them.
+    let bar = &cpu[cpu.find('[').expect("bar")..=cpu.find(']').expect("bar end")];
+    assert_eq!(bar.len(), 22, "{cpu}");
+    let util = st["memoryUtilization"].as_f64().expect("utilization");
+    let hashes = bar.matches('#').count() as f64;
+    assert!((hashes - util * 20.0).abs() <= 1.0, "{bar} for {util}");
+    let category = d.api("/api/memory/pressure/cpu")["pressureCategory"].as_str().expect("category").to_string();
+    assert!(cpu.contains(&format!("{category} (")), "pressure {category}: {cpu}");
+    assert!(cpu.contains("64.0 MiB (8.00 MiB used)"), "pools: {cpu}");
+    // The process table: its header, then memwarden first with its pid, its pools' 64 MiB
+    // block plus the 2 MiB it holds for the model, and that one model.
+    let header = lines.iter().position(|l| l.starts_with("DEVICE") && l.contains("PID")).expect("process table");
+    for column in ["PROCESS", "MEMORY", "SHARE", "MODELS"] {
+        assert!(lines[header].contains(column), "{}", lines[header]);
+    }
+    let first: Vec<&str> = lines[header + 1].split_whitespace().collect();
+    assert_eq!(first[..5], ["cpu", &d.pid().to_string(), "memwarden", "66.0", "MiB"], "{out}");
+    assert_eq!(first.last(), Some(&"1"), "memwarden holds one model: {out}");
+    // --json: the status route's data as it came.
+    let v = d.json(&["status", "cpu"]);
+    assert_eq!(v["deviceId"], "cpu");
+    assert_eq!(v["reservedBytes"], 64 * MIB);
+    assert_eq!(d.json(&["health"])["pid"], d.pid());
+    // --can-allocate answers on the device's row.
+    let out = d.ok(&["status", "cpu", "--can-allocate", "4MiB"]);
+    assert!(out.contains("can allocate 4.00 MiB of host: pool"), "{out}");
+}
+
+/// `memwarden ps`, like `ollama ps`: with no model, the header alone and why no worker was
+/// asked; with a model memwarden holds, its row with state, size, priority, idle time and the
+/// time keep-alive parks it.
+#[test]
+fn ps_lists_models_with_idle_time_and_keep_alive() {
+    let dir = Scratch::new("ps");
+    let d = Daemon::with_config("");
+    let out = d.ok(&["ps"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "ID", "DEVICE", "STATE", "SIZE", "PRIORITY", "HELD", "BY", "IDLE", "SINCE", "UNTIL"]
+    );
+    assert_eq!(lines.len(), 2, "no model rows: {out}");
+    assert!(
+        lines[1].starts_with("(no worker could be asked for its models: ") && lines[1].contains("workers.enabled"),
+        "{out}"
+    );
+    let v = d.json(&["ps"]);
+    assert_eq!(v["weights"], serde_json::json!([]));
+    assert_eq!(v["coordinationStatus"]["mode"], "fallback");
+    let model = tiny_model(&dir.0, "tiny");
+    let path = model.to_str().expect("path");
+    d.ok(&["load", path, "--name", "tiny", "--priority", "80", "--keep-alive", "10m"]);
+    d.ok(&["load", &tiny_model(&dir.0, "kept").to_string_lossy(), "--name", "kept", "--keep-alive", "0", "--pinned"]);
+    let out = d.ok(&["ps"]);
+    let row = |name: &str| -> Vec<String> {
+        let l = out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {out}"));
+        l.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect()
+    };
+    let tiny = row("tiny");
+    assert_eq!(tiny[1..7], ["w-1", "cpu", "resident", "2.00 MiB", "80", "memwarden"], "{out}");
+    assert!(tiny[7] == "just now" || tiny[7].ends_with("seconds ago") || tiny[7] == "1 second ago", "{out}");
+    assert_eq!(tiny[8], "10 minutes from now", "{out}");
+    let kept = row("kept");
+    assert_eq!(kept[5], "50 pinned", "{out}");
+    assert_eq!(kept[8], "forever", "{out}");
+    // --json: the model listing as the API gives it.
+    let v = d.json(&["ps"]);
+    assert_eq!(v["weights"][0]["modelId"], "w-1");
+    assert_eq!(v["weights"][0]["keepAliveMs"], 600_000);
+    assert_eq!(v["weights"][1]["keepAliveMs"], serde_json::Value::Null);
+}
+
+/// `status --watch` redraws only on a terminal: piped, it refuses and says what to run
+/// instead; with --json it prints one status per interval; under a pseudo-terminal it clears
+/// the screen once and then redraws from the top, frame after frame.
+#[test]
+fn status_watch_redraws_on_a_terminal_and_refuses_a_pipe() {
+    let d = Daemon::with_config("");
+    let out = d.run(&["status", "--watch"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "nothing drawn into a pipe");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a terminal") && err.contains("--watch --json"), "{err}");
+    // --interval goes with --watch.
+    assert!(!d.run(&["status", "--interval", "1"]).status.success());
+
+    let mut child =
+        d.cmd(&["--json", "status", "--watch", "--interval", "0.2"]).stdout(Stdio::piped()).spawn().expect("cli");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        let line = lines.next().expect("a line per interval").expect("read");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON document per line");
+        assert_eq!(v["devices"][0]["deviceId"], "cpu");
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(350), "three lines at 0.2 s intervals");
+    assert!(child.try_wait().expect("wait").is_none(), "still watching");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let screen = in_terminal(&d, &["status", "--watch", "--interval", "0.3"], 2.0);
+    assert_eq!(screen.matches("\x1b[2J").count(), 1, "the screen is cleared once: {screen:?}");
+    let frames = screen.matches("\x1b[H").count();
+    assert!(frames >= 3, "{frames} frames in 2 s: {screen:?}");
+    assert!(screen.matches("DEVICE  PID").count() >= 3, "each frame has the process table: {screen:?}");
+    assert!(screen.contains("every 0.3 s; Ctrl-C to stop"), "{screen:?}");
+}
+
+/// Every read-only command's `--json` is the data its route answers, as the API gives it.
+#[test]
+fn json_output_is_the_apis_data() {
+    let d = Daemon::with_config("");
+    let a = d.json(&["alloc", "cpu", "1MiB", "--owner", "json-test", "--purpose", "check"]);
+    let id = a["allocationId"].as_str().expect("id");
+    let same = [
+        (vec!["allocation", id], format!("/api/memory/allocation/{id}")),
+        (vec!["owners"], "/api/memory/owners".into()),
+        (vec!["pools", "cpu"], "/api/memory/pools/cpu".into()),
+        (vec!["optimize-history"], "/api/memory/models/optimize/history".into()),
+        (vec!["pressure", "--history"], "/api/memory/pressure/history".into()),
+        (vec!["analytics-events", "--limit", "5"], "/api/memory/analytics/events?limit=5".into()),
+        (vec!["recommend"], "/api/memory/optimization".into()),
+    ];
+    for (args, route) in same {
+        let mut cli = d.json(&args);
+        let mut api = d.api(&route);
+        // The recommendations carry the time they were made.
+        for v in [&mut cli, &mut api] {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("generatedAt");
+            }
+        }
+        assert_eq!(cli, api, "{args:?} vs {route}");
+    }
+    assert_eq!(d.json(&["allocation", id]), a, "the record alloc printed");
+    let health = d.json(&["health"]);
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["devices"], d.api("/health")["devices"]);
+    let usage = d.json(&["usage", "cpu", "--window", "5m"]);
+    assert_eq!(
+        (usage["deviceId"].clone(), usage["allocationCount"].clone()),
+        (serde_json::json!("cpu"), serde_json::json!(1))
+    );
+    let all = d.json(&["usage"]);
+    assert_eq!(all["window"], "1h");
+    assert_eq!(all["devices"][0]["allocatedBytes"], MIB);
 }

@@ -18,6 +18,7 @@ fn request(kind: MemoryKind, owner: Option<&str>, purpose: Option<&str>) -> Allo
         purpose: purpose.map(String::from),
         owner: owner.map(String::from),
         owner_pid: None,
+        owner_client: None,
         persistent: false,
         movable: true,
     }

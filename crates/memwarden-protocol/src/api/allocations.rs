@@ -49,6 +49,10 @@ pub struct AllocationDto {
     /// Freed when this process exits; null: kept until freed.
     #[serde(default)]
     pub owner_pid: Option<u32>,
+    /// Freed when this attached client's connection closes (allocated over the Unix socket);
+    /// null otherwise.
+    #[serde(default)]
+    pub owner_client: Option<String>,
     pub persistent: bool,
     pub movable: bool,
     /// Shared with another process: never moved.

@@ -107,6 +107,10 @@ pub struct HealthDto {
     pub version: String,
     pub started_at: String,
     pub uptime_seconds: u64,
+    /// The daemon's process id (0 from a daemon older than this field): `memwarden status`
+    /// finds the daemon's own row among a GPU's processes by it.
+    #[serde(default)]
+    pub pid: u32,
     pub devices: Vec<String>,
     pub backends: Vec<BackendDto>,
     /// The model workers and attached clients: model routes need one that is `ready`.

@@ -184,18 +184,18 @@ impl Analytics {
         for id in self.service.device_ids() {
             devices.push(self.device_analytics(id, &w, &events)?);
         }
-        // One pass over the live allocations, without copying them (the events are bounded by
-        // the log's size, the live allocations by nothing).
+        // The live allocations through the ledger's running totals: the cost follows the number
+        // of owners and purposes, not of allocations (the events are bounded by the log's size).
         let min_age = time::Duration::seconds(self.config.leak_min_age_secs as i64);
-        let live = self.service.live_digest(now - min_age);
+        let live = self.service.live_digest(now - min_age, SUSPECTS);
         let holders = |key: fn(&crate::service::AllocationRecord) -> Option<&String>,
-                       live: &[(Option<String>, u64, u64)]|
+                       live: &[crate::service::GroupTotals]|
          -> Vec<HolderDto> {
             let name = |r: &crate::service::AllocationRecord| key(r).cloned().unwrap_or_else(|| "(none)".into());
             let mut live_top: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-            for (k, b, c) in live {
-                let e = live_top.entry(k.clone().unwrap_or_else(|| "(none)".into())).or_default();
-                *e = (e.0 + b, e.1 + c);
+            for g in live {
+                let e = live_top.entry(g.name.clone().unwrap_or_else(|| "(none)".into())).or_default();
+                *e = (e.0 + g.bytes, e.1 + g.count);
             }
             let window_top: BTreeMap<String, (u64, u64)> = top_by_bytes(
                 events
@@ -236,7 +236,7 @@ impl Analytics {
         let top_owners = holders(|r| r.owner.as_ref(), &live.owners);
         let top_purposes = holders(|r| r.purpose.as_ref(), &live.purposes);
         let top_models = self.top_models(&w);
-        let leak_suspects = self.leak_suspects(&live.old, now);
+        let leak_suspects = self.leak_suspects(&live, now);
         Ok(AnalyticsDto {
             window: window_text.to_string(),
             window_start: rfc3339(since),
@@ -384,9 +384,13 @@ impl Analytics {
         v
     }
 
-    fn leak_suspects(&self, live: &[crate::service::Allocation], now: OffsetDateTime) -> Vec<LeakSuspectDto> {
+    /// The oldest allocations of owners that are gone, idle or unnamed (the digest holds each
+    /// owner's `SUSPECTS` oldest, which is all the ranking below can use).
+    fn leak_suspects(&self, live: &crate::service::LiveDigest, now: OffsetDateTime) -> Vec<LeakSuspectDto> {
         let items: Vec<LiveAllocation> = live
+            .oldest
             .iter()
+            .flat_map(|(_, old)| old)
             .map(|r| LiveAllocation {
                 id: r.id.clone(),
                 device: r.device.to_string(),
@@ -398,9 +402,12 @@ impl Analytics {
             })
             .collect();
         let proc_root = self.supervisor.proc_root().to_path_buf();
-        let last_active = self.service.owner_activity();
+        let now_ns = now.unix_timestamp_nanos() as i64;
+        // An owner's last allocate or free, kept by the ledger (exact, not bounded by the log).
+        let last_active: std::collections::HashMap<&str, i64> =
+            live.owners.iter().filter_map(|g| Some((g.name.as_deref()?, g.last_active_ns))).collect();
         let activity = |owner: &str| OwnerActivity {
-            idle_secs: last_active.get(owner).map(|t| (now - *t).as_seconds_f64()),
+            idle_secs: last_active.get(owner).map(|t| (now_ns - *t).max(0) as f64 / 1e9),
             gone: owner_pid(owner).is_some_and(|pid| !proc_root.join(pid.to_string()).exists()),
         };
         leak_suspects(&items, activity, self.config.leak_min_age_secs as f64, self.config.leak_owner_idle_secs as f64)

@@ -32,6 +32,7 @@ fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest,
         purpose: body.purpose,
         owner: body.owner,
         owner_pid: body.owner_pid,
+        owner_client: None,
         persistent: body.persistent.unwrap_or(false),
         movable: body.movable.unwrap_or(true),
     })

@@ -5,33 +5,10 @@
 use super::envelope::rfc3339;
 use crate::pressure::{PressureEvent, PressureReport};
 use crate::service::{
-    AllocationPage, AllocationRecord, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo,
-    PoolDump, TransferRecord,
+    AllocationPage, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo, PoolDump,
+    TransferRecord,
 };
 pub use memwarden_protocol::api::{allocations::*, pools::*, pressure::*, status::*, transfer::*};
-
-impl From<&AllocationRecord> for AllocationDto {
-    fn from(r: &AllocationRecord) -> Self {
-        AllocationDto {
-            allocation_id: r.id.clone(),
-            device_id: r.device.to_string(),
-            memory_type: r.kind.to_string(),
-            size_bytes: r.size_bytes,
-            allocated_size: r.allocated_bytes,
-            alignment: r.alignment_bytes,
-            address: r.address.map(|a| format!("{a:#x}")),
-            offset: r.placement.map(|p| p.offset_bytes),
-            purpose: r.purpose.clone(),
-            owner: r.owner.clone(),
-            owner_pid: r.owner_pid,
-            persistent: r.persistent,
-            movable: r.movable,
-            exported: r.exported,
-            generation: r.generation,
-            allocated_at: rfc3339(r.allocated_at),
-        }
-    }
-}
 
 /// One page of a listing; `next_cursor` is the API's spelling of `page.next`.
 pub fn allocation_list(page: &AllocationPage, next_cursor: Option<String>) -> AllocationListDto {

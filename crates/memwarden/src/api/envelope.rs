@@ -52,19 +52,21 @@ impl ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
-        let (status, code) = match &e {
-            ServiceError::DeviceNotFound { .. } => (StatusCode::NOT_FOUND, "DEVICE_NOT_FOUND"),
-            ServiceError::AllocationNotFound { .. } => (StatusCode::NOT_FOUND, "ALLOCATION_NOT_FOUND"),
-            ServiceError::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
-            ServiceError::InsufficientMemory { .. } => (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY"),
-            ServiceError::QuotaExceeded { .. } => (StatusCode::INSUFFICIENT_STORAGE, "QUOTA_EXCEEDED"),
-            ServiceError::InvalidOperation(_) => (StatusCode::CONFLICT, "INVALID_OPERATION"),
-            ServiceError::TransferNotFound { .. } => (StatusCode::NOT_FOUND, "TRANSFER_NOT_FOUND"),
-            ServiceError::TransferFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "TRANSFER_FAILED"),
-            ServiceError::BackendUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "BACKEND_UNAVAILABLE"),
-            ServiceError::BackendFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "BACKEND_ERROR"),
+        let status = match &e {
+            ServiceError::DeviceNotFound { .. }
+            | ServiceError::AllocationNotFound { .. }
+            | ServiceError::TransferNotFound { .. } => StatusCode::NOT_FOUND,
+            ServiceError::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
+            ServiceError::InsufficientMemory { .. } | ServiceError::QuotaExceeded { .. } => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            ServiceError::InvalidOperation(_) => StatusCode::CONFLICT,
+            ServiceError::TransferFailed { .. } | ServiceError::BackendFailed { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ServiceError::BackendUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
-        ApiError::new(status, code, e.to_string())
+        ApiError::new(status, e.code(), e.to_string())
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod allocations;
 pub mod analytics;
+pub mod dashboard;
 pub mod dto;
 pub mod envelope;
 pub mod models;
@@ -112,6 +113,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(health))
+        // The dashboard page and its assets: open, like /health (the page holds no data).
+        .merge(dashboard::routes())
         .merge(SwaggerUi::new("/swagger-ui").url("/api/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -201,6 +204,7 @@ async fn health(State(state): State<AppState>) -> ApiResult<HealthDto> {
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: envelope::rfc3339(s.started_at()),
         uptime_seconds: uptime,
+        pid: std::process::id(),
         devices: s.device_ids().iter().map(ToString::to_string).collect(),
         backends: s.backends().iter().map(backend_dto).collect(),
         workers: health_workers(&state.supervisor),

@@ -1,9 +1,9 @@
-//! `alloc`, `free`, `allocations`, `owners`.
+//! `alloc`, `free`, `allocation`, `allocations`, `owners`, `export`.
 
 use super::http::{one_or_all, path_segment, CliError, Client};
 use super::render::{pretty, table};
 use memwarden_core::units::{format_bytes, parse_size};
-use memwarden_protocol::api::{AllocationDto, AllocationListDto, FreedDto, OwnersDto};
+use memwarden_protocol::api::{AllocationDto, AllocationListDto, ExportDto, FreedDto, OwnersDto};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
@@ -16,6 +16,7 @@ pub struct AllocArgs<'a> {
     pub alignment: Option<&'a str>,
     pub persistent: bool,
     pub immovable: bool,
+    pub owner_pid: Option<u32>,
 }
 
 pub fn alloc(client: &Client, args: AllocArgs<'_>, as_json: bool) -> Result<String, CliError> {
@@ -31,6 +32,9 @@ pub fn alloc(client: &Client, args: AllocArgs<'_>, as_json: bool) -> Result<Stri
     }
     if let Some(o) = args.owner {
         body["owner"] = json!(o);
+    }
+    if let Some(pid) = args.owner_pid {
+        body["ownerPid"] = json!(pid);
     }
     if let Some(a) = args.alignment {
         body["alignment"] = json!(parse_size(a).map_err(|e| CliError(format!("alignment: {e}")))?);
@@ -49,6 +53,56 @@ pub fn alloc(client: &Client, args: AllocArgs<'_>, as_json: bool) -> Result<Stri
         d.device_id,
         d.address.as_deref().unwrap_or("(no memory: reservation)"),
         d.allocation_id,
+    ))
+}
+
+/// `memwarden allocation ID`: one allocation's record.
+pub fn allocation(client: &Client, id: &str, as_json: bool) -> Result<String, CliError> {
+    let a = client.get::<AllocationDto>(&format!("/api/memory/allocation/{}", path_segment(id)))?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let d = a.data;
+    let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows = [
+        ("allocation", d.allocation_id.clone()),
+        ("device", d.device_id.clone()),
+        ("kind", d.memory_type.clone()),
+        ("size", format!("{} ({} bytes; {} in its pool)", format_bytes(d.size_bytes), d.size_bytes, d.allocated_size)),
+        ("alignment", d.alignment.to_string()),
+        ("address", or(&d.address)),
+        ("offset", d.offset.map_or("-".into(), |o| o.to_string())),
+        ("purpose", or(&d.purpose)),
+        ("owner", or(&d.owner)),
+        ("owner pid", d.owner_pid.map_or("-".into(), |p| p.to_string())),
+        ("persistent", d.persistent.to_string()),
+        ("movable", d.movable.to_string()),
+        ("exported", d.exported.to_string()),
+        ("generation", d.generation.to_string()),
+        ("allocated at", d.allocated_at.clone()),
+    ];
+    Ok(rows.iter().map(|(k, v)| format!("{k:<13}{v}\n")).collect())
+}
+
+/// `memwarden export ID`: what another process needs to map the allocation.
+pub fn export(client: &Client, id: &str, as_json: bool) -> Result<String, CliError> {
+    let path = format!("/api/memory/allocations/{}/export", path_segment(id));
+    let a = client.call::<ExportDto, ()>("POST", &path, None)?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let e = a.data;
+    let what = match (e.kind.as_str(), &e.path, &e.ipc_handle) {
+        ("shm", Some(p), _) => format!("map {p}"),
+        (_, _, Some(h)) => format!("open CUDA IPC handle {h}"),
+        (kind, p, h) => format!("{kind} {}", p.as_deref().or(h.as_deref()).unwrap_or("-")),
+    };
+    Ok(format!(
+        "exported {} ({} on {}): {what}, then add offset {}\n",
+        e.allocation_id,
+        format_bytes(e.size_bytes),
+        e.device_id,
+        e.offset
     ))
 }
 

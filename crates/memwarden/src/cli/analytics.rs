@@ -1,9 +1,16 @@
-//! `analytics` and `recommend`.
+//! `analytics`, `analytics-events`, `reset-peaks`, `usage`, and `recommend` (`--apply`).
 
-use super::http::{path_segment, CliError, Client};
+use super::http::{one_or_all, path_segment, CliError, Client};
 use super::render::{or_dash, pct, pretty, table};
+use super::transfers;
 use memwarden_core::units::format_bytes;
-use memwarden_protocol::api::analytics::{AnalyticsDto, DeviceAnalyticsDto, HolderDto, RecommendationsDto};
+use memwarden_protocol::api::analytics::{
+    AnalyticsDto, DeviceAnalyticsDto, EventListDto, HolderDto, RecommendationDto, RecommendationsDto, ResetDto,
+    UsageDto, UsageListDto,
+};
+use memwarden_protocol::api::{ClearDto, DefragDto, MovedDto, OptimizeReply, TransferDto};
+use serde::Deserialize as _;
+use serde_json::Value;
 use std::fmt::Write as _;
 
 /// `memwarden analytics`: per device, then the top holders and leak suspects.
@@ -186,4 +193,171 @@ pub fn recommend(client: &Client, as_json: bool) -> Result<String, CliError> {
     }
     let _ = writeln!(out, "total estimated savings: {}", format_bytes(r.total_estimated_savings_bytes));
     Ok(out)
+}
+
+/// `memwarden recommend --apply N|TYPE`: sends the request of the Nth recommendation (as
+/// `recommend` numbers them) or of the first of that type, as the daemon gives it now.
+pub fn apply(client: &Client, which: &str, as_json: bool) -> Result<String, CliError> {
+    let list = client.get::<RecommendationsDto>("/api/memory/optimization")?.data.recommendations;
+    let pick: Option<(usize, &RecommendationDto)> = match which.parse::<usize>() {
+        Ok(n) => list.get(n.wrapping_sub(1)).map(|r| (n, r)),
+        Err(_) => list.iter().enumerate().find(|(_, r)| r.kind == which).map(|(i, r)| (i + 1, r)),
+    };
+    let Some((n, rec)) = pick else {
+        let known: Vec<String> = list.iter().enumerate().map(|(i, r)| format!("{}. {}", i + 1, r.kind)).collect();
+        return Err(CliError(format!(
+            "no recommendation {which} now ({})",
+            if known.is_empty() { "there are none".to_string() } else { known.join(", ") }
+        )));
+    };
+    let action = &rec.action;
+    let body = action.body.as_ref().filter(|b| !b.is_null());
+    let answer = client.call::<Value, Value>(&action.method, &action.path, body)?;
+    // A transfer that runs in the background is followed like `memwarden transfer`'s.
+    let raw = match TransferDto::deserialize(&answer.raw) {
+        Ok(t) if action.path.starts_with("/api/memory/transfer") && t.status == "running" => {
+            transfers::follow(client, t)?.raw
+        }
+        _ => answer.raw,
+    };
+    if as_json {
+        return Ok(pretty(&raw));
+    }
+    let mut out = format!("applied {n}. {} on {}: {} {}\n", rec.kind, rec.device_id, action.method, action.path);
+    out.push_str(&applied(&action.path, &raw));
+    Ok(out)
+}
+
+/// What an applied action's answer says, by the route it went to.
+fn applied(path: &str, raw: &Value) -> String {
+    if path.starts_with("/api/memory/operations/clear") {
+        if let Ok(c) = ClearDto::deserialize(raw) {
+            return format!("released {} to the OS or driver\n", format_bytes(c.cleared_bytes));
+        }
+    } else if path.starts_with("/api/memory/operations/defragment") {
+        if let Ok(d) = DefragDto::deserialize(raw) {
+            return format!(
+                "moved {} allocation(s), {}; released {}; fragmentation {:.2} -> {:.2}\n",
+                d.allocations_moved,
+                format_bytes(d.bytes_moved),
+                format_bytes(d.bytes_released),
+                d.fragmentation_before,
+                d.fragmentation_after
+            );
+        }
+    } else if path.starts_with("/api/memory/models/optimize") {
+        if let Ok(o) = OptimizeReply::deserialize(raw) {
+            let (freed, message) = match o {
+                OptimizeReply::Device(o) => (o.memory_freed, o.message),
+                OptimizeReply::Devices(o) => (o.memory_freed, o.message),
+            };
+            return format!("freed {}: {message}\n", format_bytes(freed));
+        }
+    } else if path.starts_with("/api/memory/transfer") {
+        if let Ok(t) = TransferDto::deserialize(raw) {
+            return transfers::line(&t);
+        }
+    } else if path.ends_with("/move") {
+        if let Ok(m) = MovedDto::deserialize(raw) {
+            return format!(
+                "{} is now {} on {}; {} freed on {}\n",
+                m.previous_model_id,
+                m.model.model_id,
+                m.model.device_id,
+                format_bytes(m.freed_bytes),
+                m.previous_device_id
+            );
+        }
+    }
+    pretty(raw)
+}
+
+/// `memwarden usage [DEVICE] [--window W]`.
+pub fn usage(client: &Client, device: Option<&str>, window: &str, as_json: bool) -> Result<String, CliError> {
+    let path = format!("{}?window={}", one_or_all("/api/memory/usage", None, device), path_segment(window));
+    let (raw, label, devices) = match device {
+        Some(_) => {
+            let a = client.get::<UsageDto>(&path)?;
+            (a.raw, window.to_string(), vec![a.data])
+        }
+        None => {
+            let a = client.get::<UsageListDto>(&path)?;
+            (a.raw, a.data.window, a.data.devices)
+        }
+    };
+    if as_json {
+        return Ok(pretty(&raw));
+    }
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|u| {
+            vec![
+                u.device_id.clone(),
+                format_bytes(u.current_usage_bytes),
+                format_bytes(u.peak_usage_bytes),
+                u.allocation_count.to_string(),
+                format_bytes(u.allocated_bytes),
+                format_bytes(u.peak_allocated_bytes),
+                format!("{} ({:.2}/s)", u.allocations_in_window, u.allocations_per_second),
+                format!("{} ({:.2}/s)", u.frees_in_window, u.frees_per_second),
+                format_bytes(u.average_allocation_size_bytes),
+            ]
+        })
+        .collect();
+    let mut out = format!("window {label}\n");
+    out.push_str(&table(
+        &["DEVICE", "USED", "PEAK USED", "LIVE", "ALLOCATED", "PEAK ALLOCATED", "ALLOCATIONS", "FREES", "AVERAGE SIZE"],
+        &rows,
+    ));
+    Ok(out)
+}
+
+/// `memwarden analytics-events [--device D] [--limit N]`: the allocation event log, oldest first.
+pub fn events(client: &Client, device: Option<&str>, limit: Option<u64>, as_json: bool) -> Result<String, CliError> {
+    let mut query = Vec::new();
+    if let Some(d) = device {
+        query.push(format!("deviceId={}", path_segment(d)));
+    }
+    if let Some(n) = limit {
+        query.push(format!("limit={n}"));
+    }
+    let path = match query.is_empty() {
+        true => "/api/memory/analytics/events".to_string(),
+        false => format!("/api/memory/analytics/events?{}", query.join("&")),
+    };
+    let a = client.get::<EventListDto>(&path)?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let rows: Vec<Vec<String>> = a
+        .data
+        .events
+        .iter()
+        .map(|e| {
+            vec![
+                e.at.clone(),
+                e.event.clone(),
+                e.allocation_id.clone(),
+                e.device_id.clone(),
+                e.memory_type.clone(),
+                format_bytes(e.size_bytes),
+                e.owner.as_deref().unwrap_or("-").to_string(),
+                e.purpose.as_deref().unwrap_or("-").to_string(),
+                e.generation.to_string(),
+            ]
+        })
+        .collect();
+    let mut out =
+        table(&["AT", "EVENT", "ALLOCATION", "DEVICE", "KIND", "SIZE", "OWNER", "PURPOSE", "GENERATION"], &rows);
+    let _ = writeln!(out, "{} event(s); the log keeps {}", a.data.events.len(), a.data.capacity);
+    Ok(out)
+}
+
+/// `memwarden reset-peaks`.
+pub fn reset_peaks(client: &Client, as_json: bool) -> Result<String, CliError> {
+    let a = client.call::<ResetDto, ()>("POST", "/api/memory/analytics/reset-peaks", None)?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    Ok(format!("peaks start over from their current values, since {}\n", a.data.since))
 }

@@ -1,52 +1,68 @@
-//! Per-device commands: `status`, `clear`, `defrag`, `pools`, `pressure`.
+//! Per-device commands: `clear`, `defrag`, `pools`, `pressure`; and `health`.
 
 use super::http::{one_or_all, CliError, Client, StreamEvent};
-use super::render::{block_bar, or_dash, pretty, table};
+use super::render::{block_bar, or_dash, pretty, table, uptime};
 use memwarden_core::units::format_bytes;
 use memwarden_protocol::api::{
-    ClearDto, DefragAllDto, DefragBody, DefragDto, DevicePoolsDto, DeviceStatusDto, PoolsDto, PressureAllDto,
-    PressureDto, StatusListDto,
+    ClearDto, DefragAllDto, DefragBody, DefragDto, DevicePoolsDto, HealthDto, PoolsDto, PressureAllDto, PressureDto,
+    PressureHistoryDto,
 };
 use std::fmt::Write as _;
 
-pub fn status(client: &Client, device: Option<&str>, as_json: bool) -> Result<String, CliError> {
-    let path = one_or_all("/api/memory/status", None, device);
-    let (raw, devices, backends) = match device {
-        Some(_) => {
-            let a = client.get::<DeviceStatusDto>(&path)?;
-            (a.raw, vec![a.data], Vec::new())
-        }
-        None => {
-            let a = client.get::<StatusListDto>(&path)?;
-            (a.raw, a.data.devices, a.data.backends)
-        }
-    };
+/// `memwarden health`: the daemon, its backends (with the reason one is unavailable) and its
+/// model workers.
+pub fn health(client: &Client, as_json: bool) -> Result<String, CliError> {
+    let a = client.get::<HealthDto>("/health")?;
     if as_json {
-        return Ok(pretty(&raw));
+        return Ok(pretty(&a.raw));
     }
-    let rows: Vec<Vec<String>> = devices
+    let h = a.data;
+    let mut out = format!(
+        "memwarden {} {}: pid {}, up {} (since {}); devices {}\n",
+        h.version,
+        h.status,
+        h.pid,
+        uptime(h.uptime_seconds),
+        h.started_at,
+        h.devices.join(", ")
+    );
+    let rows: Vec<Vec<String>> = h
+        .backends
         .iter()
-        .map(|d| {
+        .map(|b| {
             vec![
-                d.device_id.clone(),
-                d.memory_type.clone(),
-                format_bytes(d.total_memory),
-                format_bytes(d.used_memory),
-                format_bytes(d.available_memory),
-                format!("{:.1}%", d.memory_utilization * 100.0),
-                format_bytes(d.reserved_bytes),
-                format_bytes(d.allocated_bytes),
-                d.source.clone(),
+                b.name.clone(),
+                if b.available { "yes".into() } else { "no".into() },
+                b.devices.join(", "),
+                or_dash(&b.reason).to_string(),
             ]
         })
         .collect();
-    let mut out = table(
-        &["DEVICE", "MEMORY", "TOTAL", "USED", "AVAILABLE", "UTIL", "POOL HELD", "POOL ALLOCATED", "SOURCE"],
-        &rows,
+    out.push_str(&table(&["BACKEND", "AVAILABLE", "DEVICES", "REASON"], &rows));
+    let w = &h.workers;
+    let _ = writeln!(
+        out,
+        "workers {}: {} ready{}",
+        if w.enabled { "enabled" } else { "disabled" },
+        w.ready,
+        w.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
     );
-    // Backends that could not start, and why (only in the all-device answer).
-    for b in backends.iter().filter(|b| !b.available) {
-        let _ = writeln!(out, "{}: {}", b.name, or_dash(&b.reason));
+    if !w.workers.is_empty() {
+        let rows: Vec<Vec<String>> = w
+            .workers
+            .iter()
+            .map(|x| {
+                vec![
+                    x.worker_id.clone(),
+                    x.role.clone(),
+                    x.state.clone(),
+                    x.pid.map_or("-".into(), |p| p.to_string()),
+                    x.restarts.to_string(),
+                    or_dash(&x.last_error).to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["WORKER", "ROLE", "STATE", "PID", "RESTARTS", "LAST ERROR"], &rows));
     }
     Ok(out)
 }
@@ -219,6 +235,22 @@ pub fn pressure(client: &Client, device: Option<&str>, watch: bool, as_json: boo
             }
             true
         })?;
+    }
+    Ok(out)
+}
+
+/// `memwarden pressure --history`: the last level changes, oldest first.
+pub fn pressure_history(client: &Client, as_json: bool) -> Result<String, CliError> {
+    let a = client.get::<PressureHistoryDto>("/api/memory/pressure/history")?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let mut out = String::new();
+    for e in &a.data.events {
+        let _ = writeln!(out, "{}", watch_line(&StreamEvent::Pressure(e.clone())));
+    }
+    if out.is_empty() {
+        out.push_str("no level changes yet\n");
     }
     Ok(out)
 }

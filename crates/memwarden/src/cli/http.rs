@@ -6,6 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde::Serialize;
 use serde_json::Value;
+use std::io::BufRead as _;
+use std::time::Duration;
 
 pub const DEFAULT_URL: &str = "http://127.0.0.1:5000";
 
@@ -45,6 +47,11 @@ impl Client {
         Client { base: base.trim_end_matches('/').to_string(), token, agent }
     }
 
+    /// The daemon's URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// `GET path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Answer<T>, CliError> {
         self.call::<T, ()>("GET", path, None)
@@ -58,12 +65,40 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<Answer<T>, CliError> {
+        self.send(method, path, body.map(Body::Json), None)
+    }
+
+    /// `GET path`, given up after `timeout` (for figures a command can do without).
+    pub fn get_within<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<Answer<T>, CliError> {
+        self.send::<T, ()>("GET", path, None, Some(timeout))
+    }
+
+    /// `PUT path` with `bytes` as `application/octet-stream`.
+    pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, bytes: &[u8]) -> Result<Answer<T>, CliError> {
+        self.send::<T, ()>("PUT", path, Some(Body::Bytes(bytes)), None)
+    }
+
+    fn send<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Body<'_, B>>,
+        timeout: Option<Duration>,
+    ) -> Result<Answer<T>, CliError> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let limit = |req: ureq::RequestBuilder<_>| match timeout {
+            Some(t) => req.config().timeout_global(Some(t)).build(),
+            None => req,
+        };
         let result = match (method, body) {
-            ("GET", _) => with_auth(self.agent.get(&url), &auth).call(),
+            ("GET", _) => with_auth(limit(self.agent.get(&url)), &auth).call(),
             ("DELETE", _) => with_auth(self.agent.delete(&url), &auth).call(),
-            ("POST", Some(b)) => with_auth(self.agent.post(&url), &auth).send_json(b),
+            (_, Some(Body::Bytes(b))) if method == "PUT" => {
+                with_auth(self.agent.put(&url), &auth).content_type("application/octet-stream").send(b)
+            }
+            ("POST", Some(Body::Json(b))) => with_auth(self.agent.post(&url), &auth).send_json(b),
+            ("PUT", Some(Body::Json(b))) => with_auth(self.agent.put(&url), &auth).send_json(b),
             ("POST", None) => with_auth(self.agent.post(&url), &auth).send_empty(),
             _ => return Err(CliError(format!("unsupported method {method}"))),
         };
@@ -89,10 +124,9 @@ impl Client {
         }
     }
 
-    /// Follows `/api/memory/events`, calling `on_event` with each event, typed and as it came,
-    /// until it returns false or the stream ends.
-    pub fn follow_events(&self, mut on_event: impl FnMut(StreamEvent, &Value) -> bool) -> Result<(), CliError> {
-        use std::io::BufRead;
+    /// Opens `/api/memory/events`: returns once the daemon has answered (the stream is then
+    /// subscribed), with the events to read one by one.
+    pub fn events(&self) -> Result<EventStream, CliError> {
         let url = format!("{}/api/memory/events", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let resp = with_auth(self.agent.get(&url), &auth)
@@ -101,29 +135,63 @@ impl Client {
         if !resp.status().is_success() {
             return Err(CliError(format!("{url} answered {}", resp.status())));
         }
-        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        Ok(EventStream { lines: Box::new(std::io::BufReader::new(resp.into_body().into_reader()).lines()) })
+    }
+
+    /// Follows `/api/memory/events`, calling `on_event` with each event it knows, typed and as
+    /// it came, until it returns false or the stream ends.
+    pub fn follow_events(&self, mut on_event: impl FnMut(StreamEvent, &Value) -> bool) -> Result<(), CliError> {
+        for item in self.events()? {
+            let (name, raw) = item?;
+            let event = match name.as_str() {
+                "pressure" => PressureEventDto::deserialize(&raw).ok().map(StreamEvent::Pressure),
+                "optimization" => OptimizeOutcome::deserialize(&raw).ok().map(StreamEvent::Optimization),
+                _ => None,
+            };
+            if let Some(event) = event {
+                if !on_event(event, &raw) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request body.
+enum Body<'a, B> {
+    Json(&'a B),
+    Bytes(&'a [u8]),
+}
+
+/// The events of `/api/memory/events` as they come: each its `event:` name and its `data` as
+/// JSON. Ends with the stream.
+pub struct EventStream {
+    lines: Box<dyn Iterator<Item = std::io::Result<String>>>,
+}
+
+impl Iterator for EventStream {
+    type Item = Result<(String, Value), CliError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
         let mut name = String::new();
-        for line in reader.lines() {
-            let line = line.map_err(|e| CliError(format!("event stream broke: {e}")))?;
+        for line in self.lines.by_ref() {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => return Some(Err(CliError(format!("event stream broke: {e}")))),
+            };
             if let Some(n) = line.strip_prefix("event:") {
                 name = n.trim().to_string();
             } else if let Some(data) = line.strip_prefix("data:") {
-                let Ok(raw) = serde_json::from_str::<Value>(data.trim()) else { continue };
-                let event = match name.as_str() {
-                    "pressure" => PressureEventDto::deserialize(&raw).ok().map(StreamEvent::Pressure),
-                    "optimization" => OptimizeOutcome::deserialize(&raw).ok().map(StreamEvent::Optimization),
-                    _ => None,
-                };
-                if let Some(event) = event {
-                    if !on_event(event, &raw) {
-                        break;
-                    }
+                // One data line per event (the daemon writes compact JSON).
+                if let Ok(raw) = serde_json::from_str::<Value>(data.trim()) {
+                    return Some(Ok((std::mem::take(&mut name), raw)));
                 }
             } else if line.is_empty() {
                 name.clear();
             }
         }
-        Ok(())
+        None
     }
 }
 

@@ -3,15 +3,21 @@
 //! read into the API's own types (`memwarden_protocol::api`). Failures print the server's code
 //! and message and exit non-zero.
 //!
-//! `http` is the client, `render` the text helpers; `allocations`, `devices`, `models` and
+//! `http` is the client, `render` the text helpers; `status` (nvidia-smi's shape), `ps`
+//! (`ollama ps`'s), `allocations`, `data`, `transfers`, `devices`, `events`, `models` and
 //! `analytics` hold the commands by area; this file the arguments and the dispatch.
 
 pub mod allocations;
 pub mod analytics;
+pub mod data;
 pub mod devices;
+pub mod events;
 pub mod http;
 pub mod models;
+pub mod ps;
 pub mod render;
+pub mod status;
+pub mod transfers;
 
 use allocations::AllocArgs;
 use clap::{Parser, Subcommand};
@@ -20,6 +26,7 @@ use memwarden_protocol::api::LoadBody;
 use models::OptimizeArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use transfers::{CopyArgs, TransferArgs};
 
 pub use http::DEFAULT_URL;
 
@@ -65,8 +72,35 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Memory status of every device, or of one.
-    Status { device: Option<String> },
+    /// Memory of every device (or one) and the processes holding it, like nvidia-smi.
+    ///
+    /// Per device: name, UUID (GPUs), total / used / free with a usage bar, pressure level,
+    /// fragmentation and memwarden's pools; then every process with memory on the devices (pid,
+    /// name, bytes, share of the device, models it holds), memwarden's own row first. `--json`:
+    /// the status route's data as it came.
+    Status {
+        device: Option<String>,
+        /// Redraw every --interval until Ctrl-C (needs a terminal; with --json, one line per
+        /// interval instead).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between redraws (with --watch).
+        #[arg(long, default_value_t = 2.0, requires = "watch")]
+        interval: f64,
+        /// Whether this much would fit now (with DEVICE): in the pool, in new memory, or not.
+        #[arg(long)]
+        can_allocate: Option<String>,
+        /// The memory kind for --can-allocate.
+        #[arg(long, requires = "can_allocate")]
+        kind: Option<String>,
+    },
+    /// Models, like `ollama ps`.
+    ///
+    /// Each model's device, state, size, priority, holder, idle time, and when keep-alive parks
+    /// (cpu: drops) a model memwarden holds.
+    Ps { device: Option<String> },
+    /// The daemon's version, uptime, backends (and why one is unavailable) and workers.
+    Health,
     /// Allocate memory: `alloc cpu 512MiB --kind pinned --purpose kv-cache`.
     Alloc {
         device: String,
@@ -87,9 +121,34 @@ pub enum Command {
         /// Never let defragmentation move it.
         #[arg(long)]
         immovable: bool,
+        /// The process that owns it: when that process exits, memwarden frees it.
+        #[arg(long)]
+        owner_pid: Option<u32>,
     },
     /// Free an allocation by id.
     Free { id: String },
+    /// One allocation's record.
+    Allocation { id: String },
+    /// Share an allocation with another process (a /dev/shm file or a CUDA IPC handle).
+    Export { id: String },
+    /// Read or write an allocation's bytes (`data read ID -o FILE`, `data write ID -i FILE`).
+    Data {
+        #[command(subcommand)]
+        command: data::DataCommand,
+    },
+    /// Copy or move bytes into a new allocation (--to DEVICE) or an existing one (--into ID).
+    ///
+    /// A transfer the daemon runs in the background (over `transfer.sync_max_bytes`) is
+    /// followed to its end, with a progress bar on a terminal; --no-wait prints its id at once.
+    Transfer(TransferArgs),
+    /// Copy bytes between two existing allocations.
+    Copy(CopyArgs),
+    /// A transfer's status and progress (--wait: follow it to its end).
+    TransferStatus {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
     /// List every live allocation (of one device when given), oldest first.
     Allocations {
         device: Option<String>,
@@ -136,6 +195,10 @@ pub enum Command {
         /// `memwarden` (default: the daemon holds the weights) or `worker`.
         #[arg(long)]
         held_by: Option<String>,
+        /// Idle time after which held weights are parked (cpu: dropped), e.g. 10m, 30s, 0
+        /// (never); default the daemon's `weights.keep_alive_ms`.
+        #[arg(long)]
+        keep_alive: Option<String>,
     },
     /// Unload a model by id.
     Unload { id: String },
@@ -149,6 +212,11 @@ pub enum Command {
     },
     /// Keep only a held model's file (a resume reads it again).
     Drop { id: String },
+    /// Move a model to another device.
+    ///
+    /// A worker's model is loaded there, then unloaded here (it gets a new id); one memwarden
+    /// holds is parked and resumed there (same id).
+    Move { id: String, device: String },
     /// Free model memory on a device: trim caches, offload, unload (cheapest first).
     Optimize {
         device: String,
@@ -169,12 +237,32 @@ pub enum Command {
         #[arg(long)]
         exclude: Vec<String>,
     },
+    /// The optimizer's last runs (manual, watchdog, admission).
+    OptimizeHistory,
     /// Memory pressure of every device (or one).
     Pressure {
         device: Option<String>,
         /// Then follow level changes as they happen (Ctrl-C to stop).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "history")]
         watch: bool,
+        /// The last level changes instead, oldest first.
+        #[arg(long)]
+        history: bool,
+    },
+    /// Follow the event stream (pressure changes, optimizer runs) until Ctrl-C.
+    ///
+    /// One line per event; with `--json`, each event's data as it came, one JSON document per
+    /// line.
+    Events {
+        /// Only this device's events.
+        device: Option<String>,
+    },
+    /// Usage over a window per device: used and peak, live allocations, rates.
+    Usage {
+        device: Option<String>,
+        /// e.g. 30s, 15m, 1h (default), 1d.
+        #[arg(long, default_value = "1h")]
+        window: String,
     },
     /// Analytics over a window: peaks, percentiles, activity, top owners and models, leak suspects
     Analytics {
@@ -182,30 +270,65 @@ pub enum Command {
         #[arg(long, default_value = "1h")]
         window: String,
     },
+    /// The allocation event log (allocated, freed, moved, exported), oldest first.
+    AnalyticsEvents {
+        #[arg(long)]
+        device: Option<String>,
+        /// The newest N (default 100).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Start every peak over from its current value.
+    ResetPeaks,
     /// Recommendations from the measured state, with their evidence and the request that applies each
-    Recommend,
+    Recommend {
+        /// Apply one now: its number as listed, or its type (the first of it), e.g. clearCache.
+        #[arg(long)]
+        apply: Option<String>,
+    },
 }
 
 /// Runs a client command against the daemon at `client` and returns what to print.
 pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, CliError> {
     match command {
         Command::Serve { .. } => Err(CliError("serve is not a client command".into())),
-        Command::Status { device } => devices::status(client, device.as_deref(), json),
-        Command::Alloc { device, size, kind, purpose, owner, alignment, persistent, immovable } => allocations::alloc(
+        Command::Status { device, watch, interval, can_allocate, kind } => status::status(
             client,
-            AllocArgs {
-                device,
-                size,
+            status::StatusArgs {
+                device: device.as_deref(),
+                watch: *watch,
+                interval: *interval,
+                can_allocate: can_allocate.as_deref(),
                 kind: kind.as_deref(),
-                purpose: purpose.as_deref(),
-                owner: owner.as_deref(),
-                alignment: alignment.as_deref(),
-                persistent: *persistent,
-                immovable: *immovable,
             },
             json,
         ),
+        Command::Ps { device } => ps::ps(client, device.as_deref(), json),
+        Command::Health => devices::health(client, json),
+        Command::Alloc { device, size, kind, purpose, owner, alignment, persistent, immovable, owner_pid } => {
+            allocations::alloc(
+                client,
+                AllocArgs {
+                    device,
+                    size,
+                    kind: kind.as_deref(),
+                    purpose: purpose.as_deref(),
+                    owner: owner.as_deref(),
+                    alignment: alignment.as_deref(),
+                    persistent: *persistent,
+                    immovable: *immovable,
+                    owner_pid: *owner_pid,
+                },
+                json,
+            )
+        }
         Command::Free { id } => allocations::free(client, id, json),
+        Command::Allocation { id } => allocations::allocation(client, id, json),
+        Command::Export { id } => allocations::export(client, id, json),
+        Command::Data { command } => data::data(client, command, json),
+        Command::Transfer(args) => transfers::transfer(client, args, json),
+        Command::Copy(args) => transfers::copy(client, args, json),
+        Command::TransferStatus { id, wait } => transfers::status(client, id, *wait, json),
         Command::Allocations { device, owner, kind, purpose } => {
             let filter =
                 allocations::ListFilter { owner: owner.as_deref(), kind: kind.as_deref(), purpose: purpose.as_deref() };
@@ -216,7 +339,7 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
         Command::Defrag { device, strategy } => devices::defrag(client, device.as_deref(), strategy.as_deref(), json),
         Command::Pools { device } => devices::pools(client, device.as_deref(), json),
         Command::Models { device } => models::models(client, device.as_deref(), json),
-        Command::Load { path, device, name, priority, pinned, held_by } => {
+        Command::Load { path, device, name, priority, pinned, held_by, keep_alive } => {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
             let path = path.to_str().ok_or_else(|| CliError(format!("path {} is not UTF-8", path.display())))?;
             let body = LoadBody {
@@ -226,7 +349,11 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
                 priority: *priority,
                 pinned: *pinned,
                 held_by: held_by.clone(),
-                keep_alive_ms: None,
+                keep_alive_ms: keep_alive
+                    .as_deref()
+                    .map(parse_duration_ms)
+                    .transpose()
+                    .map_err(|e| CliError(format!("--keep-alive: {e}")))?,
             };
             models::load(client, &body, json)
         }
@@ -234,6 +361,7 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
         Command::Park { id } => models::weights_action(client, id, "park", None, json),
         Command::Resume { id, device } => models::weights_action(client, id, "resume", device.as_deref(), json),
         Command::Drop { id } => models::weights_action(client, id, "drop", None, json),
+        Command::Move { id, device } => models::move_model(client, id, device, json),
         Command::Optimize { device, strategy, min_free, target, force, exclude } => models::optimize(
             client,
             OptimizeArgs {
@@ -246,8 +374,44 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
             },
             json,
         ),
-        Command::Pressure { device, watch } => devices::pressure(client, device.as_deref(), *watch, json),
+        Command::OptimizeHistory => models::optimize_history(client, json),
+        Command::Pressure { history: true, .. } => devices::pressure_history(client, json),
+        Command::Pressure { device, watch, .. } => devices::pressure(client, device.as_deref(), *watch, json),
+        Command::Events { device } => events::events(client, device.as_deref(), json),
+        Command::Usage { device, window } => analytics::usage(client, device.as_deref(), window, json),
         Command::Analytics { window } => analytics::analytics(client, window, json),
-        Command::Recommend => analytics::recommend(client, json),
+        Command::AnalyticsEvents { device, limit } => analytics::events(client, device.as_deref(), *limit, json),
+        Command::ResetPeaks => analytics::reset_peaks(client, json),
+        Command::Recommend { apply: Some(which) } => analytics::apply(client, which, json),
+        Command::Recommend { apply: None } => analytics::recommend(client, json),
+    }
+}
+
+/// A duration as `500ms`, `30s`, `10m`, `2h`, `1d` or plain milliseconds, in milliseconds.
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: f64 = number.parse().map_err(|_| format!("'{text}' is not a duration (e.g. 30s, 10m, 1h)"))?;
+    let scale = match unit.trim() {
+        "" | "ms" => 1.0,
+        "s" => 1e3,
+        "m" | "min" => 60e3,
+        "h" => 3600e3,
+        "d" => 86_400e3,
+        u => return Err(format!("'{u}' is not a unit of time (ms, s, m, h, d)")),
+    };
+    Ok((n * scale).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_read_in_their_units() {
+        assert_eq!(super::parse_duration_ms("10m"), Ok(600_000));
+        assert_eq!(super::parse_duration_ms("1.5s"), Ok(1500));
+        assert_eq!(super::parse_duration_ms("250"), Ok(250));
+        assert!(super::parse_duration_ms("soon").is_err());
+        assert!(super::parse_duration_ms("3 weeks").is_err());
     }
 }

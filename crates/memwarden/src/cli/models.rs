@@ -1,11 +1,11 @@
-//! Model commands: `models`, `load`, `unload`, `optimize`.
+//! Model commands: `models`, `load`, `unload`, `move`, `optimize`, `optimize-history`.
 
 use super::http::{path_segment, CliError, Client};
 use super::render::{indent, or_dash, pretty, signed_bytes, table};
 use memwarden_core::units::{format_bytes, parse_size};
 use memwarden_protocol::api::{
-    HeldModelDto, LoadBody, LoadedDto, ModelsDto, OptimizeBody, OptimizeOutcome, RateDto, ResumeBody, UnloadedDto,
-    WeightsActionDto,
+    HeldModelDto, LoadBody, LoadedDto, ModelsDto, MoveBody, MovedDto, OptimizeBody, OptimizeHistoryDto,
+    OptimizeOutcome, RateDto, ResumeBody, UnloadedDto, WeightsActionDto,
 };
 use std::fmt::Write as _;
 
@@ -168,6 +168,68 @@ pub fn unload(client: &Client, id: &str, as_json: bool) -> Result<String, CliErr
         r.worker_id,
         r.device_id,
         format_bytes(r.freed_bytes),
+    ))
+}
+
+/// `memwarden move ID DEVICE`: a worker's model is loaded on the device, then unloaded where it
+/// was (a new id); a model memwarden holds moves by park and resume (the same id).
+pub fn move_model(client: &Client, id: &str, device: &str, as_json: bool) -> Result<String, CliError> {
+    let body = MoveBody { target_device_id: device.to_string() };
+    let path = format!("/api/memory/models/{}/move", path_segment(id));
+    let a = client.call::<MovedDto, _>("POST", &path, Some(&body))?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    let r = a.data;
+    let renamed =
+        if r.model.model_id == r.previous_model_id { String::new() } else { format!(", now {}", r.model.model_id) };
+    Ok(format!(
+        "moved {} ({}) from {} to {}{renamed}: {}; {} freed on {}\n",
+        r.previous_model_id,
+        r.model.model_name,
+        r.previous_device_id,
+        r.model.device_id,
+        format_bytes(r.model.size_bytes),
+        format_bytes(r.freed_bytes),
+        r.previous_device_id,
+    ))
+}
+
+/// `memwarden optimize-history`: the optimizer's last runs (manual, watchdog, admission).
+pub fn optimize_history(client: &Client, as_json: bool) -> Result<String, CliError> {
+    let a = client.get::<OptimizeHistoryDto>("/api/memory/models/optimize/history")?;
+    if as_json {
+        return Ok(pretty(&a.raw));
+    }
+    if a.data.runs.is_empty() {
+        return Ok("no optimizer runs yet\n".into());
+    }
+    let rows: Vec<Vec<String>> = a
+        .data
+        .runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.started_at.clone(),
+                r.device_id.clone(),
+                r.trigger.clone(),
+                r.optimization_strategy.clone(),
+                if r.optimization_triggered { "yes".into() } else { "no".into() },
+                format_bytes(r.memory_freed),
+                format_bytes(r.memory_claimed),
+                r.steps.len().to_string(),
+                format!("{} -> {} ({})", r.previous_pressure_level, r.new_pressure_level, r.new_pressure_category),
+                format!("{:.0} ms", r.optimization_time_ms),
+                r.message.clone(),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &[
+            "STARTED", "DEVICE", "TRIGGER", "STRATEGY", "RAN", "FREED", "CLAIMED", "STEPS", "PRESSURE", "TIME",
+            "MESSAGE",
+        ],
+        &rows,
     ))
 }
 

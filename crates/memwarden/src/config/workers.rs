@@ -15,9 +15,13 @@ pub struct WorkersSection {
     /// Directory holding the `memwarden` package; empty: the copy embedded in this binary,
     /// written to a private runtime directory at start (no install step).
     pub python_path: PathBuf,
-    /// Unix socket attached clients connect to; empty: `$XDG_RUNTIME_DIR/memwarden.sock`, else
-    /// `/tmp/memwarden-<uid>/memwarden.sock`; `none`: no socket.
+    /// Unix socket attached clients connect to; empty: `memwarden.sock` in `runtime_dir`;
+    /// `none`: no socket.
     pub socket: String,
+    /// Where the embedded package is written (and the socket goes when `socket` is empty);
+    /// empty: `$XDG_RUNTIME_DIR`, else `/tmp/memwarden-<uid>`. A system service has neither
+    /// (no session, `/tmp` read-only or private), so its unit sets its `RuntimeDirectory`.
+    pub runtime_dir: PathBuf,
     /// Timeout of one call to a worker, in milliseconds (idempotent calls are retried once).
     pub call_timeout_ms: u64,
     /// Timeout of `loadModel`, in milliseconds.
@@ -68,6 +72,7 @@ impl Default for WorkersSection {
             python: "python3".into(),
             python_path: PathBuf::new(),
             socket: String::new(),
+            runtime_dir: PathBuf::new(),
             call_timeout_ms: 10_000,
             load_timeout_ms: 300_000,
             start_timeout_ms: 60_000,

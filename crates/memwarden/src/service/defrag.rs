@@ -68,16 +68,42 @@ pub struct CanAllocate {
     pub reason: Option<String>,
 }
 
+/// How planning and moving one pool ended.
+enum PoolPass {
+    /// The plan was carried out (or there was nothing to do).
+    Done,
+    /// The pool changed under the plan between batches: plan again.
+    Stale,
+    /// An error or the time limit: the pass ends.
+    Stop,
+}
+
 /// The device's fragmentation index, by the one formula status, `/metrics` and the advice use.
 fn index(st: &DeviceState) -> f64 {
     device_fragmentation(st.pools.iter().map(|p| p.stats()))
 }
 
+/// Moves carried out under one hold of the device's lock: the pass lets other requests on the
+/// device in between batches, and other devices never wait for it at all.
+const BATCH_MOVES: usize = 64;
+/// Bytes moved under one hold of the device's lock (a GPU copies this in well under 1 ms, a
+/// host memcpy in a few).
+const BATCH_BYTES: u64 = 64 << 20;
+/// Plans a pool's pass may make: a plan that went stale (a request took a planned destination
+/// between batches) is made again from the pool as it is, this many times at most.
+const MAX_PLANS: usize = 8;
+
 impl Service {
     /// One defragmentation pass on `device`: every pool of it, within the options' budgets and
     /// `max_time` (checked between moves). Allocations that are not movable, exported, or in use
-    /// by a transfer stay where they are. Holds the device and the ledger for the pass, so no
-    /// request ever sees an allocation half-moved: they wait.
+    /// by a transfer stay where they are.
+    ///
+    /// The pass takes the global ledger only for moments (to mark a batch of allocations as
+    /// moving, and to switch them to their new places), so requests on other devices never wait
+    /// for it. It holds this device's lock for one batch of moves at a time
+    /// ([`BATCH_MOVES`], [`BATCH_BYTES`]). Requests that need an allocation being moved (free,
+    /// read, write, transfer, export) wait until its batch is done; no request ever sees an
+    /// allocation half-moved.
     pub fn defragment(
         &self,
         device: DeviceId,
@@ -86,13 +112,16 @@ impl Service {
     ) -> Result<DefragReport, ServiceError> {
         let started = Instant::now();
         let dev = self.device_or_404(device)?;
-        let mut st = lock(&dev.state);
-        let mut ledger = lock(&self.ledger);
-        let before = st.pool_totals();
+        // One pass per device at a time (an automatic one and a requested one wait in turn).
+        let _pass = lock(&dev.defrag);
+        let (before, fragmentation_before, kinds) = {
+            let st = lock(&dev.state);
+            (st.pool_totals(), index(&st), st.pools.iter().map(|p| p.kind()).collect::<Vec<_>>())
+        };
         let mut report = DefragReport {
             device,
             strategy: options.strategy,
-            fragmentation_before: index(&st),
+            fragmentation_before,
             fragmentation_after: 0.0,
             largest_free_block_before: before.largest_free_block_bytes,
             largest_free_block_after: 0,
@@ -107,70 +136,16 @@ impl Service {
             error: None,
         };
         let mut budget = options;
-        for pool in st.pools.iter_mut() {
-            let kind = pool.kind();
-            // (block, offset) → allocation id, for the allocations allowed to move.
-            let mut at: HashMap<(BlockId, u64), String> = HashMap::new();
-            let mut movable = Vec::new();
-            for r in ledger.records.values() {
-                let Some(p) = r.placement else { continue };
-                if r.device != device || r.kind != kind || !r.movable || r.exported || ledger.busy.contains_key(&r.id) {
-                    continue;
+        'pools: for kind in kinds {
+            for _ in 0..MAX_PLANS {
+                match self.defragment_pool(dev, device, kind, &mut budget, started, max_time, &mut report) {
+                    PoolPass::Done => break,
+                    PoolPass::Stale => continue,
+                    PoolPass::Stop => break 'pools,
                 }
-                at.insert((p.block, p.offset_bytes), r.id.clone());
-                movable.push(Movable { placement: p, align_bytes: r.alignment_bytes });
-            }
-            let plan = defrag::plan(pool.core(), &movable, budget);
-            for (i, m) in plan.moves.iter().enumerate() {
-                if max_time.is_some_and(|t| started.elapsed() >= t) {
-                    report.moves_skipped += plan.moves.len() - i;
-                    break;
-                }
-                let Some(id) = at.remove(&(m.from.block, m.from.offset_bytes)) else {
-                    report.moves_skipped += plan.moves.len() - i;
-                    report.error = Some("the plan names an allocation the ledger does not hold".into());
-                    break;
-                };
-                let t = Instant::now();
-                let moved = pool.apply_move(m);
-                report.moving += t.elapsed();
-                match moved {
-                    Ok(moved) => {
-                        if let Some(rec) = ledger.records.get_mut(&id) {
-                            let rec = Arc::make_mut(rec);
-                            rec.placement = Some(moved.placement);
-                            rec.address = Some(moved.address);
-                            rec.generation += 1;
-                        }
-                        if let Some(rec) = ledger.records.get(&id).cloned() {
-                            ledger.recorder.moved(&rec);
-                        }
-                        at.insert((moved.placement.block, moved.placement.offset_bytes), id);
-                        report.bytes_moved += m.from.size_bytes;
-                        report.allocations_moved += 1;
-                    }
-                    Err(e) => {
-                        report.moves_skipped += plan.moves.len() - i;
-                        report.error = Some(format!("moving allocation {id} failed (it stays where it was): {e}"));
-                        break;
-                    }
-                }
-            }
-            // Moves on a GPU are queued on one stream (in order); wait for them before anyone can
-            // look at the allocations again (the locks are still held).
-            let t = Instant::now();
-            if let Err(e) = pool.finish_moves() {
-                report.error =
-                    Some(format!("waiting for the moves failed; moved allocations may hold stale bytes: {e}"));
-            }
-            report.moving += t.elapsed();
-            budget.max_bytes_to_move = budget.max_bytes_to_move.saturating_sub(plan.bytes_to_move);
-            budget.max_allocations_to_move = budget.max_allocations_to_move.saturating_sub(plan.moves.len());
-            if report.error.is_some() {
-                break;
             }
         }
-        drop(ledger);
+        let mut st = lock(&dev.state);
         for pool in st.pools.iter_mut() {
             match pool.clear() {
                 Ok((n, bytes)) => {
@@ -184,6 +159,7 @@ impl Service {
         let after = st.pool_totals();
         report.fragmentation_after = index(&st);
         report.largest_free_block_after = after.largest_free_block_bytes;
+        drop(st);
         report.duration = started.elapsed();
         lock(&self.ledger).recorder.defragmented(device, report.bytes_moved, report.bytes_released);
         if report.allocations_moved > 0 || report.blocks_released > 0 {
@@ -197,6 +173,146 @@ impl Service {
             );
         }
         Ok(report)
+    }
+
+    /// Plans one pool and carries the plan out a batch at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn defragment_pool(
+        &self,
+        dev: &super::device::Device,
+        device: DeviceId,
+        kind: MemoryKind,
+        budget: &mut DefragOptions,
+        started: Instant,
+        max_time: Option<Duration>,
+        report: &mut DefragReport,
+    ) -> PoolPass {
+        // (block, offset) → allocation id, for the allocations allowed to move.
+        let mut at: HashMap<(BlockId, u64), String> = HashMap::new();
+        let plan = {
+            let st = lock(&dev.state);
+            if budget.max_allocations_to_move == 0 || budget.max_bytes_to_move == 0 {
+                return PoolPass::Done;
+            }
+            let Some(pool) = st.pool(kind) else { return PoolPass::Done };
+            let mut movable = Vec::new();
+            {
+                let ledger = lock(&self.ledger);
+                for r in ledger.records.values() {
+                    let Some(p) = r.placement else { continue };
+                    if r.device != device
+                        || r.kind != kind
+                        || !r.movable
+                        || r.exported
+                        || ledger.busy.contains_key(&r.id)
+                        || ledger.moving.contains(&r.id)
+                    {
+                        continue;
+                    }
+                    at.insert((p.block, p.offset_bytes), r.id.clone());
+                    movable.push(Movable { placement: p, align_bytes: r.alignment_bytes });
+                }
+            }
+            defrag::plan(pool.core(), &movable, *budget)
+        };
+        if plan.moves.is_empty() {
+            return PoolPass::Done;
+        }
+        let mut next = 0;
+        while next < plan.moves.len() {
+            if max_time.is_some_and(|t| started.elapsed() >= t) {
+                report.moves_skipped += plan.moves.len() - next;
+                return PoolPass::Stop;
+            }
+            let mut st = lock(&dev.state);
+            // The batch: consecutive planned moves whose allocation is still where the plan
+            // put it and free to move, each marked as moving before its bytes are touched.
+            let mut batch: Vec<(usize, String)> = Vec::new();
+            let mut bytes = 0;
+            let mut stale = false;
+            {
+                let mut ledger = lock(&self.ledger);
+                for (i, m) in plan.moves.iter().enumerate().skip(next) {
+                    if batch.len() >= BATCH_MOVES || (bytes > 0 && bytes + m.from.size_bytes > BATCH_BYTES) {
+                        break;
+                    }
+                    let here = at.get(&(m.from.block, m.from.offset_bytes)).filter(|id| {
+                        ledger.records.get(id).is_some_and(|r| r.placement == Some(m.from) && !r.exported)
+                            && !ledger.busy.contains_key(*id)
+                    });
+                    let Some(id) = here.cloned() else {
+                        // Freed, exported or taken by a transfer since the plan: plan again.
+                        stale = true;
+                        break;
+                    };
+                    ledger.moving.insert(id.clone());
+                    bytes += m.from.size_bytes;
+                    batch.push((i, id));
+                }
+            }
+            let Some(pool) = st.pool_mut(kind) else { return PoolPass::Done };
+            let mut moved = Vec::with_capacity(batch.len());
+            let mut failure = None;
+            let t = Instant::now();
+            for (i, id) in &batch {
+                let m = &plan.moves[*i];
+                match pool.apply_move(m) {
+                    Ok(to) => moved.push((*i, id.clone(), to)),
+                    Err(e) => {
+                        failure = Some((id.clone(), e));
+                        break;
+                    }
+                }
+            }
+            // Moves on a GPU are queued on one stream (in order); wait for them before anyone can
+            // look at the allocations again (they are still marked as moving).
+            let finished = pool.finish_moves();
+            report.moving += t.elapsed();
+            drop(st);
+            {
+                let mut ledger = lock(&self.ledger);
+                for (i, id, to) in &moved {
+                    if let Some(rec) = ledger.records.get_mut(id) {
+                        let rec = Arc::make_mut(rec);
+                        rec.placement = Some(to.placement);
+                        rec.address = Some(to.address);
+                        rec.generation += 1;
+                    }
+                    if let Some(rec) = ledger.records.get(id).cloned() {
+                        ledger.recorder.moved(&rec);
+                    }
+                    at.remove(&(plan.moves[*i].from.block, plan.moves[*i].from.offset_bytes));
+                    at.insert((to.placement.block, to.placement.offset_bytes), id.clone());
+                    report.bytes_moved += plan.moves[*i].from.size_bytes;
+                    report.allocations_moved += 1;
+                    budget.max_bytes_to_move = budget.max_bytes_to_move.saturating_sub(plan.moves[*i].from.size_bytes);
+                    budget.max_allocations_to_move = budget.max_allocations_to_move.saturating_sub(1);
+                }
+                for (_, id) in &batch {
+                    ledger.moving.remove(id);
+                }
+            }
+            self.settled.notify_all();
+            next += moved.len();
+            if let Err(e) = finished {
+                report.error =
+                    Some(format!("waiting for the moves failed; moved allocations may hold stale bytes: {e}"));
+                report.moves_skipped += plan.moves.len() - next;
+                return PoolPass::Stop;
+            }
+            match failure {
+                // A request took a planned destination since the plan was made: plan again.
+                Some((_, memwarden_backends::BackendError::InvalidArgument(_))) => return PoolPass::Stale,
+                Some((id, e)) => {
+                    report.moves_skipped += plan.moves.len() - next;
+                    report.error = Some(format!("moving allocation {id} failed (it stays where it was): {e}"));
+                    return PoolPass::Stop;
+                }
+                None if stale => return PoolPass::Stale,
+                None => {}
+            }
+        }
+        PoolPass::Done
     }
 
     /// Every block of every pool of `device`, with its ranges and the allocation in each.

@@ -37,6 +37,8 @@ impl Default for Limits {
 pub(crate) struct Device {
     pub backend: Arc<dyn Backend>,
     pub state: std::sync::Mutex<DeviceState>,
+    /// Held for a defragmentation pass: one pass per device at a time.
+    pub defrag: std::sync::Mutex<()>,
 }
 
 pub(crate) struct DeviceState {
@@ -112,6 +114,7 @@ impl Device {
                 pool_cap_bytes: limits.pool_cap_bytes,
                 max_age: limits.max_age,
             }),
+            defrag: std::sync::Mutex::new(()),
         }
     }
 }

@@ -4,6 +4,7 @@
 mod defrag;
 mod device;
 mod listing;
+mod live;
 mod owners;
 mod quota;
 mod record;
@@ -12,7 +13,8 @@ mod types;
 
 pub use record::{AllocationEvent, DeviceRecord, EventKind};
 
-pub use listing::{AllocationFilter, AllocationPage, ListPosition, LiveDigest};
+pub use listing::{AllocationFilter, AllocationPage, ListPosition};
+pub use live::{GroupTotals, LiveDigest};
 
 pub use defrag::{BlockDump, CanAllocate, DefragReport, PoolDump, RangeView};
 pub use device::Fit;
@@ -25,8 +27,8 @@ use device::{AllocFailure, Device};
 use memwarden_backends::Backend;
 pub use memwarden_backends::BackendHealth;
 use memwarden_core::{DeviceId, MemoryKind, PoolConfig};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use time::OffsetDateTime;
 pub use types::{
@@ -44,6 +46,8 @@ pub const MAX_TEXT_CHARS: usize = 256;
 pub struct Service {
     devices: Vec<(DeviceId, Device)>,
     ledger: Mutex<Ledger>,
+    /// Signalled when a defragmentation batch finishes moving its allocations.
+    settled: Condvar,
     transfers: Mutex<transfer::Transfers>,
     backends: Vec<BackendHealth>,
     pool_config: PoolConfig,
@@ -63,8 +67,11 @@ pub struct Service {
 /// Live allocations, which of them a copy is using (those cannot be freed meanwhile), and what
 /// the service records about them.
 struct Ledger {
-    records: HashMap<String, Allocation>,
+    records: live::LiveSet,
     busy: HashMap<String, u32>,
+    /// Allocations a defragmentation batch is moving now: requests for them wait on
+    /// [`Service::settled`] until the batch is done.
+    moving: HashSet<String>,
     recorder: record::Recorder,
     quota: quota::QuotaBooks,
 }
@@ -72,6 +79,18 @@ struct Ledger {
 impl Ledger {
     fn get(&self, id: &str) -> Option<&Allocation> {
         self.records.get(id)
+    }
+}
+
+impl Service {
+    /// The ledger, once none of `ids` is being moved by a defragmentation batch. A batch holds
+    /// its allocations for the time their bytes take to copy; only requests for them wait.
+    fn ledger_settled(&self, ids: &[&str]) -> MutexGuard<'_, Ledger> {
+        let mut ledger = lock(&self.ledger);
+        while !ledger.moving.is_empty() && ids.iter().any(|id| ledger.moving.contains(*id)) {
+            ledger = self.settled.wait(ledger).unwrap_or_else(|e| e.into_inner());
+        }
+        ledger
     }
 }
 
@@ -106,9 +125,11 @@ impl Service {
         }];
         Service {
             devices: backends.into_iter().map(|b| (b.info().device_id, Device::new(b, pool, limits))).collect(),
+            settled: Condvar::new(),
             ledger: Mutex::new(Ledger {
-                records: HashMap::new(),
+                records: live::LiveSet::default(),
                 busy: HashMap::new(),
+                moving: HashSet::new(),
                 recorder: record::Recorder::new(true, 10_000),
                 quota: quota::QuotaBooks::default(),
             }),
@@ -396,6 +417,7 @@ impl Service {
             purpose: req.purpose,
             owner: req.owner,
             owner_pid: req.owner_pid,
+            owner_client: req.owner_client,
             persistent: req.persistent,
             movable: req.movable,
             exported: false,
@@ -408,7 +430,7 @@ impl Service {
             if let Some(c) = charge {
                 ledger.quota.settle(c, allocated_bytes);
             }
-            ledger.records.insert(record.id.clone(), record.clone());
+            ledger.records.insert(record.clone(), now_ns);
         }
         Ok(Some(record))
     }
@@ -426,46 +448,9 @@ impl Service {
         self.free_as(allocation_id, false)
     }
 
-    /// Frees what owner processes that exited held (`ownerPid`), each logged as `reclaimed`:
-    /// per process, its pid, the allocations freed and their bytes. The server calls this every
-    /// [`owners::REAP_INTERVAL`].
-    pub fn reap_dead_owners(&self) -> Vec<(u32, usize, u64)> {
-        let mut out = Vec::new();
-        for pid in self.owners.take_exited() {
-            let ids: Vec<String> = lock(&self.ledger)
-                .records
-                .values()
-                .filter(|r| r.owner_pid == Some(pid))
-                .map(|r| r.id.clone())
-                .collect();
-            let (mut count, mut bytes) = (0, 0);
-            for id in ids {
-                match self.free_as(&id, true) {
-                    Ok(f) => {
-                        count += 1;
-                        bytes += f.allocated_bytes;
-                    }
-                    // A copy is using it: the next round tries again.
-                    Err(ServiceError::InvalidOperation(_)) => self.owners.retry_later(pid),
-                    Err(e) => {
-                        tracing::warn!(pid, allocation = %id, error = %e, "a dead owner's allocation was not reclaimed")
-                    }
-                }
-            }
-            if count > 0 {
-                tracing::info!(pid, count, bytes, "reclaimed the memory of an owner process that exited");
-            }
-            out.push((pid, count, bytes));
-        }
-        out
-    }
-
-    /// How often to call [`Service::reap_dead_owners`].
-    pub const REAP_INTERVAL: Duration = owners::REAP_INTERVAL;
-
     fn free_as(&self, allocation_id: &str, reclaimed: bool) -> Result<FreedAllocation, ServiceError> {
         let (freed, kept) = {
-            let mut ledger = lock(&self.ledger);
+            let mut ledger = self.ledger_settled(&[allocation_id]);
             if let Some(n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
                 return Err(ServiceError::InvalidOperation(format!(
                     "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
@@ -473,7 +458,7 @@ impl Service {
             }
             let record = ledger
                 .records
-                .remove(allocation_id)
+                .remove(allocation_id, memwarden_sys::coarse_unix_nanos())
                 .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
             let freed = FreedAllocation {
                 device: record.device,
@@ -494,7 +479,7 @@ impl Service {
             let mut ledger = lock(&self.ledger);
             if let Some(record) = ledger.recorder.unfreed(allocation_id, kept) {
                 ledger.quota.take_back(&self.quotas, &record);
-                ledger.records.insert(record.id.clone(), record);
+                ledger.records.insert(record, memwarden_sys::coarse_unix_nanos());
             }
             return Err(ServiceError::from_backend(freed.device, e));
         }
@@ -540,10 +525,15 @@ impl Service {
 
     /// Checks every pool's invariants and that the ledger matches the pools.
     pub fn validate(&self) -> Result<(), LedgerError> {
-        let ledger = lock(&self.ledger);
-        ledger.quota.check(&self.quotas, ledger.records.values())?;
+        {
+            let ledger = lock(&self.ledger);
+            ledger.quota.check(&self.quotas, ledger.records.values())?;
+            ledger.records.check()?;
+        }
         for (id, dev) in &self.devices {
+            // A device, then the ledger: the order every path that takes both keeps.
             let st = lock(&dev.state);
+            let ledger = lock(&self.ledger);
             for pool in &st.pools {
                 pool.validate().map_err(|source| LedgerError::Pool { device: *id, kind: pool.kind(), source })?;
                 let in_ledger: u64 = ledger

@@ -1,9 +1,11 @@
-//! Owner processes of allocations (`ownerPid`): each is watched through a pidfd from the moment
-//! it owns its first allocation, so its exit is seen even after its pid is reused. The server
-//! asks [`Service::reap_dead_owners`](super::Service::reap_dead_owners) every
-//! [`REAP_INTERVAL`]; what the dead owned is freed and logged as `reclaimed`.
+//! Owners that go away, and the memory that comes back from them (`reclaimed`):
+//! - owner processes (`ownerPid`): each is watched through a pidfd from the moment it owns its
+//!   first allocation, so its exit is seen even after its pid is reused. The server asks
+//!   [`Service::reap_dead_owners`] every [`REAP_INTERVAL`];
+//! - attached clients' connections (`ownerClient`): [`Service::reclaim_client`] when one closes.
 
-use super::ServiceError;
+use super::{Service, ServiceError};
+use crate::util::lock;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
 use std::collections::HashMap;
@@ -83,6 +85,69 @@ fn exited(fd: &OwnedFd) -> bool {
     let mut fds = [PollFd::new(fd, PollFlags::IN)];
     let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
     poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
+}
+
+impl Service {
+    /// Frees what owner processes that exited held (`ownerPid`), each logged as `reclaimed`:
+    /// per process, its pid, the allocations freed and their bytes. The server calls this every
+    /// [`REAP_INTERVAL`].
+    pub fn reap_dead_owners(&self) -> Vec<(u32, usize, u64)> {
+        let mut out = Vec::new();
+        for pid in self.owners.take_exited() {
+            let ids: Vec<String> = lock(&self.ledger)
+                .records
+                .values()
+                .filter(|r| r.owner_pid == Some(pid))
+                .map(|r| r.id.clone())
+                .collect();
+            let (count, bytes, busy) = self.reclaim(&ids);
+            if !busy.is_empty() {
+                // A copy is using some: the next round tries again.
+                self.owners.retry_later(pid);
+            }
+            if count > 0 {
+                tracing::info!(pid, count, bytes, "reclaimed the memory of an owner process that exited");
+            }
+            out.push((pid, count, bytes));
+        }
+        out
+    }
+
+    /// Frees what an attached client's connection owned (`owner_client`), each logged as
+    /// `reclaimed`: the count and bytes freed, and the ids a copy is still using (the caller
+    /// tries those again with [`Service::reclaim`] once the copies are done).
+    pub fn reclaim_client(&self, client: &str) -> (usize, u64, Vec<String>) {
+        let ids: Vec<String> = lock(&self.ledger)
+            .records
+            .values()
+            .filter(|r| r.owner_client.as_deref() == Some(client))
+            .map(|r| r.id.clone())
+            .collect();
+        self.reclaim(&ids)
+    }
+
+    /// Frees these allocations as `reclaimed` (their owner is gone): the count and bytes freed,
+    /// and the ids still in use by a copy. Ids already gone are skipped.
+    pub fn reclaim(&self, ids: &[String]) -> (usize, u64, Vec<String>) {
+        let (mut count, mut bytes, mut busy) = (0, 0, Vec::new());
+        for id in ids {
+            match self.free_as(id, true) {
+                Ok(f) => {
+                    count += 1;
+                    bytes += f.allocated_bytes;
+                }
+                Err(ServiceError::InvalidOperation(_)) => busy.push(id.clone()),
+                Err(ServiceError::AllocationNotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(allocation = %id, error = %e, "an allocation of a gone owner was not reclaimed")
+                }
+            }
+        }
+        (count, bytes, busy)
+    }
+
+    /// How often to call [`Service::reap_dead_owners`].
+    pub const REAP_INTERVAL: Duration = REAP_INTERVAL;
 }
 
 #[cfg(test)]

@@ -342,6 +342,7 @@ impl Service {
                                 purpose: None,
                                 owner: None,
                                 owner_pid: None,
+                                owner_client: None,
                                 persistent: false,
                                 movable: false,
                                 exported: false,

@@ -31,6 +31,7 @@ fn req(size_bytes: u64, kind: Option<MemoryKind>) -> AllocateRequest {
         purpose: Some("test".into()),
         owner: Some("unit".into()),
         owner_pid: None,
+        owner_client: None,
         persistent: false,
         movable: true,
     }

@@ -142,8 +142,8 @@ impl Service {
     /// Marks allocations as used by a copy (they cannot be freed meanwhile); fails if one of
     /// them is gone.
     pub(super) fn acquire(&self, ids: &[&str]) -> Result<(), ServiceError> {
-        let mut ledger = lock(&self.ledger);
-        if let Some(missing) = ids.iter().find(|id| !ledger.records.contains_key(**id)) {
+        let mut ledger = self.ledger_settled(ids);
+        if let Some(missing) = ids.iter().find(|id| !ledger.records.contains_key(id)) {
             return Err(ServiceError::AllocationNotFound { id: missing.to_string() });
         }
         for id in ids {
@@ -175,9 +175,12 @@ impl Service {
         let size = transfer_size(&source, &req)?;
         let (destination, dst_offset, created) = self.destination(&source, &req, size)?;
         let sides = self.acquire(&[&source.id, &destination.id]).and_then(|()| {
+            // Read again now that neither can move: a defragmentation pass may have moved one
+            // since the first read.
             let pair = self
-                .side(source.clone(), "sourceAllocationId")
-                .and_then(|s| Ok((s, self.side(destination.clone(), "destinationAllocationId")?)));
+                .allocation(&source.id)
+                .and_then(|s| self.side(s, "sourceAllocationId"))
+                .and_then(|s| Ok((s, self.side(self.allocation(&destination.id)?, "destinationAllocationId")?)));
             if pair.is_err() {
                 self.release(&[&source.id, &destination.id]);
             }
@@ -291,6 +294,7 @@ impl Service {
                     owner: source.owner.clone(),
                     // The copy belongs to the same process: it goes when that process does.
                     owner_pid: source.owner_pid,
+                    owner_client: source.owner_client.clone(),
                     persistent: source.persistent,
                     movable: source.movable,
                 })?;
@@ -360,7 +364,7 @@ impl Service {
     /// reading its place and handing the place out).
     pub fn export(&self, allocation_id: &str) -> Result<ExportInfo, ServiceError> {
         let (record, was) = {
-            let mut ledger = lock(&self.ledger);
+            let mut ledger = self.ledger_settled(&[allocation_id]);
             let r = ledger
                 .records
                 .get_mut(allocation_id)

@@ -43,6 +43,22 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
+    /// The stable code the REST API and the socket protocol give this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServiceError::DeviceNotFound { .. } => "DEVICE_NOT_FOUND",
+            ServiceError::AllocationNotFound { .. } => "ALLOCATION_NOT_FOUND",
+            ServiceError::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            ServiceError::InsufficientMemory { .. } => "INSUFFICIENT_MEMORY",
+            ServiceError::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
+            ServiceError::InvalidOperation(_) => "INVALID_OPERATION",
+            ServiceError::TransferNotFound { .. } => "TRANSFER_NOT_FOUND",
+            ServiceError::TransferFailed { .. } => "TRANSFER_FAILED",
+            ServiceError::BackendUnavailable { .. } => "BACKEND_UNAVAILABLE",
+            ServiceError::BackendFailed { .. } => "BACKEND_ERROR",
+        }
+    }
+
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         ServiceError::InvalidArgument { field, message: message.into() }
     }
@@ -74,6 +90,9 @@ pub struct AllocateRequest {
     pub owner: Option<String>,
     /// The process that owns it: when that process exits, the allocation is freed (`reclaimed`).
     pub owner_pid: Option<u32>,
+    /// Freed when this attached client's connection closes (`reclaimed`): the client's id,
+    /// for allocations it made over the Unix socket.
+    pub owner_client: Option<String>,
     pub persistent: bool,
     pub movable: bool,
 }
@@ -90,6 +109,7 @@ impl AllocateRequest {
             purpose: None,
             owner: None,
             owner_pid: None,
+            owner_client: None,
             persistent: false,
             movable: false,
         }
@@ -117,12 +137,39 @@ pub struct AllocationRecord {
     pub owner: Option<String>,
     /// Freed when this process exits (`reclaimed`); `None`: kept until freed.
     pub owner_pid: Option<u32>,
+    /// Freed when this attached client's connection closes (`reclaimed`).
+    pub owner_client: Option<String>,
     pub persistent: bool,
     pub movable: bool,
     /// Shared with another process (`export`): never moved.
     pub exported: bool,
     pub generation: u64,
     pub allocated_at: OffsetDateTime,
+}
+
+/// The REST API's (and the socket's `allocate` reply's) view of a ledger entry.
+impl From<&AllocationRecord> for memwarden_protocol::api::allocations::AllocationDto {
+    fn from(r: &AllocationRecord) -> Self {
+        memwarden_protocol::api::allocations::AllocationDto {
+            allocation_id: r.id.clone(),
+            device_id: r.device.to_string(),
+            memory_type: r.kind.to_string(),
+            size_bytes: r.size_bytes,
+            allocated_size: r.allocated_bytes,
+            alignment: r.alignment_bytes,
+            address: r.address.map(|a| format!("{a:#x}")),
+            offset: r.placement.map(|p| p.offset_bytes),
+            purpose: r.purpose.clone(),
+            owner: r.owner.clone(),
+            owner_pid: r.owner_pid,
+            owner_client: r.owner_client.clone(),
+            persistent: r.persistent,
+            movable: r.movable,
+            exported: r.exported,
+            generation: r.generation,
+            allocated_at: memwarden_protocol::api::rfc3339(r.allocated_at),
+        }
+    }
 }
 
 /// What a free released (the record itself went to the event log, or was dropped).
@@ -220,6 +267,9 @@ pub enum LedgerError {
     /// An owner's quota books disagree with its allocations in the ledger.
     #[error("owner '{owner}' on {device} {kind}: quota books hold {books_bytes} bytes, ledger {ledger_bytes}")]
     Quota { owner: String, device: DeviceId, kind: MemoryKind, books_bytes: u64, ledger_bytes: u64 },
+    /// The running per-owner or per-purpose totals disagree with a recount of the records.
+    #[error("{what} '{group}': {detail}")]
+    Totals { what: &'static str, group: String, detail: String },
 }
 
 #[cfg(test)]

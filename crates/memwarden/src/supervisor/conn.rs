@@ -337,9 +337,10 @@ fn serve_request(conn: &Arc<Conn>, r: Request, peer: Option<Arc<dyn PeerRequests
             }
             (Action::Ping, _) => (Reply::ok(r.request_id, serde_json::json!({"pong": true})), Vec::new()),
             (Action::Register, _) => (conn.register(&r), Vec::new()),
-            (Action::LoadWeights | Action::ReleaseWeights | Action::ResumeWeights, Some(p)) => {
-                p.handle(conn.clone(), r).await
-            }
+            (
+                Action::LoadWeights | Action::ReleaseWeights | Action::ResumeWeights | Action::Allocate | Action::Free,
+                Some(p),
+            ) => p.handle(conn.clone(), r).await,
             (action, _) => (
                 Reply::err(r.request_id, codes::NOT_SUPPORTED, format!("the daemon does not serve `{action}`")),
                 Vec::new(),

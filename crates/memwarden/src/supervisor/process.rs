@@ -58,7 +58,7 @@ pub(super) async fn start_workers(sup: &Arc<Supervisor>) {
     };
     // The package: a configured directory, or the embedded copy.
     let python_path = if cfg.python_path.as_os_str().is_empty() {
-        match python::Extracted::write(&python::runtime_dir()) {
+        match python::Extracted::write(&python::runtime_dir(&cfg.runtime_dir)) {
             Ok(x) => {
                 let dir = x.dir.clone();
                 *lock(&sup.python) = Some(x);

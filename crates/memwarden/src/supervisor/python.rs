@@ -65,8 +65,12 @@ pub fn remove_stale(runtime_dir: &Path) -> usize {
     removed
 }
 
-/// `$XDG_RUNTIME_DIR` when set, else `/tmp/memwarden-<uid>` (created 0700).
-pub fn runtime_dir() -> PathBuf {
+/// `workers.runtime_dir` when configured, else `$XDG_RUNTIME_DIR` when set, else
+/// `/tmp/memwarden-<uid>` (created 0700).
+pub fn runtime_dir(configured: &Path) -> PathBuf {
+    if !configured.as_os_str().is_empty() {
+        return configured.to_path_buf();
+    }
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }

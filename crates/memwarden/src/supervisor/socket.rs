@@ -12,16 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 
-fn socket_path(configured: &str) -> Option<PathBuf> {
-    match configured {
+fn socket_path(cfg: &crate::config::WorkersSection) -> Option<PathBuf> {
+    match cfg.socket.as_str() {
         "none" => None,
-        "" => Some(python::runtime_dir().join("memwarden.sock")),
+        "" => Some(python::runtime_dir(&cfg.runtime_dir).join("memwarden.sock")),
         p => Some(PathBuf::from(p)),
     }
 }
 
 pub(super) async fn start(sup: &Arc<Supervisor>) -> Result<(), String> {
-    let Some(path) = socket_path(&sup.config().socket) else { return Ok(()) };
+    let Some(path) = socket_path(sup.config()) else { return Ok(()) };
     if let Some(dir) = path.parent() {
         use std::os::unix::fs::DirBuilderExt;
         if !dir.exists() {
@@ -48,7 +48,7 @@ pub(super) async fn start(sup: &Arc<Supervisor>) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if others {
         // Our own directory (made 0700 above) must let the others reach the socket.
-        if let Some(dir) = path.parent().filter(|d| d.starts_with(python::runtime_dir())) {
+        if let Some(dir) = path.parent().filter(|d| d.starts_with(python::runtime_dir(&sup.config().runtime_dir))) {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
         }
     }
