@@ -131,6 +131,9 @@ pub struct Pool {
     reserved_bytes: u64,
     allocated_bytes: u64,
     allocation_count: usize,
+    /// Counts every change of the pool's layout (an allocation, a free, a block added or
+    /// removed): a plan made against one count is stale once it differs.
+    changes: u64,
 }
 
 /// What freeing an allocation left behind.
@@ -152,7 +155,13 @@ impl Pool {
             reserved_bytes: 0,
             allocated_bytes: 0,
             allocation_count: 0,
+            changes: 0,
         }
+    }
+
+    /// How many times the layout has changed: equal counts mean an unchanged layout.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     pub fn config(&self) -> &PoolConfig {
@@ -205,6 +214,7 @@ impl Pool {
     pub fn add_block(&mut self, request: BlockRequest) -> BlockId {
         let block = PoolBlock { tlsf: Tlsf::new(request.size_bytes), dedicated: request.dedicated };
         self.reserved_bytes += block.tlsf.capacity_bytes();
+        self.changes += 1;
         match self.free_slots.pop() {
             Some(slot) => {
                 self.blocks[slot as usize] = Some(block);
@@ -224,6 +234,7 @@ impl Pool {
         let (_, size_bytes) = b.tlsf.range_of(handle)?;
         self.allocated_bytes += size_bytes;
         self.allocation_count += 1;
+        self.changes += 1;
         Some(Placement { block, offset_bytes, size_bytes, handle })
     }
 
@@ -235,6 +246,7 @@ impl Pool {
         let (offset_bytes, size_bytes) = b.tlsf.range_of(handle)?;
         self.allocated_bytes += size_bytes;
         self.allocation_count += 1;
+        self.changes += 1;
         Some(Placement { block, offset_bytes, size_bytes, handle })
     }
 
@@ -264,6 +276,7 @@ impl Pool {
         let freed_bytes = b.tlsf.free(placement.handle).map_err(|_| PoolError::NotAllocated)?;
         self.allocated_bytes -= freed_bytes;
         self.allocation_count -= 1;
+        self.changes += 1;
         Ok(FreeOutcome { freed_bytes, block_empty: b.tlsf.is_empty(), dedicated: b.dedicated })
     }
 
@@ -278,6 +291,7 @@ impl Pool {
                 *slot = None;
                 self.free_slots.push(id.0);
                 self.reserved_bytes -= size;
+                self.changes += 1;
                 Ok(size)
             }
         }
@@ -392,6 +406,32 @@ mod tests {
         let req = pool.block_request(size, align);
         let id = pool.add_block(req);
         pool.allocate_in(id, size, align).expect("a fresh block fits its request")
+    }
+
+    #[test]
+    fn every_layout_change_is_counted_and_nothing_else() {
+        let mut pool = small_pool();
+        let mut seen = pool.changes();
+        let mut changed = |pool: &Pool, expect: bool, what: &str| {
+            assert_eq!(pool.changes() != seen, expect, "{what}");
+            seen = pool.changes();
+        };
+        let a = alloc(&mut pool, MIB, 256);
+        changed(&pool, true, "a block added and an allocation");
+        let _ = pool.stats();
+        let _ = pool.blocks();
+        changed(&pool, false, "reading changes nothing");
+        let b = pool.allocate_at(a.block, 2 * MIB, MIB).expect("free range");
+        changed(&pool, true, "allocate_at");
+        pool.free(&b).expect("free");
+        changed(&pool, true, "free");
+        pool.free(&a).expect("free");
+        let empty = pool.empty_blocks()[0];
+        changed(&pool, true, "free");
+        pool.remove_block(empty).expect("remove");
+        changed(&pool, true, "remove_block");
+        assert!(pool.remove_block(empty).is_err());
+        changed(&pool, false, "a refused removal");
     }
 
     #[test]

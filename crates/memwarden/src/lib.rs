@@ -3,14 +3,16 @@
 //! ledger, transfers, defragmentation), `supervisor` (the Python processes that hold models),
 //! `models` (one view of the models they hold), `pressure` (the monitor), `optimizer` (the
 //! release ladder, watchdog and admission), `analytics` (history, reports, recommendations,
-//! metrics), `api` (REST handlers and response types), `server` (the process that ties them
-//! together) and `cli` (the client commands).
+//! metrics), `operations` (long work run in the background, with its progress), `api` (REST
+//! handlers and response types), `server` (the process that ties them together) and `cli` (the
+//! client commands).
 
 pub mod analytics;
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod models;
+pub mod operations;
 pub mod optimizer;
 pub mod peers;
 pub mod pressure;

@@ -22,11 +22,6 @@ use std::sync::Arc;
 /// holds the memory peers allocate.
 pub struct WeightsPeer(pub Arc<WeightStore>, pub Arc<crate::optimizer::Optimizer>, pub Arc<Service>);
 
-/// How often memory a closed connection owned is tried again while a copy still uses it, and
-/// for how long.
-const RECLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-const RECLAIM_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(600);
-
 fn err(id: String, e: &WeightsError) -> (Reply, Vec<OwnedFd>) {
     (Reply::err(id, e.code(), e.to_string()), Vec::new())
 }
@@ -134,7 +129,7 @@ fn allocate_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
         alignment_bytes: body.alignment.unwrap_or(crate::service::DEFAULT_ALIGNMENT_BYTES),
         purpose: body.purpose,
         owner: Some(body.owner.unwrap_or_else(|| conn.worker_id.clone())),
-        owner_client: Some(conn.worker_id.clone()),
+        owner_client: Some(conn.owner_token()),
         movable: body.movable.unwrap_or(false),
         ..AllocateRequest::new(&body.device_id, body.size_bytes)
     };
@@ -147,7 +142,7 @@ fn allocate_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
 fn free_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
     let body: PeerFree = r.data_as().map_err(|e| (e.code, e.message))?;
     let owned = service.allocation(&body.allocation_id).map_err(service_error)?;
-    if owned.owner_client.as_deref() != Some(conn.worker_id.as_str()) {
+    if owned.owner_client != Some(conn.owner_token()) {
         return Err((
             codes::PERMISSION_DENIED,
             format!("allocation '{}' was not allocated by this connection", body.allocation_id),
@@ -157,21 +152,13 @@ fn free_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
     Ok(json!({"allocationId": body.allocation_id, "freedBytes": freed.allocated_bytes}))
 }
 
-/// Gives back what a closed connection owned; what a copy still uses is tried again until the
-/// copy is done.
+/// Gives back what a closed connection owned (off the runtime: a free may wait for a move);
+/// what a copy still uses is freed when the copy is done.
 fn reclaim_for(service: Arc<Service>, client: String) {
     tokio::task::spawn_blocking(move || {
-        let (count, bytes, mut busy) = service.reclaim_client(&client);
-        let given_up = std::time::Instant::now() + RECLAIM_GIVE_UP;
-        while !busy.is_empty() && std::time::Instant::now() < given_up {
-            std::thread::sleep(RECLAIM_RETRY);
-            busy = service.reclaim(&busy).2;
-        }
-        if count > 0 {
-            tracing::info!(client = %client, count, bytes, "reclaimed the memory of a closed connection");
-        }
-        if !busy.is_empty() {
-            tracing::warn!(client = %client, left = busy.len(), "memory of a closed connection still in use by copies");
+        let (count, bytes, deferred) = service.reclaim_client(&client);
+        if count > 0 || !deferred.is_empty() {
+            tracing::info!(client = %client, count, bytes, deferred = deferred.len(), "reclaimed the memory of a closed connection");
         }
     });
 }
@@ -189,9 +176,13 @@ impl PeerRequests for WeightsPeer {
         }
     }
 
+    fn opened(&self, conn: &Arc<Conn>) {
+        self.2.open_client(&conn.owner_token());
+    }
+
     fn closed(&self, conn: &Arc<Conn>) {
         self.0.holder_gone(&conn.worker_id);
-        reclaim_for(self.2.clone(), conn.worker_id.clone());
+        reclaim_for(self.2.clone(), conn.owner_token());
     }
 
     fn attached(&self, conn: &Arc<Conn>) {

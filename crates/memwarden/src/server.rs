@@ -57,6 +57,7 @@ pub async fn serve_on(
         optimizer,
         analytics,
         weights,
+        operations: crate::operations::Operations::new(),
         http_metrics: Default::default(),
         auth_token: config.auth_token.as_deref().map(Arc::from),
         max_body_bytes: config.api.max_body_bytes,

@@ -1,7 +1,8 @@
 //! The CLI's commands for bytes and the event stream, against a daemon process: `data`,
 //! `copy`, `transfer` (a background one followed to its end, with a progress bar on a
 //! terminal), `transfer-status`, `export`, `allocation`, `alloc --owner-pid`, `events`,
-//! `move`, `recommend --apply`, `reset-peaks`.
+//! `move`, `recommend --apply`, `reset-peaks`; `load` and `defrag` with a progress bar on a
+//! terminal.
 
 mod cli_support;
 
@@ -261,4 +262,61 @@ fn model_move_and_analytics_commands() {
     let out = d.ok(&["health"]);
     assert!(out.starts_with(&format!("memwarden {} healthy: pid {}", env!("CARGO_PKG_VERSION"), d.pid())), "{out}");
     assert!(out.contains("workers disabled: 0 ready"), "{out}");
+}
+
+/// Frees every other of `ids` (1 MiB each, filling 8 MiB blocks): the pool is fragmented.
+fn free_every_other(d: &Daemon, ids: &[String]) {
+    for id in ids.iter().step_by(2) {
+        d.ok(&["free", id]);
+    }
+}
+
+/// `load` and `defrag` on a terminal run in the background (202, an operation) and draw a bar
+/// that ends with the total, the time and the rate; without one they send the synchronous
+/// request, draw nothing and print as before.
+#[test]
+fn load_and_defrag_draw_a_bar_on_a_terminal_only() {
+    let dir = Scratch::new("bars");
+    let d = Daemon::with_config(
+        "[pool]\nblock_size_bytes = 8388608\ndedicated_threshold_bytes = 8388608\nmax_pool_bytes = 16777216\n",
+    );
+    let operations = |d: &Daemon| d.api("/api/memory/operations")["operations"].as_array().expect("list").clone();
+    let tiny = tiny_model(&dir.0, "tiny");
+    let out = d.run(&["load", tiny.to_str().expect("path"), "--name", "tiny"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("loaded w-1 (tiny) on cpu: 2.00 MiB in "), "{text}");
+    let ids: Vec<String> = (0..16).map(|_| id_line(&d.ok(&["alloc", "cpu", "1MiB"]))).collect();
+    free_every_other(&d, &ids);
+    let out = d.run(&["defrag", "cpu"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("cpu (balanced): moved 4 allocation(s), 4.00 MiB;"));
+    assert!(operations(&d).is_empty(), "no terminal: synchronous requests, no operations");
+
+    // On a terminal: a bar, ending with the bytes, the time and the rate; then the same text.
+    let other = tiny_model(&dir.0, "other");
+    let other = other.to_str().expect("path");
+    let screen = in_terminal(&d, &["load", other, "--name", "other"], 20.0);
+    let bar = screen.lines().find(|l| l.contains("load other [")).unwrap_or_else(|| panic!("{screen:?}"));
+    assert!(bar.contains("2.00 MiB in ") && bar.contains("/s"), "final rate: {bar:?}");
+    assert!(screen.contains("loaded w-2 (other) on cpu: 2.00 MiB"), "{screen:?}");
+    // Fragmented again: the 8 left, 8 more, every other one freed.
+    let mut live: Vec<String> = ids.into_iter().skip(1).step_by(2).collect();
+    live.extend((0..8).map(|_| id_line(&d.ok(&["alloc", "cpu", "1MiB"]))));
+    free_every_other(&d, &live);
+    let screen = in_terminal(&d, &["defrag", "cpu"], 20.0);
+    let bar = screen.lines().find(|l| l.contains("defrag cpu [")).unwrap_or_else(|| panic!("{screen:?}"));
+    assert!(bar.contains("4.00 MiB in ") && bar.contains("/s"), "final rate: {bar:?}");
+    assert!(screen.contains("cpu (balanced): moved 4 allocation(s), 4.00 MiB;"), "{screen:?}");
+    // --json prints the synchronous answer's data (a second load shares w-2).
+    let screen = in_terminal(&d, &["--json", "load", other], 20.0);
+    assert!(screen.contains("\"modelId\": \"w-2\""), "{screen:?}");
+    let ops = operations(&d);
+    let kinds: Vec<(&str, &str)> =
+        ops.iter().map(|o| (o["kind"].as_str().unwrap_or(""), o["status"].as_str().unwrap_or(""))).collect();
+    assert_eq!(kinds, [("modelLoad", "completed"), ("defragment", "completed"), ("modelLoad", "completed")]);
+    assert_eq!(ops[1]["bytesDone"], 4 * MIB, "{ops:?}");
+    // A failed load fails the command with the code the synchronous request answers.
+    let screen = in_terminal(&d, &["load", "/nonexistent/x.safetensors"], 20.0);
+    assert!(screen.contains("FILE_NOT_FOUND: /nonexistent/x.safetensors: no such file"), "{screen:?}");
 }

@@ -106,7 +106,8 @@ fn a_clients_memory_is_reclaimed_when_its_connection_closes_or_its_process_dies(
     let mut a = Client::start(&socket, "app");
     let host = a.ask(json!({"op": "allocate", "size_bytes": 1 << 20, "purpose": "kv-cache"}));
     let host_id = host["allocationId"].as_str().unwrap_or_else(|| panic!("{host}")).to_string();
-    assert_eq!(host["ownerClient"], "app", "{host}");
+    let token = host["ownerClient"].as_str().unwrap_or_else(|| panic!("{host}")).to_string();
+    assert!(token.starts_with("app@"), "the client's id and its connection's number: {host}");
     assert_eq!(host["owner"], "app", "the quota owner defaults to the client's name: {host}");
     assert_eq!(host["purpose"], "kv-cache");
     let budget = a.ask(json!({"op": "allocate", "size_bytes": 64 << 20, "memory_type": "reservation"}));
@@ -115,7 +116,7 @@ fn a_clients_memory_is_reclaimed_when_its_connection_closes_or_its_process_dies(
     let freed_early_id = freed_early["allocationId"].as_str().expect("id").to_string();
     // The REST API shows who owns them.
     let (_, one) = s.call("GET", &format!("/api/memory/allocation/{host_id}"), None);
-    assert_eq!(one["data"]["ownerClient"], "app", "{one}");
+    assert_eq!(one["data"]["ownerClient"], token.as_str(), "{one}");
 
     // Bad requests get the service's codes, and nothing is allocated.
     let before = live(&s).len();
@@ -184,4 +185,30 @@ fn a_clients_allocations_count_against_its_quota() {
         assert!(started.elapsed() < Duration::from_secs(2), "not reclaimed: {:?}", live(&s));
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn a_client_reconnecting_under_the_same_name_neither_inherits_nor_loses_memory() {
+    let dir = tempdir("client-same-name");
+    let (s, socket) = server(&dir);
+    let mut first = Client::start(&socket, "w");
+    let mut second = Client::start(&socket, "w");
+    let a = first.ask(json!({"op": "allocate", "size_bytes": 1 << 20}));
+    let b = second.ask(json!({"op": "allocate", "size_bytes": 1 << 20}));
+    let (a_id, b_id) =
+        (a["allocationId"].as_str().expect("a").to_string(), b["allocationId"].as_str().expect("b").to_string());
+    assert_ne!(a["ownerClient"], b["ownerClient"], "two connections, two owners: {a} {b}");
+    assert_eq!(second.ask(json!({"op": "free", "id": a_id}))["error"], "PERMISSION_DENIED");
+    // The first goes: only its memory comes back, and a newcomer under the name gets none of it.
+    let closed = Instant::now();
+    assert_eq!(first.ask(json!({"op": "close"}))["closed"], true);
+    gone_within(&s, &[&a_id], closed, Duration::from_secs(1));
+    let mut third = Client::start(&socket, "w");
+    assert_eq!(third.ask(json!({"op": "free", "id": b_id}))["error"], "PERMISSION_DENIED");
+    assert_eq!(live(&s), vec![b_id.clone()]);
+    drop(second);
+    let closed = Instant::now();
+    gone_within(&s, &[&b_id], closed, Duration::from_secs(1));
+    drop(third);
+    s.service.validate().expect("ledger = pools");
 }

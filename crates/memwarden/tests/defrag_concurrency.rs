@@ -19,21 +19,32 @@ use std::time::{Duration, Instant};
 const MIB: u64 = 1 << 20;
 const GATED: DeviceId = DeviceId::Gpu(GpuApi::Vulkan, 0);
 
-/// Copies wait here while the gate is shut; `entered` counts copies that reached it.
+/// Copies wait here while the gate is shut; `entered` counts copies that reached it. The next
+/// copy fails (`FAIL_ERROR`) or panics (`FAIL_PANIC`) when asked to.
 #[derive(Default)]
 struct Gate {
     shut: Mutex<bool>,
     opened: Condvar,
     entered: AtomicU64,
+    fail_next: std::sync::atomic::AtomicU8,
 }
 
+const FAIL_ERROR: u8 = 1;
+const FAIL_PANIC: u8 = 2;
+
 impl Gate {
-    fn pass(&self) {
+    fn pass(&self) -> Result<(), BackendError> {
+        match self.fail_next.swap(0, Ordering::SeqCst) {
+            FAIL_ERROR => return Err(BackendError::InvalidArgument("bounds check (injected)".into())),
+            FAIL_PANIC => panic!("a copy panicked (injected)"),
+            _ => {}
+        }
         self.entered.fetch_add(1, Ordering::SeqCst);
         let mut shut = self.shut.lock().expect("gate");
         while *shut {
             shut = self.opened.wait(shut).expect("gate");
         }
+        Ok(())
     }
 
     fn set(&self, shut: bool) {
@@ -73,7 +84,7 @@ impl Backend for GatedDevice {
         dst_offset: u64,
         len_bytes: u64,
     ) -> Result<(), BackendError> {
-        self.gate.pass();
+        self.gate.pass()?;
         self.host.copy(src, src_offset, dst, dst_offset, len_bytes)
     }
     fn write(&self, block: &dyn BlockMemory, offset: u64, data: &[u8]) -> Result<(), BackendError> {
@@ -255,4 +266,67 @@ fn readers_never_see_an_allocation_half_moved() {
     assert!(moved >= passes, "{passes} passes moved only {moved} allocations: the test proved little");
     assert!(reads > 0);
     s.validate().expect("ledger = pools");
+}
+
+#[test]
+fn requests_between_batches_make_the_pass_plan_again_and_nothing_is_lost() {
+    let (s, gate) = service();
+    let live = fragment(&s, GATED);
+    gate.set(true);
+    let pass = {
+        let s = s.clone();
+        std::thread::spawn(move || s.defragment(GATED, quick(), None))
+    };
+    wait_for("the first copy", || gate.entered.load(Ordering::SeqCst) > 0);
+    // While the first batch is held at its copy, requests on the same device queue up behind
+    // the device: an allocation and a free. They land between batches and change the pool.
+    let (s2, extra_id) = (s.clone(), live[0].clone());
+    let meanwhile = std::thread::spawn(move || {
+        let a = s2.allocate(movable(GATED, MIB)).expect("allocate between batches");
+        s2.free(&extra_id).expect("free between batches");
+        a.id.clone()
+    });
+    // The copy outlasts the batch's time bound, so the batch ends after it.
+    std::thread::sleep(Duration::from_millis(100));
+    gate.set(false);
+    let report = pass.join().expect("pass").expect("defragment");
+    let added = meanwhile.join().expect("requests");
+    assert!(report.error.is_none(), "{report:?}");
+    assert_eq!(report.moves_skipped, 0, "{report:?}");
+    for (i, id) in live.iter().enumerate().skip(1) {
+        assert_eq!(s.read_bytes(id, 0, MIB).expect("read"), pattern(i, MIB as usize), "allocation {i}");
+    }
+    assert!(s.allocation(&added).is_ok());
+    s.validate().expect("ledger = pools");
+}
+
+#[test]
+fn a_failing_copy_ends_the_pass_with_the_error_and_the_allocation_where_it_was() {
+    let (s, gate) = service();
+    let live = fragment(&s, GATED);
+    gate.fail_next.store(FAIL_ERROR, Ordering::SeqCst);
+    let report = s.defragment(GATED, quick(), None).expect("defragment");
+    let error = report.error.clone().expect("the copy's error is reported, not taken for a stale plan");
+    assert!(error.contains("bounds check"), "{error}");
+    assert!(report.moves_skipped > 0, "{report:?}");
+    for (i, id) in live.iter().enumerate() {
+        assert_eq!(s.read_bytes(id, 0, MIB).expect("read"), pattern(i, MIB as usize), "allocation {i}");
+    }
+    s.validate().expect("ledger = pools");
+}
+
+#[test]
+fn a_copy_that_panics_leaves_no_allocation_waiting_forever() {
+    let (s, gate) = service();
+    let live = fragment(&s, GATED);
+    gate.fail_next.store(FAIL_PANIC, Ordering::SeqCst);
+    let pass = {
+        let s = s.clone();
+        std::thread::spawn(move || s.defragment(GATED, quick(), None))
+    };
+    assert!(pass.join().is_err(), "the pass panicked");
+    // Every allocation can still be freed: none stays marked as moving.
+    let s2 = s.clone();
+    let freed = within(Duration::from_secs(5), move || live.iter().all(|id| s2.free(id).is_ok()));
+    assert_eq!(freed, Some(true), "a free waited for a move that will never finish");
 }

@@ -198,6 +198,10 @@ pub struct LoadBody {
     pub held_by: Option<String>,
     /// Idle time after which memwarden-held weights are parked (default `weights.keep_alive_ms`).
     pub keep_alive_ms: Option<u64>,
+    /// Run in the background: answer 202 with the operation (`OperationDto`) at once and follow
+    /// it at `GET /api/memory/operations/{operationId}`.
+    #[serde(default, rename = "async")]
+    pub run_async: bool,
 }
 
 /// The reply to a load: a model memwarden holds (the default), or one a worker loaded into its

@@ -15,6 +15,10 @@ pub struct DefragBody {
     pub max_allocations_to_move: Option<u64>,
     /// Time limit, checked between moves.
     pub max_time_ms: Option<u64>,
+    /// Run in the background: answer 202 with the operation (`OperationDto`) at once and follow
+    /// it at `GET /api/memory/operations/{operationId}`.
+    #[serde(default, rename = "async")]
+    pub run_async: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

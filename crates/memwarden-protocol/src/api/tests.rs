@@ -85,10 +85,36 @@ fn request_bodies_are_what_the_daemon_reads() {
         pinned: false,
         held_by: Some("worker".into()),
         keep_alive_ms: Some(0),
+        run_async: true,
     };
     let v = serde_json::to_value(&body).expect("json");
     assert_eq!(v["heldBy"], "worker");
+    assert_eq!(v["async"], true);
     assert_eq!(v["deviceId"], "cpu");
     assert_eq!(serde_json::from_value::<LoadBody>(v).expect("back"), body);
     assert!(serde_json::from_value::<LoadBody>(json!({"path": "/m", "extra": 1})).is_err(), "unknown fields refused");
+}
+
+#[test]
+fn an_operations_result_reads_back_as_the_answer_it_is() {
+    let defrag = json!({"deviceId": "cpu", "strategy": "quick", "fragmentationBefore": 0.5, "fragmentationAfter": 0.0,
+        "bytesMoved": 4, "allocationsMoved": 1, "blocksReleased": 1, "bytesReleased": 8,
+        "largestFreeBlockBefore": 1, "largestFreeBlockAfter": 8, "durationMs": 1.0, "movingMs": 0.5, "passes": 1,
+        "movesSkipped": 0, "error": null});
+    let op = |result: Value| {
+        json!({"operationId": "o", "kind": "defragment", "status": "completed", "deviceId": "cpu", "bytesDone": 4,
+            "bytesTotal": 4, "progress": 1.0, "bytesPerSecond": 4.0, "durationMs": 1.0, "startedAt": "t",
+            "completedAt": "t", "error": null, "errorCode": null, "location": "/api/memory/operations/o",
+            "result": result})
+    };
+    let one = op(defrag.clone());
+    assert_eq!(round_trip::<OperationDto>(one.clone()), one);
+    let typed: OperationDto = serde_json::from_value(one).expect("operation");
+    assert!(matches!(typed.result, Some(OperationResult::Defragment(_))), "{typed:?}");
+    let all = op(json!({"bytesMoved": 4, "bytesReleased": 8, "devices": [defrag]}));
+    let typed: OperationDto = serde_json::from_value(all).expect("operation");
+    assert!(matches!(typed.result, Some(OperationResult::DefragmentAll(_))), "{typed:?}");
+    let running = op(Value::Null);
+    assert_eq!(serde_json::from_value::<OperationDto>(running).expect("running").result, None);
+    assert_eq!(serde_json::to_value(OperationKind::ModelLoad).expect("json"), json!(OperationKind::ModelLoad.as_str()));
 }

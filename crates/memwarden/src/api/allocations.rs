@@ -288,7 +288,8 @@ pub async fn export(
     Path(allocation_id): Path<String>,
     _: NoBody,
 ) -> ApiResult<ExportDto> {
-    let info = state.service.export(&allocation_id)?;
+    // May wait for a defragmentation batch that is moving this allocation.
+    let info = blocking(|| state.service.export(&allocation_id))?;
     Ok(Data(export_dto(&allocation_id, &info)))
 }
 

@@ -7,6 +7,7 @@ pub mod dto;
 pub mod envelope;
 pub mod models;
 pub mod openapi;
+pub mod operations;
 pub mod owners;
 pub mod pools;
 pub mod pressure;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub analytics: Arc<crate::analytics::Analytics>,
     /// Model weights memwarden holds.
     pub weights: Arc<crate::weights::WeightStore>,
+    /// Model loads and defragmentations run in the background (`"async": true`).
+    pub operations: Arc<crate::operations::Operations>,
     /// Request latencies for `/metrics`.
     pub http_metrics: crate::analytics::metrics::HttpMetrics,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
@@ -81,6 +84,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/transfer", post(transfers::transfer))
         .route("/api/memory/transfer/{transfer_id}", get(transfers::transfer_status))
         .route("/api/memory/copy", post(transfers::copy))
+        .route("/api/memory/operations", get(operations::list_operations))
+        .route("/api/memory/operations/{operation_id}", get(operations::get_operation))
         .route("/api/memory/operations/defragment", post(pools::defragment_all))
         .route("/api/memory/operations/defragment/{device_id}", post(pools::defragment_device))
         .route("/api/memory/pools", get(pools::pools_all))

@@ -5,22 +5,25 @@ use super::envelope::{rfc3339, ApiError, ApiJson, ApiQuery, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
 use crate::models::process::process_bytes;
 use crate::models::{Holder, ModelView};
+use crate::operations::Progress;
 use crate::optimizer::admission::AdmissionError;
 use crate::optimizer::OptimizeRequest;
 use crate::service::DeviceStatus;
 use crate::supervisor::SupervisorError;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use memwarden_core::eviction::Strategy;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{
     AllocatorDto, CoordinationDto, CoordinationMode, DeviceModelsDto, LoadBody, LoadedDto, LoadedModelDto,
-    ModelMemoryDto, ModelsDto, MoveBody, MovedDto, OptimizeBody, OptimizeHistoryDto, OptimizeReply, OptimizeRunsDto,
-    SystemMemoryDto, UnloadedDto, WorkerDto,
+    ModelMemoryDto, ModelsDto, MoveBody, MovedDto, OperationDto, OperationKind, OperationResult, OptimizeBody,
+    OptimizeHistoryDto, OptimizeReply, OptimizeRunsDto, SystemMemoryDto, UnloadedDto, WorkerDto,
 };
 use memwarden_protocol::{codes, LoadModel, Role, DEFAULT_PRIORITY};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 impl From<SupervisorError> for ApiError {
@@ -220,17 +223,21 @@ fn worker_dto(
 /// Loads a `.safetensors` model. By default memwarden holds the weights in its own memory
 /// (processes map them with `memwarden.client`); with `heldBy: worker`, on the least loaded ready
 /// worker that serves the device, waiting for a `starting` one at most `workers.ready_wait_ms`.
+/// With `"async": true` the body is checked, then it answers 202 with the operation at once
+/// (`Location`: where to follow it); what would have been an error answer fails the operation.
 #[utoipa::path(
     post, path = "/api/memory/models/load", request_body = LoadBody,
     responses(
         (status = 200, body = ApiResponse<LoadedDto>),
+        (status = 202, body = ApiResponse<OperationDto>, description = "`async`: the operation, running",
+            headers(("Location" = String, description = "/api/memory/operations/{operationId}"))),
         (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "FILE_NOT_FOUND / DEVICE_NOT_FOUND"),
         (status = 422, description = "LOAD_FAILED / INVALID_MODEL_FILE: not a valid safetensors file (nothing allocated)"),
         (status = 503, description = "WORKER_UNAVAILABLE: `heldBy: worker` and no worker is ready (after waiting for a starting one)"),
         (status = 504, description = "TIMEOUT"), (status = 507, description = "INSUFFICIENT_MEMORY")
     )
 )]
-pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<LoadBody>) -> ApiResult<LoadedDto> {
+pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<LoadBody>) -> Result<Response, ApiError> {
     if !std::path::Path::new(&body.path).is_absolute() {
         return Err(ApiError::invalid(format!("path must be absolute, got {:?}", body.path)));
     }
@@ -238,11 +245,8 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
         return Err(ApiError::invalid("priority must be 0-100"));
     }
     let device = state.service.resolve(body.device_id.as_deref().unwrap_or("cpu"))?;
-    match body.held_by.as_deref() {
-        None | Some("memwarden") if state.weights.holds_device(device) => {
-            let Data(m) = super::weights::load_held(&state, device, body).await?;
-            return Ok(Data(LoadedDto::Held(m)));
-        }
+    let held = match body.held_by.as_deref() {
+        None | Some("memwarden") if state.weights.holds_device(device) => true,
         Some("memwarden") => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -250,16 +254,62 @@ pub async fn load_model(State(state): State<AppState>, ApiJson(body): ApiJson<Lo
                 format!("memwarden cannot hold weights on {device}; use heldBy: worker"),
             ))
         }
-        None | Some("worker") => {}
+        None | Some("worker") => false,
         Some(other) => return Err(ApiError::invalid(format!("heldBy must be memwarden or worker, got {other:?}"))),
+    };
+    if body.run_async {
+        return Ok(start_load(state, device, held, body));
+    }
+    Ok(Data(load_checked(&state, device, held, body, None).await?).into_response())
+}
+
+/// Starts a checked load in the background and answers 202 with the operation. Its total is the
+/// model's tensor bytes (the file's size when the header cannot be read here); a load memwarden
+/// holds counts the bytes read as they come, a worker's reports nothing until it ends (then all
+/// of them).
+fn start_load(state: AppState, device: DeviceId, held: bool, body: LoadBody) -> Response {
+    let op = state.operations.start(OperationKind::ModelLoad, Some(device.to_string()));
+    let progress = op.progress();
+    super::operations::spawn(op.clone(), async move {
+        let path = body.path.clone();
+        let total = tokio::task::spawn_blocking(move || {
+            let path = std::path::Path::new(&path);
+            crate::models::estimate::tensor_bytes(path).or_else(|_| std::fs::metadata(path).map(|m| m.len()))
+        })
+        .await;
+        if let Ok(Ok(total)) = total {
+            progress.set_total(total);
+        }
+        let loaded = load_checked(&state, device, held, body, Some(progress.clone())).await?;
+        if !held {
+            // The worker says nothing until it is done: then every byte is in.
+            progress.set(progress.total(), progress.total());
+        }
+        Ok(OperationResult::Load(Box::new(loaded)))
+    });
+    super::operations::accepted(&op)
+}
+
+/// A load whose body was checked: into memwarden's memory (`held`), counting the bytes read in
+/// `progress`, or by a worker.
+pub async fn load_checked(
+    state: &AppState,
+    device: DeviceId,
+    held: bool,
+    body: LoadBody,
+    progress: Option<Arc<Progress>>,
+) -> Result<LoadedDto, ApiError> {
+    if held {
+        let Data(m) = super::weights::load_held(state, device, body, progress).await?;
+        return Ok(LoadedDto::Held(m));
     }
     let dev = device.to_string();
     state.supervisor.wait_while_starting(|s| s.role == Role::Worker && s.serves(&dev)).await;
     if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
-    let Data(m) = load_with_admission(&state, device, body).await?;
-    Ok(Data(LoadedDto::Worker(m)))
+    let Data(m) = load_with_admission(state, device, body).await?;
+    Ok(LoadedDto::Worker(m))
 }
 
 /// A load through admission: the ticket is held while the worker loads, then given back.
@@ -398,6 +448,7 @@ pub async fn move_model(
         pinned: info.pinned,
         held_by: Some("worker".into()),
         keep_alive_ms: None,
+        run_async: false,
     };
     let Data(model) = load_with_admission(&state, target, load).await?;
     let (released, _, _) = state.supervisor.unload(&model_id).await?;

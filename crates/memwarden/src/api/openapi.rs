@@ -36,6 +36,8 @@ use utoipa::{Modify, OpenApi, ToSchema};
         super::transfers::transfer,
         super::transfers::transfer_status,
         super::transfers::copy,
+        super::operations::get_operation,
+        super::operations::list_operations,
         super::pools::defragment_all,
         super::pools::defragment_device,
         super::pools::pools_all,
@@ -72,7 +74,9 @@ use utoipa::{Modify, OpenApi, ToSchema};
         memwarden_protocol::api::OptimizeBody,
         memwarden_protocol::api::MoveBody,
         memwarden_protocol::api::ResumeBody,
-        memwarden_protocol::api::LoadedDto
+        memwarden_protocol::api::LoadedDto,
+        memwarden_protocol::api::OperationDto,
+        memwarden_protocol::api::OperationResult
     ))
 )]
 pub struct ApiDoc;

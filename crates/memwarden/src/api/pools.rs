@@ -4,10 +4,12 @@ use super::dto::*;
 use super::envelope::{ApiError, ApiResponse, Data, OptionalJson};
 use super::{blocking, ApiResult, AppState};
 use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use memwarden_core::defrag::{DefragOptions, Strategy};
+use memwarden_protocol::api::OperationDto;
 use std::time::Duration;
 
-fn parse_defrag(b: DefragBody) -> Result<(DefragOptions, Option<Duration>), ApiError> {
+fn parse_defrag(b: &DefragBody) -> Result<(DefragOptions, Option<Duration>), ApiError> {
     let strategy = match &b.strategy {
         None => Strategy::Balanced,
         Some(t) => t.parse().map_err(|e: String| ApiError::invalid(format!("strategy: {e}")))?,
@@ -23,16 +25,25 @@ fn parse_defrag(b: DefragBody) -> Result<(DefragOptions, Option<Duration>), ApiE
 }
 
 /// Defragments every device: moves movable allocations (never exported or `movable: false`
-/// ones) to compact the pools, then returns emptied blocks to the OS or driver.
+/// ones) to compact the pools, then returns emptied blocks to the OS or driver. With
+/// `"async": true` it answers 202 with the operation at once (`Location`: where to follow it).
 #[utoipa::path(
     post, path = "/api/memory/operations/defragment", request_body(content = Option<DefragBody>),
-    responses((status = 200, body = ApiResponse<DefragAllDto>), (status = 400, description = "INVALID_ARGUMENT"))
+    responses(
+        (status = 200, body = ApiResponse<DefragAllDto>),
+        (status = 202, body = ApiResponse<OperationDto>, description = "`async`: the operation, running",
+            headers(("Location" = String, description = "/api/memory/operations/{operationId}"))),
+        (status = 400, description = "INVALID_ARGUMENT")
+    )
 )]
 pub async fn defragment_all(
     State(state): State<AppState>,
     OptionalJson(body): OptionalJson<DefragBody>,
-) -> ApiResult<DefragAllDto> {
-    let (options, max_time) = parse_defrag(body)?;
+) -> Result<Response, ApiError> {
+    let (options, max_time) = parse_defrag(&body)?;
+    if body.run_async {
+        return Ok(super::operations::start_defragment(state, None, options, max_time));
+    }
     let reports = blocking(|| {
         state
             .service
@@ -45,15 +56,20 @@ pub async fn defragment_all(
         bytes_moved: reports.iter().map(|r| r.bytes_moved).sum(),
         bytes_released: reports.iter().map(|r| r.bytes_released).sum(),
         devices: reports.iter().map(DefragDto::from).collect(),
-    }))
+    })
+    .into_response())
 }
 
-/// Defragments one device (fields as for all devices).
+/// Defragments one device (fields as for all devices; `"async": true` answers 202 with the
+/// operation).
 #[utoipa::path(
     post, path = "/api/memory/operations/defragment/{deviceId}", params(("deviceId" = String, Path)),
     request_body(content = Option<DefragBody>),
     responses(
-        (status = 200, body = ApiResponse<DefragDto>), (status = 400, description = "INVALID_ARGUMENT"),
+        (status = 200, body = ApiResponse<DefragDto>),
+        (status = 202, body = ApiResponse<OperationDto>, description = "`async`: the operation, running",
+            headers(("Location" = String, description = "/api/memory/operations/{operationId}"))),
+        (status = 400, description = "INVALID_ARGUMENT"),
         (status = 404, description = "DEVICE_NOT_FOUND")
     )
 )]
@@ -61,11 +77,14 @@ pub async fn defragment_device(
     State(state): State<AppState>,
     Path(device_id): Path<String>,
     OptionalJson(body): OptionalJson<DefragBody>,
-) -> ApiResult<DefragDto> {
+) -> Result<Response, ApiError> {
     let id = state.service.resolve(&device_id)?;
-    let (options, max_time) = parse_defrag(body)?;
+    let (options, max_time) = parse_defrag(&body)?;
+    if body.run_async {
+        return Ok(super::operations::start_defragment(state, Some(id), options, max_time));
+    }
     let report = blocking(|| state.service.defragment(id, options, max_time))?;
-    Ok(Data(DefragDto::from(&report)))
+    Ok(Data(DefragDto::from(&report)).into_response())
 }
 
 /// Every pool block of every device with its used and free ranges (for drawing).

@@ -3,6 +3,7 @@
 
 use super::envelope::{ApiError, ApiResponse, Data, NoBody, OptionalJson};
 use super::{ApiResult, AppState};
+use crate::operations::Progress;
 use crate::weights::{ActionOutcome, HeldModel, LoadRequest, WeightsError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -35,7 +36,12 @@ impl From<WeightsError> for ApiError {
 /// Loads through admission (the ladder makes room first; 507 when it cannot) into memwarden's
 /// own memory. A second load of the same file on the same device returns the model already
 /// held.
-pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> ApiResult<HeldModelDto> {
+pub async fn load_held(
+    state: &AppState,
+    device: DeviceId,
+    body: LoadBody,
+    progress: Option<Arc<Progress>>,
+) -> ApiResult<HeldModelDto> {
     let ticket = state.optimizer.admit(device, &body.path, body.name.as_deref()).await?;
     let req = LoadRequest {
         path: body.path.into(),
@@ -45,7 +51,7 @@ pub async fn load_held(state: &AppState, device: DeviceId, body: LoadBody) -> Ap
         pinned: body.pinned,
         keep_alive_ms: body.keep_alive_ms,
     };
-    let result = state.weights.load(req, None).await;
+    let result = state.weights.load_with_progress(req, None, progress).await;
     state.optimizer.release_ticket(ticket);
     refresh(state, device);
     let attached = result?;

@@ -1,6 +1,7 @@
 //! Per-device commands: `clear`, `defrag`, `pools`, `pressure`; and `health`.
 
 use super::http::{one_or_all, CliError, Client, StreamEvent};
+use super::operations;
 use super::render::{block_bar, or_dash, pretty, table, uptime};
 use memwarden_core::units::format_bytes;
 use memwarden_protocol::api::{
@@ -92,12 +93,23 @@ pub fn defrag(
     strategy: Option<&str>,
     as_json: bool,
 ) -> Result<String, CliError> {
-    let body = DefragBody { strategy: strategy.map(str::to_string), ..DefragBody::default() };
+    // On a terminal, in the background with a progress bar.
+    let bar = operations::with_bar();
+    let body = DefragBody { strategy: strategy.map(str::to_string), run_async: bar, ..DefragBody::default() };
     let path = one_or_all("/api/memory/operations/defragment", None, device);
+    let label = format!("defrag {}", device.unwrap_or("all"));
     let (raw, reports) = match device {
+        Some(_) if bar => {
+            let a = operations::run::<DefragDto, _>(client, &path, &body, &label)?;
+            (a.raw, vec![a.data])
+        }
         Some(_) => {
             let a = client.call::<DefragDto, _>("POST", &path, Some(&body))?;
             (a.raw, vec![a.data])
+        }
+        None if bar => {
+            let a = operations::run::<DefragAllDto, _>(client, &path, &body, &label)?;
+            (a.raw, a.data.devices)
         }
         None => {
             let a = client.call::<DefragAllDto, _>("POST", &path, Some(&body))?;

@@ -3,9 +3,10 @@
 //! read into the API's own types (`memwarden_protocol::api`). Failures print the server's code
 //! and message and exit non-zero.
 //!
-//! `http` is the client, `render` the text helpers; `status` (nvidia-smi's shape), `ps`
-//! (`ollama ps`'s), `allocations`, `data`, `transfers`, `devices`, `events`, `models` and
-//! `analytics` hold the commands by area; this file the arguments and the dispatch.
+//! `http` is the client, `render` the text helpers, `operations` the progress bar of work run in
+//! the background; `status` (nvidia-smi's shape), `ps` (`ollama ps`'s), `allocations`, `data`,
+//! `transfers`, `devices`, `events`, `models` and `analytics` hold the commands by area; this
+//! file the arguments and the dispatch.
 
 pub mod allocations;
 pub mod analytics;
@@ -14,6 +15,7 @@ pub mod devices;
 pub mod events;
 pub mod http;
 pub mod models;
+pub mod operations;
 pub mod ps;
 pub mod render;
 pub mod status;
@@ -168,6 +170,9 @@ pub enum Command {
     Clear { device: Option<String> },
     /// Defragment one device's pools (or every device's): move movable allocations together and
     /// return emptied blocks.
+    ///
+    /// On a terminal it runs in the background and draws a progress bar (bytes moved against
+    /// bytes planned, then the total, time and rate).
     Defrag {
         device: Option<String>,
         /// quick | balanced (default) | thorough.
@@ -178,7 +183,10 @@ pub enum Command {
     Pools { device: Option<String> },
     /// Models per device (with what their processes measurably hold), and the workers' states.
     Models { device: Option<String> },
-    /// Load a .safetensors model on a worker: `load /models/unet.safetensors --device cuda:0`.
+    /// Load a .safetensors model: `load /models/unet.safetensors --device cuda:0`.
+    ///
+    /// On a terminal it runs in the background and draws a progress bar (bytes read against the
+    /// model's tensor bytes; a worker's load reports nothing until it ends).
     Load {
         /// Absolute path (relative paths are made absolute here).
         path: PathBuf,
@@ -354,6 +362,7 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
                     .map(parse_duration_ms)
                     .transpose()
                     .map_err(|e| CliError(format!("--keep-alive: {e}")))?,
+                run_async: false,
             };
             models::load(client, &body, json)
         }

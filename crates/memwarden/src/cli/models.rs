@@ -1,6 +1,7 @@
 //! Model commands: `models`, `load`, `unload`, `move`, `optimize`, `optimize-history`.
 
 use super::http::{path_segment, CliError, Client};
+use super::operations;
 use super::render::{indent, or_dash, pretty, signed_bytes, table};
 use memwarden_core::units::{format_bytes, parse_size};
 use memwarden_protocol::api::{
@@ -88,9 +89,19 @@ pub fn models(client: &Client, device: Option<&str>, as_json: bool) -> Result<St
     Ok(out)
 }
 
-/// `memwarden load PATH`.
+/// `memwarden load PATH`: on a terminal in the background, with a progress bar.
 pub fn load(client: &Client, body: &LoadBody, as_json: bool) -> Result<String, CliError> {
-    let a = client.call::<LoadedDto, _>("POST", "/api/memory/models/load", Some(body))?;
+    let route = "/api/memory/models/load";
+    let a = if operations::with_bar() {
+        let name = body.name.clone().unwrap_or_else(|| {
+            let path = std::path::Path::new(&body.path);
+            path.file_stem().map_or_else(|| body.path.clone(), |s| s.to_string_lossy().into_owned())
+        });
+        let body = LoadBody { run_async: true, ..body.clone() };
+        operations::run::<LoadedDto, _>(client, route, &body, &format!("load {name}"))?
+    } else {
+        client.call::<LoadedDto, _>("POST", route, Some(body))?
+    };
     if as_json {
         return Ok(pretty(&a.raw));
     }

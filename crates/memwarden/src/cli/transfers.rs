@@ -172,7 +172,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// Reads a running transfer's status until it is no longer running, drawing its progress.
 pub fn follow(client: &Client, first: TransferDto) -> Result<Answer<TransferDto>, CliError> {
     let short: String = first.transfer_id.chars().take(8).collect();
-    let bar = progress_bar(first.size_bytes, &format!("{} {short}", first.transfer_type));
+    let bar = progress_bar(Some(first.size_bytes), &format!("{} {short}", first.transfer_type));
     bar.set_position(first.bytes_done);
     loop {
         std::thread::sleep(POLL);
@@ -202,11 +202,11 @@ pub fn follow(client: &Client, first: TransferDto) -> Result<Answer<TransferDto>
 }
 
 /// A byte progress bar on stderr, drawn only when stdout is a terminal (so that a script that
-/// reads the answer sees no bar).
-pub fn progress_bar(total: u64, label: &str) -> ProgressBar {
+/// reads the answer sees no bar); `None`: the total is not known yet (an empty bar).
+pub fn progress_bar(total: Option<u64>, label: &str) -> ProgressBar {
     let target =
         if std::io::stdout().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-    let bar = ProgressBar::with_draw_target(Some(total), target);
+    let bar = ProgressBar::with_draw_target(total, target);
     let style = ProgressStyle::with_template(
         "{prefix} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, ETA {eta}",
     )
@@ -219,7 +219,7 @@ pub fn progress_bar(total: u64, label: &str) -> ProgressBar {
 }
 
 /// The bar once done: full, with the total, time and rate.
-fn done_style() -> ProgressStyle {
+pub fn done_style() -> ProgressStyle {
     ProgressStyle::with_template("{prefix} [{wide_bar}] {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("#>.")

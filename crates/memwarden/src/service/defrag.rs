@@ -72,10 +72,45 @@ pub struct CanAllocate {
 enum PoolPass {
     /// The plan was carried out (or there was nothing to do).
     Done,
-    /// The pool changed under the plan between batches: plan again.
-    Stale,
+    /// The pool or an allocation in the plan changed between batches: plan again. Holds the
+    /// planned moves not carried out.
+    Stale(usize),
     /// An error or the time limit: the pass ends.
     Stop,
+}
+
+/// The allocations a batch marked as moving; dropping it takes the marks off and wakes the
+/// requests waiting for them (also when a copy panics, so no request waits forever).
+struct MovingMarks<'a> {
+    service: &'a Service,
+    ids: Vec<String>,
+}
+
+impl Drop for MovingMarks<'_> {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        {
+            let mut ledger = lock(&self.service.ledger);
+            for id in &self.ids {
+                ledger.moving.remove(id);
+            }
+        }
+        self.service.settled.notify_all();
+    }
+}
+
+/// The progress hook of a pass and the bytes the plan being carried out has left.
+struct PassProgress<'a> {
+    hook: &'a mut dyn FnMut(u64, u64),
+    left: u64,
+}
+
+impl PassProgress<'_> {
+    fn report(&mut self, moved: u64) {
+        (self.hook)(moved, moved + self.left);
+    }
 }
 
 /// The device's fragmentation index, by the one formula status, `/metrics` and the advice use.
@@ -85,10 +120,16 @@ fn index(st: &DeviceState) -> f64 {
 
 /// Moves carried out under one hold of the device's lock: the pass lets other requests on the
 /// device in between batches, and other devices never wait for it at all.
-const BATCH_MOVES: usize = 64;
-/// Bytes moved under one hold of the device's lock (a GPU copies this in well under 1 ms, a
-/// host memcpy in a few).
-const BATCH_BYTES: u64 = 64 << 20;
+const BATCH_MOVES: usize = 256;
+/// Bytes moved under one hold of the device's lock (a GPU copies this in under 1 ms; a host
+/// memcpy is bounded by [`BATCH_TIME`] first).
+const BATCH_BYTES: u64 = 1 << 30;
+/// Time spent issuing moves under one hold of the device's lock (a host move is its memcpy; a
+/// GPU move is queued in microseconds and waited for at the batch's end).
+const BATCH_TIME: Duration = Duration::from_millis(2);
+/// Records looked up under one hold of the global ledger while collecting a pool's movable
+/// allocations.
+const LOOKUP_CHUNK: usize = 4096;
 /// Plans a pool's pass may make: a plan that went stale (a request took a planned destination
 /// between batches) is made again from the pool as it is, this many times at most.
 const MAX_PLANS: usize = 8;
@@ -110,10 +151,52 @@ impl Service {
         options: DefragOptions,
         max_time: Option<Duration>,
     ) -> Result<DefragReport, ServiceError> {
-        let started = Instant::now();
+        self.defragment_with_progress(device, options, max_time, &mut |_, _| {})
+    }
+
+    /// [`Service::defragment`], calling `progress(bytes_moved, bytes_planned)` as the pass goes:
+    /// once each pool's plan is made and after each batch of moves, and once at the end.
+    /// `bytes_moved` never decreases and ends at the report's `bytes_moved`; `bytes_planned` is
+    /// what was moved plus what the plan being carried out has left, so it changes as each pool
+    /// is planned (or planned again), and ends equal to `bytes_moved` unless moves were skipped.
+    pub fn defragment_with_progress(
+        &self,
+        device: DeviceId,
+        options: DefragOptions,
+        max_time: Option<Duration>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<DefragReport, ServiceError> {
         let dev = self.device_or_404(device)?;
-        // One pass per device at a time (an automatic one and a requested one wait in turn).
-        let _pass = lock(&dev.defrag);
+        // One pass per device at a time: a requested one waits for the one running.
+        let pass = lock(&dev.defrag);
+        self.run_pass(dev, device, options, max_time, progress, pass)
+    }
+
+    /// An automatic pass (an allocation that did not fit): none when one is already running on
+    /// the device, rather than wait behind it.
+    pub(super) fn defragment_if_idle(
+        &self,
+        device: DeviceId,
+        options: DefragOptions,
+        max_time: Option<Duration>,
+    ) -> Option<Result<DefragReport, ServiceError>> {
+        let dev = self.device(device)?;
+        let pass = dev.defrag.try_lock().ok()?;
+        Some(self.run_pass(dev, device, options, max_time, &mut |_, _| {}, pass))
+    }
+
+    fn run_pass(
+        &self,
+        dev: &super::device::Device,
+        device: DeviceId,
+        options: DefragOptions,
+        max_time: Option<Duration>,
+        progress: &mut dyn FnMut(u64, u64),
+        _pass: std::sync::MutexGuard<'_, ()>,
+    ) -> Result<DefragReport, ServiceError> {
+        let mut progress = PassProgress { hook: progress, left: 0 };
+        // The time limit counts from when the pass holds the device's pass lock.
+        let started = Instant::now();
         let (before, fragmentation_before, kinds) = {
             let st = lock(&dev.state);
             (st.pool_totals(), index(&st), st.pools.iter().map(|p| p.kind()).collect::<Vec<_>>())
@@ -137,12 +220,31 @@ impl Service {
         };
         let mut budget = options;
         'pools: for kind in kinds {
+            let mut left_stale = 0;
             for _ in 0..MAX_PLANS {
-                match self.defragment_pool(dev, device, kind, &mut budget, started, max_time, &mut report) {
+                left_stale = 0;
+                match self.defragment_pool(
+                    dev,
+                    device,
+                    kind,
+                    &mut budget,
+                    started,
+                    max_time,
+                    &mut report,
+                    &mut progress,
+                ) {
                     PoolPass::Done => break,
-                    PoolPass::Stale => continue,
+                    PoolPass::Stale(left) => left_stale = left,
                     PoolPass::Stop => break 'pools,
                 }
+            }
+            if left_stale > 0 {
+                // Requests kept changing the pool under every plan: say so rather than drop the
+                // rest of the plan silently.
+                report.moves_skipped += left_stale;
+                report.error = Some(format!(
+                    "the {kind} pool changed under {MAX_PLANS} plans in a row; {left_stale} planned move(s) not made"
+                ));
             }
         }
         let mut st = lock(&dev.state);
@@ -160,6 +262,7 @@ impl Service {
         report.fragmentation_after = index(&st);
         report.largest_free_block_after = after.largest_free_block_bytes;
         drop(st);
+        progress.report(report.bytes_moved);
         report.duration = started.elapsed();
         lock(&self.ledger).recorder.defragmented(device, report.bytes_moved, report.bytes_released);
         if report.allocations_moved > 0 || report.blocks_released > 0 {
@@ -175,6 +278,30 @@ impl Service {
         Ok(report)
     }
 
+    /// The allocations of one pool that may move now, looked up in chunks so the global ledger
+    /// is never held for a whole pool's records: `(block, offset)` → id, and what the planner
+    /// needs of each. Called with the device's lock held, so the pool cannot change meanwhile;
+    /// records that change meanwhile are caught when a batch is marked.
+    fn movable_of(&self, device: DeviceId, kind: MemoryKind) -> (HashMap<(BlockId, u64), String>, Vec<Movable>) {
+        let members = lock(&self.ledger).records.pool_members(device, kind);
+        let mut at = HashMap::with_capacity(members.len());
+        let mut movable = Vec::with_capacity(members.len());
+        for chunk in members.chunks(LOOKUP_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|u| uuid::Uuid::from_u128(*u).to_string()).collect();
+            let ledger = lock(&self.ledger);
+            for id in ids {
+                let Some(r) = ledger.records.get(&id) else { continue };
+                let Some(p) = r.placement else { continue };
+                if !r.movable || r.exported || ledger.busy.contains_key(&id) || ledger.moving.contains(&id) {
+                    continue;
+                }
+                movable.push(Movable { placement: p, align_bytes: r.alignment_bytes });
+                at.insert((p.block, p.offset_bytes), id);
+            }
+        }
+        (at, movable)
+    }
+
     /// Plans one pool and carries the plan out a batch at a time.
     #[allow(clippy::too_many_arguments)]
     fn defragment_pool(
@@ -186,38 +313,24 @@ impl Service {
         started: Instant,
         max_time: Option<Duration>,
         report: &mut DefragReport,
+        progress: &mut PassProgress<'_>,
     ) -> PoolPass {
-        // (block, offset) → allocation id, for the allocations allowed to move.
-        let mut at: HashMap<(BlockId, u64), String> = HashMap::new();
-        let plan = {
+        // A plan made again replaces the one that went stale.
+        progress.left = 0;
+        let (mut at, plan, mut expected) = {
             let st = lock(&dev.state);
             if budget.max_allocations_to_move == 0 || budget.max_bytes_to_move == 0 {
                 return PoolPass::Done;
             }
             let Some(pool) = st.pool(kind) else { return PoolPass::Done };
-            let mut movable = Vec::new();
-            {
-                let ledger = lock(&self.ledger);
-                for r in ledger.records.values() {
-                    let Some(p) = r.placement else { continue };
-                    if r.device != device
-                        || r.kind != kind
-                        || !r.movable
-                        || r.exported
-                        || ledger.busy.contains_key(&r.id)
-                        || ledger.moving.contains(&r.id)
-                    {
-                        continue;
-                    }
-                    at.insert((p.block, p.offset_bytes), r.id.clone());
-                    movable.push(Movable { placement: p, align_bytes: r.alignment_bytes });
-                }
-            }
-            defrag::plan(pool.core(), &movable, *budget)
+            let (at, movable) = self.movable_of(device, kind);
+            (at, defrag::plan(pool.core(), &movable, *budget), pool.core().changes())
         };
         if plan.moves.is_empty() {
             return PoolPass::Done;
         }
+        progress.left = plan.moves.iter().map(|m| m.from.size_bytes).sum();
+        progress.report(report.bytes_moved);
         let mut next = 0;
         while next < plan.moves.len() {
             if max_time.is_some_and(|t| started.elapsed() >= t) {
@@ -225,13 +338,21 @@ impl Service {
                 return PoolPass::Stop;
             }
             let mut st = lock(&dev.state);
+            let Some(pool) = st.pool_mut(kind) else { return PoolPass::Done };
+            // Requests allocated or freed in this pool between batches: the rest of the plan
+            // may name ranges that are no longer free. Plan again from the pool as it is.
+            if pool.core().changes() != expected {
+                return PoolPass::Stale(plan.moves.len() - next);
+            }
             // The batch: consecutive planned moves whose allocation is still where the plan
-            // put it and free to move, each marked as moving before its bytes are touched.
-            let mut batch: Vec<(usize, String)> = Vec::new();
-            let mut bytes = 0;
+            // put it and free to move, each marked as moving before its bytes are touched. The
+            // marks come off when `marks` is dropped, even if a copy panics.
+            let mut marks = MovingMarks { service: self, ids: Vec::new() };
+            let mut batch: Vec<usize> = Vec::new();
             let mut stale = false;
             {
                 let mut ledger = lock(&self.ledger);
+                let mut bytes = 0;
                 for (i, m) in plan.moves.iter().enumerate().skip(next) {
                     if batch.len() >= BATCH_MOVES || (bytes > 0 && bytes + m.from.size_bytes > BATCH_BYTES) {
                         break;
@@ -246,32 +367,38 @@ impl Service {
                         break;
                     };
                     ledger.moving.insert(id.clone());
+                    marks.ids.push(id);
                     bytes += m.from.size_bytes;
-                    batch.push((i, id));
+                    batch.push(i);
                 }
             }
-            let Some(pool) = st.pool_mut(kind) else { return PoolPass::Done };
             let mut moved = Vec::with_capacity(batch.len());
             let mut failure = None;
             let t = Instant::now();
-            for (i, id) in &batch {
-                let m = &plan.moves[*i];
-                match pool.apply_move(m) {
-                    Ok(to) => moved.push((*i, id.clone(), to)),
+            for (&i, id) in batch.iter().zip(&marks.ids) {
+                match pool.apply_move(&plan.moves[i]) {
+                    Ok(to) => moved.push((i, to)),
                     Err(e) => {
                         failure = Some((id.clone(), e));
                         break;
                     }
                 }
+                // A host copy is a memcpy: bound how long this device waits for the batch.
+                if t.elapsed() >= BATCH_TIME {
+                    break;
+                }
             }
             // Moves on a GPU are queued on one stream (in order); wait for them before anyone can
             // look at the allocations again (they are still marked as moving).
             let finished = pool.finish_moves();
+            expected = pool.core().changes();
             report.moving += t.elapsed();
-            drop(st);
+            // Switch the records while the device is still held: pool and ledger never disagree
+            // about where an allocation is.
             {
                 let mut ledger = lock(&self.ledger);
-                for (i, id, to) in &moved {
+                for (&(i, to), id) in moved.iter().zip(&marks.ids) {
+                    let from = plan.moves[i].from;
                     if let Some(rec) = ledger.records.get_mut(id) {
                         let rec = Arc::make_mut(rec);
                         rec.placement = Some(to.placement);
@@ -281,18 +408,18 @@ impl Service {
                     if let Some(rec) = ledger.records.get(id).cloned() {
                         ledger.recorder.moved(&rec);
                     }
-                    at.remove(&(plan.moves[*i].from.block, plan.moves[*i].from.offset_bytes));
+                    at.remove(&(from.block, from.offset_bytes));
                     at.insert((to.placement.block, to.placement.offset_bytes), id.clone());
-                    report.bytes_moved += plan.moves[*i].from.size_bytes;
+                    report.bytes_moved += from.size_bytes;
+                    progress.left = progress.left.saturating_sub(from.size_bytes);
                     report.allocations_moved += 1;
-                    budget.max_bytes_to_move = budget.max_bytes_to_move.saturating_sub(plan.moves[*i].from.size_bytes);
+                    budget.max_bytes_to_move = budget.max_bytes_to_move.saturating_sub(from.size_bytes);
                     budget.max_allocations_to_move = budget.max_allocations_to_move.saturating_sub(1);
                 }
-                for (_, id) in &batch {
-                    ledger.moving.remove(id);
-                }
             }
-            self.settled.notify_all();
+            drop(marks);
+            drop(st);
+            progress.report(report.bytes_moved);
             next += moved.len();
             if let Err(e) = finished {
                 report.error =
@@ -300,17 +427,17 @@ impl Service {
                 report.moves_skipped += plan.moves.len() - next;
                 return PoolPass::Stop;
             }
-            match failure {
-                // A request took a planned destination since the plan was made: plan again.
-                Some((_, memwarden_backends::BackendError::InvalidArgument(_))) => return PoolPass::Stale,
-                Some((id, e)) => {
-                    report.moves_skipped += plan.moves.len() - next;
-                    report.error = Some(format!("moving allocation {id} failed (it stays where it was): {e}"));
-                    return PoolPass::Stop;
-                }
-                None if stale => return PoolPass::Stale,
-                None => {}
+            if let Some((id, e)) = failure {
+                report.moves_skipped += plan.moves.len() - next;
+                report.error = Some(format!("moving allocation {id} failed (it stays where it was): {e}"));
+                return PoolPass::Stop;
             }
+            if stale {
+                return PoolPass::Stale(plan.moves.len() - next);
+            }
+            // Let the requests waiting for this device in before the next batch (std's mutex is
+            // not fair: without this the pass could take it straight back).
+            std::thread::yield_now();
         }
         PoolPass::Done
     }

@@ -3,6 +3,7 @@
 
 mod defrag;
 mod device;
+mod ledger;
 mod listing;
 mod live;
 mod owners;
@@ -24,11 +25,12 @@ pub use transfer::{ExportInfo, TransferRecord, TransferRequest, TransferStatus, 
 
 pub use device::Limits;
 use device::{AllocFailure, Device};
+use ledger::Ledger;
 use memwarden_backends::Backend;
 pub use memwarden_backends::BackendHealth;
 use memwarden_core::{DeviceId, MemoryKind, PoolConfig};
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 pub use types::{
@@ -62,36 +64,6 @@ pub struct Service {
     /// The processes that own allocations (`ownerPid`), watched so their memory comes back.
     owners: owners::OwnerWatch,
     started_at: OffsetDateTime,
-}
-
-/// Live allocations, which of them a copy is using (those cannot be freed meanwhile), and what
-/// the service records about them.
-struct Ledger {
-    records: live::LiveSet,
-    busy: HashMap<String, u32>,
-    /// Allocations a defragmentation batch is moving now: requests for them wait on
-    /// [`Service::settled`] until the batch is done.
-    moving: HashSet<String>,
-    recorder: record::Recorder,
-    quota: quota::QuotaBooks,
-}
-
-impl Ledger {
-    fn get(&self, id: &str) -> Option<&Allocation> {
-        self.records.get(id)
-    }
-}
-
-impl Service {
-    /// The ledger, once none of `ids` is being moved by a defragmentation batch. A batch holds
-    /// its allocations for the time their bytes take to copy; only requests for them wait.
-    fn ledger_settled(&self, ids: &[&str]) -> MutexGuard<'_, Ledger> {
-        let mut ledger = lock(&self.ledger);
-        while !ledger.moving.is_empty() && ids.iter().any(|id| ledger.moving.contains(*id)) {
-            ledger = self.settled.wait(ledger).unwrap_or_else(|e| e.into_inner());
-        }
-        ledger
-    }
 }
 
 impl Service {
@@ -130,6 +102,8 @@ impl Service {
                 records: live::LiveSet::default(),
                 busy: HashMap::new(),
                 moving: HashSet::new(),
+                open_clients: HashSet::new(),
+                reclaim_on_release: HashSet::new(),
                 recorder: record::Recorder::new(true, 10_000),
                 quota: quota::QuotaBooks::default(),
             }),
@@ -308,7 +282,12 @@ impl Service {
                     max_bytes_to_move: auto.max_bytes_to_move,
                     max_allocations_to_move: usize::MAX,
                 };
-                let report = self.defragment(id, options, Some(Duration::from_millis(auto.max_time_ms)))?;
+                // A pass already running on the device is not waited for: the allocation fails.
+                let Some(report) = self.defragment_if_idle(id, options, Some(Duration::from_millis(auto.max_time_ms)))
+                else {
+                    return Err(e);
+                };
+                let report = report?;
                 tracing::info!(device = %id, moved = report.bytes_moved, released = report.bytes_released, "automatic defragmentation after a failed allocation");
                 self.allocate_inner(req, true)
             }
@@ -424,23 +403,43 @@ impl Service {
             generation: 0,
             allocated_at: OffsetDateTime::from(now),
         });
-        {
+        let orphan = {
             let mut ledger = lock(&self.ledger);
-            ledger.recorder.allocated(&record, uuid.as_u128(), now_ns);
-            if let Some(c) = charge {
-                ledger.quota.settle(c, allocated_bytes);
+            let orphan = record.owner_client.as_ref().is_some_and(|c| !ledger.open_clients.contains(c));
+            match (orphan, charge) {
+                (true, Some(c)) => ledger.quota.abandon(c),
+                (false, Some(c)) => ledger.quota.settle(c, allocated_bytes),
+                (_, None) => {}
             }
-            ledger.records.insert(record.clone(), now_ns);
+            if !orphan {
+                ledger.recorder.allocated(&record, uuid.as_u128(), now_ns);
+                ledger.records.insert(record.clone(), now_ns);
+            }
+            orphan
+        };
+        if orphan {
+            // The connection that asked closed meanwhile (its memory is already reclaimed):
+            // give the placement back rather than leave memory nobody owns.
+            if let Err(e) = lock(&dev.state).free(kind, record.placement.as_ref(), record.size_bytes) {
+                tracing::warn!(device = %id, error = %e, "an allocation for a closed connection was not given back");
+            }
+            return Err(ServiceError::InvalidOperation(format!(
+                "the connection '{}' closed before its allocation was made",
+                record.owner_client.as_deref().unwrap_or_default()
+            )));
         }
         Ok(Some(record))
     }
 
     /// True when freeing this allocation returns no memory to the OS or driver (it stays in a
-    /// shared block, or is a reservation), so it takes microseconds.
+    /// shared block, or is a reservation) and waits for no defragmentation batch, so it takes
+    /// microseconds.
     pub fn free_is_quick(&self, allocation_id: &str) -> bool {
-        lock(&self.ledger).get(allocation_id).is_none_or(|r| {
-            r.kind == MemoryKind::Reservation || r.allocated_bytes < self.pool_config.dedicated_threshold_bytes
-        })
+        let ledger = lock(&self.ledger);
+        !ledger.moving.contains(allocation_id)
+            && ledger.get(allocation_id).is_none_or(|r| {
+                r.kind == MemoryKind::Reservation || r.allocated_bytes < self.pool_config.dedicated_threshold_bytes
+            })
     }
 
     /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.
@@ -451,7 +450,11 @@ impl Service {
     fn free_as(&self, allocation_id: &str, reclaimed: bool) -> Result<FreedAllocation, ServiceError> {
         let (freed, kept) = {
             let mut ledger = self.ledger_settled(&[allocation_id]);
-            if let Some(n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
+            if let Some(&n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
+                if reclaimed {
+                    // Its owner is gone: free it when the copy is done (`release`).
+                    ledger.reclaim_on_release.insert(allocation_id.to_string());
+                }
                 return Err(ServiceError::InvalidOperation(format!(
                     "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
                 )));

@@ -21,8 +21,6 @@ pub const REAP_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Default)]
 pub struct OwnerWatch {
     pidfds: Mutex<HashMap<u32, OwnedFd>>,
-    /// Exited owners whose memory could not all be freed yet (a copy was using some).
-    retry: Mutex<Vec<u32>>,
 }
 
 impl OwnerWatch {
@@ -48,10 +46,9 @@ impl OwnerWatch {
         Ok(())
     }
 
-    /// The watched processes that exited since the last call (they are no longer watched), and
-    /// those handed to [`OwnerWatch::retry_later`].
+    /// The watched processes that exited since the last call (they are no longer watched).
     pub fn take_exited(&self) -> Vec<u32> {
-        let mut gone = std::mem::take(&mut *crate::util::lock(&self.retry));
+        let mut gone = Vec::new();
         let mut fds = crate::util::lock(&self.pidfds);
         let exited_now: Vec<u32> = fds.iter().filter(|(_, fd)| exited(fd)).map(|(pid, _)| *pid).collect();
         for pid in exited_now {
@@ -61,11 +58,6 @@ impl OwnerWatch {
         gone.sort_unstable();
         gone.dedup();
         gone
-    }
-
-    /// Hands an exited owner back to the next [`OwnerWatch::take_exited`].
-    pub fn retry_later(&self, pid: u32) {
-        crate::util::lock(&self.retry).push(pid);
     }
 
     /// Processes being watched.
@@ -100,11 +92,8 @@ impl Service {
                 .filter(|r| r.owner_pid == Some(pid))
                 .map(|r| r.id.clone())
                 .collect();
-            let (count, bytes, busy) = self.reclaim(&ids);
-            if !busy.is_empty() {
-                // A copy is using some: the next round tries again.
-                self.owners.retry_later(pid);
-            }
+            // What a copy is using is freed when the copy releases it.
+            let (count, bytes, _) = self.reclaim(&ids);
             if count > 0 {
                 tracing::info!(pid, count, bytes, "reclaimed the memory of an owner process that exited");
             }
@@ -113,21 +102,32 @@ impl Service {
         out
     }
 
-    /// Frees what an attached client's connection owned (`owner_client`), each logged as
-    /// `reclaimed`: the count and bytes freed, and the ids a copy is still using (the caller
-    /// tries those again with [`Service::reclaim`] once the copies are done).
+    /// Lets a connection own memory (`owner_client`) until [`Service::reclaim_client`].
+    pub fn open_client(&self, client: &str) {
+        lock(&self.ledger).open_clients.insert(client.to_string());
+    }
+
+    /// Closes a connection's ownership and frees what it owned, each logged as `reclaimed`:
+    /// the count and bytes freed, and the ids a copy is still using (freed when it is done).
+    /// Closing and collecting happen under one lock, so an allocation still in flight for the
+    /// connection is refused, never missed.
     pub fn reclaim_client(&self, client: &str) -> (usize, u64, Vec<String>) {
-        let ids: Vec<String> = lock(&self.ledger)
-            .records
-            .values()
-            .filter(|r| r.owner_client.as_deref() == Some(client))
-            .map(|r| r.id.clone())
-            .collect();
+        let ids: Vec<String> = {
+            let mut ledger = lock(&self.ledger);
+            ledger.open_clients.remove(client);
+            ledger
+                .records
+                .values()
+                .filter(|r| r.owner_client.as_deref() == Some(client))
+                .map(|r| r.id.clone())
+                .collect()
+        };
         self.reclaim(&ids)
     }
 
     /// Frees these allocations as `reclaimed` (their owner is gone): the count and bytes freed,
-    /// and the ids still in use by a copy. Ids already gone are skipped.
+    /// and the ids still in use by a copy, which are freed (also as `reclaimed`) when the last
+    /// copy releases them. Ids already gone are skipped.
     pub fn reclaim(&self, ids: &[String]) -> (usize, u64, Vec<String>) {
         let (mut count, mut bytes, mut busy) = (0, 0, Vec::new());
         for id in ids {

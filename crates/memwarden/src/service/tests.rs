@@ -454,6 +454,37 @@ fn defragmentation_keeps_every_byte() {
     s.validate().expect("ledger matches pools after moves");
 }
 
+/// The progress hook sees bytes moved grow batch by batch (1024 moves: more than one batch
+/// takes) against the bytes planned, and ends at the report's `bytes_moved`, planned and moved
+/// equal.
+#[test]
+fn defragmentation_reports_progress_after_each_batch() {
+    let s = capped_service();
+    let small: Vec<_> = (0..4096).map(|_| s.allocate(req(4096, None)).expect("4 KiB")).collect();
+    for a in small.iter().step_by(2) {
+        s.free(&a.id).expect("free every other");
+    }
+    let mut calls: Vec<(u64, u64)> = Vec::new();
+    let opts = memwarden_core::defrag::DefragOptions::default();
+    let report = s
+        .defragment_with_progress(DeviceId::Cpu, opts, None, &mut |moved, planned| calls.push((moved, planned)))
+        .expect("defragment");
+    let moved = (report.allocations_moved, report.bytes_moved);
+    assert_eq!(moved, (1024, 4 * MIB), "the second block's allocations moved: {report:?}");
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "bytes moved never decrease: {calls:?}");
+    assert!(calls.iter().all(|(moved, planned)| moved <= planned), "{calls:?}");
+    assert_eq!(calls.first(), Some(&(0, report.bytes_moved)), "the plan's bytes first, nothing moved yet");
+    assert!(calls.iter().any(|&(m, _)| m > 0 && m < report.bytes_moved), "between batches: {calls:?}");
+    assert_eq!(calls.last(), Some(&(report.bytes_moved, report.bytes_moved)), "{calls:?}");
+    // Nothing to do: one call, nothing planned.
+    let mut calls = Vec::new();
+    let again = s
+        .defragment_with_progress(DeviceId::Cpu, opts, None, &mut |moved, planned| calls.push((moved, planned)))
+        .expect("defragment");
+    assert_eq!((again.bytes_moved, calls), (0, vec![(0, 0)]));
+    s.validate().expect("valid");
+}
+
 #[test]
 fn defragmentation_respects_time_and_move_limits() {
     let s = capped_service();
@@ -563,4 +594,42 @@ fn a_full_event_log_drops_the_oldest_and_says_so() {
     s.free(&a.id).expect("free");
     assert!(s.allocation_events(None, None).is_empty());
     assert_eq!(s.device_record(DeviceId::Cpu).counters.allocations, 0);
+}
+
+#[test]
+fn a_reclaimed_allocation_a_copy_is_using_is_freed_when_the_copy_releases_it() {
+    let s = service_with(None, 0);
+    let a = s.allocate(req(4096, None)).expect("allocate");
+    s.acquire(&[&a.id]).expect("a copy uses it");
+    let (count, _, deferred) = s.reclaim(std::slice::from_ref(&a.id));
+    assert_eq!((count, deferred), (0, vec![a.id.clone()]));
+    assert!(s.allocation(&a.id).is_ok(), "kept while the copy runs");
+    s.release(&[&a.id]);
+    assert!(matches!(s.allocation(&a.id), Err(ServiceError::AllocationNotFound { .. })), "freed on release");
+    let events = s.allocation_events(None, None);
+    assert_eq!(events.last().map(|e| (e.kind, e.record.id.as_str())), Some((EventKind::Reclaimed, a.id.as_str())));
+    s.validate().expect("valid");
+}
+
+#[test]
+fn an_allocation_for_a_connection_that_closed_is_refused_and_leaves_nothing() {
+    let s = service_with(None, 0);
+    let for_client = |c: &str| AllocateRequest { owner_client: Some(c.into()), ..req(1 << 20, None) };
+    // Never opened (or already closed and reclaimed): refused where it would be recorded.
+    match s.allocate(for_client("app@1")) {
+        Err(ServiceError::InvalidOperation(m)) => assert!(m.contains("app@1"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.allocations(None).is_empty());
+    assert_eq!(s.status(DeviceId::Cpu).expect("status").pool_totals().1, 0, "the placement went back");
+    s.open_client("app@2");
+    let kept = s.allocate(for_client("app@2")).expect("an open connection owns memory");
+    let other = s.allocate(for_client("app@2")).expect("twice");
+    s.open_client("app@3");
+    let neighbour = s.allocate(for_client("app@3")).expect("another connection of the same name");
+    let (count, bytes, deferred) = s.reclaim_client("app@2");
+    assert_eq!((count, bytes, deferred.len()), (2, kept.allocated_bytes + other.allocated_bytes, 0));
+    assert!(s.allocation(&neighbour.id).is_ok(), "only that connection's memory");
+    assert!(s.allocate(for_client("app@2")).is_err(), "closed for good");
+    s.validate().expect("valid");
 }

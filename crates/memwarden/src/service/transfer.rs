@@ -153,14 +153,25 @@ impl Service {
     }
 
     pub(super) fn release(&self, ids: &[&str]) {
-        let mut ledger = lock(&self.ledger);
-        for id in ids {
-            if let Some(n) = ledger.busy.get_mut(*id) {
-                *n -= 1;
-                if *n == 0 {
-                    ledger.busy.remove(*id);
+        let mut deferred = Vec::new();
+        {
+            let mut ledger = lock(&self.ledger);
+            for id in ids {
+                if let Some(n) = ledger.busy.get_mut(*id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        ledger.busy.remove(*id);
+                        if ledger.reclaim_on_release.remove(*id) {
+                            deferred.push(id.to_string());
+                        }
+                    }
                 }
             }
+        }
+        // Allocations whose owner went away while this copy used them.
+        if !deferred.is_empty() {
+            let (count, bytes, _) = self.reclaim(&deferred);
+            tracing::info!(count, bytes, "reclaimed allocations of gone owners once their copies finished");
         }
     }
 

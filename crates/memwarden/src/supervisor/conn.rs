@@ -69,7 +69,9 @@ pub trait PeerRequests: Send + Sync {
     fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)>;
     /// A notification this module does not apply itself (`weightsUsed`).
     fn notify(&self, conn: &Arc<Conn>, event: Event, data: &Value);
-    /// The connection closed.
+    /// A connection said hello (every role), before any of its requests is served.
+    fn opened(&self, _conn: &Arc<Conn>) {}
+    /// The connection closed; for a supervised worker, once its process is gone too.
     fn closed(&self, conn: &Arc<Conn>);
     /// A supervised worker said hello (after a restart, it re-attaches what it held).
     fn attached(&self, conn: &Arc<Conn>);
@@ -91,8 +93,14 @@ pub enum CallError {
     Io(String),
 }
 
+/// Numbers connections over the daemon's life (a name comes back when a peer reconnects; this
+/// does not).
+static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+
 pub struct Conn {
     pub worker_id: String,
+    /// This connection's number, unique for the daemon's life.
+    pub serial: u64,
     pub role: Role,
     pub pid: u32,
     pub protocol_version: u32,
@@ -117,6 +125,7 @@ impl Conn {
     pub fn new(hello: Hello, pid: u32, writer: Writer, catalog: Arc<DeviceCatalog>) -> Conn {
         Conn {
             worker_id: hello.worker_id,
+            serial: CONNECTIONS.fetch_add(1, Ordering::Relaxed),
             role: hello.role,
             protocol_version: hello.protocol_version,
             carries_fds: hello.protocol_version >= 2 && matches!(writer, Writer::Socket(_)),
@@ -132,6 +141,12 @@ impl Conn {
             memory: Mutex::new(MemoryReport::default()),
             catalog,
         }
+    }
+
+    /// Who owns the memory this connection allocates (`ownerClient`): its peer's id and the
+    /// connection's number, so a peer that reconnects under the same name never inherits it.
+    pub fn owner_token(&self) -> String {
+        format!("{}@{}", self.worker_id, self.serial)
     }
 
     pub fn is_closed(&self) -> bool {

@@ -214,6 +214,9 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
         }
     };
     let conn = Arc::new(Conn::new(hello, pid, Writer::Socket(stdin), sup.catalog().clone()));
+    if let Some(p) = sup.peer_requests() {
+        p.opened(&conn);
+    }
     {
         let mut s = lock(&slot.state);
         s.conn = Some(conn.clone());
@@ -236,14 +239,15 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
         }
     };
     conn.close();
-    if let Some(p) = sup.peer_requests() {
-        p.closed(&conn);
-    }
     let _ = child.start_kill();
     let status = match child.wait().await {
         Ok(s) => s.to_string(),
         Err(e) => e.to_string(),
     };
+    // Only now: the process can no longer touch the weights it mapped or the memory it owned.
+    if let Some(p) = sup.peer_requests() {
+        p.closed(&conn);
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), log_task).await;
     format!("{reason} ({status}){}", describe_tail(&tail))
 }

@@ -143,6 +143,9 @@ async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
     conn.worker_id = id.clone();
     conn.role = Role::Client;
     let conn = Arc::new(conn);
+    if let Some(p) = sup.peer_requests() {
+        p.opened(&conn);
+    }
     let slot = Arc::new(Slot::new(id.clone(), Role::Client, None));
     {
         let mut s = lock(&slot.state);

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::operations::Progress;
 use crate::util::lock;
 
 /// Bytes read (and hashed) at a time within a chunk.
@@ -32,6 +33,17 @@ pub fn thread_count(configured: usize, data_bytes: u64) -> usize {
 /// Fills `block` with the file's data section. The first error stops every thread; the block
 /// is then the caller's to drop.
 pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize, hash: bool) -> Result<Loaded, WeightsError> {
+    fill_counting(block, file, threads, hash, None)
+}
+
+/// [`fill`], adding the bytes read from the file to `progress` as they come (a piece at a time).
+pub fn fill_counting(
+    block: &dyn Block,
+    file: &ModelFile,
+    threads: usize,
+    hash: bool,
+    progress: Option<&Progress>,
+) -> Result<Loaded, WeightsError> {
     let started = Instant::now();
     let chunks = file.data_bytes.div_ceil(HASH_CHUNK_BYTES);
     let next = AtomicU64::new(0);
@@ -64,6 +76,9 @@ pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize, hash: bool) -> 
                                 })?;
                                 if let Some(h) = hasher.as_mut() {
                                     h.update(piece);
+                                }
+                                if let Some(p) = progress {
+                                    p.add(piece.len() as u64);
                                 }
                             }
                             if let Some(h) = hasher {

@@ -5,6 +5,7 @@
 use super::file::ModelFile;
 use super::load;
 use super::{ActionOutcome, Held, HeldModel, HolderEntry, LoadRequest, Rate, WeightHolder, WeightStore, WeightsError};
+use crate::operations::Progress;
 use crate::util::lock;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::WeightState;
@@ -46,9 +47,24 @@ impl WeightStore {
         req: LoadRequest,
         holder: Option<Arc<dyn WeightHolder>>,
     ) -> Result<Attached, WeightsError> {
+        self.load_with_progress(req, holder, None).await
+    }
+
+    /// [`WeightStore::load`], reporting to `progress` the file's tensor bytes as its total once
+    /// the header is read, then the bytes read as they come. Sharing the copy already held reads
+    /// nothing: the total is then 0.
+    pub async fn load_with_progress(
+        self: &Arc<Self>,
+        req: LoadRequest,
+        holder: Option<Arc<dyn WeightHolder>>,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<Attached, WeightsError> {
         let arena = self.arena(req.device)?;
         let path = req.path.clone();
         let file = blocking(move || ModelFile::open(&path)).await?;
+        if let Some(p) = &progress {
+            p.set_total(file.data_bytes);
+        }
         let _loading = self.loading.lock().await;
         let existing = self.models().into_iter().find(|m| m.file.identity == file.identity && m.device() == req.device);
         if let Some(model) = existing {
@@ -58,6 +74,10 @@ impl WeightStore {
                 self.resume_locked(&model, None).await?;
             }
             let grant = self.attach(&model, holder, arena.handle())?;
+            if let Some(p) = &progress {
+                // Nothing was read: the bytes were already here.
+                p.set_total(0);
+            }
             tracing::info!(model = %model.id, "weights shared: the same file is already held on {}", req.device);
             return Ok(Attached { model: model.clone(), grant, reused: true });
         }
@@ -67,7 +87,7 @@ impl WeightStore {
         let a = arena.clone();
         let (block, loaded) = blocking(move || {
             let block = a.alloc(f.data_bytes)?;
-            let loaded = load::fill(&*block, &f, threads, hash_on_load)?;
+            let loaded = load::fill_counting(&*block, &f, threads, hash_on_load, progress.as_deref())?;
             Ok((block, loaded))
         })
         .await?;
