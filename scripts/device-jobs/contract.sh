@@ -4,20 +4,22 @@
 # the old build carried as defrag_stall.old via EXTRA_BINS), the read routes at 100,000 live
 # allocations (scale_bench), memory a client allocates on cuda:0 over its connection and gets
 # back when killed, and `memwarden status`/`ps` with a process holding GPU memory.
-#   EXTRA_BINS=/tmp/defrag_stall.old scripts/device-bundle; bash device-run/jobs/contract.sh
+#   EXTRA_BINS=/tmp/defrag_stall.old KEEP_BINS="memwarden defrag_stall defrag_stall.old scale_bench \
+#     test-gpu-test test-defrag_concurrency-test" scripts/device-bundle
+#   then on the GPU machine: bash device-run/jobs/contract.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rm -rf bin && tar -xJf bin.tar.xz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/pylib${PYTHONPATH:+:$PYTHONPATH} RUST_BACKTRACE=1 MEMWARDEN_SCRIPTS=$PWD/scripts/gpu
+export PYTHONPATH=$PWD/pylib${PYTHONPATH:+:$PYTHONPATH} RUST_BACKTRACE=1 MEMWARDEN_SCRIPTS=$PWD/scripts
 {
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader; nproc
-  echo "== GPU tests (tests/gpu.rs)"
-  bin/test-gpu-test --test-threads=1 2>&1 | tail -25
+  echo "== GPU tests (tests/gpu.rs; the two-GPU test needs the two-GPU kind)"
+  bin/test-gpu-test --test-threads=1 --skip multi_gpu 2>&1 | grep -E "^test |test result|panicked"
+  echo "== defragmentation under concurrent requests (tests/defrag_concurrency.rs, 16 cores)"
+  bin/test-defrag_concurrency-test 2>&1 | tail -8
   echo "== defrag_stall: old build, then new (cuda:0, 4096 MiB fragmented per pass)"
   for b in defrag_stall.old defrag_stall defrag_stall.old defrag_stall; do echo "-- $b"; bin/$b 5 4096; done
-  echo "== defrag_stall on host memory under a second id (as on the dev VM), old then new"
-  echo "   (skipped: with cuda:0 present the bench uses it)"
   echo "== scale_bench"
   bin/scale_bench 1000 10000 100000
   echo "== daemon with CUDA: a client's cuda:0 memory, status and ps with a torch process"

@@ -129,7 +129,7 @@ const BATCH_BYTES: u64 = 1 << 30;
 const BATCH_TIME: Duration = Duration::from_millis(2);
 /// Records looked up under one hold of the global ledger while collecting a pool's movable
 /// allocations.
-const LOOKUP_CHUNK: usize = 4096;
+const LOOKUP_CHUNK: usize = 512;
 /// Plans a pool's pass may make: a plan that went stale (a request took a planned destination
 /// between batches) is made again from the pool as it is, this many times at most.
 const MAX_PLANS: usize = 8;
