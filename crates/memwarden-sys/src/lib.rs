@@ -1,4 +1,4 @@
-//! The only memwarden crate that may use `unsafe`: raw OS (and, next, driver) calls wrapped in
+//! The only memwarden crate that may use `unsafe`: raw OS and driver (CUDA, Vulkan) calls wrapped in
 //! owning types whose safe methods check every bound. Everything above this crate is safe Rust.
 //!
 //! Host memory: [`HostMapping`] is an anonymous private mapping whose pages are committed when
@@ -6,6 +6,7 @@
 //! than at first touch), optionally locked with `mlock` (pinned memory), and unmapped on drop.
 
 pub mod cuda;
+pub mod vulkan;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

@@ -1,0 +1,363 @@
+//! Vulkan through `ash`, with the loader (`libvulkan.so.1`) opened at run time: the binary has no
+//! link-time dependency on it, and a host without a loader, without a driver (ICD) or without a
+//! device gets [`VulkanError::Unavailable`] with the reason.
+//!
+//! [`VulkanInstance`] lists the physical devices ([`PhysicalDeviceInfo`]: name, vendor, driver,
+//! UUID, type, device-local heaps). [`VulkanDevice`] is one opened device with a queue that can
+//! transfer; its [`DeviceMemory`] blocks are device-local `vkAllocateMemory` allocations with a
+//! `VkBuffer` bound over the whole block, so every copy is a `vkCmdCopyBuffer`.
+
+use ash::vk;
+use std::ffi::CStr;
+use std::path::Path;
+use std::sync::Arc;
+
+mod device;
+pub use device::{copy, DeviceMemory, HostAccess, VulkanDevice, BLOCK_ALIGNMENT_BYTES};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VulkanError {
+    /// No loader, no driver (ICD), or no device: the backend is unavailable.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("Vulkan out of memory: {operation} of {bytes} bytes")]
+    OutOfMemory { operation: &'static str, bytes: u64 },
+    /// A range outside its block; nothing was done.
+    #[error("range {offset_bytes}+{len_bytes} is outside a block of {block_bytes} bytes")]
+    OutOfBounds { offset_bytes: u64, len_bytes: u64, block_bytes: u64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{operation} failed: {result}")]
+    Driver { operation: &'static str, result: String },
+}
+
+impl VulkanError {
+    fn from_vk(operation: &'static str, bytes: u64, r: vk::Result) -> Self {
+        match r {
+            vk::Result::ERROR_OUT_OF_DEVICE_MEMORY | vk::Result::ERROR_OUT_OF_HOST_MEMORY => {
+                VulkanError::OutOfMemory { operation, bytes }
+            }
+            other => VulkanError::Driver { operation, result: format!("{other:?}") },
+        }
+    }
+}
+
+/// What kind of device a physical device is (`VkPhysicalDeviceType`). Software drivers such as
+/// Mesa's lavapipe are [`DeviceType::Cpu`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceType {
+    Discrete,
+    Integrated,
+    Virtual,
+    Cpu,
+    Other,
+}
+
+impl DeviceType {
+    fn from_vk(t: vk::PhysicalDeviceType) -> Self {
+        match t {
+            vk::PhysicalDeviceType::DISCRETE_GPU => DeviceType::Discrete,
+            vk::PhysicalDeviceType::INTEGRATED_GPU => DeviceType::Integrated,
+            vk::PhysicalDeviceType::VIRTUAL_GPU => DeviceType::Virtual,
+            vk::PhysicalDeviceType::CPU => DeviceType::Cpu,
+            _ => DeviceType::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceType::Discrete => "discrete",
+            DeviceType::Integrated => "integrated",
+            DeviceType::Virtual => "virtual",
+            DeviceType::Cpu => "cpu",
+            DeviceType::Other => "other",
+        }
+    }
+}
+
+/// What is fixed about one physical device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhysicalDeviceInfo {
+    /// Its place in `vkEnumeratePhysicalDevices`' list.
+    pub index: u32,
+    pub name: String,
+    /// PCI vendor id (0x10de NVIDIA, 0x1002 AMD, 0x8086 Intel; 0x10005 Mesa for lavapipe).
+    pub vendor_id: u32,
+    pub device_type: DeviceType,
+    /// `VkPhysicalDeviceDriverProperties` (Vulkan 1.2 or VK_KHR_driver_properties), when known.
+    pub driver_name: Option<String>,
+    pub driver_info: Option<String>,
+    /// The driver's own version number (its encoding is the vendor's).
+    pub driver_version: u32,
+    /// `major.minor.patch`.
+    pub api_version: String,
+    /// `VkPhysicalDeviceIDProperties::deviceUUID` (Vulkan 1.1), all zeroes when unknown; for
+    /// NVIDIA it equals CUDA's device UUID.
+    pub uuid: [u8; 16],
+    /// Whether `VK_EXT_memory_budget` is supported.
+    pub memory_budget: bool,
+    /// Sizes of the device-local heaps, bytes.
+    pub device_local_heaps: Vec<u64>,
+}
+
+impl PhysicalDeviceInfo {
+    /// The UUID as nvidia-smi prints a GPU's (`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
+    pub fn uuid_string(&self) -> String {
+        let hex: String = self.uuid.iter().map(|x| format!("{x:02x}")).collect();
+        format!("GPU-{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    }
+
+    /// The vendor's name for the PCI vendor ids of GPU makers, else the id in hex.
+    pub fn vendor(&self) -> String {
+        match self.vendor_id {
+            0x10de => "NVIDIA".into(),
+            0x1002 | 0x1022 => "AMD".into(),
+            0x8086 => "Intel".into(),
+            0x13b5 => "ARM".into(),
+            0x5143 => "Qualcomm".into(),
+            0x10005 => "Mesa".into(),
+            other => format!("0x{other:04x}"),
+        }
+    }
+}
+
+/// The loader and one instance (Vulkan 1.1, for the `…2` property queries).
+pub struct VulkanInstance {
+    // Kept alive for the instance's function pointers (the loader library stays open).
+    _entry: ash::Entry,
+    instance: ash::Instance,
+}
+
+impl std::fmt::Debug for VulkanInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VulkanInstance").finish_non_exhaustive()
+    }
+}
+
+const API_VERSION: u32 = vk::API_VERSION_1_1;
+
+fn version_text(v: u32) -> String {
+    format!("{}.{}.{}", vk::api_version_major(v), vk::api_version_minor(v), vk::api_version_patch(v))
+}
+
+fn c_text(s: Result<&CStr, std::ffi::FromBytesUntilNulError>) -> String {
+    s.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+impl VulkanInstance {
+    /// Opens the loader (`loader`: a path to `libvulkan.so.1`; `None`: the system's) and creates
+    /// an instance. `Err(Unavailable)` says which of loader, driver or API version is missing.
+    pub fn new(loader: Option<&Path>) -> Result<Arc<Self>, VulkanError> {
+        // SAFETY: loading the library runs its initialisers; the Vulkan loader is a well-known
+        // library whose initialisers are safe to run, and the entry is kept for the instance's life.
+        let entry = unsafe {
+            match loader {
+                Some(path) => ash::Entry::load_from(path),
+                None => ash::Entry::load(),
+            }
+        }
+        .map_err(|e| {
+            VulkanError::Unavailable(match loader {
+                Some(p) => format!("no Vulkan loader at {}: {e}", p.display()),
+                None => format!("no Vulkan loader (libvulkan.so.1; Debian/Ubuntu package libvulkan1): {e}"),
+            })
+        })?;
+        // SAFETY: a plain query on a loaded entry.
+        let version = unsafe { entry.try_enumerate_instance_version() }
+            .map_err(|e| VulkanError::Unavailable(format!("vkEnumerateInstanceVersion: {e:?}")))?
+            .unwrap_or(vk::API_VERSION_1_0);
+        if version < API_VERSION {
+            return Err(VulkanError::Unavailable(format!(
+                "the Vulkan loader supports {}; memwarden needs 1.1",
+                version_text(version)
+            )));
+        }
+        let app = vk::ApplicationInfo::default()
+            .application_name(c"memwarden")
+            .engine_name(c"memwarden")
+            .api_version(API_VERSION);
+        let create = vk::InstanceCreateInfo::default().application_info(&app);
+        // SAFETY: the create info and what it points to live for the call; the instance is
+        // destroyed in Drop.
+        let instance = unsafe { entry.create_instance(&create, None) }.map_err(|e| match e {
+            vk::Result::ERROR_INCOMPATIBLE_DRIVER => VulkanError::Unavailable(
+                "no Vulkan driver (ICD) for this loader: vkCreateInstance returned ERROR_INCOMPATIBLE_DRIVER \
+                 (check VK_ICD_FILENAMES / /usr/share/vulkan/icd.d)"
+                    .into(),
+            ),
+            other => VulkanError::Unavailable(format!("vkCreateInstance: {other:?}")),
+        })?;
+        Ok(Arc::new(VulkanInstance { _entry: entry, instance }))
+    }
+
+    pub(crate) fn raw(&self) -> &ash::Instance {
+        &self.instance
+    }
+
+    fn handles(&self) -> Result<Vec<vk::PhysicalDevice>, VulkanError> {
+        // SAFETY: the instance is live for self's lifetime.
+        unsafe { self.instance.enumerate_physical_devices() }
+            .map_err(|e| VulkanError::from_vk("vkEnumeratePhysicalDevices", 0, e))
+    }
+
+    pub(crate) fn handle(&self, index: u32) -> Result<vk::PhysicalDevice, VulkanError> {
+        self.handles()?
+            .get(index as usize)
+            .copied()
+            .ok_or_else(|| VulkanError::InvalidArgument(format!("no physical device {index}")))
+    }
+
+    /// Every physical device, in the loader's order.
+    pub fn physical_devices(&self) -> Result<Vec<PhysicalDeviceInfo>, VulkanError> {
+        self.handles()?.into_iter().enumerate().map(|(i, pd)| self.describe(i as u32, pd)).collect()
+    }
+
+    pub(crate) fn extensions(&self, pd: vk::PhysicalDevice) -> Result<Vec<String>, VulkanError> {
+        // SAFETY: pd came from this instance.
+        let list = unsafe { self.instance.enumerate_device_extension_properties(pd) }
+            .map_err(|e| VulkanError::from_vk("vkEnumerateDeviceExtensionProperties", 0, e))?;
+        Ok(list.iter().map(|e| c_text(e.extension_name_as_c_str())).collect())
+    }
+
+    fn describe(&self, index: u32, pd: vk::PhysicalDevice) -> Result<PhysicalDeviceInfo, VulkanError> {
+        let extensions = self.extensions(pd)?;
+        let has = |name: &CStr| extensions.iter().any(|e| e.as_bytes() == name.to_bytes());
+        // SAFETY: pd came from this instance; the out-structures are plain data.
+        let props = unsafe { self.instance.get_physical_device_properties(pd) };
+        let api = props.api_version;
+        let with_driver = api >= vk::API_VERSION_1_2 || has(vk::KHR_DRIVER_PROPERTIES_NAME);
+        let mut id = vk::PhysicalDeviceIDProperties::default();
+        let mut driver = vk::PhysicalDeviceDriverProperties::default();
+        let (mut uuid, mut driver_name, mut driver_info) = ([0u8; 16], None, None);
+        if api >= vk::API_VERSION_1_1 {
+            let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut id);
+            if with_driver {
+                p2 = p2.push_next(&mut driver);
+            }
+            // SAFETY: p2's chain holds only structures this device's API version (or its
+            // driver-properties extension) defines, each living for the call.
+            unsafe { self.instance.get_physical_device_properties2(pd, &mut p2) };
+            uuid = id.device_uuid;
+            if with_driver {
+                driver_name = Some(c_text(driver.driver_name_as_c_str()));
+                driver_info = Some(c_text(driver.driver_info_as_c_str()));
+            }
+        }
+        // SAFETY: as above.
+        let memory = unsafe { self.instance.get_physical_device_memory_properties(pd) };
+        let device_local_heaps = memory
+            .memory_heaps_as_slice()
+            .iter()
+            .filter(|h| h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL))
+            .map(|h| h.size)
+            .collect();
+        Ok(PhysicalDeviceInfo {
+            index,
+            name: c_text(props.device_name_as_c_str()),
+            vendor_id: props.vendor_id,
+            device_type: DeviceType::from_vk(props.device_type),
+            driver_name,
+            driver_info,
+            driver_version: props.driver_version,
+            api_version: version_text(api),
+            uuid,
+            memory_budget: api >= vk::API_VERSION_1_1 && has(vk::EXT_MEMORY_BUDGET_NAME),
+            device_local_heaps,
+        })
+    }
+}
+
+impl Drop for VulkanInstance {
+    fn drop(&mut self) {
+        // SAFETY: every device opened on this instance holds an Arc to it, so none is left; the
+        // instance is destroyed once.
+        unsafe { self.instance.destroy_instance(None) };
+    }
+}
+
+/// One device-local heap now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapReading {
+    pub size_bytes: u64,
+    /// `VK_EXT_memory_budget`: what this process may use of the heap, and what it uses.
+    pub budget_bytes: Option<u64>,
+    pub usage_bytes: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_loader_is_unavailable_with_its_path() {
+        let e = VulkanInstance::new(Some(Path::new("/nonexistent/libvulkan.so.1"))).expect_err("no loader there");
+        assert!(matches!(&e, VulkanError::Unavailable(r) if r.contains("/nonexistent/libvulkan.so.1")), "{e:?}");
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    /// On lavapipe (CI installs it; `scripts/test` does too): blocks written, read and copied,
+    /// through the mapping and through staging, and an overlapping move within one block.
+    #[test]
+    fn blocks_on_the_first_device_hold_data_through_mapping_and_staging() {
+        let instance = VulkanInstance::new(None).expect("a Vulkan loader and driver (lavapipe) are installed");
+        let devices = instance.physical_devices().expect("devices");
+        assert!(!devices.is_empty(), "at least one Vulkan device (lavapipe)");
+        assert!(!devices[0].device_local_heaps.is_empty(), "a device-local heap");
+        const MIB: u64 = 1 << 20;
+        for access in [HostAccess::Auto, HostAccess::Staged] {
+            let dev = VulkanDevice::open(&instance, 0, access).expect("open");
+            if access == HostAccess::Staged {
+                assert!(!dev.blocks_mapped(), "staging forced");
+            }
+            let a = dev.alloc(40 * MIB + 5).expect("alloc a");
+            let b = dev.alloc(40 * MIB).expect("alloc b");
+            assert_eq!(a.address() % BLOCK_ALIGNMENT_BYTES, 0);
+            assert!(dev.own_bytes() >= 80 * MIB);
+            // More than one staging step.
+            let data = pattern(20 * MIB as usize + 3, 9);
+            a.write(MIB, &data).expect("write");
+            let mut back = vec![0; data.len()];
+            a.read(MIB, &mut back).expect("read");
+            assert!(back == data, "{access:?}: read returns what was written");
+            copy(&b, 7, &a, MIB, data.len() as u64).expect("copy");
+            b.read(7, &mut back).expect("read b");
+            assert!(back == data, "{access:?}: copied bytes match");
+            let e = copy(&b, 40 * MIB - 1, &a, 0, 2).expect_err("past the end");
+            assert!(matches!(e, VulkanError::OutOfBounds { .. }), "{e:?}");
+            assert!(a.write(40 * MIB + 4, &[1, 2]).is_err(), "write past the end");
+            // Overlapping moves within one block, both ways, over several scratch steps.
+            for (from, to) in [(MIB, 3 * MIB), (3 * MIB, MIB)] {
+                a.write(from, &data).expect("write");
+                copy(&a, to, &a, from, data.len() as u64).expect("move");
+                a.read(to, &mut back).expect("read");
+                assert!(back == data, "{access:?}: {from} -> {to} moved like memmove");
+            }
+            drop((a, b));
+            assert_eq!(dev.own_bytes(), 0, "freed blocks are no longer counted");
+            let heaps = dev.heaps();
+            assert!(!heaps.is_empty() && heaps.iter().all(|h| h.size_bytes > 0), "{heaps:?}");
+        }
+    }
+
+    #[test]
+    fn uuids_print_like_nvidia_smi() {
+        let info = PhysicalDeviceInfo {
+            index: 0,
+            name: String::new(),
+            vendor_id: 0x10de,
+            device_type: DeviceType::Discrete,
+            driver_name: None,
+            driver_info: None,
+            driver_version: 0,
+            api_version: "1.3.0".into(),
+            uuid: [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8],
+            memory_budget: false,
+            device_local_heaps: vec![],
+        };
+        assert_eq!(info.uuid_string(), "GPU-12345678-9abc-def0-0102-030405060708");
+        assert_eq!(info.vendor(), "NVIDIA");
+    }
+}

@@ -1,0 +1,604 @@
+//! One opened Vulkan device: a queue that can transfer, device-local memory blocks, and copies.
+//! Every command is recorded on the device's one command buffer, submitted and waited for
+//! with a fence under one lock, so nothing is in flight when a call returns (and none when a
+//! block is dropped).
+
+use super::{HeapReading, PhysicalDeviceInfo, VulkanError, VulkanInstance};
+use ash::vk;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Bytes moved per step through the staging buffer (and through the scratch buffer of an
+/// overlapping move within one block).
+const STAGING_BYTES: u64 = 16 << 20;
+
+/// Blocks are numbered in memwarden's own address space of the device, aligned to this:
+/// Vulkan memory has no address without `bufferDeviceAddress`.
+pub const BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
+
+/// How the host reads and writes blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostAccess {
+    /// Through a mapping where the block memory is host-visible, else through staging.
+    #[default]
+    Auto,
+    /// Always through the staging buffer and the queue, as on a discrete GPU (tests use it to
+    /// take NVIDIA's path on lavapipe, whose device memory is host-visible).
+    Staged,
+}
+
+/// The queue, its command buffer and fence, and the staging buffer: used under one lock.
+struct Submitter {
+    queue: vk::Queue,
+    pool: vk::CommandPool,
+    cmd: vk::CommandBuffer,
+    fence: vk::Fence,
+    staging: Option<Staging>,
+}
+
+/// A host-visible, host-coherent buffer mapped for the device's lifetime.
+struct Staging {
+    buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+    ptr: NonNull<u8>,
+}
+
+// SAFETY: the staging mapping is only touched under the device's submitter lock; the Vulkan
+// handles are plain tokens usable from any thread when externally synchronised (the lock).
+unsafe impl Send for Submitter {}
+
+pub struct VulkanDevice {
+    instance: Arc<VulkanInstance>,
+    physical: vk::PhysicalDevice,
+    info: PhysicalDeviceInfo,
+    device: ash::Device,
+    /// The memory type of blocks, and whether it is host-visible and coherent (mapped).
+    block_type: u32,
+    block_mapped: bool,
+    /// A host-visible, coherent type for the staging buffer (when blocks are not mapped).
+    staging_type: Option<u32>,
+    /// `VkPhysicalDeviceMaintenance3Properties::maxMemoryAllocationSize`.
+    max_allocation_bytes: u64,
+    submitter: Mutex<Submitter>,
+    next_address: AtomicU64,
+    /// Bytes of blocks this process holds on the device now.
+    own_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for VulkanDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VulkanDevice").field("info", &self.info).field("block_mapped", &self.block_mapped).finish()
+    }
+}
+
+/// The memory type among `bits` whose flags `want` all and `avoid` none, in a heap that is
+/// device-local exactly when `device_local` says so.
+fn pick_type(
+    props: &vk::PhysicalDeviceMemoryProperties,
+    bits: u32,
+    want: vk::MemoryPropertyFlags,
+    avoid: vk::MemoryPropertyFlags,
+) -> Option<u32> {
+    props.memory_types_as_slice().iter().enumerate().find_map(|(i, t)| {
+        let ok = bits & (1 << i) != 0 && t.property_flags.contains(want) && !t.property_flags.intersects(avoid);
+        ok.then_some(i as u32)
+    })
+}
+
+impl VulkanDevice {
+    /// Opens physical device `index` with one queue that can transfer (a transfer-only family,
+    /// the copy engines, where the device has one).
+    pub fn open(instance: &Arc<VulkanInstance>, index: u32, access: HostAccess) -> Result<Arc<Self>, VulkanError> {
+        let raw = instance.raw();
+        let pd = instance.handle(index)?;
+        let info = instance.describe(index, pd)?;
+        // SAFETY: pd came from this instance.
+        let families = unsafe { raw.get_physical_device_queue_family_properties(pd) };
+        let any = vk::QueueFlags::TRANSFER | vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE;
+        let dedicated = families.iter().position(|f| {
+            f.queue_count > 0
+                && f.queue_flags.contains(vk::QueueFlags::TRANSFER)
+                && !f.queue_flags.intersects(vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE)
+        });
+        let family = dedicated
+            .or_else(|| families.iter().position(|f| f.queue_count > 0 && f.queue_flags.intersects(any)))
+            .ok_or_else(|| VulkanError::Unavailable(format!("{}: no queue can transfer", info.name)))?
+            as u32;
+        let priorities = [1.0f32];
+        let queues = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
+        let extensions = if info.memory_budget { vec![vk::EXT_MEMORY_BUDGET_NAME.as_ptr()] } else { vec![] };
+        let create = vk::DeviceCreateInfo::default().queue_create_infos(&queues).enabled_extension_names(&extensions);
+        // SAFETY: the create info and its arrays live for the call; the extension was listed as
+        // supported; the device is destroyed in Drop.
+        let device = unsafe { raw.create_device(pd, &create, None) }
+            .map_err(|e| VulkanError::from_vk("vkCreateDevice", 0, e))?;
+        let mut maintenance3 = vk::PhysicalDeviceMaintenance3Properties::default();
+        let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut maintenance3);
+        // SAFETY: Maintenance3 properties are core in 1.1, which every listed device has here.
+        unsafe { raw.get_physical_device_properties2(pd, &mut p2) };
+        // From here on Drop cleans up whatever was created (null handles are ignored by Vulkan).
+        let mut dev = VulkanDevice {
+            instance: instance.clone(),
+            physical: pd,
+            info,
+            device,
+            block_type: 0,
+            block_mapped: false,
+            staging_type: None,
+            max_allocation_bytes: maintenance3.max_memory_allocation_size,
+            submitter: Mutex::new(Submitter {
+                queue: vk::Queue::null(),
+                pool: vk::CommandPool::null(),
+                cmd: vk::CommandBuffer::null(),
+                fence: vk::Fence::null(),
+                staging: None,
+            }),
+            next_address: AtomicU64::new(BLOCK_ALIGNMENT_BYTES),
+            own_bytes: AtomicU64::new(0),
+        };
+        dev.init(family, access)?;
+        Ok(Arc::new(dev))
+    }
+
+    fn init(&mut self, family: u32, access: HostAccess) -> Result<(), VulkanError> {
+        let d = &self.device;
+        let s = self.submitter.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the device is live; the family and queue index 0 were requested at creation.
+        s.queue = unsafe { d.get_device_queue(family, 0) };
+        let pool_info = vk::CommandPoolCreateInfo::default()
+            .queue_family_index(family)
+            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
+        // SAFETY: plain creation calls on a live device; each object is destroyed in Drop.
+        unsafe {
+            s.pool = d
+                .create_command_pool(&pool_info, None)
+                .map_err(|e| VulkanError::from_vk("vkCreateCommandPool", 0, e))?;
+            let alloc = vk::CommandBufferAllocateInfo::default()
+                .command_pool(s.pool)
+                .level(vk::CommandBufferLevel::PRIMARY)
+                .command_buffer_count(1);
+            s.cmd = d
+                .allocate_command_buffers(&alloc)
+                .map_err(|e| VulkanError::from_vk("vkAllocateCommandBuffers", 0, e))?[0];
+            s.fence = d
+                .create_fence(&vk::FenceCreateInfo::default(), None)
+                .map_err(|e| VulkanError::from_vk("vkCreateFence", 0, e))?;
+        }
+        // The memory types a transfer buffer can live in, from a probe buffer.
+        let probe_info = vk::BufferCreateInfo::default().size(1).usage(Self::usage());
+        // SAFETY: the probe buffer is created and destroyed here, never bound.
+        let bits = unsafe {
+            let probe = d.create_buffer(&probe_info, None).map_err(|e| VulkanError::from_vk("vkCreateBuffer", 0, e))?;
+            let r = d.get_buffer_memory_requirements(probe);
+            d.destroy_buffer(probe, None);
+            r.memory_type_bits
+        };
+        // SAFETY: a plain query on this instance's physical device.
+        let props = unsafe { self.instance.raw().get_physical_device_memory_properties(self.physical) };
+        type F = vk::MemoryPropertyFlags;
+        let never = F::LAZILY_ALLOCATED | F::PROTECTED | F::DEVICE_COHERENT_AMD;
+        let coherent = F::HOST_VISIBLE | F::HOST_COHERENT;
+        // Device memory the host cannot see first (NVIDIA's VRAM, not its BAR window); else
+        // device-local memory the host can map (lavapipe, integrated GPUs).
+        let (block_type, mapped) = match pick_type(&props, bits, F::DEVICE_LOCAL, never | F::HOST_VISIBLE) {
+            Some(t) => (t, false),
+            None => match pick_type(&props, bits, F::DEVICE_LOCAL | coherent, never) {
+                Some(t) => (t, true),
+                None => pick_type(&props, bits, F::DEVICE_LOCAL, never).map(|t| (t, false)).ok_or_else(|| {
+                    VulkanError::Unavailable(format!("{}: no device-local memory type", self.info.name))
+                })?,
+            },
+        };
+        self.block_type = block_type;
+        self.block_mapped = mapped && access == HostAccess::Auto;
+        self.staging_type = pick_type(&props, bits, coherent | F::HOST_CACHED, never | F::DEVICE_LOCAL)
+            .or_else(|| pick_type(&props, bits, coherent, never | F::DEVICE_LOCAL))
+            .or_else(|| pick_type(&props, bits, coherent, never));
+        if !self.block_mapped && self.staging_type.is_none() {
+            return Err(VulkanError::Unavailable(format!("{}: no host-visible memory for staging", self.info.name)));
+        }
+        Ok(())
+    }
+
+    fn usage() -> vk::BufferUsageFlags {
+        vk::BufferUsageFlags::TRANSFER_SRC | vk::BufferUsageFlags::TRANSFER_DST
+    }
+
+    pub fn info(&self) -> &PhysicalDeviceInfo {
+        &self.info
+    }
+
+    /// Whether blocks are host-visible memory written and read through a mapping (else through
+    /// a staging buffer and the queue).
+    pub fn blocks_mapped(&self) -> bool {
+        self.block_mapped
+    }
+
+    /// Bytes of this process's blocks on the device now.
+    pub fn own_bytes(&self) -> u64 {
+        self.own_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The largest single allocation the driver allows.
+    pub fn max_allocation_bytes(&self) -> u64 {
+        self.max_allocation_bytes
+    }
+
+    /// The device-local heaps now, with `VK_EXT_memory_budget`'s budget and usage when the
+    /// device supports it (`usage` counts this process only).
+    pub fn heaps(&self) -> Vec<HeapReading> {
+        let raw = self.instance.raw();
+        let mut budget = vk::PhysicalDeviceMemoryBudgetPropertiesEXT::default();
+        let mut p2 = vk::PhysicalDeviceMemoryProperties2::default();
+        if self.info.memory_budget {
+            p2 = p2.push_next(&mut budget);
+        }
+        // SAFETY: the chain holds only the budget structure, and only when the device supports
+        // the extension; both live for the call.
+        unsafe { raw.get_physical_device_memory_properties2(self.physical, &mut p2) };
+        let heaps: Vec<(usize, u64)> = p2
+            .memory_properties
+            .memory_heaps_as_slice()
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL))
+            .map(|(i, h)| (i, h.size))
+            .collect();
+        let with_budget = self.info.memory_budget;
+        heaps
+            .into_iter()
+            .map(|(i, size)| HeapReading {
+                size_bytes: size,
+                budget_bytes: with_budget.then(|| budget.heap_budget[i]),
+                usage_bytes: with_budget.then(|| budget.heap_usage[i]),
+            })
+            .collect()
+    }
+
+    /// Allocates `bytes` of device-local memory with a transfer buffer bound over all of it.
+    pub fn alloc(self: &Arc<Self>, bytes: u64) -> Result<DeviceMemory, VulkanError> {
+        if bytes == 0 {
+            return Err(VulkanError::InvalidArgument("a block of 0 bytes".into()));
+        }
+        if bytes > self.max_allocation_bytes {
+            return Err(VulkanError::InvalidArgument(format!(
+                "{bytes} bytes is over the largest allocation the driver allows ({} bytes)",
+                self.max_allocation_bytes
+            )));
+        }
+        let d = &self.device;
+        let info = vk::BufferCreateInfo::default().size(bytes).usage(Self::usage());
+        // SAFETY: the buffer is owned by the DeviceMemory built right after, whose Drop destroys it.
+        let buffer =
+            unsafe { d.create_buffer(&info, None) }.map_err(|e| VulkanError::from_vk("vkCreateBuffer", bytes, e))?;
+        let mut block = DeviceMemory {
+            device: self.clone(),
+            buffer,
+            memory: vk::DeviceMemory::null(),
+            ptr: None,
+            len: bytes,
+            accounted: 0,
+            address: 0,
+        };
+        // SAFETY: the buffer is live; the allocation is freed by the block's Drop.
+        unsafe {
+            let req = d.get_buffer_memory_requirements(buffer);
+            if req.memory_type_bits & (1 << self.block_type) == 0 {
+                return Err(VulkanError::Driver {
+                    operation: "vkGetBufferMemoryRequirements",
+                    result: "the block memory type cannot hold this buffer".into(),
+                });
+            }
+            let alloc = vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(self.block_type);
+            block.memory =
+                d.allocate_memory(&alloc, None).map_err(|e| VulkanError::from_vk("vkAllocateMemory", bytes, e))?;
+            block.accounted = req.size;
+            self.own_bytes.fetch_add(req.size, Ordering::Relaxed);
+            d.bind_buffer_memory(buffer, block.memory, 0)
+                .map_err(|e| VulkanError::from_vk("vkBindBufferMemory", bytes, e))?;
+            if self.block_mapped {
+                let p = d
+                    .map_memory(block.memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty())
+                    .map_err(|e| VulkanError::from_vk("vkMapMemory", bytes, e))?;
+                block.ptr = NonNull::new(p.cast());
+            }
+        }
+        block.address = self
+            .next_address
+            .fetch_add(bytes.div_ceil(BLOCK_ALIGNMENT_BYTES) * BLOCK_ALIGNMENT_BYTES, Ordering::Relaxed);
+        Ok(block)
+    }
+
+    /// Records commands with `record`, submits them and waits for them, under the lock. A
+    /// barrier at the end makes transfer writes visible to the host.
+    fn run(&self, s: &mut Submitter, record: impl FnOnce(&ash::Device, vk::CommandBuffer)) -> Result<(), VulkanError> {
+        let d = &self.device;
+        let host_barrier = [vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+            .dst_access_mask(vk::AccessFlags::HOST_READ)];
+        // SAFETY: the command buffer, fence and queue are this device's and used only under the
+        // submitter lock the caller holds; the buffers `record` names are live for the call, and
+        // the call returns only after the fence signalled (nothing is left in flight).
+        unsafe {
+            d.reset_command_buffer(s.cmd, vk::CommandBufferResetFlags::empty())
+                .map_err(|e| VulkanError::from_vk("vkResetCommandBuffer", 0, e))?;
+            let begin = vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT);
+            d.begin_command_buffer(s.cmd, &begin).map_err(|e| VulkanError::from_vk("vkBeginCommandBuffer", 0, e))?;
+            record(d, s.cmd);
+            d.cmd_pipeline_barrier(
+                s.cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::HOST,
+                vk::DependencyFlags::empty(),
+                &host_barrier,
+                &[],
+                &[],
+            );
+            d.end_command_buffer(s.cmd).map_err(|e| VulkanError::from_vk("vkEndCommandBuffer", 0, e))?;
+            let cmds = [s.cmd];
+            let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
+            d.queue_submit(s.queue, &submit, s.fence).map_err(|e| VulkanError::from_vk("vkQueueSubmit", 0, e))?;
+            let waited = d.wait_for_fences(&[s.fence], true, u64::MAX);
+            let reset = d.reset_fences(&[s.fence]);
+            waited.map_err(|e| VulkanError::from_vk("vkWaitForFences", 0, e))?;
+            reset.map_err(|e| VulkanError::from_vk("vkResetFences", 0, e))
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Submitter> {
+        self.submitter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The staging buffer, created on first use.
+    fn staging<'a>(&self, s: &'a mut Submitter) -> Result<&'a Staging, VulkanError> {
+        if s.staging.is_none() {
+            let ty = self.staging_type.ok_or_else(|| VulkanError::Unavailable("no host-visible memory type".into()))?;
+            let d = &self.device;
+            let info = vk::BufferCreateInfo::default().size(STAGING_BYTES).usage(Self::usage());
+            // SAFETY: created, bound and mapped here; destroyed in the device's Drop (or right
+            // here when a later step fails).
+            unsafe {
+                let buffer = d
+                    .create_buffer(&info, None)
+                    .map_err(|e| VulkanError::from_vk("vkCreateBuffer", STAGING_BYTES, e))?;
+                let req = d.get_buffer_memory_requirements(buffer);
+                let alloc = vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(ty);
+                let memory = match d.allocate_memory(&alloc, None) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        d.destroy_buffer(buffer, None);
+                        return Err(VulkanError::from_vk("vkAllocateMemory (staging)", STAGING_BYTES, e));
+                    }
+                };
+                let mapped = d
+                    .bind_buffer_memory(buffer, memory, 0)
+                    .and_then(|()| d.map_memory(memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty()));
+                match mapped.map(|p| NonNull::new(p.cast::<u8>())) {
+                    Ok(Some(ptr)) => s.staging = Some(Staging { buffer, memory, ptr }),
+                    other => {
+                        d.destroy_buffer(buffer, None);
+                        d.free_memory(memory, None);
+                        let r = other.err().unwrap_or(vk::Result::ERROR_MEMORY_MAP_FAILED);
+                        return Err(VulkanError::from_vk("vkMapMemory (staging)", STAGING_BYTES, r));
+                    }
+                }
+            }
+        }
+        s.staging.as_ref().ok_or_else(|| VulkanError::Unavailable("no staging buffer".into()))
+    }
+
+    fn staged_write(&self, dst: vk::Buffer, offset: u64, data: &[u8]) -> Result<(), VulkanError> {
+        let mut s = self.lock();
+        let (sbuf, sptr) = {
+            let st = self.staging(&mut s)?;
+            (st.buffer, st.ptr)
+        };
+        for (i, chunk) in data.chunks(STAGING_BYTES as usize).enumerate() {
+            // SAFETY: the staging mapping holds STAGING_BYTES ≥ chunk.len() bytes and is only
+            // used under the lock held here.
+            unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), sptr.as_ptr(), chunk.len()) };
+            let region = [vk::BufferCopy::default()
+                .src_offset(0)
+                .dst_offset(offset + i as u64 * STAGING_BYTES)
+                .size(chunk.len() as u64)];
+            // SAFETY: both buffers are live; the caller bounds-checked the destination range.
+            self.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, sbuf, dst, &region) })?;
+        }
+        Ok(())
+    }
+
+    fn staged_read(&self, src: vk::Buffer, offset: u64, out: &mut [u8]) -> Result<(), VulkanError> {
+        let mut s = self.lock();
+        let (sbuf, sptr) = {
+            let st = self.staging(&mut s)?;
+            (st.buffer, st.ptr)
+        };
+        for (i, chunk) in out.chunks_mut(STAGING_BYTES as usize).enumerate() {
+            let region = [vk::BufferCopy::default()
+                .src_offset(offset + i as u64 * STAGING_BYTES)
+                .dst_offset(0)
+                .size(chunk.len() as u64)];
+            // SAFETY: both buffers are live; the caller bounds-checked the source range.
+            self.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, src, sbuf, &region) })?;
+            // SAFETY: as in `staged_write`; the copy has finished and is visible to the host.
+            unsafe { std::ptr::copy_nonoverlapping(sptr.as_ptr(), chunk.as_mut_ptr(), chunk.len()) };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VulkanDevice {
+    fn drop(&mut self) {
+        let s = self.submitter.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: every block holds an Arc to this device, so none is left; nothing is in flight
+        // (every submission is waited for). Each object is destroyed once; null handles are
+        // ignored by Vulkan.
+        unsafe {
+            let _ = self.device.device_wait_idle();
+            if let Some(st) = s.staging.take() {
+                self.device.destroy_buffer(st.buffer, None);
+                self.device.free_memory(st.memory, None);
+            }
+            self.device.destroy_fence(s.fence, None);
+            self.device.destroy_command_pool(s.pool, None);
+            self.device.destroy_device(None);
+        }
+    }
+}
+
+/// A device-local block with a transfer buffer over all of it; freed on drop.
+pub struct DeviceMemory {
+    device: Arc<VulkanDevice>,
+    buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+    /// The host mapping of the whole block, when its memory is host-visible.
+    ptr: Option<NonNull<u8>>,
+    len: u64,
+    /// Bytes counted in the device's `own_bytes` (the allocation's real size).
+    accounted: u64,
+    address: u64,
+}
+
+// SAFETY: the handles are plain tokens; the mapping is plain memory owned by this block, read
+// and written through bounds-checked methods like a `HostMapping`.
+unsafe impl Send for DeviceMemory {}
+// SAFETY: as above; driver access is serialised by the device's submitter lock.
+unsafe impl Sync for DeviceMemory {}
+
+impl std::fmt::Debug for DeviceMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceMemory")
+            .field("device", &self.device.info.index)
+            .field("len", &self.len)
+            .field("mapped", &self.ptr.is_some())
+            .finish()
+    }
+}
+
+impl DeviceMemory {
+    pub fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    /// The block's place in memwarden's numbering of the device's memory (aligned to
+    /// [`BLOCK_ALIGNMENT_BYTES`]).
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    pub fn device(&self) -> &Arc<VulkanDevice> {
+        &self.device
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), VulkanError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(VulkanError::OutOfBounds { offset_bytes: offset, len_bytes: len, block_bytes: self.len }),
+        }
+    }
+
+    /// Copies host bytes into the block: through its mapping, or a staging buffer.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), VulkanError> {
+        self.check(offset, data.len() as u64)?;
+        match self.ptr {
+            // SAFETY: the range was bounds-checked inside the live mapping of this block.
+            Some(p) => unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), p.as_ptr().add(offset as usize), data.len());
+                Ok(())
+            },
+            None if data.is_empty() => Ok(()),
+            None => self.device.staged_write(self.buffer, offset, data),
+        }
+    }
+
+    /// Copies block bytes into `out`.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), VulkanError> {
+        self.check(offset, out.len() as u64)?;
+        match self.ptr {
+            // SAFETY: as in `write`, with `out` exclusively borrowed.
+            Some(p) => unsafe {
+                std::ptr::copy_nonoverlapping(p.as_ptr().add(offset as usize), out.as_mut_ptr(), out.len());
+                Ok(())
+            },
+            None if out.is_empty() => Ok(()),
+            None => self.device.staged_read(self.buffer, offset, out),
+        }
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        // SAFETY: nothing is in flight on this block (every submission is waited for); buffer
+        // and memory are destroyed once (null handles are ignored); freeing unmaps.
+        unsafe {
+            self.device.device.destroy_buffer(self.buffer, None);
+            self.device.device.free_memory(self.memory, None);
+        }
+        self.device.own_bytes.fetch_sub(self.accounted, Ordering::Relaxed);
+    }
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` with
+/// `vkCmdCopyBuffer`, both blocks of one device, and waits for it. Both ranges are checked
+/// before anything moves. Overlapping ranges in one block (which one `vkCmdCopyBuffer` may not
+/// copy) move through a scratch block, a chunk at a time in the order `memmove` would use.
+pub fn copy(
+    dst: &DeviceMemory,
+    dst_offset: u64,
+    src: &DeviceMemory,
+    src_offset: u64,
+    len: u64,
+) -> Result<(), VulkanError> {
+    if !Arc::ptr_eq(&dst.device, &src.device) {
+        return Err(VulkanError::InvalidArgument("a Vulkan copy between two devices".into()));
+    }
+    src.check(src_offset, len)?;
+    dst.check(dst_offset, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let dev = &dst.device;
+    let same = src.buffer == dst.buffer;
+    let overlap = same && src_offset < dst_offset + len && dst_offset < src_offset + len;
+    if !overlap {
+        let region = [vk::BufferCopy::default().src_offset(src_offset).dst_offset(dst_offset).size(len)];
+        let mut s = dev.lock();
+        // SAFETY: both buffers are live (borrowed for the call) and the ranges were checked.
+        return dev.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, src.buffer, dst.buffer, &region) });
+    }
+    if src_offset == dst_offset {
+        return Ok(());
+    }
+    let scratch = dev.alloc(len.min(STAGING_BYTES))?;
+    let step = scratch.len;
+    let starts: Vec<u64> = (0..len.div_ceil(step)).map(|i| i * step).collect();
+    let backwards = dst_offset > src_offset;
+    let order: Box<dyn Iterator<Item = &u64>> =
+        if backwards { Box::new(starts.iter().rev()) } else { Box::new(starts.iter()) };
+    let barrier = [vk::MemoryBarrier::default()
+        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+        .dst_access_mask(vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE)];
+    let mut s = dev.lock();
+    for &at in order {
+        let n = (len - at).min(step);
+        let into = [vk::BufferCopy::default().src_offset(src_offset + at).dst_offset(0).size(n)];
+        let out = [vk::BufferCopy::default().src_offset(0).dst_offset(dst_offset + at).size(n)];
+        // SAFETY: the block and the scratch block are live; ranges were checked; the barrier
+        // orders the second copy after the first.
+        dev.run(&mut s, |d, cmd| unsafe {
+            d.cmd_copy_buffer(cmd, src.buffer, scratch.buffer, &into);
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &barrier,
+                &[],
+                &[],
+            );
+            d.cmd_copy_buffer(cmd, scratch.buffer, dst.buffer, &out);
+        })?;
+    }
+    Ok(())
+}
