@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod device;
-pub use device::{copy, DeviceMemory, HostAccess, VulkanDevice, BLOCK_ALIGNMENT_BYTES};
+pub use device::{copy, DeviceMemory, VulkanDevice, BLOCK_ALIGNMENT_BYTES};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VulkanError {
@@ -273,6 +273,17 @@ impl Drop for VulkanInstance {
         // instance is destroyed once.
         unsafe { self.instance.destroy_instance(None) };
     }
+}
+
+/// How the host reads and writes blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostAccess {
+    /// Through a mapping where the block memory is host-visible, else through staging.
+    #[default]
+    Auto,
+    /// Always through the staging buffer and the queue, as on a discrete GPU (tests use it to
+    /// take NVIDIA's path on lavapipe, whose device memory is host-visible).
+    Staged,
 }
 
 /// One device-local heap now.

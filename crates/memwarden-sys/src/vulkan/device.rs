@@ -3,7 +3,7 @@
 //! with a fence under one lock, so nothing is in flight when a call returns (and none when a
 //! block is dropped).
 
-use super::{HeapReading, PhysicalDeviceInfo, VulkanError, VulkanInstance};
+use super::{HeapReading, HostAccess, PhysicalDeviceInfo, VulkanError, VulkanInstance};
 use ash::vk;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,17 +16,6 @@ const STAGING_BYTES: u64 = 16 << 20;
 /// Blocks are numbered in memwarden's own address space of the device, aligned to this:
 /// Vulkan memory has no address without `bufferDeviceAddress`.
 pub const BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
-
-/// How the host reads and writes blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum HostAccess {
-    /// Through a mapping where the block memory is host-visible, else through staging.
-    #[default]
-    Auto,
-    /// Always through the staging buffer and the queue, as on a discrete GPU (tests use it to
-    /// take NVIDIA's path on lavapipe, whose device memory is host-visible).
-    Staged,
-}
 
 /// The queue, its command buffer and fence, and the staging buffer: used under one lock.
 struct Submitter {
