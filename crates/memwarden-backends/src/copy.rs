@@ -1,15 +1,16 @@
 //! Copies between any two blocks, whatever backends they came from. Blocks in memory the CUDA
 //! driver can address (host and CUDA) take the sys crate's one copy: host↔host with `memmove`,
 //! anything involving a CUDA GPU through the driver on unified addresses (peer copies between
-//! GPUs). Any other pair is staged through host memory, each side reading or writing its own
+//! GPUs); two blocks of one Vulkan device take `vkCmdCopyBuffer`. Any other pair is staged through host memory, each side reading or writing its own
 //! bytes, so a new backend works with every other one at once and adds a fast path here only
 //! where it has one. Bounds are checked before any byte moves.
 
 use crate::backend::{BackendError, BlockMemory};
 use crate::cuda::cuda_error;
-use crate::{cuda, host};
+use crate::{cuda, host, vulkan};
 use memwarden_core::{DeviceId, GpuApi};
 use memwarden_sys::cuda::{self as sys_cuda, Completion, Region};
+use std::sync::Arc;
 
 /// Bytes staged through host memory per step of a copy with no fast path.
 pub const STAGING_CHUNK_BYTES: u64 = 8 << 20;
@@ -25,7 +26,12 @@ pub fn copy_between(
 ) -> Result<(), BackendError> {
     match (region(src, src_offset), region(dst, dst_offset)) {
         (Some(s), Some(d)) => sys_cuda::copy(d?, s?, len, Completion::Wait).map_err(cuda_error),
-        _ => staged(src, src_offset, dst, dst_offset, len),
+        _ => match (vulkan::memory(src), vulkan::memory(dst)) {
+            (Ok(s), Ok(d)) if Arc::ptr_eq(s.device(), d.device()) => {
+                vulkan::copy_blocks(s, src_offset, d, dst_offset, len)
+            }
+            _ => staged(src, src_offset, dst, dst_offset, len),
+        },
     }
 }
 

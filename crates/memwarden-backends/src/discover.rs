@@ -1,11 +1,13 @@
 //! Which backends this machine has. The host backend is always there; each GPU API registers
 //! one discovery function in [`GPU_APIS`], which finds its devices or says why it cannot.
 //! Adding a GPU API is its sys module, its backend module, its line in [`GPU_APIS`], its
-//! config section and its status fields ([`crate::DeviceInfo::extra`]).
+//! config section and its status fields ([`crate::DeviceInfo::extra`]). An API listed later
+//! sees what earlier ones found, and may take a GPU both see (`Found::claims`).
 
 use crate::backend::Backend;
 use crate::cuda::CudaSystem;
 use crate::host::{HostBackend, HostStatusReader};
+use crate::vulkan::{self, VulkanOptions};
 use memwarden_sys::cuda::CudaContext;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +24,8 @@ pub struct DiscoverConfig {
     pub shared_memory_group: Option<u32>,
     /// Use NVIDIA GPUs when a driver is present.
     pub cuda: bool,
+    /// `[vulkan]`.
+    pub vulkan: VulkanOptions,
 }
 
 impl Default for DiscoverConfig {
@@ -32,6 +36,7 @@ impl Default for DiscoverConfig {
             shared_memory_dir: None,
             shared_memory_group: None,
             cuda: true,
+            vulkan: VulkanOptions { enabled: true, ..VulkanOptions::default() },
         }
     }
 }
@@ -52,10 +57,16 @@ pub struct Found {
     pub devices: Result<Vec<Arc<dyn Backend>>, String>,
     /// A context the host backend registers pinned memory with (CUDA's first GPU).
     pub pinning: Option<Arc<CudaContext>>,
+    /// UUIDs of GPUs this API serves that an API listed before it found too (which then
+    /// leaves them out): `vulkan.nvidia = "vulkan"`.
+    pub claims: Vec<String>,
 }
 
+/// One GPU API's discovery: the configuration, and what the APIs listed before it found.
+pub type Discover = fn(&DiscoverConfig, &[Found]) -> Found;
+
 /// Every GPU API, in the order their devices are listed.
-pub const GPU_APIS: &[fn(&DiscoverConfig) -> Found] = &[discover_cuda];
+pub const GPU_APIS: &[Discover] = &[discover_cuda, discover_vulkan];
 
 /// Every backend of this machine, and the health of each API.
 pub struct Discovered {
@@ -66,7 +77,14 @@ pub struct Discovered {
 /// Builds every available backend. Never fails: an API that cannot start is listed as
 /// unavailable with its reason.
 pub fn discover(config: &DiscoverConfig) -> Discovered {
-    let found: Vec<Found> = GPU_APIS.iter().map(|f| f(config)).collect();
+    let mut found: Vec<Found> = Vec::new();
+    for api in GPU_APIS {
+        let f = api(config, &found);
+        for earlier in found.iter_mut() {
+            hand_over(earlier, &f);
+        }
+        found.push(f);
+    }
     let pinning = found.iter().find_map(|f| f.pinning.clone());
     let host = HostBackend::new(HostStatusReader::new(&config.proc_root, &config.cgroup_root))
         .with_shared_dir(config.shared_memory_dir.clone())
@@ -94,7 +112,49 @@ pub fn discover(config: &DiscoverConfig) -> Discovered {
     Discovered { backends, health }
 }
 
-fn discover_cuda(config: &DiscoverConfig) -> Found {
+/// Leaves out of `earlier` the GPUs `later` claims.
+fn hand_over(earlier: &mut Found, later: &Found) {
+    let Ok(devices) = &mut earlier.devices else { return };
+    if later.claims.is_empty() {
+        return;
+    }
+    let claimed = |b: &Arc<dyn Backend>| b.info().gpu.as_ref().is_some_and(|g| later.claims.contains(&g.uuid));
+    let taken: Vec<String> = devices.iter().filter(|b| claimed(b)).map(|b| b.info().device_id.to_string()).collect();
+    devices.retain(|b| !claimed(b));
+    if devices.is_empty() && !taken.is_empty() {
+        earlier.devices = Err(format!(
+            "{} served by {} instead ({}.nvidia = \"{}\")",
+            taken.join(", "),
+            later.name,
+            later.name,
+            later.name
+        ));
+    }
+}
+
+/// The UUID and id of every GPU an earlier API found.
+fn found_gpus(found: &[Found]) -> Vec<(String, memwarden_core::DeviceId)> {
+    found
+        .iter()
+        .filter_map(|f| f.devices.as_ref().ok())
+        .flatten()
+        .filter_map(|b| b.info().gpu.as_ref().map(|g| (g.uuid.clone(), b.info().device_id)))
+        .collect()
+}
+
+fn discover_vulkan(config: &DiscoverConfig, earlier: &[Found]) -> Found {
+    match vulkan::discover(&config.vulkan, &found_gpus(earlier)) {
+        Ok((backends, claims)) => Found {
+            name: "vulkan",
+            devices: Ok(backends.into_iter().map(|b| Arc::new(b) as Arc<dyn Backend>).collect()),
+            pinning: None,
+            claims,
+        },
+        Err(reason) => Found { name: "vulkan", devices: Err(reason), pinning: None, claims: vec![] },
+    }
+}
+
+fn discover_cuda(config: &DiscoverConfig, _earlier: &[Found]) -> Found {
     let system = if config.cuda {
         CudaSystem::init()
     } else {
@@ -105,8 +165,9 @@ fn discover_cuda(config: &DiscoverConfig) -> Found {
             name: "cuda",
             pinning: system.contexts.first().cloned(),
             devices: Ok(system.backends().into_iter().map(|b| Arc::new(b) as Arc<dyn Backend>).collect()),
+            claims: vec![],
         },
-        Err(reason) => Found { name: "cuda", devices: Err(reason), pinning: None },
+        Err(reason) => Found { name: "cuda", devices: Err(reason), pinning: None, claims: vec![] },
     }
 }
 
@@ -116,7 +177,8 @@ mod tests {
 
     #[test]
     fn the_host_is_always_found_and_a_disabled_api_says_why() {
-        let d = discover(&DiscoverConfig { cuda: false, ..DiscoverConfig::default() });
+        let vulkan = VulkanOptions::default();
+        let d = discover(&DiscoverConfig { cuda: false, vulkan, ..DiscoverConfig::default() });
         assert_eq!(d.backends.len(), 1);
         assert_eq!(d.backends[0].info().device_id, memwarden_core::DeviceId::Cpu);
         assert_eq!(
@@ -128,5 +190,20 @@ mod tests {
             !cuda.available && cuda.reason.as_deref().is_some_and(|r| r.contains("cuda.enabled = false")),
             "{cuda:?}"
         );
+        let vulkan = d.health.iter().find(|h| h.name == "vulkan").expect("vulkan listed");
+        assert!(!vulkan.available && vulkan.reason.as_deref().is_some_and(|r| r.contains("vulkan.enabled")));
+    }
+
+    #[test]
+    fn software_vulkan_devices_are_served_only_when_asked() {
+        let vulkan = VulkanOptions { enabled: true, ..VulkanOptions::default() };
+        let d = discover(&DiscoverConfig { cuda: false, vulkan: vulkan.clone(), ..DiscoverConfig::default() });
+        let h = d.health.iter().find(|h| h.name == "vulkan").expect("vulkan listed");
+        assert!(!h.available && h.reason.as_deref().is_some_and(|r| r.contains("include_software")), "{h:?}");
+        let vulkan = VulkanOptions { include_software: true, ..vulkan };
+        let d = discover(&DiscoverConfig { cuda: false, vulkan, ..DiscoverConfig::default() });
+        let h = d.health.iter().find(|h| h.name == "vulkan").expect("vulkan listed");
+        assert!(h.available && h.devices.first().is_some_and(|d| d == "vulkan:0"), "{h:?}");
+        assert_eq!(d.backends.len(), 1 + h.devices.len());
     }
 }

@@ -83,6 +83,21 @@ impl DeviceId {
         DeviceId::Gpu(GpuApi::Cuda, n)
     }
 
+    /// Parses `text` as a device of a host with `known` devices: like [`str::parse`], except
+    /// that the seed's `gpu:N` alias (also `gpu-N`, `gpu_N`), which names CUDA's GPU N, names
+    /// `vulkan:N` on a host where every GPU is Vulkan's.
+    pub fn parse_among(text: &str, known: &[DeviceId]) -> Result<DeviceId, DeviceIdError> {
+        let id: DeviceId = text.parse()?;
+        let alias = text.trim().get(..3).is_some_and(|p| p.eq_ignore_ascii_case("gpu"));
+        let has = |api| known.iter().any(|k| matches!(k, DeviceId::Gpu(a, _) if *a == api));
+        match id {
+            DeviceId::Gpu(GpuApi::Cuda, n) if alias && !has(GpuApi::Cuda) && has(GpuApi::Vulkan) => {
+                Ok(DeviceId::Gpu(GpuApi::Vulkan, n))
+            }
+            _ => Ok(id),
+        }
+    }
+
     pub const fn is_gpu(self) -> bool {
         matches!(self, DeviceId::Gpu(..))
     }
@@ -185,6 +200,19 @@ mod tests {
         {
             assert!(bad.parse::<DeviceId>().is_err(), "{bad} should not parse");
         }
+    }
+
+    #[test]
+    fn the_gpu_alias_names_vulkan_only_where_every_gpu_is_vulkans() {
+        let vulkan = DeviceId::Gpu(GpuApi::Vulkan, 0);
+        let only_vulkan = [DeviceId::Cpu, vulkan];
+        let both = [DeviceId::Cpu, DeviceId::cuda(0), vulkan];
+        assert_eq!(DeviceId::parse_among("gpu:0", &only_vulkan), Ok(vulkan));
+        assert_eq!(DeviceId::parse_among(" GPU-1", &only_vulkan), Ok(DeviceId::Gpu(GpuApi::Vulkan, 1)));
+        assert_eq!(DeviceId::parse_among("gpu:0", &both), Ok(DeviceId::cuda(0)));
+        assert_eq!(DeviceId::parse_among("gpu:0", &[DeviceId::Cpu]), Ok(DeviceId::cuda(0)));
+        assert_eq!(DeviceId::parse_among("cuda:0", &only_vulkan), Ok(DeviceId::cuda(0)));
+        assert!(DeviceId::parse_among("gpu", &only_vulkan).is_err());
     }
 
     #[test]

@@ -5,7 +5,9 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 pub mod quotas;
+mod vulkan;
 mod workers;
+pub use vulkan::{NvidiaOwner, VulkanSection};
 pub use workers::{WorkerSpec, WorkersSection};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -25,6 +27,7 @@ pub struct Config {
     pub pool: PoolSection,
     pub host: HostSection,
     pub cuda: CudaSection,
+    pub vulkan: VulkanSection,
     pub transfer: TransferSection,
     pub defrag: DefragSection,
     pub pressure: PressureSection,
@@ -255,6 +258,7 @@ impl From<&Config> for memwarden_backends::DiscoverConfig {
                 .then(|| c.host.shared_memory_dir.clone()),
             shared_memory_group: c.host.shared_memory_group,
             cuda: c.cuda.enabled,
+            vulkan: (&c.vulkan).into(),
         }
     }
 }
@@ -396,6 +400,7 @@ impl Default for Config {
             pool: PoolSection::default(),
             host: HostSection::default(),
             cuda: CudaSection::default(),
+            vulkan: VulkanSection::default(),
             transfer: TransferSection::default(),
             defrag: DefragSection::default(),
             pressure: PressureSection::default(),

@@ -56,8 +56,9 @@ impl From<&DeviceStatus> for DeviceStatusDto {
             fragmentation: s.fragmentation(),
             can_allocate: None,
             uuid: s.gpu.as_ref().map(|g| g.uuid.clone()),
-            pci_bus_id: s.gpu.as_ref().map(|g| g.pci_bus_id.clone()),
-            compute_capability: s.gpu.as_ref().map(|g| g.compute_capability.clone()),
+            // Empty for GPUs whose API does not tell (Vulkan): left out rather than "".
+            pci_bus_id: s.gpu.as_ref().map(|g| g.pci_bus_id.clone()).filter(|b| !b.is_empty()),
+            compute_capability: s.gpu.as_ref().map(|g| g.compute_capability.clone()).filter(|c| !c.is_empty()),
             memory_bandwidth: s.gpu.as_ref().and_then(|g| g.memory_bandwidth_bytes_per_s),
             reserved_memory: s.driver_reserved_bytes,
             processes: s

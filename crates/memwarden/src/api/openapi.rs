@@ -168,8 +168,8 @@ fn shared_answers(path: &str, method: &str, op: &Operation) -> Vec<(u16, &'stati
 }
 
 /// The device ids the API takes (`DeviceId`'s parser): `cpu` (also `cpu:0`, `cpu-0`, `cpu_0`),
-/// `cuda:N` and `vulkan:N` with `:`, `-` or `_`, and `gpu:N` for CUDA; any case, surrounding
-/// whitespace ignored.
+/// `cuda:N` and `vulkan:N` with `:`, `-` or `_`, and `gpu:N` (CUDA's, or Vulkan's on a host with
+/// only Vulkan GPUs); any case, surrounding whitespace ignored.
 pub fn device_id_pattern() -> String {
     let gpu: Vec<String> = GpuApi::ALL.iter().map(|a| any_case(a.prefix())).chain([any_case("gpu")]).collect();
     format!(r"^\s*({cpu}([:_-]0+)?|({gpus})[:_-][0-9]{{1,9}})\s*$", cpu = any_case("cpu"), gpus = gpu.join("|"))

@@ -143,7 +143,7 @@ impl Service {
             requested: text.to_string(),
             known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
         };
-        let id: DeviceId = text.parse().map_err(|_| not_found())?;
+        let id = DeviceId::parse_among(text, &self.device_ids()).map_err(|_| not_found())?;
         if self.device(id).is_some() {
             return Ok(id);
         }

@@ -46,7 +46,7 @@ impl DeviceCatalog {
     /// The canonical id of `text`, a device of this host.
     pub fn resolve(&self, text: &str) -> Result<String, DeviceError> {
         let not_found = || DeviceError::NotFound { requested: text.to_string(), known: self.known_names() };
-        let id: DeviceId = text.parse().map_err(|_| not_found())?;
+        let id = DeviceId::parse_among(text, &self.known).map_err(|_| not_found())?;
         if self.known.contains(&id) {
             return Ok(id.to_string());
         }

@@ -1,0 +1,62 @@
+//! `[vulkan]`: GPUs of any vendor through Vulkan (`vulkan:N`).
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Which backend serves an NVIDIA GPU that CUDA and Vulkan both see (same UUID).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NvidiaOwner {
+    #[default]
+    Cuda,
+    Vulkan,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VulkanSection {
+    /// Use Vulkan devices when a loader and driver are present.
+    pub enabled: bool,
+    /// Serve software drivers (Mesa's lavapipe) too; off on production hosts, on in CI.
+    pub include_software: bool,
+    /// `"cuda"` (default) or `"vulkan"`: which backend serves an NVIDIA GPU both see.
+    pub nvidia: NvidiaOwner,
+    /// The Vulkan loader library (`libvulkan.so.1`) to open; empty: the system's.
+    pub loader: PathBuf,
+}
+
+impl Default for VulkanSection {
+    fn default() -> Self {
+        VulkanSection { enabled: true, include_software: false, nvidia: NvidiaOwner::Cuda, loader: PathBuf::new() }
+    }
+}
+
+impl From<&VulkanSection> for memwarden_backends::VulkanOptions {
+    fn from(c: &VulkanSection) -> Self {
+        memwarden_backends::VulkanOptions {
+            enabled: c.enabled,
+            include_software: c.include_software,
+            nvidia: match c.nvidia {
+                NvidiaOwner::Cuda => memwarden_backends::NvidiaOwner::Cuda,
+                NvidiaOwner::Vulkan => memwarden_backends::NvidiaOwner::Vulkan,
+            },
+            loader: (!c.loader.as_os_str().is_empty()).then(|| c.loader.clone()),
+            host_access: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_and_default() {
+        let c: VulkanSection = toml::from_str("include_software = true\nnvidia = \"vulkan\"").expect("parses");
+        assert!(c.enabled && c.include_software && c.nvidia == NvidiaOwner::Vulkan);
+        assert_eq!(VulkanSection::default().nvidia, NvidiaOwner::Cuda);
+        assert!(toml::from_str::<VulkanSection>("nvidia = \"amd\"").is_err());
+        let o = memwarden_backends::VulkanOptions::from(&VulkanSection::default());
+        assert!(o.enabled && !o.include_software && o.loader.is_none());
+    }
+}
