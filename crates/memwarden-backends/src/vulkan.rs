@@ -380,9 +380,9 @@ mod tests {
             loader: Some("/nonexistent/libvulkan.so.1".into()),
             ..VulkanOptions::default()
         };
-        let e = discover(&options, &[]).err().expect("no loader there");
+        let e = discover(&options, &[]).expect_err("no loader there");
         assert!(e.contains("/nonexistent/libvulkan.so.1"), "{e}");
-        let e = discover(&VulkanOptions::default(), &[]).err().expect("disabled");
+        let e = discover(&VulkanOptions::default(), &[]).expect_err("disabled");
         assert!(e.contains("vulkan.enabled = false"), "{e}");
     }
 }

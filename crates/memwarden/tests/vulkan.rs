@@ -78,6 +78,13 @@ fn device_memory_holds_data_across_transfers_defragmentation_free_and_clear() {
     assert_eq!(status, 200, "{v}");
     let back = v["data"]["destinationAllocationId"].as_str().expect("new id").to_string();
     assert!(s.get_data(&back, 4096, MIB) == data, "vulkan -> host bytes differ");
+    // Not shareable (yet): refused with the reason.
+    common::assert_error(
+        &s.call("POST", &format!("/api/memory/allocations/{dev}/export"), None),
+        409,
+        "INVALID_OPERATION",
+        "cannot be exported",
+    );
 
     let (status, r) = s.call("POST", "/api/memory/operations/defragment/vulkan:0", Some(r#"{"strategy": "thorough"}"#));
     assert_eq!(status, 200, "{r}");
