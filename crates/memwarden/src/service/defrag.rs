@@ -239,12 +239,11 @@ impl Service {
                 }
             }
             if left_stale > 0 {
-                // Requests kept changing the pool under every plan: say so rather than drop the
-                // rest of the plan silently.
+                // Requests kept changing the pool under every plan (a busy device): the pass gives
+                // way to them, as it does at its time limit, and counts what it left undone. That
+                // is not a failure, so not an `error`.
                 report.moves_skipped += left_stale;
-                report.error = Some(format!(
-                    "the {kind} pool changed under {MAX_PLANS} plans in a row; {left_stale} planned move(s) not made"
-                ));
+                tracing::debug!(device = %device, %kind, left_stale, "the pool changed under every plan; moves left for the next pass");
             }
         }
         let mut st = lock(&dev.state);
