@@ -349,9 +349,14 @@ fn the_socket_serves_the_users_its_allow_list_names_and_refuses_the_others() {
             assert!(std::time::Instant::now() < deadline, "the socket never appeared");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let mode =
-            std::fs::metadata(&socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
-        assert_eq!(mode.ok(), Some(0o666), "others can reach it; the credentials decide");
+        // The daemon sets the mode right after bind: wait for it rather than race it.
+        let mode = || {
+            std::fs::metadata(&socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).ok()
+        };
+        while mode() != Some(0o666) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(mode(), Some(0o666), "others can reach it; the credentials decide");
         let (mut child, line) = run_as_nobody(&socket);
         let (_, h) = s.call("GET", "/health", None);
         let clients = h["data"]["workers"]["workers"].as_array().map(Vec::len).unwrap_or(0);
