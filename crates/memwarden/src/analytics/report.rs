@@ -73,16 +73,6 @@ fn evidence_json(e: &Evidence) -> serde_json::Value {
     }
 }
 
-/// Bytes an allocation commits: reservations are budget only and commit none, so no bytes
-/// figure of the analytics counts them (`reservationBytes` shows them).
-fn committed_bytes(r: &crate::service::AllocationRecord) -> u64 {
-    if r.kind == MemoryKind::Reservation {
-        0
-    } else {
-        r.allocated_bytes
-    }
-}
-
 fn per_second(n: u64, ms: u64) -> f64 {
     if ms == 0 {
         0.0
@@ -201,7 +191,7 @@ impl Analytics {
                 events
                     .iter()
                     .filter(|e| e.kind == EventKind::Allocated)
-                    .map(|e| (name(&e.record), committed_bytes(&e.record))),
+                    .map(|e| (name(&e.record), e.record.committed_bytes())),
                 usize::MAX,
             )
             .into_iter()

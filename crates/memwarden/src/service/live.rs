@@ -83,15 +83,6 @@ impl Groups {
     }
 }
 
-/// Bytes an allocation commits: its pool bytes (a reservation commits none).
-pub(super) fn committed_bytes(r: &Allocation) -> u64 {
-    if r.kind == MemoryKind::Reservation {
-        0
-    } else {
-        r.allocated_bytes
-    }
-}
-
 /// The UUID an id spells (ids are hyphenated UUIDs), or 0.
 pub(super) fn uuid_of(id: &str) -> u128 {
     uuid::Uuid::try_parse(id).map(|u| u.as_u128()).unwrap_or(0)
@@ -164,7 +155,7 @@ impl LiveSet {
         if self.records.contains_key(&r.id) {
             self.remove(&r.id.clone(), now_ns);
         }
-        let bytes = committed_bytes(&r);
+        let bytes = r.committed_bytes();
         self.owners.add(r.owner.as_deref(), bytes, age_key(&r), now_ns);
         self.purposes.add(r.purpose.as_deref(), bytes, None, now_ns);
         if r.placement.is_some() {
@@ -176,7 +167,7 @@ impl LiveSet {
     /// Takes an allocation out at `now_ns`.
     pub fn remove(&mut self, id: &str, now_ns: i64) -> Option<Allocation> {
         let r = self.records.remove(id)?;
-        let bytes = committed_bytes(&r);
+        let bytes = r.committed_bytes();
         self.owners.sub(r.owner.as_deref(), bytes, age_key(&r), now_ns);
         self.purposes.sub(r.purpose.as_deref(), bytes, None, now_ns);
         if r.placement.is_some() {
@@ -227,7 +218,7 @@ impl LiveSet {
             if r.placement.is_some() {
                 pools.entry((r.device, r.kind)).or_default().insert(uuid_of(&r.id));
             }
-            let bytes = committed_bytes(r);
+            let bytes = r.committed_bytes();
             owners.add(r.owner.as_deref(), bytes, age_key(r), 0);
             purposes.add(r.purpose.as_deref(), bytes, None, 0);
         }

@@ -109,11 +109,6 @@ impl Stored {
     }
 }
 
-/// The UUID an id spells, or 0 for an id that is not one.
-fn uuid_of(id: &str) -> u128 {
-    uuid::Uuid::try_parse(id).map(|u| u.as_u128()).unwrap_or(0)
-}
-
 pub(crate) struct Recorder {
     enabled: bool,
     /// The event log is kept (`analytics.event_log_size` > 0).
@@ -127,16 +122,6 @@ pub(crate) struct Recorder {
 
 fn ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-/// Bytes an allocation commits: its pool bytes. A reservation is budget only (the device's
-/// `reservation_bytes` holds it) and commits none.
-fn held_bytes(r: &Allocation) -> u64 {
-    if r.kind == MemoryKind::Reservation {
-        0
-    } else {
-        r.allocated_bytes
-    }
 }
 
 impl Recorder {
@@ -170,7 +155,7 @@ impl Recorder {
         if !self.enabled {
             return;
         }
-        let bytes = held_bytes(r);
+        let bytes = r.committed_bytes();
         let d = self.device(r.device);
         d.counters.allocations += 1;
         d.counters.reservations += u64::from(r.kind == MemoryKind::Reservation);
@@ -195,7 +180,7 @@ impl Recorder {
         if !self.enabled {
             return Some(r);
         }
-        let bytes = held_bytes(&r);
+        let bytes = r.committed_bytes();
         let d = self.device(r.device);
         d.counters.frees += 1;
         d.counters.freed_bytes += bytes;
@@ -225,7 +210,7 @@ impl Recorder {
             },
         };
         if self.enabled {
-            let bytes = held_bytes(&record);
+            let bytes = record.committed_bytes();
             let d = self.device(record.device);
             d.counters.frees = d.counters.frees.saturating_sub(1);
             d.counters.freed_bytes = d.counters.freed_bytes.saturating_sub(bytes);
@@ -313,7 +298,9 @@ impl Service {
         let freed: HashMap<u128, &Allocation> = log
             .iter()
             .filter_map(|e| match e {
-                Stored::Record { kind: EventKind::Freed, record, .. } => Some((uuid_of(&record.id), record)),
+                Stored::Record { kind: EventKind::Freed, record, .. } => {
+                    Some((super::live::uuid_of(&record.id), record))
+                }
                 _ => None,
             })
             .collect();
@@ -365,17 +352,16 @@ impl Service {
         (r.log.capacity(), r.log.first().and_then(|e| at(e.at_ns())), r.dropped_at_ns.and_then(at))
     }
 
-    /// When each owner last allocated or freed, as far as the event log reaches back.
+    /// When each owner that holds live allocations last allocated or freed (the ledger's
+    /// running totals; analytics' leak suspects read the same figure).
     pub fn owner_activity(&self) -> HashMap<String, OffsetDateTime> {
-        let mut out: HashMap<String, i64> = HashMap::new();
-        for e in self.allocation_events(None, None) {
-            if let (Some(o), EventKind::Allocated | EventKind::Freed) = (&e.record.owner, e.kind) {
-                let t = out.entry(o.clone()).or_default();
-                *t = (*t).max(e.at_unix_ns);
-            }
-        }
-        out.into_iter()
-            .filter_map(|(o, ns)| Some((o, OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok()?)))
+        let live = lock(&self.ledger).records.digest(i64::MIN, 0);
+        live.owners
+            .into_iter()
+            .filter_map(|g| {
+                let at = OffsetDateTime::from_unix_timestamp_nanos(g.last_active_ns as i128).ok()?;
+                Some((g.name?, at))
+            })
             .collect()
     }
 

@@ -172,6 +172,18 @@ impl From<&AllocationRecord> for memwarden_protocol::api::allocations::Allocatio
     }
 }
 
+impl AllocationRecord {
+    /// Bytes it commits: its pool bytes. A reservation is budget only (the device's
+    /// `reservation_bytes` holds it) and commits none.
+    pub fn committed_bytes(&self) -> u64 {
+        if self.kind == MemoryKind::Reservation {
+            0
+        } else {
+            self.allocated_bytes
+        }
+    }
+}
+
 /// What a free released (the record itself went to the event log, or was dropped).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FreedAllocation {
