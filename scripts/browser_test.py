@@ -95,14 +95,18 @@ class Daemon:
 
     def __init__(self, binary, root, name, token=None, extra="", host=""):
         self.work = os.path.join(root, name)
-        os.makedirs(os.path.join(self.work, "shm"))
+        os.makedirs(self.work)
+        # Host allocations are files in this dir: on tmpfs (/dev/shm) like a real daemon's, not on
+        # the disk under /tmp, which a CI machine's build outputs may have nearly filled.
+        shm_parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else self.work
+        self.shm = tempfile.mkdtemp(prefix=f"memwarden-browser-{name}-", dir=shm_parent)
         self.token = token
         config = os.path.join(self.work, "config.toml")
         with open(config, "w") as f:
             f.write('listen = "127.0.0.1:0"\n')
             if token:
                 f.write(f'auth_token = "{token}"\n')
-            f.write(f'[host]\nshared_memory_dir = "{self.work}/shm"\n{host}')
+            f.write(f'[host]\nshared_memory_dir = "{self.shm}"\n{host}')
             f.write(f'[workers]\nenabled = false\nsocket = "{self.work}/memwarden.sock"\n')
             f.write("[optimizer]\nwatchdog = false\n")
             f.write(extra)
@@ -172,6 +176,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        shutil.rmtree(self.shm, ignore_errors=True)
 
 
 class Page:
