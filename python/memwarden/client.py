@@ -206,6 +206,19 @@ class Client:
         close_fds(fds)
         return reply
 
+    def export(self, allocation_id: str, timeout_s: float = 60) -> "tuple[Dict[str, Any], Optional[int]]":
+        """What another process needs to map an allocation: the REST export's answer (``kind``
+        ``shm``, ``cudaIpc`` or ``vulkanOpaqueFd``, ``offset``, ...) and, for Vulkan memory, its
+        opaque file descriptor, which only this socket can carry. Returns ``(export, fd)``; the
+        caller owns ``fd`` (import it with ``VkImportMemoryFdInfoKHR``: ``allocationBytes``,
+        ``memoryTypeIndex``, ``dedicated``, on the device whose UUID is ``deviceUuid``; or close
+        it); ``fd`` is None for the other kinds. The allocation is never moved afterwards. Raises
+        DaemonError (ALLOCATION_NOT_FOUND; INVALID_OPERATION for memory that cannot be shared)."""
+        reply, fds = self._endpoint.call("export", {"allocationId": allocation_id}, timeout_s)
+        if len(fds) > 1:
+            close_fds(fds[1:])
+        return reply, (fds[0] if fds else None)
+
     def load_weights(self, path: str, device: str = "cpu", name: Optional[str] = None, priority: int = 50,
                      pinned: bool = False, keep_alive_ms: Optional[int] = None, timeout_s: float = 600) -> Weights:
         """Has the daemon load `path` (a .safetensors file) onto `device`, or share what it already

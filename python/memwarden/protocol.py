@@ -56,7 +56,7 @@ DAEMON_ACTIONS = (
     "remapWeights",
 )
 # Requests a worker or client sends to the daemon (version 2); a peer answers them NOT_SUPPORTED.
-PEER_ACTIONS = ("register", "loadWeights", "releaseWeights", "resumeWeights", "allocate", "free")
+PEER_ACTIONS = ("register", "loadWeights", "releaseWeights", "resumeWeights", "allocate", "free", "export")
 ACTIONS = DAEMON_ACTIONS + PEER_ACTIONS
 # `error` goes daemon → peer: a notification of the peer's was refused (data: code, message, modelId?).
 EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport", "weightsUsed", "error")
@@ -285,6 +285,7 @@ _FIELDS = {
         "movable": (False, bool),
     },
     "PeerFree": {"allocationId": (True, str)},
+    "PeerExport": {"allocationId": (True, str)},
     "UnmapWeights": {"modelId": (True, str), "timeoutMs": (True, "u64"), "final": (False, bool)},
     "WeightsGrant": {
         "modelId": (True, str),
@@ -313,6 +314,7 @@ ACTION_DATA = {
     "resumeWeights": "ModelRef",
     "allocate": "PeerAllocate",
     "free": "PeerFree",
+    "export": "PeerExport",
     "unmapWeights": "UnmapWeights",
     "remapWeights": "WeightsGrant",
 }

@@ -42,12 +42,15 @@ pub struct ProcessMemory {
 }
 
 /// What another process needs to map a block.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum BlockExport {
     /// A file under /dev/shm (mode 0600) holding the block from offset 0.
     Shm { path: PathBuf },
     /// A CUDA IPC handle of the block's base allocation on GPU `ordinal`.
     CudaIpc { ordinal: u32, handle: [u8; 64] },
+    /// A Vulkan allocation as an opaque fd (`VK_KHR_external_memory_fd`): a new descriptor,
+    /// which only a Unix socket can carry to another process.
+    VulkanFd(memwarden_sys::vulkan::ExportedMemory),
 }
 
 /// Memory of a device as the OS or driver reports it right now.

@@ -1,7 +1,9 @@
 //! Copies between any two blocks, whatever backends they came from. Blocks in memory the CUDA
 //! driver can address (host and CUDA) take the sys crate's one copy: host↔host with `memmove`,
 //! anything involving a CUDA GPU through the driver on unified addresses (peer copies between
-//! GPUs); two blocks of one Vulkan device take `vkCmdCopyBuffer`. Any other pair is staged through host memory, each side reading or writing its own
+//! GPUs); two blocks of one Vulkan device take `vkCmdCopyBuffer`, and a host block and a
+//! Vulkan block one `vkCmdCopyBuffer` on the imported host pages (or the device's staging
+//! buffer). Any other pair is staged through host memory, each side reading or writing its own
 //! bytes, so a new backend works with every other one at once and adds a fast path here only
 //! where it has one. Bounds are checked before any byte moves.
 
@@ -10,6 +12,7 @@ use crate::cuda::cuda_error;
 use crate::{cuda, host, vulkan};
 use memwarden_core::{DeviceId, GpuApi};
 use memwarden_sys::cuda::{self as sys_cuda, Completion, Region};
+use memwarden_sys::vulkan::HostCopy;
 use std::sync::Arc;
 
 /// Bytes staged through host memory per step of a copy with no fast path.
@@ -29,6 +32,14 @@ pub fn copy_between(
         _ => match (vulkan::memory(src), vulkan::memory(dst)) {
             (Ok(s), Ok(d)) if Arc::ptr_eq(s.device(), d.device()) => {
                 vulkan::copy_blocks(s, src_offset, d, dst_offset, len)
+            }
+            (Ok(s), Err(_)) if dst.location() == DeviceId::Cpu => {
+                let d = host::mapping(dst)?;
+                vulkan::copy_with_host(s, src_offset, d, dst_offset, len, HostCopy::ToHost)
+            }
+            (Err(_), Ok(d)) if src.location() == DeviceId::Cpu => {
+                let s = host::mapping(src)?;
+                vulkan::copy_with_host(d, dst_offset, s, src_offset, len, HostCopy::ToDevice)
             }
             _ => staged(src, src_offset, dst, dst_offset, len),
         },

@@ -5,7 +5,7 @@
 //! device-local heaps: `VK_EXT_memory_budget` where the driver has it, else heap size less
 //! memwarden's own blocks.
 
-use crate::backend::{Backend, BackendError, BlockMemory, DeviceInfo, GpuInfo, MemoryReading};
+use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, MemoryReading};
 use memwarden_core::{DeviceId, GpuApi, MemoryKind};
 use memwarden_sys::vulkan::{
     self, DeviceMemory, DeviceType, HostAccess, PhysicalDeviceInfo, VulkanDevice, VulkanError, VulkanInstance,
@@ -157,6 +157,10 @@ impl BlockMemory for VulkanBlock {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         self.memory.write(offset, data).map_err(vulkan_error)
     }
+    /// An opaque fd of the block's allocation, where the driver exports them.
+    fn export(&self) -> Result<BlockExport, BackendError> {
+        self.memory.export().map(BlockExport::VulkanFd).map_err(vulkan_error)
+    }
 }
 
 /// The Vulkan memory of a block, for blocks of this backend.
@@ -166,6 +170,19 @@ pub(crate) fn memory(block: &dyn BlockMemory) -> Result<&DeviceMemory, BackendEr
         .downcast_ref::<VulkanBlock>()
         .map(|b| &b.memory)
         .ok_or_else(|| BackendError::InvalidArgument("block does not belong to a Vulkan backend".into()))
+}
+
+/// A copy between a host block and a Vulkan block, either way ([`vulkan::copy_host`]: the host
+/// pages imported for the copy engine where the driver can, else staged).
+pub(crate) fn copy_with_host(
+    block: &DeviceMemory,
+    block_offset: u64,
+    host: &memwarden_sys::HostMapping,
+    host_offset: u64,
+    len: u64,
+    dir: vulkan::HostCopy,
+) -> Result<(), BackendError> {
+    vulkan::copy_host(block, block_offset, host, host_offset, len, dir).map(|_| ()).map_err(vulkan_error)
 }
 
 /// A copy between two blocks of one Vulkan device (`vkCmdCopyBuffer`).
@@ -194,7 +211,19 @@ impl VulkanBackend {
         extra.insert("apiVersion".into(), p.api_version.clone());
         extra.insert("physicalDeviceType".into(), p.device_type.as_str().into());
         extra.insert("physicalDeviceIndex".into(), p.index.to_string());
-        extra.insert("hostAccess".into(), if device.blocks_mapped() { "mapped" } else { "staged" }.into());
+        let host_access = match (device.blocks_mapped(), device.imports_host_memory()) {
+            (true, _) => "mapped",
+            (false, true) => "imported",
+            (false, false) => "staged",
+        };
+        extra.insert("hostAccess".into(), host_access.into());
+        extra.insert(
+            "export".into(),
+            match device.export_support() {
+                Ok(()) => "opaque fd over the Unix socket (VK_KHR_external_memory_fd)".into(),
+                Err(why) => format!("none: {why}"),
+            },
+        );
         if let Some(id) = cuda_twin {
             extra.insert("sameGpuAs".into(), format!("{id} (left out: vulkan.nvidia = \"vulkan\")"));
         }
@@ -205,7 +234,7 @@ impl VulkanBackend {
             memory_type: "VRAM",
             gpu: Some(GpuInfo {
                 uuid: p.uuid_string(),
-                pci_bus_id: String::new(),
+                pci_bus_id: p.pci_bus_id.clone().unwrap_or_default(),
                 compute_capability: String::new(),
                 memory_bandwidth_bytes_per_s: None,
             }),
@@ -325,6 +354,9 @@ mod tests {
             api_version: "1.3.0".into(),
             uuid: [uuid; 16],
             memory_budget: true,
+            external_memory_fd: true,
+            external_memory_host: true,
+            pci_bus_id: None,
             device_local_heaps: vec![1 << 30],
         }
     }

@@ -131,13 +131,16 @@ pub enum Action {
     /// Memory owned by the peer's connection: freed when it closes.
     Allocate,
     Free,
+    /// What another process needs to map an allocation; Vulkan memory's opaque fd travels
+    /// with the reply.
+    Export,
     // Version 2, daemon → peer.
     UnmapWeights,
     RemapWeights,
 }
 
 impl Action {
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 17] = [
         Action::Ping,
         Action::GetModelInfo,
         Action::LoadModel,
@@ -152,6 +155,7 @@ impl Action {
         Action::ResumeWeights,
         Action::Allocate,
         Action::Free,
+        Action::Export,
         Action::UnmapWeights,
         Action::RemapWeights,
     ];
@@ -172,6 +176,7 @@ impl Action {
             Action::ResumeWeights => "resumeWeights",
             Action::Allocate => "allocate",
             Action::Free => "free",
+            Action::Export => "export",
             Action::UnmapWeights => "unmapWeights",
             Action::RemapWeights => "remapWeights",
         }

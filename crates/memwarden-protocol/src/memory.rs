@@ -37,3 +37,6 @@ pub struct PeerAllocate {
 pub struct PeerFree {
     pub allocation_id: String,
 }
+
+/// `export` data: any allocation (as the REST route's), not only the connection's own.
+pub type PeerExport = PeerFree;

@@ -30,6 +30,7 @@ fn typed_ok(data_type: &str, data: &Value) -> Result<(), String> {
         "UnmapWeights" => serde_json::from_value::<UnmapWeights>(d).map(|_| ()),
         "PeerAllocate" => serde_json::from_value::<PeerAllocate>(d).map(|_| ()),
         "PeerFree" => serde_json::from_value::<PeerFree>(d).map(|_| ()),
+        "PeerExport" => serde_json::from_value::<PeerExport>(d).map(|_| ()),
         other => panic!("unknown dataType {other} in cases.json"),
     };
     r.map_err(|e| e.to_string())

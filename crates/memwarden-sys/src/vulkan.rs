@@ -13,7 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod device;
-pub use device::{copy, DeviceMemory, VulkanDevice, BLOCK_ALIGNMENT_BYTES};
+pub use device::{
+    copy, copy_host, DeviceMemory, ExportedMemory, HostCopy, HostPath, VulkanDevice, BLOCK_ALIGNMENT_BYTES,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VulkanError {
@@ -96,6 +98,13 @@ pub struct PhysicalDeviceInfo {
     pub uuid: [u8; 16],
     /// Whether `VK_EXT_memory_budget` is supported.
     pub memory_budget: bool,
+    /// Whether `VK_KHR_external_memory_fd` is supported (blocks can be exported as opaque fds).
+    pub external_memory_fd: bool,
+    /// Whether `VK_EXT_external_memory_host` is supported (host memory can be imported, so
+    /// copies to and from host blocks need no staging buffer).
+    pub external_memory_host: bool,
+    /// `VK_EXT_pci_bus_info`, as nvidia-smi prints it (`00000000:18:00.0`), when known.
+    pub pci_bus_id: Option<String>,
     /// Sizes of the device-local heaps, bytes.
     pub device_local_heaps: Vec<u64>,
 }
@@ -226,21 +235,32 @@ impl VulkanInstance {
         let props = unsafe { self.instance.get_physical_device_properties(pd) };
         let api = props.api_version;
         let with_driver = api >= vk::API_VERSION_1_2 || has(vk::KHR_DRIVER_PROPERTIES_NAME);
+        let with_pci = has(vk::EXT_PCI_BUS_INFO_NAME);
         let mut id = vk::PhysicalDeviceIDProperties::default();
         let mut driver = vk::PhysicalDeviceDriverProperties::default();
-        let (mut uuid, mut driver_name, mut driver_info) = ([0u8; 16], None, None);
+        let mut pci = vk::PhysicalDevicePCIBusInfoPropertiesEXT::default();
+        let (mut uuid, mut driver_name, mut driver_info, mut pci_bus_id) = ([0u8; 16], None, None, None);
         if api >= vk::API_VERSION_1_1 {
             let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut id);
             if with_driver {
                 p2 = p2.push_next(&mut driver);
             }
+            if with_pci {
+                p2 = p2.push_next(&mut pci);
+            }
             // SAFETY: p2's chain holds only structures this device's API version (or its
-            // driver-properties extension) defines, each living for the call.
+            // driver-properties and PCI-bus-info extensions) defines, each living for the call.
             unsafe { self.instance.get_physical_device_properties2(pd, &mut p2) };
             uuid = id.device_uuid;
             if with_driver {
                 driver_name = Some(c_text(driver.driver_name_as_c_str()));
                 driver_info = Some(c_text(driver.driver_info_as_c_str()));
+            }
+            if with_pci {
+                pci_bus_id = Some(format!(
+                    "{:08X}:{:02X}:{:02X}.{:X}",
+                    pci.pci_domain, pci.pci_bus, pci.pci_device, pci.pci_function
+                ));
             }
         }
         // SAFETY: as above.
@@ -262,6 +282,9 @@ impl VulkanInstance {
             api_version: version_text(api),
             uuid,
             memory_budget: api >= vk::API_VERSION_1_1 && has(vk::EXT_MEMORY_BUDGET_NAME),
+            external_memory_fd: api >= vk::API_VERSION_1_1 && has(vk::KHR_EXTERNAL_MEMORY_FD_NAME),
+            external_memory_host: api >= vk::API_VERSION_1_1 && has(vk::EXT_EXTERNAL_MEMORY_HOST_NAME),
+            pci_bus_id,
             device_local_heaps,
         })
     }
@@ -353,6 +376,72 @@ mod tests {
         }
     }
 
+    /// Host mappings copied to and from blocks: through the block's mapping (lavapipe's device
+    /// memory is host-visible), and with staging forced (a discrete GPU's case) by importing
+    /// the host pages where the driver has `VK_EXT_external_memory_host`, else by staging.
+    #[test]
+    fn host_mappings_copy_to_and_from_blocks_by_mapping_import_or_staging() {
+        const MIB: u64 = 1 << 20;
+        let instance = VulkanInstance::new(None).expect("a Vulkan loader and driver (lavapipe) are installed");
+        for access in [HostAccess::Auto, HostAccess::Staged] {
+            let dev = VulkanDevice::open(&instance, 0, access).expect("open");
+            let want = match (dev.blocks_mapped(), dev.imports_host_memory()) {
+                (true, _) => HostPath::Mapped,
+                (false, true) => HostPath::Imported,
+                (false, false) => HostPath::Staged,
+            };
+            let host = crate::HostMapping::new(24 * MIB, 4096, false).expect("host mapping");
+            let block = dev.alloc(24 * MIB).expect("block");
+            // An unaligned host range over more than one staging step.
+            let len = 20 * MIB + 5;
+            let data = pattern(len as usize, 5);
+            host.write(4097, &data).expect("host write");
+            let path = copy_host(&block, 100, &host, 4097, len, HostCopy::ToDevice).expect("to device");
+            eprintln!("{access:?}: {path:?}");
+            assert_eq!(path, want, "{access:?}");
+            let mut back = vec![0; len as usize];
+            block.read(100, &mut back).expect("read");
+            assert!(back == data, "{access:?}: the block holds the host bytes");
+            host.fill(0, 24 * MIB, 0).expect("clear");
+            let path = copy_host(&block, 100, &host, 8191, len, HostCopy::ToHost).expect("to host");
+            assert_eq!(path, want, "{access:?}");
+            host.read(8191, &mut back).expect("host read");
+            assert!(back == data, "{access:?}: the host holds the block's bytes");
+            let e = copy_host(&block, 0, &host, 24 * MIB - 1, 2, HostCopy::ToHost).expect_err("past the host end");
+            assert!(matches!(e, VulkanError::OutOfBounds { .. }), "{e:?}");
+            let e = copy_host(&block, 24 * MIB - 1, &host, 0, 2, HostCopy::ToDevice).expect_err("past the block end");
+            assert!(matches!(e, VulkanError::OutOfBounds { .. }), "{e:?}");
+        }
+    }
+
+    /// A block exported as an opaque fd and imported by a second device object (as another
+    /// process would): both see the same bytes, written on either side.
+    #[test]
+    fn blocks_export_as_opaque_fds_that_another_device_imports() {
+        const MIB: u64 = 1 << 20;
+        let instance = VulkanInstance::new(None).expect("a Vulkan loader and driver (lavapipe) are installed");
+        let owner = VulkanDevice::open(&instance, 0, HostAccess::Staged).expect("open");
+        owner.export_support().expect("lavapipe exports opaque fds");
+        let other = VulkanDevice::open(&instance, 0, HostAccess::Staged).expect("open a second device object");
+        let block = owner.alloc(3 * MIB).expect("block");
+        let data = pattern(MIB as usize, 11);
+        block.write(MIB, &data).expect("write");
+        let exported = block.export().expect("export");
+        assert!(exported.allocation_bytes >= 3 * MIB);
+        let before = owner.own_bytes();
+        let imported = other.import_fd(exported, 3 * MIB).expect("import");
+        let mut back = vec![0; data.len()];
+        imported.read(MIB, &mut back).expect("read the import");
+        assert!(back == data, "the import sees the owner's bytes");
+        imported.write(0, &data[..4096]).expect("write through the import");
+        block.read(0, &mut back[..4096]).expect("read the owner");
+        assert!(back[..4096] == data[..4096], "the owner sees the import's bytes");
+        assert_eq!(other.own_bytes(), 0, "an import is not counted as the importer's own");
+        assert_eq!(owner.own_bytes(), before);
+        let e = other.import_fd(block.export().expect("export"), 4 * MIB).expect_err("larger than the allocation");
+        assert!(matches!(e, VulkanError::InvalidArgument(_)), "{e:?}");
+    }
+
     #[test]
     fn uuids_print_like_nvidia_smi() {
         let info = PhysicalDeviceInfo {
@@ -366,6 +455,9 @@ mod tests {
             api_version: "1.3.0".into(),
             uuid: [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8],
             memory_budget: false,
+            external_memory_fd: false,
+            external_memory_host: false,
+            pci_bus_id: None,
             device_local_heaps: vec![],
         };
         assert_eq!(info.uuid_string(), "GPU-12345678-9abc-def0-0102-030405060708");

@@ -4,14 +4,14 @@
 //! `weightsUsed` events; and a closed connection orphaning the weights it held and giving back
 //! the memory it owned.
 
-use crate::service::{AllocateRequest, Service, ServiceError};
+use crate::service::{AllocateRequest, ExportInfo, ExportVia, Service, ServiceError};
 use crate::supervisor::{Conn, PeerRequests};
 use crate::weights::holder::ConnHolder;
 use crate::weights::{HeldModel, LoadRequest, WeightStore, WeightsError};
 use futures_util::future::BoxFuture;
 use memwarden_core::DeviceId;
 use memwarden_protocol::{
-    codes, Action, Event, LoadWeights, ModelRef, PeerAllocate, PeerFree, Reply, Request, DEFAULT_PRIORITY,
+    codes, Action, Event, LoadWeights, ModelRef, PeerAllocate, PeerExport, PeerFree, Reply, Request, DEFAULT_PRIORITY,
 };
 use serde_json::{json, Value};
 use std::os::fd::OwnedFd;
@@ -103,6 +103,16 @@ impl WeightsPeer {
                     Err(e) => (Reply::err(id, codes::INTERNAL, e.to_string()), Vec::new()),
                 }
             }
+            Action::Export => {
+                let service = service.clone();
+                // May wait for a defragmentation batch that is moving the allocation.
+                let via = if conn.carries_fds { ExportVia::Socket } else { ExportVia::Http };
+                match tokio::task::spawn_blocking(move || export_for(&service, &r, via)).await {
+                    Ok(Ok((data, fds))) => (Reply::ok(id, data), fds),
+                    Ok(Err((code, message))) => (Reply::err(id, code, message), Vec::new()),
+                    Err(e) => (Reply::err(id, codes::INTERNAL, e.to_string()), Vec::new()),
+                }
+            }
             other => (Reply::err(id, codes::NOT_SUPPORTED, format!("`{other}` is not a peer request")), Vec::new()),
         }
     }
@@ -150,6 +160,20 @@ fn free_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
     }
     let freed = service.free(&body.allocation_id).map_err(service_error)?;
     Ok(json!({"allocationId": body.allocation_id, "freedBytes": freed.allocated_bytes}))
+}
+
+/// `export`: the REST route's answer, and for Vulkan memory its opaque fd with the reply.
+/// A peer whose connection cannot carry descriptors (`via` = `Http`) is refused Vulkan memory.
+fn export_for(service: &Service, r: &Request, via: ExportVia) -> Result<(Value, Vec<OwnedFd>), (&'static str, String)> {
+    let body: PeerExport = r.data_as().map_err(|e| (e.code, e.message))?;
+    let info = service.export(&body.allocation_id, via).map_err(service_error)?;
+    let data = serde_json::to_value(crate::api::dto::export_dto(&body.allocation_id, &info))
+        .map_err(|e| (codes::INTERNAL, e.to_string()))?;
+    let fds = match info {
+        ExportInfo::VulkanFd { memory, .. } => vec![memory.fd],
+        ExportInfo::CudaIpc { .. } | ExportInfo::Shm { .. } => Vec::new(),
+    };
+    Ok((data, fds))
 }
 
 /// Gives back what a closed connection owned (off the runtime: a free may wait for a move);

@@ -107,8 +107,12 @@ pub struct ClearDto {
 #[serde(rename_all = "camelCase")]
 pub struct ExportDto {
     pub allocation_id: String,
-    /// `cudaIpc` (device memory: open `ipcHandle` with cudaIpcOpenMemHandle, add `offset`) or
-    /// `shm` (host memory: map the file at `path`, add `offset`).
+    /// `cudaIpc` (device memory: open `ipcHandle` with cudaIpcOpenMemHandle, add `offset`),
+    /// `shm` (host memory: map the file at `path`, add `offset`) or `vulkanOpaqueFd` (Vulkan
+    /// memory, only over the Unix socket: the descriptor travels with the reply; import it with
+    /// `VkImportMemoryFdInfoKHR` on the device whose UUID is `deviceUuid`, with
+    /// `allocationSize` = `allocationBytes` and `memoryTypeIndex`, a dedicated allocation when
+    /// `dedicated`, and add `offset`).
     pub kind: String,
     pub device_id: String,
     /// 64 bytes, hex (cudaIpc).
@@ -118,6 +122,19 @@ pub struct ExportDto {
     /// Offset of the allocation inside what the handle or file maps.
     pub offset: u64,
     pub size_bytes: u64,
+    /// vulkanOpaqueFd: the exported allocation's size, the importer's `allocationSize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_bytes: Option<u64>,
+    /// vulkanOpaqueFd: the importer's `memoryTypeIndex`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_type_index: Option<u32>,
+    /// vulkanOpaqueFd: whether the import must be a dedicated allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedicated: Option<bool>,
+    /// vulkanOpaqueFd: the physical device's UUID (`VkPhysicalDeviceIDProperties::deviceUUID`,
+    /// printed like nvidia-smi's), to pick the same device in the importing process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_uuid: Option<String>,
 }
 
 /// `GET /api/memory/allocations/{id}/data`: bytes of an allocation.

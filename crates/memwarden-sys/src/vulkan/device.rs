@@ -4,7 +4,9 @@
 //! block is dropped).
 
 use super::{HeapReading, HostAccess, PhysicalDeviceInfo, VulkanError, VulkanInstance};
+use crate::HostMapping;
 use ash::vk;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,10 +51,42 @@ pub struct VulkanDevice {
     staging_type: Option<u32>,
     /// `VkPhysicalDeviceMaintenance3Properties::maxMemoryAllocationSize`.
     max_allocation_bytes: u64,
+    /// `VK_KHR_external_memory_fd`, when blocks are allocated exportable as opaque fds.
+    export: Option<Export>,
+    /// `VK_EXT_external_memory_host` and its `minImportedHostPointerAlignment`: host blocks are
+    /// imported for a copy instead of staged.
+    host_import: Option<(ash::ext::external_memory_host::Device, u64)>,
     submitter: Mutex<Submitter>,
     next_address: AtomicU64,
     /// Bytes of blocks this process holds on the device now.
     own_bytes: AtomicU64,
+}
+
+/// How blocks are made exportable (`VK_KHR_external_memory_fd`, opaque fds).
+struct Export {
+    fd: ash::khr::external_memory_fd::Device,
+    /// The driver wants a dedicated allocation for exportable buffers.
+    dedicated: bool,
+}
+
+/// A block exported as an opaque fd: what another process needs to import it
+/// (`VkImportMemoryFdInfoKHR` with `allocationSize` and `memoryTypeIndex` as given here, on the
+/// physical device with the same UUID).
+#[derive(Debug)]
+pub struct ExportedMemory {
+    pub fd: OwnedFd,
+    /// The exported allocation's size (the importer must pass exactly this).
+    pub allocation_bytes: u64,
+    pub memory_type_index: u32,
+    /// The importer must make a dedicated allocation (`VkMemoryDedicatedAllocateInfo`).
+    pub dedicated: bool,
+}
+
+/// Which way a copy between a host mapping and a block goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCopy {
+    ToDevice,
+    ToHost,
 }
 
 impl std::fmt::Debug for VulkanDevice {
@@ -96,16 +130,38 @@ impl VulkanDevice {
             as u32;
         let priorities = [1.0f32];
         let queues = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
-        let extensions = if info.memory_budget { vec![vk::EXT_MEMORY_BUDGET_NAME.as_ptr()] } else { vec![] };
+        let mut extensions = vec![];
+        for (on, name) in [
+            (info.memory_budget, vk::EXT_MEMORY_BUDGET_NAME),
+            (info.external_memory_fd, vk::KHR_EXTERNAL_MEMORY_FD_NAME),
+            (info.external_memory_host, vk::EXT_EXTERNAL_MEMORY_HOST_NAME),
+        ] {
+            if on {
+                extensions.push(name.as_ptr());
+            }
+        }
         let create = vk::DeviceCreateInfo::default().queue_create_infos(&queues).enabled_extension_names(&extensions);
         // SAFETY: the create info and its arrays live for the call; the extension was listed as
         // supported; the device is destroyed in Drop.
         let device = unsafe { raw.create_device(pd, &create, None) }
             .map_err(|e| VulkanError::from_vk("vkCreateDevice", 0, e))?;
         let mut maintenance3 = vk::PhysicalDeviceMaintenance3Properties::default();
+        let mut host_props = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
         let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut maintenance3);
-        // SAFETY: Maintenance3 properties are core in 1.1, which every listed device has here.
+        if info.external_memory_host {
+            p2 = p2.push_next(&mut host_props);
+        }
+        // SAFETY: Maintenance3 properties are core in 1.1, which every listed device has here;
+        // the host-memory properties only when the device has that extension.
         unsafe { raw.get_physical_device_properties2(pd, &mut p2) };
+        let host_import = info.external_memory_host.then(|| {
+            (
+                ash::ext::external_memory_host::Device::new(raw, &device),
+                host_props.min_imported_host_pointer_alignment.max(1),
+            )
+        });
+        let export = Self::exportable(raw, pd, &info)
+            .map(|dedicated| Export { fd: ash::khr::external_memory_fd::Device::new(raw, &device), dedicated });
         // From here on Drop cleans up whatever was created (null handles are ignored by Vulkan).
         let mut dev = VulkanDevice {
             instance: instance.clone(),
@@ -116,6 +172,8 @@ impl VulkanDevice {
             block_mapped: false,
             staging_type: None,
             max_allocation_bytes: maintenance3.max_memory_allocation_size,
+            export,
+            host_import,
             submitter: Mutex::new(Submitter {
                 queue: vk::Queue::null(),
                 pool: vk::CommandPool::null(),
@@ -190,6 +248,40 @@ impl VulkanDevice {
         Ok(())
     }
 
+    /// Whether transfer buffers can be exported as opaque fds here: `Some(dedicated)` (the
+    /// driver wants a dedicated allocation), `None` (no `VK_KHR_external_memory_fd`, or the
+    /// driver cannot export such buffers).
+    fn exportable(raw: &ash::Instance, pd: vk::PhysicalDevice, info: &PhysicalDeviceInfo) -> Option<bool> {
+        if !info.external_memory_fd {
+            return None;
+        }
+        let query = vk::PhysicalDeviceExternalBufferInfo::default()
+            .usage(Self::usage())
+            .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
+        let mut out = vk::ExternalBufferProperties::default();
+        // SAFETY: a plain query (core in 1.1) with structures living for the call.
+        unsafe { raw.get_physical_device_external_buffer_properties(pd, &query, &mut out) };
+        let features = out.external_memory_properties.external_memory_features;
+        features
+            .contains(vk::ExternalMemoryFeatureFlags::EXPORTABLE | vk::ExternalMemoryFeatureFlags::IMPORTABLE)
+            .then(|| features.contains(vk::ExternalMemoryFeatureFlags::DEDICATED_ONLY))
+    }
+
+    /// Whether blocks are exported as opaque fds (`VK_KHR_external_memory_fd`), and if not why.
+    pub fn export_support(&self) -> Result<(), String> {
+        match (&self.export, self.info.external_memory_fd) {
+            (Some(_), _) => Ok(()),
+            (None, false) => Err(format!("{} has no VK_KHR_external_memory_fd", self.info.name)),
+            (None, true) => Err(format!("{}'s driver cannot export transfer buffers as opaque fds", self.info.name)),
+        }
+    }
+
+    /// Whether copies to and from host blocks import the host memory
+    /// (`VK_EXT_external_memory_host`) instead of staging it.
+    pub fn imports_host_memory(&self) -> bool {
+        self.host_import.is_some()
+    }
+
     fn usage() -> vk::BufferUsageFlags {
         vk::BufferUsageFlags::TRANSFER_SRC | vk::BufferUsageFlags::TRANSFER_DST
     }
@@ -257,7 +349,12 @@ impl VulkanDevice {
             )));
         }
         let d = &self.device;
-        let info = vk::BufferCreateInfo::default().size(bytes).usage(Self::usage());
+        let handle_types = vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD;
+        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle_types);
+        let mut info = vk::BufferCreateInfo::default().size(bytes).usage(Self::usage());
+        if self.export.is_some() {
+            info = info.push_next(&mut external);
+        }
         // SAFETY: the buffer is owned by the DeviceMemory built right after, whose Drop destroys it.
         let buffer =
             unsafe { d.create_buffer(&info, None) }.map_err(|e| VulkanError::from_vk("vkCreateBuffer", bytes, e))?;
@@ -279,7 +376,16 @@ impl VulkanDevice {
                     result: "the block memory type cannot hold this buffer".into(),
                 });
             }
-            let alloc = vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(self.block_type);
+            let mut export = vk::ExportMemoryAllocateInfo::default().handle_types(handle_types);
+            let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().buffer(buffer);
+            let mut alloc =
+                vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(self.block_type);
+            if let Some(e) = &self.export {
+                alloc = alloc.push_next(&mut export);
+                if e.dedicated {
+                    alloc = alloc.push_next(&mut dedicated);
+                }
+            }
             block.memory =
                 d.allocate_memory(&alloc, None).map_err(|e| VulkanError::from_vk("vkAllocateMemory", bytes, e))?;
             block.accounted = req.size;
@@ -417,6 +523,203 @@ impl VulkanDevice {
     }
 }
 
+/// Host pages imported for one copy (`VK_EXT_external_memory_host`), with a transfer buffer
+/// over them; released on drop (after the copy was waited for).
+struct HostImport<'a> {
+    device: &'a ash::Device,
+    buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+}
+
+impl Drop for HostImport<'_> {
+    fn drop(&mut self) {
+        // SAFETY: nothing is in flight on the buffer (its copy was waited for); null handles
+        // are ignored.
+        unsafe {
+            self.device.destroy_buffer(self.buffer, None);
+            self.device.free_memory(self.memory, None);
+        }
+    }
+}
+
+impl VulkanDevice {
+    /// Imports the host pages under `host`'s bytes `offset..offset + len`, widened to the
+    /// driver's import alignment (and refused if that leaves the mapping): the buffer, and
+    /// where `offset` lies in it.
+    fn import_host(&self, host: &HostMapping, offset: u64, len: u64) -> Result<(HostImport<'_>, u64), VulkanError> {
+        let (ext, align) = self.host_import.as_ref().ok_or_else(|| {
+            VulkanError::Unavailable(format!("{} has no VK_EXT_external_memory_host", self.info.name))
+        })?;
+        let start = host.address() + offset;
+        let base = start / align * align;
+        let end = (start + len).div_ceil(*align) * align;
+        if base < host.address() || end > host.address() + host.len_bytes() {
+            return Err(VulkanError::InvalidArgument(format!(
+                "the host range widened to the import alignment ({align} bytes) leaves its mapping"
+            )));
+        }
+        let size = end - base;
+        let handle = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
+        let d = &self.device;
+        let mut pointer = vk::MemoryHostPointerPropertiesEXT::default();
+        // SAFETY: `base` points into a live mapping of `host` (checked above) for the call.
+        let r = unsafe {
+            (ext.fp().get_memory_host_pointer_properties_ext)(d.handle(), handle, base as *const _, &mut pointer)
+        };
+        if r != vk::Result::SUCCESS {
+            return Err(VulkanError::from_vk("vkGetMemoryHostPointerPropertiesEXT", size, r));
+        }
+        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
+        let info = vk::BufferCreateInfo::default().size(size).usage(Self::usage()).push_next(&mut external);
+        // SAFETY: the buffer and memory are owned by the HostImport built right after, whose
+        // Drop releases them; the imported pages stay mapped by `host` for longer than the
+        // import lives (the caller borrows `host` for the copy).
+        unsafe {
+            let buffer =
+                d.create_buffer(&info, None).map_err(|e| VulkanError::from_vk("vkCreateBuffer (import)", size, e))?;
+            let mut import = HostImport { device: d, buffer, memory: vk::DeviceMemory::null() };
+            let req = d.get_buffer_memory_requirements(buffer);
+            let bits = req.memory_type_bits & pointer.memory_type_bits;
+            if bits == 0 || req.size > size {
+                return Err(VulkanError::InvalidArgument("no memory type can import these host pages".into()));
+            }
+            let mut from =
+                vk::ImportMemoryHostPointerInfoEXT::default().handle_type(handle).host_pointer(base as *mut _);
+            let alloc = vk::MemoryAllocateInfo::default()
+                .allocation_size(size)
+                .memory_type_index(bits.trailing_zeros())
+                .push_next(&mut from);
+            import.memory = d
+                .allocate_memory(&alloc, None)
+                .map_err(|e| VulkanError::from_vk("vkAllocateMemory (host import)", size, e))?;
+            d.bind_buffer_memory(buffer, import.memory, 0)
+                .map_err(|e| VulkanError::from_vk("vkBindBufferMemory (import)", size, e))?;
+            Ok((import, start - base))
+        }
+    }
+
+    /// Imports a block exported as an opaque fd ([`DeviceMemory::export`], maybe by another
+    /// process) on this device (the same physical device: same UUID), with a transfer buffer
+    /// of `len_bytes` over it. Vulkan owns the descriptor once this succeeds; on an error it is
+    /// closed. The imported memory is not counted in [`VulkanDevice::own_bytes`].
+    pub fn import_fd(self: &Arc<Self>, exported: ExportedMemory, len_bytes: u64) -> Result<DeviceMemory, VulkanError> {
+        self.export_support().map_err(VulkanError::Unavailable)?;
+        if len_bytes == 0 || len_bytes > exported.allocation_bytes {
+            return Err(VulkanError::InvalidArgument(format!(
+                "a buffer of {len_bytes} bytes over an allocation of {}",
+                exported.allocation_bytes
+            )));
+        }
+        let d = &self.device;
+        let handle = vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD;
+        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
+        let info = vk::BufferCreateInfo::default().size(len_bytes).usage(Self::usage()).push_next(&mut external);
+        // SAFETY: the buffer is owned by the DeviceMemory built right after, whose Drop
+        // destroys it and frees the imported memory.
+        let buffer = unsafe { d.create_buffer(&info, None) }
+            .map_err(|e| VulkanError::from_vk("vkCreateBuffer (import)", len_bytes, e))?;
+        let mut block = DeviceMemory {
+            device: self.clone(),
+            buffer,
+            memory: vk::DeviceMemory::null(),
+            ptr: None,
+            len: len_bytes,
+            accounted: 0,
+            address: 0,
+        };
+        let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&exported.fd);
+        let mut from = vk::ImportMemoryFdInfoKHR::default().handle_type(handle).fd(raw_fd);
+        let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().buffer(buffer);
+        let mut alloc = vk::MemoryAllocateInfo::default()
+            .allocation_size(exported.allocation_bytes)
+            .memory_type_index(exported.memory_type_index)
+            .push_next(&mut from);
+        if exported.dedicated {
+            alloc = alloc.push_next(&mut dedicated);
+        }
+        // SAFETY: the fd is open for the call; on success the driver owns it (so it is not
+        // closed here), on failure it is still ours and closed by `exported`'s drop.
+        unsafe {
+            block.memory = d
+                .allocate_memory(&alloc, None)
+                .map_err(|e| VulkanError::from_vk("vkAllocateMemory (fd import)", len_bytes, e))?;
+            let _owned_by_vulkan = exported.fd.into_raw_fd();
+            d.bind_buffer_memory(buffer, block.memory, 0)
+                .map_err(|e| VulkanError::from_vk("vkBindBufferMemory (fd import)", len_bytes, e))?;
+            if self.block_mapped && exported.memory_type_index == self.block_type {
+                let p = d
+                    .map_memory(block.memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty())
+                    .map_err(|e| VulkanError::from_vk("vkMapMemory", len_bytes, e))?;
+                block.ptr = NonNull::new(p.cast());
+            }
+        }
+        Ok(block)
+    }
+}
+
+/// Which way [`copy_host`] moved the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPath {
+    /// `memcpy` through the block's mapping (host-visible device memory).
+    Mapped,
+    /// The device's copy engine on the imported host pages (`VK_EXT_external_memory_host`).
+    Imported,
+    /// Through the staging buffer (no import: the driver lacks it or refused these pages).
+    Staged,
+}
+
+/// Copies `len` bytes between `host` at `host_offset` and `block` at `block_offset` (`dir`
+/// says which way) and waits for them. Host-visible blocks take a `memcpy`; otherwise the host
+/// pages are imported for the copy so the copy engine reads or writes them directly, with one
+/// `vkCmdCopyBuffer` and no staging copy; where the import is refused, the staging buffer.
+/// Both ranges are checked before any byte moves.
+pub fn copy_host(
+    block: &DeviceMemory,
+    block_offset: u64,
+    host: &HostMapping,
+    host_offset: u64,
+    len: u64,
+    dir: HostCopy,
+) -> Result<HostPath, VulkanError> {
+    block.check(block_offset, len)?;
+    let at = host.check(host_offset, len).map_err(|_| VulkanError::OutOfBounds {
+        offset_bytes: host_offset,
+        len_bytes: len,
+        block_bytes: host.len_bytes(),
+    })?;
+    if len == 0 {
+        return Ok(HostPath::Mapped);
+    }
+    let dev = &block.device;
+    if block.ptr.is_none() && dev.host_import.is_some() {
+        if let Ok((import, offset)) = dev.import_host(host, host_offset, len) {
+            let (src, dst, region) = match dir {
+                HostCopy::ToDevice => {
+                    (import.buffer, block.buffer, vk::BufferCopy::default().src_offset(offset).dst_offset(block_offset))
+                }
+                HostCopy::ToHost => {
+                    (block.buffer, import.buffer, vk::BufferCopy::default().src_offset(block_offset).dst_offset(offset))
+                }
+            };
+            let region = [region.size(len)];
+            let mut s = dev.lock();
+            // SAFETY: both buffers are live for the call and the ranges were checked; `run`
+            // waits for the copy, so the import outlives it.
+            dev.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, src, dst, &region) })?;
+            return Ok(HostPath::Imported);
+        }
+    }
+    // SAFETY: `at..at + len` was bounds-checked inside the live mapping, which `host` keeps
+    // mapped for the borrow; the caller does not let the range change meanwhile (the daemon
+    // marks both allocations busy for a copy).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(host.ptr.as_ptr().add(at), len as usize) };
+    match dir {
+        HostCopy::ToDevice => block.write(block_offset, bytes)?,
+        HostCopy::ToHost => block.read(block_offset, bytes)?,
+    }
+    Ok(if block.ptr.is_some() { HostPath::Mapped } else { HostPath::Staged })
+}
+
 impl Drop for VulkanDevice {
     fn drop(&mut self) {
         let s = self.submitter.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -485,6 +788,29 @@ impl DeviceMemory {
             Some(end) if end <= self.len => Ok(()),
             _ => Err(VulkanError::OutOfBounds { offset_bytes: offset, len_bytes: len, block_bytes: self.len }),
         }
+    }
+
+    /// A new opaque fd of this block's memory (`VK_KHR_external_memory_fd`) for another
+    /// process to import ([`VulkanDevice::import_fd`]); each call gives a new descriptor.
+    pub fn export(&self) -> Result<ExportedMemory, VulkanError> {
+        let e = self
+            .device
+            .export
+            .as_ref()
+            .ok_or_else(|| VulkanError::Unavailable(self.device.export_support().err().unwrap_or_default()))?;
+        let info = vk::MemoryGetFdInfoKHR::default()
+            .memory(self.memory)
+            .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
+        // SAFETY: the memory is live and was allocated exportable as opaque fds (export is
+        // Some only then); the fd returned is new and owned by the caller.
+        let fd = unsafe { e.fd.get_memory_fd(&info) }.map_err(|r| VulkanError::from_vk("vkGetMemoryFdKHR", 0, r))?;
+        Ok(ExportedMemory {
+            // SAFETY: a new descriptor nobody else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            allocation_bytes: self.accounted,
+            memory_type_index: self.device.block_type,
+            dedicated: e.dedicated,
+        })
     }
 
     /// Copies host bytes into the block: through its mapping, or a staging buffer.

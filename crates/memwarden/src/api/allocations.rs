@@ -4,7 +4,7 @@
 use super::dto::*;
 use super::envelope::{ApiError, ApiJson, ApiResponse, Data, NoBody};
 use super::{blocking, query_u64, ApiResult, AppState, MAX_DATA_BYTES};
-use crate::service::{AllocateRequest, AllocationFilter, ListPosition, DEFAULT_ALIGNMENT_BYTES};
+use crate::service::{AllocateRequest, AllocationFilter, ExportVia, ListPosition, DEFAULT_ALIGNMENT_BYTES};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -280,7 +280,7 @@ pub async fn clear_device(
     post, path = "/api/memory/allocations/{allocationId}/export", params(("allocationId" = String, Path)),
     responses(
         (status = 200, body = ApiResponse<ExportDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"),
-        (status = 400, description = "INVALID_ARGUMENT (a reservation)"), (status = 409, description = "INVALID_OPERATION (memory that cannot be shared)")
+        (status = 400, description = "INVALID_ARGUMENT (a reservation)"), (status = 409, description = "INVALID_OPERATION (memory that cannot be shared, or Vulkan memory, which only the Unix socket exports)")
     )
 )]
 pub async fn export(
@@ -289,7 +289,7 @@ pub async fn export(
     _: NoBody,
 ) -> ApiResult<ExportDto> {
     // May wait for a defragmentation batch that is moving this allocation.
-    let info = blocking(|| state.service.export(&allocation_id))?;
+    let info = blocking(|| state.service.export(&allocation_id, ExportVia::Http))?;
     Ok(Data(export_dto(&allocation_id, &info)))
 }
 

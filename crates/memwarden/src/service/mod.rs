@@ -21,7 +21,7 @@ pub use defrag::{BlockDump, CanAllocate, DefragReport, PoolDump, RangeView};
 pub use device::Fit;
 pub use quota::{OwnerUsage, OwnersReport, QuotaUse};
 
-pub use transfer::{ExportInfo, TransferRecord, TransferRequest, TransferStatus, TransferTarget};
+pub use transfer::{ExportInfo, ExportVia, TransferRecord, TransferRequest, TransferStatus, TransferTarget};
 
 pub use device::Limits;
 use device::{AllocFailure, Device};

@@ -431,7 +431,7 @@ fn defragmentation_keeps_every_byte() {
         }
     }
     let exported = &kept[1].1;
-    s.export(&exported.id).expect("export pins it");
+    s.export(&exported.id, ExportVia::Http).expect("export pins it");
     let before: Vec<_> = kept.iter().map(|(_, a)| s.allocation(&a.id).expect("live")).collect();
     let opts = memwarden_core::defrag::DefragOptions {
         strategy: memwarden_core::defrag::Strategy::Thorough,

@@ -109,10 +109,37 @@ pub(crate) struct Transfers {
 }
 
 /// What another process needs to map an allocation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum ExportInfo {
-    CudaIpc { device: DeviceId, handle: [u8; 64], offset: u64, size_bytes: u64 },
-    Shm { path: String, offset: u64, size_bytes: u64 },
+    CudaIpc {
+        device: DeviceId,
+        handle: [u8; 64],
+        offset: u64,
+        size_bytes: u64,
+    },
+    Shm {
+        path: String,
+        offset: u64,
+        size_bytes: u64,
+    },
+    /// A Vulkan allocation's opaque fd: only [`ExportVia::Socket`] can hand it over.
+    VulkanFd {
+        device: DeviceId,
+        /// The physical device's UUID, for the importer to find it.
+        device_uuid: String,
+        memory: memwarden_sys::vulkan::ExportedMemory,
+        offset: u64,
+        size_bytes: u64,
+    },
+}
+
+/// How an export reaches the other process: what it can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportVia {
+    /// An HTTP answer: names and bytes, no file descriptors.
+    Http,
+    /// A protocol-v2 reply on the Unix socket, which carries descriptors (`SCM_RIGHTS`).
+    Socket,
 }
 
 /// One side of a copy, resolved to memory.
@@ -373,7 +400,7 @@ impl Service {
     /// What another process needs to map an allocation. The allocation is marked exported and
     /// will never be moved (marked first, so a defragmentation pass cannot move it between
     /// reading its place and handing the place out).
-    pub fn export(&self, allocation_id: &str) -> Result<ExportInfo, ServiceError> {
+    pub fn export(&self, allocation_id: &str, via: ExportVia) -> Result<ExportInfo, ServiceError> {
         let (record, was) = {
             let mut ledger = self.ledger_settled(&[allocation_id]);
             let r = ledger
@@ -394,6 +421,13 @@ impl Service {
             let e = side.block.export().map_err(|e| {
                 ServiceError::InvalidOperation(format!("allocation '{allocation_id}' cannot be exported: {e}"))
             })?;
+            if matches!(e, BlockExport::VulkanFd(_)) && via == ExportVia::Http {
+                return Err(ServiceError::InvalidOperation(format!(
+                    "allocation '{allocation_id}' is {} memory, exported as an opaque file descriptor, which HTTP \
+                     cannot carry: ask over the Unix socket (protocol v2 `export`; Python `Client.export`)",
+                    record.device
+                )));
+            }
             Ok((side.base, e))
         });
         let (base, export) = match exported {
@@ -417,6 +451,20 @@ impl Service {
             BlockExport::Shm { path } => {
                 ExportInfo::Shm { path: path.display().to_string(), offset: base, size_bytes: record.size_bytes }
             }
+            BlockExport::VulkanFd(memory) => ExportInfo::VulkanFd {
+                device: record.device,
+                device_uuid: self
+                    .device_or_404(record.device)?
+                    .backend
+                    .info()
+                    .gpu
+                    .as_ref()
+                    .map(|g| g.uuid.clone())
+                    .unwrap_or_default(),
+                memory,
+                offset: base,
+                size_bytes: record.size_bytes,
+            },
         })
     }
 

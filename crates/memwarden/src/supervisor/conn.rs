@@ -353,7 +353,12 @@ fn serve_request(conn: &Arc<Conn>, r: Request, peer: Option<Arc<dyn PeerRequests
             (Action::Ping, _) => (Reply::ok(r.request_id, serde_json::json!({"pong": true})), Vec::new()),
             (Action::Register, _) => (conn.register(&r), Vec::new()),
             (
-                Action::LoadWeights | Action::ReleaseWeights | Action::ResumeWeights | Action::Allocate | Action::Free,
+                Action::LoadWeights
+                | Action::ReleaseWeights
+                | Action::ResumeWeights
+                | Action::Allocate
+                | Action::Free
+                | Action::Export,
                 Some(p),
             ) => p.handle(conn.clone(), r).await,
             (action, _) => (
