@@ -23,7 +23,7 @@ pub enum NvidiaOwner {
 }
 
 /// What Vulkan discovery reads from the configuration (`[vulkan]`).
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VulkanOptions {
     pub enabled: bool,
     /// Serve software drivers (lavapipe: `VK_PHYSICAL_DEVICE_TYPE_CPU`) too.
@@ -33,6 +33,21 @@ pub struct VulkanOptions {
     pub loader: Option<PathBuf>,
     /// How the host reads and writes blocks (tests force the staging path).
     pub host_access: HostAccess,
+    /// Import host blocks for copies (`VK_EXT_external_memory_host`) where the driver can.
+    pub host_import: bool,
+}
+
+impl Default for VulkanOptions {
+    fn default() -> Self {
+        VulkanOptions {
+            enabled: false,
+            include_software: false,
+            nvidia: NvidiaOwner::Cuda,
+            loader: None,
+            host_access: HostAccess::Auto,
+            host_import: true,
+        }
+    }
 }
 
 /// A physical device chosen to be served, and the CUDA device it takes over, if any.
@@ -94,6 +109,9 @@ pub fn discover(
         .map(|(n, c)| {
             let device = VulkanDevice::open(&instance, c.info.index, options.host_access)
                 .map_err(|e| format!("vulkan:{n} ({}): {e}", c.info.name))?;
+            if !options.host_import {
+                device.disable_host_import();
+            }
             Ok(VulkanBackend::new(n as u32, device, c.cuda_twin))
         })
         .collect::<Result<Vec<_>, String>>()?;

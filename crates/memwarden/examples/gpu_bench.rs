@@ -5,6 +5,10 @@
 //! - peer copies when there are two GPUs.
 //!
 //!   cargo run --release --example gpu_bench [MAX_SIZE_BYTES]
+//!
+//! `MEMWARDEN_BENCH_DEVICE=vulkan:0` measures the Vulkan backend instead (`vulkan.nvidia =
+//! "vulkan"`, so an NVIDIA GPU is served by Vulkan); `MEMWARDEN_BENCH_VULKAN_IMPORT=0` then
+//! turns host import off (`vulkan.host_import = false`: copies through the staging buffer).
 use memwarden::config::Config;
 use memwarden::service::{AllocateRequest, Service, TransferRequest, TransferTarget};
 use memwarden_core::MemoryKind;
@@ -52,32 +56,39 @@ fn time_copy(s: &Arc<Service>, src: &str, dst: &str, size: u64) -> f64 {
 
 fn main() {
     let max: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(4 << 30);
+    let dev = std::env::var("MEMWARDEN_BENCH_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    let dev = dev.as_str();
+    let api = dev.split(':').next().unwrap_or("cuda").to_string() + ":";
     let mut config = Config::default();
     config.transfer.sync_max_bytes = u64::MAX;
+    if api == "vulkan:" {
+        config.vulkan.nvidia = memwarden::config::NvidiaOwner::Vulkan;
+        config.vulkan.host_import = std::env::var("MEMWARDEN_BENCH_VULKAN_IMPORT").as_deref() != Ok("0");
+    }
     let s = Arc::new(Service::from_config(&config));
-    let gpus: Vec<String> = s.device_ids().iter().map(|d| d.to_string()).filter(|d| d.starts_with("cuda:")).collect();
-    assert!(!gpus.is_empty(), "no GPU: {:?}", s.backends());
-    let st = s.status(memwarden_core::DeviceId::cuda(0)).expect("status");
-    println!("device cuda:0 {} ({} GPU(s))", st.name, gpus.len());
+    let gpus: Vec<String> = s.device_ids().iter().map(|d| d.to_string()).filter(|d| d.starts_with(&api)).collect();
+    assert!(!gpus.is_empty(), "no {api} GPU: {:?}", s.backends());
+    let st = s.status(dev.parse().expect("device id")).expect("status");
+    println!("device {dev} {} ({} GPU(s)) {:?}", st.name, gpus.len(), st.extra.get("hostAccess"));
 
     // Pool allocate + free pair through the service (validation, budget, pool, ledger, id).
-    let warm = s.allocate(req("cuda:0", 1 << 20, None)).expect("warm");
+    let warm = s.allocate(req(dev, 1 << 20, None)).expect("warm");
     s.free(&warm.id).expect("free");
     let mut batches = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
         for _ in 0..2000 {
-            let a = s.allocate(req("cuda:0", 1 << 20, None)).expect("allocate");
+            let a = s.allocate(req(dev, 1 << 20, None)).expect("allocate");
             s.free(&a.id).expect("free");
         }
         batches.push(t.elapsed().as_secs_f64() / 2000.0);
     }
-    println!("service allocate+free 1 MiB on cuda:0 (pool hit): median {:.3} us per pair", median(batches) * 1e6);
+    println!("service allocate+free 1 MiB on {dev} (pool hit): median {:.3} us per pair", median(batches) * 1e6);
 
     let pinned = s.allocate(req("cpu", max, Some(MemoryKind::Pinned))).expect("pinned host").id.clone();
     let pageable = s.allocate(req("cpu", 1 << 30, Some(MemoryKind::Host))).expect("pageable host").id.clone();
-    let a = s.allocate(req("cuda:0", max, None)).expect("device a").id.clone();
-    let b = s.allocate(req("cuda:0", max, None)).expect("device b").id.clone();
+    let a = s.allocate(req(dev, max, None)).expect("device a").id.clone();
+    let b = s.allocate(req(dev, max, None)).expect("device b").id.clone();
     println!("{:>12} {:>14} {:>14} {:>14}", "size", "H2D GB/s", "D2H GB/s", "D2D GB/s");
     let mut size = 4096u64;
     while size <= max {
@@ -95,7 +106,7 @@ fn main() {
             g as f64 / time_copy(&s, &a, &pageable, g) / 1e9
         );
     }
-    if gpus.len() >= 2 && max >= g {
+    if api == "cuda:" && gpus.len() >= 2 && max >= g {
         let c = s.allocate(req("cuda:1", g, None)).expect("device on cuda:1").id.clone();
         println!(
             "1 GiB peer cuda:0 -> cuda:1 {:.1} GB/s, cuda:1 -> cuda:0 {:.1} GB/s (peer access: {:?})",

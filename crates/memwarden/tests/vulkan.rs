@@ -186,24 +186,18 @@ fn vulkan_import_child() {
     println!("{}", json!({"hash": blake3::hash(&bytes).to_hex().to_string()}));
 }
 
-/// Issue 17: Vulkan memory exported as an opaque fd (`VK_KHR_external_memory_fd`) in a
-/// protocol-v2 reply on the Unix socket. Another process imports it and reads the bytes written
-/// over HTTP; what it writes through the import is what HTTP then reads.
-#[test]
-fn a_vulkan_allocation_exported_over_the_socket_is_mapped_by_another_process() {
-    let dir = tempdir("vk-export");
-    let socket = dir.join("mw.sock");
-    let mut config = Config::default();
-    config.vulkan.include_software = true;
-    config.workers.enabled = false;
-    config.workers.socket = socket.display().to_string();
-    let s = TestServer::start_with_workers(config);
-    let id = s.alloc_on("vulkan:0", json!({"sizeBytes": MIB}));
-    let data = random_bytes(MIB as usize, 17);
-    s.put_data(&id, 0, &data);
+/// An allocation of `size` on `device` written over HTTP, exported over the socket to another
+/// process (this binary's `vulkan_import_child`) that imports it, reads it and writes 0xa5 over
+/// its first 4 KiB: the bytes compared both ways, and the allocation marked exported.
+fn export_round_trip(s: &TestServer, socket: &Path, device: &str, size: u64) {
+    let id = s.alloc_on(device, json!({"sizeBytes": size}));
+    let data = random_bytes(size as usize, 17);
+    for (i, chunk) in data.chunks(32 * MIB as usize).enumerate() {
+        s.put_data(&id, i as u64 * 32 * MIB, chunk);
+    }
     let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
         .args(["--ignored", "--exact", "vulkan_import_child", "--nocapture", "--test-threads=1"])
-        .env("MW_VK_SOCKET", &socket)
+        .env("MW_VK_SOCKET", socket)
         .env("MW_VK_ALLOCATION", &id)
         .output()
         .expect("run the importing process");
@@ -214,9 +208,30 @@ fn a_vulkan_allocation_exported_over_the_socket_is_mapped_by_another_process() {
     let got: Value = serde_json::from_str(line).expect("json");
     assert_eq!(got["hash"], blake3::hash(&data).to_hex().to_string(), "the importer read other bytes");
     assert!(s.get_data(&id, 0, 4096) == vec![0xa5; 4096], "the importer's write is not in the allocation");
-    assert!(s.get_data(&id, 4096, MIB - 4096) == data[4096..], "bytes past the importer's write changed");
+    assert!(s.get_data(&id, 4096, MIB - 4096) == data[4096..MIB as usize], "bytes past the importer's write changed");
     let (_, rec) = s.call("GET", &format!("/api/memory/allocation/{id}"), None);
     assert_eq!(rec["data"]["exported"], true, "an exported allocation is never moved: {rec}");
+    assert_eq!(s.call("DELETE", &format!("/api/memory/allocations/{id}"), None).0, 200);
+}
+
+/// A daemon with its client socket at `socket` and `config`'s Vulkan settings.
+fn with_socket(mut config: Config, socket: &Path) -> TestServer {
+    config.workers.enabled = false;
+    config.workers.socket = socket.display().to_string();
+    TestServer::start_with_workers(config)
+}
+
+/// Issue 17: Vulkan memory exported as an opaque fd (`VK_KHR_external_memory_fd`) in a
+/// protocol-v2 reply on the Unix socket. Another process imports it and reads the bytes written
+/// over HTTP; what it writes through the import is what HTTP then reads.
+#[test]
+fn a_vulkan_allocation_exported_over_the_socket_is_mapped_by_another_process() {
+    let dir = tempdir("vk-export");
+    let socket = dir.join("mw.sock");
+    let mut config = Config::default();
+    config.vulkan.include_software = true;
+    let s = with_socket(config, &socket);
+    export_round_trip(&s, &socket, "vulkan:0", MIB);
     // An unknown allocation is refused over the socket as over HTTP.
     let (reply, fds) = export_over_socket(&socket, "no-such-allocation");
     assert_eq!(
@@ -225,4 +240,117 @@ fn a_vulkan_allocation_exported_over_the_socket_is_mapped_by_another_process() {
         "{reply}"
     );
     assert!(fds.is_empty());
+}
+
+/// On an NVIDIA GPU (the GPU machine; `hw-tests`), served by Vulkan with `vulkan.nvidia =
+/// "vulkan"` through NVIDIA's Vulkan driver. Fails, not skips, without one.
+#[cfg(feature = "hw-tests")]
+mod nvidia {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn config() -> Config {
+        let mut config = Config::default();
+        config.vulkan.nvidia = memwarden::config::NvidiaOwner::Vulkan;
+        config
+    }
+
+    /// `nvidia-smi --query-gpu=FIELDS` of GPU 0, one value per field.
+    fn smi(fields: &str) -> Vec<String> {
+        let out = std::process::Command::new("nvidia-smi")
+            .args([format!("--query-gpu={fields}").as_str(), "--format=csv,noheader,nounits", "-i", "0"])
+            .output()
+            .expect("nvidia-smi");
+        assert!(out.status.success(), "nvidia-smi: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).split(',').map(|f| f.trim().to_string()).collect()
+    }
+
+    fn smi_mib(field: &str) -> u64 {
+        smi(field)[0].parse::<u64>().expect("MiB") * MIB
+    }
+
+    fn status(s: &TestServer) -> Value {
+        let (code, v) = s.call("GET", "/api/memory/status/vulkan:0", None);
+        assert_eq!(code, 200, "{v}");
+        v["data"].clone()
+    }
+
+    #[test]
+    fn the_nvidia_gpu_is_vulkan_0_and_its_status_agrees_with_nvidia_smi() {
+        let s = TestServer::start_with(config());
+        let d = status(&s);
+        println!("vulkan:0 status: {d}");
+        let smi_uuid = smi("uuid")[0].clone();
+        assert_eq!(d["uuid"], smi_uuid.as_str(), "the same GPU: {d}");
+        assert_eq!(d["vendor"], "NVIDIA");
+        assert!(d["sameGpuAs"].as_str().is_some_and(|t| t.starts_with("cuda:0")), "linked to cuda:0: {d}");
+        assert_eq!(d["source"], "vk-memory-budget", "{d}");
+        let (smi_total, smi_used) = (smi_mib("memory.total"), smi_mib("memory.used"));
+        let total = d["totalMemory"].as_u64().expect("total");
+        let used = total - d["availableMemory"].as_u64().expect("available");
+        let one_percent = smi_total / 100;
+        println!("total: vulkan {total}, nvidia-smi {smi_total}; used: vulkan {used}, nvidia-smi {smi_used}");
+        assert!(total.abs_diff(smi_total) <= one_percent, "total {total} vs nvidia-smi {smi_total}");
+        assert!(used.abs_diff(smi_used) <= one_percent, "used {used} vs nvidia-smi {smi_used}");
+        // The CUDA id of the same GPU says where it went.
+        common::assert_error(&s.call("GET", "/api/memory/status/cuda:0", None), 503, "BACKEND_UNAVAILABLE", "vulkan");
+    }
+
+    #[test]
+    fn a_4_gib_allocation_on_vulkan_0_shows_in_nvidia_smi_and_goes_with_clear() {
+        let s = TestServer::start_with(config());
+        let before = smi_mib("memory.used");
+        let id = s.alloc_on("vulkan:0", json!({"sizeBytes": 4 * GIB}));
+        let during = smi_mib("memory.used");
+        println!("nvidia-smi used: before {before}, with 4 GiB on vulkan:0 {during}");
+        let grown = during.saturating_sub(before);
+        assert!((4 * GIB - 64 * MIB..=4 * GIB + 512 * MIB).contains(&grown), "nvidia-smi grew by {grown}");
+        let used = status(&s)["totalMemory"].as_u64().expect("t") - status(&s)["availableMemory"].as_u64().expect("a");
+        assert!(used.abs_diff(during) <= smi_mib("memory.total") / 100, "status used {used} vs nvidia-smi {during}");
+        assert_eq!(s.call("DELETE", &format!("/api/memory/allocations/{id}"), None).0, 200);
+        assert_eq!(s.call("POST", "/api/memory/operations/clear/vulkan:0", None).0, 200);
+        let after = smi_mib("memory.used");
+        assert!(after <= before + 64 * MIB, "nvidia-smi used {after} after clear, {before} before");
+    }
+
+    /// Host → vulkan → host through the imported host pages (the copy engine on the host
+    /// block), at offsets off the import alignment; and vulkan → vulkan.
+    #[test]
+    fn bytes_cross_host_and_vulkan_0_through_imported_host_memory() {
+        let s = TestServer::start_with(config());
+        let d = status(&s);
+        assert_eq!(d["hostAccess"], "imported", "NVIDIA's driver imports host memory: {d}");
+        let size = 96 * MIB;
+        let host = s.alloc_on("cpu", json!({"sizeBytes": size + 8192}));
+        let data = random_bytes(size as usize, 5);
+        for (i, chunk) in data.chunks(32 * MIB as usize).enumerate() {
+            s.put_data(&host, 4097 + i as u64 * 32 * MIB, chunk);
+        }
+        let dev = s.alloc_on("vulkan:0", json!({"sizeBytes": size + 4096}));
+        let body = json!({"sourceAllocationId": host, "sourceOffset": 4097, "destinationAllocationId": dev,
+                          "destinationOffset": 100, "sizeBytes": size});
+        let (code, v) = s.call("POST", "/api/memory/copy", Some(&body.to_string()));
+        assert_eq!(code, 200, "{v}");
+        let other = s.alloc_on("vulkan:0", json!({"sizeBytes": size}));
+        let body = json!({"sourceAllocationId": dev, "sourceOffset": 100, "destinationAllocationId": other,
+                          "destinationOffset": 0, "sizeBytes": size});
+        assert_eq!(s.call("POST", "/api/memory/copy", Some(&body.to_string())).0, 200);
+        let body = json!({"sourceAllocationId": other, "targetDeviceId": "cpu", "transferType": "copy"});
+        let (code, v) = s.call("POST", "/api/memory/transfer", Some(&body.to_string()));
+        assert_eq!(code, 200, "{v}");
+        let back = v["data"]["destinationAllocationId"].as_str().expect("id").to_string();
+        for i in 0..3u64 {
+            let want = &data[(i * 32 * MIB) as usize..((i + 1) * 32 * MIB) as usize];
+            assert!(s.get_data(&back, i * 32 * MIB, 32 * MIB) == want, "chunk {i} differs after the round trip");
+        }
+    }
+
+    #[test]
+    fn nvidia_vulkan_memory_exported_over_the_socket_is_mapped_by_another_process() {
+        let dir = tempdir("vk-export-nv");
+        let socket = dir.join("mw.sock");
+        let s = with_socket(config(), &socket);
+        export_round_trip(&s, &socket, "vulkan:0", 64 * MIB);
+    }
 }

@@ -56,6 +56,8 @@ pub struct VulkanDevice {
     /// `VK_EXT_external_memory_host` and its `minImportedHostPointerAlignment`: host blocks are
     /// imported for a copy instead of staged.
     host_import: Option<(ash::ext::external_memory_host::Device, u64)>,
+    /// Cleared by [`VulkanDevice::disable_host_import`] (configuration): copies stage instead.
+    import_enabled: std::sync::atomic::AtomicBool,
     submitter: Mutex<Submitter>,
     next_address: AtomicU64,
     /// Bytes of blocks this process holds on the device now.
@@ -174,6 +176,7 @@ impl VulkanDevice {
             max_allocation_bytes: maintenance3.max_memory_allocation_size,
             export,
             host_import,
+            import_enabled: std::sync::atomic::AtomicBool::new(true),
             submitter: Mutex::new(Submitter {
                 queue: vk::Queue::null(),
                 pool: vk::CommandPool::null(),
@@ -279,7 +282,12 @@ impl VulkanDevice {
     /// Whether copies to and from host blocks import the host memory
     /// (`VK_EXT_external_memory_host`) instead of staging it.
     pub fn imports_host_memory(&self) -> bool {
-        self.host_import.is_some()
+        self.host_import.is_some() && self.import_enabled.load(Ordering::Relaxed)
+    }
+
+    /// Copies to and from host blocks go through the staging buffer from now on.
+    pub fn disable_host_import(&self) {
+        self.import_enabled.store(false, Ordering::Relaxed);
     }
 
     fn usage() -> vk::BufferUsageFlags {
@@ -691,7 +699,7 @@ pub fn copy_host(
         return Ok(HostPath::Mapped);
     }
     let dev = &block.device;
-    if block.ptr.is_none() && dev.host_import.is_some() {
+    if block.ptr.is_none() && dev.imports_host_memory() {
         if let Ok((import, offset)) = dev.import_host(host, host_offset, len) {
             let (src, dst, region) = match dir {
                 HostCopy::ToDevice => {

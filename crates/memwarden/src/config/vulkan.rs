@@ -23,11 +23,21 @@ pub struct VulkanSection {
     pub nvidia: NvidiaOwner,
     /// The Vulkan loader library (`libvulkan.so.1`) to open; empty: the system's.
     pub loader: PathBuf,
+    /// Copies between host and Vulkan memory import the host block
+    /// (`VK_EXT_external_memory_host`) so the GPU's copy engine reads or writes it directly;
+    /// `false`, or a driver without the extension: through a staging buffer (a CPU copy more).
+    pub host_import: bool,
 }
 
 impl Default for VulkanSection {
     fn default() -> Self {
-        VulkanSection { enabled: true, include_software: false, nvidia: NvidiaOwner::Cuda, loader: PathBuf::new() }
+        VulkanSection {
+            enabled: true,
+            include_software: false,
+            nvidia: NvidiaOwner::Cuda,
+            loader: PathBuf::new(),
+            host_import: true,
+        }
     }
 }
 
@@ -42,6 +52,7 @@ impl From<&VulkanSection> for memwarden_backends::VulkanOptions {
             },
             loader: (!c.loader.as_os_str().is_empty()).then(|| c.loader.clone()),
             host_access: Default::default(),
+            host_import: c.host_import,
         }
     }
 }
