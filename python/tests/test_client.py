@@ -219,3 +219,37 @@ def test_sizes_of_buffers_arrays_and_unknown_objects():
         import numpy as np
 
         assert C.tensor_bytes({"a": np.zeros((10, 10), dtype="float32")}) == {"cpu": 400}
+
+
+def test_export_returns_the_answer_and_the_descriptor_that_came_with_it(tmp_path):
+    from conftest import attached_pair
+
+    c, daemon = attached_pair()
+    f = tmp_path / "memory"
+    f.write_bytes(b"vulkan memory")
+    answer = {"allocationId": "a-1", "kind": "vulkanOpaqueFd", "deviceId": "vulkan:0", "offset": 4096,
+              "sizeBytes": 8, "allocationBytes": 1 << 20, "memoryTypeIndex": 1, "dedicated": False,
+              "deviceUuid": "GPU-12345678-9abc-def0-0102-030405060708"}
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.export, "a-1")
+        with open(f, "rb") as src:
+            req = daemon.answer("export", answer, fds=[src.fileno()])
+        got, fd = fut.result(timeout=10)
+    assert req.data == {"allocationId": "a-1"}
+    assert got == answer
+    assert fd is not None and os.fstat(fd).st_ino == f.stat().st_ino, "the caller owns the same file"
+    assert os.pread(fd, 6, 0) == b"vulkan"
+    os.close(fd)
+    # Other kinds come without a descriptor; a refusal raises with its code.
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.export, "a-2")
+        daemon.answer("export", {"allocationId": "a-2", "kind": "shm", "path": "/dev/shm/x"})
+        assert fut.result(timeout=10) == ({"allocationId": "a-2", "kind": "shm", "path": "/dev/shm/x"}, None)
+        fut = pool.submit(c.export, "nope")
+        req = daemon.read("request")
+        daemon.send(P.error(req.request_id, "ALLOCATION_NOT_FOUND", "allocation 'nope' not found"))
+        with pytest.raises(C.DaemonError) as e:
+            fut.result(timeout=10)
+    assert e.value.code == "ALLOCATION_NOT_FOUND"
+    c.close()
+    daemon.close()
