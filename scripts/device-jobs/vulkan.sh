@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Vulkan backend on an NVIDIA GPU (issue 17): NVIDIA's Vulkan driver through Debian's
-# loader (device-run/gl/libvulkan1*.deb, unpacked here: the GPU machine has none), the
+# loader and GLVND (device-run/gl/*.deb, unpacked here: the GPU machine has neither), the
 # hardware tests with `vulkan.nvidia = "vulkan"`, the sys tests on that driver, then
 # host<->GPU rates of the CUDA backend and of the Vulkan backend (host import, and staging)
 # and the raw baseline, in the same job.

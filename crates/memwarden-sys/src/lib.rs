@@ -130,6 +130,9 @@ pub struct HostMapping {
     locked: bool,
     shm: Option<ShmFile>,
     registration: Option<cuda::HostRegistration>,
+    /// Vulkan devices' imports of the whole (locked) mapping, made on its first copy to or from
+    /// each device and kept while it lives: released before it is unmapped.
+    vulkan_imports: std::sync::Mutex<Vec<vulkan::MappingImport>>,
 }
 
 /// A file in a tmpfs backing a shared mapping; closed and unlinked on drop.
@@ -309,6 +312,7 @@ impl HostMapping {
             locked: false,
             shm,
             registration: None,
+            vulkan_imports: std::sync::Mutex::new(Vec::new()),
         };
         if huge {
             // SAFETY: the range is exactly this live anonymous mapping; advice changes no
@@ -618,6 +622,8 @@ impl Drop for PsiTrigger {
 impl Drop for HostMapping {
     fn drop(&mut self) {
         drop(self.registration.take());
+        // The imported memory must not outlive the pages it names (Vulkan's rule).
+        self.vulkan_imports.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
         // SAFETY: ptr/len are exactly the live mapping this value owns; no reference into it
         // outlives self (no method hands one out). munmap also drops any mlock.
         unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod device;
+pub(crate) use device::MappingImport;
 pub use device::{
     copy, copy_host, DeviceMemory, ExportedMemory, HostCopy, HostPath, VulkanDevice, BLOCK_ALIGNMENT_BYTES,
 };
@@ -411,6 +412,22 @@ mod tests {
             assert!(matches!(e, VulkanError::OutOfBounds { .. }), "{e:?}");
             let e = copy_host(&block, 24 * MIB - 1, &host, 0, 2, HostCopy::ToDevice).expect_err("past the block end");
             assert!(matches!(e, VulkanError::OutOfBounds { .. }), "{e:?}");
+            // A locked (pinned) mapping is imported whole on its first copy, and the import is
+            // kept by the mapping for the next ones.
+            let locked = crate::HostMapping::new(2 * MIB, 4096, true).expect("a 2 MiB locked mapping");
+            locked.write(0, &data[..2 * MIB as usize]).expect("write");
+            for round in 0..2 {
+                let path = copy_host(&block, 0, &locked, 0, 2 * MIB, HostCopy::ToDevice).expect("to device");
+                assert_eq!(path, want, "{access:?}");
+                let imports = locked.vulkan_imports.lock().expect("lock").len();
+                assert_eq!(imports, usize::from(want == HostPath::Imported), "{access:?} round {round}");
+            }
+            block.read(0, &mut back[..2 * MIB as usize]).expect("read");
+            assert!(back[..2 * MIB as usize] == data[..2 * MIB as usize], "{access:?}: bytes of the locked mapping");
+            locked.fill(0, 2 * MIB, 0).expect("clear");
+            copy_host(&block, 0, &locked, 0, 2 * MIB, HostCopy::ToHost).expect("to host");
+            locked.read(0, &mut back[..2 * MIB as usize]).expect("read");
+            assert!(back[..2 * MIB as usize] == data[..2 * MIB as usize], "{access:?}: back in the locked mapping");
         }
     }
 

@@ -318,11 +318,14 @@ mod nvidia {
     /// block), at offsets off the import alignment; and vulkan → vulkan.
     #[test]
     fn bytes_cross_host_and_vulkan_0_through_imported_host_memory() {
-        let s = TestServer::start_with(config());
+        let mut config = config();
+        config.transfer.sync_max_bytes = u64::MAX; // answered when done, not 202
+        let s = TestServer::start_with(config);
         let d = status(&s);
         assert_eq!(d["hostAccess"], "imported", "NVIDIA's driver imports host memory: {d}");
         let size = 96 * MIB;
-        let host = s.alloc_on("cpu", json!({"sizeBytes": size + 8192}));
+        // Pinned: imported whole on its first copy and kept.
+        let host = s.alloc_on("cpu", json!({"sizeBytes": size + 8192, "memoryType": "pinned"}));
         let data = random_bytes(size as usize, 5);
         for (i, chunk) in data.chunks(32 * MIB as usize).enumerate() {
             s.put_data(&host, 4097 + i as u64 * 32 * MIB, chunk);
