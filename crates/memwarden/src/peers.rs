@@ -167,8 +167,7 @@ fn free_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
 fn export_for(service: &Service, r: &Request, via: ExportVia) -> Result<(Value, Vec<OwnedFd>), (&'static str, String)> {
     let body: PeerExport = r.data_as().map_err(|e| (e.code, e.message))?;
     let info = service.export(&body.allocation_id, via).map_err(service_error)?;
-    let data = serde_json::to_value(crate::api::dto::export_dto(&body.allocation_id, &info))
-        .map_err(|e| (codes::INTERNAL, e.to_string()))?;
+    let data = serde_json::to_value(info.dto(&body.allocation_id)).map_err(|e| (codes::INTERNAL, e.to_string()))?;
     let fds = match info {
         ExportInfo::VulkanFd { memory, .. } => vec![memory.fd],
         ExportInfo::CudaIpc { .. } | ExportInfo::Shm { .. } => Vec::new(),

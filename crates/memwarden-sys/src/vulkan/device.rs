@@ -3,10 +3,8 @@
 //! with a fence under one lock, so nothing is in flight when a call returns (and none when a
 //! block is dropped).
 
-use super::{HeapReading, HostAccess, PhysicalDeviceInfo, VulkanError, VulkanInstance};
-use crate::HostMapping;
+use super::{HostAccess, PhysicalDeviceInfo, VulkanError, VulkanInstance};
 use ash::vk;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +16,9 @@ const STAGING_BYTES: u64 = 16 << 20;
 /// Blocks are numbered in memwarden's own address space of the device, aligned to this:
 /// Vulkan memory has no address without `bufferDeviceAddress`.
 pub const BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
+
+/// How long a submission's fence is polled before the thread sleeps in `vkWaitForFences`.
+const FENCE_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// The queue, its command buffer and fence, and the staging buffer: used under one lock.
 struct Submitter {
@@ -64,32 +65,13 @@ pub struct VulkanDevice {
     own_bytes: AtomicU64,
 }
 
-/// How blocks are made exportable (`VK_KHR_external_memory_fd`, opaque fds).
-struct Export {
-    fd: ash::khr::external_memory_fd::Device,
-    /// The driver wants a dedicated allocation for exportable buffers.
-    dedicated: bool,
-}
-
-/// A block exported as an opaque fd: what another process needs to import it
-/// (`VkImportMemoryFdInfoKHR` with `allocationSize` and `memoryTypeIndex` as given here, on the
-/// physical device with the same UUID).
-#[derive(Debug)]
-pub struct ExportedMemory {
-    pub fd: OwnedFd,
-    /// The exported allocation's size (the importer must pass exactly this).
-    pub allocation_bytes: u64,
-    pub memory_type_index: u32,
-    /// The importer must make a dedicated allocation (`VkMemoryDedicatedAllocateInfo`).
-    pub dedicated: bool,
-}
-
-/// Which way a copy between a host mapping and a block goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostCopy {
-    ToDevice,
-    ToHost,
-}
+mod external;
+mod heaps;
+mod transfer;
+use external::Export;
+pub(crate) use external::MappingImport;
+pub use external::{copy_host, ExportedMemory, HostCopy, HostPath};
+pub use transfer::copy;
 
 impl std::fmt::Debug for VulkanDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,8 +79,7 @@ impl std::fmt::Debug for VulkanDevice {
     }
 }
 
-/// The memory type among `bits` whose flags `want` all and `avoid` none, in a heap that is
-/// device-local exactly when `device_local` says so.
+/// The memory type among `bits` whose flags `want` all and `avoid` none.
 fn pick_type(
     props: &vk::PhysicalDeviceMemoryProperties,
     bits: u32,
@@ -314,37 +295,6 @@ impl VulkanDevice {
         self.max_allocation_bytes
     }
 
-    /// The device-local heaps now, with `VK_EXT_memory_budget`'s budget and usage when the
-    /// device supports it (`usage` counts this process only).
-    pub fn heaps(&self) -> Vec<HeapReading> {
-        let raw = self.instance.raw();
-        let mut budget = vk::PhysicalDeviceMemoryBudgetPropertiesEXT::default();
-        let mut p2 = vk::PhysicalDeviceMemoryProperties2::default();
-        if self.info.memory_budget {
-            p2 = p2.push_next(&mut budget);
-        }
-        // SAFETY: the chain holds only the budget structure, and only when the device supports
-        // the extension; both live for the call.
-        unsafe { raw.get_physical_device_memory_properties2(self.physical, &mut p2) };
-        let heaps: Vec<(usize, u64)> = p2
-            .memory_properties
-            .memory_heaps_as_slice()
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL))
-            .map(|(i, h)| (i, h.size))
-            .collect();
-        let with_budget = self.info.memory_budget;
-        heaps
-            .into_iter()
-            .map(|(i, size)| HeapReading {
-                size_bytes: size,
-                budget_bytes: with_budget.then(|| budget.heap_budget[i]),
-                usage_bytes: with_budget.then(|| budget.heap_usage[i]),
-            })
-            .collect()
-    }
-
     /// Allocates `bytes` of device-local memory with a transfer buffer bound over all of it.
     pub fn alloc(self: &Arc<Self>, bytes: u64) -> Result<DeviceMemory, VulkanError> {
         if bytes == 0 {
@@ -355,10 +305,12 @@ impl VulkanDevice {
         // failure is reported against the promise.
         let over = bytes > self.max_allocation_bytes;
         let over_limit = |e: VulkanError| match e {
-            VulkanError::OutOfMemory { .. } | VulkanError::Driver { .. } if over => VulkanError::InvalidArgument(format!(
+            VulkanError::OutOfMemory { .. } | VulkanError::Driver { .. } if over => {
+                VulkanError::InvalidArgument(format!(
                 "{bytes} bytes is over the largest allocation the driver promises ({} bytes), and it refused it ({e})",
                 self.max_allocation_bytes
-            )),
+            ))
+            }
             other => other,
         };
         self.alloc_block(bytes).map_err(over_limit)
@@ -451,6 +403,12 @@ impl VulkanDevice {
             let cmds = [s.cmd];
             let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
             d.queue_submit(s.queue, &submit, s.fence).map_err(|e| VulkanError::from_vk("vkQueueSubmit", 0, e))?;
+            // A short copy is done within microseconds: poll for it before sleeping in the
+            // driver's wait, whose wake-up alone costs tens of microseconds.
+            let spin_until = std::time::Instant::now() + FENCE_SPIN;
+            while d.get_fence_status(s.fence) == Ok(false) && std::time::Instant::now() < spin_until {
+                std::hint::spin_loop();
+            }
             let waited = d.wait_for_fences(&[s.fence], true, u64::MAX);
             let reset = d.reset_fences(&[s.fence]);
             waited.map_err(|e| VulkanError::from_vk("vkWaitForFences", 0, e))?;
@@ -499,298 +457,6 @@ impl VulkanDevice {
         }
         s.staging.as_ref().ok_or_else(|| VulkanError::Unavailable("no staging buffer".into()))
     }
-
-    fn staged_write(&self, dst: vk::Buffer, offset: u64, data: &[u8]) -> Result<(), VulkanError> {
-        let mut s = self.lock();
-        let (sbuf, sptr) = {
-            let st = self.staging(&mut s)?;
-            (st.buffer, st.ptr)
-        };
-        for (i, chunk) in data.chunks(STAGING_BYTES as usize).enumerate() {
-            // SAFETY: the staging mapping holds STAGING_BYTES ≥ chunk.len() bytes and is only
-            // used under the lock held here.
-            unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), sptr.as_ptr(), chunk.len()) };
-            let region = [vk::BufferCopy::default()
-                .src_offset(0)
-                .dst_offset(offset + i as u64 * STAGING_BYTES)
-                .size(chunk.len() as u64)];
-            // SAFETY: both buffers are live; the caller bounds-checked the destination range.
-            self.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, sbuf, dst, &region) })?;
-        }
-        Ok(())
-    }
-
-    fn staged_read(&self, src: vk::Buffer, offset: u64, out: &mut [u8]) -> Result<(), VulkanError> {
-        let mut s = self.lock();
-        let (sbuf, sptr) = {
-            let st = self.staging(&mut s)?;
-            (st.buffer, st.ptr)
-        };
-        for (i, chunk) in out.chunks_mut(STAGING_BYTES as usize).enumerate() {
-            let region = [vk::BufferCopy::default()
-                .src_offset(offset + i as u64 * STAGING_BYTES)
-                .dst_offset(0)
-                .size(chunk.len() as u64)];
-            // SAFETY: both buffers are live; the caller bounds-checked the source range.
-            self.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, src, sbuf, &region) })?;
-            // SAFETY: as in `staged_write`; the copy has finished and is visible to the host.
-            unsafe { std::ptr::copy_nonoverlapping(sptr.as_ptr(), chunk.as_mut_ptr(), chunk.len()) };
-        }
-        Ok(())
-    }
-}
-
-/// Host pages imported for one copy (`VK_EXT_external_memory_host`), with a transfer buffer
-/// over them; released on drop (after the copy was waited for).
-struct HostImport<'a> {
-    device: &'a ash::Device,
-    buffer: vk::Buffer,
-    memory: vk::DeviceMemory,
-}
-
-impl Drop for HostImport<'_> {
-    fn drop(&mut self) {
-        // SAFETY: nothing is in flight on the buffer (its copy was waited for); null handles
-        // are ignored.
-        unsafe {
-            self.device.destroy_buffer(self.buffer, None);
-            self.device.free_memory(self.memory, None);
-        }
-    }
-}
-
-/// A whole locked host mapping imported on one device, kept by the mapping (see
-/// `HostMapping::vulkan_imports`) so copies to and from it pay the import (pinning and mapping
-/// its pages for the GPU) once, not per copy.
-pub(crate) struct MappingImport {
-    device: Arc<VulkanDevice>,
-    buffer: vk::Buffer,
-    memory: vk::DeviceMemory,
-}
-
-impl std::fmt::Debug for MappingImport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MappingImport").field("device", &self.device.info.index).finish()
-    }
-}
-
-impl Drop for MappingImport {
-    fn drop(&mut self) {
-        // SAFETY: only dropped by the mapping that owns it, which no copy borrows then (a copy
-        // borrows the mapping), so nothing is in flight on the buffer.
-        unsafe {
-            self.device.device.destroy_buffer(self.buffer, None);
-            self.device.device.free_memory(self.memory, None);
-        }
-    }
-}
-
-impl VulkanDevice {
-    /// The buffer over the whole of a locked mapping on this device: imported on first use and
-    /// kept by the mapping. `None` when the import is refused (the caller imports per copy or
-    /// stages).
-    fn mapping_import(self: &Arc<Self>, host: &HostMapping) -> Option<vk::Buffer> {
-        let mut imports = host.vulkan_imports.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = imports.iter().find(|i| Arc::ptr_eq(&i.device, self)) {
-            return Some(i.buffer);
-        }
-        let (mut import, offset) = self.import_host(host, 0, host.len_bytes()).ok()?;
-        if offset != 0 {
-            return None;
-        }
-        let owned = MappingImport { device: self.clone(), buffer: import.buffer, memory: import.memory };
-        // Ownership moved to `owned`: the per-copy guard must not free them too.
-        (import.buffer, import.memory) = (vk::Buffer::null(), vk::DeviceMemory::null());
-        let buffer = owned.buffer;
-        imports.push(owned);
-        Some(buffer)
-    }
-
-    /// Imports the host pages under `host`'s bytes `offset..offset + len`, widened to the
-    /// driver's import alignment (and refused if that leaves the mapping): the buffer, and
-    /// where `offset` lies in it.
-    fn import_host(&self, host: &HostMapping, offset: u64, len: u64) -> Result<(HostImport<'_>, u64), VulkanError> {
-        let (ext, align) = self.host_import.as_ref().ok_or_else(|| {
-            VulkanError::Unavailable(format!("{} has no VK_EXT_external_memory_host", self.info.name))
-        })?;
-        let start = host.address() + offset;
-        let base = start / align * align;
-        let end = (start + len).div_ceil(*align) * align;
-        if base < host.address() || end > host.address() + host.len_bytes() {
-            return Err(VulkanError::InvalidArgument(format!(
-                "the host range widened to the import alignment ({align} bytes) leaves its mapping"
-            )));
-        }
-        let size = end - base;
-        let handle = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
-        let d = &self.device;
-        let mut pointer = vk::MemoryHostPointerPropertiesEXT::default();
-        // SAFETY: `base` points into a live mapping of `host` (checked above) for the call.
-        let r = unsafe {
-            (ext.fp().get_memory_host_pointer_properties_ext)(d.handle(), handle, base as *const _, &mut pointer)
-        };
-        if r != vk::Result::SUCCESS {
-            return Err(VulkanError::from_vk("vkGetMemoryHostPointerPropertiesEXT", size, r));
-        }
-        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
-        let info = vk::BufferCreateInfo::default().size(size).usage(Self::usage()).push_next(&mut external);
-        // SAFETY: the buffer and memory are owned by the HostImport built right after, whose
-        // Drop releases them; the imported pages stay mapped by `host` for longer than the
-        // import lives (the caller borrows `host` for the copy).
-        unsafe {
-            let buffer =
-                d.create_buffer(&info, None).map_err(|e| VulkanError::from_vk("vkCreateBuffer (import)", size, e))?;
-            let mut import = HostImport { device: d, buffer, memory: vk::DeviceMemory::null() };
-            let req = d.get_buffer_memory_requirements(buffer);
-            let bits = req.memory_type_bits & pointer.memory_type_bits;
-            if bits == 0 || req.size > size {
-                return Err(VulkanError::InvalidArgument("no memory type can import these host pages".into()));
-            }
-            let mut from =
-                vk::ImportMemoryHostPointerInfoEXT::default().handle_type(handle).host_pointer(base as *mut _);
-            let alloc = vk::MemoryAllocateInfo::default()
-                .allocation_size(size)
-                .memory_type_index(bits.trailing_zeros())
-                .push_next(&mut from);
-            import.memory = d
-                .allocate_memory(&alloc, None)
-                .map_err(|e| VulkanError::from_vk("vkAllocateMemory (host import)", size, e))?;
-            d.bind_buffer_memory(buffer, import.memory, 0)
-                .map_err(|e| VulkanError::from_vk("vkBindBufferMemory (import)", size, e))?;
-            Ok((import, start - base))
-        }
-    }
-
-    /// Imports a block exported as an opaque fd ([`DeviceMemory::export`], maybe by another
-    /// process) on this device (the same physical device: same UUID), with a transfer buffer
-    /// of `len_bytes` over it. Vulkan owns the descriptor once this succeeds; on an error it is
-    /// closed. The imported memory is not counted in [`VulkanDevice::own_bytes`].
-    pub fn import_fd(self: &Arc<Self>, exported: ExportedMemory, len_bytes: u64) -> Result<DeviceMemory, VulkanError> {
-        self.export_support().map_err(VulkanError::Unavailable)?;
-        if len_bytes == 0 || len_bytes > exported.allocation_bytes {
-            return Err(VulkanError::InvalidArgument(format!(
-                "a buffer of {len_bytes} bytes over an allocation of {}",
-                exported.allocation_bytes
-            )));
-        }
-        let d = &self.device;
-        let handle = vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD;
-        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
-        let info = vk::BufferCreateInfo::default().size(len_bytes).usage(Self::usage()).push_next(&mut external);
-        // SAFETY: the buffer is owned by the DeviceMemory built right after, whose Drop
-        // destroys it and frees the imported memory.
-        let buffer = unsafe { d.create_buffer(&info, None) }
-            .map_err(|e| VulkanError::from_vk("vkCreateBuffer (import)", len_bytes, e))?;
-        let mut block = DeviceMemory {
-            device: self.clone(),
-            buffer,
-            memory: vk::DeviceMemory::null(),
-            ptr: None,
-            len: len_bytes,
-            accounted: 0,
-            address: 0,
-        };
-        let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&exported.fd);
-        let mut from = vk::ImportMemoryFdInfoKHR::default().handle_type(handle).fd(raw_fd);
-        let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().buffer(buffer);
-        let mut alloc = vk::MemoryAllocateInfo::default()
-            .allocation_size(exported.allocation_bytes)
-            .memory_type_index(exported.memory_type_index)
-            .push_next(&mut from);
-        if exported.dedicated {
-            alloc = alloc.push_next(&mut dedicated);
-        }
-        // SAFETY: the fd is open for the call; on success the driver owns it (so it is not
-        // closed here), on failure it is still ours and closed by `exported`'s drop.
-        unsafe {
-            block.memory = d
-                .allocate_memory(&alloc, None)
-                .map_err(|e| VulkanError::from_vk("vkAllocateMemory (fd import)", len_bytes, e))?;
-            let _owned_by_vulkan = exported.fd.into_raw_fd();
-            d.bind_buffer_memory(buffer, block.memory, 0)
-                .map_err(|e| VulkanError::from_vk("vkBindBufferMemory (fd import)", len_bytes, e))?;
-            if self.block_mapped && exported.memory_type_index == self.block_type {
-                let p = d
-                    .map_memory(block.memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty())
-                    .map_err(|e| VulkanError::from_vk("vkMapMemory", len_bytes, e))?;
-                block.ptr = NonNull::new(p.cast());
-            }
-        }
-        Ok(block)
-    }
-}
-
-/// Which way [`copy_host`] moved the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostPath {
-    /// `memcpy` through the block's mapping (host-visible device memory).
-    Mapped,
-    /// The device's copy engine on the imported host pages (`VK_EXT_external_memory_host`).
-    Imported,
-    /// Through the staging buffer (no import: the driver lacks it or refused these pages).
-    Staged,
-}
-
-/// Copies `len` bytes between `host` at `host_offset` and `block` at `block_offset` (`dir`
-/// says which way) and waits for them. Host-visible blocks take a `memcpy`; otherwise the host
-/// pages are imported for the copy so the copy engine reads or writes them directly, with one
-/// `vkCmdCopyBuffer` and no staging copy; where the import is refused, the staging buffer.
-/// Both ranges are checked before any byte moves.
-pub fn copy_host(
-    block: &DeviceMemory,
-    block_offset: u64,
-    host: &HostMapping,
-    host_offset: u64,
-    len: u64,
-    dir: HostCopy,
-) -> Result<HostPath, VulkanError> {
-    block.check(block_offset, len)?;
-    let at = host.check(host_offset, len).map_err(|_| VulkanError::OutOfBounds {
-        offset_bytes: host_offset,
-        len_bytes: len,
-        block_bytes: host.len_bytes(),
-    })?;
-    if len == 0 {
-        return Ok(HostPath::Mapped);
-    }
-    let dev = &block.device;
-    if block.ptr.is_none() && dev.imports_host_memory() {
-        // A locked (pinned) mapping is imported whole once and kept; pageable memory only for
-        // the copy, so it is not left pinned.
-        let cached = if host.is_locked() { dev.mapping_import(host) } else { None };
-        let per_copy = match cached {
-            Some(buffer) => Some((None, buffer, host_offset)),
-            None => dev.import_host(host, host_offset, len).ok().map(|(i, offset)| {
-                let buffer = i.buffer;
-                (Some(i), buffer, offset)
-            }),
-        };
-        if let Some((_guard, buffer, offset)) = per_copy {
-            let (src, dst, region) = match dir {
-                HostCopy::ToDevice => {
-                    (buffer, block.buffer, vk::BufferCopy::default().src_offset(offset).dst_offset(block_offset))
-                }
-                HostCopy::ToHost => {
-                    (block.buffer, buffer, vk::BufferCopy::default().src_offset(block_offset).dst_offset(offset))
-                }
-            };
-            let region = [region.size(len)];
-            let mut s = dev.lock();
-            // SAFETY: both buffers are live for the call and the ranges were checked; `run`
-            // waits for the copy, so the import outlives it.
-            dev.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, src, dst, &region) })?;
-            return Ok(HostPath::Imported);
-        }
-    }
-    // SAFETY: `at..at + len` was bounds-checked inside the live mapping, which `host` keeps
-    // mapped for the borrow; the caller does not let the range change meanwhile (the daemon
-    // marks both allocations busy for a copy).
-    let bytes = unsafe { std::slice::from_raw_parts_mut(host.ptr.as_ptr().add(at), len as usize) };
-    match dir {
-        HostCopy::ToDevice => block.write(block_offset, bytes)?,
-        HostCopy::ToHost => block.read(block_offset, bytes)?,
-    }
-    Ok(if block.ptr.is_some() { HostPath::Mapped } else { HostPath::Staged })
 }
 
 impl Drop for VulkanDevice {
@@ -863,29 +529,6 @@ impl DeviceMemory {
         }
     }
 
-    /// A new opaque fd of this block's memory (`VK_KHR_external_memory_fd`) for another
-    /// process to import ([`VulkanDevice::import_fd`]); each call gives a new descriptor.
-    pub fn export(&self) -> Result<ExportedMemory, VulkanError> {
-        let e = self
-            .device
-            .export
-            .as_ref()
-            .ok_or_else(|| VulkanError::Unavailable(self.device.export_support().err().unwrap_or_default()))?;
-        let info = vk::MemoryGetFdInfoKHR::default()
-            .memory(self.memory)
-            .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
-        // SAFETY: the memory is live and was allocated exportable as opaque fds (export is
-        // Some only then); the fd returned is new and owned by the caller.
-        let fd = unsafe { e.fd.get_memory_fd(&info) }.map_err(|r| VulkanError::from_vk("vkGetMemoryFdKHR", 0, r))?;
-        Ok(ExportedMemory {
-            // SAFETY: a new descriptor nobody else owns.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            allocation_bytes: self.accounted,
-            memory_type_index: self.device.block_type,
-            dedicated: e.dedicated,
-        })
-    }
-
     /// Copies host bytes into the block: through its mapping, or a staging buffer.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), VulkanError> {
         self.check(offset, data.len() as u64)?;
@@ -925,68 +568,4 @@ impl Drop for DeviceMemory {
         }
         self.device.own_bytes.fetch_sub(self.accounted, Ordering::Relaxed);
     }
-}
-
-/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` with
-/// `vkCmdCopyBuffer`, both blocks of one device, and waits for it. Both ranges are checked
-/// before anything moves. Overlapping ranges in one block (which one `vkCmdCopyBuffer` may not
-/// copy) move through a scratch block, a chunk at a time in the order `memmove` would use.
-pub fn copy(
-    dst: &DeviceMemory,
-    dst_offset: u64,
-    src: &DeviceMemory,
-    src_offset: u64,
-    len: u64,
-) -> Result<(), VulkanError> {
-    if !Arc::ptr_eq(&dst.device, &src.device) {
-        return Err(VulkanError::InvalidArgument("a Vulkan copy between two devices".into()));
-    }
-    src.check(src_offset, len)?;
-    dst.check(dst_offset, len)?;
-    if len == 0 {
-        return Ok(());
-    }
-    let dev = &dst.device;
-    let same = src.buffer == dst.buffer;
-    let overlap = same && src_offset < dst_offset + len && dst_offset < src_offset + len;
-    if !overlap {
-        let region = [vk::BufferCopy::default().src_offset(src_offset).dst_offset(dst_offset).size(len)];
-        let mut s = dev.lock();
-        // SAFETY: both buffers are live (borrowed for the call) and the ranges were checked.
-        return dev.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, src.buffer, dst.buffer, &region) });
-    }
-    if src_offset == dst_offset {
-        return Ok(());
-    }
-    let scratch = dev.alloc(len.min(STAGING_BYTES))?;
-    let step = scratch.len;
-    let starts: Vec<u64> = (0..len.div_ceil(step)).map(|i| i * step).collect();
-    let backwards = dst_offset > src_offset;
-    let order: Box<dyn Iterator<Item = &u64>> =
-        if backwards { Box::new(starts.iter().rev()) } else { Box::new(starts.iter()) };
-    let barrier = [vk::MemoryBarrier::default()
-        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-        .dst_access_mask(vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE)];
-    let mut s = dev.lock();
-    for &at in order {
-        let n = (len - at).min(step);
-        let into = [vk::BufferCopy::default().src_offset(src_offset + at).dst_offset(0).size(n)];
-        let out = [vk::BufferCopy::default().src_offset(0).dst_offset(dst_offset + at).size(n)];
-        // SAFETY: the block and the scratch block are live; ranges were checked; the barrier
-        // orders the second copy after the first.
-        dev.run(&mut s, |d, cmd| unsafe {
-            d.cmd_copy_buffer(cmd, src.buffer, scratch.buffer, &into);
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::DependencyFlags::empty(),
-                &barrier,
-                &[],
-                &[],
-            );
-            d.cmd_copy_buffer(cmd, scratch.buffer, dst.buffer, &out);
-        })?;
-    }
-    Ok(())
 }

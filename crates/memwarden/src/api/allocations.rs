@@ -290,7 +290,7 @@ pub async fn export(
 ) -> ApiResult<ExportDto> {
     // May wait for a defragmentation batch that is moving this allocation.
     let info = blocking(|| state.service.export(&allocation_id, ExportVia::Http))?;
-    Ok(Data(export_dto(&allocation_id, &info)))
+    Ok(Data(info.dto(&allocation_id)))
 }
 
 /// Reads bytes of an allocation (`offset`, `length` ≤ 64 MiB), base64 in the envelope.

@@ -5,8 +5,7 @@
 use super::envelope::rfc3339;
 use crate::pressure::{PressureEvent, PressureReport};
 use crate::service::{
-    AllocationPage, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, ExportInfo, PoolDump,
-    TransferRecord,
+    AllocationPage, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, PoolDump, TransferRecord,
 };
 pub use memwarden_protocol::api::{allocations::*, pools::*, pressure::*, status::*, transfer::*};
 
@@ -120,51 +119,6 @@ impl From<&TransferRecord> for TransferDto {
             completed_at: t.finished_at.map(rfc3339),
             error: t.error.clone(),
         }
-    }
-}
-
-/// What another process needs to map `allocation_id`.
-pub fn export_dto(allocation_id: &str, e: &ExportInfo) -> ExportDto {
-    match e {
-        ExportInfo::CudaIpc { device, handle, offset, size_bytes } => ExportDto {
-            allocation_id: allocation_id.into(),
-            kind: "cudaIpc".into(),
-            device_id: device.to_string(),
-            ipc_handle: Some(handle.iter().map(|b| format!("{b:02x}")).collect()),
-            path: None,
-            offset: *offset,
-            size_bytes: *size_bytes,
-            allocation_bytes: None,
-            memory_type_index: None,
-            dedicated: None,
-            device_uuid: None,
-        },
-        ExportInfo::Shm { path, offset, size_bytes } => ExportDto {
-            allocation_id: allocation_id.into(),
-            kind: "shm".into(),
-            device_id: "cpu".into(),
-            ipc_handle: None,
-            path: Some(path.clone()),
-            offset: *offset,
-            size_bytes: *size_bytes,
-            allocation_bytes: None,
-            memory_type_index: None,
-            dedicated: None,
-            device_uuid: None,
-        },
-        ExportInfo::VulkanFd { device, device_uuid, memory, offset, size_bytes } => ExportDto {
-            allocation_id: allocation_id.into(),
-            kind: "vulkanOpaqueFd".into(),
-            device_id: device.to_string(),
-            ipc_handle: None,
-            path: None,
-            offset: *offset,
-            size_bytes: *size_bytes,
-            allocation_bytes: Some(memory.allocation_bytes),
-            memory_type_index: Some(memory.memory_type_index),
-            dedicated: Some(memory.dedicated),
-            device_uuid: Some(device_uuid.clone()),
-        },
     }
 }
 

@@ -1,7 +1,9 @@
 //! The service's vocabulary: its errors, requests and the records it hands out.
 
+use super::ExportInfo;
 use memwarden_backends::{BackendError, GpuInfo, MemoryPoolInvariantError, ProcessMemory};
 use memwarden_core::{DeviceId, MemoryKind, Placement, PoolStats};
+use memwarden_protocol::api::allocations::ExportDto;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -311,5 +313,52 @@ mod tests {
         assert!((f - 0.4375).abs() < 1e-12, "{f}");
         let one = pool(8 * MIB, MIB);
         assert!((device_fragmentation([one]) - one.fragmentation_index()).abs() < 1e-12);
+    }
+}
+
+impl ExportInfo {
+    /// The export as the REST route and the socket's `export` reply show it.
+    pub fn dto(&self, allocation_id: &str) -> ExportDto {
+        match self {
+            ExportInfo::CudaIpc { device, handle, offset, size_bytes } => ExportDto {
+                allocation_id: allocation_id.into(),
+                kind: "cudaIpc".into(),
+                device_id: device.to_string(),
+                ipc_handle: Some(handle.iter().map(|b| format!("{b:02x}")).collect()),
+                path: None,
+                offset: *offset,
+                size_bytes: *size_bytes,
+                allocation_bytes: None,
+                memory_type_index: None,
+                dedicated: None,
+                device_uuid: None,
+            },
+            ExportInfo::Shm { path, offset, size_bytes } => ExportDto {
+                allocation_id: allocation_id.into(),
+                kind: "shm".into(),
+                device_id: "cpu".into(),
+                ipc_handle: None,
+                path: Some(path.clone()),
+                offset: *offset,
+                size_bytes: *size_bytes,
+                allocation_bytes: None,
+                memory_type_index: None,
+                dedicated: None,
+                device_uuid: None,
+            },
+            ExportInfo::VulkanFd { device, device_uuid, memory, offset, size_bytes } => ExportDto {
+                allocation_id: allocation_id.into(),
+                kind: "vulkanOpaqueFd".into(),
+                device_id: device.to_string(),
+                ipc_handle: None,
+                path: None,
+                offset: *offset,
+                size_bytes: *size_bytes,
+                allocation_bytes: Some(memory.allocation_bytes),
+                memory_type_index: Some(memory.memory_type_index),
+                dedicated: Some(memory.dedicated),
+                device_uuid: Some(device_uuid.clone()),
+            },
+        }
     }
 }
