@@ -48,7 +48,9 @@ pub fn send_with_fds(
 /// Receives into `buf` from a Unix stream socket, with the descriptors of any `SCM_RIGHTS`
 /// control message (at most 16) that arrives on it, each closed on exec: the bytes read (0 at
 /// end of stream) and the descriptors. The counterpart of [`send_with_fds`], for Rust peers of
-/// the daemon's socket (protocol version 2); blocking or not as the socket is.
+/// the daemon's socket (protocol version 2); blocking or not as the socket is. More than 16
+/// descriptors at once is an error after the bytes were consumed: the caller must then close
+/// the connection (its stream is out of step).
 pub fn recv_with_fds(
     socket: std::os::fd::BorrowedFd<'_>,
     buf: &mut [u8],

@@ -457,6 +457,17 @@ mod tests {
         assert_eq!(owner.own_bytes(), before);
         let e = other.import_fd(block.export().expect("export"), 4 * MIB).expect_err("larger than the allocation");
         assert!(matches!(e, VulkanError::InvalidArgument(_)), "{e:?}");
+        // What another process sends is checked before the driver sees it.
+        let mut bad = block.export().expect("export");
+        bad.memory_type_index = 31;
+        let e = other.import_fd(bad, MIB).expect_err("no such memory type");
+        assert!(matches!(e, VulkanError::InvalidArgument(ref m) if m.contains("memory type 31")), "{e:?}");
+        let mut bad = block.export().expect("export");
+        bad.allocation_bytes = 4096;
+        let e = other.import_fd(bad, 8192).expect_err("a buffer larger than the allocation");
+        assert!(matches!(e, VulkanError::InvalidArgument(_)), "{e:?}");
+        let e = imported.export().expect_err("an import is not exported again");
+        assert!(matches!(e, VulkanError::InvalidArgument(_)), "{e:?}");
     }
 
     #[test]

@@ -178,6 +178,7 @@ fn vulkan_import_child() {
         allocation_bytes: field("allocationBytes"),
         memory_type_index: field("memoryTypeIndex") as u32,
         dedicated: d["dedicated"] == true,
+        buffer_bytes: field("bufferBytes"),
     };
     let memory = dev.import_fd(exported, offset + size).expect("import the opaque fd");
     let mut bytes = vec![0u8; size as usize];

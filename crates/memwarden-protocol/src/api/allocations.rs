@@ -128,9 +128,13 @@ pub struct ExportDto {
     /// vulkanOpaqueFd: the importer's `memoryTypeIndex`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_type_index: Option<u32>,
-    /// vulkanOpaqueFd: whether the import must be a dedicated allocation.
+    /// vulkanOpaqueFd: whether the import must be a dedicated allocation, over a buffer of
+    /// exactly `bufferBytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedicated: Option<bool>,
+    /// vulkanOpaqueFd: the size of the exporter's buffer over the allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_bytes: Option<u64>,
     /// vulkanOpaqueFd: the physical device's UUID (`VkPhysicalDeviceIDProperties::deviceUUID`,
     /// printed like nvidia-smi's), to pick the same device in the importing process.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -52,6 +52,7 @@ pub struct VulkanDevice {
     staging_type: Option<u32>,
     /// `VkPhysicalDeviceMaintenance3Properties::maxMemoryAllocationSize`.
     max_allocation_bytes: u64,
+    memory_properties: vk::PhysicalDeviceMemoryProperties,
     /// `VK_KHR_external_memory_fd`, when blocks are allocated exportable as opaque fds.
     export: Option<Export>,
     /// `VK_EXT_external_memory_host` and its `minImportedHostPointerAlignment`: host blocks are
@@ -137,7 +138,7 @@ impl VulkanDevice {
         // SAFETY: Maintenance3 properties are core in 1.1, which every listed device has here;
         // the host-memory properties only when the device has that extension.
         unsafe { raw.get_physical_device_properties2(pd, &mut p2) };
-        let host_import = info.external_memory_host.then(|| {
+        let host_import = (info.external_memory_host && Self::host_importable(raw, pd)).then(|| {
             (
                 ash::ext::external_memory_host::Device::new(raw, &device),
                 host_props.min_imported_host_pointer_alignment.max(1),
@@ -155,6 +156,8 @@ impl VulkanDevice {
             block_mapped: false,
             staging_type: None,
             max_allocation_bytes: maintenance3.max_memory_allocation_size,
+            // SAFETY: a plain query on this instance's physical device.
+            memory_properties: unsafe { raw.get_physical_device_memory_properties(pd) },
             export,
             host_import,
             import_enabled: std::sync::atomic::AtomicBool::new(true),
@@ -197,7 +200,13 @@ impl VulkanDevice {
                 .map_err(|e| VulkanError::from_vk("vkCreateFence", 0, e))?;
         }
         // The memory types a transfer buffer can live in, from a probe buffer.
-        let probe_info = vk::BufferCreateInfo::default().size(1).usage(Self::usage());
+        // Exportable blocks' buffers carry the external-memory info, which can narrow the types.
+        let mut external =
+            vk::ExternalMemoryBufferCreateInfo::default().handle_types(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
+        let mut probe_info = vk::BufferCreateInfo::default().size(1).usage(Self::usage());
+        if self.export.is_some() {
+            probe_info = probe_info.push_next(&mut external);
+        }
         // SAFETY: the probe buffer is created and destroyed here, never bound.
         let bits = unsafe {
             let probe = d.create_buffer(&probe_info, None).map_err(|e| VulkanError::from_vk("vkCreateBuffer", 0, e))?;
@@ -205,8 +214,7 @@ impl VulkanDevice {
             d.destroy_buffer(probe, None);
             r.memory_type_bits
         };
-        // SAFETY: a plain query on this instance's physical device.
-        let props = unsafe { self.instance.raw().get_physical_device_memory_properties(self.physical) };
+        let props = self.memory_properties;
         type F = vk::MemoryPropertyFlags;
         let never = F::LAZILY_ALLOCATED | F::PROTECTED | F::DEVICE_COHERENT_AMD;
         let coherent = F::HOST_VISIBLE | F::HOST_COHERENT;
@@ -249,6 +257,17 @@ impl VulkanDevice {
         features
             .contains(vk::ExternalMemoryFeatureFlags::EXPORTABLE | vk::ExternalMemoryFeatureFlags::IMPORTABLE)
             .then(|| features.contains(vk::ExternalMemoryFeatureFlags::DEDICATED_ONLY))
+    }
+
+    /// Whether transfer buffers can be bound to imported host allocations here.
+    fn host_importable(raw: &ash::Instance, pd: vk::PhysicalDevice) -> bool {
+        let query = vk::PhysicalDeviceExternalBufferInfo::default()
+            .usage(Self::usage())
+            .handle_type(vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT);
+        let mut out = vk::ExternalBufferProperties::default();
+        // SAFETY: a plain query (core in 1.1) with structures living for the call.
+        unsafe { raw.get_physical_device_external_buffer_properties(pd, &query, &mut out) };
+        out.external_memory_properties.external_memory_features.contains(vk::ExternalMemoryFeatureFlags::IMPORTABLE)
     }
 
     /// Whether blocks are exported as opaque fds (`VK_KHR_external_memory_fd`), and if not why.
@@ -335,6 +354,7 @@ impl VulkanDevice {
             len: bytes,
             accounted: 0,
             address: 0,
+            exportable: self.export.is_some(),
         };
         // SAFETY: the buffer is live; the allocation is freed by the block's Drop.
         unsafe {
@@ -489,6 +509,8 @@ pub struct DeviceMemory {
     /// Bytes counted in the device's `own_bytes` (the allocation's real size).
     accounted: u64,
     address: u64,
+    /// Allocated exportable here (not imported from another process).
+    exportable: bool,
 }
 
 // SAFETY: the handles are plain tokens; the mapping is plain memory owned by this block, read

@@ -4,7 +4,7 @@
 use super::{AllocateRequest, Allocation, AllocationRecord, Service, ServiceError};
 use crate::util::lock;
 use memwarden_backends::{copy_between, BlockExport, SharedBlock};
-use memwarden_core::{DeviceId, MemoryKind};
+use memwarden_core::{DeviceId, GpuApi, MemoryKind};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -407,6 +407,14 @@ impl Service {
                 .records
                 .get_mut(allocation_id)
                 .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
+            // Refused before marking, so a refusal never undoes another request's export.
+            if via == ExportVia::Http && r.placement.is_some() && matches!(r.device, DeviceId::Gpu(GpuApi::Vulkan, _)) {
+                return Err(ServiceError::InvalidOperation(format!(
+                    "allocation '{allocation_id}' is {} memory, exported as an opaque file descriptor, which HTTP \
+                     cannot carry: ask over the Unix socket (protocol v2 `export`; Python `Client.export`)",
+                    r.device
+                )));
+            }
             let was = (r.exported, r.movable);
             let m = Arc::make_mut(r);
             m.exported = true;
@@ -421,16 +429,10 @@ impl Service {
             let e = side.block.export().map_err(|e| {
                 ServiceError::InvalidOperation(format!("allocation '{allocation_id}' cannot be exported: {e}"))
             })?;
-            if matches!(e, BlockExport::VulkanFd(_)) && via == ExportVia::Http {
-                return Err(ServiceError::InvalidOperation(format!(
-                    "allocation '{allocation_id}' is {} memory, exported as an opaque file descriptor, which HTTP \
-                     cannot carry: ask over the Unix socket (protocol v2 `export`; Python `Client.export`)",
-                    record.device
-                )));
-            }
-            Ok((side.base, e))
+            let uuid = self.device_or_404(record.device)?.backend.info().gpu.as_ref().map(|g| g.uuid.clone());
+            Ok((side.base, e, uuid.unwrap_or_default()))
         });
-        let (base, export) = match exported {
+        let (base, export, device_uuid) = match exported {
             Ok(x) => x,
             Err(e) => {
                 let mut ledger = lock(&self.ledger);
@@ -453,14 +455,7 @@ impl Service {
             }
             BlockExport::VulkanFd(memory) => ExportInfo::VulkanFd {
                 device: record.device,
-                device_uuid: self
-                    .device_or_404(record.device)?
-                    .backend
-                    .info()
-                    .gpu
-                    .as_ref()
-                    .map(|g| g.uuid.clone())
-                    .unwrap_or_default(),
+                device_uuid,
                 memory,
                 offset: base,
                 size_bytes: record.size_bytes,

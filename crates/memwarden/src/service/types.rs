@@ -331,6 +331,7 @@ impl ExportInfo {
                 allocation_bytes: None,
                 memory_type_index: None,
                 dedicated: None,
+                buffer_bytes: None,
                 device_uuid: None,
             },
             ExportInfo::Shm { path, offset, size_bytes } => ExportDto {
@@ -344,6 +345,7 @@ impl ExportInfo {
                 allocation_bytes: None,
                 memory_type_index: None,
                 dedicated: None,
+                buffer_bytes: None,
                 device_uuid: None,
             },
             ExportInfo::VulkanFd { device, device_uuid, memory, offset, size_bytes } => ExportDto {
@@ -357,6 +359,7 @@ impl ExportInfo {
                 allocation_bytes: Some(memory.allocation_bytes),
                 memory_type_index: Some(memory.memory_type_index),
                 dedicated: Some(memory.dedicated),
+                buffer_bytes: Some(memory.buffer_bytes),
                 device_uuid: Some(device_uuid.clone()),
             },
         }

@@ -25,8 +25,11 @@ pub struct ExportedMemory {
     /// The exported allocation's size (the importer must pass exactly this).
     pub allocation_bytes: u64,
     pub memory_type_index: u32,
-    /// The importer must make a dedicated allocation (`VkMemoryDedicatedAllocateInfo`).
+    /// The importer must make a dedicated allocation (`VkMemoryDedicatedAllocateInfo`), over
+    /// a buffer of exactly `buffer_bytes`.
     pub dedicated: bool,
+    /// The size of the exporter's buffer over the allocation.
+    pub buffer_bytes: u64,
 }
 
 /// Which way a copy between a host mapping and a block goes.
@@ -86,20 +89,31 @@ impl VulkanDevice {
     /// kept by the mapping. `None` when the import is refused (the caller imports per copy or
     /// stages).
     fn mapping_import(self: &Arc<Self>, host: &HostMapping) -> Option<vk::Buffer> {
+        let cached = |imports: &[MappingImport]| {
+            let mine = imports.iter().find(|i| Arc::ptr_eq(&i.device, self))?;
+            Some((mine.buffer != vk::Buffer::null()).then_some(mine.buffer))
+        };
+        if let Some(found) = cached(&host.vulkan_imports.lock().unwrap_or_else(|e| e.into_inner())) {
+            return found;
+        }
+        // Imported without the lock (pinning a large mapping takes milliseconds); a refusal is
+        // kept too (null handles), so it is not tried again for every copy.
+        let owned = match self.import_host(host, 0, host.len_bytes()) {
+            Ok((mut import, 0)) => {
+                let owned = MappingImport { device: self.clone(), buffer: import.buffer, memory: import.memory };
+                // Ownership moved to `owned`: the per-copy guard must not free them too.
+                (import.buffer, import.memory) = (vk::Buffer::null(), vk::DeviceMemory::null());
+                owned
+            }
+            _ => MappingImport { device: self.clone(), buffer: vk::Buffer::null(), memory: vk::DeviceMemory::null() },
+        };
         let mut imports = host.vulkan_imports.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = imports.iter().find(|i| Arc::ptr_eq(&i.device, self)) {
-            return Some(i.buffer);
+        if let Some(found) = cached(&imports) {
+            return found; // another copy imported it meanwhile: `owned` is released here
         }
-        let (mut import, offset) = self.import_host(host, 0, host.len_bytes()).ok()?;
-        if offset != 0 {
-            return None;
-        }
-        let owned = MappingImport { device: self.clone(), buffer: import.buffer, memory: import.memory };
-        // Ownership moved to `owned`: the per-copy guard must not free them too.
-        (import.buffer, import.memory) = (vk::Buffer::null(), vk::DeviceMemory::null());
         let buffer = owned.buffer;
         imports.push(owned);
-        Some(buffer)
+        (buffer != vk::Buffer::null()).then_some(buffer)
     }
 
     /// Imports the host pages under `host`'s bytes `offset..offset + len`, widened to the
@@ -138,16 +152,21 @@ impl VulkanDevice {
                 d.create_buffer(&info, None).map_err(|e| VulkanError::from_vk("vkCreateBuffer (import)", size, e))?;
             let mut import = HostImport { device: d, buffer, memory: vk::DeviceMemory::null() };
             let req = d.get_buffer_memory_requirements(buffer);
+            // Host-visible and coherent: host writes before the submission and the device's
+            // writes after the fence are then visible without flushes or invalidations.
+            type F = vk::MemoryPropertyFlags;
+            let coherent = F::HOST_VISIBLE | F::HOST_COHERENT;
             let bits = req.memory_type_bits & pointer.memory_type_bits;
-            if bits == 0 || req.size > size {
-                return Err(VulkanError::InvalidArgument("no memory type can import these host pages".into()));
-            }
+            let props = &self.memory_properties;
+            let ty = super::pick_type(props, bits, coherent | F::HOST_CACHED, F::empty())
+                .or_else(|| super::pick_type(props, bits, coherent, F::empty()));
+            let Some(ty) = ty.filter(|_| req.size <= size) else {
+                return Err(VulkanError::InvalidArgument("no host-coherent memory type can import these pages".into()));
+            };
             let mut from =
                 vk::ImportMemoryHostPointerInfoEXT::default().handle_type(handle).host_pointer(base as *mut _);
-            let alloc = vk::MemoryAllocateInfo::default()
-                .allocation_size(size)
-                .memory_type_index(bits.trailing_zeros())
-                .push_next(&mut from);
+            let alloc =
+                vk::MemoryAllocateInfo::default().allocation_size(size).memory_type_index(ty).push_next(&mut from);
             import.memory = d
                 .allocate_memory(&alloc, None)
                 .map_err(|e| VulkanError::from_vk("vkAllocateMemory (host import)", size, e))?;
@@ -163,7 +182,9 @@ impl VulkanDevice {
     /// closed. The imported memory is not counted in [`VulkanDevice::own_bytes`].
     pub fn import_fd(self: &Arc<Self>, exported: ExportedMemory, len_bytes: u64) -> Result<DeviceMemory, VulkanError> {
         self.export_support().map_err(VulkanError::Unavailable)?;
-        if len_bytes == 0 || len_bytes > exported.allocation_bytes {
+        // A dedicated allocation is imported with a buffer like the exporter's.
+        let buffer_bytes = if exported.dedicated { exported.buffer_bytes } else { len_bytes };
+        if len_bytes == 0 || len_bytes > buffer_bytes || buffer_bytes > exported.allocation_bytes {
             return Err(VulkanError::InvalidArgument(format!(
                 "a buffer of {len_bytes} bytes over an allocation of {}",
                 exported.allocation_bytes
@@ -172,7 +193,7 @@ impl VulkanDevice {
         let d = &self.device;
         let handle = vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD;
         let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
-        let info = vk::BufferCreateInfo::default().size(len_bytes).usage(Self::usage()).push_next(&mut external);
+        let info = vk::BufferCreateInfo::default().size(buffer_bytes).usage(Self::usage()).push_next(&mut external);
         // SAFETY: the buffer is owned by the DeviceMemory built right after, whose Drop
         // destroys it and frees the imported memory.
         let buffer = unsafe { d.create_buffer(&info, None) }
@@ -185,7 +206,20 @@ impl VulkanDevice {
             len: len_bytes,
             accounted: 0,
             address: 0,
+            exportable: false,
         };
+        // The type and size come from another process: checked here, not left to the driver.
+        // SAFETY: the buffer is live.
+        let req = unsafe { d.get_buffer_memory_requirements(buffer) };
+        if exported.memory_type_index >= self.memory_properties.memory_type_count
+            || req.memory_type_bits & (1 << exported.memory_type_index) == 0
+            || req.size > exported.allocation_bytes
+        {
+            return Err(VulkanError::InvalidArgument(format!(
+                "memory type {} and {} bytes cannot hold a buffer of {buffer_bytes} bytes here",
+                exported.memory_type_index, exported.allocation_bytes
+            )));
+        }
         let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&exported.fd);
         let mut from = vk::ImportMemoryFdInfoKHR::default().handle_type(handle).fd(raw_fd);
         let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().buffer(buffer);
@@ -282,10 +316,14 @@ pub fn copy_host(
     // SAFETY: `at..at + len` was bounds-checked inside the live mapping, which `host` keeps
     // mapped for the borrow; the caller does not let the range change meanwhile (the daemon
     // marks both allocations busy for a copy).
-    let bytes = unsafe { std::slice::from_raw_parts_mut(host.ptr.as_ptr().add(at), len as usize) };
+    // A source is only read (other copies may read it at once); only a destination, which the
+    // daemon gives to one copy at a time, is borrowed mutably.
+    let at = unsafe { host.ptr.as_ptr().add(at) };
     match dir {
-        HostCopy::ToDevice => block.write(block_offset, bytes)?,
-        HostCopy::ToHost => block.read(block_offset, bytes)?,
+        // SAFETY: as above.
+        HostCopy::ToDevice => block.write(block_offset, unsafe { std::slice::from_raw_parts(at, len as usize) })?,
+        // SAFETY: as above.
+        HostCopy::ToHost => block.read(block_offset, unsafe { std::slice::from_raw_parts_mut(at, len as usize) })?,
     }
     Ok(if block.ptr.is_some() { HostPath::Mapped } else { HostPath::Staged })
 }
@@ -299,6 +337,9 @@ impl DeviceMemory {
             .export
             .as_ref()
             .ok_or_else(|| VulkanError::Unavailable(self.device.export_support().err().unwrap_or_default()))?;
+        if !self.exportable {
+            return Err(VulkanError::InvalidArgument("an imported block is not exported again".into()));
+        }
         let info = vk::MemoryGetFdInfoKHR::default()
             .memory(self.memory)
             .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD);
@@ -311,6 +352,7 @@ impl DeviceMemory {
             allocation_bytes: self.accounted,
             memory_type_index: self.device.block_type,
             dedicated: e.dedicated,
+            buffer_bytes: self.len,
         })
     }
 }
