@@ -286,36 +286,6 @@ pub enum LedgerError {
     Totals { what: &'static str, group: String, detail: String },
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MIB: u64 = 1 << 20;
-
-    fn pool(free: u64, largest: u64) -> PoolStats {
-        PoolStats { free_in_pool_bytes: free, largest_free_block_bytes: largest, ..PoolStats::default() }
-    }
-
-    #[test]
-    fn unfragmented_pools_make_an_unfragmented_device() {
-        // Host and pinned, each with its free space in one range: the old "all pools as one
-        // free space" figure said 1 − 5/8 = 0.375 here.
-        assert_eq!(device_fragmentation([pool(5 * MIB, 5 * MIB), pool(3 * MIB, 3 * MIB)]), 0.0);
-        assert_eq!(device_fragmentation([]), 0.0);
-        assert_eq!(device_fragmentation([pool(0, 0), pool(0, 0)]), 0.0);
-    }
-
-    #[test]
-    fn the_device_figure_is_the_free_bytes_weighted_mean_of_its_pools() {
-        // 0.875 over 8 MiB free and 0.0 over 8 MiB free: 0.4375; a pool with nothing free
-        // weighs nothing.
-        let f = device_fragmentation([pool(8 * MIB, MIB), pool(8 * MIB, 8 * MIB), pool(0, 0)]);
-        assert!((f - 0.4375).abs() < 1e-12, "{f}");
-        let one = pool(8 * MIB, MIB);
-        assert!((device_fragmentation([one]) - one.fragmentation_index()).abs() < 1e-12);
-    }
-}
-
 impl ExportInfo {
     /// The export as the REST route and the socket's `export` reply show it.
     pub fn dto(&self, allocation_id: &str) -> ExportDto {
@@ -363,5 +333,35 @@ impl ExportInfo {
                 device_uuid: Some(device_uuid.clone()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn pool(free: u64, largest: u64) -> PoolStats {
+        PoolStats { free_in_pool_bytes: free, largest_free_block_bytes: largest, ..PoolStats::default() }
+    }
+
+    #[test]
+    fn unfragmented_pools_make_an_unfragmented_device() {
+        // Host and pinned, each with its free space in one range: the old "all pools as one
+        // free space" figure said 1 − 5/8 = 0.375 here.
+        assert_eq!(device_fragmentation([pool(5 * MIB, 5 * MIB), pool(3 * MIB, 3 * MIB)]), 0.0);
+        assert_eq!(device_fragmentation([]), 0.0);
+        assert_eq!(device_fragmentation([pool(0, 0), pool(0, 0)]), 0.0);
+    }
+
+    #[test]
+    fn the_device_figure_is_the_free_bytes_weighted_mean_of_its_pools() {
+        // 0.875 over 8 MiB free and 0.0 over 8 MiB free: 0.4375; a pool with nothing free
+        // weighs nothing.
+        let f = device_fragmentation([pool(8 * MIB, MIB), pool(8 * MIB, 8 * MIB), pool(0, 0)]);
+        assert!((f - 0.4375).abs() < 1e-12, "{f}");
+        let one = pool(8 * MIB, MIB);
+        assert!((device_fragmentation([one]) - one.fragmentation_index()).abs() < 1e-12);
     }
 }
