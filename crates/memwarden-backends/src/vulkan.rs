@@ -235,6 +235,8 @@ impl VulkanBackend {
             (false, false) => "staged",
         };
         extra.insert("hostAccess".into(), host_access.into());
+        let queue = if device.block_copies_on_compute_queue() { "compute" } else { "transfer" };
+        extra.insert("blockCopyQueue".into(), queue.into());
         extra.insert(
             "export".into(),
             match device.export_support() {

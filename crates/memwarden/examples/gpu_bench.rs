@@ -69,7 +69,8 @@ fn main() {
     let gpus: Vec<String> = s.device_ids().iter().map(|d| d.to_string()).filter(|d| d.starts_with(&api)).collect();
     assert!(!gpus.is_empty(), "no {api} GPU: {:?}", s.backends());
     let st = s.status(dev.parse().expect("device id")).expect("status");
-    println!("device {dev} {} ({} GPU(s)) {:?}", st.name, gpus.len(), st.extra.get("hostAccess"));
+    let (access, queue) = (st.extra.get("hostAccess"), st.extra.get("blockCopyQueue"));
+    println!("device {dev} {} ({} GPU(s)) host access {access:?}, block copies {queue:?}", st.name, gpus.len());
 
     // Pool allocate + free pair through the service (validation, budget, pool, ledger, id).
     let warm = s.allocate(req(dev, 1 << 20, None)).expect("warm");

@@ -61,6 +61,9 @@ pub struct VulkanDevice {
     /// Cleared by [`VulkanDevice::disable_host_import`] (configuration): copies stage instead.
     import_enabled: std::sync::atomic::AtomicBool,
     submitter: Mutex<Submitter>,
+    /// Copies between blocks, on a queue of a family that can compute (where the driver copies
+    /// with the GPU's cores, not only its copy engines), when that is not the transfer queue.
+    block_copies: Option<Mutex<Submitter>>,
     next_address: AtomicU64,
     /// Bytes of blocks this process holds on the device now.
     own_bytes: AtomicU64,
@@ -112,8 +115,17 @@ impl VulkanDevice {
             .or_else(|| families.iter().position(|f| f.queue_count > 0 && f.queue_flags.intersects(any)))
             .ok_or_else(|| VulkanError::Unavailable(format!("{}: no queue can transfer", info.name)))?
             as u32;
+        let compute = families
+            .iter()
+            .position(|f| f.queue_count > 0 && f.queue_flags.contains(vk::QueueFlags::COMPUTE))
+            .map(|c| c as u32)
+            .filter(|&c| c != family);
         let priorities = [1.0f32];
-        let queues = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&priorities)];
+        let queues: Vec<_> = [Some(family), compute]
+            .into_iter()
+            .flatten()
+            .map(|f| vk::DeviceQueueCreateInfo::default().queue_family_index(f).queue_priorities(&priorities))
+            .collect();
         let mut extensions = vec![];
         for (on, name) in [
             (info.memory_budget, vk::EXT_MEMORY_BUDGET_NAME),
@@ -161,43 +173,20 @@ impl VulkanDevice {
             export,
             host_import,
             import_enabled: std::sync::atomic::AtomicBool::new(true),
-            submitter: Mutex::new(Submitter {
-                queue: vk::Queue::null(),
-                pool: vk::CommandPool::null(),
-                cmd: vk::CommandBuffer::null(),
-                fence: vk::Fence::null(),
-                staging: None,
-            }),
+            submitter: Mutex::new(Submitter::empty()),
+            block_copies: compute.map(|_| Mutex::new(Submitter::empty())),
             next_address: AtomicU64::new(BLOCK_ALIGNMENT_BYTES),
             own_bytes: AtomicU64::new(0),
         };
-        dev.init(family, access)?;
+        dev.init(family, compute, access)?;
         Ok(Arc::new(dev))
     }
 
-    fn init(&mut self, family: u32, access: HostAccess) -> Result<(), VulkanError> {
+    fn init(&mut self, family: u32, compute: Option<u32>, access: HostAccess) -> Result<(), VulkanError> {
         let d = &self.device;
-        let s = self.submitter.get_mut().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the device is live; the family and queue index 0 were requested at creation.
-        s.queue = unsafe { d.get_device_queue(family, 0) };
-        let pool_info = vk::CommandPoolCreateInfo::default()
-            .queue_family_index(family)
-            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
-        // SAFETY: plain creation calls on a live device; each object is destroyed in Drop.
-        unsafe {
-            s.pool = d
-                .create_command_pool(&pool_info, None)
-                .map_err(|e| VulkanError::from_vk("vkCreateCommandPool", 0, e))?;
-            let alloc = vk::CommandBufferAllocateInfo::default()
-                .command_pool(s.pool)
-                .level(vk::CommandBufferLevel::PRIMARY)
-                .command_buffer_count(1);
-            s.cmd = d
-                .allocate_command_buffers(&alloc)
-                .map_err(|e| VulkanError::from_vk("vkAllocateCommandBuffers", 0, e))?[0];
-            s.fence = d
-                .create_fence(&vk::FenceCreateInfo::default(), None)
-                .map_err(|e| VulkanError::from_vk("vkCreateFence", 0, e))?;
+        Submitter::create(d, family, self.submitter.get_mut().unwrap_or_else(|e| e.into_inner()))?;
+        if let (Some(c), Some(s)) = (compute, self.block_copies.as_mut()) {
+            Submitter::create(d, c, s.get_mut().unwrap_or_else(|e| e.into_inner()))?;
         }
         // The memory types a transfer buffer can live in, from a probe buffer.
         // Exportable blocks' buffers carry the external-memory info, which can narrow the types.
@@ -440,6 +429,19 @@ impl VulkanDevice {
         self.submitter.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether copies between blocks run on a compute-capable queue (else the transfer queue).
+    pub fn block_copies_on_compute_queue(&self) -> bool {
+        self.block_copies.is_some()
+    }
+
+    /// The queue for copies between blocks: the compute-capable one where there is one.
+    fn lock_block_copies(&self) -> std::sync::MutexGuard<'_, Submitter> {
+        match &self.block_copies {
+            Some(m) => m.lock().unwrap_or_else(|e| e.into_inner()),
+            None => self.lock(),
+        }
+    }
+
     /// The staging buffer, created on first use.
     fn staging<'a>(&self, s: &'a mut Submitter) -> Result<&'a Staging, VulkanError> {
         if s.staging.is_none() {
@@ -493,6 +495,11 @@ impl Drop for VulkanDevice {
             }
             self.device.destroy_fence(s.fence, None);
             self.device.destroy_command_pool(s.pool, None);
+            if let Some(c) = self.block_copies.as_mut() {
+                let c = c.get_mut().unwrap_or_else(|e| e.into_inner());
+                self.device.destroy_fence(c.fence, None);
+                self.device.destroy_command_pool(c.pool, None);
+            }
             self.device.destroy_device(None);
         }
     }

@@ -1,10 +1,49 @@
 //! Copies on the device's queue: between blocks (`vkCmdCopyBuffer`, overlapping moves through
 //! a scratch block) and through the staging buffer.
 
-use super::{DeviceMemory, VulkanDevice, STAGING_BYTES};
+use super::{DeviceMemory, Submitter, VulkanDevice, STAGING_BYTES};
 use crate::vulkan::VulkanError;
 use ash::vk;
 use std::sync::Arc;
+
+impl Submitter {
+    pub(super) fn empty() -> Self {
+        Submitter {
+            queue: vk::Queue::null(),
+            pool: vk::CommandPool::null(),
+            cmd: vk::CommandBuffer::null(),
+            fence: vk::Fence::null(),
+            staging: None,
+        }
+    }
+
+    /// Queue 0 of `family` (requested at device creation), a command pool and buffer, a fence.
+    pub(super) fn create(d: &ash::Device, family: u32, s: &mut Submitter) -> Result<(), VulkanError> {
+        // SAFETY: the device is live; the family and queue index 0 were requested at creation.
+        s.queue = unsafe { d.get_device_queue(family, 0) };
+        let pool_info = vk::CommandPoolCreateInfo::default()
+            .queue_family_index(family)
+            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
+        // SAFETY: plain creation calls on a live device; each object is destroyed in the
+        // device's Drop (null handles of a failed step are ignored there).
+        unsafe {
+            s.pool = d
+                .create_command_pool(&pool_info, None)
+                .map_err(|e| VulkanError::from_vk("vkCreateCommandPool", 0, e))?;
+            let alloc = vk::CommandBufferAllocateInfo::default()
+                .command_pool(s.pool)
+                .level(vk::CommandBufferLevel::PRIMARY)
+                .command_buffer_count(1);
+            s.cmd = d
+                .allocate_command_buffers(&alloc)
+                .map_err(|e| VulkanError::from_vk("vkAllocateCommandBuffers", 0, e))?[0];
+            s.fence = d
+                .create_fence(&vk::FenceCreateInfo::default(), None)
+                .map_err(|e| VulkanError::from_vk("vkCreateFence", 0, e))?;
+        }
+        Ok(())
+    }
+}
 
 impl VulkanDevice {
     pub(super) fn staged_write(&self, dst: vk::Buffer, offset: u64, data: &[u8]) -> Result<(), VulkanError> {
@@ -71,7 +110,7 @@ pub fn copy(
     let overlap = same && src_offset < dst_offset + len && dst_offset < src_offset + len;
     if !overlap {
         let region = [vk::BufferCopy::default().src_offset(src_offset).dst_offset(dst_offset).size(len)];
-        let mut s = dev.lock();
+        let mut s = dev.lock_block_copies();
         // SAFETY: both buffers are live (borrowed for the call) and the ranges were checked.
         return dev.run(&mut s, |d, cmd| unsafe { d.cmd_copy_buffer(cmd, src.buffer, dst.buffer, &region) });
     }
@@ -87,7 +126,7 @@ pub fn copy(
     let barrier = [vk::MemoryBarrier::default()
         .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
         .dst_access_mask(vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE)];
-    let mut s = dev.lock();
+    let mut s = dev.lock_block_copies();
     for &at in order {
         let n = (len - at).min(step);
         let into = [vk::BufferCopy::default().src_offset(src_offset + at).dst_offset(0).size(n)];
