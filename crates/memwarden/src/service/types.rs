@@ -289,50 +289,39 @@ pub enum LedgerError {
 impl ExportInfo {
     /// The export as the REST route and the socket's `export` reply show it.
     pub fn dto(&self, allocation_id: &str) -> ExportDto {
+        let (kind, device_id, offset, size_bytes) = match self {
+            ExportInfo::CudaIpc { device, offset, size_bytes, .. } => ("cudaIpc", *device, offset, size_bytes),
+            ExportInfo::Shm { offset, size_bytes, .. } => ("shm", DeviceId::Cpu, offset, size_bytes),
+            ExportInfo::VulkanFd { device, offset, size_bytes, .. } => ("vulkanOpaqueFd", *device, offset, size_bytes),
+        };
+        let mut dto = ExportDto {
+            allocation_id: allocation_id.into(),
+            kind: kind.into(),
+            device_id: device_id.to_string(),
+            ipc_handle: None,
+            path: None,
+            offset: *offset,
+            size_bytes: *size_bytes,
+            allocation_bytes: None,
+            memory_type_index: None,
+            dedicated: None,
+            buffer_bytes: None,
+            device_uuid: None,
+        };
         match self {
-            ExportInfo::CudaIpc { device, handle, offset, size_bytes } => ExportDto {
-                allocation_id: allocation_id.into(),
-                kind: "cudaIpc".into(),
-                device_id: device.to_string(),
-                ipc_handle: Some(handle.iter().map(|b| format!("{b:02x}")).collect()),
-                path: None,
-                offset: *offset,
-                size_bytes: *size_bytes,
-                allocation_bytes: None,
-                memory_type_index: None,
-                dedicated: None,
-                buffer_bytes: None,
-                device_uuid: None,
-            },
-            ExportInfo::Shm { path, offset, size_bytes } => ExportDto {
-                allocation_id: allocation_id.into(),
-                kind: "shm".into(),
-                device_id: "cpu".into(),
-                ipc_handle: None,
-                path: Some(path.clone()),
-                offset: *offset,
-                size_bytes: *size_bytes,
-                allocation_bytes: None,
-                memory_type_index: None,
-                dedicated: None,
-                buffer_bytes: None,
-                device_uuid: None,
-            },
-            ExportInfo::VulkanFd { device, device_uuid, memory, offset, size_bytes } => ExportDto {
-                allocation_id: allocation_id.into(),
-                kind: "vulkanOpaqueFd".into(),
-                device_id: device.to_string(),
-                ipc_handle: None,
-                path: None,
-                offset: *offset,
-                size_bytes: *size_bytes,
-                allocation_bytes: Some(memory.allocation_bytes),
-                memory_type_index: Some(memory.memory_type_index),
-                dedicated: Some(memory.dedicated),
-                buffer_bytes: Some(memory.buffer_bytes),
-                device_uuid: Some(device_uuid.clone()),
-            },
+            ExportInfo::CudaIpc { handle, .. } => {
+                dto.ipc_handle = Some(handle.iter().map(|b| format!("{b:02x}")).collect())
+            }
+            ExportInfo::Shm { path, .. } => dto.path = Some(path.clone()),
+            ExportInfo::VulkanFd { device_uuid, memory, .. } => {
+                dto.allocation_bytes = Some(memory.allocation_bytes);
+                dto.memory_type_index = Some(memory.memory_type_index);
+                dto.dedicated = Some(memory.dedicated);
+                dto.buffer_bytes = Some(memory.buffer_bytes);
+                dto.device_uuid = Some(device_uuid.clone());
+            }
         }
+        dto
     }
 }
 
