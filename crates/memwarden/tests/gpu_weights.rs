@@ -164,6 +164,7 @@ fn a_killed_worker_holding_8_gib_maps_them_again_within_a_second_of_its_hello() 
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["holders"], json!(["gpu0"]), "the worker maps the weights: {body}");
     let load = body["data"]["load"].clone();
+    held_weights_are_not_the_workers_own(&s, body["data"]["sizeBytes"].as_u64().expect("size"));
     let (w, _) = worker_and_holders(&s);
     let pid = w["pid"].as_u64().expect("pid");
     let killed = Instant::now();
@@ -190,6 +191,26 @@ fn a_killed_worker_holding_8_gib_maps_them_again_within_a_second_of_its_hello() 
         after_hello.as_secs_f64() * 1e3
     );
     assert!(after_hello < Duration::from_secs(1), "{gib} GiB usable in the restarted worker within 1 s of its hello");
+}
+
+/// The worker maps the held model but NVML charges it to memwarden, its creator: the worker's
+/// own figure is its context, the model counts once (the device's `heldModelMemory`), and
+/// `unattributedBytes` is never negative.
+fn held_weights_are_not_the_workers_own(s: &TestServer, size: u64) {
+    let (code, list) = s.call("GET", "/api/memory/models", None);
+    assert_eq!(code, 200, "{list}");
+    let w = &list["data"]["coordinationStatus"]["workers"][0];
+    assert_eq!(w["mappedBytes"]["cuda:0"], size, "{w}");
+    let process = w["processBytes"]["cuda:0"].as_u64().expect("NVML's per-process figure");
+    let unattributed = w["unattributedBytes"]["cuda:0"].as_i64().expect("unattributed");
+    println!("worker mapping {size} held bytes on cuda:0: processBytes {process}, unattributedBytes {unattributed}");
+    assert!(process < size, "the worker's own figure is its context, not the model: {w}");
+    assert!(unattributed >= 0, "{w}");
+    let dev = list["data"]["devices"].as_array().expect("devices").iter().find(|d| d["deviceId"] == "cuda:0").cloned();
+    let m = &dev.expect("cuda:0")["modelMemory"];
+    assert_eq!(m["totalModelMemory"], m["heldModelMemory"], "counted once: {m}");
+    assert!(m["heldModelMemory"].as_u64().expect("held") >= size, "{m}");
+    assert!(m["unattributedBytes"].as_i64().expect("unattributed") >= 0, "{m}");
 }
 
 /// The watchdog with park available: an outside process fills cuda:0 past `critical` while an

@@ -96,3 +96,73 @@ fn bad_files_and_arguments_get_stable_codes_and_allocate_nothing() {
     assert_error(&s.call("POST", "/api/memory/models/w-77/park", None), 404, "MODEL_NOT_FOUND", "w-77");
     assert_error(&s.call("POST", "/api/memory/models/w-77/drop", None), 404, "MODEL_NOT_FOUND", "w-77");
 }
+
+fn optimize(s: &TestServer, body: serde_json::Value) -> serde_json::Value {
+    let (code, r) = s.call("POST", "/api/memory/models/optimize", Some(&body.to_string()));
+    assert_eq!(code, 200, "optimize needs no worker: {r}");
+    r["data"].clone()
+}
+
+/// A cached, empty 64 MiB host block: what the first rung gives back.
+fn cache_a_block(s: &TestServer) {
+    let id = s.alloc_on("cpu", json!({"sizeBytes": 8 << 20}));
+    assert_eq!(s.call("DELETE", &format!("/api/memory/allocations/{id}"), None).0, 200);
+}
+
+fn skipped(run: &serde_json::Value) -> Vec<String> {
+    run["rungsSkipped"]
+        .as_array()
+        .expect("rungsSkipped")
+        .iter()
+        .map(|r| r["rung"].as_str().expect("rung").into())
+        .collect()
+}
+
+fn state_of(s: &TestServer, id: &str) -> String {
+    let (_, list) = s.call("GET", "/api/memory/models", None);
+    let w = list["data"]["weights"].as_array().expect("weights").iter().find(|w| w["modelId"] == id).cloned();
+    w.expect("listed")["state"].as_str().expect("state").into()
+}
+
+/// With workers disabled, optimize runs what needs no worker (memwarden's caches, the weights
+/// it holds) and names the rungs it left out, instead of 503 WORKER_UNAVAILABLE.
+#[test]
+fn optimize_with_no_worker_runs_the_rungs_that_need_none_and_names_the_others() {
+    let s = TestServer::start();
+    let dir = tempdir("optimize-no-worker");
+    let (path, bytes) = write_model(&dir, "m", 24);
+    let (code, body) = load(&s, json!({"path": path}));
+    assert_eq!(code, 200, "{body}");
+    let id = body["data"]["modelId"].as_str().expect("id").to_string();
+
+    // Conservative never unloads: the caches go, the held model stays, and the answer says so.
+    cache_a_block(&s);
+    let run = optimize(&s, json!({"deviceId": "cpu", "strategy": "conservative", "minMemoryToFree": 4 * bytes}));
+    assert_eq!(run["optimizationTriggered"], true, "{run}");
+    let clear = &run["steps"][0];
+    assert_eq!((clear["action"].as_str(), clear["claimedBytes"].as_u64()), (Some("clear"), Some(64 << 20)), "{run}");
+    assert_eq!(clear["verified"], true, "memwarden's own blocks going are measured on cpu too: {run}");
+    assert_eq!(skipped(&run), ["trimCache", "offload", "unload", "drop"], "{run}");
+    let reason = run["rungsSkipped"][0]["reason"].as_str().expect("reason");
+    assert!(reason.contains("workers.enabled = false"), "{reason}");
+    assert_eq!(state_of(&s, &id), "resident");
+
+    // Balanced: the caches, then the idle held model is dropped (on cpu there is nowhere to park).
+    cache_a_block(&s);
+    let run = optimize(&s, json!({"deviceId": "cpu", "strategy": "balanced", "minMemoryToFree": 4 * bytes}));
+    assert_eq!(skipped(&run), ["trimCache", "offload", "unload"], "{run}");
+    let steps = run["steps"].as_array().expect("steps");
+    assert_eq!(steps[0]["claimedBytes"], 64 << 20, "{run}");
+    let drop = steps.iter().find(|s| s["action"] == "drop" && s["target"] == id.as_str()).expect("a drop step");
+    assert!(drop["error"].is_null() && drop["verified"] == true, "{run}");
+    assert_eq!(run["modelsUnloaded"], json!([id]), "{run}");
+    assert!(run["memoryFreed"].as_u64().expect("freed") >= bytes + (64 << 20), "measured, not claimed: {run}");
+    assert_eq!(state_of(&s, &id), "dropped");
+    // The request, as sent: no device, no worker.
+    let (code, r) = s.call(
+        "POST",
+        "/api/memory/models/optimize",
+        Some(&json!({"targetPressureLevel": 50, "strategy": "balanced"}).to_string()),
+    );
+    assert_eq!(code, 200, "{r}");
+}

@@ -148,3 +148,42 @@ fn a_supervised_worker_maps_held_weights_and_after_sigkill_its_restart_reattache
     let (_, list) = s.call("GET", "/api/memory/models", None);
     assert!(list["data"]["weights"].as_array().expect("weights").is_empty());
 }
+
+/// A worker that maps a held model is not charged for it: the model counts once, as memwarden's
+/// (`heldModelMemory`), the worker's `mappedBytes` names it, and what the worker holds beyond
+/// its own models (`unattributedBytes`) is never negative, on the worker's row and the device's.
+#[test]
+fn held_weights_a_worker_maps_are_counted_once_and_unattributed_bytes_stay_positive() {
+    let dir = tempdir("weights-attribution");
+    let mut config = Config::default();
+    config.workers.socket = "none".into();
+    config.workers.health_interval_ms = 0;
+    config.pressure.enabled = false;
+    let s = TestServer::start_with_workers(config);
+    ready_worker(&s, None);
+    let (path, bytes) = write_model(&dir, "mapped", 64);
+    let (code, body) = s.call("POST", "/api/memory/models/load", Some(&serde_json::json!({"path": path}).to_string()));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["holders"], serde_json::json!(["worker-0"]), "the worker maps it: {body}");
+    let resident = body["data"]["residentBytes"].as_u64().expect("resident");
+    let (_, list) = s.call("GET", "/api/memory/models", None);
+    let data = &list["data"];
+    let worker = &data["coordinationStatus"]["workers"][0];
+    assert_eq!(worker["mappedBytes"]["cpu"], bytes, "{worker}");
+    assert_eq!(
+        worker["modelBytes"].get("cpu").and_then(Value::as_u64).unwrap_or(0),
+        0,
+        "not the worker's own: {worker}"
+    );
+    let process = worker["processBytes"]["cpu"].as_u64().expect("measured");
+    assert!(process < bytes, "the mapping is not the worker's own memory: {worker}");
+    let unattributed = worker["unattributedBytes"]["cpu"].as_i64().expect("unattributed");
+    assert_eq!(unattributed, process as i64, "the worker holds no model of its own: {worker}");
+    let cpu = &data["devices"].as_array().expect("devices").iter().find(|d| d["deviceId"] == "cpu").expect("cpu")
+        ["modelMemory"];
+    assert_eq!(cpu["heldModelMemory"], resident, "{cpu}");
+    assert_eq!(cpu["totalModelMemory"], resident, "counted once: {cpu}");
+    let unattributed = cpu["unattributedBytes"].as_i64().expect("unattributed");
+    assert!(unattributed >= 0, "{cpu}");
+    assert_eq!(unattributed, cpu["processBytes"].as_i64().expect("process"), "{cpu}");
+}

@@ -293,7 +293,13 @@ fn without_workers_model_routes_say_why_and_nothing_else_breaks() {
         assert_eq!((code, body["error"]["code"].as_str()), (503, Some("WORKER_UNAVAILABLE")), "{body}");
         assert!(body["error"]["message"].as_str().expect("message").contains(why), "{body}");
         assert_eq!(s.call("DELETE", "/api/memory/models/m-1", None).0, 503);
-        assert_eq!(s.call("POST", "/api/memory/models/optimize", Some(r#"{"deviceId": "cpu"}"#)).0, 503);
+        // Optimize degrades instead: the rungs that need a worker are named, with the reason.
+        let (code, run) =
+            s.call("POST", "/api/memory/models/optimize", Some(r#"{"deviceId": "cpu", "forceOptimization": true}"#));
+        assert_eq!(code, 200, "{run}");
+        let skipped = &run["data"]["rungsSkipped"];
+        assert_eq!(skipped.as_array().map(Vec::len), Some(3), "{run}");
+        assert!(skipped[0]["reason"].as_str().expect("reason").contains(why), "{run}");
         assert_eq!(s.call("GET", "/api/memory/status", None).0, 200);
     }
 }

@@ -63,14 +63,22 @@ pub struct SystemMemoryDto {
 pub struct ModelMemoryDto {
     pub loaded_models: Vec<LoadedModelDto>,
     pub loaded_model_count: usize,
-    /// Sum of the models' reported bytes on this device.
+    /// The model memory on this device, each byte counted once: the models the workers and
+    /// clients hold themselves (their reported bytes) plus the weights memwarden holds resident
+    /// here (`heldModelMemory`), however many processes map them.
     pub total_model_memory: u64,
+    /// The part of `totalModelMemory` memwarden holds (resident held weights on this device).
+    #[serde(default)]
+    pub held_model_memory: u64,
     /// The device's available bytes less outstanding reservations: what a new model can use.
     pub available_for_models: u64,
-    /// What the OS (RSS, for `cpu`) or NVML (per process, for GPUs) says the model processes
-    /// hold on this device; null where it cannot be measured.
+    /// What the OS (own RSS: resident less shared memory, for `cpu`) or NVML (per process, for
+    /// GPUs: what the process allocated, not what it maps) says the model processes hold on
+    /// this device as their own; null where it cannot be measured.
     pub process_bytes: Option<u64>,
-    /// `processBytes - totalModelMemory`: interpreter and CUDA-context overhead, caches, leaks.
+    /// `processBytes` less the bytes of the models the processes hold themselves (not the
+    /// weights memwarden holds): interpreter and CUDA-context overhead, caches, leaks. Never
+    /// negative.
     pub unattributed_bytes: Option<i64>,
 }
 
@@ -122,11 +130,17 @@ pub struct WorkerDto {
     pub devices: Vec<String>,
     pub frameworks: BTreeMap<String, Option<String>>,
     pub model_count: usize,
-    /// Reported model bytes per device.
+    /// Reported bytes per device of the models it holds itself (not the weights memwarden
+    /// holds and it only maps: those are in `mappedBytes`).
     pub model_bytes: BTreeMap<String, u64>,
-    /// Measured: RSS (`cpu`) and NVML per-process bytes (GPUs).
+    /// Per device, the bytes of the weights memwarden holds that this process maps: counted
+    /// where they live (the device's `heldModelMemory`), not as this process's.
+    #[serde(default)]
+    pub mapped_bytes: BTreeMap<String, u64>,
+    /// Measured, its own: RSS less shared memory (`cpu`) and NVML per-process bytes (GPUs,
+    /// which charge an allocation to its creator, not to the processes that map it).
     pub process_bytes: BTreeMap<String, u64>,
-    /// Per device, measured minus reported.
+    /// Per device, `processBytes` less `modelBytes`, never negative.
     pub unattributed_bytes: BTreeMap<String, i64>,
     /// Releases it claimed that the measurement did not confirm (see the optimizer).
     pub unverified_releases: u32,

@@ -51,6 +51,17 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
+/// A rung of the ladder a run left out, and why (e.g. no worker to ask: the rungs that need one
+/// are skipped, the others run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedRung {
+    /// `trimCache` (the holders' allocator caches), `offload`, `unload` (the holders' models),
+    /// or `drop` (memwarden's held weights on `cpu`).
+    pub rung: String,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OptimizeOutcome {
@@ -72,6 +83,9 @@ pub struct OptimizeOutcome {
     pub models_unloaded: Vec<String>,
     pub models_offloaded: Vec<String>,
     pub steps: Vec<StepRecord>,
+    /// The rungs this run left out, with the reason; empty when every rung could run.
+    #[serde(default)]
+    pub rungs_skipped: Vec<SkippedRung>,
     /// 0–100 and the level, measured after the run.
     pub new_pressure_level: u8,
     pub new_pressure_category: String,
@@ -130,6 +144,7 @@ mod tests {
             models_unloaded: vec![],
             models_offloaded: vec![],
             steps: vec![],
+            rungs_skipped: vec![],
             new_pressure_level: 3,
             new_pressure_category: "low".into(),
             previous_pressure_level: 3,

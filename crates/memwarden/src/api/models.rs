@@ -122,8 +122,14 @@ pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<Mo
             let dev = s.device.to_string();
             let mut loaded = per_device_models.remove(&dev).unwrap_or_default();
             loaded.sort_by(|a, b| a.loaded_at.cmp(&b.loaded_at).then(a.model_id.cmp(&b.model_id)));
-            // The models listed here (those whose `deviceId` is this device), by what they report.
-            let total: u64 = loaded.iter().map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes)).sum();
+            // The models listed here (those whose `deviceId` is this device), by what they
+            // report, less the held weights a process maps: those count once, as memwarden's.
+            let own: u64 = loaded
+                .iter()
+                .filter(|m| m.backend.as_deref() != Some("memwarden"))
+                .map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes))
+                .sum();
+            let held: u64 = weights.iter().filter(|w| w.device_id == dev).map(|w| w.resident_bytes).sum();
             let measured = if fallback.is_some() || per_device_unmeasured.contains_key(&dev) {
                 None
             } else {
@@ -140,10 +146,11 @@ pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<Mo
                 model_memory: ModelMemoryDto {
                     loaded_model_count: loaded.len(),
                     loaded_models: loaded,
-                    total_model_memory: total,
+                    total_model_memory: own + held,
+                    held_model_memory: held,
                     available_for_models: s.available_bytes.saturating_sub(s.reservation_bytes),
                     process_bytes: measured,
-                    unattributed_bytes: measured.map(|m| m as i64 - total as i64),
+                    unattributed_bytes: measured.map(|m| unattributed_of(m, own)),
                 },
             }
         })
@@ -163,6 +170,12 @@ pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<Mo
     }))
 }
 
+/// What a process holds beyond the models it holds itself (interpreter, context, caches,
+/// leaks). Never negative: a process may report more than it has touched (a lazily mapped file).
+fn unattributed_of(process_bytes: u64, own_model_bytes: u64) -> i64 {
+    process_bytes.saturating_sub(own_model_bytes).min(i64::MAX as u64) as i64
+}
+
 /// One worker's row, its models, and per device the measured bytes of its process (None where
 /// it holds models but no figure exists, e.g. NVML without per-process data in a container).
 type DeviceBytes = Vec<(String, Option<u64>)>;
@@ -174,6 +187,7 @@ fn worker_dto(
 ) -> (WorkerDto, Vec<LoadedModelDto>, DeviceBytes) {
     let (st, conn, pid, models) = (&holder.state, &holder.conn, holder.pid, &holder.models);
     let model_bytes = holder.model_bytes();
+    let mapped_bytes = holder.mapped_bytes();
     let mut dtos = Vec::new();
     let mut device_bytes = Vec::new();
     let mut measured = BTreeMap::new();
@@ -182,7 +196,7 @@ fn worker_dto(
         measured = process_bytes(proc_root, pid, statuses);
         dtos = models.iter().map(|m| LoadedModelDto::new(m, holder.id(), pid)).collect();
         for (dev, bytes) in &measured {
-            unattributed.insert(dev.clone(), *bytes as i64 - model_bytes.get(dev).copied().unwrap_or(0) as i64);
+            unattributed.insert(dev.clone(), unattributed_of(*bytes, model_bytes.get(dev).copied().unwrap_or(0)));
             device_bytes.push((dev.clone(), Some(*bytes)));
         }
         for dev in model_bytes.keys().filter(|d| !measured.contains_key(*d)) {
@@ -212,6 +226,7 @@ fn worker_dto(
         frameworks: conn.as_ref().map(|c| c.frameworks.clone()).unwrap_or_default(),
         model_count: models.len(),
         model_bytes,
+        mapped_bytes,
         process_bytes: measured,
         unattributed_bytes: unattributed,
         unverified_releases: st.unverified_releases,
@@ -461,9 +476,11 @@ pub async fn move_model(
 }
 
 /// Frees model memory on a device, cheapest first: caches (memwarden's empty pool blocks, each
-/// worker's allocator caches), then offloads idle models to the CPU (when the host is not under
-/// pressure), then unloads models, ranked by idle time, priority, size and reload cost; pinned and
-/// excluded models are never touched. `memoryFreed` is measured (the driver's free memory for a
+/// worker's allocator caches), then the weights memwarden holds (parked, or dropped on `cpu`),
+/// then offloads idle models to the CPU (when the host is not under pressure), then unloads
+/// models, ranked by idle time, priority, size and reload cost; pinned and excluded models are
+/// never touched. With no worker or client to ask it still runs: the rungs that need one are
+/// named in `rungsSkipped` with the reason. `memoryFreed` is measured (the driver's free memory for a
 /// GPU, the model processes' RSS for `cpu`), never negative (`memoryMeasured` is the signed
 /// change), each step's claim beside its measured gain. `forceOptimization` below the target
 /// runs the caches and releases the least valuable unpinned model.
@@ -477,8 +494,7 @@ pub async fn move_model(
     responses(
         (status = 200, body = ApiResponse<OptimizeReply>,
             description = "one `OptimizeOutcome` with `deviceId`; `OptimizeRunsDto` (the runs, most pressured device first) without"),
-        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND"),
-        (status = 503, description = "WORKER_UNAVAILABLE")
+        (status = 400, description = "INVALID_ARGUMENT"), (status = 404, description = "DEVICE_NOT_FOUND")
     )
 )]
 pub async fn optimize(State(state): State<AppState>, ApiJson(body): ApiJson<OptimizeBody>) -> ApiResult<OptimizeReply> {
@@ -497,15 +513,13 @@ pub async fn optimize(State(state): State<AppState>, ApiJson(body): ApiJson<Opti
     if max_time == 0 || max_time > 600_000 {
         return Err(ApiError::invalid("maxOptimizationTimeMs must be between 1 and 600000"));
     }
-    if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
-        return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
-    }
     if !body.models.is_empty() {
         let Some(device) = device else {
             return Err(ApiError::invalid("models: name the device they are on (deviceId)"));
         };
-        let here: Vec<String> =
+        let mut here: Vec<String> =
             ModelView::snapshot(&state.supervisor).facts(device).into_iter().map(|m| m.model_id).collect();
+        here.extend(state.weights.models().into_iter().filter(|m| m.device() == device).map(|m| m.id.clone()));
         let missing: Vec<&str> = body.models.iter().filter(|m| !here.contains(m)).map(String::as_str).collect();
         if !missing.is_empty() {
             return Err(ApiError::invalid(format!("models: not loaded on {device}: {}", missing.join(", "))));

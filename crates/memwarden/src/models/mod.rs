@@ -43,6 +43,20 @@ pub fn footprint_on(m: &ModelInfo, device: &str) -> u64 {
     m.reserved_bytes.unwrap_or(on).max(on)
 }
 
+/// The model's weights are memwarden's (the process maps them zero-copy): they are counted
+/// where they live, once, not as the process's own memory.
+pub fn held_by_memwarden(m: &ModelInfo) -> bool {
+    m.backend.as_deref() == Some("memwarden")
+}
+
+fn per_device<'a>(models: impl Iterator<Item = &'a ModelInfo>) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    for (d, b) in models.flat_map(placements) {
+        *out.entry(d.to_string()).or_default() += b;
+    }
+    out
+}
+
 /// One worker or client, as seen when the view was taken.
 pub struct Holder {
     pub slot: Arc<Slot>,
@@ -68,13 +82,15 @@ impl Holder {
         &self.slot.id
     }
 
-    /// Reported model bytes per device.
+    /// Reported bytes per device of the models it holds itself: not the weights memwarden
+    /// holds, which it only maps ([`Holder::mapped_bytes`]).
     pub fn model_bytes(&self) -> BTreeMap<String, u64> {
-        let mut out: BTreeMap<String, u64> = BTreeMap::new();
-        for (d, b) in self.models.iter().flat_map(placements) {
-            *out.entry(d.to_string()).or_default() += b;
-        }
-        out
+        per_device(self.models.iter().filter(|m| !held_by_memwarden(m)))
+    }
+
+    /// Per device, the bytes of the weights memwarden holds that this process maps.
+    pub fn mapped_bytes(&self) -> BTreeMap<String, u64> {
+        per_device(self.models.iter().filter(|m| held_by_memwarden(m)))
     }
 
     /// Its model was loaded from a file by a supervised worker, so it can be loaded elsewhere.

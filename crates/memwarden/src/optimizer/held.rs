@@ -1,12 +1,13 @@
 //! The ladder's rung for weights memwarden holds, after the caches and before any worker model
 //! is offloaded or unloaded: on a GPU, park resident models (least valuable first), or, while the
 //! host is at `high` or above, drop them instead (a parked copy would add to the host's
-//! pressure); on the host, drop parked copies.
+//! pressure); on the host, drop parked copies, then (unless the strategy never unloads) the
+//! models resident on `cpu`. None of it needs a worker.
 
 use super::{ms, OptimizeRequest, Optimizer};
 use memwarden_core::pressure::Level;
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{OptimizeOutcome, StepRecord};
+use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
 use std::time::Instant;
 
 impl Optimizer {
@@ -43,7 +44,23 @@ impl Optimizer {
         let (models, action) = if device.is_gpu() {
             (store.park_candidates(device), if host_high { "drop" } else { "park" })
         } else {
-            (store.drop_candidates(), "drop")
+            // On the host: parked copies first; then, where the strategy may unload, models
+            // resident on `cpu` itself (there is nowhere to park them: a drop keeps the file).
+            let mut models = store.drop_candidates();
+            let resident = store.park_candidates(DeviceId::Cpu);
+            if req.strategy.may_unload() {
+                models.extend(resident);
+            } else if !resident.is_empty() {
+                out.rungs_skipped.push(SkippedRung {
+                    rung: "drop".into(),
+                    reason: format!(
+                        "{} held model(s) resident on cpu can only be dropped, and the {} strategy never unloads",
+                        resident.len(),
+                        req.strategy.name()
+                    ),
+                });
+            }
+            (models, "drop")
         };
         for m in models {
             if (self.measure(device) - base).max(0) as u64 >= target {
@@ -66,9 +83,14 @@ impl Optimizer {
                 // Skipped with the reason (e.g. a holder still inside `use()`); the ladder goes on.
                 Err(e) => (0, Some(e.to_string())),
             };
-            let (gained, verified) = self.verify(device, before, if device.is_gpu() { claimed } else { 0 }).await;
+            let (gained, verified) = self.verify(device, before, claimed).await;
             if error.is_none() {
-                out.models_offloaded.push(m.id.clone());
+                // A parked model is back at PCIe speed; a dropped one needs its file read again.
+                if action == "park" {
+                    out.models_offloaded.push(m.id.clone());
+                } else {
+                    out.models_unloaded.push(m.id.clone());
+                }
             }
             out.steps.push(StepRecord {
                 action: action.into(),

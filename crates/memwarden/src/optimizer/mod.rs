@@ -3,8 +3,9 @@
 //! on pressure events ([`watchdog`]), and admission before a model load ([`admission`]).
 //!
 //! Measurement: for a GPU, the driver's free memory (`cuMemGetInfo`, read fresh after each
-//! step); for `cpu`, the summed RSS of the processes holding models (the machine's MemAvailable
-//! moves with everything else running). `memoryFreed` is that change, not the workers' claims
+//! step); for `cpu`, the host memory of the processes holding models (their own resident sets,
+//! shared memory left out) plus memwarden's own (its pools and the held weights on the host):
+//! the machine's MemAvailable moves with everything else running. `memoryFreed` is that change, not the workers' claims
 //! (0 when the change is no gain; `memoryMeasured` keeps the signed figure).
 
 pub mod admission;
@@ -20,7 +21,7 @@ use crate::util::lock;
 use memwarden_core::eviction::{self, Candidate, StepAction, Strategy};
 use memwarden_core::pressure::{Level, Thresholds};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{OptimizeOutcome, StepRecord};
+use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
 use memwarden_protocol::{ActionData, OffloadModel, Released, Role, TrimCache, UnloadModel};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -125,7 +126,9 @@ impl Optimizer {
         if device.is_gpu() {
             self.service.measure_now(device).map(|(_, a)| a as i64).unwrap_or(0)
         } else {
-            -(holders_rss_bytes(&self.supervisor) as i64)
+            let pools = self.service.status(device).map(|s| s.pool_totals().0).unwrap_or(0);
+            let held = self.weights.get().map_or(0, |w| w.host_bytes());
+            -((holders_rss_bytes(&self.supervisor) + pools + held) as i64)
         }
     }
 
@@ -237,6 +240,7 @@ impl Optimizer {
             models_unloaded: Vec::new(),
             models_offloaded: Vec::new(),
             steps: Vec::new(),
+            rungs_skipped: Vec::new(),
             new_pressure_level: level_before,
             new_pressure_category: category_before.as_str().to_string(),
             previous_pressure_level: level_before,
@@ -270,9 +274,18 @@ impl Optimizer {
         self.supervisor.sync().await;
         let base = self.measure(device);
 
+        // With no worker or client to ask, the rungs that need one are left out and the others
+        // (memwarden's own caches and the weights it holds) run: the seed's degraded mode.
+        let nobody = out_of_reach(self);
+        if nobody {
+            let reason = self.supervisor.unavailable_reason();
+            for rung in ["trimCache", "offload", "unload"] {
+                out.rungs_skipped.push(SkippedRung { rung: rung.into(), reason: reason.clone() });
+            }
+        }
         self.trim_caches(device, &mut out).await;
         let mut stopped_by_time = self.release_held(&req, climb_to, base, deadline, &mut out).await;
-        if !stopped_by_time {
+        if !stopped_by_time && !nobody {
             stopped_by_time = self.release_models(&req, climb_to, base, deadline, &mut out).await;
         }
         out.memory_measured = self.measure(device) - base;
@@ -314,8 +327,11 @@ impl Optimizer {
         if let Some(max) = req.max_models.filter(|m| touched >= *m && loaded > 0) {
             return format!("maxModelsToUnload ({max}) reached; {loaded} model(s) still loaded");
         }
-        if loaded == 0 {
+        if loaded == 0 && !out_of_reach(self) {
             return "no model is loaded here, nothing left that may be released".into();
+        }
+        if loaded == 0 {
+            return format!("no worker or client to ask ({})", self.supervisor.unavailable_reason());
         }
         let pinned = left.iter().filter(|c| c.pinned).count();
         let excluded = left.iter().filter(|c| !c.pinned && req.exclude.contains(&c.model_id)).count();
@@ -349,15 +365,13 @@ impl Optimizer {
             Ok(v) => (v.iter().map(|c| c.cleared_bytes).sum(), None),
             Err(e) => (0, Some(e.to_string())),
         };
-        // The host's RSS measure does not see memwarden's own blocks go: no claim to verify there.
-        let on_gpu = device.is_gpu();
-        let (gained, verified) = self.verify(device, before, if on_gpu { cleared } else { 0 }).await;
+        let (gained, verified) = self.verify(device, before, cleared).await;
         out.steps.push(StepRecord {
             action: "clear".into(),
             target: "memwarden".into(),
             worker_id: None,
             claimed_bytes: cleared,
-            measured_bytes: if on_gpu { gained } else { 0 },
+            measured_bytes: gained,
             duration_ms: ms(t),
             verified: verified && error.is_none(),
             error,
@@ -490,6 +504,11 @@ impl Optimizer {
         let _ = self.events.send(out.clone());
         out
     }
+}
+
+/// No worker or client is connected: the rungs that ask one cannot run.
+fn out_of_reach(o: &Optimizer) -> bool {
+    o.supervisor.slots().iter().all(|s| s.conn().is_none())
 }
 
 fn ms(t: Instant) -> f64 {

@@ -9,7 +9,7 @@ use super::{Service, ServiceError};
 use crate::util::lock;
 use memwarden_core::defrag::{self, DefragOptions, Movable};
 use memwarden_core::{BlockId, DeviceId, MemoryKind, PoolStats};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -301,6 +301,16 @@ impl Service {
         (at, movable)
     }
 
+    /// The plan a pass would make for one pool now (tests compare it with what the pass did).
+    #[cfg(test)]
+    pub(super) fn plan_now(&self, device: DeviceId, kind: MemoryKind, options: DefragOptions) -> defrag::DefragPlan {
+        let dev = self.device_or_404(device).expect("device");
+        let st = lock(&dev.state);
+        let pool = st.pool(kind).expect("pool");
+        let (_, movable) = self.movable_of(device, kind);
+        defrag::plan(pool.core(), &movable, options)
+    }
+
     /// Plans one pool and carries the plan out a batch at a time.
     #[allow(clippy::too_many_arguments)]
     fn defragment_pool(
@@ -352,8 +362,16 @@ impl Service {
             {
                 let mut ledger = lock(&self.ledger);
                 let mut bytes = 0;
+                // Where this batch's moves put their allocations. A plan may move one allocation
+                // twice (thorough: compact, then evacuate): its second move starts where the first
+                // ends, which the records show only once the batch is switched. The batch ends
+                // before it, and the next batch finds the allocation there.
+                let mut landing: HashSet<(BlockId, u64)> = HashSet::new();
                 for (i, m) in plan.moves.iter().enumerate().skip(next) {
                     if batch.len() >= BATCH_MOVES || (bytes > 0 && bytes + m.from.size_bytes > BATCH_BYTES) {
+                        break;
+                    }
+                    if landing.contains(&(m.from.block, m.from.offset_bytes)) {
                         break;
                     }
                     let here = at.get(&(m.from.block, m.from.offset_bytes)).filter(|id| {
@@ -368,6 +386,7 @@ impl Service {
                     ledger.moving.insert(id.clone());
                     marks.ids.push(id);
                     bytes += m.from.size_bytes;
+                    landing.insert((m.to_block, m.to_offset_bytes));
                     batch.push(i);
                 }
             }

@@ -71,8 +71,8 @@ impl WeightStore {
         });
     }
 
-    /// Resident models on `device` the optimizer may park, least valuable first (priority,
-    /// then least recently used).
+    /// Resident models on `device` the optimizer may park (on `cpu`: drop), least valuable
+    /// first (priority, then least recently used).
     pub fn park_candidates(&self, device: memwarden_core::DeviceId) -> Vec<Arc<HeldModel>> {
         let mut out: Vec<Arc<HeldModel>> = self
             .models()
@@ -82,6 +82,19 @@ impl WeightStore {
             .collect();
         out.sort_by_key(|m| (m.priority, m.with_held(|h| h.last_used)));
         out
+    }
+
+    /// Host memory the held weights take: models resident on `cpu` and every parked copy.
+    pub fn host_bytes(&self) -> u64 {
+        self.models()
+            .iter()
+            .map(|m| {
+                m.with_held(|h| {
+                    let resident = if h.device.is_gpu() { 0 } else { h.block.as_ref().map_or(0, |b| b.size_bytes()) };
+                    resident + h.parked.as_ref().map_or(0, |p| p.bytes())
+                })
+            })
+            .sum()
     }
 
     /// Parked copies the optimizer may drop under host pressure, least valuable first.
