@@ -66,7 +66,11 @@ fn main() {
             }],
             ..WorkersSection::default()
         };
-        let sup = Supervisor::new(cfg, vec!["cpu".into()], "/proc".into());
+        let sup = Supervisor::new(
+            cfg,
+            vec!["cpu".into()],
+            memwarden::models::process::ProcessMeter::new("/proc".into(), None),
+        );
         sup.start().await;
         let worker = wait_slot(&sup, "bench-worker").await;
         report("ping over stdio (worker)", &measure(&sup, &worker, n).await);

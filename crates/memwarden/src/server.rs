@@ -20,7 +20,10 @@ pub async fn serve_on(
     let supervisor = crate::supervisor::Supervisor::new(
         config.workers.clone(),
         service.device_ids().iter().map(|d| d.to_string()).collect(),
-        config.host.proc_root.clone(),
+        crate::models::process::ProcessMeter::new(
+            config.host.proc_root.clone(),
+            (!config.host.shared_memory_dir.as_os_str().is_empty()).then(|| config.host.shared_memory_dir.clone()),
+        ),
     );
     let optimizer = crate::optimizer::Optimizer::new(
         service.clone(),

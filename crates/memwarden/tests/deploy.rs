@@ -131,7 +131,11 @@ fn runtime_dir_places_the_embedded_package_and_the_default_socket() {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let sup = Supervisor::new(cfg, vec!["cpu".into()], "/proc".into());
+        let sup = Supervisor::new(
+            cfg,
+            vec!["cpu".into()],
+            memwarden::models::process::ProcessMeter::new("/proc".into(), None),
+        );
         sup.start().await;
         let package = sup.python_dir().expect("the embedded package was written");
         assert!(package.starts_with(&dir) && package.join("memwarden/worker.py").is_file(), "{}", package.display());

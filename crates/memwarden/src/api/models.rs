@@ -3,7 +3,7 @@
 
 use super::envelope::{rfc3339, ApiError, ApiJson, ApiQuery, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
-use crate::models::process::process_bytes;
+use crate::models::process::ProcessMeter;
 use crate::models::{Holder, ModelView};
 use crate::operations::Progress;
 use crate::optimizer::admission::AdmissionError;
@@ -102,7 +102,7 @@ pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<Mo
     let mut per_device_measured: HashMap<String, u64> = HashMap::new();
     let mut per_device_unmeasured: HashMap<String, bool> = HashMap::new();
     for holder in &view.holders {
-        let (dto, models, measured) = worker_dto(holder, sup.proc_root(), &all_statuses);
+        let (dto, models, measured) = worker_dto(holder, sup.meter(), &all_statuses);
         for m in models {
             per_device_models.entry(m.device_id.clone()).or_default().push(m);
         }
@@ -182,7 +182,7 @@ type DeviceBytes = Vec<(String, Option<u64>)>;
 
 fn worker_dto(
     holder: &Holder,
-    proc_root: &std::path::Path,
+    meter: &ProcessMeter,
     statuses: &[DeviceStatus],
 ) -> (WorkerDto, Vec<LoadedModelDto>, DeviceBytes) {
     let (st, conn, pid, models) = (&holder.state, &holder.conn, holder.pid, &holder.models);
@@ -193,7 +193,7 @@ fn worker_dto(
     let mut measured = BTreeMap::new();
     let mut unattributed = BTreeMap::new();
     if let (Some(pid), Some(_)) = (pid, conn) {
-        measured = process_bytes(proc_root, pid, statuses);
+        measured = meter.process_bytes(pid, statuses);
         dtos = models.iter().map(|m| LoadedModelDto::new(m, holder.id(), pid)).collect();
         for (dev, bytes) in &measured {
             unattributed.insert(dev.clone(), unattributed_of(*bytes, model_bytes.get(dev).copied().unwrap_or(0)));
@@ -392,7 +392,7 @@ pub async fn unload_model(State(state): State<AppState>, Path(model_id): Path<St
         // A fresh reading: the cached status sample may predate the unload.
         let _ = state.service.measure_now(dev);
         let status = blocking(|| state.service.status(dev)).ok()?;
-        process_bytes(state.supervisor.proc_root(), pid, std::slice::from_ref(&status)).remove(&info.device_id)
+        state.supervisor.meter().process_bytes(pid, std::slice::from_ref(&status)).remove(&info.device_id)
     };
     let before = measure(&state);
     let (released, slot, info) = state.supervisor.unload(&model_id).await?;

@@ -3,8 +3,9 @@
 
 use crate::service::DeviceStatus;
 use crate::supervisor::Supervisor;
+use procfs::process::MMapPath;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Resident set of a process, from `<proc_root>/<pid>/statm` through procfs (the root is
 /// configurable so tests can point it at a fixture tree). `statm`'s resident pages are the
@@ -15,48 +16,77 @@ pub fn rss_bytes(proc_root: &Path, pid: u32) -> Option<u64> {
     Some(process.statm().ok()?.resident * procfs::page_size())
 }
 
-/// The host memory a process holds as its own: its resident set less its shared-memory pages
-/// (`RssAnon + RssFile` of `<proc_root>/<pid>/status`). Shared memory (tmpfs and memfd files:
-/// the weights memwarden holds and its exports, mapped zero-copy) lives in the file, not in the
-/// process: it is counted once, where it is held, and only the pages a process touched would
-/// show in its RSS anyway. Falls back to the whole RSS on a kernel without those fields.
-pub fn own_rss_bytes(proc_root: &Path, pid: u32) -> Option<u64> {
-    let process = procfs::process::Process::new_with_root(proc_root.join(pid.to_string())).ok()?;
-    let status = process.status().ok()?;
-    match (status.rssanon, status.rssfile) {
-        (Some(anon), Some(file)) => Some((anon + file) * 1024),
-        _ => rss_bytes(proc_root, pid),
-    }
+/// Reads what processes hold: the procfs root (configurable so tests can point it at a fixture
+/// tree) and the folder memwarden's shared memory lives in (`host.shared_memory_dir`), whose
+/// files a process may map without them being its own.
+#[derive(Debug, Clone)]
+pub struct ProcessMeter {
+    pub proc_root: PathBuf,
+    /// Where memwarden's host memory files are (`<dir>/memwarden-<pid>-<n>`): held weights on
+    /// `cpu` and exported host allocations. `None`: memwarden keeps no host memory in files.
+    pub shared_dir: Option<PathBuf>,
 }
 
-/// Measured bytes of `pid` per device, its own: its resident set less shared memory for the
-/// host ([`own_rss_bytes`]), NVML's per-process figure for GPUs (which charges a CUDA allocation
-/// to the process that created it, not to those that import and map it: a process mapping a
-/// held 256 MiB model shows its context only; docs/perf-logs/2026-12-01-h200-weights.txt).
-pub fn process_bytes(proc_root: &Path, pid: u32, statuses: &[DeviceStatus]) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for s in statuses {
-        let dev = s.device.to_string();
-        if !s.device.is_gpu() {
-            if let Some(rss) = own_rss_bytes(proc_root, pid) {
-                out.insert(dev, rss);
+impl ProcessMeter {
+    pub fn new(proc_root: PathBuf, shared_dir: Option<PathBuf>) -> ProcessMeter {
+        ProcessMeter { proc_root, shared_dir }
+    }
+
+    /// The host memory `pid` holds as its own: its resident set less the pages of memwarden's
+    /// files it maps (held weights, exports; from `smaps`). Those bytes live in memwarden and
+    /// are counted there, once; and a process's RSS has only the pages it touched of them, so
+    /// charging it the whole model would make its other bytes negative. Other shared memory
+    /// (Python's anonymous `mmap`, torch's shared tensors) stays the process's own.
+    pub fn own_host_bytes(&self, pid: u32) -> Option<u64> {
+        let rss = rss_bytes(&self.proc_root, pid)?;
+        Some(rss.saturating_sub(self.mapped_memwarden_bytes(pid)))
+    }
+
+    /// Resident bytes of the mappings of memwarden's files in `pid` (0 without a shared dir or
+    /// when `smaps` cannot be read).
+    fn mapped_memwarden_bytes(&self, pid: u32) -> u64 {
+        let Some(dir) = &self.shared_dir else { return 0 };
+        let prefix = dir.join("memwarden-");
+        let prefix = prefix.to_string_lossy();
+        let Ok(process) = procfs::process::Process::new_with_root(self.proc_root.join(pid.to_string())) else {
+            return 0;
+        };
+        let Ok(maps) = process.smaps() else { return 0 };
+        maps.iter()
+            .filter(|m| matches!(&m.pathname, MMapPath::Path(p) if p.to_string_lossy().starts_with(&*prefix)))
+            .filter_map(|m| m.extension.map.get("Rss").copied())
+            .sum()
+    }
+
+    /// Measured bytes of `pid` per device, its own: for the host [`ProcessMeter::own_host_bytes`];
+    /// for GPUs NVML's per-process figure, which charges a CUDA allocation to the process that
+    /// created it, not to those that import and map it (a process mapping a held 256 MiB model
+    /// shows its context only: docs/perf-logs/2026-12-01-h200-weights.txt).
+    pub fn process_bytes(&self, pid: u32, statuses: &[DeviceStatus]) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for s in statuses {
+            let dev = s.device.to_string();
+            if !s.device.is_gpu() {
+                if let Some(rss) = self.own_host_bytes(pid) {
+                    out.insert(dev, rss);
+                }
+            } else if let Some(bytes) = s.processes.iter().find(|p| p.pid == pid).and_then(|p| p.used_bytes) {
+                out.insert(dev, bytes);
             }
-        } else if let Some(bytes) = s.processes.iter().find(|p| p.pid == pid).and_then(|p| p.used_bytes) {
-            out.insert(dev, bytes);
         }
+        out
     }
-    out
 }
 
-/// Summed own resident sets ([`own_rss_bytes`]) of the processes holding models that take
-/// calls now (the optimizer's measure on `cpu`, with memwarden's own host memory, where the
-/// machine's available memory moves with everything else running).
+/// Summed own host bytes ([`ProcessMeter::own_host_bytes`]) of the processes holding models
+/// that take calls now (the optimizer's measure on `cpu`, with memwarden's own host memory,
+/// where the machine's available memory moves with everything else running).
 pub fn holders_rss_bytes(supervisor: &Supervisor) -> u64 {
     supervisor
         .slots()
         .iter()
         .filter_map(|s| s.conn().map(|c| c.pid))
-        .filter_map(|pid| own_rss_bytes(supervisor.proc_root(), pid))
+        .filter_map(|pid| supervisor.meter().own_host_bytes(pid))
         .sum()
 }
 
@@ -75,28 +105,26 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// Touched pages of a mapped shared-memory file (what a process mapping held weights has)
-    /// are in its RSS but not in its own bytes.
+    /// Touched pages of a mapped memwarden file (what a process mapping held weights has) are
+    /// in its RSS but not in its own bytes; other shared memory stays its own.
     #[test]
-    fn own_bytes_leave_out_mapped_shared_memory() {
+    fn own_bytes_leave_out_mapped_memwarden_files_only() {
         const LEN: u64 = 64 << 20;
-        let (proc_root, me) = (Path::new("/proc"), std::process::id());
-        let shm = Path::new("/dev/shm");
-        assert!(shm.is_dir(), "this test needs /dev/shm");
-        let own_before = own_rss_bytes(proc_root, me).expect("own");
-        let rss_before = rss_bytes(proc_root, me).expect("rss");
-        let mapping = memwarden_sys::HostMapping::new_shared(LEN, 4096, false, shm).expect("shared mapping");
+        let me = std::process::id();
+        let shm = std::env::temp_dir().join(format!("mw-meter-{me}"));
+        std::fs::create_dir_all(&shm).expect("dir");
+        let meter = ProcessMeter::new("/proc".into(), Some(shm.clone()));
+        let blind = ProcessMeter::new("/proc".into(), None);
+        let mapping = memwarden_sys::HostMapping::new_shared(LEN, 4096, false, &shm).expect("shared mapping");
         mapping.fill(0, LEN, 7).expect("touch every page");
-        let own_after = own_rss_bytes(proc_root, me).expect("own");
-        let rss_after = rss_bytes(proc_root, me).expect("rss");
+        assert!(mapping.shared_path().is_some_and(|p| p.starts_with(&shm)));
+        let mapped = meter.mapped_memwarden_bytes(me);
+        let (own, rss) = (meter.own_host_bytes(me).expect("own"), blind.own_host_bytes(me).expect("rss"));
         drop(mapping);
-        // Other tests run in this process meanwhile: compare what RSS has beyond the own bytes.
-        let (shared_before, shared_after) =
-            (rss_before.saturating_sub(own_before), rss_after.saturating_sub(own_after));
-        assert!(
-            shared_after >= shared_before + LEN / 2,
-            "the touched shared pages are in the RSS, not in the own bytes: RSS {rss_before} -> {rss_after}, \
-             own {own_before} -> {own_after}"
-        );
+        let _ = std::fs::remove_dir_all(&shm);
+        assert_eq!(mapped, LEN, "every touched page of the file is found in smaps");
+        assert_eq!(blind.mapped_memwarden_bytes(me), 0, "no shared dir: nothing is memwarden's");
+        // Other tests run in this process meanwhile: compare with the file's share, not exactly.
+        assert!(rss >= LEN && own + LEN / 2 <= rss, "RSS {rss}, own {own}: the file's pages are not the process's");
     }
 }

@@ -146,13 +146,18 @@ pub struct Supervisor {
     stop: tokio::sync::watch::Sender<bool>,
     python: Mutex<Option<python::Extracted>>,
     model_counter: AtomicU64,
-    proc_root: PathBuf,
+    /// What the OS says a worker's process holds (procfs root, memwarden's shared dir).
+    meter: crate::models::process::ProcessMeter,
     /// Who answers the peers' own requests (the weights store), once the daemon has one.
     peer: std::sync::OnceLock<Arc<dyn PeerRequests>>,
 }
 
 impl Supervisor {
-    pub fn new(cfg: WorkersSection, devices: Vec<String>, proc_root: PathBuf) -> Arc<Supervisor> {
+    pub fn new(
+        cfg: WorkersSection,
+        devices: Vec<String>,
+        meter: crate::models::process::ProcessMeter,
+    ) -> Arc<Supervisor> {
         Arc::new(Supervisor {
             cfg,
             catalog: Arc::new(DeviceCatalog::new(&devices)),
@@ -164,7 +169,7 @@ impl Supervisor {
             stop: tokio::sync::watch::channel(false).0,
             python: Mutex::new(None),
             model_counter: AtomicU64::new(1),
-            proc_root,
+            meter,
             peer: std::sync::OnceLock::new(),
         })
     }
@@ -183,7 +188,11 @@ impl Supervisor {
     }
 
     pub fn proc_root(&self) -> &std::path::Path {
-        &self.proc_root
+        &self.meter.proc_root
+    }
+
+    pub fn meter(&self) -> &crate::models::process::ProcessMeter {
+        &self.meter
     }
 
     pub fn catalog(&self) -> &Arc<DeviceCatalog> {
