@@ -2,7 +2,7 @@
 # Issue 22's GPU checks: a worker mapping held weights on cuda:0 is not charged for them
 # (unattributedBytes >= 0), the watchdog's park rung, defragmentation on cuda:0 (a pass carries
 # out its plan), and the optimizer with torch workers.
-#   KEEP_BINS="memwarden test-gpu_weights-test test-gpu-test test-gpu_models-test" scripts/device-bundle
+#   TESTS="gpu_weights gpu gpu_models" scripts/device-bundle
 #   device run, carry ["device-run"], command "bash device-run/jobs/regressions.sh"
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -266,6 +266,9 @@ fn model_move_and_analytics_commands() {
     assert_eq!(ms(analytics_since), ms(&since), "{analytics_since} vs {since}");
     assert!(d.ok(&["reset-peaks"]).starts_with("peaks start over from their current values, since "));
     assert_eq!(d.ok(&["optimize-history"]), "no optimizer runs yet\n");
+    // No worker: optimize still runs memwarden's rungs and says which it left out.
+    let out = d.ok(&["optimize", "cpu", "--force"]);
+    assert!(out.contains("skipped trimCache: ") && out.contains("skipped unload: "), "{out}");
     let out = d.ok(&["health"]);
     assert!(out.starts_with(&format!("memwarden {} healthy: pid {}", env!("CARGO_PKG_VERSION"), d.pid())), "{out}");
     assert!(out.contains("workers disabled: 0 ready"), "{out}");

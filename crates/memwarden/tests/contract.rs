@@ -118,6 +118,53 @@ fn bodies_must_be_objects_of_the_documented_fields() {
     assert_eq!(s.call("POST", "/api/memory/operations/defragment/cpu", None).0, 200);
 }
 
+/// Issue 22: the document gives body integers as `int64`, so one over `i64::MAX` is refused even
+/// where the field is a `u64` (schemathesis' seed 20261201 at 100 examples sent
+/// `maxAllocationsToMove: 9223372036854775808` and got 200); `i64::MAX` itself is taken.
+#[test]
+fn body_integers_over_int64_are_refused() {
+    let s = TestServer::start();
+    let over = "9223372036854775808";
+    for (path, field) in [
+        ("/api/memory/operations/defragment", "maxAllocationsToMove"),
+        ("/api/memory/operations/defragment/cpu", "maxBytesToMove"),
+        ("/api/memory/operations/defragment", "maxTimeMs"),
+        ("/api/memory/models/optimize", "minMemoryToFree"),
+        ("/api/memory/models/optimize", "maxOptimizationTimeMs"),
+        ("/api/memory/models/load", "keepAliveMs"),
+    ] {
+        for n in [over, "18446744073709551615"] {
+            let body = if path.ends_with("/load") {
+                format!(r#"{{"path": "/nonexistent/m.safetensors", "{field}": {n}}}"#)
+            } else {
+                format!(r#"{{"{field}": {n}}}"#)
+            };
+            let r = s.call("POST", path, Some(&body));
+            assert_error(&r, 400, "INVALID_ARGUMENT", &format!("{field}: {n} is over 9223372036854775807"));
+        }
+    }
+    let body = r#"{"maxAllocationsToMove": 9223372036854775807, "maxBytesToMove": 9223372036854775807}"#;
+    assert_eq!(s.call("POST", "/api/memory/operations/defragment/cpu", Some(body)).0, 200);
+}
+
+/// Issue 22: only an empty body is no body. A form feed (seed 1322236776 at 100 examples sent
+/// `\x0c` to defragment and got 200) or other whitespace alone is no JSON, so it is 400.
+#[test]
+fn a_body_of_whitespace_is_not_an_empty_body() {
+    let s = TestServer::start();
+    for path in
+        ["/api/memory/operations/defragment", "/api/memory/operations/clear", "/api/memory/allocations/allocate"]
+    {
+        for body in ["\x0c", " ", "\n", "\t\r\n"] {
+            let r = s.call("POST", path, Some(body));
+            assert_error(&r, 400, "INVALID_ARGUMENT", "not valid JSON");
+        }
+        if !path.ends_with("/allocate") {
+            assert_eq!(s.call("POST", path, Some("")).0, 200, "{path}: an empty body is no body");
+        }
+    }
+}
+
 #[test]
 fn oversized_bodies_get_413_with_the_configured_limit() {
     let mut c = Config::default();

@@ -67,7 +67,8 @@ pub struct ModelMemoryDto {
     /// clients hold themselves (their reported bytes) plus the weights memwarden holds resident
     /// here (`heldModelMemory`), however many processes map them.
     pub total_model_memory: u64,
-    /// The part of `totalModelMemory` memwarden holds (resident held weights on this device).
+    /// The part of `totalModelMemory` memwarden holds: held weights resident on this device,
+    /// and on `cpu` also the parked copies (pinned host memory).
     #[serde(default)]
     pub held_model_memory: u64,
     /// The device's available bytes less outstanding reservations: what a new model can use.

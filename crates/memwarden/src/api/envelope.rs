@@ -180,8 +180,11 @@ where
     }
 }
 
+/// No body: zero bytes. Whitespace alone is no JSON text (and a form feed, which
+/// `is_ascii_whitespace` counts, is not even JSON's whitespace: schemathesis sent `\x0c` as a
+/// defragment body and got 200), so it is parsed, and refused, like any other body.
 fn is_blank(body: &[u8]) -> bool {
-    body.iter().all(u8::is_ascii_whitespace)
+    body.is_empty()
 }
 
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
@@ -201,11 +204,30 @@ pub fn parse_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::invalid(format!("request body must be a JSON object, not {}", json_kind(&value))));
     };
     let object = bind_case_insensitively(object, serde_aux::serde_introspection::serde_introspect::<T>());
+    for (key, value) in &object {
+        within_int64(value, key)?;
+    }
     serde_path_to_error::deserialize(Value::Object(object)).map_err(|e| {
         let path = e.path().to_string();
         let message = humane(&e.into_inner().to_string());
         ApiError::invalid(if path == "." { message } else { format!("{path}: {message}") })
     })
+}
+
+/// Refuses an integer above `i64::MAX` anywhere in a body (`path` names where). The document gives
+/// every integer field as `int64` (JSON Schema has no unsigned 64-bit format), so, as with
+/// [`query_u64`](super::query_u64), the range a `u64` field takes is int64's non-negative half:
+/// serde alone would take `maxBytesToMove: 9223372036854775808` that the document calls invalid.
+fn within_int64(value: &Value, path: &str) -> Result<(), ApiError> {
+    match value {
+        Value::Number(n) if n.as_u64().is_some_and(|n| n > i64::MAX as u64) => Err(ApiError::invalid(format!(
+            "{path}: {n} is over {}, the largest integer the API takes (int64)",
+            i64::MAX
+        ))),
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| within_int64(v, &format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().try_for_each(|(k, v)| within_int64(v, &format!("{path}.{k}"))),
+        _ => Ok(()),
+    }
 }
 
 /// Renames each key that matches one of `fields` but for case to that field (ASP.NET binds
@@ -316,6 +338,8 @@ mod tests {
             (r#"{"sizeBytes": -1}"#, "sizeBytes: invalid value: integer `-1`, expected an integer from 0 to"),
             (r#"{"sizeBytes": "x"}"#, "expected an integer from 0"),
             (r#"{"nope": 1}"#, "unknown field `nope`"),
+            (r#"{"sizeBytes": 9223372036854775808}"#, "sizeBytes: 9223372036854775808 is over 9223372036854775807"),
+            (r#"{"purpose": [{"a": 18446744073709551615}]}"#, "purpose[0].a: 18446744073709551615 is over"),
         ] {
             let m = message(body);
             assert!(m.contains(says), "{body}: {m}");

@@ -78,8 +78,9 @@ pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<Mo
     let sup = &state.supervisor;
     sup.wait_while_starting(|_| true).await;
     let results = sup.sync().await;
-    let weights = state.weights.list();
-    let weights: Vec<_> = weights.into_iter().filter(|w| device.is_none_or(|d| w.device_id == d.to_string())).collect();
+    let all_weights = state.weights.list();
+    let weights: Vec<_> =
+        all_weights.iter().filter(|w| device.is_none_or(|d| w.device_id == d.to_string())).cloned().collect();
     if !results.is_empty() && results.iter().all(|(_, e)| e.is_some()) {
         let errors = || results.iter().filter_map(|(_, e)| e.as_ref());
         // A hung worker is a timeout, a broken one its error; workers that all went away
@@ -129,7 +130,14 @@ pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<Mo
                 .filter(|m| m.backend.as_deref() != Some("memwarden"))
                 .map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes))
                 .sum();
-            let held: u64 = weights.iter().filter(|w| w.device_id == dev).map(|w| w.resident_bytes).sum();
+            // Held weights where they live: resident on their device, parked copies on the host.
+            let held: u64 = all_weights
+                .iter()
+                .map(|w| {
+                    let resident = if w.device_id == dev { w.resident_bytes } else { 0 };
+                    resident + if s.device.is_gpu() { 0 } else { w.parked_bytes }
+                })
+                .sum();
             let measured = if fallback.is_some() || per_device_unmeasured.contains_key(&dev) {
                 None
             } else {

@@ -313,5 +313,8 @@ pub fn optimize(client: &Client, args: OptimizeArgs<'_>, as_json: bool) -> Resul
         r.new_pressure_level,
         r.new_pressure_category,
     );
+    for skipped in &r.rungs_skipped {
+        let _ = writeln!(out, "skipped {}: {}", skipped.rung, skipped.reason);
+    }
     Ok(out)
 }
