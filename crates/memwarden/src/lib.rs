@@ -9,6 +9,7 @@
 
 pub mod analytics;
 pub mod api;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod models;

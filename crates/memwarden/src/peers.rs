@@ -4,6 +4,7 @@
 //! `weightsUsed` events; and a closed connection orphaning the weights it held and giving back
 //! the memory it owned.
 
+use crate::app::load::{LoadError, Loads};
 use crate::service::{AllocateRequest, ExportInfo, ExportVia, Service, ServiceError};
 use crate::supervisor::{Conn, PeerRequests};
 use crate::weights::holder::ConnHolder;
@@ -56,18 +57,16 @@ impl WeightsPeer {
                     pinned: body.pinned.unwrap_or(false),
                     keep_alive_ms: body.keep_alive_ms,
                 };
-                let ticket = match optimizer.admit(device, &body_path(&req), req.name.as_deref()).await {
-                    Ok(t) => t,
-                    Err(e) => return (Reply::err(id, codes::INSUFFICIENT_MEMORY, e.to_string()), Vec::new()),
-                };
-                let loaded = store.load(req, Some(Arc::new(ConnHolder(conn)))).await;
-                optimizer.release_ticket(ticket);
-                match loaded {
+                let loads = Loads { optimizer: &optimizer, weights: &store };
+                match loads.held(req, Some(Arc::new(ConnHolder(conn))), None, None).await {
                     Ok(a) => match a.grant {
                         Some((grant, fd)) => (Reply::ok(id, grant), vec![fd]),
                         None => err(id, &WeightsError::Internal("no grant".into())),
                     },
-                    Err(e) => err(id, &e),
+                    Err(LoadError::Admission(e)) => {
+                        (Reply::err(id, codes::INSUFFICIENT_MEMORY, e.to_string()), Vec::new())
+                    }
+                    Err(LoadError::Weights(e)) => err(id, &e),
                 }
             }
             Action::ReleaseWeights | Action::ResumeWeights => {
@@ -225,10 +224,6 @@ impl PeerRequests for WeightsPeer {
             }
         });
     }
-}
-
-fn body_path(req: &LoadRequest) -> String {
-    req.path.display().to_string()
 }
 
 /// A holder's `resumeWeights`: without room, the ladder runs first (this model excluded).

@@ -294,15 +294,6 @@ fn start_load(state: AppState, device: DeviceId, held: bool, body: LoadBody) -> 
     let op = state.operations.start(OperationKind::ModelLoad, Some(device.to_string()));
     let progress = op.progress();
     super::operations::spawn(op.clone(), async move {
-        let path = body.path.clone();
-        let total = tokio::task::spawn_blocking(move || {
-            let path = std::path::Path::new(&path);
-            crate::models::estimate::tensor_bytes(path).or_else(|_| std::fs::metadata(path).map(|m| m.len()))
-        })
-        .await;
-        if let Ok(Ok(total)) = total {
-            progress.set_total(total);
-        }
         let loaded = load_checked(&state, device, held, body, Some(progress.clone())).await?;
         if !held {
             // The worker says nothing until it is done: then every byte is in.
@@ -314,7 +305,8 @@ fn start_load(state: AppState, device: DeviceId, held: bool, body: LoadBody) -> 
 }
 
 /// A load whose body was checked: into memwarden's memory (`held`), counting the bytes read in
-/// `progress`, or by a worker.
+/// `progress`, or by a worker (`progress`' total is then the header's tensor bytes, or the file's
+/// size when the header cannot be read here).
 pub async fn load_checked(
     state: &AppState,
     device: DeviceId,
@@ -331,16 +323,30 @@ pub async fn load_checked(
     if state.supervisor.slots().iter().all(|s| s.conn().is_none()) {
         return Err(SupervisorError::Unavailable(state.supervisor.unavailable_reason()).into());
     }
-    let Data(m) = load_with_admission(state, device, body).await?;
+    let Data(m) = load_with_admission(state, device, body, progress).await?;
     Ok(LoadedDto::Worker(m))
 }
 
-/// A load through admission: the ticket is held while the worker loads, then given back.
-async fn load_with_admission(state: &AppState, device: DeviceId, body: LoadBody) -> ApiResult<LoadedModelDto> {
-    let ticket = state.optimizer.admit(device, &body.path, body.name.as_deref()).await?;
-    let result = load_admitted(state, device, body).await;
-    state.optimizer.release_ticket(ticket);
-    result
+/// A worker's load through admission (the ticket held while the worker loads). The header is
+/// read here once, for the estimate and `progress`' total (the file's size when it cannot be
+/// read here); the worker reads the file itself.
+async fn load_with_admission(
+    state: &AppState,
+    device: DeviceId,
+    body: LoadBody,
+    progress: Option<Arc<Progress>>,
+) -> ApiResult<LoadedModelDto> {
+    let declared = crate::app::load::declared_bytes(std::path::Path::new(&body.path)).await;
+    if let Some(p) = &progress {
+        let size = || std::fs::metadata(&body.path).map(|m| m.len()).ok();
+        if let Some(total) = declared.or_else(size) {
+            p.set_total(total);
+        }
+    }
+    let estimate = declared.map(|b| crate::models::estimate::model_bytes_of(b, device));
+    let label = body.name.clone().unwrap_or_else(|| body.path.clone());
+    let load = load_admitted(state, device, body);
+    crate::app::load::admitted(&state.optimizer, device, estimate, &label, load).await
 }
 
 impl From<AdmissionError> for ApiError {
@@ -473,7 +479,7 @@ pub async fn move_model(
         keep_alive_ms: None,
         run_async: false,
     };
-    let Data(model) = load_with_admission(&state, target, load).await?;
+    let Data(model) = load_with_admission(&state, target, load, None).await?;
     let (released, _, _) = state.supervisor.unload(&model_id).await?;
     Ok(Data(MovedDto {
         model,

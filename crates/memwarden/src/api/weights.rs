@@ -3,6 +3,7 @@
 
 use super::envelope::{ApiError, ApiResponse, Data, NoBody, OptionalJson};
 use super::{ApiResult, AppState};
+use crate::app::load::{LoadError, Loads};
 use crate::operations::Progress;
 use crate::weights::{ActionOutcome, HeldModel, LoadRequest, WeightsError};
 use axum::extract::{Path, State};
@@ -42,7 +43,6 @@ pub async fn load_held(
     body: LoadBody,
     progress: Option<Arc<Progress>>,
 ) -> ApiResult<HeldModelDto> {
-    let ticket = state.optimizer.admit(device, &body.path, body.name.as_deref()).await?;
     let req = LoadRequest {
         path: body.path.into(),
         device,
@@ -51,14 +51,19 @@ pub async fn load_held(
         pinned: body.pinned,
         keep_alive_ms: body.keep_alive_ms,
     };
-    let result = state.weights.load_with_progress(req, None, progress).await;
-    state.optimizer.release_ticket(ticket);
+    let loads = Loads { optimizer: &state.optimizer, weights: &state.weights };
+    let result = loads.held(req, None, progress, Some(&state.supervisor)).await;
     refresh(state, device);
-    let attached = result?;
-    if !attached.reused {
-        crate::peers::hand_to_worker(&state.weights, &state.supervisor, &attached.model).await;
+    Ok(Data(state.weights.dto(&result?.model)))
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Admission(e) => e.into(),
+            LoadError::Weights(e) => e.into(),
+        }
     }
-    Ok(Data(state.weights.dto(&attached.model)))
 }
 
 /// Runs a weights operation on its own task, so a client that hangs up cannot cancel it half-way

@@ -9,9 +9,13 @@ use std::path::Path;
 /// An error when the file or its header cannot be read here (the worker then reports why, or,
 /// being more lenient about headers, loads it anyway).
 pub fn model_bytes(path: &Path, device: DeviceId) -> std::io::Result<u64> {
-    let tensors = tensor_bytes(path)?;
+    Ok(model_bytes_of(tensor_bytes(path)?, device))
+}
+
+/// [`model_bytes`] of a model whose header names `tensor_bytes`.
+pub fn model_bytes_of(tensor_bytes: u64, device: DeviceId) -> u64 {
     let extra = if device.is_gpu() { 64 << 20 } else { 0 };
-    Ok(tensors + tensors / 20 + extra)
+    tensor_bytes + tensor_bytes / 20 + extra
 }
 
 /// Sum of the tensors' bytes a `.safetensors` header names (the weights store's parser, reading

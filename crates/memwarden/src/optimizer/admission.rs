@@ -3,7 +3,6 @@
 //! not fit, the load is refused.
 
 use super::{OptimizeRequest, Optimizer};
-use crate::models::estimate;
 use crate::service::{AllocateRequest, ServiceError};
 use memwarden_core::eviction::Strategy;
 use memwarden_core::{DeviceId, MemoryKind};
@@ -24,24 +23,23 @@ pub enum AdmissionError {
 pub struct Ticket(Option<String>);
 
 impl Optimizer {
-    /// Admits a load of the model file at `path` onto `device`: `Ok` with the ticket once its
-    /// estimated bytes fit the budget (releasing models and caches when they do not).
-    pub async fn admit(&self, device: DeviceId, path: &str, name: Option<&str>) -> Result<Ticket, AdmissionError> {
+    /// Admits a load of the model `label` onto `device` that will take about `estimate` bytes
+    /// (`crate::models::estimate`): `Ok` with the ticket once they fit the budget (releasing
+    /// models and caches when they do not). Use it through `crate::app::load::admitted`, which
+    /// gives the ticket back however the load ends.
+    pub async fn admit(&self, device: DeviceId, estimate: Option<u64>, label: &str) -> Result<Ticket, AdmissionError> {
         if !self.config.admission {
             return Ok(Ticket(None));
         }
-        let estimate = match estimate::model_bytes(std::path::Path::new(path), device) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                // The worker decides: it reports a missing or broken file, and loads headers the
-                // reference parser refuses (gaps between tensors, non-string metadata).
-                tracing::warn!(path, error = %e, "admission skipped: the model's size cannot be estimated here");
-                return Ok(Ticket(None));
-            }
+        let Some(estimate) = estimate else {
+            // The worker decides: it reports a missing or broken file, and loads headers the
+            // reference parser refuses (gaps between tensors, non-string metadata).
+            tracing::warn!(model = label, "admission skipped: the model's size cannot be estimated here");
+            return Ok(Ticket(None));
         };
         let request = AllocateRequest {
             kind: Some(MemoryKind::Reservation),
-            purpose: Some(format!("model load {}", name.unwrap_or(path))),
+            purpose: Some(format!("model load {label}")),
             owner: Some("memwarden-admission".into()),
             ..AllocateRequest::new(device, estimate.max(1))
         };

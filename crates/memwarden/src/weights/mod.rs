@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 pub use holder::{HolderError, WeightHolder};
+pub use ops::Attached;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WeightsError {
@@ -345,6 +346,12 @@ impl WeightStore {
                 self.devices().iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
             ))
         })
+    }
+
+    /// `DeviceUnavailable` where memwarden cannot hold weights on `device` (checked before a
+    /// load reads anything).
+    pub fn check_device(&self, device: DeviceId) -> Result<(), WeightsError> {
+        self.arena(device).map(|_| ())
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<HeldModel>, WeightsError> {

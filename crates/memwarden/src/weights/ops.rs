@@ -59,9 +59,22 @@ impl WeightStore {
         holder: Option<Arc<dyn WeightHolder>>,
         progress: Option<Arc<Progress>>,
     ) -> Result<Attached, WeightsError> {
-        let arena = self.arena(req.device)?;
+        self.check_device(req.device)?;
         let path = req.path.clone();
         let file = blocking(move || ModelFile::open(&path)).await?;
+        self.load_file(file, req, holder, progress).await
+    }
+
+    /// [`WeightStore::load_with_progress`] of a file whose header the caller has read
+    /// ([`ModelFile::open`]): the header is not read again.
+    pub async fn load_file(
+        self: &Arc<Self>,
+        file: ModelFile,
+        req: LoadRequest,
+        holder: Option<Arc<dyn WeightHolder>>,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<Attached, WeightsError> {
+        let arena = self.arena(req.device)?;
         if let Some(p) = &progress {
             p.set_total(file.data_bytes);
         }

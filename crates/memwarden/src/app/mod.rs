@@ -1,0 +1,8 @@
+//! The application layer: one use case per operation, each a plain function that every way the
+//! operation arrives calls (an HTTP handler, a peer's request on the socket, a background
+//! operation), so a handler only parses, calls one use case and renders.
+//!
+//! Today: model loads ([`load`]). The other operations still live in their handlers and move
+//! here one by one (issue 23).
+
+pub mod load;
