@@ -8,7 +8,7 @@ use crate::app::load::{LoadError, Loads};
 use crate::service::{AllocateRequest, ExportInfo, ExportVia, Service, ServiceError};
 use crate::supervisor::{Conn, PeerRequests};
 use crate::weights::holder::ConnHolder;
-use crate::weights::{HeldModel, LoadRequest, WeightStore, WeightsError};
+use crate::weights::{LoadRequest, WeightStore, WeightsError};
 use futures_util::future::BoxFuture;
 use memwarden_core::DeviceId;
 use memwarden_protocol::{
@@ -215,7 +215,7 @@ impl PeerRequests for WeightsPeer {
         let (store, conn) = (self.0.clone(), conn.clone());
         tokio::spawn(async move {
             for model in orphans {
-                match hand_to(&store, &conn, &model).await {
+                match crate::app::hand_off::hand_to(&store, &conn, &model).await {
                     Ok(()) => {
                         tracing::info!(model = %model.id, worker = %conn.worker_id, "re-attached after a restart")
                     }
@@ -247,48 +247,5 @@ async fn resume_for(
             store.ensure_resident(id, holder()).await.map(|_| ())
         }
         other => other.map(|_| ()),
-    }
-}
-
-/// Has a supervised worker map a held model: `loadModel` with the grant and its descriptor.
-pub async fn hand_to(store: &Arc<WeightStore>, conn: &Arc<Conn>, model: &Arc<HeldModel>) -> Result<(), String> {
-    let holder = Arc::new(ConnHolder(conn.clone()));
-    let (grant, fd) = store.attach_holder(model, holder).await.map_err(|e| e.to_string())?;
-    let req = memwarden_protocol::LoadModel {
-        path: model.file.identity.path.display().to_string(),
-        name: Some(model.name.clone()),
-        device_id: grant.device_id.clone(),
-        priority: model.priority,
-        pinned: model.pinned,
-        model_id: Some(model.id.clone()),
-        weights: Some(grant),
-    };
-    let data = serde_json::to_value(&req).map_err(|e| e.to_string())?;
-    let timeout = std::time::Duration::from_secs(60);
-    let result = conn.call_with_fds(Action::LoadModel, data.clone(), vec![fd], timeout).await;
-    match result {
-        Ok(reply) if reply.success => {
-            conn.apply_reply(Action::LoadModel, &data, &reply);
-            Ok(())
-        }
-        other => {
-            store.detach(model, &conn.worker_id);
-            Err(match other {
-                Ok(reply) => reply.error.map(|e| format!("{}: {}", e.code, e.message)).unwrap_or_default(),
-                Err(e) => format!("{e:?}"),
-            })
-        }
-    }
-}
-
-/// Hands a freshly loaded model to the least loaded ready worker that serves its device and
-/// can take descriptors; none: the model stays held by memwarden alone (for clients to map).
-pub async fn hand_to_worker(store: &Arc<WeightStore>, sup: &crate::supervisor::Supervisor, model: &Arc<HeldModel>) {
-    let device = model.device().to_string();
-    let conn = sup.least_loaded_worker(&device, |c| c.carries_fds).and_then(|s| s.conn());
-    if let Some(conn) = conn {
-        if let Err(e) = hand_to(store, &conn, model).await {
-            tracing::warn!(model = %model.id, worker = %conn.worker_id, "the worker did not map the weights: {e}");
-        }
     }
 }

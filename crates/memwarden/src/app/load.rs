@@ -57,7 +57,7 @@ impl Loads<'_> {
         })
         .await?;
         if let Some(sup) = hand_to.filter(|_| !attached.reused) {
-            crate::peers::hand_to_worker(self.weights, sup, &attached.model).await;
+            super::hand_off::hand_to_worker(self.weights, sup, &attached.model).await;
         }
         Ok(attached)
     }

@@ -2,7 +2,6 @@
 //! per-process bytes (GPUs).
 
 use crate::service::DeviceStatus;
-use crate::supervisor::Supervisor;
 use procfs::process::MMapPath;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,18 +75,6 @@ impl ProcessMeter {
         }
         out
     }
-}
-
-/// Summed own host bytes ([`ProcessMeter::own_host_bytes`]) of the processes holding models
-/// that take calls now (the optimizer's measure on `cpu`, with memwarden's own host memory,
-/// where the machine's available memory moves with everything else running).
-pub fn holders_rss_bytes(supervisor: &Supervisor) -> u64 {
-    supervisor
-        .slots()
-        .iter()
-        .filter_map(|s| s.conn().map(|c| c.pid))
-        .filter_map(|pid| supervisor.meter().own_host_bytes(pid))
-        .sum()
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ mod held;
 mod watchdog;
 
 use crate::config::OptimizerSection;
-use crate::models::process::holders_rss_bytes;
 use crate::models::ModelView;
 use crate::service::Service;
 use crate::supervisor::{Slot, Supervisor, SupervisorError};
@@ -504,6 +503,17 @@ impl Optimizer {
         let _ = self.events.send(out.clone());
         out
     }
+}
+
+/// Summed own host bytes (`ProcessMeter::own_host_bytes`) of the processes holding models that
+/// take calls now: with memwarden's own host memory, the ladder's measure on `cpu`.
+fn holders_rss_bytes(supervisor: &Supervisor) -> u64 {
+    supervisor
+        .slots()
+        .iter()
+        .filter_map(|s| s.conn().map(|c| c.pid))
+        .filter_map(|pid| supervisor.meter().own_host_bytes(pid))
+        .sum()
 }
 
 /// No worker or client is connected: the rungs that ask one cannot run.
