@@ -12,10 +12,17 @@ export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1 MEMWARDEN_PY=$PWD/python 
 rc=0
 {
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader; nproc
-  echo "== a worker mapping held weights (tests/gpu_weights.rs, 2 GiB)"
-  MEMWARDEN_WEIGHTS_GIB=2 bin/test-gpu_weights-test --test-threads=1 --nocapture a_killed_worker || rc=1
-  echo "== the watchdog parks held weights (tests/gpu_weights.rs)"
-  bin/test-gpu_weights-test --test-threads=1 --nocapture the_watchdog || rc=1
+  echo "== held weights through the API: 8 GiB load/park/resume, a worker mapping them (not charged"
+  echo "   for them), kill -9 and re-attach, the watchdog's park rung (tests/gpu_weights.rs)"
+  bin/test-gpu_weights-test --test-threads=1 --nocapture || rc=1
+  echo "== torch processes mapping held weights through the socket (loadWeights; scripts/gpu/weights_check.py)"
+  d=$(mktemp -d); sock=$d/mw.sock
+  printf 'listen = "127.0.0.1:5078"\n[workers]\nenabled = false\nsocket = "%s"\n[weights]\npark_pool_bytes = 1073741824\n' "$sock" > $d/config.toml
+  bin/memwarden serve --config $d/config.toml > $d/daemon.log 2>&1 &
+  daemon=$!
+  for i in $(seq 50); do [ -S $sock ] && break; sleep 0.2; done
+  python3 scripts/gpu/weights_check.py http://127.0.0.1:5078 $sock $d || rc=1
+  kill $daemon; wait $daemon 2>/dev/null
   echo "== defragmentation on cuda:0 (tests/gpu.rs)"
   bin/test-gpu-test --test-threads=1 --nocapture defrag || rc=1
   echo "== the optimizer with torch workers (tests/gpu_models.rs)"
