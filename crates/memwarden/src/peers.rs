@@ -37,38 +37,7 @@ impl WeightsPeer {
     ) -> (Reply, Vec<OwnedFd>) {
         let id = r.request_id.clone();
         match r.action {
-            Action::LoadWeights => {
-                let body: LoadWeights = match r.data_as() {
-                    Ok(b) => b,
-                    Err(e) => return (Reply::err(id, e.code, e.message), Vec::new()),
-                };
-                let device = match body.device_id.parse::<DeviceId>() {
-                    Ok(d) => d,
-                    Err(e) => return (Reply::err(id, codes::INVALID_DATA, format!("deviceId: {e}")), Vec::new()),
-                };
-                if body.priority.is_some_and(|p| p > 100) {
-                    return (Reply::err(id, codes::INVALID_DATA, "priority must be 0-100"), Vec::new());
-                }
-                let req = LoadRequest {
-                    path: body.path.into(),
-                    device,
-                    name: body.name,
-                    priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
-                    pinned: body.pinned.unwrap_or(false),
-                    keep_alive_ms: body.keep_alive_ms,
-                };
-                let loads = Loads { optimizer: &optimizer, weights: &store };
-                match loads.held(req, Some(Arc::new(ConnHolder(conn))), None, None).await {
-                    Ok(a) => match a.grant {
-                        Some((grant, fd)) => (Reply::ok(id, grant), vec![fd]),
-                        None => err(id, &WeightsError::Internal("no grant".into())),
-                    },
-                    Err(LoadError::Admission(e)) => {
-                        (Reply::err(id, codes::INSUFFICIENT_MEMORY, e.to_string()), Vec::new())
-                    }
-                    Err(LoadError::Weights(e)) => err(id, &e),
-                }
-            }
+            Action::LoadWeights => load_for(&store, &optimizer, conn, &r).await,
             Action::ReleaseWeights | Action::ResumeWeights => {
                 let m: ModelRef = match r.data_as() {
                     Ok(m) => m,
@@ -114,6 +83,45 @@ impl WeightsPeer {
             }
             other => (Reply::err(id, codes::NOT_SUPPORTED, format!("`{other}` is not a peer request")), Vec::new()),
         }
+    }
+}
+
+/// A peer's `loadWeights`: the model loaded (or shared) through admission, mapped by the peer
+/// (the grant and its descriptor in the reply).
+async fn load_for(
+    store: &Arc<WeightStore>,
+    optimizer: &crate::optimizer::Optimizer,
+    conn: Arc<Conn>,
+    r: &Request,
+) -> (Reply, Vec<OwnedFd>) {
+    let id = r.request_id.clone();
+    let body: LoadWeights = match r.data_as() {
+        Ok(b) => b,
+        Err(e) => return (Reply::err(id, e.code, e.message), Vec::new()),
+    };
+    let device = match body.device_id.parse::<DeviceId>() {
+        Ok(d) => d,
+        Err(e) => return (Reply::err(id, codes::INVALID_DATA, format!("deviceId: {e}")), Vec::new()),
+    };
+    if body.priority.is_some_and(|p| p > 100) {
+        return (Reply::err(id, codes::INVALID_DATA, "priority must be 0-100"), Vec::new());
+    }
+    let req = LoadRequest {
+        path: body.path.into(),
+        device,
+        name: body.name,
+        priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
+        pinned: body.pinned.unwrap_or(false),
+        keep_alive_ms: body.keep_alive_ms,
+    };
+    let loads = Loads { optimizer, weights: store };
+    match loads.held(req, Some(Arc::new(ConnHolder(conn))), None, None).await {
+        Ok(a) => match a.grant {
+            Some((grant, fd)) => (Reply::ok(id, grant), vec![fd]),
+            None => err(id, &WeightsError::Internal("no grant".into())),
+        },
+        Err(LoadError::Admission(e)) => (Reply::err(id, codes::INSUFFICIENT_MEMORY, e.to_string()), Vec::new()),
+        Err(LoadError::Weights(e)) => err(id, &e),
     }
 }
 

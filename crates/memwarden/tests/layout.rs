@@ -5,6 +5,11 @@
 //!   `self::`, in a `use` item or an inline path (also inside macro calls). A parent's `mod x;`
 //!   declaration is not an import; a child naming its parent's items (`super::Service`) is.
 //! - no source file over [`MAX_LINES`] lines, not counting its `#[cfg(test)]` module.
+//! - nothing below the top rooms ([`TOP_ROOMS`]: the HTTP layer, the CLI, the application
+//!   layer) imports them.
+//! - no function over [`MAX_FN_LINES`] lines outside [`LONG_FUNCTIONS`], and no type whose
+//!   inherent `impl` blocks are spread over more than [`MAX_IMPL_FILES`] files outside
+//!   [`SPREAD_TYPES`]: both lists name each entry and why, and only shrink.
 //!
 //! `#[cfg(test)]` modules (inline or in their own file) and `tests/`, `examples/`, `benches/`
 //! are left out of both.
@@ -28,6 +33,17 @@ const KNOWN_LONG_FILES: &[&str] = &[];
 /// other room, so nothing below may reach up into them.
 const TOP_ROOMS: &[(&str, &[&str])] = &[
     ("crates/memwarden/src/api/", &["crates/memwarden/src/api/", "crates/memwarden/src/server.rs"]),
+    // The application layer: called by the ways an operation arrives (HTTP, the socket's peer
+    // requests), never by the rooms it orchestrates.
+    (
+        "crates/memwarden/src/app/",
+        &[
+            "crates/memwarden/src/app/",
+            "crates/memwarden/src/api/",
+            "crates/memwarden/src/server.rs",
+            "crates/memwarden/src/peers.rs",
+        ],
+    ),
     ("crates/memwarden/src/cli/", &["crates/memwarden/src/cli/", "crates/memwarden/src/main.rs"]),
 ];
 
@@ -447,6 +463,171 @@ fn no_import_cycles_no_upward_imports_and_no_long_files() {
     for f in &fixed_long {
         problems.push(format!("no longer over {MAX_LINES} lines, remove it from KNOWN_LONG_FILES: {f}"));
     }
+    assert!(problems.is_empty(), "layout rules broken:\n  {}", problems.join("\n  "));
+}
+
+/// The most lines a function may have (signature to closing brace), outside [`LONG_FUNCTIONS`].
+const MAX_FN_LINES: usize = 80;
+
+/// Functions over [`MAX_FN_LINES`] today (`crate/src/file.rs::Type::name`, or `::name` for a
+/// free function), each with why. The architecture step (issue 23) empties this list; an entry
+/// that is no longer too long fails the test (remove it), so the list only shrinks.
+const LONG_FUNCTIONS: &[(&str, &str)] = &[
+    ("memwarden-core/src/tlsf.rs::Tlsf::validate", "one pass over every invariant, each a check and its message"),
+    (
+        "memwarden-sys/src/lib.rs::HostMapping::create_with",
+        "one unsafe sequence (reserve, trim, map, populate) kept together with its SAFETY notes",
+    ),
+    (
+        "memwarden-sys/src/vulkan/device.rs::VulkanDevice::open",
+        "Vulkan's instance and device creation, one builder chain",
+    ),
+    ("memwarden/src/analytics/report.rs::Analytics::device_analytics", "issue 23: split the report by section"),
+    ("memwarden/src/cli/mod.rs::::run", "the CLI's one match over its commands"),
+    ("memwarden/src/cli/status.rs::::processes", "issue 23: a table and its columns, split by column group"),
+    ("memwarden/src/optimizer/mod.rs::Optimizer::run", "issue 23: the ladder's run, split measure/climb/report"),
+    (
+        "memwarden/src/service/defrag.rs::Service::defragment_pool",
+        "issue 23: the batch executor, split with the Service split",
+    ),
+    ("memwarden/src/service/defrag.rs::Service::run_pass", "issue 23: with the Service split"),
+    ("memwarden/src/service/mod.rs::Service::allocate_inner", "issue 23: budget admission next to block growth"),
+    ("memwarden/src/service/transfer.rs::Service::transfer", "issue 23: the transfer use case"),
+    ("memwarden/src/supervisor/process.rs::::run_once", "issue 23: a worker's life, spawn to exit, split by phase"),
+];
+
+/// The most files a type's inherent `impl` blocks may be spread over, outside [`SPREAD_TYPES`].
+const MAX_IMPL_FILES: usize = 2;
+
+/// Types whose inherent `impl` blocks are spread over more than [`MAX_IMPL_FILES`] files today
+/// (`crate::Type`), each with why: one object split across files by size, not by
+/// responsibility. The architecture step (issue 23: `Service` split by responsibility) empties
+/// this list; it only shrinks.
+const SPREAD_TYPES: &[(&str, &str)] = &[
+    ("memwarden-sys::VulkanDevice", "one device's raw calls, split by concern (external memory, heaps, transfer)"),
+    ("memwarden::Analytics", "issue 23: report and metrics as their own types"),
+    ("memwarden::Optimizer", "issue 23: admission and the held rung as their own types"),
+    ("memwarden::Service", "issue 23: ledger, quotas, owners, transfers and devices as their own types"),
+    ("memwarden::WeightStore", "issue 23: the keep-alive policy as its own type"),
+];
+
+/// Every function (free, inherent or trait method with a body) outside `#[cfg(test)]` modules,
+/// with its lines; and every inherent `impl` block's type, with its file.
+#[derive(Default)]
+struct Shapes {
+    file: String,
+    owner: Vec<String>,
+    functions: Vec<(String, usize)>,
+    impls: Vec<(String, String)>,
+}
+
+impl Shapes {
+    fn function(&mut self, name: &syn::Ident, attrs_start: usize, end: usize) {
+        let owner = self.owner.last().cloned().unwrap_or_default();
+        self.functions.push((format!("{}::{owner}::{name}", self.file), end + 1 - attrs_start));
+    }
+}
+
+fn type_name(ty: &syn::Type) -> Option<String> {
+    match ty {
+        syn::Type::Path(p) => p.path.segments.last().map(|s| s.ident.to_string()),
+        _ => None,
+    }
+}
+
+impl<'ast> Visit<'ast> for Shapes {
+    fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
+        if !is_test_cfg(&m.attrs) {
+            syn::visit::visit_item_mod(self, m);
+        }
+    }
+
+    fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
+        self.function(&f.sig.ident, f.sig.fn_token.span.start().line, f.block.brace_token.span.close().end().line);
+        syn::visit::visit_item_fn(self, f);
+    }
+
+    fn visit_item_impl(&mut self, i: &'ast syn::ItemImpl) {
+        let name = type_name(&i.self_ty).unwrap_or_default();
+        if i.trait_.is_none() {
+            self.impls.push((name.clone(), self.file.clone()));
+        }
+        self.owner.push(name);
+        syn::visit::visit_item_impl(self, i);
+        self.owner.pop();
+    }
+
+    fn visit_impl_item_fn(&mut self, f: &'ast syn::ImplItemFn) {
+        self.function(&f.sig.ident, f.sig.fn_token.span.start().line, f.block.brace_token.span.close().end().line);
+        syn::visit::visit_impl_item_fn(self, f);
+    }
+
+    fn visit_trait_item_fn(&mut self, f: &'ast syn::TraitItemFn) {
+        if let Some(block) = &f.default {
+            self.function(&f.sig.ident, f.sig.fn_token.span.start().line, block.brace_token.span.close().end().line);
+        }
+        syn::visit::visit_trait_item_fn(self, f);
+    }
+}
+
+/// Per type (`crate::Type`), the files its inherent `impl` blocks are in.
+type ImplFiles = BTreeMap<String, BTreeSet<String>>;
+
+/// Each crate's functions with their lines, and its types with the files their inherent `impl`
+/// blocks are in (test modules and test files left out).
+fn shapes() -> (Vec<(String, usize)>, ImplFiles) {
+    let (mut functions, mut spread) = (Vec::new(), ImplFiles::new());
+    for (name, sources) in crates() {
+        let asts = parse_all(&sources).expect("parsed");
+        let (_, test_files) = modules(&sources, &asts);
+        for (f, ast) in asts.iter().filter(|(f, _)| !test_files.contains(*f)) {
+            let mut v = Shapes { file: format!("{name}/src/{f}"), ..Shapes::default() };
+            v.visit_file(ast);
+            functions.extend(v.functions);
+            for (ty, file) in v.impls {
+                spread.entry(format!("{name}::{ty}")).or_default().insert(file);
+            }
+        }
+    }
+    (functions, spread)
+}
+
+/// An allowlist that only shrinks: entries over the limit must be listed; listed entries must
+/// still be over it.
+fn only_shrinks(what: &str, over: &BTreeMap<String, String>, allowed: &[(&str, &str)], list: &str) -> Vec<String> {
+    let allowed: BTreeMap<&str, &str> = allowed.iter().copied().collect();
+    let mut problems = Vec::new();
+    for (key, detail) in over {
+        if !allowed.contains_key(key.as_str()) {
+            problems.push(format!("{what}: {key} ({detail})"));
+        }
+    }
+    for key in allowed.keys().filter(|k| !over.contains_key(**k)) {
+        problems.push(format!("no longer {what}, remove it from {list}: {key}"));
+    }
+    problems
+}
+
+#[test]
+fn short_functions_and_types_in_at_most_two_files() {
+    let (functions, spread) = shapes();
+    let long: BTreeMap<String, String> = functions
+        .into_iter()
+        .filter(|(_, n)| *n > MAX_FN_LINES)
+        .map(|(f, n)| (f, format!("{n} lines > {MAX_FN_LINES}")))
+        .collect();
+    let wide: BTreeMap<String, String> = spread
+        .into_iter()
+        .filter(|(_, files)| files.len() > MAX_IMPL_FILES)
+        .map(|(ty, files)| {
+            (ty, format!("impl blocks in {} files: {}", files.len(), files.into_iter().collect::<Vec<_>>().join(", ")))
+        })
+        .collect();
+    for (f, d) in long.iter().chain(&wide) {
+        eprintln!("{f}: {d}");
+    }
+    let mut problems = only_shrinks("a function over the limit", &long, LONG_FUNCTIONS, "LONG_FUNCTIONS");
+    problems.extend(only_shrinks("a type spread over too many files", &wide, SPREAD_TYPES, "SPREAD_TYPES"));
     assert!(problems.is_empty(), "layout rules broken:\n  {}", problems.join("\n  "));
 }
 

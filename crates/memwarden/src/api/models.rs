@@ -1,14 +1,12 @@
 //! Model memory routes: what the Python processes that hold models report, next to what the OS
 //! and the driver say those processes hold.
 
-use super::envelope::{rfc3339, ApiError, ApiJson, ApiQuery, ApiResponse, Data};
+use super::envelope::{ApiError, ApiJson, ApiQuery, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
-use crate::models::process::ProcessMeter;
-use crate::models::{Holder, ModelView};
+use crate::models::ModelView;
 use crate::operations::Progress;
 use crate::optimizer::admission::AdmissionError;
 use crate::optimizer::OptimizeRequest;
-use crate::service::DeviceStatus;
 use crate::supervisor::SupervisorError;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -16,13 +14,11 @@ use axum::response::{IntoResponse, Response};
 use memwarden_core::eviction::Strategy;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{
-    AllocatorDto, CoordinationDto, CoordinationMode, DeviceModelsDto, LoadBody, LoadedDto, LoadedModelDto,
-    ModelMemoryDto, ModelsDto, MoveBody, MovedDto, OperationDto, OperationKind, OperationResult, OptimizeBody,
-    OptimizeHistoryDto, OptimizeReply, OptimizeRunsDto, SystemMemoryDto, UnloadedDto, WorkerDto,
+    LoadBody, LoadedDto, LoadedModelDto, ModelsDto, MoveBody, MovedDto, OperationDto, OperationKind, OperationResult,
+    OptimizeBody, OptimizeHistoryDto, OptimizeReply, OptimizeRunsDto, UnloadedDto,
 };
 use memwarden_protocol::{codes, LoadModel, Role, DEFAULT_PRIORITY};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +47,15 @@ impl From<SupervisorError> for ApiError {
     }
 }
 
+impl From<crate::app::models::ListError> for ApiError {
+    fn from(e: crate::app::models::ListError) -> Self {
+        match e {
+            crate::app::models::ListError::Supervisor(e) => e.into(),
+            crate::app::models::ListError::Service(e) => e.into(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelsQuery {
@@ -75,172 +80,9 @@ pub struct ModelsQuery {
 )]
 pub async fn list_models(State(state): State<AppState>, ApiQuery(q): ApiQuery<ModelsQuery>) -> ApiResult<ModelsDto> {
     let device = q.device_id.as_deref().map(|d| state.service.resolve(d)).transpose()?;
-    let sup = &state.supervisor;
-    sup.wait_while_starting(|_| true).await;
-    let results = sup.sync().await;
-    let all_weights = state.weights.list();
-    let weights: Vec<_> =
-        all_weights.iter().filter(|w| device.is_none_or(|d| w.device_id == d.to_string())).cloned().collect();
-    if !results.is_empty() && results.iter().all(|(_, e)| e.is_some()) {
-        let errors = || results.iter().filter_map(|(_, e)| e.as_ref());
-        // A hung worker is a timeout, a broken one its error; workers that all went away
-        // during the call leave nobody to ask: the fallback below.
-        let timeout = errors().find(|e| matches!(e, SupervisorError::Timeout { .. }));
-        if let Some(e) = timeout.or_else(|| errors().find(|e| !matches!(e, SupervisorError::Unavailable(_)))) {
-            return Err(e.clone().into());
-        }
-    }
-    // Nobody to ask: the seed's fallback, system memory only (never WORKER_UNAVAILABLE here).
-    let fallback = results.iter().all(|(_, e)| e.is_some()).then(|| sup.unavailable_reason());
-    // Every device's status (a worker's process is measured on all of them); the listing shows
-    // the one asked for.
-    let all_statuses = state.service.status_all()?;
-    let statuses: Vec<&DeviceStatus> = all_statuses.iter().filter(|s| device.is_none_or(|d| s.device == d)).collect();
-    let view = ModelView::snapshot(sup);
-    // Per device: reported models (with owner), measured bytes of the processes holding them.
-    let mut workers = Vec::new();
-    let mut per_device_models: HashMap<String, Vec<LoadedModelDto>> = HashMap::new();
-    let mut per_device_measured: HashMap<String, u64> = HashMap::new();
-    let mut per_device_unmeasured: HashMap<String, bool> = HashMap::new();
-    for holder in &view.holders {
-        let (dto, models, measured) = worker_dto(holder, sup.meter(), &all_statuses);
-        for m in models {
-            per_device_models.entry(m.device_id.clone()).or_default().push(m);
-        }
-        for (dev, bytes) in measured {
-            match bytes {
-                Some(b) => *per_device_measured.entry(dev).or_default() += b,
-                None => {
-                    per_device_unmeasured.insert(dev, true);
-                }
-            }
-        }
-        workers.push(dto);
-    }
-    let devices = statuses
-        .iter()
-        .map(|s| {
-            let dev = s.device.to_string();
-            let mut loaded = per_device_models.remove(&dev).unwrap_or_default();
-            loaded.sort_by(|a, b| a.loaded_at.cmp(&b.loaded_at).then(a.model_id.cmp(&b.model_id)));
-            // The models listed here (those whose `deviceId` is this device), by what they
-            // report, less the held weights a process maps: those count once, as memwarden's.
-            let own: u64 = loaded
-                .iter()
-                .filter(|m| m.backend.as_deref() != Some("memwarden"))
-                .map(|m| m.bytes_by_device.get(&dev).copied().unwrap_or(m.size_bytes))
-                .sum();
-            // Held weights where they live: resident on their device, parked copies on the host.
-            let held: u64 = all_weights
-                .iter()
-                .map(|w| {
-                    let resident = if w.device_id == dev { w.resident_bytes } else { 0 };
-                    resident + if s.device.is_gpu() { 0 } else { w.parked_bytes }
-                })
-                .sum();
-            let measured = if fallback.is_some() || per_device_unmeasured.contains_key(&dev) {
-                None
-            } else {
-                Some(per_device_measured.get(&dev).copied().unwrap_or(0))
-            };
-            DeviceModelsDto {
-                device_id: dev,
-                system_memory: SystemMemoryDto {
-                    total_bytes: s.total_bytes,
-                    available_bytes: s.available_bytes,
-                    used_bytes: s.used_bytes,
-                    source: s.source.clone(),
-                },
-                model_memory: ModelMemoryDto {
-                    loaded_model_count: loaded.len(),
-                    loaded_models: loaded,
-                    total_model_memory: own + held,
-                    held_model_memory: held,
-                    available_for_models: s.available_bytes.saturating_sub(s.reservation_bytes),
-                    process_bytes: measured,
-                    unattributed_bytes: measured.map(|m| unattributed_of(m, own)),
-                },
-            }
-        })
-        .collect();
-    let synchronized = fallback.is_none() && results.iter().all(|(_, e)| e.is_none());
-    Ok(Data(ModelsDto {
-        devices,
-        coordination_status: CoordinationDto {
-            mode: if fallback.is_some() { CoordinationMode::Fallback } else { CoordinationMode::Coordinated },
-            reason: fallback,
-            synchronized,
-            last_sync: sup.last_sync().map(rfc3339),
-            socket: sup.socket_path().map(|p| p.display().to_string()),
-            workers,
-        },
-        weights,
-    }))
-}
-
-/// What a process holds beyond the models it holds itself (interpreter, context, caches,
-/// leaks). Never negative: a process may report more than it has touched (a lazily mapped file).
-fn unattributed_of(process_bytes: u64, own_model_bytes: u64) -> i64 {
-    process_bytes.saturating_sub(own_model_bytes).min(i64::MAX as u64) as i64
-}
-
-/// One worker's row, its models, and per device the measured bytes of its process (None where
-/// it holds models but no figure exists, e.g. NVML without per-process data in a container).
-type DeviceBytes = Vec<(String, Option<u64>)>;
-
-fn worker_dto(
-    holder: &Holder,
-    meter: &ProcessMeter,
-    statuses: &[DeviceStatus],
-) -> (WorkerDto, Vec<LoadedModelDto>, DeviceBytes) {
-    let (st, conn, pid, models) = (&holder.state, &holder.conn, holder.pid, &holder.models);
-    let model_bytes = holder.model_bytes();
-    let mapped_bytes = holder.mapped_bytes();
-    let mut dtos = Vec::new();
-    let mut device_bytes = Vec::new();
-    let mut measured = BTreeMap::new();
-    let mut unattributed = BTreeMap::new();
-    if let (Some(pid), Some(_)) = (pid, conn) {
-        measured = meter.process_bytes(pid, statuses);
-        dtos = models.iter().map(|m| LoadedModelDto::new(m, holder.id(), pid)).collect();
-        for (dev, bytes) in &measured {
-            unattributed.insert(dev.clone(), unattributed_of(*bytes, model_bytes.get(dev).copied().unwrap_or(0)));
-            device_bytes.push((dev.clone(), Some(*bytes)));
-        }
-        for dev in model_bytes.keys().filter(|d| !measured.contains_key(*d)) {
-            device_bytes.push((dev.clone(), None));
-        }
-    }
-    let allocator = conn
-        .as_ref()
-        .map(|c| {
-            c.allocator_memory()
-                .into_iter()
-                .map(|(d, m)| {
-                    (d, AllocatorDto { allocated_bytes: m.allocated_bytes, reserved_bytes: m.reserved_bytes })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let dto = WorkerDto {
-        worker_id: holder.id().to_string(),
-        role: if holder.slot.role == Role::Client { "client".into() } else { "worker".into() },
-        state: st.state,
-        since: rfc3339(st.since),
-        pid,
-        last_error: st.last_error.clone(),
-        restarts: st.restarts,
-        devices: conn.as_ref().map(|c| c.devices.clone()).unwrap_or_default(),
-        frameworks: conn.as_ref().map(|c| c.frameworks.clone()).unwrap_or_default(),
-        model_count: models.len(),
-        model_bytes,
-        mapped_bytes,
-        process_bytes: measured,
-        unattributed_bytes: unattributed,
-        unverified_releases: st.unverified_releases,
-        allocator,
-    };
-    (dto, dtos, device_bytes)
+    let listing =
+        crate::app::models::Listing { service: &state.service, supervisor: &state.supervisor, weights: &state.weights };
+    Ok(Data(listing.list(device).await?))
 }
 
 /// Loads a `.safetensors` model. By default memwarden holds the weights in its own memory

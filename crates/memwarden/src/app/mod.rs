@@ -2,8 +2,10 @@
 //! operation arrives calls (an HTTP handler, a peer's request on the socket, a background
 //! operation), so a handler only parses, calls one use case and renders.
 //!
-//! Today: model loads ([`load`]) and the hand-off of a held model to a worker ([`hand_off`]). The other operations still live in their handlers and move
+//! Today: model loads ([`load`]), the hand-off of a held model to a worker ([`hand_off`]) and
+//! the model listing ([`models`]). The other operations still live in their handlers and move
 //! here one by one (issue 23).
 
 pub mod hand_off;
 pub mod load;
+pub mod models;
