@@ -3,10 +3,9 @@
 
 use super::envelope::{ApiError, ApiJson, ApiQuery, ApiResponse, Data};
 use super::{blocking, ApiResult, AppState};
-use crate::models::ModelView;
+use crate::app::optimize::{Optimize, Order};
 use crate::operations::Progress;
 use crate::optimizer::admission::AdmissionError;
-use crate::optimizer::OptimizeRequest;
 use crate::supervisor::SupervisorError;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -15,7 +14,7 @@ use memwarden_core::eviction::Strategy;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{
     LoadBody, LoadedDto, LoadedModelDto, ModelsDto, MoveBody, MovedDto, OperationDto, OperationKind, OperationResult,
-    OptimizeBody, OptimizeHistoryDto, OptimizeReply, OptimizeRunsDto, UnloadedDto,
+    OptimizeBody, OptimizeHistoryDto, OptimizeReply, UnloadedDto,
 };
 use memwarden_protocol::{codes, LoadModel, Role, DEFAULT_PRIORITY};
 use serde::Deserialize;
@@ -369,57 +368,19 @@ pub async fn optimize(State(state): State<AppState>, ApiJson(body): ApiJson<Opti
     if max_time == 0 || max_time > 600_000 {
         return Err(ApiError::invalid("maxOptimizationTimeMs must be between 1 and 600000"));
     }
-    if !body.models.is_empty() {
-        let Some(device) = device else {
-            return Err(ApiError::invalid("models: name the device they are on (deviceId)"));
-        };
-        let mut here: Vec<String> =
-            ModelView::snapshot(&state.supervisor).facts(device).into_iter().map(|m| m.model_id).collect();
-        here.extend(state.weights.models().into_iter().filter(|m| m.device() == device).map(|m| m.id.clone()));
-        let missing: Vec<&str> = body.models.iter().filter(|m| !here.contains(m)).map(String::as_str).collect();
-        if !missing.is_empty() {
-            return Err(ApiError::invalid(format!("models: not loaded on {device}: {}", missing.join(", "))));
-        }
-    }
-    let min_memory_to_free = body.min_memory_to_free.unwrap_or(0);
-    let request = |device: DeviceId, max_time: Duration| OptimizeRequest {
+    let order = Order {
+        device,
         target_pressure_level: target,
+        strategy,
         max_models,
-        min_memory_to_free,
+        min_memory_to_free: body.min_memory_to_free.unwrap_or(0),
         force: body.force_optimization,
-        exclude: body.exclude_models.clone(),
-        only: body.models.clone(),
-        max_time,
-        ..OptimizeRequest::new(device, strategy, "manual", state.optimizer.config())
+        exclude: body.exclude_models,
+        only: body.models,
+        max_time: Duration::from_millis(max_time),
     };
-    let max_time = Duration::from_millis(max_time);
-    if let Some(device) = device {
-        return Ok(Data(OptimizeReply::Device(state.optimizer.run(request(device, max_time)).await)));
-    }
-    let devices = state.optimizer.pressured_devices(target, body.force_optimization || min_memory_to_free > 0);
-    let deadline = std::time::Instant::now() + max_time;
-    let mut runs = Vec::new();
-    for d in &devices {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        runs.push(state.optimizer.run(request(*d, left)).await);
-    }
-    let names: Vec<String> = runs.iter().map(|r| r.device_id.clone()).collect();
-    let message = if runs.is_empty() {
-        format!("no device is above the target {target} or at high; not forced")
-    } else {
-        format!("optimized {}, most pressured first", names.join(", "))
-    };
-    Ok(Data(OptimizeReply::Devices(OptimizeRunsDto {
-        optimization_triggered: runs.iter().any(|r| r.optimization_triggered),
-        memory_freed: runs.iter().map(|r| r.memory_freed).sum(),
-        models_unloaded: runs.iter().flat_map(|r| r.models_unloaded.iter().cloned()).collect(),
-        models_offloaded: runs.iter().flat_map(|r| r.models_offloaded.iter().cloned()).collect(),
-        message,
-        runs,
-    })))
+    let optimize = Optimize { optimizer: &state.optimizer, supervisor: &state.supervisor, weights: &state.weights };
+    Ok(Data(optimize.run(order).await.map_err(|e| ApiError::invalid(e.0))?))
 }
 
 /// The last 100 optimizer runs (manual, watchdog, admission), oldest first.

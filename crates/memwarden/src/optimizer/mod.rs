@@ -293,17 +293,31 @@ impl Optimizer {
         let (level_after, category_after) = self.level(self.read(device));
         out.new_pressure_level = level_after;
         out.new_pressure_category = category_after.as_str().to_string();
+        out.message = self.summary(&req, &out, one_model, target, stopped_by_time);
+        self.finish(out, started)
+    }
+
+    /// A climbed run's message: what it freed of what it wanted and, when short, what limited it.
+    fn summary(
+        &self,
+        req: &OptimizeRequest,
+        out: &OptimizeOutcome,
+        one_model: bool,
+        target: u64,
+        timed_out: bool,
+    ) -> String {
+        let dev = &out.device_id;
         let touched = out.models_unloaded.len() + out.models_offloaded.len();
         let short = if one_model { touched == 0 } else { out.memory_freed < target };
-        let limit = if stopped_by_time {
+        let limit = if timed_out {
             "; stopped at the time limit".to_string()
         } else if short {
-            format!("; {}", self.shortfall(&req, touched))
+            format!("; {}", self.shortfall(req, touched))
         } else {
             String::new()
         };
         let (unloaded, offloaded) = (out.models_unloaded.len(), out.models_offloaded.len());
-        out.message = if one_model {
+        if one_model {
             format!(
                 "forced below the target: the caches and the least valuable model freed {} ({} claimed) on {dev}: \
                  {unloaded} unloaded, {offloaded} offloaded{limit}",
@@ -314,8 +328,7 @@ impl Optimizer {
                 "freed {} of {target} wanted ({} claimed) on {dev}: {unloaded} unloaded, {offloaded} offloaded{limit}",
                 out.memory_freed, out.memory_claimed,
             )
-        };
-        self.finish(out, started)
+        }
     }
 
     /// What limited a run that released less than it set out to, in words: the model limit,
