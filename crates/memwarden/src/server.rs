@@ -25,13 +25,17 @@ pub async fn serve_on(
             (!config.host.shared_memory_dir.as_os_str().is_empty()).then(|| config.host.shared_memory_dir.clone()),
         ),
     );
+    let weights = crate::weights::WeightStore::for_service(&service, config);
     let optimizer = crate::optimizer::Optimizer::new(
         service.clone(),
         supervisor.clone(),
+        Some(weights.clone()),
         config.optimizer.clone(),
         pressure.thresholds(),
     );
-    let weights = crate::weights::WeightStore::for_service(&service, config);
+    // The one setter left: a real cycle at run time. The supervisor carries the peers'
+    // requests, which the weights store and the optimizer answer, and the optimizer asks the
+    // supervisor's workers to release models; registered before any worker starts.
     supervisor.set_peer_requests(Arc::new(crate::peers::WeightsPeer(
         weights.clone(),
         optimizer.clone(),
@@ -40,7 +44,6 @@ pub async fn serve_on(
     weights.start_policy();
     supervisor.start().await;
     start_reaper(&service);
-    optimizer.set_weights(weights.clone());
     optimizer.start_watchdog(pressure.subscribe());
     let analytics = crate::analytics::Analytics::new(
         service.clone(),

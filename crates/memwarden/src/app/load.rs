@@ -113,7 +113,7 @@ mod tests {
         let supervisor =
             Supervisor::new(config.workers.clone(), vec!["cpu".into()], ProcessMeter::new("/proc".into(), None));
         let thresholds = memwarden_core::pressure::Thresholds::default();
-        let optimizer = Optimizer::new(service.clone(), supervisor, config.optimizer.clone(), thresholds);
+        let optimizer = Optimizer::new(service.clone(), supervisor, None, config.optimizer.clone(), thresholds);
         (service, optimizer)
     }
 

@@ -38,7 +38,7 @@ impl Optimizer {
         deadline: Instant,
         out: &mut OptimizeOutcome,
     ) -> bool {
-        let Some(store) = self.weights.get() else { return false };
+        let Some(store) = self.weights.as_ref() else { return false };
         let device = req.device;
         let host_high = self.level(self.read(DeviceId::Cpu)).1 >= Level::High;
         let (models, action) = if device.is_gpu() {

@@ -78,15 +78,18 @@ pub struct Optimizer {
     /// Per device: when the watchdog last ran, and for which level.
     last_auto: Mutex<HashMap<DeviceId, (Instant, Level)>>,
     /// Model weights memwarden holds: parked (or dropped) before any worker model is touched.
-    weights: std::sync::OnceLock<Arc<crate::weights::WeightStore>>,
+    weights: Option<Arc<crate::weights::WeightStore>>,
 }
 
 const HISTORY: usize = 100;
 
 impl Optimizer {
+    /// The optimizer over `service`'s devices, the models `supervisor`'s workers and clients
+    /// hold and, when memwarden holds weights, `weights` (its ladder's held rung).
     pub fn new(
         service: Arc<Service>,
         supervisor: Arc<Supervisor>,
+        weights: Option<Arc<crate::weights::WeightStore>>,
         config: OptimizerSection,
         thresholds: Thresholds,
     ) -> Arc<Optimizer> {
@@ -99,13 +102,8 @@ impl Optimizer {
             history: Mutex::new(VecDeque::new()),
             events: tokio::sync::broadcast::channel(64).0,
             last_auto: Mutex::new(HashMap::new()),
-            weights: std::sync::OnceLock::new(),
+            weights,
         })
-    }
-
-    /// Gives the ladder the weights store (set once at start).
-    pub fn set_weights(&self, weights: Arc<crate::weights::WeightStore>) {
-        let _ = self.weights.set(weights);
     }
 
     pub fn config(&self) -> &OptimizerSection {
@@ -126,7 +124,7 @@ impl Optimizer {
             self.service.measure_now(device).map(|(_, a)| a as i64).unwrap_or(0)
         } else {
             let pools = self.service.status(device).map(|s| s.pool_totals().0).unwrap_or(0);
-            let held = self.weights.get().map_or(0, |w| w.host_bytes());
+            let held = self.weights.as_ref().map_or(0, |w| w.host_bytes());
             -((holders_rss_bytes(&self.supervisor) + pools + held) as i64)
         }
     }
