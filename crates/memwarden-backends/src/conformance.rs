@@ -4,10 +4,9 @@
 use crate::backend::{Backend, BackendError};
 use crate::pool::MemoryPool;
 use memwarden_core::defrag::Move;
+use memwarden_core::units::{MIB, TIB};
 use memwarden_core::{MemoryKind, PoolConfig};
 use std::sync::Arc;
-
-const MIB: u64 = 1 << 20;
 
 /// Runs every check against `backend`; panics with the failing check's message.
 pub fn run(backend: Arc<dyn Backend>) {
@@ -66,8 +65,7 @@ fn copies_are_exact_and_bounded(backend: &dyn Backend, kind: MemoryKind) {
 }
 
 fn pool_round_trip(backend: Arc<dyn Backend>, kind: MemoryKind) {
-    let config =
-        PoolConfig { block_size_bytes: 4 * MIB, dedicated_threshold_bytes: 2 * MIB, max_alignment_bytes: 1 << 40 };
+    let config = PoolConfig { block_size_bytes: 4 * MIB, dedicated_threshold_bytes: 2 * MIB, max_alignment_bytes: TIB };
     let mut pool = MemoryPool::new(backend.clone(), kind, config);
     let small: Vec<_> = (0..6).map(|i| pool.allocate(300 * 1024 + i, 4096).expect("small allocation")).collect();
     let big = pool.allocate(5 * MIB, 256).expect("dedicated allocation");

@@ -10,13 +10,14 @@
 use crate::backend::{BackendError, BlockMemory};
 use crate::cuda::cuda_error;
 use crate::{cuda, host, vulkan};
+use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, GpuApi};
 use memwarden_sys::cuda::{self as sys_cuda, Completion, Region};
 use memwarden_sys::vulkan::HostCopy;
 use std::sync::Arc;
 
 /// Bytes staged through host memory per step of a copy with no fast path.
-pub const STAGING_CHUNK_BYTES: u64 = 8 << 20;
+pub const STAGING_CHUNK_BYTES: u64 = 8 * MIB;
 
 /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` and waits until the
 /// bytes have arrived.

@@ -6,6 +6,7 @@
 use crate::backend::{
     Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, MemoryReading, ProcessMemory,
 };
+use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_sys::cuda::{self, Completion, CudaContext, CudaError, DeviceBuffer, Region};
 use nvml_wrapper::enum_wrappers::device::Clock;
@@ -15,7 +16,7 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 /// Device blocks are aligned to 2 MiB (cuMemAlloc aligns large allocations so).
-pub const CUDA_BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
+pub const CUDA_BLOCK_ALIGNMENT_BYTES: u64 = 2 * MIB;
 
 /// The driver, its GPUs and NVML, found at start-up.
 pub struct CudaSystem {

@@ -361,6 +361,7 @@ impl Backend for VulkanBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memwarden_core::units::GIB;
 
     fn device(index: u32, name: &str, device_type: DeviceType, uuid: u8) -> PhysicalDeviceInfo {
         PhysicalDeviceInfo {
@@ -377,7 +378,7 @@ mod tests {
             external_memory_fd: true,
             external_memory_host: true,
             pci_bus_id: None,
-            device_local_heaps: vec![1 << 30],
+            device_local_heaps: vec![GIB],
         }
     }
 

@@ -6,6 +6,7 @@
 
 use crate::eviction::{self, Candidate};
 use crate::pressure::Level;
+use crate::units::MIB;
 
 /// What the rules look at, per device.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -71,7 +72,7 @@ impl Default for Thresholds {
             fragmentation: 0.3,
             failure_recent_secs: 600.0,
             model_idle_secs: 300.0,
-            min_clear_bytes: 64 << 20,
+            min_clear_bytes: 64 * MIB,
             pinned_fraction: 0.1,
             imbalance: 0.3,
         }
@@ -350,9 +351,10 @@ pub fn recommend(devices: &[DeviceFacts], t: &Thresholds) -> Vec<Recommendation>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::TIB;
 
-    const GIB: u64 = 1 << 30;
-    const MIB: u64 = 1 << 20;
+    use crate::units::GIB;
+    use crate::units::MIB;
 
     fn gpu(name: &str, used: u64) -> DeviceFacts {
         DeviceFacts {
@@ -406,7 +408,7 @@ mod tests {
         d.free_in_pool_bytes = 300 * MIB;
         d.largest_free_block_bytes = 90 * MIB;
         d.scattered_free_bytes = 210 * MIB;
-        d.last_failure = Some((5.0, 1 << 40));
+        d.last_failure = Some((5.0, TIB));
         assert!(defragment(&d, &t()).is_none(), "1 TiB on an 80 GiB device: no compaction makes it fit");
         assert!(recommend(&[d.clone()], &t()).iter().all(|r| r.kind != "defragment"));
         // Within the device but beyond the pools' free space: still a (weaker) case.

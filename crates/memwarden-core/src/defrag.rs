@@ -262,7 +262,7 @@ mod tests {
     };
 
     const KIB: u64 = 1024;
-    const MIB: u64 = 1 << 20;
+    use crate::units::MIB;
 
     fn pool_with_blocks(n: usize, block: u64) -> Pool {
         let mut pool = Pool::new(PoolConfig {

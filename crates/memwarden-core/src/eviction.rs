@@ -180,7 +180,7 @@ pub fn need_bytes(total_bytes: u64, available_bytes: u64, target_percent: f64, m
 mod tests {
     use super::*;
 
-    const MIB: u64 = 1 << 20;
+    use crate::units::MIB;
 
     fn model(id: &str, size_mib: u64, priority: u8, idle_secs: f64) -> Candidate {
         Candidate {

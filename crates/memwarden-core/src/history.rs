@@ -498,6 +498,7 @@ pub fn parse_window_ms(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::MIB;
 
     fn point(at_ms: i64, used: u64, level: u8) -> Point {
         let mut level_ms = [0; LEVELS];
@@ -580,10 +581,10 @@ mod tests {
 
     #[test]
     fn histogram_buckets_by_power_of_two() {
-        let h = size_histogram([1, 3, 4, 7, 8, 1 << 20, (1 << 20) + 5]);
+        let h = size_histogram([1, 3, 4, 7, 8, MIB, MIB + 5]);
         let got: Vec<_> = h.iter().map(|b| (b.min_bytes, b.count)).collect();
-        assert_eq!(got, vec![(1, 1), (2, 1), (4, 2), (8, 1), (1 << 20, 2)]);
-        assert_eq!(h[4].bytes, (2 << 20) + 5);
+        assert_eq!(got, vec![(1, 1), (2, 1), (4, 2), (8, 1), (MIB, 2)]);
+        assert_eq!(h[4].bytes, 2 * MIB + 5);
         assert_eq!(h[2].max_bytes, 7);
     }
 

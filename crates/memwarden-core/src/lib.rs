@@ -16,3 +16,4 @@ pub mod units;
 pub use ids::{DeviceId, DeviceIdError, GpuApi, MemoryKind};
 pub use pool::{BlockId, BlockRequest, Placement, Pool, PoolConfig, PoolError, PoolInvariantError, PoolStats};
 pub use tlsf::{Tlsf, TlsfError, TlsfHandle, TlsfInvariantError, GRANULARITY_BYTES};
+pub use units::{GIB, KIB, MIB, TIB};

@@ -7,6 +7,7 @@
 
 use crate::tlsf::{Range, Tlsf, TlsfHandle, TlsfInvariantError, GRANULARITY_BYTES};
 use crate::units::align_up;
+use crate::units::MIB;
 
 /// Pool tuning. Sizes in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,7 +22,7 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { block_size_bytes: 64 << 20, dedicated_threshold_bytes: 32 << 20, max_alignment_bytes: 2 << 20 }
+        PoolConfig { block_size_bytes: 64 * MIB, dedicated_threshold_bytes: 32 * MIB, max_alignment_bytes: 2 * MIB }
     }
 }
 
@@ -388,7 +389,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const MIB: u64 = 1 << 20;
+    use crate::units::MIB;
 
     fn small_pool() -> Pool {
         Pool::new(PoolConfig {

@@ -3,6 +3,7 @@
 //! the level does not flap, a 0–100 number, and a time-to-critical estimate from the recent trend.
 //! Pure: the daemon's sampler feeds it readings.
 
+use crate::units::MIB;
 use std::collections::VecDeque;
 use std::fmt;
 
@@ -271,7 +272,7 @@ impl Tracker {
             return Some(0.0);
         }
         // Growth below 1 MiB/s is noise, not a trend.
-        (slope > (1 << 20) as f64).then(|| (target - used) / slope)
+        (slope > MIB as f64).then(|| (target - used) / slope)
     }
 }
 
@@ -312,7 +313,7 @@ pub struct PsiReading {
 mod tests {
     use super::*;
 
-    const GIB: u64 = 1 << 30;
+    use crate::units::GIB;
 
     fn at(t: f64, used_gib: f64) -> Sample {
         let total = 100 * GIB;

@@ -561,6 +561,7 @@ impl Tlsf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::MIB;
     use proptest::prelude::*;
 
     const G: u64 = GRANULARITY_BYTES;
@@ -584,21 +585,21 @@ mod tests {
 
     #[test]
     fn allocate_and_free_whole_block() {
-        let mut t = Tlsf::new(1 << 20);
-        let (off, h) = t.allocate(1 << 20, G).expect("fits exactly");
+        let mut t = Tlsf::new(MIB);
+        let (off, h) = t.allocate(MIB, G).expect("fits exactly");
         assert_eq!(off, 0);
         assert_eq!(t.free_bytes(), 0);
         assert!(t.allocate(1, G).is_none());
-        assert_eq!(t.free(h), Ok(1 << 20));
+        assert_eq!(t.free(h), Ok(MIB));
         assert_eq!(t.free(h), Err(TlsfError::NotAllocated), "double free is refused");
-        assert_eq!(t.free_bytes(), 1 << 20);
-        assert_eq!(t.largest_free_bytes(), 1 << 20);
+        assert_eq!(t.free_bytes(), MIB);
+        assert_eq!(t.largest_free_bytes(), MIB);
         t.validate().expect("valid");
     }
 
     #[test]
     fn validate_names_the_broken_invariant() {
-        let mut t = Tlsf::new(1 << 20);
+        let mut t = Tlsf::new(MIB);
         t.allocate(4 * G, G).expect("fits");
         t.free_units += 1;
         let e = t.validate().expect_err("counter off by one");
@@ -608,7 +609,7 @@ mod tests {
 
     #[test]
     fn sizes_round_to_granularity_and_offsets_align() {
-        let mut t = Tlsf::new(1 << 20);
+        let mut t = Tlsf::new(MIB);
         let (a, ha) = t.allocate(1, G).expect("a");
         let (b, _) = t.allocate(300, 4096).expect("b");
         assert_eq!(a, 0);
@@ -713,7 +714,7 @@ mod tests {
         /// and class rounding always succeeds (the allocator does not lose free space).
         #[test]
         fn free_space_is_findable(sizes in proptest::collection::vec(1u64..64, 1..40)) {
-            let mut t = Tlsf::new(1 << 20);
+            let mut t = Tlsf::new(MIB);
             let hs: Vec<_> = sizes.iter().filter_map(|&s| t.allocate(s * G, G)).collect();
             for (i, (_, h)) in hs.iter().enumerate() {
                 if i % 2 == 0 { t.free(*h).expect("free"); }

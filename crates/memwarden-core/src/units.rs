@@ -1,4 +1,14 @@
-//! Byte sizes as people write them (`512MiB`, `2GiB`, `1.5GB`, `4096`) and as we print them.
+//! Byte sizes as people write them (`512MiB`, `2GiB`, `1.5GB`, `4096`) and as we print them,
+//! and the binary units code writes them in (`64 * MIB`, not `64 << 20`).
+
+/// 1024 bytes.
+pub const KIB: u64 = 1 << 10;
+/// 1024 KiB.
+pub const MIB: u64 = 1 << 20;
+/// 1024 MiB.
+pub const GIB: u64 = 1 << 30;
+/// 1024 GiB.
+pub const TIB: u64 = 1 << 40;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("'{0}' is not a size (examples: 4096, 512KiB, 512MiB, 2GiB, 1.5GB)")]
@@ -14,10 +24,10 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let (num, suffix) = t.split_at(split);
     let multiplier: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
+        "k" | "kib" => KIB,
+        "m" | "mib" => MIB,
+        "g" | "gib" => GIB,
+        "t" | "tib" => TIB,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,

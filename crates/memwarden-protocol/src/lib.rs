@@ -26,6 +26,7 @@ mod memory;
 pub use memory::*;
 mod data;
 pub use data::*;
+use memwarden_core::units::MIB;
 pub use typed::ActionData;
 /// `ModelInfo::validate` and the [`ModelInfoError`](validation::ModelInfoError) it returns.
 pub mod validation;
@@ -41,7 +42,7 @@ pub const SUPPORTED_VERSIONS: [u32; 2] = [1, 2];
 pub const MAX_FDS_PER_LINE: u32 = 16;
 
 /// Longest accepted line (a `getModelInfo` reply of thousands of models fits easily).
-pub const MAX_LINE_BYTES: usize = 4 << 20;
+pub const MAX_LINE_BYTES: usize = (4 * MIB) as usize;
 
 /// Stable error codes, in replies and in decode errors.
 pub mod codes {

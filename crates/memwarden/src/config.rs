@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 pub mod quotas;
 mod vulkan;
 mod workers;
+use memwarden_core::units::{GIB, MIB};
 pub use vulkan::{NvidiaOwner, VulkanSection};
 pub use workers::{WorkerSpec, WorkersSection};
 
@@ -135,7 +136,7 @@ impl Default for AnalyticsSection {
             fragmentation_threshold: None,
             failure_recent_secs: 600,
             model_idle_secs: 300,
-            min_clear_bytes: 64 << 20,
+            min_clear_bytes: 64 * MIB,
             pinned_fraction: 0.1,
             imbalance: 0.3,
         }
@@ -311,7 +312,7 @@ impl Default for DefragSection {
             fragmentation_threshold: 0.3,
             strategy: memwarden_core::defrag::Strategy::Balanced,
             max_time_ms: 100,
-            max_bytes_to_move: 1 << 30,
+            max_bytes_to_move: GIB,
         }
     }
 }
@@ -327,7 +328,7 @@ pub struct ApiSection {
 
 impl Default for ApiSection {
     fn default() -> Self {
-        ApiSection { max_body_bytes: 1 << 20 }
+        ApiSection { max_body_bytes: MIB }
     }
 }
 
@@ -354,7 +355,7 @@ impl Default for CudaSection {
 
 impl Default for TransferSection {
     fn default() -> Self {
-        TransferSection { sync_max_bytes: 64 << 20 }
+        TransferSection { sync_max_bytes: 64 * MIB }
     }
 }
 
@@ -416,8 +417,8 @@ impl Default for Config {
 impl Default for PoolSection {
     fn default() -> Self {
         PoolSection {
-            block_size_bytes: 64 << 20,
-            dedicated_threshold_bytes: 32 << 20,
+            block_size_bytes: 64 * MIB,
+            dedicated_threshold_bytes: 32 * MIB,
             headroom_bytes: 0,
             status_max_age_ms: 100,
             max_pool_bytes: 0,
@@ -485,7 +486,7 @@ impl Config {
         if self.api.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid("api.max_body_bytes must be at least 1024".into()));
         }
-        if self.pool.block_size_bytes < 1 << 20 {
+        if self.pool.block_size_bytes < MIB {
             return Err(ConfigError::Invalid("pool.block_size_bytes must be at least 1 MiB".into()));
         }
         if self.pool.dedicated_threshold_bytes == 0 || self.pool.dedicated_threshold_bytes > self.pool.block_size_bytes
@@ -573,8 +574,8 @@ mod tests {
     fn keys_override_and_unknown_keys_are_refused() {
         let c = parse("listen = \"127.0.0.1:6000\"\n[pool]\nblock_size_bytes = 134217728\n").expect("valid");
         assert_eq!(c.listen.port(), 6000);
-        assert_eq!(c.pool.block_size_bytes, 128 << 20);
-        assert_eq!(c.pool.dedicated_threshold_bytes, 32 << 20, "other keys keep defaults");
+        assert_eq!(c.pool.block_size_bytes, 128 * MIB);
+        assert_eq!(c.pool.dedicated_threshold_bytes, 32 * MIB, "other keys keep defaults");
         assert!(parse("lisen = \"127.0.0.1:1\"").is_err());
         assert!(parse("[pool]\nblock_size = 1").is_err());
     }
@@ -622,7 +623,7 @@ mod tests {
         assert!(parse("[defrag]\nfragmentation_threshold = 1.5").is_err());
         let c = parse("[pool]\nmax_pool_bytes = 1073741824\n[host]\nshared_memory_dir = \"\"\n[cuda]\nenabled = false")
             .expect("valid");
-        assert_eq!(c.pool.max_pool_bytes, 1 << 30);
+        assert_eq!(c.pool.max_pool_bytes, GIB);
         assert!(c.host.shared_memory_dir.as_os_str().is_empty());
         assert!(!c.cuda.enabled);
     }

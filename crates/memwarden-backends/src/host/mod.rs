@@ -7,6 +7,7 @@ mod status;
 pub use status::{parse_meminfo, parse_proc_cgroup, CgroupEvents, CgroupMemory, CgroupPath, HostStatusReader, Meminfo};
 
 use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, MemoryReading};
+use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_sys::cuda::{CudaContext, CudaError};
 use memwarden_sys::{HostMapping, SysError};
@@ -16,7 +17,7 @@ use std::sync::Arc;
 
 /// Host block bases are aligned to 2 MiB: the largest alignment a host allocation may ask for,
 /// and the size of a transparent huge page.
-pub const HOST_BLOCK_ALIGNMENT_BYTES: u64 = 2 << 20;
+pub const HOST_BLOCK_ALIGNMENT_BYTES: u64 = 2 * MIB;
 
 #[derive(Debug)]
 pub struct HostBackend {
@@ -351,7 +352,7 @@ mod tests {
             let b = HostBackend::new(HostStatusReader::default())
                 .with_shared_dir(Some(dir.clone()))
                 .with_shared_group(group);
-            let block = b.create_block(MemoryKind::Host, 2 << 20).expect("block");
+            let block = b.create_block(MemoryKind::Host, 2 * MIB).expect("block");
             let entry = std::fs::read_dir(&dir).expect("read").flatten().next().expect("a shared file");
             let meta = entry.metadata().expect("meta");
             drop(block);

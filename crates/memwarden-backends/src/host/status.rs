@@ -343,6 +343,7 @@ fn read_kv(path: &Path) -> Option<HashMap<String, u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memwarden_core::units::GIB;
 
     fn fixture(name: &str) -> HostStatusReader {
         HostStatusReader::with_root(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host").join(name))
@@ -398,19 +399,19 @@ mod tests {
     fn v1_limit_bounds_the_numbers() {
         let r = fixture("cgroup-v1-limited").read().expect("read");
         assert_eq!(r.source, "cgroup-v1:/memwarden-fixture");
-        assert_eq!(r.total_bytes, 2 << 30);
+        assert_eq!(r.total_bytes, 2 * GIB);
         // usage_in_bytes 324591616 − total_inactive_file 159744
         assert_eq!(r.used_bytes, 324_591_616 - 159_744);
-        assert_eq!(r.available_bytes, (2 << 30) - (324_591_616 - 159_744));
+        assert_eq!(r.available_bytes, 2 * GIB - (324_591_616 - 159_744));
     }
 
     #[test]
     fn v2_limit_is_the_smallest_up_the_tree() {
         let r = fixture("cgroup-v2-limited").read().expect("read");
         assert_eq!(r.source, "cgroup-v2:/system.slice/inference.service");
-        assert_eq!(r.total_bytes, 4 << 30);
-        assert_eq!(r.used_bytes, (1 << 30) - 104_857_600);
-        assert_eq!(r.available_bytes, (4 << 30) - r.used_bytes);
+        assert_eq!(r.total_bytes, 4 * GIB);
+        assert_eq!(r.used_bytes, GIB - 104_857_600);
+        assert_eq!(r.available_bytes, 4 * GIB - r.used_bytes);
     }
 
     #[test]

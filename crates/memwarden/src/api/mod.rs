@@ -23,6 +23,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use dto::*;
 use envelope::{ApiError, ApiResponse, Data, CORRELATION_ID};
+use memwarden_core::units::MIB;
 use std::collections::HashMap;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -32,7 +33,7 @@ use utoipa_swagger_ui::SwaggerUi;
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
 /// Largest body of `PUT …/data` and largest `length` of `GET …/data`.
-pub const MAX_DATA_BYTES: usize = 64 << 20;
+pub const MAX_DATA_BYTES: usize = (64 * MIB) as usize;
 
 #[derive(Clone)]
 pub struct AppState {

@@ -104,6 +104,7 @@ mod tests {
     use crate::config::Config;
     use crate::models::process::ProcessMeter;
     use crate::service::Service;
+    use memwarden_core::units::MIB;
     use memwarden_core::MemoryKind;
     use std::time::Duration;
 
@@ -128,10 +129,10 @@ mod tests {
         let (service, optimizer) = optimizer();
         let s = service.clone();
         let ok: Result<usize, AdmissionError> =
-            admitted(&optimizer, DeviceId::Cpu, Some(1 << 20), "ok", async move { Ok(reservations(&s)) }).await;
+            admitted(&optimizer, DeviceId::Cpu, Some(MIB), "ok", async move { Ok(reservations(&s)) }).await;
         assert_eq!(ok.expect("admitted"), 1, "held while loading");
         assert_eq!(reservations(&service), 0, "given back after");
-        let failed: Result<(), AdmissionError> = admitted(&optimizer, DeviceId::Cpu, Some(1 << 20), "failed", async {
+        let failed: Result<(), AdmissionError> = admitted(&optimizer, DeviceId::Cpu, Some(MIB), "failed", async {
             Err(AdmissionError::InsufficientMemory("the load failed".into()))
         })
         .await;
@@ -140,7 +141,7 @@ mod tests {
         let hung = admitted(
             &optimizer,
             DeviceId::Cpu,
-            Some(1 << 20),
+            Some(MIB),
             "cancelled",
             std::future::pending::<Result<(), AdmissionError>>(),
         );

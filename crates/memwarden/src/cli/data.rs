@@ -4,6 +4,7 @@
 use super::http::{path_segment, CliError, Client};
 use super::render::pretty;
 use base64::Engine as _;
+use memwarden_core::units::MIB;
 use memwarden_core::units::{format_bytes, parse_size};
 use memwarden_protocol::api::{AllocationDto, DataDto, WrittenDto};
 use serde_json::json;
@@ -11,7 +12,7 @@ use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::path::PathBuf;
 
 /// Bytes per request (the routes take up to 64 MiB; base64 makes a read a third larger).
-const CHUNK: u64 = 16 << 20;
+const CHUNK: u64 = 16 * MIB;
 
 #[derive(clap::Subcommand)]
 pub enum DataCommand {

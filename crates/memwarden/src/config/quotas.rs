@@ -112,6 +112,7 @@ pub fn rules(entries: &[QuotaEntry]) -> Result<Vec<QuotaRule>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memwarden_core::units::GIB;
 
     fn entry(owner: &str, device: &str, memory_type: &str, max_bytes: u64) -> QuotaEntry {
         QuotaEntry { owner: owner.into(), device: device.into(), memory_type: memory_type.into(), max_bytes }
@@ -165,7 +166,7 @@ mod tests {
         let one =
             "[[quotas]]\nowner = \"vllm-a\"\ndevice = \"gpu-0\"\nmemory_type = \"pinned\"\nmax_bytes = 1073741824\n";
         let c = validate(one).expect("valid");
-        assert_eq!(c.quotas, vec![entry("vllm-a", "gpu-0", "pinned", 1 << 30)]);
+        assert_eq!(c.quotas, vec![entry("vllm-a", "gpu-0", "pinned", GIB)]);
         let c = validate("[[quotas]]\nowner = \"b\"\nmax_bytes = 5\n").expect("device and kind default to *");
         assert_eq!((c.quotas[0].device.as_str(), c.quotas[0].memory_type.as_str()), (ANY, ANY));
         for (text, says) in [

@@ -1,6 +1,7 @@
 //! What a model file will take once loaded, from its `.safetensors` header alone (parsed by
 //! `weights::file`, with Hugging Face's `safetensors` crate; only its first 8 + N bytes are read).
 
+use memwarden_core::units::MIB;
 use memwarden_core::DeviceId;
 use std::path::Path;
 
@@ -14,7 +15,7 @@ pub fn model_bytes(path: &Path, device: DeviceId) -> std::io::Result<u64> {
 
 /// [`model_bytes`] of a model whose header names `tensor_bytes`.
 pub fn model_bytes_of(tensor_bytes: u64, device: DeviceId) -> u64 {
-    let extra = if device.is_gpu() { 64 << 20 } else { 0 };
+    let extra = if device.is_gpu() { 64 * MIB } else { 0 };
     tensor_bytes + tensor_bytes / 20 + extra
 }
 
@@ -50,7 +51,7 @@ mod tests {
         );
         assert_eq!(tensor_bytes(&path).expect("parsed"), 32);
         assert_eq!(model_bytes(&path, DeviceId::Cpu).ok(), Some(32 + 1));
-        assert_eq!(model_bytes(&path, DeviceId::cuda(0)).ok(), Some(32 + 1 + (64 << 20)));
+        assert_eq!(model_bytes(&path, DeviceId::cuda(0)).ok(), Some(32 + 1 + (64 * MIB)));
         let _ = std::fs::remove_file(path);
     }
 

@@ -80,6 +80,7 @@ impl ProcessMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memwarden_core::units::MIB;
 
     #[test]
     fn rss_is_read_from_the_proc_tree_in_bytes() {
@@ -88,7 +89,7 @@ mod tests {
         std::fs::write(dir.join("4242/statm"), "250000 30000 4000 500 0 90000 0\n").expect("write");
         assert_eq!(rss_bytes(&dir, 4242), Some(30000 * procfs::page_size()));
         assert_eq!(rss_bytes(&dir, 4243), None, "no such process");
-        assert!(rss_bytes(Path::new("/proc"), std::process::id()).is_some_and(|b| b > 1 << 20));
+        assert!(rss_bytes(Path::new("/proc"), std::process::id()).is_some_and(|b| b > MIB));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -96,7 +97,7 @@ mod tests {
     /// in its RSS but not in its own bytes; other shared memory stays its own.
     #[test]
     fn own_bytes_leave_out_mapped_memwarden_files_only() {
-        const LEN: u64 = 64 << 20;
+        const LEN: u64 = 64 * MIB;
         let me = std::process::id();
         let shm = std::env::temp_dir().join(format!("mw-meter-{me}"));
         std::fs::create_dir_all(&shm).expect("dir");

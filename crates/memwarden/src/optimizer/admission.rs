@@ -5,6 +5,7 @@
 use super::{OptimizeRequest, Optimizer};
 use crate::service::{AllocateRequest, ServiceError};
 use memwarden_core::eviction::Strategy;
+use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
 use std::time::{Duration, Instant};
 
@@ -61,7 +62,7 @@ impl Optimizer {
             )));
         }
         let mut run = OptimizeRequest::new(device, Strategy::Balanced, "admission", &self.config);
-        run.min_memory_to_free = shortfall + (16 << 20);
+        run.min_memory_to_free = shortfall + (16 * MIB);
         run.force = true;
         let outcome = self.run(run).await;
         // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a

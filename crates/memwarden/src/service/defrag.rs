@@ -8,6 +8,7 @@ use super::types::device_fragmentation;
 use super::{Service, ServiceError};
 use crate::util::lock;
 use memwarden_core::defrag::{self, DefragOptions, Movable};
+use memwarden_core::units::GIB;
 use memwarden_core::{BlockId, DeviceId, MemoryKind, PoolStats};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -123,7 +124,7 @@ fn index(st: &DeviceState) -> f64 {
 const BATCH_MOVES: usize = 256;
 /// Bytes moved under one hold of the device's lock (a GPU copies this in under 1 ms; a host
 /// memcpy is bounded by [`BATCH_TIME`] first).
-const BATCH_BYTES: u64 = 1 << 30;
+const BATCH_BYTES: u64 = GIB;
 /// Time spent issuing moves under one hold of the device's lock (a host move is its memcpy; a
 /// GPU move is queued in microseconds and waited for at the batch's end).
 const BATCH_TIME: Duration = Duration::from_millis(2);

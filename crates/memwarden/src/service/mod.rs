@@ -40,6 +40,7 @@ pub use types::{
 
 use crate::config::Config;
 use crate::util::lock;
+use memwarden_core::units::MIB;
 
 /// Longest free-text field (`purpose`, `owner`) an allocation takes, in characters: they go
 /// into the event log and every listing.
@@ -110,7 +111,7 @@ impl Service {
             transfers: Mutex::new(transfer::Transfers::default()),
             backends: health,
             pool_config: pool,
-            sync_transfer_max_bytes: 64 << 20,
+            sync_transfer_max_bytes: 64 * MIB,
             auto_defrag: None,
             failures: Mutex::new(HashMap::new()),
             quotas: quota::QuotaRules::default(),

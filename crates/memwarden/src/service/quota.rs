@@ -341,6 +341,7 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memwarden_core::units::KIB;
 
     fn rule(owner: &str, device: Option<DeviceId>, kind: Option<MemoryKind>, max_bytes: u64) -> QuotaRule {
         QuotaRule { owner: owner.into(), device, kind, max_bytes }
@@ -386,7 +387,7 @@ mod tests {
             owner: "c".into(),
             device: "cpu".into(),
             memory_type: "host".into(),
-            max_bytes: 64 << 10,
+            max_bytes: 64 * KIB,
         }])
         .expect("valid");
         let request = || super::super::AllocateRequest {
@@ -405,12 +406,12 @@ mod tests {
         });
         assert_eq!(made.len(), 64, "exactly the 64 KiB the quota allows, in 1 KiB pool slots");
         s.validate().expect("books, ledger and pools agree");
-        assert_eq!(s.owners().quotas[0].used_bytes, 64 << 10);
+        assert_eq!(s.owners().quotas[0].used_bytes, 64 * KIB);
         for id in &made {
             s.free(id).expect("free");
         }
         s.validate().expect("balanced after the frees");
-        assert_eq!(s.owners().quotas[0].remaining_bytes(), 64 << 10);
+        assert_eq!(s.owners().quotas[0].remaining_bytes(), 64 * KIB);
         assert!(s.allocate(request()).is_ok());
     }
 

@@ -1,8 +1,7 @@
 use super::*;
 use memwarden_backends::{BackendError, HostBackend, HostStatusReader};
+use memwarden_core::units::{GIB, MIB};
 use std::path::PathBuf;
-
-const MIB: u64 = 1 << 20;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host").join(name)
@@ -105,7 +104,7 @@ fn large_alignment_is_honoured() {
 }
 
 /// The cgroup-v1 fixture: limit 2 GiB, 324431872 bytes used → 1823051776 available.
-const FIXTURE_AVAILABLE: u64 = (2 << 30) - (324_591_616 - 159_744);
+const FIXTURE_AVAILABLE: u64 = 2 * GIB - (324_591_616 - 159_744);
 
 #[test]
 fn budget_is_checked_before_anything_is_allocated() {
@@ -289,9 +288,9 @@ impl Backend for FlakyGpu {
     }
     fn read_status(&self) -> Result<memwarden_backends::MemoryReading, BackendError> {
         Ok(memwarden_backends::MemoryReading {
-            total_bytes: 8 << 30,
-            available_bytes: 4 << 30,
-            used_bytes: 4 << 30,
+            total_bytes: 8 * GIB,
+            available_bytes: 4 * GIB,
+            used_bytes: 4 * GIB,
             source: "fake".into(),
             reserved_bytes: None,
             processes: vec![],
@@ -336,14 +335,14 @@ fn with_flaky_gpu(fail_with: BackendError) -> Service {
 #[test]
 fn driver_out_of_memory_is_insufficient_memory_with_numbers() {
     let s = with_flaky_gpu(BackendError::OutOfMemory {
-        requested_bytes: 1 << 30,
+        requested_bytes: GIB,
         available_bytes: 123,
         detail: "cuMemAlloc failed".into(),
     });
-    let r = AllocateRequest { device: "cuda:0".into(), ..req(1 << 30, None) };
+    let r = AllocateRequest { device: "cuda:0".into(), ..req(GIB, None) };
     match s.allocate(r) {
         Err(ServiceError::InsufficientMemory { device, requested_bytes, available_bytes, .. }) => {
-            assert_eq!((device.as_str(), requested_bytes, available_bytes), ("cuda:0", 1 << 30, 123));
+            assert_eq!((device.as_str(), requested_bytes, available_bytes), ("cuda:0", GIB, 123));
         }
         other => panic!("{other:?}"),
     }
@@ -414,7 +413,7 @@ fn defragmentation_makes_a_failing_allocation_fit() {
 #[test]
 fn defragmentation_keeps_every_byte() {
     let s = capped_service();
-    let sizes = [300_000u64, 1 << 20, 70_000, 512 * 1024, 123_456, 2 << 20, 4096, 777_777];
+    let sizes = [300_000u64, MIB, 70_000, 512 * 1024, 123_456, 2 * MIB, 4096, 777_777];
     let mut live = Vec::new();
     for (i, &size) in sizes.iter().cycle().take(24).enumerate() {
         let immovable = i % 5 == 0;
@@ -614,7 +613,7 @@ fn a_reclaimed_allocation_a_copy_is_using_is_freed_when_the_copy_releases_it() {
 #[test]
 fn an_allocation_for_a_connection_that_closed_is_refused_and_leaves_nothing() {
     let s = service_with(None, 0);
-    let for_client = |c: &str| AllocateRequest { owner_client: Some(c.into()), ..req(1 << 20, None) };
+    let for_client = |c: &str| AllocateRequest { owner_client: Some(c.into()), ..req(MIB, None) };
     // Never opened (or already closed and reclaimed): refused where it would be recorded.
     match s.allocate(for_client("app@1")) {
         Err(ServiceError::InvalidOperation(m)) => assert!(m.contains("app@1"), "{m}"),
@@ -639,7 +638,7 @@ mod executor_runs_every_plan {
     use memwarden_core::defrag::{DefragOptions, Strategy};
     use proptest::prelude::*;
 
-    const KIB: u64 = 1 << 10;
+    use memwarden_core::units::KIB;
 
     /// 1 MiB blocks, nothing dedicated, no cap: plans with many moves, some allocations moved twice.
     fn small_blocks() -> Service {

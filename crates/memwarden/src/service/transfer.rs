@@ -4,6 +4,7 @@
 use super::{AllocateRequest, Allocation, AllocationRecord, Service, ServiceError};
 use crate::util::lock;
 use memwarden_backends::{copy_between, BlockExport, SharedBlock};
+use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, GpuApi, MemoryKind};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use time::OffsetDateTime;
 /// Finished transfers kept for `GET /api/memory/transfer/{id}`.
 const FINISHED_KEPT: usize = 1024;
 /// Background transfers copy in chunks of this size, updating progress between chunks.
-const CHUNK_BYTES: u64 = 256 << 20;
+const CHUNK_BYTES: u64 = 256 * MIB;
 
 /// Where a transfer writes.
 #[derive(Debug, Clone, PartialEq)]

@@ -329,7 +329,7 @@ impl ExportInfo {
 mod tests {
     use super::*;
 
-    const MIB: u64 = 1 << 20;
+    use memwarden_core::units::MIB;
 
     fn pool(free: u64, largest: u64) -> PoolStats {
         PoolStats { free_in_pool_bytes: free, largest_free_block_bytes: largest, ..PoolStats::default() }

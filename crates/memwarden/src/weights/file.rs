@@ -3,6 +3,7 @@
 //! allocated), and its content hash.
 
 use super::WeightsError;
+use memwarden_core::units::MIB;
 use memwarden_protocol::TensorEntry;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// The content hash covers the file in chunks of this size: each chunk's BLAKE3 is computed by
 /// whichever loader thread read it, and the file's hash is the BLAKE3 of the chunk hashes in
 /// order (plus the length), so hashing runs on every loader thread at once.
-pub const HASH_CHUNK_BYTES: u64 = 8 << 20;
+pub const HASH_CHUNK_BYTES: u64 = 8 * MIB;
 
 /// What makes two loads "the same file": path, size and modification time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

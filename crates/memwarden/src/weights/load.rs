@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use crate::operations::Progress;
 use crate::util::lock;
+use memwarden_core::units::KIB;
 
 /// Bytes read (and hashed) at a time within a chunk.
-const PIECE_BYTES: usize = 512 << 10;
+const PIECE_BYTES: usize = (512 * KIB) as usize;
 
 /// What a load measured.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::util::lock;
+use memwarden_core::units::MIB;
 
 /// Writes one loader thread's chunks into a block.
 pub trait ChunkWriter {
@@ -97,7 +98,7 @@ pub struct ParkPool {
 }
 
 impl ParkPool {
-    pub const CHUNK_BYTES: u64 = 256 << 20;
+    pub const CHUNK_BYTES: u64 = 256 * MIB;
 
     pub fn new(target_bytes: u64, cuda: Option<Arc<CudaContext>>) -> Arc<ParkPool> {
         Arc::new(ParkPool {
