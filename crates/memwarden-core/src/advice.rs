@@ -281,11 +281,13 @@ pub fn pinned_host(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
 pub fn rebalance(devices: &[DeviceFacts], t: &Thresholds) -> Vec<Recommendation> {
     let mut out = Vec::new();
     for full in devices.iter().filter(|d| d.is_gpu) {
-        let Some(empty) = devices
+        // Where the model would go: the placement rule over the twins (same product, so the
+        // roomiest is also the least used).
+        let twins = devices
             .iter()
             .filter(|o| o.is_gpu && o.device != full.device && o.name == full.name && o.total_bytes > 0)
-            .min_by(|a, b| a.utilization().total_cmp(&b.utilization()))
-        else {
+            .map(|o| (o, o.total_bytes.saturating_sub(o.used_bytes)));
+        let Some(empty) = crate::placement::roomiest(twins) else {
             continue;
         };
         let gap = full.utilization() - empty.utilization();

@@ -8,6 +8,7 @@ pub mod defrag;
 pub mod eviction;
 pub mod history;
 pub mod ids;
+pub mod placement;
 pub mod pool;
 pub mod pressure;
 pub mod tlsf;
