@@ -15,7 +15,7 @@ pub mod config;
 pub mod models;
 pub mod operations;
 pub mod optimizer;
-pub mod peers;
+pub mod placement;
 pub mod pressure;
 pub mod server;
 pub mod service;

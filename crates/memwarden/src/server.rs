@@ -15,55 +15,13 @@ pub async fn serve_on(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let pressure = crate::pressure::PressureMonitor::new(service.clone(), config.pressure.clone());
-    pressure.start();
-    let supervisor = crate::supervisor::Supervisor::new(
-        config.workers.clone(),
-        service.device_ids().iter().map(|d| d.to_string()).collect(),
-        crate::models::process::ProcessMeter::new(
-            config.host.proc_root.clone(),
-            (!config.host.shared_memory_dir.as_os_str().is_empty()).then(|| config.host.shared_memory_dir.clone()),
-        ),
-    );
-    let weights = crate::weights::WeightStore::for_service(&service, config);
-    let optimizer = crate::optimizer::Optimizer::new(
-        service.clone(),
-        supervisor.clone(),
-        Some(weights.clone()),
-        config.optimizer.clone(),
-        pressure.thresholds(),
-    );
-    // The one setter left: a real cycle at run time. The supervisor carries the peers'
-    // requests, which the weights store and the optimizer answer, and the optimizer asks the
-    // supervisor's workers to release models; registered before any worker starts.
-    supervisor.set_peer_requests(Arc::new(crate::peers::WeightsPeer(
-        weights.clone(),
-        optimizer.clone(),
-        service.clone(),
-    )));
-    weights.start_policy();
-    supervisor.start().await;
+    let app = crate::app::App::start(service.clone(), config).await;
     start_reaper(&service);
-    optimizer.start_watchdog(pressure.subscribe());
-    let analytics = crate::analytics::Analytics::new(
-        service.clone(),
-        supervisor.clone(),
-        pressure.clone(),
-        config.analytics.clone(),
-        config.advice_thresholds(),
-    );
-    analytics.start();
     // One shutdown signal for the server and every open event stream: graceful shutdown waits
     // for open connections, and an event stream never ends on its own.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = AppState {
-        service,
-        supervisor: supervisor.clone(),
-        pressure,
-        optimizer,
-        analytics,
-        weights,
-        operations: crate::operations::Operations::new(),
+        app: app.clone(),
         http_metrics: Default::default(),
         auth_token: config.auth_token.as_deref().map(Arc::from),
         max_body_bytes: config.api.max_body_bytes,
@@ -85,7 +43,7 @@ pub async fn serve_on(
             let _ = stop.wait_for(|v| *v).await;
         })
         .await;
-    supervisor.shutdown().await;
+    app.shutdown().await;
     served
 }
 

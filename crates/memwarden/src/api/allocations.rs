@@ -1,10 +1,11 @@
-//! Allocation routes: allocate, free, list, one allocation, clear, export, and reading and
-//! writing an allocation's bytes.
+//! `/api/memory/allocations/…` and `/api/memory/allocation/{id}`: allocate, free, list, one
+//! allocation, export, and reading and writing an allocation's bytes.
 
 use super::dto::*;
 use super::envelope::{ApiError, ApiJson, ApiResponse, Data, NoBody};
-use super::{blocking, query_u64, ApiResult, AppState, MAX_DATA_BYTES};
-use crate::service::{AllocateRequest, AllocationFilter, ExportVia, ListPosition, DEFAULT_ALIGNMENT_BYTES};
+use super::{query_u64, ApiResult, AppState, MAX_DATA_BYTES};
+use crate::app::allocations as use_case;
+use crate::app::{AllocateRequest, AllocationFilter, ExportVia, ListPosition, DEFAULT_ALIGNMENT_BYTES};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -14,7 +15,7 @@ use base64::Engine as _;
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::HashMap;
 
-fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest, ApiError> {
+fn parse_allocate(body: AllocateBody) -> Result<AllocateRequest, ApiError> {
     let size = body.size_bytes.ok_or_else(|| ApiError::invalid("sizeBytes: required"))?;
     if size <= 0 {
         return Err(ApiError::invalid(format!("sizeBytes: must be greater than 0 (got {size})")));
@@ -25,7 +26,8 @@ fn parse_allocate(body: AllocateBody, device: String) -> Result<AllocateRequest,
     }
     let kind = parse_kind(body.memory_type.as_deref())?;
     Ok(AllocateRequest {
-        device,
+        // Placement fills it in: the device named, else the roomiest one of the kind.
+        device: String::new(),
         size_bytes: size as u64,
         kind,
         alignment_bytes: alignment as u64,
@@ -42,11 +44,12 @@ fn parse_kind(text: Option<&str>) -> Result<Option<MemoryKind>, ApiError> {
     text.map(|t| t.parse::<MemoryKind>().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))).transpose()
 }
 
-fn do_allocate(state: &AppState, req: AllocateRequest) -> Result<(StatusCode, Data<AllocationDto>), ApiError> {
-    let record = match state.service.try_allocate_now(req.clone())? {
-        Some(record) => record,
-        None => blocking(|| state.service.allocate(req))?,
-    };
+fn do_allocate(
+    state: &AppState,
+    device: Option<&str>,
+    req: AllocateRequest,
+) -> Result<(StatusCode, Data<AllocationDto>), ApiError> {
+    let record = use_case::allocate(&state.app, device, req)?;
     Ok((StatusCode::CREATED, Data(AllocationDto::from(&*record))))
 }
 
@@ -65,14 +68,8 @@ pub async fn allocate(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<AllocateBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let device = match &body.device_id {
-        Some(d) => d.clone(),
-        None => {
-            let kind = parse_kind(body.memory_type.as_deref())?;
-            state.service.roomiest_device(kind)?.to_string()
-        }
-    };
-    do_allocate(&state, parse_allocate(body, device)?)
+    let device = body.device_id.clone();
+    do_allocate(&state, device.as_deref(), parse_allocate(body)?)
 }
 
 /// Allocates memory on `deviceId`.
@@ -91,12 +88,12 @@ pub async fn allocate_on_device(
     ApiJson(body): ApiJson<AllocateBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(other) = &body.device_id {
-        let (a, b) = (state.service.resolve(&device_id)?, state.service.resolve(other)?);
+        let (a, b) = (use_case::resolve(&state.app, &device_id)?, use_case::resolve(&state.app, other)?);
         if a != b {
             return Err(ApiError::invalid(format!("deviceId: body names {b} but the route names {a}")));
         }
     }
-    do_allocate(&state, parse_allocate(body, device_id)?)
+    do_allocate(&state, Some(&device_id), parse_allocate(body)?)
 }
 
 /// Frees an allocation; unknown or already-freed ids are 404.
@@ -105,11 +102,7 @@ pub async fn allocate_on_device(
     responses((status = 200, body = ApiResponse<FreedDto>), (status = 404, description = "ALLOCATION_NOT_FOUND"))
 )]
 pub async fn free(State(state): State<AppState>, Path(allocation_id): Path<String>) -> ApiResult<FreedDto> {
-    let r = if state.service.free_is_quick(&allocation_id) {
-        state.service.free(&allocation_id)?
-    } else {
-        blocking(|| state.service.free(&allocation_id))?
-    };
+    let r = use_case::free(&state.app, &allocation_id)?;
     Ok(Data(FreedDto {
         device_id: r.device.to_string(),
         memory_type: r.kind.to_string(),
@@ -136,7 +129,7 @@ fn list_query(
     };
     let device = match (device, q.get("deviceId")) {
         (Some(d), _) => Some(d),
-        (None, Some(text)) => Some(state.service.resolve(text)?),
+        (None, Some(text)) => Some(use_case::resolve(&state.app, text)?),
         (None, None) => None,
     };
     let filter = AllocationFilter {
@@ -161,7 +154,7 @@ fn page_limit(v: &str) -> Result<usize, ApiError> {
 /// when that allocation is freed; a cursor of another run is refused, since the allocations it
 /// paged through are gone.
 fn encode_cursor(state: &AppState, p: &ListPosition) -> String {
-    let run = state.service.started_at().unix_timestamp_nanos();
+    let run = use_case::run_started_at(&state.app).unix_timestamp_nanos();
     let text = format!("{run}.{}.{}", p.allocated_at.unix_timestamp_nanos(), p.id);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
@@ -179,7 +172,7 @@ fn decode_cursor(state: &AppState, cursor: &str) -> Result<ListPosition, ApiErro
     let (run, at) = (number()?, number()?);
     let id = parts.next().filter(|id| !id.is_empty()).ok_or_else(garbage)?;
     let allocated_at = time::OffsetDateTime::from_unix_timestamp_nanos(at).map_err(|_| garbage())?;
-    if run != state.service.started_at().unix_timestamp_nanos() {
+    if run != use_case::run_started_at(&state.app).unix_timestamp_nanos() {
         return Err(ApiError::invalid(
             "cursor: given by another run of the daemon (its allocations are gone); list again without a cursor",
         ));
@@ -189,7 +182,7 @@ fn decode_cursor(state: &AppState, cursor: &str) -> Result<ListPosition, ApiErro
 
 fn list_page(state: &AppState, q: &HashMap<String, String>, device: Option<DeviceId>) -> ApiResult<AllocationListDto> {
     let (filter, after, limit) = list_query(state, q, device)?;
-    let page = state.service.allocation_page(&filter, after.as_ref(), limit);
+    let page = use_case::page(&state.app, &filter, after.as_ref(), limit);
     let next_cursor = page.next.as_ref().map(|p| encode_cursor(state, p));
     Ok(Data(allocation_list(&page, next_cursor)))
 }
@@ -238,7 +231,7 @@ pub async fn list_device_allocations(
     Path(device_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<AllocationListDto> {
-    let id = state.service.resolve(&device_id)?;
+    let id = use_case::resolve(&state.app, &device_id)?;
     list_page(&state, &q, Some(id))
 }
 
@@ -251,27 +244,7 @@ pub async fn get_allocation(
     State(state): State<AppState>,
     Path(allocation_id): Path<String>,
 ) -> ApiResult<AllocationDto> {
-    Ok(Data(AllocationDto::from(&*state.service.allocation(&allocation_id)?)))
-}
-
-/// Returns every cached empty pool block on every device to the OS or driver.
-#[utoipa::path(post, path = "/api/memory/operations/clear", responses((status = 200, body = ApiResponse<ClearDto>)))]
-pub async fn clear_all(State(state): State<AppState>, _: NoBody) -> ApiResult<ClearDto> {
-    Ok(Data(clear_dto(&blocking(|| state.service.clear(None))?)))
-}
-
-/// Returns the cached empty pool blocks of one device to the OS or driver.
-#[utoipa::path(
-    post, path = "/api/memory/operations/clear/{deviceId}", params(("deviceId" = String, Path)),
-    responses((status = 200, body = ApiResponse<ClearDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
-)]
-pub async fn clear_device(
-    State(state): State<AppState>,
-    Path(device_id): Path<String>,
-    _: NoBody,
-) -> ApiResult<ClearDto> {
-    let id = state.service.resolve(&device_id)?;
-    Ok(Data(clear_dto(&blocking(|| state.service.clear(Some(id)))?)))
+    Ok(Data(AllocationDto::from(&*use_case::get(&state.app, &allocation_id)?)))
 }
 
 /// Shares an allocation with another process: a CUDA IPC handle for device memory, a file under
@@ -288,8 +261,7 @@ pub async fn export(
     Path(allocation_id): Path<String>,
     _: NoBody,
 ) -> ApiResult<ExportDto> {
-    // May wait for a defragmentation batch that is moving this allocation.
-    let info = blocking(|| state.service.export(&allocation_id, ExportVia::Http))?;
+    let info = use_case::export(&state.app, &allocation_id, ExportVia::Http)?;
     Ok(Data(info.dto(&allocation_id)))
 }
 
@@ -309,7 +281,7 @@ pub async fn read_data(
     if length > MAX_DATA_BYTES as u64 {
         return Err(ApiError::invalid(format!("length: at most {MAX_DATA_BYTES} bytes per read")));
     }
-    let bytes = blocking(|| state.service.read_bytes(&allocation_id, offset, length))?;
+    let bytes = use_case::read(&state.app, &allocation_id, offset, length)?;
     Ok(Data(DataDto {
         allocation_id,
         offset,
@@ -336,6 +308,6 @@ pub async fn write_data(
         _ => ApiError::invalid(format!("body: {}", e.body_text())),
     })?;
     let offset = query_u64(&q, "offset", Some(0))?;
-    blocking(|| state.service.write_bytes(&allocation_id, offset, &body))?;
+    use_case::write(&state.app, &allocation_id, offset, &body)?;
     Ok(Data(WrittenDto { allocation_id, offset, bytes_written: body.len() as u64 }))
 }

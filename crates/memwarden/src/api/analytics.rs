@@ -2,7 +2,8 @@
 //! log, recommendations, and the Prometheus exposition.
 
 use super::envelope::{ApiError, ApiResponse, Data};
-use super::{blocking, ApiResult, AppState};
+use super::{ApiResult, AppState};
+use crate::app::{allocations, observe};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -18,7 +19,7 @@ const DEFAULT_EVENTS: usize = 100;
 
 fn window(state: &AppState, q: &HashMap<String, String>) -> Result<(u64, String), ApiError> {
     let text = q.get("window").map(String::as_str).unwrap_or(DEFAULT_WINDOW);
-    Ok((state.analytics.parse_window(text)?, text.to_string()))
+    Ok((observe::window_ms(&state.app, text)?, text.to_string()))
 }
 
 /// Usage of every device over a window (`?window=1h`; s, m, h or d; at most the history's
@@ -33,7 +34,7 @@ pub async fn usage_all(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<UsageListDto> {
     let (ms, text) = window(&state, &q)?;
-    Ok(Data(UsageListDto { window: text, devices: blocking(|| state.analytics.usage(None, ms))? }))
+    Ok(Data(UsageListDto { window: text, devices: observe::usage(&state.app, None, ms)? }))
 }
 
 /// Usage of one device over a window.
@@ -50,9 +51,9 @@ pub async fn usage_device(
     Path(device_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<UsageDto> {
-    let id = state.service.resolve(&device_id)?;
+    let id = allocations::resolve(&state.app, &device_id)?;
     let (ms, _) = window(&state, &q)?;
-    let mut list = blocking(|| state.analytics.usage(Some(id), ms))?;
+    let mut list = observe::usage(&state.app, Some(id), ms)?;
     list.pop().map(Data).ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no usage"))
 }
 
@@ -69,14 +70,14 @@ pub async fn analytics(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<AnalyticsDto> {
     let (ms, text) = window(&state, &q)?;
-    Ok(Data(blocking(|| state.analytics.analytics(ms, &text))?))
+    Ok(Data(observe::analytics(&state.app, ms, &text)?))
 }
 
 /// Starts every peak over from its current value (used bytes, memwarden's allocated bytes,
 /// each model's bytes).
 #[utoipa::path(post, path = "/api/memory/analytics/reset-peaks", responses((status = 200, body = ApiResponse<ResetDto>)))]
 pub async fn reset_peaks(State(state): State<AppState>, _: super::envelope::NoBody) -> ApiResult<ResetDto> {
-    Ok(Data(ResetDto { since: super::envelope::rfc3339(state.analytics.reset_peaks()) }))
+    Ok(Data(ResetDto { since: super::envelope::rfc3339(observe::reset_peaks(&state.app)) }))
 }
 
 /// The newest entries of the allocation event log (allocated, freed, moved, exported), oldest
@@ -90,27 +91,25 @@ pub async fn events(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<EventListDto> {
-    let device = q.get("deviceId").map(|d| state.service.resolve(d)).transpose()?;
+    let device = q.get("deviceId").map(|d| allocations::resolve(&state.app, d)).transpose()?;
     let limit = super::query_u64(&q, "limit", Some(DEFAULT_EVENTS as u64))?;
-    Ok(Data(state.analytics.events(device, limit as usize)))
+    Ok(Data(observe::events(&state.app, device, limit as usize)))
 }
 
 /// Recommendations from the measured state: each with its evidence, its estimated savings and
 /// the request that applies it. Rules without evidence emit nothing.
 #[utoipa::path(get, path = "/api/memory/optimization", responses((status = 200, body = ApiResponse<RecommendationsDto>)))]
 pub async fn optimization(State(state): State<AppState>) -> ApiResult<RecommendationsDto> {
-    Ok(Data(blocking(|| state.analytics.recommendations())?))
+    Ok(Data(observe::recommendations(&state.app)?))
 }
 
 /// Prometheus metrics, text format 0.0.4 (requires the bearer token when one is configured).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let weights = state.weights.list();
-    match blocking(|| state.analytics.render_metrics(&state.http_metrics, &weights)) {
+    match observe::metrics(&state.app, &state.http_metrics) {
         Ok(text) => {
             let mut r = text.into_response();
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::analytics::metrics::CONTENT_TYPE));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::app::METRICS_CONTENT_TYPE));
             r
         }
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", format!("encoding metrics: {e}"))

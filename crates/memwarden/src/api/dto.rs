@@ -3,9 +3,9 @@
 //! follow the seed's clients) and are re-exported here.
 
 use super::envelope::rfc3339;
-use crate::pressure::{PressureEvent, PressureReport};
-use crate::service::{
-    AllocationPage, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, PoolDump, TransferRecord,
+use crate::app::{
+    AllocationPage, BackendHealth, CanAllocate, ClearOutcome, DefragReport, DeviceStatus, PoolDump, PressureEvent,
+    PressureReport, TransferRecord,
 };
 pub use memwarden_protocol::api::{allocations::*, pools::*, pressure::*, status::*, transfer::*};
 

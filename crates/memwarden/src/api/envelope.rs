@@ -2,7 +2,7 @@
 //! {ApiResponse, ErrorResponse}`), the one error type with its HTTP mapping, and the JSON body
 //! extractors that give malformed bodies the same envelope.
 
-use crate::service::ServiceError;
+use crate::app::{AppError, ServiceError};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
@@ -47,6 +47,25 @@ impl ApiError {
 
     pub fn invalid(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
+    }
+}
+
+/// Each room's error keeps its own mapping; the use case's own reasons map here.
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Service(e) => e.into(),
+            AppError::Weights(e) => e.into(),
+            AppError::Supervisor(e) => e.into(),
+            AppError::Admission(e) => e.into(),
+            AppError::Invalid(message) => ApiError::invalid(message),
+            AppError::InvalidOperation(message) => ApiError::new(StatusCode::CONFLICT, "INVALID_OPERATION", message),
+            AppError::DeviceUnavailable(message) => ApiError::new(StatusCode::CONFLICT, "DEVICE_UNAVAILABLE", message),
+            AppError::InsufficientMemory(message) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY", message)
+            }
+            AppError::Internal(message) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", message),
+        }
     }
 }
 

@@ -1,4 +1,10 @@
-//! The REST API: `router(state)` builds every route; handlers translate HTTP to service calls.
+//! The REST API: `router(state)` builds every route. A handler parses the request, calls one
+//! use case of the application layer ([`crate::app`]) and renders its answer; nothing else.
+//! Handler files follow the URL tree under `/api/memory/`: `allocations.rs` (`/allocations…`,
+//! `/allocation/{id}`), `owners.rs`, `transfer.rs` (`/transfer…`, `/copy`), `operations.rs`
+//! (`/operations…`: defragment, clear, background operations), `pools.rs`, `pressure.rs`
+//! (`/pressure…`, `/events`), `models/` (`/models…`), `analytics.rs` (`/usage…`,
+//! `/analytics…`, `/optimization`, `/metrics`); `/health` and `/status…` are here.
 
 pub mod allocations;
 pub mod analytics;
@@ -11,10 +17,9 @@ pub mod operations;
 pub mod owners;
 pub mod pools;
 pub mod pressure;
-pub mod transfers;
-pub mod weights;
+pub mod transfer;
 
-use crate::service::Service;
+use crate::app::{devices, App, HttpMetrics};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -35,23 +40,12 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
 /// Largest body of `PUT …/data` and largest `length` of `GET …/data`.
 pub const MAX_DATA_BYTES: usize = (64 * MIB) as usize;
 
+/// What every handler has: the application (its use cases) and the HTTP layer's own settings.
 #[derive(Clone)]
 pub struct AppState {
-    pub service: Arc<Service>,
-    /// The model workers and attached clients.
-    pub supervisor: Arc<crate::supervisor::Supervisor>,
-    /// Pressure levels, their history and the change stream.
-    pub pressure: Arc<crate::pressure::PressureMonitor>,
-    /// The release ladder (manual, watchdog, admission).
-    pub optimizer: Arc<crate::optimizer::Optimizer>,
-    /// History, analytics, recommendations and `/metrics`.
-    pub analytics: Arc<crate::analytics::Analytics>,
-    /// Model weights memwarden holds.
-    pub weights: Arc<crate::weights::WeightStore>,
-    /// Model loads and defragmentations run in the background (`"async": true`).
-    pub operations: Arc<crate::operations::Operations>,
+    pub app: Arc<App>,
     /// Request latencies for `/metrics`.
-    pub http_metrics: crate::analytics::metrics::HttpMetrics,
+    pub http_metrics: HttpMetrics,
     /// When set, `/api/` routes require `Authorization: Bearer <token>`.
     pub auth_token: Option<Arc<str>>,
     /// Largest JSON request body (`api.max_body_bytes`).
@@ -61,13 +55,6 @@ pub struct AppState {
 }
 
 type ApiResult<T> = Result<Data<T>, ApiError>;
-
-/// Runs blocking service work (page commits, munmap: milliseconds per GiB) on this thread after
-/// handing the async worker's other tasks to another thread. That costs about 10 µs, so the
-/// microsecond paths (pool hits, reservations, frees into shared blocks) run inline instead.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -82,13 +69,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/allocation/{allocation_id}", get(allocations::get_allocation))
         .route("/api/memory/allocations/{allocation_id}/export", post(allocations::export))
         .route("/api/memory/allocations/{allocation_id}/data", get(allocations::read_data).put(allocations::write_data))
-        .route("/api/memory/transfer", post(transfers::transfer))
-        .route("/api/memory/transfer/{transfer_id}", get(transfers::transfer_status))
-        .route("/api/memory/copy", post(transfers::copy))
+        .route("/api/memory/transfer", post(transfer::transfer))
+        .route("/api/memory/transfer/{transfer_id}", get(transfer::transfer_status))
+        .route("/api/memory/copy", post(transfer::copy))
         .route("/api/memory/operations", get(operations::list_operations))
         .route("/api/memory/operations/{operation_id}", get(operations::get_operation))
-        .route("/api/memory/operations/defragment", post(pools::defragment_all))
-        .route("/api/memory/operations/defragment/{device_id}", post(pools::defragment_device))
+        .route("/api/memory/operations/defragment", post(operations::defragment_all))
+        .route("/api/memory/operations/defragment/{device_id}", post(operations::defragment_device))
         .route("/api/memory/pools", get(pools::pools_all))
         .route("/api/memory/pools/{device_id}", get(pools::pools_device))
         .route("/api/memory/pressure", get(pressure::pressure_all))
@@ -96,14 +83,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/pressure/{device_id}", get(pressure::pressure_device))
         .route("/api/memory/events", get(pressure::events))
         .route("/api/memory/models", get(models::list_models))
-        .route("/api/memory/models/load", post(models::load_model))
-        .route("/api/memory/models/optimize", post(models::optimize))
-        .route("/api/memory/models/optimize/history", get(models::optimize_history))
+        .route("/api/memory/models/load", post(models::load::load_model))
+        .route("/api/memory/models/optimize", post(models::optimize::optimize))
+        .route("/api/memory/models/optimize/history", get(models::optimize::optimize_history))
         .route("/api/memory/models/{model_id}", delete(models::unload_model))
         .route("/api/memory/models/{model_id}/move", post(models::move_model))
-        .route("/api/memory/models/{model_id}/park", post(weights::park))
-        .route("/api/memory/models/{model_id}/resume", post(weights::resume))
-        .route("/api/memory/models/{model_id}/drop", post(weights::drop_copy))
+        .route("/api/memory/models/{model_id}/park", post(models::residency::park))
+        .route("/api/memory/models/{model_id}/resume", post(models::residency::resume))
+        .route("/api/memory/models/{model_id}/drop", post(models::residency::drop_copy))
         .route("/api/memory/usage", get(analytics::usage_all))
         .route("/api/memory/usage/{device_id}", get(analytics::usage_device))
         .route("/api/memory/analytics", get(analytics::analytics))
@@ -111,8 +98,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/memory/analytics/events", get(analytics::events))
         .route("/api/memory/optimization", get(analytics::optimization))
         .route("/metrics", get(analytics::metrics))
-        .route("/api/memory/operations/clear", post(allocations::clear_all))
-        .route("/api/memory/operations/clear/{device_id}", post(allocations::clear_device))
+        .route("/api/memory/operations/clear", post(operations::clear_all))
+        .route("/api/memory/operations/clear/{device_id}", post(operations::clear_device))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn_with_state(state.clone(), limit_body))
         .layer(DefaultBodyLimit::disable());
@@ -203,26 +190,26 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// Daemon health: its devices and which backends are available (and why not).
 #[utoipa::path(get, path = "/health", responses((status = 200, body = ApiResponse<HealthDto>)))]
 async fn health(State(state): State<AppState>) -> ApiResult<HealthDto> {
-    let s = &state.service;
-    let uptime = (OffsetDateTime::now_utc() - s.started_at()).whole_seconds().max(0) as u64;
+    let h = devices::health(&state.app);
+    let uptime = (OffsetDateTime::now_utc() - h.started_at).whole_seconds().max(0) as u64;
     Ok(Data(HealthDto {
         status: "healthy".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        started_at: envelope::rfc3339(s.started_at()),
+        started_at: envelope::rfc3339(h.started_at),
         uptime_seconds: uptime,
         pid: std::process::id(),
-        devices: s.device_ids().iter().map(ToString::to_string).collect(),
-        backends: s.backends().iter().map(backend_dto).collect(),
-        workers: health_workers(&state.supervisor),
+        devices: h.devices.iter().map(ToString::to_string).collect(),
+        backends: h.backends.iter().map(backend_dto).collect(),
+        workers: health_workers(&h),
     }))
 }
 
-fn health_workers(supervisor: &crate::supervisor::Supervisor) -> HealthWorkersDto {
+fn health_workers(h: &devices::Health) -> HealthWorkersDto {
     let name = |v: serde_json::Result<serde_json::Value>| {
         v.ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
     };
-    let workers: Vec<HealthWorkerDto> = supervisor
-        .slots()
+    let workers: Vec<HealthWorkerDto> = h
+        .workers
         .iter()
         .map(|slot| {
             let st = slot.snapshot();
@@ -236,22 +223,17 @@ fn health_workers(supervisor: &crate::supervisor::Supervisor) -> HealthWorkersDt
             }
         })
         .collect();
-    let ready = supervisor.slots().iter().filter(|s| s.conn().is_some()).count();
-    HealthWorkersDto {
-        enabled: supervisor.config().enabled,
-        ready,
-        reason: (ready == 0).then(|| supervisor.unavailable_reason()),
-        workers,
-    }
+    let ready = h.workers.iter().filter(|s| s.conn().is_some()).count();
+    HealthWorkersDto { enabled: h.workers_enabled, ready, reason: h.workers_unavailable.clone(), workers }
 }
 
 /// Memory status of every device, read from the OS or driver (sample at most 100 ms old).
 #[utoipa::path(get, path = "/api/memory/status", responses((status = 200, body = ApiResponse<StatusListDto>)))]
 async fn status_all(State(state): State<AppState>) -> ApiResult<StatusListDto> {
-    let list = state.service.status_all()?;
+    let list = devices::status_all(&state.app)?;
     Ok(Data(StatusListDto {
         devices: list.iter().map(DeviceStatusDto::from).collect(),
-        backends: state.service.backends().iter().map(backend_dto).collect(),
+        backends: devices::backends(&state.app).iter().map(backend_dto).collect(),
     }))
 }
 
@@ -272,15 +254,15 @@ async fn status_device(
     Path(device_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<DeviceStatusDto> {
-    let id = state.service.resolve(&device_id)?;
+    let id = crate::app::allocations::resolve(&state.app, &device_id)?;
     let kind = match q.get("memoryType") {
         None => None,
         Some(t) => Some(t.parse().map_err(|e| ApiError::invalid(format!("memoryType: {e}")))?),
     };
-    let mut dto = DeviceStatusDto::from(&state.service.status(id)?);
+    let mut dto = DeviceStatusDto::from(&devices::status(&state.app, id)?);
     if q.contains_key("canAllocate") {
         let size = query_u64(&q, "canAllocate", None)?;
-        dto.can_allocate = Some(CanAllocateDto::from(&state.service.can_allocate(id, size, kind)?));
+        dto.can_allocate = Some(CanAllocateDto::from(&devices::can_allocate(&state.app, id, size, kind)?));
     }
     Ok(Data(dto))
 }

@@ -2,7 +2,7 @@
 
 use super::envelope::{ApiResponse, Data};
 use super::{ApiResult, AppState};
-use crate::service::{OwnerUsage, OwnersReport, QuotaUse};
+use crate::app::{devices, OwnerUsage, OwnersReport, QuotaUse};
 use axum::extract::State;
 use memwarden_protocol::api::owners::{OwnerUsageDto, OwnersDto, QuotaDto};
 
@@ -48,5 +48,5 @@ impl From<&OwnersReport> for OwnersDto {
 /// and `quotas` gives every `[[quotas]]` entry with its use.
 #[utoipa::path(get, path = "/api/memory/owners", responses((status = 200, body = ApiResponse<OwnersDto>)))]
 pub async fn list_owners(State(state): State<AppState>) -> ApiResult<OwnersDto> {
-    Ok(Data(OwnersDto::from(&state.service.owners())))
+    Ok(Data(OwnersDto::from(&devices::owners(&state.app))))
 }

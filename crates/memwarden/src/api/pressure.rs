@@ -3,7 +3,8 @@
 use super::dto::*;
 use super::envelope::{ApiResponse, Data};
 use super::{ApiResult, AppState};
-use crate::pressure::PressureReport;
+use crate::app::allocations;
+use crate::app::observe::{self, Pressure};
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use std::convert::Infallible;
@@ -11,25 +12,19 @@ use std::convert::Infallible;
 /// Memory pressure of every device and overall (the highest).
 #[utoipa::path(get, path = "/api/memory/pressure", responses((status = 200, body = ApiResponse<PressureAllDto>)))]
 pub async fn pressure_all(State(state): State<AppState>) -> ApiResult<PressureAllDto> {
-    let reports: Vec<_> =
-        state.service.device_ids().into_iter().map(|d| state.pressure.report(d)).collect::<Result<_, _>>()?;
-    let top = reports.iter().max_by_key(|r| (r.level, r.pressure_level));
+    let reports = observe::pressure(&state.app, None)?;
+    let top = reports.iter().map(|p| &p.report).max_by_key(|r| (r.level, r.pressure_level));
     Ok(Data(PressureAllDto {
         pressure_level: top.map(|r| r.pressure_level).unwrap_or(0),
         pressure_category: top.map(|r| r.level).unwrap_or_default().as_str().into(),
-        devices: pressure_dtos(&state, &reports.iter().collect::<Vec<_>>()),
+        devices: reports.into_iter().map(pressure_dto).collect(),
     }))
 }
 
-/// Pressure reports with the recommendations for their devices (the advice rules, at `high` or
+/// A pressure report with the recommendations for its device (the advice rules, at `high` or
 /// above).
-fn pressure_dtos(state: &AppState, reports: &[&PressureReport]) -> Vec<PressureDto> {
-    let actions = state.analytics.pressure_actions(reports);
-    reports
-        .iter()
-        .zip(actions)
-        .map(|(r, actions)| PressureDto { recommended_actions: actions, ..PressureDto::from(*r) })
-        .collect()
+fn pressure_dto(p: Pressure) -> PressureDto {
+    PressureDto { recommended_actions: p.actions, ..PressureDto::from(&p.report) }
 }
 
 /// Memory pressure of one device: level, number, thresholds, raw signals, trend, actions.
@@ -38,15 +33,18 @@ fn pressure_dtos(state: &AppState, reports: &[&PressureReport]) -> Vec<PressureD
     responses((status = 200, body = ApiResponse<PressureDto>), (status = 404, description = "DEVICE_NOT_FOUND"))
 )]
 pub async fn pressure_device(State(state): State<AppState>, Path(device_id): Path<String>) -> ApiResult<PressureDto> {
-    let id = state.service.resolve(&device_id)?;
-    let report = state.pressure.report(id)?;
-    Ok(Data(pressure_dtos(&state, &[&report]).remove(0)))
+    let id = allocations::resolve(&state.app, &device_id)?;
+    Ok(Data(observe::pressure(&state.app, Some(id))?.into_iter().map(pressure_dto).next().ok_or_else(|| {
+        super::envelope::ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no report")
+    })?))
 }
 
 /// The last level changes (bounded), oldest first.
 #[utoipa::path(get, path = "/api/memory/pressure/history", responses((status = 200, body = ApiResponse<PressureHistoryDto>)))]
 pub async fn pressure_history(State(state): State<AppState>) -> ApiResult<PressureHistoryDto> {
-    Ok(Data(PressureHistoryDto { events: state.pressure.history().iter().map(PressureEventDto::from).collect() }))
+    Ok(Data(PressureHistoryDto {
+        events: observe::pressure_history(&state.app).iter().map(PressureEventDto::from).collect(),
+    }))
 }
 
 /// Server-sent events: one `pressure` event (JSON `PressureEventDto`) per level change, pushed
@@ -54,17 +52,19 @@ pub async fn pressure_history(State(state): State<AppState>) -> ApiResult<Pressu
 #[utoipa::path(get, path = "/api/memory/events", responses((status = 200, description = "text/event-stream of PressureEventDto", content_type = "text/event-stream")))]
 pub async fn events(State(state): State<AppState>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
     use tokio_stream::StreamExt as _;
-    let pressure = tokio_stream::wrappers::BroadcastStream::new(state.pressure.subscribe()).filter_map(|e| {
-        let e = e.ok()?;
-        let json = serde_json::to_string(&PressureEventDto::from(&e)).ok()?;
-        Some(Ok(Event::default().event("pressure").data(json)))
-    });
+    let pressure =
+        tokio_stream::wrappers::BroadcastStream::new(observe::pressure_changes(&state.app)).filter_map(|e| {
+            let e = e.ok()?;
+            let json = serde_json::to_string(&PressureEventDto::from(&e)).ok()?;
+            Some(Ok(Event::default().event("pressure").data(json)))
+        });
     // Optimizer runs that did something (watchdog, manual, admission) go out as `optimization`.
-    let optimization = tokio_stream::wrappers::BroadcastStream::new(state.optimizer.subscribe()).filter_map(|o| {
-        let o = o.ok().filter(|o| o.optimization_triggered)?;
-        let json = serde_json::to_string(&o).ok()?;
-        Some(Ok(Event::default().event("optimization").data(json)))
-    });
+    let optimization =
+        tokio_stream::wrappers::BroadcastStream::new(observe::optimizer_runs(&state.app)).filter_map(|o| {
+            let o = o.ok().filter(|o| o.optimization_triggered)?;
+            let json = serde_json::to_string(&o).ok()?;
+            Some(Ok(Event::default().event("optimization").data(json)))
+        });
     let stream = pressure.merge(optimization);
     let mut stop = state.shutdown.clone();
     let stream = futures_util::StreamExt::take_until(stream, async move {

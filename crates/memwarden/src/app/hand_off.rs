@@ -2,7 +2,8 @@
 //! grant and its descriptor): after a load over HTTP, and when a restarted worker re-attaches
 //! what it held.
 
-use crate::supervisor::{Conn, Supervisor};
+use crate::placement::Placement;
+use crate::supervisor::Conn;
 use crate::weights::holder::ConnHolder;
 use crate::weights::{HeldModel, WeightStore};
 use memwarden_protocol::Action;
@@ -41,9 +42,9 @@ pub async fn hand_to(store: &Arc<WeightStore>, conn: &Arc<Conn>, model: &Arc<Hel
 
 /// Hands a freshly loaded model to the least loaded ready worker that serves its device and
 /// can take descriptors; none: the model stays held by memwarden alone (for clients to map).
-pub async fn hand_to_worker(store: &Arc<WeightStore>, sup: &Supervisor, model: &Arc<HeldModel>) {
+pub async fn hand_to_worker(store: &Arc<WeightStore>, placement: &Placement, model: &Arc<HeldModel>) {
     let device = model.device().to_string();
-    let conn = sup.least_loaded_worker(&device, |c| c.carries_fds).and_then(|s| s.conn());
+    let conn = placement.worker_for(&device, |c| c.carries_fds).and_then(|s| s.conn());
     if let Some(conn) = conn {
         if let Err(e) = hand_to(store, &conn, model).await {
             tracing::warn!(model = %model.id, worker = %conn.worker_id, "the worker did not map the weights: {e}");

@@ -3,13 +3,17 @@
 //! operation; a peer's `loadWeights`), with the file's header read once for all of it (the
 //! admission estimate, the operation's total and the load itself).
 
+use super::error::AppError;
+use super::App;
 use crate::operations::Progress;
 use crate::optimizer::admission::{AdmissionError, Ticket};
 use crate::optimizer::Optimizer;
-use crate::supervisor::Supervisor;
+use crate::placement::Placement;
 use crate::weights::file::ModelFile;
 use crate::weights::{Attached, LoadRequest, WeightHolder, WeightStore, WeightsError};
 use memwarden_core::DeviceId;
+use memwarden_protocol::api::{LoadBody, LoadedDto, LoadedModelDto};
+use memwarden_protocol::{LoadModel, Role, DEFAULT_PRIORITY};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,7 +42,7 @@ impl Loads<'_> {
         req: LoadRequest,
         holder: Option<Arc<dyn WeightHolder>>,
         progress: Option<Arc<Progress>>,
-        hand_to: Option<&Supervisor>,
+        hand_to: Option<&Placement>,
     ) -> Result<Attached, LoadError> {
         self.weights.check_device(req.device)?;
         let path = req.path.clone();
@@ -56,11 +60,101 @@ impl Loads<'_> {
             weights.load_file(file, req, holder, progress).await.map_err(LoadError::from)
         })
         .await?;
-        if let Some(sup) = hand_to.filter(|_| !attached.reused) {
-            super::hand_off::hand_to_worker(self.weights, sup, &attached.model).await;
+        if let Some(placement) = hand_to.filter(|_| !attached.reused) {
+            super::hand_off::hand_to_worker(self.weights, placement, &attached.model).await;
         }
         Ok(attached)
     }
+}
+
+/// Who holds a model loaded by `POST /api/memory/models/load`: memwarden (`true`) or a worker.
+/// Without `held_by`, memwarden where it can hold weights on the device.
+pub fn held_by_memwarden(app: &App, device: DeviceId, held_by: Option<&str>) -> Result<bool, AppError> {
+    match held_by {
+        None | Some("memwarden") if app.weights.holds_device(device) => Ok(true),
+        Some("memwarden") => {
+            Err(AppError::DeviceUnavailable(format!("memwarden cannot hold weights on {device}; use heldBy: worker")))
+        }
+        None | Some("worker") => Ok(false),
+        Some(other) => Err(AppError::Invalid(format!("heldBy must be memwarden or worker, got {other:?}"))),
+    }
+}
+
+/// The device of a load: the one the request names, else where placement puts models.
+pub fn device_for(app: &App, requested: Option<&str>) -> Result<DeviceId, AppError> {
+    Ok(app.placement.device_for_load(requested)?)
+}
+
+/// Loads a model whose request was checked: into memwarden's memory (`held`), reporting the
+/// bytes read to `progress`, or by a worker (waiting for one that is starting).
+pub async fn load(
+    app: &App,
+    device: DeviceId,
+    held: bool,
+    body: LoadBody,
+    progress: Option<Arc<Progress>>,
+) -> Result<LoadedDto, AppError> {
+    if held {
+        let req = LoadRequest {
+            path: body.path.into(),
+            device,
+            name: body.name,
+            priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
+            pinned: body.pinned,
+            keep_alive_ms: body.keep_alive_ms,
+        };
+        let loads = Loads { optimizer: &app.optimizer, weights: &app.weights };
+        let result = loads.held(req, None, progress, Some(&app.placement)).await;
+        let _ = app.service.measure_now(device);
+        let _ = app.service.measure_now(DeviceId::Cpu);
+        return Ok(LoadedDto::Held(app.weights.dto(&result?.model)));
+    }
+    let dev = device.to_string();
+    app.supervisor.wait_while_starting(|s| s.role == Role::Worker && s.serves(&dev)).await;
+    if app.supervisor.slots().iter().all(|s| s.conn().is_none()) {
+        return Err(crate::supervisor::SupervisorError::Unavailable(app.supervisor.unavailable_reason()).into());
+    }
+    let loaded = by_worker(app, device, body, progress.clone()).await?;
+    if let Some(p) = progress {
+        // The worker says nothing until it is done: then every byte is in.
+        p.set(p.total(), p.total());
+    }
+    Ok(LoadedDto::Worker(loaded))
+}
+
+/// A worker's load through admission: the estimate from the header (read once), the worker
+/// placement picks, the ticket given back however the load ends.
+pub async fn by_worker(
+    app: &App,
+    device: DeviceId,
+    body: LoadBody,
+    progress: Option<Arc<Progress>>,
+) -> Result<LoadedModelDto, AppError> {
+    let declared = declared_bytes(Path::new(&body.path)).await;
+    if let Some(p) = &progress {
+        let size = || std::fs::metadata(&body.path).map(|m| m.len()).ok();
+        if let Some(total) = declared.or_else(size) {
+            p.set_total(total);
+        }
+    }
+    let estimate = declared.map(|b| crate::models::estimate::model_bytes_of(b, device));
+    let label = body.name.clone().unwrap_or_else(|| body.path.clone());
+    let req = LoadModel {
+        path: body.path,
+        name: body.name,
+        device_id: device.to_string(),
+        priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
+        pinned: body.pinned,
+        model_id: None,
+        weights: None,
+    };
+    admitted(&app.optimizer, device, estimate, &label, async {
+        let slot = app.placement.worker_for_load(&req.device_id).await?;
+        let info = app.supervisor.load_on(&slot, req).await?;
+        let pid = slot.snapshot().pid.unwrap_or(0);
+        Ok::<_, AppError>(LoadedModelDto::new(&info, &slot.id, pid))
+    })
+    .await
 }
 
 /// The tensor bytes a `.safetensors` header names, read here once (the header alone), for an
@@ -98,12 +192,22 @@ impl Drop for Held<'_> {
     }
 }
 
+impl From<LoadError> for AppError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Admission(e) => e.into(),
+            LoadError::Weights(e) => e.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
     use crate::models::process::ProcessMeter;
     use crate::service::Service;
+    use crate::supervisor::Supervisor;
     use memwarden_core::units::MIB;
     use memwarden_core::MemoryKind;
     use std::time::Duration;

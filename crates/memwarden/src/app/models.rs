@@ -42,6 +42,12 @@ struct Measured {
     unmeasured: HashMap<String, bool>,
 }
 
+/// The models on every device (or on `device`), as the listing shows them.
+pub async fn list(app: &super::App, device: Option<DeviceId>) -> Result<ModelsDto, super::error::AppError> {
+    let listing = Listing { service: &app.service, supervisor: &app.supervisor, weights: &app.weights };
+    Ok(listing.list(device).await?)
+}
+
 impl Listing<'_> {
     /// Asks every connected worker and client for its models (a worker still starting is waited
     /// for, at most `workers.ready_wait_ms`) and lists them, on `device` or on every device.
@@ -211,4 +217,13 @@ fn worker_dto(
         allocator,
     };
     (dto, dtos, device_bytes)
+}
+
+impl From<ListError> for super::error::AppError {
+    fn from(e: ListError) -> Self {
+        match e {
+            ListError::Supervisor(e) => e.into(),
+            ListError::Service(e) => e.into(),
+        }
+    }
 }

@@ -38,6 +38,16 @@ pub struct Optimize<'a> {
     pub weights: &'a WeightStore,
 }
 
+/// Runs the release ladder as `order` asks.
+pub async fn run(app: &super::App, order: Order) -> Result<OptimizeReply, InvalidOrder> {
+    Optimize { optimizer: &app.optimizer, supervisor: &app.supervisor, weights: &app.weights }.run(order).await
+}
+
+/// The optimizer's recent runs, newest last.
+pub fn history(app: &super::App) -> Vec<memwarden_protocol::api::OptimizeOutcome> {
+    app.optimizer.history()
+}
+
 impl Optimize<'_> {
     /// Runs the ladder on `order.device`, or on every pressured device in turn (when none is
     /// and the order is forced or names bytes, the most pressured one) until the time is up.

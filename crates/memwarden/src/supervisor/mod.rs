@@ -384,37 +384,15 @@ impl Supervisor {
         out
     }
 
-    /// Loads a model on the least loaded worker that serves `device_id` (waiting for a
-    /// `starting` one, see [`Supervisor::wait_while_starting`]).
-    pub async fn load(&self, mut req: LoadModel) -> Result<(ModelInfo, Arc<Slot>), SupervisorError> {
-        self.wait_while_starting(|s| s.role == Role::Worker && s.serves(&req.device_id)).await;
-        let Some(slot) = self.least_loaded_worker(&req.device_id, |_| true) else {
-            let any_worker = self.slots().iter().any(|s| s.role == Role::Worker && s.conn().is_some());
-            return Err(SupervisorError::Unavailable(if any_worker {
-                format!("no ready model worker serves {}", req.device_id)
-            } else {
-                self.unavailable_reason()
-            }));
-        };
+    /// Loads a model on `slot` (the worker placement picked: [`crate::placement`]).
+    pub async fn load_on(&self, slot: &Arc<Slot>, mut req: LoadModel) -> Result<ModelInfo, SupervisorError> {
         if req.model_id.is_none() {
             req.model_id = Some(format!("m-{}", self.model_counter.fetch_add(1, Ordering::Relaxed)));
         }
         let data = serde_json::to_value(&req).map_err(|e| SupervisorError::Invalid(e.to_string()))?;
-        let value = self.call_ok(&slot, Action::LoadModel, data).await?;
-        let info: ModelInfo = serde_json::from_value(value)
-            .map_err(|e| SupervisorError::Invalid(format!("worker {} sent a bad model info: {e}", slot.id)))?;
-        Ok((info, slot))
-    }
-
-    /// The ready supervised worker serving `device` (and passing `usable`) whose models take
-    /// the fewest bytes: where a new model goes.
-    pub fn least_loaded_worker(&self, device: &str, usable: impl Fn(&Conn) -> bool) -> Option<Arc<Slot>> {
-        self.slots()
-            .into_iter()
-            .filter(|s| s.role == Role::Worker && s.serves(device))
-            .filter_map(|s| s.conn().filter(|c| usable(c)).map(|c| (s, c)))
-            .min_by_key(|(_, c)| c.model_list().iter().map(|m| m.size_bytes).sum::<u64>())
-            .map(|(s, _)| s)
+        let value = self.call_ok(slot, Action::LoadModel, data).await?;
+        serde_json::from_value(value)
+            .map_err(|e| SupervisorError::Invalid(format!("worker {} sent a bad model info: {e}", slot.id)))
     }
 
     /// The slot holding `model_id` (from the last reports; a sync runs first when unknown).

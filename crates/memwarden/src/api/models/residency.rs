@@ -1,16 +1,14 @@
-//! Routes for model weights held by memwarden: load (the default of `/models/load`), park,
-//! resume, drop, unload and move keep one model id throughout.
+//! `/api/memory/models/{id}/park`, `…/resume` and `…/drop`: where a held model's weights live.
 
-use super::envelope::{ApiError, ApiResponse, Data, NoBody, OptionalJson};
-use super::{ApiResult, AppState};
-use crate::app::load::{LoadError, Loads};
-use crate::operations::Progress;
-use crate::weights::{ActionOutcome, HeldModel, LoadRequest, WeightsError};
+use super::super::envelope::{ApiError, ApiResponse, Data, NoBody, OptionalJson};
+use super::super::{ApiResult, AppState};
+use crate::app::allocations::resolve;
+use crate::app::residency::{self as use_case, Acted};
+use crate::app::{HeldModel, WeightsError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use memwarden_core::DeviceId;
-use memwarden_protocol::api::{HeldModelDto, LoadBody, LoadedModelDto, PhaseDto, ResumeBody, WeightsActionDto};
-use memwarden_protocol::{codes, DEFAULT_PRIORITY};
+use memwarden_protocol::api::{HeldModelDto, LoadedModelDto, PhaseDto, ResumeBody, WeightsActionDto};
+use memwarden_protocol::codes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,61 +32,11 @@ impl From<WeightsError> for ApiError {
     }
 }
 
-/// Loads through admission (the ladder makes room first; 507 when it cannot) into memwarden's
-/// own memory. A second load of the same file on the same device returns the model already
-/// held.
-pub async fn load_held(
-    state: &AppState,
-    device: DeviceId,
-    body: LoadBody,
-    progress: Option<Arc<Progress>>,
-) -> ApiResult<HeldModelDto> {
-    let req = LoadRequest {
-        path: body.path.into(),
-        device,
-        name: body.name,
-        priority: body.priority.unwrap_or(DEFAULT_PRIORITY),
-        pinned: body.pinned,
-        keep_alive_ms: body.keep_alive_ms,
-    };
-    let loads = Loads { optimizer: &state.optimizer, weights: &state.weights };
-    let result = loads.held(req, None, progress, Some(&state.supervisor)).await;
-    refresh(state, device);
-    Ok(Data(state.weights.dto(&result?.model)))
-}
-
-impl From<LoadError> for ApiError {
-    fn from(e: LoadError) -> Self {
-        match e {
-            LoadError::Admission(e) => e.into(),
-            LoadError::Weights(e) => e.into(),
-        }
-    }
-}
-
-/// Runs a weights operation on its own task, so a client that hangs up cannot cancel it half-way
-/// (holders unmapped, nothing parked).
-pub async fn detached<T: Send + 'static>(
-    op: impl std::future::Future<Output = Result<T, WeightsError>> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::spawn(op).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", e.to_string())),
-    }
-}
-
-/// Takes fresh readings of the devices a weights operation changed, so the status that follows
-/// shows the change rather than a sample from before it.
-pub fn refresh(state: &AppState, device: DeviceId) {
-    let _ = state.service.measure_now(device);
-    let _ = state.service.measure_now(DeviceId::Cpu);
-}
-
-fn outcome(state: &AppState, model: &HeldModel, o: ActionOutcome, started: Instant) -> WeightsActionDto {
-    refresh(state, model.device());
+fn outcome(state: &AppState, acted: Acted, started: Instant) -> WeightsActionDto {
+    let o = acted.outcome;
     WeightsActionDto {
         action: o.action.to_string(),
-        model: state.weights.dto(model),
+        model: use_case::held_dto(&state.app, &acted.model),
         freed_bytes: o.freed_bytes,
         rate: o.rate.as_ref().map(|r| r.dto()),
         total_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -111,10 +59,8 @@ pub async fn park(
     _: NoBody,
 ) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
-    let model = state.weights.get(&model_id)?;
-    let (store, id) = (state.weights.clone(), model_id.clone());
-    let o = detached(async move { store.park(&id).await }).await?;
-    Ok(Data(outcome(&state, &model, o, started)))
+    let acted = use_case::park(&state.app, &model_id).await?;
+    Ok(Data(outcome(&state, acted, started)))
 }
 
 /// Brings a parked or dropped model back (to `targetDeviceId`, another GPU, when given); its
@@ -135,34 +81,9 @@ pub async fn resume(
     OptionalJson(body): OptionalJson<ResumeBody>,
 ) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
-    let target = match body.target_device_id {
-        Some(t) => Some(state.service.resolve(&t)?),
-        None => None,
-    };
-    let model = state.weights.get(&model_id)?;
-    let device = target.unwrap_or_else(|| model.device());
-    let resume = || {
-        let (store, id) = (state.weights.clone(), model_id.clone());
-        detached(async move { store.resume(&id, target).await })
-    };
-    let o = match resume().await {
-        Err(e) if e.code == "INSUFFICIENT_MEMORY" => {
-            make_room(&state, device, model.file.data_bytes, &model_id).await?;
-            resume().await?
-        }
-        other => other?,
-    };
-    Ok(Data(outcome(&state, &model, o, started)))
-}
-
-/// Runs the ladder for `bytes` on `device` (never touching `exclude`); 507 with both numbers
-/// when it could not free them.
-async fn make_room(state: &AppState, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), ApiError> {
-    state
-        .optimizer
-        .make_room(device, bytes, exclude)
-        .await
-        .map_err(|message| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY", message))
+    let target = body.target_device_id.map(|t| resolve(&state.app, &t)).transpose()?;
+    let acted = use_case::resume(&state.app, &model_id, target).await?;
+    Ok(Data(outcome(&state, acted, started)))
 }
 
 /// Keeps only the file: the parked copy (or, after the holders unmapped, the resident memory)
@@ -180,10 +101,8 @@ pub async fn drop_copy(
     _: NoBody,
 ) -> ApiResult<WeightsActionDto> {
     let started = Instant::now();
-    let model = state.weights.get(&model_id)?;
-    let (store, id) = (state.weights.clone(), model_id.clone());
-    let o = detached(async move { store.drop_copy(&id).await }).await?;
-    Ok(Data(outcome(&state, &model, o, started)))
+    let acted = use_case::drop_copy(&state.app, &model_id).await?;
+    Ok(Data(outcome(&state, acted, started)))
 }
 
 /// A held model in the worker listing's shape (for `move`, whose reply predates held weights).

@@ -1,9 +1,11 @@
-//! Transfer and copy routes: bytes between allocations, on any devices.
+//! `/api/memory/transfer…` and `/api/memory/copy` (a transfer that only copies): bytes between
+//! allocations, on any devices.
 
 use super::dto::*;
 use super::envelope::{ApiError, ApiJson, ApiResponse, Data};
-use super::{blocking, ApiResult, AppState};
-use crate::service::{TransferRequest, TransferStatus, TransferTarget};
+use super::{ApiResult, AppState};
+use crate::app::transfers as use_case;
+use crate::app::{TransferRequest, TransferStatus, TransferTarget};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -66,8 +68,7 @@ fn parse_transfer(body: TransferBody, copy_only: bool) -> Result<TransferRequest
 }
 
 fn transfer_response(state: &AppState, req: TransferRequest) -> Result<(StatusCode, Data<TransferDto>), ApiError> {
-    let service = state.service.clone();
-    let record = blocking(move || service.transfer(req))?;
+    let record = use_case::transfer(&state.app, req)?;
     let status = if record.status == TransferStatus::Running { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Data(TransferDto::from(&record))))
 }
@@ -96,7 +97,7 @@ pub async fn transfer(
     responses((status = 200, body = ApiResponse<TransferDto>), (status = 404, description = "TRANSFER_NOT_FOUND"))
 )]
 pub async fn transfer_status(State(state): State<AppState>, Path(transfer_id): Path<String>) -> ApiResult<TransferDto> {
-    Ok(Data(TransferDto::from(&state.service.transfer_status(&transfer_id)?)))
+    Ok(Data(TransferDto::from(&use_case::status(&state.app, &transfer_id)?)))
 }
 
 /// Copies bytes between two existing allocations (same fields as a transfer).

@@ -1,14 +1,15 @@
-//! What the protocol's peers ask of the daemon (glue between the supervisor, the weights store,
-//! the optimizer and the service, so none of those imports another): `loadWeights`,
-//! `releaseWeights` and `resumeWeights`; `allocate` and `free` of memory the connection owns;
-//! `weightsUsed` events; and a closed connection orphaning the weights it held and giving back
-//! the memory it owned.
+//! The socket's requests: what workers and clients connected to the Unix socket ask of the
+//! daemon, answered through the same use cases as the HTTP routes: `loadWeights` (a load),
+//! `releaseWeights` and `resumeWeights` (residency), `allocate`, `free` and `export` of memory
+//! the connection owns (allocations); `weightsUsed` events; and a closed connection orphaning
+//! the weights it held and giving back the memory it owned.
 
-use crate::app::load::{LoadError, Loads};
+use super::load::{LoadError, Loads};
+use super::{allocations, App};
 use crate::service::{AllocateRequest, ExportInfo, ExportVia, Service, ServiceError};
 use crate::supervisor::{Conn, PeerRequests};
 use crate::weights::holder::ConnHolder;
-use crate::weights::{LoadRequest, WeightStore, WeightsError};
+use crate::weights::{LoadRequest, WeightsError};
 use futures_util::future::BoxFuture;
 use memwarden_core::DeviceId;
 use memwarden_protocol::{
@@ -18,26 +19,20 @@ use serde_json::{json, Value};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-/// Registered with the supervisor by the server: the store, the optimizer whose admission and
-/// ladder a peer's loads and resumes go through (as the HTTP routes' do), and the service that
-/// holds the memory peers allocate.
-pub struct WeightsPeer(pub Arc<WeightStore>, pub Arc<crate::optimizer::Optimizer>, pub Arc<Service>);
+/// Registered with the supervisor by [`App::start`]; holds the app weakly (the app holds the
+/// supervisor). A request that arrives while the daemon stops is refused.
+pub struct SocketRequests(pub std::sync::Weak<App>);
 
 fn err(id: String, e: &WeightsError) -> (Reply, Vec<OwnedFd>) {
     (Reply::err(id, e.code(), e.to_string()), Vec::new())
 }
 
-impl WeightsPeer {
-    async fn serve(
-        store: Arc<WeightStore>,
-        optimizer: Arc<crate::optimizer::Optimizer>,
-        service: Arc<Service>,
-        conn: Arc<Conn>,
-        r: Request,
-    ) -> (Reply, Vec<OwnedFd>) {
+impl SocketRequests {
+    async fn serve(app: Arc<App>, conn: Arc<Conn>, r: Request) -> (Reply, Vec<OwnedFd>) {
         let id = r.request_id.clone();
+        let store = app.weights.clone();
         match r.action {
-            Action::LoadWeights => load_for(&store, &optimizer, conn, &r).await,
+            Action::LoadWeights => load_for(&app, conn, &r).await,
             Action::ReleaseWeights | Action::ResumeWeights => {
                 let m: ModelRef = match r.data_as() {
                     Ok(m) => m,
@@ -46,7 +41,7 @@ impl WeightsPeer {
                 let result = if r.action == Action::ReleaseWeights {
                     store.release(&m.model_id, &conn.worker_id).map(|_| ())
                 } else {
-                    resume_for(&store, &optimizer, &m.model_id, &conn).await
+                    resume_for(&app, &m.model_id, &conn).await
                 };
                 match result.and_then(|()| store.get(&m.model_id)) {
                     Ok(model) => {
@@ -57,12 +52,12 @@ impl WeightsPeer {
                 }
             }
             Action::Allocate | Action::Free => {
-                let service = service.clone();
+                let app = app.clone();
                 let action = r.action;
                 // A new block can take milliseconds per GiB, and a free may wait for a move.
                 let answer = tokio::task::spawn_blocking(move || match action {
-                    Action::Allocate => allocate_for(&service, &conn, &r),
-                    _ => free_for(&service, &conn, &r),
+                    Action::Allocate => allocate_for(&app, &conn, &r),
+                    _ => free_for(&app, &conn, &r),
                 })
                 .await;
                 match answer {
@@ -72,10 +67,10 @@ impl WeightsPeer {
                 }
             }
             Action::Export => {
-                let service = service.clone();
+                let app = app.clone();
                 // May wait for a defragmentation batch that is moving the allocation.
                 let via = if conn.carries_fds { ExportVia::Socket } else { ExportVia::Http };
-                match tokio::task::spawn_blocking(move || export_for(&service, &r, via)).await {
+                match tokio::task::spawn_blocking(move || export_for(&app, &r, via)).await {
                     Ok(Ok((data, fds))) => (Reply::ok(id, data), fds),
                     Ok(Err((code, message))) => (Reply::err(id, code, message), Vec::new()),
                     Err(e) => (Reply::err(id, codes::INTERNAL, e.to_string()), Vec::new()),
@@ -88,12 +83,7 @@ impl WeightsPeer {
 
 /// A peer's `loadWeights`: the model loaded (or shared) through admission, mapped by the peer
 /// (the grant and its descriptor in the reply).
-async fn load_for(
-    store: &Arc<WeightStore>,
-    optimizer: &crate::optimizer::Optimizer,
-    conn: Arc<Conn>,
-    r: &Request,
-) -> (Reply, Vec<OwnedFd>) {
+async fn load_for(app: &App, conn: Arc<Conn>, r: &Request) -> (Reply, Vec<OwnedFd>) {
     let id = r.request_id.clone();
     let body: LoadWeights = match r.data_as() {
         Ok(b) => b,
@@ -114,7 +104,7 @@ async fn load_for(
         pinned: body.pinned.unwrap_or(false),
         keep_alive_ms: body.keep_alive_ms,
     };
-    let loads = Loads { optimizer, weights: store };
+    let loads = Loads { optimizer: &app.optimizer, weights: &app.weights };
     match loads.held(req, Some(Arc::new(ConnHolder(conn))), None, None).await {
         Ok(a) => match a.grant {
             Some((grant, fd)) => (Reply::ok(id, grant), vec![fd]),
@@ -133,7 +123,7 @@ fn service_error(e: ServiceError) -> (&'static str, String) {
 
 /// `allocate`: memory owned by this connection (`ownerClient`), charged to `owner` or else the
 /// peer's name. Answers the REST API's allocation object.
-fn allocate_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
+fn allocate_for(app: &App, conn: &Conn, r: &Request) -> PeerResult {
     let body: PeerAllocate = r.data_as().map_err(|e| (e.code, e.message))?;
     let kind = body
         .memory_type
@@ -150,30 +140,30 @@ fn allocate_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
         movable: body.movable.unwrap_or(false),
         ..AllocateRequest::new(&body.device_id, body.size_bytes)
     };
-    let record = service.allocate(request).map_err(service_error)?;
+    let record = allocations::allocate(app, Some(&body.device_id), request).map_err(service_error)?;
     serde_json::to_value(memwarden_protocol::api::allocations::AllocationDto::from(&*record))
         .map_err(|e| (codes::INTERNAL, e.to_string()))
 }
 
 /// `free`: only what this connection allocated.
-fn free_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
+fn free_for(app: &App, conn: &Conn, r: &Request) -> PeerResult {
     let body: PeerFree = r.data_as().map_err(|e| (e.code, e.message))?;
-    let owned = service.allocation(&body.allocation_id).map_err(service_error)?;
+    let owned = allocations::get(app, &body.allocation_id).map_err(service_error)?;
     if owned.owner_client != Some(conn.owner_token()) {
         return Err((
             codes::PERMISSION_DENIED,
             format!("allocation '{}' was not allocated by this connection", body.allocation_id),
         ));
     }
-    let freed = service.free(&body.allocation_id).map_err(service_error)?;
+    let freed = allocations::free(app, &body.allocation_id).map_err(service_error)?;
     Ok(json!({"allocationId": body.allocation_id, "freedBytes": freed.allocated_bytes}))
 }
 
 /// `export`: the REST route's answer, and for Vulkan memory its opaque fd with the reply.
 /// A peer whose connection cannot carry descriptors (`via` = `Http`) is refused Vulkan memory.
-fn export_for(service: &Service, r: &Request, via: ExportVia) -> Result<(Value, Vec<OwnedFd>), (&'static str, String)> {
+fn export_for(app: &App, r: &Request, via: ExportVia) -> Result<(Value, Vec<OwnedFd>), (&'static str, String)> {
     let body: PeerExport = r.data_as().map_err(|e| (e.code, e.message))?;
-    let info = service.export(&body.allocation_id, via).map_err(service_error)?;
+    let info = allocations::export(app, &body.allocation_id, via).map_err(service_error)?;
     let data = serde_json::to_value(info.dto(&body.allocation_id)).map_err(|e| (codes::INTERNAL, e.to_string()))?;
     let fds = match info {
         ExportInfo::VulkanFd { memory, .. } => vec![memory.fd],
@@ -193,37 +183,46 @@ fn reclaim_for(service: Arc<Service>, client: String) {
     });
 }
 
-impl PeerRequests for WeightsPeer {
+impl PeerRequests for SocketRequests {
     fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)> {
-        Box::pin(Self::serve(self.0.clone(), self.1.clone(), self.2.clone(), conn, request))
+        let Some(app) = self.0.upgrade() else {
+            let reply = Reply::err(request.request_id, codes::INTERNAL, "the daemon is stopping");
+            return Box::pin(async move { (reply, Vec::new()) });
+        };
+        Box::pin(Self::serve(app, conn, request))
     }
 
     fn notify(&self, conn: &Arc<Conn>, event: Event, data: &Value) {
+        let Some(app) = self.0.upgrade() else { return };
         if event == Event::WeightsUsed {
             if let Ok(m) = serde_json::from_value::<ModelRef>(data.clone()) {
-                self.0.touch(&m.model_id, &conn.worker_id);
+                app.weights.touch(&m.model_id, &conn.worker_id);
             }
         }
     }
 
     fn opened(&self, conn: &Arc<Conn>) {
-        self.2.open_client(&conn.owner_token());
+        if let Some(app) = self.0.upgrade() {
+            app.service.open_client(&conn.owner_token());
+        }
     }
 
     fn closed(&self, conn: &Arc<Conn>) {
-        self.0.holder_gone(&conn.worker_id);
-        reclaim_for(self.2.clone(), conn.owner_token());
+        let Some(app) = self.0.upgrade() else { return };
+        app.weights.holder_gone(&conn.worker_id);
+        reclaim_for(app.service.clone(), conn.owner_token());
     }
 
     fn attached(&self, conn: &Arc<Conn>) {
-        let orphans = self.0.orphans_of(&conn.worker_id);
+        let Some(app) = self.0.upgrade() else { return };
+        let orphans = app.weights.orphans_of(&conn.worker_id);
         if orphans.is_empty() || !conn.carries_fds {
             return;
         }
-        let (store, conn) = (self.0.clone(), conn.clone());
+        let (store, conn) = (app.weights.clone(), conn.clone());
         tokio::spawn(async move {
             for model in orphans {
-                match crate::app::hand_off::hand_to(&store, &conn, &model).await {
+                match super::hand_off::hand_to(&store, &conn, &model).await {
                     Ok(()) => {
                         tracing::info!(model = %model.id, worker = %conn.worker_id, "re-attached after a restart")
                     }
@@ -235,17 +234,13 @@ impl PeerRequests for WeightsPeer {
 }
 
 /// A holder's `resumeWeights`: without room, the ladder runs first (this model excluded).
-async fn resume_for(
-    store: &Arc<WeightStore>,
-    optimizer: &crate::optimizer::Optimizer,
-    id: &str,
-    conn: &Arc<Conn>,
-) -> Result<(), WeightsError> {
+async fn resume_for(app: &App, id: &str, conn: &Arc<Conn>) -> Result<(), WeightsError> {
+    let store = &app.weights;
     let holder = || Arc::new(ConnHolder(conn.clone()));
     match store.ensure_resident(id, holder()).await {
         Err(WeightsError::InsufficientMemory { .. }) => {
             let model = store.get(id)?;
-            optimizer.make_room(model.device(), model.file.data_bytes, id).await.map_err(|message| {
+            app.placement.make_room(model.device(), model.file.data_bytes, id).await.map_err(|message| {
                 WeightsError::InsufficientMemory {
                     device: model.device().to_string(),
                     needed_bytes: model.file.data_bytes,

@@ -1,0 +1,175 @@
+//! Where a model's weights live, changed by request: park (device → host), resume (host →
+//! device, making room first when the device is full), drop the parked copy, unload, and move
+//! to another device (held weights by park and resume; a worker's model by a load there and an
+//! unload here).
+
+use super::error::AppError;
+use super::App;
+use crate::weights::{ActionOutcome, HeldModel, WeightStore, WeightsError};
+use memwarden_core::DeviceId;
+use memwarden_protocol::api::{LoadBody, LoadedModelDto};
+use memwarden_protocol::Role;
+use std::future::Future;
+use std::sync::Arc;
+
+/// A held model's action and the model as it was asked for.
+pub struct Acted {
+    pub model: Arc<HeldModel>,
+    pub outcome: ActionOutcome,
+}
+
+/// Runs a weights operation on a task of its own: a client that goes away does not stop a park
+/// or a resume halfway.
+async fn detached<T: Send + 'static>(
+    op: impl Future<Output = Result<T, WeightsError>> + Send + 'static,
+) -> Result<T, AppError> {
+    match tokio::spawn(op).await {
+        Ok(r) => r.map_err(AppError::from),
+        Err(e) => Err(AppError::Internal(e.to_string())),
+    }
+}
+
+/// Reads `device` and the host afresh, so the next status shows what a weights action changed.
+fn refresh(app: &App, device: DeviceId) {
+    let _ = app.service.measure_now(device);
+    let _ = app.service.measure_now(DeviceId::Cpu);
+}
+
+async fn act<F, Fut>(app: &App, model_id: &str, op: F) -> Result<Acted, AppError>
+where
+    F: FnOnce(Arc<WeightStore>, String) -> Fut,
+    Fut: Future<Output = Result<ActionOutcome, WeightsError>> + Send + 'static,
+{
+    let model = app.weights.get(model_id)?;
+    let outcome = detached(op(app.weights.clone(), model_id.to_string())).await?;
+    refresh(app, model.device());
+    Ok(Acted { model, outcome })
+}
+
+pub async fn park(app: &App, model_id: &str) -> Result<Acted, AppError> {
+    act(app, model_id, |store, id| async move { store.park(&id).await }).await
+}
+
+pub async fn drop_copy(app: &App, model_id: &str) -> Result<Acted, AppError> {
+    act(app, model_id, |store, id| async move { store.drop_copy(&id).await }).await
+}
+
+/// Resumes a parked model on its own device or on `target`; when the device is full, placement
+/// makes room (never by this model) and the resume runs once more.
+pub async fn resume(app: &App, model_id: &str, target: Option<DeviceId>) -> Result<Acted, AppError> {
+    let model = app.weights.get(model_id)?;
+    let device = target.unwrap_or_else(|| model.device());
+    let run = || act(app, model_id, move |store, id| async move { store.resume(&id, target).await });
+    match run().await {
+        Err(AppError::Weights(WeightsError::InsufficientMemory { .. })) => {
+            app.placement
+                .make_room(device, model.file.data_bytes, model_id)
+                .await
+                .map_err(AppError::InsufficientMemory)?;
+            run().await
+        }
+        other => other,
+    }
+}
+
+/// What an unload freed, and (a worker's model) what the OS and driver said its process held
+/// before and after.
+pub struct Unloaded {
+    pub worker_id: String,
+    pub device_id: String,
+    pub freed_bytes: u64,
+    pub process_bytes_before: Option<u64>,
+    pub process_bytes_after: Option<u64>,
+}
+
+pub async fn unload(app: &App, model_id: &str) -> Result<Unloaded, AppError> {
+    if app.weights.contains(model_id) {
+        let (store, id) = (app.weights.clone(), model_id.to_string());
+        let (model, freed) = detached(async move { store.unload(&id).await }).await?;
+        refresh(app, model.device());
+        return Ok(Unloaded {
+            worker_id: "memwarden".into(),
+            device_id: model.device().to_string(),
+            freed_bytes: freed,
+            process_bytes_before: None,
+            process_bytes_after: None,
+        });
+    }
+    let (slot, info) = app.supervisor.find_model(model_id).await?;
+    let pid = slot.snapshot().pid;
+    let measure = || -> Option<u64> {
+        let pid = pid?;
+        let dev = app.service.resolve(&info.device_id).ok()?;
+        // A fresh reading: the cached status sample may predate the unload.
+        let _ = app.service.measure_now(dev);
+        let status = super::allocations::blocking(|| app.service.status(dev)).ok()?;
+        app.supervisor.meter().process_bytes(pid, std::slice::from_ref(&status)).remove(&info.device_id)
+    };
+    let before = measure();
+    let (released, slot, info) = app.supervisor.unload(model_id).await?;
+    let after = measure();
+    Ok(Unloaded {
+        worker_id: slot.id.clone(),
+        device_id: info.device_id,
+        freed_bytes: released.freed_bytes,
+        process_bytes_before: before,
+        process_bytes_after: after,
+    })
+}
+
+/// Where a moved model is now: a held model keeps its id (`Held`); a worker's model is a new
+/// model on the target (`Worker`).
+pub enum Moved {
+    Held { model: Arc<HeldModel>, previous_device: DeviceId, freed_bytes: u64 },
+    Worker { model: Box<LoadedModelDto>, previous_device_id: String, freed_bytes: u64 },
+}
+
+pub async fn move_model(app: &App, model_id: &str, target: DeviceId) -> Result<Moved, AppError> {
+    let already = || AppError::Invalid(format!("targetDeviceId: model {model_id} is already on {target}"));
+    if let Ok(held) = app.weights.get(model_id) {
+        // memwarden's own weights move by park and resume: the id stays.
+        let from = held.device();
+        if from == target {
+            return Err(already());
+        }
+        let freed_bytes = app.weights.park(model_id).await?.freed_bytes;
+        app.weights.resume(model_id, Some(target)).await?;
+        return Ok(Moved::Held { model: held, previous_device: from, freed_bytes });
+    }
+    let (slot, info) = app.supervisor.find_model(model_id).await?;
+    let path = match (&info.path, slot.role) {
+        (Some(p), Role::Worker) => p.clone(),
+        _ => {
+            return Err(AppError::InvalidOperation(format!(
+                "model {model_id} is held by {} without a file to load it from elsewhere",
+                slot.id
+            )))
+        }
+    };
+    if info.device_id == target.to_string() {
+        return Err(already());
+    }
+    let load = LoadBody {
+        path,
+        name: Some(info.model_name.clone()),
+        device_id: Some(target.to_string()),
+        priority: Some(info.priority),
+        pinned: info.pinned,
+        held_by: Some("worker".into()),
+        keep_alive_ms: None,
+        run_async: false,
+    };
+    let model = super::load::by_worker(app, target, load, None).await?;
+    let (released, _, _) = app.supervisor.unload(model_id).await?;
+    Ok(Moved::Worker { model: Box::new(model), previous_device_id: info.device_id, freed_bytes: released.freed_bytes })
+}
+
+/// The held models, as the listing and `/metrics` show them.
+pub fn held_models(app: &App) -> Vec<memwarden_protocol::api::HeldModelDto> {
+    app.weights.list()
+}
+
+/// One held model as the API shows it.
+pub fn held_dto(app: &App, model: &HeldModel) -> memwarden_protocol::api::HeldModelDto {
+    app.weights.dto(model)
+}
