@@ -491,7 +491,6 @@ const LONG_FUNCTIONS: &[(&str, &str)] = &[
     ),
     ("memwarden/src/analytics/report.rs::Analytics::device_analytics", "issue 23: split the report by section"),
     ("memwarden/src/cli/mod.rs::::run", "the CLI's one match over its commands"),
-    ("memwarden/src/cli/status.rs::::processes", "issue 23: a table and its columns, split by column group"),
     (
         "memwarden/src/service/defrag.rs::Service::defragment_pool",
         "issue 23: the batch executor, split with the Service split",

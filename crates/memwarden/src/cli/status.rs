@@ -11,7 +11,8 @@ use super::http::{one_or_all, path_segment, CliError, Client};
 use super::render::{compact, pct, pretty, table, uptime, usage_bar};
 use memwarden_core::units::{format_bytes, parse_size};
 use memwarden_protocol::api::{
-    BackendDto, DeviceStatusDto, HealthDto, ModelsDto, PressureAllDto, PressureDto, StatusListDto, WeightState,
+    BackendDto, DeviceStatusDto, HealthDto, HeldModelDto, ModelsDto, PressureAllDto, PressureDto, StatusListDto,
+    WeightState,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -218,65 +219,21 @@ fn device_notes(d: &DeviceStatusDto) -> Vec<String> {
 /// NVML lists (the daemon's own row found by its pid); on the host, memwarden's pools and held
 /// weights, and each model worker or client by its measured RSS.
 fn processes(d: &DeviceStatusDto, s: &Screen) -> Vec<Proc> {
-    let models = s.models.as_ref().ok();
+    let here = Here { models: s.models.as_ref().ok(), dev: d.device_id.as_str(), is_host: d.device_type == "CPU" };
     let daemon_pid = (s.health.pid != 0).then_some(s.health.pid);
-    let dev = d.device_id.as_str();
-    // Models per worker pid on this device (its own: weights memwarden holds and the worker
-    // maps count on memwarden's row), and memwarden's held weights whose bytes are here (parked
-    // copies are in host memory).
-    let worker_models = |pid: u32| {
-        models.map(|m| {
-            m.devices
-                .iter()
-                .filter(|x| x.device_id == dev)
-                .flat_map(|x| &x.model_memory.loaded_models)
-                .filter(|x| x.pid == pid && !m.weights.iter().any(|w| w.model_id == x.model_id))
-                .count()
-        })
-    };
-    let is_host = d.device_type == "CPU";
-    let held: Vec<_> = models
-        .map(|m| {
-            m.weights
-                .iter()
-                .filter(|w| match w.state {
-                    WeightState::Resident | WeightState::Orphaned => w.device_id == dev,
-                    WeightState::Parked => is_host,
-                    WeightState::Dropped => false,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let held_count = models.map(|_| held.len());
-    let worker_name = |pid: u32| {
-        models.and_then(|m| {
-            m.coordination_status.workers.iter().find(|w| w.pid == Some(pid)).map(|w| w.worker_id.clone())
-        })
-    };
-    let mut rows = Vec::new();
+    let held = here.held();
     let held_bytes: u64 =
         held.iter().map(|w| if w.state == WeightState::Parked { w.parked_bytes } else { w.resident_bytes }).sum();
     // memwarden's own share as the API counts it: its pools and the weights it holds here.
     let mine = d.reserved_bytes + held_bytes;
+    let held_count = here.models.map(|_| held.len());
     let own_row = |bytes| Proc { pid: daemon_pid, name: "memwarden".into(), bytes, models: held_count, daemon: true };
-    if is_host || d.processes.is_empty() {
-        if mine > 0 || is_host {
+    let mut rows = Vec::new();
+    if here.is_host || d.processes.is_empty() {
+        if mine > 0 || here.is_host {
             rows.push(own_row(Some(mine)));
         }
-        for w in models.map(|m| m.coordination_status.workers.as_slice()).unwrap_or_default() {
-            let Some(pid) = w.pid else { continue };
-            let bytes = w.process_bytes.get(dev).copied();
-            let count = worker_models(pid);
-            if bytes.is_some() || count.unwrap_or(0) > 0 {
-                rows.push(Proc {
-                    pid: Some(pid),
-                    name: format!("{} ({})", w.worker_id, w.role),
-                    bytes,
-                    models: count,
-                    daemon: false,
-                });
-            }
-        }
+        rows.extend(here.worker_rows());
     } else {
         // NVML's rows, measured (the daemon's includes its CUDA context).
         for p in &d.processes {
@@ -284,7 +241,7 @@ fn processes(d: &DeviceStatusDto, s: &Screen) -> Vec<Proc> {
                 rows.push(own_row(p.used_memory));
                 continue;
             }
-            let name = match worker_name(p.pid) {
+            let name = match here.worker_name(p.pid) {
                 Some(w) => format!("{} ({w})", p.name),
                 None => p.name.clone(),
             };
@@ -292,7 +249,7 @@ fn processes(d: &DeviceStatusDto, s: &Screen) -> Vec<Proc> {
                 pid: Some(p.pid),
                 name,
                 bytes: p.used_memory,
-                models: worker_models(p.pid),
+                models: here.worker_models(p.pid),
                 daemon: false,
             });
         }
@@ -303,6 +260,71 @@ fn processes(d: &DeviceStatusDto, s: &Screen) -> Vec<Proc> {
     }
     rows.sort_by_key(|p| (!p.daemon, std::cmp::Reverse(p.bytes.unwrap_or(0)), p.pid));
     rows
+}
+
+/// One device's view of the model listing (`None`: the listing could not be read).
+struct Here<'a> {
+    models: Option<&'a ModelsDto>,
+    dev: &'a str,
+    is_host: bool,
+}
+
+impl Here<'_> {
+    /// Models per worker pid on this device (its own: weights memwarden holds and the worker
+    /// maps count on memwarden's row).
+    fn worker_models(&self, pid: u32) -> Option<usize> {
+        self.models.map(|m| {
+            m.devices
+                .iter()
+                .filter(|x| x.device_id == self.dev)
+                .flat_map(|x| &x.model_memory.loaded_models)
+                .filter(|x| x.pid == pid && !m.weights.iter().any(|w| w.model_id == x.model_id))
+                .count()
+        })
+    }
+
+    /// memwarden's held weights whose bytes are here (parked copies are in host memory).
+    fn held(&self) -> Vec<&HeldModelDto> {
+        self.models
+            .map(|m| {
+                m.weights
+                    .iter()
+                    .filter(|w| match w.state {
+                        WeightState::Resident | WeightState::Orphaned => w.device_id == self.dev,
+                        WeightState::Parked => self.is_host,
+                        WeightState::Dropped => false,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn worker_name(&self, pid: u32) -> Option<String> {
+        self.models.and_then(|m| {
+            m.coordination_status.workers.iter().find(|w| w.pid == Some(pid)).map(|w| w.worker_id.clone())
+        })
+    }
+
+    /// The workers' rows from what the listing measured of their processes (the host, or a GPU
+    /// without NVML's process list).
+    fn worker_rows(&self) -> Vec<Proc> {
+        let workers = self.models.map(|m| m.coordination_status.workers.as_slice()).unwrap_or_default();
+        workers
+            .iter()
+            .filter_map(|w| {
+                let pid = w.pid?;
+                let bytes = w.process_bytes.get(self.dev).copied();
+                let count = self.worker_models(pid);
+                (bytes.is_some() || count.unwrap_or(0) > 0).then(|| Proc {
+                    pid: Some(pid),
+                    name: format!("{} ({})", w.worker_id, w.role),
+                    bytes,
+                    models: count,
+                    daemon: false,
+                })
+            })
+            .collect()
+    }
 }
 
 /// `status --watch`: the screen redrawn in place every interval, until Ctrl-C. Text needs a
