@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import stat
 import sys
@@ -20,16 +19,9 @@ from typing import Any, Dict, List, Optional
 
 from . import protocol as P
 from .endpoint import Endpoint, PipeTransport, SocketTransport, log
-from .models import ModelStore, WorkerError, cuda_devices, module_version
-
-
-def frameworks() -> Dict[str, Optional[str]]:
-    return {
-        "python": platform.python_version(),
-        "numpy": module_version("numpy"),
-        "safetensors": module_version("safetensors"),
-        "torch": module_version("torch"),
-    }
+from .errors import WorkerError
+from .models import ModelStore
+from .runtime import cuda_devices, frameworks
 
 
 class Worker:
