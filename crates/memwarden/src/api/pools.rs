@@ -5,13 +5,13 @@ use super::envelope::{ApiError, ApiResponse, Data, OptionalJson};
 use super::{blocking, ApiResult, AppState};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use memwarden_core::defrag::{DefragOptions, Strategy};
+use memwarden_core::defrag::{DefragOptions, DefragStrategy};
 use memwarden_protocol::api::OperationDto;
 use std::time::Duration;
 
 fn parse_defrag(b: &DefragBody) -> Result<(DefragOptions, Option<Duration>), ApiError> {
     let strategy = match &b.strategy {
-        None => Strategy::Balanced,
+        None => DefragStrategy::Balanced,
         Some(t) => t.parse().map_err(|e: String| ApiError::invalid(format!("strategy: {e}")))?,
     };
     Ok((
