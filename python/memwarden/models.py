@@ -55,7 +55,7 @@ class Model:
         self.tensor_count = 0
         self.size_bytes = 0
         self.backend = "bytes"
-        self.holder: Any = None  # mmap (bytes) or {name: array/tensor}
+        self.tensors: Any = None  # mmap (bytes), {name: array/tensor}, or the mapped Weights (memwarden)
         # torch on a GPU: the model's own caching-allocator pool (torch.cuda.MemPool), so its
         # segments are not shared with other models' tensors and unloading returns all of them.
         self.pool: Any = None
@@ -80,12 +80,12 @@ class Model:
         }
 
     def release(self) -> None:
-        holder, self.holder = self.holder, None
-        if hasattr(holder, "close"):
-            holder.close()
-        elif isinstance(holder, dict):
-            holder.clear()
-        del holder
+        tensors, self.tensors = self.tensors, None
+        if hasattr(tensors, "close"):
+            tensors.close()
+        elif isinstance(tensors, dict):
+            tensors.clear()
+        del tensors
         gc.collect()
         self.pool = None  # after the tensors: a pool is freed once nothing in it is alive
 
@@ -172,14 +172,14 @@ class ModelStore:
             header = st.read_header(path)
             m.tensor_count = len(header.tensors)
             if backend == "bytes":
-                m.holder = st.read_data(path, header)
+                m.tensors = st.read_data(path, header)
                 m.size_bytes = header.tensor_bytes
             elif backend == "numpy":
-                m.holder = self._load_numpy(path, header)
-                m.size_bytes = sum(int(a.nbytes) for a in m.holder.values())
+                m.tensors = self._load_numpy(path, header)
+                m.size_bytes = sum(int(a.nbytes) for a in m.tensors.values())
             else:
-                m.holder, m.pool = self._load_torch(path, header, device_id)
-                m.size_bytes = sum(t.numel() * t.element_size() for t in m.holder.values())
+                m.tensors, m.pool = self._load_torch(path, header, device_id)
+                m.size_bytes = sum(t.numel() * t.element_size() for t in m.tensors.values())
                 m.reserved_bytes = pool_reserved_bytes(m.pool)
         except st.SafetensorsError as e:
             raise WorkerError(P.LOAD_FAILED, str(e)) from None
@@ -274,7 +274,7 @@ class ModelStore:
         Weights``): no bytes are loaded here, the tensors are the mapping."""
         m = Model(model_id, name, path, device_id, priority, pinned)
         m.backend = "memwarden"
-        m.holder = weights
+        m.tensors = weights
         m.tensor_count = len(weights)
         m.size_bytes = int(weights.grant["dataBytes"])
         with self._lock:
@@ -308,7 +308,7 @@ class ModelStore:
         if m.backend != "torch":
             raise WorkerError(P.NOT_SUPPORTED, f"model {model_id} ({m.backend}) cannot move")
         source = m.device_id
-        m.holder = {k: v.to("cpu") for k, v in m.holder.items()}
+        m.tensors = {k: v.to("cpu") for k, v in m.tensors.items()}
         gc.collect()
         m.pool = None
         m.reserved_bytes = None

@@ -77,7 +77,7 @@ class Worker:
         m = self.store.get(model_id)
         if m.backend != "memwarden":
             raise WorkerError(P.MODEL_NOT_FOUND, f"model {model_id!r} is not held by the daemon")
-        return m.holder
+        return m.tensors
 
     def _adopt(self, data: Dict[str, Any], fds: List[int]) -> Dict[str, Any]:
         """`loadModel` of weights the daemon holds: map them (no file is read here)."""
