@@ -6,6 +6,11 @@
   holds with the daemon and to answer its requests to free memory.
 - ``memwarden.weights``: model weights held by the daemon, mapped into this process zero-copy.
 - ``memwarden.protocol``: the JSON-lines codec both use (docs/PROTOCOL.md).
+
+Shared by them: ``memwarden.errors`` (``WorkerError``, ``DaemonError``), ``memwarden.dtypes`` (the
+safetensors dtypes and their torch and numpy names), ``memwarden.runtime`` (installed frameworks,
+torch imported on demand, the process's memory), ``memwarden.endpoint`` (one protocol connection)
+and ``memwarden.safetensors_io`` (the file format). ``memwarden.models`` is the worker's model store.
 """
 
 __version__ = "0.1.0"

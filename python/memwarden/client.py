@@ -43,10 +43,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from . import protocol as P
-from .endpoint import DaemonError, Endpoint, SocketTransport, close_fds
-from .models import WorkerError, malloc_trim, rss_bytes
+from .endpoint import Endpoint, SocketTransport, close_fds
+from .errors import DaemonError, WorkerError
+from .runtime import frameworks, malloc_trim, rss_bytes
 from .weights import Weights
-from .worker import frameworks
 
 __all__ = ["Client", "DaemonError", "Weights", "connect", "default_socket_path", "tensor_bytes"]
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import protocol as P
-from .models import WorkerError
+from .errors import DaemonError, WorkerError
 
 Handler = Callable[[str, Dict[str, Any], List[int]], Any]
 
@@ -57,16 +57,6 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-class DaemonError(Exception):
-    """A request this side sent was answered with a failed reply: ``code`` and ``message`` are the
-    reply's ``error`` (e.g. ``FILE_NOT_FOUND``, ``IN_USE``, ``INSUFFICIENT_MEMORY``)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 @dataclass

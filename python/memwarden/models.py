@@ -14,9 +14,7 @@ A model's size is the sum of its tensors' bytes. Unloading drops every reference
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
-import importlib.util
 import itertools
 import os
 import threading
@@ -26,78 +24,11 @@ from typing import Any, Dict, List, Optional
 
 from . import protocol as P
 from . import safetensors_io as st
+from .dtypes import DTYPE_BYTES, NUMPY_DTYPES, NUMPY_LACKS, TORCH_DTYPES
+from .errors import WorkerError
+from .runtime import cuda_devices, has_module, import_torch, malloc_trim, rss_bytes
 
 _ids = itertools.count(1)
-
-
-def has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def module_version(name: str) -> Optional[str]:
-    if not has_module(name):
-        return None
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return "unknown"
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def malloc_trim() -> None:
-    """Returns free heap pages to the OS (glibc); small tensors live in the heap, not in mmaps."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class WorkerError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _torch():
-    import torch  # noqa: PLC0415 (imported only when a torch model is asked for)
-
-    return torch
-
-
-_TORCH_DTYPES = {
-    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-}
-_NUMPY_DTYPES = {
-    "F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8",
-    # numpy has no bfloat16 / float8: their bytes are kept as unsigned integers of that width.
-    "BF16": "<u2", "F8_E4M3": "u1", "F8_E5M2": "u1",
-}
-
-
-def cuda_devices() -> List[str]:
-    if not has_module("torch"):
-        return []
-    try:
-        torch = _torch()
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    except Exception:
-        return []
 
 
 def pool_reserved_bytes(pool: Any) -> Optional[int]:
@@ -124,7 +55,7 @@ class Model:
         self.tensor_count = 0
         self.size_bytes = 0
         self.backend = "bytes"
-        self.holder: Any = None  # mmap (bytes) or {name: array/tensor}
+        self.tensors: Any = None  # mmap (bytes), {name: array/tensor}, or the mapped Weights (memwarden)
         # torch on a GPU: the model's own caching-allocator pool (torch.cuda.MemPool), so its
         # segments are not shared with other models' tensors and unloading returns all of them.
         self.pool: Any = None
@@ -149,12 +80,12 @@ class Model:
         }
 
     def release(self) -> None:
-        holder, self.holder = self.holder, None
-        if hasattr(holder, "close"):
-            holder.close()
-        elif isinstance(holder, dict):
-            holder.clear()
-        del holder
+        tensors, self.tensors = self.tensors, None
+        if hasattr(tensors, "close"):
+            tensors.close()
+        elif isinstance(tensors, dict):
+            tensors.clear()
+        del tensors
         gc.collect()
         self.pool = None  # after the tensors: a pool is freed once nothing in it is alive
 
@@ -190,7 +121,7 @@ class ModelStore:
             d["allocatedBytes"] += m.size_bytes
             d["reservedBytes"] += m.size_bytes
         if "torch" in __import__("sys").modules:
-            torch = _torch()
+            torch = import_torch()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 for i in range(torch.cuda.device_count()):
                     out[f"cuda:{i}"] = {
@@ -241,14 +172,14 @@ class ModelStore:
             header = st.read_header(path)
             m.tensor_count = len(header.tensors)
             if backend == "bytes":
-                m.holder = st.read_data(path, header)
+                m.tensors = st.read_data(path, header)
                 m.size_bytes = header.tensor_bytes
             elif backend == "numpy":
-                m.holder = self._load_numpy(path, header)
-                m.size_bytes = sum(int(a.nbytes) for a in m.holder.values())
+                m.tensors = self._load_numpy(path, header)
+                m.size_bytes = sum(int(a.nbytes) for a in m.tensors.values())
             else:
-                m.holder, m.pool = self._load_torch(path, header, device_id)
-                m.size_bytes = sum(t.numel() * t.element_size() for t in m.holder.values())
+                m.tensors, m.pool = self._load_torch(path, header, device_id)
+                m.size_bytes = sum(t.numel() * t.element_size() for t in m.tensors.values())
                 m.reserved_bytes = pool_reserved_bytes(m.pool)
         except st.SafetensorsError as e:
             raise WorkerError(P.LOAD_FAILED, str(e)) from None
@@ -269,7 +200,7 @@ class ModelStore:
 
     @staticmethod
     def _load_numpy(path: str, header: st.Header) -> Dict[str, Any]:
-        if has_module("safetensors") and not any(t.dtype in ("BF16", "F8_E4M3", "F8_E5M2") for t in header.tensors):
+        if has_module("safetensors") and not any(t.dtype in NUMPY_LACKS for t in header.tensors):
             from safetensors.numpy import load_file  # numpy has no bfloat16/float8: those use the reader below
 
             return dict(load_file(path))
@@ -278,8 +209,8 @@ class ModelStore:
         out = {}
         with open(path, "rb") as f:
             for t in header.tensors:
-                count = t.nbytes // st.DTYPE_BYTES[t.dtype]
-                arr = np.empty(count, dtype=_NUMPY_DTYPES[t.dtype])
+                count = t.nbytes // DTYPE_BYTES[t.dtype]
+                arr = np.empty(count, dtype=NUMPY_DTYPES[t.dtype])
                 f.seek(header.data_start + t.begin)
                 if t.nbytes and f.readinto(memoryview(arr).cast("B")) != t.nbytes:
                     raise st.SafetensorsError(f"{path}: short read in {t.name}")
@@ -292,7 +223,7 @@ class ModelStore:
         ``torch.cuda.MemPool`` when this torch has one (2.6+): PyTorch's caching allocator
         otherwise packs tensors of different models into shared 20 MiB segments, and unloading
         one model would return only the segments no other model touches."""
-        torch = _torch()
+        torch = import_torch()
         pool = None
         ctx = contextlib.nullcontext()
         if device_id.startswith("cuda") and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
@@ -312,11 +243,11 @@ class ModelStore:
         buf = st.read_data(path, header)
         try:
             for t in header.tensors:
-                dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
+                dtype = getattr(torch, TORCH_DTYPES[t.dtype])
                 if t.nbytes == 0:
                     out[t.name] = torch.empty(t.shape, dtype=dtype, device=device_id)
                     continue
-                src = torch.frombuffer(buf, dtype=dtype, count=t.nbytes // st.DTYPE_BYTES[t.dtype], offset=t.begin)
+                src = torch.frombuffer(buf, dtype=dtype, count=t.nbytes // DTYPE_BYTES[t.dtype], offset=t.begin)
                 out[t.name] = src.reshape(t.shape).to(device_id, copy=True)
                 del src
             if device_id.startswith("cuda"):
@@ -331,7 +262,7 @@ class ModelStore:
     def _after_release(self, device_id: str) -> None:
         gc.collect()
         if device_id.startswith("cuda") and "torch" in __import__("sys").modules:
-            torch = _torch()
+            torch = import_torch()
             torch.cuda.synchronize(device_id)
             torch.cuda.empty_cache()
         else:
@@ -343,7 +274,7 @@ class ModelStore:
         Weights``): no bytes are loaded here, the tensors are the mapping."""
         m = Model(model_id, name, path, device_id, priority, pinned)
         m.backend = "memwarden"
-        m.holder = weights
+        m.tensors = weights
         m.tensor_count = len(weights)
         m.size_bytes = int(weights.grant["dataBytes"])
         with self._lock:
@@ -377,7 +308,7 @@ class ModelStore:
         if m.backend != "torch":
             raise WorkerError(P.NOT_SUPPORTED, f"model {model_id} ({m.backend}) cannot move")
         source = m.device_id
-        m.holder = {k: v.to("cpu") for k, v in m.holder.items()}
+        m.tensors = {k: v.to("cpu") for k, v in m.tensors.items()}
         gc.collect()
         m.pool = None
         m.reserved_bytes = None
@@ -394,7 +325,7 @@ class ModelStore:
         malloc_trim()
         freed_by["cpu"] = max(0, before_rss - rss_bytes())
         if "torch" in __import__("sys").modules:
-            torch = _torch()
+            torch = import_torch()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 for i in range(torch.cuda.device_count()):
                     dev = f"cuda:{i}"

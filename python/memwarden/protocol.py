@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
 from . import PROTOCOL_VERSION, SUPPORTED_VERSIONS
-from .safetensors_io import DTYPE_BYTES
+from .dtypes import DTYPE_BYTES
 
 MAX_LINE_BYTES = 4 << 20
 

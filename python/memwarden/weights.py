@@ -35,8 +35,9 @@ from collections.abc import Mapping
 from typing import Any, Dict, Iterator, List, Optional
 
 from . import protocol as P
-from .models import _NUMPY_DTYPES, _TORCH_DTYPES, WorkerError, has_module
-from .safetensors_io import DTYPE_BYTES
+from .dtypes import DTYPE_BYTES, NUMPY_DTYPES, TORCH_DTYPES
+from .errors import WorkerError
+from .runtime import has_module, import_torch
 
 RESUME_TIMEOUT_S = 300.0  # how long use() waits for parked weights to come back
 USED_EVERY_S = 1.0  # weightsUsed is sent at most this often per model
@@ -199,12 +200,6 @@ class _CudaRange:
 # ---- tensors over a mapping ----
 
 
-def _torch():
-    import torch  # noqa: PLC0415 (only when torch is there and wanted)
-
-    return torch
-
-
 def pick_backend(handle: str) -> str:
     """torch for CUDA; for host memory torch when installed, else numpy, else memoryviews."""
     if handle == "cudaVmm" or has_module("torch"):
@@ -213,21 +208,21 @@ def pick_backend(handle: str) -> str:
 
 
 def _torch_views(base: Any, tensors: List[Dict[str, Any]]) -> Dict[str, Any]:
-    torch = _torch()
+    torch = import_torch()
     return {
-        t["name"]: base[t["offset"]: t["offset"] + t["nbytes"]].view(getattr(torch, _TORCH_DTYPES[t["dtype"]])).reshape(t["shape"])
+        t["name"]: base[t["offset"]: t["offset"] + t["nbytes"]].view(getattr(torch, TORCH_DTYPES[t["dtype"]])).reshape(t["shape"])
         for t in tensors
     }
 
 
 def _host_views(mm: mmap.mmap, tensors: List[Dict[str, Any]], backend: str) -> Dict[str, Any]:
     if backend == "torch":
-        return _torch_views(_torch().frombuffer(mm, dtype=_torch().uint8), tensors)
+        return _torch_views(import_torch().frombuffer(mm, dtype=import_torch().uint8), tensors)
     if backend == "numpy":
         import numpy as np  # noqa: PLC0415
 
         return {
-            t["name"]: np.frombuffer(mm, dtype=_NUMPY_DTYPES[t["dtype"]], count=math.prod(t["shape"]),
+            t["name"]: np.frombuffer(mm, dtype=NUMPY_DTYPES[t["dtype"]], count=math.prod(t["shape"]),
                                      offset=t["offset"]).reshape(t["shape"])
             for t in tensors
         }
@@ -463,7 +458,7 @@ class Weights(Mapping[str, Any]):
     def _map_new_cuda(self, grant: Dict[str, Any], fd: int, size: int) -> None:
         try:
             ordinal = cuda_ordinal(grant["deviceId"])
-            _torch().cuda.init()  # torch and these calls share the device's primary context
+            import_torch().cuda.init()  # torch and these calls share the device's primary context
             cuda = cuda_driver()
             cuda.use_device(ordinal)
             ptr = cuda.reserve(size)
@@ -480,7 +475,7 @@ class Weights(Mapping[str, Any]):
 
     def _cuda_base(self) -> Any:
         ptr, size, ordinal = self._range
-        return _torch().as_tensor(_CudaRange(ptr, size), device=f"cuda:{ordinal}")
+        return import_torch().as_tensor(_CudaRange(ptr, size), device=f"cuda:{ordinal}")
 
     def _unmap_memory(self) -> None:
         if self._range is not None:

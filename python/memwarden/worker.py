@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import stat
 import sys
@@ -20,16 +19,9 @@ from typing import Any, Dict, List, Optional
 
 from . import protocol as P
 from .endpoint import Endpoint, PipeTransport, SocketTransport, log
-from .models import ModelStore, WorkerError, cuda_devices, module_version
-
-
-def frameworks() -> Dict[str, Optional[str]]:
-    return {
-        "python": platform.python_version(),
-        "numpy": module_version("numpy"),
-        "safetensors": module_version("safetensors"),
-        "torch": module_version("torch"),
-    }
+from .errors import WorkerError
+from .models import ModelStore
+from .runtime import cuda_devices, frameworks
 
 
 class Worker:
@@ -85,7 +77,7 @@ class Worker:
         m = self.store.get(model_id)
         if m.backend != "memwarden":
             raise WorkerError(P.MODEL_NOT_FOUND, f"model {model_id!r} is not held by the daemon")
-        return m.holder
+        return m.tensors
 
     def _adopt(self, data: Dict[str, Any], fds: List[int]) -> Dict[str, Any]:
         """`loadModel` of weights the daemon holds: map them (no file is read here)."""

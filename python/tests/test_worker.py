@@ -176,7 +176,7 @@ def test_torch_reader_path_gives_the_same_tensors_as_the_file(model_factory):
     buf = st.read_data(str(path), h)
     try:
         for t in h.tensors:
-            assert m.holder[t.name].view(torch.uint8).reshape(-1).numpy().tobytes() == bytes(buf[t.begin:t.end])
+            assert m.tensors[t.name].view(torch.uint8).reshape(-1).numpy().tobytes() == bytes(buf[t.begin:t.end])
     finally:
         buf.close()
     assert store.unload(m.model_id)["freedBytes"] == size

@@ -51,7 +51,7 @@ impl DeviceFacts {
 
 /// Where the rules draw their lines.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
+pub struct AdviceThresholds {
     /// Fragmentation index at or above which a failed allocation calls for a defragmentation.
     pub fragmentation: f64,
     /// How long a failed allocation counts as recent, seconds.
@@ -66,9 +66,9 @@ pub struct Thresholds {
     pub imbalance: f64,
 }
 
-impl Default for Thresholds {
+impl Default for AdviceThresholds {
     fn default() -> Self {
-        Thresholds {
+        AdviceThresholds {
             fragmentation: 0.3,
             failure_recent_secs: 600.0,
             model_idle_secs: 300.0,
@@ -140,7 +140,7 @@ fn pressured(level: Level) -> bool {
 /// Fragmented pools and a recent allocation that did not fit → defragment. A failed request
 /// larger than the whole device could never have fitted, compacted or not: it is no evidence,
 /// and emits nothing. One larger than the pools' free space is weaker evidence (medium).
-pub fn defragment(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
+pub fn defragment(d: &DeviceFacts, t: &AdviceThresholds) -> Option<Recommendation> {
     let (ago, requested) = d.last_failure?;
     if ago > t.failure_recent_secs || d.fragmentation < t.fragmentation || d.free_in_pool_bytes == 0 {
         return None;
@@ -173,7 +173,7 @@ pub fn defragment(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
 }
 
 /// Idle, unpinned models on a device under pressure (high or critical) → release them.
-pub fn idle_models(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
+pub fn idle_models(d: &DeviceFacts, t: &AdviceThresholds) -> Option<Recommendation> {
     if !pressured(d.level) {
         return None;
     }
@@ -214,7 +214,7 @@ pub fn idle_models(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
 }
 
 /// Cached empty pool blocks worth giving back → clear. Under pressure any amount counts.
-pub fn clear_cache(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
+pub fn clear_cache(d: &DeviceFacts, t: &AdviceThresholds) -> Option<Recommendation> {
     let floor = t.min_clear_bytes.max(d.total_bytes / 100);
     if d.empty_block_bytes == 0 || (d.empty_block_bytes < floor && !pressured(d.level)) {
         return None;
@@ -240,7 +240,7 @@ pub fn clear_cache(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
 
 /// Large pinned host memory while the host is under pressure (moderate or worse) → move the
 /// largest movable pinned allocation to pageable memory (the kernel may then reclaim it).
-pub fn pinned_host(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
+pub fn pinned_host(d: &DeviceFacts, t: &AdviceThresholds) -> Option<Recommendation> {
     if d.is_gpu || d.level < Level::Moderate || d.total_bytes == 0 {
         return None;
     }
@@ -278,7 +278,7 @@ pub fn pinned_host(d: &DeviceFacts, t: &Thresholds) -> Option<Recommendation> {
 
 /// A GPU much fuller than another of the same kind → move a model that fits to the emptier one
 /// (the largest reloadable, unpinned model that brings the two closer without overshooting).
-pub fn rebalance(devices: &[DeviceFacts], t: &Thresholds) -> Vec<Recommendation> {
+pub fn rebalance(devices: &[DeviceFacts], t: &AdviceThresholds) -> Vec<Recommendation> {
     let mut out = Vec::new();
     for full in devices.iter().filter(|d| d.is_gpu) {
         // Where the model would go: the placement rule over the twins (same product, so the
@@ -334,7 +334,7 @@ pub fn rebalance(devices: &[DeviceFacts], t: &Thresholds) -> Vec<Recommendation>
 }
 
 /// Every rule over every device, highest priority first, then the largest savings.
-pub fn recommend(devices: &[DeviceFacts], t: &Thresholds) -> Vec<Recommendation> {
+pub fn recommend(devices: &[DeviceFacts], t: &AdviceThresholds) -> Vec<Recommendation> {
     let mut out: Vec<Recommendation> = devices
         .iter()
         .flat_map(|d| [defragment(d, t), idle_models(d, t), clear_cache(d, t), pinned_host(d, t)])
@@ -380,8 +380,8 @@ mod tests {
         }
     }
 
-    fn t() -> Thresholds {
-        Thresholds::default()
+    fn t() -> AdviceThresholds {
+        AdviceThresholds::default()
     }
 
     #[test]

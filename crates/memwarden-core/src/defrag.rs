@@ -17,37 +17,37 @@ use crate::pool::{BlockId, Placement, Pool};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
+pub enum DefragStrategy {
     Quick,
     Balanced,
     Thorough,
 }
 
-impl std::str::FromStr for Strategy {
+impl std::str::FromStr for DefragStrategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
-            "quick" => Ok(Strategy::Quick),
-            "balanced" => Ok(Strategy::Balanced),
-            "thorough" => Ok(Strategy::Thorough),
+            "quick" => Ok(DefragStrategy::Quick),
+            "balanced" => Ok(DefragStrategy::Balanced),
+            "thorough" => Ok(DefragStrategy::Thorough),
             _ => Err(format!("'{s}' is not a strategy (quick, balanced or thorough)")),
         }
     }
 }
 
-impl Strategy {
+impl DefragStrategy {
     pub fn as_str(self) -> &'static str {
         match self {
-            Strategy::Quick => "quick",
-            Strategy::Balanced => "balanced",
-            Strategy::Thorough => "thorough",
+            DefragStrategy::Quick => "quick",
+            DefragStrategy::Balanced => "balanced",
+            DefragStrategy::Thorough => "thorough",
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DefragOptions {
-    pub strategy: Strategy,
+    pub strategy: DefragStrategy,
     /// Stop planning before moving more bytes than this.
     pub max_bytes_to_move: u64,
     /// Stop planning before moving more allocations than this.
@@ -56,7 +56,11 @@ pub struct DefragOptions {
 
 impl Default for DefragOptions {
     fn default() -> Self {
-        DefragOptions { strategy: Strategy::Balanced, max_bytes_to_move: u64::MAX, max_allocations_to_move: usize::MAX }
+        DefragOptions {
+            strategy: DefragStrategy::Balanced,
+            max_bytes_to_move: u64::MAX,
+            max_allocations_to_move: usize::MAX,
+        }
     }
 }
 
@@ -233,18 +237,18 @@ pub fn plan(pool: &Pool, movable: &[Movable], options: DefragOptions) -> DefragP
         options,
     };
     let before: Vec<BlockId> = p.sim.empty_blocks();
-    if options.strategy == Strategy::Thorough {
+    if options.strategy == DefragStrategy::Thorough {
         for (b, _) in p.blocks_by_fullness() {
             p.compact(b);
         }
     }
     p.evacuate_all(true, None);
     match options.strategy {
-        Strategy::Quick => {}
-        Strategy::Balanced => p.evacuate_all(false, Some((1, 2))),
-        Strategy::Thorough => p.evacuate_all(false, None),
+        DefragStrategy::Quick => {}
+        DefragStrategy::Balanced => p.evacuate_all(false, Some((1, 2))),
+        DefragStrategy::Thorough => p.evacuate_all(false, None),
     }
-    if options.strategy == Strategy::Thorough {
+    if options.strategy == DefragStrategy::Thorough {
         for (b, _) in p.blocks_by_fullness() {
             p.compact(b);
         }
@@ -313,7 +317,7 @@ mod tests {
         let b = pool.allocate_in(BlockId(1), MIB, 256).expect("b");
         let movable: Vec<Movable> =
             [a[0], a[2], b].iter().map(|&p| Movable { placement: p, align_bytes: 256 }).collect();
-        let plan = plan(&pool, &movable, DefragOptions { strategy: Strategy::Quick, ..Default::default() });
+        let plan = plan(&pool, &movable, DefragOptions { strategy: DefragStrategy::Quick, ..Default::default() });
         // Both blocks hold 2 MiB or 1 MiB: the sparser one (block 1) empties into block 0.
         assert_eq!(plan.moves.len(), 1);
         assert_eq!(plan.moves[0].from, b);
@@ -329,7 +333,7 @@ mod tests {
         let a = pool.allocate_in(BlockId(0), 2 * MIB, 256).expect("a");
         let b = pool.allocate_in(BlockId(1), MIB, 256).expect("b");
         let movable = vec![Movable { placement: a, align_bytes: 256 }];
-        for strategy in [Strategy::Quick, Strategy::Balanced, Strategy::Thorough] {
+        for strategy in [DefragStrategy::Quick, DefragStrategy::Balanced, DefragStrategy::Thorough] {
             let plan = plan(&pool, &movable, DefragOptions { strategy, ..Default::default() });
             assert!(plan.moves.iter().all(|m| m.from != b), "{strategy:?} moved an immovable allocation");
             assert!(plan.blocks_emptied.is_empty() || plan.blocks_emptied == vec![BlockId(0)]);
@@ -347,22 +351,22 @@ mod tests {
         let plan = plan(
             &pool,
             &movable,
-            DefragOptions { strategy: Strategy::Quick, max_bytes_to_move: MIB, max_allocations_to_move: 10 },
+            DefragOptions { strategy: DefragStrategy::Quick, max_bytes_to_move: MIB, max_allocations_to_move: 10 },
         );
         assert!(plan.bytes_to_move <= MIB);
         assert_eq!(plan.moves.len(), 2);
         let plan1 = super::plan(
             &pool,
             &movable,
-            DefragOptions { strategy: Strategy::Quick, max_bytes_to_move: u64::MAX, max_allocations_to_move: 1 },
+            DefragOptions { strategy: DefragStrategy::Quick, max_bytes_to_move: u64::MAX, max_allocations_to_move: 1 },
         );
         assert_eq!(plan1.moves.len(), 1);
     }
 
     #[test]
     fn strategies_parse() {
-        assert_eq!("Thorough".parse::<Strategy>(), Ok(Strategy::Thorough));
-        assert!("tidy".parse::<Strategy>().is_err());
+        assert_eq!("Thorough".parse::<DefragStrategy>(), Ok(DefragStrategy::Thorough));
+        assert!("tidy".parse::<DefragStrategy>().is_err());
     }
 
     proptest! {
@@ -375,7 +379,7 @@ mod tests {
             sizes in proptest::collection::vec((1u64..600, 0u32..4), 1..80),
             frees in proptest::collection::vec(any::<bool>(), 80),
             pinned in proptest::collection::vec(any::<bool>(), 80),
-            strategy in prop_oneof![Just(Strategy::Quick), Just(Strategy::Balanced), Just(Strategy::Thorough)],
+            strategy in prop_oneof![Just(DefragStrategy::Quick), Just(DefragStrategy::Balanced), Just(DefragStrategy::Thorough)],
             max_moves in prop_oneof![Just(usize::MAX), 0usize..20],
             max_bytes in prop_oneof![Just(u64::MAX), 0u64..(8 * MIB)],
         ) {
@@ -440,7 +444,7 @@ mod tests {
                 if frees[i] { pool.free(&p).expect("free"); None } else { Some(p) }
             }).collect();
             let movable: Vec<Movable> = kept.iter().map(|&p| Movable { placement: p, align_bytes: 256 }).collect();
-            let plan = plan(&pool, &movable, DefragOptions { strategy: Strategy::Thorough, ..Default::default() });
+            let plan = plan(&pool, &movable, DefragOptions { strategy: DefragStrategy::Thorough, ..Default::default() });
             replay(&mut pool, &plan, &movable).map_err(TestCaseError::fail)?;
             let partial = pool.blocks().into_iter().filter(|b| {
                 b.ranges.iter().any(|r| !r.free) && pool.lowest_fit(b.id, size, 256).is_some()

@@ -60,7 +60,7 @@ pub fn rank<'a>(candidates: &'a [Candidate], exclude: &[String]) -> Vec<&'a Cand
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Strategy {
+pub enum EvictionStrategy {
     /// Trim caches and offload idle models; never unload.
     Conservative,
     /// The whole ladder, stopping at the target.
@@ -74,39 +74,39 @@ pub enum Strategy {
     Smart,
 }
 
-impl std::str::FromStr for Strategy {
+impl std::str::FromStr for EvictionStrategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
-            "conservative" => Ok(Strategy::Conservative),
-            "balanced" => Ok(Strategy::Balanced),
-            "aggressive" => Ok(Strategy::Aggressive),
-            "smart" => Ok(Strategy::Smart),
+            "conservative" => Ok(EvictionStrategy::Conservative),
+            "balanced" => Ok(EvictionStrategy::Balanced),
+            "aggressive" => Ok(EvictionStrategy::Aggressive),
+            "smart" => Ok(EvictionStrategy::Smart),
             _ => Err(format!("unknown strategy {s:?}: conservative, balanced, aggressive or smart")),
         }
     }
 }
 
-impl Strategy {
+impl EvictionStrategy {
     pub fn name(self) -> &'static str {
         match self {
-            Strategy::Conservative => "conservative",
-            Strategy::Balanced => "balanced",
-            Strategy::Aggressive => "aggressive",
-            Strategy::Smart => "smart",
+            EvictionStrategy::Conservative => "conservative",
+            EvictionStrategy::Balanced => "balanced",
+            EvictionStrategy::Aggressive => "aggressive",
+            EvictionStrategy::Smart => "smart",
         }
     }
 
     /// Bytes to free for a need of `need_bytes`.
     pub fn target_bytes(self, need_bytes: u64) -> u64 {
         match self {
-            Strategy::Aggressive => need_bytes.saturating_add(need_bytes / 2),
+            EvictionStrategy::Aggressive => need_bytes.saturating_add(need_bytes / 2),
             _ => need_bytes,
         }
     }
 
     pub fn may_unload(self) -> bool {
-        !matches!(self, Strategy::Conservative)
+        !matches!(self, EvictionStrategy::Conservative)
     }
 }
 
@@ -135,7 +135,7 @@ pub fn plan(
     candidates: &[Candidate],
     exclude: &[String],
     still_needed: u64,
-    strategy: Strategy,
+    strategy: EvictionStrategy,
     mut host_room_bytes: u64,
     max_models: Option<usize>,
 ) -> Vec<Planned> {
@@ -147,10 +147,10 @@ pub fn plan(
         }
         let can_offload = c.offloadable && c.size_bytes <= host_room_bytes;
         let action = match strategy {
-            Strategy::Conservative if can_offload => StepAction::Offload,
-            Strategy::Conservative => continue,
-            Strategy::Balanced if can_offload => StepAction::Offload,
-            Strategy::Smart if can_offload && reload_rate_bytes_per_s(c) < 1e9 => StepAction::Offload,
+            EvictionStrategy::Conservative if can_offload => StepAction::Offload,
+            EvictionStrategy::Conservative => continue,
+            EvictionStrategy::Balanced if can_offload => StepAction::Offload,
+            EvictionStrategy::Smart if can_offload && reload_rate_bytes_per_s(c) < 1e9 => StepAction::Offload,
             _ => StepAction::Unload,
         };
         if action == StepAction::Offload {
@@ -226,7 +226,7 @@ mod tests {
         pinned.pinned = true;
         let ms = [pinned, model("excluded", 100, 0, 9999.0), model("ok", 100, 99, 0.0)];
         assert_eq!(ids(&rank(&ms, &["excluded".into()])), ["ok"]);
-        assert!(plan(&ms, &["excluded".into()], 10_000 * MIB, Strategy::Aggressive, 0, None)
+        assert!(plan(&ms, &["excluded".into()], 10_000 * MIB, EvictionStrategy::Aggressive, 0, None)
             .iter()
             .all(|p| p.model_id == "ok"));
     }
@@ -234,29 +234,34 @@ mod tests {
     #[test]
     fn plan_stops_once_the_need_is_met() {
         let ms = [model("a", 100, 10, 0.0), model("b", 100, 20, 0.0), model("c", 100, 30, 0.0)];
-        let p = plan(&ms, &[], 150 * MIB, Strategy::Balanced, 0, None);
+        let p = plan(&ms, &[], 150 * MIB, EvictionStrategy::Balanced, 0, None);
         assert_eq!(p.iter().map(|s| s.model_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert!(p.iter().all(|s| s.action == StepAction::Unload));
-        assert!(plan(&ms, &[], 0, Strategy::Balanced, 0, None).is_empty(), "nothing needed, nothing planned");
+        assert!(plan(&ms, &[], 0, EvictionStrategy::Balanced, 0, None).is_empty(), "nothing needed, nothing planned");
     }
 
     #[test]
     fn max_models_bounds_the_plan_even_when_short() {
         let ms = [model("a", 100, 10, 0.0), model("b", 100, 20, 0.0), model("c", 100, 30, 0.0)];
-        assert_eq!(plan(&ms, &[], 1000 * MIB, Strategy::Balanced, 0, Some(1)).len(), 1);
-        assert_eq!(plan(&ms, &[], 1000 * MIB, Strategy::Balanced, 0, None).len(), 3, "short: everything it can");
+        assert_eq!(plan(&ms, &[], 1000 * MIB, EvictionStrategy::Balanced, 0, Some(1)).len(), 1);
+        assert_eq!(
+            plan(&ms, &[], 1000 * MIB, EvictionStrategy::Balanced, 0, None).len(),
+            3,
+            "short: everything it can"
+        );
     }
 
     #[test]
     fn strategies_differ_in_how_far_they_go() {
         let mut ms = vec![model("a", 100, 10, 0.0), model("b", 100, 20, 0.0), model("c", 100, 30, 0.0)];
         // Nothing offloadable: conservative frees nothing, the others unload.
-        assert!(plan(&ms, &[], 150 * MIB, Strategy::Conservative, u64::MAX, None).is_empty());
-        assert_eq!(plan(&ms, &[], 150 * MIB, Strategy::Balanced, u64::MAX, None).len(), 2);
+        assert!(plan(&ms, &[], 150 * MIB, EvictionStrategy::Conservative, u64::MAX, None).is_empty());
+        assert_eq!(plan(&ms, &[], 150 * MIB, EvictionStrategy::Balanced, u64::MAX, None).len(), 2);
         // Aggressive frees half again beyond the need.
-        assert_eq!(Strategy::Aggressive.target_bytes(200 * MIB), 300 * MIB);
+        assert_eq!(EvictionStrategy::Aggressive.target_bytes(200 * MIB), 300 * MIB);
         assert_eq!(
-            plan(&ms, &[], Strategy::Aggressive.target_bytes(150 * MIB), Strategy::Aggressive, 0, None).len(),
+            plan(&ms, &[], EvictionStrategy::Aggressive.target_bytes(150 * MIB), EvictionStrategy::Aggressive, 0, None)
+                .len(),
             3
         );
         // Offloadable models: balanced and conservative offload while the host has room, then
@@ -264,14 +269,14 @@ mod tests {
         for m in &mut ms {
             m.offloadable = true;
         }
-        let p = plan(&ms, &[], 250 * MIB, Strategy::Balanced, 150 * MIB, None);
+        let p = plan(&ms, &[], 250 * MIB, EvictionStrategy::Balanced, 150 * MIB, None);
         assert_eq!(
             p.iter().map(|s| s.action).collect::<Vec<_>>(),
             [StepAction::Offload, StepAction::Unload, StepAction::Unload]
         );
-        let p = plan(&ms, &[], 250 * MIB, Strategy::Conservative, 150 * MIB, None);
+        let p = plan(&ms, &[], 250 * MIB, EvictionStrategy::Conservative, 150 * MIB, None);
         assert_eq!(p.iter().map(|s| s.action).collect::<Vec<_>>(), [StepAction::Offload]);
-        assert!(plan(&ms, &[], 250 * MIB, Strategy::Aggressive, u64::MAX, None)
+        assert!(plan(&ms, &[], 250 * MIB, EvictionStrategy::Aggressive, u64::MAX, None)
             .iter()
             .all(|s| s.action == StepAction::Unload));
         // Smart offloads slow reloads, unloads fast ones.
@@ -281,7 +286,7 @@ mod tests {
         let mut fast = model("fast", 1000, 10, 0.0);
         fast.offloadable = true;
         fast.load_time_ms = 100.0; // 10 GB/s
-        let p = plan(&[slow, fast], &[], u64::MAX, Strategy::Smart, u64::MAX, None);
+        let p = plan(&[slow, fast], &[], u64::MAX, EvictionStrategy::Smart, u64::MAX, None);
         let by_id: std::collections::HashMap<_, _> = p.iter().map(|s| (s.model_id.as_str(), s.action)).collect();
         assert_eq!(by_id["slow"], StepAction::Offload);
         assert_eq!(by_id["fast"], StepAction::Unload);
@@ -299,9 +304,14 @@ mod tests {
 
     #[test]
     fn strategy_names_parse() {
-        for s in [Strategy::Conservative, Strategy::Balanced, Strategy::Aggressive, Strategy::Smart] {
-            assert_eq!(s.name().parse::<Strategy>(), Ok(s));
+        for s in [
+            EvictionStrategy::Conservative,
+            EvictionStrategy::Balanced,
+            EvictionStrategy::Aggressive,
+            EvictionStrategy::Smart,
+        ] {
+            assert_eq!(s.name().parse::<EvictionStrategy>(), Ok(s));
         }
-        assert!("reckless".parse::<Strategy>().is_err());
+        assert!("reckless".parse::<EvictionStrategy>().is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! Pure: the daemon's sampler feeds it readings.
 
 use crate::units::MIB;
+use serde::Deserialize;
 use std::collections::VecDeque;
 use std::fmt;
 
@@ -41,13 +42,21 @@ impl fmt::Display for Level {
     }
 }
 
-/// Thresholds as fractions of total memory (0–1) and PSI percentages.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
+/// Where the pressure levels start: fractions of total memory (0–1) and PSI percentages.
+///
+/// The one definition of these values and their defaults: the daemon's configuration reads them
+/// from its `[pressure]` section (the field names are the TOML keys; a key left out keeps its
+/// default here) and the API reports them (`thresholds` of `GET /api/memory/pressure`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PressureThresholds {
+    /// Utilization (0–1) at which the level becomes moderate.
     pub moderate: f64,
+    /// … high.
     pub high: f64,
+    /// … critical.
     pub critical: f64,
-    /// A level is left only once utilization is this far below its threshold.
+    /// A level is left only once utilization is this far (0–1) below its threshold.
     pub hysteresis: f64,
     /// PSI `some avg10` (% of time some task stalled on memory) at which the level rises by one.
     pub psi_some_percent: f64,
@@ -55,9 +64,9 @@ pub struct Thresholds {
     pub psi_full_percent: f64,
 }
 
-impl Default for Thresholds {
+impl Default for PressureThresholds {
     fn default() -> Self {
-        Thresholds {
+        PressureThresholds {
             moderate: 0.75,
             high: 0.90,
             critical: 0.95,
@@ -68,9 +77,9 @@ impl Default for Thresholds {
     }
 }
 
-/// Why [`Thresholds::validate`] refused a set of thresholds.
+/// Why [`PressureThresholds::validate`] refused a set of thresholds.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ThresholdsError {
+pub enum PressureThresholdsError {
     #[error(
         "pressure thresholds must satisfy 0 ≤ moderate ≤ high ≤ critical ≤ 1 \
          (moderate {moderate}, high {high}, critical {critical})"
@@ -80,19 +89,19 @@ pub enum ThresholdsError {
     Hysteresis { hysteresis: f64 },
 }
 
-impl Thresholds {
-    pub fn validate(&self) -> Result<(), ThresholdsError> {
+impl PressureThresholds {
+    pub fn validate(&self) -> Result<(), PressureThresholdsError> {
         let ordered =
             0.0 <= self.moderate && self.moderate <= self.high && self.high <= self.critical && self.critical <= 1.0;
         if !ordered {
-            return Err(ThresholdsError::Unordered {
+            return Err(PressureThresholdsError::Unordered {
                 moderate: self.moderate,
                 high: self.high,
                 critical: self.critical,
             });
         }
         if !(0.0..0.5).contains(&self.hysteresis) {
-            return Err(ThresholdsError::Hysteresis { hysteresis: self.hysteresis });
+            return Err(PressureThresholdsError::Hysteresis { hysteresis: self.hysteresis });
         }
         Ok(())
     }
@@ -155,7 +164,7 @@ pub const LIMIT_EVENT_HOLD_SECS: f64 = 10.0;
 /// The level of one device, updated sample by sample.
 #[derive(Debug, Clone)]
 pub struct Tracker {
-    thresholds: Thresholds,
+    thresholds: PressureThresholds,
     level: Level,
     /// The utilization level (before any PSI escalation).
     base: Level,
@@ -167,7 +176,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(thresholds: Thresholds) -> Self {
+    pub fn new(thresholds: PressureThresholds) -> Self {
         Tracker {
             thresholds,
             level: Level::Low,
@@ -179,7 +188,7 @@ impl Tracker {
         }
     }
 
-    pub fn thresholds(&self) -> &Thresholds {
+    pub fn thresholds(&self) -> &PressureThresholds {
         &self.thresholds
     }
 
@@ -339,20 +348,20 @@ mod tests {
 
     #[test]
     fn levels_follow_the_seed_thresholds() {
-        let mut tr = Tracker::new(Thresholds::default());
+        let mut tr = Tracker::new(PressureThresholds::default());
         use Level::*;
         assert_eq!(levels(&mut tr, &[10.0, 74.9, 75.0, 90.0, 95.0]), vec![Low, Low, Moderate, High, Critical]);
     }
 
     #[test]
     fn hysteresis_stops_flapping() {
-        let mut tr = Tracker::new(Thresholds::default());
+        let mut tr = Tracker::new(PressureThresholds::default());
         use Level::*;
         // Hovering around 90 %: up at 90, stays High until below 85.
         let seq = [89.0, 90.0, 89.5, 90.1, 88.0, 86.0, 85.1, 84.9, 80.0, 69.9];
         assert_eq!(levels(&mut tr, &seq), vec![Moderate, High, High, High, High, High, High, Moderate, Moderate, Low]);
         // Counting changes over a noisy plateau: one change, not one per crossing.
-        let mut tr = Tracker::new(Thresholds::default());
+        let mut tr = Tracker::new(PressureThresholds::default());
         let noisy: Vec<f64> = (0..100).map(|i| if i % 2 == 0 { 89.9 } else { 90.1 }).collect();
         let changes = noisy.iter().enumerate().filter(|(i, &u)| tr.update(at(*i as f64, u)).is_some()).count();
         assert_eq!(changes, 2, "Low→Moderate once, Moderate→High once");
@@ -360,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_drop_can_skip_levels() {
-        let mut tr = Tracker::new(Thresholds::default());
+        let mut tr = Tracker::new(PressureThresholds::default());
         tr.update(at(0.0, 99.0));
         assert_eq!(tr.level(), Level::Critical);
         let c = tr.update(at(1.0, 10.0)).expect("change");
@@ -369,7 +378,7 @@ mod tests {
 
     #[test]
     fn psi_stall_raises_one_level_until_it_calms() {
-        let mut tr = Tracker::new(Thresholds::default());
+        let mut tr = Tracker::new(PressureThresholds::default());
         let mut s = at(0.0, 50.0);
         s.psi_some10 = Some(12.0);
         assert_eq!(tr.update(s).map(|c| c.new), Some(Level::Moderate), "stall escalates Low to Moderate");
@@ -385,7 +394,7 @@ mod tests {
 
     #[test]
     fn cgroup_limit_hits_raise_the_level_for_a_while() {
-        let mut tr = Tracker::new(Thresholds::default());
+        let mut tr = Tracker::new(PressureThresholds::default());
         let mut s = at(0.0, 50.0);
         s.limit_events = Some(3);
         assert!(tr.update(s).is_none(), "a counter's first value is no event");
@@ -400,13 +409,13 @@ mod tests {
 
     #[test]
     fn time_to_critical_from_the_trend() {
-        let mut tr = Tracker::new(Thresholds::default());
+        let mut tr = Tracker::new(PressureThresholds::default());
         for i in 0..10 {
             tr.update(at(i as f64, 50.0 + i as f64)); // +1 GiB/s
         }
         let ttc = tr.time_to_critical().expect("rising");
         assert!((ttc - 36.0).abs() < 0.5, "95 − 59 GiB at 1 GiB/s: {ttc}");
-        let mut flat = Tracker::new(Thresholds::default());
+        let mut flat = Tracker::new(PressureThresholds::default());
         for i in 0..10 {
             flat.update(at(i as f64, 50.0));
         }
@@ -415,13 +424,13 @@ mod tests {
 
     #[test]
     fn thresholds_are_checked() {
-        assert!(Thresholds::default().validate().is_ok());
+        assert!(PressureThresholds::default().validate().is_ok());
         assert_eq!(
-            Thresholds { high: 0.7, ..Default::default() }.validate(),
-            Err(ThresholdsError::Unordered { moderate: 0.75, high: 0.7, critical: 0.95 })
+            PressureThresholds { high: 0.7, ..Default::default() }.validate(),
+            Err(PressureThresholdsError::Unordered { moderate: 0.75, high: 0.7, critical: 0.95 })
         );
-        let e = Thresholds { hysteresis: 0.6, ..Default::default() }.validate();
-        assert_eq!(e, Err(ThresholdsError::Hysteresis { hysteresis: 0.6 }));
+        let e = PressureThresholds { hysteresis: 0.6, ..Default::default() }.validate();
+        assert_eq!(e, Err(PressureThresholdsError::Hysteresis { hysteresis: 0.6 }));
         assert!(e.is_err_and(|e| e.to_string().contains("[0, 0.5)")));
     }
 

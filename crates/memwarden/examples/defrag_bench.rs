@@ -7,7 +7,7 @@
 //! used), and a `quick` pass empties one block into the other: half of all allocations move.
 use memwarden::config::Config;
 use memwarden::service::{AllocateRequest, Service, TransferRequest, TransferTarget};
-use memwarden_core::defrag::{DefragOptions, Strategy};
+use memwarden_core::defrag::{DefragOptions, DefragStrategy};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -70,7 +70,7 @@ fn main() {
         for i in ids.iter().step_by(2) {
             s.free(i).expect("free every other");
         }
-        let opts = DefragOptions { strategy: Strategy::Quick, ..Default::default() };
+        let opts = DefragOptions { strategy: DefragStrategy::Quick, ..Default::default() };
         let r = s.defragment(id, opts, None).expect("defragment");
         for r in s.allocations(Some(id)) {
             s.free(&r.id).expect("free");

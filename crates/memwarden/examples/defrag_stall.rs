@@ -14,7 +14,7 @@ use memwarden::service::{AllocateRequest, Limits, Service};
 use memwarden_backends::{
     Backend, BackendError, BlockMemory, DeviceInfo, HostBackend, HostStatusReader, MemoryReading,
 };
-use memwarden_core::defrag::{DefragOptions, Strategy};
+use memwarden_core::defrag::{DefragOptions, DefragStrategy};
 use memwarden_core::{DeviceId, GpuApi, MemoryKind, PoolConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -153,7 +153,7 @@ fn main() {
         std::thread::spawn(move || {
             let (mut n, mut moved, mut busy) = (0u32, 0u64, Duration::ZERO);
             let options = DefragOptions {
-                strategy: Strategy::Quick,
+                strategy: DefragStrategy::Quick,
                 max_bytes_to_move: u64::MAX,
                 max_allocations_to_move: usize::MAX,
             };

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 pub mod quotas;
 mod vulkan;
 mod workers;
+use memwarden_core::advice::AdviceThresholds;
+use memwarden_core::pressure::PressureThresholds;
 use memwarden_core::units::{GIB, MIB};
 pub use vulkan::{NvidiaOwner, VulkanSection};
 pub use workers::{WorkerSpec, WorkersSection};
@@ -157,9 +159,9 @@ impl AnalyticsSection {
 impl Config {
     /// Where the recommendation rules draw their lines: the analytics section's, with the
     /// fragmentation threshold of the defragmentation section.
-    pub fn advice_thresholds(&self) -> memwarden_core::advice::Thresholds {
+    pub fn advice_thresholds(&self) -> AdviceThresholds {
         let a = &self.analytics;
-        memwarden_core::advice::Thresholds {
+        AdviceThresholds {
             fragmentation: self.defrag.fragmentation_threshold,
             failure_recent_secs: a.failure_recent_secs as f64,
             model_idle_secs: a.model_idle_secs as f64,
@@ -216,18 +218,10 @@ pub struct PressureSection {
     pub host_interval_ms: u64,
     /// Sampling interval of each GPU (cuMemGetInfo), in milliseconds.
     pub gpu_interval_ms: u64,
-    /// Utilization (0–1) at which the level becomes moderate.
-    pub moderate: f64,
-    /// … high.
-    pub high: f64,
-    /// … critical.
-    pub critical: f64,
-    /// A level is left only once utilization is this far (0–1) below its threshold.
-    pub hysteresis: f64,
-    /// PSI `some avg10` percentage that raises the host level by one.
-    pub psi_some_percent: f64,
-    /// PSI `full avg10` percentage that raises the host level by one.
-    pub psi_full_percent: f64,
+    /// `moderate`, `high`, `critical`, `hysteresis`, `psi_some_percent`, `psi_full_percent`:
+    /// keys of this section, defined (with their defaults and checks) by the core type.
+    #[serde(flatten)]
+    pub thresholds: PressureThresholds,
     /// Level changes kept for `GET /api/memory/pressure/history`.
     pub history_size: usize,
     /// PSI trigger on the host: wake the sampler at once when tasks stall on memory this many
@@ -235,19 +229,6 @@ pub struct PressureSection {
     pub psi_trigger_stall_ms: u64,
     /// Window of the PSI trigger, in milliseconds (a multiple of 2000 without CAP_SYS_RESOURCE).
     pub psi_trigger_window_ms: u64,
-}
-
-impl From<&PressureSection> for memwarden_core::pressure::Thresholds {
-    fn from(c: &PressureSection) -> Self {
-        memwarden_core::pressure::Thresholds {
-            moderate: c.moderate,
-            high: c.high,
-            critical: c.critical,
-            hysteresis: c.hysteresis,
-            psi_some_percent: c.psi_some_percent,
-            psi_full_percent: c.psi_full_percent,
-        }
-    }
 }
 
 impl From<&Config> for memwarden_backends::DiscoverConfig {
@@ -270,12 +251,7 @@ impl Default for PressureSection {
             enabled: true,
             host_interval_ms: 60,
             gpu_interval_ms: 20,
-            moderate: 0.75,
-            high: 0.90,
-            critical: 0.95,
-            hysteresis: 0.05,
-            psi_some_percent: 10.0,
-            psi_full_percent: 5.0,
+            thresholds: PressureThresholds::default(),
             history_size: 1000,
             psi_trigger_stall_ms: 150,
             psi_trigger_window_ms: 2000,
@@ -293,14 +269,14 @@ pub struct DefragSection {
     pub fragmentation_threshold: f64,
     /// Strategy of the automatic pass.
     #[serde(deserialize_with = "strategy")]
-    pub strategy: memwarden_core::defrag::Strategy,
+    pub strategy: memwarden_core::defrag::DefragStrategy,
     /// Time limit of the automatic pass, in milliseconds (checked between moves).
     pub max_time_ms: u64,
     /// Byte limit of the automatic pass.
     pub max_bytes_to_move: u64,
 }
 
-fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<memwarden_core::defrag::Strategy, D::Error> {
+fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<memwarden_core::defrag::DefragStrategy, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
 }
@@ -310,7 +286,7 @@ impl Default for DefragSection {
         DefragSection {
             auto: false,
             fragmentation_threshold: 0.3,
-            strategy: memwarden_core::defrag::Strategy::Balanced,
+            strategy: memwarden_core::defrag::DefragStrategy::Balanced,
             max_time_ms: 100,
             max_bytes_to_move: GIB,
         }
@@ -495,9 +471,7 @@ impl Config {
                 "pool.dedicated_threshold_bytes must be between 1 and pool.block_size_bytes".into(),
             ));
         }
-        memwarden_core::pressure::Thresholds::from(&self.pressure)
-            .validate()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.pressure.thresholds.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !(0.0..=100.0).contains(&self.optimizer.target_pressure_level) {
             return Err(ConfigError::Invalid("optimizer.target_pressure_level must be between 0 and 100".into()));
         }
@@ -618,7 +592,7 @@ mod tests {
         let c =
             parse("[defrag]\nauto = true\nstrategy = \"thorough\"\nfragmentation_threshold = 0.5\n").expect("valid");
         assert!(c.defrag.auto);
-        assert_eq!(c.defrag.strategy, memwarden_core::defrag::Strategy::Thorough);
+        assert_eq!(c.defrag.strategy, memwarden_core::defrag::DefragStrategy::Thorough);
         assert!(parse("[defrag]\nstrategy = \"tidy\"").expect_err("refused").contains("strategy"));
         assert!(parse("[defrag]\nfragmentation_threshold = 1.5").is_err());
         let c = parse("[pool]\nmax_pool_bytes = 1073741824\n[host]\nshared_memory_dir = \"\"\n[cuda]\nenabled = false")
@@ -626,6 +600,19 @@ mod tests {
         assert_eq!(c.pool.max_pool_bytes, GIB);
         assert!(c.host.shared_memory_dir.as_os_str().is_empty());
         assert!(!c.cuda.enabled);
+    }
+
+    #[test]
+    fn pressure_thresholds_are_keys_of_the_pressure_section_with_the_core_defaults() {
+        assert_eq!(Config::default().pressure.thresholds, memwarden_core::pressure::PressureThresholds::default());
+        let c = parse("[pressure]\nmoderate = 0.5\npsi_full_percent = 7\nhistory_size = 10\n").expect("valid");
+        let t = c.pressure.thresholds;
+        assert_eq!((t.moderate, t.high, t.psi_full_percent), (0.5, 0.90, 7.0), "other keys keep defaults");
+        assert_eq!(c.pressure.history_size, 10);
+        assert!(parse("[pressure]\nmoderat = 0.5").expect_err("refused").contains("unknown field `moderat`"));
+        let e = parse("[pressure]\nhigh = 0.7").expect_err("refused");
+        assert!(e.contains("pressure thresholds must satisfy 0 ≤ moderate ≤ high ≤ critical ≤ 1"), "{e}");
+        assert!(parse("[pressure]\nhysteresis = 0.6").expect_err("refused").contains("hysteresis"));
     }
 
     #[test]

@@ -290,10 +290,10 @@ fn idle_models_on_a_pressured_device_are_recommended_for_release_and_the_action_
     let dir = tempdir("idle");
     let mut c = config("idle");
     // The host counts as "high" at any real utilization; every model counts as idle at once.
-    c.pressure.moderate = 0.0001;
-    c.pressure.high = 0.0002;
-    c.pressure.critical = 1.0;
-    c.pressure.hysteresis = 0.0;
+    c.pressure.thresholds.moderate = 0.0001;
+    c.pressure.thresholds.high = 0.0002;
+    c.pressure.thresholds.critical = 1.0;
+    c.pressure.thresholds.hysteresis = 0.0;
     c.analytics.model_idle_secs = 0;
     c.analytics.pinned_fraction = 0.0;
     c.workers.worker = vec![bytes_worker()];

@@ -9,7 +9,7 @@ use memwarden::service::{AllocateRequest, Limits, Service};
 use memwarden_backends::{
     Backend, BackendError, BlockMemory, DeviceInfo, HostBackend, HostStatusReader, MemoryReading,
 };
-use memwarden_core::defrag::{DefragOptions, Strategy};
+use memwarden_core::defrag::{DefragOptions, DefragStrategy};
 use memwarden_core::{DeviceId, GpuApi, MemoryKind, PoolConfig};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -138,7 +138,7 @@ fn fragment(s: &Service, device: DeviceId) -> Vec<String> {
 }
 
 fn quick() -> DefragOptions {
-    DefragOptions { strategy: Strategy::Quick, max_bytes_to_move: u64::MAX, max_allocations_to_move: usize::MAX }
+    DefragOptions { strategy: DefragStrategy::Quick, max_bytes_to_move: u64::MAX, max_allocations_to_move: usize::MAX }
 }
 
 /// Runs `f` on its own thread and waits up to `limit` for it.

@@ -283,10 +283,10 @@ fn gpu_pressure_follows_an_outside_torch_process() {
     let u0 = st["data"]["utilizationPercentage"].as_f64().expect("u") / 100.0;
     drop(probe);
     let mut config = Config::default();
-    config.pressure.moderate = u0 + 0.05;
-    config.pressure.high = (u0 + 0.5).min(0.99);
-    config.pressure.critical = (u0 + 0.55).min(0.995);
-    config.pressure.hysteresis = 0.02;
+    config.pressure.thresholds.moderate = u0 + 0.05;
+    config.pressure.thresholds.high = (u0 + 0.5).min(0.99);
+    config.pressure.thresholds.critical = (u0 + 0.55).min(0.995);
+    config.pressure.thresholds.hysteresis = 0.02;
     let s = TestServer::start_with(config);
     let (tx, rx) = std::sync::mpsc::channel::<Value>();
     let url = s.url("/api/memory/events");

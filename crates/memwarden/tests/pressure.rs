@@ -57,10 +57,10 @@ fn host_pressure_follows_real_memory_with_hysteresis() {
     let margin = 0.04;
     let mut config = Config::default();
     config.pressure.host_interval_ms = 20;
-    config.pressure.moderate = u0 + margin;
-    config.pressure.high = (u0 + 0.5).min(0.99);
-    config.pressure.critical = (u0 + 0.55).min(0.995);
-    config.pressure.hysteresis = margin / 4.0;
+    config.pressure.thresholds.moderate = u0 + margin;
+    config.pressure.thresholds.high = (u0 + 0.5).min(0.99);
+    config.pressure.thresholds.critical = (u0 + 0.55).min(0.995);
+    config.pressure.thresholds.hysteresis = margin / 4.0;
     let s = TestServer::start_with(config);
     let events = subscribe(&s);
     std::thread::sleep(Duration::from_millis(200));

@@ -561,9 +561,9 @@ fn load_named(s: &TestServer, dir: &Path, name: &str, mib: u64, priority: u8, pi
 
 /// Thresholds that put this machine's host at `high` whatever it runs.
 fn high_now(c: &mut Config) {
-    c.pressure.moderate = 0.001;
-    c.pressure.high = 0.002;
-    c.pressure.critical = 0.999;
+    c.pressure.thresholds.moderate = 0.001;
+    c.pressure.thresholds.high = 0.002;
+    c.pressure.thresholds.critical = 0.999;
 }
 
 #[test]
@@ -782,14 +782,14 @@ fn the_watchdog_frees_model_memory_when_an_outside_process_pushes_the_host_over_
     c.pressure.enabled = true;
     // high sits half a hog above today's usage (plus the models): the hog crosses it.
     let models = 3 * 48 * MIB;
-    c.pressure.moderate = (used + models as f64 + (hog / 4) as f64) / total as f64;
-    c.pressure.high = (used + models as f64 + (hog / 2) as f64) / total as f64;
-    c.pressure.critical = 0.999;
-    c.pressure.hysteresis = 0.0;
-    c.pressure.psi_some_percent = 100.0;
-    c.pressure.psi_full_percent = 100.0;
+    c.pressure.thresholds.moderate = (used + models as f64 + (hog / 4) as f64) / total as f64;
+    c.pressure.thresholds.high = (used + models as f64 + (hog / 2) as f64) / total as f64;
+    c.pressure.thresholds.critical = 0.999;
+    c.pressure.thresholds.hysteresis = 0.0;
+    c.pressure.thresholds.psi_some_percent = 100.0;
+    c.pressure.thresholds.psi_full_percent = 100.0;
     // Bring usage back to just below high: about the two least valuable models must go.
-    c.optimizer.target_pressure_level = 100.0 * (c.pressure.high - (64 * MIB) as f64 / total as f64);
+    c.optimizer.target_pressure_level = 100.0 * (c.pressure.thresholds.high - (64 * MIB) as f64 / total as f64);
     let s = TestServer::start_with_workers(c);
     wait_ready(&s, "worker-0");
     let low = load_named(&s, &dir, "low", 48, 10, false);

@@ -17,8 +17,8 @@ pub struct ThresholdsDto {
     pub psi_full_percent: f64,
 }
 
-impl From<&memwarden_core::pressure::Thresholds> for ThresholdsDto {
-    fn from(t: &memwarden_core::pressure::Thresholds) -> Self {
+impl From<&memwarden_core::pressure::PressureThresholds> for ThresholdsDto {
+    fn from(t: &memwarden_core::pressure::PressureThresholds) -> Self {
         ThresholdsDto {
             moderate: t.moderate,
             high: t.high,

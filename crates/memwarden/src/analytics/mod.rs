@@ -76,7 +76,7 @@ pub struct Analytics {
     pub(crate) pressure: Arc<PressureMonitor>,
     pub(crate) config: AnalyticsSection,
     /// Where the recommendation rules draw their lines.
-    pub(crate) advice: advice::Thresholds,
+    pub(crate) advice: advice::AdviceThresholds,
     pub(crate) state: Mutex<State>,
     pub(crate) started_ms: i64,
 }
@@ -87,7 +87,7 @@ impl Analytics {
         supervisor: Arc<Supervisor>,
         pressure: Arc<PressureMonitor>,
         config: AnalyticsSection,
-        advice: advice::Thresholds,
+        advice: advice::AdviceThresholds,
     ) -> Arc<Analytics> {
         Arc::new(Analytics {
             service,

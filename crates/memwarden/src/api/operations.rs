@@ -12,7 +12,7 @@ use crate::app::{allocations, pools, Operation, FINISHED_KEPT, KEEP_FOR};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use memwarden_core::defrag::{DefragOptions, Strategy};
+use memwarden_core::defrag::{DefragOptions, DefragStrategy};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{OperationDto, OperationKind, OperationResult, OperationsDto};
 use std::future::Future;
@@ -105,7 +105,7 @@ fn start_defragment(
 
 fn parse_defrag(b: &DefragBody) -> Result<(DefragOptions, Option<Duration>), ApiError> {
     let strategy = match &b.strategy {
-        None => Strategy::Balanced,
+        None => DefragStrategy::Balanced,
         Some(t) => t.parse().map_err(|e: String| ApiError::invalid(format!("strategy: {e}")))?,
     };
     Ok((

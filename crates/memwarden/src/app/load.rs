@@ -217,7 +217,7 @@ mod tests {
         let service = Arc::new(Service::from_config(&config));
         let supervisor =
             Supervisor::new(config.workers.clone(), vec!["cpu".into()], ProcessMeter::new("/proc".into(), None));
-        let thresholds = memwarden_core::pressure::Thresholds::default();
+        let thresholds = memwarden_core::pressure::PressureThresholds::default();
         let optimizer = Optimizer::new(service.clone(), supervisor, None, config.optimizer.clone(), thresholds);
         (service, optimizer)
     }

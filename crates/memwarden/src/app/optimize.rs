@@ -5,7 +5,7 @@ use crate::models::ModelView;
 use crate::optimizer::{OptimizeRequest, Optimizer};
 use crate::supervisor::Supervisor;
 use crate::weights::WeightStore;
-use memwarden_core::eviction::Strategy;
+use memwarden_core::eviction::EvictionStrategy;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{OptimizeReply, OptimizeRunsDto};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ pub struct Order {
     /// `None`: every device above the target or at `high`, most pressured first.
     pub device: Option<DeviceId>,
     pub target_pressure_level: f64,
-    pub strategy: Strategy,
+    pub strategy: EvictionStrategy,
     pub max_models: Option<usize>,
     pub min_memory_to_free: u64,
     pub force: bool,

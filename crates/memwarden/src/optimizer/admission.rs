@@ -4,7 +4,7 @@
 
 use super::{OptimizeRequest, Optimizer};
 use crate::service::{AllocateRequest, ServiceError};
-use memwarden_core::eviction::Strategy;
+use memwarden_core::eviction::EvictionStrategy;
 use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
 use std::time::{Duration, Instant};
@@ -61,7 +61,7 @@ impl Optimizer {
                  only {releasable} could be released (unpinned models and cached pool blocks); nothing was unloaded"
             )));
         }
-        let mut run = OptimizeRequest::new(device, Strategy::Balanced, "admission", &self.config);
+        let mut run = OptimizeRequest::new(device, EvictionStrategy::Balanced, "admission", &self.config);
         run.min_memory_to_free = shortfall + (16 * MIB);
         run.force = true;
         let outcome = self.run(run).await;

@@ -14,8 +14,12 @@ impl Optimizer {
     /// Runs the ladder for `bytes` on `device`, never touching `exclude` (the model that needs
     /// the room); `Err` names the bytes needed and available after it ran.
     pub async fn make_room(&self, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
-        let mut req =
-            OptimizeRequest::new(device, memwarden_core::eviction::Strategy::Balanced, "admission", &self.config);
+        let mut req = OptimizeRequest::new(
+            device,
+            memwarden_core::eviction::EvictionStrategy::Balanced,
+            "admission",
+            &self.config,
+        );
         req.min_memory_to_free = bytes;
         req.exclude = vec![exclude.to_string()];
         let report = self.run(req).await;

@@ -17,8 +17,8 @@ use crate::models::ModelView;
 use crate::service::Service;
 use crate::supervisor::{Slot, Supervisor, SupervisorError};
 use crate::util::lock;
-use memwarden_core::eviction::{self, Candidate, StepAction, Strategy};
-use memwarden_core::pressure::{Level, Thresholds};
+use memwarden_core::eviction::{self, Candidate, EvictionStrategy, StepAction};
+use memwarden_core::pressure::{Level, PressureThresholds};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
 use memwarden_protocol::{ActionData, OffloadModel, Released, Role, TrimCache, UnloadModel};
@@ -33,7 +33,7 @@ pub struct OptimizeRequest {
     pub device: DeviceId,
     /// 0–100: utilization to bring the device down to.
     pub target_pressure_level: f64,
-    pub strategy: Strategy,
+    pub strategy: EvictionStrategy,
     /// `None`: no limit.
     pub max_models: Option<usize>,
     pub min_memory_to_free: u64,
@@ -49,7 +49,7 @@ pub struct OptimizeRequest {
 impl OptimizeRequest {
     /// A run on `device` with no limits beyond the configured time: no target above 100 %, no
     /// minimum, not forced, no model excluded.
-    pub fn new(device: DeviceId, strategy: Strategy, trigger: &'static str, config: &OptimizerSection) -> Self {
+    pub fn new(device: DeviceId, strategy: EvictionStrategy, trigger: &'static str, config: &OptimizerSection) -> Self {
         OptimizeRequest {
             device,
             target_pressure_level: 100.0,
@@ -70,7 +70,7 @@ pub struct Optimizer {
     supervisor: Arc<Supervisor>,
     config: OptimizerSection,
     /// Levels, for the before/after figures of a run (the pressure monitor's thresholds).
-    thresholds: Thresholds,
+    thresholds: PressureThresholds,
     /// One run at a time: runs measure the device, and two at once would count each other.
     running: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<OptimizeOutcome>>,
@@ -91,7 +91,7 @@ impl Optimizer {
         supervisor: Arc<Supervisor>,
         weights: Option<Arc<crate::weights::WeightStore>>,
         config: OptimizerSection,
-        thresholds: Thresholds,
+        thresholds: PressureThresholds,
     ) -> Arc<Optimizer> {
         Arc::new(Optimizer {
             service,

@@ -5,7 +5,7 @@
 use super::{OptimizeRequest, Optimizer};
 use crate::pressure::PressureEvent;
 use crate::util::lock;
-use memwarden_core::eviction::Strategy;
+use memwarden_core::eviction::EvictionStrategy;
 use memwarden_core::pressure::Level;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +28,11 @@ impl Optimizer {
                 if event.new < Level::High || event.new <= event.old {
                     continue;
                 }
-                let strategy = if event.new >= Level::Critical { Strategy::Aggressive } else { Strategy::Balanced };
+                let strategy = if event.new >= Level::Critical {
+                    EvictionStrategy::Aggressive
+                } else {
+                    EvictionStrategy::Balanced
+                };
                 if !me.cooled_down(&event) {
                     tracing::info!(device = %event.device, "pressure {} but the optimizer is cooling down", event.new.as_str());
                     continue;

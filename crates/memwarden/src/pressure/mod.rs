@@ -9,7 +9,7 @@ mod sampler;
 use crate::config::PressureSection;
 use crate::service::{Service, ServiceError};
 use crate::util::lock;
-use memwarden_core::pressure::{Level, Sample, Thresholds, Tracker};
+use memwarden_core::pressure::{Level, PressureThresholds, Sample, Tracker};
 use memwarden_core::DeviceId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +41,7 @@ pub struct PressureReport {
     pub utilization: f64,
     pub available_bytes: u64,
     pub total_bytes: u64,
-    pub thresholds: Thresholds,
+    pub thresholds: PressureThresholds,
     pub time_to_critical_secs: Option<f64>,
     pub psi_some10: Option<f64>,
     pub psi_full10: Option<f64>,
@@ -57,7 +57,7 @@ pub struct PressureReport {
 pub struct PressureMonitor {
     service: Arc<Service>,
     config: PressureSection,
-    thresholds: Thresholds,
+    thresholds: PressureThresholds,
     trackers: Mutex<HashMap<DeviceId, DeviceTracker>>,
     history: Mutex<VecDeque<PressureEvent>>,
     events: broadcast::Sender<PressureEvent>,
@@ -77,7 +77,7 @@ impl PressureMonitor {
     pub fn new(service: Arc<Service>, config: PressureSection) -> Arc<PressureMonitor> {
         Arc::new(PressureMonitor {
             service,
-            thresholds: Thresholds::from(&config),
+            thresholds: config.thresholds,
             config,
             trackers: Mutex::new(HashMap::new()),
             history: Mutex::new(VecDeque::new()),
@@ -86,7 +86,7 @@ impl PressureMonitor {
         })
     }
 
-    pub fn thresholds(&self) -> Thresholds {
+    pub fn thresholds(&self) -> PressureThresholds {
         self.thresholds
     }
 

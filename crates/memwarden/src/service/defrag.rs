@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq)]
 pub struct DefragReport {
     pub device: DeviceId,
-    pub strategy: defrag::Strategy,
+    pub strategy: defrag::DefragStrategy,
     pub fragmentation_before: f64,
     pub fragmentation_after: f64,
     pub largest_free_block_before: u64,

@@ -433,7 +433,7 @@ fn defragmentation_keeps_every_byte() {
     s.export(&exported.id, ExportVia::Http).expect("export pins it");
     let before: Vec<_> = kept.iter().map(|(_, a)| s.allocation(&a.id).expect("live")).collect();
     let opts = memwarden_core::defrag::DefragOptions {
-        strategy: memwarden_core::defrag::Strategy::Thorough,
+        strategy: memwarden_core::defrag::DefragStrategy::Thorough,
         ..Default::default()
     };
     let report = s.defragment(DeviceId::Cpu, opts, None).expect("defragment");
@@ -635,7 +635,7 @@ fn an_allocation_for_a_connection_that_closed_is_refused_and_leaves_nothing() {
 
 mod executor_runs_every_plan {
     use super::*;
-    use memwarden_core::defrag::{DefragOptions, Strategy};
+    use memwarden_core::defrag::{DefragOptions, DefragStrategy};
     use proptest::prelude::*;
 
     use memwarden_core::units::KIB;
@@ -655,7 +655,7 @@ mod executor_runs_every_plan {
         fn with_no_concurrent_requests(
             sizes in proptest::collection::vec(1u64..=96, 8..160),
             keep in proptest::collection::vec(any::<bool>(), 160),
-            strategy in prop_oneof![Just(Strategy::Quick), Just(Strategy::Balanced), Just(Strategy::Thorough)],
+            strategy in prop_oneof![Just(DefragStrategy::Quick), Just(DefragStrategy::Balanced), Just(DefragStrategy::Thorough)],
         ) {
             let s = small_blocks();
             let all: Vec<_> = sizes.iter().map(|k| s.allocate(req(k * 4 * KIB, None)).expect("allocate")).collect();

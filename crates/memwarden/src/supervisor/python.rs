@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 const FILES: &[(&str, &str)] = &[
     ("__init__.py", include_str!("../../../../python/memwarden/__init__.py")),
     ("__main__.py", include_str!("../../../../python/memwarden/__main__.py")),
+    ("errors.py", include_str!("../../../../python/memwarden/errors.py")),
+    ("dtypes.py", include_str!("../../../../python/memwarden/dtypes.py")),
+    ("runtime.py", include_str!("../../../../python/memwarden/runtime.py")),
     ("protocol.py", include_str!("../../../../python/memwarden/protocol.py")),
     ("safetensors_io.py", include_str!("../../../../python/memwarden/safetensors_io.py")),
     ("models.py", include_str!("../../../../python/memwarden/models.py")),

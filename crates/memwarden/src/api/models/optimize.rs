@@ -5,7 +5,7 @@ use super::super::{ApiResult, AppState};
 use crate::app::allocations::resolve;
 use crate::app::optimize::{self, Order};
 use axum::extract::State;
-use memwarden_core::eviction::Strategy;
+use memwarden_core::eviction::EvictionStrategy;
 use memwarden_protocol::api::{OptimizeBody, OptimizeHistoryDto, OptimizeReply};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ pub async fn optimize(State(state): State<AppState>, ApiJson(body): ApiJson<Opti
     if !(0.0..=100.0).contains(&target) {
         return Err(ApiError::invalid("targetPressureLevel must be between 0 and 100"));
     }
-    let strategy: Strategy = body.strategy.as_deref().unwrap_or("balanced").parse().map_err(ApiError::invalid)?;
+    let strategy: EvictionStrategy = body.strategy.as_deref().unwrap_or("balanced").parse().map_err(ApiError::invalid)?;
     let max_models = match body.max_models_to_unload.unwrap_or(-1) {
         -1 => None,
         n if n >= 0 => Some(n as usize),
