@@ -3,9 +3,14 @@
 //! `cuIpcGetMemHandle`, which torch and cupy open directly, while cuMemCreate memory needs a
 //! POSIX fd exchanged over a Unix socket). Status comes from `cuMemGetInfo` and NVML.
 
+mod dedicated;
+
+pub use dedicated::CudaDedicated;
+
 use crate::backend::{
-    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, MemoryReading, ProcessMemory,
+    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, ExportHandle, GpuInfo, MemoryReading, ProcessMemory,
 };
+use crate::dedicated::{DedicatedError, DedicatedMemory};
 use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_sys::cuda::{self, Completion, CudaContext, CudaError, DeviceBuffer, Region};
@@ -93,6 +98,8 @@ pub struct CudaBackend {
     nvml_index: Option<u32>,
     /// The last driver error other than lack of memory: the device is then unhealthy.
     fault: Mutex<Option<String>>,
+    /// VMM allocations for held weights, with the staging rings and park stream they reuse.
+    dedicated: Arc<CudaDedicated>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -133,7 +140,12 @@ impl BlockMemory for CudaBlock {
             .buffer
             .ipc_handle()
             .map_err(|e| BackendError::Failed { operation: "cuIpcGetMemHandle", message: e.to_string() })?;
-        Ok(BlockExport::CudaIpc { ordinal: self.buffer.context().ordinal(), handle })
+        Ok(BlockExport {
+            kind: "cudaIpc",
+            handle: ExportHandle::Bytes(handle.to_vec()),
+            device_uuid: None,
+            allocation: None,
+        })
     }
 }
 
@@ -185,11 +197,8 @@ impl CudaBackend {
             }),
             extra: Default::default(),
         };
-        CudaBackend { ctx, info, nvml, nvml_index, fault: Mutex::new(None) }
-    }
-
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        let dedicated = Arc::new(CudaDedicated::new(info.device_id, ctx.clone()));
+        CudaBackend { ctx, info, nvml, nvml_index, fault: Mutex::new(None), dedicated }
     }
 
     fn error(&self, e: CudaError, requested_bytes: u64) -> BackendError {
@@ -235,10 +244,6 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    fn cuda_context(&self) -> Option<&Arc<CudaContext>> {
-        Some(&self.ctx)
-    }
-
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -280,6 +285,11 @@ impl Backend for CudaBackend {
     fn sample(&self) -> Result<(u64, u64), BackendError> {
         let (free, total) = self.ctx.mem_info().map_err(|e| self.error(e, 0))?;
         Ok((total, free))
+    }
+
+    /// CUDA VMM allocations (`cuMemCreate`), exported as POSIX fds.
+    fn dedicated(&self) -> Result<Arc<dyn DedicatedMemory>, DedicatedError> {
+        Ok(self.dedicated.clone())
     }
 
     fn max_alignment_bytes(&self) -> u64 {

@@ -15,7 +15,8 @@ pub async fn serve_on(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let pressure = crate::pressure::PressureMonitor::new(service.clone(), config.pressure.clone());
+    let pressure =
+        crate::pressure::PressureMonitor::new(service.clone(), service.host_signals(), config.pressure.clone());
     pressure.start();
     let supervisor = crate::supervisor::Supervisor::new(
         config.workers.clone(),
