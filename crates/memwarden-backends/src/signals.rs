@@ -32,24 +32,3 @@ impl StallTrigger for memwarden_sys::PsiTrigger {
         memwarden_sys::PsiTrigger::wait(self, timeout_ms).map_err(|e| e.to_string())
     }
 }
-
-impl HostSignals for crate::host::HostStatusReader {
-    fn pressure_stall(&self) -> Option<PsiReading> {
-        self.psi()
-    }
-
-    /// Limit hits + OOM kills of this process's cgroup, when a limit applies.
-    fn limit_events(&self) -> Option<u64> {
-        if !self.limited() {
-            return None;
-        }
-        self.cgroup_events().map(|e| e.limit_hits + e.oom_kills)
-    }
-
-    fn stall_trigger(&self, spec: &str) -> Result<Box<dyn StallTrigger>, String> {
-        match self.psi_trigger(spec) {
-            Ok(t) => Ok(Box::new(t)),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-}
