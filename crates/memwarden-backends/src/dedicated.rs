@@ -58,7 +58,8 @@ impl PinnedChunk {
 /// chunk, offset in the chunk, len)`.
 pub type ChunkPiece<'a> = (u64, &'a PinnedChunk, u64, u64);
 
-/// Writes one loader thread's chunks into a block.
+/// Writes one loader thread's chunks into a block. Owns that thread's staging (a GPU's pinned
+/// ring and its stream, or a host buffer) until [`ChunkWriter::finish`].
 pub trait ChunkWriter {
     /// Lets `fill` write up to a chunk (it returns how many bytes) and puts them at `offset`.
     /// A `fill` that fails returns [`DedicatedError::Stopped`] and keeps its own error.
@@ -71,7 +72,8 @@ pub trait ChunkWriter {
     fn finish(&mut self) -> Result<(), DedicatedError>;
 }
 
-/// One block of dedicated memory. Dropping it frees the memory (once no other process maps it).
+/// One block of dedicated memory. Owns the memory and this process's mapping of it: dropping it
+/// frees the memory (once no other process maps it).
 pub trait DedicatedBlock: Send + Sync {
     fn size_bytes(&self) -> u64;
     /// A new descriptor for another process to map (as [`DedicatedMemory::handle_kind`] says).
@@ -84,8 +86,9 @@ pub trait DedicatedBlock: Send + Sync {
     fn restore(&self, pieces: &[ChunkPiece<'_>]) -> Result<(), DedicatedError>;
 }
 
-/// Where one device's dedicated blocks come from, with the reusable state their copies need
-/// (staging rings, a copy stream). Owns nothing a block needs after it is dropped.
+/// Where one device's dedicated blocks and the pinned chunks they park into come from. Owns the
+/// reusable state their copies need (a GPU's staging rings and park stream), which blocks share;
+/// not the blocks themselves.
 pub trait DedicatedMemory: Send + Sync {
     fn device(&self) -> DeviceId;
     /// How another process maps an exported block.

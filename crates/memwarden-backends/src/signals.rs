@@ -4,7 +4,8 @@
 
 use memwarden_core::pressure::PsiReading;
 
-/// A kernel trigger that fires when tasks stall on memory.
+/// A kernel trigger that fires when tasks stall on memory. Owns the registration (the open
+/// pressure file): dropping it unregisters.
 pub trait StallTrigger: Send {
     /// Waits up to `timeout_ms` for the trigger: `Ok(true)` when it fired, `Ok(false)` on
     /// timeout, `Err` when it can no longer fire (the reason).
