@@ -1,6 +1,8 @@
+use crate::dedicated::{DedicatedError, DedicatedMemory};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::any::Any;
 use std::fmt::Debug;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -41,16 +43,42 @@ pub struct ProcessMemory {
     pub used_bytes: Option<u64>,
 }
 
-/// What another process needs to map a block.
+/// The handle of an exported block: what the importing process opens.
 #[derive(Debug)]
-pub enum BlockExport {
-    /// A file under /dev/shm (mode 0600) holding the block from offset 0.
-    Shm { path: PathBuf },
-    /// A CUDA IPC handle of the block's base allocation on GPU `ordinal`.
-    CudaIpc { ordinal: u32, handle: [u8; 64] },
-    /// A Vulkan allocation as an opaque fd (`VK_KHR_external_memory_fd`): a new descriptor,
-    /// which only a Unix socket can carry to another process.
-    VulkanFd(memwarden_sys::vulkan::ExportedMemory),
+pub enum ExportHandle {
+    /// A file (mode 0600) that holds the block from offset 0, opened by path.
+    Path(PathBuf),
+    /// Bytes the importer passes to its driver (e.g. a 64-byte CUDA IPC handle).
+    Bytes(Vec<u8>),
+    /// A new descriptor: only a channel that passes descriptors (a Unix socket) carries it.
+    Fd(OwnedFd),
+}
+
+/// What another process needs to map a block, whatever backend made it: the handle, and what
+/// the importer must pass back as given to recreate the allocation.
+#[derive(Debug)]
+pub struct BlockExport {
+    /// The export's kind as the API names it (`shm`, `cudaIpc`, `vulkanOpaqueFd`).
+    pub kind: &'static str,
+    pub handle: ExportHandle,
+    /// The UUID of the device that holds the memory, when the importer must find that device.
+    pub device_uuid: Option<String>,
+    /// How the handle's allocation was made, where the importer must repeat it.
+    pub allocation: Option<ExportedAllocation>,
+}
+
+/// How an exported allocation was made, for an importer that must make its import the same way
+/// (a Vulkan opaque fd: `allocationSize`, `memoryTypeIndex`, a dedicated allocation over a
+/// buffer of `bufferBytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportedAllocation {
+    /// The allocation's size (the importer must pass exactly this).
+    pub allocation_bytes: u64,
+    pub memory_type_index: u32,
+    /// The importer must make a dedicated allocation over a buffer of exactly `buffer_bytes`.
+    pub dedicated: bool,
+    /// The size of the exporter's buffer over the allocation.
+    pub buffer_bytes: u64,
 }
 
 /// Memory of a device as the OS or driver reports it right now.
@@ -110,8 +138,11 @@ pub trait BlockMemory: Send + Sync + Debug {
 /// last holder lets go.
 pub type SharedBlock = Arc<dyn BlockMemory>;
 
-/// A memory backend: one device. Implementations only read status and create, destroy and copy
-/// blocks; pooling lives in [`crate::MemoryPool`].
+/// A memory backend: one device. Owns the device's memory status (read, sampled, refreshed), its
+/// blocks (create, destroy, copy, read, write, export) and what it can offer beyond them
+/// (dedicated memory, how its exports travel). Pooling lives in [`crate::MemoryPool`]; the
+/// host's pressure signals in [`crate::HostSignals`]. Nothing outside a backend asks which GPU
+/// API it speaks: a difference between APIs is a method here.
 pub trait Backend: Send + Sync {
     fn info(&self) -> &DeviceInfo;
 
@@ -136,29 +167,21 @@ pub trait Backend: Send + Sync {
     /// read is entirely fresh: after this daemon changed memory and must see the change.
     fn refresh(&self) {}
 
-    /// Memory stall information (PSI), where the OS has it.
-    fn pressure_stall(&self) -> Option<memwarden_core::pressure::PsiReading> {
-        None
+    /// Dedicated memory on this device: blocks of their own that other processes map through a
+    /// descriptor and whose bytes can be parked (the weights store holds models in it).
+    /// [`DedicatedError::Unsupported`] with the reason where this backend offers none.
+    fn dedicated(&self) -> Result<Arc<dyn DedicatedMemory>, DedicatedError> {
+        Err(DedicatedError::Unsupported {
+            device: self.info().device_id,
+            reason: "this backend has no exportable dedicated memory".into(),
+        })
     }
 
-    /// A counter that grows each time the device's memory limit is hit or the OOM killer acts
-    /// (the host's cgroup), when that applies.
-    fn limit_events(&self) -> Option<u64> {
-        None
-    }
-
-    /// A kernel trigger that fires on memory stall (`spec` as PSI writes it, e.g.
-    /// `some 150000 2000000`). `None`: this device has no such source; `Err`: why the kernel
-    /// refused.
-    fn stall_trigger(&self, spec: &str) -> Option<Result<memwarden_sys::PsiTrigger, String>> {
-        let _ = spec;
-        None
-    }
-
-    /// The CUDA context behind this device, for the parts of the daemon that talk to the driver
-    /// themselves (the weights store's VMM allocations). `None` for every other backend.
-    fn cuda_context(&self) -> Option<&std::sync::Arc<memwarden_sys::cuda::CudaContext>> {
-        None
+    /// Whether [`BlockMemory::export`] of this backend's blocks hands out a descriptor
+    /// ([`ExportHandle::Fd`]), which only a channel that passes descriptors (the Unix socket)
+    /// carries to another process: an HTTP answer cannot.
+    fn exports_need_descriptor_passing(&self) -> bool {
+        false
     }
 
     /// Every block base is aligned to this; the largest alignment an allocation may ask for.

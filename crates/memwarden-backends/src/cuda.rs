@@ -3,9 +3,14 @@
 //! `cuIpcGetMemHandle`, which torch and cupy open directly, while cuMemCreate memory needs a
 //! POSIX fd exchanged over a Unix socket). Status comes from `cuMemGetInfo` and NVML.
 
+mod dedicated;
+
+pub use dedicated::CudaDedicated;
+
 use crate::backend::{
-    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, MemoryReading, ProcessMemory,
+    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, ExportHandle, GpuInfo, MemoryReading, ProcessMemory,
 };
+use crate::dedicated::{DedicatedError, DedicatedMemory};
 use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_sys::cuda::{self, Completion, CudaContext, CudaError, DeviceBuffer, Region};
@@ -93,6 +98,8 @@ pub struct CudaBackend {
     nvml_index: Option<u32>,
     /// The last driver error other than lack of memory: the device is then unhealthy.
     fault: Mutex<Option<String>>,
+    /// VMM allocations for held weights, with the staging rings and park stream they reuse.
+    dedicated: Arc<CudaDedicated>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -133,7 +140,12 @@ impl BlockMemory for CudaBlock {
             .buffer
             .ipc_handle()
             .map_err(|e| BackendError::Failed { operation: "cuIpcGetMemHandle", message: e.to_string() })?;
-        Ok(BlockExport::CudaIpc { ordinal: self.buffer.context().ordinal(), handle })
+        Ok(BlockExport {
+            kind: "cudaIpc",
+            handle: ExportHandle::Bytes(handle.to_vec()),
+            device_uuid: None,
+            allocation: None,
+        })
     }
 }
 
@@ -185,11 +197,8 @@ impl CudaBackend {
             }),
             extra: Default::default(),
         };
-        CudaBackend { ctx, info, nvml, nvml_index, fault: Mutex::new(None) }
-    }
-
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        let dedicated = Arc::new(CudaDedicated::new(info.device_id, ctx.clone()));
+        CudaBackend { ctx, info, nvml, nvml_index, fault: Mutex::new(None), dedicated }
     }
 
     fn error(&self, e: CudaError, requested_bytes: u64) -> BackendError {
@@ -235,10 +244,6 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    fn cuda_context(&self) -> Option<&Arc<CudaContext>> {
-        Some(&self.ctx)
-    }
-
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -280,6 +285,11 @@ impl Backend for CudaBackend {
     fn sample(&self) -> Result<(u64, u64), BackendError> {
         let (free, total) = self.ctx.mem_info().map_err(|e| self.error(e, 0))?;
         Ok((total, free))
+    }
+
+    /// CUDA VMM allocations (`cuMemCreate`), exported as POSIX fds.
+    fn dedicated(&self) -> Result<Arc<dyn DedicatedMemory>, DedicatedError> {
+        Ok(self.dedicated.clone())
     }
 
     fn max_alignment_bytes(&self) -> u64 {
@@ -342,5 +352,55 @@ mod hw_tests {
         for b in system.backends() {
             crate::conformance::run(Arc::new(b));
         }
+    }
+
+    /// The weights store's device path on a real GPU: a VMM block filled through the staging
+    /// pipeline, exported as a POSIX fd, parked into pinned chunks and restored into a new block.
+    #[test]
+    fn cuda_dedicated_blocks_load_export_park_and_restore() {
+        use crate::dedicated::{ChunkPiece, PinnedChunk};
+        let system = CudaSystem::init().expect("a CUDA GPU is required for hw-tests");
+        let b = system.backends().into_iter().next().expect("cuda:0");
+        let memory = b.dedicated().expect("CUDA offers dedicated memory");
+        assert_eq!(
+            (memory.device(), memory.handle_kind(), memory.can_park()),
+            (DeviceId::cuda(0), memwarden_core::HandleKind::CudaVmm, true)
+        );
+        let len = 8 * MIB + 12345;
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add((i >> 20) as u8)).collect();
+        let block = memory.alloc(len).expect("a VMM allocation");
+        assert!(block.size_bytes() >= len, "rounded up to the granularity");
+        {
+            let mut w = block.writer(4 * MIB).expect("writer");
+            for (k, piece) in data.chunks((4 * MIB) as usize).enumerate() {
+                w.put(k as u64 * 4 * MIB, &mut |buf: &mut [u8]| {
+                    buf[..piece.len()].copy_from_slice(piece);
+                    Ok(piece.len())
+                })
+                .expect("put");
+            }
+            w.finish().expect("finish");
+        }
+        drop(block.export().expect("a POSIX fd for a holder"));
+        let chunk = || memory.pinned_chunk(8 * MIB).expect("a registered park chunk");
+        let parked: Vec<PinnedChunk> = vec![chunk(), chunk()];
+        fn to_pieces(c: &[PinnedChunk], len: u64) -> Vec<ChunkPiece<'_>> {
+            vec![(0, &c[0], 0, 8 * MIB), (8 * MIB, &c[1], 0, len - 8 * MIB)]
+        }
+        fn view(c: &[PinnedChunk], len: u64) -> Vec<u8> {
+            let mut out = vec![0u8; len as usize];
+            let (a, b) = out.split_at_mut((8 * MIB) as usize);
+            c[0].0.read(0, a).expect("read a chunk");
+            c[1].0.read(0, b).expect("read a chunk");
+            out
+        }
+        block.save(&to_pieces(&parked, len)).expect("park");
+        assert!(view(&parked, len) == data, "the parked bytes are the loaded ones");
+        drop(block);
+        let again = memory.alloc(len).expect("a second VMM allocation");
+        again.restore(&to_pieces(&parked, len)).expect("resume");
+        let check: Vec<PinnedChunk> = vec![chunk(), chunk()];
+        again.save(&to_pieces(&check, len)).expect("park again");
+        assert!(view(&check, len) == data, "the restored bytes are the loaded ones");
     }
 }

@@ -7,6 +7,7 @@
 use crate::backend::Backend;
 use crate::cuda::CudaSystem;
 use crate::host::{HostBackend, HostStatusReader};
+use crate::signals::HostSignals;
 use crate::vulkan::{self, VulkanOptions};
 use memwarden_sys::cuda::CudaContext;
 use std::path::PathBuf;
@@ -68,10 +69,12 @@ pub type Discover = fn(&DiscoverConfig, &[Found]) -> Found;
 /// Every GPU API, in the order their devices are listed.
 pub const GPU_APIS: &[Discover] = &[discover_cuda, discover_vulkan];
 
-/// Every backend of this machine, and the health of each API.
+/// Every backend of this machine, the health of each API, and the host's pressure signals.
 pub struct Discovered {
     pub backends: Vec<Arc<dyn Backend>>,
     pub health: Vec<BackendHealth>,
+    /// Shares the host backend's status reader.
+    pub host_signals: Arc<dyn HostSignals>,
 }
 
 /// Builds every available backend. Never fails: an API that cannot start is listed as
@@ -90,6 +93,7 @@ pub fn discover(config: &DiscoverConfig) -> Discovered {
         .with_shared_dir(config.shared_memory_dir.clone())
         .with_shared_group(config.shared_memory_group)
         .with_cuda(pinning);
+    let host_signals = host.signals();
     let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(host)];
     let mut health = vec![BackendHealth { name: "host", available: true, devices: vec!["cpu".into()], reason: None }];
     for f in found {
@@ -109,7 +113,7 @@ pub fn discover(config: &DiscoverConfig) -> Discovered {
             }
         }
     }
-    Discovered { backends, health }
+    Discovered { backends, health, host_signals }
 }
 
 /// Leaves out of `earlier` the GPUs `later` claims.

@@ -5,7 +5,11 @@
 //! device-local heaps: `VK_EXT_memory_budget` where the driver has it, else heap size less
 //! memwarden's own blocks.
 
-use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, GpuInfo, MemoryReading};
+use crate::backend::{
+    Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, ExportHandle, ExportedAllocation, GpuInfo,
+    MemoryReading,
+};
+use crate::dedicated::{DedicatedError, DedicatedMemory};
 use memwarden_core::{DeviceId, GpuApi, MemoryKind};
 use memwarden_sys::vulkan::{
     self, DeviceMemory, DeviceType, HostAccess, PhysicalDeviceInfo, VulkanDevice, VulkanError, VulkanInstance,
@@ -175,9 +179,21 @@ impl BlockMemory for VulkanBlock {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         self.memory.write(offset, data).map_err(vulkan_error)
     }
-    /// An opaque fd of the block's allocation, where the driver exports them.
+    /// An opaque fd of the block's allocation, where the driver exports them, with the UUID of
+    /// the physical device for the importer to find it.
     fn export(&self) -> Result<BlockExport, BackendError> {
-        self.memory.export().map(BlockExport::VulkanFd).map_err(vulkan_error)
+        let e = self.memory.export().map_err(vulkan_error)?;
+        Ok(BlockExport {
+            kind: "vulkanOpaqueFd",
+            handle: ExportHandle::Fd(e.fd),
+            device_uuid: Some(self.memory.device().info().uuid_string()),
+            allocation: Some(ExportedAllocation {
+                allocation_bytes: e.allocation_bytes,
+                memory_type_index: e.memory_type_index,
+                dedicated: e.dedicated,
+                buffer_bytes: e.buffer_bytes,
+            }),
+        })
     }
 }
 
@@ -324,6 +340,20 @@ impl Backend for VulkanBackend {
         })
     }
 
+    /// None yet: holders map held weights as CUDA VMM or tmpfs descriptors, and no holder
+    /// imports Vulkan memory (an opaque fd would be simple to export; the holder side is not).
+    fn dedicated(&self) -> Result<Arc<dyn DedicatedMemory>, DedicatedError> {
+        Err(DedicatedError::Unsupported {
+            device: self.info.device_id,
+            reason: "no weights holder imports Vulkan memory yet".into(),
+        })
+    }
+
+    /// Blocks are exported as opaque fds (`VK_KHR_external_memory_fd`).
+    fn exports_need_descriptor_passing(&self) -> bool {
+        true
+    }
+
     fn max_alignment_bytes(&self) -> u64 {
         vulkan::BLOCK_ALIGNMENT_BYTES
     }
@@ -422,6 +452,8 @@ mod tests {
             assert!(!b.info().extra["driver"].is_empty() || b.info().extra["apiVersion"].starts_with("1.1"));
             let status = b.read_status().expect("status");
             assert!(["vk-memory-budget", "vk-heap-size"].contains(&status.source.as_str()), "{status:?}");
+            assert!(b.exports_need_descriptor_passing(), "opaque fds travel only over the socket");
+            assert!(matches!(b.dedicated(), Err(DedicatedError::Unsupported { .. })), "no Vulkan weights holder");
             crate::conformance::run(Arc::new(b));
         }
     }

@@ -174,6 +174,17 @@ impl FromStr for MemoryKind {
     }
 }
 
+/// How another process maps a dedicated block's descriptor (the weights protocol's
+/// `handle`): which import call the holder makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HandleKind {
+    /// A CUDA VMM allocation exported as a POSIX file descriptor.
+    CudaVmm,
+    /// A file in a tmpfs.
+    Shm,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ pub mod pressure;
 pub mod tlsf;
 pub mod units;
 
-pub use ids::{DeviceId, DeviceIdError, GpuApi, MemoryKind};
+pub use ids::{DeviceId, DeviceIdError, GpuApi, HandleKind, MemoryKind};
 pub use pool::{BlockId, BlockRequest, Placement, Pool, PoolConfig, PoolError, PoolInvariantError, PoolStats};
 pub use tlsf::{Tlsf, TlsfError, TlsfHandle, TlsfInvariantError, GRANULARITY_BYTES};
 pub use units::{GIB, KIB, MIB, TIB};

@@ -37,15 +37,9 @@ pub struct TensorEntry {
     pub nbytes: u64,
 }
 
-/// How a holder maps the descriptor of a [`WeightsGrant`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum HandleKind {
-    /// A CUDA VMM allocation exported as a POSIX file descriptor.
-    CudaVmm,
-    /// A file in a tmpfs.
-    Shm,
-}
+/// How a holder maps the descriptor of a [`WeightsGrant`] (defined in core: the backend that
+/// made the memory names it).
+pub use memwarden_core::HandleKind;
 
 /// `loadWeights` reply and `remapWeights` data; one descriptor rides with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,11 +2,16 @@
 //! locked in RAM for `pinned`. On a machine with CUDA, pinned memory will come from the CUDA
 //! backend (`cuMemHostAlloc`) so copies run at pinned speed; this is the driver-less path.
 
+mod dedicated;
 mod status;
+
+pub use dedicated::HostDedicated;
 
 pub use status::{parse_meminfo, parse_proc_cgroup, CgroupEvents, CgroupMemory, CgroupPath, HostStatusReader, Meminfo};
 
-use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, MemoryReading};
+use crate::backend::{Backend, BackendError, BlockExport, BlockMemory, DeviceInfo, ExportHandle, MemoryReading};
+use crate::dedicated::{DedicatedError, DedicatedMemory};
+use crate::signals::HostSignals;
 use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_sys::cuda::{CudaContext, CudaError};
@@ -59,7 +64,12 @@ impl BlockMemory for HostBlock {
     }
     fn export(&self) -> Result<BlockExport, BackendError> {
         match self.mapping.shared_path() {
-            Some(p) => Ok(BlockExport::Shm { path: p.to_path_buf() }),
+            Some(p) => Ok(BlockExport {
+                kind: "shm",
+                handle: ExportHandle::Path(p.to_path_buf()),
+                device_uuid: None,
+                allocation: None,
+            }),
             None => Err(BackendError::InvalidArgument(
                 "this host block is anonymous memory (host.shared_memory_dir is unset or was unusable), so it cannot be shared"
                     .into(),
@@ -198,6 +208,12 @@ impl HostBackend {
         self
     }
 
+    /// The host's pressure signals, sharing this backend's status reader (whether a cgroup limit
+    /// applies is what its last reading found).
+    pub fn signals(&self) -> Arc<dyn HostSignals> {
+        Arc::new(self.reader.clone())
+    }
+
     /// Pinned blocks are registered with CUDA (`cuMemHostRegister`, portable) instead of
     /// `mlock`ed, so GPU copies from and to them run at pinned speed.
     pub fn with_cuda(mut self, ctx: Option<Arc<CudaContext>>) -> Self {
@@ -234,24 +250,19 @@ impl Backend for HostBackend {
             .map_err(|e| BackendError::Failed { operation: "reading host memory status", message: e.to_string() })
     }
 
-    fn pressure_stall(&self) -> Option<memwarden_core::pressure::PsiReading> {
-        self.reader.psi()
-    }
-
     fn refresh(&self) {
         self.reader.forget_per_cpu_free();
     }
 
-    /// Limit hits + OOM kills of this process's cgroup, when a limit applies.
-    fn limit_events(&self) -> Option<u64> {
-        if !self.reader.limited() {
-            return None;
+    /// Files in `host.shared_memory_dir` (a tmpfs), when it is set.
+    fn dedicated(&self) -> Result<Arc<dyn DedicatedMemory>, DedicatedError> {
+        match &self.shared_dir {
+            Some(dir) => Ok(Arc::new(HostDedicated::new(dir.clone()))),
+            None => Err(DedicatedError::Unsupported {
+                device: DeviceId::Cpu,
+                reason: "host.shared_memory_dir is unset".into(),
+            }),
         }
-        self.reader.cgroup_events().map(|e| e.limit_hits + e.oom_kills)
-    }
-
-    fn stall_trigger(&self, spec: &str) -> Option<Result<memwarden_sys::PsiTrigger, String>> {
-        Some(self.reader.psi_trigger(spec).map_err(|e| e.to_string()))
     }
 
     fn max_alignment_bytes(&self) -> u64 {
@@ -336,10 +347,10 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host");
         let limited = HostBackend::new(HostStatusReader::with_root(root.join("cgroup-v1-oom")));
         limited.read_status().expect("status");
-        assert_eq!(limited.limit_events(), Some(66 + 1), "failcnt + oom_kill");
+        assert_eq!(limited.signals().limit_events(), Some(66 + 1), "failcnt + oom_kill");
         let free = HostBackend::new(HostStatusReader::with_root(root.join("cgroup-v1-unlimited")));
         free.read_status().expect("status");
-        assert_eq!(free.limit_events(), None, "no limit: nothing to count");
+        assert_eq!(free.signals().limit_events(), None, "no limit: nothing to count");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Both roots are injectable so tests read fixture trees copied from real machines.
 
 use crate::backend::MemoryReading;
+use crate::signals::{HostSignals, StallTrigger};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -321,6 +322,28 @@ impl HostStatusReader {
                 }
             }
         })
+    }
+}
+
+/// The host's pressure signals read the same roots as its memory status, and share its state.
+impl HostSignals for HostStatusReader {
+    fn pressure_stall(&self) -> Option<memwarden_core::pressure::PsiReading> {
+        self.psi()
+    }
+
+    /// Limit hits + OOM kills of this process's cgroup, when a limit applies.
+    fn limit_events(&self) -> Option<u64> {
+        if !self.limited() {
+            return None;
+        }
+        self.cgroup_events().map(|e| e.limit_hits + e.oom_kills)
+    }
+
+    fn stall_trigger(&self, spec: &str) -> Result<Box<dyn StallTrigger>, String> {
+        match self.psi_trigger(spec) {
+            Ok(t) => Ok(Box::new(t)),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 

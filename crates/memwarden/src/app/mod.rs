@@ -64,7 +64,7 @@ impl App {
     /// (the pressure sampler, the workers, the weights policy, the optimizer's watchdog, the
     /// analytics' sampler).
     pub async fn start(service: Arc<Service>, config: &Config) -> Arc<App> {
-        let pressure = PressureMonitor::new(service.clone(), config.pressure.clone());
+        let pressure = PressureMonitor::new(service.clone(), service.host_signals(), config.pressure.clone());
         pressure.start();
         let supervisor = Supervisor::new(
             config.workers.clone(),

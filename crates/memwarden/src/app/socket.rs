@@ -6,7 +6,7 @@
 
 use super::load::{LoadError, Loads};
 use super::{allocations, App};
-use crate::service::{AllocateRequest, ExportInfo, ExportVia, Service, ServiceError};
+use crate::service::{AllocateRequest, ExportVia, Service, ServiceError};
 use crate::supervisor::{Conn, PeerRequests};
 use crate::weights::holder::ConnHolder;
 use crate::weights::{LoadRequest, WeightsError};
@@ -159,16 +159,14 @@ fn free_for(app: &App, conn: &Conn, r: &Request) -> PeerResult {
     Ok(json!({"allocationId": body.allocation_id, "freedBytes": freed.allocated_bytes}))
 }
 
-/// `export`: the REST route's answer, and for Vulkan memory its opaque fd with the reply.
-/// A peer whose connection cannot carry descriptors (`via` = `Http`) is refused Vulkan memory.
+/// `export`: the REST route's answer, and the export's descriptor with the reply where it is one
+/// (Vulkan memory's opaque fd). A peer whose connection cannot carry descriptors (`via` =
+/// `Http`) is refused memory exported as one.
 fn export_for(app: &App, r: &Request, via: ExportVia) -> Result<(Value, Vec<OwnedFd>), (&'static str, String)> {
     let body: PeerExport = r.data_as().map_err(|e| (e.code, e.message))?;
     let info = allocations::export(app, &body.allocation_id, via).map_err(service_error)?;
     let data = serde_json::to_value(info.dto(&body.allocation_id)).map_err(|e| (codes::INTERNAL, e.to_string()))?;
-    let fds = match info {
-        ExportInfo::VulkanFd { memory, .. } => vec![memory.fd],
-        ExportInfo::CudaIpc { .. } | ExportInfo::Shm { .. } => Vec::new(),
-    };
+    let fds = info.into_fd().into_iter().collect();
     Ok((data, fds))
 }
 

@@ -1,7 +1,8 @@
 //! The pressure monitor: a sampler thread reads every device at its interval (GPUs through
 //! `cuMemGetInfo`, ≈ 5 µs; the host through /proc/meminfo, the cgroup and PSI), feeds the pure
 //! level trackers, and pushes level changes to subscribers and a bounded history. It reads the
-//! devices through the service and owns nothing else; the watchdog (optimizer), the history
+//! devices through the service and the host's stall and limit signals through
+//! `memwarden_backends::HostSignals`, and owns nothing else; the watchdog (optimizer), the history
 //! (analytics) and the event stream (api) subscribe to it.
 
 mod sampler;
@@ -9,6 +10,7 @@ mod sampler;
 use crate::config::PressureSection;
 use crate::service::{Service, ServiceError};
 use crate::util::lock;
+use memwarden_backends::HostSignals;
 use memwarden_core::pressure::{Level, PressureThresholds, Sample, Tracker};
 use memwarden_core::DeviceId;
 use std::collections::{HashMap, VecDeque};
@@ -54,8 +56,13 @@ pub struct PressureReport {
     pub sampled_at: Option<OffsetDateTime>,
 }
 
+/// Owns each device's level tracker, the history of level changes, their broadcast, and the host
+/// PSI trigger's state. Reads the devices' memory through the service and the host's stall and
+/// limit signals through [`HostSignals`], given to it on their own.
 pub struct PressureMonitor {
     service: Arc<Service>,
+    /// PSI, cgroup limit events and the stall trigger of the host (`None`: no such source).
+    host: Option<Arc<dyn HostSignals>>,
     config: PressureSection,
     thresholds: PressureThresholds,
     trackers: Mutex<HashMap<DeviceId, DeviceTracker>>,
@@ -73,10 +80,16 @@ struct DeviceTracker {
 }
 
 impl PressureMonitor {
-    /// A monitor over the service's devices; [`PressureMonitor::start`] starts its threads.
-    pub fn new(service: Arc<Service>, config: PressureSection) -> Arc<PressureMonitor> {
+    /// A monitor over the service's devices and the host's signals; [`PressureMonitor::start`]
+    /// starts its threads.
+    pub fn new(
+        service: Arc<Service>,
+        host: Option<Arc<dyn HostSignals>>,
+        config: PressureSection,
+    ) -> Arc<PressureMonitor> {
         Arc::new(PressureMonitor {
             service,
+            host,
             thresholds: config.thresholds,
             config,
             trackers: Mutex::new(HashMap::new()),
@@ -100,14 +113,15 @@ impl PressureMonitor {
                 return None;
             }
         };
-        let psi = backend.pressure_stall();
+        let host = self.host.as_ref().filter(|_| device == DeviceId::Cpu);
+        let psi = host.and_then(|h| h.pressure_stall());
         let sample = Sample {
             at_secs: epoch.elapsed().as_secs_f64(),
             total_bytes: total,
             available_bytes: available,
             psi_some10: psi.map(|p| p.some_avg10),
             psi_full10: psi.map(|p| p.full_avg10),
-            limit_events: backend.limit_events(),
+            limit_events: host.and_then(|h| h.limit_events()),
         };
         let change = {
             let mut trackers = lock(&self.trackers);

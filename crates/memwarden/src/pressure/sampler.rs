@@ -52,7 +52,7 @@ impl PressureMonitor {
             return;
         }
         let spec = format!("some {} {}", c.psi_trigger_stall_ms * 1000, c.psi_trigger_window_ms * 1000);
-        let trigger = match self.service.backend(DeviceId::Cpu).and_then(|b| b.stall_trigger(&spec)) {
+        let trigger = match self.host.as_ref().map(|h| h.stall_trigger(&spec)) {
             Some(Ok(t)) => t,
             Some(Err(reason)) => {
                 tracing::info!("PSI trigger unavailable ({reason}); pressure relies on the sampler");

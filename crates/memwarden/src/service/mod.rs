@@ -65,6 +65,8 @@ pub struct Service {
     /// The processes that own allocations (`ownerPid`), watched so their memory comes back.
     owners: owners::OwnerWatch,
     started_at: OffsetDateTime,
+    /// The host's pressure signals, from discovery (`None` over given backends).
+    host_signals: Option<Arc<dyn memwarden_backends::HostSignals>>,
 }
 
 impl Service {
@@ -81,6 +83,7 @@ impl Service {
         service.set_recording(config.analytics.enabled, config.analytics.event_log_size);
         service.auto_defrag = config.defrag.auto.then_some(config.defrag.clone());
         service.backends = found.health;
+        service.host_signals = Some(found.host_signals);
         service.sync_transfer_max_bytes = config.transfer.sync_max_bytes;
         if let Err(e) = service.set_quotas(&config.quotas) {
             tracing::error!(error = %e, "no quota is enforced: [[quotas]] is invalid");
@@ -117,6 +120,7 @@ impl Service {
             quotas: quota::QuotaRules::default(),
             owners: owners::OwnerWatch::default(),
             started_at: OffsetDateTime::now_utc(),
+            host_signals: None,
         }
     }
 
@@ -132,6 +136,12 @@ impl Service {
 
     pub fn backends(&self) -> &[BackendHealth] {
         &self.backends
+    }
+
+    /// The host's pressure signals (PSI, cgroup limit events, the stall trigger), when this
+    /// service discovered its backends itself.
+    pub fn host_signals(&self) -> Option<Arc<dyn memwarden_backends::HostSignals>> {
+        self.host_signals.clone()
     }
 
     pub fn device_ids(&self) -> Vec<DeviceId> {

@@ -5,7 +5,7 @@ use super::{AllocateRequest, Allocation, AllocationRecord, Service, ServiceError
 use crate::util::lock;
 use memwarden_backends::{copy_between, BlockExport, SharedBlock};
 use memwarden_core::units::MIB;
-use memwarden_core::{DeviceId, GpuApi, MemoryKind};
+use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -109,29 +109,14 @@ pub(crate) struct Transfers {
     finished: VecDeque<String>,
 }
 
-/// What another process needs to map an allocation.
+/// What another process needs to map an allocation: its block's export (backend-neutral) and
+/// where in the block the allocation lies.
 #[derive(Debug)]
-pub enum ExportInfo {
-    CudaIpc {
-        device: DeviceId,
-        handle: [u8; 64],
-        offset: u64,
-        size_bytes: u64,
-    },
-    Shm {
-        path: String,
-        offset: u64,
-        size_bytes: u64,
-    },
-    /// A Vulkan allocation's opaque fd: only [`ExportVia::Socket`] can hand it over.
-    VulkanFd {
-        device: DeviceId,
-        /// The physical device's UUID, for the importer to find it.
-        device_uuid: String,
-        memory: memwarden_sys::vulkan::ExportedMemory,
-        offset: u64,
-        size_bytes: u64,
-    },
+pub struct ExportInfo {
+    pub device: DeviceId,
+    pub export: BlockExport,
+    pub offset: u64,
+    pub size_bytes: u64,
 }
 
 /// How an export reaches the other process: what it can carry.
@@ -409,7 +394,8 @@ impl Service {
                 .get_mut(allocation_id)
                 .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
             // Refused before marking, so a refusal never undoes another request's export.
-            if via == ExportVia::Http && r.placement.is_some() && matches!(r.device, DeviceId::Gpu(GpuApi::Vulkan, _)) {
+            let needs_fd = self.device(r.device).is_some_and(|d| d.backend.exports_need_descriptor_passing());
+            if via == ExportVia::Http && r.placement.is_some() && needs_fd {
                 return Err(ServiceError::InvalidOperation(format!(
                     "allocation '{allocation_id}' is {} memory, exported as an opaque file descriptor, which HTTP \
                      cannot carry: ask over the Unix socket (protocol v2 `export`; Python `Client.export`)",
@@ -430,10 +416,9 @@ impl Service {
             let e = side.block.export().map_err(|e| {
                 ServiceError::InvalidOperation(format!("allocation '{allocation_id}' cannot be exported: {e}"))
             })?;
-            let uuid = self.device_or_404(record.device)?.backend.info().gpu.as_ref().map(|g| g.uuid.clone());
-            Ok((side.base, e, uuid.unwrap_or_default()))
+            Ok((side.base, e))
         });
-        let (base, export, device_uuid) = match exported {
+        let (base, export) = match exported {
             Ok(x) => x,
             Err(e) => {
                 let mut ledger = lock(&self.ledger);
@@ -447,21 +432,7 @@ impl Service {
                 return Err(e);
             }
         };
-        Ok(match export {
-            BlockExport::CudaIpc { handle, .. } => {
-                ExportInfo::CudaIpc { device: record.device, handle, offset: base, size_bytes: record.size_bytes }
-            }
-            BlockExport::Shm { path } => {
-                ExportInfo::Shm { path: path.display().to_string(), offset: base, size_bytes: record.size_bytes }
-            }
-            BlockExport::VulkanFd(memory) => ExportInfo::VulkanFd {
-                device: record.device,
-                device_uuid,
-                memory,
-                offset: base,
-                size_bytes: record.size_bytes,
-            },
-        })
+        Ok(ExportInfo { device: record.device, export, offset: base, size_bytes: record.size_bytes })
     }
 
     /// Runs `f` on an allocation's memory while it is marked in use, so that no defragmentation

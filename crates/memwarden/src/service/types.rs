@@ -1,7 +1,7 @@
 //! The service's vocabulary: its errors, requests and the records it hands out.
 
 use super::ExportInfo;
-use memwarden_backends::{BackendError, GpuInfo, MemoryPoolInvariantError, ProcessMemory};
+use memwarden_backends::{BackendError, ExportHandle, GpuInfo, MemoryPoolInvariantError, ProcessMemory};
 use memwarden_core::{DeviceId, MemoryKind, Placement, PoolStats};
 use memwarden_protocol::api::allocations::ExportDto;
 use std::collections::BTreeMap;
@@ -287,41 +287,39 @@ pub enum LedgerError {
 }
 
 impl ExportInfo {
-    /// The export as the REST route and the socket's `export` reply show it.
+    /// The export as the REST route and the socket's `export` reply show it (a descriptor
+    /// rides beside it: see [`ExportInfo::into_fd`]).
     pub fn dto(&self, allocation_id: &str) -> ExportDto {
-        let (kind, device_id, offset, size_bytes) = match self {
-            ExportInfo::CudaIpc { device, offset, size_bytes, .. } => ("cudaIpc", *device, offset, size_bytes),
-            ExportInfo::Shm { offset, size_bytes, .. } => ("shm", DeviceId::Cpu, offset, size_bytes),
-            ExportInfo::VulkanFd { device, offset, size_bytes, .. } => ("vulkanOpaqueFd", *device, offset, size_bytes),
-        };
-        let mut dto = ExportDto {
+        let e = &self.export;
+        let alloc = e.allocation.as_ref();
+        ExportDto {
             allocation_id: allocation_id.into(),
-            kind: kind.into(),
-            device_id: device_id.to_string(),
-            ipc_handle: None,
-            path: None,
-            offset: *offset,
-            size_bytes: *size_bytes,
-            allocation_bytes: None,
-            memory_type_index: None,
-            dedicated: None,
-            buffer_bytes: None,
-            device_uuid: None,
-        };
-        match self {
-            ExportInfo::CudaIpc { handle, .. } => {
-                dto.ipc_handle = Some(handle.iter().map(|b| format!("{b:02x}")).collect())
-            }
-            ExportInfo::Shm { path, .. } => dto.path = Some(path.clone()),
-            ExportInfo::VulkanFd { device_uuid, memory, .. } => {
-                dto.allocation_bytes = Some(memory.allocation_bytes);
-                dto.memory_type_index = Some(memory.memory_type_index);
-                dto.dedicated = Some(memory.dedicated);
-                dto.buffer_bytes = Some(memory.buffer_bytes);
-                dto.device_uuid = Some(device_uuid.clone());
-            }
+            kind: e.kind.into(),
+            device_id: self.device.to_string(),
+            ipc_handle: match &e.handle {
+                ExportHandle::Bytes(b) => Some(b.iter().map(|b| format!("{b:02x}")).collect()),
+                _ => None,
+            },
+            path: match &e.handle {
+                ExportHandle::Path(p) => Some(p.display().to_string()),
+                _ => None,
+            },
+            offset: self.offset,
+            size_bytes: self.size_bytes,
+            allocation_bytes: alloc.map(|a| a.allocation_bytes),
+            memory_type_index: alloc.map(|a| a.memory_type_index),
+            dedicated: alloc.map(|a| a.dedicated),
+            buffer_bytes: alloc.map(|a| a.buffer_bytes),
+            device_uuid: e.device_uuid.clone(),
         }
-        dto
+    }
+
+    /// The descriptor that must ride with the answer, when the export is one.
+    pub fn into_fd(self) -> Option<std::os::fd::OwnedFd> {
+        match self.export.handle {
+            ExportHandle::Fd(fd) => Some(fd),
+            ExportHandle::Path(_) | ExportHandle::Bytes(_) => None,
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 //! overlap the reads), hashing every chunk as it passes.
 
 use super::file::{combine_hashes, ModelFile, HASH_CHUNK_BYTES};
-use super::memory::Block;
 use super::WeightsError;
+use memwarden_backends::{DedicatedBlock, DedicatedError};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -33,13 +33,13 @@ pub fn thread_count(configured: usize, data_bytes: u64) -> usize {
 
 /// Fills `block` with the file's data section. The first error stops every thread; the block
 /// is then the caller's to drop.
-pub fn fill(block: &dyn Block, file: &ModelFile, threads: usize, hash: bool) -> Result<Loaded, WeightsError> {
+pub fn fill(block: &dyn DedicatedBlock, file: &ModelFile, threads: usize, hash: bool) -> Result<Loaded, WeightsError> {
     fill_counting(block, file, threads, hash, None)
 }
 
 /// [`fill`], adding the bytes read from the file to `progress` as they come (a piece at a time).
 pub fn fill_counting(
-    block: &dyn Block,
+    block: &dyn DedicatedBlock,
     file: &ModelFile,
     threads: usize,
     hash: bool,
@@ -65,30 +65,26 @@ pub fn fill_counting(
                         }
                         let offset = i * HASH_CHUNK_BYTES;
                         let len = HASH_CHUNK_BYTES.min(file.data_bytes - offset) as usize;
-                        writer.put(offset, &mut |buf: &mut [u8]| {
-                            // Read in pieces small enough to stay in the core's L2 cache and hash
-                            // each one while it is there: the hash then costs no second pass over
-                            // memory (the same hash as of the whole chunk at once).
-                            let mut hasher = hash.then(blake3::Hasher::new);
-                            for (k, piece) in buf[..len].chunks_mut(PIECE_BYTES).enumerate() {
-                                let at = file.data_start + offset + (k * PIECE_BYTES) as u64;
-                                f.read_exact_at(piece, at).map_err(|e| {
-                                    WeightsError::LoadFailed(format!("reading {} at {at}: {e}", path.display()))
-                                })?;
-                                if let Some(h) = hasher.as_mut() {
-                                    h.update(piece);
+                        // The filler's own error (a read that failed) stands over the writer's.
+                        let mut failure: Option<WeightsError> = None;
+                        let put = writer.put(offset, &mut |buf: &mut [u8]| {
+                            let read = read_chunk(&f, file, &mut buf[..len], offset, hash, progress);
+                            let read = read.map(|digest| {
+                                if let Some(d) = digest {
+                                    lock(&hashes)[i as usize] = d;
                                 }
-                                if let Some(p) = progress {
-                                    p.add(piece.len() as u64);
-                                }
-                            }
-                            if let Some(h) = hasher {
-                                lock(&hashes)[i as usize] = *h.finalize().as_bytes();
-                            }
-                            Ok(len)
-                        })?;
+                                len
+                            });
+                            read.map_err(|e| {
+                                failure = Some(e);
+                                DedicatedError::Stopped
+                            })
+                        });
+                        if let Err(e) = put {
+                            return Err(failure.take().unwrap_or_else(|| e.into()));
+                        }
                     }
-                    writer.finish()
+                    Ok(writer.finish()?)
                 })();
                 if let Err(e) = result {
                     failed.store(true, Ordering::Relaxed);
@@ -103,4 +99,31 @@ pub fn fill_counting(
     let hashes = hashes.into_inner().unwrap_or_else(|p| p.into_inner());
     let hash = if hash { combine_hashes(&hashes, file.data_bytes) } else { String::new() };
     Ok(Loaded { hash, elapsed: started.elapsed() })
+}
+
+/// Reads the file's data section at `offset` into `buf`, in pieces small enough to stay in the
+/// core's L2 cache, hashing each one while it is there (`hash`): the hash then costs no second
+/// pass over memory (the same hash as of the whole chunk at once). Returns the chunk's hash.
+fn read_chunk(
+    f: &std::fs::File,
+    file: &ModelFile,
+    buf: &mut [u8],
+    offset: u64,
+    hash: bool,
+    progress: Option<&Progress>,
+) -> Result<Option<[u8; 32]>, WeightsError> {
+    let path = &file.identity.path;
+    let mut hasher = hash.then(blake3::Hasher::new);
+    for (k, piece) in buf.chunks_mut(PIECE_BYTES).enumerate() {
+        let at = file.data_start + offset + (k * PIECE_BYTES) as u64;
+        f.read_exact_at(piece, at)
+            .map_err(|e| WeightsError::LoadFailed(format!("reading {} at {at}: {e}", path.display())))?;
+        if let Some(h) = hasher.as_mut() {
+            h.update(piece);
+        }
+        if let Some(p) = progress {
+            p.add(piece.len() as u64);
+        }
+    }
+    Ok(hasher.map(|h| *h.finalize().as_bytes()))
 }

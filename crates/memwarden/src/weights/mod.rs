@@ -19,7 +19,8 @@ pub mod policy;
 use crate::config::WeightsSection;
 use crate::util::lock;
 use file::ModelFile;
-use memory::{Arena, Block, ParkBuffer, ParkPool};
+use memory::{ParkBuffer, ParkPool};
+use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{rfc3339, HeldModelDto, RateDto, WeightState};
 use memwarden_protocol::{codes, UnmapWeights, WeightsGrant};
@@ -67,29 +68,6 @@ impl WeightsError {
         }
     }
 
-    pub fn from_sys(what: &str, bytes: u64, e: memwarden_sys::SysError) -> WeightsError {
-        if e.is_out_of_memory() {
-            WeightsError::InsufficientMemory {
-                device: "cpu".into(),
-                needed_bytes: bytes,
-                message: format!("{what}: {bytes} bytes do not fit: {e}"),
-            }
-        } else {
-            WeightsError::Internal(format!("{what}: {e}"))
-        }
-    }
-
-    pub fn from_cuda(what: &str, e: memwarden_sys::cuda::CudaError) -> WeightsError {
-        match e {
-            memwarden_sys::cuda::CudaError::OutOfMemory { bytes, .. } => WeightsError::InsufficientMemory {
-                device: "gpu".into(),
-                needed_bytes: bytes,
-                message: format!("{what}: {e}"),
-            },
-            other => WeightsError::Internal(format!("{what}: {other}")),
-        }
-    }
-
     /// The protocol's code for this error (the HTTP layer maps codes to statuses).
     pub fn code(&self) -> &'static str {
         match self {
@@ -103,6 +81,19 @@ impl WeightsError {
             WeightsError::DeviceUnavailable(_) => codes::DEVICE_UNAVAILABLE,
             WeightsError::LoadFailed(_) => codes::LOAD_FAILED,
             WeightsError::Internal(_) => codes::INTERNAL,
+        }
+    }
+}
+
+impl From<DedicatedError> for WeightsError {
+    fn from(e: DedicatedError) -> Self {
+        match e {
+            DedicatedError::OutOfMemory { device, bytes, message } => {
+                WeightsError::InsufficientMemory { device: device.into(), needed_bytes: bytes, message }
+            }
+            DedicatedError::Unsupported { .. } => WeightsError::DeviceUnavailable(e.to_string()),
+            DedicatedError::Failed(message) => WeightsError::Internal(message),
+            DedicatedError::Stopped => WeightsError::Internal(e.to_string()),
         }
     }
 }
@@ -146,7 +137,7 @@ pub struct HolderEntry {
 pub struct Held {
     pub state: WeightState,
     pub device: DeviceId,
-    pub block: Option<Box<dyn Block>>,
+    pub block: Option<Box<dyn DedicatedBlock>>,
     pub parked: Option<ParkBuffer>,
     pub holders: BTreeMap<String, HolderEntry>,
     pub last_used: Instant,
@@ -284,9 +275,10 @@ impl ActionOutcome {
     }
 }
 
-/// Every held model, the arenas they live in, and the pinned chunks parked ones wait in.
+/// Every held model, the devices' dedicated memory they live in, and the pinned chunks parked
+/// ones wait in.
 pub struct WeightStore {
-    arenas: BTreeMap<DeviceId, Arc<dyn Arena>>,
+    arenas: BTreeMap<DeviceId, Arc<dyn DedicatedMemory>>,
     park_pool: Arc<ParkPool>,
     models: Mutex<BTreeMap<String, Arc<HeldModel>>>,
     /// One load decides "share or load" at a time, so two loads of one file make one copy.
@@ -296,7 +288,11 @@ pub struct WeightStore {
 }
 
 impl WeightStore {
-    pub fn new(arenas: Vec<Arc<dyn Arena>>, park_pool: Arc<ParkPool>, config: WeightsSection) -> Arc<WeightStore> {
+    pub fn new(
+        arenas: Vec<Arc<dyn DedicatedMemory>>,
+        park_pool: Arc<ParkPool>,
+        config: WeightsSection,
+    ) -> Arc<WeightStore> {
         park_pool.refill_in_background();
         Arc::new(WeightStore {
             arenas: arenas.into_iter().map(|a| (a.device(), a)).collect(),
@@ -308,22 +304,20 @@ impl WeightStore {
         })
     }
 
-    /// The store for this daemon: cpu weights in `host.shared_memory_dir` (when set), GPU
-    /// weights on every CUDA device, park chunks registered with the first GPU's context.
+    /// The store for this daemon: weights on every device whose backend offers dedicated memory
+    /// (cpu: tmpfs files in `host.shared_memory_dir`, when set; a CUDA GPU: VMM allocations),
+    /// park chunks from the first device that parks.
     pub fn for_service(service: &crate::service::Service, config: &crate::config::Config) -> Arc<WeightStore> {
-        let mut arenas: Vec<Arc<dyn Arena>> = Vec::new();
-        let dir = &config.host.shared_memory_dir;
-        if !dir.as_os_str().is_empty() {
-            arenas.push(Arc::new(memory::HostArena { device: DeviceId::Cpu, dir: dir.clone(), parkable: false }));
-        }
-        let mut first_ctx = None;
+        let mut arenas: Vec<Arc<dyn DedicatedMemory>> = Vec::new();
         for device in service.device_ids() {
-            if let Some(ctx) = service.backend(device).and_then(|b| b.cuda_context()) {
-                first_ctx.get_or_insert_with(|| ctx.clone());
-                arenas.push(Arc::new(Arc::new(memory::CudaArena::new(device, ctx.clone()))));
+            match service.backend(device).map(|b| b.dedicated()) {
+                Some(Ok(memory)) => arenas.push(memory),
+                Some(Err(e)) => tracing::debug!(device = %device, "no weights held here: {e}"),
+                None => {}
             }
         }
-        let pool = ParkPool::new(config.weights.park_pool_bytes, first_ctx);
+        let source = arenas.iter().find(|a| a.can_park()).cloned();
+        let pool = ParkPool::new(config.weights.park_pool_bytes, source);
         WeightStore::new(arenas, pool, config.weights.clone())
     }
 
@@ -339,7 +333,7 @@ impl WeightStore {
         self.arenas.contains_key(&device)
     }
 
-    fn arena(&self, device: DeviceId) -> Result<Arc<dyn Arena>, WeightsError> {
+    fn arena(&self, device: DeviceId) -> Result<Arc<dyn DedicatedMemory>, WeightsError> {
         self.arenas.get(&device).cloned().ok_or_else(|| {
             WeightsError::DeviceUnavailable(format!(
                 "memwarden cannot hold weights on {device} (it holds them on: {})",

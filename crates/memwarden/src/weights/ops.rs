@@ -86,7 +86,7 @@ impl WeightStore {
             if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
                 self.resume_locked(&model, None).await?;
             }
-            let grant = self.attach(&model, holder, arena.handle())?;
+            let grant = self.attach(&model, holder, arena.handle_kind())?;
             if let Some(p) = &progress {
                 // Nothing was read: the bytes were already here.
                 p.set_total(0);
@@ -138,7 +138,7 @@ impl WeightStore {
             }),
             file,
         });
-        let grant = self.attach(&model, holder, arena.handle())?;
+        let grant = self.attach(&model, holder, arena.handle_kind())?;
         lock(&self.models).insert(id, model.clone());
         Ok(Attached { model, grant, reused: false })
     }
@@ -155,7 +155,7 @@ impl WeightStore {
         if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
             self.resume_locked(model, None).await?;
         }
-        let handle = self.arena(model.device())?.handle();
+        let handle = self.arena(model.device())?.handle_kind();
         self.attach(model, Some(holder), handle)?.ok_or_else(|| WeightsError::Internal("no grant".into()))
     }
 
@@ -214,7 +214,7 @@ impl WeightStore {
     /// Sends each holder a grant of the model's resident memory; a holder that fails is dropped.
     async fn remap_holders(&self, model: &HeldModel, holders: Vec<Arc<dyn WeightHolder>>) {
         let handle = match self.arena(model.device()) {
-            Ok(a) => a.handle(),
+            Ok(a) => a.handle_kind(),
             Err(_) => return,
         };
         for holder in holders {
@@ -270,7 +270,10 @@ impl WeightStore {
             let taken = pool.take(m.file.data_bytes);
             let take_ms = ms(started);
             let copy_started = Instant::now();
-            let saved = taken.and_then(|buf| block.save(&buf, m.file.data_bytes).map(|()| buf));
+            let saved = taken.and_then(|buf| {
+                block.save(&buf.pieces(m.file.data_bytes))?;
+                Ok(buf)
+            });
             match saved {
                 Ok(buf) => {
                     let elapsed = copy_started.elapsed();
@@ -346,7 +349,7 @@ impl WeightStore {
                 phases.push(("allocDevice", ms(t)));
                 copy_started = Instant::now();
                 match &parked {
-                    Some(buf) => block.restore(buf, m.file.data_bytes)?,
+                    Some(buf) => block.restore(&buf.pieces(m.file.data_bytes))?,
                     None => {
                         m.file.unchanged_on_disk()?;
                         let loaded = load::fill(&*block, &m.file, threads, hash_on_load)?;
@@ -464,7 +467,7 @@ impl WeightStore {
         if !remapped {
             let _op = model.op.lock().await;
             self.still_held(&model)?;
-            let handle = self.arena(model.device())?.handle();
+            let handle = self.arena(model.device())?.handle_kind();
             if let Some((grant, fd)) = self.attach(&model, Some(holder.clone()), handle)? {
                 if let Err(e) = holder.remap(grant, fd).await {
                     tracing::info!(model = %id, "the holder that asked to resume did not remap: {e}");

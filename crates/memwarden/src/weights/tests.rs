@@ -1,10 +1,12 @@
-//! The store's state machine on cpu and on a simulated GPU (a parkable host arena named
-//! `cuda:0`), with real bytes: every check reads the memory a holder would map.
+//! The store's state machine on cpu and on a simulated GPU (the host's dedicated memory, named
+//! `cuda:0` and parkable), with real bytes: every check reads the memory a holder would map.
 
-use super::memory::{Arena, HostArena, ParkPool};
+use super::memory::ParkPool;
 use super::*;
 use crate::config::WeightsSection;
 use futures_util::future::BoxFuture;
+use memwarden_backends::host::HostDedicated;
+use memwarden_backends::{DedicatedBlock, PinnedChunk};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,12 +18,31 @@ fn shm_dir() -> PathBuf {
     d
 }
 
+/// Host memory that says it is a GPU whose models park: runs the park/resume state machine in CI.
+struct SimulatedGpu(HostDedicated);
+
+impl DedicatedMemory for SimulatedGpu {
+    fn device(&self) -> DeviceId {
+        GPU
+    }
+    fn handle_kind(&self) -> memwarden_core::HandleKind {
+        self.0.handle_kind()
+    }
+    fn can_park(&self) -> bool {
+        true
+    }
+    fn alloc(&self, bytes: u64) -> Result<Box<dyn DedicatedBlock>, DedicatedError> {
+        self.0.alloc(bytes)
+    }
+    fn pinned_chunk(&self, bytes: u64) -> Result<PinnedChunk, DedicatedError> {
+        self.0.pinned_chunk(bytes)
+    }
+}
+
 fn store(config: WeightsSection) -> Arc<WeightStore> {
-    let arenas: Vec<Arc<dyn Arena>> = vec![
-        Arc::new(HostArena { device: DeviceId::Cpu, dir: shm_dir(), parkable: false }),
-        Arc::new(HostArena { device: GPU, dir: shm_dir(), parkable: true }),
-    ];
-    WeightStore::new(arenas, ParkPool::new(0, None), config)
+    let gpu: Arc<dyn DedicatedMemory> = Arc::new(SimulatedGpu(HostDedicated::new(shm_dir())));
+    let arenas: Vec<Arc<dyn DedicatedMemory>> = vec![Arc::new(HostDedicated::new(shm_dir())), gpu.clone()];
+    WeightStore::new(arenas, ParkPool::new(0, Some(gpu)), config)
 }
 
 /// A model file of `n` tensors of 3 MiB + 1 byte each (chunks straddle tensor ends), bytes from
