@@ -485,13 +485,6 @@ const LONG_FUNCTIONS: &[(&str, &str)] = &[
     ("memwarden/src/analytics/report.rs::Analytics::device_analytics", "issue 23: split the report by section"),
     ("memwarden/src/cli/mod.rs::::run", "the CLI's one match over its commands"),
     ("memwarden/src/cli/status.rs::::processes", "issue 23: a table and its columns, split by column group"),
-    (
-        "memwarden/src/service/defrag.rs::Service::defragment_pool",
-        "issue 23: the batch executor, split with the Service split",
-    ),
-    ("memwarden/src/service/defrag.rs::Service::run_pass", "issue 23: with the Service split"),
-    ("memwarden/src/service/mod.rs::Service::allocate_inner", "issue 23: budget admission next to block growth"),
-    ("memwarden/src/service/transfer.rs::Service::transfer", "issue 23: the transfer use case"),
     ("memwarden/src/supervisor/process.rs::::run_once", "issue 23: a worker's life, spawn to exit, split by phase"),
 ];
 
@@ -504,9 +497,6 @@ const MAX_IMPL_FILES: usize = 2;
 /// this list; it only shrinks.
 const SPREAD_TYPES: &[(&str, &str)] = &[
     ("memwarden-sys::VulkanDevice", "one device's raw calls, split by concern (external memory, heaps, transfer)"),
-    ("memwarden::Analytics", "issue 23: report and metrics as their own types"),
-    ("memwarden::Optimizer", "issue 23: admission and the held rung as their own types"),
-    ("memwarden::Service", "issue 23: ledger, quotas, owners, transfers and devices as their own types"),
     ("memwarden::WeightStore", "issue 23: the keep-alive policy as its own type"),
 ];
 

@@ -43,9 +43,9 @@ fn parse_kind(text: Option<&str>) -> Result<Option<MemoryKind>, ApiError> {
 }
 
 fn do_allocate(state: &AppState, req: AllocateRequest) -> Result<(StatusCode, Data<AllocationDto>), ApiError> {
-    let record = match state.service.try_allocate_now(req.clone())? {
-        Some(record) => record,
-        None => blocking(|| state.service.allocate(req))?,
+    let record = match state.service.allocate_or_defer(req)? {
+        Ok(record) => record,
+        Err(pending) => blocking(|| state.service.allocate_pending(pending))?,
     };
     Ok((StatusCode::CREATED, Data(AllocationDto::from(&*record))))
 }

@@ -54,6 +54,11 @@ pub struct PressureReport {
     pub sampled_at: Option<OffsetDateTime>,
 }
 
+/// The pressure monitor. Owns, per device, the level tracker with its hysteresis and last
+/// sample (behind one lock), the history of level changes and the channel that announces each
+/// (the optimizer's watchdog and analytics listen), the host's PSI trigger, and its thresholds
+/// and settings. It reads the devices through the service's backends and changes nothing on
+/// them. The sampler task that drives it is in `sampler.rs`.
 pub struct PressureMonitor {
     service: Arc<Service>,
     config: PressureSection,
