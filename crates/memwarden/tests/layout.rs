@@ -482,7 +482,6 @@ const LONG_FUNCTIONS: &[(&str, &str)] = &[
         "memwarden-sys/src/vulkan/device.rs::VulkanDevice::open",
         "Vulkan's instance and device creation, one builder chain",
     ),
-    ("memwarden/src/analytics/report.rs::Analytics::device_analytics", "issue 23: split the report by section"),
     ("memwarden/src/cli/mod.rs::::run", "the CLI's one match over its commands"),
     ("memwarden/src/cli/status.rs::::processes", "issue 23: a table and its columns, split by column group"),
     ("memwarden/src/supervisor/process.rs::::run_once", "issue 23: a worker's life, spawn to exit, split by phase"),

@@ -1,15 +1,18 @@
 //! The allocation path below the service's checks: a request checked once ([`Checked`]) is
 //! charged to its owner's quota, placed by its device (budget admission and block growth there)
-//! and recorded in the ledger, each through the part that owns it.
+//! and recorded in the ledger, each through the part that owns it; and the free path back.
 
 use super::device::{AllocFailure, Device};
 use super::devices::Devices;
 use super::ledger::Ledger;
 use super::quota::{Charge, Quotas};
-use super::{AllocateRequest, Allocation, AllocationRecord, ServiceError, MAX_TEXT_CHARS};
+use super::{AllocateRequest, Allocation, AllocationRecord, FreedAllocation, ServiceError, MAX_TEXT_CHARS};
+use crate::config::DefragSection;
 use crate::util::lock;
+use memwarden_core::defrag::DefragOptions;
 use memwarden_core::{DeviceId, MemoryKind, Placement};
 use std::sync::Arc;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 /// The parts an allocation goes through.
@@ -29,12 +32,13 @@ pub(super) struct Checked {
     pub req: AllocateRequest,
 }
 
-/// Why [`place`] placed nothing; the request comes back for another try.
+/// Why [`place`] placed nothing; the request comes back for another try (boxed: these are the
+/// slow paths, and the fast one returns a small `Result`).
 pub(super) enum NotPlaced {
     /// It needs a new block and the caller may not wait for one.
-    WouldBlock(Checked),
+    WouldBlock(Box<Checked>),
     /// It does not fit the device's budget now.
-    NoRoom(Checked, ServiceError),
+    NoRoom(Box<Checked>, ServiceError),
     Failed(ServiceError),
 }
 
@@ -55,7 +59,7 @@ impl NotPlaced {
 /// checked or resolved again.
 #[derive(Debug)]
 pub struct PendingAllocation {
-    pub(super) checked: Checked,
+    pub(super) checked: Box<Checked>,
     /// The attempt's refusal when it did not fit the budget (the blocking step goes straight to
     /// what a failed allocation does: record it, and maybe defragment and retry).
     pub(super) failed: Option<ServiceError>,
@@ -101,7 +105,7 @@ pub(super) fn place(parts: Parts<'_>, c: Checked, may_block: bool) -> Result<All
                 parts.quotas.abandon(charge);
             }
             return Err(match failure {
-                AllocFailure::WouldBlock => NotPlaced::WouldBlock(c),
+                AllocFailure::WouldBlock => NotPlaced::WouldBlock(Box::new(c)),
                 AllocFailure::Backend(e) => NotPlaced::Failed(ServiceError::from_backend(c.id, e)),
                 AllocFailure::OverBudget { requested_bytes, available_bytes, detail } => {
                     let e = ServiceError::InsufficientMemory {
@@ -110,7 +114,7 @@ pub(super) fn place(parts: Parts<'_>, c: Checked, may_block: bool) -> Result<All
                         available_bytes,
                         detail,
                     };
-                    NotPlaced::NoRoom(c, e)
+                    NotPlaced::NoRoom(Box::new(c), e)
                 }
             });
         }
@@ -178,4 +182,93 @@ fn record(
         )));
     }
     Ok(record)
+}
+
+/// Places a checked request (blocking allowed), or takes up the refusal of an attempt that
+/// did not fit (`failed`): a placement that does not fit is counted and, on a fragmented
+/// device with the automatic pass configured, retried once after a bounded pass.
+pub(super) fn finish(
+    parts: Parts<'_>,
+    auto_defrag: Option<&DefragSection>,
+    checked: Checked,
+    failed: Option<ServiceError>,
+) -> Result<Allocation, ServiceError> {
+    let (checked, e) = match failed {
+        Some(e) => (checked, e),
+        None => match place(parts, checked, true) {
+            Ok(a) => return Ok(a),
+            Err(NotPlaced::NoRoom(checked, e)) => (*checked, e),
+            Err(other) => return Err(other.into_error()),
+        },
+    };
+    let id = checked.id;
+    parts.devices.note_failure(id);
+    // A reservation that does not fit is a budget answer, not a placement failure.
+    if let (ServiceError::InsufficientMemory { requested_bytes, .. }, false) =
+        (&e, checked.kind == MemoryKind::Reservation)
+    {
+        parts.ledger.lock().recorder.failed(id, *requested_bytes);
+    }
+    let Some(auto) = auto_defrag else { return Err(e) };
+    // Fragmented and out of room: one bounded pass, then one more try.
+    let dev = parts.devices.get_or_404(id)?;
+    if dev.fragmentation() < auto.fragmentation_threshold {
+        return Err(e);
+    }
+    let options = DefragOptions {
+        strategy: auto.strategy,
+        max_bytes_to_move: auto.max_bytes_to_move,
+        max_allocations_to_move: usize::MAX,
+    };
+    // A pass already running on the device is not waited for: the allocation fails.
+    let max_time = Some(Duration::from_millis(auto.max_time_ms));
+    let Some(report) = dev.defragment_if_idle(id, parts.ledger, options, max_time) else {
+        return Err(e);
+    };
+    tracing::info!(device = %id, moved = report.bytes_moved, released = report.bytes_released, "automatic defragmentation after a failed allocation");
+    place(parts, checked, true).map_err(NotPlaced::into_error)
+}
+
+/// Frees an allocation (`reclaimed`: its owner is gone): out of the ledger and its owner's
+/// quota, then back to its device's pool; put back as it was when the pool refuses.
+pub(super) fn free(parts: Parts<'_>, allocation_id: &str, reclaimed: bool) -> Result<FreedAllocation, ServiceError> {
+    let (freed, kept) = {
+        let mut ledger = parts.ledger.settled(&[allocation_id]);
+        if let Some(&n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
+            if reclaimed {
+                // Its owner is gone: free it when the copy is done (`release`).
+                ledger.reclaim_on_release.insert(allocation_id.to_string());
+            }
+            return Err(ServiceError::InvalidOperation(format!(
+                "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
+            )));
+        }
+        let record = ledger
+            .records
+            .remove(allocation_id, memwarden_sys::coarse_unix_nanos())
+            .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
+        let freed = FreedAllocation {
+            device: record.device,
+            kind: record.kind,
+            placement: record.placement,
+            size_bytes: record.size_bytes,
+            allocated_bytes: record.allocated_bytes,
+        };
+        parts.quotas.give_back(&record);
+        // The ledger's record moves into the event log (no copy); it comes back when
+        // recording is off.
+        (freed, ledger.recorder.freed(record, reclaimed))
+    };
+    let dev = parts.devices.get_or_404(freed.device)?;
+    let result = lock(&dev.state).free(freed.kind, freed.placement.as_ref(), freed.size_bytes);
+    if let Err(e) = result {
+        // Keep the handle so the caller can retry; the pool did not change.
+        let mut ledger = parts.ledger.lock();
+        if let Some(record) = ledger.recorder.unfreed(allocation_id, kept) {
+            parts.quotas.take_back(&record);
+            ledger.records.insert(record, memwarden_sys::coarse_unix_nanos());
+        }
+        return Err(ServiceError::from_backend(freed.device, e));
+    }
+    Ok(freed)
 }

@@ -6,8 +6,9 @@
 //! `defrag.rs`), the ledger (`ledger.rs`: records and the live set, `live.rs`; what is
 //! recorded, `record.rs`; listing, `listing.rs`), the quotas (`quota.rs`), the owner watch and
 //! reclaim (`owners.rs`) and the transfers (`transfer.rs`). The service runs each operation as
-//! a sequence of calls to them; they do not call each other, except the defragmentation pass,
-//! which switches what it moves in the ledger it is given.
+//! a sequence of calls to them (an allocation's and a free's in `allocate.rs`); they do not
+//! call each other, except the defragmentation pass, which switches what it moves in the
+//! ledger it is given, and the transfers, which allocate and free through the service.
 //!
 //! Lock order, when several are held: a device's defragmentation lock, the device's state, the
 //! ledger, the quota books.
@@ -55,7 +56,6 @@ pub use types::{
 };
 
 use crate::config::Config;
-use crate::util::lock;
 use memwarden_core::units::MIB;
 
 /// Longest free-text field (`purpose`, `owner`) an allocation takes, in characters: they go
@@ -63,18 +63,18 @@ use memwarden_core::units::MIB;
 pub const MAX_TEXT_CHARS: usize = 256;
 
 /// The memory service: the thin composition root of its parts, and the one object the rest of
-/// the daemon calls. It owns the parts and nothing else of its own but the automatic
+/// the daemon calls. It owns the parts and nothing of its own but the automatic
 /// defragmentation setting and its start time:
-/// - the devices ([`Devices`]): each device's pools and budget, its status and defragmentation;
-/// - the ledger ([`Ledger`]): every live allocation, what copies use and passes move, and what
+/// - the devices (`Devices`): each device's pools and budget, its status and defragmentation;
+/// - the ledger (`Ledger`): every live allocation, what copies use and passes move, and what
 ///   is recorded (counters, peaks, the event log);
-/// - the quotas ([`quota::Quotas`]): the rules and what owners hold under them;
-/// - the owner watch ([`owners::OwnerWatch`]): the processes that own memory, and what their
-///   exit reclaims;
-/// - the transfers ([`transfer::Transfers`]): copies between allocations and their threads.
+/// - the quotas (`Quotas`): the rules and what owners hold under them;
+/// - the owner watch (`OwnerWatch`): the processes that own memory, and what their exit
+///   reclaims;
+/// - the transfers (`Transfers`): copies between allocations and their threads.
 ///
-/// Each operation (allocate, free, transfer, export, defragment, reclaim) is written here or in
-/// `transfer.rs` as calls to those parts.
+/// Each operation is a short sequence of calls to those parts: allocate and free in
+/// `allocate.rs`, transfer, export, read and write in `transfer.rs`, the rest here.
 pub struct Service {
     devices: Devices,
     ledger: Ledger,
@@ -179,7 +179,7 @@ impl Service {
     /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
     pub fn allocate(&self, req: AllocateRequest) -> Result<Allocation, ServiceError> {
         let checked = self.check(req)?;
-        self.finish(checked, None)
+        allocate::finish(self.parts(), self.auto_defrag.as_ref(), checked, None)
     }
 
     /// Allocates only if no OS or driver call is needed (a pool hit or a reservation):
@@ -209,7 +209,7 @@ impl Service {
 
     /// Finishes what [`Service::allocate_or_defer`] could not, creating pool blocks as needed.
     pub fn allocate_pending(&self, pending: PendingAllocation) -> Result<Allocation, ServiceError> {
-        self.finish(pending.checked, pending.failed)
+        allocate::finish(self.parts(), self.auto_defrag.as_ref(), *pending.checked, pending.failed)
     }
 
     fn parts(&self) -> Parts<'_> {
@@ -228,46 +228,6 @@ impl Service {
         Ok(Checked { id, kind, req })
     }
 
-    /// Places a checked request (blocking allowed), or takes up the refusal of an attempt that
-    /// did not fit (`failed`): a placement that does not fit is counted and, on a fragmented
-    /// device with the automatic pass configured, retried once after a bounded pass.
-    fn finish(&self, checked: Checked, failed: Option<ServiceError>) -> Result<Allocation, ServiceError> {
-        let (checked, e) = match failed {
-            Some(e) => (checked, e),
-            None => match allocate::place(self.parts(), checked, true) {
-                Ok(a) => return Ok(a),
-                Err(NotPlaced::NoRoom(checked, e)) => (checked, e),
-                Err(other) => return Err(other.into_error()),
-            },
-        };
-        let id = checked.id;
-        self.devices.note_failure(id);
-        // A reservation that does not fit is a budget answer, not a placement failure.
-        if let (ServiceError::InsufficientMemory { requested_bytes, .. }, false) =
-            (&e, checked.kind == MemoryKind::Reservation)
-        {
-            self.ledger.lock().recorder.failed(id, *requested_bytes);
-        }
-        let Some(auto) = &self.auto_defrag else { return Err(e) };
-        // Fragmented and out of room: one bounded pass, then one more try.
-        let dev = self.devices.get_or_404(id)?;
-        if dev.fragmentation() < auto.fragmentation_threshold {
-            return Err(e);
-        }
-        let options = DefragOptions {
-            strategy: auto.strategy,
-            max_bytes_to_move: auto.max_bytes_to_move,
-            max_allocations_to_move: usize::MAX,
-        };
-        // A pass already running on the device is not waited for: the allocation fails.
-        let max_time = Some(Duration::from_millis(auto.max_time_ms));
-        let Some(report) = dev.defragment_if_idle(id, &self.ledger, options, max_time) else {
-            return Err(e);
-        };
-        tracing::info!(device = %id, moved = report.bytes_moved, released = report.bytes_released, "automatic defragmentation after a failed allocation");
-        allocate::place(self.parts(), checked, true).map_err(NotPlaced::into_error)
-    }
-
     /// True when freeing this allocation returns no memory to the OS or driver (it stays in a
     /// shared block, or is a reservation) and waits for no defragmentation batch, so it takes
     /// microseconds.
@@ -281,45 +241,7 @@ impl Service {
     }
 
     fn free_as(&self, allocation_id: &str, reclaimed: bool) -> Result<FreedAllocation, ServiceError> {
-        let (freed, kept) = {
-            let mut ledger = self.ledger.settled(&[allocation_id]);
-            if let Some(&n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
-                if reclaimed {
-                    // Its owner is gone: free it when the copy is done (`release`).
-                    ledger.reclaim_on_release.insert(allocation_id.to_string());
-                }
-                return Err(ServiceError::InvalidOperation(format!(
-                    "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
-                )));
-            }
-            let record = ledger
-                .records
-                .remove(allocation_id, memwarden_sys::coarse_unix_nanos())
-                .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
-            let freed = FreedAllocation {
-                device: record.device,
-                kind: record.kind,
-                placement: record.placement,
-                size_bytes: record.size_bytes,
-                allocated_bytes: record.allocated_bytes,
-            };
-            self.quotas.give_back(&record);
-            // The ledger's record moves into the event log (no copy); it comes back when
-            // recording is off.
-            (freed, ledger.recorder.freed(record, reclaimed))
-        };
-        let dev = self.devices.get_or_404(freed.device)?;
-        let result = lock(&dev.state).free(freed.kind, freed.placement.as_ref(), freed.size_bytes);
-        if let Err(e) = result {
-            // Keep the handle so the caller can retry; the pool did not change.
-            let mut ledger = self.ledger.lock();
-            if let Some(record) = ledger.recorder.unfreed(allocation_id, kept) {
-                self.quotas.take_back(&record);
-                ledger.records.insert(record, memwarden_sys::coarse_unix_nanos());
-            }
-            return Err(ServiceError::from_backend(freed.device, e));
-        }
-        Ok(freed)
+        allocate::free(self.parts(), allocation_id, reclaimed)
     }
 
     pub fn allocation(&self, allocation_id: &str) -> Result<Allocation, ServiceError> {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::util::lock;
 use memwarden_backends::{BackendError, HostBackend, HostStatusReader};
 use memwarden_core::units::{GIB, MIB};
 use std::path::PathBuf;
