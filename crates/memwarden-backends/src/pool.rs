@@ -76,6 +76,12 @@ impl MemoryPool {
         self.pool.block_request(size_bytes, align_bytes).size_bytes
     }
 
+    /// The largest alignment a request may ask for (the configured one, capped at the
+    /// backend's block alignment).
+    pub fn max_alignment_bytes(&self) -> u64 {
+        self.pool.config().max_alignment_bytes
+    }
+
     /// Allocates from a cached block, or creates a block with the backend. On any failure
     /// nothing is left half-allocated.
     pub fn allocate(&mut self, size_bytes: u64, align_bytes: u64) -> Result<PoolAllocation, BackendError> {
@@ -83,6 +89,14 @@ impl MemoryPool {
         if let Some(hit) = self.try_allocate_cached(size_bytes, align_bytes) {
             return Ok(hit);
         }
+        self.grow(size_bytes, align_bytes)
+    }
+
+    /// Creates a block of [`MemoryPool::new_block_bytes`] with the backend and allocates in it:
+    /// the caller already checked the request ([`MemoryPool::check_request`]), found no room in
+    /// the cached blocks and admitted the new block against its budget. On any failure nothing
+    /// is left half-allocated.
+    pub fn grow(&mut self, size_bytes: u64, align_bytes: u64) -> Result<PoolAllocation, BackendError> {
         let request = self.pool.block_request(size_bytes, align_bytes);
         let memory: SharedBlock = self.backend.create_block(self.kind, request.size_bytes)?.into();
         let id = self.pool.add_block(request);

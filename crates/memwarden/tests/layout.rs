@@ -489,7 +489,6 @@ const LONG_FUNCTIONS: &[(&str, &str)] = &[
         "memwarden-sys/src/vulkan/device.rs::VulkanDevice::open",
         "Vulkan's instance and device creation, one builder chain",
     ),
-    ("memwarden/src/analytics/report.rs::Analytics::device_analytics", "issue 23: split the report by section"),
     ("memwarden/src/cli/mod.rs::::run", "the CLI's one match over its commands"),
     (
         "memwarden/src/service/defrag.rs::Service::defragment_pool",
@@ -510,9 +509,6 @@ const MAX_IMPL_FILES: usize = 2;
 /// this list; it only shrinks.
 const SPREAD_TYPES: &[(&str, &str)] = &[
     ("memwarden-sys::VulkanDevice", "one device's raw calls, split by concern (external memory, heaps, transfer)"),
-    ("memwarden::Analytics", "issue 23: report and metrics as their own types"),
-    ("memwarden::Optimizer", "issue 23: admission and the held rung as their own types"),
-    ("memwarden::Service", "issue 23: ledger, quotas, owners, transfers and devices as their own types"),
     ("memwarden::WeightStore", "issue 23: the keep-alive policy as its own type"),
 ];
 

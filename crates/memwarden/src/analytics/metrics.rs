@@ -414,36 +414,35 @@ impl WeightGauges {
     }
 }
 
-impl Analytics {
-    /// The whole exposition, measured now; `weights`: the models memwarden holds.
-    pub fn render_metrics(
-        &self,
-        http: &HttpMetrics,
-        weights: &[memwarden_protocol::api::HeldModelDto],
-    ) -> Result<String, std::fmt::Error> {
-        let mut r = Registry::default();
-        let gauges = DeviceGauges::register(&mut r);
-        let counters = DeviceCounters::register(&mut r);
-        let holders = HolderGauges::register(&mut r);
-        let held = WeightGauges::register(&mut r);
-        let build: Family<Build, GaugeU> = family(&mut r, "memwarden_build_info", "The daemon's version", None);
-        let start: Family<Build, GaugeF> =
-            family(&mut r, "memwarden_start_time_seconds", "When the daemon started, Unix seconds", None);
-        r.register("memwarden_http_request_duration_seconds", "API request latency", http.latency.clone());
+/// The whole exposition of `a`'s figures, measured now; `weights`: the models memwarden holds.
+/// The metric families are made afresh for each exposition: nothing here keeps state.
+pub(super) fn render(
+    a: &Analytics,
+    http: &HttpMetrics,
+    weights: &[memwarden_protocol::api::HeldModelDto],
+) -> Result<String, std::fmt::Error> {
+    let mut r = Registry::default();
+    let gauges = DeviceGauges::register(&mut r);
+    let counters = DeviceCounters::register(&mut r);
+    let holders = HolderGauges::register(&mut r);
+    let held = WeightGauges::register(&mut r);
+    let build: Family<Build, GaugeU> = family(&mut r, "memwarden_build_info", "The daemon's version", None);
+    let start: Family<Build, GaugeF> =
+        family(&mut r, "memwarden_start_time_seconds", "When the daemon started, Unix seconds", None);
+    r.register("memwarden_http_request_duration_seconds", "API request latency", http.latency.clone());
 
-        let version = Build { version: env!("CARGO_PKG_VERSION").into() };
-        build.get_or_create(&version).set(1);
-        start.get_or_create(&version).set(self.started_ms as f64 / 1000.0);
-        let view = ModelView::snapshot(&self.supervisor);
-        for id in self.service.device_ids() {
-            let dev = id.to_string();
-            gauges.fill(self, id, view.callable_models().map(|(m, _)| bytes_on(m, &dev)).sum());
-            counters.fill(self, id);
-        }
-        holders.fill(self, &view);
-        held.fill(weights);
-        let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &r)?;
-        Ok(out)
+    let version = Build { version: env!("CARGO_PKG_VERSION").into() };
+    build.get_or_create(&version).set(1);
+    start.get_or_create(&version).set(a.started_ms as f64 / 1000.0);
+    let view = ModelView::snapshot(&a.supervisor);
+    for id in a.service.device_ids() {
+        let dev = id.to_string();
+        gauges.fill(a, id, view.callable_models().map(|(m, _)| bytes_on(m, &dev)).sum());
+        counters.fill(a, id);
     }
+    holders.fill(a, &view);
+    held.fill(weights);
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &r)?;
+    Ok(out)
 }

@@ -70,6 +70,12 @@ pub(crate) struct State {
     pub samples_taken: u64,
 }
 
+/// Analytics. Owns the recorded history behind its own lock (per device a series of points and
+/// the resettable peak of used bytes, per model its bytes over time, the sampler's progress),
+/// its settings and the recommendation thresholds, and the sampler task that fills the history.
+/// It reads, and owns none of, the service's counters and event log, the supervisor's models
+/// and the pressure monitor's levels. The window reports are in `report.rs`; the `/metrics`
+/// exposition (built afresh each time) in `metrics.rs`.
 pub struct Analytics {
     pub(crate) service: Arc<Service>,
     pub(crate) supervisor: Arc<Supervisor>,
@@ -108,6 +114,15 @@ impl Analytics {
 
     pub fn config(&self) -> &AnalyticsSection {
         &self.config
+    }
+
+    /// The whole `/metrics` exposition, measured now; `weights`: the models memwarden holds.
+    pub fn render_metrics(
+        &self,
+        http: &metrics::HttpMetrics,
+        weights: &[memwarden_protocol::api::HeldModelDto],
+    ) -> Result<String, std::fmt::Error> {
+        metrics::render(self, http, weights)
     }
 
     /// Starts the sampler task (when recording is on). It ends when the analytics are dropped.

@@ -257,16 +257,7 @@ impl Analytics {
         let d = rec.counters.since(&self.baseline(id, w));
         let (resolution_ms, pts) = self.points(id, w);
         let (reserved, allocated) = st.pool_totals();
-        let used: Vec<u64> = pts.iter().map(|p| p.used_bytes).collect();
-        let percentiles = (!used.is_empty()).then(|| PercentilesDto {
-            min_bytes: used.iter().copied().min().unwrap_or(0),
-            p50_bytes: percentile(&used, 50.0).unwrap_or(0),
-            p90_bytes: percentile(&used, 90.0).unwrap_or(0),
-            p95_bytes: percentile(&used, 95.0).unwrap_or(0),
-            p99_bytes: percentile(&used, 99.0).unwrap_or(0),
-            max_bytes: used.iter().copied().max().unwrap_or(0),
-            mean_bytes: (used.iter().map(|&u| u as u128).sum::<u128>() / used.len() as u128) as u64,
-        });
+        let percentiles = usage_percentiles(&pts);
         let used_peak = lock(&self.state).used_peaks.get(&id).copied().unwrap_or_default();
         let peak = |p: history::Peak| PeakDto {
             value_bytes: p.value,
@@ -280,12 +271,6 @@ impl Analytics {
             })
             .map(|e| e.record.size_bytes);
         let trend = fragmentation_trend(&pts);
-        let mut peak_rate = 0.0f64;
-        for pair in pts.windows(2) {
-            let moved = pair[1].counters.since(&pair[0].counters);
-            let span = (pair[1].at_ms - pair[0].at_ms).max(1) as u64;
-            peak_rate = peak_rate.max(per_second(moved.transfer_out_bytes + moved.transfer_in_bytes, span));
-        }
         let levels = time_per_level(&pts);
         Ok(DeviceAnalyticsDto {
             device_id: id.to_string(),
@@ -309,33 +294,13 @@ impl Analytics {
             peak_allocated: peak(rec.peak_live),
             window_peak_used_bytes: pts.iter().map(|p| p.used_max_bytes).max().unwrap_or(st.used_bytes),
             usage_percentiles: percentiles,
-            activity: ActivityDto {
-                allocations: d.allocations,
-                allocated_bytes: d.allocated_bytes,
-                frees: d.frees,
-                freed_bytes: d.freed_bytes,
-                reclaims: d.reclaims,
-                reclaimed_bytes: d.reclaimed_bytes,
-                failed_allocations: d.failed_allocations,
-                moves: d.moves,
-                exports: d.exports,
-                allocations_per_second: per_second(d.allocations, w.covered_ms),
-                frees_per_second: per_second(d.frees, w.covered_ms),
-                average_allocation_size_bytes: d.average_allocation_bytes(),
-            },
+            activity: activity(&d, w),
             size_histogram: size_histogram(sizes)
                 .into_iter()
                 .map(|b| BucketDto { min_bytes: b.min_bytes, max_bytes: b.max_bytes, count: b.count, bytes: b.bytes })
                 .collect(),
             fragmentation_trend: trend,
-            transfers: TransfersDto {
-                count: d.transfers,
-                out_bytes: d.transfer_out_bytes,
-                in_bytes: d.transfer_in_bytes,
-                out_bytes_per_second: per_second(d.transfer_out_bytes, w.covered_ms),
-                in_bytes_per_second: per_second(d.transfer_in_bytes, w.covered_ms),
-                peak_bytes_per_second: peak_rate,
-            },
+            transfers: transfers(&d, w, &pts),
             defragmentation: DefragWindowDto {
                 runs: d.defrag_runs,
                 moved_bytes: d.defrag_moved_bytes,
@@ -566,6 +531,57 @@ fn fragmentation_trend(pts: &[Point]) -> Option<FragmentationTrendDto> {
             })
             .collect(),
     })
+}
+
+/// The spread of a window's used bytes; `None` for a window without points.
+fn usage_percentiles(pts: &[Point]) -> Option<PercentilesDto> {
+    let used: Vec<u64> = pts.iter().map(|p| p.used_bytes).collect();
+    (!used.is_empty()).then(|| PercentilesDto {
+        min_bytes: used.iter().copied().min().unwrap_or(0),
+        p50_bytes: percentile(&used, 50.0).unwrap_or(0),
+        p90_bytes: percentile(&used, 90.0).unwrap_or(0),
+        p95_bytes: percentile(&used, 95.0).unwrap_or(0),
+        p99_bytes: percentile(&used, 99.0).unwrap_or(0),
+        max_bytes: used.iter().copied().max().unwrap_or(0),
+        mean_bytes: (used.iter().map(|&u| u as u128).sum::<u128>() / used.len() as u128) as u64,
+    })
+}
+
+/// The allocations and frees of a window (`d`: its counters' change).
+fn activity(d: &Counters, w: &Window) -> ActivityDto {
+    ActivityDto {
+        allocations: d.allocations,
+        allocated_bytes: d.allocated_bytes,
+        frees: d.frees,
+        freed_bytes: d.freed_bytes,
+        reclaims: d.reclaims,
+        reclaimed_bytes: d.reclaimed_bytes,
+        failed_allocations: d.failed_allocations,
+        moves: d.moves,
+        exports: d.exports,
+        allocations_per_second: per_second(d.allocations, w.covered_ms),
+        frees_per_second: per_second(d.frees, w.covered_ms),
+        average_allocation_size_bytes: d.average_allocation_bytes(),
+    }
+}
+
+/// The transfers of a window (`d`: its counters' change), with the highest rate between two of
+/// its points.
+fn transfers(d: &Counters, w: &Window, pts: &[Point]) -> TransfersDto {
+    let mut peak_rate = 0.0f64;
+    for pair in pts.windows(2) {
+        let moved = pair[1].counters.since(&pair[0].counters);
+        let span = (pair[1].at_ms - pair[0].at_ms).max(1) as u64;
+        peak_rate = peak_rate.max(per_second(moved.transfer_out_bytes + moved.transfer_in_bytes, span));
+    }
+    TransfersDto {
+        count: d.transfers,
+        out_bytes: d.transfer_out_bytes,
+        in_bytes: d.transfer_in_bytes,
+        out_bytes_per_second: per_second(d.transfer_out_bytes, w.covered_ms),
+        in_bytes_per_second: per_second(d.transfer_in_bytes, w.covered_ms),
+        peak_bytes_per_second: peak_rate,
+    }
 }
 
 #[cfg(test)]

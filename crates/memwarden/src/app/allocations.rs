@@ -24,9 +24,11 @@ pub(super) fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// picks for its kind. `req.device` is replaced by the decision.
 pub fn allocate(app: &App, device: Option<&str>, mut req: AllocateRequest) -> Result<Allocation, ServiceError> {
     req.device = app.placement.device_for_allocation(device, req.kind)?.to_string();
-    match app.service.try_allocate_now(req.clone())? {
-        Some(record) => Ok(record),
-        None => blocking(|| app.service.allocate(req)),
+    // Checked and placed once; only an allocation that needs new memory (page commits, a
+    // driver call) leaves the async worker.
+    match app.service.allocate_or_defer(req)? {
+        Ok(record) => Ok(record),
+        Err(pending) => blocking(|| app.service.allocate_pending(pending)),
     }
 }
 

@@ -10,103 +10,80 @@ use memwarden_core::DeviceId;
 use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
 use std::time::Instant;
 
-impl Optimizer {
-    /// Runs the ladder for `bytes` on `device`, never touching `exclude` (the model that needs
-    /// the room); `Err` names the bytes needed and available after it ran.
-    pub async fn make_room(&self, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
-        let mut req = OptimizeRequest::new(
-            device,
-            memwarden_core::eviction::EvictionStrategy::Balanced,
-            "admission",
-            &self.config,
-        );
-        req.min_memory_to_free = bytes;
-        req.exclude = vec![exclude.to_string()];
-        let report = self.run(req).await;
-        let available = self.read(device).1;
-        if available < bytes {
-            return Err(format!(
-                "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes",
-                report.memory_freed
-            ));
-        }
-        Ok(())
-    }
-
-    /// Returns whether the time limit stopped it.
-    pub(super) async fn release_held(
-        &self,
-        req: &OptimizeRequest,
-        target: u64,
-        base: i64,
-        deadline: Instant,
-        out: &mut OptimizeOutcome,
-    ) -> bool {
-        let Some(store) = self.weights.as_ref() else { return false };
-        let device = req.device;
-        let host_high = self.level(self.read(DeviceId::Cpu)).1 >= Level::High;
-        let (models, action) = if device.is_gpu() {
-            (store.park_candidates(device), if host_high { "drop" } else { "park" })
-        } else {
-            // On the host: parked copies first; then, where the strategy may unload, models
-            // resident on `cpu` itself (there is nowhere to park them: a drop keeps the file).
-            let mut models = store.drop_candidates();
-            let resident = store.park_candidates(DeviceId::Cpu);
-            if req.strategy.may_unload() {
-                models.extend(resident);
-            } else if !resident.is_empty() {
-                out.rungs_skipped.push(SkippedRung {
-                    rung: "drop".into(),
-                    reason: format!(
-                        "{} held model(s) resident on cpu can only be dropped, and the {} strategy never unloads",
-                        resident.len(),
-                        req.strategy.name()
-                    ),
-                });
-            }
-            (models, "drop")
-        };
-        for m in models {
-            if (self.measure(device) - base).max(0) as u64 >= target {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return true;
-            }
-            if req.max_models.is_some_and(|max| out.models_offloaded.len() + out.models_unloaded.len() >= max) {
-                break;
-            }
-            if req.exclude.contains(&m.id) || (!req.only.is_empty() && !req.only.contains(&m.id)) {
-                continue;
-            }
-            let t = Instant::now();
-            let before = self.measure(device);
-            let result = if action == "park" { store.park(&m.id).await } else { store.drop_copy(&m.id).await };
-            let (claimed, error) = match result {
-                Ok(o) => (o.freed_bytes, None),
-                // Skipped with the reason (e.g. a holder still inside `use()`); the ladder goes on.
-                Err(e) => (0, Some(e.to_string())),
-            };
-            let (gained, verified) = self.verify(device, before, claimed).await;
-            if error.is_none() {
-                // A parked model is back at PCIe speed; a dropped one needs its file read again.
-                if action == "park" {
-                    out.models_offloaded.push(m.id.clone());
-                } else {
-                    out.models_unloaded.push(m.id.clone());
-                }
-            }
-            out.steps.push(StepRecord {
-                action: action.into(),
-                target: m.id.clone(),
-                worker_id: Some("memwarden".into()),
-                claimed_bytes: claimed,
-                measured_bytes: gained,
-                duration_ms: ms(t),
-                verified: verified && error.is_none(),
-                error,
+/// Runs the rung on `optimizer`'s device for `req`, until `target` bytes are free above
+/// `base`; returns whether the time limit stopped it.
+pub(super) async fn release(
+    optimizer: &Optimizer,
+    req: &OptimizeRequest,
+    target: u64,
+    base: i64,
+    deadline: Instant,
+    out: &mut OptimizeOutcome,
+) -> bool {
+    let Some(store) = optimizer.weights.as_ref() else { return false };
+    let device = req.device;
+    let host_high = optimizer.level(optimizer.read(DeviceId::Cpu)).1 >= Level::High;
+    let (models, action) = if device.is_gpu() {
+        (store.park_candidates(device), if host_high { "drop" } else { "park" })
+    } else {
+        // On the host: parked copies first; then, where the strategy may unload, models
+        // resident on `cpu` itself (there is nowhere to park them: a drop keeps the file).
+        let mut models = store.drop_candidates();
+        let resident = store.park_candidates(DeviceId::Cpu);
+        if req.strategy.may_unload() {
+            models.extend(resident);
+        } else if !resident.is_empty() {
+            out.rungs_skipped.push(SkippedRung {
+                rung: "drop".into(),
+                reason: format!(
+                    "{} held model(s) resident on cpu can only be dropped, and the {} strategy never unloads",
+                    resident.len(),
+                    req.strategy.name()
+                ),
             });
         }
-        false
+        (models, "drop")
+    };
+    for m in models {
+        if (optimizer.measure(device) - base).max(0) as u64 >= target {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        if req.max_models.is_some_and(|max| out.models_offloaded.len() + out.models_unloaded.len() >= max) {
+            break;
+        }
+        if req.exclude.contains(&m.id) || (!req.only.is_empty() && !req.only.contains(&m.id)) {
+            continue;
+        }
+        let t = Instant::now();
+        let before = optimizer.measure(device);
+        let result = if action == "park" { store.park(&m.id).await } else { store.drop_copy(&m.id).await };
+        let (claimed, error) = match result {
+            Ok(o) => (o.freed_bytes, None),
+            // Skipped with the reason (e.g. a holder still inside `use()`); the ladder goes on.
+            Err(e) => (0, Some(e.to_string())),
+        };
+        let (gained, verified) = optimizer.verify(device, before, claimed).await;
+        if error.is_none() {
+            // A parked model is back at PCIe speed; a dropped one needs its file read again.
+            if action == "park" {
+                out.models_offloaded.push(m.id.clone());
+            } else {
+                out.models_unloaded.push(m.id.clone());
+            }
+        }
+        out.steps.push(StepRecord {
+            action: action.into(),
+            target: m.id.clone(),
+            worker_id: Some("memwarden".into()),
+            claimed_bytes: claimed,
+            measured_bytes: gained,
+            duration_ms: ms(t),
+            verified: verified && error.is_none(),
+            error,
+        });
     }
+    false
 }

@@ -22,7 +22,7 @@ use memwarden_core::pressure::{Level, PressureThresholds};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
 use memwarden_protocol::{ActionData, OffloadModel, Released, Role, TrimCache, UnloadModel};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -65,6 +65,12 @@ impl OptimizeRequest {
     }
 }
 
+/// The model memory optimizer. Owns the release ladder and its runs: one run at a time (its
+/// own lock), the history of the last runs and the channel that announces each, its settings
+/// and the pressure thresholds it reports levels by. It releases through the parts it is given
+/// (the service's pools, the supervisor's workers, the weights memwarden holds) and owns none
+/// of them. Admission before a load is in `admission.rs`; the watchdog (`watchdog.rs`) and the
+/// held-weights rung (`held.rs`) are their own.
 pub struct Optimizer {
     service: Arc<Service>,
     supervisor: Arc<Supervisor>,
@@ -75,8 +81,6 @@ pub struct Optimizer {
     running: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<OptimizeOutcome>>,
     events: tokio::sync::broadcast::Sender<OptimizeOutcome>,
-    /// Per device: when the watchdog last ran, and for which level.
-    last_auto: Mutex<HashMap<DeviceId, (Instant, Level)>>,
     /// Model weights memwarden holds: parked (or dropped) before any worker model is touched.
     weights: Option<Arc<crate::weights::WeightStore>>,
 }
@@ -101,7 +105,6 @@ impl Optimizer {
             running: tokio::sync::Mutex::new(()),
             history: Mutex::new(VecDeque::new()),
             events: tokio::sync::broadcast::channel(64).0,
-            last_auto: Mutex::new(HashMap::new()),
             weights,
         })
     }
@@ -116,6 +119,33 @@ impl Optimizer {
 
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<OptimizeOutcome> {
         self.events.subscribe()
+    }
+
+    /// Runs the ladder on the pressure changes `events` brings (when the watchdog is on).
+    pub fn start_watchdog(self: &Arc<Self>, events: tokio::sync::broadcast::Receiver<crate::pressure::PressureEvent>) {
+        watchdog::Watchdog::start(self, events);
+    }
+
+    /// Runs the ladder for `bytes` on `device`, never touching `exclude` (the model that needs
+    /// the room); `Err` names the bytes needed and available after it ran.
+    pub async fn make_room(&self, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
+        let mut req = OptimizeRequest::new(
+            device,
+            memwarden_core::eviction::EvictionStrategy::Balanced,
+            "admission",
+            &self.config,
+        );
+        req.min_memory_to_free = bytes;
+        req.exclude = vec![exclude.to_string()];
+        let report = self.run(req).await;
+        let available = self.read(device).1;
+        if available < bytes {
+            return Err(format!(
+                "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes",
+                report.memory_freed
+            ));
+        }
+        Ok(())
     }
 
     /// The device's "free" figure for step measurements (see the module doc).
@@ -281,7 +311,7 @@ impl Optimizer {
             }
         }
         self.trim_caches(device, &mut out).await;
-        let mut stopped_by_time = self.release_held(&req, climb_to, base, deadline, &mut out).await;
+        let mut stopped_by_time = held::release(self, &req, climb_to, base, deadline, &mut out).await;
         if !stopped_by_time && !nobody {
             stopped_by_time = self.release_models(&req, climb_to, base, deadline, &mut out).await;
         }

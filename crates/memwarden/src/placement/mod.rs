@@ -34,8 +34,9 @@ impl Placement {
     }
 
     /// The device for an allocation: the one named (`requested`, resolved: an alias or a
-    /// `cuda:N` on a Vulkan-only host), else the device with the most available memory of
-    /// `kind` (without a kind, each device's default kind).
+    /// `cuda:N` on a Vulkan-only host), else (the seed leaves this open) of the devices that
+    /// provide `kind` (each device's own default kind without one; a reservation fits any), the
+    /// one with the most available memory now. Ties go to the first listed.
     pub fn device_for_allocation(
         &self,
         requested: Option<&str>,

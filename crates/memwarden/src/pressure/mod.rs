@@ -56,9 +56,12 @@ pub struct PressureReport {
     pub sampled_at: Option<OffsetDateTime>,
 }
 
-/// Owns each device's level tracker, the history of level changes, their broadcast, and the host
-/// PSI trigger's state. Reads the devices' memory through the service and the host's stall and
-/// limit signals through [`HostSignals`], given to it on their own.
+/// The pressure monitor. Owns, per device, the level tracker with its hysteresis and last
+/// sample (behind one lock), the history of level changes and the channel that announces each
+/// (the optimizer's watchdog and analytics listen), the host's PSI trigger, and its thresholds
+/// and settings. It reads the devices through the service's backends, and the host's stall and
+/// limit signals through [`HostSignals`], given to it on their own; it changes nothing on them.
+/// The sampler task that drives it is in `sampler.rs`.
 pub struct PressureMonitor {
     service: Arc<Service>,
     /// PSI, cgroup limit events and the stall trigger of the host (`None`: no such source).

@@ -1,11 +1,12 @@
-//! Defragmentation executed by the service: plan with the core planner, move the bytes with the
-//! device's backend, switch each allocation to its new place (its `generation` grows), then
-//! return emptied blocks to the OS or driver. Also the pool dump and the admission question
-//! ("can N bytes be allocated now?").
+//! Defragmentation of one device: plan with the core planner, move the bytes with the device's
+//! backend, switch each allocation to its new place in the ledger (its `generation` grows),
+//! then return emptied blocks to the OS or driver. Also the pool dump and the admission
+//! question ("can N bytes be allocated now?"). All of it is [`Device`]'s, given the ledger.
 
-use super::device::{AllocFailure, DeviceState, Fit};
+use super::device::{AllocFailure, Device, DeviceState, Fit};
+use super::ledger::Ledger;
 use super::types::device_fragmentation;
-use super::{Service, ServiceError};
+use super::ServiceError;
 use crate::util::lock;
 use memwarden_core::defrag::{self, DefragOptions, Movable};
 use memwarden_core::units::GIB;
@@ -83,22 +84,13 @@ enum PoolPass {
 /// The allocations a batch marked as moving; dropping it takes the marks off and wakes the
 /// requests waiting for them (also when a copy panics, so no request waits forever).
 struct MovingMarks<'a> {
-    service: &'a Service,
+    ledger: &'a Ledger,
     ids: Vec<String>,
 }
 
 impl Drop for MovingMarks<'_> {
     fn drop(&mut self) {
-        if self.ids.is_empty() {
-            return;
-        }
-        {
-            let mut ledger = lock(&self.service.ledger);
-            for id in &self.ids {
-                ledger.moving.remove(id);
-            }
-        }
-        self.service.settled.notify_all();
+        self.ledger.unmark_moving(&self.ids);
     }
 }
 
@@ -135,42 +127,43 @@ const LOOKUP_CHUNK: usize = 512;
 /// between batches) is made again from the pool as it is, this many times at most.
 const MAX_PLANS: usize = 8;
 
-impl Service {
-    /// One defragmentation pass on `device`: every pool of it, within the options' budgets and
-    /// `max_time` (checked between moves). Allocations that are not movable, exported, or in use
-    /// by a transfer stay where they are.
-    ///
-    /// The pass takes the global ledger only for moments (to mark a batch of allocations as
-    /// moving, and to switch them to their new places), so requests on other devices never wait
-    /// for it. It holds this device's lock for one batch of moves at a time
-    /// ([`BATCH_MOVES`], [`BATCH_BYTES`]). Requests that need an allocation being moved (free,
-    /// read, write, transfer, export) wait until its batch is done; no request ever sees an
-    /// allocation half-moved.
-    pub fn defragment(
-        &self,
-        device: DeviceId,
-        options: DefragOptions,
-        max_time: Option<Duration>,
-    ) -> Result<DefragReport, ServiceError> {
-        self.defragment_with_progress(device, options, max_time, &mut |_, _| {})
-    }
+/// One pass on one device as it goes: what it may still move, its report and its progress.
+struct Pass<'a> {
+    dev: &'a Device,
+    device: DeviceId,
+    ledger: &'a Ledger,
+    budget: DefragOptions,
+    started: Instant,
+    max_time: Option<Duration>,
+    report: DefragReport,
+    progress: PassProgress<'a>,
+}
 
-    /// [`Service::defragment`], calling `progress(bytes_moved, bytes_planned)` as the pass goes:
-    /// once each pool's plan is made and after each batch of moves, and once at the end.
-    /// `bytes_moved` never decreases and ends at the report's `bytes_moved`; `bytes_planned` is
-    /// what was moved plus what the plan being carried out has left, so it changes as each pool
-    /// is planned (or planned again), and ends equal to `bytes_moved` unless moves were skipped.
-    pub fn defragment_with_progress(
+/// One batch of a plan: the moves marked (their allocations' ids are the marks'), carried out
+/// and waited for.
+struct Batch<'a> {
+    marks: MovingMarks<'a>,
+    moves: Vec<usize>,
+    /// A planned allocation was freed, exported or taken by a transfer since the plan.
+    stale: bool,
+}
+
+impl Device {
+    /// One defragmentation pass on this device (`device`): every pool of it, within the
+    /// options' budgets and `max_time` (checked between moves), switching what it moves in
+    /// `ledger`. Allocations that are not movable, exported, or in use by a transfer stay where
+    /// they are. A requested pass waits for the one running; see `Service::defragment`.
+    pub(super) fn defragment(
         &self,
         device: DeviceId,
+        ledger: &Ledger,
         options: DefragOptions,
         max_time: Option<Duration>,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<DefragReport, ServiceError> {
-        let dev = self.device_or_404(device)?;
+    ) -> DefragReport {
         // One pass per device at a time: a requested one waits for the one running.
-        let pass = lock(&dev.defrag);
-        self.run_pass(dev, device, options, max_time, progress, pass)
+        let pass = lock(&self.defrag);
+        self.run_pass(device, ledger, options, max_time, progress, pass)
     }
 
     /// An automatic pass (an allocation that did not fit): none when one is already running on
@@ -178,31 +171,30 @@ impl Service {
     pub(super) fn defragment_if_idle(
         &self,
         device: DeviceId,
+        ledger: &Ledger,
         options: DefragOptions,
         max_time: Option<Duration>,
-    ) -> Option<Result<DefragReport, ServiceError>> {
-        let dev = self.device(device)?;
-        let pass = dev.defrag.try_lock().ok()?;
-        Some(self.run_pass(dev, device, options, max_time, &mut |_, _| {}, pass))
+    ) -> Option<DefragReport> {
+        let pass = self.defrag.try_lock().ok()?;
+        Some(self.run_pass(device, ledger, options, max_time, &mut |_, _| {}, pass))
     }
 
     fn run_pass(
         &self,
-        dev: &super::device::Device,
         device: DeviceId,
+        ledger: &Ledger,
         options: DefragOptions,
         max_time: Option<Duration>,
         progress: &mut dyn FnMut(u64, u64),
         _pass: std::sync::MutexGuard<'_, ()>,
-    ) -> Result<DefragReport, ServiceError> {
-        let mut progress = PassProgress { hook: progress, left: 0 };
+    ) -> DefragReport {
         // The time limit counts from when the pass holds the device's pass lock.
         let started = Instant::now();
         let (before, fragmentation_before, kinds) = {
-            let st = lock(&dev.state);
+            let st = lock(&self.state);
             (st.pool_totals(), index(&st), st.pools.iter().map(|p| p.kind()).collect::<Vec<_>>())
         };
-        let mut report = DefragReport {
+        let report = DefragReport {
             device,
             strategy: options.strategy,
             fragmentation_before,
@@ -219,52 +211,14 @@ impl Service {
             moves_skipped: 0,
             error: None,
         };
-        let mut budget = options;
-        'pools: for kind in kinds {
-            let mut left_stale = 0;
-            for _ in 0..MAX_PLANS {
-                left_stale = 0;
-                match self.defragment_pool(
-                    dev,
-                    device,
-                    kind,
-                    &mut budget,
-                    started,
-                    max_time,
-                    &mut report,
-                    &mut progress,
-                ) {
-                    PoolPass::Done => break,
-                    PoolPass::Stale(left) => left_stale = left,
-                    PoolPass::Stop => break 'pools,
-                }
-            }
-            if left_stale > 0 {
-                // Requests kept changing the pool under every plan (a busy device): the pass gives
-                // way to them, as it does at its time limit, and counts what it left undone. That
-                // is not a failure, so not an `error`.
-                report.moves_skipped += left_stale;
-                tracing::debug!(device = %device, %kind, left_stale, "the pool changed under every plan; moves left for the next pass");
-            }
-        }
-        let mut st = lock(&dev.state);
-        for pool in st.pools.iter_mut() {
-            match pool.clear() {
-                Ok((n, bytes)) => {
-                    report.blocks_released += n;
-                    report.bytes_released += bytes;
-                }
-                Err(e) => report.error = Some(format!("releasing empty blocks failed: {e}")),
-            }
-        }
-        st.invalidate_sample();
-        let after = st.pool_totals();
-        report.fragmentation_after = index(&st);
-        report.largest_free_block_after = after.largest_free_block_bytes;
-        drop(st);
+        let progress = PassProgress { hook: progress, left: 0 };
+        let mut pass = Pass { dev: self, device, ledger, budget: options, started, max_time, report, progress };
+        pass.pools(&kinds);
+        pass.release_empty_blocks();
+        let Pass { mut report, mut progress, .. } = pass;
         progress.report(report.bytes_moved);
         report.duration = started.elapsed();
-        lock(&self.ledger).recorder.defragmented(device, report.bytes_moved, report.bytes_released);
+        ledger.lock().recorder.defragmented(device, report.bytes_moved, report.bytes_released);
         if report.allocations_moved > 0 || report.blocks_released > 0 {
             tracing::info!(
                 device = %device,
@@ -275,20 +229,24 @@ impl Service {
                 "defragmented"
             );
         }
-        Ok(report)
+        report
     }
 
     /// The allocations of one pool that may move now, looked up in chunks so the global ledger
     /// is never held for a whole pool's records: `(block, offset)` → id, and what the planner
     /// needs of each. Called with the device's lock held, so the pool cannot change meanwhile;
     /// records that change meanwhile are caught when a batch is marked.
-    fn movable_of(&self, device: DeviceId, kind: MemoryKind) -> (HashMap<(BlockId, u64), String>, Vec<Movable>) {
-        let members = lock(&self.ledger).records.pool_members(device, kind);
+    fn movable_of(
+        ledger: &Ledger,
+        device: DeviceId,
+        kind: MemoryKind,
+    ) -> (HashMap<(BlockId, u64), String>, Vec<Movable>) {
+        let members = ledger.lock().records.pool_members(device, kind);
         let mut at = HashMap::with_capacity(members.len());
         let mut movable = Vec::with_capacity(members.len());
         for chunk in members.chunks(LOOKUP_CHUNK) {
             let ids: Vec<String> = chunk.iter().map(|u| uuid::Uuid::from_u128(*u).to_string()).collect();
-            let ledger = lock(&self.ledger);
+            let ledger = ledger.lock();
             for id in ids {
                 let Some(r) = ledger.records.get(&id) else { continue };
                 let Some(p) = r.placement else { continue };
@@ -304,175 +262,31 @@ impl Service {
 
     /// The plan a pass would make for one pool now (tests compare it with what the pass did).
     #[cfg(test)]
-    pub(super) fn plan_now(&self, device: DeviceId, kind: MemoryKind, options: DefragOptions) -> defrag::DefragPlan {
-        let dev = self.device_or_404(device).expect("device");
-        let st = lock(&dev.state);
+    pub(super) fn plan_now(
+        &self,
+        device: DeviceId,
+        ledger: &Ledger,
+        kind: MemoryKind,
+        options: DefragOptions,
+    ) -> defrag::DefragPlan {
+        let st = lock(&self.state);
         let pool = st.pool(kind).expect("pool");
-        let (_, movable) = self.movable_of(device, kind);
+        let (_, movable) = Device::movable_of(ledger, device, kind);
         defrag::plan(pool.core(), &movable, options)
     }
 
-    /// Plans one pool and carries the plan out a batch at a time.
-    #[allow(clippy::too_many_arguments)]
-    fn defragment_pool(
-        &self,
-        dev: &super::device::Device,
-        device: DeviceId,
-        kind: MemoryKind,
-        budget: &mut DefragOptions,
-        started: Instant,
-        max_time: Option<Duration>,
-        report: &mut DefragReport,
-        progress: &mut PassProgress<'_>,
-    ) -> PoolPass {
-        // A plan made again replaces the one that went stale.
-        progress.left = 0;
-        let (mut at, plan, mut expected) = {
-            let st = lock(&dev.state);
-            if budget.max_allocations_to_move == 0 || budget.max_bytes_to_move == 0 {
-                return PoolPass::Done;
-            }
-            let Some(pool) = st.pool(kind) else { return PoolPass::Done };
-            let (at, movable) = self.movable_of(device, kind);
-            (at, defrag::plan(pool.core(), &movable, *budget), pool.core().changes())
-        };
-        if plan.moves.is_empty() {
-            return PoolPass::Done;
-        }
-        progress.left = plan.moves.iter().map(|m| m.from.size_bytes).sum();
-        progress.report(report.bytes_moved);
-        let mut next = 0;
-        while next < plan.moves.len() {
-            if max_time.is_some_and(|t| started.elapsed() >= t) {
-                report.moves_skipped += plan.moves.len() - next;
-                return PoolPass::Stop;
-            }
-            let mut st = lock(&dev.state);
-            let Some(pool) = st.pool_mut(kind) else { return PoolPass::Done };
-            // Requests allocated or freed in this pool between batches: the rest of the plan
-            // may name ranges that are no longer free. Plan again from the pool as it is.
-            if pool.core().changes() != expected {
-                return PoolPass::Stale(plan.moves.len() - next);
-            }
-            // The batch: consecutive planned moves whose allocation is still where the plan
-            // put it and free to move, each marked as moving before its bytes are touched. The
-            // marks come off when `marks` is dropped, even if a copy panics.
-            let mut marks = MovingMarks { service: self, ids: Vec::new() };
-            let mut batch: Vec<usize> = Vec::new();
-            let mut stale = false;
-            {
-                let mut ledger = lock(&self.ledger);
-                let mut bytes = 0;
-                // Where this batch's moves put their allocations. A plan may move one allocation
-                // twice (thorough: compact, then evacuate): its second move starts where the first
-                // ends, which the records show only once the batch is switched. The batch ends
-                // before it, and the next batch finds the allocation there.
-                let mut landing: HashSet<(BlockId, u64)> = HashSet::new();
-                for (i, m) in plan.moves.iter().enumerate().skip(next) {
-                    if batch.len() >= BATCH_MOVES || (bytes > 0 && bytes + m.from.size_bytes > BATCH_BYTES) {
-                        break;
-                    }
-                    if landing.contains(&(m.from.block, m.from.offset_bytes)) {
-                        break;
-                    }
-                    let here = at.get(&(m.from.block, m.from.offset_bytes)).filter(|id| {
-                        ledger.records.get(id).is_some_and(|r| r.placement == Some(m.from) && !r.exported)
-                            && !ledger.busy.contains_key(*id)
-                    });
-                    let Some(id) = here.cloned() else {
-                        // Freed, exported or taken by a transfer since the plan: plan again.
-                        stale = true;
-                        break;
-                    };
-                    ledger.moving.insert(id.clone());
-                    marks.ids.push(id);
-                    bytes += m.from.size_bytes;
-                    landing.insert((m.to_block, m.to_offset_bytes));
-                    batch.push(i);
-                }
-            }
-            let mut moved = Vec::with_capacity(batch.len());
-            let mut failure = None;
-            let t = Instant::now();
-            for (&i, id) in batch.iter().zip(&marks.ids) {
-                match pool.apply_move(&plan.moves[i]) {
-                    Ok(to) => moved.push((i, to)),
-                    Err(e) => {
-                        failure = Some((id.clone(), e));
-                        break;
-                    }
-                }
-                // A host copy is a memcpy: bound how long this device waits for the batch.
-                if t.elapsed() >= BATCH_TIME {
-                    break;
-                }
-            }
-            // Moves on a GPU are queued on one stream (in order); wait for them before anyone can
-            // look at the allocations again (they are still marked as moving).
-            let finished = pool.finish_moves();
-            expected = pool.core().changes();
-            report.moving += t.elapsed();
-            // Switch the records while the device is still held: pool and ledger never disagree
-            // about where an allocation is.
-            {
-                let mut ledger = lock(&self.ledger);
-                for (&(i, to), id) in moved.iter().zip(&marks.ids) {
-                    let from = plan.moves[i].from;
-                    if let Some(rec) = ledger.records.get_mut(id) {
-                        let rec = Arc::make_mut(rec);
-                        rec.placement = Some(to.placement);
-                        rec.address = Some(to.address);
-                        rec.generation += 1;
-                    }
-                    if let Some(rec) = ledger.records.get(id).cloned() {
-                        ledger.recorder.moved(&rec);
-                    }
-                    at.remove(&(from.block, from.offset_bytes));
-                    at.insert((to.placement.block, to.placement.offset_bytes), id.clone());
-                    report.bytes_moved += from.size_bytes;
-                    progress.left = progress.left.saturating_sub(from.size_bytes);
-                    report.allocations_moved += 1;
-                    budget.max_bytes_to_move = budget.max_bytes_to_move.saturating_sub(from.size_bytes);
-                    budget.max_allocations_to_move = budget.max_allocations_to_move.saturating_sub(1);
-                }
-            }
-            drop(marks);
-            drop(st);
-            progress.report(report.bytes_moved);
-            next += moved.len();
-            if let Err(e) = finished {
-                report.error =
-                    Some(format!("waiting for the moves failed; moved allocations may hold stale bytes: {e}"));
-                report.moves_skipped += plan.moves.len() - next;
-                return PoolPass::Stop;
-            }
-            if let Some((id, e)) = failure {
-                report.moves_skipped += plan.moves.len() - next;
-                report.error = Some(format!("moving allocation {id} failed (it stays where it was): {e}"));
-                return PoolPass::Stop;
-            }
-            if stale {
-                return PoolPass::Stale(plan.moves.len() - next);
-            }
-            // Let the requests waiting for this device in before the next batch (std's mutex is
-            // not fair: without this the pass could take it straight back).
-            std::thread::yield_now();
-        }
-        PoolPass::Done
-    }
-
-    /// Every block of every pool of `device`, with its ranges and the allocation in each.
-    pub fn pools(&self, device: DeviceId) -> Result<Vec<PoolDump>, ServiceError> {
-        let dev = self.device_or_404(device)?;
-        let st = lock(&dev.state);
-        let ids: HashMap<(MemoryKind, BlockId, u64), String> = lock(&self.ledger)
+    /// Every block of every pool of this device (`device`), with its ranges and the allocation
+    /// in each (from `ledger`).
+    pub(super) fn pools(&self, device: DeviceId, ledger: &Ledger) -> Vec<PoolDump> {
+        let st = lock(&self.state);
+        let ids: HashMap<(MemoryKind, BlockId, u64), String> = ledger
+            .lock()
             .records
             .values()
             .filter(|r| r.device == device)
             .filter_map(|r| r.placement.map(|p| ((r.kind, p.block, p.offset_bytes), r.id.clone())))
             .collect();
-        Ok(st
-            .pools
+        st.pools
             .iter()
             .map(|pool| PoolDump {
                 kind: pool.kind(),
@@ -501,27 +315,27 @@ impl Service {
                     })
                     .collect(),
             })
-            .collect())
+            .collect()
     }
 
-    /// Whether `size_bytes` of `kind` fits on `device` now: in the pool's free space, in new
-    /// memory from the OS or driver, or not at all (with the reason). Changes nothing.
-    pub fn can_allocate(
+    /// Whether `size_bytes` of `kind` fits on this device (`device`) now: in the pool's free
+    /// space, in new memory from the OS or driver, or not at all (with the reason). Changes
+    /// nothing.
+    pub(super) fn can_allocate(
         &self,
         device: DeviceId,
         size_bytes: u64,
         kind: Option<MemoryKind>,
     ) -> Result<CanAllocate, ServiceError> {
-        let dev = self.device_or_404(device)?;
         let kind = kind.unwrap_or(device.default_kind());
-        let backend = dev.backend.as_ref();
+        let backend = self.backend.as_ref();
         if kind != MemoryKind::Reservation && !backend.kinds().contains(&kind) {
             return Err(ServiceError::invalid("memoryType", format!("{device} does not provide {kind} memory")));
         }
         if size_bytes == 0 {
             return Err(ServiceError::invalid("canAllocate", "must be greater than 0"));
         }
-        let mut st = lock(&dev.state);
+        let mut st = lock(&self.state);
         let (fit, failure) = st.probe(backend, kind, size_bytes);
         Ok(CanAllocate {
             size_bytes,
@@ -537,8 +351,215 @@ impl Service {
         })
     }
 
-    /// A device's fragmentation index (for the automatic pass): see [`device_fragmentation`].
-    pub(super) fn fragmentation(&self, device: DeviceId) -> f64 {
-        self.device(device).map(|d| index(&lock(&d.state))).unwrap_or(0.0)
+    /// The device's fragmentation index (for the automatic pass): see [`device_fragmentation`].
+    pub(super) fn fragmentation(&self) -> f64 {
+        index(&lock(&self.state))
+    }
+}
+
+impl<'a> Pass<'a> {
+    /// Plans and moves each pool in turn, each planned again (up to [`MAX_PLANS`] times) when
+    /// requests change it under the plan.
+    fn pools(&mut self, kinds: &[MemoryKind]) {
+        'pools: for &kind in kinds {
+            let mut left_stale = 0;
+            for _ in 0..MAX_PLANS {
+                left_stale = 0;
+                match self.pool(kind) {
+                    PoolPass::Done => break,
+                    PoolPass::Stale(left) => left_stale = left,
+                    PoolPass::Stop => break 'pools,
+                }
+            }
+            if left_stale > 0 {
+                // Requests kept changing the pool under every plan (a busy device): the pass gives
+                // way to them, as it does at its time limit, and counts what it left undone. That
+                // is not a failure, so not an `error`.
+                self.report.moves_skipped += left_stale;
+                tracing::debug!(device = %self.device, %kind, left_stale, "the pool changed under every plan; moves left for the next pass");
+            }
+        }
+    }
+
+    /// Returns the blocks the pass emptied to the OS or driver and takes the after figures.
+    fn release_empty_blocks(&mut self) {
+        let report = &mut self.report;
+        let mut st = lock(&self.dev.state);
+        for pool in st.pools.iter_mut() {
+            match pool.clear() {
+                Ok((n, bytes)) => {
+                    report.blocks_released += n;
+                    report.bytes_released += bytes;
+                }
+                Err(e) => report.error = Some(format!("releasing empty blocks failed: {e}")),
+            }
+        }
+        st.invalidate_sample();
+        let after = st.pool_totals();
+        report.fragmentation_after = index(&st);
+        report.largest_free_block_after = after.largest_free_block_bytes;
+    }
+
+    /// Plans one pool and carries the plan out a batch at a time.
+    fn pool(&mut self, kind: MemoryKind) -> PoolPass {
+        // A plan made again replaces the one that went stale.
+        self.progress.left = 0;
+        let (mut at, plan, mut expected) = {
+            let st = lock(&self.dev.state);
+            if self.budget.max_allocations_to_move == 0 || self.budget.max_bytes_to_move == 0 {
+                return PoolPass::Done;
+            }
+            let Some(pool) = st.pool(kind) else { return PoolPass::Done };
+            let (at, movable) = Device::movable_of(self.ledger, self.device, kind);
+            (at, defrag::plan(pool.core(), &movable, self.budget), pool.core().changes())
+        };
+        if plan.moves.is_empty() {
+            return PoolPass::Done;
+        }
+        self.progress.left = plan.moves.iter().map(|m| m.from.size_bytes).sum();
+        self.progress.report(self.report.bytes_moved);
+        let mut next = 0;
+        while next < plan.moves.len() {
+            if self.max_time.is_some_and(|t| self.started.elapsed() >= t) {
+                self.report.moves_skipped += plan.moves.len() - next;
+                return PoolPass::Stop;
+            }
+            let mut st = lock(&self.dev.state);
+            let Some(pool) = st.pool_mut(kind) else { return PoolPass::Done };
+            // Requests allocated or freed in this pool between batches: the rest of the plan
+            // may name ranges that are no longer free. Plan again from the pool as it is.
+            if pool.core().changes() != expected {
+                return PoolPass::Stale(plan.moves.len() - next);
+            }
+            let batch = self.mark_batch(&plan.moves, next, &at);
+            let mut moved = Vec::with_capacity(batch.moves.len());
+            let mut failure = None;
+            let t = Instant::now();
+            for (&i, id) in batch.moves.iter().zip(&batch.marks.ids) {
+                match pool.apply_move(&plan.moves[i]) {
+                    Ok(to) => moved.push((i, to)),
+                    Err(e) => {
+                        failure = Some((id.clone(), e));
+                        break;
+                    }
+                }
+                // A host copy is a memcpy: bound how long this device waits for the batch.
+                if t.elapsed() >= BATCH_TIME {
+                    break;
+                }
+            }
+            // Moves on a GPU are queued on one stream (in order); wait for them before anyone can
+            // look at the allocations again (they are still marked as moving).
+            let finished = pool.finish_moves();
+            expected = pool.core().changes();
+            self.report.moving += t.elapsed();
+            // Switch the records while the device is still held: pool and ledger never disagree
+            // about where an allocation is.
+            self.switch(&plan.moves, &moved, &batch.marks.ids, &mut at);
+            let stale = batch.stale;
+            drop(batch);
+            drop(st);
+            self.progress.report(self.report.bytes_moved);
+            next += moved.len();
+            if let Some(stop) = self.batch_end(finished, failure, plan.moves.len() - next, stale) {
+                return stop;
+            }
+            // Let the requests waiting for this device in before the next batch (std's mutex is
+            // not fair: without this the pass could take it straight back).
+            std::thread::yield_now();
+        }
+        PoolPass::Done
+    }
+
+    /// The batch from `moves[next..]`: consecutive planned moves whose allocation is still
+    /// where the plan put it and free to move, each marked as moving before its bytes are
+    /// touched. The marks come off when the batch is dropped, even if a copy panics.
+    fn mark_batch(&self, moves: &[defrag::Move], next: usize, at: &HashMap<(BlockId, u64), String>) -> Batch<'a> {
+        let mut batch =
+            Batch { marks: MovingMarks { ledger: self.ledger, ids: Vec::new() }, moves: Vec::new(), stale: false };
+        let mut ledger = self.ledger.lock();
+        let mut bytes = 0;
+        // Where this batch's moves put their allocations. A plan may move one allocation
+        // twice (thorough: compact, then evacuate): its second move starts where the first
+        // ends, which the records show only once the batch is switched. The batch ends
+        // before it, and the next batch finds the allocation there.
+        let mut landing: HashSet<(BlockId, u64)> = HashSet::new();
+        for (i, m) in moves.iter().enumerate().skip(next) {
+            if batch.moves.len() >= BATCH_MOVES || (bytes > 0 && bytes + m.from.size_bytes > BATCH_BYTES) {
+                break;
+            }
+            if landing.contains(&(m.from.block, m.from.offset_bytes)) {
+                break;
+            }
+            let here = at.get(&(m.from.block, m.from.offset_bytes)).filter(|id| {
+                ledger.records.get(id).is_some_and(|r| r.placement == Some(m.from) && !r.exported)
+                    && !ledger.busy.contains_key(*id)
+            });
+            let Some(id) = here.cloned() else {
+                // Freed, exported or taken by a transfer since the plan: plan again.
+                batch.stale = true;
+                break;
+            };
+            ledger.moving.insert(id.clone());
+            batch.marks.ids.push(id);
+            bytes += m.from.size_bytes;
+            landing.insert((m.to_block, m.to_offset_bytes));
+            batch.moves.push(i);
+        }
+        batch
+    }
+
+    /// Switches the records of the moves carried out (`moved`: the plan's index and where the
+    /// allocation now is; `ids`: their allocations) to their new places, and counts them.
+    fn switch(
+        &mut self,
+        moves: &[defrag::Move],
+        moved: &[(usize, memwarden_backends::PoolAllocation)],
+        ids: &[String],
+        at: &mut HashMap<(BlockId, u64), String>,
+    ) {
+        let mut ledger = self.ledger.lock();
+        for (&(i, to), id) in moved.iter().zip(ids) {
+            let from = moves[i].from;
+            if let Some(rec) = ledger.records.get_mut(id) {
+                let rec = Arc::make_mut(rec);
+                rec.placement = Some(to.placement);
+                rec.address = Some(to.address);
+                rec.generation += 1;
+            }
+            if let Some(rec) = ledger.records.get(id).cloned() {
+                ledger.recorder.moved(&rec);
+            }
+            at.remove(&(from.block, from.offset_bytes));
+            at.insert((to.placement.block, to.placement.offset_bytes), id.clone());
+            self.report.bytes_moved += from.size_bytes;
+            self.progress.left = self.progress.left.saturating_sub(from.size_bytes);
+            self.report.allocations_moved += 1;
+            self.budget.max_bytes_to_move = self.budget.max_bytes_to_move.saturating_sub(from.size_bytes);
+            self.budget.max_allocations_to_move = self.budget.max_allocations_to_move.saturating_sub(1);
+        }
+    }
+
+    /// How a batch ended: `None` to go on with the plan, else how the pool's pass stops.
+    /// `left`: the planned moves not carried out.
+    fn batch_end(
+        &mut self,
+        finished: Result<(), memwarden_backends::BackendError>,
+        failure: Option<(String, memwarden_backends::BackendError)>,
+        left: usize,
+        stale: bool,
+    ) -> Option<PoolPass> {
+        if let Err(e) = finished {
+            self.report.error =
+                Some(format!("waiting for the moves failed; moved allocations may hold stale bytes: {e}"));
+            self.report.moves_skipped += left;
+            return Some(PoolPass::Stop);
+        }
+        if let Some((id, e)) = failure {
+            self.report.moves_skipped += left;
+            self.report.error = Some(format!("moving allocation {id} failed (it stays where it was): {e}"));
+            return Some(PoolPass::Stop);
+        }
+        stale.then_some(PoolPass::Stale(left))
     }
 }

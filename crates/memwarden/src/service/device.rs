@@ -1,8 +1,12 @@
 //! One device: its backend, its pools (one per memory kind), its reservations and its cached
-//! status sample, behind one lock.
+//! status sample, behind one lock. The device decides everything about placing bytes on it:
+//! whether a request suits it ([`Device::check_request`], the one place a request's size and
+//! alignment are checked), whether it fits the budget, and when a pool grows by a block (budget
+//! admission and block growth side by side in [`DeviceState::allocate`]).
 
+use super::{AllocateRequest, ServiceError};
 use memwarden_backends::{Backend, BackendError, MemoryPool, MemoryReading, PoolAllocation};
-use memwarden_core::{MemoryKind, Placement, PoolConfig, PoolStats};
+use memwarden_core::{DeviceId, MemoryKind, Placement, PoolConfig, PoolError, PoolStats};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -34,13 +38,22 @@ impl Default for Limits {
     }
 }
 
+/// One device of this machine. Owns its backend, its [`DeviceState`] (pools and budget) behind
+/// one lock, and the lock that lets one defragmentation pass at a time run on it (the pass
+/// itself is in `defrag.rs`).
 pub(crate) struct Device {
     pub backend: Arc<dyn Backend>,
     pub state: std::sync::Mutex<DeviceState>,
     /// Held for a defragmentation pass: one pass per device at a time.
     pub defrag: std::sync::Mutex<()>,
+    /// The largest alignment its pools take (fixed when they are made).
+    pool_max_alignment_bytes: u64,
 }
 
+/// What a device holds, under its lock: one [`MemoryPool`] per memory kind, the bytes promised
+/// to reservations, the cached status sample and the configured limits (headroom, pool cap,
+/// sample age). It owns the budget: every allocation is admitted here, against a fresh reading
+/// when it needs a new block, just before the pool grows by that block.
 pub(crate) struct DeviceState {
     pub pools: Vec<MemoryPool>,
     /// Bytes promised to `reservation` allocations (budget without memory).
@@ -102,9 +115,49 @@ impl From<BackendError> for AllocFailure {
 }
 
 impl Device {
+    /// The device's checks of an allocation request, in the order they are reported: alignment
+    /// (a power of two, at most what the backend and the pool of its kind allow) and memory
+    /// kind (one the backend offers, or a reservation). The request's size and text were
+    /// checked before (`Service::allocate`); nothing below checks them again. Returns the kind.
+    pub fn check_request(&self, id: DeviceId, req: &AllocateRequest) -> Result<MemoryKind, ServiceError> {
+        if !req.alignment_bytes.is_power_of_two() {
+            return Err(ServiceError::invalid("alignment", format!("{} is not a power of two", req.alignment_bytes)));
+        }
+        let backend = self.backend.as_ref();
+        if req.alignment_bytes > backend.max_alignment_bytes() {
+            return Err(ServiceError::invalid(
+                "alignment",
+                format!(
+                    "{} exceeds the largest alignment {id} supports ({})",
+                    req.alignment_bytes,
+                    backend.max_alignment_bytes()
+                ),
+            ));
+        }
+        let kind = req.kind.unwrap_or(id.default_kind());
+        if kind != MemoryKind::Reservation && !backend.kinds().contains(&kind) {
+            let offered: Vec<&str> = backend.kinds().iter().map(|k| k.as_str()).chain(["reservation"]).collect();
+            return Err(ServiceError::invalid(
+                "memoryType",
+                format!("{id} does not provide {kind} memory (it offers {})", offered.join(", ")),
+            ));
+        }
+        if kind != MemoryKind::Reservation {
+            // The pools' own limit (the configured one, capped at the backend's).
+            let max = self.pool_max_alignment_bytes;
+            if req.alignment_bytes > max {
+                let e = PoolError::AlignmentTooLarge { requested: req.alignment_bytes, max };
+                return Err(ServiceError::from_backend(id, BackendError::InvalidArgument(e.to_string())));
+            }
+        }
+        Ok(kind)
+    }
+
     pub fn new(backend: Arc<dyn Backend>, pool: PoolConfig, limits: Limits) -> Self {
-        let pools = backend.kinds().iter().map(|&k| MemoryPool::new(backend.clone(), k, pool)).collect();
+        let pools: Vec<MemoryPool> =
+            backend.kinds().iter().map(|&k| MemoryPool::new(backend.clone(), k, pool)).collect();
         Device {
+            pool_max_alignment_bytes: pools.iter().map(|p| p.max_alignment_bytes()).min().unwrap_or(u64::MAX),
             backend,
             state: std::sync::Mutex::new(DeviceState {
                 pools,
@@ -295,7 +348,12 @@ impl DeviceState {
 
     /// Allocates from the pool of `kind` after the budget check; nothing is changed on failure.
     /// With `may_block` false, a request that needs a new block (an OS or driver call that can
-    /// take milliseconds) fails with `WouldBlock` instead.
+    /// take milliseconds) fails with `WouldBlock` instead. The request passed
+    /// [`Device::check_request`]: the pool does not check it again.
+    ///
+    /// One pass: a hit in the cached blocks is admitted against the budget (and given back when
+    /// it does not fit); otherwise the new block is admitted against a fresh reading, and only
+    /// then does the pool grow by it.
     pub fn allocate(
         &mut self,
         backend: &dyn Backend,
@@ -306,7 +364,6 @@ impl DeviceState {
     ) -> Result<PoolAllocation, AllocFailure> {
         let unsupported = || BackendError::UnsupportedKind { device: backend.info().device_id, kind };
         let pool = self.pool_mut(kind).ok_or_else(unsupported)?;
-        pool.check_request(size_bytes, align_bytes)?;
         // Try the cached blocks first; a hit costs no new memory.
         if let Some(hit) = pool.try_allocate_cached(size_bytes, align_bytes) {
             if let Err(over) = self.admit(backend, kind, size_bytes, 0) {
@@ -318,9 +375,9 @@ impl DeviceState {
         if !may_block {
             return Err(AllocFailure::WouldBlock);
         }
-        let new_block = self.pool(kind).map(|p| p.new_block_bytes(size_bytes, align_bytes)).unwrap_or(0);
+        let new_block = pool.new_block_bytes(size_bytes, align_bytes);
         self.admit(backend, kind, size_bytes, new_block)?;
-        let allocation = self.pool_mut(kind).ok_or_else(unsupported)?.allocate(size_bytes, align_bytes);
+        let allocation = self.pool_mut(kind).ok_or_else(unsupported)?.grow(size_bytes, align_bytes);
         self.invalidate_sample();
         Ok(allocation?)
     }

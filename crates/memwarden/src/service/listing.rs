@@ -7,8 +7,8 @@
 //! keeping the `limit` oldest matches after the position in a bounded heap: no copy or sort of
 //! every record, and only the page's records are shared out.
 
-use super::{Allocation, AllocationRecord, LiveDigest, Service};
-use crate::util::lock;
+use super::live::LiveSet;
+use super::{Allocation, AllocationRecord};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -99,23 +99,17 @@ impl PartialEq for Ranked<'_> {
 
 impl Eq for Ranked<'_> {}
 
-impl Service {
+impl LiveSet {
     /// The live allocations that match `filter` and come after `after` (from the first without
     /// it), at most `limit` (at least 1) of them, with the count and bytes of all that match.
-    pub fn allocation_page(
-        &self,
-        filter: &AllocationFilter,
-        after: Option<&ListPosition>,
-        limit: usize,
-    ) -> AllocationPage {
+    pub(super) fn page(&self, filter: &AllocationFilter, after: Option<&ListPosition>, limit: usize) -> AllocationPage {
         let limit = limit.max(1);
         let after = after.map(|p| (p.allocated_at.unix_timestamp_nanos(), p.id.as_str()));
         let (page, count, total_bytes, remaining) = {
-            let ledger = lock(&self.ledger);
             let (mut count, mut total_bytes, mut remaining) = (0, 0, 0);
             // A max-heap of the `limit` oldest seen so far: its top is the first to give way.
-            let mut oldest: BinaryHeap<Ranked<'_>> = BinaryHeap::with_capacity(limit.min(ledger.records.len()));
-            for r in ledger.records.values() {
+            let mut oldest: BinaryHeap<Ranked<'_>> = BinaryHeap::with_capacity(limit.min(self.len()));
+            for r in self.values() {
                 if !filter.matches(r) {
                     continue;
                 }
@@ -142,19 +136,10 @@ impl Service {
     }
 }
 
-impl Service {
-    /// What analytics needs of the live allocations, from the ledger's running totals (no walk
-    /// over the allocations): bytes, count and last activity per owner and per purpose, and
-    /// per owner its `per_owner` oldest non-persistent allocations made before `older_than`.
-    pub fn live_digest(&self, older_than: OffsetDateTime, per_owner: usize) -> LiveDigest {
-        lock(&self.ledger).records.digest(older_than.unix_timestamp_nanos() as i64, per_owner)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::{AllocationRecord, Limits};
+    use crate::service::{AllocationRecord, Limits, Service};
     use memwarden_core::PoolConfig;
     use std::sync::Arc;
 
@@ -162,7 +147,7 @@ mod tests {
     /// (so the order mostly rests on the ids), two kinds, three owners, four purposes.
     fn ledger_of(n: usize) -> Service {
         let s = Service::with_backends(Vec::new(), PoolConfig::default(), Limits::default());
-        let mut ledger = lock(&s.ledger);
+        let mut ledger = s.ledger.lock();
         for i in 0..n {
             let record = AllocationRecord {
                 id: uuid::Uuid::new_v4().to_string(),
@@ -191,7 +176,7 @@ mod tests {
 
     fn expected(s: &Service, filter: &AllocationFilter) -> Vec<String> {
         let mut all: Vec<Allocation> =
-            lock(&s.ledger).records.values().filter(|r| filter.matches(r)).cloned().collect();
+            s.ledger.lock().records.values().filter(|r| filter.matches(r)).cloned().collect();
         all.sort_by(|a, b| (a.allocated_at, &a.id).cmp(&(b.allocated_at, &b.id)));
         all.iter().map(|r| r.id.clone()).collect()
     }
@@ -208,7 +193,7 @@ mod tests {
         ];
         for filter in &filters {
             let want = expected(&s, filter);
-            let bytes: u64 = want.iter().map(|id| lock(&s.ledger).records.get(id).expect("live").size_bytes).sum();
+            let bytes: u64 = want.iter().map(|id| s.ledger.lock().records.get(id).expect("live").size_bytes).sum();
             for limit in [1, 7, 100, 499, 500, 10_000] {
                 let (mut listed, mut after) = (Vec::new(), None);
                 loop {
@@ -234,8 +219,8 @@ mod tests {
         let first = s.allocation_page(&every, None, 10);
         let next = first.next.expect("more");
         assert_eq!(next.id, want[9]);
-        lock(&s.ledger).records.remove(&want[9], 0);
-        lock(&s.ledger).records.remove(&want[10], 0);
+        s.ledger.lock().records.remove(&want[9], 0);
+        s.ledger.lock().records.remove(&want[10], 0);
         let second = s.allocation_page(&every, Some(&next), 10);
         let ids: Vec<&str> = second.allocations.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, want[11..21].iter().map(String::as_str).collect::<Vec<_>>());

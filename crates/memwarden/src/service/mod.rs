@@ -1,8 +1,22 @@
 //! The service layer: the device registry, the allocation ledger and every memory operation,
 //! independent of HTTP. The REST API and tests call it; it calls the backends.
+//!
+//! [`Service`] is the composition root of its parts, each a type with its own state and lock:
+//! the devices (`devices.rs`: each device's pools and budget, `device.rs`; defragmentation,
+//! `defrag.rs`), the ledger (`ledger.rs`: records and the live set, `live.rs`; what is
+//! recorded, `record.rs`; listing, `listing.rs`), the quotas (`quota.rs`), the owner watch and
+//! reclaim (`owners.rs`) and the transfers (`transfer.rs`). The service runs each operation as
+//! a sequence of calls to them (an allocation's and a free's in `allocate.rs`); they do not
+//! call each other, except the defragmentation pass, which switches what it moves in the
+//! ledger it is given, and the transfers, which allocate and free through the service.
+//!
+//! Lock order, when several are held: a device's defragmentation lock, the device's state, the
+//! ledger, the quota books.
 
+mod allocate;
 mod defrag;
 mod device;
+mod devices;
 mod ledger;
 mod listing;
 mod live;
@@ -23,14 +37,17 @@ pub use quota::{OwnerUsage, OwnersReport, QuotaUse};
 
 pub use transfer::{ExportInfo, ExportVia, TransferRecord, TransferRequest, TransferStatus, TransferTarget};
 
+pub use allocate::PendingAllocation;
+use allocate::{Checked, NotPlaced, Parts};
 pub use device::Limits;
-use device::{AllocFailure, Device};
+use devices::Devices;
 use ledger::Ledger;
 use memwarden_backends::Backend;
 pub use memwarden_backends::BackendHealth;
+use memwarden_core::defrag::DefragOptions;
 use memwarden_core::{DeviceId, MemoryKind, PoolConfig};
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 pub use types::{
@@ -39,31 +56,34 @@ pub use types::{
 };
 
 use crate::config::Config;
-use crate::util::lock;
 use memwarden_core::units::MIB;
 
 /// Longest free-text field (`purpose`, `owner`) an allocation takes, in characters: they go
 /// into the event log and every listing.
 pub const MAX_TEXT_CHARS: usize = 256;
 
+/// The memory service: the thin composition root of its parts, and the one object the rest of
+/// the daemon calls. It owns the parts and nothing of its own but the automatic
+/// defragmentation setting and its start time:
+/// - the devices (`Devices`): each device's pools and budget, its status and defragmentation;
+/// - the ledger (`Ledger`): every live allocation, what copies use and passes move, and what
+///   is recorded (counters, peaks, the event log);
+/// - the quotas (`Quotas`): the rules and what owners hold under them;
+/// - the owner watch (`OwnerWatch`): the processes that own memory, and what their exit
+///   reclaims;
+/// - the transfers (`Transfers`): copies between allocations and their threads.
+///
+/// Each operation is a short sequence of calls to those parts: allocate and free in
+/// `allocate.rs`, transfer, export, read and write in `transfer.rs`, the rest here.
 pub struct Service {
-    devices: Vec<(DeviceId, Device)>,
-    ledger: Mutex<Ledger>,
-    /// Signalled when a defragmentation batch finishes moving its allocations.
-    settled: Condvar,
-    transfers: Mutex<transfer::Transfers>,
-    backends: Vec<BackendHealth>,
-    pool_config: PoolConfig,
-    /// Transfers up to this size answer synchronously; larger ones run in the background.
-    sync_transfer_max_bytes: u64,
-    /// When set, an allocation that does not fit on a fragmented device triggers a bounded pass.
-    auto_defrag: Option<crate::config::DefragSection>,
-    /// Per device: allocations that did not fit (a pressure signal of their own).
-    failures: Mutex<HashMap<DeviceId, u64>>,
-    /// `[[quotas]]`, fixed at start (what owners hold under them is in the ledger).
-    quotas: quota::QuotaRules,
+    devices: Devices,
+    ledger: Ledger,
+    quotas: quota::Quotas,
     /// The processes that own allocations (`ownerPid`), watched so their memory comes back.
     owners: owners::OwnerWatch,
+    transfers: transfer::Transfers,
+    /// When set, an allocation that does not fit on a fragmented device triggers a bounded pass.
+    auto_defrag: Option<crate::config::DefragSection>,
     started_at: OffsetDateTime,
     /// The host's pressure signals, from discovery (`None` over given backends).
     host_signals: Option<Arc<dyn memwarden_backends::HostSignals>>,
@@ -82,9 +102,9 @@ impl Service {
         let mut service = Service::with_backends(found.backends, pool, Limits::from(&config.pool));
         service.set_recording(config.analytics.enabled, config.analytics.event_log_size);
         service.auto_defrag = config.defrag.auto.then_some(config.defrag.clone());
-        service.backends = found.health;
+        service.devices.set_health(found.health);
         service.host_signals = Some(found.host_signals);
-        service.sync_transfer_max_bytes = config.transfer.sync_max_bytes;
+        service.transfers.set_sync_max_bytes(config.transfer.sync_max_bytes);
         if let Err(e) = service.set_quotas(&config.quotas) {
             tracing::error!(error = %e, "no quota is enforced: [[quotas]] is invalid");
         }
@@ -93,32 +113,13 @@ impl Service {
 
     /// A service over the given backends (tests and embedding).
     pub fn with_backends(backends: Vec<Arc<dyn Backend>>, pool: PoolConfig, limits: Limits) -> Self {
-        let health = vec![BackendHealth {
-            name: "host",
-            available: true,
-            devices: backends.iter().map(|b| b.info().device_id.to_string()).collect(),
-            reason: None,
-        }];
         Service {
-            devices: backends.into_iter().map(|b| (b.info().device_id, Device::new(b, pool, limits))).collect(),
-            settled: Condvar::new(),
-            ledger: Mutex::new(Ledger {
-                records: live::LiveSet::default(),
-                busy: HashMap::new(),
-                moving: HashSet::new(),
-                open_clients: HashSet::new(),
-                reclaim_on_release: HashSet::new(),
-                recorder: record::Recorder::new(true, 10_000),
-                quota: quota::QuotaBooks::default(),
-            }),
-            transfers: Mutex::new(transfer::Transfers::default()),
-            backends: health,
-            pool_config: pool,
-            sync_transfer_max_bytes: 64 * MIB,
-            auto_defrag: None,
-            failures: Mutex::new(HashMap::new()),
-            quotas: quota::QuotaRules::default(),
+            devices: Devices::new(backends, pool, limits),
+            ledger: Ledger::new(),
+            quotas: quota::Quotas::default(),
             owners: owners::OwnerWatch::default(),
+            transfers: transfer::Transfers::new(64 * MIB),
+            auto_defrag: None,
             started_at: OffsetDateTime::now_utc(),
             host_signals: None,
         }
@@ -127,7 +128,7 @@ impl Service {
     /// Turns recording (counters, peaks, the event log of `log_size` entries) on or off; what
     /// was recorded is dropped.
     pub fn set_recording(&mut self, enabled: bool, log_size: usize) {
-        lock(&self.ledger).recorder = record::Recorder::new(enabled, log_size);
+        self.ledger.set_recording(enabled, log_size);
     }
 
     pub fn started_at(&self) -> OffsetDateTime {
@@ -135,7 +136,7 @@ impl Service {
     }
 
     pub fn backends(&self) -> &[BackendHealth] {
-        &self.backends
+        self.devices.health()
     }
 
     /// The host's pressure signals (PSI, cgroup limit events, the stall trigger), when this
@@ -145,312 +146,96 @@ impl Service {
     }
 
     pub fn device_ids(&self) -> Vec<DeviceId> {
-        self.devices.iter().map(|(id, _)| *id).collect()
+        self.devices.ids()
     }
 
     /// Resolves a device id or alias to a device of this machine.
     pub fn resolve(&self, text: &str) -> Result<DeviceId, ServiceError> {
-        let not_found = || ServiceError::DeviceNotFound {
-            requested: text.to_string(),
-            known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
-        };
-        let id = DeviceId::parse_among(text, &self.device_ids()).map_err(|_| not_found())?;
-        if self.device(id).is_some() {
-            return Ok(id);
-        }
-        // A GPU id whose backend is known here but not available (no driver, no device): say so,
-        // with the canonical id and the backend's reason, rather than "not found".
-        if let DeviceId::Gpu(api, _) = id {
-            let down = self.backends.iter().find(|b| b.name == api.prefix() && !b.available);
-            if let Some(b) = down {
-                return Err(ServiceError::BackendUnavailable {
-                    device: id.to_string(),
-                    reason: format!(
-                        "the {} backend is not available: {}",
-                        b.name,
-                        b.reason.as_deref().unwrap_or("no reason given")
-                    ),
-                });
-            }
-        }
-        Err(ServiceError::DeviceNotFound {
-            requested: id.to_string(),
-            known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
-        })
-    }
-
-    /// The device an allocation that names none goes to (the seed leaves this open): of the
-    /// devices that provide `kind` (each device's own default kind when `None`; a reservation
-    /// fits any), the one with the most available memory now. Ties go to the first listed.
-    pub fn roomiest_device(&self, kind: Option<MemoryKind>) -> Result<DeviceId, ServiceError> {
-        let mut best: Option<(DeviceId, u64)> = None;
-        for (id, dev) in &self.devices {
-            let k = kind.unwrap_or(id.default_kind());
-            if k != MemoryKind::Reservation && !dev.backend.kinds().contains(&k) {
-                continue;
-            }
-            let Ok(status) = self.status(*id) else { continue };
-            if best.is_none_or(|(_, b)| status.available_bytes > b) {
-                best = Some((*id, status.available_bytes));
-            }
-        }
-        best.map(|(id, _)| id).ok_or_else(|| {
-            ServiceError::invalid(
-                "memoryType",
-                format!("no device here provides {} memory", kind.unwrap_or(MemoryKind::Host)),
-            )
-        })
+        self.devices.resolve(text)
     }
 
     /// The backend of a device (the pressure monitor samples through it).
     pub fn backend(&self, id: DeviceId) -> Option<&Arc<dyn Backend>> {
-        self.device(id).map(|d| &d.backend)
+        self.devices.get(id).map(|d| &d.backend)
     }
 
     /// `(total, available)` bytes of `device` read from the OS or driver now (no cached sample;
     /// the status cache is dropped too, so the next status shows the change).
     pub fn measure_now(&self, device: DeviceId) -> Result<(u64, u64), ServiceError> {
-        let dev = self.device_or_404(device)?;
-        dev.backend.refresh();
-        let reading = dev.backend.sample().map_err(|e| ServiceError::from_backend(device, e))?;
-        lock(&dev.state).invalidate_sample();
-        Ok(reading)
+        self.devices.measure_now(device)
     }
 
     /// Allocations on `device` that did not fit, since start.
     pub fn allocation_failures(&self, device: DeviceId) -> u64 {
-        lock(&self.failures).get(&device).copied().unwrap_or(0)
-    }
-
-    fn note_allocation_failure(&self, device: DeviceId) {
-        *lock(&self.failures).entry(device).or_default() += 1;
-    }
-
-    fn device(&self, id: DeviceId) -> Option<&Device> {
-        self.devices.iter().find(|(d, _)| *d == id).map(|(_, dev)| dev)
-    }
-
-    fn device_or_404(&self, id: DeviceId) -> Result<&Device, ServiceError> {
-        self.device(id).ok_or_else(|| ServiceError::DeviceNotFound {
-            requested: id.to_string(),
-            known: self.devices.iter().map(|(id, _)| id.to_string()).collect(),
-        })
+        self.devices.failures(device)
     }
 
     /// Status of one device, from a sample no older than the configured maximum age.
     pub fn status(&self, id: DeviceId) -> Result<DeviceStatus, ServiceError> {
-        let dev = self.device_or_404(id)?;
-        let mut st = lock(&dev.state);
-        let max_age = st.max_age();
-        let sample = st.sample(dev.backend.as_ref(), max_age).map_err(|e| ServiceError::from_backend(id, e))?;
-        let info = dev.backend.info();
-        Ok(DeviceStatus {
-            device: id,
-            device_type: info.device_type,
-            name: info.name.clone(),
-            memory_type: info.memory_type,
-            total_bytes: sample.reading.total_bytes,
-            available_bytes: sample.reading.available_bytes,
-            used_bytes: sample.reading.used_bytes,
-            source: sample.reading.source.clone(),
-            last_updated: sample.taken_at,
-            pools: st.pools.iter().map(|p| (p.kind(), p.stats())).collect(),
-            reservation_bytes: st.reservation_bytes,
-            gpu: info.gpu.clone(),
-            extra: info.extra.clone(),
-            driver_reserved_bytes: sample.reading.reserved_bytes,
-            processes: sample.reading.processes.clone(),
-            fault: dev.backend.fault(),
-        })
+        self.devices.status(id)
     }
 
     pub fn status_all(&self) -> Result<Vec<DeviceStatus>, ServiceError> {
-        self.devices.iter().map(|(id, _)| self.status(*id)).collect()
+        self.devices.ids().into_iter().map(|id| self.devices.status(id)).collect()
     }
 
     /// Allocates, creating pool blocks as needed (which can take milliseconds per GiB).
     pub fn allocate(&self, req: AllocateRequest) -> Result<Allocation, ServiceError> {
-        let device = req.device.clone();
-        let is_reservation = req.kind == Some(MemoryKind::Reservation);
-        // Keep a copy for the retry only when an automatic pass could retry it.
-        let retry = self.auto_defrag.as_ref().map(|auto| (auto.clone(), req.clone()));
-        let first = self.allocate_inner(req, true);
-        let result = match (first, retry) {
-            (Err(e @ ServiceError::InsufficientMemory { .. }), retry) => {
-                let id = self.resolve(&device)?;
-                self.note_allocation_failure(id);
-                // A reservation that does not fit is a budget answer, not a placement failure.
-                if let (ServiceError::InsufficientMemory { requested_bytes, .. }, false) = (&e, is_reservation) {
-                    lock(&self.ledger).recorder.failed(id, *requested_bytes);
-                }
-                let Some((auto, req)) = retry else { return Err(e) };
-                // Fragmented and out of room: one bounded pass, then one more try.
-                if self.fragmentation(id) < auto.fragmentation_threshold {
-                    return Err(e);
-                }
-                let options = memwarden_core::defrag::DefragOptions {
-                    strategy: auto.strategy,
-                    max_bytes_to_move: auto.max_bytes_to_move,
-                    max_allocations_to_move: usize::MAX,
-                };
-                // A pass already running on the device is not waited for: the allocation fails.
-                let Some(report) = self.defragment_if_idle(id, options, Some(Duration::from_millis(auto.max_time_ms)))
-                else {
-                    return Err(e);
-                };
-                let report = report?;
-                tracing::info!(device = %id, moved = report.bytes_moved, released = report.bytes_released, "automatic defragmentation after a failed allocation");
-                self.allocate_inner(req, true)
-            }
-            (r, _) => r,
-        };
-        result?.ok_or_else(|| ServiceError::BackendFailed {
-            device,
-            message: "allocation deferred although blocking was allowed".into(),
-        })
+        let checked = self.check(req)?;
+        allocate::finish(self.parts(), self.auto_defrag.as_ref(), checked, None)
     }
 
     /// Allocates only if no OS or driver call is needed (a pool hit or a reservation):
     /// `Ok(None)` when it would need a new block, or does not fit (then `allocate` records the
-    /// failure and may defragment). Lets async callers skip a thread hand-off on the
-    /// microsecond path.
+    /// failure and may defragment). [`Service::allocate_or_defer`] does the same without
+    /// checking the request again when it must go on.
     pub fn try_allocate_now(&self, req: AllocateRequest) -> Result<Option<Allocation>, ServiceError> {
-        match self.allocate_inner(req, false) {
-            Err(ServiceError::InsufficientMemory { .. }) => Ok(None),
-            other => other,
+        self.allocate_or_defer(req).map(Result::ok)
+    }
+
+    /// Allocates if no OS or driver call is needed (a pool hit or a reservation); otherwise,
+    /// when it would need a new block or does not fit, `Ok(Err(pending))`, which
+    /// [`Service::allocate_pending`] finishes (creating the block, or recording the failure and
+    /// maybe defragmenting) without checking the request again. Lets async callers skip a
+    /// thread hand-off on the microsecond path, and go down the path once on the other.
+    pub fn allocate_or_defer(
+        &self,
+        req: AllocateRequest,
+    ) -> Result<Result<Allocation, PendingAllocation>, ServiceError> {
+        match allocate::place(self.parts(), self.check(req)?, false) {
+            Ok(a) => Ok(Ok(a)),
+            Err(NotPlaced::WouldBlock(checked)) => Ok(Err(PendingAllocation { checked, failed: None })),
+            Err(NotPlaced::NoRoom(checked, e)) => Ok(Err(PendingAllocation { checked, failed: Some(e) })),
+            Err(NotPlaced::Failed(e)) => Err(e),
         }
     }
 
-    fn allocate_inner(&self, req: AllocateRequest, may_block: bool) -> Result<Option<Allocation>, ServiceError> {
-        let id = self.resolve(&req.device)?;
-        for (field, text) in [("purpose", &req.purpose), ("owner", &req.owner)] {
-            if let Some(t) = text.as_deref().filter(|t| t.chars().count() > MAX_TEXT_CHARS) {
-                return Err(ServiceError::invalid(
-                    field,
-                    format!("{} characters, more than the {MAX_TEXT_CHARS} allowed", t.chars().count()),
-                ));
-            }
-        }
-        if req.size_bytes == 0 {
-            return Err(ServiceError::invalid("sizeBytes", "must be greater than 0"));
-        }
+    /// Finishes what [`Service::allocate_or_defer`] could not, creating pool blocks as needed.
+    pub fn allocate_pending(&self, pending: PendingAllocation) -> Result<Allocation, ServiceError> {
+        allocate::finish(self.parts(), self.auto_defrag.as_ref(), *pending.checked, pending.failed)
+    }
+
+    fn parts(&self) -> Parts<'_> {
+        Parts { devices: &self.devices, quotas: &self.quotas, ledger: &self.ledger }
+    }
+
+    /// The request's checks, each in one place and each once: its fields here, its owner
+    /// process (watched from now on), then the device's (`Device::check_request`).
+    fn check(&self, req: AllocateRequest) -> Result<Checked, ServiceError> {
+        let id = self.devices.resolve(&req.device)?;
+        allocate::check_fields(&req)?;
         if let Some(pid) = req.owner_pid {
             self.owners.watch(pid)?;
         }
-        if !req.alignment_bytes.is_power_of_two() {
-            return Err(ServiceError::invalid("alignment", format!("{} is not a power of two", req.alignment_bytes)));
-        }
-        let dev = self.device_or_404(id)?;
-        let backend = dev.backend.as_ref();
-        if req.alignment_bytes > backend.max_alignment_bytes() {
-            return Err(ServiceError::invalid(
-                "alignment",
-                format!(
-                    "{} exceeds the largest alignment {id} supports ({})",
-                    req.alignment_bytes,
-                    backend.max_alignment_bytes()
-                ),
-            ));
-        }
-        let kind = req.kind.unwrap_or(id.default_kind());
-        if kind != MemoryKind::Reservation && !backend.kinds().contains(&kind) {
-            let offered: Vec<&str> = backend.kinds().iter().map(|k| k.as_str()).chain(["reservation"]).collect();
-            return Err(ServiceError::invalid(
-                "memoryType",
-                format!("{id} does not provide {kind} memory (it offers {})", offered.join(", ")),
-            ));
-        }
-        // Charged before the pool is asked, so concurrent requests cannot overshoot together.
-        let charge = self.charge_quota(req.owner.as_deref(), id, kind, req.size_bytes)?;
-        let outcome = {
-            let mut st = lock(&dev.state);
-            if kind == MemoryKind::Reservation {
-                st.reserve(backend, req.size_bytes).map(|()| (req.size_bytes, None, None))
-            } else {
-                st.allocate(backend, kind, req.size_bytes, req.alignment_bytes, may_block)
-                    .map(|a| (a.placement.size_bytes, Some(a.address), Some(a.placement)))
-            }
-        };
-        let charge = match (&outcome, charge) {
-            (Err(_), Some(c)) => {
-                lock(&self.ledger).quota.abandon(c);
-                None
-            }
-            (_, c) => c,
-        };
-        let (allocated_bytes, address, placement) = match outcome {
-            Ok(placed) => placed,
-            Err(AllocFailure::WouldBlock) => return Ok(None),
-            Err(AllocFailure::Backend(e)) => return Err(ServiceError::from_backend(id, e)),
-            Err(AllocFailure::OverBudget { requested_bytes, available_bytes, detail }) => {
-                return Err(ServiceError::InsufficientMemory {
-                    device: id.to_string(),
-                    requested_bytes,
-                    available_bytes,
-                    detail,
-                })
-            }
-        };
-        // One clock read serves the record and the event log.
-        let now = std::time::SystemTime::now();
-        let now_ns = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        let uuid = uuid::Uuid::new_v4();
-        let record = Arc::new(AllocationRecord {
-            id: uuid.to_string(),
-            device: id,
-            kind,
-            size_bytes: req.size_bytes,
-            allocated_bytes,
-            alignment_bytes: req.alignment_bytes,
-            address,
-            placement,
-            purpose: req.purpose,
-            owner: req.owner,
-            owner_pid: req.owner_pid,
-            owner_client: req.owner_client,
-            persistent: req.persistent,
-            movable: req.movable,
-            exported: false,
-            generation: 0,
-            allocated_at: OffsetDateTime::from(now),
-        });
-        let orphan = {
-            let mut ledger = lock(&self.ledger);
-            let orphan = record.owner_client.as_ref().is_some_and(|c| !ledger.open_clients.contains(c));
-            match (orphan, charge) {
-                (true, Some(c)) => ledger.quota.abandon(c),
-                (false, Some(c)) => ledger.quota.settle(c, allocated_bytes),
-                (_, None) => {}
-            }
-            if !orphan {
-                ledger.recorder.allocated(&record, uuid.as_u128(), now_ns);
-                ledger.records.insert(record.clone(), now_ns);
-            }
-            orphan
-        };
-        if orphan {
-            // The connection that asked closed meanwhile (its memory is already reclaimed):
-            // give the placement back rather than leave memory nobody owns.
-            if let Err(e) = lock(&dev.state).free(kind, record.placement.as_ref(), record.size_bytes) {
-                tracing::warn!(device = %id, error = %e, "an allocation for a closed connection was not given back");
-            }
-            return Err(ServiceError::InvalidOperation(format!(
-                "the connection '{}' closed before its allocation was made",
-                record.owner_client.as_deref().unwrap_or_default()
-            )));
-        }
-        Ok(Some(record))
+        let kind = self.devices.get_or_404(id)?.check_request(id, &req)?;
+        Ok(Checked { id, kind, req })
     }
 
     /// True when freeing this allocation returns no memory to the OS or driver (it stays in a
     /// shared block, or is a reservation) and waits for no defragmentation batch, so it takes
     /// microseconds.
     pub fn free_is_quick(&self, allocation_id: &str) -> bool {
-        let ledger = lock(&self.ledger);
-        !ledger.moving.contains(allocation_id)
-            && ledger.get(allocation_id).is_none_or(|r| {
-                r.kind == MemoryKind::Reservation || r.allocated_bytes < self.pool_config.dedicated_threshold_bytes
-            })
+        self.ledger.free_is_quick(allocation_id, self.devices.pool_config().dedicated_threshold_bytes)
     }
 
     /// Frees an allocation. Unknown and already-freed ids are `AllocationNotFound`.
@@ -459,77 +244,39 @@ impl Service {
     }
 
     fn free_as(&self, allocation_id: &str, reclaimed: bool) -> Result<FreedAllocation, ServiceError> {
-        let (freed, kept) = {
-            let mut ledger = self.ledger_settled(&[allocation_id]);
-            if let Some(&n) = (!ledger.busy.is_empty()).then(|| ledger.busy.get(allocation_id)).flatten() {
-                if reclaimed {
-                    // Its owner is gone: free it when the copy is done (`release`).
-                    ledger.reclaim_on_release.insert(allocation_id.to_string());
-                }
-                return Err(ServiceError::InvalidOperation(format!(
-                    "allocation '{allocation_id}' is in use by {n} transfer(s); free it when they finish"
-                )));
-            }
-            let record = ledger
-                .records
-                .remove(allocation_id, memwarden_sys::coarse_unix_nanos())
-                .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
-            let freed = FreedAllocation {
-                device: record.device,
-                kind: record.kind,
-                placement: record.placement,
-                size_bytes: record.size_bytes,
-                allocated_bytes: record.allocated_bytes,
-            };
-            ledger.quota.give_back(&self.quotas, &record);
-            // The ledger's record moves into the event log (no copy); it comes back when
-            // recording is off.
-            (freed, ledger.recorder.freed(record, reclaimed))
-        };
-        let dev = self.device_or_404(freed.device)?;
-        let result = lock(&dev.state).free(freed.kind, freed.placement.as_ref(), freed.size_bytes);
-        if let Err(e) = result {
-            // Keep the handle so the caller can retry; the pool did not change.
-            let mut ledger = lock(&self.ledger);
-            if let Some(record) = ledger.recorder.unfreed(allocation_id, kept) {
-                ledger.quota.take_back(&self.quotas, &record);
-                ledger.records.insert(record, memwarden_sys::coarse_unix_nanos());
-            }
-            return Err(ServiceError::from_backend(freed.device, e));
-        }
-        Ok(freed)
+        allocate::free(self.parts(), allocation_id, reclaimed)
     }
 
     pub fn allocation(&self, allocation_id: &str) -> Result<Allocation, ServiceError> {
-        lock(&self.ledger)
-            .get(allocation_id)
-            .cloned()
-            .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })
+        self.ledger.allocation(allocation_id)
     }
 
     /// Live allocations, oldest first; only those of `device` when given.
     pub fn allocations(&self, device: Option<DeviceId>) -> Vec<Allocation> {
-        let mut list: Vec<_> =
-            lock(&self.ledger).records.values().filter(|r| device.is_none_or(|d| r.device == d)).cloned().collect();
-        list.sort_by(|a, b| a.allocated_at.cmp(&b.allocated_at).then_with(|| a.id.cmp(&b.id)));
-        list
+        self.ledger.allocations(device)
+    }
+
+    /// The live allocations that match `filter` and come after `after` (from the first without
+    /// it), at most `limit` (at least 1) of them, with the count and bytes of all that match.
+    pub fn allocation_page(
+        &self,
+        filter: &AllocationFilter,
+        after: Option<&ListPosition>,
+        limit: usize,
+    ) -> AllocationPage {
+        self.ledger.lock().records.page(filter, after, limit)
+    }
+
+    /// What analytics needs of the live allocations, from the ledger's running totals (no walk
+    /// over the allocations): bytes, count and last activity per owner and per purpose, and
+    /// per owner its `per_owner` oldest non-persistent allocations made before `older_than`.
+    pub fn live_digest(&self, older_than: OffsetDateTime, per_owner: usize) -> LiveDigest {
+        self.ledger.lock().records.digest(older_than.unix_timestamp_nanos() as i64, per_owner)
     }
 
     /// Returns cached empty pool blocks to the OS or driver, on one device or all.
     pub fn clear(&self, device: Option<DeviceId>) -> Result<Vec<ClearOutcome>, ServiceError> {
-        let ids = match device {
-            Some(d) => vec![d],
-            None => self.device_ids(),
-        };
-        let outcomes = ids
-            .into_iter()
-            .map(|id| {
-                let dev = self.device_or_404(id)?;
-                let mut st = lock(&dev.state);
-                let cleared_bytes = st.clear().map_err(|e| ServiceError::from_backend(id, e))?;
-                Ok(ClearOutcome { device: id, cleared_bytes, reserved_bytes_after: st.pool_totals().reserved_bytes })
-            })
-            .collect();
+        let outcomes = self.devices.clear(device);
         // The daemon's own heap too: what request and answer buffers left free in it.
         if device.is_none_or(|d| d == DeviceId::Cpu) {
             memwarden_sys::release_free_heap();
@@ -537,49 +284,172 @@ impl Service {
         outcomes
     }
 
-    /// Checks every pool's invariants and that the ledger matches the pools.
+    /// Checks every pool's invariants, that the ledger matches the pools, and that the quota
+    /// books and the ledger's running totals match its records.
     pub fn validate(&self) -> Result<(), LedgerError> {
         {
-            let ledger = lock(&self.ledger);
-            ledger.quota.check(&self.quotas, ledger.records.values())?;
+            let ledger = self.ledger.lock();
+            self.quotas.check(ledger.records.values())?;
             ledger.records.check()?;
         }
-        for (id, dev) in &self.devices {
-            // A device, then the ledger: the order every path that takes both keeps.
-            let st = lock(&dev.state);
-            let ledger = lock(&self.ledger);
-            for pool in &st.pools {
-                pool.validate().map_err(|source| LedgerError::Pool { device: *id, kind: pool.kind(), source })?;
-                let in_ledger: u64 = ledger
-                    .records
-                    .values()
-                    .filter(|r| r.device == *id && r.kind == pool.kind())
-                    .map(|r| r.allocated_bytes)
-                    .sum();
-                if in_ledger != pool.stats().allocated_bytes {
-                    return Err(LedgerError::Allocated {
-                        device: *id,
-                        kind: pool.kind(),
-                        ledger_bytes: in_ledger,
-                        pool_bytes: pool.stats().allocated_bytes,
-                    });
-                }
-            }
-            let reserved: u64 = ledger
-                .records
-                .values()
-                .filter(|r| r.device == *id && r.kind == MemoryKind::Reservation)
-                .map(|r| r.size_bytes)
-                .sum();
-            if reserved != st.reservation_bytes {
-                return Err(LedgerError::Reserved {
-                    device: *id,
-                    ledger_bytes: reserved,
-                    device_bytes: st.reservation_bytes,
-                });
-            }
-        }
-        Ok(())
+        self.devices.check_against(&self.ledger)
+    }
+
+    /// One defragmentation pass on `device`: every pool of it, within the options' budgets and
+    /// `max_time` (checked between moves). Allocations that are not movable, exported, or in use
+    /// by a transfer stay where they are.
+    ///
+    /// The pass takes the global ledger only for moments (to mark a batch of allocations as
+    /// moving, and to switch them to their new places), so requests on other devices never wait
+    /// for it. It holds this device's lock for one batch of moves at a time. Requests that need
+    /// an allocation being moved (free, read, write, transfer, export) wait until its batch is
+    /// done; no request ever sees an allocation half-moved.
+    pub fn defragment(
+        &self,
+        device: DeviceId,
+        options: DefragOptions,
+        max_time: Option<Duration>,
+    ) -> Result<DefragReport, ServiceError> {
+        self.defragment_with_progress(device, options, max_time, &mut |_, _| {})
+    }
+
+    /// [`Service::defragment`], calling `progress(bytes_moved, bytes_planned)` as the pass goes:
+    /// once each pool's plan is made and after each batch of moves, and once at the end.
+    /// `bytes_moved` never decreases and ends at the report's `bytes_moved`; `bytes_planned` is
+    /// what was moved plus what the plan being carried out has left, so it changes as each pool
+    /// is planned (or planned again), and ends equal to `bytes_moved` unless moves were skipped.
+    pub fn defragment_with_progress(
+        &self,
+        device: DeviceId,
+        options: DefragOptions,
+        max_time: Option<Duration>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<DefragReport, ServiceError> {
+        let dev = self.devices.get_or_404(device)?;
+        Ok(dev.defragment(device, &self.ledger, options, max_time, progress))
+    }
+
+    /// The plan a pass would make for one pool now (tests compare it with what the pass did).
+    #[cfg(test)]
+    fn plan_now(
+        &self,
+        device: DeviceId,
+        kind: MemoryKind,
+        options: DefragOptions,
+    ) -> memwarden_core::defrag::DefragPlan {
+        self.devices.get_or_404(device).expect("device").plan_now(device, &self.ledger, kind, options)
+    }
+
+    /// Every block of every pool of `device`, with its ranges and the allocation in each.
+    pub fn pools(&self, device: DeviceId) -> Result<Vec<PoolDump>, ServiceError> {
+        Ok(self.devices.get_or_404(device)?.pools(device, &self.ledger))
+    }
+
+    /// Whether `size_bytes` of `kind` fits on `device` now: in the pool's free space, in new
+    /// memory from the OS or driver, or not at all (with the reason). Changes nothing.
+    pub fn can_allocate(
+        &self,
+        device: DeviceId,
+        size_bytes: u64,
+        kind: Option<MemoryKind>,
+    ) -> Result<CanAllocate, ServiceError> {
+        self.devices.get_or_404(device)?.can_allocate(device, size_bytes, kind)
+    }
+
+    /// Enforces `entries` from now on (the service starts with none); allocations already
+    /// live count against them. Refused, changing nothing, when `Config::validate` would refuse
+    /// them.
+    pub fn set_quotas(
+        &mut self,
+        entries: &[crate::config::quotas::QuotaEntry],
+    ) -> Result<(), crate::config::ConfigError> {
+        let offered = self.devices.offered();
+        let ledger = self.ledger.lock();
+        self.quotas.set(entries, &offered, ledger.records.values())
+    }
+
+    /// Every owner's live allocations per device and kind (bytes, count, the quota that binds),
+    /// and every quota with its use.
+    pub fn owners(&self) -> OwnersReport {
+        let offered = self.devices.offered();
+        self.quotas.report(self.ledger.lock().records.values(), &offered)
+    }
+
+    /// How often to call [`Service::reap_dead_owners`].
+    pub const REAP_INTERVAL: Duration = owners::REAP_INTERVAL;
+
+    /// Frees what owner processes that exited held (`ownerPid`), each logged as `reclaimed`:
+    /// per process, its pid, the allocations freed and their bytes. The server calls this every
+    /// [`Service::REAP_INTERVAL`].
+    pub fn reap_dead_owners(&self) -> Vec<(u32, usize, u64)> {
+        self.owners.reap(&self.ledger, |id| self.free_as(id, true))
+    }
+
+    /// Lets a connection own memory (`owner_client`) until [`Service::reclaim_client`].
+    pub fn open_client(&self, client: &str) {
+        self.ledger.open_client(client);
+    }
+
+    /// Closes a connection's ownership and frees what it owned, each logged as `reclaimed`:
+    /// the count and bytes freed, and the ids a copy is still using (freed when it is done).
+    /// Closing and collecting happen under one lock, so an allocation still in flight for the
+    /// connection is refused, never missed.
+    pub fn reclaim_client(&self, client: &str) -> (usize, u64, Vec<String>) {
+        self.reclaim(&self.ledger.close_client(client))
+    }
+
+    /// Frees these allocations as `reclaimed` (their owner is gone): the count and bytes freed,
+    /// and the ids still in use by a copy, which are freed (also as `reclaimed`) when the last
+    /// copy releases them. Ids already gone are skipped.
+    pub fn reclaim(&self, ids: &[String]) -> (usize, u64, Vec<String>) {
+        owners::reclaim(ids, |id| self.free_as(id, true))
+    }
+
+    /// Whether the service records counters and events (`analytics.enabled`).
+    pub fn recording(&self) -> bool {
+        self.ledger.lock().recorder.enabled()
+    }
+
+    /// A device's counters, live bytes, peak and last failure (zeros before its first event).
+    pub fn device_record(&self, device: DeviceId) -> DeviceRecord {
+        self.ledger.lock().recorder.device_record(device)
+    }
+
+    /// The event log, oldest first: only `device`'s when given, only events at or after `since`.
+    /// `allocated` entries get their record from the ledger (live) or their `freed` entry.
+    pub fn allocation_events(&self, device: Option<DeviceId>, since: Option<OffsetDateTime>) -> Vec<AllocationEvent> {
+        let ledger = self.ledger.lock();
+        ledger.recorder.events(&ledger.records, device, since)
+    }
+
+    /// The log's capacity, the time of its oldest event, and of the newest event it dropped
+    /// (a window that starts before that is incomplete).
+    pub fn event_log_extent(&self) -> (usize, Option<OffsetDateTime>, Option<OffsetDateTime>) {
+        self.ledger.lock().recorder.extent()
+    }
+
+    /// When each owner that holds live allocations last allocated or freed (the ledger's
+    /// running totals; analytics' leak suspects read the same figure).
+    pub fn owner_activity(&self) -> HashMap<String, OffsetDateTime> {
+        self.ledger.owner_activity()
+    }
+
+    /// Starts every device's live-bytes peak over from its current value.
+    pub fn reset_live_peaks(&self, at: OffsetDateTime) {
+        self.ledger.lock().recorder.reset_live_peaks(at);
+    }
+
+    /// Starts a transfer: checks every field, places a new destination if asked, marks both
+    /// allocations busy, and copies — synchronously up to the configured size, otherwise on a
+    /// background thread (`status: running`). A failed copy reports `failed` with the error;
+    /// a destination it created is freed again, and a `move` keeps its source.
+    pub fn transfer(self: &Arc<Self>, req: TransferRequest) -> Result<TransferRecord, ServiceError> {
+        self.transfers.start(self, req)
+    }
+
+    /// A transfer by id (running, or among the last finished ones).
+    pub fn transfer_status(&self, id: &str) -> Result<TransferRecord, ServiceError> {
+        self.transfers.status(id)
     }
 }
 

@@ -1,11 +1,11 @@
 //! Owners that go away, and the memory that comes back from them (`reclaimed`):
 //! - owner processes (`ownerPid`): each is watched through a pidfd from the moment it owns its
 //!   first allocation, so its exit is seen even after its pid is reused. The server asks
-//!   [`Service::reap_dead_owners`] every [`REAP_INTERVAL`];
-//! - attached clients' connections (`ownerClient`): [`Service::reclaim_client`] when one closes.
+//!   `Service::reap_dead_owners` every [`REAP_INTERVAL`];
+//! - attached clients' connections (`ownerClient`): `Service::reclaim_client` when one closes.
 
-use super::{Service, ServiceError};
-use crate::util::lock;
+use super::ledger::Ledger;
+use super::{FreedAllocation, ServiceError};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
 use std::collections::HashMap;
@@ -17,7 +17,9 @@ use std::time::Duration;
 /// the frees' own time), well inside the 1 s promised.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(200);
 
-/// The pidfds of the processes that own allocations.
+/// The owner-watch part of the service. Owns the pidfds of the processes that own allocations
+/// (behind its own lock), and decides what their exit reclaims ([`OwnerWatch::reap`],
+/// [`reclaim`]); the frees themselves are the service's.
 #[derive(Default)]
 pub struct OwnerWatch {
     pidfds: Mutex<HashMap<u32, OwnedFd>>,
@@ -79,21 +81,19 @@ fn exited(fd: &OwnedFd) -> bool {
     poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
 }
 
-impl Service {
-    /// Frees what owner processes that exited held (`ownerPid`), each logged as `reclaimed`:
-    /// per process, its pid, the allocations freed and their bytes. The server calls this every
-    /// [`REAP_INTERVAL`].
-    pub fn reap_dead_owners(&self) -> Vec<(u32, usize, u64)> {
+impl OwnerWatch {
+    /// Frees what owner processes that exited held (`ownerPid`) through `free` (the service's
+    /// free, as `reclaimed`): per process, its pid, the allocations freed and their bytes.
+    pub(super) fn reap(
+        &self,
+        ledger: &Ledger,
+        free: impl Fn(&str) -> Result<FreedAllocation, ServiceError>,
+    ) -> Vec<(u32, usize, u64)> {
         let mut out = Vec::new();
-        for pid in self.owners.take_exited() {
-            let ids: Vec<String> = lock(&self.ledger)
-                .records
-                .values()
-                .filter(|r| r.owner_pid == Some(pid))
-                .map(|r| r.id.clone())
-                .collect();
+        for pid in self.take_exited() {
+            let ids = ledger.owned_by_pid(pid);
             // What a copy is using is freed when the copy releases it.
-            let (count, bytes, _) = self.reclaim(&ids);
+            let (count, bytes, _) = reclaim(&ids, &free);
             if count > 0 {
                 tracing::info!(pid, count, bytes, "reclaimed the memory of an owner process that exited");
             }
@@ -101,53 +101,30 @@ impl Service {
         }
         out
     }
+}
 
-    /// Lets a connection own memory (`owner_client`) until [`Service::reclaim_client`].
-    pub fn open_client(&self, client: &str) {
-        lock(&self.ledger).open_clients.insert(client.to_string());
-    }
-
-    /// Closes a connection's ownership and frees what it owned, each logged as `reclaimed`:
-    /// the count and bytes freed, and the ids a copy is still using (freed when it is done).
-    /// Closing and collecting happen under one lock, so an allocation still in flight for the
-    /// connection is refused, never missed.
-    pub fn reclaim_client(&self, client: &str) -> (usize, u64, Vec<String>) {
-        let ids: Vec<String> = {
-            let mut ledger = lock(&self.ledger);
-            ledger.open_clients.remove(client);
-            ledger
-                .records
-                .values()
-                .filter(|r| r.owner_client.as_deref() == Some(client))
-                .map(|r| r.id.clone())
-                .collect()
-        };
-        self.reclaim(&ids)
-    }
-
-    /// Frees these allocations as `reclaimed` (their owner is gone): the count and bytes freed,
-    /// and the ids still in use by a copy, which are freed (also as `reclaimed`) when the last
-    /// copy releases them. Ids already gone are skipped.
-    pub fn reclaim(&self, ids: &[String]) -> (usize, u64, Vec<String>) {
-        let (mut count, mut bytes, mut busy) = (0, 0, Vec::new());
-        for id in ids {
-            match self.free_as(id, true) {
-                Ok(f) => {
-                    count += 1;
-                    bytes += f.allocated_bytes;
-                }
-                Err(ServiceError::InvalidOperation(_)) => busy.push(id.clone()),
-                Err(ServiceError::AllocationNotFound { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(allocation = %id, error = %e, "an allocation of a gone owner was not reclaimed")
-                }
+/// Frees these allocations through `free` (the service's free, as `reclaimed`: their owner is
+/// gone): the count and bytes freed, and the ids still in use by a copy, which the ledger frees
+/// (also as `reclaimed`) when the last copy releases them. Ids already gone are skipped.
+pub(super) fn reclaim(
+    ids: &[String],
+    free: impl Fn(&str) -> Result<FreedAllocation, ServiceError>,
+) -> (usize, u64, Vec<String>) {
+    let (mut count, mut bytes, mut busy) = (0, 0, Vec::new());
+    for id in ids {
+        match free(id) {
+            Ok(f) => {
+                count += 1;
+                bytes += f.allocated_bytes;
+            }
+            Err(ServiceError::InvalidOperation(_)) => busy.push(id.clone()),
+            Err(ServiceError::AllocationNotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(allocation = %id, error = %e, "an allocation of a gone owner was not reclaimed")
             }
         }
-        (count, bytes, busy)
     }
-
-    /// How often to call [`Service::reap_dead_owners`].
-    pub const REAP_INTERVAL: Duration = REAP_INTERVAL;
+    (count, bytes, busy)
 }
 
 #[cfg(test)]

@@ -2,19 +2,32 @@
 //! listing.
 //!
 //! An allocation whose owner has a quota covering its device and kind is charged before its
-//! pool is asked, in the ledger under its lock, so two requests cannot both take the last room.
+//! pool is asked, in the books under their lock, so two requests cannot both take the last room.
 //! The charge is settled when the allocation is recorded, and given back when placement fails.
 //! A free gives the bytes back in the same step that drops the record. Bytes are what the pool
 //! gives (`allocated_bytes`: the request rounded up to the pool's granularity; a reservation's
 //! own size), so a quota bounds the memory an owner actually holds.
 
-use super::{Allocation, LedgerError, Service, ServiceError};
+use super::{Allocation, LedgerError, ServiceError};
 use crate::config::quotas::{QuotaEntry, QuotaRule};
 use crate::config::ConfigError;
 use crate::util::lock;
 use memwarden_core::units::align_up;
 use memwarden_core::{DeviceId, MemoryKind, GRANULARITY_BYTES};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+/// The quotas part of the service. Owns the configured `[[quotas]]` rules (fixed once set) and
+/// the books of what each owner with a quota holds under them, behind their own lock. The
+/// service charges an allocation here before placing it, and settles, abandons or gives the
+/// bytes back as the allocation is recorded, fails or is freed: those steps run under the
+/// ledger's lock, so the books lock comes after the ledger's and the books always match the
+/// ledger's records (`Quotas::check`).
+#[derive(Default)]
+pub(crate) struct Quotas {
+    rules: QuotaRules,
+    books: Mutex<QuotaBooks>,
+}
 
 /// The configured quotas (fixed at start), indexed by owner: an allocation whose owner has none
 /// costs one hash lookup, and nothing when no quota is configured.
@@ -65,7 +78,7 @@ fn pool_bytes(kind: MemoryKind, size_bytes: u64) -> u64 {
     }
 }
 
-/// What the owners with a quota hold: kept in the ledger, under its lock.
+/// What the owners with a quota hold, under the [`Quotas`]' lock.
 #[derive(Debug, Default)]
 pub(crate) struct QuotaBooks {
     /// Per owner slot: bytes per (device, kind) that some quota of the owner covers, of its
@@ -238,48 +251,83 @@ pub struct OwnersReport {
     pub quotas: Vec<QuotaUse>,
 }
 
-impl Service {
-    /// Enforces `entries` from now on (the service starts with none); allocations already
-    /// live count against them. Refused, changing nothing, when `Config::validate` would refuse
-    /// them.
-    pub fn set_quotas(&mut self, entries: &[QuotaEntry]) -> Result<(), ConfigError> {
+impl Quotas {
+    /// Enforces `entries` from now on (the service starts with none); `live`, the allocations
+    /// already live, count against them. `offered`: each device of this host with the memory
+    /// kinds it provides, to warn about a quota that covers none. Refused, changing nothing,
+    /// when `Config::validate` would refuse them. `&mut self`: no allocation is in flight.
+    pub fn set<'a>(
+        &mut self,
+        entries: &[QuotaEntry],
+        offered: &[(DeviceId, Vec<MemoryKind>)],
+        live: impl Iterator<Item = &'a Allocation>,
+    ) -> Result<(), ConfigError> {
         let rules = crate::config::quotas::rules(entries).map_err(ConfigError::Invalid)?;
         for r in &rules {
-            let applies = self.devices.iter().any(|(id, dev)| {
-                let kinds = dev.backend.kinds().iter().copied().chain([MemoryKind::Reservation]);
-                kinds.into_iter().any(|k| r.covers(*id, k))
-            });
+            let applies = offered.iter().any(|(id, kinds)| kinds.iter().any(|k| r.covers(*id, *k)));
             if !applies {
                 tracing::warn!(owner = %r.owner, device = %r.device_text(), memory_type = r.kind_text(), "a quota covers no device and memory type of this host");
             }
         }
-        self.quotas = QuotaRules::new(rules);
-        // `&mut self`: no allocation is in flight, so the books are the ledger's records.
-        let mut ledger = lock(&self.ledger);
-        let mut books = QuotaBooks::for_rules(&self.quotas);
-        for r in ledger.records.values() {
-            books.take_back(&self.quotas, r);
+        self.rules = QuotaRules::new(rules);
+        // No allocation is in flight, so the books are the ledger's records.
+        let mut books = QuotaBooks::for_rules(&self.rules);
+        for r in live {
+            books.take_back(&self.rules, r);
         }
-        ledger.quota = books;
+        *lock(&self.books) = books;
         Ok(())
     }
 
     /// Charges an allocation of `size_bytes` to `owner`'s quotas before it is placed: `None`
     /// when no quota covers it, `QuotaExceeded` (nothing charged) when one has no room.
-    pub(super) fn charge_quota(
+    pub fn charge(
         &self,
         owner: Option<&str>,
         device: DeviceId,
         kind: MemoryKind,
         size_bytes: u64,
     ) -> Result<Option<Charge>, ServiceError> {
-        let Some(slot) = self.quotas.slot(owner, device, kind) else { return Ok(None) };
-        lock(&self.ledger).quota.charge(&self.quotas, slot, device, kind, pool_bytes(kind, size_bytes)).map(Some)
+        let Some(slot) = self.rules.slot(owner, device, kind) else { return Ok(None) };
+        lock(&self.books).charge(&self.rules, slot, device, kind, pool_bytes(kind, size_bytes)).map(Some)
     }
 
-    /// Every owner's live allocations per device and kind (bytes, count, the quota that binds),
-    /// and every quota with its use.
-    pub fn owners(&self) -> OwnersReport {
+    /// The allocation was recorded, occupying `allocated_bytes`.
+    pub fn settle(&self, charge: Charge, allocated_bytes: u64) {
+        lock(&self.books).settle(charge, allocated_bytes);
+    }
+
+    /// The allocation was not made: the charge goes back.
+    pub fn abandon(&self, charge: Charge) {
+        lock(&self.books).abandon(charge);
+    }
+
+    /// A recorded allocation left the ledger (freed): its bytes go back to its owner's quotas.
+    pub fn give_back(&self, r: &Allocation) {
+        if self.rules.slot(r.owner.as_deref(), r.device, r.kind).is_some() {
+            lock(&self.books).give_back(&self.rules, r);
+        }
+    }
+
+    /// A freed allocation came back into the ledger (its free failed): its bytes count again.
+    pub fn take_back(&self, r: &Allocation) {
+        if self.rules.slot(r.owner.as_deref(), r.device, r.kind).is_some() {
+            lock(&self.books).take_back(&self.rules, r);
+        }
+    }
+
+    /// Checks the books against the ledger's allocations (skipped while a charge is in flight).
+    pub fn check<'a>(&self, records: impl Iterator<Item = &'a Allocation>) -> Result<(), LedgerError> {
+        lock(&self.books).check(&self.rules, records)
+    }
+
+    /// Every owner's `live` allocations per device and kind (bytes, count, the quota that
+    /// binds), and every quota with its use; `offered` as for [`Quotas::set`].
+    pub fn report<'a>(
+        &self,
+        live: impl Iterator<Item = &'a Allocation>,
+        offered: &[(DeviceId, Vec<MemoryKind>)],
+    ) -> OwnersReport {
         #[derive(Default)]
         struct Tally {
             allocated_bytes: u64,
@@ -287,15 +335,15 @@ impl Service {
             count: usize,
         }
         let mut cells: BTreeMap<(Option<String>, DeviceId, MemoryKind), Tally> = BTreeMap::new();
-        for r in lock(&self.ledger).records.values() {
+        for r in live {
             let t = cells.entry((r.owner.clone(), r.device, r.kind)).or_default();
             t.allocated_bytes += r.allocated_bytes;
             t.requested_bytes += r.size_bytes;
             t.count += 1;
         }
-        for rule in &self.quotas.rules {
-            for (id, dev) in &self.devices {
-                for kind in dev.backend.kinds().iter().copied().chain([MemoryKind::Reservation]) {
+        for rule in &self.rules.rules {
+            for (id, kinds) in offered {
+                for &kind in kinds {
                     if rule.covers(*id, kind) {
                         cells.entry((Some(rule.owner.clone()), *id, kind)).or_default();
                     }
@@ -303,7 +351,7 @@ impl Service {
             }
         }
         let quotas: Vec<QuotaUse> = self
-            .quotas
+            .rules
             .rules
             .iter()
             .map(|rule| QuotaUse {
@@ -382,7 +430,11 @@ mod tests {
     fn concurrent_requests_never_overshoot_and_frees_balance_the_books() {
         use memwarden_backends::{HostBackend, HostStatusReader};
         let backend = std::sync::Arc::new(HostBackend::new(HostStatusReader::default()));
-        let mut s = Service::with_backends(vec![backend], memwarden_core::PoolConfig::default(), Default::default());
+        let mut s = crate::service::Service::with_backends(
+            vec![backend],
+            memwarden_core::PoolConfig::default(),
+            Default::default(),
+        );
         s.set_quotas(&[QuotaEntry {
             owner: "c".into(),
             device: "cpu".into(),
@@ -390,7 +442,7 @@ mod tests {
             max_bytes: 64 * KIB,
         }])
         .expect("valid");
-        let request = || super::super::AllocateRequest {
+        let request = || crate::service::AllocateRequest {
             owner: Some("c".into()),
             ..super::super::AllocateRequest::new("cpu", 1000)
         };

@@ -12,8 +12,8 @@
 //! clock (a few ns, 1–4 ms resolution). Owners' last activity is derived from the log when
 //! asked.
 
-use super::{Allocation, AllocationRecord, Service};
-use crate::util::lock;
+use super::live::LiveSet;
+use super::{Allocation, AllocationRecord};
 use memwarden_core::history::{Counters, Peak, Ring};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::HashMap;
@@ -277,24 +277,29 @@ impl Recorder {
     }
 }
 
-impl Service {
+/// What the recorder reads out; the service asks under the ledger's lock.
+impl Recorder {
     /// Whether the service records counters and events (`analytics.enabled`).
-    pub fn recording(&self) -> bool {
-        lock(&self.ledger).recorder.enabled
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// A device's counters, live bytes, peak and last failure (zeros before its first event).
-    pub fn device_record(&self, device: DeviceId) -> DeviceRecord {
-        let ledger = lock(&self.ledger);
-        ledger.recorder.devices.iter().find(|(d, _)| *d == device).map(|(_, r)| *r).unwrap_or_default()
+    pub(crate) fn device_record(&self, device: DeviceId) -> DeviceRecord {
+        self.devices.iter().find(|(d, _)| *d == device).map(|(_, r)| *r).unwrap_or_default()
     }
 
     /// The event log, oldest first: only `device`'s when given, only events at or after `since`.
-    /// `allocated` entries get their record from the ledger (live) or their `freed` entry.
-    pub fn allocation_events(&self, device: Option<DeviceId>, since: Option<OffsetDateTime>) -> Vec<AllocationEvent> {
+    /// `allocated` entries get their record from the ledger's `records` (live) or their `freed`
+    /// entry.
+    pub(crate) fn events(
+        &self,
+        records: &LiveSet,
+        device: Option<DeviceId>,
+        since: Option<OffsetDateTime>,
+    ) -> Vec<AllocationEvent> {
         let since_ns = since.map(|s| (s.unix_timestamp_nanos()) as i64);
-        let ledger = lock(&self.ledger);
-        let log = &ledger.recorder.log;
+        let log = &self.log;
         let freed: HashMap<u128, &Allocation> = log
             .iter()
             .filter_map(|e| match e {
@@ -313,30 +318,29 @@ impl Service {
                 Stored::Allocated { at_ns, uuid, device, kind, size_bytes } => {
                     let bits = (u128::from(uuid[0]) << 64) | u128::from(uuid[1]);
                     let id = uuid::Uuid::from_u128(bits).to_string();
-                    let record =
-                        ledger.records.get(&id).or_else(|| freed.get(&bits).copied()).cloned().unwrap_or_else(|| {
-                            // Not reachable while frees are logged after their allocation; kept
-                            // total rather than trusted.
-                            Arc::new(AllocationRecord {
-                                id,
-                                device: *device,
-                                kind: *kind,
-                                size_bytes: *size_bytes,
-                                allocated_bytes: *size_bytes,
-                                alignment_bytes: 0,
-                                address: None,
-                                placement: None,
-                                purpose: None,
-                                owner: None,
-                                owner_pid: None,
-                                owner_client: None,
-                                persistent: false,
-                                movable: false,
-                                exported: false,
-                                generation: 0,
-                                allocated_at: OffsetDateTime::UNIX_EPOCH,
-                            })
-                        });
+                    let record = records.get(&id).or_else(|| freed.get(&bits).copied()).cloned().unwrap_or_else(|| {
+                        // Not reachable while frees are logged after their allocation; kept
+                        // total rather than trusted.
+                        Arc::new(AllocationRecord {
+                            id,
+                            device: *device,
+                            kind: *kind,
+                            size_bytes: *size_bytes,
+                            allocated_bytes: *size_bytes,
+                            alignment_bytes: 0,
+                            address: None,
+                            placement: None,
+                            purpose: None,
+                            owner: None,
+                            owner_pid: None,
+                            owner_client: None,
+                            persistent: false,
+                            movable: false,
+                            exported: false,
+                            generation: 0,
+                            allocated_at: OffsetDateTime::UNIX_EPOCH,
+                        })
+                    });
                     AllocationEvent { at_unix_ns: *at_ns, kind: EventKind::Allocated, record }
                 }
             })
@@ -345,30 +349,14 @@ impl Service {
 
     /// The log's capacity, the time of its oldest event, and of the newest event it dropped
     /// (a window that starts before that is incomplete).
-    pub fn event_log_extent(&self) -> (usize, Option<OffsetDateTime>, Option<OffsetDateTime>) {
-        let ledger = lock(&self.ledger);
-        let r = &ledger.recorder;
+    pub(crate) fn extent(&self) -> (usize, Option<OffsetDateTime>, Option<OffsetDateTime>) {
         let at = |ns: i64| OffsetDateTime::from_unix_timestamp_nanos(ns as i128).ok();
-        (r.log.capacity(), r.log.first().and_then(|e| at(e.at_ns())), r.dropped_at_ns.and_then(at))
-    }
-
-    /// When each owner that holds live allocations last allocated or freed (the ledger's
-    /// running totals; analytics' leak suspects read the same figure).
-    pub fn owner_activity(&self) -> HashMap<String, OffsetDateTime> {
-        let live = lock(&self.ledger).records.digest(i64::MIN, 0);
-        live.owners
-            .into_iter()
-            .filter_map(|g| {
-                let at = OffsetDateTime::from_unix_timestamp_nanos(g.last_active_ns as i128).ok()?;
-                Some((g.name?, at))
-            })
-            .collect()
+        (self.log.capacity(), self.log.first().and_then(|e| at(e.at_ns())), self.dropped_at_ns.and_then(at))
     }
 
     /// Starts every device's live-bytes peak over from its current value.
-    pub fn reset_live_peaks(&self, at: OffsetDateTime) {
-        let mut ledger = lock(&self.ledger);
-        for (_, d) in ledger.recorder.devices.iter_mut() {
+    pub(crate) fn reset_live_peaks(&mut self, at: OffsetDateTime) {
+        for (_, d) in self.devices.iter_mut() {
             d.peak_live.reset(d.live_bytes, ms(at));
         }
     }

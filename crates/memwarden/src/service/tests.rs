@@ -1,7 +1,9 @@
 use super::*;
+use crate::util::lock;
 use memwarden_backends::{BackendError, HostBackend, HostStatusReader};
 use memwarden_core::units::{GIB, MIB};
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host").join(name)

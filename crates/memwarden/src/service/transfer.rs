@@ -1,5 +1,6 @@
 //! Transfers and copies between allocations (any devices), exports to other processes, and
-//! reading/writing an allocation's bytes.
+//! reading/writing an allocation's bytes: the [`Transfers`] part runs the copies; the service
+//! (`impl Service` below) resolves an allocation to its memory and marks it in use meanwhile.
 
 use super::{AllocateRequest, Allocation, AllocationRecord, Service, ServiceError};
 use crate::util::lock;
@@ -103,8 +104,19 @@ impl TransferState {
     }
 }
 
-#[derive(Default)]
+/// The transfers part of the service. Owns every transfer running and the last
+/// [`FINISHED_KEPT`] finished ones (behind its own lock), and the threads that copy the large
+/// ones in the background; how large a copy may be to run synchronously is its setting. It
+/// copies between allocations the service resolved and marked in use; a destination it makes
+/// and a moved source it frees go through the service's own allocate and free.
 pub(crate) struct Transfers {
+    table: Mutex<Table>,
+    /// Transfers up to this size answer synchronously; larger ones run in the background.
+    sync_max_bytes: u64,
+}
+
+#[derive(Default)]
+struct Table {
     all: HashMap<String, Arc<TransferState>>,
     finished: VecDeque<String>,
 }
@@ -142,7 +154,7 @@ impl Service {
         let placement = record.placement.ok_or_else(|| {
             ServiceError::invalid(field, format!("allocation '{}' is a reservation and holds no memory", record.id))
         })?;
-        let dev = self.device_or_404(record.device)?;
+        let dev = self.devices.get_or_404(record.device)?;
         let block = lock(&dev.state).pool(record.kind).and_then(|p| p.block(placement.block)).ok_or_else(|| {
             ServiceError::BackendFailed {
                 device: record.device.to_string(),
@@ -155,32 +167,12 @@ impl Service {
     /// Marks allocations as used by a copy (they cannot be freed meanwhile); fails if one of
     /// them is gone.
     pub(super) fn acquire(&self, ids: &[&str]) -> Result<(), ServiceError> {
-        let mut ledger = self.ledger_settled(ids);
-        if let Some(missing) = ids.iter().find(|id| !ledger.records.contains_key(id)) {
-            return Err(ServiceError::AllocationNotFound { id: missing.to_string() });
-        }
-        for id in ids {
-            *ledger.busy.entry(id.to_string()).or_default() += 1;
-        }
-        Ok(())
+        self.ledger.acquire(ids)
     }
 
+    /// Takes a copy's marks off.
     pub(super) fn release(&self, ids: &[&str]) {
-        let mut deferred = Vec::new();
-        {
-            let mut ledger = lock(&self.ledger);
-            for id in ids {
-                if let Some(n) = ledger.busy.get_mut(*id) {
-                    *n -= 1;
-                    if *n == 0 {
-                        ledger.busy.remove(*id);
-                        if ledger.reclaim_on_release.remove(*id) {
-                            deferred.push(id.to_string());
-                        }
-                    }
-                }
-            }
-        }
+        let deferred = self.ledger.release(ids);
         // Allocations whose owner went away while this copy used them.
         if !deferred.is_empty() {
             let (count, bytes, _) = self.reclaim(&deferred);
@@ -188,19 +180,17 @@ impl Service {
         }
     }
 
-    /// Starts a transfer: checks every field, places a new destination if asked, marks both
-    /// allocations busy, and copies — synchronously up to the configured size, otherwise on a
-    /// background thread (`status: running`). A failed copy reports `failed` with the error;
-    /// a destination it created is freed again, and a `move` keeps its source.
-    pub fn transfer(self: &Arc<Self>, req: TransferRequest) -> Result<TransferRecord, ServiceError> {
-        let source = self
-            .allocation(&req.source_id)
-            .map_err(|_| ServiceError::AllocationNotFound { id: req.source_id.clone() })?;
-        let size = transfer_size(&source, &req)?;
-        let (destination, dst_offset, created) = self.destination(&source, &req, size)?;
+    /// Marks the source and destination of a copy busy and resolves both to their memory,
+    /// read again once neither can move (a defragmentation pass may have moved one since the
+    /// first read). On failure nothing stays marked, and a destination made for the copy
+    /// (`created`) is freed again.
+    fn copy_sides(
+        &self,
+        source: &AllocationRecord,
+        destination: &AllocationRecord,
+        created: bool,
+    ) -> Result<(Side, Side), ServiceError> {
         let sides = self.acquire(&[&source.id, &destination.id]).and_then(|()| {
-            // Read again now that neither can move: a defragmentation pass may have moved one
-            // since the first read.
             let pair = self
                 .allocation(&source.id)
                 .and_then(|s| self.side(s, "sourceAllocationId"))
@@ -210,15 +200,33 @@ impl Service {
             }
             pair
         });
-        let (src, dst) = match sides {
-            Ok(pair) => pair,
-            Err(e) => {
-                if created {
-                    let _ = self.free(&destination.id);
-                }
-                return Err(e);
-            }
-        };
+        if sides.is_err() && created {
+            let _ = self.free(&destination.id);
+        }
+        sides
+    }
+}
+
+impl Transfers {
+    pub(super) fn new(sync_max_bytes: u64) -> Self {
+        Transfers { table: Mutex::new(Table::default()), sync_max_bytes }
+    }
+
+    pub(super) fn set_sync_max_bytes(&mut self, bytes: u64) {
+        self.sync_max_bytes = bytes;
+    }
+
+    /// Starts a transfer: checks every field, places a new destination if asked, marks both
+    /// allocations busy, and copies — synchronously up to the configured size, otherwise on a
+    /// background thread (`status: running`). A failed copy reports `failed` with the error;
+    /// a destination it created is freed again, and a `move` keeps its source.
+    pub(super) fn start(&self, service: &Arc<Service>, req: TransferRequest) -> Result<TransferRecord, ServiceError> {
+        let source = service
+            .allocation(&req.source_id)
+            .map_err(|_| ServiceError::AllocationNotFound { id: req.source_id.clone() })?;
+        let size = transfer_size(&source, &req)?;
+        let (destination, dst_offset, created) = Transfers::destination(service, &source, &req, size)?;
+        let (src, dst) = service.copy_sides(&source, &destination, created)?;
         let id = uuid::Uuid::new_v4().to_string();
         let state = Arc::new(TransferState {
             record: Mutex::new(TransferRecord {
@@ -241,11 +249,8 @@ impl Service {
             bytes_done: AtomicU64::new(0),
             started: Instant::now(),
         });
-        {
-            let mut t = lock(&self.transfers);
-            t.all.insert(id.clone(), state.clone());
-        }
-        let sync = size <= self.sync_transfer_max_bytes;
+        lock(&self.table).all.insert(id.clone(), state.clone());
+        let sync = size <= self.sync_max_bytes;
         // Background transfers copy in chunks so progress can be reported; a synchronous one
         // copies in one call (no per-chunk synchronisation to pay).
         let chunk = if sync { size } else { CHUNK_BYTES };
@@ -260,17 +265,17 @@ impl Service {
             state: state.clone(),
         };
         if sync {
-            self.run_transfer(job);
+            self.run(service, job);
             let record = state.snapshot();
             if let Some(error) = &record.error {
                 return Err(ServiceError::TransferFailed { transfer_id: record.id.clone(), message: error.clone() });
             }
             Ok(record)
         } else {
-            let service = self.clone();
+            let service = service.clone();
             std::thread::Builder::new()
                 .name(format!("transfer-{}", &id[..8]))
-                .spawn(move || service.run_transfer(job))
+                .spawn(move || service.transfers.run(&service, job))
                 .map_err(|e| ServiceError::BackendFailed {
                     device: source.device.to_string(),
                     message: e.to_string(),
@@ -283,14 +288,14 @@ impl Service {
     /// against the source's range), or a new allocation made like the source. The bool says
     /// whether it was made here (freed again if the transfer fails).
     fn destination(
-        &self,
+        service: &Service,
         source: &AllocationRecord,
         req: &TransferRequest,
         size: u64,
     ) -> Result<(Allocation, u64, bool), ServiceError> {
         match &req.target {
             TransferTarget::Allocation { id, offset } => {
-                let d = self.allocation(id)?;
+                let d = service.allocation(id)?;
                 if offset.checked_add(size).is_none_or(|end| end > d.size_bytes) {
                     return Err(ServiceError::invalid(
                         "destinationOffset",
@@ -309,7 +314,7 @@ impl Service {
                 Ok((d, *offset, false))
             }
             TransferTarget::NewOn { device, kind } => {
-                let d = self.allocate(AllocateRequest {
+                let d = service.allocate(AllocateRequest {
                     device: device.clone(),
                     size_bytes: size,
                     kind: *kind,
@@ -327,7 +332,10 @@ impl Service {
         }
     }
 
-    fn run_transfer(&self, job: TransferJob) {
+    /// Copies a job's bytes (in chunks, keeping its progress), then releases both sides and
+    /// finishes it: frees the destination it made when the copy failed, or the source of a
+    /// `move` when it succeeded.
+    fn run(&self, service: &Service, job: TransferJob) {
         let TransferJob { src, src_offset, dst, dst_offset, size, chunk, created, state } = job;
         let mut done = 0;
         let mut result = Ok(());
@@ -346,18 +354,18 @@ impl Service {
             done += n;
             state.bytes_done.store(done, Ordering::Relaxed);
         }
-        self.release(&[&src.record.id, &dst.record.id]);
+        service.release(&[&src.record.id, &dst.record.id]);
         let elapsed = state.started.elapsed().as_secs_f64();
         let mut error = result.err().map(|e| e.to_string());
         if error.is_some() && created {
-            let _ = self.free(&dst.record.id);
+            let _ = service.free(&dst.record.id);
         }
         if done > 0 {
-            lock(&self.ledger).recorder.transferred(src.record.device, dst.record.device, done);
+            service.ledger.lock().recorder.transferred(src.record.device, dst.record.device, done);
         }
         let move_source = lock(&state.record).move_source;
         if error.is_none() && move_source {
-            if let Err(e) = self.free(&src.record.id) {
+            if let Err(e) = service.free(&src.record.id) {
                 error = Some(format!("bytes copied, but freeing the source failed: {e}"));
             }
         }
@@ -368,7 +376,7 @@ impl Service {
             r.duration_secs = elapsed;
             r.finished_at = Some(OffsetDateTime::now_utc());
         }
-        let mut t = lock(&self.transfers);
+        let mut t = lock(&self.table);
         t.finished.push_back(lock(&state.record).id.clone());
         while t.finished.len() > FINISHED_KEPT {
             if let Some(old) = t.finished.pop_front() {
@@ -378,23 +386,25 @@ impl Service {
     }
 
     /// A transfer by id (running, or among the last finished ones).
-    pub fn transfer_status(&self, id: &str) -> Result<TransferRecord, ServiceError> {
-        let state = lock(&self.transfers).all.get(id).cloned();
+    pub(super) fn status(&self, id: &str) -> Result<TransferRecord, ServiceError> {
+        let state = lock(&self.table).all.get(id).cloned();
         state.map(|s| s.snapshot()).ok_or_else(|| ServiceError::TransferNotFound { id: id.to_string() })
     }
+}
 
+impl Service {
     /// What another process needs to map an allocation. The allocation is marked exported and
     /// will never be moved (marked first, so a defragmentation pass cannot move it between
     /// reading its place and handing the place out).
     pub fn export(&self, allocation_id: &str, via: ExportVia) -> Result<ExportInfo, ServiceError> {
         let (record, was) = {
-            let mut ledger = self.ledger_settled(&[allocation_id]);
+            let mut ledger = self.ledger.settled(&[allocation_id]);
             let r = ledger
                 .records
                 .get_mut(allocation_id)
                 .ok_or_else(|| ServiceError::AllocationNotFound { id: allocation_id.to_string() })?;
             // Refused before marking, so a refusal never undoes another request's export.
-            let needs_fd = self.device(r.device).is_some_and(|d| d.backend.exports_need_descriptor_passing());
+            let needs_fd = self.devices.get(r.device).is_some_and(|d| d.backend.exports_need_descriptor_passing());
             if via == ExportVia::Http && r.placement.is_some() && needs_fd {
                 return Err(ServiceError::InvalidOperation(format!(
                     "allocation '{allocation_id}' is {} memory, exported as an opaque file descriptor, which HTTP \
@@ -421,7 +431,7 @@ impl Service {
         let (base, export) = match exported {
             Ok(x) => x,
             Err(e) => {
-                let mut ledger = lock(&self.ledger);
+                let mut ledger = self.ledger.lock();
                 if let Some(r) = ledger.records.get_mut(allocation_id) {
                     let m = Arc::make_mut(r);
                     (m.exported, m.movable) = was;
@@ -449,7 +459,7 @@ impl Service {
             let record = self.allocation(allocation_id)?;
             check_range(&record, offset, len)?;
             let side = self.side(record.clone(), "allocationId")?;
-            let dev = self.device_or_404(record.device)?;
+            let dev = self.devices.get_or_404(record.device)?;
             f(dev.backend.as_ref(), &side).map_err(|e| ServiceError::from_backend(record.device, e))
         })();
         self.release(&[allocation_id]);

@@ -132,6 +132,11 @@ pub enum SupervisorError {
     Invalid(String),
 }
 
+/// The worker supervisor. Owns the worker slots (each worker process or attached client, its
+/// models and its state, behind one lock), the workers' settings, the devices they serve, the
+/// extracted Python runtime, the socket they attach on and the last sync with them; it
+/// spawns, restarts and stops the worker processes and measures what each holds. Who answers
+/// the peers' own requests is given to it once (`peer`); it owns no memory of its own.
 pub struct Supervisor {
     cfg: WorkersSection,
     /// Every device the daemon has (`cpu`, `cuda:0`, …): the default worker serves them all.

@@ -37,7 +37,8 @@ pub async fn optimize(State(state): State<AppState>, ApiJson(body): ApiJson<Opti
     if !(0.0..=100.0).contains(&target) {
         return Err(ApiError::invalid("targetPressureLevel must be between 0 and 100"));
     }
-    let strategy: EvictionStrategy = body.strategy.as_deref().unwrap_or("balanced").parse().map_err(ApiError::invalid)?;
+    let strategy: EvictionStrategy =
+        body.strategy.as_deref().unwrap_or("balanced").parse().map_err(ApiError::invalid)?;
     let max_models = match body.max_models_to_unload.unwrap_or(-1) {
         -1 => None,
         n if n >= 0 => Some(n as usize),
