@@ -14,8 +14,8 @@ use memwarden_core::DeviceId;
 use memwarden_protocol::{
     codes, Action, Event, LoadWeights, ModelRef, PeerAllocate, PeerExport, PeerFree, Reply, Request, DEFAULT_PRIORITY,
 };
+use memwarden_sys::SharedHandle;
 use serde_json::{json, Value};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// Registered with the supervisor by the server: the store, the optimizer whose admission and
@@ -23,7 +23,7 @@ use std::sync::Arc;
 /// holds the memory peers allocate.
 pub struct WeightsPeer(pub Arc<WeightStore>, pub Arc<crate::optimizer::Optimizer>, pub Arc<Service>);
 
-fn err(id: String, e: &WeightsError) -> (Reply, Vec<OwnedFd>) {
+fn err(id: String, e: &WeightsError) -> (Reply, Vec<SharedHandle>) {
     (Reply::err(id, e.code(), e.to_string()), Vec::new())
 }
 
@@ -34,7 +34,7 @@ impl WeightsPeer {
         service: Arc<Service>,
         conn: Arc<Conn>,
         r: Request,
-    ) -> (Reply, Vec<OwnedFd>) {
+    ) -> (Reply, Vec<SharedHandle>) {
         let id = r.request_id.clone();
         match r.action {
             Action::LoadWeights => load_for(&store, &optimizer, conn, &r).await,
@@ -93,7 +93,7 @@ async fn load_for(
     optimizer: &crate::optimizer::Optimizer,
     conn: Arc<Conn>,
     r: &Request,
-) -> (Reply, Vec<OwnedFd>) {
+) -> (Reply, Vec<SharedHandle>) {
     let id = r.request_id.clone();
     let body: LoadWeights = match r.data_as() {
         Ok(b) => b,
@@ -171,7 +171,11 @@ fn free_for(service: &Service, conn: &Conn, r: &Request) -> PeerResult {
 
 /// `export`: the REST route's answer, and for Vulkan memory its opaque fd with the reply.
 /// A peer whose connection cannot carry descriptors (`via` = `Http`) is refused Vulkan memory.
-fn export_for(service: &Service, r: &Request, via: ExportVia) -> Result<(Value, Vec<OwnedFd>), (&'static str, String)> {
+fn export_for(
+    service: &Service,
+    r: &Request,
+    via: ExportVia,
+) -> Result<(Value, Vec<SharedHandle>), (&'static str, String)> {
     let body: PeerExport = r.data_as().map_err(|e| (e.code, e.message))?;
     let info = service.export(&body.allocation_id, via).map_err(service_error)?;
     let data = serde_json::to_value(info.dto(&body.allocation_id)).map_err(|e| (codes::INTERNAL, e.to_string()))?;
@@ -194,7 +198,7 @@ fn reclaim_for(service: Arc<Service>, client: String) {
 }
 
 impl PeerRequests for WeightsPeer {
-    fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)> {
+    fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<SharedHandle>)> {
         Box::pin(Self::serve(self.0.clone(), self.1.clone(), self.2.clone(), conn, request))
     }
 

@@ -7,7 +7,7 @@ use memwarden_core::DeviceId;
 use memwarden_protocol::HandleKind;
 use memwarden_sys::cuda::{CudaContext, CudaStream, Staging, UploadPipeline, VmmAllocation};
 use memwarden_sys::HostMapping;
-use std::os::fd::OwnedFd;
+use memwarden_sys::SharedHandle;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -30,7 +30,7 @@ pub trait ChunkWriter {
 pub trait Block: Send + Sync {
     fn size_bytes(&self) -> u64;
     /// A new descriptor for a holder to map.
-    fn export(&self) -> Result<OwnedFd, WeightsError>;
+    fn export(&self) -> Result<SharedHandle, WeightsError>;
     /// A writer for one loader thread, with chunks of `chunk_bytes` at most.
     fn writer(&self, chunk_bytes: u64) -> Result<Box<dyn ChunkWriter + '_>, WeightsError>;
     /// Copies the first `len` bytes into the park chunks (in order).
@@ -243,7 +243,7 @@ impl Block for HostBlock {
         self.0.len_bytes()
     }
 
-    fn export(&self) -> Result<OwnedFd, WeightsError> {
+    fn export(&self) -> Result<SharedHandle, WeightsError> {
         self.0.share_fd().map_err(|e| WeightsError::Internal(format!("exporting the weights file: {e}")))
     }
 
@@ -362,7 +362,7 @@ impl Block for CudaBlock {
         self.alloc.size_bytes()
     }
 
-    fn export(&self) -> Result<OwnedFd, WeightsError> {
+    fn export(&self) -> Result<SharedHandle, WeightsError> {
         self.alloc.export_fd().map_err(|e| WeightsError::from_cuda("exporting the weights", e))
     }
 

@@ -5,6 +5,7 @@ use super::memory::{Arena, HostArena, ParkPool};
 use super::*;
 use crate::config::WeightsSection;
 use futures_util::future::BoxFuture;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
