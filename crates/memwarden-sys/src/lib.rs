@@ -41,6 +41,8 @@ pub use os::mem::{coarse_unix_nanos, page_size_bytes, release_free_heap, tune_he
 pub use os::shm::{BorrowedHandle, SharedHandle};
 pub use os::{fs, local, process, status};
 pub use status::{memlock_limit_bytes, PsiTrigger};
+// Unix only: these take raw Unix descriptors (for Rust peers of the socket and tests that use a
+// plain `std` socket); the portable way is `local::LocalWriteHalf::send_with_handles`.
 #[cfg(unix)]
 pub use unix::local::{recv_with_fds, send_with_fds};
 

@@ -41,8 +41,13 @@ pub fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]
 /// the connection (its stream is out of step).
 pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     const MAX_FDS: usize = 16;
+    // Room for exactly MAX_FDS (the kernel truncates more, with MSG_CTRUNC): `cmsg_space!` adds
+    // slack to align an unaligned buffer, which would fit a few more; the aligned part of it,
+    // `cmsg_aligned_space!` long, does not.
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let exact = rustix::cmsg_aligned_space!(ScmRights(MAX_FDS));
+    let start = space.as_ptr().align_offset(std::mem::align_of::<usize>()).min(space.len() - exact);
+    let mut control = RecvAncillaryBuffer::new(&mut space[start..start + exact]);
     let msg = recvmsg(socket, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
     let mut fds = Vec::new();
     for m in control.drain() {
