@@ -39,7 +39,7 @@ impl ShmFile {
         let file = ShmFile { fd, path };
         if let Err(e) = rustix::fs::fallocate(&file.fd, FallocateFlags::empty(), 0, len) {
             let (errno, message) = errno_text(e);
-            let errno = if e == rustix::io::Errno::NOSPC { super::mem::ENOMEM } else { errno };
+            let errno = if e == rustix::io::Errno::NOSPC { rustix::io::Errno::NOMEM.raw_os_error() } else { errno };
             return Err(SysError::Commit {
                 len_bytes: len,
                 errno,
