@@ -2,7 +2,7 @@ use crate::dedicated::{DedicatedError, DedicatedMemory};
 use memwarden_core::{DeviceId, MemoryKind};
 use std::any::Any;
 use std::fmt::Debug;
-use std::os::fd::OwnedFd;
+use memwarden_sys::SharedHandle;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -51,7 +51,7 @@ pub enum ExportHandle {
     /// Bytes the importer passes to its driver (e.g. a 64-byte CUDA IPC handle).
     Bytes(Vec<u8>),
     /// A new descriptor: only a channel that passes descriptors (a Unix socket) carries it.
-    Fd(OwnedFd),
+    Fd(SharedHandle),
 }
 
 /// What another process needs to map a block, whatever backend made it: the handle, and what

@@ -7,7 +7,7 @@
 
 use memwarden_core::{DeviceId, HandleKind};
 use memwarden_sys::HostMapping;
-use std::os::fd::OwnedFd;
+use memwarden_sys::SharedHandle;
 
 /// Why dedicated memory could not be had or used. Messages are the user's (they reach the
 /// API as they are).
@@ -77,7 +77,7 @@ pub trait ChunkWriter {
 pub trait DedicatedBlock: Send + Sync {
     fn size_bytes(&self) -> u64;
     /// A new descriptor for another process to map (as [`DedicatedMemory::handle_kind`] says).
-    fn export(&self) -> Result<OwnedFd, DedicatedError>;
+    fn export(&self) -> Result<SharedHandle, DedicatedError>;
     /// A writer for one loader thread, with chunks of `chunk_bytes` at most.
     fn writer(&self, chunk_bytes: u64) -> Result<Box<dyn ChunkWriter + '_>, DedicatedError>;
     /// Copies every piece block → chunk and returns once they have arrived.

@@ -32,8 +32,8 @@ pub struct DiscoverConfig {
 impl Default for DiscoverConfig {
     fn default() -> Self {
         DiscoverConfig {
-            proc_root: "/proc".into(),
-            cgroup_root: "/sys/fs/cgroup".into(),
+            proc_root: memwarden_sys::status::PROC_ROOT.into(),
+            cgroup_root: memwarden_sys::status::CGROUP_ROOT.into(),
             shared_memory_dir: None,
             shared_memory_group: None,
             cuda: true,

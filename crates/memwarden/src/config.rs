@@ -405,8 +405,8 @@ impl Default for PoolSection {
 impl Default for HostSection {
     fn default() -> Self {
         HostSection {
-            proc_root: "/proc".into(),
-            cgroup_root: "/sys/fs/cgroup".into(),
+            proc_root: memwarden_sys::status::PROC_ROOT.into(),
+            cgroup_root: memwarden_sys::status::CGROUP_ROOT.into(),
             shared_memory_dir: "/dev/shm".into(),
             shared_memory_group: None,
         }

@@ -482,10 +482,6 @@ const MAX_FN_LINES: usize = 80;
 const LONG_FUNCTIONS: &[(&str, &str)] = &[
     ("memwarden-core/src/tlsf.rs::Tlsf::validate", "one pass over every invariant, each a check and its message"),
     (
-        "memwarden-sys/src/lib.rs::HostMapping::create_with",
-        "one unsafe sequence (reserve, trim, map, populate) kept together with its SAFETY notes",
-    ),
-    (
         "memwarden-sys/src/vulkan/device.rs::VulkanDevice::open",
         "Vulkan's instance and device creation, one builder chain",
     ),

@@ -6,7 +6,7 @@ use crate::dedicated::{ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, 
 use memwarden_core::{DeviceId, HandleKind};
 use memwarden_sys::cuda::{CudaContext, CudaError, CudaStream, Staging, UploadPipeline, VmmAllocation};
 use memwarden_sys::HostMapping;
-use std::os::fd::OwnedFd;
+use memwarden_sys::SharedHandle;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,7 +134,7 @@ impl DedicatedBlock for CudaDedicatedBlock {
         self.alloc.size_bytes()
     }
 
-    fn export(&self) -> Result<OwnedFd, DedicatedError> {
+    fn export(&self) -> Result<SharedHandle, DedicatedError> {
         self.alloc.export_fd().map_err(|e| from_cuda("exporting the weights", e))
     }
 

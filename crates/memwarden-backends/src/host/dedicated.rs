@@ -4,7 +4,7 @@
 use crate::dedicated::{ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, PinnedChunk};
 use memwarden_core::{DeviceId, HandleKind};
 use memwarden_sys::HostMapping;
-use std::os::fd::OwnedFd;
+use memwarden_sys::SharedHandle;
 use std::path::PathBuf;
 
 /// Blocks in a tmpfs (`/dev/shm`), mapped shared so holders map the same pages.
@@ -72,7 +72,7 @@ impl DedicatedBlock for HostDedicatedBlock {
         self.0.len_bytes()
     }
 
-    fn export(&self) -> Result<OwnedFd, DedicatedError> {
+    fn export(&self) -> Result<SharedHandle, DedicatedError> {
         self.0.share_fd().map_err(|e| DedicatedError::Failed(format!("exporting the weights file: {e}")))
     }
 

@@ -110,6 +110,7 @@ fn sys_error(e: SysError, backend: &HostBackend, kind: MemoryKind) -> BackendErr
             BackendError::Failed { operation: "host mapping", message: e.to_string() }
         }
         SysError::Psi { .. } => BackendError::Failed { operation: "PSI trigger", message: e.to_string() },
+        SysError::Unsupported(operation) => BackendError::Failed { operation, message: e.to_string() },
     }
 }
 
@@ -141,36 +142,13 @@ fn remove_shared_files_where(dir: &std::path::Path, remove: impl Fn(u32) -> bool
 /// A process that exists and has not exited: a zombie (exited, not yet reaped by its parent)
 /// holds no mappings, so its files are stale too.
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
-        Err(_) => false,
-    }
-}
-
-/// The CPU model from `/proc/cpuinfo`, for the device name.
-fn cpu_model() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("model name"))?;
-    Some(line.split_once(':')?.1.trim().to_string())
-}
-
-/// True when this process holds CAP_IPC_LOCK (then RLIMIT_MEMLOCK does not apply).
-fn has_cap_ipc_lock() -> bool {
-    const CAP_IPC_LOCK: u32 = 14;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let hex = s.lines().find(|l| l.starts_with("CapEff:"))?.split_whitespace().nth(1)?.to_string();
-            u64::from_str_radix(&hex, 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+    memwarden_sys::process::alive(pid)
 }
 
 impl HostBackend {
     /// Anonymous blocks, pinned with `mlock`.
     pub fn new(reader: HostStatusReader) -> Self {
-        let name = cpu_model().unwrap_or_else(|| "host memory".into());
+        let name = memwarden_sys::status::cpu_model().unwrap_or_else(|| "host memory".into());
         HostBackend {
             info: DeviceInfo {
                 device_id: DeviceId::Cpu,
@@ -271,7 +249,7 @@ impl Backend for HostBackend {
 
     fn kind_limit_bytes(&self, kind: MemoryKind) -> Option<u64> {
         match kind {
-            MemoryKind::Pinned if !has_cap_ipc_lock() => memwarden_sys::memlock_limit_bytes(),
+            MemoryKind::Pinned if !memwarden_sys::status::has_cap_ipc_lock() => memwarden_sys::memlock_limit_bytes(),
             _ => None,
         }
     }
@@ -288,13 +266,12 @@ impl Backend for HostBackend {
         };
         let mut mapping = self.map(size_bytes, lock).map_err(|e| sys_error(e, self, kind))?;
         if let (Some(gid), Some(path)) = (self.shared_group, mapping.shared_path()) {
-            use std::os::unix::fs::PermissionsExt;
-            std::os::unix::fs::chown(path, None, Some(gid))
-                .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)))
-                .map_err(|e| BackendError::Failed {
+            memwarden_sys::fs::set_group(path, gid).and_then(|()| memwarden_sys::fs::set_mode(path, 0o660)).map_err(
+                |e| BackendError::Failed {
                     operation: "giving a shared block its group",
                     message: format!("{} to gid {gid}: {e}", path.display()),
-                })?;
+                },
+            )?;
         }
         if let Some(ctx) = register {
             mapping.register_cuda(ctx).map_err(|e| match e {

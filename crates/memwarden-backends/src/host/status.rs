@@ -129,7 +129,7 @@ pub fn parse_zoneinfo_pcp_pages(text: &str) -> u64 {
 
 impl Default for HostStatusReader {
     fn default() -> Self {
-        HostStatusReader::new("/proc", "/sys/fs/cgroup")
+        HostStatusReader::new(memwarden_sys::status::PROC_ROOT, memwarden_sys::status::CGROUP_ROOT)
     }
 }
 

@@ -6,9 +6,9 @@
 
 use super::{check, CudaContext, CudaError};
 use crate::HostMapping;
+use crate::SharedHandle;
 use cudarc::driver::sys;
 use std::ffi::c_void;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 fn prop(ordinal: u32) -> sys::CUmemAllocationProp {
@@ -104,20 +104,29 @@ impl VmmAllocation {
     }
 
     /// A new file descriptor another process imports with `cuMemImportFromShareableHandle`.
-    pub fn export_fd(&self) -> Result<OwnedFd, CudaError> {
+    #[cfg(unix)]
+    pub fn export_fd(&self) -> Result<SharedHandle, CudaError> {
+        use std::os::fd::FromRawFd;
         self.ctx.bind()?;
-        let mut fd: libc::c_int = -1;
+        let mut fd: std::ffi::c_int = -1;
         // SAFETY: for POSIX file descriptors the out-parameter is an int; the handle is live.
         check("cuMemExportToShareableHandle", self.size, unsafe {
             sys::cuMemExportToShareableHandle(
-                &mut fd as *mut libc::c_int as *mut c_void,
+                &mut fd as *mut std::ffi::c_int as *mut c_void,
                 self.handle,
                 sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
                 0,
             )
         })?;
         // SAFETY: the driver returned a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        Ok(unsafe { SharedHandle::from_raw_fd(fd) })
+    }
+
+    /// Windows exports Win32 handles (`CU_MEM_HANDLE_TYPE_WIN32`), which the allocations made
+    /// here do not request yet: unsupported until the Windows port.
+    #[cfg(windows)]
+    pub fn export_fd(&self) -> Result<SharedHandle, CudaError> {
+        Err(CudaError::Unavailable("exporting CUDA memory is not supported on this platform yet".into()))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<u64, CudaError> {

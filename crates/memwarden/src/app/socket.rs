@@ -15,20 +15,20 @@ use memwarden_core::DeviceId;
 use memwarden_protocol::{
     codes, Action, Event, LoadWeights, ModelRef, PeerAllocate, PeerExport, PeerFree, Reply, Request, DEFAULT_PRIORITY,
 };
+use memwarden_sys::SharedHandle;
 use serde_json::{json, Value};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// Registered with the supervisor by [`App::start`]; holds the app weakly (the app holds the
 /// supervisor). A request that arrives while the daemon stops is refused.
 pub struct SocketRequests(pub std::sync::Weak<App>);
 
-fn err(id: String, e: &WeightsError) -> (Reply, Vec<OwnedFd>) {
+fn err(id: String, e: &WeightsError) -> (Reply, Vec<SharedHandle>) {
     (Reply::err(id, e.code(), e.to_string()), Vec::new())
 }
 
 impl SocketRequests {
-    async fn serve(app: Arc<App>, conn: Arc<Conn>, r: Request) -> (Reply, Vec<OwnedFd>) {
+    async fn serve(app: Arc<App>, conn: Arc<Conn>, r: Request) -> (Reply, Vec<SharedHandle>) {
         let id = r.request_id.clone();
         let store = app.weights.clone();
         match r.action {
@@ -83,7 +83,7 @@ impl SocketRequests {
 
 /// A peer's `loadWeights`: the model loaded (or shared) through admission, mapped by the peer
 /// (the grant and its descriptor in the reply).
-async fn load_for(app: &App, conn: Arc<Conn>, r: &Request) -> (Reply, Vec<OwnedFd>) {
+async fn load_for(app: &App, conn: Arc<Conn>, r: &Request) -> (Reply, Vec<SharedHandle>) {
     let id = r.request_id.clone();
     let body: LoadWeights = match r.data_as() {
         Ok(b) => b,
@@ -162,7 +162,7 @@ fn free_for(app: &App, conn: &Conn, r: &Request) -> PeerResult {
 /// `export`: the REST route's answer, and the export's descriptor with the reply where it is one
 /// (Vulkan memory's opaque fd). A peer whose connection cannot carry descriptors (`via` =
 /// `Http`) is refused memory exported as one.
-fn export_for(app: &App, r: &Request, via: ExportVia) -> Result<(Value, Vec<OwnedFd>), (&'static str, String)> {
+fn export_for(app: &App, r: &Request, via: ExportVia) -> Result<(Value, Vec<SharedHandle>), (&'static str, String)> {
     let body: PeerExport = r.data_as().map_err(|e| (e.code, e.message))?;
     let info = allocations::export(app, &body.allocation_id, via).map_err(service_error)?;
     let data = serde_json::to_value(info.dto(&body.allocation_id)).map_err(|e| (codes::INTERNAL, e.to_string()))?;
@@ -182,7 +182,7 @@ fn reclaim_for(service: Arc<Service>, client: String) {
 }
 
 impl PeerRequests for SocketRequests {
-    fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)> {
+    fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<SharedHandle>)> {
         let Some(app) = self.0.upgrade() else {
             let reply = Reply::err(request.request_id, codes::INTERNAL, "the daemon is stopping");
             return Box::pin(async move { (reply, Vec::new()) });

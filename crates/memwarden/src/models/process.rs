@@ -2,17 +2,14 @@
 //! per-process bytes (GPUs).
 
 use crate::service::DeviceStatus;
-use procfs::process::MMapPath;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Resident set of a process, from `<proc_root>/<pid>/statm` through procfs (the root is
-/// configurable so tests can point it at a fixture tree). `statm`'s resident pages are the
-/// kernel's same counter as `status`'s VmRSS, in one short line instead of ~60 parsed fields:
-/// the optimizer reads it every 20 ms while it verifies a release.
+/// Resident set of a process, from `<proc_root>/<pid>/statm` (the root is configurable so tests
+/// can point it at a fixture tree; `memwarden_sys::status`, `None` where the platform has no
+/// reader yet).
 pub fn rss_bytes(proc_root: &Path, pid: u32) -> Option<u64> {
-    let process = procfs::process::Process::new_with_root(proc_root.join(pid.to_string())).ok()?;
-    Some(process.statm().ok()?.resident * procfs::page_size())
+    memwarden_sys::status::process_rss_bytes(proc_root, pid)
 }
 
 /// Reads what processes hold: the procfs root (configurable so tests can point it at a fixture
@@ -46,15 +43,7 @@ impl ProcessMeter {
     fn mapped_memwarden_bytes(&self, pid: u32) -> u64 {
         let Some(dir) = &self.shared_dir else { return 0 };
         let prefix = dir.join("memwarden-");
-        let prefix = prefix.to_string_lossy();
-        let Ok(process) = procfs::process::Process::new_with_root(self.proc_root.join(pid.to_string())) else {
-            return 0;
-        };
-        let Ok(maps) = process.smaps() else { return 0 };
-        maps.iter()
-            .filter(|m| matches!(&m.pathname, MMapPath::Path(p) if p.to_string_lossy().starts_with(&*prefix)))
-            .filter_map(|m| m.extension.map.get("Rss").copied())
-            .sum()
+        memwarden_sys::status::mapped_file_bytes(&self.proc_root, pid, &prefix.to_string_lossy())
     }
 
     /// Measured bytes of `pid` per device, its own: for the host [`ProcessMeter::own_host_bytes`];
@@ -87,7 +76,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mw-proc-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("4242")).expect("dir");
         std::fs::write(dir.join("4242/statm"), "250000 30000 4000 500 0 90000 0\n").expect("write");
-        assert_eq!(rss_bytes(&dir, 4242), Some(30000 * procfs::page_size()));
+        assert_eq!(rss_bytes(&dir, 4242), Some(30000 * memwarden_sys::page_size_bytes()));
         assert_eq!(rss_bytes(&dir, 4243), None, "no such process");
         assert!(rss_bytes(Path::new("/proc"), std::process::id()).is_some_and(|b| b > MIB));
         let _ = std::fs::remove_dir_all(dir);

@@ -1,15 +1,14 @@
 //! Owners that go away, and the memory that comes back from them (`reclaimed`):
-//! - owner processes (`ownerPid`): each is watched through a pidfd from the moment it owns its
+//! - owner processes (`ownerPid`): each is watched (`memwarden_sys::process::ProcessWatch`, a
+//!   pidfd on Linux) from the moment it owns its
 //!   first allocation, so its exit is seen even after its pid is reused. The server asks
 //!   `Service::reap_dead_owners` every [`REAP_INTERVAL`];
 //! - attached clients' connections (`ownerClient`): `Service::reclaim_client` when one closes.
 
 use super::ledger::Ledger;
 use super::{FreedAllocation, ServiceError};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
-use rustix::process::{pidfd_open, Pid, PidfdFlags};
+use memwarden_sys::process::{ProcessWatch, WatchError};
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ pub const REAP_INTERVAL: Duration = Duration::from_millis(200);
 /// [`reclaim`]); the frees themselves are the service's.
 #[derive(Default)]
 pub struct OwnerWatch {
-    pidfds: Mutex<HashMap<u32, OwnedFd>>,
+    pidfds: Mutex<HashMap<u32, ProcessWatch>>,
 }
 
 impl OwnerWatch {
@@ -35,13 +34,12 @@ impl OwnerWatch {
         }
         let no_such =
             || ServiceError::invalid("ownerPid", format!("no process {pid} (it must be alive to own memory)"));
-        let p = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or_else(no_such)?;
-        let fd = pidfd_open(p, PidfdFlags::empty()).map_err(|e| match e {
-            rustix::io::Errno::SRCH => no_such(),
-            e => ServiceError::invalid("ownerPid", format!("process {pid} cannot be watched: {e}")),
+        let fd = ProcessWatch::open(pid).map_err(|e| match e {
+            WatchError::NoSuchProcess => no_such(),
+            WatchError::Failed(e) => ServiceError::invalid("ownerPid", format!("process {pid} cannot be watched: {e}")),
         })?;
         // A process that already exited (a zombie) has a readable pidfd: it owns nothing.
-        if exited(&fd) {
+        if fd.exited() {
             return Err(no_such());
         }
         fds.insert(pid, fd);
@@ -52,7 +50,7 @@ impl OwnerWatch {
     pub fn take_exited(&self) -> Vec<u32> {
         let mut gone = Vec::new();
         let mut fds = crate::util::lock(&self.pidfds);
-        let exited_now: Vec<u32> = fds.iter().filter(|(_, fd)| exited(fd)).map(|(pid, _)| *pid).collect();
+        let exited_now: Vec<u32> = fds.iter().filter(|(_, fd)| fd.exited()).map(|(pid, _)| *pid).collect();
         for pid in exited_now {
             fds.remove(&pid);
             gone.push(pid);
@@ -72,13 +70,6 @@ impl OwnerWatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// A pidfd turns readable when its process exits.
-fn exited(fd: &OwnedFd) -> bool {
-    let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
-    poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
 }
 
 impl OwnerWatch {

@@ -9,9 +9,10 @@ use memwarden_protocol::{
     codes, decode, encode, Action, ErrorNotice, Event, Hello, MemoryReport, Message, ModelInfo, ModelUnloaded,
     Notification, Released, Reply, Request, Role, MAX_LINE_BYTES,
 };
+use memwarden_sys::local::LocalWriteHalf;
+use memwarden_sys::SharedHandle;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,15 +22,15 @@ use tokio::sync::oneshot;
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 
 /// Where a connection's lines go: a worker's stdin (a pipe: no descriptors can travel) or a
-/// Unix socket (version 2 lines may carry descriptors, `SCM_RIGHTS`).
+/// local socket (version 2 lines may carry handles: descriptors over a Unix socket, `SCM_RIGHTS`).
 pub enum Writer {
     Pipe(Box<dyn AsyncWrite + Send + Unpin>),
-    Socket(tokio::net::unix::OwnedWriteHalf),
+    Socket(LocalWriteHalf),
 }
 
 impl Writer {
     /// Writes `line`; with descriptors, they ride on the `sendmsg` of its first byte.
-    async fn write_line(&mut self, line: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+    async fn write_line(&mut self, line: &[u8], fds: &[SharedHandle]) -> std::io::Result<()> {
         match self {
             Writer::Pipe(w) if fds.is_empty() => {
                 w.write_all(line).await?;
@@ -43,18 +44,7 @@ impl Writer {
                 w.flush().await
             }
             Writer::Socket(w) => {
-                let sock = w.as_ref();
-                let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-                let sent = loop {
-                    sock.writable().await?;
-                    match sock.try_io(tokio::io::Interest::WRITABLE, || {
-                        memwarden_sys::send_with_fds(sock.as_fd(), line, &borrowed)
-                    }) {
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e),
-                    }
-                };
+                let sent = w.send_with_handles(line, fds).await?;
                 w.write_all(&line[sent..]).await?;
                 w.flush().await
             }
@@ -66,7 +56,7 @@ impl Writer {
 /// weights store answers `loadWeights` and its kin. Registered once at start.
 pub trait PeerRequests: Send + Sync {
     /// Answers one request; the reply may carry descriptors.
-    fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<OwnedFd>)>;
+    fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<SharedHandle>)>;
     /// A notification this module does not apply itself (`weightsUsed`).
     fn notify(&self, conn: &Arc<Conn>, event: Event, data: &Value);
     /// A connection said hello (every role), before any of its requests is served.
@@ -158,7 +148,7 @@ impl Conn {
     }
 
     /// Sends a line with descriptors (its `fds` must say how many).
-    pub async fn send_with_fds(&self, message: &Message, fds: &[OwnedFd]) -> std::io::Result<()> {
+    pub async fn send_with_fds(&self, message: &Message, fds: &[SharedHandle]) -> std::io::Result<()> {
         let mut line = encode(message);
         line.push('\n');
         self.writer.lock().await.write_line(line.as_bytes(), fds).await
@@ -174,7 +164,7 @@ impl Conn {
         &self,
         action: Action,
         data: Value,
-        fds: Vec<OwnedFd>,
+        fds: Vec<SharedHandle>,
         timeout: Duration,
     ) -> Result<Reply, CallError> {
         if self.is_closed() {

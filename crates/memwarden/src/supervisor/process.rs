@@ -151,25 +151,19 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
     let Some(spec) = slot.spec.clone() else { return "a client slot has no process".into() };
     // The worker's stdin is our end of a socketpair, so requests can carry descriptors (weights
     // the daemon holds); its replies still come on stdout.
-    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+    let (ours, theirs) = match memwarden_sys::local::LocalStream::pair_for_child() {
         Ok(p) => p,
         Err(e) => return format!("cannot create the worker's socket: {e}"),
     };
     let mut cmd = command(sup, &spec, python_path);
-    cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
+    cmd.stdin(theirs);
     let spawned = cmd.spawn();
     drop(cmd); // closes our copy of the worker's end
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return format!("cannot start the worker: {e}"),
     };
-    let stdin = match ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours)) {
-        Ok(s) => s.into_split().1,
-        Err(e) => {
-            let _ = child.start_kill();
-            return format!("cannot use the worker's socket: {e}");
-        }
-    };
+    let stdin = ours.into_split().1;
     let pid = child.id().unwrap_or(0);
     lock(&slot.state).pid = Some(pid);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {

@@ -26,7 +26,6 @@ pub struct Extracted {
 impl Extracted {
     /// Writes into a fresh directory private to this user and process (removed on drop).
     pub fn write(runtime_dir: &Path) -> std::io::Result<Extracted> {
-        use std::os::unix::fs::DirBuilderExt;
         // One directory per supervisor (tests run several daemons in one process).
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -38,7 +37,7 @@ impl Extracted {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir.join("memwarden"))?;
+        memwarden_sys::fs::create_dir_with_mode(&dir.join("memwarden"), 0o700)?;
         for (name, text) in FILES {
             std::fs::write(dir.join("memwarden").join(name), text)?;
         }
@@ -77,7 +76,7 @@ pub fn runtime_dir(configured: &Path) -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(0);
+    let uid = memwarden_sys::process::effective_uid();
     PathBuf::from(format!("/tmp/memwarden-{uid}"))
 }
 

@@ -1,4 +1,5 @@
-//! Attached clients: inference processes that connect to the daemon's Unix socket with
+//! Attached clients: inference processes that connect to the daemon's local socket (a Unix
+//! socket; `memwarden_sys::local`, which answers "unsupported" on Windows for now) with
 //! `memwarden.client` and speak the same protocol. A client's slot lives as long as its
 //! connection; its pid comes from the kernel (SO_PEERCRED), not from its hello.
 
@@ -6,11 +7,10 @@ use super::conn::{line_reader, read_hello, read_loop, Conn, Writer};
 use super::{python, Slot, Supervisor, WorkerState};
 use crate::util::lock;
 use memwarden_protocol::Role;
-use std::os::unix::fs::PermissionsExt;
+use memwarden_sys::local::{LocalListener, LocalStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{UnixListener, UnixStream};
 
 fn socket_path(cfg: &crate::config::WorkersSection) -> Option<PathBuf> {
     match cfg.socket.as_str() {
@@ -23,33 +23,28 @@ fn socket_path(cfg: &crate::config::WorkersSection) -> Option<PathBuf> {
 pub(super) async fn start(sup: &Arc<Supervisor>) -> Result<(), String> {
     let Some(path) = socket_path(sup.config()) else { return Ok(()) };
     if let Some(dir) = path.parent() {
-        use std::os::unix::fs::DirBuilderExt;
         if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            memwarden_sys::fs::create_dir_with_mode(dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
     }
     if path.exists() {
         // A socket nobody answers on is left over from a daemon that died: replace it. One that
         // answers belongs to a running daemon: leave it alone.
-        if UnixStream::connect(&path).await.is_ok() {
+        if LocalStream::connect(&path).await.is_ok() {
             return Err(format!("{} is in use by another daemon", path.display()));
         }
         std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let listener = LocalListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     // Only this user may attach (the protocol can unload models), unless the allow-list names
     // others: then anyone may connect and each peer's credentials decide (`peer_allowed`).
     let others = !sup.config().allowed_uids.is_empty() || !sup.config().allowed_gids.is_empty();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(if others { 0o666 } else { 0o600 }))
+    memwarden_sys::fs::set_mode(&path, if others { 0o666 } else { 0o600 })
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if others {
         // Our own directory (made 0700 above) must let the others reach the socket.
         if let Some(dir) = path.parent().filter(|d| d.starts_with(python::runtime_dir(&sup.config().runtime_dir))) {
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
+            let _ = memwarden_sys::fs::set_mode(dir, 0o711);
         }
     }
     tracing::info!(socket = %path.display(), "accepting attached clients");
@@ -60,7 +55,7 @@ pub(super) async fn start(sup: &Arc<Supervisor>) -> Result<(), String> {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
+                    Ok(stream) => {
                         let sup = sup.clone();
                         tokio::spawn(async move { serve_client(sup, stream).await });
                     }
@@ -83,7 +78,7 @@ fn peer_allowed(cfg: &crate::config::WorkersSection, own_uid: u32, uid: u32, gid
 }
 
 /// Tells a refused peer why (an `error` notice) and closes its connection.
-async fn refuse(mut stream: UnixStream, code: &str, message: String) {
+async fn refuse(mut stream: LocalStream, code: &str, message: String) {
     use tokio::io::AsyncWriteExt;
     let notice = memwarden_protocol::ErrorNotice { code: code.into(), message, model_id: None };
     let data = serde_json::to_value(&notice).unwrap_or_default();
@@ -95,12 +90,12 @@ async fn refuse(mut stream: UnixStream, code: &str, message: String) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line.as_bytes())).await;
 }
 
-async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
+async fn serve_client(sup: Arc<Supervisor>, stream: LocalStream) {
     let cred = stream.peer_cred().ok();
-    let own_uid = rustix::process::getuid().as_raw();
-    let (uid, gid) = cred.map(|c| (c.uid(), c.gid())).unwrap_or((u32::MAX, u32::MAX));
+    let own_uid = memwarden_sys::process::current_uid();
+    let (uid, gid) = cred.map(|c| (c.uid, c.gid)).unwrap_or((u32::MAX, u32::MAX));
     if !peer_allowed(sup.config(), own_uid, uid, gid) {
-        tracing::warn!(uid, gid, pid = ?cred.and_then(|c| c.pid()), "client refused: not on the socket's allow-list");
+        tracing::warn!(uid, gid, pid = ?cred.and_then(|c| c.pid), "client refused: not on the socket's allow-list");
         let message = format!(
             "uid {uid} (gid {gid}) may not attach: only the daemon's user and workers.allowed_uids / allowed_gids may"
         );
@@ -115,7 +110,7 @@ async fn serve_client(sup: Arc<Supervisor>, stream: UnixStream) {
         }
         return;
     }
-    let pid = cred.and_then(|c| c.pid()).map(|p| p as u32);
+    let pid = cred.and_then(|c| c.pid);
     let (read, write) = stream.into_split();
     let mut reader = line_reader(read);
     let timeout = Duration::from_millis(sup.config().start_timeout_ms);

@@ -5,7 +5,7 @@
 use crate::supervisor::{CallError, Conn};
 use futures_util::future::BoxFuture;
 use memwarden_protocol::{codes, Action, UnmapWeights, WeightsGrant};
-use std::os::fd::OwnedFd;
+use memwarden_sys::SharedHandle;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ pub trait WeightHolder: Send + Sync {
     /// Unmap the model once no `use()` is open (waiting at most `req.timeout_ms`).
     fn unmap(&self, req: UnmapWeights) -> BoxFuture<'static, Result<(), HolderError>>;
     /// Map new memory for the model (same device: at the old address).
-    fn remap(&self, grant: WeightsGrant, fd: OwnedFd) -> BoxFuture<'static, Result<(), HolderError>>;
+    fn remap(&self, grant: WeightsGrant, fd: SharedHandle) -> BoxFuture<'static, Result<(), HolderError>>;
 }
 
 /// A worker or client on a protocol connection.
@@ -79,7 +79,7 @@ impl WeightHolder for ConnHolder {
         })
     }
 
-    fn remap(&self, grant: WeightsGrant, fd: OwnedFd) -> BoxFuture<'static, Result<(), HolderError>> {
+    fn remap(&self, grant: WeightsGrant, fd: SharedHandle) -> BoxFuture<'static, Result<(), HolderError>> {
         let conn = self.0.clone();
         Box::pin(async move {
             let data = serde_json::to_value(&grant).unwrap_or_default();

@@ -5,7 +5,6 @@
 use super::file::{combine_hashes, ModelFile, HASH_CHUNK_BYTES};
 use super::WeightsError;
 use memwarden_backends::{DedicatedBlock, DedicatedError};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -116,7 +115,7 @@ fn read_chunk(
     let mut hasher = hash.then(blake3::Hasher::new);
     for (k, piece) in buf.chunks_mut(PIECE_BYTES).enumerate() {
         let at = file.data_start + offset + (k * PIECE_BYTES) as u64;
-        f.read_exact_at(piece, at)
+        memwarden_sys::fs::read_exact_at(f, piece, at)
             .map_err(|e| WeightsError::LoadFailed(format!("reading {} at {at}: {e}", path.display())))?;
         if let Some(h) = hasher.as_mut() {
             h.update(piece);

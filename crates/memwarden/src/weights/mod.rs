@@ -24,8 +24,8 @@ use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{rfc3339, HeldModelDto, RateDto, WeightState};
 use memwarden_protocol::{codes, UnmapWeights, WeightsGrant};
+use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -225,7 +225,7 @@ impl HeldModel {
     }
 
     /// The grant a holder maps, with a new descriptor of the resident block.
-    fn grant(&self, handle: memwarden_protocol::HandleKind) -> Result<(WeightsGrant, OwnedFd), WeightsError> {
+    fn grant(&self, handle: memwarden_protocol::HandleKind) -> Result<(WeightsGrant, SharedHandle), WeightsError> {
         let h = lock(&self.held);
         let Some(block) = h.block.as_ref() else {
             return Err(WeightsError::Internal(format!("model {} has no resident memory", self.id)));

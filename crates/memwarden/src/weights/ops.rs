@@ -10,8 +10,8 @@ use crate::util::lock;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::WeightState;
 use memwarden_protocol::WeightsGrant;
+use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use time::OffsetDateTime;
@@ -33,7 +33,7 @@ async fn blocking<T: Send + 'static>(
 /// A grant for one holder, and the model it maps.
 pub struct Attached {
     pub model: Arc<HeldModel>,
-    pub grant: Option<(WeightsGrant, OwnedFd)>,
+    pub grant: Option<(WeightsGrant, SharedHandle)>,
     /// The bytes were already in memwarden (shared or re-attached): the file was not read.
     pub reused: bool,
 }
@@ -149,7 +149,7 @@ impl WeightStore {
         self: &Arc<Self>,
         model: &Arc<HeldModel>,
         holder: Arc<dyn WeightHolder>,
-    ) -> Result<(WeightsGrant, OwnedFd), WeightsError> {
+    ) -> Result<(WeightsGrant, SharedHandle), WeightsError> {
         let _op = model.op.lock().await;
         self.still_held(model)?;
         if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
@@ -169,7 +169,7 @@ impl WeightStore {
         model: &HeldModel,
         holder: Option<Arc<dyn WeightHolder>>,
         handle: memwarden_protocol::HandleKind,
-    ) -> Result<Option<(WeightsGrant, OwnedFd)>, WeightsError> {
+    ) -> Result<Option<(WeightsGrant, SharedHandle)>, WeightsError> {
         let Some(holder) = holder else { return Ok(None) };
         let grant = model.grant(handle)?;
         let mut h = lock(&model.held);

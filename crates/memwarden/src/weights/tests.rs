@@ -7,6 +7,7 @@ use crate::config::WeightsSection;
 use futures_util::future::BoxFuture;
 use memwarden_backends::host::HostDedicated;
 use memwarden_backends::{DedicatedBlock, PinnedChunk};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

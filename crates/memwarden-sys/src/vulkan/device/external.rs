@@ -4,8 +4,8 @@
 use super::{DeviceMemory, VulkanDevice};
 use crate::vulkan::VulkanError;
 use crate::HostMapping;
+use crate::SharedHandle;
 use ash::vk;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ pub(super) struct Export {
 /// physical device with the same UUID).
 #[derive(Debug)]
 pub struct ExportedMemory {
-    pub fd: OwnedFd,
+    pub fd: SharedHandle,
     /// The exported allocation's size (the importer must pass exactly this).
     pub allocation_bytes: u64,
     pub memory_type_index: u32,
@@ -220,7 +220,7 @@ impl VulkanDevice {
                 exported.memory_type_index, exported.allocation_bytes
             )));
         }
-        let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&exported.fd);
+        let raw_fd = fd::raw(&exported.fd)?;
         let mut from = vk::ImportMemoryFdInfoKHR::default().handle_type(handle).fd(raw_fd);
         let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().buffer(buffer);
         let mut alloc = vk::MemoryAllocateInfo::default()
@@ -236,7 +236,7 @@ impl VulkanDevice {
             block.memory = d
                 .allocate_memory(&alloc, None)
                 .map_err(|e| VulkanError::from_vk("vkAllocateMemory (fd import)", len_bytes, e))?;
-            let _owned_by_vulkan = exported.fd.into_raw_fd();
+            fd::give_to_driver(exported.fd);
             d.bind_buffer_memory(buffer, block.memory, 0)
                 .map_err(|e| VulkanError::from_vk("vkBindBufferMemory (fd import)", len_bytes, e))?;
             if self.block_mapped && exported.memory_type_index == self.block_type {
@@ -348,11 +348,61 @@ impl DeviceMemory {
         let fd = unsafe { e.fd.get_memory_fd(&info) }.map_err(|r| VulkanError::from_vk("vkGetMemoryFdKHR", 0, r))?;
         Ok(ExportedMemory {
             // SAFETY: a new descriptor nobody else owns.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: unsafe { fd::adopt(fd) }?,
             allocation_bytes: self.accounted,
             memory_type_index: self.device.block_type,
             dedicated: e.dedicated,
             buffer_bytes: self.len,
         })
+    }
+}
+
+/// Opaque fds as [`SharedHandle`]s: Unix descriptors. Windows exports `OPAQUE_WIN32` handles
+/// instead (the Windows port); there these answer "unavailable" (the extension is absent, so
+/// they are not reached).
+#[cfg(unix)]
+mod fd {
+    use crate::vulkan::VulkanError;
+    use crate::SharedHandle;
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+
+    pub(super) fn raw(h: &SharedHandle) -> Result<std::ffi::c_int, VulkanError> {
+        Ok(h.as_raw_fd())
+    }
+
+    /// The driver owns the descriptor from now on: not closed here.
+    pub(super) fn give_to_driver(h: SharedHandle) {
+        let _owned_by_vulkan = h.into_raw_fd();
+    }
+
+    /// # Safety
+    /// `fd` must be a new descriptor that nothing else owns.
+    pub(super) unsafe fn adopt(fd: std::ffi::c_int) -> Result<SharedHandle, VulkanError> {
+        // SAFETY: the caller's promise.
+        Ok(unsafe { SharedHandle::from_raw_fd(fd) })
+    }
+}
+
+#[cfg(windows)]
+mod fd {
+    use crate::vulkan::VulkanError;
+    use crate::SharedHandle;
+
+    fn unavailable() -> VulkanError {
+        VulkanError::Unavailable("opaque fd export and import are not supported on this platform".into())
+    }
+
+    pub(super) fn raw(_h: &SharedHandle) -> Result<std::ffi::c_int, VulkanError> {
+        Err(unavailable())
+    }
+
+    pub(super) fn give_to_driver(h: SharedHandle) {
+        drop(h);
+    }
+
+    /// # Safety
+    /// None: nothing is adopted.
+    pub(super) unsafe fn adopt(_fd: std::ffi::c_int) -> Result<SharedHandle, VulkanError> {
+        Err(unavailable())
     }
 }
