@@ -330,17 +330,3 @@ impl Backend for CudaBackend {
         buffer(block)?.read(offset, out).map_err(|e| self.error(e, out.len() as u64))
     }
 }
-
-#[cfg(all(test, feature = "hw-tests"))]
-mod hw_tests {
-    //! Run on a machine with an NVIDIA GPU; they fail (not skip) without one.
-    use super::*;
-
-    #[test]
-    fn cuda_backend_passes_the_conformance_suite() {
-        let system = CudaSystem::init().expect("a CUDA GPU is required for hw-tests");
-        for b in system.backends() {
-            crate::conformance::run(Arc::new(b));
-        }
-    }
-}

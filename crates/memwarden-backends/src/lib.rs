@@ -4,7 +4,6 @@
 #![deny(clippy::unwrap_used)]
 
 mod backend;
-pub mod conformance;
 pub mod copy;
 pub mod cuda;
 mod discover;

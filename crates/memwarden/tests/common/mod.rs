@@ -10,6 +10,15 @@ const MIB_BYTES: u64 = 1 << 20;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// Tests that measure or move the machine's memory (a pressure threshold just above today's
+/// use, RSS and available-memory figures, a GiB committed) run one at a time: the tests of one
+/// area share a test binary, and its tests run in parallel.
+static MACHINE_MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn machine_memory() -> std::sync::MutexGuard<'static, ()> {
+    MACHINE_MEMORY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub service: Arc<Service>,
