@@ -1,8 +1,8 @@
 //! Real host memory pressure: thresholds just above the machine's utilization, memory taken
 //! through the daemon and by an outside process, level changes arriving on the event stream.
 //! It must not share the machine with tests that allocate GiBs: it holds
-//! [`machine_memory`](crate::common::machine_memory), as the tests of this binary that commit
-//! much memory do.
+//! [`machine_memory`](crate::common::machine_memory), so no other test of this binary runs a
+//! daemon meanwhile.
 
 use crate::common::{assert_error, TestServer};
 use memwarden::config::Config;

@@ -17,7 +17,7 @@ const MIB: u64 = 1 << 20;
 
 /// These tests measure RSS and the machine's available memory: one at a time, and not beside
 /// another test of this binary that moves the machine's memory.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+fn serial() -> crate::common::MachineMemory {
     crate::common::machine_memory()
 }
 
