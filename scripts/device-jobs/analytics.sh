@@ -10,8 +10,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/pylib${PYTHONPATH:+:$PYTHONPATH} RUST_BACKTRACE=1
 {
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-  echo "== analytics tests (tests/analytics.rs)"
-  bin/test-analytics-test --test-threads=1
+  echo "== analytics tests (tests/http/analytics.rs)"
+  bin/test-http-test analytics:: --test-threads=1
   echo "== daemon with CUDA: scripted workload, /metrics, analytics"
   printf '[analytics]\nfine_interval_ms = 200\n[workers]\nenabled = false\nsocket = "none"\n' > /tmp/mw-analytics.toml
   bin/memwarden serve --listen 127.0.0.1:5077 --config /tmp/mw-analytics.toml > /tmp/mw-serve.log 2>&1 &

@@ -5,19 +5,19 @@
 # allocations (scale_bench), memory a client allocates on cuda:0 over its connection and gets
 # back when killed, and `memwarden status`/`ps` with a process holding GPU memory.
 #   EXTRA_BINS=/tmp/defrag_stall.old KEEP_BINS="memwarden defrag_stall defrag_stall.old scale_bench \
-#     test-gpu-test test-defrag_concurrency-test" scripts/device-bundle
+#     test-gpu-test test-faults-test" scripts/device-bundle
 #   then on the GPU machine: bash device-run/jobs/contract.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rm -rf bin && tar -xJf bin.tar.xz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/pylib${PYTHONPATH:+:$PYTHONPATH} RUST_BACKTRACE=1 MEMWARDEN_SCRIPTS=$PWD/scripts
+export PYTHONPATH=$PWD/pylib${PYTHONPATH:+:$PYTHONPATH} RUST_BACKTRACE=1 MEMWARDEN_SCRIPTS=$PWD/scripts MEMWARDEN_PY=$PWD/python
 {
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader; nproc
-  echo "== GPU tests (tests/gpu.rs; the two-GPU test needs the two-GPU kind)"
-  bin/test-gpu-test --test-threads=1 --skip multi_gpu 2>&1 | grep -E "^test |test result|panicked"
-  echo "== defragmentation under concurrent requests (tests/defrag_concurrency.rs, 16 cores)"
-  bin/test-defrag_concurrency-test 2>&1 | tail -8
+  echo "== GPU tests (tests/gpu/gpu.rs; the two-GPU test needs the two-GPU kind)"
+  bin/test-gpu-test gpu:: --test-threads=1 --skip multi_gpu 2>&1 | grep -E "^test |test result|panicked"
+  echo "== defragmentation under concurrent requests (tests/faults/defrag_concurrency.rs, 16 cores)"
+  bin/test-faults-test defrag_concurrency:: 2>&1 | tail -8
   echo "== defrag_stall: old build, then new (cuda:0, 4096 MiB fragmented per pass)"
   for b in defrag_stall.old defrag_stall defrag_stall.old defrag_stall; do echo "-- $b"; bin/$b 5 4096; done
   echo "== scale_bench"
@@ -42,7 +42,7 @@ d = json.load(sys.stdin)
 print(json.dumps(d, indent=1)[:3000])"
   $M ps
   echo "-- a client allocates 1 GiB of device memory on cuda:0 over its socket, then is killed"
-  coproc CLIENT { python3 scripts/cpu/client_memory.py /tmp/mw-contract.sock gpu-client; }
+  coproc CLIENT { python3 helpers/client_memory.py /tmp/mw-contract.sock gpu-client; }
   read -r ready <&"${CLIENT[0]}"; echo "client: $ready"
   echo '{"op": "allocate", "size_bytes": 1073741824, "device": "cuda:0", "memory_type": "device"}' >&"${CLIENT[1]}"
   read -r alloc <&"${CLIENT[0]}"; echo "allocated: ${alloc:0:300}"

@@ -11,16 +11,16 @@ mode=${1:-single}
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version,pci.bus_id --format=csv,noheader; nproc
   nvidia-smi topo -m 2>/dev/null | head -5
   echo "== hardware tests"
-  bin/test-memwarden_backends-lib conformance --test-threads=1
+  bin/test-memwarden_testkit-lib conformance --test-threads=1
   if [ "$mode" = multi ]; then
-    bin/test-gpu-test --test-threads=1
+    bin/test-gpu-test gpu:: --test-threads=1
   else
-    bin/test-gpu-test --test-threads=1 --skip multi_gpu
+    bin/test-gpu-test gpu:: --test-threads=1 --skip multi_gpu
   fi
-  bin/test-transfer-test --test-threads=2
-  bin/test-http-test --test-threads=2
-  bin/test-defrag-test --test-threads=2
-  bin/test-pressure-test
+  bin/test-http-test transfer:: --test-threads=2
+  bin/test-http-test http:: --test-threads=2
+  bin/test-http-test defrag:: --test-threads=2
+  bin/test-http-test pressure::
   echo "== baseline (tools/gpu_baseline.cu, tools/gpu_peers.py)"
   nvcc -O2 -o /tmp/gpu_baseline tools/gpu_baseline.cu -lcuda -lnvidia-ml && /tmp/gpu_baseline
   python3 tools/gpu_peers.py

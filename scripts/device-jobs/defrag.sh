@@ -10,9 +10,9 @@ export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1
 {
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
   echo "== hardware tests"
-  bin/test-memwarden_backends-lib conformance --test-threads=1
-  bin/test-gpu-test --test-threads=1 --skip multi_gpu
-  bin/test-defrag-test --test-threads=2
+  bin/test-memwarden_testkit-lib conformance --test-threads=1
+  bin/test-gpu-test gpu:: --test-threads=1 --skip multi_gpu
+  bin/test-http-test defrag:: --test-threads=2
   echo "== baseline (tools/gpu_baseline.cu)"
   nvcc -O2 -o /tmp/gpu_baseline tools/gpu_baseline.cu -lcuda -lnvidia-ml && /tmp/gpu_baseline
   echo "== defragmentation throughput (examples/defrag_bench)"

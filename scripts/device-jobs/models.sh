@@ -11,8 +11,8 @@ export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader; nproc
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
   python3 -c "import importlib.util as u; print({m: bool(u.find_spec(m)) for m in ('numpy','safetensors','transformers','torchvision','timm')})"
-  echo "== model hardware test (tests/gpu_models.rs)"
-  bin/test-gpu_models-test --test-threads=1 --nocapture
+  echo "== model hardware test (tests/gpu/gpu_models.rs)"
+  bin/test-gpu-test gpu_models:: --test-threads=1 --nocapture
   echo "== protocol round trip (examples/protocol_bench)"
   bin/protocol_bench 20000
   bin/protocol_bench 20000

@@ -2,7 +2,7 @@
 # Issue 22's GPU checks: a worker mapping held weights on cuda:0 is not charged for them
 # (unattributedBytes >= 0), the watchdog's park rung, defragmentation on cuda:0 (a pass carries
 # out its plan), and the optimizer with torch workers.
-#   TESTS="gpu_weights gpu gpu_models" scripts/device-bundle
+#   TESTS=gpu scripts/device-bundle   (one binary: gpu, gpu_models and gpu_weights are its modules)
 #   device run, carry ["device-run"], command "bash device-run/jobs/regressions.sh"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,8 @@ rc=0
 {
   echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader; nproc
   echo "== held weights through the API: 8 GiB load/park/resume, a worker mapping them (not charged"
-  echo "   for them), kill -9 and re-attach, the watchdog's park rung (tests/gpu_weights.rs)"
-  bin/test-gpu_weights-test --test-threads=1 --nocapture || rc=1
+  echo "   for them), kill -9 and re-attach, the watchdog's park rung (tests/gpu/gpu_weights.rs)"
+  bin/test-gpu-test gpu_weights:: --test-threads=1 --nocapture || rc=1
   echo "== torch processes mapping held weights through the socket (loadWeights; scripts/gpu/weights_check.py)"
   d=$(mktemp -d); sock=$d/mw.sock
   printf 'listen = "127.0.0.1:5078"\n[workers]\nenabled = false\nsocket = "%s"\n[weights]\npark_pool_bytes = 1073741824\n' "$sock" > $d/config.toml
@@ -23,10 +23,10 @@ rc=0
   for i in $(seq 50); do [ -S $sock ] && break; sleep 0.2; done
   python3 scripts/gpu/weights_check.py http://127.0.0.1:5078 $sock $d || rc=1
   kill $daemon; wait $daemon 2>/dev/null
-  echo "== defragmentation on cuda:0 (tests/gpu.rs)"
-  bin/test-gpu-test --test-threads=1 --nocapture defrag || rc=1
-  echo "== the optimizer with torch workers (tests/gpu_models.rs)"
-  bin/test-gpu_models-test --test-threads=1 --nocapture || rc=1
+  echo "== defragmentation on cuda:0 (tests/gpu/gpu.rs)"
+  bin/test-gpu-test --test-threads=1 --nocapture gpu::gpu_defrag || rc=1
+  echo "== the optimizer with torch workers (tests/gpu/gpu_models.rs)"
+  bin/test-gpu-test gpu_models:: --test-threads=1 --nocapture || rc=1
   echo "== rc $rc"
   exit $rc
 } 2>&1 | tee "$OUT/regressions.txt"

@@ -4,7 +4,7 @@
 # hardware tests with `vulkan.nvidia = "vulkan"`, the sys tests on that driver, then
 # host<->GPU rates of the CUDA backend and of the Vulkan backend (host import, and staging)
 # and the raw baseline, in the same job.
-#   KEEP_BINS="gpu_bench test-vulkan-test test-memwarden_sys-lib" scripts/device-bundle
+#   KEEP_BINS="gpu_bench test-gpu-test test-memwarden_sys-lib" scripts/device-bundle
 #   bash device-run/jobs/vulkan.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +20,8 @@ fi
   ldconfig -p | grep libvulkan; echo "VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"
   echo "== sys: blocks, host import and opaque-fd export on the NVIDIA driver"
   bin/test-memwarden_sys-lib vulkan --test-threads=1 --nocapture
-  echo "== Vulkan hardware tests (tests/vulkan.rs, mod nvidia)"
-  bin/test-vulkan-test nvidia:: --test-threads=1 --nocapture
+  echo "== Vulkan hardware tests (tests/gpu/vulkan.rs, mod nvidia)"
+  bin/test-gpu-test vulkan::nvidia:: --test-threads=1 --nocapture
   echo "== rates: CUDA backend (cuda:0)"
   bin/gpu_bench 1073741824
   echo "== rates: Vulkan backend (vulkan:0, host import)"

@@ -14,8 +14,8 @@ export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1 MEMWARDEN_PY=$PWD/python
   nvcc -O2 -o /tmp/gpu_baseline tools/gpu_baseline.cu -lcuda -lnvidia-ml && /tmp/gpu_baseline | grep -Ei "pinned|pageable|H2D|D2H"
   echo "== page cache reads (dd, one thread, 8 GiB file written first)"
   dd if=/dev/urandom of=/tmp/pc.bin bs=64M count=128 status=none; dd if=/tmp/pc.bin of=/dev/null bs=64M 2>&1 | tail -1; rm -f /tmp/pc.bin
-  echo "== 8 GiB through the API (tests/gpu_weights.rs)"
-  PYTHONPATH=$PWD/python bin/test-gpu_weights-test --test-threads=1 --nocapture
+  echo "== 8 GiB through the API (tests/gpu/gpu_weights.rs)"
+  PYTHONPATH=$PWD/python bin/test-gpu-test gpu_weights:: --test-threads=1 --nocapture
   echo "== torch processes (scripts/gpu/weights_check.py)"
   d=$(mktemp -d); sock=$d/mw.sock
   printf 'listen = "127.0.0.1:5077"\n[workers]\nenabled = false\nsocket = "%s"\n[weights]\npark_pool_bytes = 1073741824\n' "$sock" > $d/config.toml

@@ -6,7 +6,6 @@
 #![deny(clippy::unwrap_used)]
 
 mod backend;
-pub mod conformance;
 pub mod copy;
 pub mod cuda;
 pub mod dedicated;

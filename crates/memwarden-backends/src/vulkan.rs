@@ -439,10 +439,11 @@ mod tests {
         assert!(claims.is_empty());
     }
 
-    /// lavapipe (installed by `scripts/test` and CI): the conformance suite through the mapping
-    /// (lavapipe's device memory is host-visible) and through staging (a discrete GPU's path).
+    /// lavapipe (installed by `scripts/test` and CI): what the backend says of itself, through
+    /// the mapping (lavapipe's device memory is host-visible) and through staging (a discrete
+    /// GPU's path). The conformance suite runs on it in `memwarden-testkit`.
     #[test]
-    fn vulkan_backend_passes_the_conformance_suite_on_lavapipe() {
+    fn vulkan_backend_describes_itself_on_lavapipe() {
         for host_access in [HostAccess::Auto, HostAccess::Staged] {
             let options = VulkanOptions { enabled: true, include_software: true, host_access, ..Default::default() };
             let (backends, _) = discover(&options, &[]).expect("a Vulkan loader and lavapipe are installed");
@@ -454,7 +455,6 @@ mod tests {
             assert!(["vk-memory-budget", "vk-heap-size"].contains(&status.source.as_str()), "{status:?}");
             assert!(b.exports_need_descriptor_passing(), "opaque fds travel only over the socket");
             assert!(matches!(b.dedicated(), Err(DedicatedError::Unsupported { .. })), "no Vulkan weights holder");
-            crate::conformance::run(Arc::new(b));
         }
     }
 

@@ -7,60 +7,20 @@
 //!   cargo run --release --example defrag_stall -- [SECONDS] [FRAGMENTED_MIB]
 //!
 //! The second device is `cuda:0` where this machine has one. Elsewhere it is host memory under
-//! a second device id (the dev VM has one device only): its copies are real memcpys, so the
-//! passes take real time, and the stall they cause is what the locks make of it.
+//! a second device id (the testkit's `SimulatedBackend::host_memory`; the dev VM has one device
+//! only): its copies are real memcpys, so the passes take real time, and the stall they cause is
+//! what the locks make of it.
 use memwarden::config::Config;
 use memwarden::service::{AllocateRequest, Limits, Service};
-use memwarden_backends::{
-    Backend, BackendError, BlockMemory, DeviceInfo, HostBackend, HostStatusReader, MemoryReading,
-};
+use memwarden_backends::{HostBackend, HostStatusReader};
 use memwarden_core::defrag::{DefragOptions, DefragStrategy};
-use memwarden_core::{DeviceId, GpuApi, MemoryKind, PoolConfig};
+use memwarden_core::{DeviceId, GpuApi, PoolConfig};
+use memwarden_testkit::SimulatedBackend;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-
-/// Host memory under another device id.
-struct SecondHost {
-    host: HostBackend,
-    info: DeviceInfo,
-}
-
-impl Backend for SecondHost {
-    fn info(&self) -> &DeviceInfo {
-        &self.info
-    }
-    fn kinds(&self) -> &[MemoryKind] {
-        &[MemoryKind::Device]
-    }
-    fn read_status(&self) -> Result<MemoryReading, BackendError> {
-        self.host.read_status()
-    }
-    fn max_alignment_bytes(&self) -> u64 {
-        self.host.max_alignment_bytes()
-    }
-    fn create_block(&self, _: MemoryKind, size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError> {
-        self.host.create_block(MemoryKind::Host, size_bytes)
-    }
-    fn copy(
-        &self,
-        src: &dyn BlockMemory,
-        src_offset: u64,
-        dst: &dyn BlockMemory,
-        dst_offset: u64,
-        len_bytes: u64,
-    ) -> Result<(), BackendError> {
-        self.host.copy(src, src_offset, dst, dst_offset, len_bytes)
-    }
-    fn write(&self, block: &dyn BlockMemory, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.host.write(block, offset, data)
-    }
-    fn read(&self, block: &dyn BlockMemory, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(block, offset, out)
-    }
-}
 
 fn service() -> (Arc<Service>, DeviceId) {
     let mut config = Config::default();
@@ -70,17 +30,7 @@ fn service() -> (Arc<Service>, DeviceId) {
         return (Arc::new(real), DeviceId::cuda(0));
     }
     let id = DeviceId::Gpu(GpuApi::Vulkan, 0);
-    let second = SecondHost {
-        host: HostBackend::new(HostStatusReader::default()),
-        info: DeviceInfo {
-            device_id: id,
-            device_type: "GPU",
-            name: "host memory under a second id".into(),
-            memory_type: "VRAM",
-            gpu: None,
-            extra: Default::default(),
-        },
-    };
+    let second = SimulatedBackend::host_memory(id).named("host memory under a second id");
     let pool = PoolConfig {
         block_size_bytes: config.pool.block_size_bytes,
         dedicated_threshold_bytes: config.pool.dedicated_threshold_bytes,

@@ -1,9 +1,8 @@
 use super::*;
-use crate::util::lock;
 use memwarden_backends::{BackendError, HostBackend, HostStatusReader};
 use memwarden_core::units::{GIB, MIB};
+use memwarden_testkit::SimulatedBackend;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/host").join(name)
@@ -254,81 +253,15 @@ fn allocations_in_use_by_a_copy_cannot_be_freed() {
     s.validate().expect("valid");
 }
 
-/// A GPU-like device whose driver fails on demand (fault injection; no hardware).
-struct FlakyGpu {
-    info: memwarden_backends::DeviceInfo,
-    fail_with: BackendError,
-    fault: Mutex<Option<String>>,
-}
-
-impl FlakyGpu {
-    fn new(fail_with: BackendError) -> Self {
-        FlakyGpu {
-            info: memwarden_backends::DeviceInfo {
-                device_id: DeviceId::cuda(0),
-                device_type: "GPU",
-                name: "flaky".into(),
-                memory_type: "VRAM",
-                gpu: None,
-                extra: Default::default(),
-            },
-            fail_with,
-            fault: Mutex::new(None),
-        }
-    }
-}
-
-impl Backend for FlakyGpu {
-    fn info(&self) -> &memwarden_backends::DeviceInfo {
-        &self.info
-    }
-    fn fault(&self) -> Option<String> {
-        lock(&self.fault).clone()
-    }
-    fn kinds(&self) -> &[MemoryKind] {
-        &[MemoryKind::Device]
-    }
-    fn read_status(&self) -> Result<memwarden_backends::MemoryReading, BackendError> {
-        Ok(memwarden_backends::MemoryReading {
-            total_bytes: 8 * GIB,
-            available_bytes: 4 * GIB,
-            used_bytes: 4 * GIB,
-            source: "fake".into(),
-            reserved_bytes: None,
-            processes: vec![],
-        })
-    }
-    fn max_alignment_bytes(&self) -> u64 {
-        2 * MIB
-    }
-    fn create_block(&self, _: MemoryKind, _: u64) -> Result<Box<dyn memwarden_backends::BlockMemory>, BackendError> {
-        if let BackendError::Failed { message, .. } = &self.fail_with {
-            *lock(&self.fault) = Some(message.clone());
-        }
-        Err(self.fail_with.clone())
-    }
-    fn copy(
-        &self,
-        _: &dyn memwarden_backends::BlockMemory,
-        _: u64,
-        _: &dyn memwarden_backends::BlockMemory,
-        _: u64,
-        _: u64,
-    ) -> Result<(), BackendError> {
-        Err(self.fail_with.clone())
-    }
-    fn write(&self, _: &dyn memwarden_backends::BlockMemory, _: u64, _: &[u8]) -> Result<(), BackendError> {
-        Err(self.fail_with.clone())
-    }
-    fn read(&self, _: &dyn memwarden_backends::BlockMemory, _: u64, _: &mut [u8]) -> Result<(), BackendError> {
-        Err(self.fail_with.clone())
-    }
-}
-
+/// The host and a GPU-like device (`cuda:0`, 8 GiB, 4 GiB used elsewhere) whose driver fails
+/// every call with `fail_with` (the testkit's simulated backend; no hardware).
 fn with_flaky_gpu(fail_with: BackendError) -> Service {
+    let gpu =
+        SimulatedBackend::new(DeviceId::cuda(0)).named("flaky").with_capacity(8 * GIB).with_used_elsewhere(4 * GIB);
+    gpu.controls().fail_everything_with(Some(fail_with));
     let pool = PoolConfig { block_size_bytes: 8 * MIB, dedicated_threshold_bytes: 4 * MIB, ..PoolConfig::default() };
     Service::with_backends(
-        vec![Arc::new(HostBackend::new(HostStatusReader::default())), Arc::new(FlakyGpu::new(fail_with))],
+        vec![Arc::new(HostBackend::new(HostStatusReader::default())), Arc::new(gpu)],
         pool,
         Limits::default(),
     )

@@ -1,5 +1,5 @@
 //! The `memwarden` binary against a daemon it started itself (`serve` as a real process), for
-//! the CLI tests (`tests/cli.rs`, `tests/cli_ops.rs`).
+//! the CLI tests (`tests/cli/cli.rs`, `tests/cli/cli_ops.rs`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -7,6 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 pub const MIB: u64 = 1 << 20;
+
+/// Tests that compare the machine's memory with `free -b`, commit a GiB, or move the machine's
+/// memory past a pressure threshold run one at a time: they share one test binary.
+static MACHINE_MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn machine_memory() -> std::sync::MutexGuard<'static, ()> {
+    MACHINE_MEMORY.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub struct Daemon {
     pub child: Child,

@@ -10,6 +10,73 @@ const MIB_BYTES: u64 = 1 << 20;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// Who runs now: a test that measures or moves the machine's memory (`alone`), or how many
+/// [`TestServer`]s of other tests.
+struct Quiet {
+    alone: Option<std::thread::ThreadId>,
+    servers: usize,
+}
+
+static QUIET: std::sync::Mutex<Quiet> = std::sync::Mutex::new(Quiet { alone: None, servers: 0 });
+static QUIET_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn quiet() -> std::sync::MutexGuard<'static, Quiet> {
+    QUIET.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test that measures or moves the machine's memory (a pressure threshold just above
+/// today's use, RSS and available-memory figures, a GiB committed): the tests of one area share
+/// a test binary and run in parallel, so this waits until no other test of the binary has a
+/// [`TestServer`] running or holds it, and keeps others from starting one until it is dropped
+/// (the holder's own servers start as usual). Take it before starting a server.
+pub struct MachineMemory(());
+
+pub fn machine_memory() -> MachineMemory {
+    let me = std::thread::current().id();
+    let mut q = quiet();
+    while q.alone.is_some() || q.servers > 0 {
+        q = QUIET_CHANGED.wait(q).unwrap_or_else(|e| e.into_inner());
+    }
+    q.alone = Some(me);
+    MachineMemory(())
+}
+
+impl Drop for MachineMemory {
+    fn drop(&mut self) {
+        quiet().alone = None;
+        QUIET_CHANGED.notify_all();
+    }
+}
+
+/// A running server's place: waits while another thread's test holds [`machine_memory`].
+struct ServerSlot {
+    counted: bool,
+}
+
+impl ServerSlot {
+    fn take() -> ServerSlot {
+        let me = std::thread::current().id();
+        let mut q = quiet();
+        if q.alone == Some(me) {
+            return ServerSlot { counted: false };
+        }
+        while q.alone.is_some() {
+            q = QUIET_CHANGED.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        q.servers += 1;
+        ServerSlot { counted: true }
+    }
+}
+
+impl Drop for ServerSlot {
+    fn drop(&mut self) {
+        if self.counted {
+            quiet().servers -= 1;
+            QUIET_CHANGED.notify_all();
+        }
+    }
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub service: Arc<Service>,
@@ -17,6 +84,8 @@ pub struct TestServer {
     thread: Option<std::thread::JoinHandle<()>>,
     agent: ureq::Agent,
     token: Option<String>,
+    /// Released after the server has stopped (fields drop after `Drop::drop`).
+    _slot: ServerSlot,
 }
 
 impl TestServer {
@@ -33,6 +102,7 @@ impl TestServer {
 
     /// A daemon with the workers and socket `config` names.
     pub fn start_with_workers(config: Config) -> Self {
+        let slot = ServerSlot::take();
         let service = Arc::new(Service::from_config(&config));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -52,7 +122,7 @@ impl TestServer {
         });
         let addr = addr_rx.recv().expect("server address");
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        TestServer { addr, service, shutdown: Some(tx), thread: Some(thread), agent, token: None }
+        TestServer { addr, service, shutdown: Some(tx), thread: Some(thread), agent, token: None, _slot: slot }
     }
 
     pub fn with_token(mut self, token: &str) -> Self {
