@@ -1,8 +1,8 @@
 use crate::dedicated::{DedicatedError, DedicatedMemory};
 use memwarden_core::{DeviceId, MemoryKind};
+use memwarden_sys::SharedHandle;
 use std::any::Any;
 use std::fmt::Debug;
-use memwarden_sys::SharedHandle;
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -486,13 +486,6 @@ const LONG_FUNCTIONS: &[(&str, &str)] = &[
         "Vulkan's instance and device creation, one builder chain",
     ),
     ("memwarden/src/cli/mod.rs::::run", "the CLI's one match over its commands"),
-    (
-        "memwarden/src/service/defrag.rs::Service::defragment_pool",
-        "issue 23: the batch executor, split with the Service split",
-    ),
-    ("memwarden/src/service/defrag.rs::Service::run_pass", "issue 23: with the Service split"),
-    ("memwarden/src/service/mod.rs::Service::allocate_inner", "issue 23: budget admission next to block growth"),
-    ("memwarden/src/service/transfer.rs::Service::transfer", "issue 23: the transfer use case"),
     ("memwarden/src/supervisor/process.rs::::run_once", "issue 23: a worker's life, spawn to exit, split by phase"),
 ];
 
