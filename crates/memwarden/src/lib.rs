@@ -20,5 +20,5 @@ pub mod pressure;
 pub mod server;
 pub mod service;
 pub mod supervisor;
-pub mod util;
+pub mod sync;
 pub mod weights;

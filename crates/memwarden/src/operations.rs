@@ -3,7 +3,7 @@
 //! runs it updates, and which `GET /api/memory/operations/{id}` reads. Finished operations are
 //! kept for [`KEEP_FOR`], at most [`FINISHED_KEPT`] of them; running ones always.
 
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_protocol::api::{rfc3339, OperationDto, OperationKind, OperationResult, OperationStatus};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

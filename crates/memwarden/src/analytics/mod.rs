@@ -13,7 +13,7 @@ use crate::models::ModelView;
 use crate::pressure::PressureMonitor;
 use crate::service::Service;
 use crate::supervisor::Supervisor;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::advice;
 use memwarden_core::history::{Peak, Point, Ring, Series, LEVELS};
 use memwarden_core::DeviceId;

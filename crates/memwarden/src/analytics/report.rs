@@ -5,7 +5,7 @@ use super::{from_unix_ms, unix_ms, Analytics};
 use crate::models::ModelView;
 use crate::pressure::PressureReport;
 use crate::service::{EventKind, ServiceError};
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::advice::{self, Action, DeviceFacts, Evidence};
 use memwarden_core::history::{
     self, leak_suspects, owner_pid, percentile, size_histogram, time_per_level, top_by_bytes, Counters, LiveAllocation,

@@ -177,14 +177,14 @@ pub async fn admitted<T, E: From<AdmissionError>>(
     let ticket = optimizer.admit(device, estimate, label).await?;
     // Given back on drop too: a request cancelled mid-load (its client hung up) leaves no
     // reservation behind.
-    let _ticket = Held(optimizer, Some(ticket));
+    let _ticket = TicketGuard(optimizer, Some(ticket));
     load.await
 }
 
 /// An admission ticket held while a load runs.
-struct Held<'a>(&'a Optimizer, Option<Ticket>);
+struct TicketGuard<'a>(&'a Optimizer, Option<Ticket>);
 
-impl Drop for Held<'_> {
+impl Drop for TicketGuard<'_> {
     fn drop(&mut self) {
         if let Some(t) = self.1.take() {
             self.0.release_ticket(t);

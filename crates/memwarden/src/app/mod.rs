@@ -105,7 +105,7 @@ impl App {
         // load and release models. Registered before any worker starts; it holds the app
         // weakly, so the two do not keep each other alive.
         supervisor.set_peer_requests(Arc::new(socket::SocketRequests(Arc::downgrade(&app))));
-        weights.start_policy();
+        crate::weights::policy::KeepAlive::start(&weights);
         supervisor.start().await;
         optimizer.start_watchdog(pressure.subscribe());
         analytics.start();

@@ -16,7 +16,7 @@ use crate::config::OptimizerSection;
 use crate::models::ModelView;
 use crate::service::Service;
 use crate::supervisor::{Slot, Supervisor, SupervisorError};
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::eviction::{self, Candidate, EvictionStrategy, StepAction};
 use memwarden_core::pressure::{Level, PressureThresholds};
 use memwarden_core::DeviceId;

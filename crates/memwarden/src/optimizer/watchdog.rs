@@ -4,7 +4,7 @@
 
 use super::{OptimizeRequest, Optimizer};
 use crate::pressure::PressureEvent;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::eviction::EvictionStrategy;
 use memwarden_core::pressure::Level;
 use memwarden_core::DeviceId;

@@ -9,7 +9,7 @@ mod sampler;
 
 use crate::config::PressureSection;
 use crate::service::{Service, ServiceError};
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_backends::HostSignals;
 use memwarden_core::pressure::{Level, PressureThresholds, Sample, Tracker};
 use memwarden_core::DeviceId;

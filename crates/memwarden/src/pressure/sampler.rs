@@ -2,7 +2,7 @@
 //! PSI trigger, which wakes a sample the moment tasks stall on memory.
 
 use super::PressureMonitor;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::DeviceId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

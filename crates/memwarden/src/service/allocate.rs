@@ -8,7 +8,7 @@ use super::ledger::Ledger;
 use super::quota::{Charge, Quotas};
 use super::{AllocateRequest, Allocation, AllocationRecord, FreedAllocation, ServiceError, MAX_TEXT_CHARS};
 use crate::config::DefragSection;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::defrag::DefragOptions;
 use memwarden_core::{DeviceId, MemoryKind, Placement};
 use std::sync::Arc;

@@ -7,7 +7,7 @@ use super::device::{AllocFailure, Device, DeviceState, Fit};
 use super::ledger::Ledger;
 use super::types::device_fragmentation;
 use super::ServiceError;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::defrag::{self, DefragOptions, Movable};
 use memwarden_core::units::GIB;
 use memwarden_core::{BlockId, DeviceId, MemoryKind, PoolStats};

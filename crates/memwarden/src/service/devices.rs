@@ -4,7 +4,7 @@
 use super::device::{Device, Limits};
 use super::ledger::Ledger;
 use super::{ClearOutcome, DeviceStatus, LedgerError, ServiceError};
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_backends::{Backend, BackendHealth};
 use memwarden_core::{DeviceId, MemoryKind, PoolConfig};
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 //! the quota books' lock, when both are taken, comes after it.
 
 use super::{live, record, Allocation, ServiceError};
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::{DeviceId, MemoryKind};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};

@@ -28,7 +28,7 @@ impl OwnerWatch {
     /// Starts watching `pid` (once per process). A process that does not exist is refused:
     /// its memory would be reclaimed at once.
     pub fn watch(&self, pid: u32) -> Result<(), ServiceError> {
-        let mut fds = crate::util::lock(&self.pidfds);
+        let mut fds = crate::sync::lock(&self.pidfds);
         if fds.contains_key(&pid) {
             return Ok(());
         }
@@ -49,7 +49,7 @@ impl OwnerWatch {
     /// The watched processes that exited since the last call (they are no longer watched).
     pub fn take_exited(&self) -> Vec<u32> {
         let mut gone = Vec::new();
-        let mut fds = crate::util::lock(&self.pidfds);
+        let mut fds = crate::sync::lock(&self.pidfds);
         let exited_now: Vec<u32> = fds.iter().filter(|(_, fd)| fd.exited()).map(|(pid, _)| *pid).collect();
         for pid in exited_now {
             fds.remove(&pid);
@@ -63,7 +63,7 @@ impl OwnerWatch {
     /// Processes being watched.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        crate::util::lock(&self.pidfds).len()
+        crate::sync::lock(&self.pidfds).len()
     }
 
     #[cfg(test)]

@@ -11,7 +11,7 @@
 use super::{Allocation, LedgerError, ServiceError};
 use crate::config::quotas::{QuotaEntry, QuotaRule};
 use crate::config::ConfigError;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::units::align_up;
 use memwarden_core::{DeviceId, MemoryKind, GRANULARITY_BYTES};
 use std::collections::{BTreeMap, HashMap};

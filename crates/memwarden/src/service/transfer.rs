@@ -3,7 +3,7 @@
 //! (`impl Service` below) resolves an allocation to its memory and marks it in use meanwhile.
 
 use super::{AllocateRequest, Allocation, AllocationRecord, Service, ServiceError};
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_backends::{copy_between, BlockExport, SharedBlock};
 use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};

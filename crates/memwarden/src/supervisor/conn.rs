@@ -2,7 +2,7 @@
 //! matched to them by id, notifications applied to the connection's model list.
 
 use super::devices::DeviceCatalog;
-use crate::util::lock;
+use crate::sync::lock;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use memwarden_protocol::{

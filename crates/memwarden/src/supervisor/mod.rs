@@ -9,7 +9,7 @@ mod process;
 pub mod python;
 mod socket;
 
-use crate::util::lock;
+use crate::sync::lock;
 pub use conn::{CallError, Conn, PeerRequests, Writer};
 pub use devices::{DeviceCatalog, DeviceError};
 pub use memwarden_protocol::api::WorkerState;

@@ -4,7 +4,7 @@
 use super::conn::{line_reader, read_hello, read_loop, Conn, Writer};
 use super::{python, Slot, Supervisor, WorkerState};
 use crate::config::WorkerSpec;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_protocol::{Action, Role};
 use std::collections::VecDeque;
 use std::process::Stdio;
@@ -170,21 +170,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
         let _ = child.start_kill();
         return "the worker's pipes were not opened".into();
     };
-    // stderr is the worker's log: always drained, so the worker never blocks on a full pipe.
-    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
-    let tail_w = tail.clone();
-    let id = slot.id.clone();
-    let log_task = tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::info!(target: "memwarden::worker", worker = %id, "{line}");
-            let mut t = lock(&tail_w);
-            if t.len() == STDERR_TAIL_LINES {
-                t.pop_front();
-            }
-            t.push_back(line);
-        }
-    });
+    let (tail, log_task) = drain_log(slot.id.clone(), stderr);
     let mut reader = line_reader(stdout);
     let stop = sup.stopping();
     let hello = tokio::select! {
@@ -208,30 +194,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
         }
     };
     let conn = Arc::new(Conn::new(hello, pid, Writer::Socket(stdin), sup.catalog().clone()));
-    if let Some(p) = sup.peer_requests() {
-        p.opened(&conn);
-    }
-    {
-        let mut s = lock(&slot.state);
-        s.conn = Some(conn.clone());
-        s.failed_pings = 0;
-        s.last_error = None;
-    }
-    slot.set_state(WorkerState::Ready);
-    if let Some(p) = sup.peer_requests() {
-        p.attached(&conn);
-    }
-    let health = health_pings(sup.clone(), slot.clone(), conn.clone());
-    let reason = tokio::select! {
-        r = read_loop(&conn, &mut reader, sup.peer_requests()) => r,
-        r = health => r,
-        _ = slot.restart.notified() => "restarted by the optimizer: a claimed release did not show up".into(),
-        _ = super::stopped(stop.clone()) => {
-            // The supervisor's shutdown asked the worker to exit; give it a moment.
-            let _ = tokio::time::timeout(Duration::from_secs(3), child.wait()).await;
-            "stopped".into()
-        }
-    };
+    let reason = serve(sup, slot, &conn, &mut reader, &mut child, stop).await;
     conn.close();
     let _ = child.start_kill();
     let status = match child.wait().await {
@@ -244,6 +207,64 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), log_task).await;
     format!("{reason} ({status}){}", describe_tail(&tail))
+}
+
+/// Drains the worker's stderr (its log) into the daemon's log, keeping the last lines for the
+/// reason of an exit: always read, so the worker never blocks on a full pipe.
+fn drain_log(
+    id: String,
+    stderr: tokio::process::ChildStderr,
+) -> (Arc<Mutex<VecDeque<String>>>, tokio::task::JoinHandle<()>) {
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
+    let tail_w = tail.clone();
+    let task = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(target: "memwarden::worker", worker = %id, "{line}");
+            let mut t = lock(&tail_w);
+            if t.len() == STDERR_TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    });
+    (tail, task)
+}
+
+/// A worker that said hello: ready, attached, served until it exits, fails its pings, is
+/// restarted or the supervisor stops. Returns why it ended.
+async fn serve<R: tokio::io::AsyncRead + Unpin>(
+    sup: &Arc<Supervisor>,
+    slot: &Arc<Slot>,
+    conn: &Arc<Conn>,
+    reader: &mut super::conn::LineReader<R>,
+    child: &mut tokio::process::Child,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> String {
+    if let Some(p) = sup.peer_requests() {
+        p.opened(conn);
+    }
+    {
+        let mut s = lock(&slot.state);
+        s.conn = Some(conn.clone());
+        s.failed_pings = 0;
+        s.last_error = None;
+    }
+    slot.set_state(WorkerState::Ready);
+    if let Some(p) = sup.peer_requests() {
+        p.attached(conn);
+    }
+    let health = health_pings(sup.clone(), slot.clone(), conn.clone());
+    tokio::select! {
+        r = read_loop(conn, reader, sup.peer_requests()) => r,
+        r = health => r,
+        _ = slot.restart.notified() => "restarted by the optimizer: a claimed release did not show up".into(),
+        _ = super::stopped(stop) => {
+            // The supervisor's shutdown asked the worker to exit; give it a moment.
+            let _ = tokio::time::timeout(Duration::from_secs(3), child.wait()).await;
+            "stopped".into()
+        }
+    }
 }
 
 fn describe_tail(tail: &Mutex<VecDeque<String>>) -> String {

@@ -5,7 +5,7 @@
 
 use super::conn::{line_reader, read_hello, read_loop, Conn, Writer};
 use super::{python, Slot, Supervisor, WorkerState};
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_protocol::Role;
 use memwarden_sys::local::{LocalListener, LocalStream};
 use std::path::PathBuf;

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::operations::Progress;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::units::KIB;
 
 /// Bytes read (and hashed) at a time within a chunk.

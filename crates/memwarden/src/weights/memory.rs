@@ -6,7 +6,7 @@ use super::WeightsError;
 use memwarden_backends::{ChunkPiece, DedicatedMemory, PinnedChunk};
 use std::sync::{Arc, Mutex};
 
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::units::MIB;
 
 /// A run of park chunks holding one model's bytes; they go back to the pool when it is dropped.

@@ -17,7 +17,7 @@ mod ops;
 pub mod policy;
 
 use crate::config::WeightsSection;
-use crate::util::lock;
+use crate::sync::lock;
 use file::ModelFile;
 use memory::{ParkBuffer, ParkPool};
 use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
@@ -418,6 +418,40 @@ impl WeightStore {
 
     fn unmap_request(&self, id: &str, r#final: bool) -> UnmapWeights {
         UnmapWeights { model_id: id.to_string(), timeout_ms: self.config.use_bound_ms, r#final }
+    }
+
+    /// Resident models on `device` the optimizer may park (on `cpu`: drop), least valuable
+    /// first (priority, then least recently used).
+    pub fn park_candidates(&self, device: memwarden_core::DeviceId) -> Vec<Arc<HeldModel>> {
+        let mut out: Vec<Arc<HeldModel>> = self
+            .models()
+            .into_iter()
+            .filter(|m| !m.pinned && m.device() == device)
+            .filter(|m| matches!(m.state(), WeightState::Resident | WeightState::Orphaned))
+            .collect();
+        out.sort_by_key(|m| (m.priority, m.with_held(|h| h.last_used)));
+        out
+    }
+
+    /// Host memory the held weights take: models resident on `cpu` and every parked copy.
+    pub fn host_bytes(&self) -> u64 {
+        self.models()
+            .iter()
+            .map(|m| {
+                m.with_held(|h| {
+                    let resident = if h.device.is_gpu() { 0 } else { h.block.as_ref().map_or(0, |b| b.size_bytes()) };
+                    resident + h.parked.as_ref().map_or(0, |p| p.bytes())
+                })
+            })
+            .sum()
+    }
+
+    /// Parked copies the optimizer may drop under host pressure, least valuable first.
+    pub fn drop_candidates(&self) -> Vec<Arc<HeldModel>> {
+        let mut out: Vec<Arc<HeldModel>> =
+            self.models().into_iter().filter(|m| !m.pinned && m.state() == WeightState::Parked).collect();
+        out.sort_by_key(|m| (m.priority, m.with_held(|h| h.last_used)));
+        out
     }
 }
 

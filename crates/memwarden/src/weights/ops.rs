@@ -6,7 +6,7 @@ use super::file::ModelFile;
 use super::load;
 use super::{ActionOutcome, Held, HeldModel, HolderEntry, LoadRequest, Rate, WeightHolder, WeightStore, WeightsError};
 use crate::operations::Progress;
-use crate::util::lock;
+use crate::sync::lock;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::WeightState;
 use memwarden_protocol::WeightsGrant;

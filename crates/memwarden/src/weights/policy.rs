@@ -35,16 +35,20 @@ pub fn due(store: &WeightStore, model: &HeldModel, can_park: bool) -> Option<Due
     })
 }
 
-impl WeightStore {
+/// The keep-alive policy: applies [`due`] to every held model once a second, parking (on cpu:
+/// dropping) what is due. Holds the store weakly: it ends with the store.
+pub struct KeepAlive;
+
+impl KeepAlive {
     /// Applies the policy once; returns what it did (`(model, action)`), failures logged.
-    pub async fn policy_tick(self: &Arc<Self>) -> Vec<(String, Due)> {
+    pub async fn tick(store: &Arc<WeightStore>) -> Vec<(String, Due)> {
         let mut done = Vec::new();
-        for model in self.models() {
-            let can_park = self.arena(model.device()).map(|a| a.can_park()).unwrap_or(false);
-            let Some(what) = due(self, &model, can_park) else { continue };
+        for model in store.models() {
+            let can_park = store.arena(model.device()).map(|a| a.can_park()).unwrap_or(false);
+            let Some(what) = due(store, &model, can_park) else { continue };
             let result = match what {
-                Due::Park => self.park(&model.id).await,
-                Due::Drop => self.drop_copy(&model.id).await,
+                Due::Park => store.park(&model.id).await,
+                Due::Drop => store.drop_copy(&model.id).await,
             };
             match result {
                 Ok(o) if o.action != "none" => {
@@ -58,50 +62,16 @@ impl WeightStore {
         done
     }
 
-    /// Runs the policy every second until the daemon stops.
-    pub fn start_policy(self: &Arc<Self>) {
-        let store = Arc::downgrade(self);
+    /// Runs the policy over `store` every second until the store is gone.
+    pub fn start(store: &Arc<WeightStore>) {
+        let store = Arc::downgrade(store);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let Some(store) = store.upgrade() else { break };
-                store.policy_tick().await;
+                KeepAlive::tick(&store).await;
             }
         });
-    }
-
-    /// Resident models on `device` the optimizer may park (on `cpu`: drop), least valuable
-    /// first (priority, then least recently used).
-    pub fn park_candidates(&self, device: memwarden_core::DeviceId) -> Vec<Arc<HeldModel>> {
-        let mut out: Vec<Arc<HeldModel>> = self
-            .models()
-            .into_iter()
-            .filter(|m| !m.pinned && m.device() == device)
-            .filter(|m| matches!(m.state(), WeightState::Resident | WeightState::Orphaned))
-            .collect();
-        out.sort_by_key(|m| (m.priority, m.with_held(|h| h.last_used)));
-        out
-    }
-
-    /// Host memory the held weights take: models resident on `cpu` and every parked copy.
-    pub fn host_bytes(&self) -> u64 {
-        self.models()
-            .iter()
-            .map(|m| {
-                m.with_held(|h| {
-                    let resident = if h.device.is_gpu() { 0 } else { h.block.as_ref().map_or(0, |b| b.size_bytes()) };
-                    resident + h.parked.as_ref().map_or(0, |p| p.bytes())
-                })
-            })
-            .sum()
-    }
-
-    /// Parked copies the optimizer may drop under host pressure, least valuable first.
-    pub fn drop_candidates(&self) -> Vec<Arc<HeldModel>> {
-        let mut out: Vec<Arc<HeldModel>> =
-            self.models().into_iter().filter(|m| !m.pinned && m.state() == WeightState::Parked).collect();
-        out.sort_by_key(|m| (m.priority, m.with_held(|h| h.last_used)));
-        out
     }
 }

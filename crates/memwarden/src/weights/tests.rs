@@ -281,16 +281,16 @@ async fn policy_parks_idle_and_orphaned_models_and_drops_old_parked_copies() {
     let (path3, _) = model_file("policy-watched", 6);
     let watched = s.load(req(&path3, GPU), Some(Arc::new(holder("h")))).await.expect("load").model;
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    s.policy_tick().await;
+    super::policy::KeepAlive::tick(&s).await;
     assert_eq!(idle.state(), WeightState::Parked, "idle past keepAlive on a GPU: parked");
     assert_eq!(cpu.state(), WeightState::Dropped, "idle past keepAlive on cpu: dropped");
     assert_eq!(watched.state(), WeightState::Resident, "a holder that never marks use() is not parked by keep-alive");
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    s.policy_tick().await;
+    super::policy::KeepAlive::tick(&s).await;
     assert_eq!(idle.state(), WeightState::Dropped, "parked past drop_after_ms: dropped");
     s.touch(&watched.id, "h");
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    s.policy_tick().await;
+    super::policy::KeepAlive::tick(&s).await;
     assert_eq!(watched.state(), WeightState::Parked, "once its holder marks use(), keep-alive applies");
 }
 

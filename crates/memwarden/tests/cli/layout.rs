@@ -486,7 +486,6 @@ const LONG_FUNCTIONS: &[(&str, &str)] = &[
         "Vulkan's instance and device creation, one builder chain",
     ),
     ("memwarden/src/cli/mod.rs::::run", "the CLI's one match over its commands"),
-    ("memwarden/src/supervisor/process.rs::::run_once", "issue 23: a worker's life, spawn to exit, split by phase"),
 ];
 
 /// The most files a type's inherent `impl` blocks may be spread over, outside [`SPREAD_TYPES`].
@@ -496,10 +495,8 @@ const MAX_IMPL_FILES: usize = 2;
 /// (`crate::Type`), each with why: one object split across files by size, not by
 /// responsibility. The architecture step (issue 23: `Service` split by responsibility) empties
 /// this list; it only shrinks.
-const SPREAD_TYPES: &[(&str, &str)] = &[
-    ("memwarden-sys::VulkanDevice", "one device's raw calls, split by concern (external memory, heaps, transfer)"),
-    ("memwarden::WeightStore", "issue 23: the keep-alive policy as its own type"),
-];
+const SPREAD_TYPES: &[(&str, &str)] =
+    &[("memwarden-sys::VulkanDevice", "one device's raw calls, split by concern (external memory, heaps, transfer)")];
 
 /// Every function (free, inherent or trait method with a body) outside `#[cfg(test)]` modules,
 /// with its lines; and every inherent `impl` block's type, with its file.

@@ -1,4 +1,4 @@
-//! The lock helper every room uses.
+//! Locking: the poison-tolerant lock every room uses.
 
 use std::sync::{Mutex, MutexGuard};
 
