@@ -315,7 +315,7 @@ impl ExportInfo {
     }
 
     /// The descriptor that must ride with the answer, when the export is one.
-    pub fn into_fd(self) -> Option<std::os::fd::OwnedFd> {
+    pub fn into_fd(self) -> Option<memwarden_sys::SharedHandle> {
         match self.export.handle {
             ExportHandle::Fd(fd) => Some(fd),
             ExportHandle::Path(_) | ExportHandle::Bytes(_) => None,
