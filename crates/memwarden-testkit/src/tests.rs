@@ -34,6 +34,9 @@ fn vulkan_backend_passes_the_conformance_suite_on_lavapipe() {
         assert!(!b.info().extra["driver"].is_empty() || b.info().extra["apiVersion"].starts_with("1.1"));
         let status = b.read_status().expect("status");
         assert!(["vk-memory-budget", "vk-heap-size"].contains(&status.source.as_str()), "{status:?}");
+        assert!(b.exports_need_descriptor_passing(), "opaque fds travel only over the socket");
+        let no_holder = matches!(b.dedicated(), Err(memwarden_backends::DedicatedError::Unsupported { .. }));
+        assert!(no_holder, "no Vulkan weights holder");
         conformance::run(Arc::new(b));
     }
 }
