@@ -4,7 +4,7 @@
 //! enums are strings, times are RFC 3339. Every type derives `ToSchema` for the OpenAPI document.
 //!
 //! Every type's name is its schema's name in the document, so no two types here share a name
-//! (`tests/layout.rs` checks); `analytics` is reached by its path.
+//! (`tests/cli/layout.rs` checks); `analytics` is reached by its path.
 
 pub mod allocations;
 pub mod analytics;
