@@ -4,7 +4,7 @@
 //! memwarden's (`heldModelMemory`), not the process's.
 
 use crate::models::process::ProcessMeter;
-use crate::models::{Holder, ModelView};
+use crate::models::{ModelProcess, ModelView};
 use crate::service::{DeviceStatus, Service, ServiceError};
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::weights::WeightStore;
@@ -73,8 +73,8 @@ impl Listing<'_> {
         let all_weights = self.weights.list();
         let mut measured = Measured::default();
         let mut workers = Vec::new();
-        for holder in &ModelView::snapshot(sup).holders {
-            let (dto, models, bytes) = worker_dto(holder, sup.meter(), &all_statuses);
+        for process in &ModelView::snapshot(sup).processes {
+            let (dto, models, bytes) = worker_dto(process, sup.meter(), &all_statuses);
             for m in models {
                 measured.models.entry(m.device_id.clone()).or_default().push(m);
             }
@@ -165,7 +165,7 @@ fn unattributed_of(process_bytes: u64, own_model_bytes: u64) -> i64 {
 type DeviceBytes = Vec<(String, Option<u64>)>;
 
 fn worker_dto(
-    holder: &Holder,
+    holder: &ModelProcess,
     meter: &ProcessMeter,
     statuses: &[DeviceStatus],
 ) -> (WorkerDto, Vec<LoadedModelDto>, DeviceBytes) {

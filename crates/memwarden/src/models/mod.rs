@@ -58,7 +58,7 @@ fn per_device<'a>(models: impl Iterator<Item = &'a ModelInfo>) -> BTreeMap<Strin
 }
 
 /// One worker or client, as seen when the view was taken.
-pub struct Holder {
+pub struct ModelProcess {
     pub slot: Arc<Slot>,
     pub state: SlotState,
     /// Its connection while open.
@@ -69,13 +69,13 @@ pub struct Holder {
     pub models: Vec<ModelInfo>,
 }
 
-impl Holder {
-    fn of(slot: &Arc<Slot>) -> Holder {
+impl ModelProcess {
+    fn of(slot: &Arc<Slot>) -> ModelProcess {
         let state = slot.snapshot();
         let conn = state.conn.clone().filter(|c| !c.is_closed());
         let models = conn.as_ref().map(|c| c.model_list()).unwrap_or_default();
         let pid = conn.as_ref().map(|c| c.pid).or(state.pid);
-        Holder { callable: slot.conn().is_some(), slot: slot.clone(), state, conn, pid, models }
+        ModelProcess { callable: slot.conn().is_some(), slot: slot.clone(), state, conn, pid, models }
     }
 
     pub fn id(&self) -> &str {
@@ -83,7 +83,7 @@ impl Holder {
     }
 
     /// Reported bytes per device of the models it holds itself: not the weights memwarden
-    /// holds, which it only maps ([`Holder::mapped_bytes`]).
+    /// holds, which it only maps ([`ModelProcess::mapped_bytes`]).
     pub fn model_bytes(&self) -> BTreeMap<String, u64> {
         per_device(self.models.iter().filter(|m| !held_by_memwarden(m)))
     }
@@ -98,36 +98,39 @@ impl Holder {
         m.path.is_some() && self.slot.role == Role::Worker
     }
 
-    /// Its holder can move it to the CPU: torch models, or a client's (through its callback),
+    /// Its process can move it to the CPU: torch models, or a client's (through its callback),
     /// from a GPU.
     pub fn can_offload(&self, m: &ModelInfo, device: DeviceId) -> bool {
         device.is_gpu() && (m.backend.as_deref() == Some("torch") || self.slot.role == Role::Client)
     }
 }
 
-/// Every holder and its models at one moment.
+/// Every model process (worker or client) and its models at one moment.
 pub struct ModelView {
-    pub holders: Vec<Holder>,
+    pub processes: Vec<ModelProcess>,
     pub taken_at: OffsetDateTime,
 }
 
 impl ModelView {
     pub fn snapshot(supervisor: &Supervisor) -> ModelView {
-        ModelView { holders: supervisor.slots().iter().map(Holder::of).collect(), taken_at: OffsetDateTime::now_utc() }
+        ModelView {
+            processes: supervisor.slots().iter().map(ModelProcess::of).collect(),
+            taken_at: OffsetDateTime::now_utc(),
+        }
     }
 
-    /// Every model with its holder.
-    pub fn models(&self) -> impl Iterator<Item = (&ModelInfo, &Holder)> {
-        self.holders.iter().flat_map(|h| h.models.iter().map(move |m| (m, h)))
+    /// Every model with the process that holds it.
+    pub fn models(&self) -> impl Iterator<Item = (&ModelInfo, &ModelProcess)> {
+        self.processes.iter().flat_map(|h| h.models.iter().map(move |m| (m, h)))
     }
 
-    /// Models of holders that take calls: those memwarden can act on.
-    pub fn callable_models(&self) -> impl Iterator<Item = (&ModelInfo, &Holder)> {
+    /// Models of processes that take calls: those memwarden can act on.
+    pub fn callable_models(&self) -> impl Iterator<Item = (&ModelInfo, &ModelProcess)> {
         self.models().filter(|(_, h)| h.callable)
     }
 
     /// Models on `device` that memwarden can release, as eviction candidates (their size is
-    /// [`footprint_on`]), with their holder.
+    /// [`footprint_on`]), with their process.
     pub fn candidates(&self, device: DeviceId) -> Vec<(Candidate, Arc<Slot>)> {
         let dev = device.to_string();
         self.callable_models()
@@ -140,7 +143,7 @@ impl ModelView {
             .collect()
     }
 
-    fn candidate(&self, m: &ModelInfo, h: &Holder, device: DeviceId, size_bytes: u64) -> Candidate {
+    fn candidate(&self, m: &ModelInfo, h: &ModelProcess, device: DeviceId, size_bytes: u64) -> Candidate {
         Candidate {
             model_id: m.model_id.clone(),
             worker_id: h.slot.id.clone(),
@@ -154,7 +157,7 @@ impl ModelView {
         }
     }
 
-    /// Every model on `device` of a holder that takes calls, pinned ones included, as the
+    /// Every model on `device` of a process that takes calls, pinned ones included, as the
     /// advice rules see them (sized like the candidates, by [`footprint_on`]).
     pub fn facts(&self, device: DeviceId) -> Vec<Candidate> {
         let dev = device.to_string();
