@@ -301,16 +301,16 @@ impl DeviceCounters {
 }
 
 /// The models and the processes that hold them.
-struct HolderGauges {
+struct ProcessGauges {
     model_bytes: Family<ModelLabels, GaugeU>,
     model_info: Family<ModelInfoLabels, GaugeU>,
     worker_state: Family<WorkerStateLabels, GaugeU>,
     worker_restarts: Family<Worker, Counter>,
 }
 
-impl HolderGauges {
+impl ProcessGauges {
     fn register(r: &mut Registry) -> Self {
-        HolderGauges {
+        ProcessGauges {
             model_bytes: family(r, "memwarden_model", "Memory a loaded model holds on a device", Some(Unit::Bytes)),
             model_info: family(
                 r,
@@ -424,7 +424,7 @@ pub(super) fn render(
     let mut r = Registry::default();
     let gauges = DeviceGauges::register(&mut r);
     let counters = DeviceCounters::register(&mut r);
-    let holders = HolderGauges::register(&mut r);
+    let holders = ProcessGauges::register(&mut r);
     let held = WeightGauges::register(&mut r);
     let build: Family<Build, GaugeU> = family(&mut r, "memwarden_build_info", "The daemon's version", None);
     let start: Family<Build, GaugeF> =

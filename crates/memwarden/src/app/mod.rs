@@ -104,7 +104,7 @@ impl App {
         // requests, which this layer answers, and this layer asks the supervisor's workers to
         // load and release models. Registered before any worker starts; it holds the app
         // weakly, so the two do not keep each other alive.
-        supervisor.set_peer_requests(Arc::new(socket::SocketRequests(Arc::downgrade(&app))));
+        supervisor.set_conn_requests(Arc::new(socket::SocketRequests(Arc::downgrade(&app))));
         crate::weights::policy::KeepAlive::start(&weights);
         supervisor.start().await;
         optimizer.start_watchdog(pressure.subscribe());

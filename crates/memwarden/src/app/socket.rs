@@ -7,7 +7,7 @@
 use super::load::{LoadError, Loads};
 use super::{allocations, App};
 use crate::service::{AllocateRequest, ExportVia, Service, ServiceError};
-use crate::supervisor::{Conn, PeerRequests};
+use crate::supervisor::{Conn, ConnRequests};
 use crate::weights::holder::ConnHolder;
 use crate::weights::{LoadRequest, WeightsError};
 use futures_util::future::BoxFuture;
@@ -181,7 +181,7 @@ fn reclaim_for(service: Arc<Service>, client: String) {
     });
 }
 
-impl PeerRequests for SocketRequests {
+impl ConnRequests for SocketRequests {
     fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<SharedHandle>)> {
         let Some(app) = self.0.upgrade() else {
             let reply = Reply::err(request.request_id, codes::INTERNAL, "the daemon is stopping");

@@ -155,7 +155,7 @@ impl Optimizer {
         } else {
             let pools = self.service.status(device).map(|s| s.pool_totals().0).unwrap_or(0);
             let held = self.weights.as_ref().map_or(0, |w| w.host_bytes());
-            -((holders_rss_bytes(&self.supervisor) + pools + held) as i64)
+            -((model_processes_rss_bytes(&self.supervisor) + pools + held) as i64)
         }
     }
 
@@ -548,7 +548,7 @@ impl Optimizer {
 
 /// Summed own host bytes (`ProcessMeter::own_host_bytes`) of the processes holding models that
 /// take calls now: with memwarden's own host memory, the ladder's measure on `cpu`.
-fn holders_rss_bytes(supervisor: &Supervisor) -> u64 {
+fn model_processes_rss_bytes(supervisor: &Supervisor) -> u64 {
     supervisor
         .slots()
         .iter()

@@ -52,9 +52,10 @@ impl Writer {
     }
 }
 
-/// Requests a peer sends the daemon (protocol version 2), served outside the supervisor: the
-/// weights store answers `loadWeights` and its kin. Registered once at start.
-pub trait PeerRequests: Send + Sync {
+/// What a connected worker or client asks of the daemon (protocol version 2) and what happens
+/// to its connection, answered outside the supervisor (by the application layer's
+/// `app::socket`): `loadWeights` and its kin, `allocate`, `export`. Registered once at start.
+pub trait ConnRequests: Send + Sync {
     /// Answers one request; the reply may carry descriptors.
     fn handle(&self, conn: Arc<Conn>, request: Request) -> BoxFuture<'static, (Reply, Vec<SharedHandle>)>;
     /// A notification this module does not apply itself (`weightsUsed`).
@@ -329,7 +330,7 @@ impl Conn {
 
 /// Answers one request from the peer on its own task: `ping` and `register` here, the rest by
 /// `peer`; a version 1 peer gets `NOT_SUPPORTED`.
-fn serve_request(conn: &Arc<Conn>, r: Request, peer: Option<Arc<dyn PeerRequests>>) {
+fn serve_request(conn: &Arc<Conn>, r: Request, peer: Option<Arc<dyn ConnRequests>>) {
     let conn = conn.clone();
     tokio::spawn(async move {
         let (reply, fds) = match (r.action, peer) {
@@ -424,7 +425,7 @@ pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut LineReader<R>) -> Res
 pub async fn read_loop<R: AsyncRead + Unpin>(
     conn: &Arc<Conn>,
     reader: &mut LineReader<R>,
-    peer: Option<Arc<dyn PeerRequests>>,
+    peer: Option<Arc<dyn ConnRequests>>,
 ) -> String {
     while let Some(item) = reader.next().await {
         let bytes = match item {

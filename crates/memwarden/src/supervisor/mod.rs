@@ -10,7 +10,7 @@ pub mod python;
 mod socket;
 
 use crate::sync::lock;
-pub use conn::{CallError, Conn, PeerRequests, Writer};
+pub use conn::{CallError, Conn, ConnRequests, Writer};
 pub use devices::{DeviceCatalog, DeviceError};
 pub use memwarden_protocol::api::WorkerState;
 use memwarden_protocol::{codes, Action, LoadModel, ModelInfo, Released, Reply, Role};
@@ -154,7 +154,7 @@ pub struct Supervisor {
     /// What the OS says a worker's process holds (procfs root, memwarden's shared dir).
     meter: crate::models::process::ProcessMeter,
     /// Who answers the peers' own requests (the weights store), once the daemon has one.
-    peer: std::sync::OnceLock<Arc<dyn PeerRequests>>,
+    peer: std::sync::OnceLock<Arc<dyn ConnRequests>>,
 }
 
 impl Supervisor {
@@ -180,11 +180,11 @@ impl Supervisor {
     }
 
     /// Registers who answers peers' requests (protocol 2); set once, before workers start.
-    pub fn set_peer_requests(&self, peer: Arc<dyn PeerRequests>) {
+    pub fn set_conn_requests(&self, peer: Arc<dyn ConnRequests>) {
         let _ = self.peer.set(peer);
     }
 
-    pub(crate) fn peer_requests(&self) -> Option<Arc<dyn PeerRequests>> {
+    pub(crate) fn conn_requests(&self) -> Option<Arc<dyn ConnRequests>> {
         self.peer.get().cloned()
     }
 

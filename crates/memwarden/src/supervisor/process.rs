@@ -202,7 +202,7 @@ async fn run_once(sup: &Arc<Supervisor>, slot: &Arc<Slot>, python_path: Option<&
         Err(e) => e.to_string(),
     };
     // Only now: the process can no longer touch the weights it mapped or the memory it owned.
-    if let Some(p) = sup.peer_requests() {
+    if let Some(p) = sup.conn_requests() {
         p.closed(&conn);
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), log_task).await;
@@ -241,7 +241,7 @@ async fn serve<R: tokio::io::AsyncRead + Unpin>(
     child: &mut tokio::process::Child,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> String {
-    if let Some(p) = sup.peer_requests() {
+    if let Some(p) = sup.conn_requests() {
         p.opened(conn);
     }
     {
@@ -251,12 +251,12 @@ async fn serve<R: tokio::io::AsyncRead + Unpin>(
         s.last_error = None;
     }
     slot.set_state(WorkerState::Ready);
-    if let Some(p) = sup.peer_requests() {
+    if let Some(p) = sup.conn_requests() {
         p.attached(conn);
     }
     let health = health_pings(sup.clone(), slot.clone(), conn.clone());
     tokio::select! {
-        r = read_loop(conn, reader, sup.peer_requests()) => r,
+        r = read_loop(conn, reader, sup.conn_requests()) => r,
         r = health => r,
         _ = slot.restart.notified() => "restarted by the optimizer: a claimed release did not show up".into(),
         _ = super::stopped(stop) => {

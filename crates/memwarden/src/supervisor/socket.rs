@@ -138,7 +138,7 @@ async fn serve_client(sup: Arc<Supervisor>, stream: LocalStream) {
     conn.worker_id = id.clone();
     conn.role = Role::Client;
     let conn = Arc::new(conn);
-    if let Some(p) = sup.peer_requests() {
+    if let Some(p) = sup.conn_requests() {
         p.opened(&conn);
     }
     let slot = Arc::new(Slot::new(id.clone(), Role::Client, None));
@@ -152,11 +152,11 @@ async fn serve_client(sup: Arc<Supervisor>, stream: LocalStream) {
     tracing::info!(client = %id, pid, "client attached");
     let stop = sup.stopping();
     let reason = tokio::select! {
-        r = read_loop(&conn, &mut reader, sup.peer_requests()) => r,
+        r = read_loop(&conn, &mut reader, sup.conn_requests()) => r,
         _ = super::stopped(stop.clone()) => "daemon stopping".into(),
     };
     conn.close();
-    if let Some(p) = sup.peer_requests() {
+    if let Some(p) = sup.conn_requests() {
         p.closed(&conn);
     }
     sup.remove_slot(&slot);
