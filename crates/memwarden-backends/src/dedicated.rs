@@ -72,18 +72,99 @@ pub trait ChunkWriter {
     fn finish(&mut self) -> Result<(), DedicatedError>;
 }
 
+/// One descriptor of a block's memory and where it lies in the block: a holder maps it at its
+/// own base address plus `offset`.
+#[derive(Debug)]
+pub struct ExportedPiece {
+    pub offset: u64,
+    pub size_bytes: u64,
+    pub handle: SharedHandle,
+}
+
+/// Where the outgoing block is after a failed [`DedicatedBlock::switch`].
+pub enum SwitchLeft {
+    /// Untouched and still resident.
+    Resident(Box<dyn DedicatedBlock>),
+    /// Every byte of it is in the save chunks; its device memory is gone.
+    Saved,
+    /// Neither (a broken device context): only the model's file can bring it back.
+    Lost,
+}
+
+/// A failed switch: the error and where the outgoing block is. The incoming bytes are
+/// untouched in their chunks either way.
+pub struct SwitchFailure {
+    pub error: DedicatedError,
+    pub left: SwitchLeft,
+}
+
+impl std::fmt::Debug for SwitchFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let left = match self.left {
+            SwitchLeft::Resident(_) => "resident",
+            SwitchLeft::Saved => "saved",
+            SwitchLeft::Lost => "lost",
+        };
+        write!(f, "SwitchFailure({:?}, {left})", self.error)
+    }
+}
+
+/// A done switch: the incoming block, where the time went (ms, in order), and whether the two
+/// copies overlapped.
+pub struct Switched {
+    pub block: Box<dyn DedicatedBlock>,
+    pub phases: Vec<(&'static str, f64)>,
+    pub overlapped: bool,
+}
+
+/// The switch of a device whose copies cannot overlap: save, free, allocate, restore, one after
+/// the other (every [`DedicatedBlock::switch`] that has nothing better).
+pub fn serial_switch(
+    out: Box<dyn DedicatedBlock>,
+    memory: &dyn DedicatedMemory,
+    save: &[ChunkPiece<'_>],
+    in_bytes: u64,
+    restore: &[ChunkPiece<'_>],
+) -> Result<Switched, SwitchFailure> {
+    let t = std::time::Instant::now();
+    let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+    if let Err(error) = out.save(save) {
+        return Err(SwitchFailure { error, left: SwitchLeft::Resident(out) });
+    }
+    let out_ms = ms(t);
+    drop(out);
+    let block = memory
+        .alloc(in_bytes)
+        .and_then(|b| b.restore(restore).map(|_| b))
+        .map_err(|error| SwitchFailure { error, left: SwitchLeft::Saved })?;
+    Ok(Switched { block, phases: vec![("copyOut", out_ms), ("copyIn", ms(t) - out_ms)], overlapped: false })
+}
+
 /// One block of dedicated memory. Owns the memory and this process's mapping of it: dropping it
 /// frees the memory (once no other process maps it).
 pub trait DedicatedBlock: Send + Sync {
     fn size_bytes(&self) -> u64;
-    /// A new descriptor for another process to map (as [`DedicatedMemory::handle_kind`] says).
-    fn export(&self) -> Result<SharedHandle, DedicatedError>;
+    /// New descriptors for another process to map (as [`DedicatedMemory::handle_kind`] says),
+    /// one per piece of the block, in address order (one piece covering it all where the
+    /// memory is one piece).
+    fn export(&self) -> Result<Vec<ExportedPiece>, DedicatedError>;
     /// A writer for one loader thread, with chunks of `chunk_bytes` at most.
     fn writer(&self, chunk_bytes: u64) -> Result<Box<dyn ChunkWriter + '_>, DedicatedError>;
     /// Copies every piece block → chunk and returns once they have arrived.
     fn save(&self, pieces: &[ChunkPiece<'_>]) -> Result<(), DedicatedError>;
     /// Copies every piece chunk → block and returns once they have arrived.
     fn restore(&self, pieces: &[ChunkPiece<'_>]) -> Result<(), DedicatedError>;
+    /// Saves this block into `save` and makes a block of `in_bytes` from `restore`, on a
+    /// device too full to hold both: on a GPU, the two copies overlap and the incoming block
+    /// reuses this one's memory piece by piece; elsewhere, [`serial_switch`]. `memory` is the
+    /// block's own device memory.
+    fn switch(
+        self: Box<Self>,
+        memory: &dyn DedicatedMemory,
+        save: &[ChunkPiece<'_>],
+        in_bytes: u64,
+        restore: &[ChunkPiece<'_>],
+    ) -> Result<Switched, SwitchFailure>;
 }
 
 /// Where one device's dedicated blocks and the pinned chunks they park into come from. Owns the

@@ -41,7 +41,17 @@ pub struct TensorEntry {
 /// made the memory names it).
 pub use memwarden_core::HandleKind;
 
-/// `loadWeights` reply and `remapWeights` data; one descriptor rides with it.
+/// One physical piece of a grant's memory: a holder maps the piece's descriptor at its base
+/// address plus `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantPiece {
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// `loadWeights` reply and `remapWeights` data; one descriptor per piece rides with it, in
+/// the order of `pieces`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WeightsGrant {
@@ -60,6 +70,10 @@ pub struct WeightsGrant {
     /// `readwrite`: holders share one writable copy.
     #[serde(default = "default_access")]
     pub access: String,
+    /// The memory's pieces in address order, covering `[0, allocationBytes)`; absent: one
+    /// piece covering it all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<GrantPiece>,
 }
 
 fn default_access() -> String {

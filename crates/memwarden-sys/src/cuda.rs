@@ -9,8 +9,10 @@ use cudarc::driver::sys;
 use std::ffi::{c_void, CStr};
 use std::sync::Arc;
 
+mod switch;
 mod vmm;
-pub use vmm::{granularity_bytes, CudaStream, Staging, UploadPipeline, VmmAllocation};
+pub use switch::{switch, HostPiece, SwitchFailed, SwitchLeft, SwitchTimes};
+pub use vmm::{granularity_bytes, CudaStream, Staging, UploadPipeline, VmmAllocation, MAX_PIECES};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CudaError {

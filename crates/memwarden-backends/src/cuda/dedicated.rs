@@ -1,12 +1,15 @@
-//! A GPU's dedicated memory: CUDA VMM allocations (`cuMemCreate`, exported as a POSIX fd that
-//! holders import with `cuMemImportFromShareableHandle` and map at addresses they reserve), with
-//! reusable staging rings for loads and one stream for parks.
+//! A GPU's dedicated memory: CUDA VMM allocations (a few `cuMemCreate` pieces behind one address
+//! range, each exported as a POSIX fd that holders import with `cuMemImportFromShareableHandle`
+//! and map at addresses they reserve), with reusable staging rings for loads, one stream for
+//! parks and a second one for the incoming side of a switch.
 
-use crate::dedicated::{ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, PinnedChunk};
+use crate::dedicated::{
+    ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, ExportedPiece, PinnedChunk,
+    SwitchFailure, SwitchLeft, Switched,
+};
 use memwarden_core::{DeviceId, HandleKind};
 use memwarden_sys::cuda::{CudaContext, CudaError, CudaStream, Staging, UploadPipeline, VmmAllocation};
 use memwarden_sys::HostMapping;
-use memwarden_sys::SharedHandle;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -40,11 +43,18 @@ struct Copies {
     ctx: Arc<CudaContext>,
     staging: Mutex<Vec<Staging>>,
     park_stream: Mutex<Option<CudaStream>>,
+    /// The incoming side of a switch (always taken after `park_stream`).
+    switch_stream: Mutex<Option<CudaStream>>,
 }
 
 impl CudaDedicated {
     pub fn new(device: DeviceId, ctx: Arc<CudaContext>) -> CudaDedicated {
-        let copies = Copies { ctx, staging: Mutex::new(Vec::new()), park_stream: Mutex::new(None) };
+        let copies = Copies {
+            ctx,
+            staging: Mutex::new(Vec::new()),
+            park_stream: Mutex::new(None),
+            switch_stream: Mutex::new(None),
+        };
         CudaDedicated { device, copies: Arc::new(copies) }
     }
 }
@@ -134,8 +144,15 @@ impl DedicatedBlock for CudaDedicatedBlock {
         self.alloc.size_bytes()
     }
 
-    fn export(&self) -> Result<SharedHandle, DedicatedError> {
-        self.alloc.export_fd().map_err(|e| from_cuda("exporting the weights", e))
+    fn export(&self) -> Result<Vec<ExportedPiece>, DedicatedError> {
+        let fds = self.alloc.export_fds().map_err(|e| from_cuda("exporting the weights", e))?;
+        Ok(self
+            .alloc
+            .pieces()
+            .into_iter()
+            .zip(fds)
+            .map(|((offset, size_bytes), handle)| ExportedPiece { offset, size_bytes, handle })
+            .collect())
     }
 
     fn writer(&self, chunk_bytes: u64) -> Result<Box<dyn ChunkWriter + '_>, DedicatedError> {
@@ -154,5 +171,65 @@ impl DedicatedBlock for CudaDedicatedBlock {
 
     fn restore(&self, pieces: &[ChunkPiece<'_>]) -> Result<(), DedicatedError> {
         self.with_park_stream(|s| self.alloc.copy_from_host(s, &host_pieces(pieces)))
+    }
+
+    /// Both copies at once, the incoming block made of this one's pieces
+    /// (`memwarden_sys::cuda::switch`): D2H on the park stream, H2D on the switch stream.
+    fn switch(
+        self: Box<Self>,
+        _memory: &dyn DedicatedMemory,
+        save: &[ChunkPiece<'_>],
+        in_bytes: u64,
+        restore: &[ChunkPiece<'_>],
+    ) -> Result<Switched, SwitchFailure> {
+        let CudaDedicatedBlock { copies, alloc } = *self;
+        let shared = copies.clone();
+        let streams = (|| {
+            let mut out = lock(&shared.park_stream);
+            if out.is_none() {
+                *out = Some(CudaStream::new(&shared.ctx)?);
+            }
+            let mut inc = lock(&shared.switch_stream);
+            if inc.is_none() {
+                *inc = Some(CudaStream::new(&shared.ctx)?);
+            }
+            Ok::<_, CudaError>((out, inc))
+        })();
+        let (out_stream, in_stream) = match streams {
+            Ok((o, i)) => (o, i),
+            Err(e) => {
+                let left = SwitchLeft::Resident(Box::new(CudaDedicatedBlock { copies: copies.clone(), alloc }));
+                return Err(SwitchFailure { error: from_cuda("a switch's streams", e), left });
+            }
+        };
+        let (Some(o), Some(i)) = (out_stream.as_ref(), in_stream.as_ref()) else {
+            let left = SwitchLeft::Resident(Box::new(CudaDedicatedBlock { copies: copies.clone(), alloc }));
+            return Err(SwitchFailure { error: DedicatedError::Failed("no switch streams".into()), left });
+        };
+        let result =
+            memwarden_sys::cuda::switch(alloc, o, i, &host_pieces(save), in_bytes, &host_pieces(restore));
+        drop(in_stream);
+        drop(out_stream);
+        match result {
+            Ok((alloc, t)) => {
+                let phases = vec![
+                    ("mapPieces", t.map_ms),
+                    ("copyOut", t.out_ms - t.map_ms),
+                    ("copyInTail", t.total_ms - t.out_ms),
+                ];
+                let block: Box<dyn DedicatedBlock> = Box::new(CudaDedicatedBlock { copies, alloc });
+                Ok(Switched { block, phases, overlapped: t.reused_pieces > 0 })
+            }
+            Err(f) => {
+                let left = match f.left {
+                    memwarden_sys::cuda::SwitchLeft::Resident(alloc) => {
+                        SwitchLeft::Resident(Box::new(CudaDedicatedBlock { copies, alloc }))
+                    }
+                    memwarden_sys::cuda::SwitchLeft::Saved => SwitchLeft::Saved,
+                    memwarden_sys::cuda::SwitchLeft::Lost => SwitchLeft::Lost,
+                };
+                Err(SwitchFailure { error: from_cuda("switching weights", f.error), left })
+            }
+        }
     }
 }

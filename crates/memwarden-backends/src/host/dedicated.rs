@@ -1,10 +1,12 @@
 //! The host's dedicated memory: one file per block in a tmpfs (`host.shared_memory_dir`), mapped
 //! shared so that holders map the same pages through a descriptor of the file.
 
-use crate::dedicated::{ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, PinnedChunk};
+use crate::dedicated::{
+    serial_switch, ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, ExportedPiece, PinnedChunk,
+    SwitchFailure, Switched,
+};
 use memwarden_core::{DeviceId, HandleKind};
 use memwarden_sys::HostMapping;
-use memwarden_sys::SharedHandle;
 use std::path::PathBuf;
 
 /// Blocks in a tmpfs (`/dev/shm`), mapped shared so holders map the same pages.
@@ -72,8 +74,10 @@ impl DedicatedBlock for HostDedicatedBlock {
         self.0.len_bytes()
     }
 
-    fn export(&self) -> Result<SharedHandle, DedicatedError> {
-        self.0.share_fd().map_err(|e| DedicatedError::Failed(format!("exporting the weights file: {e}")))
+    fn export(&self) -> Result<Vec<ExportedPiece>, DedicatedError> {
+        let handle =
+            self.0.share_fd().map_err(|e| DedicatedError::Failed(format!("exporting the weights file: {e}")))?;
+        Ok(vec![ExportedPiece { offset: 0, size_bytes: self.size_bytes(), handle }])
     }
 
     fn writer(&self, chunk_bytes: u64) -> Result<Box<dyn ChunkWriter + '_>, DedicatedError> {
@@ -92,6 +96,16 @@ impl DedicatedBlock for HostDedicatedBlock {
             HostMapping::copy(&chunk.0, c_off, &self.0, off, n).map_err(|e| DedicatedError::Failed(e.to_string()))?;
         }
         Ok(())
+    }
+
+    fn switch(
+        self: Box<Self>,
+        memory: &dyn DedicatedMemory,
+        save: &[ChunkPiece<'_>],
+        in_bytes: u64,
+        restore: &[ChunkPiece<'_>],
+    ) -> Result<Switched, SwitchFailure> {
+        serial_switch(self, memory, save, in_bytes, restore)
     }
 }
 
@@ -127,7 +141,7 @@ mod tests {
         let mut w = block.writer(4096).expect("writer");
         assert_eq!(w.put(0, &mut |_: &mut [u8]| Err(DedicatedError::Stopped)), Err(DedicatedError::Stopped));
         drop(w);
-        let exported = std::fs::File::from(block.export().expect("a descriptor"));
+        let exported = std::fs::File::from(block.export().expect("a descriptor").remove(0).handle);
         let mut seen = vec![0u8; data.len()];
         std::os::unix::fs::FileExt::read_exact_at(&exported, &mut seen, 0).expect("read the file");
         assert!(seen == data, "the holder's descriptor maps the bytes written");
@@ -137,7 +151,7 @@ mod tests {
         block.save(&pieces).expect("save");
         let again = memory.alloc(5000).expect("second block");
         again.restore(&pieces).expect("restore");
-        let back = std::fs::File::from(again.export().expect("a descriptor"));
+        let back = std::fs::File::from(again.export().expect("a descriptor").remove(0).handle);
         std::os::unix::fs::FileExt::read_exact_at(&back, &mut seen, 0).expect("read the file");
         assert!(seen == data, "parked bytes come back");
         drop((block, again, exported, back));

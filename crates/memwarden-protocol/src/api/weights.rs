@@ -94,8 +94,14 @@ pub struct WeightsActionDto {
     /// Time for the whole request, including the holders' unmap and remap.
     pub total_ms: f64,
     /// Where the time went, in order: e.g. `unmapHolders`, `takePinned`, `copy`, `freeDevice`
-    /// (park); `allocDevice`, `copy`, `releasePinned`, `remapHolders` (resume).
+    /// (park); `allocDevice`, `copy`, `releasePinned`, `remapHolders` (resume); a resume by a
+    /// switch: `unmapHolders` (of the model parked), `takePinned`, `mapPieces`, `copyOut`,
+    /// `copyInTail`, `releasePinned`, `remapHolders`.
     pub phases_ms: Vec<PhaseDto>,
+    /// A resume that made its room by a switch: the model parked in its place, both copies
+    /// overlapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_with: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -1,7 +1,10 @@
-//! CUDA virtual memory management (VMM) for model weights: one physical allocation per model
-//! (`cuMemCreate`) that other processes import through a POSIX file descriptor
-//! (`cuMemExportToShareableHandle`) and map at addresses they reserve themselves, so a holder
-//! can unmap it while the weights are parked and map the next allocation at the same address.
+//! CUDA virtual memory management (VMM) for model weights: a model's memory is one reserved
+//! address range backed by a few physical allocations (pieces, `cuMemCreate`), mapped back to
+//! back. Other processes import each piece through a POSIX file descriptor
+//! (`cuMemExportToShareableHandle`) and map them at addresses they reserve themselves, so a
+//! holder can unmap the model while it is parked and map the next pieces at the same address.
+//! Pieces are what lets a switch overlap its two copies ([`super::switch`]): each piece the
+//! outgoing model's copy-out frees is mapped into the incoming model's range and filled at once.
 //! The daemon maps each allocation in its own address space too, to copy into and out of it.
 
 use super::{check, CudaContext, CudaError};
@@ -11,7 +14,7 @@ use cudarc::driver::sys;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-fn prop(ordinal: u32) -> sys::CUmemAllocationProp {
+pub(super) fn prop(ordinal: u32) -> sys::CUmemAllocationProp {
     sys::CUmemAllocationProp {
         type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
         requestedHandleTypes: sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
@@ -43,51 +46,140 @@ pub fn granularity_bytes(ctx: &CudaContext) -> Result<u64, CudaError> {
     Ok(g.max(1) as u64)
 }
 
+/// At most this many pieces back one allocation: each is one descriptor in a grant, and a
+/// protocol line carries at most 16 (`MAX_FDS_PER_LINE`).
+pub const MAX_PIECES: usize = 16;
+
+/// Pieces a fresh allocation is cut into (a switch may add one: see [`super::switch`]).
+const FRESH_PIECES: u64 = 12;
+
+/// Below this, an allocation is one piece: smaller pieces would only add mapping calls.
+const MIN_PIECE_BYTES: u64 = 64 << 20;
+
+/// The sizes of a fresh allocation's pieces for `size` bytes (a multiple of `g`): equal
+/// pieces of at least [`MIN_PIECE_BYTES`], the last one shorter.
+pub(super) fn piece_sizes(size: u64, g: u64) -> Vec<u64> {
+    let each = size.div_ceil(FRESH_PIECES).div_ceil(g).max(1) * g;
+    let each = each.max(MIN_PIECE_BYTES.div_ceil(g) * g);
+    let mut out = Vec::new();
+    let mut left = size;
+    while left > 0 {
+        let n = each.min(left);
+        out.push(n);
+        left -= n;
+    }
+    out
+}
+
+/// One physical allocation mapped at `offset` of its allocation's range.
+#[derive(Debug)]
+pub(super) struct Piece {
+    pub(super) offset: u64,
+    pub(super) size: u64,
+    pub(super) handle: sys::CUmemGenericAllocationHandle,
+}
+
 /// One exportable device allocation, mapped read-write in this process. Unmapped, its address
-/// range freed and its handle released on drop; the memory goes back to the driver once no
+/// range freed and its handles released on drop; the memory goes back to the driver once no
 /// other process maps it either.
 #[derive(Debug)]
 pub struct VmmAllocation {
-    ctx: Arc<CudaContext>,
-    handle: sys::CUmemGenericAllocationHandle,
-    ptr: sys::CUdeviceptr,
-    size: u64,
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) ptr: sys::CUdeviceptr,
+    pub(super) size: u64,
+    /// In address order, covering `[0, size)` once built.
+    pub(super) pieces: Vec<Piece>,
 }
 
-// SAFETY: the handle and address are plain driver tokens; every call binds the context first.
+// SAFETY: the handles and address are plain driver tokens; every call binds the context first.
 unsafe impl Send for VmmAllocation {}
 // SAFETY: as above; copies into disjoint ranges from several threads are the caller's to keep
 // disjoint (the weights loader hands each thread its own ranges).
 unsafe impl Sync for VmmAllocation {}
 
+/// Creates one physical allocation of `size` bytes on `ctx`'s GPU.
+pub(super) fn create_handle(ctx: &CudaContext, size: u64) -> Result<sys::CUmemGenericAllocationHandle, CudaError> {
+    let p = prop(ctx.ordinal);
+    let mut handle: sys::CUmemGenericAllocationHandle = 0;
+    // SAFETY: valid out-pointer and property struct; the caller made the context current.
+    check("cuMemCreate", size, unsafe { sys::cuMemCreate(&mut handle, size as usize, &p, 0) })?;
+    Ok(handle)
+}
+
+/// Maps `handle` (`size` bytes) read-write at `ptr` for `ctx`'s GPU.
+///
+/// # Safety
+/// `[ptr, ptr+size)` lies inside a reservation of the caller's, with nothing mapped there, and
+/// `handle` is a live allocation of `size` bytes.
+pub(super) unsafe fn map_handle(
+    ctx: &CudaContext,
+    ptr: sys::CUdeviceptr,
+    size: u64,
+    handle: sys::CUmemGenericAllocationHandle,
+) -> Result<(), CudaError> {
+    // SAFETY: the caller's contract.
+    check("cuMemMap", size, unsafe { sys::cuMemMap(ptr, size as usize, 0, handle, 0) })?;
+    let access = sys::CUmemAccessDesc {
+        location: prop(ctx.ordinal).location,
+        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    // SAFETY: the range was just mapped; one access descriptor is passed.
+    let rc = unsafe { sys::cuMemSetAccess(ptr, size as usize, &access, 1) };
+    if let Err(e) = check("cuMemSetAccess", size, rc) {
+        // SAFETY: mapped just above, by this call.
+        unsafe { sys::cuMemUnmap(ptr, size as usize) };
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Reserves `size` bytes of device addresses, aligned to `g`.
+pub(super) fn reserve(size: u64, g: u64) -> Result<sys::CUdeviceptr, CudaError> {
+    let mut ptr: sys::CUdeviceptr = 0;
+    // SAFETY: valid out-pointer; a fresh reservation anywhere, aligned to the granularity.
+    check("cuMemAddressReserve", size, unsafe { sys::cuMemAddressReserve(&mut ptr, size as usize, g as usize, 0, 0) })?;
+    Ok(ptr)
+}
+
 impl VmmAllocation {
-    /// Creates at least `bytes` (rounded up to the granularity) on `ctx`'s GPU and maps them.
+    /// Creates at least `bytes` (rounded up to the granularity) on `ctx`'s GPU, in a few pieces,
+    /// and maps them.
     pub fn new(ctx: &Arc<CudaContext>, bytes: u64) -> Result<Self, CudaError> {
         let g = granularity_bytes(ctx)?;
         let size = bytes.max(1).div_ceil(g) * g;
-        let p = prop(ctx.ordinal);
-        let mut handle: sys::CUmemGenericAllocationHandle = 0;
-        // SAFETY: valid out-pointer and property struct; the context is current.
-        check("cuMemCreate", size, unsafe { sys::cuMemCreate(&mut handle, size as usize, &p, 0) })?;
-        let mut ptr: sys::CUdeviceptr = 0;
-        // SAFETY: valid out-pointer; a fresh reservation anywhere, aligned to the granularity.
-        let rc = unsafe { sys::cuMemAddressReserve(&mut ptr, size as usize, g as usize, 0, 0) };
-        if let Err(e) = check("cuMemAddressReserve", size, rc) {
-            // SAFETY: the handle was created above and is released once.
+        let ptr = reserve(size, g)?;
+        // From here on, Drop undoes what was built: the pieces mapped so far and the range.
+        let mut alloc = VmmAllocation { ctx: ctx.clone(), ptr, size, pieces: Vec::new() };
+        let mut offset = 0;
+        for n in piece_sizes(size, g) {
+            alloc.add_piece(offset, n, create_handle(ctx, n)?)?;
+            offset += n;
+        }
+        Ok(alloc)
+    }
+
+    /// Maps `handle` at `offset` and owns it from now on (released here if the map fails).
+    pub(super) fn add_piece(
+        &mut self,
+        offset: u64,
+        size: u64,
+        handle: sys::CUmemGenericAllocationHandle,
+    ) -> Result<(), CudaError> {
+        let fits = offset.checked_add(size).is_some_and(|end| end <= self.size);
+        // SAFETY: in bounds (checked) and nothing is mapped there: pieces are added in address
+        // order and never overlap (the callers advance `offset` by each piece's size).
+        let mapped = if fits {
+            unsafe { map_handle(&self.ctx, self.ptr + offset, size, handle) }
+        } else {
+            Err(CudaError::Driver { operation: "cuMemMap", error: format!("piece {offset}+{size} outside {}", self.size) })
+        };
+        if let Err(e) = mapped {
+            // SAFETY: the handle is ours and was not mapped.
             unsafe { sys::cuMemRelease(handle) };
             return Err(e);
         }
-        let alloc = VmmAllocation { ctx: ctx.clone(), handle, ptr, size };
-        // SAFETY: the reservation and the handle are both `size` bytes and owned by `alloc`,
-        // whose Drop unmaps before freeing either.
-        check("cuMemMap", size, unsafe { sys::cuMemMap(ptr, size as usize, 0, handle, 0) })?;
-        let access = sys::CUmemAccessDesc {
-            location: p.location,
-            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
-        // SAFETY: the range was just mapped; one access descriptor is passed.
-        check("cuMemSetAccess", size, unsafe { sys::cuMemSetAccess(ptr, size as usize, &access, 1) })?;
-        Ok(alloc)
+        self.pieces.push(Piece { offset, size, handle });
+        Ok(())
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -103,33 +195,43 @@ impl VmmAllocation {
         self.ptr
     }
 
-    /// A new file descriptor another process imports with `cuMemImportFromShareableHandle`.
+    /// `(offset, size)` of each physical piece, in address order.
+    pub fn pieces(&self) -> Vec<(u64, u64)> {
+        self.pieces.iter().map(|p| (p.offset, p.size)).collect()
+    }
+
+    /// A new file descriptor per piece (in address order), which another process imports with
+    /// `cuMemImportFromShareableHandle` and maps at its own reservation plus the piece's offset.
     #[cfg(unix)]
-    pub fn export_fd(&self) -> Result<SharedHandle, CudaError> {
+    pub fn export_fds(&self) -> Result<Vec<SharedHandle>, CudaError> {
         use std::os::fd::FromRawFd;
         self.ctx.bind()?;
-        let mut fd: std::ffi::c_int = -1;
-        // SAFETY: for POSIX file descriptors the out-parameter is an int; the handle is live.
-        check("cuMemExportToShareableHandle", self.size, unsafe {
-            sys::cuMemExportToShareableHandle(
-                &mut fd as *mut std::ffi::c_int as *mut c_void,
-                self.handle,
-                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-                0,
-            )
-        })?;
-        // SAFETY: the driver returned a new descriptor that nothing else owns.
-        Ok(unsafe { SharedHandle::from_raw_fd(fd) })
+        let mut out = Vec::with_capacity(self.pieces.len());
+        for p in &self.pieces {
+            let mut fd: std::ffi::c_int = -1;
+            // SAFETY: for POSIX file descriptors the out-parameter is an int; the handle is live.
+            check("cuMemExportToShareableHandle", p.size, unsafe {
+                sys::cuMemExportToShareableHandle(
+                    &mut fd as *mut std::ffi::c_int as *mut c_void,
+                    p.handle,
+                    sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                    0,
+                )
+            })?;
+            // SAFETY: the driver returned a new descriptor that nothing else owns.
+            out.push(unsafe { SharedHandle::from_raw_fd(fd) });
+        }
+        Ok(out)
     }
 
     /// Windows exports Win32 handles (`CU_MEM_HANDLE_TYPE_WIN32`), which the allocations made
     /// here do not request yet: unsupported until the Windows port.
     #[cfg(windows)]
-    pub fn export_fd(&self) -> Result<SharedHandle, CudaError> {
+    pub fn export_fds(&self) -> Result<Vec<SharedHandle>, CudaError> {
         Err(CudaError::Unavailable("exporting CUDA memory is not supported on this platform yet".into()))
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<u64, CudaError> {
+    pub(super) fn check_range(&self, offset: u64, len: u64) -> Result<u64, CudaError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(self.ptr + offset),
             _ => Err(CudaError::Driver {
@@ -142,7 +244,8 @@ impl VmmAllocation {
     /// Copies every piece (`(device offset, host mapping, host offset, len)`) device → host on
     /// `stream`, all queued, and returns once they have arrived.
     pub fn copy_to_host(&self, stream: &CudaStream, pieces: &[(u64, &HostMapping, u64, u64)]) -> Result<(), CudaError> {
-        self.copy_pieces(stream, pieces, true)
+        self.enqueue_copies(stream, pieces, true)?;
+        stream.synchronize()
     }
 
     /// Copies every piece host → device, like [`VmmAllocation::copy_to_host`].
@@ -151,10 +254,14 @@ impl VmmAllocation {
         stream: &CudaStream,
         pieces: &[(u64, &HostMapping, u64, u64)],
     ) -> Result<(), CudaError> {
-        self.copy_pieces(stream, pieces, false)
+        self.enqueue_copies(stream, pieces, false)?;
+        stream.synchronize()
     }
 
-    fn copy_pieces(
+    /// Queues the copies of `pieces` on `stream` without waiting. The caller synchronizes the
+    /// stream before the host mappings or this allocation can go (on an error too: what was
+    /// queued before it still runs).
+    pub(super) fn enqueue_copies(
         &self,
         stream: &CudaStream,
         pieces: &[(u64, &HostMapping, u64, u64)],
@@ -168,8 +275,8 @@ impl VmmAllocation {
         }
         self.ctx.bind()?;
         for (dev, host, len) in checked {
-            // SAFETY: both ranges were bounds-checked inside live memory borrowed for this call,
-            // and the stream is synchronized below before the borrows end.
+            // SAFETY: both ranges were bounds-checked inside live memory, which the caller keeps
+            // alive until it synchronizes the stream.
             let rc = unsafe {
                 if to_host {
                     sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, dev, len as usize, stream.stream)
@@ -182,19 +289,30 @@ impl VmmAllocation {
                 return Err(e);
             }
         }
-        stream.synchronize()
+        Ok(())
+    }
+
+    /// Unmaps piece `i` from this range and hands its handle to the caller (who releases it or
+    /// maps it elsewhere). The range stays reserved.
+    pub(super) fn take_piece(&mut self, i: usize) -> Piece {
+        let p = self.pieces.remove(i);
+        // SAFETY: the piece was mapped at exactly this range by `add_piece`.
+        unsafe { sys::cuMemUnmap(self.ptr + p.offset, p.size as usize) };
+        p
     }
 }
 
 impl Drop for VmmAllocation {
     fn drop(&mut self) {
-        // SAFETY: the mapping, reservation and handle were made in `new` and are undone once,
-        // in reverse order; errors cannot be returned from Drop.
+        // SAFETY: each piece was mapped by `add_piece` and is unmapped and released once; then
+        // the reservation is freed. Errors cannot be returned from Drop.
         unsafe {
             let _ = self.ctx.bind();
-            let _ = sys::cuMemUnmap(self.ptr, self.size as usize);
+            for p in self.pieces.drain(..) {
+                let _ = sys::cuMemUnmap(self.ptr + p.offset, p.size as usize);
+                let _ = sys::cuMemRelease(p.handle);
+            }
             let _ = sys::cuMemAddressFree(self.ptr, self.size as usize);
-            let _ = sys::cuMemRelease(self.handle);
         }
     }
 }
@@ -202,8 +320,8 @@ impl Drop for VmmAllocation {
 /// A non-blocking stream of its own, so several threads copy without queueing behind each other.
 #[derive(Debug)]
 pub struct CudaStream {
-    ctx: Arc<CudaContext>,
-    stream: sys::CUstream,
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) stream: sys::CUstream,
 }
 
 // SAFETY: a stream handle may be used from any thread with its context current (bound first).
@@ -250,7 +368,7 @@ pub struct Staging {
 }
 
 #[derive(Debug)]
-struct EventHandle(sys::CUevent);
+pub(super) struct EventHandle(pub(super) sys::CUevent);
 
 // SAFETY: an event handle is a plain driver token, used with its context bound.
 unsafe impl Send for EventHandle {}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// Has a supervised worker map a held model: `loadModel` with the grant and its descriptor.
 pub async fn hand_to(store: &Arc<WeightStore>, conn: &Arc<Conn>, model: &Arc<HeldModel>) -> Result<(), String> {
     let holder = Arc::new(ConnHolder(conn.clone()));
-    let (grant, fd) = store.attach_holder(model, holder).await.map_err(|e| e.to_string())?;
+    let (grant, fds) = store.attach_holder(model, holder).await.map_err(|e| e.to_string())?;
     let req = memwarden_protocol::LoadModel {
         path: model.file.identity.path.display().to_string(),
         name: Some(model.name.clone()),
@@ -24,7 +24,7 @@ pub async fn hand_to(store: &Arc<WeightStore>, conn: &Arc<Conn>, model: &Arc<Hel
     };
     let data = serde_json::to_value(&req).map_err(|e| e.to_string())?;
     let timeout = std::time::Duration::from_secs(60);
-    let result = conn.call_with_fds(Action::LoadModel, data.clone(), vec![fd], timeout).await;
+    let result = conn.call_with_fds(Action::LoadModel, data.clone(), fds, timeout).await;
     match result {
         Ok(reply) if reply.success => {
             conn.apply_reply(Action::LoadModel, &data, &reply);

@@ -16,6 +16,8 @@ use std::sync::Arc;
 pub struct Acted {
     pub model: Arc<HeldModel>,
     pub outcome: ActionOutcome,
+    /// A resume by a switch: the model parked in its place.
+    pub switched_with: Option<String>,
 }
 
 /// Runs a weights operation on a task of its own: a client that goes away does not stop a park
@@ -43,7 +45,7 @@ where
     let model = app.weights.get(model_id)?;
     let outcome = detached(op(app.weights.clone(), model_id.to_string())).await?;
     refresh(app, model.device());
-    Ok(Acted { model, outcome })
+    Ok(Acted { model, outcome, switched_with: None })
 }
 
 pub async fn park(app: &App, model_id: &str) -> Result<Acted, AppError> {
@@ -62,6 +64,11 @@ pub async fn resume(app: &App, model_id: &str, target: Option<DeviceId>) -> Resu
     let run = || act(app, model_id, move |store, id| async move { store.resume(&id, target).await });
     match run().await {
         Err(AppError::Weights(WeightsError::InsufficientMemory { .. })) => {
+            if target.is_none_or(|t| t == model.device()) {
+                if let Some(acted) = resume_by_switch(app, &model).await? {
+                    return Ok(acted);
+                }
+            }
             app.placement
                 .make_room(device, model.file.data_bytes, model_id)
                 .await
@@ -70,6 +77,40 @@ pub async fn resume(app: &App, model_id: &str, target: Option<DeviceId>) -> Resu
         }
         other => other,
     }
+}
+
+/// On a GPU too full for `model`, resumes it in the place of the least valuable resident
+/// model whose memory makes the room, the two copies overlapped ([`WeightStore::switch`]).
+/// `None` when no single model's memory would do or each candidate is in use, or when the
+/// switch parked its partner but still found no room: the caller makes room and resumes.
+pub async fn resume_by_switch(app: &App, model: &Arc<HeldModel>) -> Result<Option<Acted>, AppError> {
+    let device = model.device();
+    if model.state() != memwarden_protocol::api::WeightState::Parked || !device.is_gpu() {
+        return Ok(None);
+    }
+    let available = app.service.measure_now(device).map(|(_, a)| a).unwrap_or(0);
+    for partner in app.weights.switch_partners(model, available) {
+        let (store, out, inc) = (app.weights.clone(), partner.id.clone(), model.id.clone());
+        match detached(async move { store.switch(&out, &inc).await }).await {
+            Ok(sw) => {
+                refresh(app, device);
+                tracing::info!(
+                    model = %model.id, parked = %partner.id, overlapped = sw.overlapped,
+                    "resumed by a switch on {device}"
+                );
+                let outcome = sw.resumed;
+                return Ok(Some(Acted { model: model.clone(), outcome, switched_with: Some(partner.id.clone()) }));
+            }
+            // That one cannot go now (a `use()` open past the bound, or it changed state
+            // meanwhile): the next one may.
+            Err(AppError::Weights(WeightsError::InUse(why) | WeightsError::NotSupported(why))) => {
+                tracing::info!(model = %model.id, partner = %partner.id, "no switch with it: {why}");
+            }
+            Err(AppError::Weights(WeightsError::InsufficientMemory { .. })) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// What an unload freed, and (a worker's model) what the OS and driver said its process held

@@ -107,7 +107,7 @@ async fn load_for(app: &App, conn: Arc<Conn>, r: &Request) -> (Reply, Vec<Shared
     let loads = Loads { optimizer: &app.optimizer, weights: &app.weights };
     match loads.held(req, Some(Arc::new(ConnHolder(conn))), None, None).await {
         Ok(a) => match a.grant {
-            Some((grant, fd)) => (Reply::ok(id, grant), vec![fd]),
+            Some((grant, fds)) => (Reply::ok(id, grant), fds),
             None => err(id, &WeightsError::Internal("no grant".into())),
         },
         Err(LoadError::Admission(e)) => (Reply::err(id, codes::INSUFFICIENT_MEMORY, e.to_string()), Vec::new()),
@@ -238,6 +238,18 @@ async fn resume_for(app: &App, id: &str, conn: &Arc<Conn>) -> Result<(), Weights
     match store.ensure_resident(id, holder()).await {
         Err(WeightsError::InsufficientMemory { .. }) => {
             let model = store.get(id)?;
+            let switched = super::residency::resume_by_switch(app, &model).await.map_err(|e| match e {
+                super::AppError::Weights(w) => w,
+                other => WeightsError::Internal(other.to_string()),
+            })?;
+            if switched.is_some() {
+                // Resident now, and the switch remapped this holder if it still held the model;
+                // one that had let go is sent the memory.
+                if model.with_held(|h| h.holders.contains_key(&conn.worker_id)) {
+                    return Ok(());
+                }
+                return store.ensure_resident(id, holder()).await.map(|_| ());
+            }
             app.placement.make_room(model.device(), model.file.data_bytes, id).await.map_err(|message| {
                 WeightsError::InsufficientMemory {
                     device: model.device().to_string(),

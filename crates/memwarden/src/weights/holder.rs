@@ -30,8 +30,9 @@ pub trait WeightHolder: Send + Sync {
     }
     /// Unmap the model once no `use()` is open (waiting at most `req.timeout_ms`).
     fn unmap(&self, req: UnmapWeights) -> BoxFuture<'static, Result<(), HolderError>>;
-    /// Map new memory for the model (same device: at the old address).
-    fn remap(&self, grant: WeightsGrant, fd: SharedHandle) -> BoxFuture<'static, Result<(), HolderError>>;
+    /// Map new memory for the model (same device: at the old address): one descriptor per
+    /// piece of the grant.
+    fn remap(&self, grant: WeightsGrant, fds: Vec<SharedHandle>) -> BoxFuture<'static, Result<(), HolderError>>;
 }
 
 /// A worker or client on a protocol connection.
@@ -79,11 +80,11 @@ impl WeightHolder for ConnHolder {
         })
     }
 
-    fn remap(&self, grant: WeightsGrant, fd: SharedHandle) -> BoxFuture<'static, Result<(), HolderError>> {
+    fn remap(&self, grant: WeightsGrant, fds: Vec<SharedHandle>) -> BoxFuture<'static, Result<(), HolderError>> {
         let conn = self.0.clone();
         Box::pin(async move {
             let data = serde_json::to_value(&grant).unwrap_or_default();
-            let r = conn.call_with_fds(Action::RemapWeights, data, vec![fd], REPLY_SLACK * 6).await;
+            let r = conn.call_with_fds(Action::RemapWeights, data, fds, REPLY_SLACK * 6).await;
             holder_error(&conn.worker_id, r)
         })
     }

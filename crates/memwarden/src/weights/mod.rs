@@ -15,6 +15,7 @@ pub mod load;
 pub mod memory;
 mod ops;
 pub mod policy;
+mod switch;
 
 use crate::config::WeightsSection;
 use crate::sync::lock;
@@ -23,7 +24,7 @@ use memory::{ParkBuffer, ParkPool};
 use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{rfc3339, HeldModelDto, RateDto, WeightState};
-use memwarden_protocol::{codes, UnmapWeights, WeightsGrant};
+use memwarden_protocol::{codes, GrantPiece, UnmapWeights, WeightsGrant};
 use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,11 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 pub use holder::{HolderError, WeightHolder};
+
+/// What a holder maps: the grant and one descriptor per piece of the memory, in order.
+pub type Grant = (WeightsGrant, Vec<SharedHandle>);
 pub use ops::Attached;
+pub use switch::SwitchOutcome;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WeightsError {
@@ -224,13 +229,19 @@ impl HeldModel {
         }
     }
 
-    /// The grant a holder maps, with a new descriptor of the resident block.
-    fn grant(&self, handle: memwarden_protocol::HandleKind) -> Result<(WeightsGrant, SharedHandle), WeightsError> {
+    /// The grant a holder maps, with new descriptors of the resident block (one per piece).
+    fn grant(&self, handle: memwarden_protocol::HandleKind) -> Result<Grant, WeightsError> {
         let h = lock(&self.held);
         let Some(block) = h.block.as_ref() else {
             return Err(WeightsError::Internal(format!("model {} has no resident memory", self.id)));
         };
-        let fd = block.export()?;
+        let exported = block.export()?;
+        let pieces = if exported.len() > 1 {
+            exported.iter().map(|p| GrantPiece { offset: p.offset, bytes: p.size_bytes }).collect()
+        } else {
+            Vec::new()
+        };
+        let fds = exported.into_iter().map(|p| p.handle).collect();
         let grant = WeightsGrant {
             model_id: self.id.clone(),
             name: self.name.clone(),
@@ -242,8 +253,9 @@ impl HeldModel {
             hash: h.hash.clone(),
             shared: !h.holders.is_empty(),
             access: "readwrite".into(),
+            pieces,
         };
-        Ok((grant, fd))
+        Ok((grant, fds))
     }
 }
 
@@ -457,3 +469,5 @@ impl WeightStore {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_switch;

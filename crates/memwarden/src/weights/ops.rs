@@ -4,27 +4,27 @@
 
 use super::file::ModelFile;
 use super::load;
-use super::{ActionOutcome, Held, HeldModel, HolderEntry, LoadRequest, Rate, WeightHolder, WeightStore, WeightsError};
+use super::{
+    ActionOutcome, Grant, Held, HeldModel, HolderEntry, LoadRequest, Rate, WeightHolder, WeightStore, WeightsError,
+};
 use crate::operations::Progress;
 use crate::sync::lock;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::WeightState;
-use memwarden_protocol::WeightsGrant;
-use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use time::OffsetDateTime;
 
-fn ms(t: Instant) -> f64 {
+pub(super) fn ms(t: Instant) -> f64 {
     ms_of(t.elapsed())
 }
 
-fn ms_of(d: std::time::Duration) -> f64 {
+pub(super) fn ms_of(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WeightsError> + Send + 'static,
 ) -> Result<T, WeightsError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| WeightsError::Internal(format!("worker thread: {e}")))?
@@ -33,7 +33,7 @@ async fn blocking<T: Send + 'static>(
 /// A grant for one holder, and the model it maps.
 pub struct Attached {
     pub model: Arc<HeldModel>,
-    pub grant: Option<(WeightsGrant, SharedHandle)>,
+    pub grant: Option<Grant>,
     /// The bytes were already in memwarden (shared or re-attached): the file was not read.
     pub reused: bool,
 }
@@ -149,7 +149,7 @@ impl WeightStore {
         self: &Arc<Self>,
         model: &Arc<HeldModel>,
         holder: Arc<dyn WeightHolder>,
-    ) -> Result<(WeightsGrant, SharedHandle), WeightsError> {
+    ) -> Result<Grant, WeightsError> {
         let _op = model.op.lock().await;
         self.still_held(model)?;
         if matches!(model.state(), WeightState::Parked | WeightState::Dropped) {
@@ -169,7 +169,7 @@ impl WeightStore {
         model: &HeldModel,
         holder: Option<Arc<dyn WeightHolder>>,
         handle: memwarden_protocol::HandleKind,
-    ) -> Result<Option<(WeightsGrant, SharedHandle)>, WeightsError> {
+    ) -> Result<Option<Grant>, WeightsError> {
         let Some(holder) = holder else { return Ok(None) };
         let grant = model.grant(handle)?;
         let mut h = lock(&model.held);
@@ -183,46 +183,56 @@ impl WeightStore {
         Ok(Some(grant))
     }
 
-    /// Asks every holder to unmap; on a refusal, maps the ones that already did back again.
-    async fn unmap_holders(&self, model: &HeldModel, r#final: bool) -> Result<(), WeightsError> {
+    /// Asks every holder to unmap, all at once (the wait is the longest open `use()`, not their
+    /// sum); on a refusal, maps the ones that already did back again.
+    pub(super) async fn unmap_holders(&self, model: &HeldModel, r#final: bool) -> Result<(), WeightsError> {
         let holders: Vec<HolderEntry> = lock(&model.held).holders.values().cloned().collect();
-        let mut done: Vec<&HolderEntry> = Vec::new();
-        for entry in &holders {
-            match entry.holder.unmap(self.unmap_request(&model.id, r#final)).await {
-                Ok(()) => done.push(entry),
+        let asks = holders.iter().map(|entry| entry.holder.unmap(self.unmap_request(&model.id, r#final)));
+        let answers = futures_util::future::join_all(asks).await;
+        let mut done: Vec<Arc<dyn WeightHolder>> = Vec::new();
+        let mut refused = None;
+        for (entry, answer) in holders.iter().zip(answers) {
+            match answer {
+                Ok(()) => done.push(entry.holder.clone()),
                 Err(super::HolderError::Gone(why)) => {
                     tracing::info!(model = %model.id, "a holder is gone and no longer counts: {why}");
                     lock(&model.held).holders.remove(&entry.holder.holder_id());
                 }
-                Err(e) => {
-                    self.remap_holders(model, done.iter().map(|e| e.holder.clone()).collect()).await;
-                    return Err(match e {
-                        super::HolderError::InUse(m) => WeightsError::InUse(format!(
-                            "model {} is in use past {} ms ({m}); nothing was unmapped",
-                            model.id, self.config.use_bound_ms
-                        )),
-                        super::HolderError::Failed(m) | super::HolderError::Gone(m) => {
-                            WeightsError::Internal(format!("model {}: a holder could not unmap: {m}", model.id))
-                        }
-                    });
-                }
+                Err(e) => refused = refused.or(Some(e)),
             }
         }
-        Ok(())
+        let Some(e) = refused else { return Ok(()) };
+        self.remap_holders(model, done).await;
+        Err(match e {
+            super::HolderError::InUse(m) => WeightsError::InUse(format!(
+                "model {} is in use past {} ms ({m}); nothing was unmapped",
+                model.id, self.config.use_bound_ms
+            )),
+            super::HolderError::Failed(m) | super::HolderError::Gone(m) => {
+                WeightsError::Internal(format!("model {}: a holder could not unmap: {m}", model.id))
+            }
+        })
     }
 
-    /// Sends each holder a grant of the model's resident memory; a holder that fails is dropped.
-    async fn remap_holders(&self, model: &HeldModel, holders: Vec<Arc<dyn WeightHolder>>) {
+    /// Sends each holder a grant of the model's resident memory, all at once; a holder that
+    /// fails is dropped.
+    pub(super) async fn remap_holders(&self, model: &HeldModel, holders: Vec<Arc<dyn WeightHolder>>) {
         let handle = match self.arena(model.device()) {
             Ok(a) => a.handle_kind(),
             Err(_) => return,
         };
-        for holder in holders {
-            let result = match model.grant(handle) {
-                Ok((grant, fd)) => holder.remap(grant, fd).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = result {
+        let remaps = holders.iter().map(|holder| {
+            let grant = model.grant(handle);
+            async move {
+                match grant {
+                    Ok((grant, fds)) => holder.remap(grant, fds).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        });
+        let answers = futures_util::future::join_all(remaps).await;
+        for (holder, answer) in holders.iter().zip(answers) {
+            if let Err(e) = answer {
                 tracing::warn!(model = %model.id, holder = %holder.holder_id(), "remap failed, holder dropped: {e}");
                 lock(&model.held).holders.remove(&holder.holder_id());
             }
@@ -230,7 +240,7 @@ impl WeightStore {
     }
 
     /// After waiting for a model's `op` lock: an unload may have removed it meanwhile.
-    fn still_held(&self, model: &Arc<HeldModel>) -> Result<(), WeightsError> {
+    pub(super) fn still_held(&self, model: &Arc<HeldModel>) -> Result<(), WeightsError> {
         match lock(&self.models).get(&model.id) {
             Some(m) if Arc::ptr_eq(m, model) => Ok(()),
             _ => Err(WeightsError::ModelNotFound(model.id.clone())),
@@ -468,8 +478,8 @@ impl WeightStore {
             let _op = model.op.lock().await;
             self.still_held(&model)?;
             let handle = self.arena(model.device())?.handle_kind();
-            if let Some((grant, fd)) = self.attach(&model, Some(holder.clone()), handle)? {
-                if let Err(e) = holder.remap(grant, fd).await {
+            if let Some((grant, fds)) = self.attach(&model, Some(holder.clone()), handle)? {
+                if let Err(e) = holder.remap(grant, fds).await {
                     tracing::info!(model = %id, "the holder that asked to resume did not remap: {e}");
                 }
             }

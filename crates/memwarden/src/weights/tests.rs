@@ -11,9 +11,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-const GPU: DeviceId = DeviceId::Gpu(memwarden_core::GpuApi::Cuda, 0);
+pub(super) const GPU: DeviceId = DeviceId::Gpu(memwarden_core::GpuApi::Cuda, 0);
 
-fn shm_dir() -> PathBuf {
+pub(super) fn shm_dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("mw-weights-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("dir");
     d
@@ -48,7 +48,7 @@ fn store(config: WeightsSection) -> Arc<WeightStore> {
 
 /// A model file of `n` tensors of 3 MiB + 1 byte each (chunks straddle tensor ends), bytes from
 /// `seed`.
-fn model_file(name: &str, seed: u8) -> (PathBuf, Vec<u8>) {
+pub(super) fn model_file(name: &str, seed: u8) -> (PathBuf, Vec<u8>) {
     let n = 4usize;
     let each = (3 << 20) + 1;
     let mut header = String::from("{");
@@ -72,26 +72,27 @@ fn model_file(name: &str, seed: u8) -> (PathBuf, Vec<u8>) {
     (path, data)
 }
 
-fn req(path: &std::path::Path, device: DeviceId) -> LoadRequest {
+pub(super) fn req(path: &std::path::Path, device: DeviceId) -> LoadRequest {
     LoadRequest { path: path.into(), device, name: None, priority: 50, pinned: false, keep_alive_ms: None }
 }
 
-/// What a holder sees through its descriptor.
-fn mapped_bytes(fd: OwnedFd, len: usize) -> Vec<u8> {
-    let f = std::fs::File::from(fd);
+/// What a holder sees through its descriptor (host memory: one piece).
+pub(super) fn mapped_bytes(mut fds: Vec<OwnedFd>, len: usize) -> Vec<u8> {
+    assert_eq!(fds.len(), 1, "host memory is one piece");
+    let f = std::fs::File::from(fds.remove(0));
     let mut out = vec![0u8; len];
     f.read_exact_at(&mut out, 0).expect("read the mapping");
     out
 }
 
 #[derive(Default)]
-struct FakeHolder {
+pub(super) struct FakeHolder {
     id: String,
-    in_use: std::sync::atomic::AtomicBool,
+    pub(super) in_use: std::sync::atomic::AtomicBool,
     /// Its connection closed: every call answers `Gone`.
     gone: std::sync::atomic::AtomicBool,
-    unmaps: AtomicUsize,
-    remaps: Mutex<Vec<(WeightsGrant, Vec<u8>)>>,
+    pub(super) unmaps: AtomicUsize,
+    pub(super) remaps: Mutex<Vec<(WeightsGrant, Vec<u8>)>>,
 }
 
 impl WeightHolder for Arc<FakeHolder> {
@@ -113,7 +114,7 @@ impl WeightHolder for Arc<FakeHolder> {
         })
     }
 
-    fn remap(&self, grant: WeightsGrant, fd: OwnedFd) -> BoxFuture<'static, Result<(), HolderError>> {
+    fn remap(&self, grant: WeightsGrant, fd: Vec<OwnedFd>) -> BoxFuture<'static, Result<(), HolderError>> {
         let me = self.clone();
         Box::pin(async move {
             let bytes = mapped_bytes(fd, grant.data_bytes as usize);
@@ -123,7 +124,7 @@ impl WeightHolder for Arc<FakeHolder> {
     }
 }
 
-fn holder(id: &str) -> Arc<FakeHolder> {
+pub(super) fn holder(id: &str) -> Arc<FakeHolder> {
     Arc::new(FakeHolder { id: id.into(), ..Default::default() })
 }
 

@@ -41,6 +41,7 @@ fn outcome(state: &AppState, acted: Acted, started: Instant) -> WeightsActionDto
         rate: o.rate.as_ref().map(|r| r.dto()),
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         phases_ms: o.phases.iter().map(|(p, ms)| PhaseDto { phase: p.to_string(), ms: *ms }).collect(),
+        switched_with: acted.switched_with,
     }
 }
 
