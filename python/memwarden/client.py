@@ -231,16 +231,19 @@ class Client:
         if keep_alive_ms is not None:
             data["keepAliveMs"] = keep_alive_ms
         grant, fds = self._endpoint.call("loadWeights", data, timeout_s)
-        if len(fds) != 1:
+        pieces = grant.get("pieces") if isinstance(grant, dict) else None
+        want = len(pieces) if isinstance(pieces, list) and pieces else 1
+        if len(fds) != want:
             close_fds(fds)
-            raise P.ProtocolError(P.MALFORMED_MESSAGE, f"a loadWeights reply must carry 1 descriptor, it carried {len(fds)}")
+            raise P.ProtocolError(
+                P.MALFORMED_MESSAGE, f"a loadWeights reply must carry {want} descriptor(s), it carried {len(fds)}")
         with self._lock:
             held = self._weights.get(grant.get("modelId")) if isinstance(grant, dict) else None
         if held is not None:
             close_fds(fds)
             return held
         try:
-            weights = Weights(grant, fds[0], peer=self._endpoint)
+            weights = Weights(grant, fds, peer=self._endpoint)
         except Exception:
             self._tell_released(grant.get("modelId") if isinstance(grant, dict) else None)
             raise
@@ -352,10 +355,11 @@ class Client:
         return {"unmapped": True}
 
     def _remap_weights(self, data: Dict[str, Any], fds: List[int]) -> Dict[str, Any]:
-        if len(fds) != 1:
-            raise WorkerError(P.INVALID_DATA, f"remapWeights must carry 1 descriptor, it carried {len(fds)}")
+        if not fds:
+            raise WorkerError(P.INVALID_DATA, "remapWeights must carry a descriptor per piece, it carried none")
         weights = self._held(data["modelId"])
-        return {"sameAddress": weights.remap(data, fds.pop())}
+        taken, fds[:] = list(fds), []
+        return {"sameAddress": weights.remap(data, taken)}
 
     def _handle(self, action: str, data: Dict[str, Any], fds: List[int]) -> Any:
         if action in P.ACTION_DATA:

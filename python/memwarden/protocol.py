@@ -298,6 +298,7 @@ _FIELDS = {
         "hash": (True, str),
         "shared": (True, bool),
         "access": (True, str),
+        "pieces": (False, "pieces"),
     },
 }
 
@@ -348,6 +349,11 @@ def _check(v: Any, check: Any) -> bool:
         return v in HANDLES
     if check == "tensors":
         return isinstance(v, list) and all(_tensor_entry(t) for t in v)
+    if check == "pieces":
+        return isinstance(v, list) and all(
+            isinstance(p, dict) and _int(p.get("offset")) and _int(p.get("bytes")) and p["offset"] >= 0 and p["bytes"] > 0
+            for p in v
+        )
     if check is str:
         return isinstance(v, str)
     return isinstance(v, check)

@@ -32,10 +32,11 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import protocol as P
 from .dtypes import DTYPE_BYTES, NUMPY_DTYPES, TORCH_DTYPES
+from .endpoint import close_fds
 from .errors import WorkerError
 from .runtime import has_module, import_torch
 
@@ -60,12 +61,34 @@ def check_layout(grant: Dict[str, Any]) -> None:
             raise P.ProtocolError(P.INVALID_DATA, f"tensor {t['name']!r}: offset {t['offset']} is not aligned to {item} bytes")
 
 
+def grant_pieces(grant: Dict[str, Any]) -> List[Tuple[int, int]]:
+    """``(offset, bytes)`` of each piece of the grant's memory, in order (one descriptor each);
+    without ``pieces``, one piece covering the allocation. The pieces must tile
+    ``[0, allocationBytes)`` exactly, else INVALID_DATA."""
+    size = grant["allocationBytes"]
+    pieces = [(p["offset"], p["bytes"]) for p in grant.get("pieces") or []] or [(0, size)]
+    at = 0
+    for off, n in pieces:
+        if off != at:
+            raise P.ProtocolError(P.INVALID_DATA, f"grant piece at {off} does not follow the previous one (ends at {at})")
+        at += n
+    if at != size:
+        raise P.ProtocolError(P.INVALID_DATA, f"grant pieces cover {at} bytes of a {size}-byte mapping")
+    return pieces
+
+
 def cuda_ordinal(device_id: str) -> int:
     """``cuda:N`` → N (``cuda`` → 0)."""
     kind, _, index = device_id.partition(":")
     if kind != "cuda" or not (index or "0").isdigit():
         raise P.ProtocolError(P.INVALID_DATA, f"a cudaVmm grant needs a cuda device, got {device_id!r}")
     return int(index or 0)
+
+
+def _check_fd_count(grant: Dict[str, Any], fds: List[int], pieces: List[Tuple[int, int]]) -> None:
+    want = 1 if grant["handle"] == "shm" else len(pieces)
+    if len(fds) != want:
+        raise P.ProtocolError(P.INVALID_DATA, f"the grant needs {want} descriptor(s), {len(fds)} came")
 
 
 # ---- the CUDA driver (ctypes on libcuda.so.1) ----
@@ -166,10 +189,27 @@ class CudaDriver:
         finally:
             self.check(self.lib.cuMemRelease(handle), "cuMemRelease")
 
-    def unmap(self, ptr: int, size: int) -> None:
-        """Waits for the work queued on the context (kernels may still read the weights), then unmaps."""
+    def map_pieces(self, fds: List[int], ptr: int, pieces: List[Tuple[int, int]], ordinal: int) -> None:
+        """Maps each piece's descriptor at ``ptr + offset`` (closes every descriptor); on a
+        failure, the pieces mapped so far are unmapped again."""
+        done: List[Tuple[int, int]] = []
+        try:
+            for i, (fd, (off, n)) in enumerate(zip(fds, pieces)):
+                fds[i] = -1
+                self.map_fd(fd, ptr + off, n, ordinal)
+                done.append((off, n))
+        except BaseException:
+            for off, n in done:
+                self.lib.cuMemUnmap(ptr + off, n)
+            close_fds([fd for fd in fds if fd >= 0])
+            raise
+
+    def unmap(self, ptr: int, pieces: List[Tuple[int, int]]) -> None:
+        """Waits for the work queued on the context (kernels may still read the weights), then
+        unmaps each piece (a mapping is unmapped whole, as it was mapped)."""
         self.check(self.lib.cuCtxSynchronize(), "cuCtxSynchronize")
-        self.check(self.lib.cuMemUnmap(ptr, size), "cuMemUnmap")
+        for off, n in pieces:
+            self.check(self.lib.cuMemUnmap(ptr + off, n), "cuMemUnmap")
 
 
 _driver: Optional[CudaDriver] = None
@@ -249,12 +289,15 @@ class Weights(Mapping[str, Any]):
     cannot bring back parked weights.
     """
 
-    def __init__(self, grant: Dict[str, Any], fd: int, peer: Any = None, backend: str = "auto"):
+    def __init__(self, grant: Dict[str, Any], fds: Union[int, Sequence[int]], peer: Any = None, backend: str = "auto"):
+        fds = [fds] if isinstance(fds, int) else list(fds)
         try:
             P.check_data("WeightsGrant", grant)
             check_layout(grant)
+            pieces = grant_pieces(grant)
+            _check_fd_count(grant, fds, pieces)
         except P.ProtocolError:
-            os.close(fd)
+            close_fds(fds)
             raise
         self.grant = grant
         self.backend = pick_backend(grant["handle"]) if backend == "auto" else backend
@@ -263,6 +306,7 @@ class Weights(Mapping[str, Any]):
         self._tensors: Dict[str, Any] = {}
         self._shm: Optional[mmap.mmap] = None
         self._range: Optional[tuple] = None  # (ptr, size, ordinal) of the CUDA reservation
+        self._pieces: List[Tuple[int, int]] = []  # (offset, bytes) of each mapped piece
         self._modules: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()  # module → strict
         self._cond = threading.Condition()
         self._uses = 0
@@ -271,7 +315,7 @@ class Weights(Mapping[str, Any]):
         self._resuming = False
         self._released = False
         self._last_used = float("-inf")
-        self._map_new(grant, fd)
+        self._map_new(grant, fds, pieces)
 
     # -- attributes and the mapping --
 
@@ -404,33 +448,37 @@ class Weights(Mapping[str, Any]):
                 self._unmapping = False
                 self._cond.notify_all()
 
-    def remap(self, grant: Dict[str, Any], fd: int) -> bool:
-        """Maps the memory of `grant` (a remapWeights) after an unmap. Returns True when it came
-        back at the old address (every existing tensor is valid again), False when the tensors
-        were rebuilt (and bound modules re-assigned)."""
+    def remap(self, grant: Dict[str, Any], fds: Union[int, Sequence[int]]) -> bool:
+        """Maps the memory of `grant` (a remapWeights, one descriptor per piece) after an unmap.
+        Returns True when it came back at the old address (every existing tensor is valid again),
+        False when the tensors were rebuilt (and bound modules re-assigned)."""
+        fds = [fds] if isinstance(fds, int) else list(fds)
         try:
             P.check_data("WeightsGrant", grant)
             check_layout(grant)
+            pieces = grant_pieces(grant)
+            _check_fd_count(grant, fds, pieces)
             with self._cond:
                 if self._released or self._mapped:
                     state = "released" if self._released else "still mapped (no unmap came first)"
                     raise WorkerError(P.NOT_SUPPORTED, f"cannot remap weights {self.model_id}: {state}")
         except (P.ProtocolError, WorkerError):
-            os.close(fd)
+            close_fds(fds)
             raise
         with self._cond:
             same = self._same_range(grant)
             if same:
                 ptr, size, ordinal = self._range
                 cuda_driver().use_device(ordinal)
-                cuda_driver().map_fd(fd, ptr, size, ordinal)
+                cuda_driver().map_pieces(fds, ptr, pieces, ordinal)
+                self._pieces = pieces
                 rebuilt = grant["tensors"] != self.grant["tensors"]
                 if rebuilt:
                     self._tensors = _torch_views(self._cuda_base(), grant["tensors"])
                 self.grant, self._mapped = grant, True
             else:
                 self._free_range()
-                self._map_new(grant, fd)
+                self._map_new(grant, fds, pieces)
                 rebuilt = True
             self._cond.notify_all()
         if rebuilt:
@@ -445,17 +493,17 @@ class Weights(Mapping[str, Any]):
             and grant["allocationBytes"] == self._range[1]
         )
 
-    def _map_new(self, grant: Dict[str, Any], fd: int) -> None:
-        """Maps `fd` at a new place and builds the tensors over it (closes `fd`)."""
+    def _map_new(self, grant: Dict[str, Any], fds: List[int], pieces: List[Tuple[int, int]]) -> None:
+        """Maps the pieces at a new place and builds the tensors over them (closes `fds`)."""
         size = grant["allocationBytes"]
         if grant["handle"] == "shm":
-            self._shm = _map_shm(fd, size)
+            self._shm = _map_shm(fds[0], size)
             self._tensors = _host_views(self._shm, grant["tensors"], self.backend)
         else:
-            self._map_new_cuda(grant, fd, size)
+            self._map_new_cuda(grant, fds, pieces, size)
         self.grant, self._mapped = grant, True
 
-    def _map_new_cuda(self, grant: Dict[str, Any], fd: int, size: int) -> None:
+    def _map_new_cuda(self, grant: Dict[str, Any], fds: List[int], pieces: List[Tuple[int, int]], size: int) -> None:
         try:
             ordinal = cuda_ordinal(grant["deviceId"])
             import_torch().cuda.init()  # torch and these calls share the device's primary context
@@ -463,14 +511,14 @@ class Weights(Mapping[str, Any]):
             cuda.use_device(ordinal)
             ptr = cuda.reserve(size)
         except BaseException:
-            os.close(fd)
+            close_fds(fds)
             raise
         try:
-            cuda.map_fd(fd, ptr, size, ordinal)
+            cuda.map_pieces(fds, ptr, pieces, ordinal)
         except BaseException:
             cuda.free(ptr, size)
             raise
-        self._range = (ptr, size, ordinal)
+        self._range, self._pieces = (ptr, size, ordinal), pieces
         self._tensors = _torch_views(self._cuda_base(), grant["tensors"])
 
     def _cuda_base(self) -> Any:
@@ -479,9 +527,9 @@ class Weights(Mapping[str, Any]):
 
     def _unmap_memory(self) -> None:
         if self._range is not None:
-            ptr, size, ordinal = self._range
+            ptr, _, ordinal = self._range
             cuda_driver().use_device(ordinal)
-            cuda_driver().unmap(ptr, size)
+            cuda_driver().unmap(ptr, self._pieces)
         else:
             self._close_shm()
         self._mapped = False

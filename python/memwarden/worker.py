@@ -67,10 +67,10 @@ class Worker:
             return self._unmap(data)
         if action == "remapWeights":
             w = self._weights(data["modelId"])
-            fd = fds.pop(0) if fds else None
-            if fd is None:
-                raise WorkerError(P.INVALID_DATA, "remapWeights needs one descriptor")
-            return {"sameAddress": w.remap(data, fd)}
+            if not fds:
+                raise WorkerError(P.INVALID_DATA, "remapWeights needs a descriptor per piece")
+            taken, fds[:] = list(fds), []
+            return {"sameAddress": w.remap(data, taken)}
         raise WorkerError(P.UNKNOWN_ACTION, f"unknown action `{action}`")
 
     def _weights(self, model_id: str) -> Any:
@@ -86,10 +86,11 @@ class Worker:
         device = data.get("deviceId") or "cpu"
         self._device(device)
         if not fds:
-            raise WorkerError(P.INVALID_DATA, "loadModel with weights needs one descriptor")
+            raise WorkerError(P.INVALID_DATA, "loadModel with weights needs a descriptor per piece")
         grant = data["weights"]
         P.check_data("WeightsGrant", grant)
-        w = Weights(grant, fds.pop(0))
+        taken, fds[:] = list(fds), []
+        w = Weights(grant, taken)
         m = self.store.adopt(grant["modelId"], data.get("name") or grant["name"], data.get("path"), device,
                              data.get("priority", 50), bool(data.get("pinned")), w)
         return m.info()

@@ -360,3 +360,26 @@ def test_handlers_take_descriptors_and_reply_with_them():
         assert os.read(r, 1) == b""  # every copy of both write ends is closed
         os.close(r)
     d.close()
+
+
+def test_grant_pieces_must_tile_the_mapping_and_come_with_a_descriptor_each():
+    assert W.grant_pieces(grant()) == [(0, SIZE)], "no pieces: one covering the mapping"
+    two = grant(handle="cudaVmm", deviceId="cuda:0", pieces=[{"offset": 0, "bytes": 1024}, {"offset": 1024, "bytes": 3072}])
+    assert W.grant_pieces(two) == [(0, 1024), (1024, 3072)]
+    for bad in ([{"offset": 0, "bytes": 1024}, {"offset": 2048, "bytes": 2048}],  # a gap
+                [{"offset": 0, "bytes": 1024}],  # short of the mapping
+                [{"offset": 0, "bytes": 4096}, {"offset": 4096, "bytes": 1}]):  # past it
+        with pytest.raises(P.ProtocolError) as e:
+            W.grant_pieces(grant(pieces=bad))
+        assert e.value.code == P.INVALID_DATA
+    with pytest.raises(P.ProtocolError) as e:
+        P.check_data("WeightsGrant", grant(pieces=[{"offset": 0, "bytes": 0}]))
+    assert e.value.code == P.INVALID_DATA
+    # Two descriptors for a grant of one piece: refused, and both closed.
+    (r1, w1), (r2, w2) = os.pipe(), os.pipe()
+    with pytest.raises(P.ProtocolError) as e:
+        W.Weights(grant(), [w1, w2])
+    assert e.value.code == P.INVALID_DATA and "descriptor" in e.value.message
+    assert os.read(r1, 1) == b"" and os.read(r2, 1) == b"", "both write ends were closed"
+    os.close(r1)
+    os.close(r2)
