@@ -395,4 +395,83 @@ mod hw_tests {
         again.save(&to_pieces(&check, len)).expect("park again");
         assert!(view(&check, len) == data, "the restored bytes are the loaded ones");
     }
+
+    /// A switch on a real GPU: model A (resident) goes out to pinned chunks while model B
+    /// (parked) comes in, both copies overlapped, B built from A's pieces. Every byte of both
+    /// lands where it belongs; the times are printed beside each direction alone (the figures
+    /// docs/PERFORMANCE.md records). `MEMWARDEN_SWITCH_BYTES` sets the model size (default
+    /// 8 GiB).
+    #[test]
+    fn cuda_switch_overlaps_both_directions_and_keeps_every_byte() {
+        use crate::dedicated::{ChunkPiece, PinnedChunk};
+        use std::time::Instant;
+        let system = CudaSystem::init().expect("a CUDA GPU is required for hw-tests");
+        let b = system.backends().into_iter().next().expect("cuda:0");
+        let memory = b.dedicated().expect("CUDA offers dedicated memory");
+        let len: u64 = std::env::var("MEMWARDEN_SWITCH_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(8 << 30);
+        let chunk_bytes = 256 * MIB;
+        let chunks = |n: u64| -> Vec<PinnedChunk> {
+            (0..n.div_ceil(chunk_bytes)).map(|_| memory.pinned_chunk(chunk_bytes).expect("a park chunk")).collect()
+        };
+        fn pieces(c: &[PinnedChunk], len: u64, chunk_bytes: u64) -> Vec<ChunkPiece<'_>> {
+            c.iter()
+                .enumerate()
+                .map(|(i, ch)| (i as u64 * chunk_bytes, ch, 0, chunk_bytes.min(len - i as u64 * chunk_bytes)))
+                .collect()
+        }
+        // A pattern per model: word i of model `seed` is i * 2654435761 + seed.
+        let word = |seed: u64, i: u64| i.wrapping_mul(2_654_435_761).wrapping_add(seed);
+        let fill = |c: &[PinnedChunk], seed: u64| {
+            for (k, ch) in c.iter().enumerate() {
+                let base = k as u64 * chunk_bytes / 8;
+                let bytes: Vec<u8> = (0..chunk_bytes / 8).flat_map(|i| word(seed, base + i).to_le_bytes()).collect();
+                ch.0.write(0, &bytes).expect("fill a chunk");
+            }
+        };
+        let check = |c: &[PinnedChunk], seed: u64, what: &str| {
+            let mut buf = vec![0u8; chunk_bytes as usize];
+            for (k, ch) in c.iter().enumerate() {
+                let n = chunk_bytes.min(len - k as u64 * chunk_bytes) as usize;
+                ch.0.read(0, &mut buf[..n]).expect("read a chunk");
+                let base = k as u64 * chunk_bytes / 8;
+                let bad = buf[..n]
+                    .chunks_exact(8)
+                    .enumerate()
+                    .find(|(i, w)| u64::from_le_bytes((*w).try_into().expect("8 bytes")) != word(seed, base + *i as u64));
+                assert!(bad.is_none(), "{what}: word {:?} of chunk {k} differs", bad.map(|(i, _)| i));
+            }
+        };
+        let (a_src, b_src, a_out, b_back) = (chunks(len), chunks(len), chunks(len), chunks(len));
+        fill(&a_src, 1);
+        fill(&b_src, 2);
+        // A resident; each direction timed alone on it.
+        let a = memory.alloc(len).expect("model A");
+        let t = Instant::now();
+        a.restore(&pieces(&a_src, len, chunk_bytes)).expect("A in");
+        let h2d_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        a.save(&pieces(&a_out, len, chunk_bytes)).expect("A out");
+        let d2h_ms = t.elapsed().as_secs_f64() * 1e3;
+        check(&a_out, 1, "A through one direction each");
+        // The switch: A out to a_out (overwritten), B in from b_src.
+        fill(&a_out, 99);
+        let t = Instant::now();
+        let sw = a
+            .switch(&*memory, &pieces(&a_out, len, chunk_bytes), len, &pieces(&b_src, len, chunk_bytes))
+            .expect("switch");
+        let switch_ms = t.elapsed().as_secs_f64() * 1e3;
+        assert!(sw.overlapped, "on a GPU the switch reuses the outgoing pieces");
+        check(&a_out, 1, "A saved by the switch");
+        sw.block.save(&pieces(&b_back, len, chunk_bytes)).expect("B out again");
+        check(&b_back, 2, "B resumed by the switch");
+        let one_way = h2d_ms.max(d2h_ms);
+        println!(
+            "SWITCH bytes={len} switch_ms={switch_ms:.1} h2d_ms={h2d_ms:.1} d2h_ms={d2h_ms:.1} \
+             h2d_gbps={:.1} d2h_gbps={:.1} ratio_to_one_way={:.2} serial_ratio=2.00 phases={:?}",
+            len as f64 / h2d_ms / 1e6,
+            len as f64 / d2h_ms / 1e6,
+            switch_ms / one_way,
+            sw.phases
+        );
+    }
 }

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Issue 25's GPU checks: more models than the GPU holds, with the default config.
+# - memwarden-backends: the CUDA switch (both directions overlapped, every byte checked) beside
+#   each direction alone, 8 GiB;
+# - tests/gpu: held weights through the API (park/resume timings, the watchdog) and every CUDA
+#   test that touches weights;
+# - a daemon with the default config: a park right after the load, then the density benchmark
+#   (scripts/bench-density: 8 models of 1.5x the card, uniform and Zipf(1.1), one and two
+#   client processes), and the baselines (../shared/tools/gpu_peers.py) in the same job.
+#   TESTS="gpu backends" scripts/device-bundle
+#   device run, carry ["device-run"], command "bash device-run/jobs/density.sh"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+rm -rf bin && tar -xJf bin.tar.xz  # always the carried binaries, never a warm machine's old ones
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1 MEMWARDEN_PY=$PWD/python PYTHONPATH=$PWD/python
+SECTIONS=${SECTIONS:-"switch weights park density baseline"}
+rc=0
+api() { curl -s -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "http://127.0.0.1:5078$2"; }
+{
+  echo "== machine"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader; nproc
+  free -g | head -2; ulimit -l
+  if [[ $SECTIONS == *switch* ]]; then
+    echo "== the CUDA switch and CUDA dedicated memory (memwarden-backends)"
+    bin/test-memwarden_backends-lib cuda::hw_tests --test-threads=1 --nocapture || rc=1
+  fi
+  if [[ $SECTIONS == *weights* ]]; then
+    echo "== held weights through the API (tests/gpu/gpu_weights.rs)"
+    bin/test-gpu-test gpu_weights:: --test-threads=1 --nocapture || rc=1
+  fi
+  d=$(mktemp -d); sock=$d/mw.sock
+  # The default config, but for the socket, the port and no workers (the clients hold models).
+  printf 'listen = "127.0.0.1:5078"\n[workers]\nenabled = false\nsocket = "%s"\n' "$sock" > $d/config.toml
+  bin/memwarden serve --config $d/config.toml > $d/daemon.log 2>&1 &
+  daemon=$!
+  for i in $(seq 50); do [ -S $sock ] && break; sleep 0.2; done
+  if [[ $SECTIONS == *park* ]]; then
+    echo "== a park right after the daemon starts and loads, default config (8 GiB)"
+    python3 - "$d" <<'EOF' || rc=1
+import json, os, struct, sys, time, urllib.request
+d = sys.argv[1]
+def api(method, path, body=None):
+    req = urllib.request.Request("http://127.0.0.1:5078" + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read())["data"]
+path = os.path.join(d, "park8.safetensors")
+size = 8 << 30
+h = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    f.truncate(8 + len(h) + size)
+t = time.perf_counter()
+m = api("POST", "/api/memory/models/load", {"path": path, "deviceId": "cuda:0"})
+print(f"load {(time.perf_counter() - t) * 1e3:.0f} ms")
+ok = True
+for i, wait_s in enumerate([0, 0, 2, 0]):
+    time.sleep(wait_s)
+    p = api("POST", f"/api/memory/models/{m['modelId']}/park")
+    phases = {x["phase"]: round(x["ms"], 1) for x in p["phasesMs"]}
+    print(f"park {i} (after {wait_s} s): total {p['totalMs']:.0f} ms, copy {p['rate']['ms']:.0f} ms "
+          f"({p['rate']['gbPerS']} GB/s), phases {phases}")
+    ok &= p["totalMs"] <= 200
+    r = api("POST", f"/api/memory/models/{m['modelId']}/resume")
+    print(f"resume {i}: total {r['totalMs']:.0f} ms ({r['rate']['gbPerS']} GB/s)")
+api("DELETE", f"/api/memory/models/{m['modelId']}")
+os.unlink(path)
+print("park <= 200 ms each time:", ok)
+sys.exit(0 if ok else 1)
+EOF
+  fi
+  if [[ $SECTIONS == *density* ]]; then
+    echo "== density: 8 models, 1.5x the card, uniform and Zipf(1.1), 1 and 2 clients (scripts/bench-density)"
+    python3 scripts/bench-density --url http://127.0.0.1:5078 --socket $sock --dir $d/models \
+      --models 8 --factor 1.5 --requests ${REQUESTS:-60} --clients ${CLIENTS:-1,2} --json "$OUT/density.json" || rc=1
+    api GET /metrics | grep -i "held\|weights" | head -20
+  fi
+  kill $daemon; wait $daemon 2>/dev/null
+  grep -iE "switch|park pool|make room|refus|error" $d/daemon.log | tail -40
+  cp $d/daemon.log "$OUT/daemon.log"
+  if [[ $SECTIONS == *baseline* ]] && [ -f tools/gpu_peers.py ]; then
+    echo "== baselines (../shared/tools/gpu_peers.py), same job"
+    python3 tools/gpu_peers.py || true
+  fi
+  echo "== rc $rc"
+  exit $rc
+} 2>&1 | tee "$OUT/density.txt"
+exit "${PIPESTATUS[0]}"
