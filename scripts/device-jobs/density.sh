@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 rm -rf bin && tar -xJf bin.tar.xz  # always the carried binaries, never a warm machine's old ones
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1 MEMWARDEN_PY=$PWD/python PYTHONPATH=$PWD/python
-SECTIONS=${SECTIONS:-"switch weights park density baseline"}
+SECTIONS=${SECTIONS:-"switch weights park holders density baseline"}
 rc=0
 api() { curl -s -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "http://127.0.0.1:5078$2"; }
 {
@@ -68,6 +68,53 @@ api("DELETE", f"/api/memory/models/{m['modelId']}")
 os.unlink(path)
 print("park <= 200 ms each time:", ok)
 sys.exit(0 if ok else 1)
+EOF
+  fi
+  if [[ $SECTIONS == *holders* ]]; then
+    echo "== unmapHolders with 1, 4 and 8 client processes mapping one model (1 GiB), none in use()"
+    python3 - "$d" "$sock" <<'EOF' || rc=1
+import json, os, struct, subprocess, sys, time, urllib.request
+d, sock = sys.argv[1], sys.argv[2]
+def api(method, path, body=None):
+    req = urllib.request.Request("http://127.0.0.1:5078" + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read())["data"]
+path = os.path.join(d, "holders.safetensors")
+size = 1 << 30
+h = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    f.truncate(8 + len(h) + size)
+holder = """
+import sys, time, memwarden.client as mc
+c = mc.connect(sys.argv[1], name=sys.argv[3])
+w = c.load_weights(sys.argv[2], device="cuda:0")
+print("ready", flush=True)
+time.sleep(600)
+"""
+ok = True
+for n in (1, 4, 8):
+    procs = [subprocess.Popen([sys.executable, "-c", holder, sock, path, f"h{n}-{i}"], stdout=subprocess.PIPE, text=True)
+             for i in range(n)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    m = next(w for w in api("GET", "/api/memory/models")["weights"] if w["path"] == path)
+    times = []
+    for _ in range(3):
+        p = api("POST", f"/api/memory/models/{m['modelId']}/park")
+        times.append(next(x["ms"] for x in p["phasesMs"] if x["phase"] == "unmapHolders"))
+        r = api("POST", f"/api/memory/models/{m['modelId']}/resume")
+        remap = next(x["ms"] for x in r["phasesMs"] if x["phase"] == "remapHolders")
+    print(f"{n} holder(s): unmapHolders {[round(t, 1) for t in times]} ms, last remapHolders {remap:.1f} ms")
+    ok &= min(times) <= 5
+    for p in procs:
+        p.kill()
+    time.sleep(0.5)
+    api("DELETE", f"/api/memory/models/{m['modelId']}")
+os.unlink(path)
+print("unmapHolders <= 5 ms (best of 3) for 1-8 holders:", ok)
 EOF
   fi
   if [[ $SECTIONS == *density* ]]; then
