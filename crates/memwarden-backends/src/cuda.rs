@@ -434,10 +434,9 @@ mod hw_tests {
                 let n = chunk_bytes.min(len - k as u64 * chunk_bytes) as usize;
                 ch.0.read(0, &mut buf[..n]).expect("read a chunk");
                 let base = k as u64 * chunk_bytes / 8;
-                let bad = buf[..n]
-                    .chunks_exact(8)
-                    .enumerate()
-                    .find(|(i, w)| u64::from_le_bytes((*w).try_into().expect("8 bytes")) != word(seed, base + *i as u64));
+                let bad = buf[..n].chunks_exact(8).enumerate().find(|(i, w)| {
+                    u64::from_le_bytes((*w).try_into().expect("8 bytes")) != word(seed, base + *i as u64)
+                });
                 assert!(bad.is_none(), "{what}: word {:?} of chunk {k} differs", bad.map(|(i, _)| i));
             }
         };

@@ -22,8 +22,8 @@ pub use backend::{
 pub use copy::copy_between;
 pub use cuda::{CudaBackend, CudaSystem};
 pub use dedicated::{
-    serial_switch, ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, ExportedPiece, PinnedChunk,
-    SwitchFailure, SwitchLeft, Switched,
+    serial_switch, ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, ExportedPiece,
+    PinnedChunk, SwitchFailure, SwitchLeft, Switched,
 };
 pub use discover::{discover, BackendHealth, Discover, DiscoverConfig, Discovered, Found, GPU_APIS};
 pub use host::{HostBackend, HostStatusReader};

@@ -206,8 +206,7 @@ impl DedicatedBlock for CudaDedicatedBlock {
             let left = SwitchLeft::Resident(Box::new(CudaDedicatedBlock { copies: copies.clone(), alloc }));
             return Err(SwitchFailure { error: DedicatedError::Failed("no switch streams".into()), left });
         };
-        let result =
-            memwarden_sys::cuda::switch(alloc, o, i, &host_pieces(save), in_bytes, &host_pieces(restore));
+        let result = memwarden_sys::cuda::switch(alloc, o, i, &host_pieces(save), in_bytes, &host_pieces(restore));
         drop(in_stream);
         drop(out_stream);
         match result {

@@ -2,8 +2,8 @@
 //! shared so that holders map the same pages through a descriptor of the file.
 
 use crate::dedicated::{
-    serial_switch, ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, ExportedPiece, PinnedChunk,
-    SwitchFailure, Switched,
+    serial_switch, ChunkPiece, ChunkWriter, DedicatedBlock, DedicatedError, DedicatedMemory, ExportedPiece,
+    PinnedChunk, SwitchFailure, Switched,
 };
 use memwarden_core::{DeviceId, HandleKind};
 use memwarden_sys::HostMapping;

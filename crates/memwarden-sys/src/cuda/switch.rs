@@ -179,7 +179,8 @@ pub fn switch(
         let size = out.pieces[i].size;
         // SAFETY: the stream and the recorded event are live.
         let waited = check("cuStreamWaitEvent", 0, unsafe { sys::cuStreamWaitEvent(in_stream.stream, events[i].0, 0) });
-        if let Err(e) = waited.and_then(|_| incoming.enqueue_copies(in_stream, &clip(restore, off, off + size), false)) {
+        if let Err(e) = waited.and_then(|_| incoming.enqueue_copies(in_stream, &clip(restore, off, off + size), false))
+        {
             return Err(after_out(e, out, incoming));
         }
     }

@@ -171,7 +171,10 @@ impl VmmAllocation {
         let mapped = if fits {
             unsafe { map_handle(&self.ctx, self.ptr + offset, size, handle) }
         } else {
-            Err(CudaError::Driver { operation: "cuMemMap", error: format!("piece {offset}+{size} outside {}", self.size) })
+            Err(CudaError::Driver {
+                operation: "cuMemMap",
+                error: format!("piece {offset}+{size} outside {}", self.size),
+            })
         };
         if let Err(e) = mapped {
             // SAFETY: the handle is ours and was not mapped.
@@ -490,5 +493,23 @@ impl Drop for UploadPipeline<'_> {
         if let Some(st) = &self.staging {
             let _ = st.stream.synchronize();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{piece_sizes, MAX_PIECES, MIN_PIECE_BYTES};
+
+    #[test]
+    fn pieces_tile_the_allocation_in_few_granular_parts_leaving_room_for_a_switch() {
+        let g = 2 << 20;
+        for size in [g, 10 * g, MIN_PIECE_BYTES, 3 << 30, (8 << 30) + 2 * g, 80 << 30] {
+            let p = piece_sizes(size, g);
+            assert_eq!(p.iter().sum::<u64>(), size, "{size}: the pieces tile the allocation");
+            assert!(p.iter().all(|n| n % g == 0 && *n > 0), "{size}: every piece is granular");
+            assert!(p.len() < MAX_PIECES, "{size}: a switch may add one piece and stay within the limit");
+            assert!(size < MIN_PIECE_BYTES || p[0] >= MIN_PIECE_BYTES, "{size}: no tiny pieces");
+        }
+        assert_eq!(piece_sizes(10 * g, g), vec![10 * g], "small allocations are one piece");
     }
 }

@@ -161,7 +161,9 @@ impl WeightStore {
         self.park_candidates(inc.device())
             .into_iter()
             .filter(|m| m.id != inc.id)
-            .filter(|m| m.with_held(|h| h.block.as_ref().map_or(0, |b| b.size_bytes())) + available_bytes >= inc.file.data_bytes)
+            .filter(|m| {
+                m.with_held(|h| h.block.as_ref().map_or(0, |b| b.size_bytes())) + available_bytes >= inc.file.data_bytes
+            })
             .collect()
     }
 }

@@ -79,7 +79,8 @@ impl DedicatedMemory for FaultyGpu {
 
 fn faulty_store() -> (Arc<WeightStore>, Arc<Faults>, Arc<ParkPool>) {
     let faults = Arc::new(Faults::default());
-    let gpu: Arc<dyn DedicatedMemory> = Arc::new(FaultyGpu { host: HostDedicated::new(shm_dir()), faults: faults.clone() });
+    let gpu: Arc<dyn DedicatedMemory> =
+        Arc::new(FaultyGpu { host: HostDedicated::new(shm_dir()), faults: faults.clone() });
     let pool = ParkPool::new(0, Some(gpu.clone()));
     (WeightStore::new(vec![gpu], pool.clone(), WeightsSection::default()), faults, pool)
 }
