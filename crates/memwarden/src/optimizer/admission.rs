@@ -1,7 +1,10 @@
 //! Admission before a model load: a `reservation` for the model's estimated size, held while it
-//! loads. If it does not fit, the ladder runs (balanced) for the difference; if it still does
-//! not fit, the load is refused.
+//! loads. If it does not fit, the ladder runs (balanced) for the difference, idle held models
+//! parked first (`room.rs`), under the device's room lock so two loads racing for the same room
+//! are served one after the other; if it still does not fit, the load is refused, and the
+//! refusal names the models left and why (pinned, in use past the bound).
 
+use super::room::{held_back_note, merge};
 use super::{OptimizeRequest, Optimizer};
 use crate::service::{AllocateRequest, ServiceError};
 use memwarden_core::eviction::EvictionStrategy;
@@ -46,6 +49,15 @@ impl Optimizer {
         };
         // The budget must see models loaded a moment ago: read the device afresh.
         let _ = self.service.measure_now(device);
+        match self.service.allocate(request.clone()) {
+            Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
+            Err(ServiceError::InsufficientMemory { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // No room: one load or resume at a time makes room on a device and takes it. The loser
+        // of a race re-checks here, after the winner took its share, and makes its own room.
+        let _room = self.room_lock(device).await;
+        let _ = self.service.measure_now(device);
         let shortfall = match self.service.allocate(request.clone()) {
             Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
             Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
@@ -54,17 +66,20 @@ impl Optimizer {
             Err(e) => return Err(e.into()),
         };
         // When even releasing everything allowed would not make room, touch nothing.
-        let releasable = self.releasable_bytes(device);
-        if shortfall > releasable {
+        let room = self.room(device, &[]);
+        if shortfall > room.releasable_bytes {
             return Err(AdmissionError::InsufficientMemory(format!(
                 "the model needs about {estimate} bytes on {device}, {shortfall} more than the budget allows, and \
-                 only {releasable} could be released (unpinned models and cached pool blocks); nothing was unloaded"
+                 only {} could be released (idle held models, unpinned worker and client models, cached pool \
+                 blocks); nothing was unloaded{}",
+                room.releasable_bytes,
+                held_back_note(&room.held_back)
             )));
         }
         let mut run = OptimizeRequest::new(device, EvictionStrategy::Balanced, "admission", &self.config);
         run.min_memory_to_free = shortfall + (16 * MIB);
         run.force = true;
-        let outcome = self.run(run).await;
+        let (outcome, mut held_back) = self.run_noting(run).await;
         // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a
         // second): retry until the freed bytes show or `verify_ms` passes.
         let deadline = Instant::now() + Duration::from_millis(self.config.verify_ms);
@@ -74,10 +89,13 @@ impl Optimizer {
                 Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
                 Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
                     if Instant::now() >= deadline {
+                        merge(&mut held_back, room.held_back);
                         return Err(AdmissionError::InsufficientMemory(format!(
                             "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \
-                             after the optimizer freed {} ({})",
-                            outcome.memory_freed, outcome.message
+                             after the optimizer freed {} ({}){}",
+                            outcome.memory_freed,
+                            outcome.message,
+                            held_back_note(&held_back)
                         )));
                     }
                 }
