@@ -81,14 +81,19 @@ impl Optimizer {
         run.force = true;
         let (outcome, mut held_back) = self.run_noting(run).await;
         // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a
-        // second): retry until the freed bytes show or `verify_ms` passes.
+        // second): retry until the freed bytes show or `verify_ms` passes. A load admitted just
+        // before (the winner of a race) counts twice while it runs, its reservation and the
+        // memory it took: wait for it (at most `max_time_ms`) rather than refuse.
         let deadline = Instant::now() + Duration::from_millis(self.config.verify_ms);
+        let loads_deadline = Instant::now() + Duration::from_millis(self.config.max_time_ms);
         loop {
             let _ = self.service.measure_now(device);
             match self.service.allocate(request.clone()) {
                 Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
                 Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    let others_loading = self.reserved_bytes(device) > 0 && now < loads_deadline;
+                    if now >= deadline && !others_loading {
                         merge(&mut held_back, room.held_back);
                         return Err(AdmissionError::InsufficientMemory(format!(
                             "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \

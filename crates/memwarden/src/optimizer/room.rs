@@ -147,7 +147,7 @@ impl Optimizer {
 
     /// Bytes promised to loads in progress on `device` (their admission reservations): memory
     /// the driver still shows free that is already spoken for.
-    fn reserved_bytes(&self, device: DeviceId) -> u64 {
+    pub(super) fn reserved_bytes(&self, device: DeviceId) -> u64 {
         self.service
             .allocations(Some(device))
             .iter()
