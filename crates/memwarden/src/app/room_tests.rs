@@ -114,8 +114,7 @@ struct TinyGpu {
 impl TinyGpu {
     fn new(index: u32) -> TinyGpu {
         let device = DeviceId::cuda(index);
-        let arena =
-            Arc::new(TinyArena { device, inner: HostDedicated::new(dir()), live: Arc::new(AtomicU64::new(0)) });
+        let arena = Arc::new(TinyArena { device, inner: HostDedicated::new(dir()), live: Arc::new(AtomicU64::new(0)) });
         let info = DeviceInfo {
             device_id: device,
             device_type: "GPU",
@@ -295,7 +294,13 @@ impl WeightHolder for Arc<Busy> {
     }
     fn unmap(&self, _req: UnmapWeights) -> BoxFuture<'static, Result<(), HolderError>> {
         let busy = self.in_use.load(Ordering::SeqCst);
-        Box::pin(async move { if busy { Err(HolderError::InUse("a use() is open".into())) } else { Ok(()) } })
+        Box::pin(async move {
+            if busy {
+                Err(HolderError::InUse("a use() is open".into()))
+            } else {
+                Ok(())
+            }
+        })
     }
     fn remap(&self, _grant: WeightsGrant, _fd: SharedHandle) -> BoxFuture<'static, Result<(), HolderError>> {
         Box::pin(async { Ok(()) })

@@ -4,13 +4,13 @@
 //! the connection owns (allocations); `weightsUsed` events; and a closed connection orphaning
 //! the weights it held and giving back the memory it owned.
 
+use super::error::AppError;
 use super::load::{LoadError, Loads};
 use super::{allocations, App};
 use crate::service::{AllocateRequest, ExportVia, Service, ServiceError};
 use crate::supervisor::{Conn, ConnRequests};
 use crate::weights::holder::ConnHolder;
 use crate::weights::{LoadRequest, WeightHolder, WeightsError};
-use super::error::AppError;
 use futures_util::future::BoxFuture;
 use memwarden_core::DeviceId;
 use memwarden_protocol::{
