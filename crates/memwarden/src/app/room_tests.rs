@@ -258,7 +258,7 @@ async fn a_load_that_needs_room_parks_the_least_valuable_idle_held_model() {
     let d = load_held(&app, &model_file("room-d", 4), gpu(0), 50, false).await;
     assert_eq!(state(&app, &a), WeightState::Parked);
     assert_eq!((state(&app, &c), state(&app, &d)), (WeightState::Resident, WeightState::Resident));
-    let room = app.optimizer.room(gpu(0), &[]);
+    let room = crate::optimizer::room::room(&app.optimizer, gpu(0), &[]);
     assert_eq!(room.releasable_bytes, 2 * MODEL, "the two resident idle models count as releasable");
     assert!(room.held_back.is_empty(), "{:?}", room.held_back);
 }

@@ -4,12 +4,13 @@
 //! are served one after the other; if it still does not fit, the load is refused, and the
 //! refusal names the models left and why (pinned, in use past the bound).
 
-use super::room::{held_back_note, merge};
+use super::room::{self, held_back_note, merge, HeldBack};
 use super::{OptimizeRequest, Optimizer};
 use crate::service::{AllocateRequest, ServiceError};
 use memwarden_core::eviction::EvictionStrategy;
 use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
+use memwarden_protocol::api::OptimizeOutcome;
 use std::time::{Duration, Instant};
 
 /// Why a load was not admitted.
@@ -56,7 +57,7 @@ impl Optimizer {
         }
         // No room: one load or resume at a time makes room on a device and takes it. The loser
         // of a race re-checks here, after the winner took its share, and makes its own room.
-        let _room = self.room_lock(device).await;
+        let _room = room::room_lock(self, device).await;
         let _ = self.service.measure_now(device);
         let shortfall = match self.service.allocate(request.clone()) {
             Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
@@ -66,24 +67,36 @@ impl Optimizer {
             Err(e) => return Err(e.into()),
         };
         // When even releasing everything allowed would not make room, touch nothing.
-        let room = self.room(device, &[]);
-        if shortfall > room.releasable_bytes {
+        let releasable = room::room(self, device, &[]);
+        if shortfall > releasable.releasable_bytes {
             return Err(AdmissionError::InsufficientMemory(format!(
                 "the model needs about {estimate} bytes on {device}, {shortfall} more than the budget allows, and \
                  only {} could be released (idle held models, unpinned worker and client models, cached pool \
                  blocks); nothing was unloaded{}",
-                room.releasable_bytes,
-                held_back_note(&room.held_back)
+                releasable.releasable_bytes,
+                held_back_note(&releasable.held_back)
             )));
         }
         let mut run = OptimizeRequest::new(device, EvictionStrategy::Balanced, "admission", &self.config);
         run.min_memory_to_free = shortfall + (16 * MIB);
         run.force = true;
         let (outcome, mut held_back) = self.run_noting(run).await;
-        // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a
-        // second): retry until the freed bytes show or `verify_ms` passes. A load admitted just
-        // before (the winner of a race) counts twice while it runs, its reservation and the
-        // memory it took: wait for it (at most `max_time_ms`) rather than refuse.
+        merge(&mut held_back, releasable.held_back);
+        self.retry(device, &request, outcome, held_back).await
+    }
+
+    /// After the ladder ran for `request`: retries the reservation. The OS's counters can
+    /// trail a release (the host's per-CPU free lists are re-read once a second): retry until
+    /// the freed bytes show or `verify_ms` passes. A load admitted just before (the winner of a
+    /// race) counts twice while it runs, its reservation and the memory it took: wait for it
+    /// (at most `max_time_ms`) rather than refuse. The refusal names `held_back`.
+    async fn retry(
+        &self,
+        device: DeviceId,
+        request: &AllocateRequest,
+        outcome: OptimizeOutcome,
+        held_back: Vec<HeldBack>,
+    ) -> Result<Ticket, AdmissionError> {
         let deadline = Instant::now() + Duration::from_millis(self.config.verify_ms);
         let loads_deadline = Instant::now() + Duration::from_millis(self.config.max_time_ms);
         loop {
@@ -92,9 +105,8 @@ impl Optimizer {
                 Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
                 Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
                     let now = Instant::now();
-                    let others_loading = self.reserved_bytes(device) > 0 && now < loads_deadline;
+                    let others_loading = room::reserved_bytes(self, device) > 0 && now < loads_deadline;
                     if now >= deadline && !others_loading {
-                        merge(&mut held_back, room.held_back);
                         return Err(AdmissionError::InsufficientMemory(format!(
                             "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \
                              after the optimizer freed {} ({}){}",

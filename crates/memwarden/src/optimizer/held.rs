@@ -69,12 +69,7 @@ pub(super) async fn release(
             Ok(o) => (o.freed_bytes, None),
             // Skipped with the reason (e.g. a holder still inside `use()`); the ladder goes on.
             Err(e) => {
-                let reason = match &e {
-                    WeightsError::InUse(_) => HoldReason::InUse { bound_ms: store.config().use_bound_ms },
-                    WeightsError::NotSupported(why) => HoldReason::NotReleasable(why.clone()),
-                    other => HoldReason::Failed(other.to_string()),
-                };
-                held_back.push(HeldBack { model_id: m.id.clone(), reason });
+                held_back.push(HeldBack { model_id: m.id.clone(), reason: reason(&e, store.config().use_bound_ms) });
                 (0, Some(e.to_string()))
             }
         };
@@ -99,4 +94,13 @@ pub(super) async fn release(
         });
     }
     false
+}
+
+/// Why a park or drop of a held model was refused, for a refusal's message.
+fn reason(e: &WeightsError, use_bound_ms: u64) -> HoldReason {
+    match e {
+        WeightsError::InUse(_) => HoldReason::InUse { bound_ms: use_bound_ms },
+        WeightsError::NotSupported(why) => HoldReason::NotReleasable(why.clone()),
+        other => HoldReason::Failed(other.to_string()),
+    }
 }

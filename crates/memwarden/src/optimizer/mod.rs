@@ -85,7 +85,7 @@ pub struct Optimizer {
     events: tokio::sync::broadcast::Sender<OptimizeOutcome>,
     /// Model weights memwarden holds: parked (or dropped) before any worker model is touched.
     weights: Option<Arc<crate::weights::WeightStore>>,
-    /// One "make room, then take it" section at a time per device ([`Optimizer::room_lock`]).
+    /// One "make room, then take it" section at a time per device ([`room::room_lock`]).
     rooms: Mutex<BTreeMap<DeviceId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -187,10 +187,10 @@ impl Optimizer {
         ModelView::snapshot(&self.supervisor).candidates(device)
     }
 
-    /// Bytes the ladder could release on `device` at most ([`Optimizer::room`] with nothing
+    /// Bytes the ladder could release on `device` at most ([`room::room`] with nothing
     /// excluded): idle held models, unpinned worker and client models, cached empty pool blocks.
     pub fn releasable_bytes(&self, device: DeviceId) -> u64 {
-        self.room(device, &[]).releasable_bytes
+        room::room(self, device, &[]).releasable_bytes
     }
 
     /// Devices an optimize request without a device applies to: those above

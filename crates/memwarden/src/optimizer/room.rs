@@ -1,8 +1,8 @@
 //! Making room on a device for a model that needs it (a load, a resume, a move, a holder's
-//! `use()` of a parked model): what could be released there ([`Optimizer::room`], the one
+//! `use()` of a parked model): what could be released there ([`room`], the one
 //! figure both admission's pre-check and its refusal use), the models held back and why
-//! ([`HeldBack`]), the ladder run for the shortfall ([`Optimizer::make_room`]), and the
-//! per-device lock that serializes "make room, then take it" sections ([`Optimizer::room_lock`]),
+//! ([`HeldBack`]), the ladder run for the shortfall ([`make_room`]), and the
+//! per-device lock that serializes "make room, then take it" sections ([`room_lock`]),
 //! so two requests racing for the same room are served one after the other: the second
 //! re-checks after the first has taken its share, and makes room of its own when none is left.
 //!
@@ -90,100 +90,93 @@ pub struct Room {
     pub held_back: Vec<HeldBack>,
 }
 
-impl Optimizer {
-    /// What the ladder could release on `device`, never counting the models in `exclude` (the
-    /// one that needs the room), and the models it would leave there and why. Both admission's
-    /// pre-check and its refusal read this one figure.
-    pub fn room(&self, device: DeviceId, exclude: &[String]) -> Room {
-        let mut room = Room::default();
-        for (c, _) in self.candidates(device) {
-            if exclude.contains(&c.model_id) {
+/// What the ladder could release on `device`, never counting the models in `exclude` (the
+/// one that needs the room), and the models it would leave there and why. Both admission's
+/// pre-check and its refusal read this one figure.
+pub fn room(o: &Optimizer, device: DeviceId, exclude: &[String]) -> Room {
+    let mut room = Room::default();
+    for (c, _) in o.candidates(device) {
+        if exclude.contains(&c.model_id) {
+            continue;
+        }
+        if c.pinned {
+            room.held_back.push(HeldBack { model_id: c.model_id.clone(), reason: HoldReason::Pinned });
+        } else {
+            room.releasable_bytes += c.size_bytes;
+        }
+    }
+    if let Some(store) = o.weights.as_ref() {
+        for m in store.models() {
+            if exclude.contains(&m.id) {
                 continue;
             }
-            if c.pinned {
-                room.held_back.push(HeldBack { model_id: c.model_id.clone(), reason: HoldReason::Pinned });
+            let (state, on, resident, parked) = m.with_held(|h| {
+                let resident = h.block.as_ref().map_or(0, |b| b.size_bytes());
+                (h.state, h.device, resident, h.parked.as_ref().map_or(0, |p| p.bytes()))
+            });
+            let occupies = match state {
+                WeightState::Resident | WeightState::Orphaned if on == device => resident,
+                // A parked copy is host memory: on `cpu` the ladder drops it.
+                WeightState::Parked if device == DeviceId::Cpu => parked,
+                _ => 0,
+            };
+            if occupies == 0 {
+                continue;
+            }
+            if m.pinned {
+                room.held_back.push(HeldBack { model_id: m.id.clone(), reason: HoldReason::Pinned });
             } else {
-                room.releasable_bytes += c.size_bytes;
+                room.releasable_bytes += occupies;
             }
         }
-        if let Some(store) = self.weights.as_ref() {
-            for m in store.models() {
-                if exclude.contains(&m.id) {
-                    continue;
-                }
-                let (state, on, resident, parked) = m.with_held(|h| {
-                    let resident = h.block.as_ref().map_or(0, |b| b.size_bytes());
-                    (h.state, h.device, resident, h.parked.as_ref().map_or(0, |p| p.bytes()))
-                });
-                let occupies = match state {
-                    WeightState::Resident | WeightState::Orphaned if on == device => resident,
-                    // A parked copy is host memory: on `cpu` the ladder drops it.
-                    WeightState::Parked if device == DeviceId::Cpu => parked,
-                    _ => 0,
-                };
-                if occupies == 0 {
-                    continue;
-                }
-                if m.pinned {
-                    room.held_back.push(HeldBack { model_id: m.id.clone(), reason: HoldReason::Pinned });
-                } else {
-                    room.releasable_bytes += occupies;
-                }
-            }
-        }
-        room.releasable_bytes +=
-            self.service.status(device).map(|s| s.pools.iter().map(|(_, p)| p.empty_block_bytes).sum()).unwrap_or(0);
-        room
     }
+    room.releasable_bytes +=
+        o.service.status(device).map(|s| s.pools.iter().map(|(_, p)| p.empty_block_bytes).sum()).unwrap_or(0);
+    room
+}
 
-    /// The lock that serializes "make room on `device`, then take it" sections: admission's
-    /// retry after its run, and a resume's or move's make-room and retry
-    /// ([`crate::placement::Placement::room_lock`]). Take it only after the first, unlocked
-    /// attempt failed for want of memory, and never while holding a model's operation lock.
-    pub async fn room_lock(&self, device: DeviceId) -> tokio::sync::OwnedMutexGuard<()> {
-        let room = lock(&self.rooms).entry(device).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))).clone();
-        room.lock_owned().await
-    }
+/// The lock that serializes "make room on `device`, then take it" sections: admission's
+/// retry after its run, and a resume's or move's make-room and retry
+/// ([`crate::placement::Placement::room_lock`]). Take it only after the first, unlocked
+/// attempt failed for want of memory, and never while holding a model's operation lock.
+pub async fn room_lock(o: &Optimizer, device: DeviceId) -> tokio::sync::OwnedMutexGuard<()> {
+    let room = lock(&o.rooms).entry(device).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))).clone();
+    room.lock_owned().await
+}
 
-    /// Bytes promised to loads in progress on `device` (their admission reservations): memory
-    /// the driver still shows free that is already spoken for.
-    pub(super) fn reserved_bytes(&self, device: DeviceId) -> u64 {
-        self.service
-            .allocations(Some(device))
-            .iter()
-            .filter(|a| a.kind == MemoryKind::Reservation)
-            .map(|a| a.size_bytes)
-            .sum()
-    }
+/// Bytes promised to loads in progress on `device` (their admission reservations): memory
+/// the driver still shows free that is already spoken for.
+pub(super) fn reserved_bytes(o: &Optimizer, device: DeviceId) -> u64 {
+    o.service.allocations(Some(device)).iter().filter(|a| a.kind == MemoryKind::Reservation).map(|a| a.size_bytes).sum()
+}
 
-    /// Runs the ladder until `bytes` fit on `device` beside what loads in progress reserved,
-    /// never touching `exclude` (the model that needs the room). Nothing runs when they fit
-    /// already (the loser of a race, after the winner). `Err` names the bytes needed and
-    /// available after it ran, and the models it left and why. Callers hold
-    /// [`Optimizer::room_lock`] across this and the attempt that takes the room.
-    pub async fn make_room(&self, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
-        let exclude = vec![exclude.to_string()];
-        let available = self.read(device).1;
-        let need = bytes.saturating_add(self.reserved_bytes(device)).saturating_sub(available);
-        if need == 0 {
-            return Ok(());
-        }
-        let room = self.room(device, &exclude);
-        let mut req = OptimizeRequest::new(device, EvictionStrategy::Balanced, "admission", &self.config);
-        req.min_memory_to_free = need;
-        req.exclude = exclude;
-        let (report, mut held_back) = self.run_noting(req).await;
-        let available = self.read(device).1;
-        if available < bytes {
-            merge(&mut held_back, room.held_back);
-            return Err(format!(
-                "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes \
-                 (it could release at most {}){}",
-                report.memory_freed,
-                room.releasable_bytes,
-                held_back_note(&held_back)
-            ));
-        }
-        Ok(())
+/// Runs the ladder until `bytes` fit on `device` beside what loads in progress reserved,
+/// never touching `exclude` (the model that needs the room). Nothing runs when they fit
+/// already (the loser of a race, after the winner). `Err` names the bytes needed and
+/// available after it ran, and the models it left and why. Callers hold
+/// [`room_lock`] across this and the attempt that takes the room.
+pub async fn make_room(o: &Optimizer, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
+    let exclude = vec![exclude.to_string()];
+    let available = o.read(device).1;
+    let need = bytes.saturating_add(reserved_bytes(o, device)).saturating_sub(available);
+    if need == 0 {
+        return Ok(());
     }
+    let room = room(o, device, &exclude);
+    let mut req = OptimizeRequest::new(device, EvictionStrategy::Balanced, "admission", &o.config);
+    req.min_memory_to_free = need;
+    req.exclude = exclude;
+    let (report, mut held_back) = o.run_noting(req).await;
+    let available = o.read(device).1;
+    if available < bytes {
+        merge(&mut held_back, room.held_back);
+        return Err(format!(
+            "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes \
+             (it could release at most {}){}",
+            report.memory_freed,
+            room.releasable_bytes,
+            held_back_note(&held_back)
+        ));
+    }
+    Ok(())
 }

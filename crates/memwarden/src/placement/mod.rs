@@ -101,13 +101,13 @@ impl Placement {
     /// bytes needed and available after it ran, and the models left and why (pinned, in use).
     /// Hold [`Placement::room_lock`] across this and the attempt that takes the room.
     pub async fn make_room(&self, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
-        self.optimizer.make_room(device, bytes, exclude).await
+        crate::optimizer::room::make_room(&self.optimizer, device, bytes, exclude).await
     }
 
     /// The lock serializing "make room on `device`, then take it" (admission's, a resume's, a
     /// move's): two requests racing for the same room are served one after the other.
     pub async fn room_lock(&self, device: DeviceId) -> tokio::sync::OwnedMutexGuard<()> {
-        self.optimizer.room_lock(device).await
+        crate::optimizer::room::room_lock(&self.optimizer, device).await
     }
 
     /// Runs `attempt`; when it fails for want of memory on `device` (`short` says which errors
