@@ -13,7 +13,7 @@ use crate::placement::Placement;
 use crate::weights::file::ModelFile;
 use crate::weights::{Attached, LoadRequest, WeightHolder, WeightStore, WeightsError};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{LoadBody, LoadedDto, LoadedModelDto};
+use memwarden_protocol::api::{LoadBody, LoadedDto, LoadedModelDto, WeightState};
 use memwarden_protocol::{LoadModel, Role, DEFAULT_PRIORITY};
 use std::future::Future;
 use std::path::Path;
@@ -57,17 +57,31 @@ impl Loads<'_> {
         let label = req.name.clone().unwrap_or_else(|| req.path.display().to_string());
         let estimate = held_bytes_of(file.data_bytes);
         let device = req.device;
-        let attempt = || {
-            let (weights, file, req, holder, progress) =
-                (self.weights.clone(), file.clone(), req.clone(), holder.clone(), progress.clone());
-            admitted(self.optimizer, device, Some(estimate), &label, async move {
-                weights.load_file(file, req, holder, progress).await.map_err(LoadError::from)
-            })
+        // A copy of the file resident on the device already is shared: it takes no memory, so
+        // there is nothing to admit (and nothing to park for it, least of all itself).
+        let shared = self.weights.models().iter().any(|m| {
+            m.file.identity == file.identity
+                && m.device() == device
+                && matches!(m.state(), WeightState::Resident | WeightState::Orphaned)
+        });
+        let optimizer = self.optimizer;
+        let attempt = |admit: bool| {
+            let (weights, file, req, holder, progress, label) =
+                (self.weights.clone(), file.clone(), req.clone(), holder.clone(), progress.clone(), label.clone());
+            async move {
+                let load = async move { weights.load_file(file, req, holder, progress).await.map_err(LoadError::from) };
+                if admit {
+                    admitted(optimizer, device, Some(estimate), &label, load).await
+                } else {
+                    load.await
+                }
+            }
         };
-        let attached = match attempt().await {
+        let attached = match attempt(!shared).await {
             // Admitted, but the room was taken before the load allocated it (a resume, or a
-            // process outside memwarden): admission runs again, and makes room this time.
-            Err(LoadError::Weights(WeightsError::InsufficientMemory { .. })) => attempt().await,
+            // process outside memwarden), or the shared copy was parked meanwhile: admission
+            // runs (again), and makes room this time.
+            Err(LoadError::Weights(WeightsError::InsufficientMemory { .. })) => attempt(true).await,
             other => other,
         }?;
         if let Some(placement) = hand_to.filter(|_| !attached.reused) {

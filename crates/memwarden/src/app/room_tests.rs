@@ -177,7 +177,7 @@ impl Backend for TinyGpu {
 }
 
 /// The app over `gpus` tiny GPUs (`cuda:0`…), with no worker, no watchdog and no keep-alive
-/// (nothing parks on its own), and a short wait for freed bytes to show.
+/// (nothing parks on its own), no hashing, and a short wait for freed bytes to show.
 async fn app(gpus: u32) -> Arc<App> {
     let backends: Vec<Arc<dyn Backend>> = (0..gpus).map(|i| Arc::new(TinyGpu::new(i)) as Arc<dyn Backend>).collect();
     let service = Arc::new(Service::with_backends(backends, PoolConfig::default(), Limits::default()));
@@ -187,10 +187,11 @@ async fn app(gpus: u32) -> Arc<App> {
     config.optimizer.watchdog = false;
     config.optimizer.verify_ms = 300;
     config.weights.keep_alive_ms = 0;
+    config.weights.hash_on_load = false;
     App::start(service, &config).await
 }
 
-/// A `.safetensors` file of [`MODEL`] bytes (4 tensors), bytes from `seed`.
+/// A `.safetensors` file of [`MODEL`] bytes (4 tensors), every byte `seed`.
 fn model_file(name: &str, seed: u8) -> PathBuf {
     let each = MODEL / 4;
     let mut header = String::from("{");
@@ -208,7 +209,7 @@ fn model_file(name: &str, seed: u8) -> PathBuf {
     let path = dir().join(format!("{name}.safetensors"));
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
-    bytes.extend((0..MODEL).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)));
+    bytes.resize(bytes.len() + MODEL as usize, seed);
     std::fs::write(&path, bytes).expect("write model");
     path
 }
@@ -416,4 +417,37 @@ async fn a_holders_use_of_a_parked_model_makes_room() {
     assert_eq!(state(&app, &a), WeightState::Resident);
     assert_eq!((state(&app, &b), state(&app, &c)), (WeightState::Parked, WeightState::Resident));
     assert!(app.weights.get(&a).expect("held").with_held(|h| h.holders.contains_key("client-2")));
+}
+
+/// A resume that cannot get room (what is left is pinned) is refused at once, names the pinned
+/// models, and leaves the model parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_is_refused_when_what_is_left_is_pinned_and_the_message_names_it() {
+    let app = app(1).await;
+    let a = load_held(&app, &model_file("rp-a", 1), gpu(0), 50, false).await;
+    residency::park(&app, &a).await.expect("park a");
+    let b = load_held(&app, &model_file("rp-b", 2), gpu(0), 50, true).await;
+    let c = load_held(&app, &model_file("rp-c", 3), gpu(0), 50, true).await;
+    match residency::resume(&app, &a, None).await {
+        Err(AppError::InsufficientMemory(m)) => {
+            assert!(m.contains(&format!("{b} (pinned)")) && m.contains(&format!("{c} (pinned)")), "{m}");
+            assert!(m.contains("nothing was released"), "{m}");
+        }
+        Err(e) => panic!("expected INSUFFICIENT_MEMORY, got {e}"),
+        Ok(_) => panic!("resumed with no room to make"),
+    }
+    assert_eq!(state(&app, &a), WeightState::Parked);
+    assert_eq!((state(&app, &b), state(&app, &c)), (WeightState::Resident, WeightState::Resident));
+}
+
+/// A second load of a file resident on the full device shares the copy: nothing is parked
+/// for it, least of all the copy itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_load_of_a_resident_file_on_a_full_device_parks_nothing() {
+    let app = app(1).await;
+    let path = model_file("share-a", 1);
+    let a = load_held(&app, &path, gpu(0), 50, false).await;
+    let b = load_held(&app, &model_file("share-b", 2), gpu(0), 50, false).await;
+    assert_eq!(load_held(&app, &path, gpu(0), 50, false).await, a, "the same copy");
+    assert_eq!((state(&app, &a), state(&app, &b)), (WeightState::Resident, WeightState::Resident));
 }

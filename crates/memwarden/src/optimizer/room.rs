@@ -152,9 +152,10 @@ pub(super) fn reserved_bytes(o: &Optimizer, device: DeviceId) -> u64 {
 
 /// Runs the ladder until `bytes` fit on `device` beside what loads in progress reserved,
 /// never touching `exclude` (the model that needs the room). Nothing runs when they fit
-/// already (the loser of a race, after the winner). `Err` names the bytes needed and
-/// available after it ran, and the models it left and why. Callers hold
-/// [`room_lock`] across this and the attempt that takes the room.
+/// already (the loser of a race, after the winner); nothing is touched when even releasing
+/// everything allowed would not make room. `Err` names the bytes needed and available, and
+/// the models left and why. Callers hold [`room_lock`] across this and the attempt that takes
+/// the room.
 pub async fn make_room(o: &Optimizer, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
     let exclude = vec![exclude.to_string()];
     let available = o.read(device).1;
@@ -163,6 +164,16 @@ pub async fn make_room(o: &Optimizer, device: DeviceId, bytes: u64, exclude: &st
         return Ok(());
     }
     let room = room(o, device, &exclude);
+    // When even releasing everything allowed would not make room, touch nothing.
+    let missing = bytes.saturating_sub(available);
+    if missing > room.releasable_bytes {
+        return Err(format!(
+            "{bytes} bytes needed on {device}, {available} available, and only {} could be released (idle held \
+             models, unpinned worker and client models, cached pool blocks); nothing was released{}",
+            room.releasable_bytes,
+            held_back_note(&room.held_back)
+        ));
+    }
     let mut req = OptimizeRequest::new(device, EvictionStrategy::Balanced, "admission", &o.config);
     req.min_memory_to_free = need;
     req.exclude = exclude;
