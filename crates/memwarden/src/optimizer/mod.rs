@@ -21,7 +21,7 @@ use crate::sync::lock;
 use memwarden_core::eviction::{self, Candidate, EvictionStrategy, StepAction};
 use memwarden_core::pressure::{Level, PressureThresholds};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
+use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord, WeightState};
 use memwarden_protocol::{ActionData, OffloadModel, Released, Role, TrimCache, UnloadModel};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -358,6 +358,13 @@ impl Optimizer {
         let loaded = left.len();
         if let Some(max) = req.max_models.filter(|m| touched >= *m && loaded > 0) {
             return format!("maxModelsToUnload ({max}) reached; {loaded} model(s) still loaded");
+        }
+        let resident = |m: &&Arc<crate::weights::HeldModel>| {
+            m.device() == req.device && matches!(m.state(), WeightState::Resident | WeightState::Orphaned)
+        };
+        let held_left = self.weights.as_ref().map_or(0, |w| w.models().iter().filter(resident).count());
+        if loaded == 0 && held_left > 0 {
+            return "the held models left could not be released (pinned, excluded, in use or not parkable)".into();
         }
         if loaded == 0 && !out_of_reach(self) {
             return "no model is loaded here, nothing left that may be released".into();
