@@ -23,6 +23,9 @@ pub enum AdmissionError {
     Service(#[from] ServiceError),
 }
 
+/// The owner of admission's reservations (a quota may limit it like any owner).
+pub(super) const OWNER: &str = "memwarden-admission";
+
 /// A ticket held while a model loads; give it back with [`Optimizer::release_ticket`].
 #[derive(Debug)]
 pub struct Ticket(Option<String>);
@@ -45,7 +48,7 @@ impl Optimizer {
         let request = AllocateRequest {
             kind: Some(MemoryKind::Reservation),
             purpose: Some(format!("model load {label}")),
-            owner: Some("memwarden-admission".into()),
+            owner: Some(OWNER.into()),
             ..AllocateRequest::new(device, estimate.max(1))
         };
         // The budget must see models loaded a moment ago: read the device afresh.
@@ -105,7 +108,7 @@ impl Optimizer {
                 Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
                 Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
                     let now = Instant::now();
-                    let others_loading = room::reserved_bytes(self, device) > 0 && now < loads_deadline;
+                    let others_loading = room::loads_in_flight(self, device) && now < loads_deadline;
                     if now >= deadline && !others_loading {
                         return Err(AdmissionError::InsufficientMemory(format!(
                             "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \

@@ -144,10 +144,18 @@ pub async fn room_lock(o: &Optimizer, device: DeviceId) -> tokio::sync::OwnedMut
     room.lock_owned().await
 }
 
-/// Bytes promised to loads in progress on `device` (their admission reservations): memory
-/// the driver still shows free that is already spoken for.
-pub(super) fn reserved_bytes(o: &Optimizer, device: DeviceId) -> u64 {
+/// Bytes reserved on `device` (loads in progress, through admission, and any other
+/// reservation): memory the driver still shows free that is already spoken for.
+fn reserved_bytes(o: &Optimizer, device: DeviceId) -> u64 {
     o.service.allocations(Some(device)).iter().filter(|a| a.kind == MemoryKind::Reservation).map(|a| a.size_bytes).sum()
+}
+
+/// Whether loads admitted on `device` are still running (their admission tickets are out).
+pub(super) fn loads_in_flight(o: &Optimizer, device: DeviceId) -> bool {
+    o.service
+        .allocations(Some(device))
+        .iter()
+        .any(|a| a.kind == MemoryKind::Reservation && a.owner.as_deref() == Some(super::admission::OWNER))
 }
 
 /// Runs the ladder until `bytes` fit on `device` beside what loads in progress reserved,
