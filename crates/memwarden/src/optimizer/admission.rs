@@ -4,7 +4,7 @@
 //! are served one after the other; if it still does not fit, the load is refused, and the
 //! refusal names the models left and why (pinned, in use past the bound).
 
-use super::room::{self, held_back_note, merge, HeldBack};
+use super::room::{self, held_back_note, merge, HeldBack, ADMISSION_OWNER};
 use super::{OptimizeRequest, Optimizer};
 use crate::service::{AllocateRequest, ServiceError};
 use memwarden_core::eviction::EvictionStrategy;
@@ -22,9 +22,6 @@ pub enum AdmissionError {
     #[error(transparent)]
     Service(#[from] ServiceError),
 }
-
-/// The owner of admission's reservations (a quota may limit it like any owner).
-pub(super) const OWNER: &str = "memwarden-admission";
 
 /// A ticket held while a model loads; give it back with [`Optimizer::release_ticket`].
 #[derive(Debug)]
@@ -48,7 +45,7 @@ impl Optimizer {
         let request = AllocateRequest {
             kind: Some(MemoryKind::Reservation),
             purpose: Some(format!("model load {label}")),
-            owner: Some(OWNER.into()),
+            owner: Some(ADMISSION_OWNER.into()),
             ..AllocateRequest::new(device, estimate.max(1))
         };
         // The budget must see models loaded a moment ago: read the device afresh.

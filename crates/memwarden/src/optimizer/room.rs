@@ -23,6 +23,10 @@ use memwarden_protocol::api::WeightState;
 use std::fmt;
 use std::sync::Arc;
 
+/// The owner of admission's reservations (a quota may limit it like any owner): a load
+/// admitted and still running holds one.
+pub(super) const ADMISSION_OWNER: &str = "memwarden-admission";
+
 /// Why the ladder cannot release a model on a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HoldReason {
@@ -155,7 +159,7 @@ pub(super) fn loads_in_flight(o: &Optimizer, device: DeviceId) -> bool {
     o.service
         .allocations(Some(device))
         .iter()
-        .any(|a| a.kind == MemoryKind::Reservation && a.owner.as_deref() == Some(super::admission::OWNER))
+        .any(|a| a.kind == MemoryKind::Reservation && a.owner.as_deref() == Some(ADMISSION_OWNER))
 }
 
 /// Runs the ladder until `bytes` fit on `device` beside what loads in progress reserved,
