@@ -1,7 +1,8 @@
 //! Loading a model: the one admit → load → give the ticket back sequence, whichever way the
 //! load arrives (`POST /api/memory/models/load`, held or by a worker, synchronous or as an
 //! operation; a peer's `loadWeights`), with the file's header read once for all of it (the
-//! admission estimate, the operation's total and the load itself).
+//! admission estimate, the operation's total and the load itself). Admission makes room when
+//! the device is full (idle held models parked first: [`crate::optimizer::room`]).
 
 use super::error::AppError;
 use super::App;
@@ -12,7 +13,7 @@ use crate::placement::Placement;
 use crate::weights::file::ModelFile;
 use crate::weights::{Attached, LoadRequest, WeightHolder, WeightStore, WeightsError};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{LoadBody, LoadedDto, LoadedModelDto};
+use memwarden_protocol::api::{LoadBody, LoadedDto, LoadedModelDto, WeightState};
 use memwarden_protocol::{LoadModel, Role, DEFAULT_PRIORITY};
 use std::future::Future;
 use std::path::Path;
@@ -54,17 +55,50 @@ impl Loads<'_> {
             p.set_total(file.data_bytes);
         }
         let label = req.name.clone().unwrap_or_else(|| req.path.display().to_string());
-        let estimate = crate::models::estimate::model_bytes_of(file.data_bytes, req.device);
-        let (device, weights) = (req.device, self.weights.clone());
-        let attached = admitted(self.optimizer, device, Some(estimate), &label, async move {
-            weights.load_file(file, req, holder, progress).await.map_err(LoadError::from)
-        })
-        .await?;
+        let estimate = held_bytes_of(file.data_bytes);
+        let device = req.device;
+        // A copy of the file resident on the device already is shared: it takes no memory, so
+        // there is nothing to admit (and nothing to park for it, least of all itself).
+        let shared = self.weights.models().iter().any(|m| {
+            m.file.identity == file.identity
+                && m.device() == device
+                && matches!(m.state(), WeightState::Resident | WeightState::Orphaned)
+        });
+        let optimizer = self.optimizer;
+        let attempt = |admit: bool| {
+            let (weights, file, req, holder, progress, label) =
+                (self.weights.clone(), file.clone(), req.clone(), holder.clone(), progress.clone(), label.clone());
+            async move {
+                let load = async move { weights.load_file(file, req, holder, progress).await.map_err(LoadError::from) };
+                if admit {
+                    admitted(optimizer, device, Some(estimate), &label, load).await
+                } else {
+                    load.await
+                }
+            }
+        };
+        let attached = match attempt(!shared).await {
+            // Admitted, but the room was taken before the load allocated it (a resume, or a
+            // process outside memwarden), or the shared copy was parked meanwhile: admission
+            // runs (again), and makes room this time.
+            Err(LoadError::Weights(WeightsError::InsufficientMemory { .. })) => attempt(true).await,
+            other => other,
+        }?;
         if let Some(placement) = hand_to.filter(|_| !attached.reused) {
             super::hand_off::hand_to_worker(self.weights, placement, &attached.model).await;
         }
         Ok(attached)
     }
+}
+
+/// The device memory a held model takes: its tensor bytes, rounded up to the largest block
+/// granularity a backend uses for dedicated memory (2 MiB, CUDA's VMM granularity). A held
+/// model needs no allocator state of its own, unlike a worker's
+/// ([`crate::models::estimate::model_bytes_of`]), so admission asks for no more than this: on a
+/// full card it parks as little as it can.
+fn held_bytes_of(data_bytes: u64) -> u64 {
+    const GRANULARITY: u64 = 2 * memwarden_core::units::MIB;
+    data_bytes.div_ceil(GRANULARITY).max(1) * GRANULARITY
 }
 
 /// Who holds a model loaded by `POST /api/memory/models/load`: memwarden (`true`) or a worker.

@@ -19,6 +19,9 @@ pub mod residency;
 pub mod socket;
 pub mod transfers;
 
+#[cfg(test)]
+mod room_tests;
+
 use crate::analytics::Analytics;
 use crate::config::Config;
 use crate::operations::Operations;

@@ -1,11 +1,12 @@
 //! Where a model's weights live, changed by request: park (device → host), resume (host →
-//! device, making room first when the device is full), drop the parked copy, unload, and move
-//! to another device (held weights by park and resume; a worker's model by a load there and an
-//! unload here).
+//! device, making room first when the device is full: by a request, or by a holder's `use()`
+//! of a parked model), drop the parked copy, unload, and move to another device (held weights
+//! by park and resume, making room on the target; a worker's model by a load there, through
+//! admission, and an unload here).
 
 use super::error::AppError;
 use super::App;
-use crate::weights::{ActionOutcome, HeldModel, WeightStore, WeightsError};
+use crate::weights::{ActionOutcome, HeldModel, WeightHolder, WeightStore, WeightsError};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{LoadBody, LoadedModelDto};
 use memwarden_protocol::Role;
@@ -56,24 +57,38 @@ pub async fn drop_copy(app: &App, model_id: &str) -> Result<Acted, AppError> {
     act(app, model_id, |store, id| async move { store.drop_copy(&id).await }).await
 }
 
+/// Whether `e` says the device had no room (the one error that making room answers).
+fn short_of_memory(e: &AppError) -> bool {
+    matches!(e, AppError::Weights(WeightsError::InsufficientMemory { .. }) | AppError::InsufficientMemory(_))
+}
+
 /// Resumes a parked model on its own device or on `target`; when the device is full, placement
-/// makes room (never by this model) and the resume runs once more.
+/// makes room (never by this model: idle held models are parked first, see
+/// [`crate::optimizer::room`]) and the resume runs once more. The make-room-and-retry section
+/// holds the device's room lock: of two resumes (or loads) racing for the same room, the second
+/// re-checks after the first took its share, and makes room of its own.
 pub async fn resume(app: &App, model_id: &str, target: Option<DeviceId>) -> Result<Acted, AppError> {
     let model = app.weights.get(model_id)?;
     let device = target.unwrap_or_else(|| model.device());
     let run = || act(app, model_id, move |store, id| async move { store.resume(&id, target).await });
     match run().await {
-        Err(AppError::Weights(WeightsError::InsufficientMemory { .. })) => {
-            if target.is_none_or(|t| t == model.device()) {
-                if let Some(acted) = resume_by_switch(app, &model).await? {
-                    return Ok(acted);
+        Err(e) if short_of_memory(&e) => {
+            let _room = app.placement.room_lock(device).await;
+            match run().await {
+                Err(e) if short_of_memory(&e) => {
+                    if target.is_none_or(|t| t == model.device()) {
+                        if let Some(acted) = resume_by_switch(app, &model).await? {
+                            return Ok(acted);
+                        }
+                    }
+                    app.placement
+                        .make_room(device, model.file.data_bytes, model_id)
+                        .await
+                        .map_err(AppError::InsufficientMemory)?;
+                    run().await
                 }
+                other => other,
             }
-            app.placement
-                .make_room(device, model.file.data_bytes, model_id)
-                .await
-                .map_err(AppError::InsufficientMemory)?;
-            run().await
         }
         other => other,
     }
@@ -111,6 +126,47 @@ pub async fn resume_by_switch(app: &App, model: &Arc<HeldModel>) -> Result<Optio
         }
     }
     Ok(None)
+}
+
+/// Makes a held model resident for a holder that wants to use it (the socket's
+/// `resumeWeights`, sent by a `use()` of a parked model), making room on its device as
+/// [`resume`] does when it is full: by a switch where one model's room suffices, else by the
+/// ladder.
+pub async fn resume_for_holder(
+    app: &App,
+    model_id: &str,
+    holder: impl Fn() -> Arc<dyn WeightHolder>,
+) -> Result<ActionOutcome, AppError> {
+    let model = app.weights.get(model_id)?;
+    let store = &app.weights;
+    let device = model.device();
+    let attempt = || async { store.ensure_resident(model_id, holder()).await.map_err(AppError::from) };
+    let outcome = match attempt().await {
+        Err(e) if short_of_memory(&e) => {
+            let _room = app.placement.room_lock(device).await;
+            match attempt().await {
+                Err(e) if short_of_memory(&e) => match resume_by_switch(app, &model).await? {
+                    // Resident now, and the switch remapped this holder if it still held the
+                    // model; one that had let go is sent the memory.
+                    Some(acted) if model.with_held(|h| h.holders.contains_key(&holder().holder_id())) => {
+                        Ok(acted.outcome)
+                    }
+                    Some(_) => attempt().await,
+                    None => {
+                        app.placement
+                            .make_room(device, model.file.data_bytes, model_id)
+                            .await
+                            .map_err(AppError::InsufficientMemory)?;
+                        attempt().await
+                    }
+                },
+                other => other,
+            }
+        }
+        other => other,
+    }?;
+    refresh(app, device);
+    Ok(outcome)
 }
 
 /// What an unload freed, and (a worker's model) what the OS and driver said its process held
@@ -168,13 +224,20 @@ pub enum Moved {
 pub async fn move_model(app: &App, model_id: &str, target: DeviceId) -> Result<Moved, AppError> {
     let already = || AppError::Invalid(format!("targetDeviceId: model {model_id} is already on {target}"));
     if let Ok(held) = app.weights.get(model_id) {
-        // memwarden's own weights move by park and resume: the id stays.
+        // memwarden's own weights move by park and resume: the id stays. The resume makes room
+        // on the target when it is full (as a resume does); refused, the model goes back.
         let from = held.device();
         if from == target {
             return Err(already());
         }
         let freed_bytes = app.weights.park(model_id).await?.freed_bytes;
-        app.weights.resume(model_id, Some(target)).await?;
+        refresh(app, from);
+        if let Err(e) = resume(app, model_id, Some(target)).await {
+            if let Err(back) = resume(app, model_id, Some(from)).await {
+                tracing::warn!(model = %model_id, "the move to {target} failed and the model stays parked: {back}");
+            }
+            return Err(e);
+        }
         return Ok(Moved::Held { model: held, previous_device: from, freed_bytes });
     }
     let (slot, info) = app.supervisor.find_model(model_id).await?;

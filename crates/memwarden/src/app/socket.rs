@@ -4,12 +4,13 @@
 //! the connection owns (allocations); `weightsUsed` events; and a closed connection orphaning
 //! the weights it held and giving back the memory it owned.
 
+use super::error::AppError;
 use super::load::{LoadError, Loads};
 use super::{allocations, App};
 use crate::service::{AllocateRequest, ExportVia, Service, ServiceError};
 use crate::supervisor::{Conn, ConnRequests};
 use crate::weights::holder::ConnHolder;
-use crate::weights::{LoadRequest, WeightsError};
+use crate::weights::{LoadRequest, WeightHolder, WeightsError};
 use futures_util::future::BoxFuture;
 use memwarden_core::DeviceId;
 use memwarden_protocol::{
@@ -231,34 +232,21 @@ impl ConnRequests for SocketRequests {
     }
 }
 
-/// A holder's `resumeWeights`: without room, the ladder runs first (this model excluded).
+/// A holder's `resumeWeights` (its `use()` of a parked model): without room, placement makes
+/// room first (this model excluded; idle held models parked first), as any resume does.
 async fn resume_for(app: &App, id: &str, conn: &Arc<Conn>) -> Result<(), WeightsError> {
-    let store = &app.weights;
-    let holder = || Arc::new(ConnHolder(conn.clone()));
-    match store.ensure_resident(id, holder()).await {
-        Err(WeightsError::InsufficientMemory { .. }) => {
-            let model = store.get(id)?;
-            let switched = super::residency::resume_by_switch(app, &model).await.map_err(|e| match e {
-                super::AppError::Weights(w) => w,
-                other => WeightsError::Internal(other.to_string()),
-            })?;
-            if switched.is_some() {
-                // Resident now, and the switch remapped this holder if it still held the model;
-                // one that had let go is sent the memory.
-                if model.with_held(|h| h.holders.contains_key(&conn.worker_id)) {
-                    return Ok(());
-                }
-                return store.ensure_resident(id, holder()).await.map(|_| ());
-            }
-            app.placement.make_room(model.device(), model.file.data_bytes, id).await.map_err(|message| {
-                WeightsError::InsufficientMemory {
-                    device: model.device().to_string(),
-                    needed_bytes: model.file.data_bytes,
-                    message,
-                }
-            })?;
-            store.ensure_resident(id, holder()).await.map(|_| ())
+    let holder = || -> Arc<dyn WeightHolder> { Arc::new(ConnHolder(conn.clone())) };
+    match super::residency::resume_for_holder(app, id, holder).await {
+        Ok(_) => Ok(()),
+        Err(AppError::Weights(e)) => Err(e),
+        Err(AppError::InsufficientMemory(message)) => {
+            let model = app.weights.get(id)?;
+            Err(WeightsError::InsufficientMemory {
+                device: model.device().to_string(),
+                needed_bytes: model.file.data_bytes,
+                message,
+            })
         }
-        other => other.map(|_| ()),
+        Err(other) => Err(WeightsError::Internal(other.to_string())),
     }
 }

@@ -1,12 +1,16 @@
 //! Admission before a model load: a `reservation` for the model's estimated size, held while it
-//! loads. If it does not fit, the ladder runs (balanced) for the difference; if it still does
-//! not fit, the load is refused.
+//! loads. If it does not fit, the ladder runs (balanced) for the difference, idle held models
+//! parked first (`room.rs`), under the device's room lock so two loads racing for the same room
+//! are served one after the other; if it still does not fit, the load is refused, and the
+//! refusal names the models left and why (pinned, in use past the bound).
 
+use super::room::{self, held_back_note, merge, HeldBack, ADMISSION_OWNER};
 use super::{OptimizeRequest, Optimizer};
 use crate::service::{AllocateRequest, ServiceError};
 use memwarden_core::eviction::EvictionStrategy;
 use memwarden_core::units::MIB;
 use memwarden_core::{DeviceId, MemoryKind};
+use memwarden_protocol::api::OptimizeOutcome;
 use std::time::{Duration, Instant};
 
 /// Why a load was not admitted.
@@ -41,10 +45,19 @@ impl Optimizer {
         let request = AllocateRequest {
             kind: Some(MemoryKind::Reservation),
             purpose: Some(format!("model load {label}")),
-            owner: Some("memwarden-admission".into()),
+            owner: Some(ADMISSION_OWNER.into()),
             ..AllocateRequest::new(device, estimate.max(1))
         };
         // The budget must see models loaded a moment ago: read the device afresh.
+        let _ = self.service.measure_now(device);
+        match self.service.allocate(request.clone()) {
+            Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
+            Err(ServiceError::InsufficientMemory { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // No room: one load or resume at a time makes room on a device and takes it. The loser
+        // of a race re-checks here, after the winner took its share, and makes its own room.
+        let _room = room::room_lock(self, device).await;
         let _ = self.service.measure_now(device);
         let shortfall = match self.service.allocate(request.clone()) {
             Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
@@ -54,30 +67,52 @@ impl Optimizer {
             Err(e) => return Err(e.into()),
         };
         // When even releasing everything allowed would not make room, touch nothing.
-        let releasable = self.releasable_bytes(device);
-        if shortfall > releasable {
+        let releasable = room::room(self, device, &[]);
+        if shortfall > releasable.releasable_bytes {
             return Err(AdmissionError::InsufficientMemory(format!(
                 "the model needs about {estimate} bytes on {device}, {shortfall} more than the budget allows, and \
-                 only {releasable} could be released (unpinned models and cached pool blocks); nothing was unloaded"
+                 only {} could be released (idle held models, unpinned worker and client models, cached pool \
+                 blocks); nothing was unloaded{}",
+                releasable.releasable_bytes,
+                held_back_note(&releasable.held_back)
             )));
         }
         let mut run = OptimizeRequest::new(device, EvictionStrategy::Balanced, "admission", &self.config);
         run.min_memory_to_free = shortfall + (16 * MIB);
         run.force = true;
-        let outcome = self.run(run).await;
-        // The OS's counters can trail a release (the host's per-CPU free lists are re-read once a
-        // second): retry until the freed bytes show or `verify_ms` passes.
+        let (outcome, mut held_back) = self.run_noting(run).await;
+        merge(&mut held_back, releasable.held_back);
+        self.retry(device, &request, outcome, held_back).await
+    }
+
+    /// After the ladder ran for `request`: retries the reservation. The OS's counters can
+    /// trail a release (the host's per-CPU free lists are re-read once a second): retry until
+    /// the freed bytes show or `verify_ms` passes. A load admitted just before (the winner of a
+    /// race) counts twice while it runs, its reservation and the memory it took: wait for it
+    /// (at most `max_time_ms`) rather than refuse. The refusal names `held_back`.
+    async fn retry(
+        &self,
+        device: DeviceId,
+        request: &AllocateRequest,
+        outcome: OptimizeOutcome,
+        held_back: Vec<HeldBack>,
+    ) -> Result<Ticket, AdmissionError> {
         let deadline = Instant::now() + Duration::from_millis(self.config.verify_ms);
+        let loads_deadline = Instant::now() + Duration::from_millis(self.config.max_time_ms);
         loop {
             let _ = self.service.measure_now(device);
             match self.service.allocate(request.clone()) {
                 Ok(ticket) => return Ok(Ticket(Some(ticket.id.clone()))),
                 Err(ServiceError::InsufficientMemory { requested_bytes, available_bytes, .. }) => {
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    let others_loading = room::loads_in_flight(self, device) && now < loads_deadline;
+                    if now >= deadline && !others_loading {
                         return Err(AdmissionError::InsufficientMemory(format!(
                             "the model needs about {requested_bytes} bytes on {device}; {available_bytes} are available \
-                             after the optimizer freed {} ({})",
-                            outcome.memory_freed, outcome.message
+                             after the optimizer freed {} ({}){}",
+                            outcome.memory_freed,
+                            outcome.message,
+                            held_back_note(&held_back)
                         )));
                     }
                 }

@@ -2,9 +2,13 @@
 //! is offloaded or unloaded: on a GPU, park resident models (least valuable first), or, while the
 //! host is at `high` or above, drop them instead (a parked copy would add to the host's
 //! pressure); on the host, drop parked copies, then (unless the strategy never unloads) the
-//! models resident on `cpu`. None of it needs a worker.
+//! models resident on `cpu`. None of it needs a worker. A model it could not release (a
+//! holder's `use()` outlasted the bound) is skipped with the reason, noted for a refusal's
+//! message, and the next one is tried. Why this rung comes before any worker model: `room.rs`.
 
+use super::room::{HeldBack, HoldReason};
 use super::{ms, OptimizeRequest, Optimizer};
+use crate::weights::WeightsError;
 use memwarden_core::pressure::Level;
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
@@ -19,6 +23,7 @@ pub(super) async fn release(
     base: i64,
     deadline: Instant,
     out: &mut OptimizeOutcome,
+    held_back: &mut Vec<HeldBack>,
 ) -> bool {
     let Some(store) = optimizer.weights.as_ref() else { return false };
     let device = req.device;
@@ -63,7 +68,10 @@ pub(super) async fn release(
         let (claimed, error) = match result {
             Ok(o) => (o.freed_bytes, None),
             // Skipped with the reason (e.g. a holder still inside `use()`); the ladder goes on.
-            Err(e) => (0, Some(e.to_string())),
+            Err(e) => {
+                held_back.push(HeldBack { model_id: m.id.clone(), reason: reason(&e, store.config().use_bound_ms) });
+                (0, Some(e.to_string()))
+            }
         };
         let (gained, verified) = optimizer.verify(device, before, claimed).await;
         if error.is_none() {
@@ -86,4 +94,13 @@ pub(super) async fn release(
         });
     }
     false
+}
+
+/// Why a park or drop of a held model was refused, for a refusal's message.
+fn reason(e: &WeightsError, use_bound_ms: u64) -> HoldReason {
+    match e {
+        WeightsError::InUse(_) => HoldReason::InUse { bound_ms: use_bound_ms },
+        WeightsError::NotSupported(why) => HoldReason::NotReleasable(why.clone()),
+        other => HoldReason::Failed(other.to_string()),
+    }
 }

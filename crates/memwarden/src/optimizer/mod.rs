@@ -10,6 +10,7 @@
 
 pub mod admission;
 mod held;
+pub mod room;
 mod watchdog;
 
 use crate::config::OptimizerSection;
@@ -20,9 +21,9 @@ use crate::sync::lock;
 use memwarden_core::eviction::{self, Candidate, EvictionStrategy, StepAction};
 use memwarden_core::pressure::{Level, PressureThresholds};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord};
+use memwarden_protocol::api::{OptimizeOutcome, SkippedRung, StepRecord, WeightState};
 use memwarden_protocol::{ActionData, OffloadModel, Released, Role, TrimCache, UnloadModel};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -70,7 +71,8 @@ impl OptimizeRequest {
 /// and the pressure thresholds it reports levels by. It releases through the parts it is given
 /// (the service's pools, the supervisor's workers, the weights memwarden holds) and owns none
 /// of them. Admission before a load is in `admission.rs`; the watchdog (`watchdog.rs`) and the
-/// held-weights rung (`held.rs`) are their own.
+/// held-weights rung (`held.rs`) are their own; making room for one model, and the lock that
+/// serializes it per device, in `room.rs`.
 pub struct Optimizer {
     service: Arc<Service>,
     supervisor: Arc<Supervisor>,
@@ -83,6 +85,8 @@ pub struct Optimizer {
     events: tokio::sync::broadcast::Sender<OptimizeOutcome>,
     /// Model weights memwarden holds: parked (or dropped) before any worker model is touched.
     weights: Option<Arc<crate::weights::WeightStore>>,
+    /// One "make room, then take it" section at a time per device ([`room::room_lock`]).
+    rooms: Mutex<BTreeMap<DeviceId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 const HISTORY: usize = 100;
@@ -106,6 +110,7 @@ impl Optimizer {
             history: Mutex::new(VecDeque::new()),
             events: tokio::sync::broadcast::channel(64).0,
             weights,
+            rooms: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -124,28 +129,6 @@ impl Optimizer {
     /// Runs the ladder on the pressure changes `events` brings (when the watchdog is on).
     pub fn start_watchdog(self: &Arc<Self>, events: tokio::sync::broadcast::Receiver<crate::pressure::PressureEvent>) {
         watchdog::Watchdog::start(self, events);
-    }
-
-    /// Runs the ladder for `bytes` on `device`, never touching `exclude` (the model that needs
-    /// the room); `Err` names the bytes needed and available after it ran.
-    pub async fn make_room(&self, device: DeviceId, bytes: u64, exclude: &str) -> Result<(), String> {
-        let mut req = OptimizeRequest::new(
-            device,
-            memwarden_core::eviction::EvictionStrategy::Balanced,
-            "admission",
-            &self.config,
-        );
-        req.min_memory_to_free = bytes;
-        req.exclude = vec![exclude.to_string()];
-        let report = self.run(req).await;
-        let available = self.read(device).1;
-        if available < bytes {
-            return Err(format!(
-                "{bytes} bytes needed on {device}, {available} available after the ladder freed {} bytes",
-                report.memory_freed
-            ));
-        }
-        Ok(())
     }
 
     /// The device's "free" figure for step measurements (see the module doc).
@@ -204,13 +187,10 @@ impl Optimizer {
         ModelView::snapshot(&self.supervisor).candidates(device)
     }
 
-    /// Bytes the ladder could release on `device` at most: every unpinned model there that is
-    /// not excluded (offloads or unloads), and memwarden's cached empty pool blocks.
+    /// Bytes the ladder could release on `device` at most ([`room::room`] with nothing
+    /// excluded): idle held models, unpinned worker and client models, cached empty pool blocks.
     pub fn releasable_bytes(&self, device: DeviceId) -> u64 {
-        let models: u64 = self.candidates(device).iter().filter(|(c, _)| !c.pinned).map(|(c, _)| c.size_bytes).sum();
-        let cached: u64 =
-            self.service.status(device).map(|s| s.pools.iter().map(|(_, p)| p.empty_block_bytes).sum()).unwrap_or(0);
-        models + cached
+        room::room(self, device, &[]).releasable_bytes
     }
 
     /// Devices an optimize request without a device applies to: those above
@@ -245,6 +225,18 @@ impl Optimizer {
     /// something to free (`minMemoryToFree`, or down to the target); otherwise, below the
     /// target, through the cache rungs and then the single least valuable unpinned model.
     pub async fn run(&self, req: OptimizeRequest) -> OptimizeOutcome {
+        self.run_noting(req).await.0
+    }
+
+    /// [`Optimizer::run`], with the models its steps tried and could not release, and why (a
+    /// holder's `use()` past the bound, a worker's refusal): what a refusal names.
+    pub(crate) async fn run_noting(&self, req: OptimizeRequest) -> (OptimizeOutcome, Vec<room::HeldBack>) {
+        let mut held_back = Vec::new();
+        let out = self.run_inner(req, &mut held_back).await;
+        (out, held_back)
+    }
+
+    async fn run_inner(&self, req: OptimizeRequest, held_back: &mut Vec<room::HeldBack>) -> OptimizeOutcome {
         let _guard = self.running.lock().await;
         let started = Instant::now();
         let started_at = memwarden_protocol::api::rfc3339(OffsetDateTime::now_utc());
@@ -311,9 +303,9 @@ impl Optimizer {
             }
         }
         self.trim_caches(device, &mut out).await;
-        let mut stopped_by_time = held::release(self, &req, climb_to, base, deadline, &mut out).await;
+        let mut stopped_by_time = held::release(self, &req, climb_to, base, deadline, &mut out, held_back).await;
         if !stopped_by_time && !nobody {
-            stopped_by_time = self.release_models(&req, climb_to, base, deadline, &mut out).await;
+            stopped_by_time = self.release_models(&req, climb_to, base, deadline, &mut out, held_back).await;
         }
         out.memory_measured = self.measure(device) - base;
         out.memory_freed = out.memory_measured.max(0) as u64;
@@ -366,6 +358,13 @@ impl Optimizer {
         let loaded = left.len();
         if let Some(max) = req.max_models.filter(|m| touched >= *m && loaded > 0) {
             return format!("maxModelsToUnload ({max}) reached; {loaded} model(s) still loaded");
+        }
+        let resident = |m: &&Arc<crate::weights::HeldModel>| {
+            m.device() == req.device && matches!(m.state(), WeightState::Resident | WeightState::Orphaned)
+        };
+        let held_left = self.weights.as_ref().map_or(0, |w| w.models().iter().filter(resident).count());
+        if loaded == 0 && held_left > 0 {
+            return "the held models left could not be released (pinned, excluded, in use or not parkable)".into();
         }
         if loaded == 0 && !out_of_reach(self) {
             return "no model is loaded here, nothing left that may be released".into();
@@ -433,6 +432,7 @@ impl Optimizer {
         base: i64,
         deadline: Instant,
         out: &mut OptimizeOutcome,
+        held_back: &mut Vec<room::HeldBack>,
     ) -> bool {
         let device = req.device;
         let freed_so_far = (self.measure(device) - base).max(0) as u64;
@@ -479,6 +479,9 @@ impl Optimizer {
                 if !step.verified {
                     self.unverified(slot, &p.model_id, step.claimed_bytes, step.measured_bytes);
                 }
+            } else {
+                let why = step.error.clone().unwrap_or_else(|| "no reason given".into());
+                held_back.push(room::HeldBack { model_id: p.model_id.clone(), reason: room::HoldReason::Failed(why) });
             }
             out.steps.push(step);
         }
