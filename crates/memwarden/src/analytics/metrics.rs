@@ -377,10 +377,30 @@ struct HeldModel {
     model: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DevState {
+    /// The device the model lives on when resident (a parked model's too).
+    device: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolState {
+    /// `free` (ready for the next park) or `parked` (holding parked models).
+    state: String,
+}
+
 /// Model weights memwarden holds.
 struct WeightGauges {
     bytes: Family<WeightLabels, GaugeU>,
     holders: Family<HeldModel, GaugeU>,
+    /// Tensor bytes of the held models per device and state (a router's view of residency).
+    by_state: Family<DevState, GaugeU>,
+    /// Held models per device and state.
+    count: Family<DevState, GaugeU>,
+    pool: Family<PoolState, GaugeU>,
+    pool_target: GaugeU,
+    pool_path: Counter,
 }
 
 impl WeightGauges {
@@ -393,10 +413,66 @@ impl WeightGauges {
                 Some(Unit::Bytes),
             ),
             holders: family(r, "memwarden_weights_holders", "Processes mapping a held model's weights", None),
+            by_state: family(
+                r,
+                "memwarden_held_model",
+                "Tensor bytes of the models memwarden holds, by the device they live on when resident and their \
+                 state (resident, parked, dropped, orphaned)",
+                Some(Unit::Bytes),
+            ),
+            count: family(r, "memwarden_held_models", "Models memwarden holds, by device and state", None),
+            pool: family(
+                r,
+                "memwarden_park_pool",
+                "Pinned host memory registered for parking: free (ready for the next park) or parked",
+                Some(Unit::Bytes),
+            ),
+            pool_target: {
+                let g = GaugeU::default();
+                r.register_with_unit(
+                    "memwarden_park_pool_target_free",
+                    "Free park pool bytes the pool grows to: the largest unpinned model on a GPU, at least \
+                     weights.park_pool_bytes",
+                    Unit::Bytes,
+                    g.clone(),
+                );
+                g
+            },
+            pool_path: {
+                let c = Counter::default();
+                r.register(
+                    "memwarden_park_pool_chunks_on_park_path",
+                    "Park pool chunks a park had to register on its own path (the pool was short)",
+                    c.clone(),
+                );
+                c
+            },
         }
     }
 
-    fn fill(&self, weights: &[memwarden_protocol::api::HeldModelDto]) {
+    fn fill(&self, weights: &[memwarden_protocol::api::HeldModelDto], pool: Option<crate::weights::PoolStats>) {
+        use memwarden_protocol::api::WeightState;
+        let states = [WeightState::Resident, WeightState::Parked, WeightState::Dropped, WeightState::Orphaned];
+        // Every state of every device that holds a model, zeros too: the series stay put.
+        for w in weights {
+            for s in states {
+                let l = DevState { device: w.device_id.clone(), state: s.as_str().to_string() };
+                self.by_state.get_or_create(&l).set(0);
+                self.count.get_or_create(&l).set(0);
+            }
+        }
+        for w in weights {
+            let l = DevState { device: w.device_id.clone(), state: w.state.as_str().to_string() };
+            self.by_state.get_or_create(&l).inc_by(w.size_bytes);
+            self.count.get_or_create(&l).inc();
+        }
+        if let Some(p) = pool {
+            let free = p.free_bytes.min(p.registered_bytes);
+            self.pool.get_or_create(&PoolState { state: "free".into() }).set(free);
+            self.pool.get_or_create(&PoolState { state: "parked".into() }).set(p.registered_bytes - free);
+            self.pool_target.set(p.target_free_bytes);
+            self.pool_path.inc_by(p.chunks_on_park_path);
+        }
         for w in weights {
             for (memory, bytes, device) in
                 [("resident", w.resident_bytes, w.device_id.as_str()), ("parked", w.parked_bytes, "cpu")]
@@ -420,6 +496,7 @@ pub(super) fn render(
     a: &Analytics,
     http: &HttpMetrics,
     weights: &[memwarden_protocol::api::HeldModelDto],
+    park_pool: Option<crate::weights::PoolStats>,
 ) -> Result<String, std::fmt::Error> {
     let mut r = Registry::default();
     let gauges = DeviceGauges::register(&mut r);
@@ -441,7 +518,7 @@ pub(super) fn render(
         counters.fill(a, id);
     }
     holders.fill(a, &view);
-    held.fill(weights);
+    held.fill(weights, park_pool);
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &r)?;
     Ok(out)

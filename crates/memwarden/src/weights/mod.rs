@@ -22,7 +22,7 @@ use file::ModelFile;
 use memory::{ParkBuffer, ParkPool};
 use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{rfc3339, HeldModelDto, RateDto, WeightState};
+use memwarden_protocol::api::{rfc3339, HeldModelDto, ModelStateEventDto, RateDto, WeightState};
 use memwarden_protocol::{codes, UnmapWeights, WeightsGrant};
 use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
@@ -33,7 +33,19 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 pub use holder::{HolderError, WeightHolder};
+pub use memory::{PoolLimits, PoolStats};
 pub use ops::Attached;
+
+/// Resume rate assumed for a parked model when neither it nor any model on its device has
+/// resumed from a parked copy yet (bytes per second: PCIe 4/5 x16 measured in practice).
+pub const DEFAULT_PARKED_RESUME_BYTES_PER_S: f64 = 25e9;
+/// Read rate assumed for a dropped model when neither it nor any model on its device has a
+/// measured load (bytes per second).
+pub const DEFAULT_FILE_RESUME_BYTES_PER_S: f64 = 2e9;
+/// Model state events kept for a slow subscriber before it misses some.
+const STATE_EVENTS_CAPACITY: usize = 1024;
+/// Measured rates kept per device and kind for the averages.
+const RATES_KEPT: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WeightsError {
@@ -112,7 +124,11 @@ impl Rate {
     }
 
     pub fn gb_per_s(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / 1e9
+        self.bytes_per_s() / 1e9
+    }
+
+    pub fn bytes_per_s(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     pub fn dto(&self) -> RateDto {
@@ -150,22 +166,166 @@ pub struct Held {
     pub load: Option<Rate>,
     pub park: Option<Rate>,
     pub resume: Option<Rate>,
+    /// The state the last resume started from (`parked`: `resume` is a copy from pinned
+    /// memory; `dropped`: a read of the file).
+    pub resumed_from: Option<WeightState>,
+    /// Where state changes are told (the event stream, the park pool, the rate averages).
+    sink: Option<StateSink>,
 }
 
 impl Held {
     fn set_state(&mut self, state: WeightState) {
-        if self.state != state {
+        let previous = self.state;
+        if previous != state {
+            self.note_rates();
             self.state = state;
             self.state_since = Instant::now();
+            if state == WeightState::Resident && matches!(previous, WeightState::Parked | WeightState::Dropped) {
+                self.resumed_from = Some(previous);
+            }
         }
         if state != WeightState::Orphaned {
             self.orphaned_since = None;
         }
+        if previous != state {
+            self.announce(Some(previous), false);
+        }
+    }
+
+    /// The model leaves the store: dropped for good (told as `unloaded`).
+    fn set_unloaded(&mut self) {
+        let previous = self.state;
+        self.state = WeightState::Dropped;
+        self.state_since = Instant::now();
+        self.orphaned_since = None;
+        self.announce(Some(previous), true);
     }
 
     fn touch(&mut self) {
         self.last_used = Instant::now();
         self.last_used_at = OffsetDateTime::now_utc();
+        // A resume sets its rate just before: the averages see it now.
+        self.note_rates();
+    }
+
+    /// The measured rates to the store's averages for this device.
+    fn note_rates(&self) {
+        let Some(sink) = &self.sink else { return };
+        sink.rates.note(self.device, RateKind::File, &sink.model_id, self.file_rate());
+        if self.resumed_from == Some(WeightState::Parked) {
+            sink.rates.note(self.device, RateKind::Parked, &sink.model_id, self.resume.as_ref());
+        }
+    }
+
+    /// The last read of the file: the load, or a later resume of the dropped model.
+    fn file_rate(&self) -> Option<&Rate> {
+        let reload = self.resume.as_ref().filter(|_| self.resumed_from == Some(WeightState::Dropped));
+        match (self.load.as_ref(), reload) {
+            (Some(l), Some(r)) => Some(if r.at >= l.at { r } else { l }),
+            (l, r) => l.or(r),
+        }
+    }
+
+    /// Milliseconds a resume of `size_bytes` would take now, rounded up: 0 when resident; for a
+    /// parked model its own last resume from a parked copy, else the average of such resumes
+    /// on its device, else [`DEFAULT_PARKED_RESUME_BYTES_PER_S`]; for a dropped one its own
+    /// last read of the file, else the device's average, else
+    /// [`DEFAULT_FILE_RESUME_BYTES_PER_S`].
+    fn resume_estimate_ms(&self, size_bytes: u64) -> u64 {
+        let rates = self.sink.as_ref().map(|s| &s.rates);
+        let bytes_per_s = match self.state {
+            WeightState::Resident | WeightState::Orphaned => return 0,
+            WeightState::Parked => self
+                .resume
+                .as_ref()
+                .filter(|_| self.resumed_from == Some(WeightState::Parked))
+                .map(Rate::bytes_per_s)
+                .or_else(|| rates.and_then(|r| r.average(self.device, RateKind::Parked)))
+                .unwrap_or(DEFAULT_PARKED_RESUME_BYTES_PER_S),
+            WeightState::Dropped => self
+                .file_rate()
+                .map(Rate::bytes_per_s)
+                .or_else(|| rates.and_then(|r| r.average(self.device, RateKind::File)))
+                .unwrap_or(DEFAULT_FILE_RESUME_BYTES_PER_S),
+        };
+        (size_bytes as f64 / bytes_per_s.max(1.0) * 1e3).ceil().max(1.0) as u64
+    }
+
+    /// Tells the park pool what this model may ask of it and the event stream what it became.
+    fn announce(&self, previous: Option<WeightState>, unloaded: bool) {
+        let Some(sink) = &self.sink else { return };
+        let may_park = !unloaded
+            && sink.parkable
+            && !sink.pinned
+            && matches!(self.state, WeightState::Resident | WeightState::Orphaned);
+        sink.pool.set_demand(&sink.model_id, may_park.then_some(sink.size_bytes));
+        // No subscriber is not an error: nobody listens.
+        let _ = sink.events.send(ModelStateEventDto {
+            model_id: sink.model_id.clone(),
+            name: sink.name.clone(),
+            device_id: self.device.to_string(),
+            state: self.state,
+            previous_state: previous,
+            unloaded,
+            bytes: sink.size_bytes,
+            resume_estimate_ms: if unloaded { 0 } else { self.resume_estimate_ms(sink.size_bytes) },
+            at: rfc3339(OffsetDateTime::now_utc()),
+        });
+    }
+}
+
+/// Where one model's state changes go: the store's event stream, its park pool (what may be
+/// parked next) and its rate averages.
+#[derive(Clone)]
+struct StateSink {
+    model_id: String,
+    name: String,
+    size_bytes: u64,
+    pinned: bool,
+    /// Its device parks (a GPU): while resident and unpinned it may be parked next.
+    parkable: bool,
+    events: tokio::sync::broadcast::Sender<ModelStateEventDto>,
+    pool: Arc<ParkPool>,
+    rates: Arc<RateBook>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum RateKind {
+    /// A resume from a parked copy.
+    Parked,
+    /// A load or a resume of a dropped model: a read of the file.
+    File,
+}
+
+/// The last measured rates of the models on each device, for the estimates of models that
+/// have none of their own: bounded, the oldest measurements go first.
+#[derive(Default)]
+struct RateBook {
+    rates: Mutex<BTreeMap<(DeviceId, RateKind), BTreeMap<String, Rate>>>,
+}
+
+impl RateBook {
+    fn note(&self, device: DeviceId, kind: RateKind, model_id: &str, rate: Option<&Rate>) {
+        let Some(rate) = rate else { return };
+        let mut all = lock(&self.rates);
+        let here = all.entry((device, kind)).or_default();
+        if here.get(model_id).is_some_and(|r| r.at == rate.at) {
+            return;
+        }
+        here.insert(model_id.to_string(), rate.clone());
+        while here.len() > RATES_KEPT {
+            let Some(oldest) = here.iter().min_by_key(|(_, r)| r.at).map(|(k, _)| k.clone()) else { break };
+            here.remove(&oldest);
+        }
+    }
+
+    /// Bytes per second over the kept measurements (all bytes / all time).
+    fn average(&self, device: DeviceId, kind: RateKind) -> Option<f64> {
+        let all = lock(&self.rates);
+        let here = all.get(&(device, kind))?;
+        let bytes: u64 = here.values().map(|r| r.bytes).sum();
+        let secs: f64 = here.values().map(|r| r.elapsed.as_secs_f64()).sum();
+        (bytes > 0 && secs > 0.0).then(|| bytes as f64 / secs)
     }
 }
 
@@ -195,8 +355,14 @@ impl HeldModel {
         f(&lock(&self.held))
     }
 
+    /// A new model is held: told as a state change from nothing.
+    fn announce_loaded(&self) {
+        lock(&self.held).announce(None, false);
+    }
+
     fn dto(&self, orphan_grace: Duration) -> HeldModelDto {
         let h = lock(&self.held);
+        h.note_rates();
         HeldModelDto {
             model_id: self.id.clone(),
             name: self.name.clone(),
@@ -217,6 +383,7 @@ impl HeldModel {
             load: h.load.as_ref().map(Rate::dto),
             last_park: h.park.as_ref().map(Rate::dto),
             last_resume: h.resume.as_ref().map(Rate::dto),
+            resume_estimate_ms: h.resume_estimate_ms(self.file.data_bytes),
             orphaned_until: h.orphaned_since.map(|since| {
                 let left = orphan_grace.saturating_sub(since.elapsed());
                 rfc3339(OffsetDateTime::now_utc() + left)
@@ -285,6 +452,29 @@ pub struct WeightStore {
     loading: tokio::sync::Mutex<()>,
     config: WeightsSection,
     next_id: AtomicU64,
+    /// Every state change of a held model (`modelState` on the event stream).
+    events: tokio::sync::broadcast::Sender<ModelStateEventDto>,
+    rates: Arc<RateBook>,
+}
+
+/// A load in progress on a device that parks: its size counts in the park pool's demand from
+/// the moment the load knows it, so a park right after the load finds the pool grown.
+pub(crate) struct LoadDemand {
+    pool: Arc<ParkPool>,
+    key: String,
+}
+
+impl Drop for LoadDemand {
+    fn drop(&mut self) {
+        self.pool.set_demand(&self.key, None);
+    }
+}
+
+impl Drop for WeightStore {
+    fn drop(&mut self) {
+        // The background stops growing; parked chunks go with their models.
+        self.park_pool.close();
+    }
 }
 
 impl WeightStore {
@@ -293,7 +483,8 @@ impl WeightStore {
         park_pool: Arc<ParkPool>,
         config: WeightsSection,
     ) -> Arc<WeightStore> {
-        park_pool.refill_in_background();
+        // A floor is registered from the start.
+        park_pool.adjust_in_background();
         Arc::new(WeightStore {
             arenas: arenas.into_iter().map(|a| (a.device(), a)).collect(),
             park_pool,
@@ -301,7 +492,46 @@ impl WeightStore {
             loading: tokio::sync::Mutex::new(()),
             config,
             next_id: AtomicU64::new(1),
+            events: tokio::sync::broadcast::channel(STATE_EVENTS_CAPACITY).0,
+            rates: Arc::new(RateBook::default()),
         })
+    }
+
+    /// Every state change of a held model from now on (a load, park, resume, drop, orphaning
+    /// or unload), as it happens.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ModelStateEventDto> {
+        self.events.subscribe()
+    }
+
+    /// The park pool's figures now.
+    pub fn park_pool_stats(&self) -> PoolStats {
+        self.park_pool.stats()
+    }
+
+    /// Where a new model's state changes go.
+    fn sink(&self, id: &str, name: &str, size_bytes: u64, pinned: bool, parkable: bool) -> StateSink {
+        StateSink {
+            model_id: id.to_string(),
+            name: name.to_string(),
+            size_bytes,
+            pinned,
+            parkable,
+            events: self.events.clone(),
+            pool: self.park_pool.clone(),
+            rates: self.rates.clone(),
+        }
+    }
+
+    /// Counts a load of `bytes` starting on `device` in the park pool's demand until the
+    /// returned guard goes (the loaded model then counts on its own).
+    fn load_demand(&self, device: DeviceId, pinned: bool, bytes: u64) -> Option<LoadDemand> {
+        let parks = self.arenas.get(&device).is_some_and(|a| a.can_park());
+        if !parks || pinned || !self.park_pool.has_source() {
+            return None;
+        }
+        let key = format!("load-{}", self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.park_pool.set_demand(&key, Some(bytes));
+        Some(LoadDemand { pool: self.park_pool.clone(), key })
     }
 
     /// The store for this daemon: weights on every device whose backend offers dedicated memory
@@ -317,7 +547,12 @@ impl WeightStore {
             }
         }
         let source = arenas.iter().find(|a| a.can_park()).cloned();
-        let pool = ParkPool::new(config.weights.park_pool_bytes, source);
+        let limits = PoolLimits::new(
+            config.weights.park_pool_bytes,
+            config.weights.park_pool_max_percent,
+            host_memory_bytes(&config.host),
+        );
+        let pool = ParkPool::new(limits, source);
         WeightStore::new(arenas, pool, config.weights.clone())
     }
 
@@ -452,6 +687,19 @@ impl WeightStore {
             self.models().into_iter().filter(|m| !m.pinned && m.state() == WeightState::Parked).collect();
         out.sort_by_key(|m| (m.priority, m.with_held(|h| h.last_used)));
         out
+    }
+}
+
+/// The host's memory for the park pool's share: `MemTotal`, or the memory cgroup's limit
+/// when lower; 0 (the pool then holds only its floor) when neither can be read.
+fn host_memory_bytes(host: &crate::config::HostSection) -> u64 {
+    let reader = memwarden_backends::host::HostStatusReader::new(&host.proc_root, &host.cgroup_root);
+    match reader.meminfo() {
+        Ok(m) => reader.cgroup_memory(m.total_bytes).map_or(m.total_bytes, |c| c.limit_bytes.min(m.total_bytes)),
+        Err(e) => {
+            tracing::warn!("park pool: host memory unknown ({e}); it grows only to weights.park_pool_bytes");
+            0
+        }
     }
 }
 
