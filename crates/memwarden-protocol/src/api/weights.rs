@@ -84,6 +84,9 @@ pub struct HeldModelDto {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelStateEventDto {
+    /// `modelState`.
+    #[serde(rename = "type")]
+    pub kind: String,
     pub model_id: String,
     pub name: String,
     /// The device it lives on when resident.

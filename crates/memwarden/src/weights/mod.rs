@@ -261,6 +261,7 @@ impl Held {
         sink.pool.set_demand(&sink.model_id, may_park.then_some(sink.size_bytes));
         // No subscriber is not an error: nobody listens.
         let _ = sink.events.send(ModelStateEventDto {
+            kind: "modelState".into(),
             model_id: sink.model_id.clone(),
             name: sink.name.clone(),
             device_id: self.device.to_string(),
