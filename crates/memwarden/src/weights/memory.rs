@@ -51,6 +51,12 @@ impl Drop for ParkBuffer {
     }
 }
 
+/// Threads that register chunks at once when the pool grows: page-locking is mostly the
+/// kernel committing and pinning pages, which runs in parallel on separate mappings.
+const GROW_THREADS: u64 = 4;
+/// Chunks registered per batch before the pool looks at its target again.
+const GROW_BATCH_CHUNKS: u64 = 16;
+
 /// How big the pool may and must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolLimits {
@@ -277,13 +283,13 @@ impl ParkPool {
             }
             let target = self.target_free_bytes();
             let free = lock(&self.free).len() as u64 * chunk;
-            if free < target && self.source.is_some() && self.registered_bytes() + chunk <= cap {
-                match self.new_chunk() {
-                    Ok(c) => lock(&self.free).push(c),
-                    Err(e) => {
-                        tracing::warn!("park pool: growing stopped: {e}");
-                        return;
-                    }
+            let room = cap.saturating_sub(self.registered_bytes()) / chunk;
+            if free < target && self.source.is_some() && room > 0 {
+                // A batch at a time, so a change of the target is seen between batches.
+                let n = ((target - free) / chunk).min(room).min(GROW_BATCH_CHUNKS);
+                if let Err(e) = self.grow(n) {
+                    tracing::warn!("park pool: growing stopped: {e}");
+                    return;
                 }
             } else if free >= target + chunk {
                 let excess = {
@@ -298,6 +304,31 @@ impl ParkPool {
             } else {
                 return;
             }
+        }
+    }
+
+    /// Registers `n` chunks on up to [`GROW_THREADS`] threads, each one free as soon as it is
+    /// made (a park may take it at once). The first failure stops the batch.
+    fn grow(&self, n: u64) -> Result<(), WeightsError> {
+        let next = AtomicU64::new(0);
+        let failed: Mutex<Option<WeightsError>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..n.min(GROW_THREADS) {
+                scope.spawn(|| {
+                    while next.fetch_add(1, Ordering::AcqRel) < n && lock(&failed).is_none() {
+                        match self.new_chunk() {
+                            Ok(c) => lock(&self.free).push(c),
+                            Err(e) => {
+                                lock(&failed).get_or_insert(e);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
