@@ -217,7 +217,6 @@ impl ParkPool {
         let mut buffer = ParkBuffer { chunks, chunk_bytes, pool: self.clone() };
         if buffer.chunks.len() < n {
             let short = (n - buffer.chunks.len()) as u64;
-            self.on_park_path.fetch_add(short, Ordering::AcqRel);
             tracing::info!(
                 short_bytes = short * chunk_bytes,
                 "park pool short: registering pinned memory on the park path (it grows in the background \
@@ -225,7 +224,20 @@ impl ParkPool {
             );
         }
         while buffer.chunks.len() < n {
-            buffer.chunks.push(self.new_chunk()?);
+            // What the background made meanwhile first, then a batch registered here.
+            let need = n - buffer.chunks.len();
+            let ready = {
+                let mut free = lock(&self.free);
+                let k = free.len().saturating_sub(need);
+                free.split_off(k)
+            };
+            buffer.chunks.extend(ready);
+            let need = (n - buffer.chunks.len()) as u64;
+            if need > 0 {
+                let made = self.make_chunks(need.min(GROW_THREADS))?;
+                self.on_park_path.fetch_add(made.len() as u64, Ordering::AcqRel);
+                buffer.chunks.extend(made);
+            }
         }
         self.adjust_in_background();
         Ok(buffer)
@@ -304,6 +316,36 @@ impl ParkPool {
             } else {
                 return;
             }
+        }
+    }
+
+    /// `n` new chunks, registered on up to [`GROW_THREADS`] threads; on a failure, those made
+    /// go back as free ones.
+    fn make_chunks(self: &Arc<Self>, n: u64) -> Result<Vec<PinnedChunk>, WeightsError> {
+        let made = Mutex::new(Vec::with_capacity(n as usize));
+        let next = AtomicU64::new(0);
+        let failed: Mutex<Option<WeightsError>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..n.min(GROW_THREADS) {
+                scope.spawn(|| {
+                    while next.fetch_add(1, Ordering::AcqRel) < n && lock(&failed).is_none() {
+                        match self.new_chunk() {
+                            Ok(c) => lock(&made).push(c),
+                            Err(e) => {
+                                lock(&failed).get_or_insert(e);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let made = made.into_inner().unwrap_or_else(|p| p.into_inner());
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => {
+                self.give_back(made);
+                Err(e)
+            }
+            None => Ok(made),
         }
     }
 
