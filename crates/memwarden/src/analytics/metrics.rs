@@ -523,3 +523,71 @@ pub(super) fn render(
     prometheus_client::encoding::prometheus_text::encode(&mut out, &r)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memwarden_protocol::api::{HeldModelDto, WeightState};
+
+    fn held(id: &str, device: &str, state: WeightState, size_bytes: u64) -> HeldModelDto {
+        HeldModelDto {
+            model_id: id.into(),
+            name: id.into(),
+            path: format!("/m/{id}.safetensors"),
+            device_id: device.into(),
+            state,
+            size_bytes,
+            resident_bytes: if state == WeightState::Resident { size_bytes } else { 0 },
+            parked_bytes: if state == WeightState::Parked { size_bytes } else { 0 },
+            tensor_count: 1,
+            hash: String::new(),
+            holders: Vec::new(),
+            priority: 50,
+            pinned: false,
+            keep_alive_ms: None,
+            loaded_at: String::new(),
+            last_used: String::new(),
+            load: None,
+            last_park: None,
+            last_resume: None,
+            resume_estimate_ms: 0,
+            orphaned_until: None,
+        }
+    }
+
+    #[test]
+    fn held_weights_are_summed_per_device_and_state_with_the_park_pool() {
+        let mut r = Registry::default();
+        let gauges = WeightGauges::register(&mut r);
+        let weights = [
+            held("w-1", "cuda:0", WeightState::Parked, 100),
+            held("w-2", "cuda:0", WeightState::Parked, 20),
+            held("w-3", "cuda:0", WeightState::Resident, 7),
+            held("w-4", "cuda:1", WeightState::Dropped, 5),
+        ];
+        let pool = crate::weights::PoolStats {
+            registered_bytes: 768,
+            free_bytes: 256,
+            target_free_bytes: 256,
+            max_bytes: 1024,
+            chunks_on_park_path: 3,
+        };
+        gauges.fill(&weights, Some(pool));
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &r).expect("encode");
+        for line in [
+            "memwarden_held_model_bytes{device=\"cuda:0\",state=\"parked\"} 120",
+            "memwarden_held_model_bytes{device=\"cuda:0\",state=\"resident\"} 7",
+            "memwarden_held_model_bytes{device=\"cuda:0\",state=\"dropped\"} 0",
+            "memwarden_held_model_bytes{device=\"cuda:1\",state=\"dropped\"} 5",
+            "memwarden_held_models{device=\"cuda:0\",state=\"parked\"} 2",
+            "memwarden_held_models{device=\"cuda:1\",state=\"resident\"} 0",
+            "memwarden_park_pool_bytes{state=\"free\"} 256",
+            "memwarden_park_pool_bytes{state=\"parked\"} 512",
+            "memwarden_park_pool_target_free_bytes 256",
+            "memwarden_park_pool_chunks_on_park_path_total 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+    }
+}

@@ -525,3 +525,22 @@ async fn the_listing_estimates_a_resume_from_the_models_own_rate_else_the_device
     let load = b.with_held(|h| h.load.as_ref().expect("load").bytes_per_s());
     assert_eq!(listed(&b.id).resume_estimate_ms, expect(data2.len(), load));
 }
+
+#[tokio::test]
+async fn a_store_that_goes_stops_the_pools_growth_and_releases_its_free_chunks() {
+    let gpu: Arc<dyn DedicatedMemory> = Arc::new(SimulatedGpu(HostDedicated::new(shm_dir())));
+    let limits = PoolLimits { chunk_bytes: 4 << 20, floor_bytes: 64 << 20, max_bytes: 0 };
+    let pool = ParkPool::new(limits, Some(gpu.clone()));
+    let s = WeightStore::new(vec![gpu], pool.clone(), WeightsSection::default());
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await; // growing, maybe done
+    drop(s);
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while pool.registered_bytes() > 0 {
+        assert!(Instant::now() < deadline, "the pool kept {} bytes", pool.registered_bytes());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Nothing grows again once closed.
+    pool.adjust_in_background();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(pool.registered_bytes(), 0);
+}
