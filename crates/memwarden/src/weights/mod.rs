@@ -127,6 +127,7 @@ impl Rate {
         self.bytes_per_s() / 1e9
     }
 
+    /// The rate in bytes per second (what the resume estimates divide by).
     pub fn bytes_per_s(&self) -> f64 {
         self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
