@@ -454,6 +454,8 @@ pub struct WeightStore {
     loading: tokio::sync::Mutex<()>,
     config: WeightsSection,
     next_id: AtomicU64,
+    /// Names the loads in progress in the park pool's demand.
+    next_load: AtomicU64,
     /// Every state change of a held model (`modelState` on the event stream).
     events: tokio::sync::broadcast::Sender<ModelStateEventDto>,
     rates: Arc<RateBook>,
@@ -494,6 +496,7 @@ impl WeightStore {
             loading: tokio::sync::Mutex::new(()),
             config,
             next_id: AtomicU64::new(1),
+            next_load: AtomicU64::new(1),
             events: tokio::sync::broadcast::channel(STATE_EVENTS_CAPACITY).0,
             rates: Arc::new(RateBook::default()),
         })
@@ -531,7 +534,8 @@ impl WeightStore {
         if !parks || pinned || !self.park_pool.has_source() {
             return None;
         }
-        let key = format!("load-{}", self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        // A counter of its own: model ids stay w-1, w-2, … whatever loads ran.
+        let key = format!("load-{}", self.next_load.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.park_pool.set_demand(&key, Some(bytes));
         Some(LoadDemand { pool: self.park_pool.clone(), key })
     }

@@ -408,6 +408,7 @@ async fn the_park_pool_grows_after_a_load_so_a_park_registers_nothing_and_shrink
     let (path, data) = model_file("pool-grow", 3);
     let size = data.len() as u64;
     let m = s.load(req(&path, GPU), None).await.expect("load").model;
+    assert_eq!(m.id, "w-1", "a load's place in the pool's demand takes no model id");
     let st = pool_until(&s, "grew to the model", |p| p.free_bytes >= size).await;
     assert_eq!(st.target_free_bytes, size.div_ceil(4 << 20) * (4 << 20));
     let parked = s.park(&m.id).await.expect("park");
