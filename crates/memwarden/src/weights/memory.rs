@@ -141,6 +141,11 @@ impl ParkPool {
         self.limits
     }
 
+    /// A background thread is registering or releasing chunks now.
+    pub fn busy(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
     /// Whether any device parks into this pool.
     pub fn has_source(&self) -> bool {
         self.source.is_some()
@@ -357,7 +362,10 @@ impl ParkPool {
         std::thread::scope(|scope| {
             for _ in 0..n.min(GROW_THREADS) {
                 scope.spawn(|| {
-                    while next.fetch_add(1, Ordering::AcqRel) < n && lock(&failed).is_none() {
+                    while next.fetch_add(1, Ordering::AcqRel) < n
+                        && lock(&failed).is_none()
+                        && !self.closed.load(Ordering::Acquire)
+                    {
                         match self.new_chunk() {
                             Ok(c) => lock(&self.free).push(c),
                             Err(e) => {
