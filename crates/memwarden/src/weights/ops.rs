@@ -94,7 +94,6 @@ impl WeightStore {
             tracing::info!(model = %model.id, "weights shared: the same file is already held on {}", req.device);
             return Ok(Attached { model: model.clone(), grant, reused: true });
         }
-        // The park pool grows for this model while it loads.
         let _demand = self.load_demand(req.device, req.pinned, file.data_bytes);
         let threads = load::thread_count(self.config.load_threads, file.data_bytes);
         let hash_on_load = self.config.hash_on_load;
