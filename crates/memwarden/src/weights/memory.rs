@@ -210,7 +210,8 @@ impl ParkPool {
     }
 
     /// Chunks for `bytes`: free ones first, new ones for the rest (logged and counted: the pool
-    /// was short). The background then makes up what the pool lacks for the next park.
+    /// was short). Once the model is parked, the background makes up what the pool lacks for
+    /// the next park.
     pub fn take(self: &Arc<Self>, bytes: u64) -> Result<ParkBuffer, WeightsError> {
         let chunk_bytes = self.limits.chunk_bytes;
         let n = bytes.div_ceil(chunk_bytes).max(1) as usize;
@@ -244,7 +245,9 @@ impl ParkPool {
                 buffer.chunks.extend(made);
             }
         }
-        self.adjust_in_background();
+        // No refill here: the model being parked still counts in the demand until it is
+        // parked, and a second copy of its size is not what the next park needs. Its state
+        // change (or a failed park giving the chunks back) sets the pool going.
         Ok(buffer)
     }
 

@@ -393,7 +393,7 @@ async fn pool_until(s: &WeightStore, what: &str, ok: impl Fn(&PoolStats) -> bool
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let st = s.park_pool_stats();
-        if ok(&st) {
+        if ok(&st) && !s.park_pool.busy() {
             return st;
         }
         assert!(Instant::now() < deadline, "park pool never {what}: {st:?}");
