@@ -60,8 +60,14 @@ pub struct WeightsSection {
     /// How long a park waits for holders to leave `use()`, in milliseconds; past it the park
     /// is refused (`IN_USE`) and the optimizer moves on to the next model.
     pub use_bound_ms: u64,
-    /// Pinned host memory registered ahead of time for parking, in bytes.
+    /// Free pinned host memory kept registered for parking whatever is held, in bytes: a
+    /// floor under the automatic size (the largest unpinned model resident or loading on a
+    /// GPU); 0: automatic only (docs/CONFIG.md).
     pub park_pool_bytes: u64,
+    /// The most host memory the park pool registers in the background, free and parked
+    /// together, in percent (0–100) of the host's memory (its cgroup limit when lower); a
+    /// `park_pool_bytes` above it wins. 0: no automatic growth.
+    pub park_pool_max_percent: f64,
     /// Hash every chunk while loading (BLAKE3; detects a file changed in place on reload). Off:
     /// a reload checks size and mtime only.
     pub hash_on_load: bool,
@@ -76,6 +82,7 @@ impl Default for WeightsSection {
             orphan_grace_ms: 60_000,
             use_bound_ms: 2_000,
             park_pool_bytes: 0,
+            park_pool_max_percent: 50.0,
             hash_on_load: true,
         }
     }
@@ -519,6 +526,9 @@ impl Config {
                 d.parse::<memwarden_core::DeviceId>()
                     .map_err(|e| ConfigError::Invalid(format!("workers.worker {}: device {d}: {e}", spec.id)))?;
             }
+        }
+        if !(0.0..=100.0).contains(&self.weights.park_pool_max_percent) {
+            return Err(ConfigError::Invalid("weights.park_pool_max_percent must be between 0 and 100".into()));
         }
         if !(0.0..=1.0).contains(&self.defrag.fragmentation_threshold) {
             return Err(ConfigError::Invalid("defrag.fragmentation_threshold must be between 0 and 1".into()));

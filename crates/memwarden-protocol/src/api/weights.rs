@@ -69,8 +69,41 @@ pub struct HeldModelDto {
     pub load: Option<RateDto>,
     pub last_park: Option<RateDto>,
     pub last_resume: Option<RateDto>,
+    /// Milliseconds a resume would take now (rounded up): 0 when resident or orphaned; parked:
+    /// the size over its own last resume rate from a parked copy, else the average of such
+    /// resumes on its device, else 25 GB/s; dropped: the size over its own last read of the
+    /// file, else the device's average load rate, else 2 GB/s.
+    #[serde(default)]
+    pub resume_estimate_ms: u64,
     /// Set while orphaned: when the grace period ends.
     pub orphaned_until: Option<String>,
+}
+
+/// A held model changed state (`modelState` on `GET /api/memory/events`): loaded, parked,
+/// resumed, dropped, orphaned or unloaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStateEventDto {
+    /// `modelState`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub model_id: String,
+    pub name: String,
+    /// The device it lives on when resident.
+    pub device_id: String,
+    /// The state it is in now (`dropped` when unloaded).
+    pub state: WeightState,
+    /// The state it left; `null` for a model just loaded.
+    pub previous_state: Option<WeightState>,
+    /// The model is no longer held (unloaded): its id is gone.
+    #[serde(default)]
+    pub unloaded: bool,
+    /// The model's tensor bytes.
+    pub bytes: u64,
+    /// As in the listing: milliseconds a resume would take now (0 when resident).
+    pub resume_estimate_ms: u64,
+    /// When it changed (RFC 3339).
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -377,10 +377,30 @@ struct HeldModel {
     model: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DevState {
+    /// The device the model lives on when resident (a parked model's too).
+    device: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolState {
+    /// `free` (ready for the next park) or `parked` (holding parked models).
+    state: String,
+}
+
 /// Model weights memwarden holds.
 struct WeightGauges {
     bytes: Family<WeightLabels, GaugeU>,
     holders: Family<HeldModel, GaugeU>,
+    /// Tensor bytes of the held models per device and state (a router's view of residency).
+    by_state: Family<DevState, GaugeU>,
+    /// Held models per device and state.
+    count: Family<DevState, GaugeU>,
+    pool: Family<PoolState, GaugeU>,
+    pool_target: GaugeU,
+    pool_path: Counter,
 }
 
 impl WeightGauges {
@@ -393,10 +413,66 @@ impl WeightGauges {
                 Some(Unit::Bytes),
             ),
             holders: family(r, "memwarden_weights_holders", "Processes mapping a held model's weights", None),
+            by_state: family(
+                r,
+                "memwarden_held_model",
+                "Tensor bytes of the models memwarden holds, by the device they live on when resident and their \
+                 state (resident, parked, dropped, orphaned)",
+                Some(Unit::Bytes),
+            ),
+            count: family(r, "memwarden_held_models", "Models memwarden holds, by device and state", None),
+            pool: family(
+                r,
+                "memwarden_park_pool",
+                "Pinned host memory registered for parking: free (ready for the next park) or parked",
+                Some(Unit::Bytes),
+            ),
+            pool_target: {
+                let g = GaugeU::default();
+                r.register_with_unit(
+                    "memwarden_park_pool_target_free",
+                    "Free park pool bytes the pool grows to: the largest unpinned model on a GPU, at least \
+                     weights.park_pool_bytes",
+                    Unit::Bytes,
+                    g.clone(),
+                );
+                g
+            },
+            pool_path: {
+                let c = Counter::default();
+                r.register(
+                    "memwarden_park_pool_chunks_on_park_path",
+                    "Park pool chunks a park had to register on its own path (the pool was short)",
+                    c.clone(),
+                );
+                c
+            },
         }
     }
 
-    fn fill(&self, weights: &[memwarden_protocol::api::HeldModelDto]) {
+    fn fill(&self, weights: &[memwarden_protocol::api::HeldModelDto], pool: Option<crate::weights::PoolStats>) {
+        use memwarden_protocol::api::WeightState;
+        let states = [WeightState::Resident, WeightState::Parked, WeightState::Dropped, WeightState::Orphaned];
+        // Every state of every device that holds a model, zeros too: the series stay put.
+        for w in weights {
+            for s in states {
+                let l = DevState { device: w.device_id.clone(), state: s.as_str().to_string() };
+                self.by_state.get_or_create(&l).set(0);
+                self.count.get_or_create(&l).set(0);
+            }
+        }
+        for w in weights {
+            let l = DevState { device: w.device_id.clone(), state: w.state.as_str().to_string() };
+            self.by_state.get_or_create(&l).inc_by(w.size_bytes);
+            self.count.get_or_create(&l).inc();
+        }
+        if let Some(p) = pool {
+            let free = p.free_bytes.min(p.registered_bytes);
+            self.pool.get_or_create(&PoolState { state: "free".into() }).set(free);
+            self.pool.get_or_create(&PoolState { state: "parked".into() }).set(p.registered_bytes - free);
+            self.pool_target.set(p.target_free_bytes);
+            self.pool_path.inc_by(p.chunks_on_park_path);
+        }
         for w in weights {
             for (memory, bytes, device) in
                 [("resident", w.resident_bytes, w.device_id.as_str()), ("parked", w.parked_bytes, "cpu")]
@@ -420,6 +496,7 @@ pub(super) fn render(
     a: &Analytics,
     http: &HttpMetrics,
     weights: &[memwarden_protocol::api::HeldModelDto],
+    park_pool: Option<crate::weights::PoolStats>,
 ) -> Result<String, std::fmt::Error> {
     let mut r = Registry::default();
     let gauges = DeviceGauges::register(&mut r);
@@ -441,8 +518,76 @@ pub(super) fn render(
         counters.fill(a, id);
     }
     holders.fill(a, &view);
-    held.fill(weights);
+    held.fill(weights, park_pool);
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &r)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memwarden_protocol::api::{HeldModelDto, WeightState};
+
+    fn held(id: &str, device: &str, state: WeightState, size_bytes: u64) -> HeldModelDto {
+        HeldModelDto {
+            model_id: id.into(),
+            name: id.into(),
+            path: format!("/m/{id}.safetensors"),
+            device_id: device.into(),
+            state,
+            size_bytes,
+            resident_bytes: if state == WeightState::Resident { size_bytes } else { 0 },
+            parked_bytes: if state == WeightState::Parked { size_bytes } else { 0 },
+            tensor_count: 1,
+            hash: String::new(),
+            holders: Vec::new(),
+            priority: 50,
+            pinned: false,
+            keep_alive_ms: None,
+            loaded_at: String::new(),
+            last_used: String::new(),
+            load: None,
+            last_park: None,
+            last_resume: None,
+            resume_estimate_ms: 0,
+            orphaned_until: None,
+        }
+    }
+
+    #[test]
+    fn held_weights_are_summed_per_device_and_state_with_the_park_pool() {
+        let mut r = Registry::default();
+        let gauges = WeightGauges::register(&mut r);
+        let weights = [
+            held("w-1", "cuda:0", WeightState::Parked, 100),
+            held("w-2", "cuda:0", WeightState::Parked, 20),
+            held("w-3", "cuda:0", WeightState::Resident, 7),
+            held("w-4", "cuda:1", WeightState::Dropped, 5),
+        ];
+        let pool = crate::weights::PoolStats {
+            registered_bytes: 768,
+            free_bytes: 256,
+            target_free_bytes: 256,
+            max_bytes: 1024,
+            chunks_on_park_path: 3,
+        };
+        gauges.fill(&weights, Some(pool));
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &r).expect("encode");
+        for line in [
+            "memwarden_held_model_bytes{device=\"cuda:0\",state=\"parked\"} 120",
+            "memwarden_held_model_bytes{device=\"cuda:0\",state=\"resident\"} 7",
+            "memwarden_held_model_bytes{device=\"cuda:0\",state=\"dropped\"} 0",
+            "memwarden_held_model_bytes{device=\"cuda:1\",state=\"dropped\"} 5",
+            "memwarden_held_models{device=\"cuda:0\",state=\"parked\"} 2",
+            "memwarden_held_models{device=\"cuda:1\",state=\"resident\"} 0",
+            "memwarden_park_pool_bytes{state=\"free\"} 256",
+            "memwarden_park_pool_bytes{state=\"parked\"} 512",
+            "memwarden_park_pool_target_free_bytes 256",
+            "memwarden_park_pool_chunks_on_park_path_total 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+    }
 }

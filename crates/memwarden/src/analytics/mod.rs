@@ -116,13 +116,15 @@ impl Analytics {
         &self.config
     }
 
-    /// The whole `/metrics` exposition, measured now; `weights`: the models memwarden holds.
+    /// The whole `/metrics` exposition, measured now; `weights`: the models memwarden holds;
+    /// `park_pool`: its park pool's figures.
     pub fn render_metrics(
         &self,
         http: &metrics::HttpMetrics,
         weights: &[memwarden_protocol::api::HeldModelDto],
+        park_pool: Option<crate::weights::PoolStats>,
     ) -> Result<String, std::fmt::Error> {
-        metrics::render(self, http, weights)
+        metrics::render(self, http, weights, park_pool)
     }
 
     /// Starts the sampler task (when recording is on). It ends when the analytics are dropped.

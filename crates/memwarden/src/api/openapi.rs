@@ -75,6 +75,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         memwarden_protocol::api::MoveBody,
         memwarden_protocol::api::ResumeBody,
         memwarden_protocol::api::LoadedDto,
+        memwarden_protocol::api::ModelStateEventDto,
         memwarden_protocol::api::OperationDto,
         memwarden_protocol::api::OperationResult
     ))

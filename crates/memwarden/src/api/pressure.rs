@@ -48,8 +48,10 @@ pub async fn pressure_history(State(state): State<AppState>) -> ApiResult<Pressu
 }
 
 /// Server-sent events: one `pressure` event (JSON `PressureEventDto`) per level change, pushed
-/// as the sampler sees it. Not an envelope: a stream of `event:`/`data:` lines.
-#[utoipa::path(get, path = "/api/memory/events", responses((status = 200, description = "text/event-stream of PressureEventDto", content_type = "text/event-stream")))]
+/// as the sampler sees it; `optimization` per optimizer run that did something; `modelState`
+/// (JSON `ModelStateEventDto`) per state change of a held model. Not an envelope: a stream of
+/// `event:`/`data:` lines.
+#[utoipa::path(get, path = "/api/memory/events", responses((status = 200, description = "text/event-stream of PressureEventDto (pressure), OptimizeOutcome (optimization) and ModelStateEventDto (modelState)", content_type = "text/event-stream")))]
 pub async fn events(State(state): State<AppState>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
     use tokio_stream::StreamExt as _;
     let pressure =
@@ -65,7 +67,12 @@ pub async fn events(State(state): State<AppState>) -> Sse<impl tokio_stream::Str
             let json = serde_json::to_string(&o).ok()?;
             Some(Ok(Event::default().event("optimization").data(json)))
         });
-    let stream = pressure.merge(optimization);
+    // Every state change of a held model goes out as `modelState` (`ModelStateEventDto`).
+    let model_state = tokio_stream::wrappers::BroadcastStream::new(observe::model_states(&state.app)).filter_map(|e| {
+        let json = serde_json::to_string(&e.ok()?).ok()?;
+        Some(Ok(Event::default().event("modelState").data(json)))
+    });
+    let stream = pressure.merge(optimization).merge(model_state);
     let mut stop = state.shutdown.clone();
     let stream = futures_util::StreamExt::take_until(stream, async move {
         let _ = stop.wait_for(|v| *v).await;

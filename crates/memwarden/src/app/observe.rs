@@ -38,6 +38,11 @@ pub fn pressure_changes(app: &App) -> broadcast::Receiver<PressureEvent> {
     app.pressure.subscribe()
 }
 
+/// Held models' state changes as they happen (loads, parks, resumes, drops, unloads).
+pub fn model_states(app: &App) -> broadcast::Receiver<memwarden_protocol::api::ModelStateEventDto> {
+    app.weights.subscribe()
+}
+
 /// Optimizer runs as they end (watchdog, manual, admission).
 pub fn optimizer_runs(app: &App) -> broadcast::Receiver<OptimizeOutcome> {
     app.optimizer.subscribe()
@@ -72,7 +77,8 @@ pub fn recommendations(app: &App) -> Result<RecommendationsDto, ServiceError> {
 /// The Prometheus text exposition, with the HTTP latencies `http` counted.
 pub fn metrics(app: &App, http: &HttpMetrics) -> Result<String, std::fmt::Error> {
     let weights = app.weights.list();
-    blocking(|| app.analytics.render_metrics(http, &weights))
+    let pool = app.weights.park_pool_stats();
+    blocking(|| app.analytics.render_metrics(http, &weights, Some(pool)))
 }
 
 /// Starts tracking a background operation.

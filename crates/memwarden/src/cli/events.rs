@@ -5,7 +5,7 @@
 use super::http::{CliError, Client};
 use super::render::compact;
 use memwarden_core::units::format_bytes;
-use memwarden_protocol::api::{OptimizeOutcome, PressureEventDto};
+use memwarden_protocol::api::{ModelStateEventDto, OptimizeOutcome, PressureEventDto};
 use serde::Deserialize as _;
 use serde_json::Value;
 use std::io::Write as _;
@@ -73,8 +73,44 @@ pub fn line(name: &str, raw: &Value) -> String {
                 );
             }
         }
+        "modelState" => {
+            if let Ok(e) = ModelStateEventDto::deserialize(raw) {
+                let from = e.previous_state.map_or("new", |p| p.as_str());
+                let to = if e.unloaded { "unloaded" } else { e.state.as_str() };
+                return format!(
+                    "{} model {} {} ({}) on {}: {} -> {}, resume in ~{} ms",
+                    e.at,
+                    e.model_id,
+                    e.name,
+                    format_bytes(e.bytes),
+                    e.device_id,
+                    from,
+                    to,
+                    e.resume_estimate_ms,
+                );
+            }
+        }
         _ => {}
     }
     // A kind this client does not know (a newer daemon's): its name and data as they came.
     format!("{name} {}", compact(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_model_state_event_reads_as_one_line() {
+        let raw = serde_json::json!({
+            "type": "modelState", "modelId": "w-3", "name": "llama", "deviceId": "cuda:0", "state": "parked",
+            "previousState": "resident", "unloaded": false, "bytes": 1u64 << 30, "resumeEstimateMs": 43,
+            "at": "2026-01-01T00:00:00Z"
+        });
+        let l = super::line("modelState", &raw);
+        assert!(l.contains("w-3 llama") && l.contains("resident -> parked") && l.contains("~43 ms"), "{l}");
+        let gone = serde_json::json!({
+            "type": "modelState", "modelId": "w-3", "name": "llama", "deviceId": "cuda:0", "state": "dropped",
+            "previousState": null, "unloaded": true, "bytes": 1, "resumeEstimateMs": 0, "at": "t"
+        });
+        assert!(super::line("modelState", &gone).contains("new -> unloaded"));
+    }
 }

@@ -15,6 +15,7 @@ pub mod load;
 pub mod memory;
 mod ops;
 pub mod policy;
+mod residency;
 mod switch;
 
 use crate::config::WeightsSection;
@@ -23,7 +24,7 @@ use file::ModelFile;
 use memory::{ParkBuffer, ParkPool};
 use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{rfc3339, HeldModelDto, RateDto, WeightState};
+use memwarden_protocol::api::{rfc3339, HeldModelDto, ModelStateEventDto, RateDto, WeightState};
 use memwarden_protocol::{codes, GrantPiece, UnmapWeights, WeightsGrant};
 use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
@@ -34,11 +35,14 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 pub use holder::{HolderError, WeightHolder};
+pub use memory::{PoolLimits, PoolStats};
+pub use ops::Attached;
+use residency::{host_memory_bytes, LoadDemand, RateBook, StateSink, STATE_EVENTS_CAPACITY};
+pub use residency::{DEFAULT_FILE_RESUME_BYTES_PER_S, DEFAULT_PARKED_RESUME_BYTES_PER_S};
+pub use switch::SwitchOutcome;
 
 /// What a holder maps: the grant and one descriptor per piece of the memory, in order.
 pub type Grant = (WeightsGrant, Vec<SharedHandle>);
-pub use ops::Attached;
-pub use switch::SwitchOutcome;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WeightsError {
@@ -117,7 +121,12 @@ impl Rate {
     }
 
     pub fn gb_per_s(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / 1e9
+        self.bytes_per_s() / 1e9
+    }
+
+    /// The rate in bytes per second (what the resume estimates divide by).
+    pub fn bytes_per_s(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     pub fn dto(&self) -> RateDto {
@@ -155,22 +164,46 @@ pub struct Held {
     pub load: Option<Rate>,
     pub park: Option<Rate>,
     pub resume: Option<Rate>,
+    /// The state the last resume started from (`parked`: `resume` is a copy from pinned
+    /// memory; `dropped`: a read of the file).
+    pub resumed_from: Option<WeightState>,
+    /// Where state changes are told (the event stream, the park pool, the rate averages).
+    sink: Option<StateSink>,
 }
 
 impl Held {
     fn set_state(&mut self, state: WeightState) {
-        if self.state != state {
+        let previous = self.state;
+        if previous != state {
+            self.note_rates();
             self.state = state;
             self.state_since = Instant::now();
+            if state == WeightState::Resident && matches!(previous, WeightState::Parked | WeightState::Dropped) {
+                self.resumed_from = Some(previous);
+            }
         }
         if state != WeightState::Orphaned {
             self.orphaned_since = None;
         }
+        if previous != state {
+            self.announce(Some(previous), false);
+        }
+    }
+
+    /// The model leaves the store: dropped for good (told as `unloaded`).
+    fn set_unloaded(&mut self) {
+        let previous = self.state;
+        self.state = WeightState::Dropped;
+        self.state_since = Instant::now();
+        self.orphaned_since = None;
+        self.announce(Some(previous), true);
     }
 
     fn touch(&mut self) {
         self.last_used = Instant::now();
         self.last_used_at = OffsetDateTime::now_utc();
+        // A resume sets its rate just before: the averages see it now.
+        self.note_rates();
     }
 }
 
@@ -200,8 +233,14 @@ impl HeldModel {
         f(&lock(&self.held))
     }
 
+    /// A new model is held: told as a state change from nothing.
+    fn announce_loaded(&self) {
+        lock(&self.held).announce(None, false);
+    }
+
     fn dto(&self, orphan_grace: Duration) -> HeldModelDto {
         let h = lock(&self.held);
+        h.note_rates();
         HeldModelDto {
             model_id: self.id.clone(),
             name: self.name.clone(),
@@ -222,6 +261,7 @@ impl HeldModel {
             load: h.load.as_ref().map(Rate::dto),
             last_park: h.park.as_ref().map(Rate::dto),
             last_resume: h.resume.as_ref().map(Rate::dto),
+            resume_estimate_ms: h.resume_estimate_ms(self.file.data_bytes),
             orphaned_until: h.orphaned_since.map(|since| {
                 let left = orphan_grace.saturating_sub(since.elapsed());
                 rfc3339(OffsetDateTime::now_utc() + left)
@@ -297,6 +337,18 @@ pub struct WeightStore {
     loading: tokio::sync::Mutex<()>,
     config: WeightsSection,
     next_id: AtomicU64,
+    /// Names the loads in progress in the park pool's demand.
+    next_load: AtomicU64,
+    /// Every state change of a held model (`modelState` on the event stream).
+    events: tokio::sync::broadcast::Sender<ModelStateEventDto>,
+    rates: Arc<RateBook>,
+}
+
+impl Drop for WeightStore {
+    fn drop(&mut self) {
+        // The background stops growing; parked chunks go with their models.
+        self.park_pool.close();
+    }
 }
 
 impl WeightStore {
@@ -305,7 +357,8 @@ impl WeightStore {
         park_pool: Arc<ParkPool>,
         config: WeightsSection,
     ) -> Arc<WeightStore> {
-        park_pool.refill_in_background();
+        // A floor is registered from the start.
+        park_pool.adjust_in_background();
         Arc::new(WeightStore {
             arenas: arenas.into_iter().map(|a| (a.device(), a)).collect(),
             park_pool,
@@ -313,6 +366,9 @@ impl WeightStore {
             loading: tokio::sync::Mutex::new(()),
             config,
             next_id: AtomicU64::new(1),
+            next_load: AtomicU64::new(1),
+            events: tokio::sync::broadcast::channel(STATE_EVENTS_CAPACITY).0,
+            rates: Arc::new(RateBook::default()),
         })
     }
 
@@ -329,8 +385,51 @@ impl WeightStore {
             }
         }
         let source = arenas.iter().find(|a| a.can_park()).cloned();
-        let pool = ParkPool::new(config.weights.park_pool_bytes, source);
+        let limits = PoolLimits::new(
+            config.weights.park_pool_bytes,
+            config.weights.park_pool_max_percent,
+            host_memory_bytes(&config.host),
+        );
+        let pool = ParkPool::new(limits, source);
         WeightStore::new(arenas, pool, config.weights.clone())
+    }
+
+    /// Every state change of a held model from now on (a load, park, resume, drop, orphaning
+    /// or unload), as it happens.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ModelStateEventDto> {
+        self.events.subscribe()
+    }
+
+    /// The park pool's figures now.
+    pub fn park_pool_stats(&self) -> PoolStats {
+        self.park_pool.stats()
+    }
+
+    /// Where a new model's state changes go.
+    fn sink(&self, id: &str, name: &str, size_bytes: u64, pinned: bool, parkable: bool) -> StateSink {
+        StateSink {
+            model_id: id.to_string(),
+            name: name.to_string(),
+            size_bytes,
+            pinned,
+            parkable,
+            events: self.events.clone(),
+            pool: self.park_pool.clone(),
+            rates: self.rates.clone(),
+        }
+    }
+
+    /// Counts a load of `bytes` starting on `device` in the park pool's demand until the
+    /// returned guard goes (the loaded model then counts on its own).
+    fn load_demand(&self, device: DeviceId, pinned: bool, bytes: u64) -> Option<LoadDemand> {
+        let parks = self.arenas.get(&device).is_some_and(|a| a.can_park());
+        if !parks || pinned || !self.park_pool.has_source() {
+            return None;
+        }
+        // A counter of its own: model ids stay w-1, w-2, … whatever loads ran.
+        let key = format!("load-{}", self.next_load.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.park_pool.set_demand(&key, Some(bytes));
+        Some(LoadDemand { pool: self.park_pool.clone(), key })
     }
 
     pub fn config(&self) -> &WeightsSection {

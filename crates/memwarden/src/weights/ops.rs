@@ -94,6 +94,7 @@ impl WeightStore {
             tracing::info!(model = %model.id, "weights shared: the same file is already held on {}", req.device);
             return Ok(Attached { model: model.clone(), grant, reused: true });
         }
+        let _demand = self.load_demand(req.device, req.pinned, file.data_bytes);
         let threads = load::thread_count(self.config.load_threads, file.data_bytes);
         let hash_on_load = self.config.hash_on_load;
         let f = file.clone();
@@ -112,6 +113,7 @@ impl WeightStore {
             model = %id, bytes = file.data_bytes, ms = loaded.elapsed.as_secs_f64() * 1e3, threads,
             "weights loaded into memwarden memory on {}", req.device
         );
+        let sink = self.sink(&id, &name, file.data_bytes, req.pinned, arena.can_park());
         let model = Arc::new(HeldModel {
             id: id.clone(),
             name,
@@ -135,11 +137,14 @@ impl WeightStore {
                 load: Some(Rate::now(file.data_bytes, loaded.elapsed)),
                 park: None,
                 resume: None,
+                resumed_from: None,
+                sink: Some(sink),
             }),
             file,
         });
         let grant = self.attach(&model, holder, arena.handle_kind())?;
         lock(&self.models).insert(id, model.clone());
+        model.announce_loaded();
         Ok(Attached { model, grant, reused: false })
     }
 
@@ -450,7 +455,7 @@ impl WeightStore {
         let (block, parked) = {
             let mut h = lock(&model.held);
             h.holders.clear();
-            h.set_state(WeightState::Dropped);
+            h.set_unloaded();
             (h.block.take(), h.parked.take())
         };
         let freed = block.as_ref().map(|b| b.size_bytes()).unwrap_or(0);

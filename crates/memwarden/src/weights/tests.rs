@@ -41,9 +41,14 @@ impl DedicatedMemory for SimulatedGpu {
 }
 
 fn store(config: WeightsSection) -> Arc<WeightStore> {
+    store_with(config, PoolLimits { chunk_bytes: 4 << 20, floor_bytes: 0, max_bytes: 1 << 30 })
+}
+
+/// A store whose park pool has `limits`.
+fn store_with(config: WeightsSection, limits: PoolLimits) -> Arc<WeightStore> {
     let gpu: Arc<dyn DedicatedMemory> = Arc::new(SimulatedGpu(HostDedicated::new(shm_dir())));
     let arenas: Vec<Arc<dyn DedicatedMemory>> = vec![Arc::new(HostDedicated::new(shm_dir())), gpu.clone()];
-    WeightStore::new(arenas, ParkPool::new(0, Some(gpu)), config)
+    WeightStore::new(arenas, ParkPool::new(limits, Some(gpu)), config)
 }
 
 /// A model file of `n` tensors of 3 MiB + 1 byte each (chunks straddle tensor ends), bytes from
@@ -382,4 +387,162 @@ async fn an_operation_waiting_on_a_model_that_was_unloaded_meanwhile_finds_it_go
     lock(&s.models).remove(&m.id); // what unload does under the lock
     drop(guard);
     assert!(matches!(resume.await.expect("task"), Err(WeightsError::ModelNotFound(_))));
+}
+
+/// Waits (bounded) until the park pool's figures satisfy `ok`.
+async fn pool_until(s: &WeightStore, what: &str, ok: impl Fn(&PoolStats) -> bool) -> PoolStats {
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = s.park_pool_stats();
+        if ok(&st) && !s.park_pool.busy() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "park pool never {what}: {st:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_park_pool_grows_after_a_load_so_a_park_registers_nothing_and_shrinks_after_an_unload() {
+    let s = store(WeightsSection::default());
+    assert_eq!(s.park_pool_stats().registered_bytes, 0, "nothing held: nothing registered");
+    let (path, data) = model_file("pool-grow", 3);
+    let size = data.len() as u64;
+    let m = s.load(req(&path, GPU), None).await.expect("load").model;
+    assert_eq!(m.id, "w-1", "a load's place in the pool's demand takes no model id");
+    let st = pool_until(&s, "grew to the model", |p| p.free_bytes >= size).await;
+    assert_eq!(st.target_free_bytes, size.div_ceil(4 << 20) * (4 << 20));
+    let parked = s.park(&m.id).await.expect("park");
+    assert_eq!(s.park_pool_stats().chunks_on_park_path, 0, "the park took chunks registered ahead");
+    assert!(parked.phases.iter().any(|(p, _)| *p == "takePinned"));
+    // Parked: its chunks are in use; nothing else may be parked, so nothing more is kept free.
+    pool_until(&s, "let the free chunks go", |p| p.free_bytes == 0 && p.registered_bytes >= size).await;
+    s.resume(&m.id, None).await.expect("resume");
+    // Resident again: its own chunks came back free and cover the next park.
+    let st = pool_until(&s, "kept the chunks for the next park", |p| p.free_bytes >= size).await;
+    assert!(st.registered_bytes <= st.target_free_bytes, "nothing beyond the target stays: {st:?}");
+    s.park(&m.id).await.expect("park again");
+    s.resume(&m.id, None).await.expect("resume again");
+    assert_eq!(s.park_pool_stats().chunks_on_park_path, 0);
+    s.unload(&m.id).await.expect("unload");
+    pool_until(&s, "shrank after the unload", |p| p.registered_bytes == 0 && p.target_free_bytes == 0).await;
+}
+
+#[tokio::test]
+async fn the_park_pool_counts_a_load_from_its_start_and_ignores_pinned_and_cpu_models() {
+    let s = store(WeightsSection::default());
+    let demand = s.load_demand(GPU, false, 9 << 20).expect("a load on a GPU counts");
+    assert_eq!(s.park_pool_stats().target_free_bytes, 12 << 20, "9 MiB in whole 4 MiB chunks");
+    pool_until(&s, "grew while the load runs", |p| p.free_bytes >= 9 << 20).await;
+    drop(demand);
+    assert_eq!(s.park_pool_stats().target_free_bytes, 0);
+    assert!(s.load_demand(GPU, true, 9 << 20).is_none(), "a pinned model is never parked");
+    assert!(s.load_demand(DeviceId::Cpu, false, 9 << 20).is_none(), "cpu does not park");
+    pool_until(&s, "shrank", |p| p.registered_bytes == 0).await;
+    let (path, _) = model_file("pool-pinned", 1);
+    s.load(LoadRequest { pinned: true, ..req(&path, GPU) }, None).await.expect("load");
+    let (path2, _) = model_file("pool-cpu", 2);
+    s.load(req(&path2, DeviceId::Cpu), None).await.expect("load");
+    assert_eq!(s.park_pool_stats().target_free_bytes, 0, "neither may be parked");
+}
+
+#[tokio::test]
+async fn the_park_pool_stays_within_its_cap_and_a_floor_is_kept_free() {
+    let cap = PoolLimits { chunk_bytes: 4 << 20, floor_bytes: 0, max_bytes: 8 << 20 };
+    let s = store_with(WeightsSection::default(), cap);
+    let (path, data) = model_file("pool-cap", 4);
+    let m = s.load(req(&path, GPU), None).await.expect("load").model;
+    pool_until(&s, "reached its cap", |p| p.registered_bytes == 8 << 20).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(s.park_pool_stats().registered_bytes, 8 << 20, "never beyond the cap");
+    s.park(&m.id).await.expect("a park beyond the cap still parks");
+    let chunks = (data.len() as u64).div_ceil(4 << 20);
+    assert_eq!(s.park_pool_stats().chunks_on_park_path, chunks - 2, "the rest was registered on the path");
+    drop(s);
+
+    let floor = PoolLimits { chunk_bytes: 4 << 20, floor_bytes: 6 << 20, max_bytes: 0 };
+    let s = store_with(WeightsSection::default(), floor);
+    let st = pool_until(&s, "registered its floor", |p| p.free_bytes == 8 << 20).await;
+    assert_eq!(st.target_free_bytes, 8 << 20, "6 MiB in whole chunks, with nothing held");
+}
+
+#[tokio::test]
+async fn every_state_change_is_an_event_with_the_resume_estimate() {
+    use memwarden_protocol::api::ModelStateEventDto;
+    let s = store(WeightsSection::default());
+    let mut events = s.subscribe();
+    let mut next = move || -> ModelStateEventDto { events.try_recv().expect("an event") };
+    let (path, data) = model_file("events", 6);
+    let size = data.len() as u64;
+    let m = s.load(req(&path, GPU), None).await.expect("load").model;
+    let e = next();
+    assert_eq!((e.model_id.as_str(), e.state, e.previous_state), (m.id.as_str(), WeightState::Resident, None));
+    assert_eq!((e.bytes, e.resume_estimate_ms, e.device_id.as_str(), e.unloaded), (size, 0, "cuda:0", false));
+    assert_eq!(e.name, "events");
+    s.park(&m.id).await.expect("park");
+    let e = next();
+    assert_eq!((e.state, e.previous_state), (WeightState::Parked, Some(WeightState::Resident)));
+    assert!(e.resume_estimate_ms >= 1, "{e:?}");
+    s.resume(&m.id, None).await.expect("resume");
+    let e = next();
+    assert_eq!(
+        (e.state, e.previous_state, e.resume_estimate_ms),
+        (WeightState::Resident, Some(WeightState::Parked), 0)
+    );
+    s.drop_copy(&m.id).await.expect("drop");
+    let e = next();
+    assert_eq!((e.state, e.previous_state), (WeightState::Dropped, Some(WeightState::Resident)));
+    assert!(e.resume_estimate_ms >= 1);
+    s.unload(&m.id).await.expect("unload");
+    let e = next();
+    assert_eq!((e.state, e.previous_state, e.unloaded), (WeightState::Dropped, Some(WeightState::Dropped), true));
+    let mut rest = s.subscribe();
+    assert!(rest.try_recv().is_err(), "nothing more");
+}
+
+#[tokio::test]
+async fn the_listing_estimates_a_resume_from_the_models_own_rate_else_the_devices() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("estimate-a", 1);
+    let (path2, data2) = model_file("estimate-b", 2);
+    let a = s.load(req(&path, GPU), None).await.expect("load").model;
+    let b = s.load(req(&path2, GPU), None).await.expect("load").model;
+    let listed = |id: &str| s.list().into_iter().find(|d| d.model_id == id).expect("listed");
+    assert_eq!(listed(&a.id).resume_estimate_ms, 0, "resident: no wait");
+    // Never resumed, nothing on the device resumed: the default rate.
+    s.park(&a.id).await.expect("park");
+    let default = (data.len() as f64 / DEFAULT_PARKED_RESUME_BYTES_PER_S * 1e3).ceil().max(1.0) as u64;
+    assert_eq!(listed(&a.id).resume_estimate_ms, default);
+    s.resume(&a.id, None).await.expect("resume");
+    s.park(&a.id).await.expect("park again");
+    let own = a.with_held(|h| h.resume.as_ref().expect("measured").bytes_per_s());
+    let expect = |bytes: usize, rate: f64| (bytes as f64 / rate * 1e3).ceil().max(1.0) as u64;
+    let dto = listed(&a.id);
+    assert_eq!((dto.state, dto.resume_estimate_ms), (WeightState::Parked, expect(data.len(), own)));
+    // b never resumed: the device's average (a's resume, the only one).
+    s.park(&b.id).await.expect("park b");
+    assert_eq!(listed(&b.id).resume_estimate_ms, expect(data2.len(), own));
+    // Dropped: its own load rate.
+    s.drop_copy(&b.id).await.expect("drop b");
+    let load = b.with_held(|h| h.load.as_ref().expect("load").bytes_per_s());
+    assert_eq!(listed(&b.id).resume_estimate_ms, expect(data2.len(), load));
+}
+
+#[tokio::test]
+async fn a_store_that_goes_stops_the_pools_growth_and_releases_its_free_chunks() {
+    let gpu: Arc<dyn DedicatedMemory> = Arc::new(SimulatedGpu(HostDedicated::new(shm_dir())));
+    let limits = PoolLimits { chunk_bytes: 4 << 20, floor_bytes: 64 << 20, max_bytes: 0 };
+    let pool = ParkPool::new(limits, Some(gpu.clone()));
+    let s = WeightStore::new(vec![gpu], pool.clone(), WeightsSection::default());
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await; // growing, maybe done
+    drop(s);
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while pool.registered_bytes() > 0 || pool.busy() {
+        assert!(Instant::now() < deadline, "the pool kept {} bytes", pool.registered_bytes());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Nothing grows again once closed.
+    pool.adjust_in_background();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(pool.registered_bytes(), 0);
 }

@@ -81,7 +81,8 @@ fn faulty_store() -> (Arc<WeightStore>, Arc<Faults>, Arc<ParkPool>) {
     let faults = Arc::new(Faults::default());
     let gpu: Arc<dyn DedicatedMemory> =
         Arc::new(FaultyGpu { host: HostDedicated::new(shm_dir()), faults: faults.clone() });
-    let pool = ParkPool::new(0, Some(gpu.clone()));
+    let pool =
+        ParkPool::new(PoolLimits { chunk_bytes: 4 << 20, floor_bytes: 0, max_bytes: 1 << 30 }, Some(gpu.clone()));
     (WeightStore::new(vec![gpu], pool.clone(), WeightsSection::default()), faults, pool)
 }
 

@@ -275,3 +275,101 @@ fn the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
         filled["freeBytes"].as_i64().unwrap_or(0) >> 20,
     );
 }
+
+/// The value of the `/metrics` line that starts with `prefix` (0 when absent).
+fn metric(s: &TestServer, prefix: &str) -> f64 {
+    let text = ureq::get(&s.url("/metrics")).call().expect("metrics").into_body().read_to_string().expect("text");
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn phase(p: &Value, name: &str) -> f64 {
+    p["phasesMs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["phase"] == name))
+        .map_or(-1.0, |x| x["ms"].as_f64().unwrap_or(-1.0))
+}
+
+/// Issue 25, item 2: with the default config (`park_pool_bytes = 0`) the park pool grows in the
+/// background from the moment a load starts, so a park does not page-lock on its path.
+#[test]
+fn with_the_default_config_the_park_pool_follows_the_loads_and_a_park_runs_at_copy_speed() {
+    let gib: u64 = std::env::var("MEMWARDEN_WEIGHTS_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let dir = tempdir("gpu-weights-pool");
+    let (path_a, bytes) = write_model(&dir, "a", gib * 1024);
+    let path_b = dir.join("b.safetensors");
+    std::fs::hard_link(&path_a, &path_b).expect("hard link");
+    let _ = std::fs::read(&path_a).expect("read into the page cache");
+    let s = TestServer::start_with(Config::default());
+    let load = |path: &std::path::Path| {
+        let t = Instant::now();
+        let (code, body) = s.call(
+            "POST",
+            "/api/memory/models/load",
+            Some(&json!({"path": path, "deviceId": "cuda:0", "keepAliveMs": 0}).to_string()),
+        );
+        assert_eq!(code, 200, "{body}");
+        println!("load {gib} GiB: request {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+        body["data"]["modelId"].as_str().expect("id").to_string()
+    };
+    // Right after the daemon starts and loads: park at once.
+    let a = load(&path_a);
+    let free_at_park = metric(&s, "memwarden_park_pool_bytes{state=\"free\"}");
+    let (p, wall) = post(&s, &format!("/api/memory/models/{a}/park"));
+    println!(
+        "park right after the load: request {:.1} ms, copy {:.1} ms, takePinned {:.1} ms (pool had {:.2} GiB free), \
+         chunks on the park path {}",
+        wall * 1e3,
+        p["rate"]["ms"],
+        phase(&p, "takePinned"),
+        free_at_park / GIB as f64,
+        metric(&s, "memwarden_park_pool_chunks_on_park_path_total")
+    );
+    // A second model: the pool grows for it in the background; once it has, a park registers
+    // nothing on its path.
+    let before = metric(&s, "memwarden_park_pool_chunks_on_park_path_total");
+    let t = Instant::now();
+    let b = load(&path_b);
+    let loaded = t.elapsed();
+    while metric(&s, "memwarden_park_pool_bytes{state=\"free\"}") < bytes as f64
+        && t.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "pool grown to {:.2} GiB free {:.0} ms after the load started (the load took {:.0} ms)",
+        metric(&s, "memwarden_park_pool_bytes{state=\"free\"}") / GIB as f64,
+        t.elapsed().as_secs_f64() * 1e3,
+        loaded.as_secs_f64() * 1e3
+    );
+    let mut walls = Vec::new();
+    for round in 0..3 {
+        let (p, wall) = post(&s, &format!("/api/memory/models/{b}/park"));
+        println!(
+            "round {round}: park request {:.1} ms, copy {:.1} ms, takePinned {:.2} ms, phases {}",
+            wall * 1e3,
+            p["rate"]["ms"],
+            phase(&p, "takePinned"),
+            p["phasesMs"]
+        );
+        walls.push((wall * 1e3, p["rate"]["ms"].as_f64().unwrap_or(0.0)));
+        post(&s, &format!("/api/memory/models/{b}/resume"));
+    }
+    let after = metric(&s, "memwarden_park_pool_chunks_on_park_path_total");
+    assert_eq!(after, before, "no park of the grown pool registered on its path");
+    for (wall, copy) in &walls {
+        assert!(*wall <= copy + 25.0 && *wall <= 200.0, "park {wall:.1} ms end to end, copy {copy:.1} ms: {walls:?}");
+    }
+    // Unloaded: the pool lets its chunks go.
+    for id in [&a, &b] {
+        assert_eq!(s.call("DELETE", &format!("/api/memory/models/{id}"), None).0, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&s, "memwarden_park_pool_bytes{state=\"free\"}") > 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(&s, "memwarden_park_pool_bytes{state=\"free\"}"), 0.0, "the pool shrank after the unloads");
+}

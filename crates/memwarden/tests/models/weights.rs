@@ -164,3 +164,93 @@ fn optimize_with_no_worker_runs_the_rungs_that_need_none_and_names_the_others() 
     );
     assert_eq!(code, 200, "{r}");
 }
+
+/// Reads `/api/memory/events` on a thread: `(event name, data)` per event. Returns once the
+/// stream is open (the daemon subscribed before it answered).
+fn subscribe(s: &TestServer) -> std::sync::mpsc::Receiver<(String, serde_json::Value)> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let url = s.url("/api/memory/events");
+    std::thread::spawn(move || {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(60))).build().into();
+        let Ok(resp) = agent.get(&url).call() else { return };
+        let _ = open_tx.send(());
+        let mut name = String::new();
+        for line in BufReader::new(resp.into_body().into_reader()).lines() {
+            let Ok(line) = line else { return };
+            if let Some(n) = line.strip_prefix("event:") {
+                name = n.trim().to_string();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                let v: serde_json::Value = serde_json::from_str(data.trim()).expect("event JSON");
+                if tx.send((std::mem::take(&mut name), v)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    open_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the event stream opens");
+    rx
+}
+
+/// The next `modelState` event (others are skipped), within 10 s.
+fn next_model_state(rx: &std::sync::mpsc::Receiver<(String, serde_json::Value)>) -> serde_json::Value {
+    loop {
+        let (name, e) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("a modelState event within 10 s");
+        if name == "modelState" {
+            assert_eq!(e["type"], "modelState");
+            return e;
+        }
+    }
+}
+
+/// The value of the `/metrics` line that starts with `prefix`.
+fn metric(s: &TestServer, prefix: &str) -> u64 {
+    let text = ureq::get(&s.url("/metrics")).call().expect("metrics").into_body().read_to_string().expect("text");
+    let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in {text}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no value in {line}"))
+}
+
+#[test]
+fn a_router_sees_each_models_state_its_resume_estimate_and_every_change() {
+    let s = TestServer::start();
+    let dir = tempdir("weights-residency");
+    let events = subscribe(&s);
+    let (path, bytes) = write_model(&dir, "routed", 8);
+    let (code, body) = load(&s, json!({"path": path, "name": "routed"}));
+    assert_eq!(code, 200, "{body}");
+    let id = body["data"]["modelId"].as_str().expect("id").to_string();
+    assert_eq!(body["data"]["resumeEstimateMs"], 0, "resident: no wait");
+    let e = next_model_state(&events);
+    assert_eq!((e["modelId"].as_str(), e["state"].as_str()), (Some(id.as_str()), Some("resident")));
+    assert_eq!((e["previousState"].clone(), e["bytes"].as_u64()), (serde_json::Value::Null, Some(bytes)));
+    assert_eq!((e["name"].as_str(), e["deviceId"].as_str()), (Some("routed"), Some("cpu")));
+    assert!(e["at"].as_str().is_some_and(|a| !a.is_empty()));
+    let resident = "memwarden_held_model_bytes{device=\"cpu\",state=\"resident\"}";
+    let dropped = "memwarden_held_model_bytes{device=\"cpu\",state=\"dropped\"}";
+    assert_eq!((metric(&s, resident), metric(&s, dropped)), (bytes, 0));
+    assert_eq!(metric(&s, "memwarden_held_models{device=\"cpu\",state=\"resident\"}"), 1);
+
+    let (code, body) = s.call("POST", &format!("/api/memory/models/{id}/drop"), None);
+    assert_eq!(code, 200, "{body}");
+    let e = next_model_state(&events);
+    assert_eq!((e["state"].as_str(), e["previousState"].as_str()), (Some("dropped"), Some("resident")));
+    assert!(e["resumeEstimateMs"].as_u64().expect("estimate") >= 1, "{e}");
+    let (_, list) = s.call("GET", "/api/memory/models", None);
+    let listed = &list["data"]["weights"][0];
+    assert_eq!(listed["state"], "dropped");
+    assert!(listed["resumeEstimateMs"].as_u64().expect("estimate") >= 1, "a reload takes time: {listed}");
+    assert_eq!((metric(&s, resident), metric(&s, dropped)), (0, bytes));
+    assert_eq!(metric(&s, "memwarden_held_models{device=\"cpu\",state=\"dropped\"}"), 1);
+
+    let (code, body) = s.call("POST", &format!("/api/memory/models/{id}/resume"), None);
+    assert_eq!(code, 200, "{body}");
+    let e = next_model_state(&events);
+    assert_eq!((e["state"].as_str(), e["previousState"].as_str()), (Some("resident"), Some("dropped")));
+    assert_eq!(e["resumeEstimateMs"], 0);
+    let (code, body) = s.call("DELETE", &format!("/api/memory/models/{id}"), None);
+    assert_eq!(code, 200, "{body}");
+    let e = next_model_state(&events);
+    assert_eq!((e["state"].as_str(), e["unloaded"].as_bool()), (Some("dropped"), Some(true)));
+}
