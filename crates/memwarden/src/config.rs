@@ -82,7 +82,7 @@ impl Default for WeightsSection {
             orphan_grace_ms: 60_000,
             use_bound_ms: 2_000,
             park_pool_bytes: 0,
-            park_pool_max_percent: 50.0,
+            park_pool_max_percent: 80.0,
             hash_on_load: true,
         }
     }
