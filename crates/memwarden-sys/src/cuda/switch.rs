@@ -82,6 +82,145 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// One outgoing piece the incoming model reuses: its index in `out`, its handle and size, and
+/// where it lies in the incoming range.
+#[derive(Debug, Clone, Copy)]
+struct Reused {
+    index: usize,
+    handle: sys::CUmemGenericAllocationHandle,
+    size: u64,
+    offset: u64,
+}
+
+/// The incoming range with the reused pieces mapped into it, and an event per outgoing piece.
+struct Prepared {
+    incoming: VmmAllocation,
+    plan: Vec<Reused>,
+    /// Bytes of the incoming range the reused pieces cover (the fresh piece starts here).
+    covered: u64,
+    events: Vec<EventHandle>,
+}
+
+impl Prepared {
+    /// Unmaps the reused pieces from the incoming range (they stay `out`'s).
+    fn unmap_reused(&self) {
+        for r in &self.plan {
+            // SAFETY: mapped by `prepare` at exactly this range.
+            unsafe { sys::cuMemUnmap(self.incoming.ptr + r.offset, r.size as usize) };
+        }
+    }
+}
+
+/// Reserves the incoming range, plans which outgoing pieces it reuses (in order, at increasing
+/// offsets, leaving room for one fresh piece within [`MAX_PIECES`]) and maps them there; makes
+/// an event per outgoing piece. Touches no data: on an error `out` is intact.
+fn prepare(out: &VmmAllocation, in_bytes: u64) -> Result<Prepared, CudaError> {
+    let ctx = out.ctx.clone();
+    ctx.bind()?;
+    let g = granularity_bytes(&ctx)?;
+    let in_size = in_bytes.max(1).div_ceil(g) * g;
+    let ptr = reserve(in_size, g)?;
+    // Owns the reservation (and later the fresh piece); the reused pieces stay `out`'s.
+    let incoming = VmmAllocation { ctx: ctx.clone(), ptr, size: in_size, pieces: Vec::new() };
+    let mut p = Prepared { incoming, plan: Vec::new(), covered: 0, events: Vec::new() };
+    for (index, piece) in out.pieces.iter().enumerate() {
+        if p.plan.len() < MAX_PIECES - 1 && p.covered + piece.size <= in_size {
+            let r = Reused { index, handle: piece.handle, size: piece.size, offset: p.covered };
+            // SAFETY: inside the new reservation, at offsets that never overlap (plan order);
+            // the handle is live (owned by `out`, which outlives this mapping: it is unmapped on
+            // every failure, or handed to the incoming allocation).
+            if let Err(e) = unsafe { map_handle(&ctx, ptr + r.offset, r.size, r.handle) } {
+                p.unmap_reused();
+                return Err(e);
+            }
+            p.plan.push(r);
+            p.covered += piece.size;
+        }
+    }
+    for _ in 0..out.pieces.len() {
+        match event() {
+            Ok(ev) => p.events.push(ev),
+            Err(e) => {
+                p.unmap_reused();
+                return Err(e);
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Queues the copy-out of every outgoing piece, the reused ones first, each followed by its
+/// event. No copy-in is queued yet: on an error `out` is intact once its stream is idle.
+fn queue_out(out: &VmmAllocation, stream: &CudaStream, save: &[HostPiece<'_>], p: &Prepared) -> Result<(), CudaError> {
+    let mut order: Vec<usize> = p.plan.iter().map(|r| r.index).collect();
+    order.extend((0..out.pieces.len()).filter(|i| !p.plan.iter().any(|r| r.index == *i)));
+    for i in order {
+        let piece = &out.pieces[i];
+        out.enqueue_copies(stream, &clip(save, piece.offset, piece.offset + piece.size), true)?;
+        // SAFETY: both handles are live; the event records this stream's work so far.
+        check("cuEventRecord", 0, unsafe { sys::cuEventRecord(p.events[i].0, stream.stream) })?;
+    }
+    Ok(())
+}
+
+/// Queues the copy-in of `[start, end)` of the incoming model.
+fn queue_in(
+    p: &Prepared,
+    stream: &CudaStream,
+    restore: &[HostPiece<'_>],
+    start: u64,
+    end: u64,
+) -> Result<(), CudaError> {
+    p.incoming.enqueue_copies(stream, &clip(restore, start, end), false)
+}
+
+/// Makes, maps and fills the fresh piece that covers what the reused pieces do not.
+fn fresh_piece(p: &mut Prepared, stream: &CudaStream, restore: &[HostPiece<'_>]) -> Result<(), CudaError> {
+    let (start, end) = (p.covered, p.incoming.size);
+    let handle = create_handle(&p.incoming.ctx, end - start)?;
+    p.incoming.add_piece(start, end - start, handle)?;
+    queue_in(p, stream, restore, start, end)
+}
+
+/// Runs the copies once `queue_out` queued the copy-out: each reused piece's copy-in waits for
+/// its event; the fresh piece is made at once when the device has room, else after the
+/// copy-out ends and the unused outgoing pieces are released. Returns when the copy-out ended
+/// (ms after `started`).
+fn run_copies(
+    out: &mut VmmAllocation,
+    p: &mut Prepared,
+    (out_stream, in_stream): (&CudaStream, &CudaStream),
+    restore: &[HostPiece<'_>],
+    started: Instant,
+) -> Result<f64, CudaError> {
+    for r in p.plan.clone() {
+        // SAFETY: the stream and the recorded event are live.
+        check("cuStreamWaitEvent", 0, unsafe { sys::cuStreamWaitEvent(in_stream.stream, p.events[r.index].0, 0) })?;
+        queue_in(p, in_stream, restore, r.offset, r.offset + r.size)?;
+    }
+    let mut fresh_pending = p.covered < p.incoming.size;
+    if fresh_pending && fresh_piece(p, in_stream, restore).is_ok() {
+        fresh_pending = false;
+    }
+    out_stream.synchronize()?;
+    let out_ms = ms(started);
+    // Every outgoing byte is saved: the pieces the plan does not reuse go back to the driver.
+    let mut k = out.pieces.len();
+    while k > 0 {
+        k -= 1;
+        if !p.plan.iter().any(|r| r.handle == out.pieces[k].handle) {
+            let piece = out.take_piece(k);
+            // SAFETY: unmapped by `take_piece`; the handle is released once.
+            unsafe { sys::cuMemRelease(piece.handle) };
+        }
+    }
+    if fresh_pending {
+        fresh_piece(p, in_stream, restore)?;
+    }
+    in_stream.synchronize()?;
+    Ok(out_ms)
+}
+
 /// Saves `out` into `save` (its bytes, as host pieces) while filling a new allocation of
 /// `in_bytes` from `restore`, reusing `out`'s device memory piece by piece (module doc).
 /// `out_stream` and `in_stream` are two streams of `out`'s GPU.
@@ -94,148 +233,43 @@ pub fn switch(
     restore: &[HostPiece<'_>],
 ) -> Result<(VmmAllocation, SwitchTimes), SwitchFailed> {
     let started = Instant::now();
-    let ctx = out.ctx.clone();
-    let resident = |error: CudaError, out: VmmAllocation| SwitchFailed { error, left: SwitchLeft::Resident(out) };
-    let g = match ctx.bind().and_then(|_| granularity_bytes(&ctx)) {
-        Ok(g) => g,
-        Err(e) => return Err(resident(e, out)),
-    };
-    let in_size = in_bytes.max(1).div_ceil(g) * g;
-    let in_ptr = match reserve(in_size, g) {
+    let mut p = match prepare(&out, in_bytes) {
         Ok(p) => p,
-        Err(e) => return Err(resident(e, out)),
+        Err(error) => return Err(SwitchFailed { error, left: SwitchLeft::Resident(out) }),
     };
-    // Owns the reservation and the fresh piece; the reused pieces stay `out`'s until the end.
-    let mut incoming = VmmAllocation { ctx: ctx.clone(), ptr: in_ptr, size: in_size, pieces: Vec::new() };
-
-    // The plan: outgoing pieces, in order, at increasing offsets of the incoming range.
-    let mut plan: Vec<(usize, u64)> = Vec::new();
-    let mut covered = 0;
-    for (i, p) in out.pieces.iter().enumerate() {
-        if plan.len() < MAX_PIECES - 1 && covered + p.size <= in_size {
-            plan.push((i, covered));
-            covered += p.size;
-        }
-    }
-    let fresh_bytes = in_size - covered;
-    let mut mapped: Vec<(u64, u64)> = Vec::new();
-    let unmap_borrowed = |mapped: &[(u64, u64)]| {
-        for &(off, size) in mapped {
-            // SAFETY: mapped below by `map_handle` at exactly this range.
-            unsafe { sys::cuMemUnmap(in_ptr + off, size as usize) };
-        }
-    };
-    let mut events = Vec::with_capacity(out.pieces.len());
-    for &(i, off) in &plan {
-        let p = &out.pieces[i];
-        // SAFETY: inside the new reservation, at offsets that never overlap (plan order); the
-        // handle is live (owned by `out`, which outlives this mapping: it is unmapped on every
-        // failure below, or handed to `incoming`).
-        if let Err(e) = unsafe { map_handle(&ctx, in_ptr + off, p.size, p.handle) } {
-            unmap_borrowed(&mapped);
-            return Err(resident(e, out));
-        }
-        mapped.push((off, p.size));
-    }
-    for _ in 0..out.pieces.len() {
-        match event() {
-            Ok(ev) => events.push(ev),
-            Err(e) => {
-                unmap_borrowed(&mapped);
-                return Err(resident(e, out));
-            }
-        }
-    }
     let map_ms = ms(started);
-
-    // Copy-out: the reused pieces first (in the order they come in), then the rest.
-    let mut order: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
-    order.extend((0..out.pieces.len()).filter(|i| !plan.iter().any(|&(j, _)| j == *i)));
-    for &i in &order {
-        let p = &out.pieces[i];
-        let queued = out.enqueue_copies(out_stream, &clip(save, p.offset, p.offset + p.size), true).and_then(|_| {
-            // SAFETY: both handles are live; the event records this stream's work so far.
-            check("cuEventRecord", 0, unsafe { sys::cuEventRecord(events[i].0, out_stream.stream) })
-        });
-        if let Err(e) = queued {
-            // No copy-in was queued yet: `out` is intact once its stream is idle.
-            let _ = out_stream.synchronize();
-            unmap_borrowed(&mapped);
-            return Err(resident(e, out));
-        }
-    }
-
-    // From here on, copies-in overwrite outgoing pieces: a failure leaves `out` saved (when
-    // every copy-out completed) or lost.
-    let after_out = |error: CudaError, out: VmmAllocation, incoming: VmmAllocation| {
-        let _ = in_stream.synchronize();
-        let saved = out_stream.synchronize().is_ok();
-        unmap_borrowed(&mapped);
-        drop(incoming);
-        drop(out);
-        SwitchFailed { error, left: if saved { SwitchLeft::Saved } else { SwitchLeft::Lost } }
-    };
-    for &(i, off) in &plan {
-        let size = out.pieces[i].size;
-        // SAFETY: the stream and the recorded event are live.
-        let waited = check("cuStreamWaitEvent", 0, unsafe { sys::cuStreamWaitEvent(in_stream.stream, events[i].0, 0) });
-        if let Err(e) = waited.and_then(|_| incoming.enqueue_copies(in_stream, &clip(restore, off, off + size), false))
-        {
-            return Err(after_out(e, out, incoming));
-        }
-    }
-    // The fresh piece now if the device has room, else after the copy-out frees the rest.
-    let mut fresh_pending = fresh_bytes > 0;
-    if fresh_pending {
-        if let Ok(h) = create_handle(&ctx, fresh_bytes) {
-            let queued = incoming
-                .add_piece(covered, fresh_bytes, h)
-                .and_then(|_| incoming.enqueue_copies(in_stream, &clip(restore, covered, in_size), false));
-            if let Err(e) = queued {
-                return Err(after_out(e, out, incoming));
-            }
-            fresh_pending = false;
-        }
+    if let Err(error) = queue_out(&out, out_stream, save, &p) {
+        let _ = out_stream.synchronize();
+        p.unmap_reused();
+        return Err(SwitchFailed { error, left: SwitchLeft::Resident(out) });
     }
     let mut out = out;
-    if let Err(e) = out_stream.synchronize() {
-        return Err(after_out(e, out, incoming));
-    }
-    let out_ms = ms(started);
-    // Every outgoing byte is saved: the pieces the plan does not reuse go back to the driver.
-    let reused: Vec<sys::CUmemGenericAllocationHandle> = plan.iter().map(|&(i, _)| out.pieces[i].handle).collect();
-    let mut k = out.pieces.len();
-    while k > 0 {
-        k -= 1;
-        if !reused.contains(&out.pieces[k].handle) {
-            let p = out.take_piece(k);
-            // SAFETY: unmapped by `take_piece`; the handle is released once.
-            unsafe { sys::cuMemRelease(p.handle) };
+    let out_ms = match run_copies(&mut out, &mut p, (out_stream, in_stream), restore, started) {
+        Ok(t) => t,
+        Err(error) => {
+            // Copies-in may have overwritten outgoing pieces: `out` is saved when every
+            // copy-out completed, else lost.
+            let _ = in_stream.synchronize();
+            let saved = out_stream.synchronize().is_ok();
+            p.unmap_reused();
+            drop(p);
+            drop(out);
+            return Err(SwitchFailed { error, left: if saved { SwitchLeft::Saved } else { SwitchLeft::Lost } });
         }
-    }
-    if fresh_pending {
-        let queued = create_handle(&ctx, fresh_bytes)
-            .and_then(|h| incoming.add_piece(covered, fresh_bytes, h))
-            .and_then(|_| incoming.enqueue_copies(in_stream, &clip(restore, covered, in_size), false));
-        if let Err(e) = queued {
-            return Err(after_out(e, out, incoming));
-        }
-    }
-    if let Err(e) = in_stream.synchronize() {
-        return Err(after_out(e, out, incoming));
-    }
+    };
     // The reused pieces change hands: unmapped from the outgoing range (already mapped in the
     // incoming one), owned by the incoming allocation.
-    for (&handle, &(_, off)) in reused.iter().zip(plan.iter()) {
-        if let Some(idx) = out.pieces.iter().position(|p| p.handle == handle) {
-            let p = out.take_piece(idx);
-            incoming.pieces.push(Piece { offset: off, size: p.size, handle: p.handle });
+    for r in &p.plan {
+        if let Some(idx) = out.pieces.iter().position(|piece| piece.handle == r.handle) {
+            let piece = out.take_piece(idx);
+            p.incoming.pieces.push(Piece { offset: r.offset, size: piece.size, handle: piece.handle });
         }
     }
-    incoming.pieces.sort_by_key(|p| p.offset);
+    p.incoming.pieces.sort_by_key(|piece| piece.offset);
     drop(out);
-    let times = SwitchTimes { map_ms, out_ms, total_ms: ms(started), reused_pieces: plan.len(), fresh_bytes };
-    Ok((incoming, times))
+    let fresh_bytes = p.incoming.size - p.covered;
+    let times = SwitchTimes { map_ms, out_ms, total_ms: ms(started), reused_pieces: p.plan.len(), fresh_bytes };
+    Ok((p.incoming, times))
 }
 
 #[cfg(test)]

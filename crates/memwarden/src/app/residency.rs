@@ -104,9 +104,9 @@ pub async fn resume_by_switch(app: &App, model: &Arc<HeldModel>) -> Result<Optio
         return Ok(None);
     }
     let available = app.service.measure_now(device).map(|(_, a)| a).unwrap_or(0);
-    for partner in app.weights.switch_partners(model, available) {
+    for partner in crate::weights::switch_partners(&app.weights, model, available) {
         let (store, out, inc) = (app.weights.clone(), partner.id.clone(), model.id.clone());
-        match detached(async move { store.switch(&out, &inc).await }).await {
+        match detached(async move { crate::weights::switch(&store, &out, &inc).await }).await {
             Ok(sw) => {
                 refresh(app, device);
                 tracing::info!(

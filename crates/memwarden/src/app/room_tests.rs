@@ -103,9 +103,17 @@ impl DedicatedMemory for TinyArena {
                 message: format!("{}: {bytes} bytes do not fit (simulated)", self.device),
             });
         }
-        self.live.fetch_sub(rounded, Ordering::SeqCst);
-        let inner = self.inner.alloc(rounded)?;
+        // The bytes stay counted while the block is made (two allocations racing cannot both
+        // pass the check), then are corrected to the block's real size.
+        let inner = match self.inner.alloc(rounded) {
+            Ok(b) => b,
+            Err(e) => {
+                self.live.fetch_sub(rounded, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         self.live.fetch_add(inner.size_bytes(), Ordering::SeqCst);
+        self.live.fetch_sub(rounded, Ordering::SeqCst);
         Ok(Box::new(Counted { inner, live: self.live.clone() }))
     }
     fn pinned_chunk(&self, bytes: u64) -> Result<PinnedChunk, DedicatedError> {

@@ -39,7 +39,7 @@ pub use memory::{PoolLimits, PoolStats};
 pub use ops::Attached;
 use residency::{host_memory_bytes, LoadDemand, RateBook, StateSink, STATE_EVENTS_CAPACITY};
 pub use residency::{DEFAULT_FILE_RESUME_BYTES_PER_S, DEFAULT_PARKED_RESUME_BYTES_PER_S};
-pub use switch::SwitchOutcome;
+pub use switch::{switch, switch_partners, SwitchOutcome};
 
 /// What a holder maps: the grant and one descriptor per piece of the memory, in order.
 pub type Grant = (WeightsGrant, Vec<SharedHandle>);

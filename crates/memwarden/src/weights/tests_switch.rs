@@ -3,6 +3,7 @@
 //! each model whole (resident or parked), with every pinned chunk back in the pool.
 
 use super::memory::ParkPool;
+use super::switch;
 use super::tests::{holder, mapped_bytes, model_file, req, shm_dir, GPU};
 use super::*;
 use crate::config::WeightsSection;
@@ -111,7 +112,7 @@ async fn a_switch_parks_one_model_and_resumes_the_other_with_every_byte_in_place
     let a = s.load(req(&pa, GPU), Some(Arc::new(ha.clone()))).await.expect("load a").model;
     let b = s.load(req(&pb, GPU), Some(Arc::new(hb.clone()))).await.expect("load b").model;
     s.park(&b.id).await.expect("park b");
-    let sw = s.switch(&a.id, &b.id).await.expect("switch");
+    let sw = switch::switch(&s, &a.id, &b.id).await.expect("switch");
     assert_eq!(ha.unmaps.load(Ordering::SeqCst), 1, "the outgoing model's holder unmapped first");
     let remaps: Vec<Vec<u8>> = lock(&hb.remaps).iter().map(|(_, bytes)| bytes.clone()).collect();
     assert_eq!(remaps.len(), 1, "the incoming model's holder was remapped");
@@ -122,7 +123,7 @@ async fn a_switch_parks_one_model_and_resumes_the_other_with_every_byte_in_place
     assert!(sw.parked.freed_bytes >= da.len() as u64);
     assert!(b.with_held(|h| h.parked.is_none() && h.resume.is_some()));
     // The outgoing model's parked copy is whole: it comes back byte for byte.
-    s.switch(&b.id, &a.id).await.expect("switch back");
+    switch::switch(&s, &b.id, &a.id).await.expect("switch back");
     assert_eq!(resident_bytes(&a, da.len()), da, "the outgoing model's bytes survived its park");
     assert_eq!(b.state(), WeightState::Parked);
 }
@@ -133,14 +134,14 @@ async fn a_failed_copy_out_leaves_the_outgoing_model_resident_and_the_incoming_o
     let (a, da, b, db) = two_models(&s, "fo").await;
     let registered = pool.registered_bytes();
     faults.save.store(true, Ordering::SeqCst);
-    let e = s.switch(&a.id, &b.id).await.expect_err("the copy-out fails");
+    let e = switch::switch(&s, &a.id, &b.id).await.expect_err("the copy-out fails");
     assert!(e.to_string().contains("injected"), "{e}");
     assert_eq!((a.state(), b.state()), (WeightState::Resident, WeightState::Parked));
     assert_eq!(resident_bytes(&a, da.len()), da, "the outgoing model was not touched");
     assert!(b.with_held(|h| h.parked.is_some() && h.block.is_none()), "the incoming model is still parked, whole");
     assert!(pool.registered_bytes() >= registered, "no chunk lost");
     faults.save.store(false, Ordering::SeqCst);
-    s.switch(&a.id, &b.id).await.expect("the same switch works once the fault is gone");
+    switch::switch(&s, &a.id, &b.id).await.expect("the same switch works once the fault is gone");
     assert_eq!(resident_bytes(&b, db.len()), db);
 }
 
@@ -149,7 +150,7 @@ async fn a_failed_allocation_leaves_both_models_parked_and_each_comes_back_whole
     let (s, faults, _) = faulty_store();
     let (a, da, b, db) = two_models(&s, "fa").await;
     faults.alloc.store(true, Ordering::SeqCst);
-    match s.switch(&a.id, &b.id).await {
+    match switch::switch(&s, &a.id, &b.id).await {
         Err(WeightsError::InsufficientMemory { .. }) => {}
         other => panic!("expected INSUFFICIENT_MEMORY, got {:?}", other.map(|o| o.overlapped)),
     }
@@ -171,7 +172,7 @@ async fn a_switch_whose_outgoing_model_is_in_use_changes_nothing() {
     let a = s.load(req(&pa, GPU), Some(Arc::new(busy.clone()))).await.expect("load a").model;
     let b = s.load(req(&pb, GPU), None).await.expect("load b").model;
     s.park(&b.id).await.expect("park b");
-    assert!(matches!(s.switch(&a.id, &b.id).await, Err(WeightsError::InUse(_))));
+    assert!(matches!(switch::switch(&s, &a.id, &b.id).await, Err(WeightsError::InUse(_))));
     assert_eq!((a.state(), b.state()), (WeightState::Resident, WeightState::Parked));
     assert_eq!(resident_bytes(&a, da.len()), da);
 }
@@ -185,7 +186,7 @@ async fn two_switches_racing_for_one_model_are_serialized_never_deadlocked() {
     s.park(&c.id).await.expect("park c");
     // Both want `a`'s room: one gets it, the other finds `a` parked (NotSupported), never both
     // refused for room and never stuck.
-    let (r1, r2) = tokio::join!(s.switch(&a.id, &b.id), s.switch(&a.id, &c.id));
+    let (r1, r2) = tokio::join!(switch::switch(&s, &a.id, &b.id), switch::switch(&s, &a.id, &c.id));
     let won = [r1.is_ok(), r2.is_ok()];
     assert_eq!(won.iter().filter(|w| **w).count(), 1, "exactly one switch takes a's room: {won:?}");
     let loser = if won[0] { r2 } else { r1 };
@@ -194,7 +195,7 @@ async fn two_switches_racing_for_one_model_are_serialized_never_deadlocked() {
     assert_eq!(resident_bytes(winner, data.len()), *data);
     // And a switch the other way round at the same time does not deadlock.
     let other = if won[0] { &c } else { &b };
-    let (x, y) = tokio::join!(s.switch(&winner.id, &other.id), s.switch(&other.id, &winner.id));
+    let (x, y) = tokio::join!(switch::switch(&s, &winner.id, &other.id), switch::switch(&s, &other.id, &winner.id));
     // Serialized: the second runs on what the first left (then valid again), or finds the
     // state changed; either way one model is resident and one parked, never both or neither.
     assert!(x.is_ok() || y.is_ok(), "at least one of two opposite switches runs");
