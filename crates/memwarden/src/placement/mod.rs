@@ -14,7 +14,6 @@ use crate::service::{Service, ServiceError};
 use crate::supervisor::{Conn, Slot, Supervisor, SupervisorError};
 use memwarden_core::{DeviceId, MemoryKind};
 use memwarden_protocol::Role;
-use std::future::Future;
 use std::sync::Arc;
 
 /// The device a model load goes to when the request names none.
@@ -108,36 +107,5 @@ impl Placement {
     /// move's): two requests racing for the same room are served one after the other.
     pub async fn room_lock(&self, device: DeviceId) -> tokio::sync::OwnedMutexGuard<()> {
         crate::optimizer::room::room_lock(&self.optimizer, device).await
-    }
-
-    /// Runs `attempt`; when it fails for want of memory on `device` (`short` says which errors
-    /// those are), takes the device's room lock, tries once more (a racing request may have
-    /// made the room meanwhile), makes room for `bytes` (never by `exclude`) and tries again.
-    /// A refusal to make room is turned into the caller's error by `refused`.
-    pub async fn with_room<T, E, Fut>(
-        &self,
-        device: DeviceId,
-        bytes: u64,
-        exclude: &str,
-        short: impl Fn(&E) -> bool,
-        refused: impl FnOnce(String) -> E,
-        attempt: impl Fn() -> Fut,
-    ) -> Result<T, E>
-    where
-        Fut: Future<Output = Result<T, E>>,
-    {
-        match attempt().await {
-            Err(e) if short(&e) => {
-                let _room = self.room_lock(device).await;
-                match attempt().await {
-                    Err(e) if short(&e) => {
-                        self.make_room(device, bytes, exclude).await.map_err(refused)?;
-                        attempt().await
-                    }
-                    other => other,
-                }
-            }
-            other => other,
-        }
     }
 }
