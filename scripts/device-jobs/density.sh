@@ -87,24 +87,50 @@ h = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}
 with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(h)) + h)
     f.truncate(8 + len(h) + size)
+# Each holder logs when its unmap handler began and ended, and what the driver calls took
+# (CLOCK_REALTIME, comparable across processes), so a slow unmapHolders says where it went.
 holder = """
-import sys, time, memwarden.client as mc
+import sys, time, memwarden.client as mc, memwarden.weights as mw
 c = mc.connect(sys.argv[1], name=sys.argv[3])
+log = open(sys.argv[4], "a", buffering=1)
+orig_handler, orig_unmap = mc.Client._unmap_weights, mw.CudaDriver.unmap
+def handler(self, data):
+    t0 = time.time_ns(); r = orig_handler(self, data); log.write(f"handler {t0} {time.time_ns()}\\n"); return r
+def unmap(self, ptr, pieces):
+    t0 = time.time_ns(); self.check(self.lib.cuCtxSynchronize(), "cuCtxSynchronize"); t1 = time.time_ns()
+    for off, n in pieces:
+        self.check(self.lib.cuMemUnmap(ptr + off, n), "cuMemUnmap")
+    log.write(f"driver {t0} {t1} {time.time_ns()}\\n")
+mc.Client._unmap_weights, mw.CudaDriver.unmap = handler, unmap
 w = c.load_weights(sys.argv[2], device="cuda:0")
 print("ready", flush=True)
 time.sleep(600)
 """
+def spans(logs, since_ns):
+    # per holder: (handler start, sync ms, unmap ms, handler end) of the last unmap, relative to since_ns
+    out = []
+    for lp in logs:
+        lines = [l.split() for l in open(lp) if l.strip()]
+        h = [l for l in lines if l[0] == "handler" and int(l[1]) >= since_ns]
+        dr = [l for l in lines if l[0] == "driver" and int(l[1]) >= since_ns]
+        if h and dr:
+            a, b = int(h[0][1]), int(h[0][2]); d0, d1, d2 = map(int, dr[0][1:])
+            out.append(f"start+{(a - since_ns) / 1e6:.1f} sync {(d1 - d0) / 1e6:.2f} unmap {(d2 - d1) / 1e6:.2f} end+{(b - since_ns) / 1e6:.1f}")
+    return out
 ok = True
 for n in (1, 4, 8):
-    procs = [subprocess.Popen([sys.executable, "-c", holder, sock, path, f"h{n}-{i}"], stdout=subprocess.PIPE, text=True)
+    logs = [os.path.join(d, f"h{n}-{i}.log") for i in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-c", holder, sock, path, f"h{n}-{i}", logs[i]], stdout=subprocess.PIPE, text=True)
              for i in range(n)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     m = next(w for w in api("GET", "/api/memory/models")["weights"] if w["path"] == path)
     times = []
     for _ in range(3):
+        since = time.time_ns()
         p = api("POST", f"/api/memory/models/{m['modelId']}/park")
         times.append(next(x["ms"] for x in p["phasesMs"] if x["phase"] == "unmapHolders"))
+        print("  holders:", "; ".join(spans(logs, since)))
         r = api("POST", f"/api/memory/models/{m['modelId']}/resume")
         remap = next(x["ms"] for x in r["phasesMs"] if x["phase"] == "remapHolders")
     print(f"{n} holder(s): unmapHolders {[round(t, 1) for t in times]} ms, last remapHolders {remap:.1f} ms")

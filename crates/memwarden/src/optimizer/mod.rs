@@ -71,7 +71,7 @@ impl OptimizeRequest {
 /// and the pressure thresholds it reports levels by. It releases through the parts it is given
 /// (the service's pools, the supervisor's workers, the weights memwarden holds) and owns none
 /// of them. Admission before a load is in `admission.rs`; the watchdog (`watchdog.rs`) and the
-/// held-weights rung (`held.rs`) are their own; making room for one model, and the lock that
+/// held-weights rungs, ranked with the worker models on a GPU (`held.rs`), are their own; making room for one model, and the lock that
 /// serializes it per device, in `room.rs`.
 pub struct Optimizer {
     service: Arc<Service>,
@@ -83,7 +83,7 @@ pub struct Optimizer {
     running: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<OptimizeOutcome>>,
     events: tokio::sync::broadcast::Sender<OptimizeOutcome>,
-    /// Model weights memwarden holds: parked (or dropped) before any worker model is touched.
+    /// Model weights memwarden holds: parked (or dropped) in one ranking with the worker models.
     weights: Option<Arc<crate::weights::WeightStore>>,
     /// One "make room, then take it" section at a time per device ([`room::room_lock`]).
     rooms: Mutex<BTreeMap<DeviceId, Arc<tokio::sync::Mutex<()>>>>,
@@ -303,10 +303,12 @@ impl Optimizer {
             }
         }
         self.trim_caches(device, &mut out).await;
-        let mut stopped_by_time = held::release(self, &req, climb_to, base, deadline, &mut out, held_back).await;
-        if !stopped_by_time && !nobody {
-            stopped_by_time = self.release_models(&req, climb_to, base, deadline, &mut out, held_back).await;
-        }
+        let stopped_by_time = if device.is_gpu() {
+            held::release_ranked(self, &req, climb_to, base, deadline, &mut out, held_back).await
+        } else {
+            held::release_on_host(self, &req, climb_to, base, deadline, &mut out, held_back).await
+                || (!nobody && self.release_models(&req, climb_to, base, deadline, &mut out, held_back).await)
+        };
         out.memory_measured = self.measure(device) - base;
         out.memory_freed = out.memory_measured.max(0) as u64;
         out.memory_claimed = out.steps.iter().map(|s| s.claimed_bytes).sum();
@@ -422,9 +424,10 @@ impl Optimizer {
         }
     }
 
-    /// (2, 3) Offload and unload, ranked, until `target` bytes are measurably free since
-    /// `base`, touching at most what is left of `max_models`. Returns whether the time limit
-    /// stopped it.
+    /// On the host, after the held rung: unload worker and client models, ranked, until `target`
+    /// bytes are measurably free since `base`, touching at most what is left of `max_models`
+    /// (a GPU ranks them with the held models: `held::release_ranked`). Returns whether the
+    /// time limit stopped it.
     async fn release_models(
         &self,
         req: &OptimizeRequest,
@@ -437,7 +440,6 @@ impl Optimizer {
         let device = req.device;
         let freed_so_far = (self.measure(device) - base).max(0) as u64;
         let candidates = self.candidates(device);
-        let host_room = if device.is_gpu() { self.host_room() } else { 0 };
         let cands: Vec<Candidate> = candidates
             .iter()
             .map(|(c, _)| c.clone())
@@ -449,7 +451,7 @@ impl Optimizer {
             &req.exclude,
             target.saturating_sub(freed_so_far),
             req.strategy,
-            host_room,
+            0, // on the host itself there is nowhere to offload to
             req.max_models.map(|m| m.saturating_sub(touched)),
         );
         for p in planned {
@@ -460,32 +462,45 @@ impl Optimizer {
                 return true;
             }
             let Some((_, slot)) = candidates.iter().find(|(c, _)| c.model_id == p.model_id) else { continue };
-            let (step, ok) = match p.action {
-                StepAction::Offload => {
-                    let offload = OffloadModel { model_id: p.model_id.clone(), target: DeviceId::Cpu.to_string() };
-                    self.worker_step(device, slot, &offload, "offload", &p.model_id).await
-                }
-                _ => {
-                    let unload = UnloadModel { model_id: p.model_id.clone() };
-                    self.worker_step(device, slot, &unload, "unload", &p.model_id).await
-                }
-            };
-            if ok {
-                if p.action == StepAction::Offload {
-                    out.models_offloaded.push(p.model_id.clone());
-                } else {
-                    out.models_unloaded.push(p.model_id.clone());
-                }
-                if !step.verified {
-                    self.unverified(slot, &p.model_id, step.claimed_bytes, step.measured_bytes);
-                }
-            } else {
-                let why = step.error.clone().unwrap_or_else(|| "no reason given".into());
-                held_back.push(room::HeldBack { model_id: p.model_id.clone(), reason: room::HoldReason::Failed(why) });
-            }
-            out.steps.push(step);
+            self.release_planned(device, slot, &p, out, held_back).await;
         }
         false
+    }
+
+    /// Offloads or unloads one worker or client model as planned, as one step of `out`; a
+    /// refusal is noted in `held_back`.
+    async fn release_planned(
+        &self,
+        device: DeviceId,
+        slot: &Slot,
+        p: &eviction::Planned,
+        out: &mut OptimizeOutcome,
+        held_back: &mut Vec<room::HeldBack>,
+    ) {
+        let (step, ok) = match p.action {
+            StepAction::Offload => {
+                let offload = OffloadModel { model_id: p.model_id.clone(), target: DeviceId::Cpu.to_string() };
+                self.worker_step(device, slot, &offload, "offload", &p.model_id).await
+            }
+            _ => {
+                let unload = UnloadModel { model_id: p.model_id.clone() };
+                self.worker_step(device, slot, &unload, "unload", &p.model_id).await
+            }
+        };
+        if ok {
+            if p.action == StepAction::Offload {
+                out.models_offloaded.push(p.model_id.clone());
+            } else {
+                out.models_unloaded.push(p.model_id.clone());
+            }
+            if !step.verified {
+                self.unverified(slot, &p.model_id, step.claimed_bytes, step.measured_bytes);
+            }
+        } else {
+            let why = step.error.clone().unwrap_or_else(|| "no reason given".into());
+            held_back.push(room::HeldBack { model_id: p.model_id.clone(), reason: room::HoldReason::Failed(why) });
+        }
+        out.steps.push(step);
     }
 
     /// One call to a worker, with its claim re-measured on `device`; the bool says whether the
@@ -561,7 +576,7 @@ fn model_processes_rss_bytes(supervisor: &Supervisor) -> u64 {
 }
 
 /// No worker or client is connected: the rungs that ask one cannot run.
-fn out_of_reach(o: &Optimizer) -> bool {
+pub(super) fn out_of_reach(o: &Optimizer) -> bool {
     o.supervisor.slots().iter().all(|s| s.conn().is_none())
 }
 

@@ -6,14 +6,16 @@
 //! so two requests racing for the same room are served one after the other: the second
 //! re-checks after the first has taken its share, and makes room of its own when none is left.
 //!
-//! Order of release: the ladder's rungs (`mod.rs`): caches, then memwarden's held weights
-//! (parked, least valuable first), then worker and client models. Held weights go before any
-//! worker model whatever their priorities, because a park is the cheapest release there is:
-//! the bytes move to pinned host memory at PCIe speed, the model keeps its id and its holders'
-//! addresses, and a resume brings it back in a copy (no file read, no process involved), where
-//! offloading or unloading a worker's model costs a reload from its file, or its process's
-//! cooperation. Among held models the ranking is the store's (priority, then least recently
-//! used); among worker models it is the eviction ranking (`memwarden_core::eviction`).
+//! Order of release: the ladder's rungs (`mod.rs`): caches, then, on a GPU, memwarden's idle
+//! held weights and the worker and client models **ranked together** by one score
+//! (`memwarden_core::eviction::eviction_score`: priority, time since last use, reload rate;
+//! `held.rs`). A held model's reload rate is the resume a park would cost, from the measured
+//! rates, so at equal priority and idle time it goes first: a park is the cheapest release
+//! there is (the bytes move to pinned host memory at PCIe speed, the model keeps its id and its
+//! holders' addresses, and a resume is a copy, no file read, no process involved), where
+//! offloading or unloading a worker's model costs a reload from its file or its process's
+//! cooperation. A held model of high priority, or used a moment ago, still stays while a
+//! worker's low-priority model long idle goes. On the host, parked copies are dropped first.
 
 use super::{OptimizeRequest, Optimizer};
 use crate::sync::lock;

@@ -47,8 +47,14 @@ impl Held {
     /// last read of the file, else the device's average, else
     /// [`DEFAULT_FILE_RESUME_BYTES_PER_S`].
     pub(super) fn resume_estimate_ms(&self, size_bytes: u64) -> u64 {
+        self.resume_estimate_ms_as(self.state, size_bytes)
+    }
+
+    /// [`Held::resume_estimate_ms`] as if the model were in `state`: the optimizer prices a park
+    /// by the resume it would cost (`Parked`).
+    pub fn resume_estimate_ms_as(&self, state: WeightState, size_bytes: u64) -> u64 {
         let rates = self.sink.as_ref().map(|s| &s.rates);
-        let bytes_per_s = match self.state {
+        let bytes_per_s = match state {
             WeightState::Resident | WeightState::Orphaned => return 0,
             WeightState::Parked => self
                 .resume
