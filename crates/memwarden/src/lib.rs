@@ -21,4 +21,6 @@ pub mod server;
 pub mod service;
 pub mod supervisor;
 pub mod sync;
+#[cfg(test)]
+mod test_dirs;
 pub mod weights;

@@ -31,9 +31,7 @@ const CAPACITY: u64 = 90 * MIB;
 const MODEL: u64 = 32 * MIB;
 
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mw-room-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("dir");
-    d
+    crate::test_dirs::scratch_dir("mw-room")
 }
 
 /// Dedicated memory of a GPU with [`CAPACITY`] bytes: host memory, counted, refused past the

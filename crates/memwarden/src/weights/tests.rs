@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub(super) const GPU: DeviceId = DeviceId::Gpu(memwarden_core::GpuApi::Cuda, 0);
 
 pub(super) fn shm_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mw-weights-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("dir");
-    d
+    crate::test_dirs::scratch_dir("mw-weights")
 }
 
 /// Host memory that says it is a GPU whose models park: runs the park/resume state machine in CI.
