@@ -224,6 +224,8 @@ pub struct LoadBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum LoadedDto {
+    /// A diffusers pipeline folder: its components, each held on its own.
+    Pipeline(super::HeldPipelineDto),
     Held(super::HeldModelDto),
     Worker(LoadedModelDto),
 }
