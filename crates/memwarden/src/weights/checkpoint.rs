@@ -31,7 +31,7 @@ pub enum Checkpoint {
 }
 
 /// A diffusers pipeline: its folder, its name (the group of its components) and each component
-/// that has weights, in the order `model_index.json` names them.
+/// that has weights, in name order.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     pub path: PathBuf,
@@ -68,7 +68,7 @@ pub fn open_model(path: &Path, check: bool) -> Result<ModelFile, WeightsError> {
     let path = std::fs::canonicalize(path).map_err(|e| WeightsError::file(path, e))?;
     if path.is_dir() {
         if path.join(PIPELINE_INDEX).is_file() {
-            let names = pipeline_components(&path)?.into_iter().map(|(name, _)| name).collect::<Vec<_>>();
+            let names = weighted_components(&path)?.into_iter().map(|(name, _)| name).collect::<Vec<_>>();
             return Err(WeightsError::NotSupported(format!(
                 "{} is a diffusers pipeline ({PIPELINE_INDEX}): load it over HTTP (POST /api/memory/models/load), \
                  or load each component's folder ({})",
@@ -196,15 +196,17 @@ fn pipeline_components(dir: &Path) -> Result<Vec<(String, PathBuf)>, WeightsErro
         .collect())
 }
 
-/// A pipeline's components that have weights (a tokenizer or a scheduler has none), each a
-/// model of its own.
+/// The components whose folders have weights (a tokenizer or a scheduler has none).
+fn weighted_components(dir: &Path) -> Result<Vec<(String, PathBuf)>, WeightsError> {
+    let all = pipeline_components(dir)?;
+    Ok(all.into_iter().filter(|(_, folder)| folder.is_dir() && model_folder_file(folder).is_ok()).collect())
+}
+
+/// A pipeline's components that have weights, each a model of its own.
 fn open_pipeline(dir: &Path, check: bool) -> Result<Pipeline, WeightsError> {
     let group = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into());
     let mut components = Vec::new();
-    for (name, folder) in pipeline_components(dir)? {
-        if !folder.is_dir() || model_folder_file(&folder).is_err() {
-            continue;
-        }
+    for (name, folder) in weighted_components(dir)? {
         let mut m = open_model(&folder, check)?;
         m.component = Some(name);
         m.group = Some(group.clone());
@@ -222,4 +224,4 @@ fn open_pipeline(dir: &Path, check: bool) -> Result<Pipeline, WeightsError> {
 
 #[cfg(test)]
 #[path = "checkpoint_tests.rs"]
-mod tests;
+pub(super) mod tests;

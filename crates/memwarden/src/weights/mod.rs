@@ -580,4 +580,6 @@ impl WeightStore {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_checkpoint;
+#[cfg(test)]
 mod tests_switch;
