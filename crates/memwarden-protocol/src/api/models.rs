@@ -226,7 +226,7 @@ pub struct LoadBody {
 pub enum LoadedDto {
     /// A diffusers pipeline folder: its components, each held on its own.
     Pipeline(super::HeldPipelineDto),
-    Held(super::HeldModelDto),
+    Held(Box<super::HeldModelDto>),
     Worker(LoadedModelDto),
 }
 

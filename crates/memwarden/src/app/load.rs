@@ -160,9 +160,10 @@ pub async fn load(
         let loaded = match checkpoint {
             Checkpoint::Model(file) => {
                 let loads = Loads { optimizer: &app.optimizer, weights: &app.weights };
-                loads.held_file(file, req, None, progress, Some(&app.placement)).await.map(|a| {
-                    LoadedDto::Held(app.weights.dto(&a.model))
-                })
+                loads
+                    .held_file(file, req, None, progress, Some(&app.placement))
+                    .await
+                    .map(|a| LoadedDto::Held(Box::new(app.weights.dto(&a.model))))
             }
             Checkpoint::Pipeline(p) => held_pipeline(app, p, req, progress).await.map(LoadedDto::Pipeline),
         };

@@ -113,7 +113,8 @@ fn read_json(path: &Path) -> Result<serde_json::Value, WeightsError> {
 fn open_index(index: &Path, check: bool) -> Result<ModelFile, WeightsError> {
     let bad = |m: String| WeightsError::InvalidFile(format!("{}: {m}", index.display()));
     let json = read_json(index)?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let map =
+        json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object".into()))?;
     let dir = index.parent().unwrap_or(Path::new("/"));
     // tensor → shard file name, and each shard file with one tensor the index puts in it.
     let mut wanted: BTreeMap<&str, &str> = BTreeMap::new();
@@ -186,9 +187,8 @@ fn check_index(
 fn pipeline_components(dir: &Path) -> Result<Vec<(String, PathBuf)>, WeightsError> {
     let index = dir.join(PIPELINE_INDEX);
     let json = read_json(&index)?;
-    let map = json
-        .as_object()
-        .ok_or_else(|| WeightsError::InvalidFile(format!("{}: not a JSON object", index.display())))?;
+    let map =
+        json.as_object().ok_or_else(|| WeightsError::InvalidFile(format!("{}: not a JSON object", index.display())))?;
     Ok(map
         .iter()
         .filter(|(name, v)| !name.starts_with('_') && v.as_array().is_some_and(|a| a.len() == 2 && !a[0].is_null()))

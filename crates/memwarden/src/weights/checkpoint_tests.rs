@@ -62,18 +62,21 @@ pub(crate) fn write_index(path: &Path, map: &[(&str, &str)]) {
 
 /// A sharded model in `dir`: three shards (`a`,`b` | `c` | `d`), with an index.
 pub(crate) fn sharded(dir: &Path, seed: u8) {
-    write_st(&dir.join("model-00001-of-00003.safetensors"), &[
-        ("a", "F32", vec![3, 5], bytes(60, seed)),
-        ("b", "BF16", vec![7], bytes(14, seed + 1)),
-    ]);
+    write_st(
+        &dir.join("model-00001-of-00003.safetensors"),
+        &[("a", "F32", vec![3, 5], bytes(60, seed)), ("b", "BF16", vec![7], bytes(14, seed + 1))],
+    );
     write_st(&dir.join("model-00002-of-00003.safetensors"), &[("c", "I64", vec![2], bytes(16, seed + 2))]);
     write_st(&dir.join("model-00003-of-00003.safetensors"), &[("d", "U8", vec![5], bytes(5, seed + 3))]);
-    write_index(&dir.join("model.safetensors.index.json"), &[
-        ("a", "model-00001-of-00003.safetensors"),
-        ("b", "model-00001-of-00003.safetensors"),
-        ("c", "model-00002-of-00003.safetensors"),
-        ("d", "model-00003-of-00003.safetensors"),
-    ]);
+    write_index(
+        &dir.join("model.safetensors.index.json"),
+        &[
+            ("a", "model-00001-of-00003.safetensors"),
+            ("b", "model-00001-of-00003.safetensors"),
+            ("c", "model-00002-of-00003.safetensors"),
+            ("d", "model-00003-of-00003.safetensors"),
+        ],
+    );
 }
 
 fn invalid(r: Result<ModelFile, WeightsError>) -> String {
@@ -133,8 +136,11 @@ fn a_pipeline_folder_is_one_model_per_component_with_weights() {
     )
     .expect("model_index");
     sharded(&p.join("unet"), 3);
-    std::fs::rename(p.join("unet/model.safetensors.index.json"), p.join("unet/diffusion_pytorch_model.safetensors.index.json"))
-        .expect("rename");
+    std::fs::rename(
+        p.join("unet/model.safetensors.index.json"),
+        p.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+    )
+    .expect("rename");
     write_st(&p.join("vae/diffusion_pytorch_model.safetensors"), &[("v", "F16", vec![4], bytes(8, 5))]);
     write_st(&p.join("text_encoder/model.safetensors"), &[("e", "F32", vec![2], bytes(8, 6))]);
     std::fs::create_dir_all(p.join("tokenizer")).expect("tokenizer");
@@ -157,7 +163,9 @@ fn a_pipeline_folder_is_one_model_per_component_with_weights() {
         std::fs::remove_dir_all(p.join(c)).expect("rm");
     }
     match Checkpoint::open(&p) {
-        Err(WeightsError::InvalidFile(m)) => assert!(m.contains("no component") && m.contains("model.safetensors"), "{m}"),
+        Err(WeightsError::InvalidFile(m)) => {
+            assert!(m.contains("no component") && m.contains("model.safetensors"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -168,7 +176,10 @@ fn an_index_naming_a_missing_shard_names_the_shard_and_a_tensor() {
     sharded(&d.0, 1);
     std::fs::remove_file(d.0.join("model-00002-of-00003.safetensors")).expect("rm");
     let m = invalid(ModelFile::open(&d.0));
-    assert!(m.contains("model-00002-of-00003.safetensors") && m.contains("\"c\"") && m.contains("does not exist"), "{m}");
+    assert!(
+        m.contains("model-00002-of-00003.safetensors") && m.contains("\"c\"") && m.contains("does not exist"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -189,10 +200,10 @@ fn a_shard_whose_header_lies_is_named() {
 fn two_shards_naming_one_tensor_name_both_files_and_the_tensor() {
     let d = Dir::new("twice");
     sharded(&d.0, 1);
-    write_st(&d.0.join("model-00003-of-00003.safetensors"), &[
-        ("d", "U8", vec![5], bytes(5, 0)),
-        ("a", "F32", vec![3, 5], bytes(60, 0)),
-    ]);
+    write_st(
+        &d.0.join("model-00003-of-00003.safetensors"),
+        &[("d", "U8", vec![5], bytes(5, 0)), ("a", "F32", vec![3, 5], bytes(60, 0))],
+    );
     let m = invalid(ModelFile::open(&d.0));
     assert!(m.contains("\"a\" is in two shards"), "{m}");
     assert!(m.contains("model-00001-of-00003.safetensors") && m.contains("model-00003-of-00003.safetensors"), "{m}");
@@ -204,30 +215,39 @@ fn a_tensor_the_index_and_its_shard_disagree_on_is_named() {
     sharded(&d.0, 1);
     let index = d.0.join("model.safetensors.index.json");
     // Named in the index, absent from its shard.
-    write_index(&index, &[
-        ("a", "model-00001-of-00003.safetensors"),
-        ("b", "model-00001-of-00003.safetensors"),
-        ("c", "model-00002-of-00003.safetensors"),
-        ("d", "model-00003-of-00003.safetensors"),
-        ("ghost", "model-00002-of-00003.safetensors"),
-    ]);
+    write_index(
+        &index,
+        &[
+            ("a", "model-00001-of-00003.safetensors"),
+            ("b", "model-00001-of-00003.safetensors"),
+            ("c", "model-00002-of-00003.safetensors"),
+            ("d", "model-00003-of-00003.safetensors"),
+            ("ghost", "model-00002-of-00003.safetensors"),
+        ],
+    );
     let m = invalid(ModelFile::open(&index));
     assert!(m.contains("\"ghost\"") && m.contains("model-00002-of-00003.safetensors does not hold it"), "{m}");
     // In a shard, absent from the index.
-    write_index(&index, &[
-        ("a", "model-00001-of-00003.safetensors"),
-        ("c", "model-00002-of-00003.safetensors"),
-        ("d", "model-00003-of-00003.safetensors"),
-    ]);
+    write_index(
+        &index,
+        &[
+            ("a", "model-00001-of-00003.safetensors"),
+            ("c", "model-00002-of-00003.safetensors"),
+            ("d", "model-00003-of-00003.safetensors"),
+        ],
+    );
     let m = invalid(ModelFile::open(&index));
     assert!(m.contains("\"b\" is in shard model-00001-of-00003.safetensors, the index names it nowhere"), "{m}");
     // In another shard than the index says.
-    write_index(&index, &[
-        ("a", "model-00001-of-00003.safetensors"),
-        ("b", "model-00001-of-00003.safetensors"),
-        ("c", "model-00003-of-00003.safetensors"),
-        ("d", "model-00003-of-00003.safetensors"),
-    ]);
+    write_index(
+        &index,
+        &[
+            ("a", "model-00001-of-00003.safetensors"),
+            ("b", "model-00001-of-00003.safetensors"),
+            ("c", "model-00003-of-00003.safetensors"),
+            ("d", "model-00003-of-00003.safetensors"),
+        ],
+    );
     let m = invalid(ModelFile::open(&index));
     assert!(m.contains("\"c\""), "{m}");
     // Not an index at all, or one reaching outside its folder.

@@ -125,8 +125,7 @@ fn parse_header(header: &[u8]) -> Result<Vec<TensorEntry>, String> {
             }
         }
     }
-    let metadata: safetensors::tensor::Metadata =
-        serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
     let mut tensors: Vec<TensorEntry> = metadata
         .tensors()
         .into_iter()

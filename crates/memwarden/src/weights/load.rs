@@ -85,7 +85,8 @@ pub fn fill_counting(
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
-                let work = Work { file, chunks: &chunks, next: &next, failed: &failed, hashes: &hashes, hash, progress };
+                let work =
+                    Work { file, chunks: &chunks, next: &next, failed: &failed, hashes: &hashes, hash, progress };
                 if let Err(e) = work.run(block) {
                     failed.store(true, Ordering::Relaxed);
                     lock(&first_error).get_or_insert(e);
@@ -135,7 +136,8 @@ impl Work<'_> {
             let f = match &mut open[c.shard] {
                 Some(f) => f,
                 slot => slot.insert(
-                    std::fs::File::open(&shard.identity.path).map_err(|e| WeightsError::file(&shard.identity.path, e))?,
+                    std::fs::File::open(&shard.identity.path)
+                        .map_err(|e| WeightsError::file(&shard.identity.path, e))?,
                 ),
             };
             let len = c.len as usize;

@@ -31,7 +31,10 @@ async fn a_sharded_checkpoint_loads_as_one_block_and_the_index_shares_the_folder
     let listed = &s.list()[0];
     assert_eq!(listed.files.len(), 3);
     assert!(listed.files[1].path.ends_with("model-00002-of-00003.safetensors"));
-    assert_eq!(listed.files[1].bytes, std::fs::metadata(d.0.join("model-00002-of-00003.safetensors")).expect("m").len());
+    assert_eq!(
+        listed.files[1].bytes,
+        std::fs::metadata(d.0.join("model-00002-of-00003.safetensors")).expect("m").len()
+    );
     assert_eq!(listed.size_bytes, grant.data_bytes);
     assert_eq!(listed.name, d.0.file_name().expect("name").to_string_lossy());
     let hashes = a.model.with_held(|h| h.file_hashes.clone());

@@ -89,7 +89,8 @@ fn a_sharded_checkpoint_is_one_held_model_and_a_changed_shard_is_named() {
     let m = &body["data"];
     let id = m["modelId"].as_str().expect("id").to_string();
     assert_eq!((m["tensorCount"].as_u64(), m["name"].as_str()), (Some(3), Some("tiny-llm")));
-    let files: Vec<&str> = m["files"].as_array().expect("files").iter().map(|f| f["path"].as_str().expect("p")).collect();
+    let files: Vec<&str> =
+        m["files"].as_array().expect("files").iter().map(|f| f["path"].as_str().expect("p")).collect();
     assert!(files.len() == 2 && files[0].ends_with(S1) && files[1].ends_with(S2), "{m}");
     assert_eq!(m["sizeBytes"], 4096 + 3, "the second shard starts at 4 KiB");
     let (code, again) = load(&s, json!({"path": folder}));
@@ -115,8 +116,11 @@ fn a_pipeline_folder_is_a_group_of_components_each_held_on_its_own() {
         "scheduler": ["diffusers", "PNDMScheduler"], "feature_extractor": [null, null]});
     std::fs::write(p.join("model_index.json"), index.to_string()).expect("model_index");
     sharded(&p.join("unet"));
-    std::fs::rename(p.join("unet/model.safetensors.index.json"), p.join("unet/diffusion_pytorch_model.safetensors.index.json"))
-        .expect("rename");
+    std::fs::rename(
+        p.join("unet/model.safetensors.index.json"),
+        p.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+    )
+    .expect("rename");
     write_st(&p.join("vae/diffusion_pytorch_model.safetensors"), &[("v", "F16", vec![8], vec![5; 16])]);
     write_st(&p.join("text_encoder/model.safetensors"), &[("e", "F8_E4M3", vec![8], vec![6; 8])]);
     std::fs::create_dir_all(p.join("scheduler")).expect("scheduler");
@@ -162,7 +166,12 @@ fn bad_checkpoints_are_refused_by_name_and_nothing_is_held() {
     assert_error(&load(&s, json!({"path": twice})), 422, "INVALID_MODEL_FILE", "tensor \"a\" is in two shards");
     let ghost = sharded(&dir.join("ghost"));
     write_index(&ghost.join("model.safetensors.index.json"), &[("a", S1), ("b", S1), ("c", S2), ("ghost", S2)]);
-    assert_error(&load(&s, json!({"path": ghost})), 422, "INVALID_MODEL_FILE", "tensor \"ghost\" is named in the index");
+    assert_error(
+        &load(&s, json!({"path": ghost})),
+        422,
+        "INVALID_MODEL_FILE",
+        "tensor \"ghost\" is named in the index",
+    );
     let unknown = dir.join("q.safetensors");
     write_st(&unknown, &[("q", "Q4_K", vec![2], vec![0; 1])]);
     assert_error(&load(&s, json!({"path": unknown})), 422, "INVALID_MODEL_FILE", "dtype \"Q4_K\"");
