@@ -54,6 +54,19 @@ impl Checkpoint {
     }
 }
 
+impl ModelFile {
+    /// A model of one path: a `.safetensors` file, a `*.safetensors.index.json` or a model
+    /// folder, its headers checked against the files' sizes.
+    pub fn open(path: &Path) -> Result<ModelFile, WeightsError> {
+        open_model(path, true)
+    }
+
+    /// What the headers declare, without checking that the data is there.
+    pub fn declared(path: &Path) -> Result<ModelFile, WeightsError> {
+        open_model(path, false)
+    }
+}
+
 fn open(path: &Path, check: bool) -> Result<Checkpoint, WeightsError> {
     let canonical = std::fs::canonicalize(path).map_err(|e| WeightsError::file(path, e))?;
     if canonical.is_dir() && canonical.join(PIPELINE_INDEX).is_file() {

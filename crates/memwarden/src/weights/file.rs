@@ -164,17 +164,6 @@ pub struct ModelFile {
 }
 
 impl ModelFile {
-    /// A model of one path: a `.safetensors` file, a `*.safetensors.index.json` or a model
-    /// folder ([`super::checkpoint`]), its headers checked against the files' sizes.
-    pub fn open(path: &Path) -> Result<ModelFile, WeightsError> {
-        super::checkpoint::open_model(path, true)
-    }
-
-    /// What the headers declare, without checking that the data is there.
-    pub fn declared(path: &Path) -> Result<ModelFile, WeightsError> {
-        super::checkpoint::open_model(path, false)
-    }
-
     /// Lays `shards` out in one block, in order; their tensors must have distinct names.
     pub fn from_shards(path: PathBuf, mut shards: Vec<Shard>) -> ModelFile {
         let mut at = 0u64;
