@@ -221,7 +221,8 @@ class Client:
 
     def load_weights(self, path: str, device: str = "cpu", name: Optional[str] = None, priority: int = 50,
                      pinned: bool = False, keep_alive_ms: Optional[int] = None, timeout_s: float = 600) -> Weights:
-        """Has the daemon load `path` (a .safetensors file) onto `device`, or share what it already
+        """Has the daemon load `path` (a .safetensors file, a sharded checkpoint's
+        *.safetensors.index.json, or a model folder: one mapping for all its shards) onto `device`, or share what it already
         holds of it, and maps its memory here: returns the tensors as ``Weights``. One process
         holds a model once: loading it again returns the same ``Weights``. Raises DaemonError
         (FILE_NOT_FOUND, INVALID_MODEL_FILE, INSUFFICIENT_MEMORY, …)."""

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
 from . import PROTOCOL_VERSION, SUPPORTED_VERSIONS
-from .dtypes import DTYPE_BYTES
+from .dtypes import DTYPE_BITS
 
 MAX_LINE_BYTES = 4 << 20
 
@@ -328,7 +328,7 @@ def _tensor_entry(t: Any) -> bool:
     return (
         isinstance(t, dict)
         and isinstance(t.get("name"), str)
-        and t.get("dtype") in DTYPE_BYTES
+        and t.get("dtype") in DTYPE_BITS
         and isinstance(t.get("shape"), list)
         and all(_int(d) and d >= 0 for d in t["shape"])
         and _check(t.get("offset"), "u64") and t.get("offset") is not None

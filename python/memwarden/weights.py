@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import protocol as P
-from .dtypes import DTYPE_BYTES, NUMPY_DTYPES, TORCH_DTYPES
+from .dtypes import DTYPE_BITS, NUMPY_DTYPES, tensor_nbytes, torch_dtype
 from .endpoint import close_fds
 from .errors import WorkerError
 from .runtime import has_module, import_torch
@@ -52,8 +52,10 @@ def check_layout(grant: Dict[str, Any]) -> None:
     to its element size (a typed view needs it). Raises INVALID_DATA."""
     size = grant["allocationBytes"]
     for t in grant["tensors"]:
-        item = DTYPE_BYTES[t["dtype"]]
-        if t["nbytes"] != math.prod(t["shape"]) * item:
+        if t["dtype"] not in DTYPE_BITS:
+            raise P.ProtocolError(P.INVALID_DATA, f"tensor {t['name']!r}: unknown dtype {t['dtype']!r}")
+        item = max(1, DTYPE_BITS[t["dtype"]] // 8)
+        if t["nbytes"] != tensor_nbytes(t["dtype"], t["shape"]):
             raise P.ProtocolError(P.INVALID_DATA, f"tensor {t['name']!r}: {t['nbytes']} bytes do not fit {t['dtype']}{t['shape']}")
         if t["offset"] + t["nbytes"] > size:
             raise P.ProtocolError(P.INVALID_DATA, f"tensor {t['name']!r} ends past the {size}-byte mapping")
@@ -248,11 +250,15 @@ def pick_backend(handle: str) -> str:
 
 
 def _torch_views(base: Any, tensors: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Typed views of `base` (uint8); a dtype torch has no type for (F4, F6_*, or one this
+    torch lacks) is given as its raw bytes, a 1-D uint8 tensor of `nbytes`."""
     torch = import_torch()
-    return {
-        t["name"]: base[t["offset"]: t["offset"] + t["nbytes"]].view(getattr(torch, TORCH_DTYPES[t["dtype"]])).reshape(t["shape"])
-        for t in tensors
-    }
+    out = {}
+    for t in tensors:
+        raw = base[t["offset"]: t["offset"] + t["nbytes"]]
+        dtype = torch_dtype(torch, t["dtype"])
+        out[t["name"]] = raw if dtype is None else raw.view(dtype).reshape(t["shape"])
+    return out
 
 
 def _host_views(mm: mmap.mmap, tensors: List[Dict[str, Any]], backend: str) -> Dict[str, Any]:
@@ -261,13 +267,18 @@ def _host_views(mm: mmap.mmap, tensors: List[Dict[str, Any]], backend: str) -> D
     if backend == "numpy":
         import numpy as np  # noqa: PLC0415
 
-        return {
-            t["name"]: np.frombuffer(mm, dtype=NUMPY_DTYPES[t["dtype"]], count=math.prod(t["shape"]),
-                                     offset=t["offset"]).reshape(t["shape"])
-            for t in tensors
-        }
+        return {t["name"]: _numpy_view(np, mm, t) for t in tensors}
     whole = memoryview(mm)
     return {t["name"]: whole[t["offset"]: t["offset"] + t["nbytes"]] for t in tensors}
+
+
+def _numpy_view(np: Any, mm: mmap.mmap, t: Dict[str, Any]) -> Any:
+    """A numpy view of one tensor; a dtype numpy has no type of its width for (F4, F6_*) is
+    given as its raw bytes (1-D uint8)."""
+    dtype = NUMPY_DTYPES.get(t["dtype"])
+    if dtype is None:
+        return np.frombuffer(mm, dtype="u1", count=t["nbytes"], offset=t["offset"])
+    return np.frombuffer(mm, dtype=dtype, count=math.prod(t["shape"]), offset=t["offset"]).reshape(t["shape"])
 
 
 def _map_shm(fd: int, size: int) -> mmap.mmap:

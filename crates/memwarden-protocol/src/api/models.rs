@@ -224,7 +224,9 @@ pub struct LoadBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum LoadedDto {
-    Held(super::HeldModelDto),
+    /// A diffusers pipeline folder: its components, each held on its own.
+    Pipeline(super::HeldPipelineDto),
+    Held(Box<super::HeldModelDto>),
     Worker(LoadedModelDto),
 }
 

@@ -45,11 +45,24 @@ pub struct RateDto {
 pub struct HeldModelDto {
     pub model_id: String,
     pub name: String,
+    /// What the load named: a `.safetensors` file, a `*.safetensors.index.json`, or a model
+    /// (or pipeline component) folder.
     pub path: String,
+    /// The safetensors files it was read from, in the order their data lies in its memory (one
+    /// for a single file; every shard of a sharded checkpoint).
+    #[serde(default)]
+    pub files: Vec<WeightFileDto>,
+    /// A diffusers pipeline's component: its sub-folder's name (`unet`, `vae`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// The pipeline the component belongs to (the pipeline folder's name, or the load's `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// The device it lives on when resident (and returns to on a plain resume).
     pub device_id: String,
     pub state: WeightState,
-    /// The tensors' bytes (the file's data section).
+    /// The tensors' bytes: the file's data section; for shards, their data sections laid end
+    /// to end, each starting at a 4 KiB boundary.
     pub size_bytes: u64,
     /// Device (or, on cpu, shared host) memory held now.
     pub resident_bytes: u64,
@@ -77,6 +90,29 @@ pub struct HeldModelDto {
     pub resume_estimate_ms: u64,
     /// Set while orphaned: when the grace period ends.
     pub orphaned_until: Option<String>,
+}
+
+/// One safetensors file of a held model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightFileDto {
+    pub path: String,
+    /// The file's size on disk.
+    pub bytes: u64,
+}
+
+/// The reply to a load of a diffusers pipeline folder: one held model per component that has
+/// weights, each with `group` set to the pipeline's name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldPipelineDto {
+    /// The pipeline folder.
+    pub path: String,
+    /// The pipeline's name: each component's `group`.
+    pub group: String,
+    /// The components' tensor bytes together.
+    pub size_bytes: u64,
+    pub components: Vec<HeldModelDto>,
 }
 
 /// A held model changed state (`modelState` on `GET /api/memory/events`): loaded, parked,

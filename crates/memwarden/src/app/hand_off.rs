@@ -14,7 +14,7 @@ pub async fn hand_to(store: &Arc<WeightStore>, conn: &Arc<Conn>, model: &Arc<Hel
     let holder = Arc::new(ConnHolder(conn.clone()));
     let (grant, fds) = store.attach_holder(model, holder).await.map_err(|e| e.to_string())?;
     let req = memwarden_protocol::LoadModel {
-        path: model.file.identity.path.display().to_string(),
+        path: model.file.path.display().to_string(),
         name: Some(model.name.clone()),
         device_id: grant.device_id.clone(),
         priority: model.priority,

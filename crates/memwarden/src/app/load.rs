@@ -10,10 +10,11 @@ use crate::operations::Progress;
 use crate::optimizer::admission::{AdmissionError, Ticket};
 use crate::optimizer::Optimizer;
 use crate::placement::Placement;
+use crate::weights::checkpoint::{Checkpoint, Pipeline};
 use crate::weights::file::ModelFile;
 use crate::weights::{Attached, LoadRequest, WeightHolder, WeightStore, WeightsError};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{LoadBody, LoadedDto, LoadedModelDto, WeightState};
+use memwarden_protocol::api::{HeldPipelineDto, LoadBody, LoadedDto, LoadedModelDto, WeightState};
 use memwarden_protocol::{LoadModel, Role, DEFAULT_PRIORITY};
 use std::future::Future;
 use std::path::Path;
@@ -35,7 +36,8 @@ pub struct Loads<'a> {
 }
 
 impl Loads<'_> {
-    /// Loads `req` into memwarden's memory (or shares the copy already held) through admission,
+    /// Loads `req` (one model: a file, an index or a model folder) into memwarden's memory (or
+    /// shares the copy already held) through admission,
     /// reporting to `progress`. `holder` maps it at once (a peer's `loadWeights`); with
     /// `hand_to`, a model freshly read is handed to the least loaded worker that can map it.
     pub async fn held(
@@ -51,6 +53,18 @@ impl Loads<'_> {
         let file = tokio::task::spawn_blocking(move || ModelFile::open(&path))
             .await
             .map_err(|e| WeightsError::Internal(format!("worker thread: {e}")))??;
+        self.held_file(file, req, holder, progress, hand_to).await
+    }
+
+    /// [`Loads::held`] of a model whose headers were read ([`ModelFile::open`]).
+    pub async fn held_file(
+        &self,
+        file: ModelFile,
+        req: LoadRequest,
+        holder: Option<Arc<dyn WeightHolder>>,
+        progress: Option<Arc<Progress>>,
+        hand_to: Option<&Placement>,
+    ) -> Result<Attached, LoadError> {
         if let Some(p) = &progress {
             p.set_total(file.data_bytes);
         }
@@ -59,8 +73,9 @@ impl Loads<'_> {
         let device = req.device;
         // A copy of the file resident on the device already is shared: it takes no memory, so
         // there is nothing to admit (and nothing to park for it, least of all itself).
+        let identity = file.identity();
         let shared = self.weights.models().iter().any(|m| {
-            m.file.identity == file.identity
+            m.file.identity() == identity
                 && m.device() == device
                 && matches!(m.state(), WeightState::Resident | WeightState::Orphaned)
         });
@@ -137,11 +152,24 @@ pub async fn load(
             pinned: body.pinned,
             keep_alive_ms: body.keep_alive_ms,
         };
-        let loads = Loads { optimizer: &app.optimizer, weights: &app.weights };
-        let result = loads.held(req, None, progress, Some(&app.placement)).await;
+        let path = req.path.clone();
+        // The headers (and indexes), read once: broken input fails here, before admission.
+        let checkpoint = tokio::task::spawn_blocking(move || Checkpoint::open(&path))
+            .await
+            .map_err(|e| WeightsError::Internal(format!("worker thread: {e}")))??;
+        let loaded = match checkpoint {
+            Checkpoint::Model(file) => {
+                let loads = Loads { optimizer: &app.optimizer, weights: &app.weights };
+                loads
+                    .held_file(file, req, None, progress, Some(&app.placement))
+                    .await
+                    .map(|a| LoadedDto::Held(Box::new(app.weights.dto(&a.model))))
+            }
+            Checkpoint::Pipeline(p) => held_pipeline(app, p, req, progress).await.map(LoadedDto::Pipeline),
+        };
         let _ = app.service.measure_now(device);
         let _ = app.service.measure_now(DeviceId::Cpu);
-        return Ok(LoadedDto::Held(app.weights.dto(&result?.model)));
+        return Ok(loaded?);
     }
     let dev = device.to_string();
     app.supervisor.wait_while_starting(|s| s.role == Role::Worker && s.serves(&dev)).await;
@@ -154,6 +182,50 @@ pub async fn load(
         p.set(p.total(), p.total());
     }
     Ok(LoadedDto::Worker(loaded))
+}
+
+/// Loads each component of a pipeline that has weights as a held model of its own, named
+/// `group/component` (the group: the load's `name`, else the folder's). A component that fails
+/// fails the load, and the components this load read are unloaded again.
+async fn held_pipeline(
+    app: &App,
+    pipeline: Pipeline,
+    req: LoadRequest,
+    progress: Option<Arc<Progress>>,
+) -> Result<HeldPipelineDto, LoadError> {
+    let group = req.name.clone().unwrap_or(pipeline.group);
+    let total: u64 = pipeline.components.iter().map(|c| c.data_bytes).sum();
+    if let Some(p) = &progress {
+        p.set_total(total);
+    }
+    let loads = Loads { optimizer: &app.optimizer, weights: &app.weights };
+    let mut held: Vec<Attached> = Vec::new();
+    for mut file in pipeline.components {
+        let component = file.component.clone().unwrap_or_default();
+        file.group = Some(group.clone());
+        let req = LoadRequest { path: file.path.clone(), name: Some(format!("{group}/{component}")), ..req.clone() };
+        let bytes = file.data_bytes;
+        match loads.held_file(file, req, None, None, Some(&app.placement)).await {
+            Ok(a) => held.push(a),
+            Err(e) => {
+                for a in held.iter().filter(|a| !a.reused) {
+                    if let Err(undo) = app.weights.unload(&a.model.id).await {
+                        tracing::warn!(model = %a.model.id, "a pipeline's component stays held after the load failed: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        if let Some(p) = &progress {
+            p.add(bytes);
+        }
+    }
+    Ok(HeldPipelineDto {
+        path: pipeline.path.display().to_string(),
+        group,
+        size_bytes: total,
+        components: held.iter().map(|a| app.weights.dto(&a.model)).collect(),
+    })
 }
 
 /// A worker's load through admission: the estimate from the header (read once), the worker
@@ -196,7 +268,7 @@ pub async fn by_worker(
 /// worker, more lenient about headers, decides).
 pub async fn declared_bytes(path: &Path) -> Option<u64> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || ModelFile::declared(&path).map(|f| f.data_bytes).ok()).await.ok().flatten()
+    tokio::task::spawn_blocking(move || Checkpoint::declared_bytes(&path).ok()).await.ok().flatten()
 }
 
 /// Runs `load` holding an admission ticket for `estimate` bytes on `device` (none when the

@@ -183,12 +183,17 @@ pub enum Command {
     Pools { device: Option<String> },
     /// Models per device (with what their processes measurably hold), and the workers' states.
     Models { device: Option<String> },
-    /// Load a .safetensors model: `load /models/unet.safetensors --device cuda:0`.
+    /// Load a model: `load /models/unet.safetensors --device cuda:0`.
+    ///
+    /// PATH is a `.safetensors` file, a sharded checkpoint's `*.safetensors.index.json`, a model
+    /// folder (its `model.safetensors.index.json` or `model.safetensors`; diffusers' component
+    /// names too) or a diffusers pipeline folder (`model_index.json`: each component with
+    /// weights is held as a model of its own, grouped under the pipeline).
     ///
     /// On a terminal it runs in the background and draws a progress bar (bytes read against the
     /// model's tensor bytes; a worker's load reports nothing until it ends).
     Load {
-        /// Absolute path (relative paths are made absolute here).
+        /// A file, an index or a folder (relative paths are made absolute here).
         path: PathBuf,
         #[arg(long)]
         device: Option<String>,

@@ -107,6 +107,18 @@ pub fn load(client: &Client, body: &LoadBody, as_json: bool) -> Result<String, C
     }
     let m = match a.data {
         LoadedDto::Held(h) => return Ok(held_line("loaded", &h, h.load.as_ref())),
+        LoadedDto::Pipeline(p) => {
+            let mut out = format!(
+                "loaded pipeline {} ({} components, {}):\n",
+                p.group,
+                p.components.len(),
+                format_bytes(p.size_bytes)
+            );
+            for c in &p.components {
+                out.push_str(&held_line("  loaded", c, c.load.as_ref()));
+            }
+            return Ok(out);
+        }
         LoadedDto::Worker(m) => m,
     };
     Ok(format!(

@@ -1,6 +1,6 @@
-//! A model file as the weights store sees it: its identity (path, size, mtime), its tensors
-//! (from the safetensors header, checked against the file's real size before anything is
-//! allocated), and its content hash.
+//! A model as the weights store sees it: its files' identities (path, size, mtime), their
+//! tensors (from each safetensors header, checked against the file's real size before anything
+//! is allocated) laid out in one block, and the content hash.
 
 use super::WeightsError;
 use memwarden_core::units::MIB;
@@ -41,21 +41,27 @@ impl FileIdentity {
     }
 }
 
-/// A parsed, checked safetensors file: where its data starts and its tensors, with offsets
-/// from the start of the data (which is where the weights mapping starts).
+/// Each shard's data starts at a multiple of this in the model's block, so a tensor keeps the
+/// alignment it has in its file.
+pub const SHARD_ALIGN_BYTES: u64 = 4096;
+
+/// One parsed, checked safetensors file of a checkpoint: where its data starts in the file,
+/// where it lies in the model's block (`base`), and its tensors with offsets from the start of
+/// its own data.
 #[derive(Debug, Clone)]
-pub struct ModelFile {
+pub struct Shard {
     pub identity: FileIdentity,
     pub data_start: u64,
     pub data_bytes: u64,
+    pub base: u64,
     pub tensors: Vec<TensorEntry>,
 }
 
-impl ModelFile {
+impl Shard {
     /// Reads and checks the header. A header that is not JSON, names an unknown dtype, whose
     /// shapes disagree with its offsets, or whose data runs past the end of the file is
     /// `InvalidFile`: nothing has been allocated yet.
-    pub fn open(path: &Path) -> Result<ModelFile, WeightsError> {
+    pub fn open(path: &Path) -> Result<Shard, WeightsError> {
         let f = Self::declared(path)?;
         if f.data_start + f.data_bytes > f.identity.size_bytes {
             return Err(WeightsError::InvalidFile(format!(
@@ -70,7 +76,7 @@ impl ModelFile {
 
     /// What the header declares, read from its first 8 + N bytes alone, without checking that
     /// the data is there (admission estimates a load from this).
-    pub fn declared(path: &Path) -> Result<ModelFile, WeightsError> {
+    pub fn declared(path: &Path) -> Result<Shard, WeightsError> {
         let path = std::fs::canonicalize(path).map_err(|e| WeightsError::file(path, e))?;
         let identity = FileIdentity::of(&path)?;
         let bad = |m: String| WeightsError::InvalidFile(format!("{}: {m}", path.display()));
@@ -83,23 +89,9 @@ impl ModelFile {
         }
         let mut header = vec![0u8; n as usize];
         f.read_exact(&mut header).map_err(|e| bad(format!("reading the header: {e}")))?;
-        // `Metadata`'s deserializer checks that offsets are contiguous and match each shape.
-        let metadata: safetensors::tensor::Metadata =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-        let mut tensors: Vec<TensorEntry> = metadata
-            .tensors()
-            .into_iter()
-            .map(|(name, t)| TensorEntry {
-                name,
-                dtype: format!("{:?}", t.dtype),
-                shape: t.shape.iter().map(|&d| d as u64).collect(),
-                offset: t.data_offsets.0 as u64,
-                nbytes: (t.data_offsets.1 - t.data_offsets.0) as u64,
-            })
-            .collect();
-        tensors.sort_by_key(|t| t.offset);
+        let tensors = parse_header(&header).map_err(bad)?;
         let data_bytes = tensors.iter().map(|t| t.offset + t.nbytes).max().unwrap_or(0);
-        Ok(ModelFile { identity, data_start: 8 + n, data_bytes, tensors })
+        Ok(Shard { identity, data_start: 8 + n, data_bytes, base: 0, tensors })
     }
 
     /// Whether the file on disk still has this identity (size and mtime).
@@ -116,6 +108,97 @@ impl ModelFile {
             )));
         }
         Ok(())
+    }
+}
+
+/// The tensors a safetensors header names, sorted by offset. A dtype the format does not define
+/// is named; `Metadata`'s deserializer checks that offsets are contiguous and match each shape.
+fn parse_header(header: &[u8]) -> Result<Vec<TensorEntry>, String> {
+    let raw: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
+    for (name, t) in raw.iter().filter(|(name, _)| name.as_str() != "__metadata__") {
+        if let Some(dtype) = t.get("dtype").and_then(|d| d.as_str()) {
+            if serde_json::from_value::<safetensors::Dtype>(dtype.into()).is_err() {
+                return Err(format!(
+                    "header: tensor {name:?} has dtype {dtype:?}, which the safetensors format does not define"
+                ));
+            }
+        }
+    }
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
+    let mut tensors: Vec<TensorEntry> = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| TensorEntry {
+            name,
+            dtype: format!("{:?}", t.dtype),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            offset: t.data_offsets.0 as u64,
+            nbytes: (t.data_offsets.1 - t.data_offsets.0) as u64,
+        })
+        .collect();
+    tensors.sort_by_key(|t| t.offset);
+    Ok(tensors)
+}
+
+/// What makes two loads "the same checkpoint": the same files, each with the same path, size
+/// and modification time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckpointIdentity(pub Vec<FileIdentity>);
+
+/// A model as the store holds it: one safetensors file, or the shards of a sharded checkpoint
+/// laid end to end in one block (each shard at its `base`), with every tensor's offset from the
+/// start of the block.
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    /// What was asked for (a file, an index or a folder), canonical.
+    pub path: PathBuf,
+    pub shards: Vec<Shard>,
+    /// The block's bytes: the last shard's end.
+    pub data_bytes: u64,
+    pub tensors: Vec<TensorEntry>,
+    /// A diffusers pipeline's component (its sub-folder's name).
+    pub component: Option<String>,
+    /// The pipeline a component belongs to.
+    pub group: Option<String>,
+}
+
+impl ModelFile {
+    /// Lays `shards` out in one block, in order; their tensors must have distinct names.
+    pub fn from_shards(path: PathBuf, mut shards: Vec<Shard>) -> ModelFile {
+        let mut at = 0u64;
+        let mut tensors = Vec::new();
+        for s in &mut shards {
+            s.base = at.div_ceil(SHARD_ALIGN_BYTES) * SHARD_ALIGN_BYTES;
+            tensors.extend(s.tensors.iter().map(|t| TensorEntry { offset: t.offset + s.base, ..t.clone() }));
+            at = s.base + s.data_bytes;
+        }
+        ModelFile { path, shards, data_bytes: at, tensors, component: None, group: None }
+    }
+
+    pub fn identity(&self) -> CheckpointIdentity {
+        CheckpointIdentity(self.shards.iter().map(|s| s.identity.clone()).collect())
+    }
+
+    /// Whether every file on disk still has its identity (size and mtime); the error names
+    /// the first that changed.
+    pub fn unchanged_on_disk(&self) -> Result<(), WeightsError> {
+        self.shards.iter().try_for_each(Shard::unchanged_on_disk)
+    }
+
+    /// The model's hash from its files' hashes: a single file's own hash; several files': the
+    /// BLAKE3 of theirs in order.
+    pub fn model_hash(file_hashes: &[String]) -> String {
+        match file_hashes {
+            [one] => one.clone(),
+            many => {
+                let mut h = blake3::Hasher::new();
+                for f in many {
+                    h.update(f.as_bytes());
+                }
+                h.finalize().to_hex().to_string()
+            }
+        }
     }
 }
 
@@ -149,7 +232,7 @@ mod tests {
             r#"{"b":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]},"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#,
             &[7u8; 32],
         );
-        let f = ModelFile::open(&p).expect("parsed");
+        let f = Shard::open(&p).expect("parsed");
         assert_eq!(f.data_bytes, 32);
         assert_eq!(
             f.tensors.iter().map(|t| (t.name.as_str(), t.dtype.as_str(), t.offset)).collect::<Vec<_>>(),
@@ -178,7 +261,7 @@ mod tests {
             ),
         ];
         for (what, path, needle) in cases {
-            match ModelFile::open(&path) {
+            match Shard::open(&path) {
                 Err(WeightsError::InvalidFile(m)) => assert!(m.contains(needle), "{what}: {m}"),
                 other => panic!("{what}: {other:?}"),
             }
@@ -187,15 +270,15 @@ mod tests {
         huge.extend_from_slice(b"{}");
         let p = std::env::temp_dir().join(format!("mw-wfile-{}-huge.safetensors", std::process::id()));
         std::fs::write(&p, huge).expect("write");
-        assert!(matches!(ModelFile::open(&p), Err(WeightsError::InvalidFile(_))));
-        assert!(matches!(ModelFile::open(Path::new("/nonexistent/x.safetensors")), Err(WeightsError::FileNotFound(_))));
+        assert!(matches!(Shard::open(&p), Err(WeightsError::InvalidFile(_))));
+        assert!(matches!(Shard::open(Path::new("/nonexistent/x.safetensors")), Err(WeightsError::FileNotFound(_))));
     }
 
     #[test]
     fn a_changed_file_is_detected_by_size_or_mtime() {
         let header = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
         let p = write_file("changed", header, &[1, 2, 3, 4]);
-        let f = ModelFile::open(&p).expect("parsed");
+        let f = Shard::open(&p).expect("parsed");
         std::fs::write(&p, b"something else entirely").expect("rewrite");
         assert!(matches!(f.unchanged_on_disk(), Err(WeightsError::FileChanged(_))));
     }

@@ -1,11 +1,12 @@
-//! The loader: several threads read a model file's data section in chunks and put each chunk
-//! into the model's block (for a GPU, through each thread's pinned staging ring, so the copies
+//! The loader: several threads read a model's files' data sections in chunks (a chunk lies in
+//! one file; the threads take chunks of every file at once) and put each chunk into the
+//! model's block (for a GPU, through each thread's pinned staging ring, so the copies
 //! overlap the reads), hashing every chunk as it passes.
 
-use super::file::{combine_hashes, ModelFile, HASH_CHUNK_BYTES};
+use super::file::{combine_hashes, ModelFile, Shard, HASH_CHUNK_BYTES};
 use super::WeightsError;
 use memwarden_backends::{DedicatedBlock, DedicatedError};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,10 @@ const PIECE_BYTES: usize = (512 * KIB) as usize;
 /// What a load measured.
 #[derive(Debug, Clone)]
 pub struct Loaded {
+    /// The model's hash ([`ModelFile::model_hash`]); empty when not hashed.
     pub hash: String,
+    /// Each file's hash, in the model's shard order (empty when not hashed).
+    pub file_hashes: Vec<String>,
     pub elapsed: Duration,
 }
 
@@ -30,13 +34,37 @@ pub fn thread_count(configured: usize, data_bytes: u64) -> usize {
     want.clamp(1, data_bytes.div_ceil(HASH_CHUNK_BYTES).max(1) as usize)
 }
 
-/// Fills `block` with the file's data section. The first error stops every thread; the block
-/// is then the caller's to drop.
+/// One chunk of the model: `len` bytes of shard `shard`'s data at `offset`. Every file is
+/// chunked from its own start, so each file's hash is the same as when loaded alone.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    shard: usize,
+    offset: u64,
+    len: u64,
+    /// Its index among its shard's chunks.
+    nth: usize,
+}
+
+fn chunks_of(file: &ModelFile) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    for (shard, s) in file.shards.iter().enumerate() {
+        for nth in 0..s.data_bytes.div_ceil(HASH_CHUNK_BYTES) {
+            let offset = nth * HASH_CHUNK_BYTES;
+            out.push(Chunk { shard, offset, len: HASH_CHUNK_BYTES.min(s.data_bytes - offset), nth: nth as usize });
+        }
+    }
+    out
+}
+
+/// Fills `block` with the model's data: every shard's data section at its base. The first
+/// error stops every thread; the block is then the caller's to drop.
 pub fn fill(block: &dyn DedicatedBlock, file: &ModelFile, threads: usize, hash: bool) -> Result<Loaded, WeightsError> {
     fill_counting(block, file, threads, hash, None)
 }
 
-/// [`fill`], adding the bytes read from the file to `progress` as they come (a piece at a time).
+/// [`fill`], adding the bytes read from the files to `progress` as they come (a piece at a
+/// time). The threads take chunks in order, whichever shard they belong to: the files are read
+/// at once.
 pub fn fill_counting(
     block: &dyn DedicatedBlock,
     file: &ModelFile,
@@ -45,47 +73,21 @@ pub fn fill_counting(
     progress: Option<&Progress>,
 ) -> Result<Loaded, WeightsError> {
     let started = Instant::now();
-    let chunks = file.data_bytes.div_ceil(HASH_CHUNK_BYTES);
-    let next = AtomicU64::new(0);
+    let chunks = chunks_of(file);
+    let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let hashes = Mutex::new(vec![[0u8; 32]; chunks as usize]);
+    let hashes: Vec<Mutex<Vec<[u8; 32]>>> = file
+        .shards
+        .iter()
+        .map(|s| Mutex::new(vec![[0u8; 32]; s.data_bytes.div_ceil(HASH_CHUNK_BYTES) as usize]))
+        .collect();
     let first_error: Mutex<Option<WeightsError>> = Mutex::new(None);
-    let path = &file.identity.path;
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
-                let result = (|| -> Result<(), WeightsError> {
-                    let f = std::fs::File::open(path).map_err(|e| WeightsError::file(path, e))?;
-                    let mut writer = block.writer(HASH_CHUNK_BYTES)?;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= chunks || failed.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let offset = i * HASH_CHUNK_BYTES;
-                        let len = HASH_CHUNK_BYTES.min(file.data_bytes - offset) as usize;
-                        // The filler's own error (a read that failed) stands over the writer's.
-                        let mut failure: Option<WeightsError> = None;
-                        let put = writer.put(offset, &mut |buf: &mut [u8]| {
-                            let read = read_chunk(&f, file, &mut buf[..len], offset, hash, progress);
-                            let read = read.map(|digest| {
-                                if let Some(d) = digest {
-                                    lock(&hashes)[i as usize] = d;
-                                }
-                                len
-                            });
-                            read.map_err(|e| {
-                                failure = Some(e);
-                                DedicatedError::Stopped
-                            })
-                        });
-                        if let Err(e) = put {
-                            return Err(failure.take().unwrap_or_else(|| e.into()));
-                        }
-                    }
-                    Ok(writer.finish()?)
-                })();
-                if let Err(e) = result {
+                let work =
+                    Work { file, chunks: &chunks, next: &next, failed: &failed, hashes: &hashes, hash, progress };
+                if let Err(e) = work.run(block) {
                     failed.store(true, Ordering::Relaxed);
                     lock(&first_error).get_or_insert(e);
                 }
@@ -95,26 +97,88 @@ pub fn fill_counting(
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let hashes = hashes.into_inner().unwrap_or_else(|p| p.into_inner());
-    let hash = if hash { combine_hashes(&hashes, file.data_bytes) } else { String::new() };
-    Ok(Loaded { hash, elapsed: started.elapsed() })
+    let file_hashes: Vec<String> = if hash {
+        hashes
+            .into_iter()
+            .zip(&file.shards)
+            .map(|(h, s)| combine_hashes(&h.into_inner().unwrap_or_else(|p| p.into_inner()), s.data_bytes))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let hash = if hash { ModelFile::model_hash(&file_hashes) } else { String::new() };
+    Ok(Loaded { hash, file_hashes, elapsed: started.elapsed() })
 }
 
-/// Reads the file's data section at `offset` into `buf`, in pieces small enough to stay in the
+/// What every loader thread shares.
+struct Work<'a> {
+    file: &'a ModelFile,
+    chunks: &'a [Chunk],
+    next: &'a AtomicUsize,
+    failed: &'a AtomicBool,
+    hashes: &'a [Mutex<Vec<[u8; 32]>>],
+    hash: bool,
+    progress: Option<&'a Progress>,
+}
+
+impl Work<'_> {
+    /// One thread: takes the next chunk until none is left or another thread failed.
+    fn run(&self, block: &dyn DedicatedBlock) -> Result<(), WeightsError> {
+        let mut open: Vec<Option<std::fs::File>> = self.file.shards.iter().map(|_| None).collect();
+        let mut writer = block.writer(HASH_CHUNK_BYTES)?;
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(&c) = self.chunks.get(i) else { break };
+            if self.failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let shard = &self.file.shards[c.shard];
+            let f = match &mut open[c.shard] {
+                Some(f) => f,
+                slot => slot.insert(
+                    std::fs::File::open(&shard.identity.path)
+                        .map_err(|e| WeightsError::file(&shard.identity.path, e))?,
+                ),
+            };
+            let len = c.len as usize;
+            // The filler's own error (a read that failed) stands over the writer's.
+            let mut failure: Option<WeightsError> = None;
+            let put = writer.put(shard.base + c.offset, &mut |buf: &mut [u8]| {
+                let read = read_chunk(f, shard, &mut buf[..len], c.offset, self.hash, self.progress);
+                let read = read.map(|digest| {
+                    if let Some(d) = digest {
+                        lock(&self.hashes[c.shard])[c.nth] = d;
+                    }
+                    len
+                });
+                read.map_err(|e| {
+                    failure = Some(e);
+                    DedicatedError::Stopped
+                })
+            });
+            if let Err(e) = put {
+                return Err(failure.take().unwrap_or_else(|| e.into()));
+            }
+        }
+        Ok(writer.finish()?)
+    }
+}
+
+/// Reads a shard's data section at `offset` into `buf`, in pieces small enough to stay in the
 /// core's L2 cache, hashing each one while it is there (`hash`): the hash then costs no second
 /// pass over memory (the same hash as of the whole chunk at once). Returns the chunk's hash.
 fn read_chunk(
     f: &std::fs::File,
-    file: &ModelFile,
+    shard: &Shard,
     buf: &mut [u8],
     offset: u64,
     hash: bool,
     progress: Option<&Progress>,
 ) -> Result<Option<[u8; 32]>, WeightsError> {
-    let path = &file.identity.path;
+    let path = &shard.identity.path;
     let mut hasher = hash.then(blake3::Hasher::new);
     for (k, piece) in buf.chunks_mut(PIECE_BYTES).enumerate() {
-        let at = file.data_start + offset + (k * PIECE_BYTES) as u64;
+        let at = shard.data_start + offset + (k * PIECE_BYTES) as u64;
         memwarden_sys::fs::read_exact_at(f, piece, at)
             .map_err(|e| WeightsError::LoadFailed(format!("reading {} at {at}: {e}", path.display())))?;
         if let Some(h) = hasher.as_mut() {

@@ -9,6 +9,7 @@
 //! model are serialized by its `op` lock; holders are asked to unmap before any memory is
 //! taken from under them.
 
+pub mod checkpoint;
 pub mod file;
 pub mod holder;
 pub mod load;
@@ -24,7 +25,7 @@ use file::ModelFile;
 use memory::{ParkBuffer, ParkPool};
 use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{rfc3339, HeldModelDto, ModelStateEventDto, RateDto, WeightState};
+use memwarden_protocol::api::{rfc3339, HeldModelDto, ModelStateEventDto, RateDto, WeightFileDto, WeightState};
 use memwarden_protocol::{codes, GrantPiece, UnmapWeights, WeightsGrant};
 use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
@@ -161,6 +162,8 @@ pub struct Held {
     /// The holder whose death orphaned it: a restarted worker of that id re-attaches it.
     pub orphaned_by: Option<String>,
     pub hash: String,
+    /// Each file's hash, in shard order (a resume from the file checks each).
+    pub file_hashes: Vec<String>,
     pub load: Option<Rate>,
     pub park: Option<Rate>,
     pub resume: Option<Rate>,
@@ -244,7 +247,15 @@ impl HeldModel {
         HeldModelDto {
             model_id: self.id.clone(),
             name: self.name.clone(),
-            path: self.file.identity.path.display().to_string(),
+            path: self.file.path.display().to_string(),
+            files: self
+                .file
+                .shards
+                .iter()
+                .map(|s| WeightFileDto { path: s.identity.path.display().to_string(), bytes: s.identity.size_bytes })
+                .collect(),
+            component: self.file.component.clone(),
+            group: self.file.group.clone(),
             device_id: h.device.to_string(),
             state: h.state,
             size_bytes: self.file.data_bytes,
@@ -568,5 +579,7 @@ impl WeightStore {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_checkpoint;
 #[cfg(test)]
 mod tests_switch;

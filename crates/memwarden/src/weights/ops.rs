@@ -16,6 +16,37 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use time::OffsetDateTime;
 
+/// A model's name when the load gives none: a component's `group/component`; a file's stem; a
+/// folder's (or an index's folder's) name.
+fn default_name(file: &ModelFile) -> Option<String> {
+    if let (Some(g), Some(c)) = (&file.group, &file.component) {
+        return Some(format!("{g}/{c}"));
+    }
+    let p = &file.path;
+    let named = if p.is_dir() {
+        p.file_name()
+    } else if p.to_string_lossy().ends_with(".index.json") {
+        p.parent().and_then(|d| d.file_name())
+    } else {
+        p.file_stem()
+    };
+    named.map(|s| s.to_string_lossy().into_owned())
+}
+
+/// After a resume read the files again: each file's hash is the one it had when loaded
+/// (`expected`, empty when loads are not hashed), else FILE_CHANGED naming the file.
+fn check_hashes(file: &ModelFile, expected: &[String], got: &[String]) -> Result<(), WeightsError> {
+    for ((shard, was), now) in file.shards.iter().zip(expected).zip(got) {
+        if was != now {
+            return Err(WeightsError::FileChanged(format!(
+                "{} changed in place since it was loaded (hash {was} → {now}); nothing stale was loaded",
+                shard.identity.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn ms(t: Instant) -> f64 {
     ms_of(t.elapsed())
 }
@@ -79,7 +110,8 @@ impl WeightStore {
             p.set_total(file.data_bytes);
         }
         let _loading = self.loading.lock().await;
-        let existing = self.models().into_iter().find(|m| m.file.identity == file.identity && m.device() == req.device);
+        let identity = file.identity();
+        let existing = self.models().into_iter().find(|m| m.file.identity() == identity && m.device() == req.device);
         if let Some(model) = existing {
             let _op = model.op.lock().await;
             self.still_held(&model)?;
@@ -106,9 +138,7 @@ impl WeightStore {
         })
         .await?;
         let id = format!("w-{}", self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let name = req.name.clone().unwrap_or_else(|| {
-            file.identity.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| id.clone())
-        });
+        let name = req.name.clone().unwrap_or_else(|| default_name(&file).unwrap_or_else(|| id.clone()));
         tracing::info!(
             model = %id, bytes = file.data_bytes, ms = loaded.elapsed.as_secs_f64() * 1e3, threads,
             "weights loaded into memwarden memory on {}", req.device
@@ -134,6 +164,7 @@ impl WeightStore {
                 orphaned_since: None,
                 orphaned_by: None,
                 hash: loaded.hash,
+                file_hashes: loaded.file_hashes,
                 load: Some(Rate::now(file.data_bytes, loaded.elapsed)),
                 park: None,
                 resume: None,
@@ -368,15 +399,8 @@ impl WeightStore {
                     None => {
                         m.file.unchanged_on_disk()?;
                         let loaded = load::fill(&*block, &m.file, threads, hash_on_load)?;
-                        let expected = lock(&m.held).hash.clone();
-                        if loaded.hash != expected {
-                            return Err(WeightsError::FileChanged(format!(
-                                "{} changed in place since it was loaded (hash {} → {}); nothing stale was loaded",
-                                m.file.identity.path.display(),
-                                expected,
-                                loaded.hash
-                            )));
-                        }
+                        let expected = lock(&m.held).file_hashes.clone();
+                        check_hashes(&m.file, &expected, &loaded.file_hashes)?;
                     }
                 }
                 Ok(block)

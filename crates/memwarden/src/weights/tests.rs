@@ -38,7 +38,7 @@ impl DedicatedMemory for SimulatedGpu {
     }
 }
 
-fn store(config: WeightsSection) -> Arc<WeightStore> {
+pub(super) fn store(config: WeightsSection) -> Arc<WeightStore> {
     store_with(config, PoolLimits { chunk_bytes: 4 << 20, floor_bytes: 0, max_bytes: 1 << 30 })
 }
 

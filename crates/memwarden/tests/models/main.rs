@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod checkpoints;
 mod client_memory;
 mod weights;
 mod weights_clients;
