@@ -295,13 +295,7 @@ impl Optimizer {
 
         // With no worker or client to ask, the rungs that need one are left out and the others
         // (memwarden's own caches and the weights it holds) run: the seed's degraded mode.
-        let nobody = out_of_reach(self);
-        if nobody {
-            let reason = self.supervisor.unavailable_reason();
-            for rung in ["trimCache", "offload", "unload"] {
-                out.rungs_skipped.push(SkippedRung { rung: rung.into(), reason: reason.clone() });
-            }
-        }
+        let nobody = self.note_out_of_reach(&mut out);
         self.trim_caches(device, &mut out).await;
         let stopped_by_time = if device.is_gpu() {
             held::release_ranked(self, &req, climb_to, base, deadline, &mut out, held_back).await
@@ -317,6 +311,19 @@ impl Optimizer {
         out.new_pressure_category = category_after.as_str().to_string();
         out.message = self.summary(&req, &out, one_model, target, stopped_by_time);
         self.finish(out, started)
+    }
+
+    /// With no worker or client to ask: notes the rungs that need one as skipped, with the
+    /// reason, and says so.
+    fn note_out_of_reach(&self, out: &mut OptimizeOutcome) -> bool {
+        if !out_of_reach(self) {
+            return false;
+        }
+        let reason = self.supervisor.unavailable_reason();
+        for rung in ["trimCache", "offload", "unload"] {
+            out.rungs_skipped.push(SkippedRung { rung: rung.into(), reason: reason.clone() });
+        }
+        true
     }
 
     /// A climbed run's message: what it freed of what it wanted and, when short, what limited it.
