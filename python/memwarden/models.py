@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from . import protocol as P
 from . import safetensors_io as st
-from .dtypes import DTYPE_BYTES, NUMPY_DTYPES, NUMPY_LACKS, TORCH_DTYPES
+from .dtypes import DTYPE_BYTES, NUMPY_DTYPES, NUMPY_LACKS, torch_dtype
 from .errors import WorkerError
 from .runtime import cuda_devices, has_module, import_torch, malloc_trim, rss_bytes
 
@@ -243,7 +243,10 @@ class ModelStore:
         buf = st.read_data(path, header)
         try:
             for t in header.tensors:
-                dtype = getattr(torch, TORCH_DTYPES[t.dtype])
+                dtype = torch_dtype(torch, t.dtype)
+                if dtype is None or t.dtype not in DTYPE_BYTES:
+                    raise WorkerError(P.INVALID_DATA, f"{path}: tensor {t.name!r} has dtype {t.dtype}, "
+                                      f"which this torch ({torch.__version__}) cannot load")
                 if t.nbytes == 0:
                     out[t.name] = torch.empty(t.shape, dtype=dtype, device=device_id)
                     continue
