@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import json
 import os
 import threading
@@ -302,8 +303,12 @@ class _Binder:
         if unexpected and strict:
             raise ValueError(f"the checkpoint has tensors this model has no place for: {_names(unexpected)}")
         model.load_state_dict({mk: weights[ck] for ck, mk in mapping.items()}, strict=False, assign=True)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        tie = getattr(model, "tie_weights", None)
+        if tie is not None:
+            if "missing_keys" in inspect.signature(tie).parameters:  # transformers 5: ties either way round
+                tie(missing_keys=set(model_keys) - set(mapping.values()))
+            else:
+                tie()
         self._settle()
 
     def _settle(self) -> None:
@@ -339,11 +344,22 @@ def _config_dir(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
+def _no_init_weights(transformers: Any) -> Any:
+    """transformers' context that skips weight init (``modeling_utils`` in 4.x, ``initialization``
+    in 5.x), or None."""
+    for where in ("modeling_utils", "initialization"):
+        with contextlib.suppress(ImportError):
+            fn = getattr(importlib.import_module(f"{transformers.__name__}.{where}"), "no_init_weights", None)
+            if fn is not None:
+                return fn
+    return None
+
+
 def _construct(torch: Any, transformers: Any, cls: Any, config: Any, dtype: Any, **kwargs: Any) -> Any:
     """`cls` built from `config` with parameters on meta, in `dtype`, without weight init."""
-    if dtype is not None:
-        config.torch_dtype = dtype
-    no_init = getattr(getattr(transformers, "modeling_utils", None), "no_init_weights", None)
+    if dtype is not None:  # transformers 5 names it dtype (torch_dtype is its deprecated alias)
+        setattr(config, "dtype" if isinstance(getattr(type(config), "torch_dtype", None), property) else "torch_dtype", dtype)
+    no_init = _no_init_weights(transformers)
     with contextlib.ExitStack() as stack:
         stack.enter_context(params_on_meta(torch))
         stack.enter_context(default_dtype(torch, dtype))
