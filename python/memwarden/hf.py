@@ -159,6 +159,9 @@ class AutoUse:
     def __init__(self, weights: Any):
         self.weights = weights
         self._local = threading.local()
+        from .weights import Weights  # standard library only
+
+        self._fast = isinstance(weights, Weights)
 
     @property
     def depth(self) -> int:
@@ -169,9 +172,13 @@ class AutoUse:
         local = self._local
         depth = getattr(local, "depth", 0)
         if depth == 0:
-            cm = self.weights.use()
-            cm.__enter__()  # may resume a parked model; raises before anything is counted
-            local.cm = cm
+            if self._fast:
+                self.weights._enter()  # use()'s own entry, without the generator's cost
+                local.cm = None
+            else:
+                cm = self.weights.use()
+                cm.__enter__()  # may resume a parked model; raises before anything is counted
+                local.cm = cm
         local.depth = depth + 1
 
     def exit(self, exc: Optional[BaseException] = None) -> None:
@@ -179,7 +186,9 @@ class AutoUse:
         local.depth -= 1
         if local.depth == 0:
             cm, local.cm = local.cm, None
-            if exc is None:
+            if cm is None:
+                self.weights._exit()
+            elif exc is None:
                 cm.__exit__(None, None, None)
             else:
                 cm.__exit__(type(exc), exc, exc.__traceback__)

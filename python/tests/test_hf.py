@@ -340,3 +340,27 @@ def test_default_client_uses_memwarden_socket(monkeypatch, tmp_path):
     monkeypatch.setattr(hf, "_client", None)
     with pytest.raises(OSError):
         hf.default_client()
+
+
+def test_auto_use_with_real_weights_counts_and_blocks_an_unmap():
+    """A real Weights (memfd grant, no peer): the fast path enters use() itself; an unmap
+    (wait_unused) waits for the outermost call, and a nested call does not enter again."""
+    from test_weights import grant, memfd
+
+    from memwarden.weights import Weights
+
+    w = Weights(grant(), memfd())
+    seen = []
+
+    class M:
+        def forward(self, depth=0):
+            seen.append(w._uses)
+            return self.forward(depth - 1) if depth else w.wait_unused(0.05)
+
+    m = M()
+    auto = hf.install_auto_use(m, w)
+    assert auto._fast
+    assert m.forward(depth=2) is False  # inside the call an unmap cannot happen
+    assert seen == [1, 1, 1] and w._uses == 0
+    assert w.wait_unused(0.05) is True  # after it, it can
+    w.unmap(final=True)
