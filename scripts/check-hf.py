@@ -6,7 +6,7 @@
 
 Needs torch, transformers and safetensors, and a daemon (``memwarden serve``; the socket from
 ``--socket``, else ``$MEMWARDEN_SOCKET``, else the daemon's default). It writes a tiny Llama
-causal LM with transformers' own ``save_pretrained(max_shard_size=...)`` (at least 4 shards,
+causal LM with transformers' own ``save_pretrained(max_shard_size=...)`` (at least 4 shards at the defaults,
 ``--dtype`` float32/bfloat16/float16, tied embeddings unless ``--untied``), loads it with
 ``AutoModelForCausalLM.from_pretrained`` and with ``memwarden.hf.from_pretrained`` and prints,
 as one JSON line at the end (``"ok": true`` when every check held):
@@ -84,13 +84,16 @@ def gpu_used_mib() -> int:
 def second_process(folder: str, device: str, socket: str | None) -> dict:
     code = (
         "import sys, time, json; sys.path.insert(0, %r)\n"
-        "import memwarden.client, memwarden.hf\n"
+        "import memwarden.client, memwarden.hf, torch, transformers\n"
+        "f, dev = %r, %r\n"
+        "cfg = transformers.AutoConfig.from_pretrained(f); memwarden.hf.resolve_class(transformers, cfg)  # imports\n"
         "c = memwarden.client.connect(%r, name='check-hf-2')\n"
-        "t = time.perf_counter(); m = memwarden.hf.from_pretrained(%r, device=%r, client=c)\n"
-        "dt = time.perf_counter() - t\n"
-        "print(json.dumps({'attach_s': dt, 'shared': m.memwarden_weights.shared}), flush=True)\n"
+        "t0 = time.perf_counter(); w = c.load_weights(f, device=dev)\n"
+        "t1 = time.perf_counter(); m = memwarden.hf.from_pretrained(f, device=dev, client=c)\n"
+        "t2 = time.perf_counter()\n"
+        "print(json.dumps({'attach_s': t2 - t0, 'map_s': t1 - t0, 'build_s': t2 - t1, 'shared': w.shared}), flush=True)\n"
         "sys.stdin.readline()\n"
-    ) % (os.path.join(REPO, "python"), socket, folder, device)
+    ) % (os.path.join(REPO, "python"), folder, device, socket)
     before = gpu_used_mib() if device.startswith("cuda") else None
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
@@ -150,7 +153,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--untied", action="store_true")
-    ap.add_argument("--shard-size", default="100KB")
+    ap.add_argument("--shard-size", default="50KB")
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--park-loop", type=int, default=0)
     ap.add_argument("--second-process", action="store_true")
