@@ -31,8 +31,8 @@ to another GPU (a resume with another target), the tensors are re-assigned and t
 **auto_use** (default on): the model holds ``weights.use()`` for the duration of its outermost
 ``forward`` and of ``generate()`` on each thread, so a park waits for the call to end and a parked
 model is resumed by its next call. Nested calls (``generate`` calling ``forward``, a model
-calling itself) enter once. Costs about 1-2 µs per outermost call on CPU
-(``scripts/bench-hf-auto-use.py``; docs/API.md, "Hugging Face models").
+calling itself) enter once. Costs about 4 µs per outermost call on CPU
+(``scripts/bench-hf-auto-use.py``; docs/PERFORMANCE.md).
 
 ``pipeline(path)`` builds a diffusers pipeline whose weighted components (``unet``, ``vae``,
 ``text_encoder``, …) are each a held model (named ``<pipeline>/<component>``), built as above;
