@@ -305,6 +305,7 @@ class _Binder:
 
     def load_state_dict(self, weights: Mapping[str, Any], strict: bool = False, assign: bool = True) -> None:
         model = self.model
+        self.device = getattr(weights, "device", self.device)  # a resume onto another GPU moves the buffers too
         model_keys = model.state_dict(keep_vars=True).keys()
         mapping, unexpected = match_keys(model_keys, list(weights.keys()), self.prefix)
         ignored = [p for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]

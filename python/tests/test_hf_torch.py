@@ -26,6 +26,11 @@ class FakeClient:
         self.loaded = []
 
     def load_weights(self, path, device="cpu", **kw):
+        grant, fd = self.grant(path, device)
+        self.loaded.append((path, kw))
+        return Weights(grant, fd)
+
+    def grant(self, path, device="cpu"):
         from safetensors.torch import load_file
 
         tensors = {}
@@ -40,10 +45,9 @@ class FakeClient:
             at += (len(raw) + 63) // 64 * 64
         size = max(4096, (at + 4095) // 4096 * 4096)
         os.ftruncate(fd, size)
-        grant = {"modelId": f"w-{len(self.loaded) + 1}", "name": os.path.basename(path), "deviceId": device, "handle": "shm",
+        grant = {"modelId": "w-1", "name": os.path.basename(path), "deviceId": device, "handle": "shm",
                  "allocationBytes": size, "dataBytes": at, "hash": "x", "shared": False, "access": "readwrite", "tensors": entries}
-        self.loaded.append((path, kw))
-        return Weights(grant, fd)
+        return grant, fd
 
 
 @pytest.fixture(scope="module", params=[("float32", True), ("bfloat16", False)], ids=["f32-tied", "bf16-untied"])
@@ -96,3 +100,25 @@ def test_torch_dtype_other_than_held_is_refused(checkpoint):
     with pytest.raises(ValueError, match="without a copy"):
         hf.from_pretrained(folder, device="cpu", client=FakeClient(), torch_dtype=other)
     hf.from_pretrained(folder, device="cpu", client=FakeClient(), torch_dtype="auto")
+
+
+def test_a_remap_that_rebuilds_the_tensors_rebinds_and_reties(checkpoint):
+    """A remap elsewhere (here: a new host mapping; on a GPU, a resume onto another card) rebuilds
+    the tensors: the model's parameters are re-assigned to the new ones and the tie re-made."""
+    folder, _, tied = checkpoint
+    client = FakeClient()
+    model = hf.from_pretrained(folder, device="cpu", client=client)
+    w = model.memwarden_weights
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(ids).logits.clone()
+    old = {t.data_ptr() for t in w.values()}
+    assert w.wait_unused(1)
+    w.unmap()
+    assert w.remap(*client.grant(folder)) is False  # rebuilt, not at the old address
+    new = {t.data_ptr() for t in w.values()}
+    assert not old & new
+    assert all(p.data_ptr() in new for p in model.parameters())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
