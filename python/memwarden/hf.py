@@ -51,6 +51,7 @@ import inspect
 import json
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -66,6 +67,7 @@ __all__ = [
 
 _client: Any = None
 _client_lock = threading.Lock()
+_build_lock = threading.RLock()  # one model built at a time (params_on_meta patches torch)
 
 
 def default_client() -> Any:
@@ -246,21 +248,25 @@ def install_auto_use(model: Any, weights: Any, methods: Iterable[str] = ("forwar
 def params_on_meta(torch: Any) -> Iterator[None]:
     """Parameters registered meanwhile are created on the ``meta`` device (no memory, no init
     cost); buffers are created for real (as ``accelerate.init_empty_weights()`` does, and
-    transformers' own from_pretrained), so those a module computes in ``__init__`` are right."""
+    transformers 4's from_pretrained; transformers 5 re-computes them after a meta build), so those a module computes in ``__init__`` are right.
+    It patches ``nn.Module.register_parameter`` process-wide meanwhile (as accelerate does):
+    builds are serialized, but a module another thread builds at the same time gets meta
+    parameters too."""
     nn = torch.nn
-    original = nn.Module.register_parameter
+    with _build_lock:
+        original = nn.Module.register_parameter
 
-    def register_parameter(module: Any, name: str, param: Any) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+        def register_parameter(module: Any, name: str, param: Any) -> None:
+            original(module, name, param)
+            if param is not None and param.device.type != "meta":
+                p = module._parameters[name]
+                module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
-    nn.Module.register_parameter = register_parameter
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
+        nn.Module.register_parameter = register_parameter
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original
 
 
 @contextlib.contextmanager
@@ -308,10 +314,13 @@ class _Binder:
         self.device = getattr(weights, "device", self.device)  # a resume onto another GPU moves the buffers too
         model_keys = model.state_dict(keep_vars=True).keys()
         mapping, unexpected = match_keys(model_keys, list(weights.keys()), self.prefix)
-        ignored = [p for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+        ignored = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
         unexpected = [k for k in unexpected if not _matches_any(k, ignored)]
-        if unexpected and strict:
-            raise ValueError(f"the checkpoint has tensors this model has no place for: {_names(unexpected)}")
+        if unexpected:
+            text = f"the checkpoint has tensors this model has no place for: {_names(unexpected)}"
+            if strict:
+                raise ValueError(text)
+            warnings.warn(f"{text} (left unused, as transformers does)", stacklevel=2)
         model.load_state_dict({mk: weights[ck] for ck, mk in mapping.items()}, strict=False, assign=True)
         tie = getattr(model, "tie_weights", None)
         if tie is not None:
