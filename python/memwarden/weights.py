@@ -491,9 +491,9 @@ class Weights(Mapping[str, Any]):
                 self._free_range()
                 self._map_new(grant, fds, pieces)
                 rebuilt = True
+            if rebuilt:  # before a use() waiting for the remap runs on the new tensors (the lock is an RLock)
+                self._rebind()
             self._cond.notify_all()
-        if rebuilt:
-            self._rebind()
         return same
 
     def _same_range(self, grant: Dict[str, Any]) -> bool:

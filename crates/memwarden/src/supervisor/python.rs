@@ -16,6 +16,7 @@ const FILES: &[(&str, &str)] = &[
     ("worker.py", include_str!("../../../../python/memwarden/worker.py")),
     ("client.py", include_str!("../../../../python/memwarden/client.py")),
     ("weights.py", include_str!("../../../../python/memwarden/weights.py")),
+    ("hf.py", include_str!("../../../../python/memwarden/hf.py")),
 ];
 
 /// The embedded package written under `dir/memwarden/`; `dir` goes on `PYTHONPATH`.
