@@ -53,14 +53,8 @@ pub(super) async fn release_on_host(
         });
     }
     for m in models {
-        if (optimizer.measure(device) - base).max(0) as u64 >= target {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return true;
-        }
-        if req.max_models.is_some_and(|max| out.models_offloaded.len() + out.models_unloaded.len() >= max) {
-            break;
+        if let Some(by_time) = stop(optimizer, req, target, base, deadline, out) {
+            return by_time;
         }
         if req.exclude.contains(&m.id) || (!req.only.is_empty() && !req.only.contains(&m.id)) {
             continue;
@@ -68,6 +62,26 @@ pub(super) async fn release_on_host(
         release_one(optimizer, device, &m.id, action, out, held_back).await;
     }
     false
+}
+
+/// Whether a rung stops before its next model: `Some(false)` when `target` bytes are free above
+/// `base` or `maxModelsToUnload` models were touched, `Some(true)` when the time is up.
+fn stop(
+    optimizer: &Optimizer,
+    req: &OptimizeRequest,
+    target: u64,
+    base: i64,
+    deadline: Instant,
+    out: &OptimizeOutcome,
+) -> Option<bool> {
+    if (optimizer.measure(req.device) - base).max(0) as u64 >= target {
+        return Some(false);
+    }
+    if Instant::now() >= deadline {
+        return Some(true);
+    }
+    let touched = out.models_offloaded.len() + out.models_unloaded.len();
+    req.max_models.is_some_and(|max| touched >= max).then_some(false)
 }
 
 /// Parks (`action` "park") or drops one held model, re-measured on `device`, as one step of
@@ -140,14 +154,8 @@ pub(super) async fn release_ranked(
         eviction::plan(&worker_cands, &req.exclude, target.saturating_sub(freed_so_far), req.strategy, host_room, None);
     let all: Vec<Candidate> = held.iter().chain(worker_cands.iter()).cloned().collect();
     for c in eviction::rank(&all, &req.exclude) {
-        if (optimizer.measure(device) - base).max(0) as u64 >= target {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return true;
-        }
-        if req.max_models.is_some_and(|max| out.models_offloaded.len() + out.models_unloaded.len() >= max) {
-            break;
+        if let Some(by_time) = stop(optimizer, req, target, base, deadline, out) {
+            return by_time;
         }
         if c.worker_id == HELD && held.iter().any(|h| h.model_id == c.model_id) {
             release_one(optimizer, device, &c.model_id, action, out, held_back).await;
