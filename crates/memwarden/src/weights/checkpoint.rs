@@ -90,7 +90,8 @@ pub fn open_model(path: &Path, check: bool) -> Result<ModelFile, WeightsError> {
             )));
         }
         let file = model_folder_file(&path)?;
-        return open_model(&file, check).map(|m| ModelFile { path, ..m });
+        let (component, group) = pipeline_part(&path).unzip();
+        return open_model(&file, check).map(|m| ModelFile { path, component, group, ..m });
     }
     if path.to_string_lossy().ends_with(".index.json") {
         return open_index(&path, check);
@@ -215,9 +216,28 @@ fn weighted_components(dir: &Path) -> Result<Vec<(String, PathBuf)>, WeightsErro
     Ok(all.into_iter().filter(|(_, folder)| folder.is_dir() && model_folder_file(folder).is_ok()).collect())
 }
 
+/// A pipeline's name by default: its folder's.
+fn group_name(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into())
+}
+
+/// When a model folder is a component of the pipeline in its parent folder (whose
+/// `model_index.json` names it): (its component name, the pipeline's group), so a component
+/// loaded on its own (the socket's `loadWeights`, as `memwarden.hf.pipeline` does) is listed
+/// under its pipeline as a pipeline load lists it. An unreadable parent index: not a component.
+fn pipeline_part(dir: &Path) -> Option<(String, String)> {
+    let parent = dir.parent()?;
+    if !parent.join(PIPELINE_INDEX).is_file() {
+        return None;
+    }
+    let name = dir.file_name()?.to_str()?.to_string();
+    let named = pipeline_components(parent).ok()?.into_iter().any(|(n, _)| n == name);
+    named.then(|| (name, group_name(parent)))
+}
+
 /// A pipeline's components that have weights, each a model of its own.
 fn open_pipeline(dir: &Path, check: bool) -> Result<Pipeline, WeightsError> {
-    let group = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into());
+    let group = group_name(dir);
     let mut components = Vec::new();
     for (name, folder) in weighted_components(dir)? {
         let mut m = open_model(&folder, check)?;

@@ -158,6 +158,16 @@ fn a_pipeline_folder_is_one_model_per_component_with_weights() {
         Err(WeightsError::NotSupported(m)) => assert!(m.contains("text_encoder, unet, vae"), "{m}"),
         other => panic!("{other:?}"),
     }
+    // A component's folder opened on its own knows its pipeline (as the pipeline load names it);
+    // a model folder outside any pipeline has neither.
+    let unet = ModelFile::open(&p.join("unet")).expect("unet alone");
+    assert_eq!((unet.component.as_deref(), unet.group.as_deref()), (Some("unet"), Some("tiny-sd")));
+    assert_eq!(unet.shards.len(), 3);
+    let lone = ModelFile::open(&d.0.join("lone")).map(|m| (m.component, m.group));
+    assert!(matches!(lone, Err(WeightsError::FileNotFound(_)) | Err(WeightsError::InvalidFile(_))), "{lone:?}");
+    sharded(&d.0.join("lone"), 4);
+    let lone = ModelFile::open(&d.0.join("lone")).expect("lone");
+    assert_eq!((lone.component, lone.group), (None, None));
     // A pipeline none of whose components has weights says where it looked.
     for c in ["unet", "vae", "text_encoder"] {
         std::fs::remove_dir_all(p.join(c)).expect("rm");
