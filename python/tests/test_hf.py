@@ -28,12 +28,11 @@ def test_import_without_torch_transformers_diffusers():
 
 
 @contextlib.contextmanager
-def missing(*names):
-    """Makes `names` unimportable (sys.modules[name] = None) for the block."""
-    saved = {n: sys.modules.get(n, KeyError) for n in names}
+def modules(**replace):
+    """Puts `replace` (name → module, or None: unimportable) in sys.modules for the block."""
+    saved = {n: sys.modules.get(n, KeyError) for n in replace}
     try:
-        for n in names:
-            sys.modules[n] = None
+        sys.modules.update(replace)
         yield
     finally:
         for n, m in saved.items():
@@ -43,20 +42,22 @@ def missing(*names):
                 sys.modules[n] = m
 
 
+def missing(*names):
+    """Makes `names` unimportable for the block."""
+    return modules(**{n: None for n in names})
+
+
+def present(name):
+    """An empty stand-in module `name` for the block (importable, with nothing in it)."""
+    return modules(**{name: type(sys)(name)})
+
+
 def test_from_pretrained_without_transformers_names_it():
-    fake_torch = type(sys)("torch")
-    saved = sys.modules.get("torch")
-    sys.modules["torch"] = fake_torch  # torch "present", transformers not
-    try:
-        with missing("transformers"), pytest.raises(ImportError, match="needs transformers") as e:
-            hf.from_pretrained("/nonexistent", device="cpu")
-        assert e.value.name == "transformers"
-        assert "pip install transformers" in str(e.value)
-    finally:
-        if saved is None:
-            sys.modules.pop("torch", None)
-        else:
-            sys.modules["torch"] = saved
+    # torch "present", transformers not
+    with present("torch"), missing("transformers"), pytest.raises(ImportError, match="needs transformers") as e:
+        hf.from_pretrained("/nonexistent", device="cpu")
+    assert e.value.name == "transformers"
+    assert "pip install transformers" in str(e.value)
 
 
 def test_from_pretrained_without_torch_names_it():
@@ -66,17 +67,9 @@ def test_from_pretrained_without_torch_names_it():
 
 
 def test_pipeline_without_diffusers_names_it():
-    saved = sys.modules.get("torch")
-    sys.modules["torch"] = type(sys)("torch")
-    try:
-        with missing("diffusers"), pytest.raises(ImportError, match="pipeline needs diffusers") as e:
-            hf.pipeline("/nonexistent", device="cpu")
-        assert e.value.name == "diffusers"
-    finally:
-        if saved is None:
-            sys.modules.pop("torch", None)
-        else:
-            sys.modules["torch"] = saved
+    with present("torch"), missing("diffusers"), pytest.raises(ImportError, match="pipeline needs diffusers") as e:
+        hf.pipeline("/nonexistent", device="cpu")
+    assert e.value.name == "diffusers"
 
 
 def test_module_reimports_cleanly_without_frameworks():
