@@ -75,6 +75,37 @@ def make_checkpoint(folder: str, args: argparse.Namespace) -> None:
     model.save_pretrained(folder, max_shard_size=args.shard_size, safe_serialization=True)
 
 
+def pinned_read_gbps(shards: list) -> float:
+    """The rate at which this host reads `shards` from the page cache into pinned memory: 8 MiB
+    chunks of every shard by a pool of threads (as many as the daemon's loader uses at most),
+    into one page-locked buffer allocated beforehand. The bar for memwarden's load rate."""
+    import concurrent.futures
+
+    import torch
+
+    sizes = [os.path.getsize(s) for s in shards]
+    buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    mv = memoryview(buf.numpy())
+    fds = [os.open(s, os.O_RDONLY) for s in shards]
+    chunk, jobs, at = 8 << 20, [], 0
+    for fd, n in zip(fds, sizes):
+        jobs += [(fd, o, min(chunk, n - o), at + o) for o in range(0, n, chunk)]
+        at += n
+
+    def read(job):
+        fd, o, n, to = job
+        assert os.preadv(fd, [mv[to:to + n]], o) == n
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as ex:
+            t = time.perf_counter()
+            list(ex.map(read, jobs))
+            return sum(sizes) / (time.perf_counter() - t) / 1e9
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def gpu_used_mib() -> int:
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=True).stdout
@@ -189,6 +220,15 @@ def main() -> int:
     sync()
     t_mw = time.perf_counter() - t
     res["load_s"] = {"transformers": round(t_tf, 4), "safetensors_load_file": round(t_st, 4), "memwarden": round(t_mw, 4)}
+    res["speedup_vs_transformers"] = round(t_tf / t_mw, 2)
+    gbps = res["bytes"] / 1e9
+    res["load_gbps"] = {"transformers": round(gbps / t_tf, 2), "safetensors_load_file": round(gbps / t_st, 2),
+                        "memwarden": round(gbps / t_mw, 2), "pinned_read_baseline": round(pinned_read_gbps(shards), 2)}
+    if args.http:
+        with urllib.request.urlopen(f"{args.http}/api/memory/models") as r:
+            mine = [x for x in json.load(r)["data"]["weights"] if x["modelId"] == model.memwarden_weights.model_id]
+        if mine and mine[0].get("load"):
+            res["load_gbps"]["daemon_read_and_copy"] = round(mine[0]["load"]["gbPerS"], 2)
 
     w = model.memwarden_weights
     ptrs = {id(p): p for p in model.parameters()}
@@ -196,6 +236,7 @@ def main() -> int:
     res["mapped"] = all(p.data_ptr() in held and p.device.type != "meta" for p in ptrs.values())
     res["tied_ok"] = args.untied or model.lm_head.weight is model.model.embed_tokens.weight
     res["dtype_kept"] = model.dtype == getattr(torch, args.dtype) == ref.dtype
+    res["misaligned_16"] = sum(p.data_ptr() % 16 != 0 for p in model.parameters())
     res["buffers_on_device"] = all(b.device.type == torch.device(args.device).type for b in model.buffers())
 
     g = torch.Generator().manual_seed(1)

@@ -224,10 +224,14 @@ class AutoUse:
         return wrapped
 
 
-def install_auto_use(model: Any, weights: Any, methods: Iterable[str] = ("forward", "generate")) -> AutoUse:
+AUTO_USE_METHODS = ("forward", "generate", "encode", "decode")
+
+
+def install_auto_use(model: Any, weights: Any, methods: Iterable[str] = AUTO_USE_METHODS) -> AutoUse:
     """Wraps `model`'s `methods` that it has (as instance attributes: ``nn.Module.__call__`` calls
     ``self.forward``, so hooks and ``model(x)`` keep working) so that each holds
-    ``weights.use()`` for its outermost call. Installing twice wraps once. Returns the ``AutoUse``
+    ``weights.use()`` for its outermost call. ``encode`` and ``decode`` are a diffusers VAE's
+    entry points (a pipeline calls ``vae.decode(latents)``, never its forward). Installing twice wraps once. Returns the ``AutoUse``
     (also ``model.memwarden_auto_use``)."""
     existing = getattr(model, "memwarden_auto_use", None)
     if existing is not None:

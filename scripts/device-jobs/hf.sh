@@ -5,7 +5,8 @@
 # transformers' own from_pretrained, a second process's attach, parks over HTTP while generate()
 # runs in a loop), a larger one for the load rates (transformers, safetensors.load_file and
 # memwarden side by side), and the pinned-copy baseline in the same job.
-#   scripts/device-bundle     (KEEP_BINS="memwarden" is enough)
+#   DIFFUSERS=1 scripts/device-bundle     (KEEP_BINS="memwarden" is enough; DIFFUSERS=1 carries
+#                                          diffusers for the pipeline check)
 #   device run, carry ["device-run"], command "bash device-run/jobs/hf.sh"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,15 @@ rc=0
   echo "== load rates: a larger checkpoint (bf16, about 4.3 GB, 3 shards)"
   python3 scripts/check-hf.py "${common[@]}" --hidden 4096 --layers 12 --vocab 32000 --shard-size 2GB \
     --dtype bfloat16 --new-tokens 5 --dir $d/large || rc=1
+  echo "== a diffusers pipeline (LDMPipeline: VQModel + UNet2DModel), held per component, parked per component and as a group"
+  if [ -d wheels ]; then
+    mkdir -p $d/pylib-diffusers && for w in wheels/*.whl; do python3 -m zipfile -e "$w" $d/pylib-diffusers; done
+    PYTHONPATH=$PYTHONPATH:$d/pylib-diffusers python3 scripts/check-hf-pipeline.py "${common[@]}" --dir $d/tiny-ldm || rc=1
+    PYTHONPATH=$PYTHONPATH:$d/pylib-diffusers python3 scripts/check-hf-pipeline.py "${common[@]}" --dtype float16 \
+      --dir $d/tiny-ldm-fp16 || rc=1
+  else
+    echo "no wheels/ (bundle with DIFFUSERS=1): pipeline not checked"
+  fi
   kill $daemon; wait $daemon 2>/dev/null
   grep -iE "error|warn" $d/daemon.log | tail -20
   cp $d/daemon.log "$OUT/daemon.log"

@@ -55,6 +55,8 @@ pub mod codes {
     pub const UNSUPPORTED_VERSION: &str = "UNSUPPORTED_VERSION";
     pub const LINE_TOO_LONG: &str = "LINE_TOO_LONG";
     pub const MODEL_NOT_FOUND: &str = "MODEL_NOT_FOUND";
+    /// No held model is in the named group (a diffusers pipeline's components).
+    pub const GROUP_NOT_FOUND: &str = "GROUP_NOT_FOUND";
     pub const FILE_NOT_FOUND: &str = "FILE_NOT_FOUND";
     pub const LOAD_FAILED: &str = "LOAD_FAILED";
     pub const DEVICE_UNAVAILABLE: &str = "DEVICE_UNAVAILABLE";

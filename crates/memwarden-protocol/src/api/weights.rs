@@ -173,6 +173,19 @@ pub struct WeightsActionDto {
     pub switched_with: Option<String>,
 }
 
+/// The reply to a group's park, resume and drop: each component's action, in the order they
+/// ran (by model id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupActionDto {
+    pub group: String,
+    pub actions: Vec<WeightsActionDto>,
+    /// Device bytes given back to the driver, summed over the components.
+    pub freed_bytes: u64,
+    /// Time for the whole request.
+    pub total_ms: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PhaseDto {

@@ -31,3 +31,20 @@ pub enum AppError {
     #[error("{0}")]
     Internal(String),
 }
+
+impl AppError {
+    /// The same error, its message between `head` and `tail` (to say which part of a larger
+    /// request failed); the code stays.
+    pub fn with_context(self, head: &str, tail: &str) -> AppError {
+        let f = |m: String| format!("{head}{m}{tail}");
+        match self {
+            AppError::Weights(e) => AppError::Weights(e.map_message(f)),
+            AppError::Invalid(m) => AppError::Invalid(f(m)),
+            AppError::InvalidOperation(m) => AppError::InvalidOperation(f(m)),
+            AppError::DeviceUnavailable(m) => AppError::DeviceUnavailable(f(m)),
+            AppError::InsufficientMemory(m) => AppError::InsufficientMemory(f(m)),
+            AppError::Internal(m) => AppError::Internal(f(m)),
+            other => other,
+        }
+    }
+}

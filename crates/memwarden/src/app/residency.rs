@@ -57,6 +57,45 @@ pub async fn drop_copy(app: &App, model_id: &str) -> Result<Acted, AppError> {
     act(app, model_id, |store, id| async move { store.drop_copy(&id).await }).await
 }
 
+/// What a group request does to each of its components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupAction {
+    Park,
+    Resume,
+    Drop,
+}
+
+/// Parks, resumes or drops every held model of `group` (a diffusers pipeline's components), one
+/// after another in the order of their ids, each as its own request would (a resume makes room).
+/// No model in the group is `ModelNotFound` naming it. A component that fails stops the request:
+/// the error names the group, the component and the ones already done, which stay as they are.
+pub async fn for_group(app: &App, group: &str, action: GroupAction) -> Result<Vec<Acted>, AppError> {
+    let mut members: Vec<Arc<HeldModel>> =
+        app.weights.models().into_iter().filter(|m| m.file.group.as_deref() == Some(group)).collect();
+    if members.is_empty() {
+        return Err(WeightsError::GroupNotFound(group.to_string()).into());
+    }
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut done = Vec::with_capacity(members.len());
+    for m in &members {
+        let acted = match action {
+            GroupAction::Park => park(app, &m.id).await,
+            GroupAction::Resume => resume(app, &m.id, None).await,
+            GroupAction::Drop => drop_copy(app, &m.id).await,
+        };
+        match acted {
+            Ok(a) => done.push(a),
+            Err(e) => {
+                let done_ids: Vec<&str> = done.iter().map(|a| a.model.id.as_str()).collect();
+                let what = format!("group {group:?}, component {} ({}): ", m.id, m.name);
+                let tail = format!(" (done before it, left as they are: {done_ids:?})");
+                return Err(e.with_context(&what, &tail));
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// Whether `e` says the device had no room (the one error that making room answers).
 fn short_of_memory(e: &AppError) -> bool {
     matches!(e, AppError::Weights(WeightsError::InsufficientMemory { .. }) | AppError::InsufficientMemory(_))

@@ -510,3 +510,50 @@ async fn a_resume_on_a_full_gpu_switches_with_the_least_valuable_model() {
     std::fs::File::from(pieces.into_iter().next().expect("a piece").handle).read_exact_at(&mut bytes, 0).expect("read");
     assert!(bytes.iter().all(|&x| x == 7), "the resumed model holds its own bytes");
 }
+
+/// A diffusers pipeline folder `name` whose `unet` and `vae` are models of [`MODEL`] bytes.
+fn pipeline_folder(name: &str) -> PathBuf {
+    let p = dir().join(name);
+    for (comp, seed) in [("unet", 3), ("vae", 4)] {
+        std::fs::create_dir_all(p.join(comp)).expect("component dir");
+        let file = model_file(&format!("{name}-{comp}"), seed);
+        std::fs::rename(file, p.join(comp).join("diffusion_pytorch_model.safetensors")).expect("move");
+    }
+    let index =
+        r#"{"_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "VQModel"]}"#;
+    std::fs::write(p.join("model_index.json"), index).expect("model_index.json");
+    p
+}
+
+/// A pipeline parks and resumes as one (issue 24): every component, in the order of their
+/// ids; a resume makes room for the whole group; again is `none`; an unknown group is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_group_parks_and_resumes_as_one_making_room() {
+    use residency::GroupAction::{Park, Resume};
+    let app = app(1).await;
+    let path = pipeline_folder("grp-pipe");
+    match load::load(&app, gpu(0), true, body(&path, gpu(0), 50, false), None).await {
+        Ok(LoadedDto::Pipeline(p)) => assert_eq!(p.components.len(), 2),
+        Ok(_) => panic!("a pipeline folder answered one model"),
+        Err(e) => panic!("pipeline load refused: {e}"),
+    }
+    let group = |ids: &[residency::Acted]| ids.iter().map(|a| a.model.id.clone()).collect::<Vec<_>>();
+    let parked = residency::for_group(&app, "grp-pipe", Park).await.expect("group park");
+    let ids = group(&parked);
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|id| state(&app, id) == WeightState::Parked));
+    assert_eq!(parked.iter().map(|a| a.outcome.freed_bytes).sum::<u64>(), 2 * MODEL);
+    let again = residency::for_group(&app, "grp-pipe", Park).await.expect("again");
+    assert!(again.iter().all(|a| a.outcome.action == "none"));
+    // Two other models fill the card; the group's resume parks them to make its room.
+    let x = load_held(&app, &model_file("grp-x", 5), gpu(0), 50, false).await;
+    let y = load_held(&app, &model_file("grp-y", 6), gpu(0), 50, false).await;
+    let resumed = residency::for_group(&app, "grp-pipe", Resume).await.expect("group resume makes room");
+    assert_eq!(group(&resumed), ids, "in the same order");
+    assert!(ids.iter().all(|id| state(&app, id) == WeightState::Resident));
+    assert_eq!((state(&app, &x), state(&app, &y)), (WeightState::Parked, WeightState::Parked));
+    match residency::for_group(&app, "no-such-pipe", Park).await {
+        Err(AppError::Weights(crate::weights::WeightsError::GroupNotFound(g))) => assert_eq!(g, "no-such-pipe"),
+        other => panic!("an unknown group: {:?}", other.map(|a| a.len())),
+    }
+}

@@ -216,15 +216,31 @@ pub enum Command {
     /// Unload a model by id.
     Unload { id: String },
     /// Park a model memwarden holds: its bytes to pinned host memory, its GPU memory freed.
-    Park { id: String },
+    /// `--group NAME`: every component of a pipeline.
+    Park {
+        #[arg(required_unless_present = "group")]
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        group: Option<String>,
+    },
     /// Bring a parked or dropped model back (to --device, another GPU, when given).
+    /// `--group NAME`: every component of a pipeline, on its own device.
     Resume {
-        id: String,
+        #[arg(required_unless_present = "group")]
+        id: Option<String>,
         #[arg(long)]
         device: Option<String>,
+        #[arg(long, conflicts_with_all = ["id", "device"])]
+        group: Option<String>,
     },
-    /// Keep only a held model's file (a resume reads it again).
-    Drop { id: String },
+    /// Keep only a held model's file (a resume reads it again). `--group NAME`: every component
+    /// of a pipeline.
+    Drop {
+        #[arg(required_unless_present = "group")]
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        group: Option<String>,
+    },
     /// Move a model to another device.
     ///
     /// A worker's model is loaded there, then unloaded here (it gets a new id); one memwarden
@@ -372,9 +388,11 @@ pub fn run(client: &Client, command: &Command, json: bool) -> Result<String, Cli
             models::load(client, &body, json)
         }
         Command::Unload { id } => models::unload(client, id, json),
-        Command::Park { id } => models::weights_action(client, id, "park", None, json),
-        Command::Resume { id, device } => models::weights_action(client, id, "resume", device.as_deref(), json),
-        Command::Drop { id } => models::weights_action(client, id, "drop", None, json),
+        Command::Park { id, group } => models::weights_action(client, id, group, "park", None, json),
+        Command::Resume { id, device, group } => {
+            models::weights_action(client, id, group, "resume", device.as_deref(), json)
+        }
+        Command::Drop { id, group } => models::weights_action(client, id, group, "drop", None, json),
         Command::Move { id, device } => models::move_model(client, id, device, json),
         Command::Optimize { device, strategy, min_free, target, force, exclude } => models::optimize(
             client,

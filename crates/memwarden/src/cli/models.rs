@@ -5,7 +5,7 @@ use super::operations;
 use super::render::{indent, or_dash, pretty, signed_bytes, table};
 use memwarden_core::units::{format_bytes, parse_size};
 use memwarden_protocol::api::{
-    HeldModelDto, LoadBody, LoadedDto, ModelsDto, MoveBody, MovedDto, OptimizeBody, OptimizeHistoryDto,
+    GroupActionDto, HeldModelDto, LoadBody, LoadedDto, ModelsDto, MoveBody, MovedDto, OptimizeBody, OptimizeHistoryDto,
     OptimizeOutcome, RateDto, ResumeBody, UnloadedDto, WeightsActionDto,
 };
 use std::fmt::Write as _;
@@ -146,30 +146,46 @@ fn held_line(what: &str, h: &HeldModelDto, rate: Option<&RateDto>) -> String {
     )
 }
 
-/// `memwarden park ID`, `memwarden resume ID [--device D]`, `memwarden drop ID`.
+/// `memwarden park ID`, `memwarden resume ID [--device D]`, `memwarden drop ID`; with
+/// `--group NAME` instead of an id, every component of a pipeline (one line each).
 pub fn weights_action(
     client: &Client,
-    id: &str,
+    id: &Option<String>,
+    group: &Option<String>,
     action: &str,
     target: Option<&str>,
     as_json: bool,
 ) -> Result<String, CliError> {
+    let (id, group) = (id.as_deref(), group.as_deref());
+    if let Some(group) = group {
+        let path = format!("/api/memory/models/groups/{}/{action}", path_segment(group));
+        let a = client.call::<GroupActionDto, ()>("POST", &path, None)?;
+        if as_json {
+            return Ok(pretty(&a.raw));
+        }
+        return Ok(a.data.actions.iter().map(action_line).collect());
+    }
+    let id = id.ok_or_else(|| CliError(format!("{action}: give a model id or --group NAME")))?;
     let body = target.map(|t| ResumeBody { target_device_id: Some(t.to_string()) });
     let path = format!("/api/memory/models/{}/{action}", path_segment(id));
     let a = client.call::<WeightsActionDto, _>("POST", &path, body.as_ref())?;
     if as_json {
         return Ok(pretty(&a.raw));
     }
-    let o = a.data;
+    Ok(action_line(&a.data))
+}
+
+/// One line for what a park, resume or drop did.
+fn action_line(o: &WeightsActionDto) -> String {
     if o.action == "none" {
-        return Ok(format!("{} is already {}\n", o.model.model_id, o.model.state.as_str()));
+        return format!("{} is already {}\n", o.model.model_id, o.model.state.as_str());
     }
     let done = match o.action.as_str() {
         "park" => "parked",
         "resume" => "resumed",
         _ => "dropped",
     };
-    Ok(held_line(done, &o.model, o.rate.as_ref()))
+    held_line(done, &o.model, o.rate.as_ref())
 }
 
 /// `memwarden unload ID`.

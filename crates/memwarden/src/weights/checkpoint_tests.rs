@@ -97,7 +97,18 @@ fn a_sharded_index_is_one_model_with_every_shard_at_an_aligned_base() {
     assert_eq!(bases, vec![0, SHARD_ALIGN_BYTES, 2 * SHARD_ALIGN_BYTES]);
     assert_eq!(m.data_bytes, 2 * SHARD_ALIGN_BYTES + 5);
     let at: Vec<(&str, u64, u64)> = m.tensors.iter().map(|t| (t.name.as_str(), t.offset, t.nbytes)).collect();
-    assert_eq!(at, vec![("a", 0, 60), ("b", 60, 14), ("c", SHARD_ALIGN_BYTES, 16), ("d", 2 * SHARD_ALIGN_BYTES, 5)]);
+    // `b` follows a tensor of 60 bytes: in the block it starts at the next multiple of 256.
+    assert_eq!(at, vec![("a", 0, 60), ("b", 256, 14), ("c", SHARD_ALIGN_BYTES, 16), ("d", 2 * SHARD_ALIGN_BYTES, 5)]);
+    assert_eq!(m.shards[0].span_bytes, 256 + 14);
+    // The first shard's data goes to the block as two pieces: `a`, then the zeros and `b`.
+    let pieces: Vec<(u64, u64, u64, u64)> =
+        m.shards[0].pieces(0, 74).iter().map(|p| (p.file_offset, p.at, p.pad, p.bytes)).collect();
+    assert_eq!(pieces, vec![(0, 0, 0, 60), (60, 60, 196, 14)]);
+    // A range that starts inside `b` carries no padding.
+    assert_eq!(
+        m.shards[0].pieces(62, 12)[0],
+        super::super::file::Piece { file_offset: 62, at: 258, pad: 0, bytes: 12 }
+    );
     // The folder is the same model (its index is looked for first).
     write_st(&d.0.join("model.safetensors"), &[("x", "U8", vec![1], vec![0])]);
     let folder = ModelFile::open(&d.0).expect("folder");

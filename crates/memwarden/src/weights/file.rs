@@ -45,9 +45,17 @@ impl FileIdentity {
 /// alignment it has in its file.
 pub const SHARD_ALIGN_BYTES: u64 = 4096;
 
+/// Each tensor starts at a multiple of this in the model's block, as a fresh CUDA allocation
+/// does. In a safetensors file tensors lie end to end: after a tensor of 6 bytes (a bias of 3
+/// channels in f16) every later one would sit 2 bytes off, and torch picks its kernels by a
+/// pointer's alignment (cuBLASLt is told up to 256 bytes), so a model on the file's layout may
+/// compute other bits than the same model loaded by its framework. The padding costs at most
+/// 255 bytes a tensor.
+pub const TENSOR_ALIGN_BYTES: u64 = 256;
+
 /// One parsed, checked safetensors file of a checkpoint: where its data starts in the file,
 /// where it lies in the model's block (`base`), and its tensors with offsets from the start of
-/// its own data.
+/// its own data in the file.
 #[derive(Debug, Clone)]
 pub struct Shard {
     pub identity: FileIdentity,
@@ -55,6 +63,11 @@ pub struct Shard {
     pub data_bytes: u64,
     pub base: u64,
     pub tensors: Vec<TensorEntry>,
+    /// Where each tensor (in `tensors`' order) lies in the block, from `base`: its file offset
+    /// moved up to [`TENSOR_ALIGN_BYTES`] past the previous tensor.
+    pub placed: Vec<u64>,
+    /// The shard's bytes in the block: its data with the padding.
+    pub span_bytes: u64,
 }
 
 impl Shard {
@@ -91,7 +104,40 @@ impl Shard {
         f.read_exact(&mut header).map_err(|e| bad(format!("reading the header: {e}")))?;
         let tensors = parse_header(&header).map_err(bad)?;
         let data_bytes = tensors.iter().map(|t| t.offset + t.nbytes).max().unwrap_or(0);
-        Ok(Shard { identity, data_start: 8 + n, data_bytes, base: 0, tensors })
+        let (placed, span_bytes) = place(&tensors);
+        Ok(Shard { identity, data_start: 8 + n, data_bytes, base: 0, tensors, placed, span_bytes })
+    }
+
+    /// The pieces of this shard's data `[offset, offset + len)` as they go to the block, in
+    /// file order. A piece that starts a tensor carries the padding before it (zeros), so the
+    /// pieces of a range lie end to end in the block; file neighbours that stay neighbours
+    /// there are one piece (a range of tensors whose sizes are multiples of the alignment is
+    /// one piece, as in the file).
+    pub fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let end = offset + len;
+        let first = self.tensors.partition_point(|t| t.offset + t.nbytes <= offset);
+        let mut out: Vec<Piece> = Vec::new();
+        for (i, t) in self.tensors.iter().enumerate().skip(first) {
+            if t.offset >= end {
+                break;
+            }
+            let (from, to) = (t.offset.max(offset), (t.offset + t.nbytes).min(end));
+            if from >= to {
+                continue;
+            }
+            let at = self.placed[i] + (from - t.offset);
+            // The zeros between the previous tensor's end and this one's start in the block.
+            let pad = if from == t.offset && i > 0 {
+                self.placed[i] - (self.placed[i - 1] + self.tensors[i - 1].nbytes)
+            } else {
+                0
+            };
+            match out.last_mut() {
+                Some(p) if pad == 0 && p.file_offset + p.bytes == from && p.end() == at => p.bytes += to - from,
+                _ => out.push(Piece { file_offset: from, at: at - pad, pad, bytes: to - from }),
+            }
+        }
+        out
     }
 
     /// Whether the file on disk still has this identity (size and mtime).
@@ -109,6 +155,38 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// Part of a shard's data as it goes to the block: `pad` zeros at `at` (from the shard's
+/// base), then `bytes` of the file's data from `file_offset` (from the data's start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub file_offset: u64,
+    pub at: u64,
+    pub pad: u64,
+    pub bytes: u64,
+}
+
+impl Piece {
+    /// Where it ends in the block, from the shard's base.
+    pub fn end(&self) -> u64 {
+        self.at + self.pad + self.bytes
+    }
+}
+
+/// Each tensor's place in the block (in `tensors`' order, sorted by offset) and the bytes
+/// they span there.
+fn place(tensors: &[TensorEntry]) -> (Vec<u64>, u64) {
+    let mut at = 0u64;
+    let placed = tensors
+        .iter()
+        .map(|t| {
+            let here = at.div_ceil(TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES;
+            at = here + t.nbytes;
+            here
+        })
+        .collect();
+    (placed, at)
 }
 
 /// The tensors a safetensors header names, sorted by offset. A dtype the format does not define
@@ -147,14 +225,14 @@ fn parse_header(header: &[u8]) -> Result<Vec<TensorEntry>, String> {
 pub struct CheckpointIdentity(pub Vec<FileIdentity>);
 
 /// A model as the store holds it: one safetensors file, or the shards of a sharded checkpoint
-/// laid end to end in one block (each shard at its `base`), with every tensor's offset from the
-/// start of the block.
+/// laid end to end in one block (each shard at its `base`, each tensor at its place, see
+/// [`TENSOR_ALIGN_BYTES`]), with every tensor's offset from the start of the block.
 #[derive(Debug, Clone)]
 pub struct ModelFile {
     /// What was asked for (a file, an index or a folder), canonical.
     pub path: PathBuf,
     pub shards: Vec<Shard>,
-    /// The block's bytes: the last shard's end.
+    /// The block's bytes: the last shard's end (its tensors' bytes with their padding).
     pub data_bytes: u64,
     pub tensors: Vec<TensorEntry>,
     /// A diffusers pipeline's component (its sub-folder's name).
@@ -170,8 +248,9 @@ impl ModelFile {
         let mut tensors = Vec::new();
         for s in &mut shards {
             s.base = at.div_ceil(SHARD_ALIGN_BYTES) * SHARD_ALIGN_BYTES;
-            tensors.extend(s.tensors.iter().map(|t| TensorEntry { offset: t.offset + s.base, ..t.clone() }));
-            at = s.base + s.data_bytes;
+            tensors
+                .extend(s.tensors.iter().zip(&s.placed).map(|(t, &p)| TensorEntry { offset: s.base + p, ..t.clone() }));
+            at = s.base + s.span_bytes;
         }
         ModelFile { path, shards, data_bytes: at, tensors, component: None, group: None }
     }

@@ -3,7 +3,7 @@
 //! model's block (for a GPU, through each thread's pinned staging ring, so the copies
 //! overlap the reads), hashing every chunk as it passes.
 
-use super::file::{combine_hashes, ModelFile, Shard, HASH_CHUNK_BYTES};
+use super::file::{combine_hashes, ModelFile, Piece, Shard, HASH_CHUNK_BYTES, TENSOR_ALIGN_BYTES};
 use super::WeightsError;
 use memwarden_backends::{DedicatedBlock, DedicatedError};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,6 +16,24 @@ use memwarden_core::units::KIB;
 
 /// Bytes read (and hashed) at a time within a chunk.
 const PIECE_BYTES: usize = (512 * KIB) as usize;
+
+/// A writer's buffer: a chunk and the padding before one tensor (so every piece fits one put).
+const PUT_BYTES: u64 = HASH_CHUNK_BYTES + TENSOR_ALIGN_BYTES;
+
+/// Consecutive pieces (end to end in the block) grouped into puts of at most [`PUT_BYTES`].
+fn puts(pieces: &[Piece]) -> Vec<&[Piece]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=pieces.len() {
+        if i == pieces.len() || pieces[i].end() - pieces[start].at > PUT_BYTES {
+            if start < i {
+                out.push(&pieces[start..i]);
+            }
+            start = i;
+        }
+    }
+    out
+}
 
 /// What a load measured.
 #[derive(Debug, Clone)]
@@ -125,7 +143,7 @@ impl Work<'_> {
     /// One thread: takes the next chunk until none is left or another thread failed.
     fn run(&self, block: &dyn DedicatedBlock) -> Result<(), WeightsError> {
         let mut open: Vec<Option<std::fs::File>> = self.file.shards.iter().map(|_| None).collect();
-        let mut writer = block.writer(HASH_CHUNK_BYTES)?;
+        let mut writer = block.writer(PUT_BYTES)?;
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             let Some(&c) = self.chunks.get(i) else { break };
@@ -140,24 +158,32 @@ impl Work<'_> {
                         .map_err(|e| WeightsError::file(&shard.identity.path, e))?,
                 ),
             };
-            let len = c.len as usize;
-            // The filler's own error (a read that failed) stands over the writer's.
-            let mut failure: Option<WeightsError> = None;
-            let put = writer.put(shard.base + c.offset, &mut |buf: &mut [u8]| {
-                let read = read_chunk(f, shard, &mut buf[..len], c.offset, self.hash, self.progress);
-                let read = read.map(|digest| {
-                    if let Some(d) = digest {
-                        lock(&self.hashes[c.shard])[c.nth] = d;
+            // The chunk goes to the block with the padding between its tensors there (see
+            // `TENSOR_ALIGN_BYTES`), in puts of at most a writer's buffer; it is hashed as the
+            // file has it.
+            let mut hasher = self.hash.then(blake3::Hasher::new);
+            for put in puts(&shard.pieces(c.offset, c.len)) {
+                let (start, len) = (put[0].at, (put[put.len() - 1].end() - put[0].at) as usize);
+                // The filler's own error (a read that failed) stands over the writer's.
+                let mut failure: Option<WeightsError> = None;
+                let filled = writer.put(shard.base + start, &mut |buf: &mut [u8]| {
+                    for p in put {
+                        let (zeros, data) = ((p.at - start) as usize, (p.at + p.pad - start) as usize);
+                        buf[zeros..data].fill(0);
+                        let dest = &mut buf[data..data + p.bytes as usize];
+                        if let Err(e) = read_range(f, shard, dest, p.file_offset, hasher.as_mut(), self.progress) {
+                            failure = Some(e);
+                            return Err(DedicatedError::Stopped);
+                        }
                     }
-                    len
+                    Ok(len)
                 });
-                read.map_err(|e| {
-                    failure = Some(e);
-                    DedicatedError::Stopped
-                })
-            });
-            if let Err(e) = put {
-                return Err(failure.take().unwrap_or_else(|| e.into()));
+                if let Err(e) = filled {
+                    return Err(failure.take().unwrap_or_else(|| e.into()));
+                }
+            }
+            if let Some(h) = hasher {
+                lock(&self.hashes[c.shard])[c.nth] = *h.finalize().as_bytes();
             }
         }
         Ok(writer.finish()?)
@@ -165,18 +191,17 @@ impl Work<'_> {
 }
 
 /// Reads a shard's data section at `offset` into `buf`, in pieces small enough to stay in the
-/// core's L2 cache, hashing each one while it is there (`hash`): the hash then costs no second
-/// pass over memory (the same hash as of the whole chunk at once). Returns the chunk's hash.
-fn read_chunk(
+/// core's L2 cache, feeding each one to `hasher` while it is there: the hash then costs no
+/// second pass over memory (the same hash as of the whole range at once).
+fn read_range(
     f: &std::fs::File,
     shard: &Shard,
     buf: &mut [u8],
     offset: u64,
-    hash: bool,
+    mut hasher: Option<&mut blake3::Hasher>,
     progress: Option<&Progress>,
-) -> Result<Option<[u8; 32]>, WeightsError> {
+) -> Result<(), WeightsError> {
     let path = &shard.identity.path;
-    let mut hasher = hash.then(blake3::Hasher::new);
     for (k, piece) in buf.chunks_mut(PIECE_BYTES).enumerate() {
         let at = shard.data_start + offset + (k * PIECE_BYTES) as u64;
         memwarden_sys::fs::read_exact_at(f, piece, at)
@@ -188,5 +213,5 @@ fn read_chunk(
             p.add(piece.len() as u64);
         }
     }
-    Ok(hasher.map(|h| *h.finalize().as_bytes()))
+    Ok(())
 }

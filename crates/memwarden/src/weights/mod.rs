@@ -55,6 +55,8 @@ pub enum WeightsError {
     FileChanged(String),
     #[error("no model {0:?} is held by memwarden")]
     ModelNotFound(String),
+    #[error("no held model is in the group {0:?}")]
+    GroupNotFound(String),
     #[error("{0}")]
     NotSupported(String),
     #[error("{0}")]
@@ -78,6 +80,26 @@ impl WeightsError {
         }
     }
 
+    /// The same error, its message passed through `f` (to say which request it came from); an
+    /// id (`ModelNotFound`, `GroupNotFound`) is kept as it is.
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> WeightsError {
+        use WeightsError as E;
+        match self {
+            E::FileNotFound(m) => E::FileNotFound(f(m)),
+            E::InvalidFile(m) => E::InvalidFile(f(m)),
+            E::FileChanged(m) => E::FileChanged(f(m)),
+            E::NotSupported(m) => E::NotSupported(f(m)),
+            E::InUse(m) => E::InUse(f(m)),
+            E::InsufficientMemory { device, needed_bytes, message } => {
+                E::InsufficientMemory { device, needed_bytes, message: f(message) }
+            }
+            E::DeviceUnavailable(m) => E::DeviceUnavailable(f(m)),
+            E::LoadFailed(m) => E::LoadFailed(f(m)),
+            E::Internal(m) => E::Internal(f(m)),
+            id @ (E::ModelNotFound(_) | E::GroupNotFound(_)) => id,
+        }
+    }
+
     /// The protocol's code for this error (the HTTP layer maps codes to statuses).
     pub fn code(&self) -> &'static str {
         match self {
@@ -85,6 +107,7 @@ impl WeightsError {
             WeightsError::InvalidFile(_) => codes::INVALID_MODEL_FILE,
             WeightsError::FileChanged(_) => codes::FILE_CHANGED,
             WeightsError::ModelNotFound(_) => codes::MODEL_NOT_FOUND,
+            WeightsError::GroupNotFound(_) => codes::GROUP_NOT_FOUND,
             WeightsError::NotSupported(_) => codes::NOT_SUPPORTED,
             WeightsError::InUse(_) => codes::IN_USE,
             WeightsError::InsufficientMemory { .. } => codes::INSUFFICIENT_MEMORY,

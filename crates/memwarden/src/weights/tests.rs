@@ -50,7 +50,8 @@ fn store_with(config: WeightsSection, limits: PoolLimits) -> Arc<WeightStore> {
 }
 
 /// A model file of `n` tensors of 3 MiB + 1 byte each (chunks straddle tensor ends), bytes from
-/// `seed`.
+/// `seed`, and the image its block should hold: each tensor at a multiple of 256 bytes, zeros
+/// between (`TENSOR_ALIGN_BYTES`).
 pub(super) fn model_file(name: &str, seed: u8) -> (PathBuf, Vec<u8>) {
     let n = 4usize;
     let each = (3 << 20) + 1;
@@ -72,7 +73,13 @@ pub(super) fn model_file(name: &str, seed: u8) -> (PathBuf, Vec<u8>) {
     bytes.extend_from_slice(header.as_bytes());
     bytes.extend_from_slice(&data);
     std::fs::write(&path, bytes).expect("write model");
-    (path, data)
+    // In the block each tensor starts at a multiple of 256 (its size is odd), zeros between.
+    let mut block = Vec::new();
+    for t in data.chunks(each) {
+        block.resize(block.len().div_ceil(256) * 256, 0);
+        block.extend_from_slice(t);
+    }
+    (path, block)
 }
 
 pub(super) fn req(path: &std::path::Path, device: DeviceId) -> LoadRequest {

@@ -214,16 +214,30 @@ fn held_weights_are_not_the_workers_own(s: &TestServer, size: u64) {
 /// The watchdog with park available: an outside process fills cuda:0 past `critical` while an
 /// 8 GiB held model is resident; the ladder parks it (its first rung after the caches) and the
 /// outside process's next allocation, which did not fit, succeeds. Prints the time from the
-/// first pressure event to the memory being back (goal: 200 ms).
+/// first pressure event, and from the end of the fill, to the memory being back (goal: 300 ms
+/// after the fill). Here with a park pool configured by hand and given time to register.
 #[test]
 fn the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
     let gib: u64 = std::env::var("MEMWARDEN_WEIGHTS_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-    let dir = tempdir("gpu-weights-watchdog");
-    let (path, bytes) = write_model(&dir, "parkme", gib * 1024);
     let mut config = Config::default();
-    config.weights.park_pool_bytes = bytes + GIB / 2;
+    config.weights.park_pool_bytes = (gib << 30) + GIB;
+    watchdog_parks_a_held_model(config, Duration::from_secs(8), "configured pool");
+}
+
+/// The same with the default config (issue 25's goal: fill → fit ≤ 300 ms): the park pool
+/// follows the load in the background; the fill starts as soon as the load has answered.
+#[test]
+fn with_the_default_config_the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
+    watchdog_parks_a_held_model(Config::default(), Duration::ZERO, "default config");
+}
+
+fn watchdog_parks_a_held_model(config: Config, settle: Duration, label: &str) {
+    let gib: u64 = std::env::var("MEMWARDEN_WEIGHTS_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let dir = tempdir("gpu-weights-watchdog");
+    let (path, _bytes) = write_model(&dir, "parkme", gib * 1024);
+    let _ = std::fs::read(&path).expect("read into the page cache");
     let s = TestServer::start_with(config);
-    std::thread::sleep(Duration::from_secs(8)); // the park pool registers in the background
+    std::thread::sleep(settle); // a configured park pool registers in the background
     let (code, body) = s.call(
         "POST",
         "/api/memory/models/load",
@@ -236,6 +250,7 @@ fn the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
     let total = st["data"]["totalMemory"].as_f64().expect("total");
     let fill_to = 1.0 - (2u64 << 30) as f64 / total;
     let hog = crate::common::Hog::fill(fill_to, extra);
+    let filled_at = time::OffsetDateTime::now_utc();
     let filled = hog.filled.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     let run = loop {
@@ -265,8 +280,11 @@ fn the_watchdog_parks_held_weights_so_an_outside_allocation_succeeds() {
         (Some(e), Some(r)) => (r - e).as_seconds_f64() * 1e3 + run["optimizationTimeMs"].as_f64().unwrap_or(0.0),
         _ => f64::NAN,
     };
+    let fill_to_freed = parse(&run["startedAt"]).map_or(f64::NAN, |r| {
+        (r - filled_at).as_seconds_f64() * 1e3 + run["optimizationTimeMs"].as_f64().unwrap_or(0.0)
+    });
     println!(
-        "watchdog with park: first event ({}) → run done {event_to_freed:.0} ms; run {:.0} ms; park step {:.0} ms, {} MiB measured; outside {} GiB fit (free before {} MiB)",
+        "watchdog with park ({label}): fill done → run done {fill_to_freed:.0} ms; first event ({}) → run done {event_to_freed:.0} ms; run {:.0} ms; park step {:.0} ms, {} MiB measured; outside {} GiB fit (free before {} MiB)",
         first["newLevel"].as_str().unwrap_or(""),
         run["optimizationTimeMs"].as_f64().unwrap_or(0.0),
         step["durationMs"].as_f64().unwrap_or(0.0),

@@ -142,6 +142,26 @@ fn a_pipeline_folder_is_a_group_of_components_each_held_on_its_own() {
     assert_eq!(code, 200, "{body}");
     let states: Vec<String> = listing(&s).iter().map(|w| w["state"].as_str().expect("s").to_string()).collect();
     assert_eq!(states.iter().filter(|s| *s == "resident").count(), 2, "{states:?}");
+    // The pipeline as one: drop every component (the vae, already dropped, answers `none`),
+    // then resume them all.
+    let actions = |body: &Value| -> Vec<String> {
+        body["data"]["actions"].as_array().expect("actions").iter().map(|a| a["action"].to_string()).collect()
+    };
+    let (code, g) = s.call("POST", "/api/memory/models/groups/tiny-sd/drop", None);
+    assert_eq!(code, 200, "{g}");
+    assert_eq!(actions(&g).iter().filter(|a| *a == "\"none\"").count(), 1, "{g}");
+    assert!(listing(&s).iter().all(|w| w["state"] == "dropped"));
+    let (code, g) = s.call("POST", "/api/memory/models/groups/tiny-sd/resume", None);
+    assert_eq!((code, actions(&g).len()), (200, 3), "{g}");
+    assert!(listing(&s).iter().all(|w| w["state"] == "resident"));
+    // Held on cpu, a component cannot be parked: the error names the group and the component,
+    // and nothing changed.
+    let first = comps.iter().map(|c| c["modelId"].as_str().expect("id")).min().expect("a component");
+    let parked = s.call("POST", "/api/memory/models/groups/tiny-sd/park", None);
+    assert_error(&parked, 409, "NOT_SUPPORTED", &format!("group \"tiny-sd\", component {first}"));
+    assert!(listing(&s).iter().all(|w| w["state"] == "resident"));
+    let unknown = s.call("POST", "/api/memory/models/groups/no-such-pipeline/resume", None);
+    assert_error(&unknown, 404, "GROUP_NOT_FOUND", "no-such-pipeline");
 }
 
 #[test]

@@ -3,11 +3,11 @@
 use super::super::envelope::{ApiError, ApiResponse, Data, NoBody, OptionalJson};
 use super::super::{ApiResult, AppState};
 use crate::app::allocations::resolve;
-use crate::app::residency::{self as use_case, Acted};
+use crate::app::residency::{self as use_case, Acted, GroupAction};
 use crate::app::{HeldModel, WeightsError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use memwarden_protocol::api::{HeldModelDto, LoadedModelDto, PhaseDto, ResumeBody, WeightsActionDto};
+use memwarden_protocol::api::{GroupActionDto, HeldModelDto, LoadedModelDto, PhaseDto, ResumeBody, WeightsActionDto};
 use memwarden_protocol::codes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ impl From<WeightsError> for ApiError {
             WeightsError::InvalidFile(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::INVALID_MODEL_FILE),
             WeightsError::FileChanged(_) => (StatusCode::CONFLICT, codes::FILE_CHANGED),
             WeightsError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "MODEL_NOT_FOUND"),
+            WeightsError::GroupNotFound(_) => (StatusCode::NOT_FOUND, codes::GROUP_NOT_FOUND),
             WeightsError::NotSupported(_) => (StatusCode::CONFLICT, "NOT_SUPPORTED"),
             WeightsError::InUse(_) => (StatusCode::CONFLICT, codes::IN_USE),
             WeightsError::InsufficientMemory { .. } => (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_MEMORY"),
@@ -104,6 +105,67 @@ pub async fn drop_copy(
     let started = Instant::now();
     let acted = use_case::drop_copy(&state.app, &model_id).await?;
     Ok(Data(outcome(&state, acted, started)))
+}
+
+/// Parks every component of a group (a diffusers pipeline loaded as one), in the order of their ids.
+#[utoipa::path(
+    post, path = "/api/memory/models/groups/{group}/park", params(("group" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<GroupActionDto>), (status = 404, description = "GROUP_NOT_FOUND"),
+        (status = 409, description = "NOT_SUPPORTED / IN_USE of a component: it and the ones after it stay resident")
+    )
+)]
+pub async fn park_group(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    _: NoBody,
+) -> ApiResult<GroupActionDto> {
+    group_action(&state, &group, GroupAction::Park).await
+}
+
+/// Resumes every component of a group, each making room as its own resume would.
+#[utoipa::path(
+    post, path = "/api/memory/models/groups/{group}/resume", params(("group" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<GroupActionDto>), (status = 404, description = "GROUP_NOT_FOUND"),
+        (status = 409, description = "FILE_CHANGED of a component"),
+        (status = 507, description = "INSUFFICIENT_MEMORY for a component: the ones before it stay resident")
+    )
+)]
+pub async fn resume_group(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    _: NoBody,
+) -> ApiResult<GroupActionDto> {
+    group_action(&state, &group, GroupAction::Resume).await
+}
+
+/// Drops the copies of every component of a group (each keeps its file).
+#[utoipa::path(
+    post, path = "/api/memory/models/groups/{group}/drop", params(("group" = String, Path)),
+    responses(
+        (status = 200, body = ApiResponse<GroupActionDto>), (status = 404, description = "GROUP_NOT_FOUND"),
+        (status = 409, description = "NOT_SUPPORTED (pinned) / IN_USE of a component")
+    )
+)]
+pub async fn drop_group(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    _: NoBody,
+) -> ApiResult<GroupActionDto> {
+    group_action(&state, &group, GroupAction::Drop).await
+}
+
+async fn group_action(state: &AppState, group: &str, action: GroupAction) -> ApiResult<GroupActionDto> {
+    let started = Instant::now();
+    let done = use_case::for_group(&state.app, group, action).await?;
+    let actions: Vec<WeightsActionDto> = done.into_iter().map(|a| outcome(state, a, started)).collect();
+    Ok(Data(GroupActionDto {
+        group: group.to_string(),
+        freed_bytes: actions.iter().map(|a| a.freed_bytes).sum(),
+        actions,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+    }))
 }
 
 /// A held model in the worker listing's shape (for `move`, whose reply predates held weights).
