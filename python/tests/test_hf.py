@@ -303,6 +303,33 @@ def test_auto_use_skips_methods_the_model_lacks():
     assert not hasattr(m, "generate") and m.forward(3) == 3 and w.entered == 1
 
 
+def test_auto_use_covers_a_vaes_decode_and_encode():
+    """A diffusers pipeline calls ``vae.decode(latents)``, never the VAE's forward: decode and
+    encode hold use() too, and decode calling forward inside nests."""
+
+    class Vae:
+        def __init__(self, w):
+            self.w, self.seen = w, []
+
+        def forward(self, x):
+            self.seen.append(self.w.open)
+            return x
+
+        def decode(self, z):
+            self.seen.append(self.w.open)
+            return self.forward(z)
+
+        def encode(self, x):
+            self.seen.append(self.w.open)
+            return x
+
+    w = FakeWeights()
+    v = Vae(w)
+    hf.install_auto_use(v, w)
+    assert v.decode(1) == 1 and v.encode(2) == 2
+    assert v.seen == [1, 1, 1] and (w.entered, w.exited, w.open) == (2, 2, 0)
+
+
 # ---- pipelines ----
 
 
