@@ -349,6 +349,10 @@ class Client:
         weights = self._held(data["modelId"])
         if not weights.wait_unused(data["timeoutMs"] / 1000):
             raise WorkerError(P.IN_USE, f"a use() of {weights.model_id} stayed open past {data['timeoutMs']} ms")
+        if data.get("confirmEarly"):
+            # No use() is open and none can start: the daemon may copy the memory out while
+            # this process unmaps (the unmap is the slow part with several holders at once).
+            self._endpoint.notify("weightsQuiesced", {"modelId": weights.model_id})
         if data.get("final"):
             with self._lock:
                 self._weights.pop(weights.model_id, None)

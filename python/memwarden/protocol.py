@@ -59,7 +59,7 @@ DAEMON_ACTIONS = (
 PEER_ACTIONS = ("register", "loadWeights", "releaseWeights", "resumeWeights", "allocate", "free", "export")
 ACTIONS = DAEMON_ACTIONS + PEER_ACTIONS
 # `error` goes daemon → peer: a notification of the peer's was refused (data: code, message, modelId?).
-EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport", "weightsUsed", "error")
+EVENTS = ("modelLoaded", "modelUnloaded", "memoryReport", "weightsUsed", "weightsQuiesced", "error")
 
 
 class ProtocolError(Exception):
@@ -286,7 +286,8 @@ _FIELDS = {
     },
     "PeerFree": {"allocationId": (True, str)},
     "PeerExport": {"allocationId": (True, str)},
-    "UnmapWeights": {"modelId": (True, str), "timeoutMs": (True, "u64"), "final": (False, bool)},
+    "UnmapWeights": {"modelId": (True, str), "timeoutMs": (True, "u64"), "final": (False, bool),
+                     "confirmEarly": (False, bool)},
     "WeightsGrant": {
         "modelId": (True, str),
         "name": (True, str),

@@ -270,6 +270,25 @@ def test_a_failed_resume_reaches_the_user(pair):
     assert e.value.code == P.INSUFFICIENT_MEMORY
 
 
+def test_an_unmap_with_confirm_early_says_quiesced_before_it_replies(pair):
+    """A park asks with confirmEarly: the holder says it is quiet (no use() open, none can
+    start) before it unmaps, so the daemon copies out while it unmaps; the reply comes after."""
+    client, daemon = pair
+    _, w = load(client, daemon, memfd())
+    daemon.n += 1
+    daemon.send(P.request(f"d{daemon.n}", "unmapWeights", {"modelId": "w-1", "timeoutMs": 1000, "confirmEarly": True}))
+    quiet = daemon.read_any()[0]
+    assert quiet.kind == "notification" and quiet.event == "weightsQuiesced", quiet.body
+    assert quiet.data == {"modelId": "w-1"}
+    reply = daemon.read("reply")
+    assert reply.body["success"] and reply.body["data"] == {"unmapped": True}
+    assert not w.mapped
+    # Without confirmEarly, no notice: the reply alone.
+    assert daemon.call("remapWeights", dict(w.grant), fds=[memfd()])["success"]
+    assert daemon.call("unmapWeights", {"modelId": "w-1", "timeoutMs": 1000})["success"]
+    assert not any(e.event == "weightsQuiesced" for e in daemon.events)
+
+
 def test_final_unmap_forgets_the_weights(pair):
     client, daemon = pair
     _, w = load(client, daemon, memfd())

@@ -288,6 +288,9 @@ pub enum Event {
     MemoryReport,
     /// `data` is a [`ModelRef`]: a holder's `use()` of daemon-held weights ended (version 2).
     WeightsUsed,
+    /// `data` is a [`ModelRef`]: asked to unmap with `confirmEarly`, the holder has no `use()`
+    /// open and lets none start; it unmaps next and then replies.
+    WeightsQuiesced,
     /// Daemon → peer: `data` is an [`ErrorNotice`]: a notification of the peer's was refused
     /// (a version 1 peer's `modelLoaded` on an unknown device). It has no reply to carry the error.
     Error,
@@ -300,14 +303,22 @@ impl Event {
             Event::ModelUnloaded => "modelUnloaded",
             Event::MemoryReport => "memoryReport",
             Event::WeightsUsed => "weightsUsed",
+            Event::WeightsQuiesced => "weightsQuiesced",
             Event::Error => "error",
         }
     }
 
     fn from_name(name: &str) -> Option<Event> {
-        [Event::ModelLoaded, Event::ModelUnloaded, Event::MemoryReport, Event::WeightsUsed, Event::Error]
-            .into_iter()
-            .find(|e| e.name() == name)
+        [
+            Event::ModelLoaded,
+            Event::ModelUnloaded,
+            Event::MemoryReport,
+            Event::WeightsUsed,
+            Event::WeightsQuiesced,
+            Event::Error,
+        ]
+        .into_iter()
+        .find(|e| e.name() == name)
     }
 }
 

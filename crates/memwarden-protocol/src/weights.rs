@@ -96,4 +96,9 @@ pub struct UnmapWeights {
     /// The model is being unloaded: release the address reservation too.
     #[serde(default)]
     pub r#final: bool,
+    /// Send `weightsQuiesced` (`{modelId}`) as soon as no `use()` is open and none can start,
+    /// before unmapping; the reply still comes once unmapped. A park copies the memory out
+    /// meanwhile (the unmaps of several holders overlap the copy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confirm_early: bool,
 }

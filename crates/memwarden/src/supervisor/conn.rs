@@ -102,6 +102,8 @@ pub struct Conn {
     pub connected_at: OffsetDateTime,
     writer: tokio::sync::Mutex<Writer>,
     pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+    /// Unmaps sent with `confirmEarly`, by model id: told when the peer's `weightsQuiesced` comes.
+    quiesce: Mutex<HashMap<String, oneshot::Sender<()>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
     /// The models this peer holds, as it last reported them.
@@ -126,6 +128,7 @@ impl Conn {
             connected_at: OffsetDateTime::now_utc(),
             writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::new(HashMap::new()),
+            quiesce: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             models: Mutex::new(BTreeMap::new()),
@@ -203,6 +206,20 @@ impl Conn {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         lock(&self.pending).clear();
+        lock(&self.quiesce).clear();
+    }
+
+    /// Resolves when the peer's `weightsQuiesced` of `model_id` comes (an unmap sent with
+    /// `confirmEarly`); an error when it never will (the connection closed, or
+    /// [`Self::forget_quiesced`] after the reply).
+    pub fn expect_quiesced(&self, model_id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.quiesce).insert(model_id.to_string(), tx);
+        rx
+    }
+
+    pub fn forget_quiesced(&self, model_id: &str) {
+        lock(&self.quiesce).remove(model_id);
     }
 
     /// Applies a peer's notification; a refused `modelLoaded` returns the notice that tells the
@@ -238,6 +255,14 @@ impl Conn {
             },
             // Applied by the weights store (read_loop hands it over); nothing to keep here.
             Event::WeightsUsed => {}
+            Event::WeightsQuiesced => match serde_json::from_value::<memwarden_protocol::ModelRef>(data.clone()) {
+                Ok(r) => {
+                    if let Some(tx) = lock(&self.quiesce).remove(&r.model_id) {
+                        let _ = tx.send(());
+                    }
+                }
+                Err(e) => tracing::warn!(worker = %self.worker_id, "bad weightsQuiesced: {e}"),
+            },
             Event::Error => match serde_json::from_value::<ErrorNotice>(data.clone()) {
                 Ok(n) => tracing::warn!(worker = %self.worker_id, code = %n.code, "peer's error notice: {}", n.message),
                 Err(e) => tracing::warn!(worker = %self.worker_id, "error notice unreadable: {e}"),

@@ -10,6 +10,7 @@
 //! taken from under them.
 
 pub mod checkpoint;
+mod error;
 pub mod file;
 pub mod holder;
 pub mod load;
@@ -23,19 +24,20 @@ use crate::config::WeightsSection;
 use crate::sync::lock;
 use file::ModelFile;
 use memory::{ParkBuffer, ParkPool};
-use memwarden_backends::{DedicatedBlock, DedicatedError, DedicatedMemory};
+use memwarden_backends::{DedicatedBlock, DedicatedMemory};
 use memwarden_core::DeviceId;
 use memwarden_protocol::api::{rfc3339, HeldModelDto, ModelStateEventDto, RateDto, WeightFileDto, WeightState};
-use memwarden_protocol::{codes, GrantPiece, UnmapWeights, WeightsGrant};
+use memwarden_protocol::{GrantPiece, UnmapWeights, WeightsGrant};
 use memwarden_sys::SharedHandle;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
-pub use holder::{HolderError, WeightHolder};
+pub use error::WeightsError;
+pub use holder::{HolderError, Unmapping, WeightHolder};
 pub use memory::{PoolLimits, PoolStats};
 pub use ops::Attached;
 use residency::{host_memory_bytes, LoadDemand, RateBook, StateSink, STATE_EVENTS_CAPACITY};
@@ -44,92 +46,6 @@ pub use switch::{switch, switch_partners, SwitchOutcome};
 
 /// What a holder maps: the grant and one descriptor per piece of the memory, in order.
 pub type Grant = (WeightsGrant, Vec<SharedHandle>);
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum WeightsError {
-    #[error("{0}")]
-    FileNotFound(String),
-    #[error("{0}")]
-    InvalidFile(String),
-    #[error("{0}")]
-    FileChanged(String),
-    #[error("no model {0:?} is held by memwarden")]
-    ModelNotFound(String),
-    #[error("no held model is in the group {0:?}")]
-    GroupNotFound(String),
-    #[error("{0}")]
-    NotSupported(String),
-    #[error("{0}")]
-    InUse(String),
-    #[error("{message}")]
-    InsufficientMemory { device: String, needed_bytes: u64, message: String },
-    #[error("{0}")]
-    DeviceUnavailable(String),
-    #[error("{0}")]
-    LoadFailed(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl WeightsError {
-    pub fn file(path: &Path, e: std::io::Error) -> WeightsError {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            WeightsError::FileNotFound(format!("{}: no such file", path.display()))
-        } else {
-            WeightsError::LoadFailed(format!("{}: {e}", path.display()))
-        }
-    }
-
-    /// The same error, its message passed through `f` (to say which request it came from); an
-    /// id (`ModelNotFound`, `GroupNotFound`) is kept as it is.
-    pub fn map_message(self, f: impl FnOnce(String) -> String) -> WeightsError {
-        use WeightsError as E;
-        match self {
-            E::FileNotFound(m) => E::FileNotFound(f(m)),
-            E::InvalidFile(m) => E::InvalidFile(f(m)),
-            E::FileChanged(m) => E::FileChanged(f(m)),
-            E::NotSupported(m) => E::NotSupported(f(m)),
-            E::InUse(m) => E::InUse(f(m)),
-            E::InsufficientMemory { device, needed_bytes, message } => {
-                E::InsufficientMemory { device, needed_bytes, message: f(message) }
-            }
-            E::DeviceUnavailable(m) => E::DeviceUnavailable(f(m)),
-            E::LoadFailed(m) => E::LoadFailed(f(m)),
-            E::Internal(m) => E::Internal(f(m)),
-            id @ (E::ModelNotFound(_) | E::GroupNotFound(_)) => id,
-        }
-    }
-
-    /// The protocol's code for this error (the HTTP layer maps codes to statuses).
-    pub fn code(&self) -> &'static str {
-        match self {
-            WeightsError::FileNotFound(_) => codes::FILE_NOT_FOUND,
-            WeightsError::InvalidFile(_) => codes::INVALID_MODEL_FILE,
-            WeightsError::FileChanged(_) => codes::FILE_CHANGED,
-            WeightsError::ModelNotFound(_) => codes::MODEL_NOT_FOUND,
-            WeightsError::GroupNotFound(_) => codes::GROUP_NOT_FOUND,
-            WeightsError::NotSupported(_) => codes::NOT_SUPPORTED,
-            WeightsError::InUse(_) => codes::IN_USE,
-            WeightsError::InsufficientMemory { .. } => codes::INSUFFICIENT_MEMORY,
-            WeightsError::DeviceUnavailable(_) => codes::DEVICE_UNAVAILABLE,
-            WeightsError::LoadFailed(_) => codes::LOAD_FAILED,
-            WeightsError::Internal(_) => codes::INTERNAL,
-        }
-    }
-}
-
-impl From<DedicatedError> for WeightsError {
-    fn from(e: DedicatedError) -> Self {
-        match e {
-            DedicatedError::OutOfMemory { device, bytes, message } => {
-                WeightsError::InsufficientMemory { device: device.into(), needed_bytes: bytes, message }
-            }
-            DedicatedError::Unsupported { .. } => WeightsError::DeviceUnavailable(e.to_string()),
-            DedicatedError::Failed(message) => WeightsError::Internal(message),
-            DedicatedError::Stopped => WeightsError::Internal(e.to_string()),
-        }
-    }
-}
 
 /// One measured move of a model's bytes.
 #[derive(Debug, Clone)]
@@ -562,7 +478,7 @@ impl WeightStore {
     }
 
     fn unmap_request(&self, id: &str, r#final: bool) -> UnmapWeights {
-        UnmapWeights { model_id: id.to_string(), timeout_ms: self.config.use_bound_ms, r#final }
+        UnmapWeights { model_id: id.to_string(), timeout_ms: self.config.use_bound_ms, r#final, confirm_early: false }
     }
 
     /// Resident models on `device` the optimizer may park (on `cpu`: drop), least valuable
@@ -606,3 +522,5 @@ mod tests;
 mod tests_checkpoint;
 #[cfg(test)]
 mod tests_switch;
+#[cfg(test)]
+mod tests_unmap;

@@ -3,9 +3,11 @@
 //! run on blocking threads.
 
 use super::file::ModelFile;
+use super::holder::Unmaps;
 use super::load;
 use super::{
-    ActionOutcome, Grant, Held, HeldModel, HolderEntry, LoadRequest, Rate, WeightHolder, WeightStore, WeightsError,
+    ActionOutcome, Grant, Held, HeldModel, HolderEntry, HolderError, LoadRequest, Rate, WeightHolder, WeightStore,
+    WeightsError,
 };
 use crate::operations::Progress;
 use crate::sync::lock;
@@ -220,26 +222,70 @@ impl WeightStore {
     }
 
     /// Asks every holder to unmap, all at once (the wait is the longest open `use()`, not their
-    /// sum); on a refusal, maps the ones that already did back again.
+    /// sum), and waits until each has; on a refusal, maps the ones that already did back again.
     pub(super) async fn unmap_holders(&self, model: &HeldModel, r#final: bool) -> Result<(), WeightsError> {
+        let unmapping = self.quiesce_holders(model, r#final).await?;
+        self.await_unmaps(model, unmapping).await
+    }
+
+    /// Asks every holder to unmap, all at once, and waits until each has no `use()` open and
+    /// lets none start: the memory's content is final from then on (a park copies it out while
+    /// the holders unmap; [`Self::await_unmaps`] waits for them). On a refusal, waits for the
+    /// others' unmaps and maps them back.
+    pub(super) async fn quiesce_holders(&self, model: &HeldModel, r#final: bool) -> Result<Unmaps, WeightsError> {
         let holders: Vec<HolderEntry> = lock(&model.held).holders.values().cloned().collect();
-        let asks = holders.iter().map(|entry| entry.holder.unmap(self.unmap_request(&model.id, r#final)));
-        let answers = futures_util::future::join_all(asks).await;
-        let mut done: Vec<Arc<dyn WeightHolder>> = Vec::new();
-        let mut refused = None;
-        for (entry, answer) in holders.iter().zip(answers) {
+        let (quiet, done): (Vec<_>, Vec<_>) = holders
+            .iter()
+            .map(|e| e.holder.unmap_early(self.unmap_request(&model.id, r#final)))
+            .map(|u| (u.quiesced, u.done))
+            .unzip();
+        let answers = futures_util::future::join_all(quiet).await;
+        let (mut pending, mut refused) = (Vec::new(), None);
+        for ((entry, answer), done) in holders.iter().zip(answers).zip(done) {
             match answer {
-                Ok(()) => done.push(entry.holder.clone()),
-                Err(super::HolderError::Gone(why)) => {
-                    tracing::info!(model = %model.id, "a holder is gone and no longer counts: {why}");
-                    lock(&model.held).holders.remove(&entry.holder.holder_id());
-                }
-                Err(e) => refused = refused.or(Some(e)),
+                Ok(()) => pending.push((entry.holder.clone(), done)),
+                Err(e) => refused = refused.or(self.unless_gone(model, &entry.holder, e)),
             }
         }
+        let Some(e) = refused else { return Ok(pending) };
+        let (unmapped, _) = self.settle(model, pending).await;
+        self.remap_holders(model, unmapped).await;
+        Err(self.refusal(model, e))
+    }
+
+    /// Waits for the holders' unmaps; when one fails, maps back the ones that did.
+    pub(super) async fn await_unmaps(&self, model: &HeldModel, unmapping: Unmaps) -> Result<(), WeightsError> {
+        let (unmapped, refused) = self.settle(model, unmapping).await;
         let Some(e) = refused else { return Ok(()) };
-        self.remap_holders(model, done).await;
-        Err(match e {
+        self.remap_holders(model, unmapped).await;
+        Err(self.refusal(model, e))
+    }
+
+    /// The holders whose unmaps succeeded, and the first refusal (a holder that is gone no
+    /// longer counts).
+    async fn settle(&self, model: &HeldModel, unmapping: Unmaps) -> (Vec<Arc<dyn WeightHolder>>, Option<HolderError>) {
+        let (holders, dones): (Vec<_>, Vec<_>) = unmapping.into_iter().unzip();
+        let answers = futures_util::future::join_all(dones).await;
+        let (mut unmapped, mut refused) = (Vec::new(), None);
+        for (holder, answer) in holders.into_iter().zip(answers) {
+            match answer {
+                Ok(()) => unmapped.push(holder),
+                Err(e) => refused = refused.or(self.unless_gone(model, &holder, e)),
+            }
+        }
+        (unmapped, refused)
+    }
+
+    /// `e`, unless it says the holder is gone: then it no longer counts.
+    fn unless_gone(&self, model: &HeldModel, holder: &Arc<dyn WeightHolder>, e: HolderError) -> Option<HolderError> {
+        let HolderError::Gone(why) = e else { return Some(e) };
+        tracing::info!(model = %model.id, "a holder is gone and no longer counts: {why}");
+        lock(&model.held).holders.remove(&holder.holder_id());
+        None
+    }
+
+    fn refusal(&self, model: &HeldModel, e: HolderError) -> WeightsError {
+        match e {
             super::HolderError::InUse(m) => WeightsError::InUse(format!(
                 "model {} is in use past {} ms ({m}); nothing was unmapped",
                 model.id, self.config.use_bound_ms
@@ -247,7 +293,7 @@ impl WeightStore {
             super::HolderError::Failed(m) | super::HolderError::Gone(m) => {
                 WeightsError::Internal(format!("model {}: a holder could not unmap: {m}", model.id))
             }
-        })
+        }
     }
 
     /// Sends each holder a grant of the model's resident memory, all at once; a holder that
@@ -304,36 +350,21 @@ impl WeightStore {
         if model.pinned {
             return Err(WeightsError::NotSupported(format!("model {} is pinned", model.id)));
         }
+        // The holders' unmaps run while the bytes are copied out; the device memory goes back
+        // once every holder has unmapped (a mapping keeps it alive).
         let unmap_started = Instant::now();
-        self.unmap_holders(model, false).await?;
+        let unmapping = self.quiesce_holders(model, false).await?;
         let unmap_ms = ms(unmap_started);
-        let pool = self.park_pool.clone();
-        let m = model.clone();
-        let result = blocking(move || {
+        let (pool, m) = (self.park_pool.clone(), model.clone());
+        let copied = blocking(move || {
             let block = lock(&m.held).block.take();
             let Some(block) = block else { return Err(WeightsError::Internal("no resident memory".into())) };
             let started = Instant::now();
             let taken = pool.take(m.file.data_bytes);
             let take_ms = ms(started);
             let copy_started = Instant::now();
-            let saved = taken.and_then(|buf| {
-                block.save(&buf.pieces(m.file.data_bytes))?;
-                Ok(buf)
-            });
-            match saved {
-                Ok(buf) => {
-                    let elapsed = copy_started.elapsed();
-                    let freed = block.size_bytes();
-                    let free_started = Instant::now();
-                    drop(block);
-                    let phases =
-                        vec![("takePinned", take_ms), ("copy", ms_of(elapsed)), ("freeDevice", ms(free_started))];
-                    let mut h = lock(&m.held);
-                    h.parked = Some(buf);
-                    h.set_state(WeightState::Parked);
-                    h.park = Some(Rate::now(m.file.data_bytes, elapsed));
-                    Ok((freed, h.park.clone(), phases))
-                }
+            match taken.and_then(|buf| block.save(&buf.pieces(m.file.data_bytes)).map(|()| buf).map_err(Into::into)) {
+                Ok(buf) => Ok((block, buf, take_ms, copy_started.elapsed())),
                 Err(e) => {
                     lock(&m.held).block = Some(block);
                     Err(e)
@@ -341,17 +372,44 @@ impl WeightStore {
             }
         })
         .await;
-        match result {
-            Ok((freed_bytes, rate, mut phases)) => {
-                phases.insert(0, ("unmapHolders", unmap_ms));
-                Ok(ActionOutcome { action: "park", freed_bytes, rate, phases })
-            }
+        let (block, buf, take_ms, elapsed) = match copied {
+            Ok(c) => c,
             Err(e) => {
-                let holders = model.with_held(|h| h.holders.values().map(|e| e.holder.clone()).collect());
-                self.remap_holders(model, holders).await;
-                Err(e)
+                let (unmapped, _) = self.settle(model, unmapping).await;
+                self.remap_holders(model, unmapped).await;
+                return Err(e);
             }
+        };
+        let wait_started = Instant::now();
+        let (unmapped, refused) = self.settle(model, unmapping).await;
+        if let Some(e) = refused {
+            // Still resident, as it was (`buf` goes back to the pool): the ones that unmapped
+            // map it again.
+            lock(&model.held).block = Some(block);
+            self.remap_holders(model, unmapped).await;
+            return Err(self.refusal(model, e));
         }
+        let wait_ms = ms(wait_started);
+        let m = model.clone();
+        let (freed_bytes, rate, free_ms) = blocking(move || {
+            let (freed, free_started) = (block.size_bytes(), Instant::now());
+            drop(block);
+            let free_ms = ms(free_started);
+            let mut h = lock(&m.held);
+            h.parked = Some(buf);
+            h.set_state(WeightState::Parked);
+            h.park = Some(Rate::now(m.file.data_bytes, elapsed));
+            Ok((freed, h.park.clone(), free_ms))
+        })
+        .await?;
+        let phases = vec![
+            ("unmapHolders", unmap_ms),
+            ("takePinned", take_ms),
+            ("copy", ms_of(elapsed)),
+            ("awaitUnmaps", wait_ms),
+            ("freeDevice", free_ms),
+        ];
+        Ok(ActionOutcome { action: "park", freed_bytes, rate, phases })
     }
 
     /// Brings a parked or dropped model back to its device (or to `target`, another GPU).
