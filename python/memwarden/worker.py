@@ -28,6 +28,8 @@ class Worker:
     def __init__(self, store: ModelStore, devices: List[str]):
         self.store = store
         self.devices = devices
+        # Sends an event to the daemon (the endpoint's, once it exists).
+        self.notify: Any = lambda event, data: None
 
     def _device(self, device_id: Optional[str]) -> None:
         if device_id is not None and device_id not in self.devices:
@@ -99,6 +101,8 @@ class Worker:
         w = self._weights(data["modelId"])
         if not w.wait_unused(data["timeoutMs"] / 1000):
             raise WorkerError(P.IN_USE, f"model {data['modelId']} is still in use after {data['timeoutMs']} ms")
+        if data.get("confirmEarly"):  # quiet now: the daemon copies out while this unmaps
+            self.notify("weightsQuiesced", {"modelId": data["modelId"]})
         w.unmap(final=bool(data.get("final")))
         if data.get("final"):
             self.store.forget(data["modelId"])
@@ -152,6 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         devices = [d for d in devices if d in available]
     worker = Worker(ModelStore(args.backend), devices)
     ep = Endpoint(transport(protocol_out), worker.handle)
+    worker.notify = ep.notify
     ep.send(P.hello(args.worker_id, os.getpid(), "worker", frameworks(), devices))
     log(f"worker {args.worker_id} ready (pid {os.getpid()}, devices {devices})")
     ep.serve()

@@ -130,6 +130,9 @@ for n in (1, 4, 8):
         since = time.time_ns()
         p = api("POST", f"/api/memory/models/{m['modelId']}/park")
         times.append(next(x["ms"] for x in p["phasesMs"] if x["phase"] == "unmapHolders"))
+        rest = {x["phase"]: round(x["ms"], 1) for x in p["phasesMs"] if x["phase"] != "unmapHolders"}
+        print(f"  park {p['totalMs']:.1f} ms: unmapHolders (quiet) {times[-1]:.1f}, then {rest} (awaitUnmaps: what the"
+              " unmaps added after the copy)")
         print("  holders:", "; ".join(spans(logs, since)))
         r = api("POST", f"/api/memory/models/{m['modelId']}/resume")
         remap = next(x["ms"] for x in r["phasesMs"] if x["phase"] == "remapHolders")
