@@ -6,7 +6,7 @@ use super::*;
 use crate::config::WeightsSection;
 use futures_util::future::BoxFuture;
 use memwarden_backends::host::HostDedicated;
-use memwarden_backends::{DedicatedBlock, PinnedChunk};
+use memwarden_backends::{DedicatedBlock, DedicatedError, PinnedChunk};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};

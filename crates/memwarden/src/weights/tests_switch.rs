@@ -8,7 +8,9 @@ use super::tests::{holder, mapped_bytes, model_file, req, shm_dir, GPU};
 use super::*;
 use crate::config::WeightsSection;
 use memwarden_backends::host::HostDedicated;
-use memwarden_backends::{serial_switch, ChunkPiece, ChunkWriter, PinnedChunk, SwitchFailure, Switched};
+use memwarden_backends::{
+    serial_switch, ChunkPiece, ChunkWriter, DedicatedError, PinnedChunk, SwitchFailure, Switched,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Default)]
