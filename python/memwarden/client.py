@@ -350,8 +350,10 @@ class Client:
         if not weights.wait_unused(data["timeoutMs"] / 1000):
             raise WorkerError(P.IN_USE, f"a use() of {weights.model_id} stayed open past {data['timeoutMs']} ms")
         if data.get("confirmEarly"):
-            # No use() is open and none can start: the daemon may copy the memory out while
-            # this process unmaps (the unmap is the slow part with several holders at once).
+            # No use() is open and none can start, and the kernels they launched are done: the
+            # daemon may copy the memory out while this process unmaps (the unmap is the slow
+            # part with several holders at once).
+            weights.settle()
             self._endpoint.notify("weightsQuiesced", {"modelId": weights.model_id})
         if data.get("final"):
             with self._lock:

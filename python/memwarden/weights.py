@@ -206,10 +206,14 @@ class CudaDriver:
             close_fds([fd for fd in fds if fd >= 0])
             raise
 
+    def synchronize(self) -> None:
+        """Waits for the work queued on the current context (every stream torch uses)."""
+        self.check(self.lib.cuCtxSynchronize(), "cuCtxSynchronize")
+
     def unmap(self, ptr: int, pieces: List[Tuple[int, int]]) -> None:
         """Waits for the work queued on the context (kernels may still read the weights), then
         unmaps each piece (a mapping is unmapped whole, as it was mapped)."""
-        self.check(self.lib.cuCtxSynchronize(), "cuCtxSynchronize")
+        self.synchronize()
         for off, n in pieces:
             self.check(self.lib.cuMemUnmap(ptr + off, n), "cuMemUnmap")
 
@@ -442,6 +446,15 @@ class Weights(Mapping[str, Any]):
             return False
 
     # -- mapping and unmapping --
+
+    def settle(self) -> None:
+        """Waits for the device work queued on this process's context (a kernel launched inside
+        a use() that has ended may still write the weights): after it the memory's content is
+        final. Host memory: nothing to wait for."""
+        with self._cond:
+            if self._mapped and self._range is not None:
+                cuda_driver().use_device(self._range[2])
+                cuda_driver().synchronize()
 
     def unmap(self, final: bool = False) -> None:
         """Unmaps the memory. CUDA: the address range stays reserved (a remap on the same device

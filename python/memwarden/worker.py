@@ -102,6 +102,7 @@ class Worker:
         if not w.wait_unused(data["timeoutMs"] / 1000):
             raise WorkerError(P.IN_USE, f"model {data['modelId']} is still in use after {data['timeoutMs']} ms")
         if data.get("confirmEarly"):  # quiet now: the daemon copies out while this unmaps
+            w.settle()
             self.notify("weightsQuiesced", {"modelId": data["modelId"]})
         w.unmap(final=bool(data.get("final")))
         if data.get("final"):

@@ -8,16 +8,17 @@
 //!
 //! | concern | module | Unix (`src/unix/`) | Windows (`src/windows/`) |
 //! |---|---|---|---|
-//! | host memory: reserve, commit, lock, map | [`HostMapping`] | `mmap`, `MADV_POPULATE_WRITE`, `mlock` | unsupported |
+//! | host memory: reserve, commit, lock, map | [`HostMapping`] | `mmap`, `MADV_POPULATE_WRITE`, `mlock` | `VirtualAlloc`, `SetProcessWorkingSetSize` + `VirtualLock` |
 //! | shared-memory export | [`HostMapping::new_shared`], [`SharedHandle`] | a 0600 file in a tmpfs, an `OwnedFd` | unsupported; `OwnedHandle` |
 //! | local socket with handle passing | [`local`] | Unix socket, `SCM_RIGHTS` | unsupported (named pipes later) |
 //! | process watch | [`process`] | pidfd, `/proc/<pid>/stat` | unsupported |
-//! | memory status | [`status`] | PSI triggers, `RLIMIT_MEMLOCK`, `/proc` | unsupported / unknown |
+//! | memory status | [`status`] | PSI triggers, `RLIMIT_MEMLOCK`, `/proc` | host memory from `GlobalMemoryStatusEx` ([`status::os_memory`]); the rest unsupported / unknown |
 //! | file modes and positioned reads | [`fs`] | `chmod`, `chown`, `pread` | positioned reads; modes unsupported |
 //!
 //! The Unix side goes through `rustix`'s safe wrappers; the few raw `libc` calls left each say
-//! why. The Windows side compiles (CI runs `cargo check --target x86_64-pc-windows-gnu`) and
-//! answers [`SysError::Unsupported`] or `io::ErrorKind::Unsupported` until the Windows port.
+//! why. The Windows side compiles (CI runs `cargo check --target x86_64-pc-windows-gnu`, and
+//! this crate's tests under Wine: `scripts/test-windows`); what it does not do yet answers
+//! [`SysError::Unsupported`] or `io::ErrorKind::Unsupported` until the Windows port.
 //!
 //! Host memory: [`HostMapping`] is an anonymous private mapping whose pages are committed when
 //! it is created (so the memory is really there, and an overcommitted machine fails now rather
@@ -47,6 +48,16 @@ pub use status::{memlock_limit_bytes, PsiTrigger};
 pub use unix::local::{recv_with_fds, send_with_fds};
 
 use std::path::PathBuf;
+
+/// Host memory as the OS reports it where there is no `/proc/meminfo` to read
+/// ([`status::os_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OsMemory {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    /// What the figures come from (`GlobalMemoryStatusEx`).
+    pub source: &'static str,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SysError {

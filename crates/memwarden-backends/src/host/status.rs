@@ -286,6 +286,16 @@ impl HostStatusReader {
     /// Host memory now: against the cgroup limit when one applies, else `/proc/meminfo`.
     /// Used is total − available, as `free` (procps 4) reports it.
     pub fn read(&self) -> io::Result<MemoryReading> {
+        if let Some(os) = memwarden_sys::status::os_memory() {
+            return Ok(MemoryReading {
+                total_bytes: os.total_bytes,
+                available_bytes: os.available_bytes,
+                used_bytes: os.total_bytes - os.available_bytes,
+                source: os.source.into(),
+                reserved_bytes: None,
+                processes: vec![],
+            });
+        }
         let mi = self.meminfo()?;
         let now = std::time::Instant::now();
         let mut skip = self.no_limit_until.lock().unwrap_or_else(|e| e.into_inner());

@@ -14,6 +14,11 @@ pub const PROC_ROOT: &str = "/proc";
 /// Where the cgroup filesystem is mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
+/// `None`: on Unix host memory is read from `/proc/meminfo` and the cgroup files.
+pub fn os_memory() -> Option<crate::OsMemory> {
+    None
+}
+
 /// The soft `RLIMIT_MEMLOCK` of this process in bytes; `None` when unlimited.
 pub fn memlock_limit_bytes() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Memlock).current

@@ -1,8 +1,8 @@
-//! The Windows side of the platform seam: the same API as `../unix/`, answering "unsupported"
-//! (`SysError::Unsupported`, `io::ErrorKind::Unsupported`) until the Windows port (Direct3D 12,
-//! `VirtualAlloc`, named pipes with `DuplicateHandle`, process handles,
-//! `GlobalMemoryStatusEx`). It exists so that port is additive and CI's
-//! `cargo check --target x86_64-pc-windows-gnu` keeps the seam honest.
+//! The Windows side of the platform seam: the same API as `../unix/`. Host memory
+//! (`VirtualAlloc`, `VirtualLock`) and host status (`GlobalMemoryStatusEx`) are real; the rest
+//! answers "unsupported" (`SysError::Unsupported`, `io::ErrorKind::Unsupported`) until the
+//! Windows port (Direct3D 12, named pipes with `DuplicateHandle`, process handles). CI builds
+//! it and runs memwarden-sys's tests under Wine (`scripts/test-windows`).
 
 pub mod fs;
 pub mod local;
@@ -10,3 +10,6 @@ pub(crate) mod mem;
 pub mod process;
 pub(crate) mod shm;
 pub mod status;
+
+#[cfg(test)]
+mod tests;

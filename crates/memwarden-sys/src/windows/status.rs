@@ -1,5 +1,6 @@
-//! Memory status on Windows: not yet (`GlobalMemoryStatusEx`, `GetProcessMemoryInfo` and
-//! `QueryMemoryResourceNotification` in the port). No PSI, no memlock limit, no `/proc`.
+//! Memory status on Windows: host memory from `GlobalMemoryStatusEx`; not yet
+//! `GetProcessMemoryInfo` and `QueryMemoryResourceNotification`. No PSI, no memlock limit, no
+//! `/proc`.
 
 use crate::SysError;
 use std::path::Path;
@@ -8,6 +9,23 @@ use std::path::Path;
 pub const PROC_ROOT: &str = "/proc";
 /// Where the cgroup filesystem would be.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Physical memory and what is available now (`GlobalMemoryStatusEx`: `ullTotalPhys`,
+/// `ullAvailPhys`); `None` if the call fails.
+pub fn os_memory() -> Option<crate::OsMemory> {
+    use windows_sys::Win32::System::SystemInformation::{GlobalMemoryStatusEx, MEMORYSTATUSEX};
+    // SAFETY: MEMORYSTATUSEX is plain data; dwLength is set as the call requires.
+    let status = unsafe {
+        let mut s: MEMORYSTATUSEX = std::mem::zeroed();
+        s.dwLength = std::mem::size_of::<MEMORYSTATUSEX>() as u32;
+        (GlobalMemoryStatusEx(&mut s) != 0).then_some(s)
+    }?;
+    Some(crate::OsMemory {
+        total_bytes: status.ullTotalPhys,
+        available_bytes: status.ullAvailPhys.min(status.ullTotalPhys),
+        source: "GlobalMemoryStatusEx",
+    })
+}
 
 /// No limit known on this platform.
 pub fn memlock_limit_bytes() -> Option<u64> {

@@ -8,7 +8,7 @@ use super::error::AppError;
 use super::App;
 use crate::weights::{ActionOutcome, HeldModel, WeightHolder, WeightStore, WeightsError};
 use memwarden_core::DeviceId;
-use memwarden_protocol::api::{LoadBody, LoadedModelDto};
+use memwarden_protocol::api::{LoadBody, LoadedModelDto, WeightState};
 use memwarden_protocol::Role;
 use std::future::Future;
 use std::sync::Arc;
@@ -66,17 +66,20 @@ pub enum GroupAction {
 }
 
 /// Parks, resumes or drops every held model of `group` (a diffusers pipeline's components), one
-/// after another in the order of their ids, each as its own request would (a resume makes room).
-/// No model in the group is `ModelNotFound` naming it. A component that fails stops the request:
-/// the error names the group, the component and the ones already done, which stay as they are.
-pub async fn for_group(app: &App, group: &str, action: GroupAction) -> Result<Vec<Acted>, AppError> {
+/// after another in the order of their ids, each as its own request would (a resume makes room),
+/// with the time from the start to each one's end. No model in the group is `GroupNotFound`. A
+/// component that fails stops the request: the error names the group, the component and the
+/// ones already done, which stay as they are. A resume whose room-making parked a component
+/// resumed before it (the group does not fit) is 507 naming them.
+pub async fn for_group(app: &App, group: &str, action: GroupAction) -> Result<Vec<(Acted, f64)>, AppError> {
     let mut members: Vec<Arc<HeldModel>> =
         app.weights.models().into_iter().filter(|m| m.file.group.as_deref() == Some(group)).collect();
     if members.is_empty() {
         return Err(WeightsError::GroupNotFound(group.to_string()).into());
     }
     members.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut done = Vec::with_capacity(members.len());
+    let started = std::time::Instant::now();
+    let mut done: Vec<(Acted, f64)> = Vec::with_capacity(members.len());
     for m in &members {
         let acted = match action {
             GroupAction::Park => park(app, &m.id).await,
@@ -84,14 +87,21 @@ pub async fn for_group(app: &App, group: &str, action: GroupAction) -> Result<Ve
             GroupAction::Drop => drop_copy(app, &m.id).await,
         };
         match acted {
-            Ok(a) => done.push(a),
+            Ok(a) => done.push((a, started.elapsed().as_secs_f64() * 1e3)),
             Err(e) => {
-                let done_ids: Vec<&str> = done.iter().map(|a| a.model.id.as_str()).collect();
+                let done_ids: Vec<&str> = done.iter().map(|(a, _)| a.model.id.as_str()).collect();
                 let what = format!("group {group:?}, component {} ({}): ", m.id, m.name);
                 let tail = format!(" (done before it, left as they are: {done_ids:?})");
                 return Err(e.with_context(&what, &tail));
             }
         }
+    }
+    let out: Vec<&str> = members.iter().filter(|m| m.state() != WeightState::Resident).map(|m| m.id.as_str()).collect();
+    if action == GroupAction::Resume && !out.is_empty() {
+        return Err(AppError::InsufficientMemory(format!(
+            "group {group:?} does not fit on its device at once: making room for one component parked {out:?} of \
+             the same group (resume them one at a time, or make room first)"
+        )));
     }
     Ok(done)
 }

@@ -511,17 +511,17 @@ async fn a_resume_on_a_full_gpu_switches_with_the_least_valuable_model() {
     assert!(bytes.iter().all(|&x| x == 7), "the resumed model holds its own bytes");
 }
 
-/// A diffusers pipeline folder `name` whose `unet` and `vae` are models of [`MODEL`] bytes.
-fn pipeline_folder(name: &str) -> PathBuf {
+/// A diffusers pipeline folder `name` whose `components` are models of [`MODEL`] bytes.
+fn pipeline_folder(name: &str, components: &[&str]) -> PathBuf {
     let p = dir().join(name);
-    for (comp, seed) in [("unet", 3), ("vae", 4)] {
+    let mut index = serde_json::json!({"_class_name": "LDMPipeline"});
+    for (seed, comp) in components.iter().enumerate() {
         std::fs::create_dir_all(p.join(comp)).expect("component dir");
-        let file = model_file(&format!("{name}-{comp}"), seed);
+        let file = model_file(&format!("{name}-{comp}"), seed as u8 + 3);
         std::fs::rename(file, p.join(comp).join("diffusion_pytorch_model.safetensors")).expect("move");
+        index[*comp] = serde_json::json!(["diffusers", "UNet2DModel"]);
     }
-    let index =
-        r#"{"_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "VQModel"]}"#;
-    std::fs::write(p.join("model_index.json"), index).expect("model_index.json");
+    std::fs::write(p.join("model_index.json"), index.to_string()).expect("model_index.json");
     p
 }
 
@@ -531,20 +531,21 @@ fn pipeline_folder(name: &str) -> PathBuf {
 async fn a_pipeline_group_parks_and_resumes_as_one_making_room() {
     use residency::GroupAction::{Park, Resume};
     let app = app(1).await;
-    let path = pipeline_folder("grp-pipe");
+    let path = pipeline_folder("grp-pipe", &["unet", "vae"]);
     match load::load(&app, gpu(0), true, body(&path, gpu(0), 50, false), None).await {
         Ok(LoadedDto::Pipeline(p)) => assert_eq!(p.components.len(), 2),
         Ok(_) => panic!("a pipeline folder answered one model"),
         Err(e) => panic!("pipeline load refused: {e}"),
     }
-    let group = |ids: &[residency::Acted]| ids.iter().map(|a| a.model.id.clone()).collect::<Vec<_>>();
+    let group = |ids: &[(residency::Acted, f64)]| ids.iter().map(|(a, _)| a.model.id.clone()).collect::<Vec<_>>();
     let parked = residency::for_group(&app, "grp-pipe", Park).await.expect("group park");
     let ids = group(&parked);
     assert_eq!(ids.len(), 2);
     assert!(ids.iter().all(|id| state(&app, id) == WeightState::Parked));
-    assert_eq!(parked.iter().map(|a| a.outcome.freed_bytes).sum::<u64>(), 2 * MODEL);
+    assert_eq!(parked.iter().map(|(a, _)| a.outcome.freed_bytes).sum::<u64>(), 2 * MODEL);
+    assert!(parked[0].1 <= parked[1].1, "each component's time is from the request's start to its end");
     let again = residency::for_group(&app, "grp-pipe", Park).await.expect("again");
-    assert!(again.iter().all(|a| a.outcome.action == "none"));
+    assert!(again.iter().all(|(a, _)| a.outcome.action == "none"));
     // Two other models fill the card; the group's resume parks them to make its room.
     let x = load_held(&app, &model_file("grp-x", 5), gpu(0), 50, false).await;
     let y = load_held(&app, &model_file("grp-y", 6), gpu(0), 50, false).await;
@@ -555,5 +556,18 @@ async fn a_pipeline_group_parks_and_resumes_as_one_making_room() {
     match residency::for_group(&app, "no-such-pipe", Park).await {
         Err(AppError::Weights(crate::weights::WeightsError::GroupNotFound(g))) => assert_eq!(g, "no-such-pipe"),
         other => panic!("an unknown group: {:?}", other.map(|a| a.len())),
+    }
+}
+
+/// A group larger than its device: the resume does not claim success while making room parked
+/// a component it had just resumed; 507 names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_does_not_fit_at_once_is_refused_naming_what_was_parked() {
+    let app = app(1).await;
+    let path = pipeline_folder("grp-big", &["a", "b", "c"]);
+    load::load(&app, gpu(0), true, body(&path, gpu(0), 50, false), None).await.expect("loads, parking as it goes");
+    match residency::for_group(&app, "grp-big", residency::GroupAction::Resume).await {
+        Err(AppError::InsufficientMemory(m)) => assert!(m.contains("grp-big") && m.contains("does not fit"), "{m}"),
+        other => panic!("three of 32 MiB on 90 MiB: {:?}", other.map(|d| d.len())),
     }
 }

@@ -23,7 +23,7 @@ pub fn model_bytes_of(tensor_bytes: u64, device: DeviceId) -> u64 {
 /// the header alone).
 pub fn tensor_bytes(path: &Path) -> std::io::Result<u64> {
     use crate::weights::{file::ModelFile, WeightsError};
-    ModelFile::declared(path).map(|f| f.data_bytes).map_err(|e| match e {
+    ModelFile::declared(path).map(|f| f.file_bytes()).map_err(|e| match e {
         WeightsError::FileNotFound(m) => std::io::Error::new(std::io::ErrorKind::NotFound, m),
         other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
     })

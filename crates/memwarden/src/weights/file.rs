@@ -66,6 +66,8 @@ pub struct Shard {
     /// Where each tensor (in `tensors`' order) lies in the block, from `base`: its file offset
     /// moved up to [`TENSOR_ALIGN_BYTES`] past the previous tensor.
     pub placed: Vec<u64>,
+    /// The zeros before each tensor in the block (0 for an empty tensor, which takes no room).
+    pub pads: Vec<u64>,
     /// The shard's bytes in the block: its data with the padding.
     pub span_bytes: u64,
 }
@@ -104,8 +106,8 @@ impl Shard {
         f.read_exact(&mut header).map_err(|e| bad(format!("reading the header: {e}")))?;
         let tensors = parse_header(&header).map_err(bad)?;
         let data_bytes = tensors.iter().map(|t| t.offset + t.nbytes).max().unwrap_or(0);
-        let (placed, span_bytes) = place(&tensors);
-        Ok(Shard { identity, data_start: 8 + n, data_bytes, base: 0, tensors, placed, span_bytes })
+        let (placed, pads, span_bytes) = place(&tensors);
+        Ok(Shard { identity, data_start: 8 + n, data_bytes, base: 0, tensors, placed, pads, span_bytes })
     }
 
     /// The pieces of this shard's data `[offset, offset + len)` as they go to the block, in
@@ -127,11 +129,7 @@ impl Shard {
             }
             let at = self.placed[i] + (from - t.offset);
             // The zeros between the previous tensor's end and this one's start in the block.
-            let pad = if from == t.offset && i > 0 {
-                self.placed[i] - (self.placed[i - 1] + self.tensors[i - 1].nbytes)
-            } else {
-                0
-            };
+            let pad = if from == t.offset { self.pads[i] } else { 0 };
             match out.last_mut() {
                 Some(p) if pad == 0 && p.file_offset + p.bytes == from && p.end() == at => p.bytes += to - from,
                 _ => out.push(Piece { file_offset: from, at: at - pad, pad, bytes: to - from }),
@@ -174,19 +172,22 @@ impl Piece {
     }
 }
 
-/// Each tensor's place in the block (in `tensors`' order, sorted by offset) and the bytes
-/// they span there.
-fn place(tensors: &[TensorEntry]) -> (Vec<u64>, u64) {
-    let mut at = 0u64;
-    let placed = tensors
-        .iter()
-        .map(|t| {
-            let here = at.div_ceil(TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES;
+/// Each tensor's place in the block and the zeros before it (in `tensors`' order: by offset,
+/// an empty tensor before the one that starts where it does), and the bytes they span there.
+/// An empty tensor gets an aligned offset but takes no room and no padding.
+fn place(tensors: &[TensorEntry]) -> (Vec<u64>, Vec<u64>, u64) {
+    let (mut at, mut placed, mut pads) = (0u64, Vec::with_capacity(tensors.len()), Vec::with_capacity(tensors.len()));
+    for t in tensors {
+        let here = at.div_ceil(TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES;
+        placed.push(here);
+        if t.nbytes == 0 {
+            pads.push(0);
+        } else {
+            pads.push(here - at);
             at = here + t.nbytes;
-            here
-        })
-        .collect();
-    (placed, at)
+        }
+    }
+    (placed, pads, at)
 }
 
 /// The tensors a safetensors header names, sorted by offset. A dtype the format does not define
@@ -215,7 +216,9 @@ fn parse_header(header: &[u8]) -> Result<Vec<TensorEntry>, String> {
             nbytes: (t.data_offsets.1 - t.data_offsets.0) as u64,
         })
         .collect();
-    tensors.sort_by_key(|t| t.offset);
+    // An empty tensor before the one that starts at its offset: each tensor's end is then in
+    // order too, which `Shard::pieces` searches by.
+    tensors.sort_by_key(|t| (t.offset, t.nbytes));
     Ok(tensors)
 }
 
@@ -253,6 +256,11 @@ impl ModelFile {
             at = s.base + s.span_bytes;
         }
         ModelFile { path, shards, data_bytes: at, tensors, component: None, group: None }
+    }
+
+    /// The tensors' bytes in the files (what a load reads; the block adds the padding).
+    pub fn file_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.data_bytes).sum()
     }
 
     pub fn identity(&self) -> CheckpointIdentity {
@@ -320,6 +328,40 @@ mod tests {
         assert_eq!(f.tensors[0].shape, vec![2, 3]);
         assert_eq!(f.data_start, 8 + std::fs::metadata(&p).expect("meta").len() - 8 - 32);
         assert!(f.unchanged_on_disk().is_ok());
+    }
+
+    /// Each tensor at a multiple of 256 in the block, zeros between; an empty tensor takes no
+    /// room, sorts before the tensor that starts where it does, and moves no padding.
+    #[test]
+    fn tensors_are_placed_aligned_and_a_range_goes_to_the_block_in_pieces() {
+        let p = write_file(
+            "placed",
+            r#"{"c":{"dtype":"U8","shape":[300],"data_offsets":[74,374]},"z":{"dtype":"F32","shape":[0],"data_offsets":[60,60]},
+                "b":{"dtype":"U8","shape":[14],"data_offsets":[60,74]},"a":{"dtype":"U8","shape":[60],"data_offsets":[0,60]}}"#,
+            &[1u8; 374],
+        );
+        let f = Shard::open(&p).expect("parsed");
+        let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a", "z", "b", "c"]);
+        assert_eq!(
+            (f.placed.clone(), f.pads.clone(), f.span_bytes),
+            (vec![0, 256, 256, 512], vec![0, 0, 196, 242], 812)
+        );
+        let all: Vec<(u64, u64, u64, u64)> =
+            f.pieces(0, 374).iter().map(|p| (p.file_offset, p.at, p.pad, p.bytes)).collect();
+        assert_eq!(all, vec![(0, 0, 0, 60), (60, 60, 196, 14), (74, 270, 242, 300)]);
+        assert!(f.pieces(0, 374).windows(2).all(|w| w[0].end() == w[1].at), "end to end in the block");
+        // A range that starts where `b` does carries its padding; one inside it, none.
+        assert_eq!(f.pieces(60, 14), vec![Piece { file_offset: 60, at: 60, pad: 196, bytes: 14 }]);
+        assert_eq!(f.pieces(62, 10), vec![Piece { file_offset: 62, at: 258, pad: 0, bytes: 10 }]);
+        // Sizes that are multiples of 256 keep the file's layout: one piece.
+        let q = write_file(
+            "dense",
+            r#"{"x":{"dtype":"U8","shape":[512],"data_offsets":[0,512]},"y":{"dtype":"U8","shape":[256],"data_offsets":[512,768]}}"#,
+            &[2u8; 768],
+        );
+        let g = Shard::open(&q).expect("parsed");
+        assert_eq!(g.pieces(0, 768), vec![Piece { file_offset: 0, at: 0, pad: 0, bytes: 768 }]);
     }
 
     #[test]

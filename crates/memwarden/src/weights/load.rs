@@ -3,7 +3,7 @@
 //! model's block (for a GPU, through each thread's pinned staging ring, so the copies
 //! overlap the reads), hashing every chunk as it passes.
 
-use super::file::{combine_hashes, ModelFile, Piece, Shard, HASH_CHUNK_BYTES, TENSOR_ALIGN_BYTES};
+use super::file::{combine_hashes, ModelFile, Piece, Shard, HASH_CHUNK_BYTES};
 use super::WeightsError;
 use memwarden_backends::{DedicatedBlock, DedicatedError};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,20 +17,33 @@ use memwarden_core::units::KIB;
 /// Bytes read (and hashed) at a time within a chunk.
 const PIECE_BYTES: usize = (512 * KIB) as usize;
 
-/// A writer's buffer: a chunk and the padding before one tensor (so every piece fits one put).
-const PUT_BYTES: u64 = HASH_CHUNK_BYTES + TENSOR_ALIGN_BYTES;
+/// A writer's buffer: a chunk of a file (a staging slot of this size is made once and kept).
+const PUT_BYTES: u64 = HASH_CHUNK_BYTES;
 
-/// Consecutive pieces (end to end in the block) grouped into puts of at most [`PUT_BYTES`].
-fn puts(pieces: &[Piece]) -> Vec<&[Piece]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    for i in 1..=pieces.len() {
-        if i == pieces.len() || pieces[i].end() - pieces[start].at > PUT_BYTES {
-            if start < i {
-                out.push(&pieces[start..i]);
+/// Consecutive pieces (end to end in the block) grouped into puts of at most [`PUT_BYTES`]: a
+/// chunk's pieces and the padding between them may span a little more than a chunk, so a piece
+/// that does not fit is split between two puts (padding never is: it is at most 255 bytes).
+fn puts(pieces: &[Piece]) -> Vec<Vec<Piece>> {
+    let (mut out, mut put): (Vec<Vec<Piece>>, Vec<Piece>) = (Vec::new(), Vec::new());
+    for &p in pieces {
+        let mut p = p;
+        loop {
+            let used = put.first().map_or(0, |first| p.at - first.at);
+            let room = PUT_BYTES - used;
+            if p.pad + p.bytes <= room {
+                put.push(p);
+                break;
             }
-            start = i;
+            if p.pad < room {
+                let k = room - p.pad;
+                put.push(Piece { bytes: k, ..p });
+                p = Piece { file_offset: p.file_offset + k, at: p.at + p.pad + k, pad: 0, bytes: p.bytes - k };
+            }
+            out.push(std::mem::take(&mut put));
         }
+    }
+    if !put.is_empty() {
+        out.push(put);
     }
     out
 }
@@ -162,7 +175,7 @@ impl Work<'_> {
             // `TENSOR_ALIGN_BYTES`), in puts of at most a writer's buffer; it is hashed as the
             // file has it.
             let mut hasher = self.hash.then(blake3::Hasher::new);
-            for put in puts(&shard.pieces(c.offset, c.len)) {
+            for put in &puts(&shard.pieces(c.offset, c.len)) {
                 let (start, len) = (put[0].at, (put[put.len() - 1].end() - put[0].at) as usize);
                 // The filler's own error (a read that failed) stands over the writer's.
                 let mut failure: Option<WeightsError> = None;
@@ -214,4 +227,35 @@ fn read_range(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(file_offset: u64, at: u64, pad: u64, bytes: u64) -> Piece {
+        Piece { file_offset, at, pad, bytes }
+    }
+
+    /// Puts stay within a writer's buffer, lie end to end, and carry every byte and every zero
+    /// of the pieces, in order: a piece that does not fit is split, never its padding.
+    #[test]
+    fn puts_fill_each_buffer_and_split_only_data() {
+        let c = PUT_BYTES;
+        let pieces = vec![piece(0, 0, 0, c - 100), piece(c - 100, c - 100, 50, 1000), piece(c + 900, c + 950, 56, 10)];
+        let out = puts(&pieces);
+        let span = |put: &Vec<Piece>| put[put.len() - 1].end() - put[0].at;
+        assert!(out.iter().all(|p| span(p) <= c), "{out:?}");
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], vec![piece(0, 0, 0, c - 100), piece(c - 100, c - 100, 50, 50)], "the rest of the buffer");
+        assert_eq!(out[1], vec![piece(c - 50, c, 0, 950), piece(c + 900, c + 950, 56, 10)]);
+        for w in out.concat().windows(2) {
+            assert_eq!(w[0].end(), w[1].at, "end to end in the block");
+            assert_eq!(w[0].file_offset + w[0].bytes, w[1].file_offset, "every file byte once, in order");
+        }
+        // Where the padding does not fit, the piece starts the next buffer whole.
+        let out = puts(&[piece(0, 0, 0, c - 10), piece(c - 10, c - 10, 200, 5)]);
+        assert_eq!(out, vec![vec![piece(0, 0, 0, c - 10)], vec![piece(c - 10, c - 10, 200, 5)]]);
+        assert!(puts(&[]).is_empty());
+    }
 }

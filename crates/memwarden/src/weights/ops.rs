@@ -109,7 +109,7 @@ impl WeightStore {
     ) -> Result<Attached, WeightsError> {
         let arena = self.arena(req.device)?;
         if let Some(p) = &progress {
-            p.set_total(file.data_bytes);
+            p.set_total(file.file_bytes());
         }
         let _loading = self.loading.lock().await;
         let identity = file.identity();
@@ -359,20 +359,17 @@ impl WeightStore {
         let copied = blocking(move || {
             let block = lock(&m.held).block.take();
             let Some(block) = block else { return Err(WeightsError::Internal("no resident memory".into())) };
+            // From here the memory goes back to the model unless the park gets to free it.
+            let block = BlockBack { model: m.clone(), block: Some(block) };
             let started = Instant::now();
             let taken = pool.take(m.file.data_bytes);
             let take_ms = ms(started);
             let copy_started = Instant::now();
-            match taken.and_then(|buf| block.save(&buf.pieces(m.file.data_bytes)).map(|()| buf).map_err(Into::into)) {
-                Ok(buf) => Ok((block, buf, take_ms, copy_started.elapsed())),
-                Err(e) => {
-                    lock(&m.held).block = Some(block);
-                    Err(e)
-                }
-            }
+            let saved = taken.and_then(|buf| block.save(&buf.pieces(m.file.data_bytes)).map(|()| buf));
+            Ok((block, saved?, take_ms, copy_started.elapsed()))
         })
         .await;
-        let (block, buf, take_ms, elapsed) = match copied {
+        let (mut block, buf, take_ms, elapsed) = match copied {
             Ok(c) => c,
             Err(e) => {
                 let (unmapped, _) = self.settle(model, unmapping).await;
@@ -385,12 +382,12 @@ impl WeightStore {
         if let Some(e) = refused {
             // Still resident, as it was (`buf` goes back to the pool): the ones that unmapped
             // map it again.
-            lock(&model.held).block = Some(block);
+            drop(block);
             self.remap_holders(model, unmapped).await;
             return Err(self.refusal(model, e));
         }
         let wait_ms = ms(wait_started);
-        let m = model.clone();
+        let (m, block) = (model.clone(), block.take()?);
         let (freed_bytes, rate, free_ms) = blocking(move || {
             let (freed, free_started) = (block.size_bytes(), Instant::now());
             drop(block);
@@ -572,5 +569,33 @@ impl WeightStore {
             }
         }
         Ok(outcome)
+    }
+}
+
+/// A model's resident memory taken out by a park: back into the model when dropped (a failed
+/// or abandoned park leaves the model resident, as it was), unless [`BlockBack::take`]n to be
+/// freed.
+struct BlockBack {
+    model: Arc<HeldModel>,
+    block: Option<Box<dyn memwarden_backends::DedicatedBlock>>,
+}
+
+impl BlockBack {
+    /// Copies the memory out into `buf`'s pieces.
+    fn save(&self, pieces: &[memwarden_backends::ChunkPiece<'_>]) -> Result<(), WeightsError> {
+        let block = self.block.as_deref().ok_or_else(|| WeightsError::Internal("the memory was taken".into()))?;
+        Ok(block.save(pieces)?)
+    }
+
+    fn take(&mut self) -> Result<Box<dyn memwarden_backends::DedicatedBlock>, WeightsError> {
+        self.block.take().ok_or_else(|| WeightsError::Internal("the memory was taken".into()))
+    }
+}
+
+impl Drop for BlockBack {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            lock(&self.model.held).block = Some(b);
+        }
     }
 }

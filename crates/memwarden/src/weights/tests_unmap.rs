@@ -104,3 +104,22 @@ async fn a_holder_that_fails_to_unmap_after_the_copy_leaves_the_model_resident_a
     assert_eq!(bad.remaps.load(Ordering::SeqCst), 0, "the one that failed still maps it");
     assert!(s.park_pool_stats().free_bytes >= pool_free, "the copy went back to the pool");
 }
+
+/// A park abandoned while its holders still unmap (its caller went away): the memory goes back
+/// into the model, which stays resident with its bytes, not freed under a resident state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_park_dropped_after_the_copy_leaves_the_model_resident_with_its_memory() {
+    let s = store(WeightsSection::default());
+    let (path, data) = model_file("early-drop", 5);
+    let h = slow("h", 400, false);
+    let id = s.load(req(&path, GPU), Some(Arc::new(h.clone()))).await.expect("load").model.id.clone();
+    let park = s.park(&id);
+    assert!(tokio::time::timeout(Duration::from_millis(150), park).await.is_err(), "still waiting for the unmap");
+    let m = s.get(&id).expect("held");
+    assert_eq!(m.state(), WeightState::Resident);
+    let pieces = m.with_held(|h| h.block.as_ref().expect("the memory is back").export().expect("export"));
+    let fds = pieces.into_iter().map(|p| p.handle).collect();
+    assert_eq!(mapped_bytes(fds, data.len()), data);
+    // The next park runs whole.
+    assert_eq!(s.park(&id).await.expect("park").action, "park");
+}

@@ -159,7 +159,8 @@ pub async fn drop_group(
 async fn group_action(state: &AppState, group: &str, action: GroupAction) -> ApiResult<GroupActionDto> {
     let started = Instant::now();
     let done = use_case::for_group(&state.app, group, action).await?;
-    let actions: Vec<WeightsActionDto> = done.into_iter().map(|a| outcome(state, a, started)).collect();
+    let actions: Vec<WeightsActionDto> =
+        done.into_iter().map(|(a, at_ms)| WeightsActionDto { total_ms: at_ms, ..outcome(state, a, started) }).collect();
     Ok(Data(GroupActionDto {
         group: group.to_string(),
         freed_bytes: actions.iter().map(|a| a.freed_bytes).sum(),
