@@ -516,6 +516,34 @@ impl WeightStore {
     }
 }
 
+/// A model's resident memory taken out by a park: back into the model when dropped (a failed
+/// or abandoned park leaves the model resident, as it was), unless [`BlockBack::take`]n to be
+/// freed.
+pub(super) struct BlockBack {
+    pub(super) model: Arc<HeldModel>,
+    pub(super) block: Option<Box<dyn memwarden_backends::DedicatedBlock>>,
+}
+
+impl BlockBack {
+    /// Copies the memory out into `buf`'s pieces.
+    pub(super) fn save(&self, pieces: &[memwarden_backends::ChunkPiece<'_>]) -> Result<(), WeightsError> {
+        let block = self.block.as_deref().ok_or_else(|| WeightsError::Internal("the memory was taken".into()))?;
+        Ok(block.save(pieces)?)
+    }
+
+    pub(super) fn take(&mut self) -> Result<Box<dyn memwarden_backends::DedicatedBlock>, WeightsError> {
+        self.block.take().ok_or_else(|| WeightsError::Internal("the memory was taken".into()))
+    }
+}
+
+impl Drop for BlockBack {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            lock(&self.model.held).block = Some(b);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use super::file::ModelFile;
 use super::holder::Unmaps;
 use super::load;
+use super::BlockBack;
 use super::{
     ActionOutcome, Grant, Held, HeldModel, HolderEntry, HolderError, LoadRequest, Rate, WeightHolder, WeightStore,
     WeightsError,
@@ -569,33 +570,5 @@ impl WeightStore {
             }
         }
         Ok(outcome)
-    }
-}
-
-/// A model's resident memory taken out by a park: back into the model when dropped (a failed
-/// or abandoned park leaves the model resident, as it was), unless [`BlockBack::take`]n to be
-/// freed.
-struct BlockBack {
-    model: Arc<HeldModel>,
-    block: Option<Box<dyn memwarden_backends::DedicatedBlock>>,
-}
-
-impl BlockBack {
-    /// Copies the memory out into `buf`'s pieces.
-    fn save(&self, pieces: &[memwarden_backends::ChunkPiece<'_>]) -> Result<(), WeightsError> {
-        let block = self.block.as_deref().ok_or_else(|| WeightsError::Internal("the memory was taken".into()))?;
-        Ok(block.save(pieces)?)
-    }
-
-    fn take(&mut self) -> Result<Box<dyn memwarden_backends::DedicatedBlock>, WeightsError> {
-        self.block.take().ok_or_else(|| WeightsError::Internal("the memory was taken".into()))
-    }
-}
-
-impl Drop for BlockBack {
-    fn drop(&mut self) {
-        if let Some(b) = self.block.take() {
-            lock(&self.model.held).block = Some(b);
-        }
     }
 }
