@@ -11,7 +11,7 @@
 //! | host memory: reserve, commit, lock, map | [`HostMapping`] | `mmap`, `MADV_POPULATE_WRITE`, `mlock` | `VirtualAlloc`, `SetProcessWorkingSetSize` + `VirtualLock` |
 //! | shared-memory export | [`HostMapping::new_shared`], [`SharedHandle`] | a 0600 file in a tmpfs, an `OwnedFd` | unsupported; `OwnedHandle` |
 //! | local socket with handle passing | [`local`] | Unix socket, `SCM_RIGHTS` | unsupported (named pipes later) |
-//! | process watch | [`process`] | pidfd, `/proc/<pid>/stat` | unsupported |
+//! | process watch | [`process`] | pidfd, `/proc/<pid>/stat` | a process handle (`OpenProcess` with `SYNCHRONIZE`) |
 //! | memory status | [`status`] | PSI triggers, `RLIMIT_MEMLOCK`, `/proc` | host memory from `GlobalMemoryStatusEx` ([`status::os_memory`]); the rest unsupported / unknown |
 //! | file modes and positioned reads | [`fs`] | `chmod`, `chown`, `pread` | positioned reads; modes unsupported |
 //!

@@ -51,3 +51,23 @@ fn host_status_comes_from_global_memory_status_ex() {
     assert!(m.total_bytes >= 256 * MIB, "{m:?}");
     assert!(m.available_bytes <= m.total_bytes && m.available_bytes > 0, "{m:?}");
 }
+
+#[test]
+fn a_process_is_watched_through_its_handle_until_it_exits() {
+    use crate::process::{alive, command_name, ProcessWatch, WatchError};
+    let me = std::process::id();
+    assert!(alive(me));
+    assert!(!ProcessWatch::open(me).expect("open self").exited());
+    let name = command_name(me).expect("own name");
+    assert!(name.starts_with("memwarden_sys"), "{name}");
+    let mut child = std::process::Command::new("cmd.exe")
+        .args(["/c", "ping -n 3 127.0.0.1 >NUL"])
+        .spawn()
+        .expect("cmd.exe");
+    let watch = ProcessWatch::open(child.id()).expect("open the child");
+    assert!(!watch.exited() && alive(child.id()));
+    child.wait().expect("wait");
+    assert!(watch.exited(), "the handle is signalled once the process is gone");
+    assert_eq!(ProcessWatch::open(0x7fff_fff0).err(), Some(WatchError::NoSuchProcess));
+    assert!(!alive(0x7fff_fff0));
+}
