@@ -53,7 +53,8 @@ fn check(operation: &'static str, bytes: u64, rc: sys::CUresult) -> Result<(), C
 pub fn init() -> Result<u32, CudaError> {
     // SAFETY: only tries to dlopen the library names; no other state.
     if !unsafe { sys::is_culib_present() } {
-        return Err(CudaError::Unavailable("the CUDA driver library (libcuda.so) was not found".into()));
+        let library = if cfg!(windows) { "nvcuda.dll" } else { "libcuda.so" };
+        return Err(CudaError::Unavailable(format!("the CUDA driver library ({library}) was not found")));
     }
     result::init().map_err(|e| CudaError::Unavailable(format!("cuInit failed: {}", describe(&e))))?;
     let n = result::device::get_count()
