@@ -25,6 +25,7 @@
 //! than at first touch), optionally locked with `mlock` (pinned memory), and unmapped on drop.
 
 pub mod cuda;
+pub mod d3d12;
 mod host;
 pub mod vulkan;
 

@@ -60,10 +60,8 @@ fn a_process_is_watched_through_its_handle_until_it_exits() {
     assert!(!ProcessWatch::open(me).expect("open self").exited());
     let name = command_name(me).expect("own name");
     assert!(name.starts_with("memwarden_sys"), "{name}");
-    let mut child = std::process::Command::new("cmd.exe")
-        .args(["/c", "ping -n 3 127.0.0.1 >NUL"])
-        .spawn()
-        .expect("cmd.exe");
+    let mut child =
+        std::process::Command::new("cmd.exe").args(["/c", "ping -n 3 127.0.0.1 >NUL"]).spawn().expect("cmd.exe");
     let watch = ProcessWatch::open(child.id()).expect("open the child");
     assert!(!watch.exited() && alive(child.id()));
     child.wait().expect("wait");
