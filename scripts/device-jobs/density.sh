@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 rm -rf bin && tar -xJf bin.tar.xz  # always the carried binaries, never a warm machine's old ones
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export MEMWARDEN_SCRIPTS=$PWD/scripts RUST_BACKTRACE=1 MEMWARDEN_PY=$PWD/python PYTHONPATH=$PWD/python
+# SECTIONS: switch weights (every gpu_weights test) | watchdog (its two watchdog tests only)
+# park holders density baseline.
 SECTIONS=${SECTIONS:-"switch weights park holders density baseline"}
 rc=0
 api() { curl -s -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "http://127.0.0.1:5078$2"; }
@@ -27,6 +29,10 @@ api() { curl -s -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "http:
   if [[ $SECTIONS == *weights* ]]; then
     echo "== held weights through the API (tests/gpu/gpu_weights.rs)"
     bin/test-gpu-test gpu_weights:: --test-threads=1 --nocapture || rc=1
+  elif [[ $SECTIONS == *watchdog* ]]; then
+    echo "== the watchdog parks an idle held model for an outside allocation: configured pool, default config"
+    bin/test-gpu-test gpu_weights::the_watchdog gpu_weights::with_the_default_config_the_watchdog \
+      --test-threads=1 --nocapture || rc=1
   fi
   d=$(mktemp -d); sock=$d/mw.sock
   # The default config, but for the socket, the port and no workers (the clients hold models).
