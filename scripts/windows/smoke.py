@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The Windows daemon under Wine, called from Linux (scripts/test-windows runs it): memwarden.exe
-serves the REST API with host memory from Windows (status from GlobalMemoryStatusEx; `host` and
-`pinned` allocations through VirtualAlloc and VirtualLock: bytes written, read back and compared,
-then freed), and memwarden.exe's own `status` prints the host. Exits non-zero on any failure.
+"""The Windows daemon under Wine, called from Linux (scripts/test-windows runs it under Xvfb):
+memwarden.exe serves the REST API with host memory from Windows (status from
+GlobalMemoryStatusEx; `host` and `pinned` allocations through VirtualAlloc and VirtualLock: bytes
+written, read back and compared, then freed), lists the Direct3D 12 adapter as d3d12:0 with
+DXGI's figures, and memwarden.exe's own `status` prints them. Exits non-zero on any failure.
 
     scripts/windows/smoke.py target/x86_64-pc-windows-gnu/debug/memwarden.exe
 """
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 
@@ -56,6 +58,20 @@ def main() -> int:
         assert 0 < cpu["availableMemory"] <= cpu["totalMemory"], cpu
         print(f"status: cpu {cpu['totalMemory'] >> 20} MiB total, {cpu['availableMemory'] >> 20} MiB available, "
               f"from {cpu['source']}")
+        # Direct3D 12 (under Xvfb, Wine's vkd3d over lavapipe): d3d12:0 with DXGI's figures; no
+        # memory type yet, so an allocation there is refused by name.
+        d3d = next((dv for dv in status["devices"] if dv["deviceId"] == "d3d12:0"), None)
+        assert d3d is not None, [b for b in status["backends"] if b["name"] == "d3d12"]
+        assert d3d["source"] in ("dxgi-budget", "dxgi-dedicated") and d3d["totalMemory"] > 0, d3d
+        print(f"status: d3d12:0 {d3d['name']!r}, {d3d['totalMemory'] >> 20} MiB, {d3d['availableMemory'] >> 20} MiB "
+              f"available, from {d3d['source']}")
+        try:
+            api("POST", "/api/memory/allocations/allocate", {"sizeBytes": 1 << 20, "deviceId": "d3d12:0"})
+            raise AssertionError("an allocation on d3d12:0 succeeded without blocks")
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read())
+            assert e.code == 400 and body["error"]["code"] == "INVALID_ARGUMENT", body
+            print(f"d3d12:0 allocation: {e.code} {body['error']['code']}: {body['error']['message']}")
         payload = os.urandom(1 << 20)
         for kind in ("host", "pinned"):
             a = api("POST", "/api/memory/allocations/allocate", {"sizeBytes": 64 << 20, "memoryType": kind, "deviceId": "cpu"})

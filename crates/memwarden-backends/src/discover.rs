@@ -27,6 +27,8 @@ pub struct DiscoverConfig {
     pub cuda: bool,
     /// `[vulkan]`.
     pub vulkan: VulkanOptions,
+    /// `d3d12.include_software`: list WARP and CPU drivers as `d3d12:N` too (Windows).
+    pub d3d12_include_software: bool,
 }
 
 impl Default for DiscoverConfig {
@@ -38,6 +40,7 @@ impl Default for DiscoverConfig {
             shared_memory_group: None,
             cuda: true,
             vulkan: VulkanOptions { enabled: true, ..VulkanOptions::default() },
+            d3d12_include_software: false,
         }
     }
 }
@@ -67,7 +70,21 @@ pub struct Found {
 pub type Discover = fn(&DiscoverConfig, &[Found]) -> Found;
 
 /// Every GPU API, in the order their devices are listed.
+#[cfg(not(windows))]
 pub const GPU_APIS: &[Discover] = &[discover_cuda, discover_vulkan];
+/// On Windows Direct3D 12 too (`d3d12:N`).
+#[cfg(windows)]
+pub const GPU_APIS: &[Discover] = &[discover_cuda, discover_vulkan, discover_d3d12];
+
+#[cfg(windows)]
+fn discover_d3d12(config: &DiscoverConfig, _earlier: &[Found]) -> Found {
+    Found {
+        name: "d3d12",
+        devices: crate::d3d12::discover(config.d3d12_include_software),
+        pinning: None,
+        claims: vec![],
+    }
+}
 
 /// Every backend of this machine, the health of each API, and the host's pressure signals.
 pub struct Discovered {

@@ -8,6 +8,7 @@
 mod backend;
 pub mod copy;
 pub mod cuda;
+pub mod d3d12;
 pub mod dedicated;
 mod discover;
 pub mod host;

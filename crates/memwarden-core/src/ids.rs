@@ -11,16 +11,19 @@ pub enum GpuApi {
     Cuda,
     /// Any vendor's GPU through Vulkan: `vulkan:N`.
     Vulkan,
+    /// Any GPU through Direct3D 12 (Windows): `d3d12:N`.
+    D3d12,
 }
 
 impl GpuApi {
-    pub const ALL: [GpuApi; 2] = [GpuApi::Cuda, GpuApi::Vulkan];
+    pub const ALL: [GpuApi; 3] = [GpuApi::Cuda, GpuApi::Vulkan, GpuApi::D3d12];
 
     /// The id prefix, which is also the backend's name (`cuda`, `vulkan`).
     pub const fn prefix(self) -> &'static str {
         match self {
             GpuApi::Cuda => "cuda",
             GpuApi::Vulkan => "vulkan",
+            GpuApi::D3d12 => "d3d12",
         }
     }
 }
@@ -34,7 +37,7 @@ pub enum DeviceId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{0}' is not a device id (expected cpu, cuda:N or vulkan:N; aliases gpu:N, gpu-N, gpu_N, cpu:0)")]
+#[error("'{0}' is not a device id (expected cpu, cuda:N, vulkan:N or d3d12:N; aliases gpu:N, gpu-N, gpu_N, cpu:0)")]
 pub struct DeviceIdError(pub String);
 
 impl FromStr for DeviceId {

@@ -10,7 +10,7 @@ mod workers;
 use memwarden_core::advice::AdviceThresholds;
 use memwarden_core::pressure::PressureThresholds;
 use memwarden_core::units::{GIB, MIB};
-pub use vulkan::{NvidiaOwner, VulkanSection};
+pub use vulkan::{D3d12Section, NvidiaOwner, VulkanSection};
 pub use workers::{WorkerSpec, WorkersSection};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -31,6 +31,7 @@ pub struct Config {
     pub host: HostSection,
     pub cuda: CudaSection,
     pub vulkan: VulkanSection,
+    pub d3d12: D3d12Section,
     pub transfer: TransferSection,
     pub defrag: DefragSection,
     pub pressure: PressureSection,
@@ -248,6 +249,7 @@ impl From<&Config> for memwarden_backends::DiscoverConfig {
             shared_memory_group: c.host.shared_memory_group,
             cuda: c.cuda.enabled,
             vulkan: (&c.vulkan).into(),
+            d3d12_include_software: c.d3d12.include_software,
         }
     }
 }
@@ -385,6 +387,7 @@ impl Default for Config {
             host: HostSection::default(),
             cuda: CudaSection::default(),
             vulkan: VulkanSection::default(),
+            d3d12: D3d12Section::default(),
             transfer: TransferSection::default(),
             defrag: DefragSection::default(),
             pressure: PressureSection::default(),

@@ -71,3 +71,12 @@ mod tests {
         assert!(o.enabled && !o.include_software && o.loader.is_none());
     }
 }
+
+/// `[d3d12]`: GPUs through Direct3D 12 (`d3d12:N`, Windows only; ignored elsewhere).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct D3d12Section {
+    /// List WARP and other software adapters too, as `vulkan.include_software` does for
+    /// Vulkan's CPU drivers.
+    pub include_software: bool,
+}
