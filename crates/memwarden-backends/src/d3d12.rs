@@ -56,6 +56,11 @@ mod imp {
             };
             D3d12Backend { device, info }
         }
+
+        /// What any block operation answers until the port's heaps and copies exist.
+        fn no_blocks(&self) -> BackendError {
+            BackendError::UnsupportedKind { device: self.info.device_id, kind: MemoryKind::Device }
+        }
     }
 
     impl Backend for D3d12Backend {
@@ -90,8 +95,8 @@ mod imp {
             4 << 20
         }
 
-        fn create_block(&self, kind: MemoryKind, _size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError> {
-            Err(BackendError::UnsupportedKind { device: self.info.device_id, kind })
+        fn create_block(&self, _kind: MemoryKind, _size_bytes: u64) -> Result<Box<dyn BlockMemory>, BackendError> {
+            Err(self.no_blocks())
         }
 
         fn copy(
@@ -102,15 +107,15 @@ mod imp {
             _dst_offset: u64,
             _len_bytes: u64,
         ) -> Result<(), BackendError> {
-            Err(BackendError::UnsupportedKind { device: self.info.device_id, kind: MemoryKind::Device })
+            Err(self.no_blocks())
         }
 
         fn write(&self, _block: &dyn BlockMemory, _offset: u64, _data: &[u8]) -> Result<(), BackendError> {
-            Err(BackendError::UnsupportedKind { device: self.info.device_id, kind: MemoryKind::Device })
+            Err(self.no_blocks())
         }
 
         fn read(&self, _block: &dyn BlockMemory, _offset: u64, _out: &mut [u8]) -> Result<(), BackendError> {
-            Err(BackendError::UnsupportedKind { device: self.info.device_id, kind: MemoryKind::Device })
+            Err(self.no_blocks())
         }
     }
 

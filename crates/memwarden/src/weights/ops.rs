@@ -249,9 +249,15 @@ impl WeightStore {
             }
         }
         let Some(e) = refused else { return Ok(pending) };
-        let (unmapped, _) = self.settle(model, pending).await;
-        self.remap_holders(model, unmapped).await;
+        self.map_back(model, pending).await;
         Err(self.refusal(model, e))
+    }
+
+    /// Waits for the unmaps under way and maps the memory back to the holders whose unmap went
+    /// through (the model keeps its memory: a refused park, a failed copy).
+    async fn map_back(&self, model: &HeldModel, unmapping: Unmaps) {
+        let (unmapped, _) = self.settle(model, unmapping).await;
+        self.remap_holders(model, unmapped).await;
     }
 
     /// Waits for the holders' unmaps; when one fails, maps back the ones that did.
@@ -373,8 +379,7 @@ impl WeightStore {
         let (mut block, buf, take_ms, elapsed) = match copied {
             Ok(c) => c,
             Err(e) => {
-                let (unmapped, _) = self.settle(model, unmapping).await;
-                self.remap_holders(model, unmapped).await;
+                self.map_back(model, unmapping).await;
                 return Err(e);
             }
         };
