@@ -162,8 +162,9 @@ pub struct WeightsActionDto {
     pub rate: Option<RateDto>,
     /// Time for the whole request, including the holders' unmap and remap.
     pub total_ms: f64,
-    /// Where the time went, in order: e.g. `unmapHolders`, `takePinned`, `copy`, `freeDevice`
-    /// (park); `allocDevice`, `copy`, `releasePinned`, `remapHolders` (resume); a resume by a
+    /// Where the time went, in order: e.g. `unmapHolders` (until every holder is quiet),
+    /// `takePinned`, `copy`, `awaitUnmaps` (the holders' unmaps left after the copy),
+    /// `freeDevice` (park); `allocDevice`, `copy`, `releasePinned`, `remapHolders` (resume); a resume by a
     /// switch: `unmapHolders` (of the model parked), `takePinned`, `mapPieces`, `copyOut`,
     /// `copyInTail`, `releasePinned`, `remapHolders`.
     pub phases_ms: Vec<PhaseDto>,
